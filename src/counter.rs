@@ -1,0 +1,174 @@
+//! Event counters that many threads bump on a hot path without contending.
+//!
+//! A shared `AtomicU64::fetch_add` costs a locked read-modify-write per event, and when two threads
+//! share the counter its cache line bounces between cores; on a breaker's success path that would
+//! dominate the cost of the whole layer. Instead every thread owns a *slab* of cells and bumps only its
+//! own cell with a plain load and store (no lock prefix, no contention); a reader sums the cell of every
+//! slab. A slab is owned by at most one live thread at a time: a thread takes one on first use and
+//! hands it back to a spare pool when it exits, so the next thread keeps counting on top of the same
+//! values and nothing is lost.
+//!
+//! Cell indices are handed out for the life of the process (breaker state slots are recycled, never
+//! freed, so the number of indices in use is bounded by the number of breakers alive at once). When
+//! indices run out, or a thread-local is no longer reachable (thread teardown), the counter falls back
+//! to a shared atomic: slower, still exact.
+
+use std::cell::Cell;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+/// Cells per slab: 8 KiB per thread that ever counts.
+const CELLS: usize = 1024;
+
+struct Slab {
+    cells: [AtomicU64; CELLS],
+}
+
+/// Every slab ever created; readers sum over all of them.
+static SLABS: Mutex<Vec<&'static Slab>> = Mutex::new(Vec::new());
+/// Slabs released by threads that exited, waiting for a new owner.
+static SPARE: Mutex<Vec<&'static Slab>> = Mutex::new(Vec::new());
+/// The next unassigned cell index.
+static NEXT_INDEX: AtomicUsize = AtomicUsize::new(0);
+
+thread_local! {
+    /// This thread's slab. No destructor, so reaching it is a single TLS load on the hot path.
+    static LOCAL: Cell<Option<&'static Slab>> = const { Cell::new(None) };
+    /// Hands this thread's slab back at thread exit. Touched only when adopting a slab.
+    static RETURN_AT_EXIT: SlabGuard = const { SlabGuard };
+}
+
+struct SlabGuard;
+
+impl Drop for SlabGuard {
+    fn drop(&mut self) {
+        if let Ok(Some(slab)) = LOCAL.try_with(|local| local.take()) {
+            lock(&SPARE).push(slab);
+        }
+    }
+}
+
+#[inline]
+fn bump_local(index: usize) -> bool {
+    LOCAL
+        .try_with(|local| {
+            let slab = match local.get() {
+                Some(slab) => slab,
+                None => match adopt() {
+                    Some(slab) => {
+                        local.set(Some(slab));
+                        slab
+                    }
+                    None => return false,
+                },
+            };
+            // An index past the slab (counters beyond `CELLS`) takes the shared fallback.
+            let Some(cell) = slab.cells.get(index) else {
+                return false;
+            };
+            // Only this thread writes this cell (see the module docs), so load + store loses nothing.
+            cell.store(
+                cell.load(Ordering::Relaxed).wrapping_add(1),
+                Ordering::Relaxed,
+            );
+            true
+        })
+        .unwrap_or(false)
+}
+
+/// Takes a slab for this thread, unless the thread is already tearing down (then its slab could
+/// not be handed back, and the caller counts on the shared fallback instead).
+#[cold]
+fn adopt() -> Option<&'static Slab> {
+    // Registers the guard's destructor; fails once thread-locals are being destroyed.
+    RETURN_AT_EXIT.try_with(|_| ()).ok()?;
+    let spare = lock(&SPARE).pop();
+    Some(spare.unwrap_or_else(|| {
+        let slab: &'static Slab = Box::leak(Box::new(Slab {
+            cells: [const { AtomicU64::new(0) }; CELLS],
+        }));
+        lock(&SLABS).push(slab);
+        slab
+    }))
+}
+
+/// Locks a registry mutex; the data behind it (lists of leaked slabs) stays valid even if a holder
+/// panicked, so poisoning is ignored.
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// A monotonically increasing event counter, cheap to bump from many threads at once.
+#[derive(Debug)]
+pub(crate) struct StripedCounter {
+    /// The cell in every slab; `CELLS` or more means "no cell, use the fallback".
+    index: usize,
+    fallback: AtomicU64,
+}
+
+impl StripedCounter {
+    pub(crate) fn new() -> Self {
+        let index = NEXT_INDEX.fetch_add(1, Ordering::Relaxed);
+        StripedCounter {
+            index,
+            fallback: AtomicU64::new(0),
+        }
+    }
+
+    /// Adds one.
+    #[inline]
+    pub(crate) fn increment(&self) {
+        if !bump_local(self.index) {
+            self.fallback.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// The total so far. Increments racing with this call may or may not be included.
+    pub(crate) fn sum(&self) -> u64 {
+        let mut total = self.fallback.load(Ordering::Relaxed);
+        if self.index < CELLS {
+            for slab in lock(&SLABS).iter() {
+                total = total.wrapping_add(slab.cells[self.index].load(Ordering::Relaxed));
+            }
+        }
+        total
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    #[test]
+    fn counts_exactly_across_threads_including_exited_ones() {
+        let counter = Arc::new(StripedCounter::new());
+        let threads: Vec<_> = (0..8)
+            .map(|_| {
+                let counter = Arc::clone(&counter);
+                std::thread::spawn(move || {
+                    for _ in 0..10_000 {
+                        counter.increment();
+                    }
+                })
+            })
+            .collect();
+        for thread in threads {
+            thread.join().unwrap();
+        }
+        counter.increment();
+        assert_eq!(counter.sum(), 80_001);
+    }
+
+    #[test]
+    fn counters_are_independent() {
+        let a = StripedCounter::new();
+        let b = StripedCounter::new();
+        a.increment();
+        a.increment();
+        b.increment();
+        assert_eq!((a.sum(), b.sum()), (2, 1));
+    }
+}

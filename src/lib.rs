@@ -1,0 +1,55 @@
+//! # palisade
+//!
+//! Resilience middleware for [`tower`], and message services that speak NestJS's wire protocol.
+//!
+//! - [`circuit_breaker`]: a circuit breaker configured the NestJS way (`ttl`, `max_failures`,
+//!   `reset_timeout`), with consecutive-failure and failure-rate rules, a handle to observe and
+//!   control it, and a hot path that takes no lock and makes no allocation.
+//! - [`classify`]: how results are judged (success, failure, ignored; transient or not).
+//!
+//! Every layer wraps *any* `tower::Service` and keeps your error type: instead of wrapping errors in
+//! an enum of its own, a layer requires `S::Error: From<ItsError>`, so one error type runs through
+//! a whole stack (`tower::BoxError` works out of the box).
+//!
+//! ```
+//! use palisade::circuit_breaker::{CircuitBreakerConfig, CircuitBreakerLayer, CircuitState};
+//! use std::time::Duration;
+//! use tower::{BoxError, Service, ServiceBuilder, ServiceExt};
+//!
+//! # #[tokio::main(flavor = "current_thread", start_paused = true)]
+//! # async fn main() -> Result<(), BoxError> {
+//! let breaker = CircuitBreakerLayer::new(
+//!     CircuitBreakerConfig::new("user-service")
+//!         .ttl(Duration::from_secs(5))
+//!         .max_failures(3)
+//!         .reset_timeout(Duration::from_secs(10)),
+//! );
+//! let handle = breaker.handle();
+//! let mut users = ServiceBuilder::new()
+//!     .layer(breaker)
+//!     .service_fn(|id: u32| async move {
+//!         if id == 0 { Err::<String, BoxError>("database unreachable".into()) }
+//!         else { Ok(format!("user {id}")) }
+//!     });
+//!
+//! assert_eq!(users.ready().await?.call(7).await?, "user 7");
+//! for _ in 0..3 {
+//!     let _ = users.ready().await?.call(0).await;
+//! }
+//! assert_eq!(handle.state(), CircuitState::Open);
+//! let rejected = users.ready().await?.call(7).await.unwrap_err();
+//! assert_eq!(rejected.to_string(), "circuit 'user-service' is open; retry after 10.0s");
+//! # Ok(())
+//! # }
+//! ```
+#![warn(missing_docs)]
+
+pub mod circuit_breaker;
+pub mod classify;
+mod counter;
+mod errors;
+
+/// The README's examples, compiled and run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
