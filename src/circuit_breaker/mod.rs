@@ -1,0 +1,345 @@
+//! A circuit breaker for any [`tower::Service`].
+//!
+//! A breaker watches the results of the calls going through it. When the callee looks broken it
+//! *opens* and turns calls away at once with [`CircuitOpen`], without calling the inner service, so
+//! a failing dependency gets room to recover and callers fail fast instead of piling up. After
+//! `reset_timeout` it lets a trial call through (*half-open*); a successful trial closes it again.
+//!
+//! Configuration follows NestJS's circuit breaker: a name, `ttl`, `max_failures`, `reset_timeout`.
+//!
+//! ```
+//! use palisade::circuit_breaker::{CircuitBreakerConfig, CircuitBreakerLayer, CircuitOpen, CircuitState};
+//! use std::time::Duration;
+//! use tower::{BoxError, Service, ServiceBuilder, ServiceExt};
+//!
+//! # #[tokio::main(flavor = "current_thread", start_paused = true)]
+//! # async fn main() {
+//! let breaker = CircuitBreakerLayer::new(
+//!     CircuitBreakerConfig::new("inventory")
+//!         .ttl(Duration::from_secs(5))
+//!         .max_failures(2)
+//!         .reset_timeout(Duration::from_secs(10)),
+//! );
+//! let handle = breaker.handle();
+//! let mut service = ServiceBuilder::new()
+//!     .layer(breaker)
+//!     .service_fn(|fail: bool| async move {
+//!         if fail { Err::<&str, BoxError>("inventory is down".into()) } else { Ok("ok") }
+//!     });
+//!
+//! // Two failures within 5 s open the circuit...
+//! for _ in 0..2 {
+//!     assert!(service.ready().await.unwrap().call(true).await.is_err());
+//! }
+//! assert_eq!(handle.state(), CircuitState::Open);
+//!
+//! // ...and it turns calls away without calling the service.
+//! let err = service.ready().await.unwrap().call(false).await.unwrap_err();
+//! let open = err.downcast_ref::<CircuitOpen>().unwrap();
+//! assert_eq!(open.retry_after(), Some(Duration::from_secs(10)));
+//!
+//! // After the reset timeout a trial goes through; its success closes the circuit.
+//! tokio::time::sleep(Duration::from_secs(10)).await;
+//! assert_eq!(service.ready().await.unwrap().call(false).await.unwrap(), "ok");
+//! assert_eq!(handle.state(), CircuitState::Closed);
+//! # }
+//! ```
+//!
+//! # Semantics
+//!
+//! - **Closed → Open** by the [`TripRule`]: by default when at least `max_failures` failures were
+//!   recorded within the last `ttl` (exact, not bucketed; a failure exactly `ttl` old no longer
+//!   counts; successes do not erase failures). Alternatives: consecutive failures, or a failure
+//!   (and slow-call) rate over a rolling window with a minimum number of calls.
+//! - **Open**: calls are rejected with [`CircuitOpen`], whose `retry_after` is the time left until a
+//!   trial is admitted. Rejection happens in `call`, never in `poll_ready`, so a breaker never
+//!   poisons a `Buffer` or a balancer.
+//! - **Open → Half-open** lazily: the first call at or after `opened_at + reset_timeout` is admitted
+//!   as a trial; no timer task runs.
+//! - **Half-open** admits at most [`half_open_max_calls`](CircuitBreakerConfig::half_open_max_calls)
+//!   trials at once. A failed trial re-opens the circuit (for longer, with
+//!   [`open_backoff`](CircuitBreakerConfig::open_backoff)); [`success_threshold`](CircuitBreakerConfig::success_threshold)
+//!   successful trials close it and clear the history. A trial whose future is dropped, or whose
+//!   outcome is [`Ignored`](crate::classify::Outcome::Ignored), frees its slot without a verdict;
+//!   a trial that hangs longer than the trial timeout loses its slot to a new trial.
+//! - Results of calls admitted before a transition never move the new state.
+//! - What counts as a failure is the [classifier](crate::classify::Classify)'s call (default: every
+//!   `Err`).
+//!
+//! # Errors
+//!
+//! The breaker does not wrap the inner service's error: it requires `S::Error: From<CircuitOpen>`,
+//! so one error type runs through a whole stack. `tower::BoxError` and
+//! [`RpcError`](crate::rpc::RpcError) qualify, and so does your own enum:
+//!
+//! ```
+//! use palisade::circuit_breaker::CircuitOpen;
+//!
+//! #[derive(Debug)]
+//! enum StoreError {
+//!     Database(String),
+//!     Unavailable(CircuitOpen),
+//! }
+//!
+//! impl From<CircuitOpen> for StoreError {
+//!     fn from(open: CircuitOpen) -> Self {
+//!         StoreError::Unavailable(open)
+//!     }
+//! }
+//! ```
+//!
+//! # Cost
+//!
+//! In `Closed` under the default rule, a successful call costs one atomic load, no lock, no clock
+//! read and no heap allocation (plus a per-thread counter bump with no locked instruction). A
+//! rejection in `Open` costs one atomic load and one clock read. Failures, half-open traffic and the
+//! failure-rate rule (which records every call) take a short lock.
+//!
+//! # Sharing
+//!
+//! A [`CircuitBreakerLayer`] holds one breaker: every service it wraps, and every clone of those
+//! services, shares that breaker's state. Observe and control it through a
+//! [`CircuitBreakerHandle`]; keep one breaker per downstream name with a
+//! [`CircuitBreakerRegistry`].
+
+mod config;
+mod error;
+mod future;
+mod handle;
+mod layer;
+mod registry;
+mod state;
+
+pub use self::config::{CircuitBreakerConfig, Name, OpenBackoff, SlowCalls, TripRule};
+pub use self::error::CircuitOpen;
+pub use self::future::ResponseFuture;
+pub use self::handle::{CircuitBreakerHandle, StateChanges};
+pub use self::layer::CircuitBreakerLayer;
+pub use self::registry::CircuitBreakerRegistry;
+pub use self::state::Metrics;
+
+use self::future::Tracker;
+use self::state::{Slot, SuccessAction};
+use crate::classify::{Classify, ErrorsAreFailures};
+use std::fmt;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use tokio::time::Instant;
+use tower_service::Service;
+
+/// The state of a circuit breaker.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum CircuitState {
+    /// Calls go through; failures are counted.
+    Closed,
+    /// Calls are rejected until the reset timeout has passed.
+    Open,
+    /// A limited number of trial calls decide whether to close or re-open.
+    HalfOpen,
+    /// Opened by hand: every call is rejected until `force_closed` or `reset`.
+    ForcedOpen,
+    /// Closed by hand: every call goes through and nothing is recorded, until `force_open` or
+    /// `reset`.
+    ForcedClosed,
+}
+
+impl fmt::Display for CircuitState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            CircuitState::Closed => "closed",
+            CircuitState::Open => "open",
+            CircuitState::HalfOpen => "half-open",
+            CircuitState::ForcedOpen => "forced open",
+            CircuitState::ForcedClosed => "forced closed",
+        })
+    }
+}
+
+/// Why a breaker changed state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum TransitionReason {
+    /// The trip rule fired.
+    Tripped,
+    /// The reset timeout passed and a call arrived: it is the first trial.
+    ResetTimeoutElapsed,
+    /// Enough trials succeeded.
+    TrialsSucceeded,
+    /// A trial failed.
+    TrialFailed,
+    /// [`CircuitBreakerHandle::force_open`].
+    ForcedOpen,
+    /// [`CircuitBreakerHandle::force_closed`].
+    ForcedClosed,
+    /// [`CircuitBreakerHandle::reset`].
+    Reset,
+}
+
+impl fmt::Display for TransitionReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            TransitionReason::Tripped => "the trip rule fired",
+            TransitionReason::ResetTimeoutElapsed => "the reset timeout elapsed",
+            TransitionReason::TrialsSucceeded => "trial calls succeeded",
+            TransitionReason::TrialFailed => "a trial call failed",
+            TransitionReason::ForcedOpen => "forced open",
+            TransitionReason::ForcedClosed => "forced closed",
+            TransitionReason::Reset => "reset",
+        })
+    }
+}
+
+/// One state transition, as delivered to [`StateChanges`] subscribers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StateChange {
+    /// The state before.
+    pub from: CircuitState,
+    /// The state after.
+    pub to: CircuitState,
+    /// Why.
+    pub reason: TransitionReason,
+    /// When (tokio's clock).
+    pub at: Instant,
+}
+
+/// One breaker: owns its state slot and gives it back when the last service, layer or handle
+/// holding it is dropped.
+pub(crate) struct Breaker {
+    slot: &'static Slot,
+    name: Name,
+    epoch: Instant,
+    action: SuccessAction,
+    times_calls: bool,
+}
+
+impl Breaker {
+    pub(crate) fn new(config: CircuitBreakerConfig) -> Arc<Breaker> {
+        let epoch = Instant::now();
+        let name = config.name;
+        let action = SuccessAction::for_rule(&config.rule);
+        let times_calls = matches!(
+            config.rule,
+            TripRule::FailureRate {
+                slow_calls: Some(_),
+                ..
+            }
+        );
+        Arc::new(Breaker {
+            slot: Slot::claim(config, epoch),
+            name,
+            epoch,
+            action,
+            times_calls,
+        })
+    }
+}
+
+impl Drop for Breaker {
+    fn drop(&mut self) {
+        self.slot.retire();
+    }
+}
+
+/// A service guarded by a circuit breaker. See the [module docs](self).
+///
+/// Created by [`CircuitBreakerLayer`]. Clones share the breaker.
+pub struct CircuitBreaker<S, C = ErrorsAreFailures> {
+    inner: S,
+    breaker: Arc<Breaker>,
+    // Copied out of `breaker` so the hot path does not chase the `Arc`.
+    slot: &'static Slot,
+    name: Name,
+    epoch: Instant,
+    action: SuccessAction,
+    times_calls: bool,
+    classifier: C,
+}
+
+impl<S, C> CircuitBreaker<S, C> {
+    pub(crate) fn new(inner: S, breaker: Arc<Breaker>, classifier: C) -> Self {
+        CircuitBreaker {
+            inner,
+            slot: breaker.slot,
+            name: breaker.name,
+            epoch: breaker.epoch,
+            action: breaker.action,
+            times_calls: breaker.times_calls,
+            breaker,
+            classifier,
+        }
+    }
+
+    /// A handle to observe and control this service's breaker.
+    pub fn handle(&self) -> CircuitBreakerHandle {
+        CircuitBreakerHandle::new(Arc::clone(&self.breaker))
+    }
+
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Consumes the breaker, returning the inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S: Clone, C: Clone> Clone for CircuitBreaker<S, C> {
+    fn clone(&self) -> Self {
+        CircuitBreaker {
+            inner: self.inner.clone(),
+            breaker: Arc::clone(&self.breaker),
+            slot: self.slot,
+            name: self.name,
+            epoch: self.epoch,
+            action: self.action,
+            times_calls: self.times_calls,
+            classifier: self.classifier.clone(),
+        }
+    }
+}
+
+impl<S: fmt::Debug, C> fmt::Debug for CircuitBreaker<S, C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CircuitBreaker")
+            .field("name", &self.breaker.name)
+            .field("state", &self.slot.state())
+            .field("inner", &self.inner)
+            .finish()
+    }
+}
+
+impl<S, C, Request> Service<Request> for CircuitBreaker<S, C>
+where
+    S: Service<Request>,
+    S::Error: From<CircuitOpen>,
+    C: Classify<S::Response, S::Error> + Clone,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = ResponseFuture<S::Future, C>;
+
+    #[inline]
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        // Never reject here: a breaker that is not ready would stall a Buffer or a balancer.
+        self.inner.poll_ready(cx)
+    }
+
+    #[inline]
+    fn call(&mut self, request: Request) -> Self::Future {
+        match self.slot.acquire(self.epoch) {
+            Ok(permit) => {
+                let tracker = Tracker::new(self.slot, permit, self.action, self.times_calls);
+                ResponseFuture::called(self.inner.call(request), tracker, self.classifier.clone())
+            }
+            Err(rejection) => {
+                ResponseFuture::rejected(self.name, rejection, self.classifier.clone())
+            }
+        }
+    }
+}
