@@ -1,0 +1,502 @@
+//! The circuit breaker checked against a small reference model (proptest-state-machine).
+//!
+//! Random sequences of calls (succeeding, failing, ignored, left in flight, finished later,
+//! cancelled, or hung for good), clock advances and manual operations run against both the real
+//! breaker (on tokio's paused clock) and the model below, which is written from the semantics in
+//! the breaker's docs, not from its code. After every step the admit/reject decision (with the
+//! retry-after), the state and the counters must agree.
+
+use palisade::circuit_breaker::{
+    CircuitBreaker, CircuitBreakerConfig, CircuitBreakerLayer, CircuitOpen, CircuitState,
+};
+use palisade::classify::Outcome;
+use proptest::prelude::*;
+use proptest_state_machine::{ReferenceStateMachine, StateMachineTest, prop_state_machine};
+use std::future::Future;
+use std::pin::Pin;
+use std::time::Duration;
+use tokio::sync::oneshot;
+use tower::{BoxError, Layer, Service, ServiceExt};
+
+const MS: Duration = Duration::from_millis(1);
+
+#[derive(Clone, Debug)]
+struct Params {
+    max_failures: u32,
+    ttl: Duration,
+    reset_timeout: Duration,
+    half_open_max_calls: u32,
+    success_threshold: u32,
+    trial_timeout: Duration,
+    /// Open time doubles on each re-open, capped at this (if set).
+    backoff_cap: Option<Duration>,
+}
+
+impl Params {
+    fn config(&self) -> CircuitBreakerConfig {
+        let mut config = CircuitBreakerConfig::new("model")
+            .max_failures(self.max_failures)
+            .ttl(self.ttl)
+            .reset_timeout(self.reset_timeout)
+            .half_open_max_calls(self.half_open_max_calls)
+            .success_threshold(self.success_threshold)
+            .trial_timeout(self.trial_timeout);
+        if let Some(cap) = self.backoff_cap {
+            config = config.open_backoff(2.0, cap);
+        }
+        config
+    }
+
+    fn open_duration(&self, reopens: u32) -> Duration {
+        match self.backoff_cap {
+            None => self.reset_timeout,
+            Some(cap) => {
+                let grown = self
+                    .reset_timeout
+                    .saturating_mul(1u32.checked_shl(reopens).unwrap_or(u32::MAX));
+                grown.min(cap).max(self.reset_timeout)
+            }
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Permit {
+    Closed { generation: u64 },
+    Trial { generation: u64, ticket: u64 },
+    Untracked,
+}
+
+/// What the last step should have observed.
+#[derive(Clone, Debug, PartialEq)]
+enum Observed {
+    Nothing,
+    Admitted,
+    Rejected {
+        state: CircuitState,
+        retry_after: Option<Duration>,
+    },
+}
+
+#[derive(Clone, Debug)]
+struct Model {
+    params: Params,
+    now: Duration,
+    state: CircuitState,
+    generation: u64,
+    failures: Vec<Duration>,
+    open_until: Duration,
+    reopens: u32,
+    trials: Vec<(u64, Duration)>,
+    next_ticket: u64,
+    trial_successes: u32,
+    pending: Vec<Permit>,
+    calls: u64,
+    rejections: u64,
+    recorded_failures: u64,
+    transitions: u64,
+    last: Observed,
+}
+
+#[derive(Clone, Debug)]
+enum Op {
+    /// A call that finishes at once with this outcome.
+    Call(Outcome),
+    /// A call left in flight.
+    Start,
+    /// Finish the in-flight call at this index.
+    Finish(usize, Outcome),
+    /// Drop the in-flight call at this index.
+    Cancel(usize),
+    Advance(Duration),
+    ForceOpen,
+    ForceClosed,
+    Reset,
+}
+
+impl Model {
+    fn transition(&mut self, to: CircuitState) {
+        let from = self.state;
+        self.generation += 1;
+        self.transitions += 1;
+        self.state = to;
+        self.trials.clear();
+        self.trial_successes = 0;
+        match to {
+            CircuitState::Open => {
+                if from == CircuitState::HalfOpen {
+                    self.reopens += 1;
+                }
+                self.open_until = self.now + self.params.open_duration(self.reopens);
+            }
+            CircuitState::Closed => {
+                self.failures.clear();
+                self.reopens = 0;
+            }
+            _ => {}
+        }
+    }
+
+    fn reject(&mut self, state: CircuitState, retry_after: Option<Duration>) -> Option<Permit> {
+        self.rejections += 1;
+        self.last = Observed::Rejected { state, retry_after };
+        None
+    }
+
+    fn admit(&mut self) -> Option<Permit> {
+        match self.state {
+            CircuitState::Closed => {
+                self.calls += 1;
+                self.last = Observed::Admitted;
+                return Some(Permit::Closed {
+                    generation: self.generation,
+                });
+            }
+            CircuitState::ForcedClosed => {
+                self.calls += 1;
+                self.last = Observed::Admitted;
+                return Some(Permit::Untracked);
+            }
+            CircuitState::ForcedOpen => return self.reject(CircuitState::ForcedOpen, None),
+            CircuitState::Open if self.now < self.open_until => {
+                let wait = self.open_until - self.now;
+                return self.reject(CircuitState::Open, Some(wait));
+            }
+            CircuitState::Open => self.transition(CircuitState::HalfOpen),
+            CircuitState::HalfOpen => {}
+        }
+        let limit = self.params.half_open_max_calls as usize;
+        if self.trials.len() >= limit && self.now - self.trials[0].1 >= self.params.trial_timeout {
+            self.trials.remove(0);
+        }
+        if self.trials.len() < limit {
+            let ticket = self.next_ticket;
+            self.next_ticket += 1;
+            self.trials.push((ticket, self.now));
+            self.calls += 1;
+            self.last = Observed::Admitted;
+            return Some(Permit::Trial {
+                generation: self.generation,
+                ticket,
+            });
+        }
+        let wait = self.trials[0].1 + self.params.trial_timeout - self.now;
+        self.reject(CircuitState::HalfOpen, Some(wait))
+    }
+
+    fn complete(&mut self, permit: Permit, outcome: Outcome) {
+        match permit {
+            Permit::Closed { generation }
+                if generation == self.generation
+                    && self.state == CircuitState::Closed
+                    && outcome == Outcome::Failure =>
+            {
+                self.recorded_failures += 1;
+                let now = self.now;
+                let ttl = self.params.ttl;
+                self.failures.retain(|at| now - *at < ttl);
+                self.failures.push(now);
+                if self.failures.len() >= self.params.max_failures as usize {
+                    self.transition(CircuitState::Open);
+                }
+            }
+            Permit::Trial { generation, ticket }
+                if generation == self.generation && self.state == CircuitState::HalfOpen =>
+            {
+                let Some(index) = self.trials.iter().position(|(t, _)| *t == ticket) else {
+                    return;
+                };
+                self.trials.remove(index);
+                match outcome {
+                    Outcome::Success => {
+                        self.trial_successes += 1;
+                        if self.trial_successes >= self.params.success_threshold {
+                            self.transition(CircuitState::Closed);
+                        }
+                    }
+                    Outcome::Failure => {
+                        self.recorded_failures += 1;
+                        self.transition(CircuitState::Open);
+                    }
+                    Outcome::Ignored => {}
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn cancel(&mut self, permit: Permit) {
+        if let Permit::Trial { generation, ticket } = permit {
+            if generation == self.generation && self.state == CircuitState::HalfOpen {
+                self.trials.retain(|(t, _)| *t != ticket);
+            }
+        }
+    }
+}
+
+struct BreakerModel;
+
+fn outcome() -> impl Strategy<Value = Outcome> {
+    prop_oneof![
+        3 => Just(Outcome::Success),
+        4 => Just(Outcome::Failure),
+        1 => Just(Outcome::Ignored),
+    ]
+}
+
+impl ReferenceStateMachine for BreakerModel {
+    type State = Model;
+    type Transition = Op;
+
+    fn init_state() -> BoxedStrategy<Model> {
+        (
+            1u32..=4,
+            1u32..=6,
+            1u32..=6,
+            1u32..=3,
+            1u32..=3,
+            1u32..=8,
+            prop::option::of(2u32..=20),
+        )
+            .prop_map(
+                |(max_failures, ttl, reset, half_open, successes, trial, cap)| Model {
+                    params: Params {
+                        max_failures,
+                        ttl: ttl * 500 * MS,
+                        reset_timeout: reset * 500 * MS,
+                        half_open_max_calls: half_open,
+                        success_threshold: successes,
+                        trial_timeout: trial * 500 * MS,
+                        backoff_cap: cap.map(|c| c * 500 * MS),
+                    },
+                    now: Duration::ZERO,
+                    state: CircuitState::Closed,
+                    generation: 0,
+                    failures: Vec::new(),
+                    open_until: Duration::ZERO,
+                    reopens: 0,
+                    trials: Vec::new(),
+                    next_ticket: 0,
+                    trial_successes: 0,
+                    pending: Vec::new(),
+                    calls: 0,
+                    rejections: 0,
+                    recorded_failures: 0,
+                    transitions: 0,
+                    last: Observed::Nothing,
+                },
+            )
+            .boxed()
+    }
+
+    fn transitions(state: &Model) -> BoxedStrategy<Op> {
+        let pending = state.pending.len();
+        let mut choices: Vec<(u32, BoxedStrategy<Op>)> = vec![
+            (8, outcome().prop_map(Op::Call).boxed()),
+            (4, Just(Op::Start).boxed()),
+            // Durations are multiples of 500 ms, so quarter-second steps land exactly on the
+            // boundaries (a failure exactly `ttl` old, a wait of exactly `retry_after`); 1 ms
+            // nudges probe just either side of them.
+            (
+                5,
+                prop_oneof![
+                    4 => (1u32..=12).prop_map(|n| Op::Advance(n * 250 * MS)),
+                    1 => Just(Op::Advance(MS)),
+                ]
+                .boxed(),
+            ),
+            (1, Just(Op::ForceOpen).boxed()),
+            (1, Just(Op::ForceClosed).boxed()),
+            (1, Just(Op::Reset).boxed()),
+        ];
+        if pending > 0 {
+            choices.push((
+                4,
+                (0..pending, outcome())
+                    .prop_map(|(i, o)| Op::Finish(i, o))
+                    .boxed(),
+            ));
+            choices.push((2, (0..pending).prop_map(Op::Cancel).boxed()));
+        }
+        prop::strategy::Union::new_weighted(choices).boxed()
+    }
+
+    fn preconditions(state: &Model, op: &Op) -> bool {
+        match op {
+            Op::Finish(i, _) | Op::Cancel(i) => *i < state.pending.len(),
+            _ => true,
+        }
+    }
+
+    fn apply(mut state: Model, op: &Op) -> Model {
+        state.last = Observed::Nothing;
+        match op {
+            Op::Call(outcome) => {
+                if let Some(permit) = state.admit() {
+                    state.complete(permit, *outcome);
+                }
+            }
+            Op::Start => {
+                if let Some(permit) = state.admit() {
+                    state.pending.push(permit);
+                } else {
+                    // A rejected call leaves nothing in flight; the SUT mirrors this.
+                }
+            }
+            Op::Finish(i, outcome) => {
+                let permit = state.pending.remove(*i);
+                state.complete(permit, *outcome);
+            }
+            Op::Cancel(i) => {
+                let permit = state.pending.remove(*i);
+                state.cancel(permit);
+            }
+            Op::Advance(d) => state.now += *d,
+            Op::ForceOpen => state.transition(CircuitState::ForcedOpen),
+            Op::ForceClosed => state.transition(CircuitState::ForcedClosed),
+            Op::Reset => state.transition(CircuitState::Closed),
+        }
+        state
+    }
+}
+
+type Reply = Result<&'static str, BoxError>;
+type Inner = tower::util::BoxService<oneshot::Receiver<Outcome>, &'static str, BoxError>;
+type Pending = Pin<Box<dyn Future<Output = Reply>>>;
+
+struct Sut {
+    runtime: tokio::runtime::Runtime,
+    service: CircuitBreaker<Inner, fn(&Reply) -> Outcome>,
+    pending: Vec<(oneshot::Sender<Outcome>, Pending)>,
+}
+
+fn classify(result: &Reply) -> Outcome {
+    match result {
+        Ok(_) => Outcome::Success,
+        Err(e) if e.to_string() == "ignored" => Outcome::Ignored,
+        Err(_) => Outcome::Failure,
+    }
+}
+
+impl Sut {
+    /// Calls the breaker; `Ok` holds the in-flight call if admitted, `Err` the rejection.
+    fn start(&mut self) -> Result<(oneshot::Sender<Outcome>, Pending), CircuitOpen> {
+        let (tx, rx) = oneshot::channel();
+        self.runtime.block_on(self.service.ready()).unwrap();
+        // Inside the runtime's context, so the breaker reads the paused clock.
+        let _context = self.runtime.enter();
+        let future = self.service.call(rx);
+        let mut future: Pending = Box::pin(future);
+        // Poll once: a rejection resolves at once; an admitted call waits for its outcome.
+        match self
+            .runtime
+            .block_on(async { futures_util::poll!(future.as_mut()) })
+        {
+            std::task::Poll::Pending => Ok((tx, future)),
+            std::task::Poll::Ready(Err(e)) => Err(*e.downcast::<CircuitOpen>().expect("rejection")),
+            std::task::Poll::Ready(Ok(_)) => panic!("a call finished before its outcome was sent"),
+        }
+    }
+
+    fn finish(&mut self, (tx, future): (oneshot::Sender<Outcome>, Pending), outcome: Outcome) {
+        tx.send(outcome).unwrap();
+        let result = self.runtime.block_on(future);
+        assert_eq!(classify(&result), outcome);
+    }
+
+    fn observe(&self, observed: Result<(), CircuitOpen>, expected: &Observed) {
+        match (observed, expected) {
+            (Ok(()), Observed::Admitted) => {}
+            (Err(open), Observed::Rejected { state, retry_after }) => {
+                assert_eq!((open.state(), open.retry_after()), (*state, *retry_after));
+            }
+            (observed, expected) => panic!("breaker {observed:?}, model {expected:?}"),
+        }
+    }
+}
+
+struct BreakerTest;
+
+impl StateMachineTest for BreakerTest {
+    type SystemUnderTest = Sut;
+    type Reference = BreakerModel;
+
+    fn init_test(model: &Model) -> Sut {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .start_paused(true)
+            .build()
+            .unwrap();
+        let service = runtime.block_on(async {
+            let inner: Inner = tower::util::BoxService::new(tower::service_fn(
+                |rx: oneshot::Receiver<Outcome>| async move {
+                    match rx.await {
+                        Ok(Outcome::Success) => Ok("ok"),
+                        Ok(Outcome::Ignored) => Err("ignored".into()),
+                        Ok(Outcome::Failure) | Err(_) => Err("failed".into()),
+                    }
+                },
+            ));
+            CircuitBreakerLayer::new(model.params.config())
+                .with_classifier(classify as fn(&Reply) -> Outcome)
+                .layer(inner)
+        });
+        Sut {
+            runtime,
+            service,
+            pending: Vec::new(),
+        }
+    }
+
+    fn apply(mut sut: Sut, model: &Model, op: Op) -> Sut {
+        match op {
+            Op::Call(outcome) => {
+                let observed = sut.start().map(|call| sut.finish(call, outcome));
+                sut.observe(observed, &model.last);
+            }
+            Op::Start => {
+                let observed = sut.start().map(|call| sut.pending.push(call));
+                sut.observe(observed, &model.last);
+            }
+            Op::Finish(i, outcome) => {
+                let call = sut.pending.remove(i);
+                sut.finish(call, outcome);
+            }
+            Op::Cancel(i) => drop(sut.pending.remove(i)),
+            Op::Advance(d) => sut.runtime.block_on(tokio::time::advance(d)),
+            Op::ForceOpen => sut.service.handle().force_open(),
+            Op::ForceClosed => sut.service.handle().force_closed(),
+            Op::Reset => sut.service.handle().reset(),
+        }
+        sut
+    }
+
+    fn check_invariants(sut: &Sut, model: &Model) {
+        let handle = sut.service.handle();
+        assert_eq!(handle.state(), model.state, "state");
+        let metrics = handle.metrics();
+        assert_eq!(
+            (
+                metrics.calls,
+                metrics.rejections,
+                metrics.failures,
+                metrics.transitions
+            ),
+            (
+                model.calls,
+                model.rejections,
+                model.recorded_failures,
+                model.transitions
+            ),
+            "counters (calls, rejections, failures, transitions)"
+        );
+        assert_eq!(sut.pending.len(), model.pending.len());
+    }
+}
+
+prop_state_machine! {
+    #![proptest_config(ProptestConfig { cases: 2048, ..ProptestConfig::default() })]
+
+    #[test]
+    fn breaker_agrees_with_the_model(sequential 1..80 => BreakerTest);
+}

@@ -1,0 +1,64 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code)]
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+use tokio::sync::oneshot;
+use tower::BoxError;
+use tower::util::BoxCloneService;
+
+/// What the scripted inner service does with a call.
+#[derive(Debug)]
+pub enum Call {
+    /// Succeed at once.
+    Ok,
+    /// Fail at once.
+    Fail,
+    /// Fail with an error the test classifiers treat as "ignored".
+    Ignore,
+    /// Never finish.
+    Hang,
+    /// Succeed after sleeping.
+    Sleep(Duration),
+    /// Finish when the test says so: `Ok(())` succeeds, `Err(())` fails.
+    Wait(oneshot::Receiver<Result<(), ()>>),
+}
+
+/// The error the scripted service returns for [`Call::Ignore`].
+pub const IGNORED: &str = "ignored by the classifier";
+
+/// A service scripted by its requests; counts how many calls reached it.
+pub fn scripted() -> (
+    BoxCloneService<Call, &'static str, BoxError>,
+    Arc<AtomicUsize>,
+) {
+    let reached = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&reached);
+    let service = tower::service_fn(move |call: Call| {
+        counter.fetch_add(1, Ordering::SeqCst);
+        async move {
+            match call {
+                Call::Ok => Ok("ok"),
+                Call::Fail => Err::<_, BoxError>("boom".into()),
+                Call::Ignore => Err(IGNORED.into()),
+                Call::Hang => std::future::pending().await,
+                Call::Sleep(d) => {
+                    tokio::time::sleep(d).await;
+                    Ok("slept")
+                }
+                Call::Wait(rx) => match rx.await {
+                    Ok(Ok(())) => Ok("waited"),
+                    _ => Err("failed after waiting".into()),
+                },
+            }
+        }
+    });
+    (BoxCloneService::new(service), reached)
+}
+
+/// A pair for [`Call::Wait`].
+pub fn gate() -> (oneshot::Sender<Result<(), ()>>, Call) {
+    let (tx, rx) = oneshot::channel();
+    (tx, Call::Wait(rx))
+}
