@@ -1,0 +1,260 @@
+//! Per-call overhead of the resilience layers over a bare always-ready service, side by side with
+//! the anchors (tower, tower-resilience, failsafe) in the same run.
+//!
+//! Every variant drives `poll_ready` + `call` + one `poll` with a no-op waker, the way a caller that
+//! finds the service ready would; the bare service is the floor.
+
+use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
+use palisade::circuit_breaker::{CircuitBreakerConfig, CircuitBreakerLayer, CircuitOpen};
+use std::future::{Future, Ready, ready};
+use std::hint::black_box;
+use std::pin::pin;
+use std::sync::{Arc, Barrier};
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+use tower::{Layer, Service};
+
+#[derive(Debug)]
+enum BenchError {
+    Inner,
+    Open(#[allow(dead_code)] CircuitOpen),
+}
+
+impl From<CircuitOpen> for BenchError {
+    fn from(open: CircuitOpen) -> Self {
+        BenchError::Open(open)
+    }
+}
+
+impl std::fmt::Display for BenchError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{self:?}")
+    }
+}
+
+impl std::error::Error for BenchError {}
+
+/// The bare service: answers at once, failing when asked to.
+#[derive(Clone, Copy)]
+struct Bare;
+
+impl Service<bool> for Bare {
+    type Response = u64;
+    type Error = BenchError;
+    type Future = Ready<Result<u64, BenchError>>;
+
+    #[inline]
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BenchError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    #[inline]
+    fn call(&mut self, fail: bool) -> Self::Future {
+        ready(if fail { Err(BenchError::Inner) } else { Ok(7) })
+    }
+}
+
+/// One ready-call-poll round trip, as a caller that finds the service ready makes it.
+#[inline]
+fn drive<S: Service<bool>>(service: &mut S, cx: &mut Context<'_>, fail: bool) -> bool {
+    if service.poll_ready(cx).is_pending() {
+        panic!("service not ready");
+    }
+    let future = pin!(service.call(black_box(fail)));
+    match future.poll(cx) {
+        Poll::Ready(result) => result.is_ok(),
+        Poll::Pending => panic!("an always-ready service returned Pending"),
+    }
+}
+
+fn palisade_breaker(
+    config: CircuitBreakerConfig,
+) -> palisade::circuit_breaker::CircuitBreaker<Bare> {
+    CircuitBreakerLayer::new(config).layer(Bare)
+}
+
+/// A tower-resilience breaker that never trips (rate threshold 100%, huge minimum).
+fn resilience_breaker() -> impl Service<bool, Response = u64, Error = impl std::fmt::Debug> + Clone
+{
+    let layer = tower_resilience::circuitbreaker::CircuitBreakerLayer::builder()
+        .failure_rate_threshold(1.0)
+        .minimum_number_of_calls(usize::MAX / 2)
+        .sliding_window_size(100)
+        .build()
+        .unwrap();
+    layer.layer(Bare)
+}
+
+/// A failsafe breaker wrapped around the bare service's futures.
+#[derive(Clone)]
+struct Failsafe<B> {
+    breaker: B,
+}
+
+impl<B> Service<bool> for Failsafe<B>
+where
+    B: failsafe::futures::CircuitBreaker,
+{
+    type Response = u64;
+    type Error = failsafe::Error<BenchError>;
+    type Future = failsafe::futures::ResponseFuture<
+        Ready<Result<u64, BenchError>>,
+        B::FailurePolicy,
+        B::Instrument,
+        failsafe::Any,
+    >;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, fail: bool) -> Self::Future {
+        self.breaker
+            .call(ready(if fail { Err(BenchError::Inner) } else { Ok(7) }))
+    }
+}
+
+fn failsafe_breaker(
+    failures_to_trip: u32,
+) -> Failsafe<impl failsafe::futures::CircuitBreaker + Clone> {
+    let backoff = failsafe::backoff::constant(Duration::from_secs(3600));
+    let policy = failsafe::failure_policy::consecutive_failures(failures_to_trip, backoff);
+    Failsafe {
+        breaker: failsafe::Config::new().failure_policy(policy).build(),
+    }
+}
+
+fn breaker(c: &mut Criterion) {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let _guard = runtime.enter();
+    let mut cx = Context::from_waker(Waker::noop());
+    let never_trips = || {
+        CircuitBreakerConfig::new("bench")
+            .max_failures(1_000_000)
+            .ttl(Duration::from_millis(1))
+    };
+
+    let mut group = c.benchmark_group("breaker/closed_success");
+    group.bench_function("bare", |b| b.iter(|| drive(&mut Bare, &mut cx, false)));
+    let mut ours = palisade_breaker(never_trips());
+    group.bench_function("palisade", |b| b.iter(|| drive(&mut ours, &mut cx, false)));
+    let mut theirs = resilience_breaker();
+    group.bench_function("tower-resilience", |b| {
+        b.iter(|| drive(&mut theirs, &mut cx, false))
+    });
+    let mut failsafe = failsafe_breaker(u32::MAX);
+    group.bench_function("failsafe", |b| {
+        b.iter(|| drive(&mut failsafe, &mut cx, false))
+    });
+    group.finish();
+
+    let mut group = c.benchmark_group("breaker/closed_failure");
+    group.bench_function("bare", |b| b.iter(|| drive(&mut Bare, &mut cx, true)));
+    group.bench_function("palisade", |b| b.iter(|| drive(&mut ours, &mut cx, true)));
+    group.bench_function("tower-resilience", |b| {
+        b.iter(|| drive(&mut theirs, &mut cx, true))
+    });
+    group.bench_function("failsafe", |b| {
+        b.iter(|| drive(&mut failsafe, &mut cx, true))
+    });
+    group.finish();
+
+    let mut group = c.benchmark_group("breaker/open_rejection");
+    let mut ours = palisade_breaker(
+        CircuitBreakerConfig::new("bench")
+            .max_failures(1)
+            .reset_timeout(Duration::from_secs(3600)),
+    );
+    drive(&mut ours, &mut cx, true);
+    assert!(
+        !drive(&mut ours, &mut cx, false),
+        "palisade breaker did not open"
+    );
+    group.bench_function("palisade", |b| b.iter(|| drive(&mut ours, &mut cx, false)));
+    let theirs_layer = tower_resilience::circuitbreaker::CircuitBreakerLayer::builder()
+        .failure_rate_threshold(0.5)
+        .minimum_number_of_calls(1)
+        .sliding_window_size(1)
+        .wait_duration_in_open(Duration::from_secs(3600))
+        .build()
+        .unwrap();
+    let mut theirs = theirs_layer.layer(Bare);
+    drive(&mut theirs, &mut cx, true);
+    assert!(
+        !drive(&mut theirs, &mut cx, false),
+        "tower-resilience breaker did not open"
+    );
+    group.bench_function("tower-resilience", |b| {
+        b.iter(|| drive(&mut theirs, &mut cx, false))
+    });
+    let mut failsafe = failsafe_breaker(1);
+    drive(&mut failsafe, &mut cx, true);
+    assert!(
+        !drive(&mut failsafe, &mut cx, false),
+        "failsafe breaker did not open"
+    );
+    group.bench_function("failsafe", |b| {
+        b.iter(|| drive(&mut failsafe, &mut cx, false))
+    });
+    group.finish();
+
+    // Two threads sharing one breaker: wall time for `iters` calls on each thread at once, so a
+    // breaker that scales perfectly reports the same per-call time as with one thread.
+    let mut group = c.benchmark_group("breaker/shared_closed_success");
+    for threads in [1usize, 2] {
+        let shared = palisade_breaker(never_trips());
+        group.bench_with_input(
+            BenchmarkId::new("palisade", threads),
+            &threads,
+            |b, &threads| b.iter_custom(|iters| run_threads(threads, iters, shared.clone())),
+        );
+        let theirs = resilience_breaker();
+        group.bench_with_input(
+            BenchmarkId::new("tower-resilience", threads),
+            &threads,
+            |b, &threads| b.iter_custom(|iters| run_threads(threads, iters, theirs.clone())),
+        );
+        let failsafe = failsafe_breaker(u32::MAX);
+        group.bench_with_input(
+            BenchmarkId::new("failsafe", threads),
+            &threads,
+            |b, &threads| b.iter_custom(|iters| run_threads(threads, iters, failsafe.clone())),
+        );
+    }
+    group.finish();
+}
+
+fn run_threads<S>(threads: usize, iters: u64, service: S) -> Duration
+where
+    S: Service<bool> + Clone + Send + 'static,
+{
+    let barrier = Arc::new(Barrier::new(threads + 1));
+    let workers: Vec<_> = (0..threads)
+        .map(|_| {
+            let mut service = service.clone();
+            let barrier = Arc::clone(&barrier);
+            std::thread::spawn(move || {
+                let mut cx = Context::from_waker(Waker::noop());
+                barrier.wait();
+                for _ in 0..iters {
+                    black_box(drive(&mut service, &mut cx, false));
+                }
+            })
+        })
+        .collect();
+    barrier.wait();
+    let start = Instant::now();
+    for worker in workers {
+        worker.join().unwrap();
+    }
+    start.elapsed()
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default()
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(2));
+    targets = breaker
+}
+criterion_main!(benches);
