@@ -8,6 +8,12 @@ pub(crate) fn as_failure_kind<'a>(error: &'a (dyn Error + 'static)) -> Option<&'
     if let Some(e) = error.downcast_ref::<crate::circuit_breaker::CircuitOpen>() {
         return Some(e);
     }
+    if let Some(e) = error.downcast_ref::<crate::timeout::Elapsed>() {
+        return Some(e);
+    }
+    if let Some(e) = error.downcast_ref::<crate::fault::InjectedFault>() {
+        return Some(e);
+    }
     if let Some(e) = error.downcast_ref::<std::io::Error>() {
         return Some(e);
     }

@@ -1,0 +1,73 @@
+use super::{EnforceDeadline, NoDeadline, RequestDeadline, Timeout};
+use std::time::Duration;
+use tower_layer::Layer;
+
+/// Applies a [`Timeout`] to every call.
+///
+/// `TimeoutLayer::new(d)` times every call out after `d`. With
+/// [`honor_deadline`](Self::honor_deadline) an attempt gets `min(d, time left before the request's
+/// deadline)` — the per-attempt timeout of the resilience preset.
+#[derive(Clone, Copy, Debug)]
+pub struct TimeoutLayer<D = NoDeadline> {
+    timeout: Duration,
+    source: D,
+}
+
+impl TimeoutLayer {
+    /// Times every call out after `timeout`.
+    pub fn new(timeout: Duration) -> Self {
+        TimeoutLayer {
+            timeout,
+            source: NoDeadline,
+        }
+    }
+
+    /// Also stop at the request's deadline if that comes first (requests must be
+    /// [`HasDeadline`](super::HasDeadline)).
+    pub fn honor_deadline(self) -> TimeoutLayer<RequestDeadline> {
+        TimeoutLayer {
+            timeout: self.timeout,
+            source: RequestDeadline,
+        }
+    }
+}
+
+impl<S, D: Clone> Layer<S> for TimeoutLayer<D> {
+    type Service = Timeout<S, D>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Timeout::new(inner, self.timeout, self.source.clone())
+    }
+}
+
+/// Gives every request a deadline and enforces it; see [`EnforceDeadline`].
+///
+/// `DeadlineLayer::new(budget)` sets the deadline `budget` from now, or keeps the request's own
+/// deadline if that is earlier (a deadline only ever shrinks on the way down a call chain).
+/// `DeadlineLayer::enforce()` only enforces a deadline the request already carries.
+#[derive(Clone, Copy, Debug)]
+pub struct DeadlineLayer {
+    budget: Option<Duration>,
+}
+
+impl DeadlineLayer {
+    /// Requests must be answered within `budget`.
+    pub fn new(budget: Duration) -> Self {
+        DeadlineLayer {
+            budget: Some(budget),
+        }
+    }
+
+    /// Enforce the deadline requests already carry; set none.
+    pub fn enforce() -> Self {
+        DeadlineLayer { budget: None }
+    }
+}
+
+impl<S> Layer<S> for DeadlineLayer {
+    type Service = EnforceDeadline<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        EnforceDeadline::new(inner, self.budget)
+    }
+}

@@ -1,0 +1,146 @@
+//! Timeouts and deadlines for any [`tower::Service`].
+//!
+//! - [`Timeout`] fails a call that takes too long with [`Elapsed`], through the service's own error
+//!   type (`S::Error: From<Elapsed>`; no `BoxError` forced on you, unlike `tower::timeout`).
+//! - A [`Deadline`] travels with a request ([`HasDeadline`]). [`DeadlineLayer`] sets and enforces it;
+//!   a [`Timeout`] made with [`TimeoutLayer::honor_deadline`] gives each attempt
+//!   `min(attempt timeout, time left)`; [retry](crate::retry) never sleeps past it.
+//!
+//! ```
+//! use palisade::timeout::{Elapsed, TimeoutLayer};
+//! use std::time::Duration;
+//! use tower::{Layer, Service, ServiceExt};
+//!
+//! #[derive(Debug)]
+//! enum AppError { TooSlow(Elapsed) }
+//! impl From<Elapsed> for AppError {
+//!     fn from(e: Elapsed) -> Self { AppError::TooSlow(e) }
+//! }
+//!
+//! # #[tokio::main(flavor = "current_thread", start_paused = true)]
+//! # async fn main() {
+//! let mut slow = TimeoutLayer::new(Duration::from_millis(100)).layer(tower::service_fn(|_: ()| async {
+//!     tokio::time::sleep(Duration::from_secs(1)).await;
+//!     Ok::<_, AppError>("done")
+//! }));
+//! let err = slow.ready().await.unwrap().call(()).await.unwrap_err();
+//! assert!(matches!(err, AppError::TooSlow(e) if e.to_string() == "attempt timed out after 100ms"));
+//! # }
+//! ```
+//!
+//! # Cancellation is not a timeout
+//!
+//! A caller that drops the future has cancelled the call; nothing is reported anywhere. Only a
+//! timer that fires produces [`Elapsed`], and only then does a circuit breaker below see a failure.
+
+mod deadline;
+mod error;
+mod future;
+mod layer;
+
+pub use self::deadline::{
+    Deadline, DeadlineSource, Deadlined, HasDeadline, NoDeadline, RequestDeadline,
+};
+pub use self::error::{Elapsed, ElapsedKind};
+pub use self::future::ResponseFuture;
+pub use self::layer::{DeadlineLayer, TimeoutLayer};
+
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tower_service::Service;
+
+/// Fails calls that take longer than a timeout (and, with a deadline source, calls that outlive
+/// the request's deadline). See the [module docs](self).
+#[derive(Clone, Copy, Debug)]
+pub struct Timeout<S, D = NoDeadline> {
+    inner: S,
+    timeout: Duration,
+    source: D,
+}
+
+impl<S, D> Timeout<S, D> {
+    /// Wraps `inner`; `source` tells where requests keep their deadline.
+    pub fn new(inner: S, timeout: Duration, source: D) -> Self {
+        Timeout {
+            inner,
+            timeout,
+            source,
+        }
+    }
+
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// Consumes the layer, returning the inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S, D, Request> Service<Request> for Timeout<S, D>
+where
+    S: Service<Request>,
+    S::Error: From<Elapsed>,
+    D: DeadlineSource<Request>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = ResponseFuture<S::Future>;
+
+    #[inline]
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    #[inline]
+    fn call(&mut self, request: Request) -> Self::Future {
+        let deadline = self.source.deadline_of(&request);
+        ResponseFuture::new(self.inner.call(request), Some(self.timeout), deadline)
+    }
+}
+
+/// Sets a deadline on each request (unless it already has an earlier one) and fails the call with
+/// [`Elapsed`] (`is_deadline()`) when it passes, cancelling whatever runs inside — retries and
+/// their backoff sleeps included. Created by [`DeadlineLayer`].
+#[derive(Clone, Copy, Debug)]
+pub struct EnforceDeadline<S> {
+    inner: S,
+    budget: Option<Duration>,
+}
+
+impl<S> EnforceDeadline<S> {
+    /// Wraps `inner`: requests get `budget` (or keep an earlier deadline of their own).
+    pub fn new(inner: S, budget: Option<Duration>) -> Self {
+        EnforceDeadline { inner, budget }
+    }
+}
+
+impl<S, Request> Service<Request> for EnforceDeadline<S>
+where
+    S: Service<Request>,
+    S::Error: From<Elapsed>,
+    Request: HasDeadline,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = ResponseFuture<S::Future>;
+
+    #[inline]
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: Request) -> Self::Future {
+        let deadline = match (request.deadline(), self.budget) {
+            (own, None) => own,
+            (None, Some(budget)) => Some(Deadline::after(budget)),
+            (Some(own), Some(budget)) => Some(own.min(Deadline::after(budget))),
+        };
+        if let Some(deadline) = deadline {
+            request.set_deadline(deadline);
+        }
+        ResponseFuture::new(self.inner.call(request), None, deadline)
+    }
+}
