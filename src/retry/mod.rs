@@ -1,0 +1,74 @@
+//! Retry with backoff, jitter, a retry budget and deadlines, for any [`tower::Service`] whose
+//! request can be cloned.
+//!
+//! [`RetryPolicy`] is a [`tower::retry::Policy`]: palisade reuses tower's `Retry` service and
+//! brings the policy —
+//!
+//! - at most `max_attempts` attempts; [`Backoff`] constant, linear or exponential, capped; [`Jitter`]
+//!   none, full, equal or decorrelated (AWS's formulas), never above the cap;
+//! - a [`Predicate`] over the whole `Result`: errors *and* responses. The default,
+//!   [`TransientErrors`], retries only what is safe: transient errors, never a response, never a
+//!   [`CircuitOpen`](crate::circuit_breaker::CircuitOpen) unless its retry-after fits in the deadline;
+//! - an error's [retry-after hint](crate::classify::RetryAfter) replaces the computed delay;
+//! - a [`RetryBudget`] so that retries cannot multiply an outage;
+//! - with [`honor_deadline`](RetryPolicy::honor_deadline), it never sleeps past the request's
+//!   [`Deadline`](crate::timeout::Deadline) and stops with a clear error when the next attempt cannot
+//!   fit;
+//! - a `tracing` event per retry (attempt, delay, reason) and an optional hook.
+//!
+//! # `BoxError` and `tokio::spawn`
+//!
+//! With `tower::BoxError` as the error type, awaiting a retry future inside a task passed to
+//! `tokio::spawn` can fail to compile with "implementation of `FailureKind` is not general enough".
+//! That is a rustc limitation: while proving the task `Send`, the compiler forgets that the boxed
+//! error is `'static`, and an error classifier that looks inside a box (downcasting) can only exist
+//! for `'static`. Box the stack's future at the point where it crosses into other tasks — e.g.
+//! `.layer(tower::util::BoxService::layer())` just below a `Buffer`, or `.boxed_clone()` — and it
+//! compiles. Typed error enums and [`RpcError`](crate::rpc::RpcError) are not affected.
+//!
+//! Retry adds no error type of its own: the caller gets the last attempt's result (or, when the
+//! deadline leaves no room, [`Elapsed`](crate::timeout::Elapsed) through `From`). Dropping the
+//! response future stops retrying at once, backoff sleep included.
+//!
+//! ```
+//! use palisade::retry::{Backoff, Jitter, RetryPolicy};
+//! use std::sync::Arc;
+//! use std::sync::atomic::{AtomicU32, Ordering};
+//! use std::time::Duration;
+//! use tower::{BoxError, Service, ServiceBuilder, ServiceExt};
+//!
+//! # #[tokio::main(flavor = "current_thread", start_paused = true)]
+//! # async fn main() {
+//! let calls = Arc::new(AtomicU32::new(0));
+//! let counter = Arc::clone(&calls);
+//! let mut flaky = ServiceBuilder::new()
+//!     .retry(RetryPolicy::new(3).backoff(Backoff::constant(Duration::from_millis(10))).jitter(Jitter::None))
+//!     .service_fn(move |_: ()| {
+//!         let n = counter.fetch_add(1, Ordering::SeqCst);
+//!         async move {
+//!             if n < 2 {
+//!                 Err::<&str, BoxError>(Box::new(std::io::Error::from(std::io::ErrorKind::ConnectionReset)))
+//!             } else {
+//!                 Ok("third time lucky")
+//!             }
+//!         }
+//!     });
+//! assert_eq!(flaky.ready().await.unwrap().call(()).await.unwrap(), "third time lucky");
+//! assert_eq!(calls.load(Ordering::SeqCst), 3);
+//! # }
+//! ```
+
+mod backoff;
+mod budget;
+mod policy;
+
+pub use self::backoff::{Backoff, Jitter};
+pub use self::budget::RetryBudget;
+pub use self::policy::{
+    DeadlineStop, Predicate, RetryEvent, RetryPolicy, TransientErrors, Verdict,
+};
+
+/// tower's retry service, driven by a [`RetryPolicy`].
+pub type Retry<S, P = RetryPolicy> = tower::retry::Retry<P, S>;
+/// tower's retry layer, driven by a [`RetryPolicy`].
+pub type RetryLayer<P = RetryPolicy> = tower::retry::RetryLayer<P>;
