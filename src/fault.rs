@@ -1,0 +1,371 @@
+//! Seeded fault injection for any [`tower::Service`]: errors (by rate or scripted by call number),
+//! added latency and hangs — for tests, for chaos drills in staging, and for the demo.
+//!
+//! Deterministic: what happens to call number *n* depends only on the seed and *n*, so a seed
+//! reproduces a run exactly, whatever the interleaving of concurrent calls. Rates can be turned up
+//! and down while traffic flows through a [`FaultHandle`].
+//!
+//! ```
+//! use palisade::fault::{FaultLayer, InjectedFault};
+//! use tower::{Layer, Service, ServiceExt};
+//!
+//! #[derive(Debug)]
+//! enum AppError { Injected(InjectedFault) }
+//! impl From<InjectedFault> for AppError {
+//!     fn from(fault: InjectedFault) -> Self { AppError::Injected(fault) }
+//! }
+//!
+//! # #[tokio::main(flavor = "current_thread", start_paused = true)] async fn main() {
+//! let mut service = FaultLayer::seeded(7)
+//!     .fail_calls(2..=3) // the 2nd and 3rd calls fail
+//!     .layer(tower::service_fn(|x: u32| async move { Ok::<_, AppError>(x) }));
+//! let mut outcomes = Vec::new();
+//! for i in 1..=4 {
+//!     outcomes.push(service.ready().await.unwrap().call(i).await.is_ok());
+//! }
+//! assert_eq!(outcomes, [true, false, false, true]);
+//! # }
+//! ```
+
+use crate::classify::{FailureKind, RetryAfter};
+use crate::rng::{mix, unit_interval};
+use pin_project_lite::pin_project;
+use std::fmt;
+use std::future::Future;
+use std::ops::RangeInclusive;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::time::Sleep;
+use tower_layer::Layer;
+use tower_service::Service;
+
+/// The error of a call that fault injection failed on purpose.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InjectedFault {
+    call: u64,
+}
+
+impl InjectedFault {
+    /// The number of the call that failed (the first call is 1).
+    pub fn call(&self) -> u64 {
+        self.call
+    }
+}
+
+impl fmt::Display for InjectedFault {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "injected fault on call {}", self.call)
+    }
+}
+
+impl std::error::Error for InjectedFault {}
+
+impl RetryAfter for InjectedFault {
+    fn retry_after(&self) -> Option<Duration> {
+        None
+    }
+}
+
+impl FailureKind for InjectedFault {
+    /// Injected faults stand for transient outages.
+    fn is_transient(&self) -> bool {
+        true
+    }
+}
+
+struct State {
+    seed: u64,
+    calls: AtomicU64,
+    error_rate: AtomicU64,
+    hang_rate: AtomicU64,
+    latency_nanos: AtomicU64,
+    latency_rate: AtomicU64,
+    failing_calls: Vec<RangeInclusive<u64>>,
+    hanging_calls: Vec<RangeInclusive<u64>>,
+}
+
+fn load_rate(cell: &AtomicU64) -> f64 {
+    f64::from_bits(cell.load(Ordering::Relaxed))
+}
+
+fn store_rate(cell: &AtomicU64, rate: f64) {
+    assert!(
+        (0.0..=1.0).contains(&rate),
+        "a fault rate must be between 0 and 1, got {rate}"
+    );
+    cell.store(rate.to_bits(), Ordering::Relaxed);
+}
+
+/// What to do to one call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Plan {
+    Pass,
+    Fail,
+    Hang,
+}
+
+impl State {
+    /// Independent draws in `[0, 1)` for call `call`: one per decision.
+    fn draw(&self, call: u64, decision: u64) -> f64 {
+        unit_interval(mix(
+            self.seed ^ mix(call.wrapping_mul(4).wrapping_add(decision))
+        ))
+    }
+
+    fn plan(&self, call: u64) -> (Plan, Option<Duration>) {
+        let latency = Duration::from_nanos(self.latency_nanos.load(Ordering::Relaxed));
+        let delay = (!latency.is_zero() && self.draw(call, 0) < load_rate(&self.latency_rate))
+            .then_some(latency);
+        let scripted = |ranges: &[RangeInclusive<u64>]| ranges.iter().any(|r| r.contains(&call));
+        let plan = if scripted(&self.hanging_calls)
+            || self.draw(call, 1) < load_rate(&self.hang_rate)
+        {
+            Plan::Hang
+        } else if scripted(&self.failing_calls) || self.draw(call, 2) < load_rate(&self.error_rate)
+        {
+            Plan::Fail
+        } else {
+            Plan::Pass
+        };
+        (plan, delay)
+    }
+}
+
+/// Injects faults into the services it wraps; all of them share one call counter and settings.
+#[derive(Clone)]
+pub struct FaultLayer {
+    state: Arc<State>,
+}
+
+impl FaultLayer {
+    /// No faults yet; `seed` fixes every random decision.
+    pub fn seeded(seed: u64) -> Self {
+        FaultLayer {
+            state: Arc::new(State {
+                seed: mix(seed),
+                calls: AtomicU64::new(0),
+                error_rate: AtomicU64::new(0f64.to_bits()),
+                hang_rate: AtomicU64::new(0f64.to_bits()),
+                latency_nanos: AtomicU64::new(0),
+                latency_rate: AtomicU64::new(0f64.to_bits()),
+                failing_calls: Vec::new(),
+                hanging_calls: Vec::new(),
+            }),
+        }
+    }
+
+    fn state_mut(&mut self) -> &mut State {
+        Arc::get_mut(&mut self.state).expect("configure a fault layer before cloning it")
+    }
+
+    /// Fails each call with probability `rate`.
+    ///
+    /// # Panics
+    /// If `rate` is not between 0 and 1.
+    pub fn error_rate(self, rate: f64) -> Self {
+        store_rate(&self.state.error_rate, rate);
+        self
+    }
+
+    /// Fails the calls numbered in `calls` (the first call is 1), e.g. `10..=20`.
+    pub fn fail_calls(mut self, calls: RangeInclusive<u64>) -> Self {
+        self.state_mut().failing_calls.push(calls);
+        self
+    }
+
+    /// Never answers calls with probability `rate`.
+    ///
+    /// # Panics
+    /// If `rate` is not between 0 and 1.
+    pub fn hang_rate(self, rate: f64) -> Self {
+        store_rate(&self.state.hang_rate, rate);
+        self
+    }
+
+    /// Never answers the calls numbered in `calls`.
+    pub fn hang_calls(mut self, calls: RangeInclusive<u64>) -> Self {
+        self.state_mut().hanging_calls.push(calls);
+        self
+    }
+
+    /// Delays each call by `latency` with probability `rate`.
+    ///
+    /// # Panics
+    /// If `rate` is not between 0 and 1.
+    pub fn latency(self, latency: Duration, rate: f64) -> Self {
+        self.handle().set_latency(latency, rate);
+        self
+    }
+
+    /// A handle to change the rates while traffic flows.
+    pub fn handle(&self) -> FaultHandle {
+        FaultHandle {
+            state: Arc::clone(&self.state),
+        }
+    }
+}
+
+impl fmt::Debug for FaultLayer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FaultLayer").finish_non_exhaustive()
+    }
+}
+
+impl<S> Layer<S> for FaultLayer {
+    type Service = Fault<S>;
+
+    fn layer(&self, inner: S) -> Fault<S> {
+        Fault {
+            inner,
+            state: Arc::clone(&self.state),
+        }
+    }
+}
+
+/// Turns fault rates up and down at run time.
+#[derive(Clone)]
+pub struct FaultHandle {
+    state: Arc<State>,
+}
+
+impl FaultHandle {
+    /// Sets the error rate.
+    ///
+    /// # Panics
+    /// If `rate` is not between 0 and 1.
+    pub fn set_error_rate(&self, rate: f64) {
+        store_rate(&self.state.error_rate, rate);
+    }
+
+    /// Sets the hang rate.
+    ///
+    /// # Panics
+    /// If `rate` is not between 0 and 1.
+    pub fn set_hang_rate(&self, rate: f64) {
+        store_rate(&self.state.hang_rate, rate);
+    }
+
+    /// Delays calls by `latency` with probability `rate` (`Duration::ZERO` turns latency off).
+    ///
+    /// # Panics
+    /// If `rate` is not between 0 and 1.
+    pub fn set_latency(&self, latency: Duration, rate: f64) {
+        store_rate(&self.state.latency_rate, rate);
+        self.state.latency_nanos.store(
+            u64::try_from(latency.as_nanos()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
+    }
+
+    /// Calls seen so far.
+    pub fn calls(&self) -> u64 {
+        self.state.calls.load(Ordering::Relaxed)
+    }
+}
+
+impl fmt::Debug for FaultHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FaultHandle")
+            .field("calls", &self.calls())
+            .finish_non_exhaustive()
+    }
+}
+
+/// A service with faults injected; created by [`FaultLayer`].
+#[derive(Clone)]
+pub struct Fault<S> {
+    inner: S,
+    state: Arc<State>,
+}
+
+impl<S: fmt::Debug> fmt::Debug for Fault<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Fault").field("inner", &self.inner).finish()
+    }
+}
+
+impl<S, Request> Service<Request> for Fault<S>
+where
+    S: Service<Request>,
+    S::Error: From<InjectedFault>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = ResponseFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request) -> Self::Future {
+        let call = self.state.calls.fetch_add(1, Ordering::Relaxed) + 1;
+        let (plan, delay) = self.state.plan(call);
+        if plan != Plan::Pass {
+            tracing::debug!(call, ?plan, ?delay, "injecting a fault");
+        }
+        let outcome = match plan {
+            Plan::Pass => Outcome::Pass {
+                future: self.inner.call(request),
+            },
+            Plan::Fail => Outcome::Fail {
+                fault: Some(InjectedFault { call }),
+            },
+            Plan::Hang => Outcome::Hang,
+        };
+        ResponseFuture {
+            delay: delay.map(tokio::time::sleep),
+            outcome,
+        }
+    }
+}
+
+pin_project! {
+    #[project = OutcomeProj]
+    enum Outcome<F> {
+        Pass { #[pin] future: F },
+        Fail { fault: Option<InjectedFault> },
+        Hang,
+    }
+}
+
+pin_project! {
+    /// Response future of [`Fault`].
+    pub struct ResponseFuture<F> {
+        #[pin]
+        delay: Option<Sleep>,
+        #[pin]
+        outcome: Outcome<F>,
+    }
+}
+
+impl<F, T, E> Future for ResponseFuture<F>
+where
+    F: Future<Output = Result<T, E>>,
+    E: From<InjectedFault>,
+{
+    type Output = Result<T, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        if let Some(delay) = this.delay.as_mut().as_pin_mut() {
+            std::task::ready!(delay.poll(cx));
+            this.delay.set(None);
+        }
+        match this.outcome.project() {
+            OutcomeProj::Pass { future } => future.poll(cx),
+            OutcomeProj::Fail { fault } => Poll::Ready(Err(E::from(
+                fault.take().expect("fault future polled after completion"),
+            ))),
+            OutcomeProj::Hang => Poll::Pending,
+        }
+    }
+}
+
+impl<F> fmt::Debug for ResponseFuture<F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResponseFuture").finish_non_exhaustive()
+    }
+}
