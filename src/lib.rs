@@ -5,6 +5,12 @@
 //! - [`circuit_breaker`]: a circuit breaker configured the NestJS way (`ttl`, `max_failures`,
 //!   `reset_timeout`), with consecutive-failure and failure-rate rules, a handle to observe and
 //!   control it, and a hot path that takes no lock and makes no allocation.
+//! - [`retry`]: a [`tower::retry::Policy`] with backoff, jitter, an exact retry budget, retry-after
+//!   hints and deadlines.
+//! - [`timeout`]: timeouts that keep your error type, and deadlines that travel with requests.
+//! - [`fault`]: seeded fault injection (errors, latency, hangs) for tests, chaos drills and demos.
+//! - [`builder`]: all of it as `ServiceBuilder` methods, and a preset that stacks deadline → retry →
+//!   circuit breaker → attempt timeout in the right order.
 //! - [`classify`]: how results are judged (success, failure, ignored; transient or not).
 //!
 //! Every layer wraps *any* `tower::Service` and keeps your error type: instead of wrapping errors in
@@ -44,10 +50,15 @@
 //! ```
 #![warn(missing_docs)]
 
+pub mod builder;
 pub mod circuit_breaker;
 pub mod classify;
 mod counter;
 mod errors;
+pub mod fault;
+pub mod retry;
+mod rng;
+pub mod timeout;
 
 /// The README's examples, compiled and run as doctests.
 #[cfg(doctest)]
