@@ -1,0 +1,494 @@
+//! Retry: backoff, jitter, budget, predicates, hints, deadlines and cancellation, on the paused
+//! clock, with a user's own error enum running through the whole stack.
+
+use palisade::circuit_breaker::{CircuitBreakerConfig, CircuitBreakerLayer, CircuitOpen};
+use palisade::classify::{FailureKind, RetryAfter};
+use palisade::retry::{Backoff, Jitter, RetryBudget, RetryPolicy};
+use palisade::timeout::{Deadline, DeadlineLayer, Deadlined, Elapsed, TimeoutLayer};
+use std::future::Future;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::time::{Instant, advance};
+use tower::{Layer, Service, ServiceExt};
+
+const MS: Duration = Duration::from_millis(1);
+const SEC: Duration = Duration::from_secs(1);
+
+/// One error type for the whole stack, as a user would write it.
+#[derive(Clone, Debug, PartialEq)]
+enum AppError {
+    /// Transient; the attempt number is kept so the test can see which error surfaced.
+    Reset(u32),
+    /// Transient with a server's retry-after hint.
+    Busy(Duration),
+    /// Not worth retrying.
+    Invalid,
+    Open(CircuitOpen),
+    Timeout(Elapsed),
+}
+
+impl std::fmt::Display for AppError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AppError::Reset(n) => write!(f, "connection reset on attempt {n}"),
+            AppError::Busy(d) => write!(f, "busy, retry after {d:?}"),
+            AppError::Invalid => f.write_str("invalid request"),
+            AppError::Open(open) => open.fmt(f),
+            AppError::Timeout(elapsed) => elapsed.fmt(f),
+        }
+    }
+}
+
+impl From<CircuitOpen> for AppError {
+    fn from(open: CircuitOpen) -> Self {
+        AppError::Open(open)
+    }
+}
+
+impl From<Elapsed> for AppError {
+    fn from(elapsed: Elapsed) -> Self {
+        AppError::Timeout(elapsed)
+    }
+}
+
+impl RetryAfter for AppError {
+    fn retry_after(&self) -> Option<Duration> {
+        match self {
+            AppError::Busy(after) => Some(*after),
+            AppError::Open(open) => open.retry_after(),
+            _ => None,
+        }
+    }
+}
+
+impl FailureKind for AppError {
+    fn is_transient(&self) -> bool {
+        match self {
+            AppError::Reset(_) | AppError::Busy(_) => true,
+            AppError::Invalid => false,
+            AppError::Open(open) => open.is_transient(),
+            AppError::Timeout(elapsed) => elapsed.is_transient(),
+        }
+    }
+
+    fn is_rejection(&self) -> bool {
+        matches!(self, AppError::Open(_))
+    }
+}
+
+/// A service answering attempt `n` (1-based) with `script(n)`; records when each attempt came.
+#[allow(clippy::type_complexity)]
+fn scripted<R, F, Fut>(
+    script: F,
+) -> (
+    impl Service<R, Response = &'static str, Error = AppError, Future = impl Future + Send> + Clone,
+    Arc<Mutex<Vec<Instant>>>,
+)
+where
+    F: Fn(u32) -> Fut + Clone + Send + 'static,
+    Fut: Future<Output = Result<&'static str, AppError>> + Send + 'static,
+    R: Send + 'static,
+{
+    let calls = Arc::new(Mutex::new(Vec::new()));
+    let log = Arc::clone(&calls);
+    let counter = Arc::new(AtomicU32::new(0));
+    let service = tower::service_fn(move |_: R| {
+        let n = counter.fetch_add(1, Ordering::SeqCst) + 1;
+        log.lock().unwrap().push(Instant::now());
+        script(n)
+    });
+    (service, calls)
+}
+
+fn no_jitter(attempts: u32, delay: Duration) -> RetryPolicy {
+    RetryPolicy::new(attempts)
+        .backoff(Backoff::constant(delay))
+        .jitter(Jitter::None)
+}
+
+#[test]
+fn backoff_sequences() {
+    let constant = Backoff::constant(100 * MS);
+    assert_eq!(
+        (0..3).map(|r| constant.delay(r)).collect::<Vec<_>>(),
+        [100 * MS; 3]
+    );
+
+    let linear = Backoff::linear(100 * MS, 50 * MS).max_delay(220 * MS);
+    let delays: Vec<_> = (0..5).map(|r| linear.delay(r).as_millis()).collect();
+    assert_eq!(delays, [100, 150, 200, 220, 220]);
+
+    let exponential = Backoff::exponential(10 * MS, 3.0).max_delay(SEC);
+    let delays: Vec<_> = (0..6).map(|r| exponential.delay(r).as_millis()).collect();
+    assert_eq!(delays, [10, 30, 90, 270, 810, 1000]);
+
+    let zero = Backoff::exponential(Duration::ZERO, 2.0);
+    assert_eq!(zero.delay(10_000), Duration::ZERO);
+}
+
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn backoffs() -> impl Strategy<Value = Backoff> {
+        let duration = || (0u64..=u64::MAX / 2).prop_map(Duration::from_nanos);
+        let small = || (0u64..=10_000_000_000).prop_map(Duration::from_nanos);
+        prop_oneof![
+            small().prop_map(Backoff::constant),
+            (duration(), duration(), duration())
+                .prop_map(|(i, s, cap)| Backoff::linear(i, s).max_delay(cap)),
+            (duration(), 1.0f64..1000.0, duration())
+                .prop_map(|(b, f, cap)| Backoff::exponential(b, f).max_delay(cap)),
+            (small(), 1.0f64..4.0, small())
+                .prop_map(|(b, f, cap)| Backoff::exponential(b, f).max_delay(cap)),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
+
+        /// No delay, jittered or not, exceeds the cap, and nothing overflows or panics at any attempt.
+        #[test]
+        fn jittered_delays_stay_within_bounds(
+            backoff in backoffs(),
+            retry in any::<u32>(),
+            previous in (0u64..=u64::MAX).prop_map(Duration::from_nanos),
+            random in any::<u64>(),
+        ) {
+            let cap = backoff.max();
+            let plain = backoff.delay(retry);
+            prop_assert!(plain <= cap);
+            prop_assert_eq!(Jitter::None.delay(&backoff, retry, previous, random), plain);
+
+            let full = Jitter::Full.delay(&backoff, retry, previous, random);
+            prop_assert!(full <= plain);
+
+            let equal = Jitter::Equal.delay(&backoff, retry, previous, random);
+            prop_assert!(equal <= plain);
+            prop_assert!(equal.as_nanos() >= plain.as_nanos() / 2);
+
+            let decorrelated = Jitter::Decorrelated.delay(&backoff, retry, previous, random);
+            prop_assert!(decorrelated <= cap);
+            prop_assert!(decorrelated >= backoff.initial().min(cap));
+            let upper = previous.as_nanos().saturating_mul(3).max(backoff.initial().as_nanos());
+            prop_assert!(decorrelated.as_nanos() <= upper);
+        }
+
+        /// Exact budget: with no reserve, `n` requests at ratio `k/1000` allow exactly
+        /// `floor(n * k / 1000)` retries.
+        #[test]
+        fn budget_allows_exactly_its_share(permille in 0u32..=1000, requests in 0u32..200) {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_time().start_paused(true).build().unwrap();
+            let _context = runtime.enter();
+            let budget = RetryBudget::new(10 * SEC, 0, f64::from(permille) / 1000.0);
+            for _ in 0..requests {
+                budget.deposit();
+            }
+            let allowed = (0..requests + 10).filter(|_| budget.withdraw()).count() as u64;
+            prop_assert_eq!(allowed, u64::from(requests) * u64::from(permille) / 1000);
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn budget_at_a_fractional_ratio_is_exact() {
+    // tower-rs/tower#857: TpsBudget allows 10 retries here.
+    let budget = RetryBudget::new(SEC, 0, 0.6);
+    for _ in 0..10 {
+        budget.deposit();
+    }
+    assert_eq!((0..10).filter(|_| budget.withdraw()).count(), 6);
+}
+
+#[tokio::test(start_paused = true)]
+async fn budget_reserve_and_expiry() {
+    let budget = RetryBudget::new(10 * SEC, 2, 0.5);
+    // The floor: 2 per second over 10 s.
+    assert_eq!(budget.remaining(), 20);
+    for _ in 0..10 {
+        budget.deposit();
+    }
+    assert_eq!(budget.remaining(), 25);
+    advance(11 * SEC).await;
+    assert_eq!(
+        budget.remaining(),
+        20,
+        "deposits older than the ttl still count"
+    );
+    for _ in 0..20 {
+        assert!(budget.withdraw());
+    }
+    assert!(!budget.withdraw());
+    advance(11 * SEC).await;
+    assert!(
+        budget.withdraw(),
+        "withdrawals older than the ttl still count"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn retries_up_to_max_attempts_and_surfaces_the_last_error() {
+    let (service, calls) = scripted(|n| async move { Err::<&str, _>(AppError::Reset(n)) });
+    let mut service = no_jitter(4, 10 * MS).layer().layer(service);
+    let error = service.ready().await.unwrap().call(()).await.unwrap_err();
+    assert_eq!(error, AppError::Reset(4));
+    assert_eq!(calls.lock().unwrap().len(), 4);
+}
+
+#[tokio::test(start_paused = true)]
+async fn non_transient_errors_are_not_retried() {
+    let (service, calls) = scripted(|_| async { Err::<&str, _>(AppError::Invalid) });
+    let mut service = no_jitter(4, 10 * MS).layer().layer(service);
+    assert_eq!(
+        service.ready().await.unwrap().call(()).await,
+        Err(AppError::Invalid)
+    );
+    assert_eq!(calls.lock().unwrap().len(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn delays_between_attempts_follow_the_backoff() {
+    let (service, calls) = scripted(|n| async move {
+        if n < 4 {
+            Err(AppError::Reset(n))
+        } else {
+            Ok("ok")
+        }
+    });
+    let policy = RetryPolicy::new(5)
+        .backoff(Backoff::exponential(100 * MS, 2.0))
+        .jitter(Jitter::None);
+    let mut service = policy.layer().layer(service);
+    assert_eq!(service.ready().await.unwrap().call(()).await.unwrap(), "ok");
+    let times = calls.lock().unwrap().clone();
+    let gaps: Vec<_> = times
+        .windows(2)
+        .map(|w| (w[1] - w[0]).as_millis())
+        .collect();
+    assert_eq!(gaps, [100, 200, 400]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn retries_on_a_response() {
+    let (service, calls) = scripted(|n| async move { Ok(if n < 3 { "503" } else { "200" }) });
+    let policy = no_jitter(5, 10 * MS)
+        .retry_if(|result: &Result<&'static str, AppError>| matches!(result, Ok("503")));
+    let mut service = policy.layer().layer(service);
+    assert_eq!(
+        service.ready().await.unwrap().call(()).await.unwrap(),
+        "200"
+    );
+    assert_eq!(calls.lock().unwrap().len(), 3);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_retry_after_hint_replaces_the_backoff_delay() {
+    let (service, calls) = scripted(|n| async move {
+        if n == 1 {
+            Err(AppError::Busy(3 * SEC))
+        } else {
+            Ok("ok")
+        }
+    });
+    let policy = RetryPolicy::new(3)
+        .backoff(Backoff::constant(10 * MS).max_delay(10 * SEC))
+        .jitter(Jitter::None);
+    let mut service = policy.layer().layer(service);
+    service.ready().await.unwrap().call(()).await.unwrap();
+    let times = calls.lock().unwrap().clone();
+    assert_eq!(times[1] - times[0], 3 * SEC);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_hint_beyond_the_maximum_delay_is_not_waited_for_without_a_deadline() {
+    let (service, calls) = scripted(|_| async { Err::<&str, _>(AppError::Busy(60 * SEC)) });
+    let policy = RetryPolicy::new(3)
+        .backoff(Backoff::constant(10 * MS).max_delay(10 * SEC))
+        .jitter(Jitter::None);
+    let mut service = policy.layer().layer(service);
+    let start = Instant::now();
+    let error = service.ready().await.unwrap().call(()).await.unwrap_err();
+    assert_eq!(error, AppError::Busy(60 * SEC));
+    assert_eq!(calls.lock().unwrap().len(), 1);
+    assert_eq!(start.elapsed(), Duration::ZERO);
+}
+
+#[tokio::test(start_paused = true)]
+async fn cancelling_during_the_backoff_sleep_stops_retrying() {
+    let (service, calls) = scripted(|n| async move { Err::<&str, _>(AppError::Reset(n)) });
+    let mut service = no_jitter(5, SEC).layer().layer(service);
+    let mut call = Box::pin(service.ready().await.unwrap().call(()));
+    // First attempt fails; the retry is now asleep for a second.
+    assert!(futures_util::poll!(call.as_mut()).is_pending());
+    assert_eq!(calls.lock().unwrap().len(), 1);
+    drop(call);
+    advance(10 * SEC).await;
+    assert_eq!(
+        calls.lock().unwrap().len(),
+        1,
+        "a cancelled request kept retrying"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn retry_outside_a_breaker_stops_at_circuit_open() {
+    let (service, calls) = scripted(|n| async move { Err::<&str, _>(AppError::Reset(n)) });
+    let breaker = CircuitBreakerLayer::new(
+        CircuitBreakerConfig::new("retry-vs-breaker")
+            .max_failures(3)
+            .reset_timeout(30 * SEC),
+    );
+    let mut service = no_jitter(7, 10 * MS).layer().layer(breaker.layer(service));
+    let error = service.ready().await.unwrap().call(()).await.unwrap_err();
+    assert!(matches!(error, AppError::Open(_)), "got {error}");
+    assert_eq!(
+        calls.lock().unwrap().len(),
+        3,
+        "only 3 calls may reach the service"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_open_circuit_is_retried_when_its_wait_fits_the_deadline() {
+    let (service, calls) = scripted(|n| async move {
+        if n <= 2 {
+            Err(AppError::Reset(n))
+        } else {
+            Ok("recovered")
+        }
+    });
+    let breaker = CircuitBreakerLayer::new(
+        CircuitBreakerConfig::new("fits")
+            .max_failures(2)
+            .reset_timeout(500 * MS),
+    );
+    let stack = DeadlineLayer::new(5 * SEC).layer(
+        no_jitter(5, 10 * MS)
+            .honor_deadline()
+            .layer()
+            .layer(breaker.layer(service)),
+    );
+    let mut service = stack;
+    let reply = service
+        .ready()
+        .await
+        .unwrap()
+        .call(Deadlined::new(()))
+        .await;
+    assert_eq!(reply.unwrap(), "recovered");
+    let times = calls.lock().unwrap().clone();
+    assert_eq!(times.len(), 3);
+    // The third call waited out the open circuit: 10 ms after the second failure it was
+    // rejected with 490 ms to go, and retried exactly then.
+    assert_eq!(times[2] - times[1], 500 * MS);
+}
+
+#[tokio::test(start_paused = true)]
+async fn two_hung_attempts_time_out_and_the_third_succeeds() {
+    let (service, calls) = scripted(|n| async move {
+        if n <= 2 {
+            std::future::pending::<()>().await;
+        }
+        Ok("third")
+    });
+    let timed = TimeoutLayer::new(SEC).layer(service);
+    let mut service = no_jitter(3, 100 * MS).layer().layer(timed);
+    let start = Instant::now();
+    assert_eq!(
+        service.ready().await.unwrap().call(()).await.unwrap(),
+        "third"
+    );
+    assert_eq!(calls.lock().unwrap().len(), 3);
+    assert_eq!(start.elapsed(), 2 * SEC + 200 * MS);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_outer_deadline_cancels_the_retry_loop_in_its_sleep() {
+    let (service, calls) = scripted(|n| async move { Err::<&str, _>(AppError::Reset(n)) });
+    // This policy does not look at deadlines: it would sleep 5 s; the deadline layer stops it.
+    let mut service = DeadlineLayer::new(SEC).layer(no_jitter(5, 5 * SEC).layer().layer(service));
+    let start = Instant::now();
+    let error = service
+        .ready()
+        .await
+        .unwrap()
+        .call(Deadlined::new(()))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&error, AppError::Timeout(e) if e.is_deadline()),
+        "got {error}"
+    );
+    assert_eq!(start.elapsed(), SEC);
+    advance(60 * SEC).await;
+    assert_eq!(calls.lock().unwrap().len(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn retry_stops_with_a_clear_error_when_the_next_attempt_cannot_fit() {
+    let (service, calls) = scripted(|n| async move { Err::<&str, _>(AppError::Reset(n)) });
+    let mut service = no_jitter(10, 600 * MS)
+        .honor_deadline()
+        .layer()
+        .layer(service);
+    let request = Deadlined::new(()).with_deadline(Deadline::after(SEC));
+    let start = Instant::now();
+    let error = service
+        .ready()
+        .await
+        .unwrap()
+        .call(request)
+        .await
+        .unwrap_err();
+    assert_eq!(calls.lock().unwrap().len(), 2);
+    assert_eq!(
+        start.elapsed(),
+        600 * MS,
+        "retry slept past the point it knew it would stop"
+    );
+    assert_eq!(
+        error.to_string(),
+        "deadline exceeded (no time left for another attempt after 2; last error: connection reset on attempt 2)"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_budget_refuses_retries_beyond_its_share_under_total_failure() {
+    let (service, calls) = scripted(|n| async move { Err::<&str, _>(AppError::Reset(n)) });
+    let budget = Arc::new(RetryBudget::new(10 * SEC, 0, 0.2));
+    let mut service = no_jitter(5, 10 * MS)
+        .budget(Arc::clone(&budget))
+        .layer()
+        .layer(service);
+    for _ in 0..100 {
+        assert!(service.ready().await.unwrap().call(()).await.is_err());
+    }
+    // Without a budget: 100 × 5 = 500 calls. With 20%: the 100 requests plus exactly 20 retries.
+    assert_eq!(calls.lock().unwrap().len(), 120);
+    assert_eq!(budget.remaining(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn seeded_jitter_is_reproducible_and_hooks_see_every_retry() {
+    async fn delays(seed: u64) -> Vec<(u32, Duration)> {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let log = Arc::clone(&seen);
+        let (service, _) = scripted(|n| async move { Err::<&str, _>(AppError::Reset(n)) });
+        let policy = RetryPolicy::new(6)
+            .backoff(Backoff::exponential(100 * MS, 2.0))
+            .jitter(Jitter::Decorrelated)
+            .seed(seed)
+            .on_retry(move |event| log.lock().unwrap().push((event.attempt, event.delay)));
+        let mut service = policy.layer().layer(service);
+        let _ = service.ready().await.unwrap().call(()).await;
+        seen.lock().unwrap().clone()
+    }
+    let first = delays(1234).await;
+    assert_eq!(
+        first.iter().map(|(a, _)| *a).collect::<Vec<_>>(),
+        [1, 2, 3, 4, 5]
+    );
+    assert_eq!(first, delays(1234).await);
+    assert_ne!(first, delays(4321).await);
+}
