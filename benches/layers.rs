@@ -5,7 +5,11 @@
 //! finds the service ready would; the bare service is the floor.
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
+use palisade::builder::Resilience;
 use palisade::circuit_breaker::{CircuitBreakerConfig, CircuitBreakerLayer, CircuitOpen};
+use palisade::classify::{FailureKind, RetryAfter};
+use palisade::retry::RetryPolicy;
+use palisade::timeout::{Deadlined, Elapsed, TimeoutLayer};
 use std::future::{Future, Ready, ready};
 use std::hint::black_box;
 use std::pin::pin;
@@ -18,11 +22,30 @@ use tower::{Layer, Service};
 enum BenchError {
     Inner,
     Open(#[allow(dead_code)] CircuitOpen),
+    Timeout(#[allow(dead_code)] Elapsed),
 }
 
 impl From<CircuitOpen> for BenchError {
     fn from(open: CircuitOpen) -> Self {
         BenchError::Open(open)
+    }
+}
+
+impl From<Elapsed> for BenchError {
+    fn from(elapsed: Elapsed) -> Self {
+        BenchError::Timeout(elapsed)
+    }
+}
+
+impl RetryAfter for BenchError {
+    fn retry_after(&self) -> Option<Duration> {
+        None
+    }
+}
+
+impl FailureKind for BenchError {
+    fn is_transient(&self) -> bool {
+        matches!(self, BenchError::Inner)
     }
 }
 
@@ -38,10 +61,29 @@ impl std::error::Error for BenchError {}
 #[derive(Clone, Copy)]
 struct Bare;
 
+/// The bare service's future computes its result when polled, as an `async fn` does (unlike
+/// `std::future::Ready`, which stores a finished result at `call` time and copies it out at `poll`).
+struct BareFuture {
+    fail: bool,
+}
+
+impl Future for BareFuture {
+    type Output = Result<u64, BenchError>;
+
+    #[inline]
+    fn poll(self: std::pin::Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Self::Output> {
+        Poll::Ready(if self.fail {
+            Err(BenchError::Inner)
+        } else {
+            Ok(7)
+        })
+    }
+}
+
 impl Service<bool> for Bare {
     type Response = u64;
     type Error = BenchError;
-    type Future = Ready<Result<u64, BenchError>>;
+    type Future = BareFuture;
 
     #[inline]
     fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BenchError>> {
@@ -50,20 +92,47 @@ impl Service<bool> for Bare {
 
     #[inline]
     fn call(&mut self, fail: bool) -> Self::Future {
-        ready(if fail { Err(BenchError::Inner) } else { Ok(7) })
+        BareFuture { fail }
+    }
+}
+
+impl Service<Deadlined<bool>> for Bare {
+    type Response = u64;
+    type Error = BenchError;
+    type Future = BareFuture;
+
+    #[inline]
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BenchError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    #[inline]
+    fn call(&mut self, request: Deadlined<bool>) -> Self::Future {
+        BareFuture {
+            fail: request.request,
+        }
     }
 }
 
 /// One ready-call-poll round trip, as a caller that finds the service ready makes it.
 #[inline]
 fn drive<S: Service<bool>>(service: &mut S, cx: &mut Context<'_>, fail: bool) -> bool {
+    drive_with(service, cx, fail)
+}
+
+#[inline]
+fn drive_with<R, S: Service<R>>(service: &mut S, cx: &mut Context<'_>, request: R) -> bool {
     if service.poll_ready(cx).is_pending() {
         panic!("service not ready");
     }
-    let future = pin!(service.call(black_box(fail)));
-    match future.poll(cx) {
-        Poll::Ready(result) => result.is_ok(),
-        Poll::Pending => panic!("an always-ready service returned Pending"),
+    let mut future = pin!(service.call(black_box(request)));
+    loop {
+        match future.as_mut().poll(cx) {
+            Poll::Ready(result) => return result.is_ok(),
+            // Only a layer that takes an async lock (tower-resilience's breaker, when two threads
+            // contend) gets here; the holder releases it within a few instructions.
+            Poll::Pending => std::hint::spin_loop(),
+        }
     }
 }
 
@@ -98,7 +167,7 @@ where
     type Response = u64;
     type Error = failsafe::Error<BenchError>;
     type Future = failsafe::futures::ResponseFuture<
-        Ready<Result<u64, BenchError>>,
+        BareFuture,
         B::FailurePolicy,
         B::Instrument,
         failsafe::Any,
@@ -109,8 +178,7 @@ where
     }
 
     fn call(&mut self, fail: bool) -> Self::Future {
-        self.breaker
-            .call(ready(if fail { Err(BenchError::Inner) } else { Ok(7) }))
+        self.breaker.call(BareFuture { fail })
     }
 }
 
@@ -224,6 +292,83 @@ fn breaker(c: &mut Criterion) {
     group.finish();
 }
 
+/// tower's canonical example policy: retry errors up to n times.
+#[derive(Clone)]
+struct Attempts(usize);
+
+impl<Req: Clone, Res, E> tower::retry::Policy<Req, Res, E> for Attempts {
+    type Future = Ready<()>;
+
+    fn retry(&mut self, _: &mut Req, result: &mut Result<Res, E>) -> Option<Self::Future> {
+        match result {
+            Err(_) if self.0 > 0 => {
+                self.0 -= 1;
+                Some(ready(()))
+            }
+            _ => None,
+        }
+    }
+
+    fn clone_request(&mut self, request: &Req) -> Option<Req> {
+        Some(request.clone())
+    }
+}
+
+fn retry_timeout_preset(c: &mut Criterion) {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let _guard = runtime.enter();
+    let mut cx = Context::from_waker(Waker::noop());
+
+    let mut group = c.benchmark_group("retry/never_retries");
+    group.bench_function("bare", |b| b.iter(|| drive(&mut Bare, &mut cx, false)));
+    let mut ours = RetryPolicy::new(3).layer().layer(Bare);
+    group.bench_function("palisade", |b| b.iter(|| drive(&mut ours, &mut cx, false)));
+    let mut tower_retry = tower::retry::Retry::new(Attempts(2), Bare);
+    group.bench_function("tower", |b| {
+        b.iter(|| drive(&mut tower_retry, &mut cx, false))
+    });
+    let mut theirs = tower_resilience::retry::RetryLayer::<bool, u64, BenchError>::builder()
+        .max_attempts(3)
+        .fixed_backoff(Duration::from_millis(10))
+        .build()
+        .layer(Bare);
+    group.bench_function("tower-resilience", |b| {
+        b.iter(|| drive(&mut theirs, &mut cx, false))
+    });
+    group.finish();
+
+    let mut group = c.benchmark_group("timeout/ready");
+    group.bench_function("bare", |b| b.iter(|| drive(&mut Bare, &mut cx, false)));
+    let mut ours = TimeoutLayer::new(Duration::from_secs(1)).layer(Bare);
+    group.bench_function("palisade", |b| b.iter(|| drive(&mut ours, &mut cx, false)));
+    let mut tower_timeout = tower::timeout::Timeout::new(Bare, Duration::from_secs(1));
+    group.bench_function("tower", |b| {
+        b.iter(|| drive(&mut tower_timeout, &mut cx, false))
+    });
+    let mut theirs = tower_resilience::timelimiter::TimeLimiterLayer::builder()
+        .timeout_duration(Duration::from_secs(1))
+        .build()
+        .layer(Bare);
+    group.bench_function("tower-resilience", |b| {
+        b.iter(|| drive(&mut theirs, &mut cx, false))
+    });
+    group.finish();
+
+    let mut group = c.benchmark_group("preset/success");
+    group.bench_function("bare", |b| {
+        b.iter(|| drive_with(&mut Bare, &mut cx, Deadlined::new(false)))
+    });
+    let mut preset = Resilience::new(CircuitBreakerConfig::new("preset-bench").max_failures(5))
+        .deadline(Duration::from_secs(10))
+        .retry(RetryPolicy::new(3))
+        .attempt_timeout(Duration::from_secs(1))
+        .layer(Bare);
+    group.bench_function("palisade", |b| {
+        b.iter(|| drive_with(&mut preset, &mut cx, Deadlined::new(false)))
+    });
+    group.finish();
+}
+
 fn run_threads<S>(threads: usize, iters: u64, service: S) -> Duration
 where
     S: Service<bool> + Clone + Send + 'static,
@@ -255,6 +400,6 @@ criterion_group! {
     config = Criterion::default()
         .warm_up_time(Duration::from_millis(500))
         .measurement_time(Duration::from_secs(2));
-    targets = breaker
+    targets = breaker, retry_timeout_preset
 }
 criterion_main!(benches);
