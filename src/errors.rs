@@ -11,6 +11,9 @@ pub(crate) fn as_failure_kind<'a>(error: &'a (dyn Error + 'static)) -> Option<&'
     if let Some(e) = error.downcast_ref::<crate::timeout::Elapsed>() {
         return Some(e);
     }
+    if let Some(e) = error.downcast_ref::<crate::rpc::RpcError>() {
+        return Some(e);
+    }
     if let Some(e) = error.downcast_ref::<crate::fault::InjectedFault>() {
         return Some(e);
     }

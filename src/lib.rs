@@ -58,6 +58,7 @@ mod errors;
 pub mod fault;
 pub mod retry;
 mod rng;
+pub mod rpc;
 pub mod timeout;
 
 /// The README's examples, compiled and run as doctests.

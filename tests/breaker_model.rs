@@ -226,10 +226,11 @@ impl Model {
     }
 
     fn cancel(&mut self, permit: Permit) {
-        if let Permit::Trial { generation, ticket } = permit {
-            if generation == self.generation && self.state == CircuitState::HalfOpen {
-                self.trials.retain(|(t, _)| *t != ticket);
-            }
+        if let Permit::Trial { generation, ticket } = permit
+            && generation == self.generation
+            && self.state == CircuitState::HalfOpen
+        {
+            self.trials.retain(|(t, _)| *t != ticket);
         }
     }
 }

@@ -377,17 +377,16 @@ impl Slot {
         // Half-open: admit a trial if a slot is free, reclaiming one held by a hung trial.
         let trial_timeout = machine.config.effective_trial_timeout();
         let limit = machine.config.half_open_max_calls as usize;
-        if machine.trials.len() >= limit {
-            if let Some(oldest) = machine.trials.first().copied() {
-                if now.saturating_duration_since(oldest.admitted) >= trial_timeout {
-                    machine.trials.remove(0);
-                    tracing::warn!(
-                        breaker = %machine.config.name,
-                        hung_for = ?now.saturating_duration_since(oldest.admitted),
-                        "half-open trial call did not finish within the trial timeout; admitting another"
-                    );
-                }
-            }
+        if machine.trials.len() >= limit
+            && let Some(oldest) = machine.trials.first().copied()
+            && now.saturating_duration_since(oldest.admitted) >= trial_timeout
+        {
+            machine.trials.remove(0);
+            tracing::warn!(
+                breaker = %machine.config.name,
+                hung_for = ?now.saturating_duration_since(oldest.admitted),
+                "half-open trial call did not finish within the trial timeout; admitting another"
+            );
         }
         if machine.trials.len() < limit {
             let ticket = machine.next_ticket;

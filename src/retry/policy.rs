@@ -439,22 +439,20 @@ impl<P, D> RetryPolicy<P, D> {
             Some(after) => after,
             None => self.next_delay(),
         };
-        if let Some(deadline) = deadline {
-            if Instant::now() + delay >= deadline.instant() {
-                tracing::debug!(attempts = self.attempts, ?delay, last_error = %reason, "no time left for another attempt");
-                if !rejection {
-                    if let Some(error) = self.deadline.stop_error(self.attempts, &reason) {
-                        *result = Err(error);
-                    }
-                }
-                return None;
+        if let Some(deadline) = deadline
+            && Instant::now() + delay >= deadline.instant()
+        {
+            tracing::debug!(attempts = self.attempts, ?delay, last_error = %reason, "no time left for another attempt");
+            if !rejection && let Some(error) = self.deadline.stop_error(self.attempts, &reason) {
+                *result = Err(error);
             }
+            return None;
         }
-        if let Some(budget) = self.budget_ref() {
-            if !budget.withdraw() {
-                tracing::warn!(attempts = self.attempts, last_error = %reason, "retry budget exhausted; not retrying");
-                return None;
-            }
+        if let Some(budget) = self.budget_ref()
+            && !budget.withdraw()
+        {
+            tracing::warn!(attempts = self.attempts, last_error = %reason, "retry budget exhausted; not retrying");
+            return None;
         }
         self.previous_delay_nanos = u64::try_from(delay.as_nanos()).unwrap_or(u64::MAX);
         tracing::info!(attempt = self.attempts, ?delay, %reason, "retrying");
