@@ -1,0 +1,455 @@
+use super::RawJson;
+use crate::circuit_breaker::CircuitOpen;
+use crate::classify::{FailureKind, RetryAfter};
+use crate::fault::InjectedFault;
+use crate::timeout::Elapsed;
+use serde_json::{Map, Value, json};
+use std::fmt;
+use std::time::Duration;
+
+/// NestJS's reply to a request no handler matches.
+pub const NO_HANDLER_MESSAGE: &str =
+    "There is no matching message handler defined in the remote service.";
+/// The message NestJS sends instead of an unexpected error's details.
+pub const INTERNAL_SERVER_ERROR: &str = "Internal server error";
+
+/// What kind of failure an [`RpcError`] is: a small, gRPC-like taxonomy.
+///
+/// Each code says whether another attempt may help ([`is_transient`](Code::is_transient)) and
+/// whether the callee is at fault ([`is_fault`](Code::is_fault)) — what retry and the circuit
+/// breaker ask.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Code {
+    /// The caller gave up.
+    Cancelled,
+    /// The request was malformed (a payload that does not decode, a failed validation).
+    InvalidArgument,
+    /// What the request asked for does not exist.
+    NotFound,
+    /// What the request would create exists already.
+    AlreadyExists,
+    /// The caller may not do this.
+    PermissionDenied,
+    /// The caller is not authenticated.
+    Unauthenticated,
+    /// The system is not in a state that allows this.
+    FailedPrecondition,
+    /// A quota or capacity ran out (retryable after a while).
+    ResourceExhausted,
+    /// The deadline passed (or an attempt timed out) before an answer came.
+    DeadlineExceeded,
+    /// The service could not be reached or turned the request away: connection lost, no
+    /// subscribers, circuit open, shutting down. Safe to retry.
+    Unavailable,
+    /// No handler for the pattern (NestJS's "no matching message handler").
+    Unimplemented,
+    /// The handler failed unexpectedly (NestJS's "Internal server error").
+    Internal,
+    /// A deliberate error from the remote handler that names no palisade code — what a NestJS
+    /// `RpcException` becomes. The service is up and answered; see [`RpcError::err`] for details.
+    Application,
+    /// An error of unrecognisable shape.
+    Unknown,
+}
+
+const CODES: [(Code, &str); 14] = [
+    (Code::Cancelled, "CANCELLED"),
+    (Code::InvalidArgument, "INVALID_ARGUMENT"),
+    (Code::NotFound, "NOT_FOUND"),
+    (Code::AlreadyExists, "ALREADY_EXISTS"),
+    (Code::PermissionDenied, "PERMISSION_DENIED"),
+    (Code::Unauthenticated, "UNAUTHENTICATED"),
+    (Code::FailedPrecondition, "FAILED_PRECONDITION"),
+    (Code::ResourceExhausted, "RESOURCE_EXHAUSTED"),
+    (Code::DeadlineExceeded, "DEADLINE_EXCEEDED"),
+    (Code::Unavailable, "UNAVAILABLE"),
+    (Code::Unimplemented, "UNIMPLEMENTED"),
+    (Code::Internal, "INTERNAL"),
+    (Code::Application, "APPLICATION"),
+    (Code::Unknown, "UNKNOWN"),
+];
+
+impl Code {
+    /// The name used on the wire (`"UNAVAILABLE"`, ...).
+    pub fn as_str(self) -> &'static str {
+        CODES
+            .iter()
+            .find(|(code, _)| *code == self)
+            .map(|(_, name)| *name)
+            .unwrap_or("UNKNOWN")
+    }
+
+    /// The code with this wire name.
+    pub fn from_name(name: &str) -> Option<Code> {
+        CODES
+            .iter()
+            .find(|(_, n)| *n == name)
+            .map(|(code, _)| *code)
+    }
+
+    /// Whether another attempt may succeed (and is safe to make).
+    pub fn is_transient(self) -> bool {
+        matches!(
+            self,
+            Code::Unavailable | Code::ResourceExhausted | Code::DeadlineExceeded
+        )
+    }
+
+    /// Whether the callee, or the path to it, failed — what a circuit breaker should count. The
+    /// caller's mistakes (`InvalidArgument`, `NotFound`, ...) and deliberate application errors are
+    /// answers, not outages.
+    pub fn is_fault(self) -> bool {
+        matches!(
+            self,
+            Code::Unavailable
+                | Code::ResourceExhausted
+                | Code::DeadlineExceeded
+                | Code::Internal
+                | Code::Unknown
+        )
+    }
+}
+
+impl fmt::Display for Code {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+struct Inner {
+    code: Code,
+    message: String,
+    /// The `err` value as it crossed (or will cross) the wire, when it has a fixed shape.
+    err: Option<Value>,
+    retry_after: Option<Duration>,
+    /// Overrides the code's transience (a passed deadline is not worth another attempt).
+    transient: Option<bool>,
+}
+
+/// The error of a message exchange: what crosses the wire as a reply's `err`.
+///
+/// It carries a [`Code`], a message, and the raw JSON `err` value, so NestJS's shapes survive a
+/// round trip exactly (an `RpcException({code: 'USER_NOT_FOUND', ...})` from a NestJS service
+/// comes back with that object intact). One pointer wide.
+///
+/// ```
+/// use palisade::rpc::{Code, RpcError};
+/// use serde_json::json;
+///
+/// // NestJS's two RpcException shapes:
+/// let plain = RpcError::exception("boom");
+/// assert_eq!(plain.err(), json!({"status": "error", "message": "boom"}));
+/// let object = RpcError::exception_object(json!({"code": "USER_NOT_FOUND", "message": "no user 7"}));
+/// assert_eq!(object.err(), json!({"code": "USER_NOT_FOUND", "message": "no user 7"}));
+/// assert_eq!(object.message(), "no user 7");
+///
+/// // palisade's own codes ride along as `code`:
+/// let missing = RpcError::not_found("user 7 does not exist");
+/// assert_eq!(missing.err(), json!({"status": "error", "message": "user 7 does not exist", "code": "NOT_FOUND"}));
+/// assert_eq!(RpcError::from_wire(&missing.err()).code(), Code::NotFound);
+/// ```
+pub struct RpcError(Box<Inner>);
+
+impl RpcError {
+    /// An error with `code` and `message`.
+    pub fn new(code: Code, message: impl Into<String>) -> Self {
+        RpcError(Box::new(Inner {
+            code,
+            message: message.into(),
+            err: None,
+            retry_after: None,
+            transient: None,
+        }))
+    }
+
+    /// NestJS's `new RpcException("message")`: `err` is `{"status":"error","message":...}`.
+    pub fn exception(message: impl Into<String>) -> Self {
+        let message = message.into();
+        let err = json!({"status": "error", "message": message});
+        let mut error = RpcError::new(Code::Application, message);
+        error.0.err = Some(err);
+        error
+    }
+
+    /// NestJS's `new RpcException({...})`: `err` is the object, unchanged.
+    pub fn exception_object(err: Value) -> Self {
+        let mut error = RpcError::from_wire(&err);
+        if error.code() == Code::Unknown {
+            error.0.code = Code::Application;
+        }
+        error
+    }
+
+    /// What NestJS sends for an unexpected error: `{"status":"error","message":"Internal server error"}`.
+    pub fn internal() -> Self {
+        let mut error = RpcError::new(Code::Internal, INTERNAL_SERVER_ERROR);
+        error.0.err = Some(json!({"status": "error", "message": INTERNAL_SERVER_ERROR}));
+        error
+    }
+
+    /// NestJS's reply for a pattern no handler matches.
+    pub fn no_handler() -> Self {
+        let mut error = RpcError::new(Code::Unimplemented, NO_HANDLER_MESSAGE);
+        error.0.err = Some(Value::String(NO_HANDLER_MESSAGE.to_owned()));
+        error
+    }
+
+    /// `InvalidArgument`.
+    pub fn invalid_argument(message: impl Into<String>) -> Self {
+        RpcError::new(Code::InvalidArgument, message)
+    }
+
+    /// `NotFound`.
+    pub fn not_found(message: impl Into<String>) -> Self {
+        RpcError::new(Code::NotFound, message)
+    }
+
+    /// `Unavailable`.
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        RpcError::new(Code::Unavailable, message)
+    }
+
+    /// `DeadlineExceeded`.
+    pub fn deadline_exceeded(message: impl Into<String>) -> Self {
+        RpcError::new(Code::DeadlineExceeded, message)
+    }
+
+    /// Adds a retry-after hint (sent on the wire as `retryAfterMs`).
+    pub fn with_retry_after(mut self, after: Duration) -> Self {
+        self.0.retry_after = Some(after);
+        if let Some(Value::Object(map)) = &mut self.0.err {
+            map.insert("retryAfterMs".into(), json!(after.as_millis() as u64));
+        }
+        self
+    }
+
+    /// The error a reply's `err` value stands for.
+    ///
+    /// - the string NestJS sends for an unknown pattern → `Unimplemented`;
+    /// - `{"status":"error","message":"Internal server error"}` → `Internal`;
+    /// - an object with a `code` naming a palisade [`Code`] → that code;
+    /// - any other object (a NestJS `RpcException`) → `Application`, message from its `message`;
+    /// - anything else → `Unknown`.
+    pub fn from_wire(err: &Value) -> Self {
+        let (code, message, retry_after) = match err {
+            Value::String(text) if text == NO_HANDLER_MESSAGE => {
+                (Code::Unimplemented, text.clone(), None)
+            }
+            Value::String(text) => (Code::Unknown, text.clone(), None),
+            Value::Object(map) => {
+                let message = match map.get("message") {
+                    Some(Value::String(text)) => text.clone(),
+                    Some(other) => other.to_string(),
+                    None => err.to_string(),
+                };
+                let named = map
+                    .get("code")
+                    .and_then(Value::as_str)
+                    .and_then(Code::from_name);
+                let code = match named {
+                    Some(code) => code,
+                    None if message == INTERNAL_SERVER_ERROR
+                        && map.get("status").and_then(Value::as_str) == Some("error") =>
+                    {
+                        Code::Internal
+                    }
+                    None => Code::Application,
+                };
+                let retry_after = map
+                    .get("retryAfterMs")
+                    .and_then(Value::as_u64)
+                    .map(Duration::from_millis);
+                (code, message, retry_after)
+            }
+            other => (Code::Unknown, other.to_string(), None),
+        };
+        RpcError(Box::new(Inner {
+            code,
+            message,
+            err: Some(err.clone()),
+            retry_after,
+            transient: None,
+        }))
+    }
+
+    /// [`from_wire`](Self::from_wire) for a raw JSON `err`.
+    pub fn from_wire_json(err: &RawJson) -> Self {
+        RpcError::from_wire(&err.to_value())
+    }
+
+    /// The code.
+    pub fn code(&self) -> Code {
+        self.0.code
+    }
+
+    /// The message.
+    pub fn message(&self) -> &str {
+        &self.0.message
+    }
+
+    /// The `err` value as it goes on the wire: the value that arrived (or a NestJS shape this error
+    /// was built as), else `{"status":"error","message":...,"code":...}` (plus `retryAfterMs`).
+    pub fn err(&self) -> Value {
+        if let Some(err) = &self.0.err {
+            return err.clone();
+        }
+        let mut map = Map::new();
+        map.insert("status".into(), json!("error"));
+        map.insert("message".into(), json!(self.0.message));
+        map.insert("code".into(), json!(self.0.code.as_str()));
+        if let Some(after) = self.0.retry_after {
+            map.insert("retryAfterMs".into(), json!(after.as_millis() as u64));
+        }
+        Value::Object(map)
+    }
+
+    /// A domain code inside the error object (`USER_NOT_FOUND` in NestJS's
+    /// `RpcException({code: 'USER_NOT_FOUND'})`), if it is not one of palisade's codes.
+    pub fn domain_code(&self) -> Option<&str> {
+        let code = self.0.err.as_ref()?.get("code")?.as_str()?;
+        Code::from_name(code).is_none().then_some(code)
+    }
+
+    fn with_transience(mut self, transient: bool) -> Self {
+        self.0.transient = Some(transient);
+        self
+    }
+}
+
+impl Clone for RpcError {
+    fn clone(&self) -> Self {
+        RpcError(Box::new(Inner {
+            code: self.0.code,
+            message: self.0.message.clone(),
+            err: self.0.err.clone(),
+            retry_after: self.0.retry_after,
+            transient: self.0.transient,
+        }))
+    }
+}
+
+impl PartialEq for RpcError {
+    fn eq(&self, other: &Self) -> bool {
+        self.code() == other.code()
+            && self.message() == other.message()
+            && self.err() == other.err()
+    }
+}
+
+impl fmt::Debug for RpcError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RpcError")
+            .field("code", &self.0.code)
+            .field("message", &self.0.message)
+            .field("err", &self.0.err)
+            .field("retry_after", &self.0.retry_after)
+            .finish()
+    }
+}
+
+impl fmt::Display for RpcError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.0.code, self.0.message)?;
+        if let Some(domain) = self.domain_code() {
+            write!(f, " ({domain})")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for RpcError {}
+
+impl From<CircuitOpen> for RpcError {
+    fn from(open: CircuitOpen) -> Self {
+        let mut error = RpcError::new(Code::Unavailable, open.to_string());
+        error.0.retry_after = open.retry_after();
+        // Without a retry-after (forced open) there is no point in retrying.
+        error.with_transience(open.retry_after().is_some())
+    }
+}
+
+impl From<Elapsed> for RpcError {
+    fn from(elapsed: Elapsed) -> Self {
+        let transient = !elapsed.is_deadline();
+        RpcError::new(Code::DeadlineExceeded, elapsed.to_string()).with_transience(transient)
+    }
+}
+
+impl From<InjectedFault> for RpcError {
+    fn from(fault: InjectedFault) -> Self {
+        RpcError::unavailable(fault.to_string())
+    }
+}
+
+impl RetryAfter for RpcError {
+    fn retry_after(&self) -> Option<Duration> {
+        self.0.retry_after
+    }
+}
+
+impl FailureKind for RpcError {
+    fn is_transient(&self) -> bool {
+        self.0
+            .transient
+            .unwrap_or_else(|| self.0.code.is_transient())
+    }
+
+    fn is_fault(&self) -> bool {
+        self.0.code.is_fault()
+    }
+
+    fn is_rejection(&self) -> bool {
+        // A local rejection (open circuit) carries its hint but never an `err` from the wire.
+        self.0.code == Code::Unavailable && self.0.retry_after.is_some() && self.0.err.is_none()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wire_shapes_decode_to_codes() {
+        assert_eq!(
+            RpcError::from_wire(&json!(NO_HANDLER_MESSAGE)).code(),
+            Code::Unimplemented
+        );
+        assert_eq!(
+            RpcError::from_wire(&json!({"status": "error", "message": "Internal server error"}))
+                .code(),
+            Code::Internal
+        );
+        let app = RpcError::from_wire(
+            &json!({"code": "USER_NOT_FOUND", "message": "user missing not found"}),
+        );
+        assert_eq!(app.code(), Code::Application);
+        assert_eq!(app.domain_code(), Some("USER_NOT_FOUND"));
+        assert_eq!(
+            app.to_string(),
+            "APPLICATION: user missing not found (USER_NOT_FOUND)"
+        );
+        assert_eq!(RpcError::from_wire(&json!(42)).code(), Code::Unknown);
+        let busy = RpcError::unavailable("busy").with_retry_after(Duration::from_millis(1500));
+        let back = RpcError::from_wire(&busy.err());
+        assert_eq!(
+            (back.code(), back.retry_after()),
+            (Code::Unavailable, Some(Duration::from_millis(1500)))
+        );
+        assert!(back.is_transient());
+    }
+
+    #[test]
+    fn resilience_errors_convert_with_their_semantics() {
+        let deadline = RpcError::from(Elapsed::deadline());
+        assert_eq!(deadline.code(), Code::DeadlineExceeded);
+        assert!(!deadline.is_transient());
+        let attempt = RpcError::from(Elapsed::attempt(Duration::from_secs(1)));
+        assert!(attempt.is_transient());
+        assert!(attempt.is_fault());
+        assert_eq!(
+            std::mem::size_of::<RpcError>(),
+            std::mem::size_of::<usize>()
+        );
+    }
+}

@@ -1,0 +1,452 @@
+//! Message patterns and NestJS's route strings.
+
+use super::RawJson;
+use serde_json::Value;
+use std::cmp::Ordering;
+use std::fmt;
+use std::sync::Arc;
+
+/// Nesting deeper than this becomes `[MAX_DEPTH_REACHED]` (NestJS 11.2+).
+const MAX_DEPTH: usize = 5;
+/// An object with more keys becomes `[TOO_MANY_KEYS]` (NestJS 11.2+).
+const MAX_KEYS: usize = 20;
+
+/// What a message is addressed to: a string, a number or a JSON object, as in NestJS's
+/// `@MessagePattern('get-user')`, `@MessagePattern(42)`, `@MessagePattern({ cmd: 'sum' })`.
+///
+/// Routing happens on NestJS's normalised [route string](Pattern::route): an object's keys sorted
+/// the way JavaScript's `localeCompare` sorts them, no whitespace, `\` and `"` escaped, arrays as
+/// objects keyed `"0"`, `"1"`, .... The raw pattern is what goes on the wire.
+///
+/// ```
+/// use palisade::rpc::Pattern;
+/// use serde_json::json;
+///
+/// assert_eq!(Pattern::from("get-user").route(), "get-user");
+/// assert_eq!(Pattern::from(42).route(), "42");
+/// let sum = Pattern::from(json!({ "role": "math", "cmd": "sum" }));
+/// assert_eq!(sum.route(), r#"{"cmd":"sum","role":"math"}"#);
+/// assert_eq!(sum.raw().as_str(), r#"{"cmd":"sum","role":"math"}"#); // serde_json's own order
+/// ```
+///
+/// Key order: for ASCII keys palisade reproduces the ICU root collation that Node's
+/// `localeCompare` uses (punctuation before digits before letters, letters case-insensitively
+/// first and lowercase before uppercase on a tie, control characters ignored); non-ASCII
+/// characters sort after all ASCII ones by code point, which differs from ICU — avoid non-ASCII
+/// keys in object patterns.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct Pattern {
+    route: Arc<str>,
+    raw: RawJson,
+    /// False for a received pattern no NestJS handler could ever match (a boolean or `null`).
+    routable: bool,
+}
+
+impl Pattern {
+    /// A pattern from any JSON value (strings, numbers and objects are meaningful to NestJS).
+    pub fn new(value: Value) -> Self {
+        let route = route_of(&value).into();
+        let raw = RawJson::to_json(&value).unwrap_or_else(|_| RawJson::null());
+        Pattern {
+            route,
+            raw,
+            routable: true,
+        }
+    }
+
+    /// A pattern as received from the wire, routed the way a NestJS server routes it (see
+    /// [`incoming_route`]).
+    pub(crate) fn from_wire(raw: RawJson) -> Self {
+        match incoming_route(&raw) {
+            Some(route) => Pattern {
+                route: route.into(),
+                raw,
+                routable: true,
+            },
+            None => Pattern {
+                route: raw.as_str().into(),
+                raw,
+                routable: false,
+            },
+        }
+    }
+
+    /// The route a NestJS server dispatches a received pattern on: a string pattern is first
+    /// `JSON.parse`d if it parses (so `"42"` routes like `42`, and the route string of an object
+    /// pattern routes like the object), then normalised. `None` for patterns no NestJS handler can
+    /// match (a boolean or `null`, or a string that parses to one).
+    pub fn incoming_route(raw: &RawJson) -> Option<String> {
+        incoming_route(raw)
+    }
+
+    /// Whether a handler could be registered for this pattern's route.
+    pub(crate) fn is_routable(&self) -> bool {
+        self.routable
+    }
+
+    /// The normalised route string (what handlers are registered under, and NATS subjects).
+    pub fn route(&self) -> &str {
+        &self.route
+    }
+
+    /// The route as a shared string.
+    pub(crate) fn route_arc(&self) -> &Arc<str> {
+        &self.route
+    }
+
+    /// The pattern as JSON, as it goes on the wire.
+    pub fn raw(&self) -> &RawJson {
+        &self.raw
+    }
+
+    /// Whether this is a string pattern.
+    pub fn is_string(&self) -> bool {
+        self.raw.as_bytes().first() == Some(&b'"')
+    }
+}
+
+impl From<&str> for Pattern {
+    fn from(pattern: &str) -> Self {
+        Pattern {
+            route: pattern.into(),
+            raw: RawJson::to_json(pattern).expect("a string always serialises"),
+            routable: true,
+        }
+    }
+}
+
+impl From<String> for Pattern {
+    fn from(pattern: String) -> Self {
+        Pattern::from(pattern.as_str())
+    }
+}
+
+impl From<Value> for Pattern {
+    fn from(value: Value) -> Self {
+        Pattern::new(value)
+    }
+}
+
+macro_rules! pattern_from_number {
+    ($($t:ty),*) => {$(
+        impl From<$t> for Pattern {
+            fn from(n: $t) -> Self {
+                Pattern::new(Value::from(n))
+            }
+        }
+    )*};
+}
+pattern_from_number!(i32, i64, u32, u64, f64);
+
+impl fmt::Debug for Pattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Pattern({})", self.route)
+    }
+}
+
+impl fmt::Display for Pattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.route)
+    }
+}
+
+/// The route an incoming pattern is dispatched on, exactly as a NestJS server computes it: a
+/// non-string pattern is stringified; the string is `JSON.parse`d if it parses, and normalised.
+/// `None` when NestJS could never find a handler for it (a pattern that is, or parses to, a
+/// boolean or `null`).
+pub(crate) fn incoming_route(raw: &RawJson) -> Option<String> {
+    // Fast path: a plain string that cannot parse as JSON routes as itself.
+    let bytes = raw.as_bytes();
+    if bytes.len() >= 2 && bytes[0] == b'"' && !bytes.contains(&b'\\') {
+        let inner = &raw.as_str()[1..raw.as_str().len() - 1];
+        let may_parse = inner.trim_start().starts_with(|c: char| {
+            matches!(c, '{' | '[' | '"' | '-' | '0'..='9' | 't' | 'f' | 'n')
+        });
+        if !may_parse {
+            return Some(inner.to_owned());
+        }
+    }
+    let value = raw.to_value();
+    let parsed = match value {
+        Value::String(text) => match serde_json::from_str::<Value>(&text) {
+            Ok(parsed) => parsed,
+            Err(_) => return Some(text),
+        },
+        other => other,
+    };
+    match parsed {
+        Value::String(text) => Some(text),
+        Value::Number(_) | Value::Object(_) | Value::Array(_) => Some(route_of(&parsed)),
+        Value::Bool(_) | Value::Null => None,
+    }
+}
+
+/// NestJS's `transformPatternToRoute`.
+pub(crate) fn route_of(value: &Value) -> String {
+    let mut route = String::new();
+    write_route(value, 0, &mut route);
+    route
+}
+
+fn write_route(value: &Value, depth: usize, out: &mut String) {
+    match value {
+        Value::String(text) => out.push_str(text),
+        Value::Number(n) => out.push_str(&js_number(n.as_f64().unwrap_or(0.0))),
+        Value::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
+        Value::Null => out.push_str("null"),
+        Value::Object(_) | Value::Array(_) if depth > MAX_DEPTH => {
+            out.push_str("[MAX_DEPTH_REACHED]")
+        }
+        Value::Object(map) => write_entries(js_key_order(map), depth, out),
+        Value::Array(items) => write_entries(
+            items
+                .iter()
+                .enumerate()
+                .map(|(i, v)| (i.to_string(), v))
+                .collect(),
+            depth,
+            out,
+        ),
+    }
+}
+
+/// An object's entries in JavaScript's `Object.keys` order: integer-like keys first, ascending,
+/// then the others in the order they were read. It matters only for keys the collation ranks equal
+/// (keys differing just by ignorable control characters), which keep this order when sorted.
+fn js_key_order(map: &serde_json::Map<String, Value>) -> Vec<(String, &Value)> {
+    let array_index = |key: &str| -> Option<u32> {
+        let index: u32 = key.parse().ok()?;
+        (index != u32::MAX && index.to_string() == key).then_some(index)
+    };
+    let mut entries: Vec<(String, &Value)> = map.iter().map(|(k, v)| (k.clone(), v)).collect();
+    entries.sort_by_key(|(key, _)| array_index(key).map_or((1, 0), |i| (0, i)));
+    entries
+}
+
+fn write_entries(mut entries: Vec<(String, &Value)>, depth: usize, out: &mut String) {
+    if entries.len() > MAX_KEYS {
+        out.push_str("[TOO_MANY_KEYS]");
+        return;
+    }
+    // `sort_by` is stable, like JavaScript's `Array.prototype.sort`.
+    entries.sort_by(|(a, _), (b, _)| locale_compare(a, b));
+    out.push('{');
+    for (i, (key, value)) in entries.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push('"');
+        escape_into(key, out);
+        out.push_str("\":");
+        match value {
+            Value::String(text) => {
+                out.push('"');
+                escape_into(text, out);
+                out.push('"');
+            }
+            other => write_route(other, depth + 1, out),
+        }
+    }
+    out.push('}');
+}
+
+fn escape_into(text: &str, out: &mut String) {
+    for c in text.chars() {
+        if c == '\\' || c == '"' {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+}
+
+/// Punctuation, symbols and digits in ICU root (CLDR) order, as Node's `localeCompare` sorts
+/// them; letters follow, compared case-insensitively.
+const ASCII_ORDER: &str = "\t\n\u{b}\u{c}\r _-,;:!?.'\"()[]{}@*/\\&#%`^+<=>|~$0123456789";
+
+/// The primary collation weight of `c`, or `None` for characters ICU ignores (most ASCII control
+/// characters).
+fn primary_weight(c: char) -> Option<u32> {
+    if c.is_ascii_control() && !matches!(c, '\t' | '\n' | '\u{b}' | '\u{c}' | '\r') {
+        return None;
+    }
+    if let Some(position) = ASCII_ORDER.find(c) {
+        return Some(position as u32);
+    }
+    if c.is_ascii_alphabetic() {
+        return Some(100 + (c.to_ascii_lowercase() as u32 - 'a' as u32));
+    }
+    Some(1000 + c as u32)
+}
+
+/// JavaScript's `a.localeCompare(b)` for the ICU root collation, exact for ASCII: compare primary
+/// weights first, then case (lowercase first).
+pub(crate) fn locale_compare(a: &str, b: &str) -> Ordering {
+    let primary = |s: &str| s.chars().filter_map(primary_weight).collect::<Vec<_>>();
+    primary(a).cmp(&primary(b)).then_with(|| {
+        let case = |s: &str| {
+            s.chars()
+                .filter(|c| primary_weight(*c).is_some())
+                .map(|c| c.is_ascii_uppercase())
+                .collect::<Vec<_>>()
+        };
+        case(a).cmp(&case(b))
+    })
+}
+
+/// JavaScript's `Number.prototype.toString()` for a finite double.
+pub(crate) fn js_number(x: f64) -> String {
+    if x == 0.0 {
+        return "0".to_owned();
+    }
+    if !x.is_finite() {
+        return if x.is_nan() {
+            "NaN".to_owned()
+        } else if x > 0.0 {
+            "Infinity".to_owned()
+        } else {
+            "-Infinity".to_owned()
+        };
+    }
+    // Rust's `{:e}` gives the shortest digits that round-trip, as ECMAScript requires.
+    let formatted = format!("{:e}", x.abs());
+    let (mantissa, exponent) = formatted
+        .split_once('e')
+        .expect("`{:e}` always has an exponent");
+    let digits: String = mantissa.chars().filter(|c| *c != '.').collect();
+    let exponent: i32 = exponent.parse().expect("`{:e}` writes a decimal exponent");
+    let k = digits.len() as i32;
+    let n = exponent + 1;
+    let sign = if x < 0.0 { "-" } else { "" };
+    let body = if k <= n && n <= 21 {
+        format!("{digits}{}", "0".repeat((n - k) as usize))
+    } else if 0 < n && n <= 21 {
+        format!("{}.{}", &digits[..n as usize], &digits[n as usize..])
+    } else if -6 < n && n <= 0 {
+        format!("0.{}{digits}", "0".repeat((-n) as usize))
+    } else {
+        let exponent_sign = if n - 1 < 0 { '-' } else { '+' };
+        let magnitude = (n - 1).abs();
+        if k == 1 {
+            format!("{digits}e{exponent_sign}{magnitude}")
+        } else {
+            format!(
+                "{}.{}e{exponent_sign}{magnitude}",
+                &digits[..1],
+                &digits[1..]
+            )
+        }
+    };
+    format!("{sign}{body}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn routes_match_the_verified_nestjs_examples() {
+        let cases = [
+            (json!({"cmd": "sum"}), r#"{"cmd":"sum"}"#),
+            (
+                json!({"role": "math", "cmd": "sum"}),
+                r#"{"cmd":"sum","role":"math"}"#,
+            ),
+            (
+                json!({"b": 1, "a": true, "c": null}),
+                r#"{"a":true,"b":1,"c":null}"#,
+            ),
+            (
+                json!({"cmd": "x", "nested": {"z": 1, "y": "w"}}),
+                r#"{"cmd":"x","nested":{"y":"w","z":1}}"#,
+            ),
+            (json!({"arr": ["a", 2]}), r#"{"arr":{"0":"a","1":2}}"#),
+            (json!({"q": "say \"hi\""}), r#"{"q":"say \"hi\""}"#),
+        ];
+        for (pattern, route) in cases {
+            assert_eq!(route_of(&pattern), route, "{pattern}");
+        }
+    }
+
+    #[test]
+    fn keys_sort_like_node() {
+        // Verified with Node 20's localeCompare.
+        let mut keys = vec![
+            "x_", "role", "f", "é", "e", "Cmd", "cmd", "B", "b", "ab", "a-b", "a_b", "A", "a", "2",
+            "10", "1", "_x",
+        ];
+        keys.sort_by(|a, b| locale_compare(a, b));
+        assert_eq!(
+            keys,
+            [
+                "_x", "1", "10", "2", "a", "A", "a_b", "a-b", "ab", "b", "B", "cmd", "Cmd", "e",
+                "f", "role", "x_", "é"
+            ]
+        );
+        // é is the one non-ASCII key: ICU puts it between e and f; palisade after all ASCII.
+        let mut keys = vec![
+            "ab", "aB", "Ab", "AB", "a1", "a10", "a2", "cMd", "CMD", "Cmd", "cmd",
+        ];
+        keys.sort_by(|a, b| locale_compare(a, b));
+        assert_eq!(
+            keys,
+            [
+                "a1", "a10", "a2", "ab", "aB", "Ab", "AB", "cmd", "cMd", "Cmd", "CMD"
+            ]
+        );
+    }
+
+    #[test]
+    fn limits() {
+        let deep = json!({"a": {"b": {"c": {"d": {"e": {"f": {"g": 1}}}}}}});
+        assert_eq!(
+            route_of(&deep),
+            r#"{"a":{"b":{"c":{"d":{"e":{"f":[MAX_DEPTH_REACHED]}}}}}}"#
+        );
+        let wide: serde_json::Map<String, Value> =
+            (0..21).map(|i| (format!("k{i:02}"), json!(i))).collect();
+        assert_eq!(route_of(&Value::Object(wide)), "[TOO_MANY_KEYS]");
+    }
+
+    #[test]
+    fn incoming_patterns_route_like_a_nest_server() {
+        let route = |raw: &str| incoming_route(&RawJson::from_text(raw.to_owned()).unwrap());
+        assert_eq!(route(r#""get-user""#).as_deref(), Some("get-user"));
+        assert_eq!(
+            route(r#"{"role":"math","cmd":"sum"}"#).as_deref(),
+            Some(r#"{"cmd":"sum","role":"math"}"#)
+        );
+        assert_eq!(
+            route(r#""{\"role\":\"math\",\"cmd\":\"sum\"}""#).as_deref(),
+            Some(r#"{"cmd":"sum","role":"math"}"#)
+        );
+        assert_eq!(route("42").as_deref(), Some("42"));
+        assert_eq!(route(r#""42""#).as_deref(), Some("42"));
+        assert_eq!(route("true"), None);
+        assert_eq!(route(r#""null""#), None);
+    }
+
+    #[test]
+    fn numbers_print_like_javascript() {
+        let cases = [
+            (0.0, "0"),
+            (-0.0, "0"),
+            (1.0, "1"),
+            (42.0, "42"),
+            (-7.0, "-7"),
+            (1.5, "1.5"),
+            (0.1, "0.1"),
+            (1e21, "1e+21"),
+            (1e20, "100000000000000000000"),
+            (123456789012.0, "123456789012"),
+            (0.000001, "0.000001"),
+            (0.0000001, "1e-7"),
+            (1.5e-7, "1.5e-7"),
+            (2.5e25, "2.5e+25"),
+            (12345678901234567890.0, "12345678901234567000"),
+        ];
+        for (x, expected) in cases {
+            assert_eq!(js_number(x), expected, "{x:e}");
+        }
+    }
+}
