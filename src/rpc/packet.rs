@@ -1,0 +1,377 @@
+//! NestJS's JSON packets (nestjs-wire.md §1.1–1.4), encoded with Nest's key order so frames are
+//! byte-identical, and decoded with Nest's rules.
+
+use super::error::NO_HANDLER_MESSAGE;
+use super::transport::ReplyPacket;
+use super::{Headers, RawJson};
+use bytes::{BufMut, Bytes, BytesMut};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+fn put_headers(out: &mut BytesMut, headers: &Headers) {
+    if headers.is_empty() {
+        return;
+    }
+    out.put_slice(b",\"headers\":{");
+    for (i, (key, value)) in headers.iter().enumerate() {
+        if i > 0 {
+            out.put_u8(b',');
+        }
+        put_string(out, key);
+        out.put_u8(b':');
+        put_string(out, value);
+    }
+    out.put_u8(b'}');
+}
+
+fn put_string(out: &mut BytesMut, text: &str) {
+    let mut writer = out.writer();
+    serde_json::to_writer(&mut writer, text).expect("writing a string to memory cannot fail");
+}
+
+/// `{"pattern":P,"data":D,"id":ID}` (a request) or `{"pattern":P,"data":D}` (an event), followed
+/// by palisade's `headers` extension when there are headers.
+pub(crate) fn encode_request(
+    out: &mut BytesMut,
+    pattern: &RawJson,
+    data: &RawJson,
+    id: Option<&str>,
+    headers: &Headers,
+) {
+    out.put_slice(b"{\"pattern\":");
+    out.put_slice(pattern.as_bytes());
+    out.put_slice(b",\"data\":");
+    out.put_slice(data.as_bytes());
+    if let Some(id) = id {
+        out.put_slice(b",\"id\":");
+        put_string(out, id);
+    }
+    put_headers(out, headers);
+    out.put_u8(b'}');
+}
+
+/// A reply packet for request `id` (raw JSON, echoed verbatim).
+pub(crate) fn encode_reply(out: &mut BytesMut, packet: &ReplyPacket, id: &RawJson) {
+    match packet {
+        ReplyPacket::Value { response, last } => {
+            out.put_slice(b"{\"response\":");
+            out.put_slice(response.as_bytes());
+            if *last {
+                out.put_slice(b",\"isDisposed\":true");
+            }
+        }
+        ReplyPacket::Complete => out.put_slice(b"{\"isDisposed\":true"),
+        ReplyPacket::Error(err) => {
+            out.put_slice(b"{\"err\":");
+            out.put_slice(err.as_bytes());
+            out.put_slice(b",\"isDisposed\":true");
+        }
+        ReplyPacket::NoHandler => {
+            out.put_slice(b"{\"id\":");
+            out.put_slice(id.as_bytes());
+            out.put_slice(b",\"status\":\"error\",\"err\":");
+            put_string(out, NO_HANDLER_MESSAGE);
+            out.put_u8(b'}');
+            return;
+        }
+    }
+    out.put_slice(b",\"id\":");
+    out.put_slice(id.as_bytes());
+    out.put_u8(b'}');
+}
+
+/// The fields either direction may carry; values stay raw (borrowed from the frame). `Some`
+/// means present — even `null` (JavaScript's `undefined` and `null` differ here: a `null` id still
+/// makes a request), `None` absent.
+#[derive(Deserialize)]
+struct RawPacket<'a> {
+    #[serde(borrow, default, deserialize_with = "present")]
+    pattern: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    data: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    id: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    response: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    err: Option<&'a RawValue>,
+    #[serde(rename = "isDisposed", borrow, default, deserialize_with = "present")]
+    is_disposed: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    headers: Option<&'a RawValue>,
+}
+
+fn present<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<&'de RawValue>, D::Error> {
+    <&RawValue>::deserialize(deserializer).map(Some)
+}
+
+/// JavaScript truthiness of a JSON value.
+fn is_truthy(raw: &RawValue) -> bool {
+    match raw.get().trim() {
+        "null" | "false" | "\"\"" => false,
+        text if text.starts_with(|c: char| c == '-' || c.is_ascii_digit()) => {
+            text.parse::<f64>().map(|n| n != 0.0).unwrap_or(true)
+        }
+        _ => true,
+    }
+}
+
+/// A slice of `frame` as raw JSON, without copying.
+fn slice(frame: &Bytes, raw: &RawValue) -> RawJson {
+    RawJson::from_trusted(frame.slice_ref(raw.get().as_bytes()))
+}
+
+fn parse_headers(raw: Option<&RawValue>) -> Headers {
+    raw.and_then(|raw| {
+        serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(raw.get()).ok()
+    })
+    .map(|map| {
+        map.into_iter()
+            .filter_map(|(k, v)| match v {
+                serde_json::Value::String(s) => Some((k, s)),
+                serde_json::Value::Number(n) => Some((k, n.to_string())),
+                _ => None,
+            })
+            .collect()
+    })
+    .unwrap_or_default()
+}
+
+/// A message as a server reads it.
+#[derive(Clone, Debug)]
+pub(crate) struct IncomingPacket {
+    /// The raw pattern; `None` when the packet has none (it then matches no handler).
+    pub(crate) pattern: Option<RawJson>,
+    pub(crate) data: RawJson,
+    /// Present (even `null`) makes the message a request; absent, an event.
+    pub(crate) id: Option<RawJson>,
+    pub(crate) headers: Headers,
+}
+
+/// Reads a message from a frame holding valid JSON. Like a NestJS server: a value that is not an
+/// object, or has neither `pattern` nor `data`, is an "external" message with no pattern.
+pub(crate) fn decode_incoming(frame: &Bytes) -> Result<IncomingPacket, serde_json::Error> {
+    let trimmed = std::str::from_utf8(frame)
+        .map(str::trim_start)
+        .unwrap_or("");
+    if !trimmed.starts_with('{') {
+        // null, a number, an array...: valid JSON (checked by the caller), external.
+        serde_json::from_slice::<serde::de::IgnoredAny>(frame)?;
+        return Ok(IncomingPacket {
+            pattern: None,
+            data: RawJson::null(),
+            id: None,
+            headers: Headers::new(),
+        });
+    }
+    let packet: RawPacket<'_> = serde_json::from_slice(frame)?;
+    // NestJS: "external" when both are undefined (a present null does not count as undefined).
+    let external = packet.pattern.is_none() && packet.data.is_none();
+    Ok(IncomingPacket {
+        pattern: packet.pattern.map(|raw| slice(frame, raw)),
+        data: packet
+            .data
+            .map_or_else(RawJson::null, |raw| slice(frame, raw)),
+        id: if external {
+            None
+        } else {
+            packet.id.map(|raw| slice(frame, raw))
+        },
+        headers: parse_headers(packet.headers),
+    })
+}
+
+/// Reads a reply the way NestJS's `ClientProxy` does (nestjs-wire.md §1.2). Returns the id (as raw
+/// JSON) and the packet.
+pub(crate) fn decode_reply(
+    frame: &Bytes,
+) -> Result<(Option<RawJson>, ReplyPacket), serde_json::Error> {
+    let packet: RawPacket<'_> = serde_json::from_slice(frame)?;
+    let id = packet.id.map(|raw| slice(frame, raw));
+    let reply = if let Some(err) = packet.err.filter(|err| is_truthy(err)) {
+        match serde_json::from_str::<String>(err.get()) {
+            Ok(text) if text == NO_HANDLER_MESSAGE => ReplyPacket::NoHandler,
+            _ => ReplyPacket::Error(slice(frame, err)),
+        }
+    } else if packet.response.is_none() && packet.err.is_none() && packet.is_disposed.is_none() {
+        // Neither a value nor a terminal marker: NestJS takes the whole thing as the one value.
+        ReplyPacket::Value {
+            response: RawJson::from_trusted(frame.clone()),
+            last: true,
+        }
+    } else if packet.is_disposed.is_some_and(is_truthy) {
+        match packet.response {
+            Some(response) => ReplyPacket::Value {
+                response: slice(frame, response),
+                last: true,
+            },
+            None => ReplyPacket::Complete,
+        }
+    } else {
+        ReplyPacket::Value {
+            response: packet
+                .response
+                .map_or_else(RawJson::null, |raw| slice(frame, raw)),
+            last: false,
+        }
+    };
+    Ok((id, reply))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn raw(text: &str) -> RawJson {
+        RawJson::from_text(text.to_owned()).unwrap()
+    }
+
+    fn encoded(f: impl FnOnce(&mut BytesMut)) -> String {
+        let mut out = BytesMut::new();
+        f(&mut out);
+        String::from_utf8(out.to_vec()).unwrap()
+    }
+
+    #[test]
+    fn encodes_nests_packets_byte_for_byte() {
+        let id = raw(r#""ae27e2a42bb78600f9957""#);
+        assert_eq!(
+            encoded(|out| encode_request(
+                out,
+                &raw(r#""get-user""#),
+                &raw(r#"{"id":"42"}"#),
+                Some("ae27e2a42bb78600f9957"),
+                &Headers::new()
+            )),
+            r#"{"pattern":"get-user","data":{"id":"42"},"id":"ae27e2a42bb78600f9957"}"#
+        );
+        assert_eq!(
+            encoded(|out| encode_request(
+                out,
+                &raw(r#""user-created""#),
+                &raw(r#"{"id":"ev-hsklovpf-1","name":"Ann"}"#),
+                None,
+                &Headers::new()
+            )),
+            r#"{"pattern":"user-created","data":{"id":"ev-hsklovpf-1","name":"Ann"}}"#
+        );
+        assert_eq!(
+            encoded(|out| encode_reply(
+                out,
+                &ReplyPacket::Value {
+                    response: raw("11"),
+                    last: true
+                },
+                &id
+            )),
+            r#"{"response":11,"isDisposed":true,"id":"ae27e2a42bb78600f9957"}"#
+        );
+        assert_eq!(
+            encoded(|out| encode_reply(
+                out,
+                &ReplyPacket::Value {
+                    response: raw("1"),
+                    last: false
+                },
+                &id
+            )),
+            r#"{"response":1,"id":"ae27e2a42bb78600f9957"}"#
+        );
+        assert_eq!(
+            encoded(|out| encode_reply(out, &ReplyPacket::Complete, &id)),
+            r#"{"isDisposed":true,"id":"ae27e2a42bb78600f9957"}"#
+        );
+        assert_eq!(
+            encoded(|out| encode_reply(
+                out,
+                &ReplyPacket::Error(raw(r#"{"status":"error","message":"boom"}"#)),
+                &id
+            )),
+            r#"{"err":{"status":"error","message":"boom"},"isDisposed":true,"id":"ae27e2a42bb78600f9957"}"#
+        );
+        assert_eq!(
+            encoded(|out| encode_reply(out, &ReplyPacket::NoHandler, &id)),
+            r#"{"id":"ae27e2a42bb78600f9957","status":"error","err":"There is no matching message handler defined in the remote service."}"#
+        );
+    }
+
+    #[test]
+    fn decodes_replies_like_nests_client() {
+        let decode = |text: &str| decode_reply(&Bytes::from(text.to_owned())).unwrap().1;
+        assert_eq!(
+            decode(r#"{"response":1,"id":"a"}"#),
+            ReplyPacket::Value {
+                response: raw("1"),
+                last: false
+            }
+        );
+        assert_eq!(
+            decode(r#"{"response":null,"id":"a"}"#),
+            ReplyPacket::Value {
+                response: raw("null"),
+                last: false
+            }
+        );
+        assert_eq!(
+            decode(r#"{"isDisposed":true,"id":"a"}"#),
+            ReplyPacket::Complete
+        );
+        assert_eq!(
+            decode(r#"{"err":"","isDisposed":true,"id":"a"}"#),
+            ReplyPacket::Complete,
+            "falsy err is ignored"
+        );
+        assert_eq!(
+            decode(r#"{"err":0,"response":5,"id":"a"}"#),
+            ReplyPacket::Value {
+                response: raw("5"),
+                last: false
+            }
+        );
+        assert_eq!(
+            decode(r#"{"err":{"a":1},"id":"a"}"#),
+            ReplyPacket::Error(raw(r#"{"a":1}"#))
+        );
+        assert_eq!(
+            decode(
+                r#"{"id":"a","status":"error","err":"There is no matching message handler defined in the remote service."}"#
+            ),
+            ReplyPacket::NoHandler
+        );
+        assert_eq!(
+            decode(r#"{"id":"a","other":1}"#),
+            ReplyPacket::Value {
+                response: raw(r#"{"id":"a","other":1}"#),
+                last: true
+            }
+        );
+    }
+
+    #[test]
+    fn decodes_requests_events_and_external_messages() {
+        let decode = |text: &str| decode_incoming(&Bytes::from(text.to_owned())).unwrap();
+        let request = decode(
+            r#"{"pattern":{"cmd":"sum"},"data":[5,6],"id":"x","headers":{"palisade-timeout-ms":"250"}}"#,
+        );
+        assert_eq!(request.pattern, Some(raw(r#"{"cmd":"sum"}"#)));
+        assert_eq!(request.data, raw("[5,6]"));
+        assert_eq!(request.id, Some(raw(r#""x""#)));
+        assert_eq!(request.headers.get("palisade-timeout-ms"), Some("250"));
+        let event = decode(r#"{"pattern":"user-created","data":{"id":1}}"#);
+        assert!(event.id.is_none());
+        let no_pattern = decode(r#"{"data":1,"id":"z"}"#);
+        assert_eq!(
+            (no_pattern.pattern, no_pattern.id),
+            (None, Some(raw(r#""z""#)))
+        );
+        let null = decode("null");
+        assert!(null.pattern.is_none() && null.id.is_none());
+        let external = decode(r#"{"id":"q"}"#);
+        assert!(
+            external.id.is_none(),
+            "neither pattern nor data: an external message"
+        );
+    }
+}
