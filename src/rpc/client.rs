@@ -1,0 +1,534 @@
+use super::request::TRACEPARENT_HEADER;
+use super::transport::{ClientTransport, Connect, ReplyPacket, ReplyReceiver};
+use super::{Code, Headers, Kind, Pattern, RawJson, RpcError, RpcRequest};
+use crate::circuit_breaker::{CircuitBreakerConfig, CircuitBreakerHandle, CircuitBreakerLayer};
+use crate::classify::FaultsOnly;
+use crate::retry::{Predicate, RetryPolicy, TransientErrors};
+use crate::rng::{SharedRng, mix};
+use crate::timeout::{Deadline, DeadlineLayer, HasDeadline, RequestDeadline, TimeoutLayer};
+use futures_core::Stream;
+use futures_util::future::BoxFuture;
+use futures_util::stream::BoxStream;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use std::fmt;
+use std::marker::PhantomData;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::time::Instant;
+use tower::util::BoxCloneSyncService;
+use tower::{ServiceBuilder, ServiceExt};
+use tower_service::Service;
+use tracing::Instrument;
+
+/// What the transport stack answers to one request: its first value (or nothing, for a stream
+/// that completed empty and for events) and, when more may follow, the rest of the reply stream.
+pub struct RpcResponse {
+    first: Option<RawJson>,
+    rest: Option<ReplyReceiver>,
+}
+
+impl RpcResponse {
+    /// The first value, if any.
+    pub fn first(&self) -> Option<&RawJson> {
+        self.first.as_ref()
+    }
+
+    /// Whether more values may follow.
+    pub fn has_more(&self) -> bool {
+        self.rest.is_some()
+    }
+
+    fn empty() -> Self {
+        RpcResponse {
+            first: None,
+            rest: None,
+        }
+    }
+}
+
+impl fmt::Debug for RpcResponse {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RpcResponse")
+            .field("first", &self.first)
+            .field("has_more", &self.has_more())
+            .finish()
+    }
+}
+
+fn connection_lost() -> RpcError {
+    RpcError::unavailable("connection closed before the reply was complete")
+}
+
+/// Reads a packet into a value, an end marker, or an error.
+fn read_packet(packet: ReplyPacket) -> Result<(Option<RawJson>, bool), RpcError> {
+    match packet {
+        ReplyPacket::Value { response, last } => Ok((Some(response), last)),
+        ReplyPacket::Complete => Ok((None, true)),
+        ReplyPacket::Error(err) => Err(RpcError::from_wire_json(&err)),
+        ReplyPacket::NoHandler => Err(RpcError::no_handler()),
+    }
+}
+
+/// The bottom of the client stack: hands requests to the transport and resolves on the first
+/// reply packet, so timeouts, retry and the breaker judge the handler's answer, not just the send.
+#[derive(Clone)]
+struct TransportService {
+    transport: Arc<dyn ClientTransport>,
+}
+
+impl Service<RpcRequest> for TransportService {
+    type Response = RpcResponse;
+    type Error = RpcError;
+    type Future = BoxFuture<'static, Result<RpcResponse, RpcError>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), RpcError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: RpcRequest) -> Self::Future {
+        let transport = Arc::clone(&self.transport);
+        Box::pin(async move {
+            if request.kind() == Kind::Event {
+                transport.emit(request).await?;
+                return Ok(RpcResponse::empty());
+            }
+            let mut replies = transport.request(request).await?;
+            let packet = replies.recv().await.ok_or_else(connection_lost)?;
+            let (first, last) = read_packet(packet)?;
+            Ok(RpcResponse {
+                first,
+                rest: (!last).then_some(replies),
+            })
+        })
+    }
+}
+
+/// A message client: NestJS's `ClientProxy`. Cheap to clone; clones share the connection and the
+/// resilience layers (one circuit breaker for all of them).
+///
+/// ```
+/// use palisade::rpc::transport::memory::MemoryTransport;
+/// use palisade::rpc::{Client, Payload, Router, Server};
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), palisade::rpc::RpcError> {
+/// let transport = MemoryTransport::new();
+/// let server = transport.serve(Server::new(
+///     Router::new().message("double", |Payload(n): Payload<i64>| async move { n * 2 }),
+/// ));
+/// let client = Client::builder().connect(transport).await?;
+/// let answer: i64 = client.send("double", &21).await?;
+/// assert_eq!(answer, 42);
+/// server.shutdown().await;
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct Client {
+    stack: BoxCloneSyncService<RpcRequest, RpcResponse, RpcError>,
+    timeout: Option<Duration>,
+    headers: Headers,
+    breaker: Option<CircuitBreakerHandle>,
+}
+
+impl Client {
+    /// Configures a client.
+    pub fn builder() -> ClientBuilder {
+        ClientBuilder::default()
+    }
+
+    /// A handle to the client's circuit breaker, if it has one.
+    pub fn circuit_breaker(&self) -> Option<&CircuitBreakerHandle> {
+        self.breaker.as_ref()
+    }
+
+    fn request(&self, kind: Kind, pattern: Pattern, payload: RawJson) -> RpcRequest {
+        let mut headers = self.headers.clone();
+        if headers.get(TRACEPARENT_HEADER).is_none() {
+            headers.insert(TRACEPARENT_HEADER, traceparent());
+        }
+        let mut request = match kind {
+            Kind::Request => RpcRequest::new(pattern, payload),
+            Kind::Event => RpcRequest::event(pattern, payload),
+        }
+        .with_headers(headers);
+        if let Some(timeout) = self.timeout {
+            request.set_deadline(Deadline::after(timeout));
+        }
+        request
+    }
+
+    /// Sends a prepared request through the stack (the lower-level form of [`send`](Self::send)).
+    pub async fn call(&self, request: RpcRequest) -> Result<RpcResponse, RpcError> {
+        let span = tracing::info_span!(
+            "rpc.client",
+            pattern = %request.pattern(),
+            kind = ?request.kind(),
+            outcome = tracing::field::Empty,
+            latency_us = tracing::field::Empty,
+        );
+        let started = Instant::now();
+        let result = self
+            .stack
+            .clone()
+            .oneshot(request)
+            .instrument(span.clone())
+            .await;
+        span.record("latency_us", started.elapsed().as_micros() as u64);
+        match &result {
+            Ok(_) => span.record("outcome", tracing::field::display("ok")),
+            Err(error) => span.record("outcome", tracing::field::display(error.code())),
+        };
+        result
+    }
+
+    /// Sends a request and waits for its reply: the handler's value (the last one, if it answers
+    /// with a stream), decoded as `R`. A handler that answers nothing decodes as JSON `null` (so
+    /// `R = ()` or `Option<_>` fits).
+    pub async fn send<R: DeserializeOwned>(
+        &self,
+        pattern: impl Into<Pattern>,
+        payload: &(impl Serialize + ?Sized),
+    ) -> Result<R, RpcError> {
+        let pattern = pattern.into();
+        let request = self.request(
+            Kind::Request,
+            pattern.clone(),
+            encode_payload(&pattern, payload)?,
+        );
+        let deadline = request.deadline();
+        let response = self.call(request).await?;
+        let mut last = response.first;
+        if let Some(mut rest) = response.rest {
+            let drain = async {
+                loop {
+                    let packet = rest.recv().await.ok_or_else(connection_lost)?;
+                    let (value, done) = read_packet(packet)?;
+                    if value.is_some() {
+                        last = value;
+                    }
+                    if done {
+                        return Ok::<(), RpcError>(());
+                    }
+                }
+            };
+            match deadline {
+                Some(deadline) => tokio::time::timeout_at(deadline.instant(), drain)
+                    .await
+                    .map_err(|_| {
+                        RpcError::deadline_exceeded(
+                            "deadline exceeded while the reply was streaming",
+                        )
+                    })??,
+                None => drain.await?,
+            }
+        }
+        decode_reply(&pattern, last.as_ref())
+    }
+
+    /// Sends a request whose handler answers with a stream of values.
+    ///
+    /// ```
+    /// use futures_util::{stream, StreamExt};
+    /// use palisade::rpc::transport::memory::MemoryTransport;
+    /// use palisade::rpc::{Client, Payload, Router, RpcError, Server, Streaming};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), RpcError> {
+    /// let transport = MemoryTransport::new();
+    /// let _server = transport.serve(Server::new(Router::new().message(
+    ///     "count",
+    ///     |Payload(n): Payload<u32>| async move { Streaming(stream::iter((1..=n).map(Ok::<_, RpcError>))) },
+    /// )));
+    /// let client = Client::builder().connect(transport).await?;
+    /// let counts: Vec<u32> = client.send_stream::<u32>("count", &3).await?.map(Result::unwrap).collect().await;
+    /// assert_eq!(counts, [1, 2, 3]);
+    /// # Ok(()) }
+    /// ```
+    pub async fn send_stream<R: DeserializeOwned + Send + 'static>(
+        &self,
+        pattern: impl Into<Pattern>,
+        payload: &(impl Serialize + ?Sized),
+    ) -> Result<RpcStream<R>, RpcError> {
+        let pattern = pattern.into();
+        let request = self.request(
+            Kind::Request,
+            pattern.clone(),
+            encode_payload(&pattern, payload)?,
+        );
+        let deadline = request.deadline();
+        let response = self.call(request).await?;
+        Ok(RpcStream::new(pattern, response, deadline))
+    }
+
+    /// Publishes an event; resolves once the transport took it (events are not acknowledged).
+    pub async fn emit(
+        &self,
+        pattern: impl Into<Pattern>,
+        payload: &(impl Serialize + ?Sized),
+    ) -> Result<(), RpcError> {
+        let pattern = pattern.into();
+        let request = self.request(
+            Kind::Event,
+            pattern.clone(),
+            encode_payload(&pattern, payload)?,
+        );
+        self.call(request).await.map(drop)
+    }
+}
+
+impl fmt::Debug for Client {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Client")
+            .field("timeout", &self.timeout)
+            .field("circuit_breaker", &self.breaker)
+            .finish_non_exhaustive()
+    }
+}
+
+fn encode_payload(
+    pattern: &Pattern,
+    payload: &(impl Serialize + ?Sized),
+) -> Result<RawJson, RpcError> {
+    RawJson::to_json(payload).map_err(|error| {
+        RpcError::invalid_argument(format!(
+            "payload for '{pattern}' does not serialise: {error}"
+        ))
+    })
+}
+
+fn decode_reply<R: DeserializeOwned>(
+    pattern: &Pattern,
+    value: Option<&RawJson>,
+) -> Result<R, RpcError> {
+    let null = RawJson::null();
+    value.unwrap_or(&null).decode().map_err(|error| {
+        let what = if value.is_none() {
+            "the handler answered with no value".to_owned()
+        } else {
+            format!(
+                "the reply does not decode as {}: {error}",
+                std::any::type_name::<R>()
+            )
+        };
+        RpcError::new(Code::Internal, format!("reply to '{pattern}': {what}"))
+    })
+}
+
+/// A W3C `traceparent` for a new trace.
+fn traceparent() -> String {
+    static SEQUENCE: AtomicU64 = AtomicU64::new(0);
+    static SEED: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    let seed = *SEED.get_or_init(SharedRng::entropy);
+    let n = SEQUENCE.fetch_add(1, Ordering::Relaxed);
+    format!(
+        "00-{:016x}{:016x}-{:016x}-01",
+        mix(seed ^ n),
+        mix(seed.rotate_left(17) ^ n),
+        mix(seed.rotate_left(41) ^ n) | 1
+    )
+}
+
+/// The values of a streamed reply; see [`Client::send_stream`]. Ends after the last value, or
+/// after the first error.
+pub struct RpcStream<R> {
+    inner: BoxStream<'static, Result<R, RpcError>>,
+    _marker: PhantomData<fn() -> R>,
+}
+
+impl<R: DeserializeOwned + Send + 'static> RpcStream<R> {
+    fn new(pattern: Pattern, response: RpcResponse, deadline: Option<Deadline>) -> Self {
+        struct State {
+            pattern: Pattern,
+            first: Option<RawJson>,
+            rest: Option<ReplyReceiver>,
+            deadline: Option<Deadline>,
+        }
+        let state = State {
+            pattern,
+            first: response.first,
+            rest: response.rest,
+            deadline,
+        };
+        fn decode<R: DeserializeOwned>(pattern: &Pattern, value: RawJson) -> Result<R, RpcError> {
+            value.decode().map_err(|error| {
+                RpcError::new(
+                    Code::Internal,
+                    format!("a value streamed by '{pattern}' does not decode: {error}"),
+                )
+            })
+        }
+        let inner = futures_util::stream::unfold(state, |mut state| async move {
+            if let Some(value) = state.first.take() {
+                let item = decode(&state.pattern, value);
+                return Some((item, state));
+            }
+            let rest = state.rest.as_mut()?;
+            let received = match state.deadline {
+                Some(deadline) => tokio::time::timeout_at(deadline.instant(), rest.recv())
+                    .await
+                    .map_err(|_| {
+                        RpcError::deadline_exceeded(
+                            "deadline exceeded while the reply was streaming",
+                        )
+                    }),
+                None => Ok(rest.recv().await),
+            };
+            match received
+                .and_then(|packet| packet.ok_or_else(connection_lost).and_then(read_packet))
+            {
+                Ok((value, last)) => {
+                    if last {
+                        state.rest = None;
+                    }
+                    let value = value?;
+                    let item = decode(&state.pattern, value);
+                    Some((item, state))
+                }
+                Err(error) => {
+                    state.rest = None;
+                    Some((Err(error), state))
+                }
+            }
+        });
+        RpcStream {
+            inner: Box::pin(inner),
+            _marker: PhantomData,
+        }
+    }
+}
+
+impl<R> Stream for RpcStream<R> {
+    type Item = Result<R, RpcError>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.inner.as_mut().poll_next(cx)
+    }
+}
+
+impl<R> fmt::Debug for RpcStream<R> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RpcStream").finish_non_exhaustive()
+    }
+}
+
+/// Configures a [`Client`]: the resilience layers between the API and the transport, in the
+/// preset order — deadline (`timeout`) → retry → circuit breaker → attempt timeout → transport.
+///
+/// ```
+/// use palisade::circuit_breaker::CircuitBreakerConfig;
+/// use palisade::retry::RetryPolicy;
+/// use palisade::rpc::Client;
+/// use palisade::rpc::transport::memory::MemoryTransport;
+/// use std::time::Duration;
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), palisade::rpc::RpcError> {
+/// let users = Client::builder()
+///     .timeout(Duration::from_secs(2))             // the caller's total budget per request
+///     .retry(RetryPolicy::new(3))                  // transient errors only; never past the deadline
+///     .circuit_breaker(CircuitBreakerConfig::new("users").max_failures(5))
+///     .attempt_timeout(Duration::from_millis(500)) // one attempt, bounded by the time left
+///     .connect(MemoryTransport::new())
+///     .await?;
+/// # let _ = users; Ok(()) }
+/// ```
+///
+/// The breaker counts only server-side and transport faults ([`FaultsOnly`]): a `NotFound` or
+/// `InvalidArgument` answer means the service is up.
+pub struct ClientBuilder<P = TransientErrors> {
+    timeout: Option<Duration>,
+    attempt_timeout: Option<Duration>,
+    retry: Option<RetryPolicy<P, RequestDeadline>>,
+    breaker: Option<CircuitBreakerLayer<FaultsOnly>>,
+    headers: Headers,
+}
+
+impl Default for ClientBuilder {
+    fn default() -> Self {
+        ClientBuilder {
+            timeout: None,
+            attempt_timeout: None,
+            retry: None,
+            breaker: None,
+            headers: Headers::new(),
+        }
+    }
+}
+
+impl<P> ClientBuilder<P> {
+    /// Each request must be answered within `timeout`, retries included; the deadline travels to
+    /// the server, which stops handlers nobody waits for any more.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = Some(timeout);
+        self
+    }
+
+    /// Each attempt may take at most `timeout` (and never more than the time left).
+    pub fn attempt_timeout(mut self, timeout: Duration) -> Self {
+        self.attempt_timeout = Some(timeout);
+        self
+    }
+
+    /// Retries with `policy` (made to honour the deadline).
+    pub fn retry<P2, D>(self, policy: RetryPolicy<P2, D>) -> ClientBuilder<P2> {
+        ClientBuilder {
+            timeout: self.timeout,
+            attempt_timeout: self.attempt_timeout,
+            retry: Some(policy.honor_deadline()),
+            breaker: self.breaker,
+            headers: self.headers,
+        }
+    }
+
+    /// Guards the transport with a circuit breaker configured by `config`.
+    pub fn circuit_breaker(mut self, config: CircuitBreakerConfig) -> Self {
+        self.breaker = Some(CircuitBreakerLayer::new(config).with_classifier(FaultsOnly));
+        self
+    }
+
+    /// Guards the transport with an existing breaker (to share one between clients).
+    pub fn circuit_breaker_layer<C>(mut self, layer: CircuitBreakerLayer<C>) -> Self {
+        self.breaker = Some(layer.with_classifier(FaultsOnly));
+        self
+    }
+
+    /// Sends `key: value` with every message.
+    pub fn header(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.headers.insert(key, value);
+        self
+    }
+}
+
+impl<P> ClientBuilder<P>
+where
+    P: Predicate<RpcResponse, RpcError> + Clone + Send + Sync + 'static,
+{
+    /// Connects through `transport` (for memory and TCP this opens nothing yet; NATS connects here
+    /// and fails with a clear error if it cannot).
+    pub async fn connect(self, transport: impl Connect) -> Result<Client, RpcError> {
+        Ok(self.build(transport.connect().await?))
+    }
+
+    /// A client over an already connected transport.
+    pub fn build(self, transport: impl ClientTransport) -> Client {
+        let breaker = self.breaker.as_ref().map(CircuitBreakerLayer::handle);
+        let stack = ServiceBuilder::new()
+            .option_layer(self.timeout.map(DeadlineLayer::new))
+            .option_layer(self.retry.map(RetryPolicy::layer))
+            .option_layer(self.breaker)
+            .option_layer(
+                self.attempt_timeout
+                    .map(|timeout| TimeoutLayer::new(timeout).honor_deadline()),
+            )
+            .service(TransportService {
+                transport: Arc::new(transport),
+            });
+        Client {
+            stack: BoxCloneSyncService::new(stack),
+            timeout: self.timeout,
+            headers: self.headers,
+            breaker,
+        }
+    }
+}

@@ -1,0 +1,403 @@
+use super::error::NO_HANDLER_MESSAGE;
+use super::handler::Reply;
+use super::request::TRACEPARENT_HEADER;
+use super::transport::{ReplyPacket, error_json};
+use super::{Code, Kind, RawJson, RpcError, RpcRequest};
+use crate::timeout::HasDeadline;
+use futures_util::StreamExt;
+use std::fmt;
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tower::ServiceExt;
+use tower::util::BoxCloneSyncService;
+use tower_service::Service;
+use tracing::Instrument;
+
+/// A message server: a router (or any service) plus how to run it. Hand it to a transport to
+/// serve, e.g. [`MemoryTransport::serve`](super::transport::memory::MemoryTransport::serve).
+///
+/// ```
+/// use palisade::rpc::{Router, Server};
+/// use std::time::Duration;
+///
+/// let server = Server::new(Router::new().message("ping", || async { "pong" }))
+///     .grace_period(Duration::from_secs(5)) // drain in-flight requests for up to 5 s on shutdown
+///     .max_in_flight(256);                    // stop reading new requests beyond 256 at once
+/// # let _ = server;
+/// ```
+pub struct Server {
+    service: BoxCloneSyncService<RpcRequest, Reply, RpcError>,
+    grace_period: Duration,
+    max_in_flight: Option<usize>,
+}
+
+impl Server {
+    /// A server for `service` — usually a [`Router`](super::Router), possibly wrapped in layers.
+    pub fn new<S>(service: S) -> Self
+    where
+        S: Service<RpcRequest, Response = Reply, Error = RpcError> + Clone + Send + Sync + 'static,
+        S::Future: Send + 'static,
+    {
+        Server {
+            service: BoxCloneSyncService::new(service),
+            grace_period: Duration::from_secs(10),
+            max_in_flight: None,
+        }
+    }
+
+    /// How long shutdown waits for in-flight requests (default 10 s, as NestJS's `gracePeriod`).
+    /// Handlers still running after that are cancelled and their callers get `Unavailable`.
+    pub fn grace_period(mut self, grace_period: Duration) -> Self {
+        self.grace_period = grace_period;
+        self
+    }
+
+    /// At most this many messages are handled at once; transports stop reading new ones until a
+    /// slot frees (backpressure on the connection, not an error).
+    pub fn max_in_flight(mut self, limit: usize) -> Self {
+        self.max_in_flight = Some(limit.max(1));
+        self
+    }
+
+    pub(crate) fn into_dispatcher(self, transport: &'static str) -> Arc<Dispatcher> {
+        Arc::new(Dispatcher {
+            service: self.service,
+            tracker: TaskTracker::new(),
+            draining: CancellationToken::new(),
+            abort: CancellationToken::new(),
+            permits: self.max_in_flight.map(|n| Arc::new(Semaphore::new(n))),
+            in_flight: AtomicUsize::new(0),
+            grace_period: self.grace_period,
+            transport,
+        })
+    }
+}
+
+impl fmt::Debug for Server {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Server")
+            .field("grace_period", &self.grace_period)
+            .field("max_in_flight", &self.max_in_flight)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Where a transport sends one request's reply packets.
+pub(crate) trait ReplySink: Send + 'static {
+    /// Sends a packet; `false` if the caller is gone (the rest is not worth producing).
+    fn send(&mut self, packet: ReplyPacket) -> impl Future<Output = bool> + Send;
+}
+
+/// Runs messages through the server's service on behalf of a transport.
+pub(crate) struct Dispatcher {
+    service: BoxCloneSyncService<RpcRequest, Reply, RpcError>,
+    tracker: TaskTracker,
+    /// Cancelled when shutdown starts: no new messages are taken.
+    draining: CancellationToken,
+    /// Cancelled when the grace period is over: running handlers are cancelled.
+    abort: CancellationToken,
+    permits: Option<Arc<Semaphore>>,
+    in_flight: AtomicUsize,
+    grace_period: Duration,
+    transport: &'static str,
+}
+
+/// Decrements the in-flight count however the task ends.
+struct InFlight<'a>(&'a AtomicUsize);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl Dispatcher {
+    /// Whether shutdown has started.
+    pub(crate) fn is_draining(&self) -> bool {
+        self.draining.is_cancelled()
+    }
+
+    /// Resolves when shutdown starts.
+    pub(crate) async fn draining(&self) {
+        self.draining.cancelled().await
+    }
+
+    /// Spawns a transport task (accept loop, connection) that shutdown waits for.
+    pub(crate) fn spawn_tracked<F>(&self, task: F) -> JoinHandle<()>
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        self.tracker.spawn(task)
+    }
+
+    /// Waits for capacity, then handles `request` in a task of its own, sending replies to `sink`
+    /// (`None` for events). `id` is the wire id, for logs.
+    pub(crate) async fn dispatch<K: ReplySink>(
+        self: &Arc<Self>,
+        request: RpcRequest,
+        id: Option<&RawJson>,
+        sink: Option<K>,
+    ) {
+        if self.is_draining() {
+            match sink {
+                Some(mut sink) => {
+                    let error = RpcError::unavailable("the server is shutting down");
+                    sink.send(ReplyPacket::Error(error_json(&error))).await;
+                }
+                None => {
+                    tracing::warn!(pattern = %request.pattern(), "event dropped: the server is shutting down")
+                }
+            }
+            return;
+        }
+        let permit = match &self.permits {
+            Some(permits) => Arc::clone(permits).acquire_owned().await.ok(),
+            None => None,
+        };
+        let span = tracing::info_span!(
+            "rpc.server",
+            transport = self.transport,
+            pattern = %request.pattern(),
+            kind = ?request.kind(),
+            id = id.map(|id| tracing::field::display(id.as_str())),
+            trace = request.headers().get(TRACEPARENT_HEADER).map(tracing::field::display),
+            outcome = tracing::field::Empty,
+            latency_us = tracing::field::Empty,
+        );
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        let dispatcher = Arc::clone(self);
+        self.tracker.spawn(
+            async move {
+                let _in_flight = InFlight(&dispatcher.in_flight);
+                dispatcher.handle(request, sink, permit).await;
+            }
+            .instrument(span),
+        );
+    }
+
+    async fn handle<K: ReplySink>(
+        &self,
+        request: RpcRequest,
+        sink: Option<K>,
+        _permit: Option<OwnedSemaphorePermit>,
+    ) {
+        let started = Instant::now();
+        let deadline = request.deadline();
+        let kind = request.kind();
+        let mut sink = sink.map(|inner| Tracked {
+            inner,
+            answered: false,
+        });
+        let outcome = {
+            let work = async {
+                let reply = self.service.clone().oneshot(request).await;
+                match (reply, sink.as_mut()) {
+                    (Ok(_), None) => Ok(()),
+                    (Err(error), None) => Err(error),
+                    (reply, Some(sink)) => send_replies(reply, sink).await,
+                }
+            };
+            let bounded = async {
+                match deadline {
+                    Some(deadline) => tokio::time::timeout_at(deadline.instant(), work)
+                        .await
+                        .unwrap_or_else(|_| {
+                            Err(RpcError::deadline_exceeded(
+                                "the caller's deadline passed; the handler was stopped",
+                            ))
+                        }),
+                    None => work.await,
+                }
+            };
+            tokio::select! {
+                biased;
+                _ = self.abort.cancelled() => Err(RpcError::unavailable("the server shut down before the handler finished")),
+                outcome = bounded => outcome,
+            }
+        };
+        // Stopped by the deadline or by shutdown before answering: every request gets an answer.
+        if let (Err(error), Some(sink)) = (&outcome, sink.as_mut())
+            && !sink.answered
+        {
+            sink.send(ReplyPacket::Error(error_json(error))).await;
+        }
+        let span = tracing::Span::current();
+        span.record("latency_us", started.elapsed().as_micros() as u64);
+        match &outcome {
+            Ok(()) => {
+                span.record("outcome", tracing::field::display("ok"));
+                tracing::debug!("handled");
+            }
+            Err(error) => {
+                span.record("outcome", tracing::field::display(error.code()));
+                if kind == Kind::Event || error.code() == Code::Internal {
+                    tracing::warn!(%error, "handler failed");
+                } else {
+                    tracing::debug!(%error, "replied with an error");
+                }
+            }
+        }
+    }
+
+    /// Starts shutdown: stop taking messages, drain for the grace period, then cancel.
+    pub(crate) async fn shutdown(&self, transport_tasks: Vec<JoinHandle<()>>) -> ShutdownReport {
+        self.draining.cancel();
+        self.tracker.close();
+        let started = Instant::now();
+        let drained = tokio::time::timeout(self.grace_period, self.tracker.wait())
+            .await
+            .is_ok();
+        let mut cancelled = 0;
+        if !drained {
+            cancelled = self.in_flight.load(Ordering::Acquire);
+            tracing::warn!(cancelled, grace_period = ?self.grace_period, "grace period over; cancelling handlers still running");
+            self.abort.cancel();
+            self.tracker.wait().await;
+        }
+        for task in transport_tasks {
+            let _ = task.await;
+        }
+        ShutdownReport {
+            drained,
+            cancelled,
+            took: started.elapsed(),
+        }
+    }
+}
+
+/// A sink that remembers whether the final packet went out.
+struct Tracked<K> {
+    inner: K,
+    answered: bool,
+}
+
+impl<K: ReplySink> ReplySink for Tracked<K> {
+    async fn send(&mut self, packet: ReplyPacket) -> bool {
+        self.answered |= packet.is_last();
+        self.inner.send(packet).await
+    }
+}
+
+/// Sends a handler's reply (or error) as NestJS packets.
+async fn send_replies<K: ReplySink>(
+    reply: Result<Reply, RpcError>,
+    sink: &mut K,
+) -> Result<(), RpcError> {
+    match reply {
+        Ok(Reply::Value(response)) => {
+            sink.send(ReplyPacket::Value {
+                response,
+                last: true,
+            })
+            .await;
+            Ok(())
+        }
+        Ok(Reply::Empty) => {
+            sink.send(ReplyPacket::Complete).await;
+            Ok(())
+        }
+        Ok(Reply::Stream(mut stream)) => {
+            while let Some(item) = stream.next().await {
+                match item {
+                    Ok(response) => {
+                        if !sink
+                            .send(ReplyPacket::Value {
+                                response,
+                                last: false,
+                            })
+                            .await
+                        {
+                            // The caller is gone; stop producing.
+                            return Err(RpcError::new(
+                                Code::Cancelled,
+                                "the caller went away mid-stream",
+                            ));
+                        }
+                    }
+                    Err(error) => {
+                        sink.send(ReplyPacket::Error(error_json(&error))).await;
+                        return Err(error);
+                    }
+                }
+            }
+            sink.send(ReplyPacket::Complete).await;
+            Ok(())
+        }
+        Err(error) => {
+            let packet =
+                if error.code() == Code::Unimplemented && error.message() == NO_HANDLER_MESSAGE {
+                    ReplyPacket::NoHandler
+                } else {
+                    ReplyPacket::Error(error_json(&error))
+                };
+            sink.send(packet).await;
+            Err(error)
+        }
+    }
+}
+
+/// What happened at shutdown.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ShutdownReport {
+    /// Whether every in-flight message finished within the grace period.
+    pub drained: bool,
+    /// How many handlers were cancelled when the grace period ran out.
+    pub cancelled: usize,
+    /// How long shutdown took.
+    pub took: Duration,
+}
+
+/// A running server. Dropping it leaves the server running; call [`shutdown`](Self::shutdown) to
+/// stop it gracefully.
+pub struct ServerHandle {
+    dispatcher: Arc<Dispatcher>,
+    tasks: Vec<JoinHandle<()>>,
+    local_addr: Option<std::net::SocketAddr>,
+}
+
+impl ServerHandle {
+    pub(crate) fn new(
+        dispatcher: Arc<Dispatcher>,
+        tasks: Vec<JoinHandle<()>>,
+        local_addr: Option<std::net::SocketAddr>,
+    ) -> Self {
+        ServerHandle {
+            dispatcher,
+            tasks,
+            local_addr,
+        }
+    }
+
+    /// The address the server listens on (network transports).
+    pub fn local_addr(&self) -> Option<std::net::SocketAddr> {
+        self.local_addr
+    }
+
+    /// Messages being handled right now.
+    pub fn in_flight(&self) -> usize {
+        self.dispatcher.in_flight.load(Ordering::Acquire)
+    }
+
+    /// Stops taking new messages (new requests are answered with `Unavailable`), waits up to the
+    /// grace period for in-flight ones, then cancels what is left — their callers get
+    /// `Unavailable` — and closes the transport.
+    pub async fn shutdown(self) -> ShutdownReport {
+        self.dispatcher.shutdown(self.tasks).await
+    }
+}
+
+impl fmt::Debug for ServerHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ServerHandle")
+            .field("local_addr", &self.local_addr)
+            .field("in_flight", &self.in_flight())
+            .finish()
+    }
+}

@@ -1,0 +1,123 @@
+//! Client and server in one process: the embedded default.
+//!
+//! Nothing is simulated away: payloads cross as serialised JSON (a type mismatch between client
+//! and handler shows up here exactly as over TCP), patterns are routed the way a NestJS server
+//! routes what arrives on the wire, deadlines travel as the relative timeout header, unknown
+//! patterns get NestJS's no-handler reply, errors cross as their wire `err` value, handlers run in
+//! tasks of their own, and graceful shutdown drains them.
+
+use super::{ClientTransport, ReplyPacket, ReplyReceiver};
+use crate::rpc::pattern::Pattern;
+use crate::rpc::server::{Dispatcher, ReplySink, Server, ServerHandle};
+use crate::rpc::{Kind, RpcError, RpcRequest};
+use futures_util::future::BoxFuture;
+use std::fmt;
+use std::sync::{Arc, RwLock};
+use tokio::sync::mpsc;
+
+/// Packets a streamed reply may run ahead of its reader.
+const STREAM_BUFFER: usize = 16;
+
+/// An in-process transport: serve a [`Server`] on it and connect [`Client`](crate::rpc::Client)s
+/// to it. Clones are the same transport.
+///
+/// ```
+/// use palisade::rpc::transport::memory::MemoryTransport;
+/// use palisade::rpc::{Client, Router, Server};
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), palisade::rpc::RpcError> {
+/// let transport = MemoryTransport::new();
+/// let server = transport.serve(Server::new(Router::new().message("ping", || async { "pong" })));
+/// let client = Client::builder().connect(transport.clone()).await?;
+/// assert_eq!(client.send::<String>("ping", &()).await?, "pong");
+/// server.shutdown().await;
+/// assert!(client.send::<String>("ping", &()).await.is_err()); // Unavailable: nobody serves
+/// # Ok(()) }
+/// ```
+#[derive(Clone, Default)]
+pub struct MemoryTransport {
+    server: Arc<RwLock<Option<Arc<Dispatcher>>>>,
+}
+
+impl MemoryTransport {
+    /// A transport with no server yet.
+    pub fn new() -> Self {
+        MemoryTransport::default()
+    }
+
+    /// Serves `server` on this transport (replacing a server served before).
+    pub fn serve(&self, server: Server) -> ServerHandle {
+        let dispatcher = server.into_dispatcher("memory");
+        *self
+            .server
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(Arc::clone(&dispatcher));
+        ServerHandle::new(dispatcher, Vec::new(), None)
+    }
+
+    fn dispatcher(&self) -> Result<Arc<Dispatcher>, RpcError> {
+        let server = self
+            .server
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        match server.as_ref() {
+            Some(dispatcher) if !dispatcher.is_draining() => Ok(Arc::clone(dispatcher)),
+            Some(_) => Err(RpcError::unavailable(
+                "the in-memory server is shutting down",
+            )),
+            None => Err(RpcError::unavailable(
+                "no server is serving this in-memory transport",
+            )),
+        }
+    }
+}
+
+impl fmt::Debug for MemoryTransport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MemoryTransport").finish_non_exhaustive()
+    }
+}
+
+/// The request as a server receives it from the wire.
+fn as_received(request: RpcRequest) -> RpcRequest {
+    let headers = request.wire_headers();
+    RpcRequest::received(
+        Pattern::from_wire(request.pattern().raw().clone()),
+        request.payload().clone(),
+        request.kind(),
+        headers,
+    )
+}
+
+struct MemorySink(mpsc::Sender<ReplyPacket>);
+
+impl ReplySink for MemorySink {
+    async fn send(&mut self, packet: ReplyPacket) -> bool {
+        self.0.send(packet).await.is_ok()
+    }
+}
+
+impl ClientTransport for MemoryTransport {
+    fn request(&self, request: RpcRequest) -> BoxFuture<'static, Result<ReplyReceiver, RpcError>> {
+        let dispatcher = self.dispatcher();
+        Box::pin(async move {
+            let dispatcher = dispatcher?;
+            let (sender, receiver) = mpsc::channel(STREAM_BUFFER);
+            debug_assert_eq!(request.kind(), Kind::Request);
+            dispatcher
+                .dispatch(as_received(request), None, Some(MemorySink(sender)))
+                .await;
+            Ok(ReplyReceiver::bounded(receiver, None))
+        })
+    }
+
+    fn emit(&self, event: RpcRequest) -> BoxFuture<'static, Result<(), RpcError>> {
+        let dispatcher = self.dispatcher();
+        Box::pin(async move {
+            dispatcher?
+                .dispatch::<MemorySink>(as_received(event), None, None)
+                .await;
+            Ok(())
+        })
+    }
+}
