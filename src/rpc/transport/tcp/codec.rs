@@ -1,0 +1,297 @@
+//! NestJS's TCP framing: `<length>#<json>`, where the length counts UTF-16 code units of the JSON
+//! text (JavaScript's `string.length`), not bytes.
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use std::fmt;
+use tokio_util::codec::{Decoder, Encoder};
+
+/// The longest length prefix accepted (digits).
+const MAX_PREFIX_DIGITS: usize = 10;
+
+/// Why a connection's byte stream could not be read as frames. The connection is closed; other
+/// connections are unaffected.
+#[derive(Debug)]
+pub enum FrameError {
+    /// The length prefix is not a decimal number.
+    CorruptedLength(String),
+    /// The declared length exceeds the configured maximum.
+    TooLarge {
+        /// The declared length (UTF-16 units).
+        declared: u64,
+        /// The maximum (UTF-16 units).
+        max: usize,
+    },
+    /// The frame is not valid UTF-8.
+    InvalidUtf8,
+    /// The declared length ends in the middle of a character (half of a UTF-16 surrogate pair).
+    SplitCharacter,
+    /// The peer stopped sending in the middle of a frame.
+    Incomplete {
+        /// Bytes of the unfinished frame received.
+        buffered: usize,
+        /// How long the peer was silent.
+        idle: std::time::Duration,
+    },
+    /// Reading or writing the socket failed.
+    Io(std::io::Error),
+}
+
+impl fmt::Display for FrameError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            FrameError::CorruptedLength(raw) => {
+                write!(f, "Corrupted length value {raw:?} supplied in a packet")
+            }
+            FrameError::TooLarge { declared, max } => write!(
+                f,
+                "The packet length ({declared}) exceeds the maximum allowed length ({max})"
+            ),
+            FrameError::InvalidUtf8 => f.write_str("the packet is not valid UTF-8"),
+            FrameError::SplitCharacter => {
+                f.write_str("the packet length ends in the middle of a character")
+            }
+            FrameError::Incomplete { buffered, idle } => write!(
+                f,
+                "The remote peer stopped sending in the middle of a packet ({buffered} byte(s) buffered) and did not send anything for {}ms",
+                idle.as_millis()
+            ),
+            FrameError::Io(error) => write!(f, "socket error: {error}"),
+        }
+    }
+}
+
+impl std::error::Error for FrameError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            FrameError::Io(error) => Some(error),
+            _ => None,
+        }
+    }
+}
+
+impl From<std::io::Error> for FrameError {
+    fn from(error: std::io::Error) -> Self {
+        FrameError::Io(error)
+    }
+}
+
+/// UTF-16 code units of a UTF-8 text: one per character, two for characters outside the BMP
+/// (four-byte sequences). Counted from the bytes: every byte that does not continue a sequence
+/// starts a character, and four-byte leads count twice.
+pub(crate) fn utf16_len(text: &[u8]) -> usize {
+    text.iter()
+        .map(|&b| usize::from(b & 0xC0 != 0x80) + usize::from(b >= 0xF0))
+        .sum()
+}
+
+enum State {
+    /// Reading the length prefix.
+    Length,
+    /// Reading the body: `units` still to come; `scanned` bytes of it already counted.
+    Body { units: usize, scanned: usize },
+}
+
+/// Encoder and decoder of NestJS TCP frames. Decoded items are the JSON texts (valid UTF-8,
+/// not yet parsed).
+pub struct JsonFrameCodec {
+    state: State,
+    max_units: usize,
+}
+
+impl JsonFrameCodec {
+    /// A codec refusing frames longer than `max_units` UTF-16 units.
+    pub fn new(max_units: usize) -> Self {
+        JsonFrameCodec {
+            state: State::Length,
+            max_units,
+        }
+    }
+
+    /// Whether part of a frame has been received and the rest is still to come.
+    pub fn is_mid_frame(&self) -> bool {
+        matches!(self.state, State::Body { .. })
+    }
+}
+
+impl fmt::Debug for JsonFrameCodec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("JsonFrameCodec")
+            .field("max_units", &self.max_units)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Decoder for JsonFrameCodec {
+    type Item = Bytes;
+    type Error = FrameError;
+
+    fn decode(&mut self, buffer: &mut BytesMut) -> Result<Option<Bytes>, FrameError> {
+        loop {
+            match &mut self.state {
+                State::Length => {
+                    let digits = buffer
+                        .iter()
+                        .take(MAX_PREFIX_DIGITS + 1)
+                        .take_while(|b| b.is_ascii_digit())
+                        .count();
+                    match buffer.get(digits) {
+                        None if digits <= MAX_PREFIX_DIGITS => return Ok(None),
+                        Some(b'#') if digits > 0 && digits <= MAX_PREFIX_DIGITS => {
+                            let text =
+                                std::str::from_utf8(&buffer[..digits]).expect("ASCII digits");
+                            let declared: u64 =
+                                text.parse().expect("at most ten digits fit in u64");
+                            if declared > self.max_units as u64 {
+                                return Err(FrameError::TooLarge {
+                                    declared,
+                                    max: self.max_units,
+                                });
+                            }
+                            buffer.advance(digits + 1);
+                            self.state = State::Body {
+                                units: declared as usize,
+                                scanned: 0,
+                            };
+                        }
+                        _ => {
+                            let end = buffer
+                                .iter()
+                                .position(|b| *b == b'#')
+                                .unwrap_or(buffer.len())
+                                .min(32);
+                            let raw = String::from_utf8_lossy(&buffer[..end]).into_owned();
+                            return Err(FrameError::CorruptedLength(raw));
+                        }
+                    }
+                }
+                State::Body { units, scanned } => {
+                    // Count UTF-16 units character by character, never past the end of what arrived:
+                    // a frame may end, or a read may stop, inside a multi-byte character.
+                    while *units > 0 {
+                        let Some(&lead) = buffer.get(*scanned) else {
+                            return Ok(None);
+                        };
+                        let (bytes, weight) = match lead {
+                            0x00..=0x7F => (1, 1),
+                            0xC2..=0xDF => (2, 1),
+                            0xE0..=0xEF => (3, 1),
+                            0xF0..=0xF4 => (4, 2),
+                            _ => return Err(FrameError::InvalidUtf8),
+                        };
+                        if weight > *units {
+                            return Err(FrameError::SplitCharacter);
+                        }
+                        if buffer.len() < *scanned + bytes {
+                            return Ok(None);
+                        }
+                        *scanned += bytes;
+                        *units -= weight;
+                    }
+                    let frame = buffer.split_to(*scanned).freeze();
+                    self.state = State::Length;
+                    if std::str::from_utf8(&frame).is_err() {
+                        return Err(FrameError::InvalidUtf8);
+                    }
+                    return Ok(Some(frame));
+                }
+            }
+        }
+    }
+}
+
+impl Encoder<Bytes> for JsonFrameCodec {
+    type Error = FrameError;
+
+    fn encode(&mut self, json: Bytes, out: &mut BytesMut) -> Result<(), FrameError> {
+        put_frame(out, &json);
+        Ok(())
+    }
+}
+
+/// Appends `<utf16 length>#<json>` to `out`.
+pub(crate) fn put_frame(out: &mut BytesMut, json: &[u8]) {
+    let prefix = utf16_len(json).to_string();
+    out.reserve(prefix.len() + 1 + json.len());
+    out.put_slice(prefix.as_bytes());
+    out.put_u8(b'#');
+    out.put_slice(json);
+}
+
+/// `<utf16 length>#<json>` in one buffer.
+#[cfg(test)]
+pub(crate) fn frame(json: &[u8]) -> Bytes {
+    let mut out = BytesMut::new();
+    put_frame(&mut out, json);
+    out.freeze()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn decode_all(codec: &mut JsonFrameCodec, input: &[u8]) -> Result<Vec<String>, FrameError> {
+        let mut buffer = BytesMut::from(input);
+        let mut frames = Vec::new();
+        while let Some(frame) = codec.decode(&mut buffer)? {
+            frames.push(String::from_utf8(frame.to_vec()).unwrap());
+        }
+        Ok(frames)
+    }
+
+    #[test]
+    fn counts_utf16_units_not_bytes() {
+        let json = r#"{"pattern":"e","data":"é😀","id":"u"}"#;
+        assert_eq!(json.encode_utf16().count(), 37);
+        assert_eq!(utf16_len(json.as_bytes()), 37);
+        assert_eq!(json.len(), 40);
+        assert_eq!(&frame(json.as_bytes())[..3], b"37#");
+    }
+
+    #[test]
+    fn decodes_coalesced_frames() {
+        let mut codec = JsonFrameCodec::new(1 << 20);
+        let frames = decode_all(&mut codec, b"2#{}4#null1#1").unwrap();
+        assert_eq!(frames, ["{}", "null", "1"]);
+    }
+
+    #[test]
+    fn rejects_bad_prefixes_and_oversized_frames() {
+        let mut codec = JsonFrameCodec::new(100);
+        assert!(
+            matches!(decode_all(&mut codec, b"abc#{}"), Err(FrameError::CorruptedLength(raw)) if raw == "abc")
+        );
+        let mut codec = JsonFrameCodec::new(100);
+        assert!(matches!(
+            decode_all(&mut codec, b"#{}"),
+            Err(FrameError::CorruptedLength(_))
+        ));
+        let mut codec = JsonFrameCodec::new(100);
+        assert!(matches!(
+            decode_all(&mut codec, b"12345678901#"),
+            Err(FrameError::CorruptedLength(_))
+        ));
+        let mut codec = JsonFrameCodec::new(100);
+        assert!(matches!(
+            decode_all(&mut codec, b"101#"),
+            Err(FrameError::TooLarge {
+                declared: 101,
+                max: 100
+            })
+        ));
+        // Still waiting for the rest of a valid prefix.
+        let mut codec = JsonFrameCodec::new(100);
+        assert!(decode_all(&mut codec, b"12").unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_length_ending_inside_a_surrogate_pair_is_an_error() {
+        let mut codec = JsonFrameCodec::new(100);
+        let emoji = "😀".as_bytes();
+        let mut input = b"1#".to_vec();
+        input.extend_from_slice(emoji);
+        assert!(matches!(
+            decode_all(&mut codec, &input),
+            Err(FrameError::SplitCharacter)
+        ));
+    }
+}

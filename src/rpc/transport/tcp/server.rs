@@ -1,0 +1,177 @@
+use super::codec::put_frame;
+use super::{FrameReader, TcpOptions, write_frames};
+use crate::rpc::packet::{decode_incoming, encode_reply};
+use crate::rpc::pattern::Pattern;
+use crate::rpc::server::{Dispatcher, ReplySink, Server, ServerHandle};
+use crate::rpc::transport::ReplyPacket;
+use crate::rpc::{Kind, RawJson, RpcRequest};
+use bytes::{Bytes, BytesMut};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::{TcpListener, TcpStream, ToSocketAddrs};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+
+/// Frames waiting for a connection's writer.
+const WRITE_QUEUE: usize = 256;
+
+/// A NestJS-compatible TCP server: bind, then [`serve`](Self::serve) a [`Server`].
+#[derive(Debug)]
+pub struct TcpServer {
+    listener: TcpListener,
+    options: TcpOptions,
+}
+
+impl TcpServer {
+    /// Binds to `addr` (use port 0 for any free port; see [`local_addr`](Self::local_addr)).
+    pub async fn bind(addr: impl ToSocketAddrs) -> std::io::Result<Self> {
+        Ok(TcpServer {
+            listener: TcpListener::bind(addr).await?,
+            options: TcpOptions::default(),
+        })
+    }
+
+    /// With these options.
+    pub fn options(mut self, options: TcpOptions) -> Self {
+        self.options = options;
+        self
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Starts serving `server`; returns at once.
+    pub fn serve(self, server: Server) -> ServerHandle {
+        let local_addr = self.listener.local_addr().ok();
+        let dispatcher = server.into_dispatcher("tcp");
+        let accept = dispatcher.spawn_tracked(accept_loop(
+            self.listener,
+            Arc::clone(&dispatcher),
+            Arc::new(self.options),
+        ));
+        ServerHandle::new(dispatcher, vec![accept], local_addr)
+    }
+}
+
+async fn accept_loop(listener: TcpListener, dispatcher: Arc<Dispatcher>, options: Arc<TcpOptions>) {
+    let connections = Arc::new(Semaphore::new(options.max_connections));
+    loop {
+        let accepted = tokio::select! {
+            biased;
+            _ = dispatcher.draining() => break,
+            accepted = listener.accept() => accepted,
+        };
+        let (stream, peer) = match accepted {
+            Ok(accepted) => accepted,
+            Err(error) => {
+                // Out of file descriptors and the like: pause instead of spinning.
+                tracing::warn!(%error, "accepting a connection failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(slot) = Arc::clone(&connections).try_acquire_owned() else {
+            tracing::warn!(%peer, limit = options.max_connections, "connection limit reached; closing the new connection");
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let dispatcher_for_connection = Arc::clone(&dispatcher);
+        let options = Arc::clone(&options);
+        dispatcher.spawn_tracked(async move {
+            serve_connection(stream, peer, dispatcher_for_connection, &options).await;
+            drop(slot);
+        });
+    }
+}
+
+struct TcpSink {
+    id: RawJson,
+    frames: mpsc::Sender<Bytes>,
+    /// Held until the request is answered: bounds a connection's requests in flight.
+    _slot: OwnedSemaphorePermit,
+}
+
+impl ReplySink for TcpSink {
+    async fn send(&mut self, packet: ReplyPacket) -> bool {
+        let mut json = BytesMut::new();
+        encode_reply(&mut json, &packet, &self.id);
+        let mut frame = BytesMut::new();
+        put_frame(&mut frame, &json);
+        self.frames.send(frame.freeze()).await.is_ok()
+    }
+}
+
+async fn serve_connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    dispatcher: Arc<Dispatcher>,
+    options: &TcpOptions,
+) {
+    let (read, write) = stream.into_split();
+    let (frames, queue) = mpsc::channel(WRITE_QUEUE);
+    let mut writer = tokio::spawn(write_frames(write, queue, options.write_timeout));
+    let slots = Arc::new(Semaphore::new(options.max_in_flight_per_connection));
+    let mut reader = FrameReader::new(read, options);
+    tracing::debug!(%peer, "connection opened");
+
+    let broken = loop {
+        let next = tokio::select! {
+            biased;
+            _ = dispatcher.draining() => break false,
+            written = &mut writer => {
+                if let Ok(Err(error)) = written {
+                    tracing::warn!(%peer, %error, "closing connection: replies could not be written");
+                }
+                return;
+            }
+            next = reader.next() => next,
+        };
+        let frame = match next {
+            None => break false,
+            Some(Ok(frame)) => frame,
+            Some(Err(error)) => {
+                tracing::warn!(%peer, %error, "closing connection: invalid data received");
+                break true;
+            }
+        };
+        let packet = match decode_incoming(&frame) {
+            Ok(packet) => packet,
+            Err(error) => {
+                tracing::warn!(%peer, %error, "closing connection: the received message is not valid JSON");
+                break true;
+            }
+        };
+        let slot = tokio::select! {
+            biased;
+            _ = dispatcher.draining() => break false,
+            slot = Arc::clone(&slots).acquire_owned() => slot.expect("the semaphore is never closed"),
+        };
+        let kind = if packet.id.is_some() {
+            Kind::Request
+        } else {
+            Kind::Event
+        };
+        let pattern = Pattern::from_wire(packet.pattern.unwrap_or_else(RawJson::null));
+        let request = RpcRequest::received(pattern, packet.data, kind, packet.headers);
+        let sink = packet.id.clone().map(|id| TcpSink {
+            id,
+            frames: frames.clone(),
+            _slot: slot,
+        });
+        dispatcher.dispatch(request, packet.id.as_ref(), sink).await;
+    };
+    drop(frames);
+    drop(reader);
+    if broken {
+        // A peer that sends garbage gets no more replies.
+        writer.abort();
+    } else {
+        // Replies of requests still in flight go out; the writer half-closes when the last is sent.
+        if let Ok(Err(error)) = writer.await {
+            tracing::debug!(%peer, %error, "connection closed while writing replies");
+        }
+    }
+    tracing::debug!(%peer, "connection closed");
+}
