@@ -1,0 +1,194 @@
+//! Message services beyond the transport contract: layers on handlers and servers, and the
+//! client's resilience stack, over the in-memory transport on the paused clock.
+
+use palisade::builder::ServiceBuilderExt;
+use palisade::circuit_breaker::{CircuitBreakerConfig, CircuitState};
+use palisade::fault::FaultLayer;
+use palisade::retry::{Backoff, Jitter, RetryPolicy};
+use palisade::rpc::transport::memory::MemoryTransport;
+use palisade::rpc::{Client, Code, Payload, Router, RpcError, Server, handler_service};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+const MS: Duration = Duration::from_millis(1);
+
+fn retry(attempts: u32) -> RetryPolicy {
+    RetryPolicy::new(attempts)
+        .backoff(Backoff::constant(10 * MS))
+        .jitter(Jitter::None)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_breaker_on_one_handler_like_nests_circuit_breaker_decorator() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&calls);
+    let create_user = move |Payload(name): Payload<String>| {
+        counter.fetch_add(1, Ordering::SeqCst);
+        async move {
+            if name == "boom" {
+                Err(std::io::Error::other("database down"))
+            } else {
+                Ok(name.len())
+            }
+        }
+    };
+    let router = Router::new()
+        .message(
+            "create-user",
+            tower::ServiceBuilder::new()
+                .circuit_breaker(
+                    CircuitBreakerConfig::new("user-service")
+                        .ttl(Duration::from_secs(5))
+                        .max_failures(3)
+                        .reset_timeout(Duration::from_secs(10)),
+                )
+                .service(handler_service(create_user)),
+        )
+        .message("ping", || async { "pong" });
+    let transport = MemoryTransport::new();
+    let _server = transport.serve(Server::new(router));
+    let client = Client::builder().connect(transport).await.unwrap();
+    for _ in 0..3 {
+        let error = client
+            .send::<usize>("create-user", "boom")
+            .await
+            .unwrap_err();
+        assert_eq!(error.code(), Code::Internal);
+    }
+    let open = client
+        .send::<usize>("create-user", "ann")
+        .await
+        .unwrap_err();
+    assert_eq!(open.code(), Code::Unavailable);
+    assert!(
+        open.message().starts_with("circuit 'user-service' is open"),
+        "{open}"
+    );
+    assert_eq!(open.retry_after(), Some(Duration::from_secs(10)));
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        3,
+        "the open breaker let a call through"
+    );
+    // Other patterns are unaffected.
+    assert_eq!(client.send::<String>("ping", &()).await.unwrap(), "pong");
+    tokio::time::advance(Duration::from_secs(10)).await;
+    assert_eq!(client.send::<usize>("create-user", "ann").await.unwrap(), 3);
+}
+
+use palisade::classify::RetryAfter;
+
+#[tokio::test]
+async fn the_server_limits_messages_in_flight() {
+    let running = Arc::new(AtomicUsize::new(0));
+    let peak = Arc::new(AtomicUsize::new(0));
+    let (running_c, peak_c) = (Arc::clone(&running), Arc::clone(&peak));
+    let router = Router::new().message("work", move || {
+        let (running, peak) = (Arc::clone(&running_c), Arc::clone(&peak_c));
+        async move {
+            let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+            peak.fetch_max(now, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            running.fetch_sub(1, Ordering::SeqCst);
+        }
+    });
+    let transport = MemoryTransport::new();
+    let _server = transport.serve(Server::new(router).max_in_flight(2));
+    let client = Client::builder().connect(transport).await.unwrap();
+    let calls: Vec<_> = (0..10)
+        .map(|_| {
+            let client = client.clone();
+            tokio::spawn(async move { client.send::<()>("work", &()).await })
+        })
+        .collect();
+    for call in calls {
+        call.await.unwrap().unwrap();
+    }
+    assert_eq!(peak.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_client_retries_transient_failures_and_its_breaker_counts_only_faults() {
+    // The server fails its first two calls as if briefly unavailable.
+    let fault = FaultLayer::seeded(1).fail_calls(1..=2);
+    let router = Router::new()
+        .message("get", || async { 7u32 })
+        .message("missing", || async {
+            Err::<u32, _>(RpcError::not_found("no such thing"))
+        });
+    let transport = MemoryTransport::new();
+    let _server = transport.serve(Server::new(
+        tower::ServiceBuilder::new()
+            .fault(fault.clone())
+            .service(router),
+    ));
+    let client = Client::builder()
+        .timeout(Duration::from_secs(5))
+        .retry(retry(3))
+        .circuit_breaker(CircuitBreakerConfig::new("client").max_failures(3))
+        .connect(transport)
+        .await
+        .unwrap();
+    assert_eq!(client.send::<u32>("get", &()).await.unwrap(), 7);
+    assert_eq!(fault.handle().calls(), 3, "two transient failures retried");
+    let breaker = client.circuit_breaker().unwrap();
+    assert_eq!(breaker.metrics().failures, 2);
+
+    // NotFound is an answer, not an outage: not retried, not counted.
+    for _ in 0..5 {
+        let error = client.send::<u32>("missing", &()).await.unwrap_err();
+        assert_eq!(error.code(), Code::NotFound);
+    }
+    assert_eq!(fault.handle().calls(), 8);
+    assert_eq!(breaker.state(), CircuitState::Closed);
+    assert_eq!(breaker.metrics().failures, 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_client_breaker_opens_on_an_unreachable_server() {
+    let transport = MemoryTransport::new(); // nobody serves it
+    let client = Client::builder()
+        .timeout(Duration::from_secs(1))
+        .retry(retry(2))
+        .circuit_breaker(
+            CircuitBreakerConfig::new("nobody")
+                .max_failures(2)
+                .reset_timeout(Duration::from_secs(30)),
+        )
+        .connect(transport)
+        .await
+        .unwrap();
+    let first = client.send::<u32>("get", &()).await.unwrap_err();
+    assert_eq!(first.code(), Code::Unavailable);
+    assert!(first.message().contains("no server"), "{first}");
+    let second = client.send::<u32>("get", &()).await.unwrap_err();
+    assert!(
+        second.message().starts_with("circuit 'nobody' is open"),
+        "{second}"
+    );
+    assert_eq!(
+        client.circuit_breaker().unwrap().state(),
+        CircuitState::Open
+    );
+}
+
+#[tokio::test]
+async fn a_payload_that_does_not_decode_never_reaches_the_handler() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&calls);
+    let router = Router::new().message("sum", move |Payload(xs): Payload<Vec<i64>>| {
+        counter.fetch_add(1, Ordering::SeqCst);
+        async move { xs.iter().sum::<i64>() }
+    });
+    let transport = MemoryTransport::new();
+    let _server = transport.serve(Server::new(router));
+    let client = Client::builder().connect(transport).await.unwrap();
+    let error = client
+        .send::<i64>("sum", &serde_json::json!([1, "two", 3]))
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), Code::InvalidArgument);
+    assert!(error.message().contains("field `[1]`"), "{error}");
+    assert_eq!(calls.load(Ordering::SeqCst), 0);
+}

@@ -1,0 +1,77 @@
+//! One tracing span per request on both sides, carrying the pattern, outcome and latency.
+//!
+//! Alone in its binary: tracing caches callsite interest process-wide.
+
+use palisade::rpc::transport::memory::MemoryTransport;
+use palisade::rpc::{Client, Router, RpcError, Server};
+use std::sync::{Arc, Mutex};
+use tracing_subscriber::fmt::format::FmtSpan;
+
+#[derive(Clone, Default)]
+struct Buffer(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Buffer {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[test]
+fn each_request_has_a_client_span_and_a_server_span() {
+    let buffer = Buffer::default();
+    let writer = buffer.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .with_span_events(FmtSpan::CLOSE)
+        .with_max_level(tracing::Level::DEBUG)
+        .finish();
+    tracing::subscriber::with_default(subscriber, || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let transport = MemoryTransport::new();
+            let router = Router::new()
+                .message("ping", || async { "pong" })
+                .message("refuse", || async {
+                    Err::<(), _>(RpcError::not_found("nope"))
+                });
+            let server = transport.serve(Server::new(router));
+            let client = Client::builder().connect(transport).await.unwrap();
+            client.send::<String>("ping", &()).await.unwrap();
+            client.send::<()>("refuse", &()).await.unwrap_err();
+            server.shutdown().await;
+        });
+    });
+    let log = String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap();
+    // The fields of the span that closed: its own `{...}`, the innermost on the line.
+    let closed = |name: &str, pattern: &str, outcome: &str| {
+        let side = name.trim_start_matches("rpc.");
+        log.lines().any(|line| {
+            let Some(end) = line.find(&format!("}}: palisade::rpc::{side}: close")) else {
+                return false;
+            };
+            let Some(start) = line[..end].rfind(&format!("{name}{{")) else {
+                return false;
+            };
+            let fields = &line[start..end];
+            fields.contains(&format!("pattern={pattern} "))
+                && fields.contains(&format!("outcome={outcome}"))
+                && fields.contains("latency_us=")
+        })
+    };
+    assert!(closed("rpc.client", "ping", "ok"), "{log}");
+    assert!(closed("rpc.server", "ping", "ok"), "{log}");
+    assert!(closed("rpc.client", "refuse", "NOT_FOUND"), "{log}");
+    assert!(closed("rpc.server", "refuse", "NOT_FOUND"), "{log}");
+    assert!(
+        log.contains("trace=00-"),
+        "the server span lacks the trace context: {log}"
+    );
+}
