@@ -2,13 +2,15 @@ use super::error::NO_HANDLER_MESSAGE;
 use super::handler::Reply;
 use super::request::TRACEPARENT_HEADER;
 use super::transport::{ReplyPacket, error_json};
-use super::{Code, Kind, RawJson, RpcError, RpcRequest};
+use super::{Code, Kind, RawJson, Router, RpcError, RpcRequest};
 use crate::timeout::HasDeadline;
-use futures_util::StreamExt;
+use futures_util::future::BoxFuture;
+use futures_util::{FutureExt, StreamExt};
 use std::fmt;
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
@@ -33,7 +35,7 @@ use tracing::Instrument;
 /// # let _ = server;
 /// ```
 pub struct Server {
-    service: BoxCloneSyncService<RpcRequest, Reply, RpcError>,
+    service: Target,
     grace_period: Duration,
     max_in_flight: Option<usize>,
 }
@@ -45,8 +47,16 @@ impl Server {
         S: Service<RpcRequest, Response = Reply, Error = RpcError> + Clone + Send + Sync + 'static,
         S::Future: Send + 'static,
     {
+        // A bare router is called directly; any other service through `ready` + `call`.
+        let mut slot = Some(service);
+        let service = match (&mut slot as &mut dyn std::any::Any).downcast_mut::<Option<Router>>() {
+            Some(router) => Target::Router(router.take().expect("the slot holds the service")),
+            None => Target::Service(BoxCloneSyncService::new(
+                slot.take().expect("the slot holds the service"),
+            )),
+        };
         Server {
-            service: BoxCloneSyncService::new(service),
+            service,
             grace_period: Duration::from_secs(10),
             max_in_flight: None,
         }
@@ -71,6 +81,7 @@ impl Server {
             service: self.service,
             tracker: TaskTracker::new(),
             draining: CancellationToken::new(),
+            draining_flag: AtomicBool::new(false),
             abort: CancellationToken::new(),
             permits: self.max_in_flight.map(|n| Arc::new(Semaphore::new(n))),
             in_flight: AtomicUsize::new(0),
@@ -89,6 +100,21 @@ impl fmt::Debug for Server {
     }
 }
 
+/// What a server runs messages through.
+enum Target {
+    Router(Router),
+    Service(BoxCloneSyncService<RpcRequest, Reply, RpcError>),
+}
+
+impl Target {
+    fn call(&self, request: RpcRequest) -> BoxFuture<'static, Result<Reply, RpcError>> {
+        match self {
+            Target::Router(router) => router.dispatch(request),
+            Target::Service(service) => Box::pin(service.clone().oneshot(request)),
+        }
+    }
+}
+
 /// Where a transport sends one request's reply packets.
 pub(crate) trait ReplySink: Send + 'static {
     /// Sends a packet; `false` if the caller is gone (the rest is not worth producing).
@@ -97,10 +123,12 @@ pub(crate) trait ReplySink: Send + 'static {
 
 /// Runs messages through the server's service on behalf of a transport.
 pub(crate) struct Dispatcher {
-    service: BoxCloneSyncService<RpcRequest, Reply, RpcError>,
+    service: Target,
     tracker: TaskTracker,
     /// Cancelled when shutdown starts: no new messages are taken.
     draining: CancellationToken,
+    /// The same, as a flag read per message (a token's `is_cancelled` takes a lock).
+    draining_flag: AtomicBool,
     /// Cancelled when the grace period is over: running handlers are cancelled.
     abort: CancellationToken,
     permits: Option<Arc<Semaphore>>,
@@ -121,7 +149,7 @@ impl Drop for InFlight<'_> {
 impl Dispatcher {
     /// Whether shutdown has started.
     pub(crate) fn is_draining(&self) -> bool {
-        self.draining.is_cancelled()
+        self.draining_flag.load(Ordering::Acquire)
     }
 
     /// Resolves when shutdown starts.
@@ -173,13 +201,14 @@ impl Dispatcher {
         );
         self.in_flight.fetch_add(1, Ordering::AcqRel);
         let dispatcher = Arc::clone(self);
-        self.tracker.spawn(
-            async move {
-                let _in_flight = InFlight(&dispatcher.in_flight);
-                dispatcher.handle(request, sink, permit).await;
-            }
-            .instrument(span),
-        );
+        let fut = async move {
+            let _in_flight = InFlight(&dispatcher.in_flight);
+            dispatcher.handle(request, sink, permit).await;
+        }
+        .instrument(span);
+        static ONCE: std::sync::Once = std::sync::Once::new();
+        ONCE.call_once(|| eprintln!("dispatch task future: {}", std::mem::size_of_val(&fut)));
+        self.tracker.spawn(fut);
     }
 
     async fn handle<K: ReplySink>(
@@ -188,7 +217,9 @@ impl Dispatcher {
         sink: Option<K>,
         _permit: Option<OwnedSemaphorePermit>,
     ) {
-        let started = Instant::now();
+        let span = tracing::Span::current();
+        // Clock reads only for a span someone listens to.
+        let started = (!span.is_disabled()).then(Instant::now);
         let deadline = request.deadline();
         let kind = request.kind();
         let mut sink = sink.map(|inner| Tracked {
@@ -196,17 +227,35 @@ impl Dispatcher {
             answered: false,
         });
         let outcome = {
-            let work = async {
-                let reply = self.service.clone().oneshot(request).await;
+            // One allocation for the handler and its replies: everything that awaits it stays
+            // pointer-sized instead of carrying (often twice, see rust-lang/rust#62958) the whole
+            // state machine, which the scheduler would otherwise copy around.
+            let work = Box::pin(async {
+                // A panicking handler must not leave its caller waiting: it becomes NestJS's
+                // "Internal server error", and the panic is logged.
+                let reply = AssertUnwindSafe(self.service.call(request))
+                    .catch_unwind()
+                    .await
+                    .unwrap_or_else(|panic| {
+                        let message = panic
+                            .downcast_ref::<&str>()
+                            .map(|s| s.to_string())
+                            .or_else(|| panic.downcast_ref::<String>().cloned())
+                            .unwrap_or_else(|| "a non-string panic payload".to_owned());
+                        tracing::error!(panic = %message, "handler panicked; replying \"Internal server error\"");
+                        Err(RpcError::internal())
+                    });
                 match (reply, sink.as_mut()) {
                     (Ok(_), None) => Ok(()),
                     (Err(error), None) => Err(error),
                     (reply, Some(sink)) => send_replies(reply, sink).await,
                 }
-            };
+            });
             let bounded = async {
                 match deadline {
-                    Some(deadline) => tokio::time::timeout_at(deadline.instant(), work)
+                    // Boxed: the timer is large, and a request without a deadline should not carry
+                    // room for it.
+                    Some(deadline) => Box::pin(tokio::time::timeout_at(deadline.instant(), work))
                         .await
                         .unwrap_or_else(|_| {
                             Err(RpcError::deadline_exceeded(
@@ -228,8 +277,9 @@ impl Dispatcher {
         {
             sink.send(ReplyPacket::Error(error_json(error))).await;
         }
-        let span = tracing::Span::current();
-        span.record("latency_us", started.elapsed().as_micros() as u64);
+        if let Some(started) = started {
+            span.record("latency_us", started.elapsed().as_micros() as u64);
+        }
         match &outcome {
             Ok(()) => {
                 span.record("outcome", tracing::field::display("ok"));
@@ -248,6 +298,7 @@ impl Dispatcher {
 
     /// Starts shutdown: stop taking messages, drain for the grace period, then cancel.
     pub(crate) async fn shutdown(&self, transport_tasks: Vec<JoinHandle<()>>) -> ShutdownReport {
+        self.draining_flag.store(true, Ordering::Release);
         self.draining.cancel();
         self.tracker.close();
         let started = Instant::now();

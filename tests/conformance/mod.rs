@@ -36,7 +36,7 @@ macro_rules! conformance_tests {
             unknown_pattern_gets_nests_reply, events_reach_every_handler, streams,
             thousand_requests_in_flight_out_of_order, deadlines_are_honoured_by_the_server,
             graceful_shutdown_drains_in_flight_requests, shutdown_past_the_grace_period_answers_everyone,
-            headers_reach_handlers, unit_replies_and_empty_streams);
+            headers_reach_handlers, unit_replies_and_empty_streams, a_panicking_handler_still_answers);
     };
     (@cases $make:expr; $($case:ident),*) => {$(
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -505,5 +505,33 @@ pub async fn unit_replies_and_empty_streams<H: Harness>(mut harness: H) {
     );
     let error = client.send::<u32>("noop", &()).await.unwrap_err();
     assert!(error.message().contains("no value"), "{error}");
+    server.shutdown().await;
+}
+
+pub async fn a_panicking_handler_still_answers<H: Harness>(mut harness: H) {
+    let router = Router::new()
+        .message("explode", || async {
+            if true {
+                panic!("handler bug");
+            }
+            "unreachable"
+        })
+        .message("ping", || async { "pong" });
+    let server = start(&mut harness, router).await;
+    let client = harness.client(Client::builder()).await;
+    let error = tokio::time::timeout(
+        Duration::from_secs(5),
+        client.send::<String>("explode", &()),
+    )
+    .await
+    .expect("the caller of a panicking handler was left waiting")
+    .unwrap_err();
+    assert_eq!(error.code(), Code::Internal);
+    assert_eq!(
+        error.err(),
+        json!({"status": "error", "message": INTERNAL_SERVER_ERROR})
+    );
+    // The server and the connection are fine.
+    assert_eq!(client.send::<String>("ping", &()).await.unwrap(), "pong");
     server.shutdown().await;
 }
