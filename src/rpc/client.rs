@@ -322,12 +322,22 @@ fn traceparent() -> String {
     static SEED: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
     let seed = *SEED.get_or_init(SharedRng::entropy);
     let n = SEQUENCE.fetch_add(1, Ordering::Relaxed);
-    format!(
-        "00-{:016x}{:016x}-{:016x}-01",
-        mix(seed ^ n),
-        mix(seed.rotate_left(17) ^ n),
-        mix(seed.rotate_left(41) ^ n) | 1
-    )
+    let mut text = String::with_capacity(55);
+    text.push_str("00-");
+    for word in [mix(seed ^ n), mix(seed.rotate_left(17) ^ n)] {
+        push_hex(&mut text, word);
+    }
+    text.push('-');
+    push_hex(&mut text, mix(seed.rotate_left(41) ^ n) | 1);
+    text.push_str("-01");
+    text
+}
+
+fn push_hex(text: &mut String, word: u64) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for shift in (0..16).rev() {
+        text.push(DIGITS[(word >> (shift * 4) & 0xF) as usize] as char);
+    }
 }
 
 /// The values of a streamed reply; see [`Client::send_stream`]. Ends after the last value, or
@@ -494,7 +504,11 @@ impl<P> ClientBuilder<P> {
     }
 
     /// Sends `key: value` with every message.
-    pub fn header(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+    pub fn header(
+        mut self,
+        key: impl Into<std::borrow::Cow<'static, str>>,
+        value: impl Into<String>,
+    ) -> Self {
         self.headers.insert(key, value);
         self
     }

@@ -79,6 +79,16 @@ impl Pattern {
         incoming_route(raw)
     }
 
+    /// This pattern as a NestJS server would route it after receiving it. A plain string pattern
+    /// (the common case) routes as itself: no new route string is built.
+    pub(crate) fn as_received(&self) -> Pattern {
+        if plain_string_route(&self.raw).is_some() && self.routable {
+            self.clone()
+        } else {
+            Pattern::from_wire(self.raw.clone())
+        }
+    }
+
     /// Whether a handler could be registered for this pattern's route.
     pub(crate) fn is_routable(&self) -> bool {
         self.routable
@@ -179,6 +189,20 @@ pub(crate) fn incoming_route(raw: &RawJson) -> Option<String> {
         Value::Number(_) | Value::Object(_) | Value::Array(_) => Some(route_of(&parsed)),
         Value::Bool(_) | Value::Null => None,
     }
+}
+
+/// The route of a string pattern that cannot parse as JSON (the common case: `"get-user"`), which
+/// routes as itself; `None` when the full algorithm is needed.
+fn plain_string_route(raw: &RawJson) -> Option<&str> {
+    let bytes = raw.as_bytes();
+    if bytes.len() < 2 || bytes[0] != b'"' || bytes.contains(&b'\\') {
+        return None;
+    }
+    let inner = &raw.as_str()[1..raw.as_str().len() - 1];
+    let may_parse = inner
+        .trim_start()
+        .starts_with(|c: char| matches!(c, '{' | '[' | '"' | '-' | '0'..='9' | 't' | 'f' | 'n'));
+    (!may_parse).then_some(inner)
 }
 
 /// NestJS's `transformPatternToRoute`.

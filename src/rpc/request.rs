@@ -1,5 +1,6 @@
 use super::{Pattern, RawJson};
 use crate::timeout::{Deadline, HasDeadline};
+use std::borrow::Cow;
 use std::fmt;
 use std::time::Duration;
 
@@ -22,7 +23,7 @@ pub enum Kind {
 ///
 /// Keys compare case-insensitively, as in HTTP and NATS.
 #[derive(Clone, Default, PartialEq, Eq)]
-pub struct Headers(Vec<(String, String)>);
+pub struct Headers(Vec<(Cow<'static, str>, String)>);
 
 impl Headers {
     /// No headers.
@@ -39,7 +40,7 @@ impl Headers {
     }
 
     /// Sets `key` (replacing a value it had).
-    pub fn insert(&mut self, key: impl Into<String>, value: impl Into<String>) {
+    pub fn insert(&mut self, key: impl Into<Cow<'static, str>>, value: impl Into<String>) {
         let key = key.into();
         let value = value.into();
         match self
@@ -73,7 +74,7 @@ impl Headers {
 
     /// All of them, in insertion order.
     pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
-        self.0.iter().map(|(k, v)| (k.as_str(), v.as_str()))
+        self.0.iter().map(|(k, v)| (&**k, v.as_str()))
     }
 }
 
@@ -83,7 +84,7 @@ impl fmt::Debug for Headers {
     }
 }
 
-impl<K: Into<String>, V: Into<String>> FromIterator<(K, V)> for Headers {
+impl<K: Into<Cow<'static, str>>, V: Into<String>> FromIterator<(K, V)> for Headers {
     fn from_iter<I: IntoIterator<Item = (K, V)>>(iter: I) -> Self {
         let mut headers = Headers::new();
         for (k, v) in iter {
@@ -167,6 +168,13 @@ impl RpcRequest {
             headers.insert(TIMEOUT_HEADER, millis.to_string());
         }
         headers
+    }
+
+    /// The request as a server receives it, handed over in memory: routed like a received pattern,
+    /// deadline and headers as they are.
+    pub(crate) fn into_received(mut self) -> Self {
+        self.pattern = self.pattern.as_received();
+        self
     }
 
     /// Rebuilds a request received by a server: the deadline comes from the timeout header.

@@ -3,13 +3,36 @@ use super::{Kind, Pattern, RpcError, RpcRequest};
 use futures_util::future::BoxFuture;
 use std::collections::HashMap;
 use std::fmt;
+use std::marker::PhantomData;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use tower::ServiceExt;
-use tower::util::BoxCloneSyncService;
 use tower_service::Service;
 
-type BoxHandler = BoxCloneSyncService<RpcRequest, Reply, RpcError>;
+/// A handler behind a pointer: calling it needs only `&self`, so dispatch clones nothing but the
+/// handler itself (a cheap clone: an async fn, or a closure over `Arc`s).
+trait ErasedHandler: Send + Sync {
+    fn call(&self, request: RpcRequest) -> BoxFuture<'static, Result<Reply, RpcError>>;
+}
+
+struct Erased<H, Args> {
+    handler: H,
+    _args: PhantomData<fn() -> Args>,
+}
+
+impl<H: Handler<Args>, Args> ErasedHandler for Erased<H, Args> {
+    fn call(&self, request: RpcRequest) -> BoxFuture<'static, Result<Reply, RpcError>> {
+        self.handler.clone().call(request)
+    }
+}
+
+type BoxHandler = Arc<dyn ErasedHandler>;
+
+fn erase<H: Handler<Args>, Args: 'static>(handler: H) -> BoxHandler {
+    Arc::new(Erased {
+        handler,
+        _args: PhantomData,
+    })
+}
 
 #[derive(Clone, Default)]
 struct Routes {
@@ -72,7 +95,7 @@ impl Router {
         Args: 'static,
     {
         let pattern = pattern.into();
-        let service = BoxCloneSyncService::new(super::handler_service(handler));
+        let service = erase(handler);
         let routes = Arc::make_mut(&mut self.routes);
         if routes
             .messages
@@ -91,7 +114,7 @@ impl Router {
         Args: 'static,
     {
         let pattern = pattern.into();
-        let service = BoxCloneSyncService::new(super::handler_service(handler));
+        let service = erase(handler);
         Arc::make_mut(&mut self.routes)
             .events
             .entry(pattern.route_arc().clone())
@@ -131,7 +154,7 @@ impl Router {
         let routable = request.pattern().is_routable();
         match request.kind() {
             Kind::Request => match routable.then(|| self.routes.messages.get(route)).flatten() {
-                Some(handler) => Box::pin(handler.clone().oneshot(request)),
+                Some(handler) => handler.call(request),
                 None => {
                     tracing::debug!(pattern = %route, "no message handler for the pattern");
                     Box::pin(std::future::ready(Err(RpcError::no_handler())))
@@ -161,7 +184,7 @@ impl Router {
                 }
                 Box::pin(async move {
                     for handler in handlers {
-                        if let Err(error) = handler.oneshot(request.clone()).await {
+                        if let Err(error) = handler.call(request.clone()).await {
                             tracing::error!(pattern = %request.pattern(), %error, "event handler failed");
                         }
                     }

@@ -6,14 +6,12 @@
 //! patterns get NestJS's no-handler reply, errors cross as their wire `err` value, handlers run in
 //! tasks of their own, and graceful shutdown drains them.
 
-use super::{ClientTransport, ReplyPacket, ReplyReceiver};
-use crate::rpc::pattern::Pattern;
+use super::{ClientTransport, ReplyPacket, ReplyReceiver, ReplySender, reply_channel};
 use crate::rpc::server::{Dispatcher, ReplySink, Server, ServerHandle};
 use crate::rpc::{Kind, RpcError, RpcRequest};
 use futures_util::future::BoxFuture;
 use std::fmt;
 use std::sync::{Arc, RwLock};
-use tokio::sync::mpsc;
 
 /// Packets a streamed reply may run ahead of its reader.
 const STREAM_BUFFER: usize = 16;
@@ -78,22 +76,17 @@ impl fmt::Debug for MemoryTransport {
     }
 }
 
-/// The request as a server receives it from the wire.
+/// The request as a server receives it (routed as received from the wire; the deadline is handed
+/// over as is, where a wire transport sends the time left).
 fn as_received(request: RpcRequest) -> RpcRequest {
-    let headers = request.wire_headers();
-    RpcRequest::received(
-        Pattern::from_wire(request.pattern().raw().clone()),
-        request.payload().clone(),
-        request.kind(),
-        headers,
-    )
+    request.into_received()
 }
 
-struct MemorySink(mpsc::Sender<ReplyPacket>);
+struct MemorySink(ReplySender);
 
 impl ReplySink for MemorySink {
     async fn send(&mut self, packet: ReplyPacket) -> bool {
-        self.0.send(packet).await.is_ok()
+        self.0.send(packet).await
     }
 }
 
@@ -102,12 +95,12 @@ impl ClientTransport for MemoryTransport {
         let dispatcher = self.dispatcher();
         Box::pin(async move {
             let dispatcher = dispatcher?;
-            let (sender, receiver) = mpsc::channel(STREAM_BUFFER);
+            let (sender, receiver) = reply_channel(Some(STREAM_BUFFER));
             debug_assert_eq!(request.kind(), Kind::Request);
             dispatcher
                 .dispatch(as_received(request), None, Some(MemorySink(sender)))
                 .await;
-            Ok(ReplyReceiver::bounded(receiver, None))
+            Ok(receiver)
         })
     }
 

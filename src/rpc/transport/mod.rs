@@ -16,7 +16,7 @@ use super::{RawJson, RpcError, RpcRequest};
 use futures_util::future::BoxFuture;
 use std::fmt;
 use std::future::Future;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 /// One reply packet for a request, as a client transport delivers it.
 #[derive(Clone, Debug, PartialEq)]
@@ -43,48 +43,137 @@ impl ReplyPacket {
     }
 }
 
-enum Channel {
+enum RestReceiver {
     Bounded(mpsc::Receiver<ReplyPacket>),
     Unbounded(mpsc::UnboundedReceiver<ReplyPacket>),
+}
+
+enum RestSender {
+    Bounded(mpsc::Sender<ReplyPacket>),
+    Unbounded(mpsc::UnboundedSender<ReplyPacket>),
+}
+
+type First = (ReplyPacket, Option<RestReceiver>);
+
+/// A channel for one request's reply packets: [`ReplySender`] for the transport,
+/// [`ReplyReceiver`] for the caller.
+///
+/// Most replies are a single packet, so the first packet travels through a oneshot; a channel for
+/// the rest is opened only when the first packet is not the last. `stream_buffer` bounds how far a
+/// streamed reply may run ahead of its reader (`None`: unbounded, for transports that cannot push
+/// back, like a connection's reader serving many requests).
+pub fn reply_channel(stream_buffer: Option<usize>) -> (ReplySender, ReplyReceiver) {
+    let (first, receiver) = oneshot::channel();
+    (
+        ReplySender {
+            first: Some(first),
+            rest: None,
+            stream_buffer,
+        },
+        ReplyReceiver {
+            state: ReceiverState::First(receiver),
+            _registration: None,
+        },
+    )
+}
+
+/// The transport's end of a [`reply_channel`].
+pub struct ReplySender {
+    first: Option<oneshot::Sender<First>>,
+    rest: Option<RestSender>,
+    stream_buffer: Option<usize>,
+}
+
+impl ReplySender {
+    /// Sends a packet, waiting for room if a bounded stream is full; `false` if the caller is gone.
+    pub async fn send(&mut self, packet: ReplyPacket) -> bool {
+        match &self.rest {
+            Some(RestSender::Bounded(rest)) => match rest.try_send(packet) {
+                Ok(()) => true,
+                // Waiting for room is rare; boxing it keeps every sender's future small.
+                Err(mpsc::error::TrySendError::Full(packet)) => {
+                    Box::pin(rest.send(packet)).await.is_ok()
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => false,
+            },
+            _ => self.try_send(packet),
+        }
+    }
+
+    /// Sends a packet without waiting; `false` if the caller is gone, or a bounded stream is full.
+    pub fn try_send(&mut self, packet: ReplyPacket) -> bool {
+        if let Some(first) = self.first.take() {
+            let rest = if packet.is_last() {
+                None
+            } else {
+                let (sender, receiver) = match self.stream_buffer {
+                    Some(buffer) => {
+                        let (tx, rx) = mpsc::channel(buffer.max(1));
+                        (RestSender::Bounded(tx), RestReceiver::Bounded(rx))
+                    }
+                    None => {
+                        let (tx, rx) = mpsc::unbounded_channel();
+                        (RestSender::Unbounded(tx), RestReceiver::Unbounded(rx))
+                    }
+                };
+                self.rest = Some(sender);
+                Some(receiver)
+            };
+            return first.send((packet, rest)).is_ok();
+        }
+        match &self.rest {
+            Some(RestSender::Bounded(rest)) => rest.try_send(packet).is_ok(),
+            Some(RestSender::Unbounded(rest)) => rest.send(packet).is_ok(),
+            None => false,
+        }
+    }
+}
+
+impl fmt::Debug for ReplySender {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ReplySender").finish_non_exhaustive()
+    }
+}
+
+enum ReceiverState {
+    First(oneshot::Receiver<First>),
+    Rest(RestReceiver),
+    Done,
 }
 
 /// The reply packets of one request, in order. Dropping it tells the transport the caller is no
 /// longer interested (later packets for the request are discarded).
 pub struct ReplyReceiver {
-    channel: Channel,
+    state: ReceiverState,
     // Held for its `Drop` (a transport unregisters the request there).
     _registration: Option<Box<dyn Send + Sync>>,
 }
 
 impl ReplyReceiver {
-    /// Packets from a bounded channel; `registration` is dropped with the receiver.
-    pub fn bounded(
-        receiver: mpsc::Receiver<ReplyPacket>,
-        registration: Option<Box<dyn Send + Sync>>,
-    ) -> Self {
-        ReplyReceiver {
-            channel: Channel::Bounded(receiver),
-            _registration: registration,
-        }
-    }
-
-    /// Packets from an unbounded channel; `registration` is dropped with the receiver.
-    pub fn unbounded(
-        receiver: mpsc::UnboundedReceiver<ReplyPacket>,
-        registration: Option<Box<dyn Send + Sync>>,
-    ) -> Self {
-        ReplyReceiver {
-            channel: Channel::Unbounded(receiver),
-            _registration: registration,
-        }
+    /// With `registration`, dropped together with the receiver (a transport forgets the request
+    /// there).
+    pub fn with_registration(mut self, registration: Box<dyn Send + Sync>) -> Self {
+        self._registration = Some(registration);
+        self
     }
 
     /// The next packet; `None` if the transport lost the request (it reports why by sending an
     /// `Unavailable` error packet first when it can).
     pub async fn recv(&mut self) -> Option<ReplyPacket> {
-        match &mut self.channel {
-            Channel::Bounded(receiver) => receiver.recv().await,
-            Channel::Unbounded(receiver) => receiver.recv().await,
+        match &mut self.state {
+            ReceiverState::First(first) => match first.await {
+                Ok((packet, rest)) => {
+                    self.state = rest.map_or(ReceiverState::Done, ReceiverState::Rest);
+                    Some(packet)
+                }
+                Err(_) => {
+                    self.state = ReceiverState::Done;
+                    None
+                }
+            },
+            ReceiverState::Rest(RestReceiver::Bounded(rest)) => rest.recv().await,
+            ReceiverState::Rest(RestReceiver::Unbounded(rest)) => rest.recv().await,
+            ReceiverState::Done => None,
         }
     }
 }

@@ -2,7 +2,9 @@ use super::codec::put_frame;
 use super::{FrameReader, TcpOptions, write_frames};
 use crate::rng::{SharedRng, mix};
 use crate::rpc::packet::{decode_reply, encode_request};
-use crate::rpc::transport::{ClientTransport, ReplyPacket, ReplyReceiver, error_json};
+use crate::rpc::transport::{
+    ClientTransport, ReplyPacket, ReplyReceiver, ReplySender, error_json, reply_channel,
+};
 use crate::rpc::{Kind, RawJson, RpcError, RpcRequest};
 use bytes::{Bytes, BytesMut};
 use futures_util::future::BoxFuture;
@@ -22,7 +24,7 @@ const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 /// ...up to here.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
-type Pending = HashMap<Bytes, mpsc::UnboundedSender<ReplyPacket>>;
+type Pending = HashMap<Bytes, ReplySender>;
 
 /// One open connection: its writer's queue and the requests waiting for replies.
 struct Connection {
@@ -50,8 +52,8 @@ impl Connection {
             );
         }
         let error = error_json(&RpcError::unavailable(format!("connection closed: {why}")));
-        for (_, replies) in waiting {
-            let _ = replies.send(ReplyPacket::Error(error.clone()));
+        for (_, mut replies) in waiting {
+            replies.try_send(ReplyPacket::Error(error.clone()));
         }
     }
 }
@@ -232,9 +234,9 @@ fn deliver(connection: &Connection, frame: &Bytes) -> Result<(), serde_json::Err
     let key = Bytes::copy_from_slice(id.as_bytes());
     let mut pending = connection.pending();
     let last = packet.is_last();
-    match pending.get(&key) {
+    match pending.get_mut(&key) {
         Some(replies) => {
-            let _ = replies.send(packet);
+            replies.try_send(packet);
             if last {
                 pending.remove(&key);
             }
@@ -287,7 +289,8 @@ impl ClientTransport for TcpTransport {
             let connection = transport.connection().await?;
             let id = transport.next_id();
             let key = Bytes::from(format!("\"{id}\""));
-            let (replies, receiver) = mpsc::unbounded_channel();
+            // Unbounded: the connection's reader must never wait on one slow caller.
+            let (replies, receiver) = reply_channel(None);
             {
                 let mut pending = connection.pending();
                 if connection.closed.load(Ordering::Acquire) {
@@ -307,10 +310,7 @@ impl ClientTransport for TcpTransport {
             {
                 return Err(RpcError::unavailable("connection closed"));
             }
-            Ok(ReplyReceiver::unbounded(
-                receiver,
-                Some(Box::new(registration)),
-            ))
+            Ok(receiver.with_registration(Box::new(registration)))
         })
     }
 
