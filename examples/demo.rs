@@ -1,91 +1,326 @@
-//! A circuit breaker tripping and recovering around a flaky service, printed as a timeline.
+//! palisade in ten seconds: an order service and a user service in one process, a client with a
+//! deadline, retries and a circuit breaker, and fault injection turning the server's errors and
+//! latency up and down. Watch the breaker trip, go half-open and recover.
 //!
-//! `cargo run --example demo` — no broker, no setup; finishes in about four seconds.
+//! ```text
+//! cargo run --example demo                   # embedded (in-memory) transport, no broker
+//! cargo run --example demo -- --transport tcp   # the same over NestJS-compatible TCP on loopback
+//! ```
 
-use palisade::circuit_breaker::{CircuitBreakerConfig, CircuitBreakerLayer, CircuitOpen};
+use palisade::builder::ServiceBuilderExt;
+use palisade::circuit_breaker::{CircuitBreakerConfig, CircuitState};
+use palisade::fault::FaultLayer;
+use palisade::retry::{Backoff, Jitter, RetryBudget, RetryPolicy};
+use palisade::rpc::transport::memory::MemoryTransport;
+use palisade::rpc::transport::tcp::{TcpServer, TcpTransport};
+use palisade::rpc::{Client, Code, Payload, Router, RpcError, Server, ServerHandle};
+use serde::{Deserialize, Serialize};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 use tokio::time::Instant;
-use tower::{BoxError, Service, ServiceBuilder, ServiceExt};
+
+#[derive(Serialize, Deserialize)]
+struct CreateOrder {
+    user_id: u64,
+    sku: String,
+    quantity: u32,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Order {
+    id: u64,
+    user_id: u64,
+    total_cents: u64,
+}
+
+#[derive(Serialize, Deserialize)]
+struct User {
+    id: u64,
+    name: String,
+}
+
+/// What the demo counts, second by second.
+#[derive(Default)]
+struct Counters {
+    requests: AtomicU64,
+    ok: AtomicU64,
+    failed: AtomicU64,
+    rejected: AtomicU64,
+    retries: AtomicU64,
+    events: AtomicU64,
+}
+
+impl Counters {
+    fn snapshot(&self) -> [u64; 6] {
+        [
+            self.requests.load(Ordering::Relaxed),
+            self.ok.load(Ordering::Relaxed),
+            self.failed.load(Ordering::Relaxed),
+            self.rejected.load(Ordering::Relaxed),
+            self.retries.load(Ordering::Relaxed),
+            self.events.load(Ordering::Relaxed),
+        ]
+    }
+}
+
+/// The fault script: (from second, error rate, added latency, what happens).
+const SCRIPT: [(u64, f64, u64, &str); 5] = [
+    (0, 0.0, 0, "healthy"),
+    (2, 0.1, 0, "flaky: 10% errors, retries absorb them"),
+    (4, 1.0, 0, "outage: every call fails, the breaker opens"),
+    (
+        7,
+        0.0,
+        250,
+        "slow: 250 ms latency on 20% of calls, attempts time out",
+    ),
+    (8, 0.0, 0, "recovered"),
+];
+const SECONDS: u64 = 10;
+
+fn router(counters: &Arc<Counters>) -> Router {
+    let next_order = Arc::new(AtomicU64::new(1000));
+    let inventory = Arc::clone(counters);
+    let notifications = Arc::clone(counters);
+    Router::new()
+        .message("get-user", |Payload(id): Payload<u64>| async move {
+            Ok::<_, RpcError>(User {
+                id,
+                name: format!("user{id}"),
+            })
+        })
+        .message(
+            "create-order",
+            move |Payload(order): Payload<CreateOrder>| {
+                let id = next_order.fetch_add(1, Ordering::Relaxed);
+                async move {
+                    if order.quantity == 0 {
+                        return Err(RpcError::invalid_argument("quantity must be at least 1"));
+                    }
+                    Ok(Order {
+                        id,
+                        user_id: order.user_id,
+                        total_cents: u64::from(order.quantity) * 1999,
+                    })
+                }
+            },
+        )
+        .event("order-created", move |Payload(_): Payload<Order>| {
+            inventory.events.fetch_add(1, Ordering::Relaxed);
+            async {}
+        })
+        .event("order-created", move |Payload(_): Payload<Order>| {
+            notifications.events.fetch_add(1, Ordering::Relaxed);
+            async {}
+        })
+}
 
 #[tokio::main]
-async fn main() -> Result<(), BoxError> {
-    let healthy = Arc::new(AtomicBool::new(true));
-    let breaker = CircuitBreakerLayer::new(
-        CircuitBreakerConfig::new("inventory")
-            .ttl(Duration::from_secs(1))
-            .max_failures(3)
-            .reset_timeout(Duration::from_millis(800)),
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let tcp = std::env::args().any(|a| a == "tcp" || a == "--transport=tcp");
+    let counters = Arc::new(Counters::default());
+
+    // The server: the router behind fault injection, which the script turns up and down.
+    let fault = FaultLayer::seeded(7);
+    let faults = fault.handle();
+    let server = Server::new(
+        tower::ServiceBuilder::new()
+            .fault(fault)
+            .service(router(&counters)),
+    )
+    .grace_period(Duration::from_secs(2));
+
+    // The client: 600 ms per request in all, up to 3 attempts of at most 150 ms each, retries
+    // limited to 20% of traffic, and a breaker that opens after 30 failures within 1 s.
+    let retries = Arc::clone(&counters);
+    let builder = Client::builder()
+        .timeout(Duration::from_millis(600))
+        .retry(
+            RetryPolicy::new(3)
+                .backoff(
+                    Backoff::exponential(Duration::from_millis(20), 2.0)
+                        .max_delay(Duration::from_millis(200)),
+                )
+                .jitter(Jitter::Full)
+                .budget(Arc::new(RetryBudget::new(Duration::from_secs(5), 5, 0.2)))
+                .on_retry(move |_| {
+                    retries.retries.fetch_add(1, Ordering::Relaxed);
+                }),
+        )
+        .circuit_breaker(
+            CircuitBreakerConfig::new("order-service")
+                .ttl(Duration::from_secs(1))
+                .max_failures(30)
+                .reset_timeout(Duration::from_millis(1200)),
+        )
+        .attempt_timeout(Duration::from_millis(150));
+    let (client, server): (Client, ServerHandle) = if tcp {
+        let listener = TcpServer::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let server = listener.serve(server);
+        (
+            builder.connect(TcpTransport::new(addr.to_string())).await?,
+            server,
+        )
+    } else {
+        let transport = MemoryTransport::new();
+        let server = transport.serve(server);
+        (builder.connect(transport).await?, server)
+    };
+    let breaker = client.circuit_breaker().expect("configured above").clone();
+    let mut changes = breaker.subscribe();
+
+    println!(
+        "palisade demo over the {} transport: 8 clients, ~160 requests/s, for {SECONDS} s\n",
+        if tcp {
+            "TCP (NestJS wire)"
+        } else {
+            "in-memory"
+        }
     );
-    let handle = breaker.handle();
-    let mut changes = handle.subscribe();
+    println!(" time   started   ok  failed  rejected  retries  breaker               server");
     let start = Instant::now();
-    tokio::spawn(async move {
-        while let Some(change) = changes.recv().await {
-            println!(
-                "{:>6.2}s  breaker {} -> {} ({})",
-                (change.at - start).as_secs_f64(),
-                change.from,
-                change.to,
-                change.reason
+    let stop_at = start + Duration::from_secs(SECONDS);
+
+    let workers: Vec<_> = (0..8u64)
+        .map(|worker| {
+            let client = client.clone();
+            let counters = Arc::clone(&counters);
+            tokio::spawn(async move {
+                let mut n = 0u64;
+                while Instant::now() < stop_at {
+                    n += 1;
+                    counters.requests.fetch_add(1, Ordering::Relaxed);
+                    let result = if n.is_multiple_of(2) {
+                        client
+                            .send::<User>("get-user", &(worker * 1000 + n))
+                            .await
+                            .map(drop)
+                    } else {
+                        let order = CreateOrder {
+                            user_id: worker,
+                            sku: format!("sku-{}", n % 7),
+                            quantity: 1 + (n % 3) as u32,
+                        };
+                        match client.send::<Order>("create-order", &order).await {
+                            Ok(order) => client.emit("order-created", &order).await,
+                            Err(error) => Err(error),
+                        }
+                    };
+                    let counter = match &result {
+                        Ok(()) => &counters.ok,
+                        Err(error) if is_rejection(error) => &counters.rejected,
+                        Err(_) => &counters.failed,
+                    };
+                    counter.fetch_add(1, Ordering::Relaxed);
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            })
+        })
+        .collect();
+
+    let mut previous = counters.snapshot();
+    let mut transitions = Vec::new();
+    for second in 0..SECONDS {
+        if let Some((_, errors, latency, _)) =
+            SCRIPT.iter().rev().find(|(from, ..)| *from == second)
+        {
+            faults.set_error_rate(*errors);
+            faults.set_latency(
+                Duration::from_millis(*latency),
+                if *latency > 0 { 0.2 } else { 0.0 },
             );
         }
-    });
-
-    let flag = Arc::clone(&healthy);
-    let mut inventory = ServiceBuilder::new()
-        .layer(breaker)
-        .service_fn(move |sku: u32| {
-            let healthy = flag.load(Ordering::Relaxed);
-            async move {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-                if healthy {
-                    Ok(sku * 10)
-                } else {
-                    Err::<u32, BoxError>("inventory database is down".into())
-                }
-            }
-        });
-
-    println!("  time  event");
-    for tick in 0..40u32 {
-        match tick {
-            8 => {
-                healthy.store(false, Ordering::Relaxed);
-                println!(
-                    "{:>6.2}s  -- the inventory service starts failing",
-                    start.elapsed().as_secs_f64()
-                );
-            }
-            26 => {
-                healthy.store(true, Ordering::Relaxed);
-                println!(
-                    "{:>6.2}s  -- the inventory service recovers",
-                    start.elapsed().as_secs_f64()
-                );
-            }
-            _ => {}
+        let (_, errors, latency, what) = SCRIPT
+            .iter()
+            .rev()
+            .find(|(from, ..)| *from <= second)
+            .expect("the script starts at 0");
+        tokio::time::sleep_until(start + Duration::from_secs(second + 1)).await;
+        let now = counters.snapshot();
+        let delta: Vec<u64> = now.iter().zip(previous).map(|(a, b)| a - b).collect();
+        previous = now;
+        let mut states = Vec::new();
+        while let Some(change) = changes.try_recv() {
+            states.push(change.to);
+            transitions.push(((change.at - start).as_secs_f64(), change.from, change.to));
         }
-        let outcome = match inventory.ready().await?.call(tick).await {
-            Ok(stock) => format!("ok ({stock})"),
-            Err(error) if error.is::<CircuitOpen>() => format!("rejected: {error}"),
-            Err(error) => format!("failed: {error}"),
+        let state = if states.is_empty() {
+            breaker.state().to_string()
+        } else {
+            states
+                .iter()
+                .map(|s| short(*s))
+                .collect::<Vec<_>>()
+                .join("→")
         };
+        let _ = (errors, latency);
         println!(
-            "{:>6.2}s  call {tick:>2}: {outcome}",
-            start.elapsed().as_secs_f64()
+            "{:>4}s  {:>8}  {:>4}  {:>6}  {:>8}  {:>7}  {:<21} {what}",
+            second + 1,
+            delta[0],
+            delta[1],
+            delta[2],
+            delta[3],
+            delta[4],
+            state
         );
-        tokio::time::sleep(Duration::from_millis(90)).await;
     }
-    let metrics = handle.metrics();
+    for worker in workers {
+        worker.await?;
+    }
+    let report = server.shutdown().await;
+
+    let totals = counters.snapshot();
+    let metrics = breaker.metrics();
+    println!("\nsummary");
+    println!("  requests            {:>6}", totals[0]);
     println!(
-        "\nsummary: {} calls went through, {} failed, {} were rejected without touching the service; {} state changes; final state {}",
-        metrics.calls,
-        metrics.failures,
-        metrics.rejections,
-        metrics.transitions,
-        handle.state()
+        "  succeeded           {:>6}  ({:.1}%)",
+        totals[1],
+        100.0 * totals[1] as f64 / totals[0].max(1) as f64
+    );
+    println!(
+        "  failed              {:>6}  (after retries, or deadline exceeded)",
+        totals[2]
+    );
+    println!(
+        "  rejected fast       {:>6}  (circuit open: no call reached the server)",
+        totals[3]
+    );
+    println!(
+        "  retries             {:>6}  (capped at 20% of traffic by the retry budget)",
+        totals[4]
+    );
+    println!(
+        "  events handled      {:>6}  (order-created: inventory + notifications)",
+        totals[5]
+    );
+    println!(
+        "  breaker             {} calls through, {} failures counted, {} transitions",
+        metrics.calls, metrics.failures, metrics.transitions
+    );
+    for (at, from, to) in transitions {
+        println!("      {at:>5.2}s  {from} -> {to}");
+    }
+    println!(
+        "  shutdown            drained: {}, took {:?}",
+        report.drained, report.took
     );
     Ok(())
+}
+
+fn is_rejection(error: &RpcError) -> bool {
+    error.code() == Code::Unavailable && error.message().starts_with("circuit ")
+}
+
+fn short(state: CircuitState) -> &'static str {
+    match state {
+        CircuitState::Closed => "closed",
+        CircuitState::Open => "OPEN",
+        CircuitState::HalfOpen => "half",
+        CircuitState::ForcedOpen => "forced-open",
+        CircuitState::ForcedClosed => "forced-closed",
+    }
 }
