@@ -201,14 +201,13 @@ impl Dispatcher {
         );
         self.in_flight.fetch_add(1, Ordering::AcqRel);
         let dispatcher = Arc::clone(self);
-        let fut = async move {
-            let _in_flight = InFlight(&dispatcher.in_flight);
-            dispatcher.handle(request, sink, permit).await;
-        }
-        .instrument(span);
-        static ONCE: std::sync::Once = std::sync::Once::new();
-        ONCE.call_once(|| eprintln!("dispatch task future: {}", std::mem::size_of_val(&fut)));
-        self.tracker.spawn(fut);
+        self.tracker.spawn(
+            async move {
+                let _in_flight = InFlight(&dispatcher.in_flight);
+                dispatcher.handle(request, sink, permit).await;
+            }
+            .instrument(span),
+        );
     }
 
     async fn handle<K: ReplySink>(
