@@ -26,8 +26,12 @@ const MAX_KEYS: usize = 20;
 /// assert_eq!(Pattern::from(42).route(), "42");
 /// let sum = Pattern::from(json!({ "role": "math", "cmd": "sum" }));
 /// assert_eq!(sum.route(), r#"{"cmd":"sum","role":"math"}"#);
-/// assert_eq!(sum.raw().as_str(), r#"{"cmd":"sum","role":"math"}"#); // serde_json's own order
+/// assert_eq!(sum.raw().as_str(), r#"{"role":"math","cmd":"sum"}"#); // as written, like JS
 /// ```
+///
+/// palisade builds `serde_json` with `preserve_order`, so objects keep their keys in the order they
+/// were written or received, as JavaScript objects do; replies that echo JSON are then
+/// byte-identical to NestJS's.
 ///
 /// Key order: for ASCII keys palisade reproduces the ICU root collation that Node's
 /// `localeCompare` uses (punctuation before digits before letters, letters case-insensitively
