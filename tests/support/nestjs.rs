@@ -39,3 +39,58 @@ pub fn node(script: &str) -> Command {
     command.arg(script).current_dir(dir());
     command
 }
+
+/// A running NestJS service (`tests/nestjs/service.js`); killed when dropped.
+pub struct NestService {
+    child: std::process::Child,
+}
+
+impl NestService {
+    /// Starts `node service.js <args>` and waits until it listens.
+    pub fn start(args: &[&str]) -> NestService {
+        use std::io::{BufRead, BufReader};
+        let mut child = node("service.js")
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("run node");
+        let stdout = child.stdout.take().unwrap();
+        let mut lines = BufReader::new(stdout).lines();
+        loop {
+            match lines.next() {
+                Some(Ok(line)) if line.trim() == "ready" => break,
+                Some(_) => {}
+                None => panic!(
+                    "the NestJS service exited before listening: {:?}",
+                    child.wait()
+                ),
+            }
+        }
+        std::thread::spawn(move || lines.for_each(drop));
+        NestService { child }
+    }
+}
+
+impl Drop for NestService {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs `node client.js <args>` (a NestJS ClientProxy going through the interop cases) and
+/// returns its JSON report.
+pub fn run_client(args: &[&str]) -> serde_json::Value {
+    let output = node("client.js").args(args).output().expect("run node");
+    assert!(
+        output.status.success(),
+        "the NestJS client failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with('{'))
+        .expect("a JSON report");
+    serde_json::from_str(line).unwrap()
+}

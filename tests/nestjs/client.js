@@ -1,0 +1,44 @@
+// A NestJS ClientProxy calling a service (palisade's, in the tests) on TCP or NATS, through the
+// cases of the interop suite. Prints one JSON object with every result.
+//   node client.js tcp <port>
+//   node client.js nats <url>
+'use strict';
+const { ClientProxyFactory, Transport } = require('@nestjs/microservices');
+const { firstValueFrom, lastValueFrom, toArray } = require('rxjs');
+
+async function outcome(observable) {
+  try {
+    return { value: await lastValueFrom(observable) };
+  } catch (err) {
+    return { error: err instanceof Error ? { errorMessage: err.message } : err };
+  }
+}
+
+async function main() {
+  const [transport, address] = process.argv.slice(2);
+  const client = ClientProxyFactory.create(transport === 'tcp'
+    ? { transport: Transport.TCP, options: { host: '127.0.0.1', port: Number(address) } }
+    : { transport: Transport.NATS, options: { servers: [address] } });
+  await client.connect();
+  const unicode = { ms: 0, text: 'héllo wörld ✓ € 日本語 😀🚀 end', nested: { 'ключ': 'значение', emoji: '👍🏽' } };
+  const results = {
+    getUser: await outcome(client.send('get-user', { id: '42' })),
+    missing: await outcome(client.send('get-user', { id: 'missing' })),
+    sum: await outcome(client.send({ cmd: 'sum' }, [5, 6])),
+    sumReordered: await outcome(client.send({ cmd: 'sum', role: 'math' }, [20, 22])),
+    sumRouteString: await outcome(client.send('{"cmd":"sum","role":"math"}', [1, 2])),
+    fail: await outcome(client.send('fail', {})),
+    crash: await outcome(client.send('crash', {})),
+    unknown: await outcome(client.send('no-such-pattern', { x: 1 })),
+    unicode: await outcome(client.send('slow', unicode)),
+    count: await outcome(client.send('count', 3).pipe(toArray())),
+    nothing: await outcome(client.send('nothing', {}).pipe(toArray())),
+  };
+  await firstValueFrom(client.emit('user-created', { id: 'ev-1', name: 'Ann' }), { defaultValue: null });
+  await firstValueFrom(client.emit({ cmd: 'user-created-object' }, { id: 'ev-2' }), { defaultValue: null });
+  await new Promise((resolve) => setTimeout(resolve, 200));
+  results.events = await outcome(client.send('last-events', {}));
+  process.stdout.write(JSON.stringify(results) + '\n');
+  await client.close();
+}
+main().catch((e) => { console.error(e); process.exit(1); });

@@ -1,0 +1,70 @@
+// A NestJS microservice with the handlers of nestjs-wire.md's capture, on TCP or NATS.
+//   node service.js tcp <port>
+//   node service.js nats <url> [queue]
+// Prints "ready" once listening.
+'use strict';
+require('reflect-metadata');
+const { Controller, Module } = require('@nestjs/common');
+const { NestFactory } = require('@nestjs/core');
+const { MessagePattern, EventPattern, RpcException, Transport } = require('@nestjs/microservices');
+const { timer, map, take } = require('rxjs');
+
+const events = [];
+
+class UsersController {
+  getUser(data) {
+    if (data.id === 'missing') {
+      throw new RpcException({ code: 'USER_NOT_FOUND', message: `user ${data.id} not found` });
+    }
+    return { id: data.id, username: `user${data.id}`, email: `user${data.id}@example.com` };
+  }
+  sum(numbers) { return numbers.reduce((a, b) => a + b, 0); }
+  sumMath(numbers) { return numbers.reduce((a, b) => a + b, 0); }
+  fail() { throw new RpcException('boom'); }
+  crash() { throw new Error('the database password is hunter2'); }
+  async slow(data) {
+    await new Promise((resolve) => setTimeout(resolve, data.ms || 0));
+    return data;
+  }
+  count(n) { return timer(0, 5).pipe(map((i) => i + 1), take(n)); }
+  nothing() { return undefined; }
+  userCreated(data) { events.push(data); }
+  lastEvents() { return events; }
+  headers(data, context) {
+    const getHeaders = context && context.getHeaders && context.getHeaders();
+    if (!getHeaders) return null;
+    const out = {};
+    for (const [key, values] of getHeaders.headers || []) out[key] = values[0];
+    return out;
+  }
+}
+
+const decorate = (decorator, name) =>
+  Reflect.decorate([decorator], UsersController.prototype, name,
+    Object.getOwnPropertyDescriptor(UsersController.prototype, name));
+decorate(MessagePattern('get-user'), 'getUser');
+decorate(MessagePattern({ cmd: 'sum' }), 'sum');
+decorate(MessagePattern({ role: 'math', cmd: 'sum' }), 'sumMath');
+decorate(MessagePattern('fail'), 'fail');
+decorate(MessagePattern('crash'), 'crash');
+decorate(MessagePattern('slow'), 'slow');
+decorate(MessagePattern('count'), 'count');
+decorate(MessagePattern('nothing'), 'nothing');
+decorate(EventPattern('user-created'), 'userCreated');
+decorate(MessagePattern('last-events'), 'lastEvents');
+decorate(MessagePattern('headers'), 'headers');
+Reflect.decorate([Controller()], UsersController);
+
+class AppModule {}
+Reflect.decorate([Module({ controllers: [UsersController] })], AppModule);
+
+async function main() {
+  const [transport, address, queue] = process.argv.slice(2);
+  const options = transport === 'tcp'
+    ? { transport: Transport.TCP, options: { host: '127.0.0.1', port: Number(address) } }
+    : { transport: Transport.NATS, options: { servers: [address], queue: queue || undefined } };
+  const app = await NestFactory.createMicroservice(AppModule, { ...options, logger: ['error', 'warn'] });
+  await app.listen();
+  process.stdout.write('ready\n');
+}
+main().catch((e) => { console.error(e); process.exit(1); });
