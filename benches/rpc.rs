@@ -8,7 +8,6 @@ use palisade::rpc::transport::memory::MemoryTransport;
 use palisade::rpc::transport::tcp::{TcpServer, TcpTransport};
 use palisade::rpc::{Client, Payload, Router, Server};
 use std::future::Future;
-use std::hint::black_box;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -18,6 +17,10 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Mutex, mpsc, oneshot};
 
 const IN_FLIGHT: u64 = 64;
+
+#[path = "../tests/support/nestjs.rs"]
+#[allow(dead_code)]
+mod nestjs;
 
 #[tarpc::service]
 trait Echo {
@@ -42,20 +45,21 @@ fn router(events: Arc<AtomicU64>) -> Router {
         })
 }
 
-/// Runs `iters` calls of `call`, `IN_FLIGHT` at a time, and returns the wall time.
-async fn concurrently<F, Fut>(iters: u64, call: F) -> Duration
+/// Runs exactly `iters` calls of `call`, `in_flight` at a time, in runtime tasks (a caller parked
+/// on the bench's main thread would add a thread wake-up to every call), and returns the wall time.
+async fn in_tasks<F, Fut>(iters: u64, in_flight: u64, call: F) -> Duration
 where
     F: Fn(u64) -> Fut + Clone + Send + 'static,
     Fut: Future<Output = ()> + Send,
 {
     let start = Instant::now();
-    let per_task = iters.div_ceil(IN_FLIGHT);
-    let tasks: Vec<_> = (0..IN_FLIGHT)
+    let tasks: Vec<_> = (0..in_flight.min(iters))
         .map(|task| {
             let call = call.clone();
+            let share = iters / in_flight + u64::from(task < iters % in_flight);
             tokio::spawn(async move {
-                for i in 0..per_task {
-                    call(task * per_task + i).await;
+                for i in 0..share {
+                    call(task + i * in_flight).await;
                 }
             })
         })
@@ -195,70 +199,48 @@ fn in_process(c: &mut Criterion) {
         let client = Client::builder().connect(transport).await.unwrap();
         (bare_channel(), client, tarpc_in_process())
     });
-
-    let mut group = c.benchmark_group("rpc/in_process/sequential");
-    group.bench_function("bare mpsc+oneshot", |b| {
-        b.to_async(&runtime)
-            .iter(|| async { black_box(bare_call(&bare, 7).await) })
-    });
-    group.bench_function("palisade send", |b| {
-        b.to_async(&runtime)
-            .iter(|| async { black_box(palisade.send::<u64>("echo", &7).await.unwrap()) })
-    });
-    group.bench_function("palisade emit", |b| {
-        b.to_async(&runtime)
-            .iter(|| async { palisade.emit("tick", &7).await.unwrap() })
-    });
-    group.bench_function("tarpc", |b| {
-        b.to_async(&runtime)
-            .iter(|| async { black_box(tarpc.echo(tarpc::context::current(), 7).await.unwrap()) })
-    });
-    group.finish();
-
-    let mut group = c.benchmark_group("rpc/in_process/64_in_flight");
-    group.bench_function("bare mpsc+oneshot", |b| {
-        b.to_async(&runtime).iter_custom(|iters| {
-            let bare = bare.clone();
-            concurrently(iters, move |x| {
+    for (name, in_flight) in [("sequential", 1), ("64_in_flight", IN_FLIGHT)] {
+        let mut group = c.benchmark_group(format!("rpc/in_process/{name}"));
+        group.bench_function("bare mpsc+oneshot", |b| {
+            b.to_async(&runtime).iter_custom(|iters| {
                 let bare = bare.clone();
-                async move {
-                    black_box(bare_call(&bare, x).await);
-                }
+                in_tasks(iters, in_flight, move |x| {
+                    let bare = bare.clone();
+                    async move { assert_eq!(bare_call(&bare, x).await, x) }
+                })
             })
-        })
-    });
-    group.bench_function("palisade send", |b| {
-        b.to_async(&runtime).iter_custom(|iters| {
-            let client = palisade.clone();
-            concurrently(iters, move |x| {
-                let client = client.clone();
-                async move {
-                    assert_eq!(client.send::<u64>("echo", &x).await.unwrap(), x);
-                }
+        });
+        group.bench_function("palisade send", |b| {
+            b.to_async(&runtime).iter_custom(|iters| {
+                let client = palisade.clone();
+                in_tasks(iters, in_flight, move |x| {
+                    let client = client.clone();
+                    async move { assert_eq!(client.send::<u64>("echo", &x).await.unwrap(), x) }
+                })
             })
-        })
-    });
-    group.bench_function("palisade emit", |b| {
-        b.to_async(&runtime).iter_custom(|iters| {
-            let client = palisade.clone();
-            concurrently(iters, move |x| {
-                let client = client.clone();
-                async move { client.emit("tick", &x).await.unwrap() }
+        });
+        group.bench_function("palisade emit", |b| {
+            b.to_async(&runtime).iter_custom(|iters| {
+                let client = palisade.clone();
+                in_tasks(iters, in_flight, move |x| {
+                    let client = client.clone();
+                    async move { client.emit("tick", &x).await.unwrap() }
+                })
             })
-        })
-    });
-    group.bench_function("tarpc", |b| {
-        b.to_async(&runtime).iter_custom(|iters| {
-            let client = tarpc.clone();
-            concurrently(iters, move |x| {
-                let client = client.clone();
-                async move {
-                    assert_eq!(client.echo(tarpc::context::current(), x).await.unwrap(), x);
-                }
+        });
+        group.bench_function("tarpc", |b| {
+            b.to_async(&runtime).iter_custom(|iters| {
+                let client = tarpc.clone();
+                in_tasks(iters, in_flight, move |x| {
+                    let client = client.clone();
+                    async move {
+                        assert_eq!(client.echo(tarpc::context::current(), x).await.unwrap(), x)
+                    }
+                })
             })
-        })
-    });
-    group.finish();
+        });
+        group.finish();
+    }
 }
 
 fn over_tcp(c: &mut Criterion) {
@@ -280,57 +262,148 @@ fn over_tcp(c: &mut Criterion) {
             .unwrap();
         (raw_echo().await, client, tarpc_tcp().await)
     });
-
-    let mut group = c.benchmark_group("rpc/tcp/sequential");
-    group.bench_function("raw length-prefixed echo", |b| {
-        b.to_async(&runtime)
-            .iter(|| async { black_box(raw.call(7).await) })
-    });
-    group.bench_function("palisade send", |b| {
-        b.to_async(&runtime)
-            .iter(|| async { black_box(palisade.send::<u64>("echo", &7).await.unwrap()) })
-    });
-    group.bench_function("tarpc", |b| {
-        b.to_async(&runtime)
-            .iter(|| async { black_box(tarpc.echo(tarpc::context::current(), 7).await.unwrap()) })
-    });
-    group.finish();
-
-    let mut group = c.benchmark_group("rpc/tcp/64_in_flight");
-    group.bench_function("raw length-prefixed echo", |b| {
-        b.to_async(&runtime).iter_custom(|iters| {
-            let raw = Arc::clone(&raw);
-            concurrently(iters, move |x| {
+    for (name, in_flight) in [("sequential", 1), ("64_in_flight", IN_FLIGHT)] {
+        let mut group = c.benchmark_group(format!("rpc/tcp/{name}"));
+        group.bench_function("raw length-prefixed echo", |b| {
+            b.to_async(&runtime).iter_custom(|iters| {
                 let raw = Arc::clone(&raw);
-                async move {
-                    black_box(raw.call(x).await);
-                }
+                in_tasks(iters, in_flight, move |x| {
+                    let raw = Arc::clone(&raw);
+                    async move { assert_eq!(raw.call(x).await, x) }
+                })
             })
-        })
+        });
+        group.bench_function("palisade send", |b| {
+            b.to_async(&runtime).iter_custom(|iters| {
+                let client = palisade.clone();
+                in_tasks(iters, in_flight, move |x| {
+                    let client = client.clone();
+                    async move { assert_eq!(client.send::<u64>("echo", &x).await.unwrap(), x) }
+                })
+            })
+        });
+        group.bench_function("tarpc", |b| {
+            b.to_async(&runtime).iter_custom(|iters| {
+                let client = tarpc.clone();
+                in_tasks(iters, in_flight, move |x| {
+                    let client = client.clone();
+                    async move {
+                        assert_eq!(client.echo(tarpc::context::current(), x).await.unwrap(), x)
+                    }
+                })
+            })
+        });
+        group.finish();
+    }
+}
+
+/// NestJS on the same machine, for the README: every pairing of {palisade, NestJS} client and
+/// {palisade, NestJS} server, measured the same way — 20 000 echo requests after a warm-up (Node's
+/// JIT needs one), one at a time and 64 in flight — and printed as requests per second. (Criterion
+/// cannot time the Node client, so this group reports rather than samples.)
+fn against_nestjs(_: &mut Criterion) {
+    const REQUESTS: u64 = 20_000;
+    if std::process::Command::new("node")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!("node is not installed; skipping the NestJS comparison");
+        return;
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let nest_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let nest = nestjs::NestService::start(&["tcp", &nest_port.to_string()]);
+    let palisade_port = runtime.block_on(async {
+        let server = TcpServer::bind("127.0.0.1:0")
+            .await
+            .unwrap()
+            .serve(Server::new(router(Arc::default())));
+        let port = server.local_addr().unwrap().port();
+        std::mem::forget(server);
+        port
     });
-    group.bench_function("palisade send", |b| {
-        b.to_async(&runtime).iter_custom(|iters| {
-            let client = palisade.clone();
-            concurrently(iters, move |x| {
+    let palisade_client = |port: u16, in_flight: u64| -> f64 {
+        runtime.block_on(async move {
+            let client = Client::builder()
+                .connect(TcpTransport::new(format!("127.0.0.1:{port}")))
+                .await
+                .unwrap();
+            let call = move |x: u64| {
                 let client = client.clone();
+                async move { assert_eq!(client.send::<u64>("echo", &x).await.unwrap(), x) }
+            };
+            let run = |count: u64| {
+                let call = call.clone();
                 async move {
-                    assert_eq!(client.send::<u64>("echo", &x).await.unwrap(), x);
+                    let start = Instant::now();
+                    let per_task = count / in_flight;
+                    let tasks: Vec<_> = (0..in_flight)
+                        .map(|task| {
+                            let call = call.clone();
+                            tokio::spawn(async move {
+                                for i in 0..per_task {
+                                    call(task * per_task + i).await;
+                                }
+                            })
+                        })
+                        .collect();
+                    for task in tasks {
+                        task.await.unwrap();
+                    }
+                    (per_task * in_flight) as f64 / start.elapsed().as_secs_f64()
                 }
-            })
+            };
+            run(REQUESTS / 2).await; // warm-up
+            run(REQUESTS).await
         })
-    });
-    group.bench_function("tarpc", |b| {
-        b.to_async(&runtime).iter_custom(|iters| {
-            let client = tarpc.clone();
-            concurrently(iters, move |x| {
-                let client = client.clone();
-                async move {
-                    assert_eq!(client.echo(tarpc::context::current(), x).await.unwrap(), x);
-                }
-            })
-        })
-    });
-    group.finish();
+    };
+    let node_client = |port: u16, in_flight: u64| -> f64 {
+        let output = nestjs::node("bench-client.js")
+            .args([
+                port.to_string(),
+                REQUESTS.to_string(),
+                in_flight.to_string(),
+            ])
+            .output()
+            .unwrap();
+        let report: serde_json::Value =
+            serde_json::from_slice(&output.stdout).expect("bench-client.js report");
+        report["per_second"].as_f64().unwrap()
+    };
+    // Warm NestJS's server up before measuring it.
+    node_client(nest_port, 64);
+    println!("\nrequests/s over loopback TCP (echo), {REQUESTS} requests:");
+    println!("  client → server          1 in flight   64 in flight");
+    for (name, port) in [
+        ("palisade → palisade", palisade_port),
+        ("palisade → NestJS  ", nest_port),
+    ] {
+        println!(
+            "  {name}   {:>11.0}   {:>12.0}",
+            palisade_client(port, 1),
+            palisade_client(port, 64)
+        );
+    }
+    for (name, port) in [
+        ("NestJS   → palisade", palisade_port),
+        ("NestJS   → NestJS  ", nest_port),
+    ] {
+        println!(
+            "  {name}   {:>11.0}   {:>12.0}",
+            node_client(port, 1),
+            node_client(port, 64)
+        );
+    }
+    drop(nest);
 }
 
 criterion_group! {
@@ -338,6 +411,6 @@ criterion_group! {
     config = Criterion::default()
         .warm_up_time(Duration::from_millis(500))
         .measurement_time(Duration::from_secs(3));
-    targets = in_process, over_tcp
+    targets = in_process, over_tcp, against_nestjs
 }
 criterion_main!(benches);

@@ -28,6 +28,7 @@ class UsersController {
   }
   count(n) { return timer(0, 5).pipe(map((i) => i + 1), take(n)); }
   nothing() { return undefined; }
+  echo(x) { return x; }
   userCreated(data) { events.push(data); }
   lastEvents() { return events; }
   headers(data, context) {
@@ -50,6 +51,7 @@ decorate(MessagePattern('crash'), 'crash');
 decorate(MessagePattern('slow'), 'slow');
 decorate(MessagePattern('count'), 'count');
 decorate(MessagePattern('nothing'), 'nothing');
+decorate(MessagePattern('echo'), 'echo');
 decorate(EventPattern('user-created'), 'userCreated');
 decorate(MessagePattern('last-events'), 'lastEvents');
 decorate(MessagePattern('headers'), 'headers');
