@@ -19,7 +19,6 @@ use tokio::sync::{Mutex, mpsc, oneshot};
 const IN_FLIGHT: u64 = 64;
 
 #[path = "../tests/support/nestjs.rs"]
-#[allow(dead_code)]
 mod nestjs;
 
 #[tarpc::service]
