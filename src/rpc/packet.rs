@@ -148,6 +148,9 @@ pub(crate) struct IncomingPacket {
     /// Present (even `null`) makes the message a request; absent, an event.
     pub(crate) id: Option<RawJson>,
     pub(crate) headers: Headers,
+    /// Not a NestJS packet (not an object, or neither `pattern` nor `data`): transports with a
+    /// channel treat the whole message as `data` sent to the channel's pattern.
+    pub(crate) external: bool,
 }
 
 /// Reads a message from a frame holding valid JSON. Like a NestJS server: a value that is not an
@@ -164,6 +167,7 @@ pub(crate) fn decode_incoming(frame: &Bytes) -> Result<IncomingPacket, serde_jso
             data: RawJson::null(),
             id: None,
             headers: Headers::new(),
+            external: true,
         });
     }
     let packet: RawPacket<'_> = serde_json::from_slice(frame)?;
@@ -180,6 +184,7 @@ pub(crate) fn decode_incoming(frame: &Bytes) -> Result<IncomingPacket, serde_jso
             packet.id.map(|raw| slice(frame, raw))
         },
         headers: parse_headers(packet.headers),
+        external,
     })
 }
 

@@ -75,6 +75,16 @@ impl Pattern {
         }
     }
 
+    /// A received pattern routed by the channel it arrived on (NATS routes by subject, whatever
+    /// pattern the message body names).
+    pub(crate) fn on_channel(route: &str, raw: RawJson) -> Self {
+        Pattern {
+            route: route.into(),
+            raw,
+            routable: true,
+        }
+    }
+
     /// The route a NestJS server dispatches a received pattern on: a string pattern is first
     /// `JSON.parse`d if it parses (so `"42"` routes like `42`, and the route string of an object
     /// pattern routes like the object), then normalised. `None` for patterns no NestJS handler can

@@ -105,6 +105,9 @@ pub struct RpcRequest {
     kind: Kind,
     headers: Headers,
     deadline: Option<Deadline>,
+    /// An event whose handler failures must be reported (durable events are redelivered on
+    /// failure) rather than only logged.
+    report_failures: bool,
 }
 
 impl RpcRequest {
@@ -116,6 +119,7 @@ impl RpcRequest {
             kind: Kind::Request,
             headers: Headers::new(),
             deadline: None,
+            report_failures: false,
         }
     }
 
@@ -194,7 +198,18 @@ impl RpcRequest {
             kind,
             headers,
             deadline,
+            report_failures: false,
         }
+    }
+
+    /// Makes an event report its handlers' failures instead of only logging them.
+    pub(crate) fn reporting_failures(mut self) -> Self {
+        self.report_failures = true;
+        self
+    }
+
+    pub(crate) fn reports_failures(&self) -> bool {
+        self.report_failures
     }
 }
 

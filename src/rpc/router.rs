@@ -148,6 +148,20 @@ impl Router {
         patterns
     }
 
+    /// The routes of message handlers and of event handlers (what a broker transport subscribes to).
+    pub(crate) fn routes(&self) -> (Vec<String>, Vec<String>) {
+        (
+            self.message_patterns()
+                .into_iter()
+                .map(str::to_owned)
+                .collect(),
+            self.event_patterns()
+                .into_iter()
+                .map(str::to_owned)
+                .collect(),
+        )
+    }
+
     /// Dispatches one message (what [`Service::call`] does).
     pub fn dispatch(&self, request: RpcRequest) -> BoxFuture<'static, Result<Reply, RpcError>> {
         let route = request.pattern().route();
@@ -183,12 +197,17 @@ impl Router {
                     return Box::pin(std::future::ready(Ok(Reply::Empty)));
                 }
                 Box::pin(async move {
+                    let mut first_failure = None;
                     for handler in handlers {
                         if let Err(error) = handler.call(request.clone()).await {
                             tracing::error!(pattern = %request.pattern(), %error, "event handler failed");
+                            first_failure.get_or_insert(error);
                         }
                     }
-                    Ok(Reply::Empty)
+                    match first_failure {
+                        Some(error) if request.reports_failures() => Err(error),
+                        _ => Ok(Reply::Empty),
+                    }
                 })
             }
         }

@@ -76,6 +76,15 @@ impl Server {
         self
     }
 
+    /// The routes of the message and event handlers, when the server runs a [`Router`] directly
+    /// (a broker transport subscribes to them).
+    pub(crate) fn routes(&self) -> Option<(Vec<String>, Vec<String>)> {
+        match &self.service {
+            Target::Router(router) => Some(router.routes()),
+            Target::Service(_) => None,
+        }
+    }
+
     pub(crate) fn into_dispatcher(self, transport: &'static str) -> Arc<Dispatcher> {
         Arc::new(Dispatcher {
             service: self.service,
@@ -295,6 +304,30 @@ impl Dispatcher {
         }
     }
 
+    /// Handles an event to completion in the caller's task and reports the outcome (durable events
+    /// are acknowledged only when every handler succeeded). Counts as in flight for shutdown.
+    pub(crate) async fn handle_now(&self, request: RpcRequest) -> Result<(), RpcError> {
+        if self.is_draining() {
+            return Err(RpcError::unavailable("the server is shutting down"));
+        }
+        let _token = self.tracker.token();
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        let _in_flight = InFlight(&self.in_flight);
+        let handling =
+            AssertUnwindSafe(self.service.call(request.reporting_failures())).catch_unwind();
+        tokio::select! {
+            biased;
+            _ = self.abort.cancelled() => Err(RpcError::unavailable("the server shut down before the handler finished")),
+            outcome = handling => match outcome {
+                Ok(result) => result.map(drop),
+                Err(_) => {
+                    tracing::error!("event handler panicked");
+                    Err(RpcError::internal())
+                }
+            },
+        }
+    }
+
     /// Starts shutdown: stop taking messages, drain for the grace period, then cancel.
     pub(crate) async fn shutdown(&self, transport_tasks: Vec<JoinHandle<()>>) -> ShutdownReport {
         self.draining_flag.store(true, Ordering::Release);
@@ -410,6 +443,8 @@ pub struct ServerHandle {
     dispatcher: Arc<Dispatcher>,
     tasks: Vec<JoinHandle<()>>,
     local_addr: Option<std::net::SocketAddr>,
+    /// Runs after everything drained (a broker transport flushes the last replies).
+    finish: Option<BoxFuture<'static, ()>>,
 }
 
 impl ServerHandle {
@@ -422,7 +457,14 @@ impl ServerHandle {
             dispatcher,
             tasks,
             local_addr,
+            finish: None,
         }
+    }
+
+    /// Runs `finish` at the end of shutdown, after the last handler is done.
+    pub(crate) fn finishing_with(mut self, finish: BoxFuture<'static, ()>) -> Self {
+        self.finish = Some(finish);
+        self
     }
 
     /// The address the server listens on (network transports).
@@ -439,7 +481,11 @@ impl ServerHandle {
     /// grace period for in-flight ones, then cancels what is left — their callers get
     /// `Unavailable` — and closes the transport.
     pub async fn shutdown(self) -> ShutdownReport {
-        self.dispatcher.shutdown(self.tasks).await
+        let report = self.dispatcher.shutdown(self.tasks).await;
+        if let Some(finish) = self.finish {
+            finish.await;
+        }
+        report
     }
 }
 

@@ -24,6 +24,13 @@ pub trait Harness: Send + 'static {
     fn serve(&mut self, server: Server) -> impl Future<Output = ServerHandle> + Send;
     /// A client, configured by `builder`, connected to what `serve` serves.
     fn client(&self, builder: ClientBuilder) -> impl Future<Output = Client> + Send;
+
+    /// Whether a request for a pattern nobody handles meets no responder at all (brokers that
+    /// route by subject, like NATS: NestJS reports "There are no subscribers listening to that
+    /// message") rather than NestJS's no-handler reply.
+    fn unknown_patterns_have_no_responders(&self) -> bool {
+        false
+    }
 }
 
 /// Expands to one `#[tokio::test]` per conformance case, each with a fresh harness from `$make`.
@@ -218,9 +225,17 @@ pub async fn unknown_pattern_gets_nests_reply<H: Harness>(mut harness: H) {
         .send::<Value>("no-such-pattern", &json!({"x": 1}))
         .await
         .unwrap_err();
-    assert_eq!(error.code(), Code::Unimplemented);
-    assert_eq!(error.message(), NO_HANDLER_MESSAGE);
-    assert_eq!(error.err(), json!(NO_HANDLER_MESSAGE));
+    if harness.unknown_patterns_have_no_responders() {
+        assert_eq!(error.code(), Code::Unavailable, "{error}");
+        assert_eq!(
+            error.message(),
+            r#"There are no subscribers listening to that message ("no-such-pattern")"#
+        );
+    } else {
+        assert_eq!(error.code(), Code::Unimplemented);
+        assert_eq!(error.message(), NO_HANDLER_MESSAGE);
+        assert_eq!(error.err(), json!(NO_HANDLER_MESSAGE));
+    }
     // An event nobody handles is dropped without disturbing anything.
     client
         .emit("no-such-event", &json!({"x": 1}))

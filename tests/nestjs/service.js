@@ -6,7 +6,7 @@
 require('reflect-metadata');
 const { Controller, Module } = require('@nestjs/common');
 const { NestFactory } = require('@nestjs/core');
-const { MessagePattern, EventPattern, RpcException, Transport } = require('@nestjs/microservices');
+const { Ctx, MessagePattern, EventPattern, Payload, RpcException, Transport } = require('@nestjs/microservices');
 const { timer, map, take } = require('rxjs');
 
 const events = [];
@@ -32,10 +32,10 @@ class UsersController {
   userCreated(data) { events.push(data); }
   lastEvents() { return events; }
   headers(data, context) {
-    const getHeaders = context && context.getHeaders && context.getHeaders();
-    if (!getHeaders) return null;
+    const headers = context && context.getHeaders && context.getHeaders();
+    if (!headers) return null;
     const out = {};
-    for (const [key, values] of getHeaders.headers || []) out[key] = values[0];
+    for (const key of headers.keys()) out[key] = headers.get(key);
     return out;
   }
 }
@@ -55,6 +55,9 @@ decorate(MessagePattern('echo'), 'echo');
 decorate(EventPattern('user-created'), 'userCreated');
 decorate(MessagePattern('last-events'), 'lastEvents');
 decorate(MessagePattern('headers'), 'headers');
+// The context reaches a handler only through NestJS's parameter decorators.
+Payload()(UsersController.prototype, 'headers', 0);
+Ctx()(UsersController.prototype, 'headers', 1);
 Reflect.decorate([Controller()], UsersController);
 
 class AppModule {}

@@ -4,11 +4,13 @@
 //!   semantics as the wire transports (payloads are serialised, patterns normalised, deadlines
 //!   carried, unknown patterns answered the NestJS way).
 //! - [`tcp`](crate::rpc::transport::tcp) (feature `tcp`): NestJS's `Transport.TCP`.
-//! - `nats` (feature `nats`): NestJS's `Transport.NATS`.
+//! - `nats` (feature `nats`): NestJS's `Transport.NATS`, with optional durable (JetStream) events.
 //!
 //! A client talks to a transport through [`ClientTransport`]; implement it to add your own.
 
 pub mod memory;
+#[cfg(feature = "nats")]
+pub mod nats;
 #[cfg(feature = "tcp")]
 pub mod tcp;
 

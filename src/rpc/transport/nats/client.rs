@@ -1,0 +1,347 @@
+use super::{NatsOptions, check_subject, to_nats_headers};
+use crate::rng::{SharedRng, mix};
+use crate::rpc::packet::{decode_reply, encode_request};
+use crate::rpc::transport::{
+    ClientTransport, Connect, ReplyPacket, ReplyReceiver, ReplySender, error_json, reply_channel,
+};
+use crate::rpc::{Headers, RpcError, RpcRequest};
+use bytes::{Bytes, BytesMut};
+use futures_util::StreamExt;
+use futures_util::future::BoxFuture;
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+struct Waiting {
+    replies: ReplySender,
+    /// The packet id the replies must carry (NestJS ignores replies with another id).
+    id: String,
+    /// For the no-responders error.
+    route: Arc<str>,
+}
+
+/// What the connection-event callback shares with the transport.
+struct State {
+    pending: Mutex<HashMap<u64, Waiting>>,
+    connected: AtomicBool,
+}
+
+impl State {
+    fn pending(&self) -> MutexGuard<'_, HashMap<u64, Waiting>> {
+        self.pending
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Fails every pending request (the connection to the broker is gone; replies could not
+    /// arrive, or could arrive for a request its caller has long given up on).
+    fn fail_all(&self, why: &str) {
+        let waiting: Vec<_> = self.pending().drain().collect();
+        if waiting.is_empty() {
+            return;
+        }
+        tracing::debug!(
+            pending = waiting.len(),
+            why,
+            "failing pending NATS requests"
+        );
+        let error = error_json(&RpcError::unavailable(why.to_owned()));
+        for (_, mut waiting) in waiting {
+            waiting.replies.try_send(ReplyPacket::Error(error.clone()));
+        }
+    }
+}
+
+struct Inner {
+    client: async_nats::Client,
+    state: Arc<State>,
+    /// Replies come to `<inbox>.<n>`, one subscription on `<inbox>.*` for all requests.
+    inbox: String,
+    next: AtomicU64,
+    id_prefix: u64,
+    jetstream: Option<async_nats::jetstream::Context>,
+}
+
+/// The client side of the NATS transport: requests with a reply subject on one multiplexed inbox,
+/// events by plain publish (or, with [`durable_events`](Self::durable_events), by JetStream
+/// publish, acknowledged by the stream).
+///
+/// Usually created through [`ClientBuilder::connect`](crate::rpc::ClientBuilder::connect) with
+/// [`NatsOptions`]; clones share the connection.
+#[derive(Clone)]
+pub struct NatsTransport {
+    inner: Arc<Inner>,
+}
+
+impl NatsTransport {
+    /// Connects to NATS; a bad URL, an unreachable broker or refused credentials fail here with a
+    /// clear error.
+    pub async fn connect(options: &NatsOptions) -> Result<NatsTransport, RpcError> {
+        let state = Arc::new(State {
+            pending: Mutex::new(HashMap::new()),
+            connected: AtomicBool::new(true),
+        });
+        let events = Arc::clone(&state);
+        let client = options
+            .connect(move |event| match event {
+                async_nats::Event::Disconnected => {
+                    tracing::warn!("lost the connection to the NATS server; reconnecting");
+                    events.connected.store(false, Ordering::Release);
+                    events.fail_all("connection to the NATS server lost");
+                }
+                async_nats::Event::Connected => {
+                    tracing::info!("connected to the NATS server");
+                    events.connected.store(true, Ordering::Release);
+                }
+                other => tracing::debug!(event = %other, "NATS connection event"),
+            })
+            .await?;
+        let inbox = client.new_inbox();
+        let mut replies = client
+            .subscribe(format!("{inbox}.*"))
+            .await
+            .map_err(|error| {
+                RpcError::unavailable(format!("cannot subscribe to the reply inbox: {error}"))
+            })?;
+        let router = Arc::clone(&state);
+        tokio::spawn(async move {
+            while let Some(message) = replies.next().await {
+                deliver(&router, message);
+            }
+        });
+        Ok(NatsTransport {
+            inner: Arc::new(Inner {
+                client,
+                state,
+                inbox,
+                next: AtomicU64::new(0),
+                id_prefix: SharedRng::entropy(),
+                jetstream: None,
+            }),
+        })
+    }
+
+    /// Publishes events through JetStream: each `emit` resolves once a stream stored the event
+    /// (at-least-once delivery to [durable event handlers](super::DurableEvents)). A stream must
+    /// capture the event subjects — a [`NatsServer`](super::NatsServer) with durable events creates
+    /// one — or `emit` fails with `Unavailable`.
+    ///
+    /// # Panics
+    /// If the transport was cloned before (configure it first).
+    pub fn durable_events(mut self) -> Self {
+        let inner =
+            Arc::get_mut(&mut self.inner).expect("configure the NATS transport before cloning it");
+        inner.jetstream = Some(async_nats::jetstream::new(inner.client.clone()));
+        self
+    }
+
+    /// The underlying `async-nats` client.
+    pub fn nats_client(&self) -> &async_nats::Client {
+        &self.inner.client
+    }
+
+    fn next_id(&self, n: u64) -> String {
+        format!(
+            "{:05x}{:016x}",
+            self.inner.id_prefix & 0xF_FFFF,
+            mix(n ^ self.inner.id_prefix)
+        )
+    }
+
+    fn check_connected(&self) -> Result<(), RpcError> {
+        if self.inner.state.connected.load(Ordering::Acquire) {
+            Ok(())
+        } else {
+            Err(RpcError::unavailable(
+                "not connected to the NATS server (reconnecting)",
+            ))
+        }
+    }
+}
+
+/// Routes one message from the inbox to the request waiting for it.
+fn deliver(state: &State, message: async_nats::Message) {
+    let Some(n) = message
+        .subject
+        .rsplit('.')
+        .next()
+        .and_then(|token| token.parse::<u64>().ok())
+    else {
+        return;
+    };
+    let mut pending = state.pending();
+    let Some(waiting) = pending.get_mut(&n) else {
+        tracing::debug!(subject = %message.subject, "late reply dropped");
+        return;
+    };
+    let no_responders =
+        message.status == Some(async_nats::StatusCode::NO_RESPONDERS) || message.payload.is_empty();
+    let packet = if no_responders {
+        // NestJS: "Empty response. There are no subscribers listening to that message".
+        let error = RpcError::unavailable(format!(
+            "There are no subscribers listening to that message (\"{}\")",
+            waiting.route
+        ));
+        ReplyPacket::Error(error_json(&error))
+    } else {
+        match decode_reply(&message.payload) {
+            Ok((id, packet)) => {
+                let expected = format!("\"{}\"", waiting.id);
+                if id.as_ref().is_some_and(|id| id.as_str() != expected) {
+                    tracing::debug!("reply for another request id ignored");
+                    return;
+                }
+                packet
+            }
+            Err(error) => {
+                tracing::warn!(%error, "a reply is not valid JSON");
+                let error = RpcError::unavailable(format!("invalid reply: {error}"));
+                ReplyPacket::Error(error_json(&error))
+            }
+        }
+    };
+    let last = packet.is_last();
+    waiting.replies.try_send(packet);
+    if last {
+        pending.remove(&n);
+    }
+}
+
+/// Forgets a request when its caller stops listening.
+struct Registration {
+    state: Arc<State>,
+    n: u64,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.state.pending().remove(&self.n);
+    }
+}
+
+fn body(request: &RpcRequest, id: Option<&str>) -> Bytes {
+    let mut body = BytesMut::new();
+    // Headers travel as NATS headers, not in the body.
+    encode_request(
+        &mut body,
+        request.pattern().raw(),
+        request.payload(),
+        id,
+        &Headers::new(),
+    );
+    body.freeze()
+}
+
+fn publish_error(error: impl fmt::Display) -> RpcError {
+    RpcError::unavailable(format!("cannot publish to NATS: {error}"))
+}
+
+impl ClientTransport for NatsTransport {
+    fn request(&self, request: RpcRequest) -> BoxFuture<'static, Result<ReplyReceiver, RpcError>> {
+        let transport = self.clone();
+        Box::pin(async move {
+            transport.check_connected()?;
+            let route = request.pattern().route();
+            check_subject(route, false)?;
+            let inner = &transport.inner;
+            let n = inner.next.fetch_add(1, Ordering::Relaxed);
+            let id = transport.next_id(n);
+            // Unbounded: the inbox's reader must never wait on one slow caller.
+            let (replies, receiver) = reply_channel(None);
+            inner.state.pending().insert(
+                n,
+                Waiting {
+                    replies,
+                    id: id.clone(),
+                    route: Arc::clone(request.pattern().route_arc()),
+                },
+            );
+            let registration = Registration {
+                state: Arc::clone(&inner.state),
+                n,
+            };
+            let reply_subject = format!("{}.{n}", inner.inbox);
+            let payload = body(&request, Some(&id));
+            let published = match to_nats_headers(&request.wire_headers()) {
+                Some(headers) => {
+                    inner
+                        .client
+                        .publish_with_reply_and_headers(
+                            route.to_owned(),
+                            reply_subject,
+                            headers,
+                            payload,
+                        )
+                        .await
+                }
+                None => {
+                    inner
+                        .client
+                        .publish_with_reply(route.to_owned(), reply_subject, payload)
+                        .await
+                }
+            };
+            published.map_err(publish_error)?;
+            Ok(receiver.with_registration(Box::new(registration)))
+        })
+    }
+
+    fn emit(&self, event: RpcRequest) -> BoxFuture<'static, Result<(), RpcError>> {
+        let transport = self.clone();
+        Box::pin(async move {
+            transport.check_connected()?;
+            let route = event.pattern().route().to_owned();
+            check_subject(&route, false)?;
+            let inner = &transport.inner;
+            let payload = body(&event, None);
+            let headers = to_nats_headers(&event.wire_headers());
+            if let Some(jetstream) = &inner.jetstream {
+                let acknowledged = match headers {
+                    Some(headers) => {
+                        jetstream
+                            .publish_with_headers(route.clone(), headers, payload)
+                            .await
+                    }
+                    None => jetstream.publish(route.clone(), payload).await,
+                };
+                let ack = acknowledged.map_err(publish_error)?;
+                return ack.await.map(drop).map_err(|error| {
+                    RpcError::unavailable(format!(
+                        "no JetStream stream stored the event on {route:?}: {error}"
+                    ))
+                });
+            }
+            match headers {
+                Some(headers) => {
+                    inner
+                        .client
+                        .publish_with_headers(route, headers, payload)
+                        .await
+                }
+                None => inner.client.publish(route, payload).await,
+            }
+            .map_err(publish_error)
+        })
+    }
+}
+
+impl fmt::Debug for NatsTransport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NatsTransport")
+            .field("inbox", &self.inner.inbox)
+            .field(
+                "connected",
+                &self.inner.state.connected.load(Ordering::Relaxed),
+            )
+            .finish_non_exhaustive()
+    }
+}
+
+impl Connect for NatsOptions {
+    type Transport = NatsTransport;
+
+    async fn connect(self) -> Result<NatsTransport, RpcError> {
+        NatsTransport::connect(&self).await
+    }
+}

@@ -1,0 +1,321 @@
+//! NestJS's `Transport.NATS` over the official `async-nats` client (feature `nats`).
+//!
+//! A server subscribes once per pattern, on the pattern's NestJS route string (`get-user`,
+//! `{"cmd":"sum"}`), optionally in a queue group so several instances share the load, and replies
+//! to each request's reply subject with NestJS's packets — a streamed reply as several messages.
+//! A client publishes requests with a reply subject on its own multiplexed inbox and events by
+//! plain publish. NestJS services on the same broker can call palisade services and be called by
+//! them.
+//!
+//! ```no_run
+//! use palisade::rpc::transport::nats::{NatsOptions, NatsServer};
+//! use palisade::rpc::{Client, Router, Server};
+//!
+//! # #[tokio::main] async fn main() -> Result<(), palisade::rpc::RpcError> {
+//! let options = NatsOptions::new(["nats://127.0.0.1:4222"]).name("user-service");
+//! let server = NatsServer::new(options.clone())
+//!     .queue("user-service") // instances share requests
+//!     .serve(Server::new(Router::new().message("ping", || async { "pong" })))
+//!     .await?;
+//!
+//! let client = Client::builder().connect(options).await?;
+//! let pong: String = client.send("ping", &()).await?;
+//! server.shutdown().await;
+//! # let _ = pong; Ok(()) }
+//! ```
+//!
+//! # Beyond NestJS
+//!
+//! - The deadline (`palisade-timeout-ms`) and a W3C `traceparent` travel as NATS headers, next to
+//!   your own; handlers read them with the [`Headers`](crate::rpc::Headers) extractor.
+//! - When the connection to the broker is lost, requests in flight fail at once with
+//!   `Unavailable`, and new ones fail fast until the client has reconnected — it reconnects and
+//!   re-subscribes by itself, as does a server.
+//! - [Durable events](DurableEvents): an opt-in JetStream mode with at-least-once delivery,
+//!   redelivery with backoff when a handler fails, and a dead-letter subject.
+
+mod client;
+mod durable;
+mod server;
+
+pub use self::client::NatsTransport;
+pub use self::durable::{
+    DEAD_LETTER_DELIVERIES, DEAD_LETTER_REASON, DEAD_LETTER_SUBJECT, DurableEvents,
+};
+pub use self::server::NatsServer;
+
+use crate::rpc::{Code, Headers, RpcError};
+use std::fmt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Clone)]
+enum Auth {
+    None,
+    Token(String),
+    UserPassword(String, String),
+    NKey(String),
+    CredentialsFile(PathBuf),
+}
+
+/// How to reach and log into NATS: server URLs, credentials, TLS, a connection name. Shared by
+/// [`NatsServer`] and, through [`Connect`](crate::rpc::transport::Connect), by clients:
+///
+/// ```no_run
+/// use palisade::rpc::Client;
+/// use palisade::rpc::transport::nats::NatsOptions;
+///
+/// # #[tokio::main] async fn main() -> Result<(), palisade::rpc::RpcError> {
+/// let client = Client::builder()
+///     .connect(
+///         NatsOptions::new(["nats://nats-1:4222", "nats://nats-2:4222"])
+///             .name("billing")
+///             .user_and_password("billing", "s3cret")
+///             .tls_root_certificates("/etc/nats/ca.pem"),
+///     )
+///     .await?;
+/// # let _ = client; Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct NatsOptions {
+    servers: Vec<String>,
+    name: Option<String>,
+    auth: Auth,
+    root_certificates: Option<PathBuf>,
+    client_certificate: Option<(PathBuf, PathBuf)>,
+    require_tls: bool,
+    connection_timeout: Duration,
+}
+
+impl NatsOptions {
+    /// Options for the given server URLs (`nats://host:port`, `tls://host:port`).
+    pub fn new<S: Into<String>>(servers: impl IntoIterator<Item = S>) -> Self {
+        NatsOptions {
+            servers: servers.into_iter().map(Into::into).collect(),
+            name: None,
+            auth: Auth::None,
+            root_certificates: None,
+            client_certificate: None,
+            require_tls: false,
+            connection_timeout: Duration::from_secs(5),
+        }
+    }
+
+    /// The connection name the broker shows for this client.
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = Some(name.into());
+        self
+    }
+
+    /// Authenticates with a token.
+    pub fn token(mut self, token: impl Into<String>) -> Self {
+        self.auth = Auth::Token(token.into());
+        self
+    }
+
+    /// Authenticates with a user name and password.
+    pub fn user_and_password(
+        mut self,
+        user: impl Into<String>,
+        password: impl Into<String>,
+    ) -> Self {
+        self.auth = Auth::UserPassword(user.into(), password.into());
+        self
+    }
+
+    /// Authenticates with an NKey seed.
+    pub fn nkey(mut self, seed: impl Into<String>) -> Self {
+        self.auth = Auth::NKey(seed.into());
+        self
+    }
+
+    /// Authenticates with a `.creds` file (JWT and NKey seed).
+    pub fn credentials_file(mut self, path: impl Into<PathBuf>) -> Self {
+        self.auth = Auth::CredentialsFile(path.into());
+        self
+    }
+
+    /// Trusts the CA certificates in this PEM file (and uses TLS).
+    pub fn tls_root_certificates(mut self, path: impl Into<PathBuf>) -> Self {
+        self.root_certificates = Some(path.into());
+        self.require_tls = true;
+        self
+    }
+
+    /// Presents this client certificate and key (PEM files).
+    pub fn tls_client_certificate(
+        mut self,
+        certificate: impl Into<PathBuf>,
+        key: impl Into<PathBuf>,
+    ) -> Self {
+        self.client_certificate = Some((certificate.into(), key.into()));
+        self.require_tls = true;
+        self
+    }
+
+    /// Refuses to connect without TLS.
+    pub fn require_tls(mut self, required: bool) -> Self {
+        self.require_tls = required;
+        self
+    }
+
+    /// How long connecting may take before it fails (default 5 s).
+    pub fn connection_timeout(mut self, timeout: Duration) -> Self {
+        self.connection_timeout = timeout;
+        self
+    }
+
+    /// The configured servers, for messages.
+    fn servers_text(&self) -> String {
+        self.servers.join(", ")
+    }
+
+    /// Connects; `on_event` sees connection events (disconnected, reconnected, ...).
+    pub(crate) async fn connect(
+        &self,
+        on_event: impl Fn(async_nats::Event) + Send + Sync + 'static,
+    ) -> Result<async_nats::Client, RpcError> {
+        if self.servers.is_empty() {
+            return Err(RpcError::invalid_argument("no NATS server URL given"));
+        }
+        let mut options = match &self.auth {
+            Auth::None => async_nats::ConnectOptions::new(),
+            Auth::Token(token) => async_nats::ConnectOptions::with_token(token.clone()),
+            Auth::UserPassword(user, password) => {
+                async_nats::ConnectOptions::with_user_and_password(user.clone(), password.clone())
+            }
+            Auth::NKey(seed) => async_nats::ConnectOptions::with_nkey(seed.clone()),
+            Auth::CredentialsFile(path) => async_nats::ConnectOptions::with_credentials_file(path)
+                .await
+                .map_err(|error| {
+                    RpcError::invalid_argument(format!(
+                        "cannot read NATS credentials file {}: {error}",
+                        path.display()
+                    ))
+                })?,
+        };
+        options = options
+            .connection_timeout(self.connection_timeout)
+            .require_tls(self.require_tls)
+            .event_callback(move |event| {
+                on_event(event);
+                async {}
+            });
+        if let Some(name) = &self.name {
+            options = options.name(name);
+        }
+        if let Some(path) = &self.root_certificates {
+            options = options.add_root_certificates(path.clone());
+        }
+        if let Some((certificate, key)) = &self.client_certificate {
+            options = options.add_client_certificate(certificate.clone(), key.clone());
+        }
+        let servers: Vec<async_nats::ServerAddr> = self
+            .servers
+            .iter()
+            .map(|url| {
+                url.parse().map_err(|error| {
+                    RpcError::invalid_argument(format!("invalid NATS server URL {url:?}: {error}"))
+                })
+            })
+            .collect::<Result<_, _>>()?;
+        options.connect(servers).await.map_err(|error| {
+            use async_nats::ConnectErrorKind as Kind;
+            let code = match error.kind() {
+                Kind::Authentication | Kind::AuthorizationViolation => Code::Unauthenticated,
+                Kind::ServerParse => Code::InvalidArgument,
+                _ => Code::Unavailable,
+            };
+            RpcError::new(
+                code,
+                format!("cannot connect to NATS at {}: {error}", self.servers_text()),
+            )
+        })
+    }
+}
+
+impl fmt::Debug for NatsOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Credentials stay out of logs.
+        f.debug_struct("NatsOptions")
+            .field("servers", &self.servers)
+            .field("name", &self.name)
+            .field("require_tls", &self.require_tls)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Whether `subject` can be published to: non-empty dot-separated tokens, no whitespace, no
+/// wildcards.
+pub(crate) fn check_subject(subject: &str, wildcards: bool) -> Result<(), RpcError> {
+    let valid = !subject.is_empty()
+        && !subject.chars().any(char::is_whitespace)
+        && subject.split('.').all(|token| {
+            !token.is_empty()
+                && (wildcards && (token == "*" || token == ">") || !token.contains(['*', '>']))
+        });
+    if valid {
+        Ok(())
+    } else {
+        Err(RpcError::invalid_argument(format!(
+            "the pattern route {subject:?} is not a valid NATS subject (NATS subjects are dot-separated tokens without spaces{})",
+            if wildcards { "" } else { " or wildcards" }
+        )))
+    }
+}
+
+/// palisade headers as NATS headers.
+pub(crate) fn to_nats_headers(headers: &Headers) -> Option<async_nats::HeaderMap> {
+    if headers.is_empty() {
+        return None;
+    }
+    let mut map = async_nats::HeaderMap::new();
+    for (key, value) in headers.iter() {
+        map.insert(key, value);
+    }
+    Some(map)
+}
+
+/// NATS headers as palisade headers (the first value of each).
+pub(crate) fn from_nats_headers(headers: Option<&async_nats::HeaderMap>) -> Headers {
+    let Some(headers) = headers else {
+        return Headers::new();
+    };
+    headers
+        .iter()
+        .filter_map(|(name, values)| {
+            values
+                .first()
+                .map(|value| (name.to_string(), value.as_str().to_owned()))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subjects() {
+        for ok in [
+            "get-user",
+            "users.get",
+            r#"{"cmd":"sum"}"#,
+            r#"{"cmd":"sum","role":"math"}"#,
+        ] {
+            assert!(check_subject(ok, false).is_ok(), "{ok}");
+        }
+        for bad in [
+            "",
+            "a b",
+            "users..get",
+            ".users",
+            "users.*",
+            r#"{"q":"two words"}"#,
+        ] {
+            assert!(check_subject(bad, false).is_err(), "{bad}");
+        }
+        assert!(check_subject("users.*", true).is_ok());
+        assert!(check_subject("users.>", true).is_ok());
+    }
+}

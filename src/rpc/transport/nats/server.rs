@@ -1,0 +1,214 @@
+use super::{DurableEvents, NatsOptions, check_subject, from_nats_headers};
+use crate::rpc::packet::{decode_incoming, encode_reply};
+use crate::rpc::pattern::Pattern;
+use crate::rpc::server::{Dispatcher, ReplySink, Server, ServerHandle};
+use crate::rpc::transport::ReplyPacket;
+use crate::rpc::{Kind, RawJson, RpcError, RpcRequest};
+use bytes::BytesMut;
+use futures_util::StreamExt;
+use std::collections::{BTreeSet, HashMap};
+use std::fmt;
+use std::sync::Arc;
+
+/// A NestJS-compatible NATS server: one subscription per pattern on its route string.
+///
+/// The server must run a [`Router`](crate::rpc::Router) (its patterns are what it subscribes to);
+/// give single handlers their layers with [`handler_service`](crate::rpc::handler_service).
+pub struct NatsServer {
+    options: NatsOptions,
+    queue: Option<String>,
+    queues: HashMap<String, String>,
+    durable: Option<DurableEvents>,
+}
+
+impl NatsServer {
+    /// A server connecting with `options`.
+    pub fn new(options: NatsOptions) -> Self {
+        NatsServer {
+            options,
+            queue: None,
+            queues: HashMap::new(),
+            durable: None,
+        }
+    }
+
+    /// Subscribes in this queue group, so that instances of the service share the messages
+    /// (NestJS's `queue` option). Without one, every instance receives every message.
+    pub fn queue(mut self, group: impl Into<String>) -> Self {
+        self.queue = Some(group.into());
+        self
+    }
+
+    /// Subscribes to `pattern` in its own queue group (NestJS's `@MessagePattern(p, {queue})`).
+    pub fn queue_for(mut self, pattern: impl Into<Pattern>, group: impl Into<String>) -> Self {
+        self.queues
+            .insert(pattern.into().route().to_owned(), group.into());
+        self
+    }
+
+    /// Delivers events through JetStream instead of core NATS; see [`DurableEvents`].
+    pub fn durable_events(mut self, durable: DurableEvents) -> Self {
+        self.durable = Some(durable);
+        self
+    }
+
+    /// Connects and starts serving `server`. Fails with a clear error if the broker cannot be
+    /// reached, the credentials are refused, or a pattern is not a valid NATS subject.
+    pub async fn serve(self, server: Server) -> Result<ServerHandle, RpcError> {
+        let (messages, events) = server.routes().ok_or_else(|| {
+            RpcError::invalid_argument(
+                "a NATS server subscribes per pattern, so it must serve a Router (put layers on \
+                 the handlers with handler_service)",
+            )
+        })?;
+        let durable_routes: Vec<String> = match &self.durable {
+            Some(_) => events.clone(),
+            None => Vec::new(),
+        };
+        let core_routes: BTreeSet<String> = messages
+            .into_iter()
+            .chain(events.into_iter().filter(|_| self.durable.is_none()))
+            .collect();
+        for route in core_routes.iter().chain(&durable_routes) {
+            check_subject(route, true)?;
+        }
+        let client = self
+            .options
+            .connect(|event| match event {
+                async_nats::Event::Disconnected => {
+                    tracing::warn!("server lost the connection to NATS; reconnecting")
+                }
+                async_nats::Event::Connected => tracing::info!("server connected to NATS"),
+                other => tracing::debug!(event = %other, "NATS connection event"),
+            })
+            .await?;
+        let dispatcher = server.into_dispatcher("nats");
+        let mut tasks = Vec::new();
+        for route in core_routes {
+            let queue = self.queues.get(&route).or(self.queue.as_ref()).cloned();
+            let subscription = match &queue {
+                Some(queue) => client.queue_subscribe(route.clone(), queue.clone()).await,
+                None => client.subscribe(route.clone()).await,
+            }
+            .map_err(|error| {
+                RpcError::unavailable(format!("cannot subscribe to {route:?}: {error}"))
+            })?;
+            tracing::debug!(%route, ?queue, "subscribed");
+            tasks.push(dispatcher.spawn_tracked(serve_subscription(
+                subscription,
+                route.into(),
+                client.clone(),
+                Arc::clone(&dispatcher),
+            )));
+        }
+        if let Some(durable) = self.durable {
+            tasks.extend(
+                super::durable::start(&client, &dispatcher, durable_routes, durable).await?,
+            );
+        }
+        // Replies are queued in the client: flush them before the connection goes away.
+        let flush = Box::pin(async move {
+            if let Err(error) = client.flush().await {
+                tracing::warn!(%error, "could not flush the last replies to NATS");
+            }
+        });
+        Ok(ServerHandle::new(dispatcher, tasks, None).finishing_with(flush))
+    }
+}
+
+impl fmt::Debug for NatsServer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NatsServer")
+            .field("options", &self.options)
+            .field("queue", &self.queue)
+            .field("queues", &self.queues)
+            .field("durable", &self.durable)
+            .finish()
+    }
+}
+
+/// The request a NATS message carries, routed by the subject it was subscribed on. A body that is
+/// not a NestJS packet is NestJS's "external" message: the whole body is the data.
+pub(crate) fn request_from(
+    route: &str,
+    payload: &bytes::Bytes,
+    headers: Option<&async_nats::HeaderMap>,
+) -> Result<(RpcRequest, Option<RawJson>), serde_json::Error> {
+    let packet = decode_incoming(payload)?;
+    let route_json = || RawJson::to_json(route).expect("a string serialises");
+    let (raw, data, id) = if packet.external {
+        (route_json(), RawJson::from_trusted(payload.clone()), None)
+    } else {
+        (
+            packet.pattern.unwrap_or_else(route_json),
+            packet.data,
+            packet.id,
+        )
+    };
+    let kind = if id.is_some() {
+        Kind::Request
+    } else {
+        Kind::Event
+    };
+    let request = RpcRequest::received(
+        Pattern::on_channel(route, raw),
+        data,
+        kind,
+        from_nats_headers(headers),
+    );
+    Ok((request, id))
+}
+
+struct NatsSink {
+    client: async_nats::Client,
+    reply: async_nats::Subject,
+    id: RawJson,
+}
+
+impl ReplySink for NatsSink {
+    async fn send(&mut self, packet: ReplyPacket) -> bool {
+        let mut body = BytesMut::new();
+        encode_reply(&mut body, &packet, &self.id);
+        self.client
+            .publish(self.reply.clone(), body.freeze())
+            .await
+            .is_ok()
+    }
+}
+
+async fn serve_subscription(
+    mut subscription: async_nats::Subscriber,
+    route: Arc<str>,
+    client: async_nats::Client,
+    dispatcher: Arc<Dispatcher>,
+) {
+    loop {
+        let message = tokio::select! {
+            biased;
+            _ = dispatcher.draining() => {
+                // Stop taking messages: new requests find no responder (or another instance).
+                let _ = subscription.unsubscribe().await;
+                break;
+            }
+            message = subscription.next() => message,
+        };
+        let Some(message) = message else { break };
+        let (request, id) = match request_from(&route, &message.payload, message.headers.as_ref()) {
+            Ok(parsed) => parsed,
+            Err(error) => {
+                tracing::warn!(%route, %error, "message dropped: its body is not valid JSON");
+                continue;
+            }
+        };
+        // A request without a reply subject is handled but never answered, as in NestJS.
+        let sink = match (&id, message.reply) {
+            (Some(id), Some(reply)) => Some(NatsSink {
+                client: client.clone(),
+                reply,
+                id: id.clone(),
+            }),
+            _ => None,
+        };
+        dispatcher.dispatch(request, id.as_ref(), sink).await;
+    }
+}

@@ -1,0 +1,376 @@
+//! The NATS transport against real `nats-server` processes: queue groups, losing and regaining
+//! the broker, connection errors, subjects, and durable (JetStream) events.
+#![cfg(feature = "nats")]
+
+mod support;
+
+use futures_util::StreamExt;
+use palisade::rpc::transport::nats::{
+    DEAD_LETTER_DELIVERIES, DEAD_LETTER_REASON, DurableEvents, NatsOptions, NatsServer,
+    NatsTransport,
+};
+use palisade::rpc::{Client, Code, Payload, Router, RpcError, Server};
+use serde_json::{Value, json};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+use support::nats::Broker;
+use tokio::time::Instant;
+
+fn options(broker: &Broker) -> NatsOptions {
+    NatsOptions::new([broker.url()])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queue_group_spreads_requests_over_instances_and_answers_each_once() {
+    let broker = Broker::start();
+    let counts = [Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0))];
+    let mut servers = Vec::new();
+    for (instance, count) in counts.iter().enumerate() {
+        let count = Arc::clone(count);
+        let router = Router::new().message("which", move |Payload(n): Payload<u64>| {
+            count.fetch_add(1, Ordering::SeqCst);
+            async move { json!({"n": n, "instance": instance}) }
+        });
+        servers.push(
+            NatsServer::new(options(&broker))
+                .queue("which-service")
+                .serve(Server::new(router))
+                .await
+                .unwrap(),
+        );
+    }
+    let client = Client::builder()
+        .timeout(Duration::from_secs(5))
+        .connect(options(&broker))
+        .await
+        .unwrap();
+    let replies = futures_util::future::join_all((0..400u64).map(|n| {
+        let client = client.clone();
+        async move { client.send::<Value>("which", &n).await.unwrap() }
+    }))
+    .await;
+    for (n, reply) in replies.iter().enumerate() {
+        assert_eq!(reply["n"], n as u64);
+    }
+    let (a, b) = (
+        counts[0].load(Ordering::SeqCst),
+        counts[1].load(Ordering::SeqCst),
+    );
+    assert_eq!(a + b, 400, "every request handled exactly once");
+    assert!(
+        a >= 80 && b >= 80,
+        "the queue group did not spread the load: {a} / {b}"
+    );
+    for server in servers {
+        server.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_queue_group_every_instance_gets_every_event() {
+    let broker = Broker::start();
+    let counts = [Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0))];
+    let mut servers = Vec::new();
+    for count in &counts {
+        let count = Arc::clone(count);
+        let router = Router::new().event("tick", move || {
+            count.fetch_add(1, Ordering::SeqCst);
+            async {}
+        });
+        servers.push(
+            NatsServer::new(options(&broker))
+                .serve(Server::new(router))
+                .await
+                .unwrap(),
+        );
+    }
+    let client = Client::builder().connect(options(&broker)).await.unwrap();
+    for _ in 0..20 {
+        client.emit("tick", &()).await.unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while counts.iter().any(|c| c.load(Ordering::SeqCst) < 20) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        [
+            counts[0].load(Ordering::SeqCst),
+            counts[1].load(Ordering::SeqCst)
+        ],
+        [20, 20]
+    );
+    for server in servers {
+        server.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn losing_the_broker_fails_requests_fast_and_both_sides_come_back() {
+    let mut broker = Broker::start();
+    let router = Router::new()
+        .message("echo", |Payload(n): Payload<u64>| async move { n })
+        .message("slow", || async {
+            tokio::time::sleep(Duration::from_secs(30)).await;
+            "too late"
+        });
+    let server = NatsServer::new(options(&broker))
+        .serve(Server::new(router))
+        .await
+        .unwrap();
+    // A long timeout: failures must come from the lost connection, not from the deadline.
+    let client = Client::builder()
+        .timeout(Duration::from_secs(60))
+        .connect(options(&broker))
+        .await
+        .unwrap();
+    assert_eq!(client.send::<u64>("echo", &1).await.unwrap(), 1);
+
+    let in_flight: Vec<_> = (0..10)
+        .map(|_| {
+            let client = client.clone();
+            tokio::spawn(async move { (client.send::<String>("slow", &()).await, Instant::now()) })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    broker.stop();
+    let killed = Instant::now();
+    for call in in_flight {
+        let (result, finished) = tokio::time::timeout(Duration::from_secs(10), call)
+            .await
+            .expect("a request hung after the broker died")
+            .unwrap();
+        let error = result.unwrap_err();
+        assert_eq!(error.code(), Code::Unavailable, "{error}");
+        assert!(
+            finished - killed < Duration::from_secs(2),
+            "failed only after {:?}",
+            finished - killed
+        );
+    }
+    // While it is down, requests fail fast rather than hang.
+    let started = Instant::now();
+    let down = client.send::<u64>("echo", &2).await.unwrap_err();
+    assert_eq!(down.code(), Code::Unavailable, "{down}");
+    assert!(started.elapsed() < Duration::from_secs(2));
+
+    broker.restart();
+    // Client and server reconnect, and the server's subscription comes back, by themselves.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match client.send::<u64>("echo", &3).await {
+            Ok(answer) => {
+                assert_eq!(answer, 3);
+                break;
+            }
+            Err(error) if Instant::now() < deadline => {
+                assert_eq!(error.code(), Code::Unavailable, "{error}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(error) => panic!("never recovered after the broker restarted: {error}"),
+        }
+    }
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn connection_problems_are_clear_errors_at_connect_time() {
+    let bad_url = Client::builder()
+        .connect(NatsOptions::new(["nats://exa mple:4222"]))
+        .await
+        .unwrap_err();
+    assert_eq!(bad_url.code(), Code::InvalidArgument, "{bad_url}");
+    assert!(
+        bad_url.message().contains("invalid NATS server URL"),
+        "{bad_url}"
+    );
+
+    let closed_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let started = Instant::now();
+    let unreachable = Client::builder()
+        .connect(NatsOptions::new([format!(
+            "nats://127.0.0.1:{closed_port}"
+        )]))
+        .await
+        .unwrap_err();
+    assert_eq!(unreachable.code(), Code::Unavailable, "{unreachable}");
+    assert!(
+        unreachable.message().contains("cannot connect to NATS"),
+        "{unreachable}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(6),
+        "connecting hung for {:?}",
+        started.elapsed()
+    );
+
+    let broker = Broker::start_with(&["--user", "app", "--pass", "right"]);
+    let refused = Client::builder()
+        .connect(options(&broker).user_and_password("app", "wrong"))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::Unauthenticated, "{refused}");
+    let accepted = Client::builder()
+        .connect(
+            options(&broker)
+                .user_and_password("app", "right")
+                .name("tests"),
+        )
+        .await;
+    assert!(accepted.is_ok());
+}
+
+#[tokio::test]
+async fn routes_that_are_not_nats_subjects_are_refused_clearly() {
+    let broker = Broker::start();
+    let router = Router::new().message(json!({"q": "two words"}), || async {});
+    let error = NatsServer::new(options(&broker))
+        .serve(Server::new(router))
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), Code::InvalidArgument);
+    assert!(
+        error.message().contains("not a valid NATS subject"),
+        "{error}"
+    );
+
+    let client = Client::builder().connect(options(&broker)).await.unwrap();
+    let error = client.send::<()>("has space", &()).await.unwrap_err();
+    assert_eq!(error.code(), Code::InvalidArgument, "{error}");
+}
+
+fn durable(stream: &str) -> DurableEvents {
+    DurableEvents::new(stream)
+        .max_deliveries(4)
+        .backoff([Duration::from_millis(50), Duration::from_millis(100)])
+        .ack_wait(Duration::from_secs(5))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_durable_event_is_redelivered_until_its_handler_succeeds_then_never_again() {
+    let broker = Broker::start();
+    let attempts = Arc::new(AtomicUsize::new(0));
+    let successes = Arc::new(AtomicUsize::new(0));
+    let (attempts_c, successes_c) = (Arc::clone(&attempts), Arc::clone(&successes));
+    let router = Router::new().event("order-created", move |Payload(order): Payload<Value>| {
+        let attempt = attempts_c.fetch_add(1, Ordering::SeqCst) + 1;
+        let successes = Arc::clone(&successes_c);
+        async move {
+            assert_eq!(order["id"], 7);
+            if attempt <= 2 {
+                return Err(RpcError::unavailable(format!(
+                    "inventory down (attempt {attempt})"
+                )));
+            }
+            successes.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
+    });
+    let server = NatsServer::new(options(&broker))
+        .durable_events(durable("ORDERS"))
+        .serve(Server::new(router))
+        .await
+        .unwrap();
+    let transport = NatsTransport::connect(&options(&broker))
+        .await
+        .unwrap()
+        .durable_events();
+    let client = Client::builder().build(transport);
+    client
+        .emit("order-created", &json!({"id": 7}))
+        .await
+        .unwrap();
+
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while successes.load(Ordering::SeqCst) == 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Make sure nothing else arrives once it succeeded (acknowledged: never redelivered).
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(
+        attempts.load(Ordering::SeqCst),
+        3,
+        "two failures, then one success"
+    );
+    assert_eq!(
+        successes.load(Ordering::SeqCst),
+        1,
+        "processed exactly once more"
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_that_always_fails_lands_on_the_dead_letter_subject() {
+    let broker = Broker::start();
+    let attempts = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&attempts);
+    let router = Router::new().event("payment-received", move || {
+        counter.fetch_add(1, Ordering::SeqCst);
+        async { Err::<(), _>(RpcError::exception("ledger rejected the entry")) }
+    });
+    // Watch the dead-letter subject with a plain subscriber.
+    let watcher = async_nats::connect(broker.url()).await.unwrap();
+    let mut dead_letters = watcher.subscribe("palisade.dead-letter.>").await.unwrap();
+    watcher.flush().await.unwrap();
+    let server = NatsServer::new(options(&broker))
+        .durable_events(durable("PAYMENTS"))
+        .serve(Server::new(router))
+        .await
+        .unwrap();
+    let transport = NatsTransport::connect(&options(&broker))
+        .await
+        .unwrap()
+        .durable_events();
+    let client = Client::builder().build(transport);
+    client
+        .emit("payment-received", &json!({"amount": 42}))
+        .await
+        .unwrap();
+
+    let letter = tokio::time::timeout(Duration::from_secs(10), dead_letters.next())
+        .await
+        .expect("no dead letter arrived")
+        .unwrap();
+    assert_eq!(
+        letter.subject.as_str(),
+        "palisade.dead-letter.payment-received"
+    );
+    let body: Value = serde_json::from_slice(&letter.payload).unwrap();
+    assert_eq!(
+        body,
+        json!({"pattern": "payment-received", "data": {"amount": 42}})
+    );
+    let headers = letter.headers.unwrap();
+    assert_eq!(headers.get(DEAD_LETTER_DELIVERIES).unwrap().as_str(), "4");
+    assert!(
+        headers
+            .get(DEAD_LETTER_REASON)
+            .unwrap()
+            .as_str()
+            .contains("ledger rejected the entry")
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        attempts.load(Ordering::SeqCst),
+        4,
+        "delivered max_deliveries times, then no more"
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn durable_emit_fails_clearly_when_no_stream_stores_the_subject() {
+    let broker = Broker::start();
+    let transport = NatsTransport::connect(&options(&broker))
+        .await
+        .unwrap()
+        .durable_events();
+    let client = Client::builder().build(transport);
+    let error = client.emit("nobody-stores-this", &1).await.unwrap_err();
+    assert_eq!(error.code(), Code::Unavailable, "{error}");
+}

@@ -1,0 +1,114 @@
+//! A real `nats-server` per test, on a free loopback port, with JetStream and a store of its own;
+//! it can be stopped and restarted (same port, same store) to test broker loss.
+#![allow(dead_code)]
+
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+/// The `nats-server` binary: on PATH, or where Debian installs it.
+fn binary() -> PathBuf {
+    let candidates = std::env::var_os("PATH")
+        .map(|path| {
+            std::env::split_paths(&path)
+                .map(|dir| dir.join("nats-server"))
+                .collect::<Vec<_>>()
+        })
+        .unwrap_or_default();
+    candidates
+        .into_iter()
+        .chain(["/usr/sbin/nats-server".into(), "/usr/bin/nats-server".into()])
+        .find(|candidate| candidate.is_file())
+        .expect("the NATS tests need nats-server (Debian: `apt-get install nats-server`; .ci/run installs it)")
+}
+
+/// A running broker; stopped when dropped.
+pub struct Broker {
+    child: Option<Child>,
+    port: u16,
+    store: PathBuf,
+    extra: Vec<String>,
+}
+
+impl Broker {
+    /// Starts a broker on a free port.
+    pub fn start() -> Broker {
+        Broker::start_with(&[])
+    }
+
+    /// Starts a broker with extra command-line arguments (`--user`, `--pass`, ...).
+    pub fn start_with(extra: &[&str]) -> Broker {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let store = std::env::temp_dir().join(format!(
+            "palisade-nats-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        let extra = extra.iter().map(|s| s.to_string()).collect();
+        let mut broker = Broker {
+            child: None,
+            port,
+            store,
+            extra,
+        };
+        broker.restart();
+        broker
+    }
+
+    /// `nats://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// Kills the broker (as a crash would: no goodbye to clients).
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts it again on the same port and store; returns once it accepts connections.
+    pub fn restart(&mut self) {
+        self.stop();
+        let child = Command::new(binary())
+            .args([
+                "-a",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-js",
+                "-sd",
+            ])
+            .arg(&self.store)
+            .args(&self.extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start nats-server");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "nats-server did not start listening on {}",
+                self.port
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_dir_all(&self.store);
+    }
+}
