@@ -1,6 +1,7 @@
 //! The conformance suite over the in-memory transport.
 
 mod conformance;
+mod support;
 
 use conformance::Harness;
 use palisade::rpc::transport::memory::MemoryTransport;

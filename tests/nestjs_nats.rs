@@ -15,6 +15,8 @@ use support::nestjs::{NestService, run_client};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_palisade_client_calls_a_nestjs_service_over_nats() {
+    // Tracing on: the client propagates a trace context, which must reach NestJS too.
+    support::trace_to_nowhere();
     let broker = Broker::start();
     let _nest = NestService::start(&["nats", &broker.url()]);
     let client = Client::builder()

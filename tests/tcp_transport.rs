@@ -1,6 +1,8 @@
 //! The conformance suite over real TCP sockets on loopback.
+#![cfg(feature = "tcp")]
 
 mod conformance;
+mod support;
 
 use conformance::Harness;
 use palisade::rpc::transport::tcp::{TcpServer, TcpTransport};

@@ -1,5 +1,6 @@
 //! Byte-exact NestJS TCP frames, from the capture of a real NestJS 11.2.6 client and server
 //! (nestjs-wire.md §2.3), over real sockets.
+#![cfg(feature = "tcp")]
 
 mod support;
 
@@ -275,17 +276,10 @@ async fn the_client_reads_nests_replies_and_writes_nests_requests() {
         id.chars()
             .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase())
     );
-    let expected = format!(
-        r#"{{"pattern":"get-user","data":{{"id":"42"}},"id":"{id}","headers":{{"traceparent":"#
-    );
-    assert!(frame.starts_with(&format!(
-        "{}#",
-        frame.split_once('#').unwrap().1.encode_utf16().count()
-    )));
-    assert!(
-        frame.split_once('#').unwrap().1.starts_with(&expected),
-        "{frame}"
-    );
+    // Without tracing (no subscriber here) nothing beyond NestJS's packet goes out: the frame is
+    // exactly NestJS's, with our id.
+    let json = format!(r#"{{"pattern":"get-user","data":{{"id":"42"}},"id":"{id}"}}"#);
+    assert_eq!(frame, format!("{}#{json}", json.len()));
 
     let missing = client
         .send::<Value>("get-user", &json!({"id": "missing"}))

@@ -145,15 +145,11 @@ impl Client {
     }
 
     fn request(&self, kind: Kind, pattern: Pattern, payload: RawJson) -> RpcRequest {
-        let mut headers = self.headers.clone();
-        if headers.get(TRACEPARENT_HEADER).is_none() {
-            headers.insert(TRACEPARENT_HEADER, traceparent());
-        }
         let mut request = match kind {
             Kind::Request => RpcRequest::new(pattern, payload),
             Kind::Event => RpcRequest::event(pattern, payload),
         }
-        .with_headers(headers);
+        .with_headers(self.headers.clone());
         if let Some(timeout) = self.timeout {
             request.set_deadline(Deadline::after(timeout));
         }
@@ -161,22 +157,39 @@ impl Client {
     }
 
     /// Sends a prepared request through the stack (the lower-level form of [`send`](Self::send)).
-    pub async fn call(&self, request: RpcRequest) -> Result<RpcResponse, RpcError> {
+    ///
+    /// When the request's tracing span is enabled (a subscriber collects it), a W3C `traceparent`
+    /// header is added — a new trace unless the request already carries one — so the server's span
+    /// can be correlated with this one. Without tracing there is no trace context to carry, and
+    /// nothing extra goes on the wire.
+    pub async fn call(&self, mut request: RpcRequest) -> Result<RpcResponse, RpcError> {
         let span = tracing::info_span!(
             "rpc.client",
             pattern = %request.pattern(),
             kind = ?request.kind(),
+            trace = tracing::field::Empty,
             outcome = tracing::field::Empty,
             latency_us = tracing::field::Empty,
         );
-        let started = Instant::now();
+        let traced = !span.is_disabled();
+        if traced {
+            let headers = request.headers_mut();
+            if headers.get(TRACEPARENT_HEADER).is_none() {
+                headers.insert(TRACEPARENT_HEADER, traceparent());
+            }
+            span.record("trace", headers.get(TRACEPARENT_HEADER));
+        }
+        // Clock reads only for a span someone listens to.
+        let started = traced.then(Instant::now);
         let result = self
             .stack
             .clone()
             .oneshot(request)
             .instrument(span.clone())
             .await;
-        span.record("latency_us", started.elapsed().as_micros() as u64);
+        if let Some(started) = started {
+            span.record("latency_us", started.elapsed().as_micros() as u64);
+        }
         match &result {
             Ok(_) => span.record("outcome", tracing::field::display("ok")),
             Err(error) => span.record("outcome", tracing::field::display(error.code())),

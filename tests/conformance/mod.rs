@@ -485,6 +485,8 @@ pub async fn shutdown_past_the_grace_period_answers_everyone<H: Harness>(mut har
 }
 
 pub async fn headers_reach_handlers<H: Harness>(mut harness: H) {
+    // With tracing on, the client propagates a trace context.
+    crate::support::trace_to_nowhere();
     let server = start(
         &mut harness,
         Router::new().message("whoami", |headers: Headers| async move {

@@ -66,3 +66,16 @@ pub fn gate() -> (oneshot::Sender<Result<(), ()>>, Call) {
     let (tx, rx) = oneshot::channel();
     (tx, Call::Wait(rx))
 }
+
+/// Installs (once per test binary) a global tracing subscriber that collects palisade's spans and
+/// writes them nowhere: with tracing on, clients propagate a trace context.
+pub fn trace_to_nowhere() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(std::io::sink)
+            .with_max_level(tracing::Level::INFO)
+            .finish();
+        tracing::subscriber::set_global_default(subscriber).expect("no other global subscriber");
+    });
+}
