@@ -11,6 +11,7 @@ use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::task::Poll;
 use std::time::Duration;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
@@ -78,6 +79,7 @@ impl Server {
 
     /// The routes of the message and event handlers, when the server runs a [`Router`] directly
     /// (a broker transport subscribes to them).
+    #[cfg_attr(not(feature = "nats"), allow(dead_code))] // used by the NATS transport
     pub(crate) fn routes(&self) -> Option<(Vec<String>, Vec<String>)> {
         match &self.service {
             Target::Router(router) => Some(router.routes()),
@@ -162,11 +164,13 @@ impl Dispatcher {
     }
 
     /// Resolves when shutdown starts.
+    #[cfg_attr(not(any(feature = "tcp", feature = "nats")), allow(dead_code))] // wire transports
     pub(crate) async fn draining(&self) {
         self.draining.cancelled().await
     }
 
     /// Spawns a transport task (accept loop, connection) that shutdown waits for.
+    #[cfg_attr(not(any(feature = "tcp", feature = "nats")), allow(dead_code))] // wire transports
     pub(crate) fn spawn_tracked<F>(&self, task: F) -> JoinHandle<()>
     where
         F: Future<Output = ()> + Send + 'static,
@@ -174,8 +178,9 @@ impl Dispatcher {
         self.tracker.spawn(task)
     }
 
-    /// Waits for capacity, then handles `request` in a task of its own, sending replies to `sink`
-    /// (`None` for events). `id` is the wire id, for logs.
+    /// Waits for capacity, then handles `request`, sending replies to `sink` (`None` for events):
+    /// at once if the handler answers on its first poll, else in a task of its own. `id` is the
+    /// wire id, for logs.
     pub(crate) async fn dispatch<K: ReplySink>(
         self: &Arc<Self>,
         request: RpcRequest,
@@ -210,13 +215,22 @@ impl Dispatcher {
         );
         self.in_flight.fetch_add(1, Ordering::AcqRel);
         let dispatcher = Arc::clone(self);
-        self.tracker.spawn(
+        let mut handling = Box::pin(
             async move {
                 let _in_flight = InFlight(&dispatcher.in_flight);
                 dispatcher.handle(request, sink, permit).await;
             }
             .instrument(span),
         );
+        // Most handlers answer on their first poll: poll once here and spawn a task only for
+        // those that have to wait. Nothing changes for the caller — the first poll happens inside
+        // this call, which the caller cannot cancel halfway — and a waiting handler still runs in
+        // a task of its own, to completion, whatever the caller does next.
+        let finished =
+            std::future::poll_fn(|cx| Poll::Ready(handling.as_mut().poll(cx).is_ready())).await;
+        if !finished {
+            self.tracker.spawn(handling);
+        }
     }
 
     async fn handle<K: ReplySink>(
@@ -235,10 +249,7 @@ impl Dispatcher {
             answered: false,
         });
         let outcome = {
-            // One allocation for the handler and its replies: everything that awaits it stays
-            // pointer-sized instead of carrying (often twice, see rust-lang/rust#62958) the whole
-            // state machine, which the scheduler would otherwise copy around.
-            let work = Box::pin(async {
+            let work = async {
                 // A panicking handler must not leave its caller waiting: it becomes NestJS's
                 // "Internal server error", and the panic is logged.
                 let reply = AssertUnwindSafe(self.service.call(request))
@@ -258,7 +269,7 @@ impl Dispatcher {
                     (Err(error), None) => Err(error),
                     (reply, Some(sink)) => send_replies(reply, sink).await,
                 }
-            });
+            };
             let bounded = async {
                 match deadline {
                     // Boxed: the timer is large, and a request without a deadline should not carry
@@ -306,6 +317,7 @@ impl Dispatcher {
 
     /// Handles an event to completion in the caller's task and reports the outcome (durable events
     /// are acknowledged only when every handler succeeded). Counts as in flight for shutdown.
+    #[cfg_attr(not(feature = "nats"), allow(dead_code))] // used by the NATS transport
     pub(crate) async fn handle_now(&self, request: RpcRequest) -> Result<(), RpcError> {
         if self.is_draining() {
             return Err(RpcError::unavailable("the server is shutting down"));
@@ -462,6 +474,7 @@ impl ServerHandle {
     }
 
     /// Runs `finish` at the end of shutdown, after the last handler is done.
+    #[cfg_attr(not(feature = "nats"), allow(dead_code))] // used by the NATS transport
     pub(crate) fn finishing_with(mut self, finish: BoxFuture<'static, ()>) -> Self {
         self.finish = Some(finish);
         self
