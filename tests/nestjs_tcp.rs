@@ -1,5 +1,6 @@
 //! palisade and real NestJS 11 processes (`@nestjs/microservices`, `Transport.TCP`) calling each
 //! other in both directions.
+#![cfg(feature = "tcp")]
 
 mod support;
 

@@ -1,5 +1,6 @@
 //! Misbehaving TCP peers get their own connection closed with a specific error, and well-behaved
 //! clients keep being served throughout. Real sockets on loopback, real (short) timeouts.
+#![cfg(feature = "tcp")]
 
 use palisade::rpc::transport::tcp::{TcpOptions, TcpServer, TcpTransport};
 use palisade::rpc::{Client, Payload, Router, Server, ServerHandle};

@@ -1,4 +1,5 @@
 //! Property tests of the TCP frame codec.
+#![cfg(feature = "tcp")]
 
 use bytes::BytesMut;
 use palisade::rpc::transport::tcp::JsonFrameCodec;

@@ -3,6 +3,7 @@
 //!
 //! The server is this test binary run again with `PALISADE_TEST_ROLE=tcp-server`, so it is a real
 //! separate process whose sockets the kernel tears down.
+#![cfg(feature = "tcp")]
 
 use palisade::rpc::transport::tcp::{TcpServer, TcpTransport};
 use palisade::rpc::{Client, Code, Payload, Router, Server};

@@ -48,6 +48,7 @@ mod client;
 mod error;
 mod handler;
 mod json;
+#[cfg(any(feature = "tcp", feature = "nats"))]
 pub(crate) mod packet;
 mod pattern;
 mod request;

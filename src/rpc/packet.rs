@@ -147,9 +147,11 @@ pub(crate) struct IncomingPacket {
     pub(crate) data: RawJson,
     /// Present (even `null`) makes the message a request; absent, an event.
     pub(crate) id: Option<RawJson>,
+    #[cfg_attr(not(feature = "tcp"), allow(dead_code))] // NATS carries headers natively
     pub(crate) headers: Headers,
     /// Not a NestJS packet (not an object, or neither `pattern` nor `data`): transports with a
     /// channel treat the whole message as `data` sent to the channel's pattern.
+    #[cfg_attr(not(feature = "nats"), allow(dead_code))] // used by the NATS transport
     pub(crate) external: bool,
 }
 

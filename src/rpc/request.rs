@@ -163,6 +163,7 @@ impl RpcRequest {
     }
 
     /// The headers a transport sends: the request's own, plus the time left before its deadline.
+    #[cfg_attr(not(any(feature = "tcp", feature = "nats")), allow(dead_code))] // wire transports
     pub(crate) fn wire_headers(&self) -> Headers {
         let mut headers = self.headers.clone();
         if let Some(deadline) = self.deadline {
@@ -182,6 +183,7 @@ impl RpcRequest {
     }
 
     /// Rebuilds a request received by a server: the deadline comes from the timeout header.
+    #[cfg_attr(not(any(feature = "tcp", feature = "nats")), allow(dead_code))] // wire transports
     pub(crate) fn received(
         pattern: Pattern,
         payload: RawJson,
@@ -203,6 +205,7 @@ impl RpcRequest {
     }
 
     /// Makes an event report its handlers' failures instead of only logging them.
+    #[cfg_attr(not(feature = "nats"), allow(dead_code))] // used by the NATS transport
     pub(crate) fn reporting_failures(mut self) -> Self {
         self.report_failures = true;
         self

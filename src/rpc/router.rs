@@ -149,6 +149,7 @@ impl Router {
     }
 
     /// The routes of message handlers and of event handlers (what a broker transport subscribes to).
+    #[cfg_attr(not(feature = "nats"), allow(dead_code))] // used by the NATS transport
     pub(crate) fn routes(&self) -> (Vec<String>, Vec<String>) {
         (
             self.message_patterns()

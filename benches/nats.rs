@@ -1,0 +1,110 @@
+//! Request/reply through a local nats-server: palisade's client and server beside bare
+//! `async-nats` (`request()` and a subscriber that publishes the reply), one request at a time
+//! and 64 in flight, in the same run.
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use futures::StreamExt;
+use palisade::rpc::transport::nats::{NatsOptions, NatsServer};
+use palisade::rpc::{Client, Payload, Router, Server};
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+#[path = "../tests/support/nats.rs"]
+mod broker;
+
+async fn in_tasks<F, Fut>(iters: u64, in_flight: u64, call: F) -> Duration
+where
+    F: Fn(u64) -> Fut + Clone + Send + 'static,
+    Fut: Future<Output = ()> + Send,
+{
+    let start = Instant::now();
+    let tasks: Vec<_> = (0..in_flight.min(iters))
+        .map(|task| {
+            let call = call.clone();
+            let share = iters / in_flight + u64::from(task < iters % in_flight);
+            tokio::spawn(async move {
+                for i in 0..share {
+                    call(task + i * in_flight).await;
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.unwrap();
+    }
+    start.elapsed()
+}
+
+fn request_reply(c: &mut Criterion) {
+    let broker = broker::Broker::start();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let (bare, palisade) = runtime.block_on(async {
+        // Bare async-nats: a responder echoing the payload, and a client using request().
+        let responder = async_nats::connect(broker.url()).await.unwrap();
+        let mut requests = responder.subscribe("bare-echo").await.unwrap();
+        tokio::spawn(async move {
+            while let Some(message) = requests.next().await {
+                if let Some(reply) = message.reply {
+                    responder.publish(reply, message.payload).await.unwrap();
+                }
+            }
+        });
+        let bare = async_nats::connect(broker.url()).await.unwrap();
+
+        let server = NatsServer::new(NatsOptions::new([broker.url()]))
+            .serve(Server::new(
+                Router::new().message("echo", |Payload(x): Payload<u64>| async move { x }),
+            ))
+            .await
+            .unwrap();
+        std::mem::forget(server);
+        let client = Client::builder()
+            .connect(NatsOptions::new([broker.url()]))
+            .await
+            .unwrap();
+        (bare, client)
+    });
+
+    for (name, in_flight) in [("sequential", 1), ("64_in_flight", 64)] {
+        let mut group = c.benchmark_group(format!("nats/{name}"));
+        group.bench_function("bare async-nats request", |b| {
+            b.to_async(&runtime).iter_custom(|iters| {
+                let bare = bare.clone();
+                in_tasks(iters, in_flight, move |x| {
+                    let bare = bare.clone();
+                    async move {
+                        let reply = bare
+                            .request("bare-echo", x.to_string().into())
+                            .await
+                            .unwrap();
+                        assert_eq!(reply.payload, x.to_string().as_bytes());
+                    }
+                })
+            })
+        });
+        group.bench_function("palisade send", |b| {
+            b.to_async(&runtime).iter_custom(|iters| {
+                let client = palisade.clone();
+                in_tasks(iters, in_flight, move |x| {
+                    let client = client.clone();
+                    async move { assert_eq!(client.send::<u64>("echo", &x).await.unwrap(), x) }
+                })
+            })
+        });
+        group.finish();
+    }
+    drop(broker);
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default()
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(3));
+    targets = request_reply
+}
+criterion_main!(benches);
