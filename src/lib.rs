@@ -2,6 +2,8 @@
 //!
 //! Resilience middleware for [`tower`], and message services that speak NestJS's wire protocol.
 //!
+//! **Resilience** — layers for *any* `tower::Service`:
+//!
 //! - [`circuit_breaker`]: a circuit breaker configured the NestJS way (`ttl`, `max_failures`,
 //!   `reset_timeout`), with consecutive-failure and failure-rate rules, a handle to observe and
 //!   control it, and a hot path that takes no lock and makes no allocation.
@@ -12,6 +14,12 @@
 //! - [`builder`]: all of it as `ServiceBuilder` methods, and a preset that stacks deadline → retry →
 //!   circuit breaker → attempt timeout in the right order.
 //! - [`classify`]: how results are judged (success, failure, ignored; transient or not).
+//!
+//! **Messaging** — [`rpc`]: the Rust answer to NestJS microservices. A [`Client`](rpc::Client)
+//! with `send`, `send_stream` and `emit`; a [`Router`](rpc::Router) of async handlers with typed
+//! extractors; an [`RpcError`](rpc::RpcError) in NestJS's shapes; and transports — in-memory, TCP
+//! (feature `tcp`, default) and NATS (feature `nats`) — wire-compatible with NestJS, so palisade
+//! services and NestJS services call each other.
 //!
 //! Every layer wraps *any* `tower::Service` and keeps your error type: instead of wrapping errors in
 //! an enum of its own, a layer requires `S::Error: From<ItsError>`, so one error type runs through

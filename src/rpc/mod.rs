@@ -2,7 +2,7 @@
 //!
 //! A [`Client`] sends requests (`send`, `send_stream`) and events (`emit`) to patterns; a
 //! [`Router`] maps patterns to handlers — plain async functions with typed extractors, as in
-//! axum — and a [`Server`] runs it on a [transport](transport). Transports speak NestJS's wire
+//! axum — and a [`Server`] runs it on a [transport]. Transports speak NestJS's wire
 //! protocol, so palisade services and NestJS services can call each other.
 //!
 //! ```

@@ -3,7 +3,7 @@
 //! - [`memory`]: client and server in one process — the embedded default, with the same
 //!   semantics as the wire transports (payloads are serialised, patterns normalised, deadlines
 //!   carried, unknown patterns answered the NestJS way).
-//! - [`tcp`](crate::rpc::transport::tcp) (feature `tcp`): NestJS's `Transport.TCP`.
+//! - `tcp` (feature `tcp`): NestJS's `Transport.TCP`.
 //! - `nats` (feature `nats`): NestJS's `Transport.NATS`, with optional durable (JetStream) events.
 //!
 //! A client talks to a transport through [`ClientTransport`]; implement it to add your own.

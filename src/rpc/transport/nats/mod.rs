@@ -27,7 +27,7 @@
 //! # Beyond NestJS
 //!
 //! - The deadline (`palisade-timeout-ms`) and a W3C `traceparent` travel as NATS headers, next to
-//!   your own; handlers read them with the [`Headers`](crate::rpc::Headers) extractor.
+//!   your own; handlers read them with the [`Headers`] extractor.
 //! - When the connection to the broker is lost, requests in flight fail at once with
 //!   `Unavailable`, and new ones fail fast until the client has reconnected — it reconnects and
 //!   re-subscribes by itself, as does a server.
