@@ -91,20 +91,34 @@ impl Service<RpcRequest> for TransportService {
 
     fn call(&mut self, request: RpcRequest) -> Self::Future {
         let transport = Arc::clone(&self.transport);
-        Box::pin(async move {
-            if request.kind() == Kind::Event {
-                transport.emit(request).await?;
-                return Ok(RpcResponse::empty());
-            }
-            let mut replies = transport.request(request).await?;
-            let packet = replies.recv().await.ok_or_else(connection_lost)?;
-            let (first, last) = read_packet(packet)?;
-            Ok(RpcResponse {
-                first,
-                rest: (!last).then_some(replies),
-            })
-        })
+        Box::pin(async move { exchange(&*transport, request).await })
     }
+}
+
+/// Hands one request to the transport and waits for the first reply packet.
+async fn exchange(
+    transport: &dyn ClientTransport,
+    request: RpcRequest,
+) -> Result<RpcResponse, RpcError> {
+    if request.kind() == Kind::Event {
+        transport.emit(request).await?;
+        return Ok(RpcResponse::empty());
+    }
+    let mut replies = transport.request(request).await?;
+    let packet = replies.recv().await.ok_or_else(connection_lost)?;
+    let (first, last) = read_packet(packet)?;
+    Ok(RpcResponse {
+        first,
+        rest: (!last).then_some(replies),
+    })
+}
+
+/// The service a client sends through.
+#[derive(Clone)]
+enum Stack {
+    /// No layers: straight to the transport, without cloning and boxing a service per request.
+    Direct(Arc<dyn ClientTransport>),
+    Layered(BoxCloneSyncService<RpcRequest, RpcResponse, RpcError>),
 }
 
 /// A message client: NestJS's `ClientProxy`. Cheap to clone; clones share the connection and the
@@ -127,7 +141,7 @@ impl Service<RpcRequest> for TransportService {
 /// ```
 #[derive(Clone)]
 pub struct Client {
-    stack: BoxCloneSyncService<RpcRequest, RpcResponse, RpcError>,
+    stack: Stack,
     timeout: Option<Duration>,
     headers: Headers,
     breaker: Option<CircuitBreakerHandle>,
@@ -181,19 +195,27 @@ impl Client {
         }
         // Clock reads only for a span someone listens to.
         let started = traced.then(Instant::now);
-        let result = self
-            .stack
-            .clone()
-            .oneshot(request)
-            .instrument(span.clone())
-            .await;
+        let result = match &self.stack {
+            Stack::Direct(transport) => {
+                exchange(&**transport, request)
+                    .instrument(span.clone())
+                    .await
+            }
+            Stack::Layered(stack) => {
+                stack
+                    .clone()
+                    .oneshot(request)
+                    .instrument(span.clone())
+                    .await
+            }
+        };
         if let Some(started) = started {
             span.record("latency_us", started.elapsed().as_micros() as u64);
+            match &result {
+                Ok(_) => span.record("outcome", tracing::field::display("ok")),
+                Err(error) => span.record("outcome", tracing::field::display(error.code())),
+            };
         }
-        match &result {
-            Ok(_) => span.record("outcome", tracing::field::display("ok")),
-            Err(error) => span.record("outcome", tracing::field::display(error.code())),
-        };
         result
     }
 
@@ -540,6 +562,19 @@ where
     /// A client over an already connected transport.
     pub fn build(self, transport: impl ClientTransport) -> Client {
         let breaker = self.breaker.as_ref().map(CircuitBreakerLayer::handle);
+        let transport: Arc<dyn ClientTransport> = Arc::new(transport);
+        let layered = self.timeout.is_some()
+            || self.retry.is_some()
+            || self.breaker.is_some()
+            || self.attempt_timeout.is_some();
+        if !layered {
+            return Client {
+                stack: Stack::Direct(transport),
+                timeout: None,
+                headers: self.headers,
+                breaker,
+            };
+        }
         let stack = ServiceBuilder::new()
             .option_layer(self.timeout.map(DeadlineLayer::new))
             .option_layer(self.retry.map(RetryPolicy::layer))
@@ -548,11 +583,9 @@ where
                 self.attempt_timeout
                     .map(|timeout| TimeoutLayer::new(timeout).honor_deadline()),
             )
-            .service(TransportService {
-                transport: Arc::new(transport),
-            });
+            .service(TransportService { transport });
         Client {
-            stack: BoxCloneSyncService::new(stack),
+            stack: Stack::Layered(BoxCloneSyncService::new(stack)),
             timeout: self.timeout,
             headers: self.headers,
             breaker,
