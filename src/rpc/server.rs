@@ -4,7 +4,7 @@ use super::request::TRACEPARENT_HEADER;
 use super::transport::{ReplyPacket, error_json};
 use super::{Code, Kind, RawJson, Router, RpcError, RpcRequest};
 use crate::timeout::HasDeadline;
-use futures_util::future::BoxFuture;
+use futures_util::future::{BoxFuture, Either};
 use futures_util::{FutureExt, StreamExt};
 use std::fmt;
 use std::future::Future;
@@ -214,13 +214,10 @@ impl Dispatcher {
             latency_us = tracing::field::Empty,
         );
         self.in_flight.fetch_add(1, Ordering::AcqRel);
-        let dispatcher = Arc::clone(self);
         let mut handling = Box::pin(
-            async move {
-                let _in_flight = InFlight(&dispatcher.in_flight);
-                dispatcher.handle(request, sink, permit).await;
-            }
-            .instrument(span),
+            Arc::clone(self)
+                .handle(request, sink, permit)
+                .instrument(span),
         );
         // Most handlers answer on their first poll: poll once here and spawn a task only for
         // those that have to wait. Nothing changes for the caller — the first poll happens inside
@@ -233,12 +230,41 @@ impl Dispatcher {
         }
     }
 
-    async fn handle<K: ReplySink>(
+    /// Runs the handler and sends its reply.
+    async fn respond<K: ReplySink>(
         &self,
+        request: RpcRequest,
+        sink: Option<&mut Tracked<K>>,
+    ) -> Result<(), RpcError> {
+        // A panicking handler must not leave its caller waiting: it becomes NestJS's
+        // "Internal server error", and the panic is logged.
+        let reply = AssertUnwindSafe(self.service.call(request))
+            .catch_unwind()
+            .await
+            .unwrap_or_else(|panic| {
+                let message = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "a non-string panic payload".to_owned());
+                tracing::error!(panic = %message, "handler panicked; replying \"Internal server error\"");
+                Err(RpcError::internal())
+            });
+        match (reply, sink) {
+            (Ok(_), None) => Ok(()),
+            (Err(error), None) => Err(error),
+            (reply, Some(sink)) => send_replies(reply, sink).await,
+        }
+    }
+
+    /// Handles one message: runs the handler within the deadline and sends every reply.
+    async fn handle<K: ReplySink>(
+        self: Arc<Self>,
         request: RpcRequest,
         sink: Option<K>,
         _permit: Option<OwnedSemaphorePermit>,
     ) {
+        let _in_flight = InFlight(&self.in_flight);
         let span = tracing::Span::current();
         // Clock reads only for a span someone listens to.
         let started = (!span.is_disabled()).then(Instant::now);
@@ -249,45 +275,33 @@ impl Dispatcher {
             answered: false,
         });
         let outcome = {
-            let work = async {
-                // A panicking handler must not leave its caller waiting: it becomes NestJS's
-                // "Internal server error", and the panic is logged.
-                let reply = AssertUnwindSafe(self.service.call(request))
-                    .catch_unwind()
-                    .await
-                    .unwrap_or_else(|panic| {
-                        let message = panic
-                            .downcast_ref::<&str>()
-                            .map(|s| s.to_string())
-                            .or_else(|| panic.downcast_ref::<String>().cloned())
-                            .unwrap_or_else(|| "a non-string panic payload".to_owned());
-                        tracing::error!(panic = %message, "handler panicked; replying \"Internal server error\"");
-                        Err(RpcError::internal())
-                    });
-                match (reply, sink.as_mut()) {
-                    (Ok(_), None) => Ok(()),
-                    (Err(error), None) => Err(error),
-                    (reply, Some(sink)) => send_replies(reply, sink).await,
-                }
-            };
-            let bounded = async {
-                match deadline {
-                    // Boxed: the timer is large, and a request without a deadline should not carry
-                    // room for it.
-                    Some(deadline) => Box::pin(tokio::time::timeout_at(deadline.instant(), work))
-                        .await
-                        .unwrap_or_else(|_| {
+            let work = self.respond(request, sink.as_mut());
+            // One future either way, not an async block holding `work` twice; boxed when bounded,
+            // because the timer is large and a request without a deadline should not carry room
+            // for it.
+            let bounded = match deadline {
+                Some(deadline) => Either::Left(
+                    Box::pin(tokio::time::timeout_at(deadline.instant(), work)).map(|timed| {
+                        timed.unwrap_or_else(|_| {
                             Err(RpcError::deadline_exceeded(
                                 "the caller's deadline passed; the handler was stopped",
                             ))
-                        }),
-                    None => work.await,
-                }
+                        })
+                    }),
+                ),
+                None => Either::Right(work),
+            };
+            // Created on its first poll: a handler that answers at once never touches the token.
+            let aborted = async {
+                self.abort.cancelled().await;
+                Err(RpcError::unavailable(
+                    "the server shut down before the handler finished",
+                ))
             };
             tokio::select! {
                 biased;
-                _ = self.abort.cancelled() => Err(RpcError::unavailable("the server shut down before the handler finished")),
                 outcome = bounded => outcome,
+                aborted = aborted => aborted,
             }
         };
         // Stopped by the deadline or by shutdown before answering: every request gets an answer.
@@ -298,14 +312,14 @@ impl Dispatcher {
         }
         if let Some(started) = started {
             span.record("latency_us", started.elapsed().as_micros() as u64);
+            match &outcome {
+                Ok(()) => span.record("outcome", tracing::field::display("ok")),
+                Err(error) => span.record("outcome", tracing::field::display(error.code())),
+            };
         }
         match &outcome {
-            Ok(()) => {
-                span.record("outcome", tracing::field::display("ok"));
-                tracing::debug!("handled");
-            }
+            Ok(()) => tracing::debug!("handled"),
             Err(error) => {
-                span.record("outcome", tracing::field::display(error.code()));
                 if kind == Kind::Event || error.code() == Code::Internal {
                     tracing::warn!(%error, "handler failed");
                 } else {
