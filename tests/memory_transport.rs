@@ -20,3 +20,29 @@ impl Harness for Memory {
 }
 
 conformance_tests!(Memory(MemoryTransport::new()));
+
+/// A transport served again (a restarted service) sends to the new server, even through a client
+/// connected before.
+#[tokio::test]
+async fn a_server_served_later_replaces_the_first() {
+    use palisade::rpc::{Code, Router};
+    let transport = MemoryTransport::new();
+    let client = Client::builder().connect(transport.clone()).await.unwrap();
+    let no_server = client.send::<String>("who", &()).await.unwrap_err();
+    assert_eq!(no_server.code(), Code::Unavailable);
+
+    let first = transport.serve(Server::new(
+        Router::new().message("who", || async { "first" }),
+    ));
+    assert_eq!(client.send::<String>("who", &()).await.unwrap(), "first");
+    first.shutdown().await;
+    let stopped = client.send::<String>("who", &()).await.unwrap_err();
+    assert_eq!(stopped.code(), Code::Unavailable);
+
+    for name in ["second", "third"] {
+        let _server = transport.serve(Server::new(
+            Router::new().message("who", move || async move { name }),
+        ));
+        assert_eq!(client.send::<String>("who", &()).await.unwrap(), name);
+    }
+}

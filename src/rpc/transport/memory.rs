@@ -11,7 +11,8 @@ use crate::rpc::server::{Dispatcher, ReplySink, Server, ServerHandle};
 use crate::rpc::{Kind, RpcError, RpcRequest};
 use futures_util::future::BoxFuture;
 use std::fmt;
-use std::sync::{Arc, RwLock};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock, RwLock};
 
 /// Packets a streamed reply may run ahead of its reader.
 const STREAM_BUFFER: usize = 16;
@@ -34,7 +35,17 @@ const STREAM_BUFFER: usize = 16;
 /// ```
 #[derive(Clone, Default)]
 pub struct MemoryTransport {
-    server: Arc<RwLock<Option<Arc<Dispatcher>>>>,
+    served: Arc<Served>,
+}
+
+/// The server a transport hands requests to. Most transports are served once, so the first
+/// server is read without a lock (a read lock is a contended atomic write on every request when
+/// many threads send); a server served later replaces it behind the lock.
+#[derive(Default)]
+struct Served {
+    first: OnceLock<Arc<Dispatcher>>,
+    replaced: AtomicBool,
+    later: RwLock<Option<Arc<Dispatcher>>>,
 }
 
 impl MemoryTransport {
@@ -46,20 +57,30 @@ impl MemoryTransport {
     /// Serves `server` on this transport (replacing a server served before).
     pub fn serve(&self, server: Server) -> ServerHandle {
         let dispatcher = server.into_dispatcher("memory");
-        *self
-            .server
-            .write()
-            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(Arc::clone(&dispatcher));
+        let served = &*self.served;
+        if served.first.set(Arc::clone(&dispatcher)).is_err() {
+            *served
+                .later
+                .write()
+                .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(Arc::clone(&dispatcher));
+            served.replaced.store(true, Ordering::Release);
+        }
         ServerHandle::new(dispatcher, Vec::new(), None)
     }
 
     fn dispatcher(&self) -> Result<Arc<Dispatcher>, RpcError> {
-        let server = self
-            .server
-            .read()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        match server.as_ref() {
-            Some(dispatcher) if !dispatcher.is_draining() => Ok(Arc::clone(dispatcher)),
+        let served = &*self.served;
+        let dispatcher = if served.replaced.load(Ordering::Acquire) {
+            served
+                .later
+                .read()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .clone()
+        } else {
+            served.first.get().cloned()
+        };
+        match dispatcher {
+            Some(dispatcher) if !dispatcher.is_draining() => Ok(dispatcher),
             Some(_) => Err(RpcError::unavailable(
                 "the in-memory server is shutting down",
             )),
