@@ -4,7 +4,7 @@ use crate::rpc::packet::{decode_reply, encode_request};
 use crate::rpc::transport::{
     ClientTransport, Connect, ReplyPacket, ReplyReceiver, ReplySender, error_json, reply_channel,
 };
-use crate::rpc::{Headers, RpcError, RpcRequest};
+use crate::rpc::{Headers, RawJson, RpcError, RpcRequest};
 use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
 use futures_util::future::BoxFuture;
@@ -15,19 +15,43 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 struct Waiting {
     replies: ReplySender,
-    /// The packet id the replies must carry (NestJS ignores replies with another id).
-    id: String,
     /// For the no-responders error.
     route: Arc<str>,
+}
+
+const PACKET_ID_LEN: usize = 21;
+
+/// A request's packet id, formatted on the stack.
+struct PacketId([u8; PACKET_ID_LEN]);
+
+impl PacketId {
+    fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.0).expect("hex digits are ASCII")
+    }
 }
 
 /// What the connection-event callback shares with the transport.
 struct State {
     pending: Mutex<HashMap<u64, Waiting>>,
     connected: AtomicBool,
+    /// Mixed into packet ids, so that ids differ between clients.
+    id_prefix: u64,
 }
 
 impl State {
+    /// The packet id of request `n`: 21 hex digits, derived again when its replies arrive
+    /// instead of being stored per request.
+    fn packet_id(&self, n: u64) -> PacketId {
+        let mut id = [0u8; PACKET_ID_LEN];
+        let mut digits =
+            (u128::from(self.id_prefix & 0xF_FFFF) << 64) | u128::from(mix(n ^ self.id_prefix));
+        for byte in id.iter_mut().rev() {
+            *byte = b"0123456789abcdef"[(digits & 0xF) as usize];
+            digits >>= 4;
+        }
+        PacketId(id)
+    }
+
     fn pending(&self) -> MutexGuard<'_, HashMap<u64, Waiting>> {
         self.pending
             .lock()
@@ -59,7 +83,6 @@ struct Inner {
     /// Replies come to `<inbox>.<n>`, one subscription on `<inbox>.*` for all requests.
     inbox: String,
     next: AtomicU64,
-    id_prefix: u64,
     jetstream: Option<async_nats::jetstream::Context>,
 }
 
@@ -81,6 +104,7 @@ impl NatsTransport {
         let state = Arc::new(State {
             pending: Mutex::new(HashMap::new()),
             connected: AtomicBool::new(true),
+            id_prefix: SharedRng::entropy(),
         });
         let events = Arc::clone(&state);
         let client = options
@@ -116,7 +140,6 @@ impl NatsTransport {
                 state,
                 inbox,
                 next: AtomicU64::new(0),
-                id_prefix: SharedRng::entropy(),
                 jetstream: None,
             }),
         })
@@ -139,14 +162,6 @@ impl NatsTransport {
     /// The underlying `async-nats` client.
     pub fn nats_client(&self) -> &async_nats::Client {
         &self.inner.client
-    }
-
-    fn next_id(&self, n: u64) -> String {
-        format!(
-            "{:05x}{:016x}",
-            self.inner.id_prefix & 0xF_FFFF,
-            mix(n ^ self.inner.id_prefix)
-        )
     }
 
     fn check_connected(&self) -> Result<(), RpcError> {
@@ -187,8 +202,14 @@ fn deliver(state: &State, message: async_nats::Message) {
     } else {
         match decode_reply(&message.payload) {
             Ok((id, packet)) => {
-                let expected = format!("\"{}\"", waiting.id);
-                if id.as_ref().is_some_and(|id| id.as_str() != expected) {
+                let expected = state.packet_id(n);
+                let matches = |id: &RawJson| {
+                    id.as_str()
+                        .strip_prefix('"')
+                        .and_then(|id| id.strip_suffix('"'))
+                        == Some(expected.as_str())
+                };
+                if id.as_ref().is_some_and(|id| !matches(id)) {
                     tracing::debug!("reply for another request id ignored");
                     return;
                 }
@@ -246,14 +267,13 @@ impl ClientTransport for NatsTransport {
             check_subject(route, false)?;
             let inner = &transport.inner;
             let n = inner.next.fetch_add(1, Ordering::Relaxed);
-            let id = transport.next_id(n);
+            let id = inner.state.packet_id(n);
             // Unbounded: the inbox's reader must never wait on one slow caller.
             let (replies, receiver) = reply_channel(None);
             inner.state.pending().insert(
                 n,
                 Waiting {
                     replies,
-                    id: id.clone(),
                     route: Arc::clone(request.pattern().route_arc()),
                 },
             );
@@ -262,7 +282,7 @@ impl ClientTransport for NatsTransport {
                 n,
             };
             let reply_subject = format!("{}.{n}", inner.inbox);
-            let payload = body(&request, Some(&id));
+            let payload = body(&request, Some(id.as_str()));
             let published = match to_nats_headers(&request.wire_headers()) {
                 Some(headers) => {
                     inner
@@ -343,5 +363,33 @@ impl Connect for NatsOptions {
 
     async fn connect(self) -> Result<NatsTransport, RpcError> {
         NatsTransport::connect(&self).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn packet_ids_are_21_hex_digits_unique_per_request() {
+        let state = State {
+            pending: Mutex::new(HashMap::new()),
+            connected: AtomicBool::new(true),
+            id_prefix: 0x1234_5678_9abc_def0,
+        };
+        let id = state.packet_id(7);
+        assert_eq!(
+            id.as_str(),
+            format!(
+                "{:05x}{:016x}",
+                0x1234_5678_9abc_def0_u64 & 0xF_FFFF,
+                mix(7 ^ 0x1234_5678_9abc_def0)
+            )
+        );
+        let ids: std::collections::HashSet<String> = (0..1000)
+            .map(|n| state.packet_id(n).as_str().to_owned())
+            .collect();
+        assert_eq!(ids.len(), 1000);
+        assert!(ids.iter().all(|id| id.len() == 21));
     }
 }
