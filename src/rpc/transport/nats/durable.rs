@@ -220,10 +220,12 @@ async fn consume(
     dispatcher: Arc<Dispatcher>,
     config: Arc<DurableEvents>,
 ) {
+    // Made once, not per message (each new one registers with the shared token under its lock).
+    let mut draining = std::pin::pin!(dispatcher.draining());
     'reconnect: loop {
         let mut messages = tokio::select! {
             biased;
-            _ = dispatcher.draining() => return,
+            _ = &mut draining => return,
             messages = consumer.messages() => match messages {
                 Ok(messages) => messages,
                 Err(error) => {
@@ -234,10 +236,14 @@ async fn consume(
             },
         };
         loop {
+            if dispatcher.is_draining() {
+                return;
+            }
+            // The message first: polling the wait for shutdown takes the token's lock.
             let message = tokio::select! {
                 biased;
-                _ = dispatcher.draining() => return,
                 message = messages.next() => message,
+                _ = &mut draining => return,
             };
             let message = match message {
                 Some(Ok(message)) => message,

@@ -182,15 +182,24 @@ async fn serve_subscription(
     client: async_nats::Client,
     dispatcher: Arc<Dispatcher>,
 ) {
+    // Waiting for shutdown takes the token's lock at every poll, so a waiting message is taken
+    // first and the wait is polled only when there is none; the flag (a plain load) stops a busy
+    // loop.
+    let mut draining = std::pin::pin!(dispatcher.draining());
     loop {
-        let message = tokio::select! {
-            biased;
-            _ = dispatcher.draining() => {
-                // Stop taking messages: new requests find no responder (or another instance).
-                let _ = subscription.unsubscribe().await;
-                break;
+        let message = if dispatcher.is_draining() {
+            None
+        } else {
+            tokio::select! {
+                biased;
+                message = subscription.next() => Some(message),
+                _ = &mut draining => None,
             }
-            message = subscription.next() => message,
+        };
+        let Some(message) = message else {
+            // Stop taking messages: new requests find no responder (or another instance).
+            let _ = subscription.unsubscribe().await;
+            break;
         };
         let Some(message) = message else { break };
         let (request, id) = match request_from(&route, &message.payload, message.headers.as_ref()) {

@@ -57,10 +57,11 @@ impl TcpServer {
 
 async fn accept_loop(listener: TcpListener, dispatcher: Arc<Dispatcher>, options: Arc<TcpOptions>) {
     let connections = Arc::new(Semaphore::new(options.max_connections));
+    let mut draining = std::pin::pin!(dispatcher.draining());
     loop {
         let accepted = tokio::select! {
             biased;
-            _ = dispatcher.draining() => break,
+            _ = &mut draining => break,
             accepted = listener.accept() => accepted,
         };
         let (stream, peer) = match accepted {
@@ -115,11 +116,16 @@ async fn serve_connection(
     let slots = Arc::new(Semaphore::new(options.max_in_flight_per_connection));
     let mut reader = FrameReader::new(read, options);
     tracing::debug!(%peer, "connection opened");
+    // Waiting for shutdown takes the token's lock at every poll, so it is polled only when no
+    // frame is waiting; the flag (a plain load) stops a connection that never runs dry.
+    let mut draining = std::pin::pin!(dispatcher.draining());
 
     let broken = loop {
+        if dispatcher.is_draining() {
+            break false;
+        }
         let next = tokio::select! {
             biased;
-            _ = dispatcher.draining() => break false,
             written = &mut writer => {
                 if let Ok(Err(error)) = written {
                     tracing::warn!(%peer, %error, "closing connection: replies could not be written");
@@ -127,6 +133,7 @@ async fn serve_connection(
                 return;
             }
             next = reader.next() => next,
+            _ = &mut draining => break false,
         };
         let frame = match next {
             None => break false,
@@ -145,8 +152,8 @@ async fn serve_connection(
         };
         let slot = tokio::select! {
             biased;
-            _ = dispatcher.draining() => break false,
             slot = Arc::clone(&slots).acquire_owned() => slot.expect("the semaphore is never closed"),
+            _ = &mut draining => break false,
         };
         let kind = if packet.id.is_some() {
             Kind::Request
