@@ -1,5 +1,6 @@
 use super::codec::put_frame;
-use super::{FrameReader, TcpOptions, write_frames};
+use super::outbox::{FrameSender, outbox};
+use super::{FrameReader, TcpOptions};
 use crate::rng::{SharedRng, mix};
 use crate::rpc::packet::{decode_reply, encode_request};
 use crate::rpc::transport::{
@@ -14,11 +15,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-/// Frames waiting for the connection's writer.
-const WRITE_QUEUE: usize = 1024;
 /// Reconnect backoff after a failed connection attempt: doubles from here...
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 /// ...up to here.
@@ -28,7 +26,7 @@ type Pending = HashMap<Bytes, ReplySender>;
 
 /// One open connection: its writer's queue and the requests waiting for replies.
 struct Connection {
-    frames: mpsc::Sender<Bytes>,
+    frames: FrameSender,
     pending: Mutex<Pending>,
     closed: AtomicBool,
 }
@@ -185,7 +183,7 @@ impl TcpTransport {
         .map_err(|error| error.to_string())?;
         let _ = stream.set_nodelay(true);
         let (read, write) = stream.into_split();
-        let (frames, queue) = mpsc::channel(WRITE_QUEUE);
+        let (frames, writer) = outbox(write);
         let connection = Arc::new(Connection {
             frames,
             pending: Mutex::new(HashMap::new()),
@@ -194,7 +192,7 @@ impl TcpTransport {
         let writer_connection = Arc::clone(&connection);
         let write_timeout = self.inner.options.write_timeout;
         tokio::spawn(async move {
-            if let Err(error) = write_frames(write, queue, write_timeout).await {
+            if let Err(error) = writer.run(write_timeout).await {
                 writer_connection.close(&error.to_string());
             }
         });
@@ -291,20 +289,21 @@ impl ClientTransport for TcpTransport {
             let key = Bytes::from(format!("\"{id}\""));
             // Unbounded: the connection's reader must never wait on one slow caller.
             let (replies, receiver) = reply_channel(None);
-            {
+            let alone = {
                 let mut pending = connection.pending();
                 if connection.closed.load(Ordering::Acquire) {
                     return Err(RpcError::unavailable("connection closed"));
                 }
                 pending.insert(key.clone(), replies);
-            }
+                pending.len() == 1
+            };
             let registration = Registration {
                 connection: Arc::clone(&connection),
                 key,
             };
             if connection
                 .frames
-                .send(frame_of(&request, Some(&id)))
+                .send(&frame_of(&request, Some(&id)), alone)
                 .await
                 .is_err()
             {
@@ -318,9 +317,10 @@ impl ClientTransport for TcpTransport {
         let transport = self.clone();
         Box::pin(async move {
             let connection = transport.connection().await?;
+            let alone = connection.pending().is_empty();
             connection
                 .frames
-                .send(frame_of(&event, None))
+                .send(&frame_of(&event, None), alone)
                 .await
                 .map_err(|_| RpcError::unavailable("connection closed"))
         })

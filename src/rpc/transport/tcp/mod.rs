@@ -36,6 +36,7 @@
 
 mod client;
 mod codec;
+mod outbox;
 mod server;
 
 pub use self::client::TcpTransport;
@@ -44,8 +45,7 @@ pub use self::server::TcpServer;
 
 use bytes::{Bytes, BytesMut};
 use std::time::Duration;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::mpsc;
+use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio_util::codec::Decoder;
 
 /// Settings of a TCP client or server.
@@ -137,6 +137,11 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         }
     }
 
+    /// Whether bytes of a further frame have been read already.
+    pub(crate) fn has_buffered(&self) -> bool {
+        !self.buffer.is_empty()
+    }
+
     /// The next frame's JSON text; `None` when the peer closed the connection between frames.
     pub(crate) async fn next(&mut self) -> Option<Result<Bytes, FrameError>> {
         loop {
@@ -175,40 +180,4 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             }
         }
     }
-}
-
-/// Writes queued frames, batching what is ready into one write; fails on a peer that accepts
-/// nothing for `timeout`. Half-closes the connection when the queue ends.
-pub(crate) async fn write_frames<W: AsyncWrite + Unpin>(
-    mut socket: W,
-    mut frames: mpsc::Receiver<Bytes>,
-    timeout: Duration,
-) -> Result<(), FrameError> {
-    const BATCH: usize = 64 * 1024;
-    let mut batch = BytesMut::new();
-    while let Some(first) = frames.recv().await {
-        let pending = if first.len() >= BATCH {
-            first
-        } else {
-            batch.extend_from_slice(&first);
-            while batch.len() < BATCH {
-                match frames.try_recv() {
-                    Ok(frame) => batch.extend_from_slice(&frame),
-                    Err(_) => break,
-                }
-            }
-            batch.split().freeze()
-        };
-        match tokio::time::timeout(timeout, socket.write_all(&pending)).await {
-            Ok(result) => result?,
-            Err(_) => {
-                return Err(FrameError::Io(std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    format!("the peer accepted no data for {}ms", timeout.as_millis()),
-                )));
-            }
-        }
-    }
-    socket.shutdown().await?;
-    Ok(())
 }

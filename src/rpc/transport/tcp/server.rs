@@ -1,19 +1,17 @@
 use super::codec::put_frame;
-use super::{FrameReader, TcpOptions, write_frames};
+use super::outbox::{FrameSender, outbox};
+use super::{FrameReader, TcpOptions};
 use crate::rpc::packet::{decode_incoming, encode_reply};
 use crate::rpc::pattern::Pattern;
 use crate::rpc::server::{Dispatcher, ReplySink, Server, ServerHandle};
 use crate::rpc::transport::ReplyPacket;
 use crate::rpc::{Kind, RawJson, RpcRequest};
-use bytes::{Bytes, BytesMut};
+use bytes::BytesMut;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream, ToSocketAddrs};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
-
-/// Frames waiting for a connection's writer.
-const WRITE_QUEUE: usize = 256;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// A NestJS-compatible TCP server: bind, then [`serve`](Self::serve) a [`Server`].
 #[derive(Debug)]
@@ -89,9 +87,13 @@ async fn accept_loop(listener: TcpListener, dispatcher: Arc<Dispatcher>, options
 
 struct TcpSink {
     id: RawJson,
-    frames: mpsc::Sender<Bytes>,
+    frames: FrameSender,
     /// Held until the request is answered: bounds a connection's requests in flight.
-    _slot: OwnedSemaphorePermit,
+    slot: OwnedSemaphorePermit,
+    /// The connection's limit of requests in flight (its number of slots).
+    slots: usize,
+    /// No further frame had arrived when this one was read.
+    last_read: bool,
 }
 
 impl ReplySink for TcpSink {
@@ -100,7 +102,10 @@ impl ReplySink for TcpSink {
         encode_reply(&mut json, &packet, &self.id);
         let mut frame = BytesMut::new();
         put_frame(&mut frame, &json);
-        self.frames.send(frame.freeze()).await.is_ok()
+        // Nothing else in flight on the connection, and nothing read behind this request: no
+        // other reply to batch this one with.
+        let alone = self.last_read && self.slot.semaphore().available_permits() + 1 >= self.slots;
+        self.frames.send(&frame, alone).await.is_ok()
     }
 }
 
@@ -111,8 +116,8 @@ async fn serve_connection(
     options: &TcpOptions,
 ) {
     let (read, write) = stream.into_split();
-    let (frames, queue) = mpsc::channel(WRITE_QUEUE);
-    let mut writer = tokio::spawn(write_frames(write, queue, options.write_timeout));
+    let (frames, writer) = outbox(write);
+    let mut writer = tokio::spawn(writer.run(options.write_timeout));
     let slots = Arc::new(Semaphore::new(options.max_in_flight_per_connection));
     let mut reader = FrameReader::new(read, options);
     tracing::debug!(%peer, "connection opened");
@@ -165,16 +170,19 @@ async fn serve_connection(
         let sink = packet.id.clone().map(|id| TcpSink {
             id,
             frames: frames.clone(),
-            _slot: slot,
+            slot,
+            slots: options.max_in_flight_per_connection,
+            last_read: !reader.has_buffered(),
         });
         dispatcher.dispatch(request, packet.id.as_ref(), sink).await;
     };
-    drop(frames);
-    drop(reader);
     if broken {
         // A peer that sends garbage gets no more replies.
-        writer.abort();
-    } else {
+        frames.close();
+    }
+    drop(frames);
+    drop(reader);
+    if !broken {
         // Replies of requests still in flight go out; the writer half-closes when the last is sent.
         if let Ok(Err(error)) = writer.await {
             tracing::debug!(%peer, %error, "connection closed while writing replies");
