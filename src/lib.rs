@@ -69,7 +69,7 @@ mod rng;
 pub mod rpc;
 pub mod timeout;
 
-/// The README's examples, compiled and run as doctests.
-#[cfg(doctest)]
+/// The README's examples, compiled and run as doctests (they use every transport).
+#[cfg(all(doctest, feature = "tcp", feature = "nats"))]
 #[doc = include_str!("../README.md")]
 pub struct ReadmeDoctests;
