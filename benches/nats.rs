@@ -6,34 +6,13 @@ use criterion::{Criterion, criterion_group, criterion_main};
 use futures::StreamExt;
 use palisade::rpc::transport::nats::{NatsOptions, NatsServer};
 use palisade::rpc::{Client, Payload, Router, Server};
-use std::future::Future;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+mod support;
+use support::in_tasks;
 
 #[path = "../tests/support/nats.rs"]
 mod broker;
-
-async fn in_tasks<F, Fut>(iters: u64, in_flight: u64, call: F) -> Duration
-where
-    F: Fn(u64) -> Fut + Clone + Send + 'static,
-    Fut: Future<Output = ()> + Send,
-{
-    let start = Instant::now();
-    let tasks: Vec<_> = (0..in_flight.min(iters))
-        .map(|task| {
-            let call = call.clone();
-            let share = iters / in_flight + u64::from(task < iters % in_flight);
-            tokio::spawn(async move {
-                for i in 0..share {
-                    call(task + i * in_flight).await;
-                }
-            })
-        })
-        .collect();
-    for task in tasks {
-        task.await.unwrap();
-    }
-    start.elapsed()
-}
 
 fn request_reply(c: &mut Criterion) {
     let broker = broker::Broker::start();

@@ -7,7 +7,6 @@ use futures::StreamExt;
 use palisade::rpc::transport::memory::MemoryTransport;
 use palisade::rpc::transport::tcp::{TcpServer, TcpTransport};
 use palisade::rpc::{Client, Payload, Router, Server};
-use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -17,6 +16,9 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Mutex, mpsc, oneshot};
 
 const IN_FLIGHT: u64 = 64;
+
+mod support;
+use support::in_tasks;
 
 #[path = "../tests/support/nestjs.rs"]
 mod nestjs;
@@ -42,31 +44,6 @@ fn router(events: Arc<AtomicU64>) -> Router {
             events.fetch_add(1, Ordering::Relaxed);
             async {}
         })
-}
-
-/// Runs exactly `iters` calls of `call`, `in_flight` at a time, in runtime tasks (a caller parked
-/// on the bench's main thread would add a thread wake-up to every call), and returns the wall time.
-async fn in_tasks<F, Fut>(iters: u64, in_flight: u64, call: F) -> Duration
-where
-    F: Fn(u64) -> Fut + Clone + Send + 'static,
-    Fut: Future<Output = ()> + Send,
-{
-    let start = Instant::now();
-    let tasks: Vec<_> = (0..in_flight.min(iters))
-        .map(|task| {
-            let call = call.clone();
-            let share = iters / in_flight + u64::from(task < iters % in_flight);
-            tokio::spawn(async move {
-                for i in 0..share {
-                    call(task + i * in_flight).await;
-                }
-            })
-        })
-        .collect();
-    for task in tasks {
-        task.await.unwrap();
-    }
-    start.elapsed()
 }
 
 fn bare_channel() -> mpsc::Sender<(u64, oneshot::Sender<u64>)> {
