@@ -115,12 +115,16 @@ impl Service<Deadlined<bool>> for Bare {
 }
 
 /// One ready-call-poll round trip, as a caller that finds the service ready makes it.
-#[inline]
+///
+/// Forced inline for every contender: left to the compiler, the bare service's round trip is
+/// inlined into criterion's loop while a larger layer's becomes a call, so the comparison would
+/// charge the harness's own call and register saves to the layer.
+#[inline(always)]
 fn drive<S: Service<bool>>(service: &mut S, cx: &mut Context<'_>, fail: bool) -> bool {
     drive_with(service, cx, fail)
 }
 
-#[inline]
+#[inline(always)]
 fn drive_with<R, S: Service<R>>(service: &mut S, cx: &mut Context<'_>, request: R) -> bool {
     if service.poll_ready(cx).is_pending() {
         panic!("service not ready");

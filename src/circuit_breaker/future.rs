@@ -60,13 +60,49 @@ impl Tracker {
         }
     }
 
+    /// A tracker for a call admitted in `Closed` during `generation`.
+    #[inline(always)]
+    pub(crate) fn closed(
+        slot: &'static Slot,
+        generation: u64,
+        action: SuccessAction,
+        times_calls: bool,
+    ) -> Self {
+        Tracker {
+            slot,
+            generation,
+            ticket: 0,
+            kind: PermitKind::Closed,
+            action,
+            started: if times_calls {
+                Some(Instant::now())
+            } else {
+                None
+            },
+        }
+    }
+
     fn is_slow(&self) -> bool {
         self.started
             .is_some_and(|started| self.slot.is_slow(started.elapsed()))
     }
 
-    #[inline]
+    #[inline(always)]
     fn complete(&mut self, outcome: Outcome) {
+        // The common case, a success that the trip rule does not need to hear about, inline;
+        // everything else out of line.
+        if self.kind == PermitKind::Closed
+            && outcome == Outcome::Success
+            && matches!(self.action, SuccessAction::Nothing)
+        {
+            self.kind = PermitKind::Untracked;
+        } else {
+            self.complete_slow(outcome);
+        }
+    }
+
+    #[inline(never)]
+    fn complete_slow(&mut self, outcome: Outcome) {
         let kind = self.kind;
         self.kind = PermitKind::Untracked;
         match kind {

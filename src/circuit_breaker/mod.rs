@@ -119,7 +119,7 @@ pub use self::registry::CircuitBreakerRegistry;
 pub use self::state::Metrics;
 
 use self::future::Tracker;
-use self::state::{Slot, SuccessAction};
+use self::state::{Rejection, Slot, SuccessAction};
 use crate::classify::{Classify, ErrorsAreFailures};
 use std::fmt;
 use std::sync::Arc;
@@ -332,14 +332,35 @@ where
 
     #[inline]
     fn call(&mut self, request: Request) -> Self::Future {
-        match self.slot.acquire(self.epoch) {
-            Ok(permit) => {
-                let tracker = Tracker::new(self.slot, permit, self.action, self.times_calls);
-                ResponseFuture::called(self.inner.call(request), tracker, self.classifier.clone())
+        let tracker = match self.slot.acquire_closed() {
+            Ok(generation) => Tracker::closed(self.slot, generation, self.action, self.times_calls),
+            Err(word) => {
+                match admit_not_closed(self.slot, word, self.epoch, self.action, self.times_calls) {
+                    Ok(tracker) => tracker,
+                    Err(rejection) => {
+                        return ResponseFuture::rejected(
+                            self.name,
+                            rejection,
+                            self.classifier.clone(),
+                        );
+                    }
+                }
             }
-            Err(rejection) => {
-                ResponseFuture::rejected(self.name, rejection, self.classifier.clone())
-            }
-        }
+        };
+        ResponseFuture::called(self.inner.call(request), tracker, self.classifier.clone())
     }
+}
+
+/// Admission in every state but plainly closed. Out of line, and not generic, so that the closed
+/// path of `call` stays small enough to inline and keep in registers.
+#[inline(never)]
+fn admit_not_closed(
+    slot: &'static Slot,
+    word: u64,
+    epoch: Instant,
+    action: SuccessAction,
+    times_calls: bool,
+) -> Result<Tracker, Rejection> {
+    slot.acquire_not_closed(word, epoch)
+        .map(|permit| Tracker::new(slot, permit, action, times_calls))
 }

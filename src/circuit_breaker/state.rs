@@ -297,23 +297,28 @@ impl Slot {
             .push(self);
     }
 
-    /// Admits or rejects one call. The fast path of the whole breaker.
-    #[inline]
-    pub(crate) fn acquire(&'static self, epoch: Instant) -> Result<Permit, Rejection> {
+    /// Admits a call if the breaker is plainly closed, returning the closed generation; `Err`
+    /// carries the state word for [`acquire_not_closed`](Self::acquire_not_closed). The fast path of
+    /// the whole breaker: one atomic load, one branch, one per-thread counter bump.
+    #[inline(always)]
+    pub(crate) fn acquire_closed(&'static self) -> Result<u64, u64> {
         let word = self.word.load(Ordering::Acquire);
-        // The common case first, as a plain branch rather than a jump table.
         if word & STATE_MASK == CLOSED {
             self.calls.increment();
-            return Ok(Permit::Closed {
-                generation: generation_of(word),
-            });
+            Ok(generation_of(word))
+        } else {
+            Err(word)
         }
-        self.acquire_not_closed(word, epoch)
     }
 
-    /// `acquire` for every state but `Closed`; out of line so the closed path stays one branch.
+    /// Admits or rejects a call in every state but `Closed`, given the word `acquire_closed` saw;
+    /// out of line so the closed path stays one branch.
     #[inline(never)]
-    fn acquire_not_closed(&'static self, word: u64, epoch: Instant) -> Result<Permit, Rejection> {
+    pub(crate) fn acquire_not_closed(
+        &'static self,
+        word: u64,
+        epoch: Instant,
+    ) -> Result<Permit, Rejection> {
         match word & STATE_MASK {
             OPEN => {
                 let now = Instant::now();
