@@ -1,7 +1,57 @@
 use bytes::Bytes;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use std::cell::RefCell;
 use std::fmt;
+
+/// A scratch buffer larger than this is not kept for the next message.
+const SCRATCH_KEPT: usize = 64 * 1024;
+
+thread_local! {
+    static SCRATCH: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Runs `encode` on this thread's scratch buffer (cleared), or on a fresh one if the scratch
+/// buffer is unavailable (thread teardown, or an encoder that re-enters).
+///
+/// A fresh buffer grows several times while a message is written and then, being larger than its
+/// contents, needs a reference-count header of its own when frozen: four or five allocations per
+/// message, each freed later by whichever thread drops the message. Encoding into a warm scratch
+/// buffer and copying out an exact-size result is one allocation.
+pub(crate) fn with_scratch<R>(encode: impl FnOnce(&mut Vec<u8>) -> R) -> R {
+    let mut encode = Some(encode);
+    let scratched = SCRATCH.try_with(|scratch| {
+        let mut scratch = scratch.try_borrow_mut().ok()?;
+        scratch.clear();
+        let result = encode.take().map(|encode| encode(&mut scratch));
+        if scratch.capacity() > SCRATCH_KEPT {
+            *scratch = Vec::new();
+        }
+        result
+    });
+    match (scratched, encode) {
+        (Ok(Some(result)), _) => result,
+        (_, Some(encode)) => encode(&mut Vec::new()),
+        (_, None) => unreachable!("the encoder ran but gave no result"),
+    }
+}
+
+/// Encodes with `encode` and returns exactly the bytes written, in one allocation; see
+/// [`with_scratch`].
+#[cfg(any(test, feature = "nats"))]
+pub(crate) fn encoded(encode: impl FnOnce(&mut Vec<u8>)) -> Bytes {
+    with_scratch(|scratch| {
+        encode(scratch);
+        Bytes::copy_from_slice(scratch)
+    })
+}
+
+/// [`encoded`] for an encoder that can fail.
+pub(crate) fn encode_exact<E>(
+    encode: impl FnOnce(&mut Vec<u8>) -> Result<(), E>,
+) -> Result<Bytes, E> {
+    with_scratch(|scratch| encode(scratch).map(|()| Bytes::copy_from_slice(scratch)))
+}
 
 /// A JSON value kept as its text: payloads travel from the caller's `Serialize` to the handler's
 /// `Deserialize` without being parsed in between (a transport only copies the bytes into its frame).
@@ -18,7 +68,7 @@ impl RawJson {
 
     /// Serialises `value`.
     pub fn to_json<T: Serialize + ?Sized>(value: &T) -> Result<Self, serde_json::Error> {
-        Ok(RawJson(Bytes::from(serde_json::to_vec(value)?)))
+        encode_exact(|out| serde_json::to_writer(out, value)).map(RawJson)
     }
 
     /// Validates `text` as JSON.
@@ -107,3 +157,50 @@ impl fmt::Display for DecodeError {
 }
 
 impl std::error::Error for DecodeError {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Serialises by encoding another message in the middle, as a `Serialize` impl could.
+    struct Reentrant;
+
+    impl Serialize for Reentrant {
+        fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+            let inner = RawJson::to_json(&[1, 2, 3]).map_err(serde::ser::Error::custom)?;
+            serializer.serialize_str(inner.as_str())
+        }
+    }
+
+    #[test]
+    fn encoders_see_a_clean_buffer_and_may_reenter() {
+        assert_eq!(
+            RawJson::to_json(&"a long first value").unwrap().as_str(),
+            "\"a long first value\""
+        );
+        assert_eq!(RawJson::to_json(&7).unwrap().as_str(), "7");
+        assert_eq!(
+            RawJson::to_json(&[Reentrant, Reentrant]).unwrap().as_str(),
+            r#"["[1,2,3]","[1,2,3]"]"#
+        );
+        let big = "x".repeat(SCRATCH_KEPT * 2);
+        assert_eq!(
+            RawJson::to_json(&big).unwrap().as_bytes().len(),
+            big.len() + 2
+        );
+        // The oversized scratch buffer was not kept.
+        SCRATCH.with(|scratch| assert!(scratch.borrow().capacity() <= SCRATCH_KEPT));
+    }
+
+    #[test]
+    fn encoded_bytes_are_exactly_what_was_written() {
+        let bytes = encoded(|out| out.extend_from_slice(b"{\"response\":1}"));
+        assert_eq!(&bytes[..], b"{\"response\":1}");
+        let failed: Result<Bytes, &str> = encode_exact(|out| {
+            out.extend_from_slice(b"partial");
+            Err("no")
+        });
+        assert_eq!(failed, Err("no"));
+        assert_eq!(&encoded(|_| {})[..], b"");
+    }
+}

@@ -4,11 +4,11 @@
 use super::error::NO_HANDLER_MESSAGE;
 use super::transport::ReplyPacket;
 use super::{Headers, RawJson};
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{BufMut, Bytes};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-fn put_headers(out: &mut BytesMut, headers: &Headers) {
+fn put_headers<B: BufMut>(out: &mut B, headers: &Headers) {
     if headers.is_empty() {
         return;
     }
@@ -24,15 +24,15 @@ fn put_headers(out: &mut BytesMut, headers: &Headers) {
     out.put_u8(b'}');
 }
 
-fn put_string(out: &mut BytesMut, text: &str) {
+fn put_string<B: BufMut>(out: &mut B, text: &str) {
     let mut writer = out.writer();
     serde_json::to_writer(&mut writer, text).expect("writing a string to memory cannot fail");
 }
 
 /// `{"pattern":P,"data":D,"id":ID}` (a request) or `{"pattern":P,"data":D}` (an event), followed
 /// by palisade's `headers` extension when there are headers.
-pub(crate) fn encode_request(
-    out: &mut BytesMut,
+pub(crate) fn encode_request<B: BufMut>(
+    out: &mut B,
     pattern: &RawJson,
     data: &RawJson,
     id: Option<&str>,
@@ -51,7 +51,7 @@ pub(crate) fn encode_request(
 }
 
 /// A reply packet for request `id` (raw JSON, echoed verbatim).
-pub(crate) fn encode_reply(out: &mut BytesMut, packet: &ReplyPacket, id: &RawJson) {
+pub(crate) fn encode_reply<B: BufMut>(out: &mut B, packet: &ReplyPacket, id: &RawJson) {
     match packet {
         ReplyPacket::Value { response, last } => {
             out.put_slice(b"{\"response\":");
@@ -230,6 +230,7 @@ pub(crate) fn decode_reply(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::BytesMut;
 
     fn raw(text: &str) -> RawJson {
         RawJson::from_text(text.to_owned()).unwrap()

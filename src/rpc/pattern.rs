@@ -78,9 +78,9 @@ impl Pattern {
     /// A received pattern routed by the channel it arrived on (NATS routes by subject, whatever
     /// pattern the message body names).
     #[cfg_attr(not(feature = "nats"), allow(dead_code))] // used by the NATS transport
-    pub(crate) fn on_channel(route: &str, raw: RawJson) -> Self {
+    pub(crate) fn on_channel(route: Arc<str>, raw: RawJson) -> Self {
         Pattern {
-            route: route.into(),
+            route,
             raw,
             routable: true,
         }

@@ -1,11 +1,13 @@
 use super::{NatsOptions, check_subject, to_nats_headers};
 use crate::rng::{SharedRng, mix};
+use crate::rpc::json::encoded;
 use crate::rpc::packet::{decode_reply, encode_request};
 use crate::rpc::transport::{
     ClientTransport, Connect, ReplyPacket, ReplyReceiver, ReplySender, error_json, reply_channel,
 };
 use crate::rpc::{Headers, RawJson, RpcError, RpcRequest};
-use bytes::{Bytes, BytesMut};
+use async_nats::Subject;
+use bytes::Bytes;
 use futures_util::StreamExt;
 use futures_util::future::BoxFuture;
 use std::collections::HashMap;
@@ -242,16 +244,67 @@ impl Drop for Registration {
 }
 
 fn body(request: &RpcRequest, id: Option<&str>) -> Bytes {
-    let mut body = BytesMut::new();
-    // Headers travel as NATS headers, not in the body.
-    encode_request(
-        &mut body,
-        request.pattern().raw(),
-        request.payload(),
-        id,
-        &Headers::new(),
-    );
-    body.freeze()
+    encoded(|body| {
+        // Headers travel as NATS headers, not in the body.
+        encode_request(
+            body,
+            request.pattern().raw(),
+            request.payload(),
+            id,
+            &Headers::new(),
+        )
+    })
+}
+
+/// The subject of a pattern's route, sharing the route's bytes: one allocation, and the copy
+/// async-nats takes of it only counts a reference (a subject made from a `String` would be copied
+/// once more, and its first clone would allocate again).
+fn route_subject(route: &Arc<str>) -> Subject {
+    struct Route(Arc<str>);
+    impl AsRef<[u8]> for Route {
+        fn as_ref(&self) -> &[u8] {
+            self.0.as_bytes()
+        }
+    }
+    Subject::from_utf8(Bytes::from_owner(Route(Arc::clone(route)))).expect("a str is UTF-8")
+}
+
+/// Longest reply subject built without a heap buffer of its own.
+const REPLY_SUBJECT_INLINE: usize = 96;
+
+/// `<inbox>.<n>`, built in place: one allocation, where formatting a `String` takes three.
+fn reply_subject(inbox: &str, n: u64) -> Subject {
+    struct Inline {
+        bytes: [u8; REPLY_SUBJECT_INLINE],
+        len: usize,
+    }
+    impl AsRef<[u8]> for Inline {
+        fn as_ref(&self) -> &[u8] {
+            &self.bytes[..self.len]
+        }
+    }
+    let mut digits = [0u8; 20];
+    let mut start = digits.len();
+    let mut rest = n;
+    loop {
+        start -= 1;
+        digits[start] = b'0' + (rest % 10) as u8;
+        rest /= 10;
+        if rest == 0 {
+            break;
+        }
+    }
+    let digits = &digits[start..];
+    let len = inbox.len() + 1 + digits.len();
+    if len > REPLY_SUBJECT_INLINE {
+        return Subject::from(format!("{inbox}.{n}"));
+    }
+    let mut bytes = [0u8; REPLY_SUBJECT_INLINE];
+    bytes[..inbox.len()].copy_from_slice(inbox.as_bytes());
+    bytes[inbox.len()] = b'.';
+    bytes[inbox.len() + 1..len].copy_from_slice(digits);
+    Subject::from_utf8(Bytes::from_owner(Inline { bytes, len }))
+        .expect("an inbox and digits are UTF-8")
 }
 
 fn publish_error(error: impl fmt::Display) -> RpcError {
@@ -281,14 +334,14 @@ impl ClientTransport for NatsTransport {
                 state: Arc::clone(&inner.state),
                 n,
             };
-            let reply_subject = format!("{}.{n}", inner.inbox);
+            let reply_subject = reply_subject(&inner.inbox, n);
             let payload = body(&request, Some(id.as_str()));
             let published = match to_nats_headers(&request.wire_headers()) {
                 Some(headers) => {
                     inner
                         .client
                         .publish_with_reply_and_headers(
-                            route.to_owned(),
+                            route_subject(request.pattern().route_arc()),
                             reply_subject,
                             headers,
                             payload,
@@ -298,7 +351,11 @@ impl ClientTransport for NatsTransport {
                 None => {
                     inner
                         .client
-                        .publish_with_reply(route.to_owned(), reply_subject, payload)
+                        .publish_with_reply(
+                            route_subject(request.pattern().route_arc()),
+                            reply_subject,
+                            payload,
+                        )
                         .await
                 }
             };
@@ -369,6 +426,19 @@ impl Connect for NatsOptions {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reply_subjects_are_the_inbox_and_the_request_number() {
+        assert_eq!(reply_subject("_INBOX.abc", 0).as_str(), "_INBOX.abc.0");
+        assert_eq!(
+            reply_subject("_INBOX.abc", u64::MAX).as_str(),
+            format!("_INBOX.abc.{}", u64::MAX)
+        );
+        let long = "x".repeat(REPLY_SUBJECT_INLINE);
+        assert_eq!(reply_subject(&long, 42).as_str(), format!("{long}.42"));
+        let route: Arc<str> = Arc::from("get-user");
+        assert_eq!(route_subject(&route).as_str(), "get-user");
+    }
 
     #[test]
     fn packet_ids_are_21_hex_digits_unique_per_request() {

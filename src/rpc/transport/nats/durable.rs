@@ -270,7 +270,11 @@ async fn handle(
         .map(|info| info.delivered)
         .unwrap_or(1)
         .max(1) as u64;
-    let outcome = match request_from(route, &message.payload, message.headers.as_ref()) {
+    let outcome = match request_from(
+        &Arc::from(route),
+        &message.payload,
+        message.headers.as_ref(),
+    ) {
         Ok((request, _)) => dispatcher.handle_now(request).await,
         Err(error) => Err(RpcError::invalid_argument(format!(
             "the event is not valid JSON: {error}"

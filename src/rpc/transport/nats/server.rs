@@ -1,10 +1,10 @@
 use super::{DurableEvents, NatsOptions, check_subject, from_nats_headers};
+use crate::rpc::json::encoded;
 use crate::rpc::packet::{decode_incoming, encode_reply};
 use crate::rpc::pattern::Pattern;
 use crate::rpc::server::{Dispatcher, ReplySink, Server, ServerHandle};
 use crate::rpc::transport::ReplyPacket;
 use crate::rpc::{Kind, RawJson, RpcError, RpcRequest};
-use bytes::BytesMut;
 use futures_util::StreamExt;
 use std::collections::{BTreeSet, HashMap};
 use std::fmt;
@@ -97,7 +97,7 @@ impl NatsServer {
             tasks.push(dispatcher.spawn_tracked(serve_subscription(
                 subscription,
                 route.into(),
-                client.clone(),
+                Arc::new(client.clone()),
                 Arc::clone(&dispatcher),
             )));
         }
@@ -130,12 +130,12 @@ impl fmt::Debug for NatsServer {
 /// The request a NATS message carries, routed by the subject it was subscribed on. A body that is
 /// not a NestJS packet is NestJS's "external" message: the whole body is the data.
 pub(crate) fn request_from(
-    route: &str,
+    route: &Arc<str>,
     payload: &bytes::Bytes,
     headers: Option<&async_nats::HeaderMap>,
 ) -> Result<(RpcRequest, Option<RawJson>), serde_json::Error> {
     let packet = decode_incoming(payload)?;
-    let route_json = || RawJson::to_json(route).expect("a string serialises");
+    let route_json = || RawJson::to_json(&**route).expect("a string serialises");
     let (raw, data, id) = if packet.external {
         (route_json(), RawJson::from_trusted(payload.clone()), None)
     } else {
@@ -151,7 +151,7 @@ pub(crate) fn request_from(
         Kind::Event
     };
     let request = RpcRequest::received(
-        Pattern::on_channel(route, raw),
+        Pattern::on_channel(Arc::clone(route), raw),
         data,
         kind,
         from_nats_headers(headers),
@@ -160,26 +160,33 @@ pub(crate) fn request_from(
 }
 
 struct NatsSink {
-    client: async_nats::Client,
-    reply: async_nats::Subject,
+    /// Shared, not cloned: a client clone takes an allocation and a handful of atomic counts.
+    client: Arc<async_nats::Client>,
+    /// Taken by the last packet; earlier ones (a stream's) clone it.
+    reply: Option<async_nats::Subject>,
     id: RawJson,
 }
 
 impl ReplySink for NatsSink {
     async fn send(&mut self, packet: ReplyPacket) -> bool {
-        let mut body = BytesMut::new();
-        encode_reply(&mut body, &packet, &self.id);
-        self.client
-            .publish(self.reply.clone(), body.freeze())
-            .await
-            .is_ok()
+        let body = encoded(|body| encode_reply(body, &packet, &self.id));
+        let reply = if packet.is_last() {
+            self.reply.take()
+        } else {
+            self.reply.clone()
+        };
+        let Some(reply) = reply else {
+            // Nothing is sent after the last packet.
+            return false;
+        };
+        self.client.publish(reply, body).await.is_ok()
     }
 }
 
 async fn serve_subscription(
     mut subscription: async_nats::Subscriber,
     route: Arc<str>,
-    client: async_nats::Client,
+    client: Arc<async_nats::Client>,
     dispatcher: Arc<Dispatcher>,
 ) {
     // Waiting for shutdown takes the token's lock at every poll, so a waiting message is taken
@@ -212,8 +219,8 @@ async fn serve_subscription(
         // A request without a reply subject is handled but never answered, as in NestJS.
         let sink = match (&id, message.reply) {
             (Some(id), Some(reply)) => Some(NatsSink {
-                client: client.clone(),
-                reply,
+                client: Arc::clone(&client),
+                reply: Some(reply),
                 id: id.clone(),
             }),
             _ => None,

@@ -1,4 +1,4 @@
-use super::codec::put_frame;
+use super::codec::framed;
 use super::outbox::{FrameSender, outbox};
 use super::{FrameReader, TcpOptions};
 use crate::rng::{SharedRng, mix};
@@ -7,7 +7,7 @@ use crate::rpc::transport::{
     ClientTransport, ReplyPacket, ReplyReceiver, ReplySender, error_json, reply_channel,
 };
 use crate::rpc::{Kind, RawJson, RpcError, RpcRequest};
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use std::collections::HashMap;
 use std::fmt;
@@ -256,7 +256,7 @@ impl Drop for Registration {
     }
 }
 
-fn frame_of(request: &RpcRequest, id: Option<&str>) -> Bytes {
+fn frame_of(request: &RpcRequest, id: Option<&str>) -> Vec<u8> {
     // NestJS sends an event's pattern as its route string, a request's as the raw pattern.
     let event_pattern;
     let pattern = match request.kind() {
@@ -267,17 +267,15 @@ fn frame_of(request: &RpcRequest, id: Option<&str>) -> Bytes {
             &event_pattern
         }
     };
-    let mut json = BytesMut::new();
-    encode_request(
-        &mut json,
-        pattern,
-        request.payload(),
-        id,
-        &request.wire_headers(),
-    );
-    let mut frame = BytesMut::new();
-    put_frame(&mut frame, &json);
-    frame.freeze()
+    framed(|json| {
+        encode_request(
+            json,
+            pattern,
+            request.payload(),
+            id,
+            &request.wire_headers(),
+        )
+    })
 }
 
 impl ClientTransport for TcpTransport {

@@ -1,6 +1,7 @@
 //! NestJS's TCP framing: `<length>#<json>`, where the length counts UTF-16 code units of the JSON
 //! text (JavaScript's `string.length`), not bytes.
 
+use crate::rpc::json::with_scratch;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use std::fmt;
 use tokio_util::codec::{Decoder, Encoder};
@@ -209,12 +210,39 @@ impl Encoder<Bytes> for JsonFrameCodec {
 }
 
 /// Appends `<utf16 length>#<json>` to `out`.
-pub(crate) fn put_frame(out: &mut BytesMut, json: &[u8]) {
-    let prefix = utf16_len(json).to_string();
-    out.reserve(prefix.len() + 1 + json.len());
-    out.put_slice(prefix.as_bytes());
+pub(crate) fn put_frame<B: BufMut>(out: &mut B, json: &[u8]) {
+    let mut digits = [0u8; 20];
+    out.put_slice(decimal(utf16_len(json), &mut digits));
     out.put_u8(b'#');
     out.put_slice(json);
+}
+
+/// `n` in decimal, written at the end of `digits`.
+fn decimal(mut n: usize, digits: &mut [u8; 20]) -> &[u8] {
+    let mut start = digits.len();
+    loop {
+        start -= 1;
+        digits[start] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            return &digits[start..];
+        }
+    }
+}
+
+/// The frame of the JSON text `encode` writes, in one exact-size allocation (the JSON itself is
+/// written to a scratch buffer: its UTF-16 length must be known before the frame can start).
+pub(crate) fn framed(encode: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> {
+    with_scratch(|json| {
+        encode(json);
+        let mut digits = [0u8; 20];
+        let prefix = decimal(utf16_len(json), &mut digits);
+        let mut frame = Vec::with_capacity(prefix.len() + 1 + json.len());
+        frame.extend_from_slice(prefix);
+        frame.push(b'#');
+        frame.extend_from_slice(json);
+        frame
+    })
 }
 
 /// `<utf16 length>#<json>` in one buffer.

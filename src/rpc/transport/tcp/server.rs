@@ -1,4 +1,4 @@
-use super::codec::put_frame;
+use super::codec::framed;
 use super::outbox::{FrameSender, outbox};
 use super::{FrameReader, TcpOptions};
 use crate::rpc::packet::{decode_incoming, encode_reply};
@@ -6,7 +6,6 @@ use crate::rpc::pattern::Pattern;
 use crate::rpc::server::{Dispatcher, ReplySink, Server, ServerHandle};
 use crate::rpc::transport::ReplyPacket;
 use crate::rpc::{Kind, RawJson, RpcRequest};
-use bytes::BytesMut;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -98,10 +97,7 @@ struct TcpSink {
 
 impl ReplySink for TcpSink {
     async fn send(&mut self, packet: ReplyPacket) -> bool {
-        let mut json = BytesMut::new();
-        encode_reply(&mut json, &packet, &self.id);
-        let mut frame = BytesMut::new();
-        put_frame(&mut frame, &json);
+        let frame = framed(|json| encode_reply(json, &packet, &self.id));
         // Nothing else in flight on the connection, and nothing read behind this request: no
         // other reply to batch this one with.
         let alone = self.last_read && self.slot.semaphore().available_permits() + 1 >= self.slots;
