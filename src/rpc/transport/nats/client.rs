@@ -23,6 +23,9 @@ struct Waiting {
 
 const PACKET_ID_LEN: usize = 21;
 
+/// Shards of the pending-request map.
+const PENDING_SHARDS: usize = 16;
+
 /// A request's packet id, formatted on the stack.
 struct PacketId([u8; PACKET_ID_LEN]);
 
@@ -34,7 +37,10 @@ impl PacketId {
 
 /// What the connection-event callback shares with the transport.
 struct State {
-    pending: Mutex<HashMap<u64, Waiting>>,
+    /// Requests waiting for replies, sharded by request number: callers register and forget
+    /// requests on their threads while the inbox reader delivers on another, and one map behind
+    /// one lock made them queue for it (a contended lock is a futex call each time).
+    pending: [Mutex<HashMap<u64, Waiting>>; PENDING_SHARDS],
     connected: AtomicBool,
     /// Mixed into packet ids, so that ids differ between clients.
     id_prefix: u64,
@@ -54,8 +60,17 @@ impl State {
         PacketId(id)
     }
 
-    fn pending(&self) -> MutexGuard<'_, HashMap<u64, Waiting>> {
-        self.pending
+    fn new(id_prefix: u64) -> State {
+        State {
+            pending: std::array::from_fn(|_| Mutex::new(HashMap::new())),
+            connected: AtomicBool::new(true),
+            id_prefix,
+        }
+    }
+
+    /// The shard holding request `n`.
+    fn pending(&self, n: u64) -> MutexGuard<'_, HashMap<u64, Waiting>> {
+        self.pending[(n % PENDING_SHARDS as u64) as usize]
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
@@ -63,7 +78,9 @@ impl State {
     /// Fails every pending request (the connection to the broker is gone; replies could not
     /// arrive, or could arrive for a request its caller has long given up on).
     fn fail_all(&self, why: &str) {
-        let waiting: Vec<_> = self.pending().drain().collect();
+        let waiting: Vec<_> = (0..PENDING_SHARDS as u64)
+            .flat_map(|shard| self.pending(shard).drain().collect::<Vec<_>>())
+            .collect();
         if waiting.is_empty() {
             return;
         }
@@ -103,11 +120,7 @@ impl NatsTransport {
     /// Connects to NATS; a bad URL, an unreachable broker or refused credentials fail here with a
     /// clear error.
     pub async fn connect(options: &NatsOptions) -> Result<NatsTransport, RpcError> {
-        let state = Arc::new(State {
-            pending: Mutex::new(HashMap::new()),
-            connected: AtomicBool::new(true),
-            id_prefix: SharedRng::entropy(),
-        });
+        let state = Arc::new(State::new(SharedRng::entropy()));
         let events = Arc::clone(&state);
         let client = options
             .connect(move |event| match event {
@@ -187,7 +200,7 @@ fn deliver(state: &State, message: async_nats::Message) {
     else {
         return;
     };
-    let mut pending = state.pending();
+    let mut pending = state.pending(n);
     let Some(waiting) = pending.get_mut(&n) else {
         tracing::debug!(subject = %message.subject, "late reply dropped");
         return;
@@ -239,7 +252,7 @@ struct Registration {
 
 impl Drop for Registration {
     fn drop(&mut self) {
-        self.state.pending().remove(&self.n);
+        self.state.pending(self.n).remove(&self.n);
     }
 }
 
@@ -323,7 +336,7 @@ impl ClientTransport for NatsTransport {
             let id = inner.state.packet_id(n);
             // Unbounded: the inbox's reader must never wait on one slow caller.
             let (replies, receiver) = reply_channel(None);
-            inner.state.pending().insert(
+            inner.state.pending(n).insert(
                 n,
                 Waiting {
                     replies,
@@ -442,11 +455,7 @@ mod tests {
 
     #[test]
     fn packet_ids_are_21_hex_digits_unique_per_request() {
-        let state = State {
-            pending: Mutex::new(HashMap::new()),
-            connected: AtomicBool::new(true),
-            id_prefix: 0x1234_5678_9abc_def0,
-        };
+        let state = State::new(0x1234_5678_9abc_def0);
         let id = state.packet_id(7);
         assert_eq!(
             id.as_str(),
