@@ -311,9 +311,9 @@ impl Slot {
         }
     }
 
-    /// Admits or rejects a call in every state but `Closed`, given the word `acquire_closed` saw;
-    /// out of line so the closed path stays one branch.
-    #[inline(never)]
+    /// Admits or rejects a call in every state but `Closed`, given the word `acquire_closed` saw.
+    /// Its one caller is already out of line, so that the closed path stays one branch.
+    #[inline]
     pub(crate) fn acquire_not_closed(
         &'static self,
         word: u64,
