@@ -108,6 +108,56 @@ async fn the_server_limits_messages_in_flight() {
     assert_eq!(peak.load(Ordering::SeqCst), 2);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_counts_requests_in_flight_across_threads() {
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let gate_c = Arc::clone(&gate);
+    let router = Router::new()
+        .message("wait", move || {
+            let gate = Arc::clone(&gate_c);
+            async move {
+                gate.acquire().await.unwrap().forget();
+            }
+        })
+        .message("quick", || async { 1u8 });
+    let transport = MemoryTransport::new();
+    let server = transport.serve(Server::new(router));
+    let client = Client::builder().connect(transport).await.unwrap();
+    // Quick requests from many tasks: started and finished on whichever thread ran them.
+    let quick: Vec<_> = (0..200)
+        .map(|_| {
+            let client = client.clone();
+            tokio::spawn(async move { client.send::<u8>("quick", &()).await })
+        })
+        .collect();
+    for call in quick {
+        call.await.unwrap().unwrap();
+    }
+    assert_eq!(server.in_flight(), 0);
+    let waiting: Vec<_> = (0..5)
+        .map(|_| {
+            let client = client.clone();
+            tokio::spawn(async move { client.send::<()>("wait", &()).await })
+        })
+        .collect();
+    while server.in_flight() < 5 {
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(server.in_flight(), 5);
+    gate.add_permits(5);
+    for call in waiting {
+        call.await.unwrap().unwrap();
+    }
+    // A spawned handler counts as finished just after its reply is sent.
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while server.in_flight() != 0 {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("the in-flight count returns to zero");
+}
+
 #[tokio::test(start_paused = true)]
 async fn the_client_retries_transient_failures_and_its_breaker_counts_only_faults() {
     // The server fails its first two calls as if briefly unavailable.
