@@ -8,10 +8,10 @@
 //! hands it back to a spare pool when it exits, so the next thread keeps counting on top of the same
 //! values and nothing is lost.
 //!
-//! Cell indices are handed out for the life of the process (breaker state slots are recycled, never
-//! freed, so the number of indices in use is bounded by the number of breakers alive at once). When
-//! indices run out, or a thread-local is no longer reachable (thread teardown), the counter falls back
-//! to a shared atomic: slower, still exact.
+//! A dropped counter's cell index is zeroed in every slab and handed to the next counter, so the
+//! number of indices in use is bounded by the number of counters alive at once. When indices run
+//! out, or a thread-local is no longer reachable (thread teardown), the counter falls back to a
+//! shared atomic: slower, still exact.
 
 use std::cell::Cell;
 use std::sync::Mutex;
@@ -28,8 +28,10 @@ struct Slab {
 static SLABS: Mutex<Vec<&'static Slab>> = Mutex::new(Vec::new());
 /// Slabs released by threads that exited, waiting for a new owner.
 static SPARE: Mutex<Vec<&'static Slab>> = Mutex::new(Vec::new());
-/// The next unassigned cell index.
+/// The next never-assigned cell index.
 static NEXT_INDEX: AtomicUsize = AtomicUsize::new(0);
+/// Indices of dropped counters, their cells zeroed, waiting for a new counter.
+static FREE_INDICES: Mutex<Vec<usize>> = Mutex::new(Vec::new());
 
 thread_local! {
     /// This thread's slab. No destructor, so reaching it is a single TLS load on the hot path.
@@ -110,7 +112,10 @@ pub(crate) struct StripedCounter {
 
 impl StripedCounter {
     pub(crate) fn new() -> Self {
-        let index = NEXT_INDEX.fetch_add(1, Ordering::Relaxed);
+        // The lock orders the zeroing of a reused index's cells (done before it was freed) before
+        // this counter's first increment on any thread.
+        let reused = lock(&FREE_INDICES).pop();
+        let index = reused.unwrap_or_else(|| NEXT_INDEX.fetch_add(1, Ordering::Relaxed));
         StripedCounter {
             index,
             fallback: AtomicU64::new(0),
@@ -137,6 +142,20 @@ impl StripedCounter {
     }
 }
 
+impl Drop for StripedCounter {
+    fn drop(&mut self) {
+        if self.index >= CELLS {
+            return;
+        }
+        // Nothing can increment a counter that is being dropped, so no owner thread writes this
+        // cell until a new counter takes the index (after the lock below).
+        for slab in lock(&SLABS).iter() {
+            slab.cells[self.index].store(0, Ordering::Relaxed);
+        }
+        lock(&FREE_INDICES).push(self.index);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -160,6 +179,39 @@ mod tests {
         }
         counter.increment();
         assert_eq!(counter.sum(), 80_001);
+    }
+
+    #[test]
+    fn a_reused_index_starts_from_zero() {
+        let first = StripedCounter::new();
+        let index = first.index;
+        let counted = std::thread::spawn(move || {
+            for _ in 0..5 {
+                first.increment();
+            }
+            first
+        })
+        .join()
+        .unwrap();
+        assert_eq!(counted.sum(), 5);
+        drop(counted);
+        // Hold every counter taken until the freed index comes back (other tests may take
+        // indices at the same time).
+        let mut held = Vec::new();
+        let reused = loop {
+            let counter = StripedCounter::new();
+            if counter.index == index {
+                break counter;
+            }
+            assert!(
+                held.len() < CELLS,
+                "the freed index was not handed out again"
+            );
+            held.push(counter);
+        };
+        assert_eq!(reused.sum(), 0);
+        reused.increment();
+        assert_eq!(reused.sum(), 1);
     }
 
     #[test]
