@@ -185,11 +185,7 @@ async fn connection_problems_are_clear_errors_at_connect_time() {
         "{bad_url}"
     );
 
-    let closed_port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let closed_port = support::free_port();
     let started = Instant::now();
     let unreachable = Client::builder()
         .connect(NatsOptions::new([format!(

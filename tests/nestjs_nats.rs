@@ -4,9 +4,8 @@
 
 mod support;
 
-use futures_util::StreamExt;
 use palisade::rpc::transport::nats::{NatsOptions, NatsServer};
-use palisade::rpc::{Client, Code, INTERNAL_SERVER_ERROR, Server};
+use palisade::rpc::{Client, Code, Server};
 use serde_json::{Value, json};
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,40 +25,7 @@ async fn a_palisade_client_calls_a_nestjs_service_over_nats() {
         .await
         .unwrap();
 
-    let user: Value = client.send("get-user", &json!({"id": "42"})).await.unwrap();
-    assert_eq!(
-        user,
-        json!({"id": "42", "username": "user42", "email": "user42@example.com"})
-    );
-    let missing = client
-        .send::<Value>("get-user", &json!({"id": "missing"}))
-        .await
-        .unwrap_err();
-    assert_eq!(
-        missing.err(),
-        json!({"code": "USER_NOT_FOUND", "message": "user missing not found"})
-    );
-    assert_eq!(
-        client
-            .send::<i64>(json!({"cmd": "sum"}), &[5, 6])
-            .await
-            .unwrap(),
-        11
-    );
-    assert_eq!(
-        client
-            .send::<i64>(json!({"cmd": "sum", "role": "math"}), &[20, 22])
-            .await
-            .unwrap(),
-        42
-    );
-    let fail = client.send::<()>("fail", &json!({})).await.unwrap_err();
-    assert_eq!(fail.err(), json!({"status": "error", "message": "boom"}));
-    let crash = client.send::<()>("crash", &json!({})).await.unwrap_err();
-    assert_eq!(
-        (crash.code(), crash.message()),
-        (Code::Internal, INTERNAL_SERVER_ERROR)
-    );
+    support::nest_calls::exercise_the_sample_service(&client).await;
     let unknown = client
         .send::<()>("no-such-pattern", &json!({"x": 1}))
         .await
@@ -69,26 +35,6 @@ async fn a_palisade_client_calls_a_nestjs_service_over_nats() {
         unknown.message(),
         r#"There are no subscribers listening to that message ("no-such-pattern")"#
     );
-    let unicode = json!({"ms": 0, "text": "héllo wörld ✓ € 日本語 😀🚀 end", "nested": {"ключ": "значение", "emoji": "👍🏽"}});
-    assert_eq!(
-        client.send::<Value>("slow", &unicode).await.unwrap(),
-        unicode
-    );
-    let counts: Vec<u32> = client
-        .send_stream::<u32>("count", &3)
-        .await
-        .unwrap()
-        .map(Result::unwrap)
-        .collect()
-        .await;
-    assert_eq!(counts, [1, 2, 3]);
-    client
-        .emit("user-created", &json!({"id": "ev-1", "name": "Ann"}))
-        .await
-        .unwrap();
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let events: Value = client.send("last-events", &json!({})).await.unwrap();
-    assert_eq!(events, json!([{"id": "ev-1", "name": "Ann"}]));
 
     // palisade's headers reach a NestJS handler as NATS headers (NatsContext.getHeaders()).
     let headers: Value = client.send("headers", &json!({})).await.unwrap();

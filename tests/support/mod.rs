@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod nats;
+pub mod nest_calls;
 pub mod nest_like;
 pub mod nestjs;
 
@@ -11,6 +12,15 @@ use std::time::Duration;
 use tokio::sync::oneshot;
 use tower::BoxError;
 use tower::util::BoxCloneService;
+
+/// A loopback port nothing listens on (a moment ago).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
 
 /// What the scripted inner service does with a call.
 #[derive(Debug)]
