@@ -9,7 +9,7 @@ use palisade::rpc::transport::nats::{
     DEAD_LETTER_DELIVERIES, DEAD_LETTER_REASON, DurableEvents, NatsOptions, NatsServer,
     NatsTransport,
 };
-use palisade::rpc::{Client, Code, Payload, Router, RpcError, Server};
+use palisade::rpc::{Client, Code, Payload, Router, RpcError, Server, ServerHandle};
 use serde_json::{Value, json};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -246,6 +246,21 @@ fn durable(stream: &str) -> DurableEvents {
         .ack_wait(Duration::from_secs(5))
 }
 
+/// A server handling `router`'s events durably on `stream`, and a client emitting through
+/// JetStream.
+async fn serve_durably(broker: &Broker, stream: &str, router: Router) -> (ServerHandle, Client) {
+    let server = NatsServer::new(options(broker))
+        .durable_events(durable(stream))
+        .serve(Server::new(router))
+        .await
+        .unwrap();
+    let transport = NatsTransport::connect(&options(broker))
+        .await
+        .unwrap()
+        .durable_events();
+    (server, Client::builder().build(transport))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_durable_event_is_redelivered_until_its_handler_succeeds_then_never_again() {
     let broker = Broker::start();
@@ -266,16 +281,7 @@ async fn a_durable_event_is_redelivered_until_its_handler_succeeds_then_never_ag
             Ok(())
         }
     });
-    let server = NatsServer::new(options(&broker))
-        .durable_events(durable("ORDERS"))
-        .serve(Server::new(router))
-        .await
-        .unwrap();
-    let transport = NatsTransport::connect(&options(&broker))
-        .await
-        .unwrap()
-        .durable_events();
-    let client = Client::builder().build(transport);
+    let (server, client) = serve_durably(&broker, "ORDERS", router).await;
     client
         .emit("order-created", &json!({"id": 7}))
         .await
@@ -313,16 +319,7 @@ async fn an_event_that_always_fails_lands_on_the_dead_letter_subject() {
     let watcher = async_nats::connect(broker.url()).await.unwrap();
     let mut dead_letters = watcher.subscribe("palisade.dead-letter.>").await.unwrap();
     watcher.flush().await.unwrap();
-    let server = NatsServer::new(options(&broker))
-        .durable_events(durable("PAYMENTS"))
-        .serve(Server::new(router))
-        .await
-        .unwrap();
-    let transport = NatsTransport::connect(&options(&broker))
-        .await
-        .unwrap()
-        .durable_events();
-    let client = Client::builder().build(transport);
+    let (server, client) = serve_durably(&broker, "PAYMENTS", router).await;
     client
         .emit("payment-received", &json!({"amount": 42}))
         .await
