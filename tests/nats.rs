@@ -156,20 +156,7 @@ async fn losing_the_broker_fails_requests_fast_and_both_sides_come_back() {
 
     broker.restart();
     // Client and server reconnect, and the server's subscription comes back, by themselves.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        match client.send::<u64>("echo", &3).await {
-            Ok(answer) => {
-                assert_eq!(answer, 3);
-                break;
-            }
-            Err(error) if Instant::now() < deadline => {
-                assert_eq!(error.code(), Code::Unavailable, "{error}");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-            Err(error) => panic!("never recovered after the broker restarted: {error}"),
-        }
-    }
+    support::until_echo_answers(&client, Duration::from_secs(20), Duration::from_millis(200)).await;
     server.shutdown().await;
 }
 

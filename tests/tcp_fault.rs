@@ -5,6 +5,8 @@
 //! separate process whose sockets the kernel tears down.
 #![cfg(feature = "tcp")]
 
+mod support;
+
 use palisade::rpc::transport::tcp::{TcpServer, TcpTransport};
 use palisade::rpc::{Client, Code, Payload, Router, Server};
 use std::io::{BufRead, BufReader};
@@ -114,20 +116,7 @@ async fn a_killed_server_fails_pending_requests_fast_and_the_client_recovers() {
 
     // It comes back on the same address; the client reconnects by itself.
     let mut server = spawn_server(&addr);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        match client.send::<u64>("echo", &3).await {
-            Ok(answer) => {
-                assert_eq!(answer, 3);
-                break;
-            }
-            Err(error) if Instant::now() < deadline => {
-                assert_eq!(error.code(), Code::Unavailable, "{error}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            Err(error) => panic!("the client never recovered: {error}"),
-        }
-    }
+    support::until_echo_answers(&client, Duration::from_secs(10), Duration::from_millis(100)).await;
     server.kill().unwrap();
     server.wait().unwrap();
 }

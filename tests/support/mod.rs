@@ -22,6 +22,25 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// Sends `echo` until the service answers (it is coming back after a fault), allowing only
+/// `Unavailable` meanwhile; panics if it has not answered `within`.
+pub async fn until_echo_answers(client: &palisade::rpc::Client, within: Duration, pause: Duration) {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        match client.send::<u64>("echo", &3).await {
+            Ok(answer) => {
+                assert_eq!(answer, 3);
+                return;
+            }
+            Err(error) if std::time::Instant::now() < deadline => {
+                assert_eq!(error.code(), palisade::rpc::Code::Unavailable, "{error}");
+                tokio::time::sleep(pause).await;
+            }
+            Err(error) => panic!("the service never answered again: {error}"),
+        }
+    }
+}
+
 /// What the scripted inner service does with a call.
 #[derive(Debug)]
 pub enum Call {
