@@ -6,7 +6,7 @@ mod support;
 
 use futures_util::StreamExt;
 use palisade::rpc::transport::tcp::{TcpServer, TcpTransport};
-use palisade::rpc::{Client, Server};
+use palisade::rpc::{Client, Server, ServerHandle};
 use serde_json::{Value, json};
 use std::sync::Arc;
 use std::time::Duration;
@@ -124,16 +124,24 @@ async fn read_frames(socket: &mut TcpStream, n: usize) -> Vec<String> {
     frames
 }
 
-#[tokio::test]
-async fn the_server_answers_nests_requests_byte_for_byte() {
-    let events: Arc<std::sync::Mutex<Vec<serde_json::Value>>> = Arc::default();
+/// A palisade server running the NestJS sample service's handlers, and a raw connection to it.
+async fn nest_like_server(
+    events: &Arc<std::sync::Mutex<Vec<serde_json::Value>>>,
+) -> (ServerHandle, TcpStream) {
     let server = TcpServer::bind("127.0.0.1:0")
         .await
         .unwrap()
-        .serve(Server::new(support::nest_like::router(Arc::clone(&events))));
-    let mut socket = TcpStream::connect(server.local_addr().unwrap())
+        .serve(Server::new(support::nest_like::router(Arc::clone(events))));
+    let socket = TcpStream::connect(server.local_addr().unwrap())
         .await
         .unwrap();
+    (server, socket)
+}
+
+#[tokio::test]
+async fn the_server_answers_nests_requests_byte_for_byte() {
+    let events: Arc<std::sync::Mutex<Vec<serde_json::Value>>> = Arc::default();
+    let (server, mut socket) = nest_like_server(&events).await;
     for (request, replies) in CAPTURE {
         socket.write_all(request.as_bytes()).await.unwrap();
         let got = read_frames(&mut socket, replies.len()).await;
@@ -156,14 +164,7 @@ async fn the_server_answers_nests_requests_byte_for_byte() {
 
 #[tokio::test]
 async fn requests_split_into_single_bytes_are_reassembled() {
-    let events = Arc::default();
-    let server = TcpServer::bind("127.0.0.1:0")
-        .await
-        .unwrap()
-        .serve(Server::new(support::nest_like::router(Arc::clone(&events))));
-    let mut socket = TcpStream::connect(server.local_addr().unwrap())
-        .await
-        .unwrap();
+    let (server, mut socket) = nest_like_server(&Arc::default()).await;
     socket.set_nodelay(true).unwrap();
     // The unicode request, one byte per write: splits inside every multi-byte character.
     let (request, replies) = CAPTURE[7];
