@@ -204,7 +204,7 @@ pub(crate) async fn start(
         tracing::debug!(%route, consumer = %name, "consuming durable events");
         tasks.push(dispatcher.spawn_tracked(consume(
             consumer,
-            route,
+            route.into(),
             client.clone(),
             Arc::clone(dispatcher),
             Arc::clone(&config),
@@ -215,7 +215,7 @@ pub(crate) async fn start(
 
 async fn consume(
     consumer: jetstream::consumer::Consumer<pull::Config>,
-    route: String,
+    route: Arc<str>,
     client: async_nats::Client,
     dispatcher: Arc<Dispatcher>,
     config: Arc<DurableEvents>,
@@ -260,7 +260,7 @@ async fn consume(
 
 async fn handle(
     message: &jetstream::Message,
-    route: &str,
+    route: &Arc<str>,
     client: &async_nats::Client,
     dispatcher: &Dispatcher,
     config: &DurableEvents,
@@ -270,11 +270,7 @@ async fn handle(
         .map(|info| info.delivered)
         .unwrap_or(1)
         .max(1) as u64;
-    let outcome = match request_from(
-        &Arc::from(route),
-        &message.payload,
-        message.headers.as_ref(),
-    ) {
+    let outcome = match request_from(route, &message.payload, message.headers.as_ref()) {
         Ok((request, _)) => dispatcher.handle_now(request).await,
         Err(error) => Err(RpcError::invalid_argument(format!(
             "the event is not valid JSON: {error}"
@@ -288,7 +284,7 @@ async fn handle(
             let mut headers = async_nats::HeaderMap::new();
             headers.insert(DEAD_LETTER_REASON, error.to_string().as_str());
             headers.insert(DEAD_LETTER_DELIVERIES, delivered.to_string().as_str());
-            headers.insert(DEAD_LETTER_SUBJECT, route);
+            headers.insert(DEAD_LETTER_SUBJECT, &**route);
             if let Err(error) = client
                 .publish_with_headers(subject, headers, message.payload.clone())
                 .await

@@ -83,6 +83,7 @@ impl NatsServer {
             })
             .await?;
         let dispatcher = server.into_dispatcher("nats");
+        let replier = Arc::new(client.clone());
         let mut tasks = Vec::new();
         for route in core_routes {
             let queue = self.queues.get(&route).or(self.queue.as_ref()).cloned();
@@ -97,7 +98,7 @@ impl NatsServer {
             tasks.push(dispatcher.spawn_tracked(serve_subscription(
                 subscription,
                 route.into(),
-                Arc::new(client.clone()),
+                Arc::clone(&replier),
                 Arc::clone(&dispatcher),
             )));
         }
