@@ -4,11 +4,15 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-/// `tests/nestjs`.
+/// `tests/nestjs` of the palisade package (also when compiled into the benches, a package of
+/// its own one directory down).
 pub fn dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests")
-        .join("nestjs")
+    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    manifest
+        .ancestors()
+        .map(|dir| dir.join("tests").join("nestjs"))
+        .find(|dir| dir.join("package.json").is_file())
+        .expect("tests/nestjs in the palisade workspace")
 }
 
 /// Installs the pinned packages (`npm ci`) unless they are there already. Test binaries run in

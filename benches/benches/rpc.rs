@@ -20,7 +20,7 @@ const IN_FLIGHT: u64 = 64;
 mod support;
 use support::in_tasks;
 
-#[path = "../tests/support/nestjs.rs"]
+#[path = "../../tests/support/nestjs.rs"]
 mod nestjs;
 
 #[tarpc::service]

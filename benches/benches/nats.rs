@@ -11,7 +11,7 @@ use std::time::Duration;
 mod support;
 use support::in_tasks;
 
-#[path = "../tests/support/nats.rs"]
+#[path = "../../tests/support/nats.rs"]
 mod broker;
 
 fn request_reply(c: &mut Criterion) {
