@@ -157,15 +157,15 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .attempt_timeout(Duration::from_millis(150));
     let (client, server): (Client, ServerHandle) = if tcp {
         let listener = TcpServer::bind("127.0.0.1:0").await?;
-        let addr = listener.local_addr()?;
-        let server = listener.serve(server);
+        let addr = listener.local_addr();
+        let server = server.serve(listener).await?;
         (
             builder.connect(TcpTransport::new(addr.to_string())).await?,
             server,
         )
     } else {
         let transport = MemoryTransport::new();
-        let server = transport.serve(server);
+        let server = server.serve(&transport).await?;
         (builder.connect(transport).await?, server)
     };
     let breaker = client.circuit_breaker().expect("configured above").clone();

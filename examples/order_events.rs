@@ -75,7 +75,7 @@ async fn main() -> Result<(), RpcError> {
         });
 
     let transport = MemoryTransport::new();
-    let server = transport.serve(Server::new(router));
+    let server = transport.serve_now(Server::new(router));
     let orders = Client::builder()
         .timeout(Duration::from_secs(2))
         .connect(transport)

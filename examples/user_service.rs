@@ -134,9 +134,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             },
         );
 
-    let server = TcpServer::bind(&addr)
-        .await?
-        .serve(Server::new(router).grace_period(Duration::from_secs(5)));
+    let server = Server::new(router)
+        .grace_period(Duration::from_secs(5))
+        .serve(TcpServer::bind(&addr).await?)
+        .await?;
     tracing::info!(%addr, "user service listening (Ctrl-C to stop)");
     tokio::signal::ctrl_c().await?;
     let report = server.shutdown().await;

@@ -11,7 +11,7 @@ struct Memory(MemoryTransport);
 
 impl Harness for Memory {
     async fn serve(&mut self, server: Server) -> ServerHandle {
-        self.0.serve(server)
+        self.0.serve_now(server)
     }
 
     async fn client(&self, builder: ClientBuilder) -> Client {
@@ -31,7 +31,7 @@ async fn a_server_served_later_replaces_the_first() {
     let no_server = client.send::<String>("who", &()).await.unwrap_err();
     assert_eq!(no_server.code(), Code::Unavailable);
 
-    let first = transport.serve(Server::new(
+    let first = transport.serve_now(Server::new(
         Router::new().message("who", || async { "first" }),
     ));
     assert_eq!(client.send::<String>("who", &()).await.unwrap(), "first");
@@ -40,7 +40,7 @@ async fn a_server_served_later_replaces_the_first() {
     assert_eq!(stopped.code(), Code::Unavailable);
 
     for name in ["second", "third"] {
-        let _server = transport.serve(Server::new(
+        let _server = transport.serve_now(Server::new(
             Router::new().message("who", move || async move { name }),
         ));
         assert_eq!(client.send::<String>("who", &()).await.unwrap(), name);

@@ -5,6 +5,7 @@
 mod support;
 
 use futures_util::StreamExt;
+use palisade::rpc::transport::ServerTransport;
 use palisade::rpc::transport::nats::{
     DEAD_LETTER_DELIVERIES, DEAD_LETTER_REASON, DurableEvents, NatsOptions, NatsServer,
     NatsTransport,
@@ -241,10 +242,11 @@ async fn serve_durably(broker: &Broker, stream: &str, router: Router) -> (Server
         .serve(Server::new(router))
         .await
         .unwrap();
-    let transport = NatsTransport::connect(&options(broker))
+    let transport = NatsTransport::new(options(broker))
+        .durable_events()
+        .connect()
         .await
-        .unwrap()
-        .durable_events();
+        .unwrap();
     (server, Client::builder().build(transport))
 }
 
@@ -346,10 +348,11 @@ async fn an_event_that_always_fails_lands_on_the_dead_letter_subject() {
 #[tokio::test]
 async fn durable_emit_fails_clearly_when_no_stream_stores_the_subject() {
     let broker = Broker::start();
-    let transport = NatsTransport::connect(&options(&broker))
+    let transport = NatsTransport::new(options(&broker))
+        .durable_events()
+        .connect()
         .await
-        .unwrap()
-        .durable_events();
+        .unwrap();
     let client = Client::builder().build(transport);
     let error = client.emit("nobody-stores-this", &1).await.unwrap_err();
     assert_eq!(error.code(), Code::Unavailable, "{error}");

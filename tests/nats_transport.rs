@@ -5,6 +5,7 @@ mod conformance;
 mod support;
 
 use conformance::Harness;
+use palisade::rpc::transport::ServerTransport;
 use palisade::rpc::transport::nats::{NatsOptions, NatsServer};
 use palisade::rpc::{Client, ClientBuilder, Server, ServerHandle};
 use support::nats::Broker;

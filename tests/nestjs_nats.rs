@@ -4,6 +4,7 @@
 
 mod support;
 
+use palisade::rpc::transport::ServerTransport;
 use palisade::rpc::transport::nats::{NatsOptions, NatsServer};
 use palisade::rpc::{Client, Code, Server};
 use serde_json::{Value, json};

@@ -4,6 +4,7 @@
 
 mod support;
 
+use palisade::rpc::transport::ServerTransport;
 use palisade::rpc::transport::tcp::{TcpServer, TcpTransport};
 use palisade::rpc::{Client, Code, Server};
 use serde::Deserialize;
@@ -100,7 +101,9 @@ async fn a_nestjs_client_sees_a_palisade_server_exactly_as_a_nestjs_server() {
     let server = TcpServer::bind("127.0.0.1:0")
         .await
         .unwrap()
-        .serve(Server::new(support::nest_like::router(Arc::default())));
+        .serve(Server::new(support::nest_like::router(Arc::default())))
+        .await
+        .unwrap();
     let port = server.local_addr().unwrap().port().to_string();
     let report = tokio::task::spawn_blocking(move || run_client(&["tcp", &port]))
         .await

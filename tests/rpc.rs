@@ -47,7 +47,7 @@ async fn a_breaker_on_one_handler_like_nests_circuit_breaker_decorator() {
         )
         .message("ping", || async { "pong" });
     let transport = MemoryTransport::new();
-    let _server = transport.serve(Server::new(router));
+    let _server = transport.serve_now(Server::new(router));
     let client = Client::builder().connect(transport).await.unwrap();
     for _ in 0..3 {
         let error = client
@@ -94,7 +94,7 @@ async fn the_server_limits_messages_in_flight() {
         }
     });
     let transport = MemoryTransport::new();
-    let _server = transport.serve(Server::new(router).max_in_flight(2));
+    let _server = transport.serve_now(Server::new(router).max_in_flight(2));
     let client = Client::builder().connect(transport).await.unwrap();
     let calls: Vec<_> = (0..10)
         .map(|_| {
@@ -121,7 +121,7 @@ async fn the_server_counts_requests_in_flight_across_threads() {
         })
         .message("quick", || async { 1u8 });
     let transport = MemoryTransport::new();
-    let server = transport.serve(Server::new(router));
+    let server = transport.serve_now(Server::new(router));
     let client = Client::builder().connect(transport).await.unwrap();
     // Quick requests from many tasks: started and finished on whichever thread ran them.
     let quick: Vec<_> = (0..200)
@@ -168,7 +168,7 @@ async fn the_client_retries_transient_failures_and_its_breaker_counts_only_fault
             Err::<u32, _>(RpcError::not_found("no such thing"))
         });
     let transport = MemoryTransport::new();
-    let _server = transport.serve(Server::new(
+    let _server = transport.serve_now(Server::new(
         tower::ServiceBuilder::new()
             .fault(fault.clone())
             .service(router),
@@ -232,7 +232,7 @@ async fn a_payload_that_does_not_decode_never_reaches_the_handler() {
         async move { xs.iter().sum::<i64>() }
     });
     let transport = MemoryTransport::new();
-    let _server = transport.serve(Server::new(router));
+    let _server = transport.serve_now(Server::new(router));
     let client = Client::builder().connect(transport).await.unwrap();
     let error = client
         .send::<i64>("sum", &serde_json::json!([1, "two", 3]))

@@ -42,7 +42,7 @@ fn each_request_has_a_client_span_and_a_server_span() {
                 .message("refuse", || async {
                     Err::<(), _>(RpcError::not_found("nope"))
                 });
-            let server = transport.serve(Server::new(router));
+            let server = transport.serve_now(Server::new(router));
             let client = Client::builder().connect(transport).await.unwrap();
             client.send::<String>("ping", &()).await.unwrap();
             client.send::<()>("refuse", &()).await.unwrap_err();

@@ -2,6 +2,7 @@
 //! clients keep being served throughout. Real sockets on loopback, real (short) timeouts.
 #![cfg(feature = "tcp")]
 
+use palisade::rpc::transport::ServerTransport;
 use palisade::rpc::transport::tcp::{TcpOptions, TcpServer, TcpTransport};
 use palisade::rpc::{Client, Payload, Router, Server, ServerHandle};
 use std::time::Duration;
@@ -20,7 +21,9 @@ async fn start(options: TcpOptions) -> (ServerHandle, String) {
         .await
         .unwrap()
         .options(options)
-        .serve(Server::new(router));
+        .serve(Server::new(router))
+        .await
+        .unwrap();
     let addr = server.local_addr().unwrap().to_string();
     (server, addr)
 }
@@ -101,8 +104,7 @@ async fn invalid_utf8_closes_only_that_connection() {
 
 #[tokio::test]
 async fn a_peer_that_stops_mid_frame_is_dropped_after_the_idle_timeout() {
-    let (server, addr) =
-        start(TcpOptions::new().incomplete_frame_timeout(Duration::from_millis(300))).await;
+    let (server, addr) = start(TcpOptions::new().frame_timeout(Duration::from_millis(300))).await;
     let client = good_client(&addr).await;
     let mut stalled = TcpStream::connect(&addr).await.unwrap();
     stalled.write_all(br#"50#{"pattern":"ec"#).await.unwrap();

@@ -7,6 +7,7 @@
 
 mod support;
 
+use palisade::rpc::transport::ServerTransport;
 use palisade::rpc::transport::tcp::{TcpServer, TcpTransport};
 use palisade::rpc::{Client, Code, Payload, Router, Server};
 use std::io::{BufRead, BufReader};
@@ -35,7 +36,9 @@ fn tcp_server_process() {
         let _server = TcpServer::bind(&addr)
             .await
             .unwrap()
-            .serve(Server::new(router));
+            .serve(Server::new(router))
+            .await
+            .unwrap();
         println!("ready");
         std::future::pending::<()>().await;
     });

@@ -5,6 +5,7 @@ mod conformance;
 mod support;
 
 use conformance::Harness;
+use palisade::rpc::transport::ServerTransport;
 use palisade::rpc::transport::tcp::{TcpServer, TcpTransport};
 use palisade::rpc::{Client, ClientBuilder, Server, ServerHandle};
 
@@ -15,7 +16,12 @@ struct Tcp {
 
 impl Harness for Tcp {
     async fn serve(&mut self, server: Server) -> ServerHandle {
-        let handle = TcpServer::bind("127.0.0.1:0").await.unwrap().serve(server);
+        let handle = TcpServer::bind("127.0.0.1:0")
+            .await
+            .unwrap()
+            .serve(server)
+            .await
+            .unwrap();
         self.addr = Some(handle.local_addr().unwrap().to_string());
         handle
     }

@@ -5,6 +5,7 @@
 mod support;
 
 use futures_util::StreamExt;
+use palisade::rpc::transport::ServerTransport;
 use palisade::rpc::transport::tcp::{TcpServer, TcpTransport};
 use palisade::rpc::{Client, Server, ServerHandle};
 use serde_json::{Value, json};
@@ -131,7 +132,9 @@ async fn nest_like_server(
     let server = TcpServer::bind("127.0.0.1:0")
         .await
         .unwrap()
-        .serve(Server::new(support::nest_like::router(Arc::clone(events))));
+        .serve(Server::new(support::nest_like::router(Arc::clone(events))))
+        .await
+        .unwrap();
     let socket = TcpStream::connect(server.local_addr().unwrap())
         .await
         .unwrap();

@@ -4,6 +4,7 @@
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use futures::StreamExt;
+use palisade::rpc::transport::ServerTransport;
 use palisade::rpc::transport::nats::{NatsOptions, NatsServer};
 use palisade::rpc::{Client, Payload, Router, Server};
 use std::time::Duration;

@@ -171,7 +171,7 @@ fn in_process(c: &mut Criterion) {
     let events = Arc::new(AtomicU64::new(0));
     let (bare, palisade, tarpc) = runtime.block_on(async {
         let transport = MemoryTransport::new();
-        std::mem::forget(transport.serve(Server::new(router(Arc::clone(&events)))));
+        std::mem::forget(transport.serve_now(Server::new(router(Arc::clone(&events)))));
         let client = Client::builder().connect(transport).await.unwrap();
         (bare_channel(), client, tarpc_in_process())
     });
@@ -226,10 +226,10 @@ fn over_tcp(c: &mut Criterion) {
         .build()
         .unwrap();
     let (raw, palisade, tarpc) = runtime.block_on(async {
-        let server = TcpServer::bind("127.0.0.1:0")
+        let server = Server::new(router(Arc::default()))
+            .serve(TcpServer::bind("127.0.0.1:0").await.unwrap())
             .await
-            .unwrap()
-            .serve(Server::new(router(Arc::default())));
+            .unwrap();
         let addr = server.local_addr().unwrap();
         std::mem::forget(server);
         let client = Client::builder()
@@ -299,10 +299,10 @@ fn against_nestjs(_: &mut Criterion) {
         .port();
     let nest = nestjs::NestService::start(&["tcp", &nest_port.to_string()]);
     let palisade_port = runtime.block_on(async {
-        let server = TcpServer::bind("127.0.0.1:0")
+        let server = Server::new(router(Arc::default()))
+            .serve(TcpServer::bind("127.0.0.1:0").await.unwrap())
             .await
-            .unwrap()
-            .serve(Server::new(router(Arc::default())));
+            .unwrap();
         let port = server.local_addr().unwrap().port();
         std::mem::forget(server);
         port

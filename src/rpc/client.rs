@@ -130,9 +130,11 @@ enum Stack {
 ///
 /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), palisade::rpc::RpcError> {
 /// let transport = MemoryTransport::new();
-/// let server = transport.serve(Server::new(
+/// let server = Server::new(
 ///     Router::new().message("double", |Payload(n): Payload<i64>| async move { n * 2 }),
-/// ));
+/// )
+/// .serve(&transport)
+/// .await?;
 /// let client = Client::builder().connect(transport).await?;
 /// let answer: i64 = client.send("double", &21).await?;
 /// assert_eq!(answer, 42);
@@ -272,10 +274,12 @@ impl Client {
     ///
     /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), RpcError> {
     /// let transport = MemoryTransport::new();
-    /// let _server = transport.serve(Server::new(Router::new().message(
+    /// let _server = Server::new(Router::new().message(
     ///     "count",
     ///     |Payload(n): Payload<u32>| async move { Streaming(stream::iter((1..=n).map(Ok::<_, RpcError>))) },
-    /// )));
+    /// ))
+    /// .serve(&transport)
+    /// .await?;
     /// let client = Client::builder().connect(transport).await?;
     /// let counts: Vec<u32> = client.send_stream::<u32>("count", &3).await?.map(Result::unwrap).collect().await;
     /// assert_eq!(counts, [1, 2, 3]);

@@ -117,9 +117,70 @@ impl fmt::Display for Code {
     }
 }
 
+/// What went wrong in a transport, kept next to the [`Code`] it maps to (as async-nats keeps an
+/// error's kind): the code decides what retry and the circuit breaker do, the kind says what
+/// happened, for programs that want to react to it.
+///
+/// Each kind maps to its code on purpose ([`code`](Self::code)): a message too large for the
+/// broker or a pattern that is not a valid subject is the caller's problem (`InvalidArgument`,
+/// neither transient nor a fault, so it is never retried and never opens a breaker), while a lost
+/// connection is `Unavailable` (transient: another attempt may find the service).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum TransportErrorKind {
+    /// Connecting failed: refused, unreachable, timed out, a name that does not resolve.
+    Connect,
+    /// The connection (or the subscription replies come through) was lost while the request was
+    /// in flight, or is gone.
+    ConnectionLost,
+    /// Not connected right now; the transport is reconnecting.
+    NotConnected,
+    /// Nobody listens on the pattern (no subscriber, no consumer, no queue bound).
+    NoResponders,
+    /// The message is larger than the transport or the broker accepts.
+    PayloadTooLarge,
+    /// The pattern cannot be addressed on this transport (not a valid subject or topic name).
+    InvalidRoute,
+    /// The destination does not exist and is not created on demand (a topic or stream).
+    UnknownDestination,
+    /// The broker refused the credentials.
+    Authentication,
+    /// The broker refused the operation for these credentials.
+    Authorization,
+    /// The broker did not confirm that it stored a message (no acknowledgement, no leader).
+    NotAcknowledged,
+    /// The peer or broker sent something that is not the protocol.
+    Protocol,
+    /// Reading or writing failed.
+    Io,
+}
+
+impl TransportErrorKind {
+    /// The [`Code`] an error of this kind carries.
+    pub fn code(self) -> Code {
+        match self {
+            TransportErrorKind::Connect
+            | TransportErrorKind::ConnectionLost
+            | TransportErrorKind::NotConnected
+            | TransportErrorKind::NoResponders
+            | TransportErrorKind::NotAcknowledged
+            | TransportErrorKind::Protocol
+            | TransportErrorKind::Io => Code::Unavailable,
+            TransportErrorKind::PayloadTooLarge | TransportErrorKind::InvalidRoute => {
+                Code::InvalidArgument
+            }
+            TransportErrorKind::UnknownDestination => Code::NotFound,
+            TransportErrorKind::Authentication => Code::Unauthenticated,
+            TransportErrorKind::Authorization => Code::PermissionDenied,
+        }
+    }
+}
+
 struct Inner {
     code: Code,
     message: String,
+    /// What went wrong in a transport, for errors a transport made.
+    kind: Option<TransportErrorKind>,
     /// The `err` value as it crossed (or will cross) the wire, when it has a fixed shape.
     err: Option<Value>,
     retry_after: Option<Duration>,
@@ -157,10 +218,35 @@ impl RpcError {
         RpcError(Box::new(Inner {
             code,
             message: message.into(),
+            kind: None,
             err: None,
             retry_after: None,
             transient: None,
         }))
+    }
+
+    /// An error a transport met: its code follows from `kind` ([`TransportErrorKind::code`]).
+    ///
+    /// ```
+    /// use palisade::rpc::{Code, RpcError, TransportErrorKind};
+    ///
+    /// let error = RpcError::transport(
+    ///     TransportErrorKind::PayloadTooLarge,
+    ///     "the request is 2 MiB, over the broker's limit of 1 MiB",
+    /// );
+    /// assert_eq!(error.code(), Code::InvalidArgument);
+    /// assert_eq!(error.transport_kind(), Some(TransportErrorKind::PayloadTooLarge));
+    /// ```
+    pub fn transport(kind: TransportErrorKind, message: impl Into<String>) -> Self {
+        let mut error = RpcError::new(kind.code(), message);
+        error.0.kind = Some(kind);
+        error
+    }
+
+    /// What went wrong in the transport, for an error a transport made on this side (kinds do
+    /// not cross the wire).
+    pub fn transport_kind(&self) -> Option<TransportErrorKind> {
+        self.0.kind
     }
 
     /// NestJS's `new RpcException("message")`: `err` is `{"status":"error","message":...}`.
@@ -267,6 +353,7 @@ impl RpcError {
         RpcError(Box::new(Inner {
             code,
             message,
+            kind: None,
             err: Some(err.clone()),
             retry_after,
             transient: None,
@@ -322,6 +409,7 @@ impl Clone for RpcError {
         RpcError(Box::new(Inner {
             code: self.0.code,
             message: self.0.message.clone(),
+            kind: self.0.kind,
             err: self.0.err.clone(),
             retry_after: self.0.retry_after,
             transient: self.0.transient,
@@ -342,6 +430,7 @@ impl fmt::Debug for RpcError {
         f.debug_struct("RpcError")
             .field("code", &self.0.code)
             .field("message", &self.0.message)
+            .field("transport_kind", &self.0.kind)
             .field("err", &self.0.err)
             .field("retry_after", &self.0.retry_after)
             .finish()

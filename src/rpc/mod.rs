@@ -25,7 +25,7 @@
 //!
 //! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), RpcError> {
 //! let transport = MemoryTransport::new();
-//! let server = transport.serve(Server::new(Router::new().message("get-user", get_user)));
+//! let server = Server::new(Router::new().message("get-user", get_user)).serve(&transport).await?;
 //!
 //! let users = Client::builder().timeout(Duration::from_secs(1)).connect(transport).await?;
 //! let user: User = users.send("get-user", &GetUser { id: 42 }).await?;
@@ -48,16 +48,17 @@ mod client;
 mod error;
 mod handler;
 mod json;
-#[cfg(any(feature = "tcp", feature = "nats"))]
-pub(crate) mod packet;
 mod pattern;
 mod request;
 mod router;
 mod server;
 pub mod transport;
+pub mod wire;
 
 pub use self::client::{Client, ClientBuilder, RpcResponse, RpcStream};
-pub use self::error::{Code, INTERNAL_SERVER_ERROR, NO_HANDLER_MESSAGE, RpcError};
+pub use self::error::{
+    Code, INTERNAL_SERVER_ERROR, NO_HANDLER_MESSAGE, RpcError, TransportErrorKind,
+};
 pub use self::handler::{
     FromRequest, Handler, HandlerService, IntoReply, IsService, Json, MessagePattern, Payload,
     Reply, Streaming, handler_service,
@@ -66,4 +67,6 @@ pub use self::json::{DecodeError, RawJson};
 pub use self::pattern::Pattern;
 pub use self::request::{Headers, Kind, RpcRequest, TIMEOUT_HEADER, TRACEPARENT_HEADER};
 pub use self::router::Router;
-pub use self::server::{Server, ServerHandle, ShutdownReport};
+pub use self::server::{
+    Dispatcher, ReplySink, Routes, SendError, Server, ServerHandle, ShutdownReport,
+};

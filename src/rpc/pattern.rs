@@ -58,9 +58,11 @@ impl Pattern {
         }
     }
 
-    /// A pattern as received from the wire, routed the way a NestJS server routes it (see
-    /// [`incoming_route`]).
-    pub(crate) fn from_wire(raw: RawJson) -> Self {
+    /// A pattern as a server received it in a packet's `pattern` field, routed the way a NestJS
+    /// server routes it (see [`incoming_route`](Self::incoming_route)): `"42"` like `42`, the
+    /// route string of an object like the object, and a boolean or `null` like nothing at all.
+    /// For transport implementations.
+    pub fn received(raw: RawJson) -> Self {
         match incoming_route(&raw) {
             Some(route) => Pattern {
                 route: route.into(),
@@ -75,12 +77,12 @@ impl Pattern {
         }
     }
 
-    /// A received pattern routed by the channel it arrived on (NATS routes by subject, whatever
-    /// pattern the message body names).
-    #[cfg_attr(not(feature = "nats"), allow(dead_code))] // used by the NATS transport
-    pub(crate) fn on_channel(route: Arc<str>, raw: RawJson) -> Self {
+    /// A received pattern routed by the channel it arrived on — NATS subjects, Redis channels,
+    /// MQTT and Kafka topics route by the channel, whatever pattern the message body names. `raw`
+    /// is the pattern the body names (what handlers see). For transport implementations.
+    pub fn received_on(route: impl Into<Arc<str>>, raw: RawJson) -> Self {
         Pattern {
-            route,
+            route: route.into(),
             raw,
             routable: true,
         }
@@ -100,7 +102,7 @@ impl Pattern {
         if plain_string_route(&self.raw).is_some() && self.routable {
             self.clone()
         } else {
-            Pattern::from_wire(self.raw.clone())
+            Pattern::received(self.raw.clone())
         }
     }
 

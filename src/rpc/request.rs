@@ -162,9 +162,10 @@ impl RpcRequest {
         &mut self.headers
     }
 
-    /// The headers a transport sends: the request's own, plus the time left before its deadline.
-    #[cfg_attr(not(any(feature = "tcp", feature = "nats")), allow(dead_code))] // wire transports
-    pub(crate) fn wire_headers(&self) -> Headers {
+    /// The headers a transport sends: the request's own, plus the time left before its deadline
+    /// as [`TIMEOUT_HEADER`] (milliseconds, rounded up), which [`received`](Self::received) turns
+    /// back into a deadline on the other side.
+    pub fn wire_headers(&self) -> Headers {
         let mut headers = self.headers.clone();
         if let Some(deadline) = self.deadline {
             // Round up: a remaining 0.4 ms must not read as "no time at all".
@@ -182,14 +183,10 @@ impl RpcRequest {
         self
     }
 
-    /// Rebuilds a request received by a server: the deadline comes from the timeout header.
-    #[cfg_attr(not(any(feature = "tcp", feature = "nats")), allow(dead_code))] // wire transports
-    pub(crate) fn received(
-        pattern: Pattern,
-        payload: RawJson,
-        kind: Kind,
-        mut headers: Headers,
-    ) -> Self {
+    /// Rebuilds a message a server received: `kind` from whether it carries an id (or a reply
+    /// address), the deadline from the [`TIMEOUT_HEADER`] among `headers` (removed from them).
+    /// For transport implementations.
+    pub fn received(pattern: Pattern, payload: RawJson, kind: Kind, mut headers: Headers) -> Self {
         let deadline = headers
             .remove(TIMEOUT_HEADER)
             .and_then(|millis| millis.trim().parse::<u64>().ok())
@@ -205,7 +202,6 @@ impl RpcRequest {
     }
 
     /// Makes an event report its handlers' failures instead of only logging them.
-    #[cfg_attr(not(feature = "nats"), allow(dead_code))] // used by the NATS transport
     pub(crate) fn reporting_failures(mut self) -> Self {
         self.report_failures = true;
         self

@@ -35,7 +35,7 @@ fn erase<H: Handler<Args>, Args: 'static>(handler: H) -> BoxHandler {
 }
 
 #[derive(Clone, Default)]
-struct Routes {
+struct Table {
     messages: HashMap<Arc<str>, BoxHandler>,
     events: HashMap<Arc<str>, Vec<BoxHandler>>,
 }
@@ -79,7 +79,7 @@ struct Routes {
 /// one does not stop the others.
 #[derive(Clone, Default)]
 pub struct Router {
-    routes: Arc<Routes>,
+    routes: Arc<Table>,
 }
 
 impl Router {
@@ -148,18 +148,12 @@ impl Router {
         patterns
     }
 
-    /// The routes of message handlers and of event handlers (what a broker transport subscribes to).
-    #[cfg_attr(not(feature = "nats"), allow(dead_code))] // used by the NATS transport
-    pub(crate) fn routes(&self) -> (Vec<String>, Vec<String>) {
-        (
-            self.message_patterns()
-                .into_iter()
-                .map(str::to_owned)
-                .collect(),
-            self.event_patterns()
-                .into_iter()
-                .map(str::to_owned)
-                .collect(),
+    /// The routes of message handlers and of event handlers: what a transport that subscribes per
+    /// pattern subscribes to.
+    pub fn routes(&self) -> super::Routes {
+        super::Routes::from_routes(
+            self.routes.messages.keys().cloned().collect(),
+            self.routes.events.keys().cloned().collect(),
         )
     }
 

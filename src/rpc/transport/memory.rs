@@ -6,11 +6,15 @@
 //! patterns get NestJS's no-handler reply, errors cross as their wire `err` value, handlers run in
 //! tasks of their own, and graceful shutdown drains them.
 
-use super::{ClientTransport, ReplyPacket, ReplyReceiver, ReplySender, reply_channel};
-use crate::rpc::server::{Dispatcher, ReplySink, Server, ServerHandle};
-use crate::rpc::{Kind, RpcError, RpcRequest};
+use super::{
+    ClientTransport, ReplyPacket, ReplyReceiver, ReplySender, ServerTransport, reply_channel,
+};
+use crate::rpc::{
+    Dispatcher, Kind, ReplySink, RpcError, RpcRequest, SendError, Server, ServerHandle,
+};
 use futures_util::future::BoxFuture;
 use std::fmt;
+use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock, RwLock};
 
@@ -26,7 +30,9 @@ const STREAM_BUFFER: usize = 16;
 ///
 /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), palisade::rpc::RpcError> {
 /// let transport = MemoryTransport::new();
-/// let server = transport.serve(Server::new(Router::new().message("ping", || async { "pong" })));
+/// let server = Server::new(Router::new().message("ping", || async { "pong" }))
+///     .serve(&transport)
+///     .await?;
 /// let client = Client::builder().connect(transport.clone()).await?;
 /// assert_eq!(client.send::<String>("ping", &()).await?, "pong");
 /// server.shutdown().await;
@@ -43,9 +49,9 @@ pub struct MemoryTransport {
 /// many threads send); a server served later replaces it behind the lock.
 #[derive(Default)]
 struct Served {
-    first: OnceLock<Arc<Dispatcher>>,
+    first: OnceLock<Dispatcher>,
     replaced: AtomicBool,
-    later: RwLock<Option<Arc<Dispatcher>>>,
+    later: RwLock<Option<Dispatcher>>,
 }
 
 impl MemoryTransport {
@@ -54,21 +60,22 @@ impl MemoryTransport {
         MemoryTransport::default()
     }
 
-    /// Serves `server` on this transport (replacing a server served before).
-    pub fn serve(&self, server: Server) -> ServerHandle {
+    /// Serves `server` on this transport (replacing a server served before); what
+    /// [`ServerTransport::serve`] does, without waiting, as nothing is there to wait for.
+    pub fn serve_now(&self, server: Server) -> ServerHandle {
         let dispatcher = server.into_dispatcher("memory");
         let served = &*self.served;
-        if served.first.set(Arc::clone(&dispatcher)).is_err() {
+        if served.first.set(dispatcher.clone()).is_err() {
             *served
                 .later
                 .write()
-                .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(Arc::clone(&dispatcher));
+                .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(dispatcher.clone());
             served.replaced.store(true, Ordering::Release);
         }
-        ServerHandle::new(dispatcher, Vec::new(), None)
+        ServerHandle::new(dispatcher)
     }
 
-    fn dispatcher(&self) -> Result<Arc<Dispatcher>, RpcError> {
+    fn dispatcher(&self) -> Result<Dispatcher, RpcError> {
         let served = &*self.served;
         let dispatcher = if served.replaced.load(Ordering::Acquire) {
             served
@@ -106,8 +113,24 @@ fn as_received(request: RpcRequest) -> RpcRequest {
 struct MemorySink(ReplySender);
 
 impl ReplySink for MemorySink {
-    async fn send(&mut self, packet: ReplyPacket) -> bool {
-        self.0.send(packet).await
+    async fn send(&mut self, packet: ReplyPacket) -> Result<(), SendError> {
+        if self.0.send(packet).await {
+            Ok(())
+        } else {
+            Err(SendError::CallerGone)
+        }
+    }
+}
+
+impl ServerTransport for MemoryTransport {
+    fn serve(self, server: Server) -> impl Future<Output = Result<ServerHandle, RpcError>> + Send {
+        std::future::ready(Ok(self.serve_now(server)))
+    }
+}
+
+impl ServerTransport for &MemoryTransport {
+    fn serve(self, server: Server) -> impl Future<Output = Result<ServerHandle, RpcError>> + Send {
+        std::future::ready(Ok(self.serve_now(server)))
     }
 }
 
@@ -118,8 +141,9 @@ impl ClientTransport for MemoryTransport {
             let dispatcher = dispatcher?;
             let (sender, receiver) = reply_channel(Some(STREAM_BUFFER));
             debug_assert_eq!(request.kind(), Kind::Request);
+            // The client's own task calls: its handler may take its first step right here.
             dispatcher
-                .dispatch(as_received(request), None, Some(MemorySink(sender)))
+                .dispatch_inline(as_received(request), Some(MemorySink(sender)))
                 .await;
             Ok(receiver)
         })
@@ -129,7 +153,7 @@ impl ClientTransport for MemoryTransport {
         let dispatcher = self.dispatcher();
         Box::pin(async move {
             dispatcher?
-                .dispatch::<MemorySink>(as_received(event), None, None)
+                .dispatch_inline::<MemorySink>(as_received(event), None)
                 .await;
             Ok(())
         })

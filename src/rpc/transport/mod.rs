@@ -6,7 +6,25 @@
 //! - `tcp` (feature `tcp`): NestJS's `Transport.TCP`.
 //! - `nats` (feature `nats`): NestJS's `Transport.NATS`, with optional durable (JetStream) events.
 //!
-//! A client talks to a transport through [`ClientTransport`]; implement it to add your own.
+//! # Writing a transport
+//!
+//! A transport has two halves, each one trait:
+//!
+//! - the client half implements [`ClientTransport`]: `request` hands a request over and returns a
+//!   [`ReplyReceiver`] of its reply packets, `emit` publishes an event. A transport that needs
+//!   connecting first implements [`Connect`] on its configuration, yielding the connected
+//!   `ClientTransport`;
+//! - the server half implements [`ServerTransport`]: `serve` turns the [`Server`] into a
+//!   [`Dispatcher`](crate::rpc::Dispatcher) with [`Server::into_dispatcher`], reads messages and
+//!   hands each to [`Dispatcher::dispatch`](crate::rpc::Dispatcher::dispatch) with a
+//!   [`ReplySink`](crate::rpc::ReplySink) for its replies, and returns a
+//!   [`ServerHandle`].
+//!
+//! The wire pieces NestJS's transports share — the JSON envelope, packet ids, the correlation map
+//! of pending requests — are in [`wire`](crate::rpc::wire). The conformance suite
+//! (`palisade::conformance`, feature `conformance`) checks a transport against the behaviour every
+//! built-in transport has; `tests/custom_transport.rs` in the repository is a whole transport
+//! written outside the crate that passes it.
 
 pub mod memory;
 #[cfg(feature = "nats")]
@@ -14,10 +32,12 @@ pub mod nats;
 #[cfg(feature = "tcp")]
 pub mod tcp;
 
-use super::{RawJson, RpcError, RpcRequest};
+use super::wire::PendingRequests;
+use super::{RawJson, RpcError, RpcRequest, Server, ServerHandle};
 use futures_util::future::BoxFuture;
 use std::fmt;
 use std::future::Future;
+use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
 
 /// One reply packet for a request, as a client transport delivers it.
@@ -74,7 +94,7 @@ pub fn reply_channel(stream_buffer: Option<usize>) -> (ReplySender, ReplyReceive
         },
         ReplyReceiver {
             state: ReceiverState::First(receiver),
-            _registration: None,
+            _registration: Registration::None,
         },
     )
 }
@@ -147,15 +167,43 @@ enum ReceiverState {
 /// longer interested (later packets for the request are discarded).
 pub struct ReplyReceiver {
     state: ReceiverState,
-    // Held for its `Drop` (a transport unregisters the request there).
-    _registration: Option<Box<dyn Send + Sync>>,
+    // Held for its `Drop` (the transport forgets the request there).
+    _registration: Registration,
+}
+
+/// What forgets a request when its caller stops listening.
+// The fields are held for their `Drop`.
+#[allow(dead_code)]
+enum Registration {
+    None,
+    Pending(Forget),
+    Custom(Box<dyn Send + Sync>),
+}
+
+/// Forgets request `n` in its correlation map on drop.
+struct Forget {
+    pending: Arc<PendingRequests>,
+    n: u64,
+}
+
+impl Drop for Forget {
+    fn drop(&mut self) {
+        self.pending.forget(self.n);
+    }
 }
 
 impl ReplyReceiver {
-    /// With `registration`, dropped together with the receiver (a transport forgets the request
-    /// there).
+    /// With `registration`, dropped together with the receiver: a transport with correlation
+    /// bookkeeping of its own forgets the request there. (Transports using
+    /// [`PendingRequests`] get this done for them.)
     pub fn with_registration(mut self, registration: Box<dyn Send + Sync>) -> Self {
-        self._registration = Some(registration);
+        self._registration = Registration::Custom(registration);
+        self
+    }
+
+    /// Forgets request `n` in `pending` when dropped.
+    pub(crate) fn forgetting(mut self, pending: Arc<PendingRequests>, n: u64) -> Self {
+        self._registration = Registration::Pending(Forget { pending, n });
         self
     }
 
@@ -187,12 +235,47 @@ impl fmt::Debug for ReplyReceiver {
 }
 
 /// The client side of a transport.
+///
+/// Every request must resolve: with its replies, or with an error packet when the transport loses
+/// what the replies would come through (a connection, a subscription) — [`PendingRequests`]
+/// does this bookkeeping. Errors carry a [`TransportErrorKind`](crate::rpc::TransportErrorKind)
+/// ([`RpcError::transport`]) so that retry and circuit breakers treat them right.
 pub trait ClientTransport: Send + Sync + 'static {
     /// Sends a request (`Kind::Request`); the receiver yields its reply packets.
     fn request(&self, request: RpcRequest) -> BoxFuture<'static, Result<ReplyReceiver, RpcError>>;
 
-    /// Publishes an event (`Kind::Event`); resolves once it is handed to the transport.
+    /// Publishes an event (`Kind::Event`); resolves once it is handed to the transport (or, for
+    /// transports that confirm, once the broker stored it).
     fn emit(&self, event: RpcRequest) -> BoxFuture<'static, Result<(), RpcError>>;
+}
+
+/// The server side of a transport, the counterpart of [`ClientTransport`]: serves a [`Server`].
+///
+/// `serve` starts serving and resolves once the server takes messages (listening, subscribed),
+/// or fails with a clear error (the broker cannot be reached, a pattern is not a valid subject).
+/// Every transport is served the same way:
+///
+/// ```
+/// use palisade::rpc::transport::memory::MemoryTransport;
+/// use palisade::rpc::transport::ServerTransport;
+/// use palisade::rpc::{Router, Server};
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), palisade::rpc::RpcError> {
+/// let server = Server::new(Router::new().message("ping", || async { "pong" }));
+/// let handle = MemoryTransport::new().serve(server).await?; // or `server.serve(transport)`
+/// handle.shutdown().await;
+/// # Ok(()) }
+/// ```
+///
+/// An implementation makes a [`Dispatcher`](crate::rpc::Dispatcher) with
+/// [`Server::into_dispatcher`], starts its reading tasks with
+/// [`Dispatcher::spawn`](crate::rpc::Dispatcher::spawn) (shutdown waits for them), stops taking
+/// messages once [`Dispatcher::draining`](crate::rpc::Dispatcher::draining) resolves, and returns
+/// [`ServerHandle::new`] (with [`on_shutdown`](ServerHandle::on_shutdown) for what must happen
+/// after the last reply, such as flushing a broker connection).
+pub trait ServerTransport: Send {
+    /// Starts serving `server`.
+    fn serve(self, server: Server) -> impl Future<Output = Result<ServerHandle, RpcError>> + Send;
 }
 
 /// Something a [`Client`](crate::rpc::Client) can connect through: a transport, or the
@@ -213,7 +296,7 @@ impl<T: ClientTransport> Connect for T {
     }
 }
 
-/// The `err` JSON for `error`.
-pub(crate) fn error_json(error: &RpcError) -> RawJson {
+/// The `err` JSON for `error`: what a reply packet carries when a request fails.
+pub fn error_json(error: &RpcError) -> RawJson {
     RawJson::to_json(&error.err()).unwrap_or_else(|_| RawJson::null())
 }

@@ -1,137 +1,115 @@
 use super::{NatsOptions, check_subject, to_nats_headers};
-use crate::rng::{SharedRng, mix};
 use crate::rpc::json::encoded;
-use crate::rpc::packet::{decode_reply, encode_request};
-use crate::rpc::transport::{
-    ClientTransport, Connect, ReplyPacket, ReplyReceiver, ReplySender, error_json, reply_channel,
-};
-use crate::rpc::{Headers, RawJson, RpcError, RpcRequest};
+use crate::rpc::transport::{ClientTransport, Connect, ReplyPacket, ReplyReceiver};
+use crate::rpc::wire::{PendingRequests, decode_reply, encode_request};
+use crate::rpc::{Headers, RpcError, RpcRequest, TransportErrorKind};
 use async_nats::Subject;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use futures_util::future::BoxFuture;
-use std::collections::HashMap;
 use std::fmt;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
-struct Waiting {
-    replies: ReplySender,
-    /// For the no-responders error.
-    route: Arc<str>,
+/// The client side of the NATS transport, before it is connected: how to connect and how to
+/// publish events. [`Client::builder().connect(..)`](crate::rpc::ClientBuilder::connect) connects
+/// it (a bad URL, an unreachable broker or refused credentials fail there with a clear error);
+/// [`NatsOptions`] alone connects the same way.
+///
+/// ```no_run
+/// use palisade::rpc::Client;
+/// use palisade::rpc::transport::nats::{NatsOptions, NatsTransport};
+///
+/// # #[tokio::main] async fn main() -> Result<(), palisade::rpc::RpcError> {
+/// let orders = Client::builder()
+///     .connect(NatsTransport::new(NatsOptions::new(["nats://127.0.0.1:4222"])).durable_events())
+///     .await?;
+/// orders.emit("order-created", &serde_json::json!({"id": 7})).await?; // stored by JetStream
+/// # Ok(()) }
+/// ```
+#[derive(Clone, Debug)]
+pub struct NatsTransport {
+    options: NatsOptions,
+    durable_events: bool,
 }
 
-const PACKET_ID_LEN: usize = 21;
+impl NatsTransport {
+    /// A transport connecting with `options`.
+    pub fn new(options: NatsOptions) -> Self {
+        NatsTransport {
+            options,
+            durable_events: false,
+        }
+    }
 
-/// Shards of the pending-request map.
-const PENDING_SHARDS: usize = 16;
+    /// Publishes events through JetStream: each `emit` resolves once a stream stored the event
+    /// (at-least-once delivery to [durable event handlers](super::DurableEvents)). A stream must
+    /// capture the event subjects — a [`NatsServer`](super::NatsServer) with durable events creates
+    /// one — or `emit` fails with `Unavailable`.
+    pub fn durable_events(mut self) -> Self {
+        self.durable_events = true;
+        self
+    }
 
-/// A request's packet id, formatted on the stack.
-struct PacketId([u8; PACKET_ID_LEN]);
-
-impl PacketId {
-    fn as_str(&self) -> &str {
-        std::str::from_utf8(&self.0).expect("hex digits are ASCII")
+    /// Connects.
+    pub async fn connect(self) -> Result<NatsConnection, RpcError> {
+        NatsConnection::connect(&self.options, self.durable_events).await
     }
 }
 
-/// What the connection-event callback shares with the transport.
-struct State {
-    /// Requests waiting for replies, sharded by request number: callers register and forget
-    /// requests on their threads while the inbox reader delivers on another, and one map behind
-    /// one lock made them queue for it (a contended lock is a futex call each time).
-    pending: [Mutex<HashMap<u64, Waiting>>; PENDING_SHARDS],
-    connected: AtomicBool,
-    /// Mixed into packet ids, so that ids differ between clients.
-    id_prefix: u64,
+impl Connect for NatsTransport {
+    type Transport = NatsConnection;
+
+    async fn connect(self) -> Result<NatsConnection, RpcError> {
+        NatsTransport::connect(self).await
+    }
 }
 
-impl State {
-    /// The packet id of request `n`: 21 hex digits, derived again when its replies arrive
-    /// instead of being stored per request.
-    fn packet_id(&self, n: u64) -> PacketId {
-        let mut id = [0u8; PACKET_ID_LEN];
-        let mut digits =
-            (u128::from(self.id_prefix & 0xF_FFFF) << 64) | u128::from(mix(n ^ self.id_prefix));
-        for byte in id.iter_mut().rev() {
-            *byte = b"0123456789abcdef"[(digits & 0xF) as usize];
-            digits >>= 4;
-        }
-        PacketId(id)
-    }
+impl Connect for NatsOptions {
+    type Transport = NatsConnection;
 
-    fn new(id_prefix: u64) -> State {
-        State {
-            pending: std::array::from_fn(|_| Mutex::new(HashMap::new())),
-            connected: AtomicBool::new(true),
-            id_prefix,
-        }
-    }
-
-    /// The shard holding request `n`.
-    fn pending(&self, n: u64) -> MutexGuard<'_, HashMap<u64, Waiting>> {
-        self.pending[(n % PENDING_SHARDS as u64) as usize]
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
-    /// Fails every pending request (the connection to the broker is gone; replies could not
-    /// arrive, or could arrive for a request its caller has long given up on).
-    fn fail_all(&self, why: &str) {
-        let waiting: Vec<_> = (0..PENDING_SHARDS as u64)
-            .flat_map(|shard| self.pending(shard).drain().collect::<Vec<_>>())
-            .collect();
-        if waiting.is_empty() {
-            return;
-        }
-        tracing::debug!(
-            pending = waiting.len(),
-            why,
-            "failing pending NATS requests"
-        );
-        let error = error_json(&RpcError::unavailable(why.to_owned()));
-        for (_, mut waiting) in waiting {
-            waiting.replies.try_send(ReplyPacket::Error(error.clone()));
-        }
+    async fn connect(self) -> Result<NatsConnection, RpcError> {
+        NatsTransport::new(self).connect().await
     }
 }
 
 struct Inner {
     client: async_nats::Client,
-    state: Arc<State>,
+    pending: Arc<PendingRequests>,
+    connected: Arc<AtomicBool>,
     /// Replies come to `<inbox>.<n>`, one subscription on `<inbox>.*` for all requests.
     inbox: String,
-    next: AtomicU64,
     jetstream: Option<async_nats::jetstream::Context>,
 }
 
-/// The client side of the NATS transport: requests with a reply subject on one multiplexed inbox,
-/// events by plain publish (or, with [`durable_events`](Self::durable_events), by JetStream
-/// publish, acknowledged by the stream).
-///
-/// Usually created through [`ClientBuilder::connect`](crate::rpc::ClientBuilder::connect) with
-/// [`NatsOptions`]; clones share the connection.
+/// A connected NATS client transport: requests with a reply subject on one multiplexed inbox,
+/// events by plain publish (or by JetStream publish, acknowledged by the stream, with
+/// [`NatsTransport::durable_events`]). Clones share the connection.
 #[derive(Clone)]
-pub struct NatsTransport {
+pub struct NatsConnection {
     inner: Arc<Inner>,
 }
 
-impl NatsTransport {
-    /// Connects to NATS; a bad URL, an unreachable broker or refused credentials fail here with a
-    /// clear error.
-    pub async fn connect(options: &NatsOptions) -> Result<NatsTransport, RpcError> {
-        let state = Arc::new(State::new(SharedRng::entropy()));
-        let events = Arc::clone(&state);
+impl NatsConnection {
+    async fn connect(options: &NatsOptions, durable_events: bool) -> Result<Self, RpcError> {
+        let pending = PendingRequests::new();
+        let connected = Arc::new(AtomicBool::new(true));
+        let (events_pending, events_connected) = (Arc::clone(&pending), Arc::clone(&connected));
         let client = options
             .connect(move |event| match event {
                 async_nats::Event::Disconnected => {
                     tracing::warn!("lost the connection to the NATS server; reconnecting");
-                    events.connected.store(false, Ordering::Release);
-                    events.fail_all("connection to the NATS server lost");
+                    events_connected.store(false, Ordering::Release);
+                    // Replies could not arrive now, or could arrive for requests their callers
+                    // have long given up on.
+                    events_pending.fail_all(&RpcError::transport(
+                        TransportErrorKind::ConnectionLost,
+                        "connection to the NATS server lost",
+                    ));
                 }
                 async_nats::Event::Connected => {
                     tracing::info!("connected to the NATS server");
-                    events.connected.store(true, Ordering::Release);
+                    events_connected.store(true, Ordering::Release);
                 }
                 other => tracing::debug!(event = %other, "NATS connection event"),
             })
@@ -141,37 +119,32 @@ impl NatsTransport {
             .subscribe(format!("{inbox}.*"))
             .await
             .map_err(|error| {
-                RpcError::unavailable(format!("cannot subscribe to the reply inbox: {error}"))
+                RpcError::transport(
+                    TransportErrorKind::ConnectionLost,
+                    format!("cannot subscribe to the reply inbox: {error}"),
+                )
             })?;
-        let router = Arc::clone(&state);
+        let reader_pending = Arc::clone(&pending);
         tokio::spawn(async move {
             while let Some(message) = replies.next().await {
-                deliver(&router, message);
+                deliver(&reader_pending, message);
             }
+            // The subscription ended (the client was dropped): nobody answers what is pending.
+            reader_pending.close(&RpcError::transport(
+                TransportErrorKind::ConnectionLost,
+                "the reply subscription ended",
+            ));
         });
-        Ok(NatsTransport {
+        let jetstream = durable_events.then(|| async_nats::jetstream::new(client.clone()));
+        Ok(NatsConnection {
             inner: Arc::new(Inner {
                 client,
-                state,
+                pending,
+                connected,
                 inbox,
-                next: AtomicU64::new(0),
-                jetstream: None,
+                jetstream,
             }),
         })
-    }
-
-    /// Publishes events through JetStream: each `emit` resolves once a stream stored the event
-    /// (at-least-once delivery to [durable event handlers](super::DurableEvents)). A stream must
-    /// capture the event subjects — a [`NatsServer`](super::NatsServer) with durable events creates
-    /// one — or `emit` fails with `Unavailable`.
-    ///
-    /// # Panics
-    /// If the transport was cloned before (configure it first).
-    pub fn durable_events(mut self) -> Self {
-        let inner =
-            Arc::get_mut(&mut self.inner).expect("configure the NATS transport before cloning it");
-        inner.jetstream = Some(async_nats::jetstream::new(inner.client.clone()));
-        self
     }
 
     /// The underlying `async-nats` client.
@@ -179,11 +152,18 @@ impl NatsTransport {
         &self.inner.client
     }
 
+    /// Replies dropped because their request was no longer waiting (it timed out, or its caller
+    /// went away).
+    pub fn late_replies(&self) -> u64 {
+        self.inner.pending.late_replies()
+    }
+
     fn check_connected(&self) -> Result<(), RpcError> {
-        if self.inner.state.connected.load(Ordering::Acquire) {
+        if self.inner.connected.load(Ordering::Acquire) {
             Ok(())
         } else {
-            Err(RpcError::unavailable(
+            Err(RpcError::transport(
+                TransportErrorKind::NotConnected,
                 "not connected to the NATS server (reconnecting)",
             ))
         }
@@ -191,7 +171,7 @@ impl NatsTransport {
 }
 
 /// Routes one message from the inbox to the request waiting for it.
-fn deliver(state: &State, message: async_nats::Message) {
+fn deliver(pending: &PendingRequests, message: async_nats::Message) {
     let Some(n) = message
         .subject
         .rsplit('.')
@@ -200,60 +180,35 @@ fn deliver(state: &State, message: async_nats::Message) {
     else {
         return;
     };
-    let mut pending = state.pending(n);
-    let Some(waiting) = pending.get_mut(&n) else {
-        tracing::debug!(subject = %message.subject, "late reply dropped");
-        return;
-    };
     let no_responders =
         message.status == Some(async_nats::StatusCode::NO_RESPONDERS) || message.payload.is_empty();
-    let packet = if no_responders {
+    if no_responders {
         // NestJS: "Empty response. There are no subscribers listening to that message".
-        let error = RpcError::unavailable(format!(
-            "There are no subscribers listening to that message (\"{}\")",
-            waiting.route
-        ));
-        ReplyPacket::Error(error_json(&error))
-    } else {
-        match decode_reply(&message.payload) {
-            Ok((id, packet)) => {
-                let expected = state.packet_id(n);
-                let matches = |id: &RawJson| {
-                    id.as_str()
-                        .strip_prefix('"')
-                        .and_then(|id| id.strip_suffix('"'))
-                        == Some(expected.as_str())
-                };
-                if id.as_ref().is_some_and(|id| !matches(id)) {
-                    tracing::debug!("reply for another request id ignored");
-                    return;
-                }
-                packet
+        let route = pending.route_of(n).unwrap_or_else(|| Arc::from("?"));
+        let error = RpcError::transport(
+            TransportErrorKind::NoResponders,
+            format!("There are no subscribers listening to that message (\"{route}\")"),
+        );
+        pending.fail(n, &error);
+        return;
+    }
+    let packet = match decode_reply(&message.payload) {
+        Ok((id, packet)) => {
+            if id.is_some_and(|id| pending.ids().parse_json(id.as_bytes()) != Some(n)) {
+                tracing::debug!("reply for another request id ignored");
+                return;
             }
-            Err(error) => {
-                tracing::warn!(%error, "a reply is not valid JSON");
-                let error = RpcError::unavailable(format!("invalid reply: {error}"));
-                ReplyPacket::Error(error_json(&error))
-            }
+            packet
+        }
+        Err(error) => {
+            tracing::warn!(%error, "a reply is not valid JSON");
+            ReplyPacket::Error(crate::rpc::transport::error_json(&RpcError::transport(
+                TransportErrorKind::Protocol,
+                format!("invalid reply: {error}"),
+            )))
         }
     };
-    let last = packet.is_last();
-    waiting.replies.try_send(packet);
-    if last {
-        pending.remove(&n);
-    }
-}
-
-/// Forgets a request when its caller stops listening.
-struct Registration {
-    state: Arc<State>,
-    n: u64,
-}
-
-impl Drop for Registration {
-    fn drop(&mut self) {
-        self.state.pending(self.n).remove(&self.n);
-    }
+    pending.deliver(n, packet);
 }
 
 fn body(request: &RpcRequest, id: Option<&str>) -> Bytes {
@@ -320,11 +275,30 @@ fn reply_subject(inbox: &str, n: u64) -> Subject {
         .expect("an inbox and digits are UTF-8")
 }
 
-fn publish_error(error: impl fmt::Display) -> RpcError {
-    RpcError::unavailable(format!("cannot publish to NATS: {error}"))
+fn publish_error(error: async_nats::PublishError, what: &RpcRequest) -> RpcError {
+    use async_nats::client::PublishErrorKind as Kind;
+    let kind = match error.kind() {
+        Kind::MaxPayloadExceeded => TransportErrorKind::PayloadTooLarge,
+        Kind::InvalidSubject => TransportErrorKind::InvalidRoute,
+        Kind::Send => TransportErrorKind::ConnectionLost,
+    };
+    RpcError::transport(
+        kind,
+        format!("cannot publish to '{}' on NATS: {error}", what.pattern()),
+    )
 }
 
-impl ClientTransport for NatsTransport {
+fn jetstream_error(error: async_nats::jetstream::context::PublishError, what: &str) -> RpcError {
+    use async_nats::jetstream::context::PublishErrorKind as Kind;
+    let kind = match error.kind() {
+        Kind::MaxPayloadExceeded => TransportErrorKind::PayloadTooLarge,
+        Kind::BrokenPipe => TransportErrorKind::ConnectionLost,
+        _ => TransportErrorKind::NotAcknowledged,
+    };
+    RpcError::transport(kind, format!("{what}: {error}"))
+}
+
+impl ClientTransport for NatsConnection {
     fn request(&self, request: RpcRequest) -> BoxFuture<'static, Result<ReplyReceiver, RpcError>> {
         let transport = self.clone();
         Box::pin(async move {
@@ -332,48 +306,26 @@ impl ClientTransport for NatsTransport {
             let route = request.pattern().route();
             check_subject(route, false)?;
             let inner = &transport.inner;
-            let n = inner.next.fetch_add(1, Ordering::Relaxed);
-            let id = inner.state.packet_id(n);
-            // Unbounded: the inbox's reader must never wait on one slow caller.
-            let (replies, receiver) = reply_channel(None);
-            inner.state.pending(n).insert(
-                n,
-                Waiting {
-                    replies,
-                    route: Arc::clone(request.pattern().route_arc()),
-                },
-            );
-            let registration = Registration {
-                state: Arc::clone(&inner.state),
-                n,
-            };
-            let reply_subject = reply_subject(&inner.inbox, n);
-            let payload = body(&request, Some(id.as_str()));
+            let registered = inner.pending.register(request.pattern())?;
+            let reply_subject = reply_subject(&inner.inbox, registered.number());
+            let payload = body(&request, Some(registered.id().as_str()));
+            let subject = route_subject(request.pattern().route_arc());
             let published = match to_nats_headers(&request.wire_headers()) {
                 Some(headers) => {
                     inner
                         .client
-                        .publish_with_reply_and_headers(
-                            route_subject(request.pattern().route_arc()),
-                            reply_subject,
-                            headers,
-                            payload,
-                        )
+                        .publish_with_reply_and_headers(subject, reply_subject, headers, payload)
                         .await
                 }
                 None => {
                     inner
                         .client
-                        .publish_with_reply(
-                            route_subject(request.pattern().route_arc()),
-                            reply_subject,
-                            payload,
-                        )
+                        .publish_with_reply(subject, reply_subject, payload)
                         .await
                 }
             };
-            published.map_err(publish_error)?;
-            Ok(receiver.with_registration(Box::new(registration)))
+            published.map_err(|error| publish_error(error, &request))?;
+            Ok(registered.into_replies())
         })
     }
 
@@ -395,11 +347,14 @@ impl ClientTransport for NatsTransport {
                     }
                     None => jetstream.publish(route.clone(), payload).await,
                 };
-                let ack = acknowledged.map_err(publish_error)?;
+                let ack = acknowledged.map_err(|error| {
+                    jetstream_error(error, &format!("cannot publish the event on {route:?}"))
+                })?;
                 return ack.await.map(drop).map_err(|error| {
-                    RpcError::unavailable(format!(
-                        "no JetStream stream stored the event on {route:?}: {error}"
-                    ))
+                    jetstream_error(
+                        error,
+                        &format!("JetStream did not acknowledge the event on {route:?}"),
+                    )
                 });
             }
             match headers {
@@ -411,28 +366,18 @@ impl ClientTransport for NatsTransport {
                 }
                 None => inner.client.publish(route, payload).await,
             }
-            .map_err(publish_error)
+            .map_err(|error| publish_error(error, &event))
         })
     }
 }
 
-impl fmt::Debug for NatsTransport {
+impl fmt::Debug for NatsConnection {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("NatsTransport")
+        f.debug_struct("NatsConnection")
             .field("inbox", &self.inner.inbox)
-            .field(
-                "connected",
-                &self.inner.state.connected.load(Ordering::Relaxed),
-            )
+            .field("connected", &self.inner.connected.load(Ordering::Relaxed))
+            .field("pending", &self.inner.pending.len())
             .finish_non_exhaustive()
-    }
-}
-
-impl Connect for NatsOptions {
-    type Transport = NatsTransport;
-
-    async fn connect(self) -> Result<NatsTransport, RpcError> {
-        NatsTransport::connect(&self).await
     }
 }
 
@@ -451,24 +396,5 @@ mod tests {
         assert_eq!(reply_subject(&long, 42).as_str(), format!("{long}.42"));
         let route: Arc<str> = Arc::from("get-user");
         assert_eq!(route_subject(&route).as_str(), "get-user");
-    }
-
-    #[test]
-    fn packet_ids_are_21_hex_digits_unique_per_request() {
-        let state = State::new(0x1234_5678_9abc_def0);
-        let id = state.packet_id(7);
-        assert_eq!(
-            id.as_str(),
-            format!(
-                "{:05x}{:016x}",
-                0x1234_5678_9abc_def0_u64 & 0xF_FFFF,
-                mix(7 ^ 0x1234_5678_9abc_def0)
-            )
-        );
-        let ids: std::collections::HashSet<String> = (0..1000)
-            .map(|n| state.packet_id(n).as_str().to_owned())
-            .collect();
-        assert_eq!(ids.len(), 1000);
-        assert!(ids.iter().all(|id| id.len() == 21));
     }
 }

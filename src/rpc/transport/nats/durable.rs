@@ -1,13 +1,11 @@
 //! Durable events on JetStream: at-least-once delivery, redelivery with backoff, dead letters.
 
 use super::server::request_from;
-use crate::rpc::RpcError;
-use crate::rpc::server::Dispatcher;
+use crate::rpc::{Dispatcher, RpcError};
 use async_nats::jetstream::{self, AckKind, consumer::pull, stream};
 use futures_util::StreamExt;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::task::JoinHandle;
 
 /// Header of a dead letter: why the last delivery failed.
 pub const DEAD_LETTER_REASON: &str = "palisade-dead-letter-reason";
@@ -143,12 +141,12 @@ fn consumer_name(prefix: &str, route: &str) -> String {
 
 pub(crate) async fn start(
     client: &async_nats::Client,
-    dispatcher: &Arc<Dispatcher>,
+    dispatcher: &Dispatcher,
     routes: Vec<String>,
     config: DurableEvents,
-) -> Result<Vec<JoinHandle<()>>, RpcError> {
+) -> Result<(), RpcError> {
     if routes.is_empty() {
-        return Ok(Vec::new());
+        return Ok(());
     }
     let context = jetstream::new(client.clone());
     let mut stream = context
@@ -182,7 +180,6 @@ pub(crate) async fn start(
         })?;
     }
     let config = Arc::new(config);
-    let mut tasks = Vec::new();
     for route in routes {
         let name = consumer_name(&config.consumer_prefix, &route);
         let consumer: jetstream::consumer::Consumer<pull::Config> = stream
@@ -202,22 +199,22 @@ pub(crate) async fn start(
                 jetstream_error(&format!("cannot create the consumer for {route:?}"), error)
             })?;
         tracing::debug!(%route, consumer = %name, "consuming durable events");
-        tasks.push(dispatcher.spawn_tracked(consume(
+        dispatcher.spawn(consume(
             consumer,
             route.into(),
             client.clone(),
-            Arc::clone(dispatcher),
+            dispatcher.clone(),
             Arc::clone(&config),
-        )));
+        ));
     }
-    Ok(tasks)
+    Ok(())
 }
 
 async fn consume(
     consumer: jetstream::consumer::Consumer<pull::Config>,
     route: Arc<str>,
     client: async_nats::Client,
-    dispatcher: Arc<Dispatcher>,
+    dispatcher: Dispatcher,
     config: Arc<DurableEvents>,
 ) {
     // Made once, not per message (each new one registers with the shared token under its lock).
@@ -271,7 +268,7 @@ async fn handle(
         .unwrap_or(1)
         .max(1) as u64;
     let outcome = match request_from(route, &message.payload, message.headers.as_ref()) {
-        Ok((request, _)) => dispatcher.handle_now(request).await,
+        Ok((request, _)) => dispatcher.handle_event(request).await,
         Err(error) => Err(RpcError::invalid_argument(format!(
             "the event is not valid JSON: {error}"
         ))),

@@ -13,9 +13,8 @@
 //!
 //! # #[tokio::main] async fn main() -> Result<(), palisade::rpc::RpcError> {
 //! let options = NatsOptions::new(["nats://127.0.0.1:4222"]).name("user-service");
-//! let server = NatsServer::new(options.clone())
-//!     .queue("user-service") // instances share requests
-//!     .serve(Server::new(Router::new().message("ping", || async { "pong" })))
+//! let server = Server::new(Router::new().message("ping", || async { "pong" }))
+//!     .serve(NatsServer::new(options.clone()).queue("user-service")) // instances share requests
 //!     .await?;
 //!
 //! let client = Client::builder().connect(options).await?;
@@ -38,7 +37,7 @@ mod client;
 mod durable;
 mod server;
 
-pub use self::client::NatsTransport;
+pub use self::client::{NatsConnection, NatsTransport};
 pub use self::durable::{
     DEAD_LETTER_DELIVERIES, DEAD_LETTER_REASON, DEAD_LETTER_SUBJECT, DurableEvents,
 };
@@ -59,7 +58,7 @@ enum Auth {
 }
 
 /// How to reach and log into NATS: server URLs, credentials, TLS, a connection name. Shared by
-/// [`NatsServer`] and, through [`Connect`](crate::rpc::transport::Connect), by clients:
+/// [`NatsServer`] and [`NatsTransport`]; a client can connect with the options alone:
 ///
 /// ```no_run
 /// use palisade::rpc::Client;

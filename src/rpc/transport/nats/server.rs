@@ -1,19 +1,22 @@
 use super::{DurableEvents, NatsOptions, check_subject, from_nats_headers};
 use crate::rpc::json::encoded;
-use crate::rpc::packet::{decode_incoming, encode_reply};
-use crate::rpc::pattern::Pattern;
-use crate::rpc::server::{Dispatcher, ReplySink, Server, ServerHandle};
-use crate::rpc::transport::ReplyPacket;
-use crate::rpc::{Kind, RawJson, RpcError, RpcRequest};
+use crate::rpc::transport::{ReplyPacket, ServerTransport};
+use crate::rpc::wire::{decode_incoming, encode_reply};
+use crate::rpc::{
+    Dispatcher, Pattern, RawJson, ReplySink, RpcError, RpcRequest, SendError, Server, ServerHandle,
+    TransportErrorKind,
+};
 use futures_util::StreamExt;
 use std::collections::{BTreeSet, HashMap};
 use std::fmt;
+use std::future::Future;
 use std::sync::Arc;
 
 /// A NestJS-compatible NATS server: one subscription per pattern on its route string.
 ///
-/// The server must run a [`Router`](crate::rpc::Router) (its patterns are what it subscribes to);
-/// give single handlers their layers with [`handler_service`](crate::rpc::handler_service).
+/// The server subscribes to its [routes](crate::rpc::Routes): those of a
+/// [`Router`](crate::rpc::Router), or those a layered service declares with
+/// [`Server::with_routes`].
 pub struct NatsServer {
     options: NatsOptions,
     queue: Option<String>,
@@ -52,15 +55,15 @@ impl NatsServer {
         self
     }
 
-    /// Connects and starts serving `server`. Fails with a clear error if the broker cannot be
-    /// reached, the credentials are refused, or a pattern is not a valid NATS subject.
-    pub async fn serve(self, server: Server) -> Result<ServerHandle, RpcError> {
-        let (messages, events) = server.routes().ok_or_else(|| {
+    async fn start(self, server: Server) -> Result<ServerHandle, RpcError> {
+        let routes = server.routes().cloned().ok_or_else(|| {
             RpcError::invalid_argument(
-                "a NATS server subscribes per pattern, so it must serve a Router (put layers on \
-                 the handlers with handler_service)",
+                "a NATS server subscribes per pattern: serve a Router, or declare the patterns of \
+                 another service with Server::with_routes",
             )
         })?;
+        let messages: Vec<String> = routes.messages().iter().map(|r| r.to_string()).collect();
+        let events: Vec<String> = routes.events().iter().map(|r| r.to_string()).collect();
         let durable_routes: Vec<String> = match &self.durable {
             Some(_) => events.clone(),
             None => Vec::new(),
@@ -84,7 +87,6 @@ impl NatsServer {
             .await?;
         let dispatcher = server.into_dispatcher("nats");
         let replier = Arc::new(client.clone());
-        let mut tasks = Vec::new();
         for route in core_routes {
             let queue = self.queues.get(&route).or(self.queue.as_ref()).cloned();
             let subscription = match &queue {
@@ -92,28 +94,37 @@ impl NatsServer {
                 None => client.subscribe(route.clone()).await,
             }
             .map_err(|error| {
-                RpcError::unavailable(format!("cannot subscribe to {route:?}: {error}"))
+                RpcError::transport(
+                    TransportErrorKind::ConnectionLost,
+                    format!("cannot subscribe to {route:?}: {error}"),
+                )
             })?;
             tracing::debug!(%route, ?queue, "subscribed");
-            tasks.push(dispatcher.spawn_tracked(serve_subscription(
+            dispatcher.spawn(serve_subscription(
                 subscription,
                 route.into(),
                 Arc::clone(&replier),
-                Arc::clone(&dispatcher),
-            )));
+                dispatcher.clone(),
+            ));
         }
         if let Some(durable) = self.durable {
-            tasks.extend(
-                super::durable::start(&client, &dispatcher, durable_routes, durable).await?,
-            );
+            super::durable::start(&client, &dispatcher, durable_routes, durable).await?;
         }
         // Replies are queued in the client: flush them before the connection goes away.
-        let flush = Box::pin(async move {
+        let flush = async move {
             if let Err(error) = client.flush().await {
                 tracing::warn!(%error, "could not flush the last replies to NATS");
             }
-        });
-        Ok(ServerHandle::new(dispatcher, tasks, None).finishing_with(flush))
+        };
+        Ok(ServerHandle::new(dispatcher).on_shutdown(flush))
+    }
+}
+
+impl ServerTransport for NatsServer {
+    /// Connects and starts serving `server`. Fails with a clear error if the broker cannot be
+    /// reached, the credentials are refused, or a pattern is not a valid NATS subject.
+    fn serve(self, server: Server) -> impl Future<Output = Result<ServerHandle, RpcError>> + Send {
+        self.start(server)
     }
 }
 
@@ -136,28 +147,7 @@ pub(crate) fn request_from(
     headers: Option<&async_nats::HeaderMap>,
 ) -> Result<(RpcRequest, Option<RawJson>), serde_json::Error> {
     let packet = decode_incoming(payload)?;
-    let route_json = || RawJson::to_json(&**route).expect("a string serialises");
-    let (raw, data, id) = if packet.external {
-        (route_json(), RawJson::from_trusted(payload.clone()), None)
-    } else {
-        (
-            packet.pattern.unwrap_or_else(route_json),
-            packet.data,
-            packet.id,
-        )
-    };
-    let kind = if id.is_some() {
-        Kind::Request
-    } else {
-        Kind::Event
-    };
-    let request = RpcRequest::received(
-        Pattern::on_channel(Arc::clone(route), raw),
-        data,
-        kind,
-        from_nats_headers(headers),
-    );
-    Ok((request, id))
+    Ok(packet.into_request_on(route, payload, from_nats_headers(headers)))
 }
 
 struct NatsSink {
@@ -169,8 +159,9 @@ struct NatsSink {
 }
 
 impl ReplySink for NatsSink {
-    async fn send(&mut self, packet: ReplyPacket) -> bool {
-        let body = encoded(|body| encode_reply(body, &packet, &self.id));
+    async fn send(&mut self, packet: ReplyPacket) -> Result<(), SendError> {
+        let body = encoded(|body| encode_reply(body, &packet, Some(&self.id)));
+        let size = body.len();
         let reply = if packet.is_last() {
             self.reply.take()
         } else {
@@ -178,9 +169,27 @@ impl ReplySink for NatsSink {
         };
         let Some(reply) = reply else {
             // Nothing is sent after the last packet.
-            return false;
+            return Err(SendError::CallerGone);
         };
-        self.client.publish(reply, body).await.is_ok()
+        self.client
+            .publish(reply.clone(), body)
+            .await
+            .map_err(|error| {
+                use async_nats::client::PublishErrorKind as Kind;
+                if error.kind() == Kind::MaxPayloadExceeded {
+                    // The caller still waits: the error packet that replaces this one goes there.
+                    self.reply.get_or_insert(reply);
+                    SendError::TooLarge {
+                        size,
+                        limit: self.client.max_payload(),
+                    }
+                } else {
+                    SendError::Failed(RpcError::transport(
+                        TransportErrorKind::ConnectionLost,
+                        format!("cannot publish the reply: {error}"),
+                    ))
+                }
+            })
     }
 }
 
@@ -188,7 +197,7 @@ async fn serve_subscription(
     mut subscription: async_nats::Subscriber,
     route: Arc<str>,
     client: Arc<async_nats::Client>,
-    dispatcher: Arc<Dispatcher>,
+    dispatcher: Dispatcher,
 ) {
     // Waiting for shutdown takes the token's lock at every poll, so a waiting message is taken
     // first and the wait is polled only when there is none; the flag (a plain load) stops a busy
@@ -226,6 +235,6 @@ async fn serve_subscription(
             }),
             _ => None,
         };
-        dispatcher.dispatch(request, id.as_ref(), sink).await;
+        dispatcher.dispatch(request, sink).await;
     }
 }

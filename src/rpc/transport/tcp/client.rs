@@ -1,20 +1,17 @@
 use super::codec::framed;
-use super::outbox::{FrameSender, outbox};
-use super::{FrameReader, TcpOptions};
-use crate::rng::{SharedRng, mix};
-use crate::rpc::packet::{decode_reply, encode_request};
-use crate::rpc::transport::{
-    ClientTransport, ReplyPacket, ReplyReceiver, ReplySender, error_json, reply_channel,
-};
-use crate::rpc::{Kind, RawJson, RpcError, RpcRequest};
+use super::outbox::{Closer, FrameSender, outbox};
+use super::{FrameReader, Read, TcpOptions};
+use crate::rpc::transport::{ClientTransport, ReplyPacket, ReplyReceiver};
+use crate::rpc::wire::{PacketIds, PendingRequests, decode_reply, encode_request, wire_pattern};
+use crate::rpc::{RpcError, RpcRequest, TransportErrorKind};
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
-use std::collections::HashMap;
 use std::fmt;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 use tokio::net::TcpStream;
+use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 /// Reconnect backoff after a failed connection attempt: doubles from here...
@@ -22,260 +19,418 @@ const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 /// ...up to here.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
-type Pending = HashMap<Bytes, ReplySender>;
+/// Where a [`TcpTransport`] connects: a socket address, or a host name and port resolved at each
+/// connection attempt (so a service that moves is found again).
+///
+/// ```
+/// use palisade::rpc::transport::tcp::TcpAddress;
+/// use std::net::{Ipv4Addr, SocketAddr};
+///
+/// let by_name = TcpAddress::from("users.internal:3000");
+/// let by_pair = TcpAddress::from(("users.internal", 3000));
+/// let by_socket = TcpAddress::from(SocketAddr::from((Ipv4Addr::LOCALHOST, 3000)));
+/// assert_eq!(by_name.to_string(), by_pair.to_string());
+/// assert_eq!(by_socket.to_string(), "127.0.0.1:3000");
+/// ```
+#[derive(Clone, PartialEq, Eq)]
+pub struct TcpAddress(Address);
 
-/// One open connection: its writer's queue and the requests waiting for replies.
+#[derive(Clone, PartialEq, Eq)]
+enum Address {
+    Socket(SocketAddr),
+    Host(String, u16),
+    /// Text that is not `host:port`; connecting reports it.
+    Text(String),
+}
+
+impl TcpAddress {
+    async fn connect(&self) -> std::io::Result<TcpStream> {
+        match &self.0 {
+            Address::Socket(addr) => TcpStream::connect(addr).await,
+            Address::Host(host, port) => TcpStream::connect((host.as_str(), *port)).await,
+            Address::Text(text) => Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("{text:?} is not an address (expected host:port)"),
+            )),
+        }
+    }
+}
+
+impl From<SocketAddr> for TcpAddress {
+    fn from(addr: SocketAddr) -> Self {
+        TcpAddress(Address::Socket(addr))
+    }
+}
+
+impl From<(IpAddr, u16)> for TcpAddress {
+    fn from(addr: (IpAddr, u16)) -> Self {
+        TcpAddress(Address::Socket(addr.into()))
+    }
+}
+
+impl From<([u8; 4], u16)> for TcpAddress {
+    fn from(addr: ([u8; 4], u16)) -> Self {
+        TcpAddress(Address::Socket(addr.into()))
+    }
+}
+
+impl From<(&str, u16)> for TcpAddress {
+    fn from((host, port): (&str, u16)) -> Self {
+        match host.parse::<IpAddr>() {
+            Ok(ip) => TcpAddress::from((ip, port)),
+            Err(_) => TcpAddress(Address::Host(host.to_owned(), port)),
+        }
+    }
+}
+
+impl From<&str> for TcpAddress {
+    fn from(text: &str) -> Self {
+        if let Ok(addr) = text.parse::<SocketAddr>() {
+            return TcpAddress::from(addr);
+        }
+        match text
+            .rsplit_once(':')
+            .map(|(host, port)| (host, port.parse::<u16>()))
+        {
+            Some((host, Ok(port))) if !host.is_empty() => {
+                TcpAddress::from((host.trim_start_matches('[').trim_end_matches(']'), port))
+            }
+            _ => TcpAddress(Address::Text(text.to_owned())),
+        }
+    }
+}
+
+impl From<String> for TcpAddress {
+    fn from(text: String) -> Self {
+        TcpAddress::from(text.as_str())
+    }
+}
+
+impl From<&String> for TcpAddress {
+    fn from(text: &String) -> Self {
+        TcpAddress::from(text.as_str())
+    }
+}
+
+impl fmt::Display for TcpAddress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.0 {
+            Address::Socket(addr) => write!(f, "{addr}"),
+            Address::Host(host, port) => write!(f, "{host}:{port}"),
+            Address::Text(text) => f.write_str(text),
+        }
+    }
+}
+
+impl fmt::Debug for TcpAddress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "TcpAddress({self})")
+    }
+}
+
+/// One open connection: its writer's queue and the requests waiting for replies. Dropping it
+/// (the transport reconnected, or was dropped) stops its reader, and the writer ends when the
+/// last frame is out: the socket and both tasks are released.
 struct Connection {
     frames: FrameSender,
-    pending: Mutex<Pending>,
-    closed: AtomicBool,
+    pending: Arc<PendingRequests>,
+    max_frame_len: usize,
+    /// Dropped with the connection: tells the reader to stop.
+    _stop_reader: oneshot::Sender<()>,
 }
 
-impl Connection {
-    fn pending(&self) -> std::sync::MutexGuard<'_, Pending> {
-        self.pending
+/// The transport's connection and reconnection state, shared by every clone.
+struct Shared {
+    addr: TcpAddress,
+    options: TcpOptions,
+    ids: PacketIds,
+    /// The live connection, if any. A reader whose connection ends removes it from here, so a
+    /// lost connection's socket is released at once, not at the next request.
+    current: Mutex<Option<Arc<Connection>>>,
+    /// Held while connecting, so concurrent requests wait for one attempt.
+    connecting: tokio::sync::Mutex<Attempts>,
+}
+
+#[derive(Default)]
+struct Attempts {
+    failures: u32,
+    retry_at: Option<Instant>,
+    last_error: String,
+}
+
+impl Shared {
+    fn current(&self) -> Option<Arc<Connection>> {
+        self.current
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .as_ref()
+            .filter(|connection| !connection.pending.is_closed())
+            .cloned()
     }
 
-    /// Fails every pending request; later registrations are refused.
-    fn close(&self, why: &str) {
-        self.closed.store(true, Ordering::Release);
-        let waiting: Vec<_> = self.pending().drain().collect();
-        if !waiting.is_empty() {
-            tracing::debug!(
-                pending = waiting.len(),
-                why,
-                "connection lost; failing pending requests"
-            );
-        }
-        let error = error_json(&RpcError::unavailable(format!("connection closed: {why}")));
-        for (_, mut replies) in waiting {
-            replies.try_send(ReplyPacket::Error(error.clone()));
+    /// Forgets the connection at `address` if it is still the current one.
+    fn forget(&self, address: usize) {
+        let mut current = self
+            .current
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if current
+            .as_ref()
+            .is_some_and(|live| Arc::as_ptr(live) as usize == address)
+        {
+            *current = None;
         }
     }
-}
-
-enum State {
-    Disconnected {
-        failures: u32,
-        retry_at: Option<Instant>,
-        last_error: String,
-    },
-    Connected(Arc<Connection>),
-}
-
-struct Inner {
-    addr: String,
-    options: TcpOptions,
-    state: tokio::sync::Mutex<State>,
-    id_prefix: u64,
-    next_id: AtomicU64,
 }
 
 /// The client side of the TCP transport: one connection, opened lazily and shared by every clone,
-/// multiplexing requests by id like NestJS's `ClientTCP`.
+/// multiplexing requests by id like NestJS's `ClientTCP`. Dropping the last clone closes the
+/// connection (requests still waiting fail with `Unavailable`).
 #[derive(Clone)]
 pub struct TcpTransport {
-    inner: Arc<Inner>,
+    shared: Arc<Shared>,
 }
 
 impl TcpTransport {
-    /// A transport to the server at `addr` (`host:port`); nothing is opened until the first
-    /// request.
-    pub fn new(addr: impl Into<String>) -> Self {
+    /// A transport to the server at `addr` (a `SocketAddr`, `"host:port"`, `("host", port)`, ...;
+    /// see [`TcpAddress`]); nothing is opened until the first request.
+    pub fn new(addr: impl Into<TcpAddress>) -> Self {
         TcpTransport::with_options(addr, TcpOptions::default())
     }
 
     /// With these options.
-    pub fn with_options(addr: impl Into<String>, options: TcpOptions) -> Self {
+    pub fn with_options(addr: impl Into<TcpAddress>, options: TcpOptions) -> Self {
         TcpTransport {
-            inner: Arc::new(Inner {
+            shared: Arc::new(Shared {
                 addr: addr.into(),
                 options,
-                state: tokio::sync::Mutex::new(State::Disconnected {
-                    failures: 0,
-                    retry_at: None,
-                    last_error: String::new(),
-                }),
-                id_prefix: SharedRng::entropy(),
-                next_id: AtomicU64::new(0),
+                ids: PacketIds::new(),
+                current: Mutex::new(None),
+                connecting: tokio::sync::Mutex::new(Attempts::default()),
             }),
         }
     }
 
     /// The server address.
-    pub fn addr(&self) -> &str {
-        &self.inner.addr
+    pub fn addr(&self) -> &TcpAddress {
+        &self.shared.addr
     }
 
-    /// A fresh request id: 21 lowercase hex digits, like NestJS's.
-    fn next_id(&self) -> String {
-        let n = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
-        format!(
-            "{:05x}{:016x}",
-            self.inner.id_prefix & 0xF_FFFF,
-            mix(n ^ self.inner.id_prefix)
-        )
+    /// Replies dropped because their request was no longer waiting (it timed out, or its caller
+    /// went away), on the current connection.
+    pub fn late_replies(&self) -> u64 {
+        self.shared
+            .current()
+            .map_or(0, |connection| connection.pending.late_replies())
     }
 
     async fn connection(&self) -> Result<Arc<Connection>, RpcError> {
-        let mut state = self.inner.state.lock().await;
-        if let State::Connected(connection) = &*state {
-            if !connection.closed.load(Ordering::Acquire) {
-                return Ok(Arc::clone(connection));
-            }
-            *state = State::Disconnected {
-                failures: 0,
-                retry_at: None,
-                last_error: String::new(),
-            };
+        if let Some(connection) = self.shared.current() {
+            return Ok(connection);
         }
-        let State::Disconnected {
-            failures,
-            retry_at,
-            last_error,
-        } = &*state
-        else {
-            unreachable!("a live connection was returned above");
-        };
-        if let Some(retry_at) = *retry_at {
+        let mut attempts = self.shared.connecting.lock().await;
+        // Someone else may have connected while we waited.
+        if let Some(connection) = self.shared.current() {
+            return Ok(connection);
+        }
+        if let Some(retry_at) = attempts.retry_at {
             let now = Instant::now();
             if now < retry_at {
-                return Err(RpcError::unavailable(format!(
-                    "cannot connect to {}: {last_error}; next attempt in {:?}",
-                    self.inner.addr,
-                    retry_at - now
-                ))
+                return Err(RpcError::transport(
+                    TransportErrorKind::Connect,
+                    format!(
+                        "cannot connect to {}: {}; next attempt in {:?}",
+                        self.shared.addr,
+                        attempts.last_error,
+                        retry_at - now
+                    ),
+                )
                 .with_retry_after(retry_at - now));
             }
         }
-        let failures = *failures;
         match self.open().await {
             Ok(connection) => {
-                *state = State::Connected(Arc::clone(&connection));
+                *attempts = Attempts::default();
+                *self
+                    .shared
+                    .current
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner()) =
+                    Some(Arc::clone(&connection));
                 Ok(connection)
             }
             Err(error) => {
                 let backoff = FIRST_BACKOFF
-                    .saturating_mul(1 << failures.min(16))
+                    .saturating_mul(1 << attempts.failures.min(16))
                     .min(MAX_BACKOFF);
-                *state = State::Disconnected {
-                    failures: failures.saturating_add(1),
-                    retry_at: Some(Instant::now() + backoff),
-                    last_error: error.clone(),
-                };
-                Err(RpcError::unavailable(format!(
-                    "cannot connect to {}: {error}",
-                    self.inner.addr
-                )))
+                attempts.failures = attempts.failures.saturating_add(1);
+                attempts.retry_at = Some(Instant::now() + backoff);
+                attempts.last_error.clone_from(&error);
+                Err(RpcError::transport(
+                    TransportErrorKind::Connect,
+                    format!("cannot connect to {}: {error}", self.shared.addr),
+                ))
             }
         }
     }
 
     async fn open(&self) -> Result<Arc<Connection>, String> {
-        let stream = tokio::time::timeout(
-            self.inner.options.connect_timeout,
-            TcpStream::connect(&self.inner.addr),
-        )
-        .await
-        .map_err(|_| format!("no answer within {:?}", self.inner.options.connect_timeout))?
-        .map_err(|error| error.to_string())?;
+        let options = &self.shared.options;
+        let stream = tokio::time::timeout(options.connect_timeout, self.shared.addr.connect())
+            .await
+            .map_err(|_| format!("no answer within {:?}", options.connect_timeout))?
+            .map_err(|error| error.to_string())?;
         let _ = stream.set_nodelay(true);
         let (read, write) = stream.into_split();
         let (frames, writer) = outbox(write);
+        let pending = PendingRequests::with_ids(self.shared.ids);
+        let (stop_reader, stopped) = oneshot::channel();
         let connection = Arc::new(Connection {
             frames,
-            pending: Mutex::new(HashMap::new()),
-            closed: AtomicBool::new(false),
+            pending: Arc::clone(&pending),
+            max_frame_len: options.max_frame_len,
+            _stop_reader: stop_reader,
         });
-        let writer_connection = Arc::clone(&connection);
-        let write_timeout = self.inner.options.write_timeout;
+        // The writer holds only the socket's write half: it ends when the connection's senders
+        // are gone (after writing what they queued) or the connection is closed.
+        let write_timeout = options.write_timeout;
+        let closer = connection.frames.closer();
+        let writer_pending = Arc::clone(&pending);
         tokio::spawn(async move {
             if let Err(error) = writer.run(write_timeout).await {
-                writer_connection.close(&error.to_string());
+                writer_pending.close(&RpcError::transport(
+                    TransportErrorKind::Io,
+                    format!("connection closed: {error}"),
+                ));
             }
         });
-        let reader_connection = Arc::clone(&connection);
-        let mut reader = FrameReader::new(read, &self.inner.options);
-        let addr = self.inner.addr.clone();
-        tokio::spawn(async move {
-            let why = loop {
-                match reader.next().await {
-                    None => break "the server closed the connection".to_owned(),
-                    Some(Err(error)) => {
-                        tracing::warn!(server = %addr, %error, "closing connection: invalid data received");
-                        break error.to_string();
-                    }
-                    Some(Ok(frame)) => {
-                        if let Err(error) = deliver(&reader_connection, &frame) {
-                            tracing::warn!(server = %addr, %error, "closing connection: a reply is not valid JSON");
-                            break format!("invalid reply: {error}");
-                        }
-                    }
-                }
-            };
-            reader_connection.close(&why);
-        });
+        let reader = FrameReader::new(read, options);
+        tokio::spawn(read_replies(
+            reader,
+            pending,
+            closer,
+            stopped,
+            Arc::downgrade(&self.shared),
+            Arc::as_ptr(&connection) as usize,
+        ));
         Ok(connection)
     }
 }
 
-/// Routes one reply frame to the request waiting for it; replies for unknown ids (requests
-/// already given up on) are dropped, as NestJS does.
-fn deliver(connection: &Connection, frame: &Bytes) -> Result<(), serde_json::Error> {
-    let (id, packet) = decode_reply(frame)?;
-    let Some(id) = id else {
-        tracing::debug!("reply without an id dropped");
-        return Ok(());
-    };
-    let key = Bytes::copy_from_slice(id.as_bytes());
-    let mut pending = connection.pending();
-    let last = packet.is_last();
-    match pending.get_mut(&key) {
-        Some(replies) => {
-            replies.try_send(packet);
-            if last {
-                pending.remove(&key);
+/// The connection's reader: delivers replies until the connection ends, then fails what is still
+/// pending, closes the connection and forgets it.
+async fn read_replies(
+    mut reader: FrameReader,
+    pending: Arc<PendingRequests>,
+    closer: Closer,
+    mut stopped: oneshot::Receiver<()>,
+    shared: Weak<Shared>,
+    connection: usize,
+) {
+    let addr = shared
+        .upgrade()
+        .map(|shared| shared.addr.to_string())
+        .unwrap_or_default();
+    let mut dropped = false;
+    let error = loop {
+        let next = tokio::select! {
+            biased;
+            next = reader.next() => next,
+            _ = &mut stopped => {
+                dropped = true;
+                break RpcError::transport(
+                    TransportErrorKind::ConnectionLost,
+                    "connection closed: the client was dropped before the reply came",
+                );
+            }
+        };
+        match next {
+            Ok(Read::Frame(frame)) => {
+                if let Err(error) = deliver(&pending, &frame.json) {
+                    tracing::warn!(server = %addr, %error, "closing connection: a reply is not valid JSON");
+                    break RpcError::transport(
+                        TransportErrorKind::Protocol,
+                        format!("connection closed: invalid reply from {addr}: {error}"),
+                    );
+                }
+            }
+            Ok(Read::Closed) => {
+                break RpcError::transport(
+                    TransportErrorKind::ConnectionLost,
+                    format!("connection closed by the server at {addr}"),
+                );
+            }
+            Ok(Read::Idle) => {}
+            Err(error) => {
+                tracing::warn!(server = %addr, %error, "closing connection: invalid data received");
+                break RpcError::transport(
+                    TransportErrorKind::Protocol,
+                    format!("connection closed: data from {addr} is not valid: {error}"),
+                );
             }
         }
-        None => tracing::debug!(id = %id, "late reply dropped"),
+    };
+    pending.close(&error);
+    // A dropped client's writer still writes what was queued (an event just emitted), then
+    // half-closes; a broken connection is shut at once.
+    if !dropped {
+        closer.close();
+    }
+    if let Some(shared) = shared.upgrade() {
+        shared.forget(connection);
+    }
+}
+
+/// Routes one reply frame to the request waiting for it; replies for unknown ids (requests
+/// already given up on) are dropped and counted, as NestJS drops them. A reply without an id
+/// that carries an error is the server explaining why it is about to close the connection: every
+/// waiting request fails with it.
+fn deliver(pending: &PendingRequests, frame: &Bytes) -> Result<(), serde_json::Error> {
+    let (id, packet) = decode_reply(frame)?;
+    let Some(id) = id else {
+        if let ReplyPacket::Error(err) = packet {
+            let error = RpcError::from_wire_json(&err);
+            tracing::warn!(%error, "the server refused the connection's data");
+            pending.fail_all(&error);
+        } else {
+            tracing::debug!("reply without an id dropped");
+        }
+        return Ok(());
+    };
+    match pending.ids().parse_json(id.as_bytes()) {
+        Some(n) => {
+            pending.deliver(n, packet);
+        }
+        None => tracing::debug!(%id, "reply for an id this client never sent dropped"),
     }
     Ok(())
 }
 
-/// Forgets a request when its caller stops listening, so late replies are dropped.
-struct Registration {
-    connection: Arc<Connection>,
-    key: Bytes,
-}
-
-impl Drop for Registration {
-    fn drop(&mut self) {
-        self.connection.pending().remove(&self.key);
-    }
-}
-
-fn frame_of(request: &RpcRequest, id: Option<&str>) -> Vec<u8> {
+fn frame_of(request: &RpcRequest, id: Option<&str>, max_units: usize) -> Result<Vec<u8>, RpcError> {
     // NestJS sends an event's pattern as its route string, a request's as the raw pattern.
-    let event_pattern;
-    let pattern = match request.kind() {
-        Kind::Request => request.pattern().raw(),
-        Kind::Event => {
-            event_pattern =
-                RawJson::to_json(request.pattern().route()).expect("a string serialises");
-            &event_pattern
-        }
-    };
-    framed(|json| {
+    let pattern = wire_pattern(request);
+    framed(max_units, |json| {
         encode_request(
             json,
-            pattern,
+            &pattern,
             request.payload(),
             id,
             &request.wire_headers(),
         )
     })
+    .map_err(|units| {
+        RpcError::transport(
+            TransportErrorKind::PayloadTooLarge,
+            format!(
+                "the message for '{}' is {units} UTF-16 units, over the frame limit of {max_units}",
+                request.pattern()
+            ),
+        )
+    })
+}
+
+fn closed() -> RpcError {
+    RpcError::transport(TransportErrorKind::ConnectionLost, "the connection closed")
 }
 
 impl ClientTransport for TcpTransport {
@@ -283,31 +438,20 @@ impl ClientTransport for TcpTransport {
         let transport = self.clone();
         Box::pin(async move {
             let connection = transport.connection().await?;
-            let id = transport.next_id();
-            let key = Bytes::from(format!("\"{id}\""));
-            // Unbounded: the connection's reader must never wait on one slow caller.
-            let (replies, receiver) = reply_channel(None);
-            let alone = {
-                let mut pending = connection.pending();
-                if connection.closed.load(Ordering::Acquire) {
-                    return Err(RpcError::unavailable("connection closed"));
-                }
-                pending.insert(key.clone(), replies);
-                pending.len() == 1
-            };
-            let registration = Registration {
-                connection: Arc::clone(&connection),
-                key,
-            };
-            if connection
+            let registered = connection.pending.register(request.pattern())?;
+            let frame = frame_of(
+                &request,
+                Some(registered.id().as_str()),
+                connection.max_frame_len,
+            )?;
+            // Alone on the connection: nothing to batch this request with.
+            let alone = connection.pending.len() == 1;
+            connection
                 .frames
-                .send(&frame_of(&request, Some(&id)), alone)
+                .send(&frame, alone)
                 .await
-                .is_err()
-            {
-                return Err(RpcError::unavailable("connection closed"));
-            }
-            Ok(receiver.with_registration(Box::new(registration)))
+                .map_err(|_| closed())?;
+            Ok(registered.into_replies())
         })
     }
 
@@ -315,12 +459,13 @@ impl ClientTransport for TcpTransport {
         let transport = self.clone();
         Box::pin(async move {
             let connection = transport.connection().await?;
-            let alone = connection.pending().is_empty();
+            let frame = frame_of(&event, None, connection.max_frame_len)?;
+            let alone = connection.pending.is_empty();
             connection
                 .frames
-                .send(&frame_of(&event, None), alone)
+                .send(&frame, alone)
                 .await
-                .map_err(|_| RpcError::unavailable("connection closed"))
+                .map_err(|_| closed())
         })
     }
 }
@@ -328,7 +473,8 @@ impl ClientTransport for TcpTransport {
 impl fmt::Debug for TcpTransport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("TcpTransport")
-            .field("addr", &self.inner.addr)
+            .field("addr", &self.shared.addr)
+            .field("connected", &self.shared.current().is_some())
             .finish_non_exhaustive()
     }
 }

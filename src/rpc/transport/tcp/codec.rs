@@ -26,12 +26,20 @@ pub enum FrameError {
     InvalidUtf8,
     /// The declared length ends in the middle of a character (half of a UTF-16 surrogate pair).
     SplitCharacter,
-    /// The peer stopped sending in the middle of a frame.
+    /// The peer did not send a whole frame within the frame timeout (it stalled, or trickled).
     Incomplete {
         /// Bytes of the unfinished frame received.
         buffered: usize,
-        /// How long the peer was silent.
-        idle: std::time::Duration,
+        /// The frame timeout.
+        timeout: std::time::Duration,
+    },
+    /// The frame does not fit in the server's memory budget for received frames
+    /// ([`TcpOptions::max_buffered_bytes`](super::TcpOptions::max_buffered_bytes)).
+    OverBudget {
+        /// Bytes the frame needs at least.
+        needed: usize,
+        /// The whole budget.
+        budget: usize,
     },
     /// Reading or writing the socket failed.
     Io(std::io::Error),
@@ -51,10 +59,14 @@ impl fmt::Display for FrameError {
             FrameError::SplitCharacter => {
                 f.write_str("the packet length ends in the middle of a character")
             }
-            FrameError::Incomplete { buffered, idle } => write!(
+            FrameError::Incomplete { buffered, timeout } => write!(
                 f,
-                "The remote peer stopped sending in the middle of a packet ({buffered} byte(s) buffered) and did not send anything for {}ms",
-                idle.as_millis()
+                "The remote peer did not send a whole packet within {}ms ({buffered} byte(s) of it buffered)",
+                timeout.as_millis()
+            ),
+            FrameError::OverBudget { needed, budget } => write!(
+                f,
+                "The packet needs {needed} bytes, more than the server's memory budget for received packets ({budget} bytes)"
             ),
             FrameError::Io(error) => write!(f, "socket error: {error}"),
         }
@@ -112,6 +124,57 @@ impl JsonFrameCodec {
     pub fn is_mid_frame(&self) -> bool {
         matches!(self.state, State::Body { .. })
     }
+
+    /// The bytes the frame at the start of `buffer` takes at least (each UTF-16 unit is one byte
+    /// or more), once its length prefix is known; `None` while it is not. Errors as
+    /// [`decode`](Decoder::decode) would for a bad prefix. A reader that budgets memory asks this
+    /// before decoding, which reserves room for the whole frame.
+    pub fn frame_bytes_at_least(&self, buffer: &[u8]) -> Result<Option<usize>, FrameError> {
+        match self.state {
+            State::Body { units, scanned } => Ok(Some(scanned.saturating_add(units))),
+            State::Length => Ok(self
+                .prefix(buffer)?
+                .map(|(digits, declared)| digits + 1 + declared)),
+        }
+    }
+
+    /// The length prefix at the start of `buffer`: its digits and the declared length; `None`
+    /// while incomplete.
+    fn prefix(&self, buffer: &[u8]) -> Result<Option<(usize, usize)>, FrameError> {
+        let digits = buffer
+            .iter()
+            .take(MAX_PREFIX_DIGITS + 1)
+            .take_while(|b| b.is_ascii_digit())
+            .count();
+        match buffer.get(digits) {
+            None if digits <= MAX_PREFIX_DIGITS => Ok(None),
+            Some(b'#') if digits > 0 && digits <= MAX_PREFIX_DIGITS => {
+                let text = std::str::from_utf8(&buffer[..digits]).expect("ASCII digits");
+                let declared: u64 = text.parse().expect("at most ten digits fit in u64");
+                if declared > self.max_units as u64 {
+                    return Err(FrameError::TooLarge {
+                        declared,
+                        max: self.max_units,
+                    });
+                }
+                Ok(Some((digits, declared as usize)))
+            }
+            _ => {
+                let end = buffer
+                    .iter()
+                    .position(|b| *b == b'#')
+                    .unwrap_or(buffer.len())
+                    .min(32);
+                let raw = String::from_utf8_lossy(&buffer[..end]).into_owned();
+                Err(FrameError::CorruptedLength(raw))
+            }
+        }
+    }
+
+    /// The longest frame accepted, in UTF-16 units.
+    pub fn max_units(&self) -> usize {
+        self.max_units
+    }
 }
 
 impl fmt::Debug for JsonFrameCodec {
@@ -130,40 +193,17 @@ impl Decoder for JsonFrameCodec {
         loop {
             match &mut self.state {
                 State::Length => {
-                    let digits = buffer
-                        .iter()
-                        .take(MAX_PREFIX_DIGITS + 1)
-                        .take_while(|b| b.is_ascii_digit())
-                        .count();
-                    match buffer.get(digits) {
-                        None if digits <= MAX_PREFIX_DIGITS => return Ok(None),
-                        Some(b'#') if digits > 0 && digits <= MAX_PREFIX_DIGITS => {
-                            let text =
-                                std::str::from_utf8(&buffer[..digits]).expect("ASCII digits");
-                            let declared: u64 =
-                                text.parse().expect("at most ten digits fit in u64");
-                            if declared > self.max_units as u64 {
-                                return Err(FrameError::TooLarge {
-                                    declared,
-                                    max: self.max_units,
-                                });
-                            }
-                            buffer.advance(digits + 1);
-                            self.state = State::Body {
-                                units: declared as usize,
-                                scanned: 0,
-                            };
-                        }
-                        _ => {
-                            let end = buffer
-                                .iter()
-                                .position(|b| *b == b'#')
-                                .unwrap_or(buffer.len())
-                                .min(32);
-                            let raw = String::from_utf8_lossy(&buffer[..end]).into_owned();
-                            return Err(FrameError::CorruptedLength(raw));
-                        }
-                    }
+                    let Some((digits, declared)) = self.prefix(buffer)? else {
+                        return Ok(None);
+                    };
+                    buffer.advance(digits + 1);
+                    // Room for the whole body at once (it takes a byte per unit at least), as
+                    // tokio-util's length-delimited decoder reserves.
+                    buffer.reserve(declared.saturating_sub(buffer.len()));
+                    self.state = State::Body {
+                        units: declared,
+                        scanned: 0,
+                    };
                 }
                 State::Body { units, scanned } => {
                     // Count UTF-16 units character by character, never past the end of what arrived:
@@ -200,10 +240,32 @@ impl Decoder for JsonFrameCodec {
     }
 }
 
+/// Encodes a JSON text as a frame; a text longer than the maximum fails with
+/// [`FrameError::TooLarge`] and writes nothing.
+///
+/// ```
+/// use bytes::{Bytes, BytesMut};
+/// use palisade::rpc::transport::tcp::{FrameError, JsonFrameCodec};
+/// use tokio_util::codec::Encoder;
+///
+/// let mut codec = JsonFrameCodec::new(8);
+/// let mut out = BytesMut::new();
+/// codec.encode(Bytes::from_static("\"é😀\"".as_bytes()), &mut out).unwrap();
+/// assert_eq!(&out[..], "5#\"é😀\"".as_bytes()); // 5 UTF-16 units, 8 bytes
+/// let long = Bytes::from_static(b"\"123456789\"");
+/// assert!(matches!(codec.encode(long, &mut out), Err(FrameError::TooLarge { declared: 11, max: 8 })));
+/// ```
 impl Encoder<Bytes> for JsonFrameCodec {
     type Error = FrameError;
 
     fn encode(&mut self, json: Bytes, out: &mut BytesMut) -> Result<(), FrameError> {
+        let units = utf16_len(&json);
+        if units > self.max_units {
+            return Err(FrameError::TooLarge {
+                declared: units as u64,
+                max: self.max_units,
+            });
+        }
         put_frame(out, &json);
         Ok(())
     }
@@ -231,17 +293,25 @@ fn decimal(mut n: usize, digits: &mut [u8; 20]) -> &[u8] {
 }
 
 /// The frame of the JSON text `encode` writes, in one exact-size allocation (the JSON itself is
-/// written to a scratch buffer: its UTF-16 length must be known before the frame can start).
-pub(crate) fn framed(encode: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> {
+/// written to a scratch buffer: its UTF-16 length must be known before the frame can start); the
+/// text's length in UTF-16 units when it is longer than `max_units`.
+pub(crate) fn framed(
+    max_units: usize,
+    encode: impl FnOnce(&mut Vec<u8>),
+) -> Result<Vec<u8>, usize> {
     with_scratch(|json| {
         encode(json);
+        let units = utf16_len(json);
+        if units > max_units {
+            return Err(units);
+        }
         let mut digits = [0u8; 20];
-        let prefix = decimal(utf16_len(json), &mut digits);
+        let prefix = decimal(units, &mut digits);
         let mut frame = Vec::with_capacity(prefix.len() + 1 + json.len());
         frame.extend_from_slice(prefix);
         frame.push(b'#');
         frame.extend_from_slice(json);
-        frame
+        Ok(frame)
     })
 }
 

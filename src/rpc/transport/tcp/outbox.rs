@@ -10,7 +10,7 @@
 use super::FrameError;
 use bytes::BytesMut;
 use std::io;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::Notify;
@@ -36,6 +36,9 @@ struct State {
     finished: bool,
     /// Writing failed or was given up: sends fail from now on.
     closed: bool,
+    /// A last frame is queued: the writer writes what is queued, then closes the connection;
+    /// sends fail from now on.
+    closing: bool,
 }
 
 /// The connection is closed; the frame was not sent.
@@ -55,7 +58,7 @@ impl Outbox {
             let mut room = std::pin::pin!(self.room.notified());
             {
                 let mut state = self.state();
-                if state.closed {
+                if state.closed || state.closing {
                     return Err(Closed);
                 }
                 if alone && !state.writing && state.queued.is_empty() {
@@ -101,7 +104,7 @@ impl Outbox {
             state.queued.extend_from_slice(&frame[written..]);
             state.queued.extend_from_slice(&queued_meanwhile);
         }
-        let wake = !state.queued.is_empty() || state.finished;
+        let wake = !state.queued.is_empty() || state.finished || state.closing;
         drop(state);
         if wake {
             self.wake_writer.notify_one();
@@ -112,6 +115,19 @@ impl Outbox {
         self.state().closed = true;
         // The peer learns at once, even while handlers still hold senders.
         let _ = socket2::SockRef::from(self.socket.as_ref()).shutdown(std::net::Shutdown::Both);
+        self.wake_writer.notify_one();
+        self.room.notify_waiters();
+    }
+
+    fn close_with(&self, frame: &[u8]) {
+        {
+            let mut state = self.state();
+            if state.closed || state.closing {
+                return;
+            }
+            state.queued.extend_from_slice(frame);
+            state.closing = true;
+        }
         self.wake_writer.notify_one();
         self.room.notify_waiters();
     }
@@ -147,8 +163,32 @@ impl FrameSender {
 
     /// Gives up on the connection: nothing more is written, sends fail, and the socket is shut
     /// down.
+    #[cfg(test)]
     pub(crate) fn close(&self) {
         self.guard.0.close();
+    }
+
+    /// Writes `frame` after what is queued, then closes the connection; sends fail from now on
+    /// (a last word to a peer before it is disconnected).
+    pub(crate) fn close_with(&self, frame: &[u8]) {
+        self.guard.0.close_with(frame);
+    }
+
+    /// A handle that can close the connection without keeping it open.
+    pub(crate) fn closer(&self) -> Closer {
+        Closer(Arc::downgrade(&self.guard.0))
+    }
+}
+
+/// Closes a connection's outbox, if it still exists, without keeping it alive.
+pub(crate) struct Closer(Weak<Outbox>);
+
+impl Closer {
+    /// See [`FrameSender::close`].
+    pub(crate) fn close(&self) {
+        if let Some(outbox) = self.0.upgrade() {
+            outbox.close();
+        }
     }
 }
 
@@ -189,6 +229,13 @@ impl FrameWriter {
                 } else if !state.queued.is_empty() {
                     state.writing = true;
                     Some(state.queued.split())
+                } else if state.closing {
+                    state.closed = true;
+                    drop(state);
+                    let _ = socket2::SockRef::from(outbox.socket.as_ref())
+                        .shutdown(std::net::Shutdown::Both);
+                    outbox.room.notify_waiters();
+                    return Ok(());
                 } else if state.finished {
                     drop(state);
                     let _ = socket2::SockRef::from(outbox.socket.as_ref())

@@ -1,29 +1,36 @@
-use super::codec::framed;
+use super::codec::{FrameError, framed};
 use super::outbox::{FrameSender, outbox};
-use super::{FrameReader, TcpOptions};
-use crate::rpc::packet::{decode_incoming, encode_reply};
-use crate::rpc::pattern::Pattern;
-use crate::rpc::server::{Dispatcher, ReplySink, Server, ServerHandle};
-use crate::rpc::transport::ReplyPacket;
-use crate::rpc::{Kind, RawJson, RpcRequest};
+use super::{FrameReader, Read, TcpOptions};
+use crate::rpc::transport::{ReplyPacket, ServerTransport, error_json};
+use crate::rpc::wire::{decode_incoming, encode_reply};
+use crate::rpc::{
+    Code, Dispatcher, RawJson, ReplySink, RpcError, SendError, Server, ServerHandle,
+    TransportErrorKind,
+};
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream, ToSocketAddrs};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-/// A NestJS-compatible TCP server: bind, then [`serve`](Self::serve) a [`Server`].
+/// A NestJS-compatible TCP server: [`bind`](Self::bind), then serve a [`Server`] on it
+/// ([`ServerTransport::serve`]).
 #[derive(Debug)]
 pub struct TcpServer {
     listener: TcpListener,
+    local_addr: SocketAddr,
     options: TcpOptions,
 }
 
 impl TcpServer {
     /// Binds to `addr` (use port 0 for any free port; see [`local_addr`](Self::local_addr)).
     pub async fn bind(addr: impl ToSocketAddrs) -> std::io::Result<Self> {
+        let listener = TcpListener::bind(addr).await?;
+        let local_addr = listener.local_addr()?;
         Ok(TcpServer {
-            listener: TcpListener::bind(addr).await?,
+            listener,
+            local_addr,
             options: TcpOptions::default(),
         })
     }
@@ -35,25 +42,28 @@ impl TcpServer {
     }
 
     /// The bound address.
-    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
-        self.listener.local_addr()
-    }
-
-    /// Starts serving `server`; returns at once.
-    pub fn serve(self, server: Server) -> ServerHandle {
-        let local_addr = self.listener.local_addr().ok();
-        let dispatcher = server.into_dispatcher("tcp");
-        let accept = dispatcher.spawn_tracked(accept_loop(
-            self.listener,
-            Arc::clone(&dispatcher),
-            Arc::new(self.options),
-        ));
-        ServerHandle::new(dispatcher, vec![accept], local_addr)
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
     }
 }
 
-async fn accept_loop(listener: TcpListener, dispatcher: Arc<Dispatcher>, options: Arc<TcpOptions>) {
+impl ServerTransport for TcpServer {
+    /// Starts accepting connections; resolves at once (the socket is bound already).
+    fn serve(self, server: Server) -> impl Future<Output = Result<ServerHandle, RpcError>> + Send {
+        let dispatcher = server.into_dispatcher("tcp");
+        dispatcher.spawn(accept_loop(
+            self.listener,
+            dispatcher.clone(),
+            Arc::new(self.options),
+        ));
+        let handle = ServerHandle::new(dispatcher).with_local_addr(self.local_addr);
+        std::future::ready(Ok(handle))
+    }
+}
+
+async fn accept_loop(listener: TcpListener, dispatcher: Dispatcher, options: Arc<TcpOptions>) {
     let connections = Arc::new(Semaphore::new(options.max_connections));
+    let budget = Arc::new(Semaphore::new(options.max_buffered_bytes));
     let mut draining = std::pin::pin!(dispatcher.draining());
     loop {
         let accepted = tokio::select! {
@@ -75,10 +85,14 @@ async fn accept_loop(listener: TcpListener, dispatcher: Arc<Dispatcher>, options
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let dispatcher_for_connection = Arc::clone(&dispatcher);
-        let options = Arc::clone(&options);
-        dispatcher.spawn_tracked(async move {
-            serve_connection(stream, peer, dispatcher_for_connection, &options).await;
+        let connection = Connection {
+            dispatcher: dispatcher.clone(),
+            options: Arc::clone(&options),
+            budget: Arc::clone(&budget),
+            peer,
+        };
+        dispatcher.spawn(async move {
+            connection.serve(stream).await;
             drop(slot);
         });
     }
@@ -87,102 +101,168 @@ async fn accept_loop(listener: TcpListener, dispatcher: Arc<Dispatcher>, options
 struct TcpSink {
     id: RawJson,
     frames: FrameSender,
+    max_frame_len: usize,
     /// Held until the request is answered: bounds a connection's requests in flight.
     slot: OwnedSemaphorePermit,
     /// The connection's limit of requests in flight (its number of slots).
     slots: usize,
     /// No further frame had arrived when this one was read.
     last_read: bool,
+    /// The request's frame's share of the memory budget, held until it is answered.
+    _budget: Option<OwnedSemaphorePermit>,
 }
 
 impl ReplySink for TcpSink {
-    async fn send(&mut self, packet: ReplyPacket) -> bool {
-        let frame = framed(|json| encode_reply(json, &packet, &self.id));
+    async fn send(&mut self, packet: ReplyPacket) -> Result<(), SendError> {
+        let frame = framed(self.max_frame_len, |json| {
+            encode_reply(json, &packet, Some(&self.id))
+        })
+        .map_err(|units| SendError::TooLarge {
+            size: units,
+            limit: self.max_frame_len,
+        })?;
         // Nothing else in flight on the connection, and nothing read behind this request: no
         // other reply to batch this one with.
         let alone = self.last_read && self.slot.semaphore().available_permits() + 1 >= self.slots;
-        self.frames.send(&frame, alone).await.is_ok()
+        self.frames
+            .send(&frame, alone)
+            .await
+            .map_err(|_| SendError::CallerGone)
     }
 }
 
-async fn serve_connection(
-    stream: TcpStream,
+struct Connection {
+    dispatcher: Dispatcher,
+    options: Arc<TcpOptions>,
+    budget: Arc<Semaphore>,
     peer: SocketAddr,
-    dispatcher: Arc<Dispatcher>,
-    options: &TcpOptions,
-) {
-    let (read, write) = stream.into_split();
-    let (frames, writer) = outbox(write);
-    let mut writer = tokio::spawn(writer.run(options.write_timeout));
-    let slots = Arc::new(Semaphore::new(options.max_in_flight_per_connection));
-    let mut reader = FrameReader::new(read, options);
-    tracing::debug!(%peer, "connection opened");
-    // Waiting for shutdown takes the token's lock at every poll, so it is polled only when no
-    // frame is waiting; the flag (a plain load) stops a connection that never runs dry.
-    let mut draining = std::pin::pin!(dispatcher.draining());
+}
 
-    let broken = loop {
-        if dispatcher.is_draining() {
-            break false;
-        }
-        let next = tokio::select! {
-            biased;
-            written = &mut writer => {
-                if let Ok(Err(error)) = written {
-                    tracing::warn!(%peer, %error, "closing connection: replies could not be written");
+/// How a connection's read loop ended.
+enum End {
+    /// The peer closed, the server is shutting down, or the connection was idle: replies of
+    /// requests in flight still go out.
+    Quiet,
+    /// The peer broke the protocol: it is told why, and gets nothing more.
+    Broken(RpcError),
+}
+
+impl Connection {
+    async fn serve(self, stream: TcpStream) {
+        let Connection {
+            dispatcher,
+            options,
+            budget,
+            peer,
+        } = self;
+        let (read, write) = stream.into_split();
+        let (frames, writer) = outbox(write);
+        let mut writer = tokio::spawn(writer.run(options.write_timeout));
+        let slots = Arc::new(Semaphore::new(options.max_in_flight_per_connection));
+        let mut reader = FrameReader::new(read, &options)
+            .idle_after(options.idle_timeout)
+            .within(budget, options.max_buffered_bytes);
+        tracing::debug!(%peer, "connection opened");
+        // Waiting for shutdown takes the token's lock at every poll, so it is polled only when no
+        // frame is waiting; the flag (a plain load) stops a connection that never runs dry.
+        let mut draining = std::pin::pin!(dispatcher.draining());
+
+        let end = loop {
+            if dispatcher.is_draining() {
+                break End::Quiet;
+            }
+            let next = tokio::select! {
+                biased;
+                written = &mut writer => {
+                    if let Ok(Err(error)) = written {
+                        tracing::warn!(%peer, %error, "closing connection: replies could not be written");
+                    }
+                    return;
                 }
-                return;
+                next = reader.next() => next,
+                _ = &mut draining => break End::Quiet,
+            };
+            let frame = match next {
+                Ok(Read::Frame(frame)) => frame,
+                Ok(Read::Closed) => break End::Quiet,
+                Ok(Read::Idle) => {
+                    // Idle only if nothing is in flight either; otherwise keep waiting.
+                    if slots.available_permits() == options.max_in_flight_per_connection {
+                        tracing::debug!(%peer, idle = ?options.idle_timeout, "closing an idle connection");
+                        break End::Quiet;
+                    }
+                    continue;
+                }
+                Err(error) => {
+                    tracing::warn!(%peer, %error, "closing connection: invalid data received");
+                    break End::Broken(frame_error(&error));
+                }
+            };
+            let packet = match decode_incoming(&frame.json) {
+                Ok(packet) => packet,
+                Err(error) => {
+                    tracing::warn!(%peer, %error, "closing connection: the received message is not valid JSON");
+                    break End::Broken(RpcError::transport(
+                        TransportErrorKind::Protocol,
+                        "The invalid received message from tcp server: the packet is not valid JSON",
+                    ));
+                }
+            };
+            let slot = tokio::select! {
+                biased;
+                slot = Arc::clone(&slots).acquire_owned() => slot.expect("the semaphore is never closed"),
+                _ = &mut draining => break End::Quiet,
+            };
+            let last_read = !reader.has_buffered();
+            let (request, id) = packet.into_request();
+            let sink = id.map(|id| TcpSink {
+                id,
+                frames: frames.clone(),
+                max_frame_len: options.max_frame_len,
+                slot,
+                slots: options.max_in_flight_per_connection,
+                last_read,
+                _budget: frame.budget,
+            });
+            dispatcher.dispatch(request, sink).await;
+        };
+        match end {
+            End::Broken(error) => {
+                // A last packet without an id says why (NestJS clients ignore it), then the
+                // connection closes; replies still in flight are not sent.
+                let explanation = framed(usize::MAX, |json| {
+                    encode_reply(json, &ReplyPacket::Error(error_json(&error)), None)
+                })
+                .expect("no limit");
+                frames.close_with(&explanation);
+                drop(frames);
+                drop(reader);
+                let _ = tokio::time::timeout(options.write_timeout, writer).await;
             }
-            next = reader.next() => next,
-            _ = &mut draining => break false,
-        };
-        let frame = match next {
-            None => break false,
-            Some(Ok(frame)) => frame,
-            Some(Err(error)) => {
-                tracing::warn!(%peer, %error, "closing connection: invalid data received");
-                break true;
+            End::Quiet => {
+                drop(frames);
+                drop(reader);
+                // Replies of requests still in flight go out; the writer half-closes when the
+                // last is sent.
+                if let Ok(Err(error)) = writer.await {
+                    tracing::debug!(%peer, %error, "connection closed while writing replies");
+                }
             }
-        };
-        let packet = match decode_incoming(&frame) {
-            Ok(packet) => packet,
-            Err(error) => {
-                tracing::warn!(%peer, %error, "closing connection: the received message is not valid JSON");
-                break true;
-            }
-        };
-        let slot = tokio::select! {
-            biased;
-            slot = Arc::clone(&slots).acquire_owned() => slot.expect("the semaphore is never closed"),
-            _ = &mut draining => break false,
-        };
-        let kind = if packet.id.is_some() {
-            Kind::Request
-        } else {
-            Kind::Event
-        };
-        let pattern = Pattern::from_wire(packet.pattern.unwrap_or_else(RawJson::null));
-        let request = RpcRequest::received(pattern, packet.data, kind, packet.headers);
-        let sink = packet.id.clone().map(|id| TcpSink {
-            id,
-            frames: frames.clone(),
-            slot,
-            slots: options.max_in_flight_per_connection,
-            last_read: !reader.has_buffered(),
-        });
-        dispatcher.dispatch(request, packet.id.as_ref(), sink).await;
-    };
-    if broken {
-        // A peer that sends garbage gets no more replies.
-        frames.close();
-    }
-    drop(frames);
-    drop(reader);
-    if !broken {
-        // Replies of requests still in flight go out; the writer half-closes when the last is sent.
-        if let Ok(Err(error)) = writer.await {
-            tracing::debug!(%peer, %error, "connection closed while writing replies");
         }
+        tracing::debug!(%peer, "connection closed");
     }
-    tracing::debug!(%peer, "connection closed");
+}
+
+/// What a peer whose data broke the protocol is told.
+fn frame_error(error: &FrameError) -> RpcError {
+    let kind = match error {
+        FrameError::TooLarge { .. } | FrameError::OverBudget { .. } => {
+            TransportErrorKind::PayloadTooLarge
+        }
+        FrameError::Io(_) => TransportErrorKind::Io,
+        _ => TransportErrorKind::Protocol,
+    };
+    let error = RpcError::transport(kind, error.to_string());
+    debug_assert!(error.code() == Code::InvalidArgument || error.code() == Code::Unavailable);
+    error
 }

@@ -1,12 +1,15 @@
-//! NestJS's JSON packets (nestjs-wire.md §1.1–1.4), encoded with Nest's key order so frames are
-//! byte-identical, and decoded with Nest's rules.
+//! NestJS's JSON packets (nestjs-wire.md §1.1–1.4), encoded with Nest's key order so that frames
+//! are byte-identical to Nest's, and decoded with Nest's rules.
 
-use super::error::NO_HANDLER_MESSAGE;
-use super::transport::ReplyPacket;
-use super::{Headers, RawJson};
+use crate::rpc::error::NO_HANDLER_MESSAGE;
+use crate::rpc::transport::ReplyPacket;
+use crate::rpc::{Headers, Kind, Pattern, RawJson, RpcRequest};
 use bytes::{BufMut, Bytes};
 use serde::Deserialize;
+use serde::de::{IgnoredAny, MapAccess, Visitor};
 use serde_json::value::RawValue;
+use std::fmt;
+use std::sync::Arc;
 
 fn put_headers<B: BufMut>(out: &mut B, headers: &Headers) {
     if headers.is_empty() {
@@ -29,9 +32,22 @@ fn put_string<B: BufMut>(out: &mut B, text: &str) {
     serde_json::to_writer(&mut writer, text).expect("writing a string to memory cannot fail");
 }
 
-/// `{"pattern":P,"data":D,"id":ID}` (a request) or `{"pattern":P,"data":D}` (an event), followed
-/// by palisade's `headers` extension when there are headers.
-pub(crate) fn encode_request<B: BufMut>(
+/// Writes a request `{"pattern":P,"data":D,"id":ID}` (with `id`) or an event
+/// `{"pattern":P,"data":D}` (without), followed by palisade's `"headers"` extension when there are
+/// headers (NestJS ignores it). Transports with headers of their own (NATS, Kafka, AMQP) pass
+/// empty headers and carry them natively.
+///
+/// ```
+/// use palisade::rpc::wire::encode_request;
+/// use palisade::rpc::{Headers, RawJson};
+///
+/// let mut frame = Vec::new();
+/// let pattern = RawJson::from_text(r#""get-user""#).unwrap();
+/// let data = RawJson::from_text(r#"{"id":"42"}"#).unwrap();
+/// encode_request(&mut frame, &pattern, &data, Some("ae27e2a42bb78600f9957"), &Headers::new());
+/// assert_eq!(frame, br#"{"pattern":"get-user","data":{"id":"42"},"id":"ae27e2a42bb78600f9957"}"#);
+/// ```
+pub fn encode_request<B: BufMut>(
     out: &mut B,
     pattern: &RawJson,
     data: &RawJson,
@@ -50,8 +66,31 @@ pub(crate) fn encode_request<B: BufMut>(
     out.put_u8(b'}');
 }
 
-/// A reply packet for request `id` (raw JSON, echoed verbatim).
-pub(crate) fn encode_reply<B: BufMut>(out: &mut B, packet: &ReplyPacket, id: &RawJson) {
+/// The pattern a NestJS client puts in a request's body: the raw pattern for requests, the route
+/// string for events (nestjs-wire.md §1.5, as NestJS's TCP client does).
+pub fn wire_pattern(request: &RpcRequest) -> RawJson {
+    match request.kind() {
+        Kind::Request => request.pattern().raw().clone(),
+        Kind::Event => RawJson::to_json(request.pattern().route()).expect("a string serialises"),
+    }
+}
+
+/// Writes a reply packet: `{"response":R,"isDisposed":true,"id":ID}` and its siblings
+/// (nestjs-wire.md §1.1). The id is echoed verbatim (raw JSON); `None` leaves it out, as NestJS's
+/// RabbitMQ server does, except in the no-handler reply.
+///
+/// ```
+/// use palisade::rpc::transport::ReplyPacket;
+/// use palisade::rpc::wire::encode_reply;
+/// use palisade::rpc::RawJson;
+///
+/// let id = RawJson::from_text(r#""ae27e2a42bb78600f9957""#).unwrap();
+/// let mut frame = Vec::new();
+/// let value = ReplyPacket::Value { response: RawJson::from_text("11").unwrap(), last: true };
+/// encode_reply(&mut frame, &value, Some(&id));
+/// assert_eq!(frame, br#"{"response":11,"isDisposed":true,"id":"ae27e2a42bb78600f9957"}"#);
+/// ```
+pub fn encode_reply<B: BufMut>(out: &mut B, packet: &ReplyPacket, id: Option<&RawJson>) {
     match packet {
         ReplyPacket::Value { response, last } => {
             out.put_slice(b"{\"response\":");
@@ -68,43 +107,71 @@ pub(crate) fn encode_reply<B: BufMut>(out: &mut B, packet: &ReplyPacket, id: &Ra
         }
         ReplyPacket::NoHandler => {
             out.put_slice(b"{\"id\":");
-            out.put_slice(id.as_bytes());
+            out.put_slice(id.map_or(b"null".as_slice(), RawJson::as_bytes));
             out.put_slice(b",\"status\":\"error\",\"err\":");
             put_string(out, NO_HANDLER_MESSAGE);
             out.put_u8(b'}');
             return;
         }
     }
-    out.put_slice(b",\"id\":");
-    out.put_slice(id.as_bytes());
+    if let Some(id) = id {
+        out.put_slice(b",\"id\":");
+        out.put_slice(id.as_bytes());
+    }
     out.put_u8(b'}');
 }
 
 /// The fields either direction may carry; values stay raw (borrowed from the frame). `Some`
 /// means present — even `null` (JavaScript's `undefined` and `null` differ here: a `null` id still
-/// makes a request), `None` absent.
-#[derive(Deserialize)]
+/// makes a request), `None` absent. A key that appears twice keeps its last value, as
+/// `JSON.parse` does.
+#[derive(Default)]
 struct RawPacket<'a> {
-    #[serde(borrow, default, deserialize_with = "present")]
     pattern: Option<&'a RawValue>,
-    #[serde(borrow, default, deserialize_with = "present")]
     data: Option<&'a RawValue>,
-    #[serde(borrow, default, deserialize_with = "present")]
     id: Option<&'a RawValue>,
-    #[serde(borrow, default, deserialize_with = "present")]
     response: Option<&'a RawValue>,
-    #[serde(borrow, default, deserialize_with = "present")]
     err: Option<&'a RawValue>,
-    #[serde(rename = "isDisposed", borrow, default, deserialize_with = "present")]
     is_disposed: Option<&'a RawValue>,
-    #[serde(borrow, default, deserialize_with = "present")]
     headers: Option<&'a RawValue>,
 }
 
-fn present<'de, D: serde::Deserializer<'de>>(
-    deserializer: D,
-) -> Result<Option<&'de RawValue>, D::Error> {
-    <&RawValue>::deserialize(deserializer).map(Some)
+impl<'de: 'a, 'a> Deserialize<'de> for RawPacket<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct PacketVisitor<'a>(std::marker::PhantomData<&'a ()>);
+
+        impl<'de: 'a, 'a> Visitor<'de> for PacketVisitor<'a> {
+            type Value = RawPacket<'a>;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a JSON object")
+            }
+
+            fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<RawPacket<'a>, M::Error> {
+                let mut packet = RawPacket::default();
+                while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+                    let slot = match &*key {
+                        "pattern" => &mut packet.pattern,
+                        "data" => &mut packet.data,
+                        "id" => &mut packet.id,
+                        "response" => &mut packet.response,
+                        "err" => &mut packet.err,
+                        "isDisposed" => &mut packet.is_disposed,
+                        "headers" => &mut packet.headers,
+                        _ => {
+                            map.next_value::<IgnoredAny>()?;
+                            continue;
+                        }
+                    };
+                    // The last occurrence wins, as with `JSON.parse`.
+                    *slot = Some(map.next_value::<&'de RawValue>()?);
+                }
+                Ok(packet)
+            }
+        }
+
+        deserializer.deserialize_map(PacketVisitor(std::marker::PhantomData))
+    }
 }
 
 /// JavaScript truthiness of a JSON value.
@@ -139,31 +206,84 @@ fn parse_headers(raw: Option<&RawValue>) -> Headers {
     .unwrap_or_default()
 }
 
-/// A message as a server reads it.
+/// A message as a server reads it; see [`decode_incoming`].
 #[derive(Clone, Debug)]
-pub(crate) struct IncomingPacket {
+#[non_exhaustive]
+pub struct IncomingPacket {
     /// The raw pattern; `None` when the packet has none (it then matches no handler).
-    pub(crate) pattern: Option<RawJson>,
-    pub(crate) data: RawJson,
+    pub pattern: Option<RawJson>,
+    /// The payload (`null` when absent).
+    pub data: RawJson,
     /// Present (even `null`) makes the message a request; absent, an event.
-    pub(crate) id: Option<RawJson>,
-    #[cfg_attr(not(feature = "tcp"), allow(dead_code))] // NATS carries headers natively
-    pub(crate) headers: Headers,
+    pub id: Option<RawJson>,
+    /// palisade's `"headers"` extension.
+    pub headers: Headers,
     /// Not a NestJS packet (not an object, or neither `pattern` nor `data`): transports with a
     /// channel treat the whole message as `data` sent to the channel's pattern.
-    #[cfg_attr(not(feature = "nats"), allow(dead_code))] // used by the NATS transport
-    pub(crate) external: bool,
+    pub external: bool,
 }
 
-/// Reads a message from a frame holding valid JSON. Like a NestJS server: a value that is not an
-/// object, or has neither `pattern` nor `data`, is an "external" message with no pattern.
-pub(crate) fn decode_incoming(frame: &Bytes) -> Result<IncomingPacket, serde_json::Error> {
+impl IncomingPacket {
+    /// The message as a server dispatches it when routing by the packet's `pattern` (TCP,
+    /// RabbitMQ), and the id to reply with (`None` for an event).
+    pub fn into_request(self) -> (RpcRequest, Option<RawJson>) {
+        let kind = if self.id.is_some() {
+            Kind::Request
+        } else {
+            Kind::Event
+        };
+        let pattern = Pattern::received(self.pattern.unwrap_or_else(RawJson::null));
+        let request = RpcRequest::received(pattern, self.data, kind, self.headers);
+        (request, self.id)
+    }
+
+    /// The message as a server dispatches it when routing by the channel it arrived on (NATS
+    /// subjects, Redis channels, MQTT topics): `route` is the channel's route string, `message` the
+    /// whole message body, which becomes the data of an external message (NestJS treats a body
+    /// that is not its packet as the data of an event on the channel). `headers` are the
+    /// transport's native headers, added to the packet's own.
+    pub fn into_request_on(
+        self,
+        route: &Arc<str>,
+        message: &Bytes,
+        headers: Headers,
+    ) -> (RpcRequest, Option<RawJson>) {
+        let route_json = || RawJson::to_json(&**route).expect("a string serialises");
+        let (raw, data, id) = if self.external {
+            (route_json(), RawJson::from_trusted(message.clone()), None)
+        } else {
+            (self.pattern.unwrap_or_else(route_json), self.data, self.id)
+        };
+        let kind = if id.is_some() {
+            Kind::Request
+        } else {
+            Kind::Event
+        };
+        let mut all = self.headers;
+        for (key, value) in headers.iter() {
+            all.insert(key.to_owned(), value);
+        }
+        let request = RpcRequest::received(
+            Pattern::received_on(Arc::clone(route), raw),
+            data,
+            kind,
+            all,
+        );
+        (request, id)
+    }
+}
+
+/// Reads a message from a frame holding JSON. Like a NestJS server: a value that is not an object,
+/// or has neither `pattern` nor `data`, is an "external" message with no pattern.
+///
+/// Fails when the frame is not valid JSON.
+pub fn decode_incoming(frame: &Bytes) -> Result<IncomingPacket, serde_json::Error> {
     let trimmed = std::str::from_utf8(frame)
         .map(str::trim_start)
         .unwrap_or("");
     if !trimmed.starts_with('{') {
-        // null, a number, an array...: valid JSON (checked by the caller), external.
-        serde_json::from_slice::<serde::de::IgnoredAny>(frame)?;
+        // null, a number, an array...: valid JSON (checked here), external.
+        serde_json::from_slice::<IgnoredAny>(frame)?;
         return Ok(IncomingPacket {
             pattern: None,
             data: RawJson::null(),
@@ -190,11 +310,19 @@ pub(crate) fn decode_incoming(frame: &Bytes) -> Result<IncomingPacket, serde_jso
     })
 }
 
-/// Reads a reply the way NestJS's `ClientProxy` does (nestjs-wire.md §1.2). Returns the id (as raw
-/// JSON) and the packet.
-pub(crate) fn decode_reply(
-    frame: &Bytes,
-) -> Result<(Option<RawJson>, ReplyPacket), serde_json::Error> {
+/// Reads a reply the way NestJS's `ClientProxy` does (nestjs-wire.md §1.2): the id (as raw JSON,
+/// `None` when absent) and the packet.
+///
+/// ```
+/// use bytes::Bytes;
+/// use palisade::rpc::transport::ReplyPacket;
+/// use palisade::rpc::wire::decode_reply;
+///
+/// let (id, packet) = decode_reply(&Bytes::from_static(br#"{"response":1,"id":"a"}"#)).unwrap();
+/// assert_eq!(id.unwrap().as_str(), r#""a""#);
+/// assert!(matches!(packet, ReplyPacket::Value { last: false, .. }));
+/// ```
+pub fn decode_reply(frame: &Bytes) -> Result<(Option<RawJson>, ReplyPacket), serde_json::Error> {
     let packet: RawPacket<'_> = serde_json::from_slice(frame)?;
     let id = packet.id.map(|raw| slice(frame, raw));
     let reply = if let Some(err) = packet.err.filter(|err| is_truthy(err)) {
@@ -272,7 +400,7 @@ mod tests {
                     response: raw("11"),
                     last: true
                 },
-                &id
+                Some(&id)
             )),
             r#"{"response":11,"isDisposed":true,"id":"ae27e2a42bb78600f9957"}"#
         );
@@ -283,24 +411,24 @@ mod tests {
                     response: raw("1"),
                     last: false
                 },
-                &id
+                Some(&id)
             )),
             r#"{"response":1,"id":"ae27e2a42bb78600f9957"}"#
         );
         assert_eq!(
-            encoded(|out| encode_reply(out, &ReplyPacket::Complete, &id)),
+            encoded(|out| encode_reply(out, &ReplyPacket::Complete, Some(&id))),
             r#"{"isDisposed":true,"id":"ae27e2a42bb78600f9957"}"#
         );
         assert_eq!(
             encoded(|out| encode_reply(
                 out,
                 &ReplyPacket::Error(raw(r#"{"status":"error","message":"boom"}"#)),
-                &id
+                Some(&id)
             )),
             r#"{"err":{"status":"error","message":"boom"},"isDisposed":true,"id":"ae27e2a42bb78600f9957"}"#
         );
         assert_eq!(
-            encoded(|out| encode_reply(out, &ReplyPacket::NoHandler, &id)),
+            encoded(|out| encode_reply(out, &ReplyPacket::NoHandler, Some(&id))),
             r#"{"id":"ae27e2a42bb78600f9957","status":"error","err":"There is no matching message handler defined in the remote service."}"#
         );
     }

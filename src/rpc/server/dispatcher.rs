@@ -1,0 +1,564 @@
+//! The transport-facing side of a server: what a transport runs each message through.
+
+use super::{Routes, Server, Target};
+use crate::counter::StripedCounter;
+use crate::rpc::error::NO_HANDLER_MESSAGE;
+use crate::rpc::handler::Reply;
+use crate::rpc::request::TRACEPARENT_HEADER;
+use crate::rpc::transport::{ReplyPacket, error_json};
+use crate::rpc::{Code, Kind, RpcError, RpcRequest, TransportErrorKind};
+use crate::timeout::HasDeadline;
+use futures_util::future::{BoxFuture, Either};
+use futures_util::{FutureExt, StreamExt};
+use std::fmt;
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::Poll;
+use std::time::Duration;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tower::ServiceExt;
+use tracing::Instrument;
+
+/// Why a reply packet did not go out; see [`ReplySink::send`].
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum SendError {
+    /// The caller is gone (its connection closed, or it stopped listening): nothing more is worth
+    /// producing for it.
+    CallerGone,
+    /// The packet is larger than the transport can carry. The dispatcher answers the caller with
+    /// a small `InvalidArgument` error instead, so the caller learns why rather than waiting for
+    /// its timeout.
+    TooLarge {
+        /// The packet's size, in the transport's unit (bytes, or UTF-16 units on TCP).
+        size: usize,
+        /// The transport's limit, in the same unit.
+        limit: usize,
+    },
+    /// The transport failed to send it.
+    Failed(RpcError),
+}
+
+impl fmt::Display for SendError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SendError::CallerGone => f.write_str("the caller is gone"),
+            SendError::TooLarge { size, limit } => write!(
+                f,
+                "the reply ({size}) is larger than the transport's limit ({limit})"
+            ),
+            SendError::Failed(error) => write!(f, "sending the reply failed: {error}"),
+        }
+    }
+}
+
+impl std::error::Error for SendError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            SendError::Failed(error) => Some(error),
+            _ => None,
+        }
+    }
+}
+
+/// Where a transport sends one request's reply packets: back over the connection it came on, to
+/// its reply subject, its reply topic...
+///
+/// A request's packets are sent in order, one at a time; the last one (see
+/// [`ReplyPacket::is_last`]) ends the request.
+pub trait ReplySink: Send + 'static {
+    /// Sends a packet, or says why it could not.
+    fn send(&mut self, packet: ReplyPacket) -> impl Future<Output = Result<(), SendError>> + Send;
+}
+
+/// Runs messages through a server's service on behalf of a transport: the transport-facing half of
+/// a [`Server`], made by [`Server::into_dispatcher`]. Clones share it.
+///
+/// A transport reads messages, turns each into an [`RpcRequest`] and hands it over with
+/// [`dispatch`](Self::dispatch), together with a [`ReplySink`] for a request's replies; everything
+/// else — capacity ([`Server::max_in_flight`]), deadlines, panics, tracing, graceful shutdown — is
+/// done here. Its own tasks (accept loops, subscriptions) it starts with [`spawn`](Self::spawn),
+/// and it stops taking messages when [`draining`](Self::draining) resolves.
+///
+/// See [`ServerTransport`](crate::rpc::transport::ServerTransport) for a whole transport.
+#[derive(Clone)]
+pub struct Dispatcher {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    service: Target,
+    routes: Option<Routes>,
+    tracker: TaskTracker,
+    /// Cancelled when shutdown starts: no new messages are taken.
+    draining: CancellationToken,
+    /// The same, as a flag read per message (a token's `is_cancelled` takes a lock).
+    draining_flag: AtomicBool,
+    /// Cancelled when the grace period is over: running handlers are cancelled.
+    abort: CancellationToken,
+    permits: Option<Arc<Semaphore>>,
+    in_flight: InFlightCount,
+    grace_period: Duration,
+    transport: &'static str,
+}
+
+/// Requests being handled, as requests started minus requests finished. Both are striped
+/// per-thread counters: one shared counter, bumped twice per request by every thread, bounced its
+/// cache line between cores and cost more than the rest of an in-process round trip.
+#[derive(Debug)]
+struct InFlightCount {
+    started: StripedCounter,
+    finished: StripedCounter,
+}
+
+impl InFlightCount {
+    fn new() -> Self {
+        InFlightCount {
+            started: StripedCounter::new(),
+            finished: StripedCounter::new(),
+        }
+    }
+
+    /// Counts a request as started; it counts as finished when the guard drops, however the
+    /// handling ends.
+    fn enter(&self) -> InFlight<'_> {
+        self.started.increment();
+        InFlight(self)
+    }
+
+    fn get(&self) -> usize {
+        // Finished first: both only grow, so the difference read this way is never negative.
+        let finished = self.finished.sum();
+        usize::try_from(self.started.sum().saturating_sub(finished)).unwrap_or(usize::MAX)
+    }
+}
+
+/// Counts its request as finished however the handling ends.
+struct InFlight<'a>(&'a InFlightCount);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.finished.increment();
+    }
+}
+
+impl Target {
+    fn call(&self, request: RpcRequest) -> BoxFuture<'static, Result<Reply, RpcError>> {
+        match self {
+            Target::Router(router) => router.dispatch(request),
+            Target::Service(service) => Box::pin(service.clone().oneshot(request)),
+        }
+    }
+}
+
+/// Whether a message's handler may take its first step in the dispatching task.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum FirstPoll {
+    Inline,
+    Spawned,
+}
+
+impl Dispatcher {
+    pub(super) fn new(mut server: Server, transport: &'static str) -> Self {
+        Dispatcher {
+            inner: Arc::new(Inner {
+                routes: server.take_routes(),
+                service: server.service,
+                tracker: TaskTracker::new(),
+                draining: CancellationToken::new(),
+                draining_flag: AtomicBool::new(false),
+                abort: CancellationToken::new(),
+                permits: server.max_in_flight.map(|n| Arc::new(Semaphore::new(n))),
+                in_flight: InFlightCount::new(),
+                grace_period: server.grace_period,
+                transport,
+            }),
+        }
+    }
+
+    /// The transport's name, as given to [`Server::into_dispatcher`].
+    pub fn transport(&self) -> &'static str {
+        self.inner.transport
+    }
+
+    /// The patterns the server answers, when known: what a transport that subscribes per pattern
+    /// subscribes to. `None` for a service that is not a router and declared none (see
+    /// [`Server::with_routes`]); such a transport should refuse to serve it with a clear error.
+    pub fn routes(&self) -> Option<&Routes> {
+        self.inner.routes.as_ref()
+    }
+
+    /// Whether shutdown has started (a plain load: cheap enough to check per message).
+    pub fn is_draining(&self) -> bool {
+        self.inner.draining_flag.load(Ordering::Acquire)
+    }
+
+    /// Resolves when shutdown starts: stop taking messages (stop accepting, unsubscribe).
+    ///
+    /// Polling it takes a lock, so a loop that takes messages should poll it only when no message
+    /// is waiting, and check [`is_draining`](Self::is_draining) per message.
+    pub fn draining(&self) -> impl Future<Output = ()> + Send + 'static {
+        let token = self.inner.draining.clone();
+        async move { token.cancelled().await }
+    }
+
+    /// Spawns a transport task (an accept loop, a connection, a subscription) that shutdown waits
+    /// for: the task must end once [`draining`](Self::draining) resolved and its messages were
+    /// answered.
+    pub fn spawn<F>(&self, task: F) -> JoinHandle<()>
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        self.inner.tracker.spawn(task)
+    }
+
+    /// Messages being handled right now.
+    pub fn in_flight(&self) -> usize {
+        self.inner.in_flight.get()
+    }
+
+    /// Handles a message: a request with the `sink` its replies go to, or an event (`sink` is
+    /// `None`; an event's handlers run and nothing is sent back).
+    ///
+    /// Waits only for capacity ([`Server::max_in_flight`]): the handler runs in a task of its
+    /// own, so a handler that computes for a long time before its first `.await` does not hold up
+    /// the transport's next message. During shutdown a request is answered with `Unavailable`
+    /// and an event is dropped (logged).
+    ///
+    /// Every request gets an answer: the handler's replies; an error reply when it fails, panics,
+    /// or outlives the caller's deadline or the grace period of a shutdown; and, when a reply is
+    /// too large for the transport, an error saying so.
+    pub async fn dispatch<K: ReplySink>(&self, request: RpcRequest, sink: Option<K>) {
+        self.dispatch_with(request, sink, FirstPoll::Spawned).await
+    }
+
+    /// [`dispatch`](Self::dispatch), with the handler's first step taken in the calling task: it
+    /// saves a task for handlers that answer at once, but a handler that computes before its first
+    /// `.await` holds the caller up meanwhile. For a transport whose calling task exists for this
+    /// one message (the in-memory transport calls it from the client's task), never for a loop
+    /// that reads many messages.
+    pub async fn dispatch_inline<K: ReplySink>(&self, request: RpcRequest, sink: Option<K>) {
+        self.dispatch_with(request, sink, FirstPoll::Inline).await
+    }
+
+    async fn dispatch_with<K: ReplySink>(
+        &self,
+        request: RpcRequest,
+        sink: Option<K>,
+        first_poll: FirstPoll,
+    ) {
+        if self.is_draining() {
+            match sink {
+                Some(mut sink) => {
+                    let error = RpcError::unavailable("the server is shutting down");
+                    let _ = sink.send(ReplyPacket::Error(error_json(&error))).await;
+                }
+                None => {
+                    tracing::warn!(pattern = %request.pattern(), "event dropped: the server is shutting down")
+                }
+            }
+            return;
+        }
+        let permit = match &self.inner.permits {
+            Some(permits) => Arc::clone(permits).acquire_owned().await.ok(),
+            None => None,
+        };
+        // The target stays `palisade::rpc::server` whatever file this lives in: log filters name it.
+        let span = tracing::info_span!(
+            target: "palisade::rpc::server",
+            "rpc.server",
+            transport = self.inner.transport,
+            pattern = %request.pattern(),
+            kind = ?request.kind(),
+            trace = request.headers().get(TRACEPARENT_HEADER).map(tracing::field::display),
+            outcome = tracing::field::Empty,
+            latency_us = tracing::field::Empty,
+        );
+        let handling = Arc::clone(&self.inner)
+            .handle(request, sink, permit)
+            .instrument(span);
+        match first_poll {
+            FirstPoll::Spawned => {
+                self.inner.tracker.spawn(handling);
+            }
+            FirstPoll::Inline => {
+                let mut handling = Box::pin(handling);
+                // Most handlers answer on their first poll: poll once here and spawn a task only
+                // for those that have to wait. The first poll happens inside this call, which the
+                // caller cannot cancel halfway, and a waiting handler still runs to completion in
+                // a task of its own, whatever the caller does next.
+                let finished =
+                    std::future::poll_fn(|cx| Poll::Ready(handling.as_mut().poll(cx).is_ready()))
+                        .await;
+                if !finished {
+                    self.inner.tracker.spawn(handling);
+                }
+            }
+        }
+    }
+
+    /// Handles an event to completion in the calling task and reports whether every handler
+    /// succeeded — for transports that acknowledge events (durable streams, queues with manual
+    /// acks): acknowledge on `Ok`, redeliver or dead-letter on `Err`. Counts as in flight for
+    /// shutdown; fails with `Unavailable` once shutdown started or when the grace period ends
+    /// before the handlers do.
+    pub async fn handle_event(&self, event: RpcRequest) -> Result<(), RpcError> {
+        if self.is_draining() {
+            return Err(RpcError::unavailable("the server is shutting down"));
+        }
+        let inner = &*self.inner;
+        let _token = inner.tracker.token();
+        let _in_flight = inner.in_flight.enter();
+        let handling =
+            AssertUnwindSafe(inner.service.call(event.reporting_failures())).catch_unwind();
+        tokio::select! {
+            biased;
+            _ = inner.abort.cancelled() => Err(RpcError::unavailable("the server shut down before the handler finished")),
+            outcome = handling => match outcome {
+                Ok(result) => result.map(drop),
+                Err(panic) => {
+                    tracing::error!(panic = %panic_message(&*panic), "event handler panicked");
+                    Err(RpcError::internal())
+                }
+            },
+        }
+    }
+
+    /// Starts shutdown: stop taking messages, drain for the grace period, then cancel.
+    pub(super) async fn shutdown(&self) -> super::ShutdownReport {
+        let inner = &*self.inner;
+        inner.draining_flag.store(true, Ordering::Release);
+        inner.draining.cancel();
+        inner.tracker.close();
+        let started = Instant::now();
+        let drained = tokio::time::timeout(inner.grace_period, inner.tracker.wait())
+            .await
+            .is_ok();
+        let mut cancelled = 0;
+        if !drained {
+            cancelled = inner.in_flight.get();
+            tracing::warn!(cancelled, grace_period = ?inner.grace_period, "grace period over; cancelling handlers still running");
+            inner.abort.cancel();
+            inner.tracker.wait().await;
+        }
+        super::ShutdownReport {
+            drained,
+            cancelled,
+            took: started.elapsed(),
+        }
+    }
+}
+
+impl fmt::Debug for Dispatcher {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Dispatcher")
+            .field("transport", &self.inner.transport)
+            .field("routes", &self.inner.routes)
+            .field("in_flight", &self.in_flight())
+            .field("draining", &self.is_draining())
+            .finish()
+    }
+}
+
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a non-string panic payload".to_owned())
+}
+
+impl Inner {
+    /// Runs the handler and sends its reply.
+    async fn respond<K: ReplySink>(
+        &self,
+        request: RpcRequest,
+        sink: Option<&mut Tracked<K>>,
+    ) -> Result<(), RpcError> {
+        // A panicking handler must not leave its caller waiting: it becomes NestJS's
+        // "Internal server error", and the panic is logged.
+        let reply = AssertUnwindSafe(self.service.call(request))
+            .catch_unwind()
+            .await
+            .unwrap_or_else(|panic| {
+                tracing::error!(panic = %panic_message(&*panic), "handler panicked; replying \"Internal server error\"");
+                Err(RpcError::internal())
+            });
+        match (reply, sink) {
+            (Ok(_), None) => Ok(()),
+            (Err(error), None) => Err(error),
+            (reply, Some(sink)) => send_replies(reply, sink).await,
+        }
+    }
+
+    /// Handles one message: runs the handler within the deadline and sends every reply.
+    async fn handle<K: ReplySink>(
+        self: Arc<Self>,
+        request: RpcRequest,
+        sink: Option<K>,
+        _permit: Option<OwnedSemaphorePermit>,
+    ) {
+        let _in_flight = self.in_flight.enter();
+        let span = tracing::Span::current();
+        // Clock reads only for a span someone listens to.
+        let started = (!span.is_disabled()).then(Instant::now);
+        let deadline = request.deadline();
+        let kind = request.kind();
+        let mut sink = sink.map(|inner| Tracked {
+            inner,
+            answered: false,
+        });
+        let outcome = {
+            let work = self.respond(request, sink.as_mut());
+            // One future either way, not an async block holding `work` twice; boxed when bounded,
+            // because the timer is large and a request without a deadline should not carry room
+            // for it.
+            let bounded = match deadline {
+                Some(deadline) => Either::Left(
+                    Box::pin(tokio::time::timeout_at(deadline.instant(), work)).map(|timed| {
+                        timed.unwrap_or_else(|_| {
+                            Err(RpcError::deadline_exceeded(
+                                "the caller's deadline passed; the handler was stopped",
+                            ))
+                        })
+                    }),
+                ),
+                None => Either::Right(work),
+            };
+            // Created on its first poll: a handler that answers at once never touches the token.
+            let aborted = async {
+                self.abort.cancelled().await;
+                Err(RpcError::unavailable(
+                    "the server shut down before the handler finished",
+                ))
+            };
+            tokio::select! {
+                biased;
+                outcome = bounded => outcome,
+                aborted = aborted => aborted,
+            }
+        };
+        // Stopped by the deadline or by shutdown before answering: every request gets an answer.
+        if let (Err(error), Some(sink)) = (&outcome, sink.as_mut())
+            && !sink.answered
+        {
+            let _ = sink.send(ReplyPacket::Error(error_json(error))).await;
+        }
+        if let Some(started) = started {
+            span.record("latency_us", started.elapsed().as_micros() as u64);
+            match &outcome {
+                Ok(()) => span.record("outcome", tracing::field::display("ok")),
+                Err(error) => span.record("outcome", tracing::field::display(error.code())),
+            };
+        }
+        match &outcome {
+            Ok(()) => tracing::debug!("handled"),
+            Err(error) => {
+                if kind == Kind::Event || error.code() == Code::Internal {
+                    tracing::warn!(%error, "handler failed");
+                } else {
+                    tracing::debug!(%error, "replied with an error");
+                }
+            }
+        }
+    }
+}
+
+/// A sink that remembers whether the final packet went out, and answers a reply that is too large
+/// for the transport with an error saying so.
+struct Tracked<K> {
+    inner: K,
+    answered: bool,
+}
+
+impl<K: ReplySink> Tracked<K> {
+    /// Sends `packet`; `Err` when nothing more should be sent for this request.
+    async fn send(&mut self, packet: ReplyPacket) -> Result<(), RpcError> {
+        let last = packet.is_last();
+        match self.inner.send(packet).await {
+            Ok(()) => {
+                self.answered |= last;
+                Ok(())
+            }
+            Err(SendError::TooLarge { size, limit }) => {
+                let error = RpcError::transport(
+                    TransportErrorKind::PayloadTooLarge,
+                    format!(
+                        "the handler's reply ({size}) is larger than the transport's limit ({limit}); it was not sent"
+                    ),
+                );
+                tracing::warn!(%error, "reply too large");
+                let sent = self
+                    .inner
+                    .send(ReplyPacket::Error(error_json(&error)))
+                    .await;
+                self.answered = true;
+                if let Err(failed) = sent {
+                    tracing::warn!(error = %failed, "could not send the error for a reply that was too large");
+                }
+                Err(error)
+            }
+            Err(SendError::CallerGone) => {
+                self.answered = true;
+                Err(RpcError::new(Code::Cancelled, "the caller went away"))
+            }
+            Err(SendError::Failed(error)) => {
+                tracing::warn!(%error, "a reply could not be sent");
+                self.answered = true;
+                Err(error)
+            }
+        }
+    }
+}
+
+/// Sends a handler's reply (or error) as NestJS packets.
+async fn send_replies<K: ReplySink>(
+    reply: Result<Reply, RpcError>,
+    sink: &mut Tracked<K>,
+) -> Result<(), RpcError> {
+    match reply {
+        Ok(Reply::Value(response)) => {
+            sink.send(ReplyPacket::Value {
+                response,
+                last: true,
+            })
+            .await
+        }
+        Ok(Reply::Empty) => sink.send(ReplyPacket::Complete).await,
+        Ok(Reply::Stream(mut stream)) => {
+            while let Some(item) = stream.next().await {
+                match item {
+                    // A failed send (the caller is gone, ...) stops the stream.
+                    Ok(response) => {
+                        sink.send(ReplyPacket::Value {
+                            response,
+                            last: false,
+                        })
+                        .await?
+                    }
+                    Err(error) => {
+                        sink.send(ReplyPacket::Error(error_json(&error))).await?;
+                        return Err(error);
+                    }
+                }
+            }
+            sink.send(ReplyPacket::Complete).await
+        }
+        Err(error) => {
+            let packet =
+                if error.code() == Code::Unimplemented && error.message() == NO_HANDLER_MESSAGE {
+                    ReplyPacket::NoHandler
+                } else {
+                    ReplyPacket::Error(error_json(&error))
+                };
+            sink.send(packet).await?;
+            Err(error)
+        }
+    }
+}
