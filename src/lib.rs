@@ -61,6 +61,8 @@
 pub mod builder;
 pub mod circuit_breaker;
 pub mod classify;
+#[cfg(feature = "conformance")]
+pub mod conformance;
 mod counter;
 mod errors;
 pub mod fault;

@@ -1,9 +1,8 @@
 //! The conformance suite over the in-memory transport.
 
-mod conformance;
 mod support;
 
-use conformance::Harness;
+use palisade::conformance::Harness;
 use palisade::rpc::transport::memory::MemoryTransport;
 use palisade::rpc::{Client, ClientBuilder, Server, ServerHandle};
 
@@ -19,7 +18,7 @@ impl Harness for Memory {
     }
 }
 
-conformance_tests!(Memory(MemoryTransport::new()));
+palisade::conformance_tests!(Memory(MemoryTransport::new()));
 
 /// A transport served again (a restarted service) sends to the new server, even through a client
 /// connected before.

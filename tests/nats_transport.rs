@@ -1,10 +1,9 @@
 //! The conformance suite over NATS, each test against its own `nats-server`.
 #![cfg(feature = "nats")]
 
-mod conformance;
 mod support;
 
-use conformance::Harness;
+use palisade::conformance::{Harness, UnknownPatterns};
 use palisade::rpc::transport::ServerTransport;
 use palisade::rpc::transport::nats::{NatsOptions, NatsServer};
 use palisade::rpc::{Client, ClientBuilder, Server, ServerHandle};
@@ -37,9 +36,23 @@ impl Harness for Nats {
             .unwrap()
     }
 
-    fn unknown_patterns_have_no_responders(&self) -> bool {
+    fn unknown_patterns(&self) -> UnknownPatterns {
+        UnknownPatterns::NoResponders
+    }
+
+    fn max_message_size(&self) -> Option<usize> {
+        // nats-server's default max_payload.
+        Some(1024 * 1024)
+    }
+
+    async fn interrupt(&mut self) -> bool {
+        self.broker.stop();
         true
+    }
+
+    async fn restore(&mut self) {
+        self.broker.restart();
     }
 }
 
-conformance_tests!(Nats::new());
+palisade::conformance_tests!(Nats::new());

@@ -1,12 +1,11 @@
 //! The conformance suite over real TCP sockets on loopback.
 #![cfg(feature = "tcp")]
 
-mod conformance;
 mod support;
 
-use conformance::Harness;
+use palisade::conformance::Harness;
 use palisade::rpc::transport::ServerTransport;
-use palisade::rpc::transport::tcp::{TcpServer, TcpTransport};
+use palisade::rpc::transport::tcp::{TcpOptions, TcpServer, TcpTransport};
 use palisade::rpc::{Client, ClientBuilder, Server, ServerHandle};
 
 #[derive(Default)]
@@ -14,11 +13,23 @@ struct Tcp {
     addr: Option<String>,
 }
 
+/// A small frame limit, so that the size-limit cases move little data.
+const MAX_FRAME: usize = 64 * 1024;
+
+fn options() -> TcpOptions {
+    TcpOptions::new().max_frame_len(MAX_FRAME)
+}
+
 impl Harness for Tcp {
+    fn max_message_size(&self) -> Option<usize> {
+        Some(MAX_FRAME)
+    }
+
     async fn serve(&mut self, server: Server) -> ServerHandle {
         let handle = TcpServer::bind("127.0.0.1:0")
             .await
             .unwrap()
+            .options(options())
             .serve(server)
             .await
             .unwrap();
@@ -28,8 +39,11 @@ impl Harness for Tcp {
 
     async fn client(&self, builder: ClientBuilder) -> Client {
         let addr = self.addr.clone().expect("serve before connecting");
-        builder.connect(TcpTransport::new(addr)).await.unwrap()
+        builder
+            .connect(TcpTransport::with_options(addr, options()))
+            .await
+            .unwrap()
     }
 }
 
-conformance_tests!(Tcp::default());
+palisade::conformance_tests!(Tcp::default());

@@ -192,6 +192,44 @@ async fn requests_split_into_single_bytes_are_reassembled() {
     server.shutdown().await;
 }
 
+/// NestJS parses packets with `JSON.parse`, where a key that appears twice keeps its last value.
+#[tokio::test]
+async fn a_duplicated_key_keeps_its_last_value_as_in_nestjs() {
+    let (server, mut socket) = nest_like_server(&Arc::default()).await;
+    let request =
+        r#"{"pattern":"fail","data":[1,2],"id":"first","pattern":{"cmd":"sum"},"id":"second"}"#;
+    socket
+        .write_all(format!("{}#{request}", request.len()).as_bytes())
+        .await
+        .unwrap();
+    assert_eq!(
+        read_frames(&mut socket, 1).await,
+        [r#"46#{"response":3,"isDisposed":true,"id":"second"}"#]
+    );
+    server.shutdown().await;
+}
+
+/// JavaScript strings may hold a lone UTF-16 surrogate, Rust strings may not: palisade decodes
+/// each as U+FFFD (the replacement character) instead of refusing the payload, and the connection
+/// carries on.
+#[tokio::test]
+async fn lone_surrogates_in_a_payload_become_replacement_characters() {
+    let (server, mut socket) = nest_like_server(&Arc::default()).await;
+    let request = r#"{"pattern":"slow","data":{"ms":0,"text":"x\ud800y\udfff"},"id":"s"}"#;
+    socket
+        .write_all(format!("{}#{request}", request.len()).as_bytes())
+        .await
+        .unwrap();
+    let reply = r#"{"response":{"ms":0,"text":"x�y�"},"isDisposed":true,"id":"s"}"#;
+    assert_eq!(
+        read_frames(&mut socket, 1).await,
+        [format!("{}#{reply}", reply.encode_utf16().count())]
+    );
+    socket.write_all(CAPTURE[2].0.as_bytes()).await.unwrap();
+    assert_eq!(read_frames(&mut socket, 1).await, CAPTURE[2].1);
+    server.shutdown().await;
+}
+
 /// A fake NestJS server that answers each request with the captured reply frames, re-addressed to
 /// the request's id, and records the request frames it received.
 async fn replaying_server() -> (String, tokio::sync::mpsc::UnboundedReceiver<String>) {

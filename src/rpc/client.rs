@@ -69,6 +69,7 @@ fn read_packet(packet: ReplyPacket) -> Result<(Option<RawJson>, bool), RpcError>
         ReplyPacket::Value { response, last } => Ok((Some(response), last)),
         ReplyPacket::Complete => Ok((None, true)),
         ReplyPacket::Error(err) => Err(RpcError::from_wire_json(&err)),
+        ReplyPacket::Failed(error) => Err(error),
         ReplyPacket::NoHandler => Err(RpcError::no_handler()),
     }
 }

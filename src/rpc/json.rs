@@ -97,11 +97,14 @@ impl RawJson {
     }
 
     /// Deserialises into `T`; on failure the error names the path of the offending field.
+    ///
+    /// A string holding a lone UTF-16 surrogate (`"x\ud800y"`, which JavaScript accepts and NestJS
+    /// echoes) cannot be a Rust string: each lone surrogate decodes as U+FFFD, the replacement
+    /// character, as `String::from_utf16_lossy` does, instead of failing the whole value.
     pub fn decode<T: DeserializeOwned>(&self) -> Result<T, DecodeError> {
-        let mut deserializer = serde_json::Deserializer::from_slice(&self.0);
-        serde_path_to_error::deserialize(&mut deserializer).map_err(|error| DecodeError {
-            path: error.path().to_string(),
-            message: error.inner().to_string(),
+        decode_slice(&self.0).or_else(|error| match replace_lone_surrogates(&self.0) {
+            Some(repaired) => decode_slice(&repaired),
+            None => Err(error),
         })
     }
 
@@ -137,6 +140,75 @@ impl fmt::Display for RawJson {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
     }
+}
+
+fn decode_slice<T: DeserializeOwned>(json: &[u8]) -> Result<T, DecodeError> {
+    let mut deserializer = serde_json::Deserializer::from_slice(json);
+    serde_path_to_error::deserialize(&mut deserializer).map_err(|error| DecodeError {
+        path: error.path().to_string(),
+        message: without_position(&error.inner().to_string()).to_owned(),
+    })
+}
+
+/// serde_json's message without its " at line 1 column 17": a position in a text the caller
+/// never saw helps nobody, and the field path says where.
+fn without_position(message: &str) -> &str {
+    match message.rfind(" at line ") {
+        Some(at)
+            if message[at + 9..]
+                .split_once(" column ")
+                .is_some_and(|(line, column)| {
+                    !line.is_empty()
+                        && !column.is_empty()
+                        && line
+                            .bytes()
+                            .chain(column.bytes())
+                            .all(|b| b.is_ascii_digit())
+                }) =>
+        {
+            &message[..at]
+        }
+        _ => message,
+    }
+}
+
+/// `json` with every `\uD800`–`\uDFFF` escape that is not half of a surrogate pair replaced by
+/// `\uFFFD`; `None` when there is none.
+fn replace_lone_surrogates(json: &[u8]) -> Option<Vec<u8>> {
+    fn escape_at(json: &[u8], at: usize) -> Option<u16> {
+        let hex = json.get(at..at + 6)?;
+        if hex[0] != b'\\' || hex[1] != b'u' {
+            return None;
+        }
+        u16::from_str_radix(std::str::from_utf8(&hex[2..]).ok()?, 16).ok()
+    }
+    let mut out: Option<Vec<u8>> = None;
+    let mut copied = 0;
+    let mut i = 0;
+    while i < json.len() {
+        if json[i] != b'\\' {
+            i += 1;
+            continue;
+        }
+        match escape_at(json, i) {
+            // A pair: kept.
+            Some(0xD800..=0xDBFF) if matches!(escape_at(json, i + 6), Some(0xDC00..=0xDFFF)) => {
+                i += 12;
+            }
+            Some(0xD800..=0xDFFF) => {
+                let out = out.get_or_insert_with(|| Vec::with_capacity(json.len()));
+                out.extend_from_slice(&json[copied..i]);
+                out.extend_from_slice(b"\\uFFFD");
+                i += 6;
+                copied = i;
+            }
+            // Any other escape, `\\` included, is two characters at least: skip both.
+            _ => i += 2,
+        }
+    }
+    let mut out = out?;
+    out.extend_from_slice(&json[copied..]);
+    Some(out)
 }
 
 /// A JSON value that did not decode into the expected type.
@@ -202,6 +274,57 @@ mod tests {
         );
         // The oversized scratch buffer was not kept.
         SCRATCH.with(|scratch| assert!(scratch.borrow().capacity() <= SCRATCH_KEPT));
+    }
+
+    #[test]
+    fn lone_surrogates_decode_as_replacement_characters() {
+        let decode = |text: &str| {
+            RawJson::from_text(text.to_owned())
+                .unwrap()
+                .decode::<String>()
+        };
+        assert_eq!(decode(r#""x\ud800y""#).unwrap(), "x\u{FFFD}y");
+        assert_eq!(decode(r#""\udc00""#).unwrap(), "\u{FFFD}");
+        assert_eq!(decode(r#""a\ud83d""#).unwrap(), "a\u{FFFD}");
+        assert_eq!(
+            decode(r#""\ud83d\ude00 ok""#).unwrap(),
+            "😀 ok",
+            "a pair is kept"
+        );
+        assert_eq!(
+            decode(r#""\\ud800""#).unwrap(),
+            "\\ud800",
+            "an escaped backslash is not an escape"
+        );
+        assert_eq!(
+            decode(r#""\ud800\ud800\udc00""#).unwrap(),
+            "\u{FFFD}\u{10000}",
+            "a lone high surrogate before a pair"
+        );
+        let nested: serde_json::Value = RawJson::from_text(r#"{"k\udfff":["\ud800"]}"#)
+            .unwrap()
+            .decode()
+            .unwrap();
+        assert_eq!(nested, serde_json::json!({"k\u{FFFD}": ["\u{FFFD}"]}));
+        assert_eq!(replace_lone_surrogates(br#""plain \n text""#), None);
+    }
+
+    #[test]
+    fn decode_errors_name_the_field_without_a_text_position() {
+        #[derive(serde::Deserialize, Debug)]
+        #[allow(dead_code)]
+        struct User {
+            id: u64,
+        }
+        let error = RawJson::from_text(r#"{"id":"x"}"#)
+            .unwrap()
+            .decode::<User>()
+            .unwrap_err();
+        assert_eq!(error.path(), "id");
+        assert_eq!(error.message(), r#"invalid type: string "x", expected u64"#);
+        assert_eq!(without_position("a at line 3 column 9"), "a");
+        assert_eq!(without_position("at line x column 9"), "at line x column 9");
+        assert_eq!(without_position("no position"), "no position");
     }
 
     #[test]

@@ -226,16 +226,24 @@ impl Dispatcher {
     /// Handles a message: a request with the `sink` its replies go to, or an event (`sink` is
     /// `None`; an event's handlers run and nothing is sent back).
     ///
-    /// Waits only for capacity ([`Server::max_in_flight`]): the handler runs in a task of its
+    /// Waits for capacity ([`Server::max_in_flight`]). A request's handler runs in a task of its
     /// own, so a handler that computes for a long time before its first `.await` does not hold up
-    /// the transport's next message. During shutdown a request is answered with `Unavailable`
-    /// and an event is dropped (logged).
+    /// the transport's next message. An event's handler takes its first step here, in the calling
+    /// task, as NestJS invokes event handlers in the order events arrive: events read by one loop
+    /// start in order (a handler that computes before its first `.await` delays the loop's next
+    /// message meanwhile — a transport that must not wait reads events into a lane of their own).
+    /// During shutdown a request is answered with `Unavailable` and an event is dropped (logged).
     ///
     /// Every request gets an answer: the handler's replies; an error reply when it fails, panics,
     /// or outlives the caller's deadline or the grace period of a shutdown; and, when a reply is
     /// too large for the transport, an error saying so.
     pub async fn dispatch<K: ReplySink>(&self, request: RpcRequest, sink: Option<K>) {
-        self.dispatch_with(request, sink, FirstPoll::Spawned).await
+        let first_poll = if sink.is_some() {
+            FirstPoll::Spawned
+        } else {
+            FirstPoll::Inline
+        };
+        self.dispatch_with(request, sink, first_poll).await
     }
 
     /// [`dispatch`](Self::dispatch), with the handler's first step taken in the calling task: it

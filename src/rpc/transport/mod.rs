@@ -56,6 +56,10 @@ pub enum ReplyPacket {
     Error(RawJson),
     /// No handler for the pattern (NestJS's no-handler reply).
     NoHandler,
+    /// The transport failed the request on this side — the connection was lost, a reply could not
+    /// be read — with the error as it is (its [transport kind](RpcError::transport_kind) kept).
+    /// Never sent over a wire: a server's sink sends it as an [`Error`](Self::Error).
+    Failed(RpcError),
 }
 
 impl ReplyPacket {

@@ -105,6 +105,11 @@ pub fn encode_reply<B: BufMut>(out: &mut B, packet: &ReplyPacket, id: Option<&Ra
             out.put_slice(err.as_bytes());
             out.put_slice(b",\"isDisposed\":true");
         }
+        ReplyPacket::Failed(error) => {
+            out.put_slice(b"{\"err\":");
+            out.put_slice(crate::rpc::transport::error_json(error).as_bytes());
+            out.put_slice(b",\"isDisposed\":true");
+        }
         ReplyPacket::NoHandler => {
             out.put_slice(b"{\"id\":");
             out.put_slice(id.map_or(b"null".as_slice(), RawJson::as_bytes));

@@ -191,10 +191,7 @@ impl PendingRequests {
     /// Answers request `n` with `error` and forgets it (a reply that could not be read, no
     /// responders, ...). `Late` when nobody waits for it.
     pub fn fail(&self, n: u64, error: &RpcError) -> Delivery {
-        self.deliver(
-            n,
-            ReplyPacket::Error(crate::rpc::transport::error_json(error)),
-        )
+        self.deliver(n, ReplyPacket::Failed(error.clone()))
     }
 
     /// The route of request `n`, while it waits.
@@ -207,7 +204,7 @@ impl PendingRequests {
     /// Answers every waiting request with `error` (keeps taking new ones).
     pub fn fail_all(&self, error: &RpcError) -> usize {
         let mut failed = 0;
-        let packet = ReplyPacket::Error(crate::rpc::transport::error_json(error));
+        let packet = ReplyPacket::Failed(error.clone());
         for shard in &self.shards {
             let waiting: Vec<Waiting> = shard
                 .lock()
@@ -343,8 +340,12 @@ mod tests {
                 last = Some(packet);
             }
             match last {
-                Some(ReplyPacket::Error(err)) => {
-                    assert_eq!(RpcError::from_wire_json(&err).code(), Code::Unavailable)
+                Some(ReplyPacket::Failed(error)) => {
+                    assert_eq!(error.code(), Code::Unavailable);
+                    assert_eq!(
+                        error.transport_kind(),
+                        Some(TransportErrorKind::ConnectionLost)
+                    );
                 }
                 other => panic!("expected an error packet, got {other:?}"),
             }
@@ -375,7 +376,7 @@ mod tests {
         assert_eq!(pending.fail(request.number(), &error), Delivery::Delivered);
         assert!(matches!(
             request.replies().recv().await,
-            Some(ReplyPacket::Error(_))
+            Some(ReplyPacket::Failed(_))
         ));
         assert_eq!(pending.route_of(request.number()), None);
         assert_eq!(pending.fail(request.number(), &error), Delivery::Late);
@@ -405,7 +406,7 @@ mod tests {
                                     )
                                     .await
                                     .expect("a registered request is answered");
-                                    assert!(matches!(packet, Some(ReplyPacket::Error(_))));
+                                    assert!(matches!(packet, Some(ReplyPacket::Failed(_))));
                                     answered += 1;
                                 }
                                 Err(_) => break,

@@ -202,10 +202,10 @@ fn deliver(pending: &PendingRequests, message: async_nats::Message) {
         }
         Err(error) => {
             tracing::warn!(%error, "a reply is not valid JSON");
-            ReplyPacket::Error(crate::rpc::transport::error_json(&RpcError::transport(
+            ReplyPacket::Failed(RpcError::transport(
                 TransportErrorKind::Protocol,
                 format!("invalid reply: {error}"),
-            )))
+            ))
         }
     };
     pending.deliver(n, packet);

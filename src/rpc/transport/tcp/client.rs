@@ -384,14 +384,15 @@ async fn read_replies(
 /// Routes one reply frame to the request waiting for it; replies for unknown ids (requests
 /// already given up on) are dropped and counted, as NestJS drops them. A reply without an id
 /// that carries an error is the server explaining why it is about to close the connection: every
-/// waiting request fails with it.
+/// waiting request fails with it, and the connection takes no new ones.
 fn deliver(pending: &PendingRequests, frame: &Bytes) -> Result<(), serde_json::Error> {
     let (id, packet) = decode_reply(frame)?;
     let Some(id) = id else {
         if let ReplyPacket::Error(err) = packet {
             let error = RpcError::from_wire_json(&err);
             tracing::warn!(%error, "the server refused the connection's data");
-            pending.fail_all(&error);
+            // It closes the connection next: no request goes out on it any more.
+            pending.close(&error);
         } else {
             tracing::debug!("reply without an id dropped");
         }

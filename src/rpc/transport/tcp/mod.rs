@@ -384,16 +384,26 @@ impl FrameReader {
             let held = self.hold(wanted).await?;
             let limit = held.saturating_sub(self.buffer.len()).clamp(1, READ_CHUNK);
             self.buffer.reserve(limit);
-            let mut limited = (&mut self.buffer).limit(limit);
-            let reading = self.socket.read_buf(&mut limited);
             let read = match self.frame_deadline.filter(|_| partial) {
-                Some(deadline) => match tokio::time::timeout_at(deadline, reading).await {
-                    Ok(read) => read,
-                    Err(_) => return Err(self.incomplete()),
+                Some(deadline) => {
+                    let mut limited = (&mut self.buffer).limit(limit);
+                    match tokio::time::timeout_at(deadline, self.socket.read_buf(&mut limited))
+                        .await
+                    {
+                        Ok(read) => read,
+                        Err(_) => return Err(self.incomplete()),
+                    }
+                }
+                // Readable a moment ago; a wake-up can be spurious, so do not wait here (that
+                // would be a wait without the idle timeout): go back to waiting if nothing is
+                // there.
+                None => match self
+                    .socket
+                    .try_read_buf(&mut (&mut self.buffer).limit(limit))
+                {
+                    Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => continue,
+                    read => read,
                 },
-                // Readable a moment ago: this returns at once (or after a spurious wake-up, at
-                // the next byte, which then starts a frame's clock).
-                None => reading.await,
             };
             match read {
                 Ok(0) if partial => {

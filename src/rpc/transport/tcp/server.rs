@@ -4,7 +4,7 @@ use super::{FrameReader, Read, TcpOptions};
 use crate::rpc::transport::{ReplyPacket, ServerTransport, error_json};
 use crate::rpc::wire::{decode_incoming, encode_reply};
 use crate::rpc::{
-    Code, Dispatcher, RawJson, ReplySink, RpcError, SendError, Server, ServerHandle,
+    Code, Dispatcher, RawJson, ReplySink, RpcError, RpcRequest, SendError, Server, ServerHandle,
     TransportErrorKind,
 };
 use std::future::Future;
@@ -12,7 +12,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream, ToSocketAddrs};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 
 /// A NestJS-compatible TCP server: [`bind`](Self::bind), then serve a [`Server`] on it
 /// ([`ServerTransport::serve`]).
@@ -166,6 +166,10 @@ impl Connection {
         // Waiting for shutdown takes the token's lock at every poll, so it is polled only when no
         // frame is waiting; the flag (a plain load) stops a connection that never runs dry.
         let mut draining = std::pin::pin!(dispatcher.draining());
+        // Events go through a lane of their own, opened at the first one: they start in the order
+        // they arrived, and a handler busy before its first `.await` holds up only later events,
+        // never the connection's requests.
+        let mut events: Option<mpsc::Sender<(RpcRequest, Option<OwnedSemaphorePermit>)>> = None;
 
         let end = loop {
             if dispatcher.is_draining() {
@@ -215,16 +219,28 @@ impl Connection {
             };
             let last_read = !reader.has_buffered();
             let (request, id) = packet.into_request();
-            let sink = id.map(|id| TcpSink {
-                id,
-                frames: frames.clone(),
-                max_frame_len: options.max_frame_len,
-                slot,
-                slots: options.max_in_flight_per_connection,
-                last_read,
-                _budget: frame.budget,
-            });
-            dispatcher.dispatch(request, sink).await;
+            match id {
+                Some(id) => {
+                    let sink = TcpSink {
+                        id,
+                        frames: frames.clone(),
+                        max_frame_len: options.max_frame_len,
+                        slot,
+                        slots: options.max_in_flight_per_connection,
+                        last_read,
+                        _budget: frame.budget,
+                    };
+                    dispatcher.dispatch(request, Some(sink)).await;
+                }
+                None => {
+                    drop(slot);
+                    let lane = events.get_or_insert_with(|| event_lane(&dispatcher));
+                    // A full lane holds the connection back, like a full server.
+                    if lane.send((request, frame.budget)).await.is_err() {
+                        break End::Quiet;
+                    }
+                }
+            }
         };
         match end {
             End::Broken(error) => {
@@ -251,6 +267,19 @@ impl Connection {
         }
         tracing::debug!(%peer, "connection closed");
     }
+}
+
+/// A connection's event lane: events are handled in the order they arrived, each holding its
+/// frame's share of the memory budget until it is handled.
+fn event_lane(dispatcher: &Dispatcher) -> mpsc::Sender<(RpcRequest, Option<OwnedSemaphorePermit>)> {
+    let (lane, mut events) = mpsc::channel::<(RpcRequest, Option<OwnedSemaphorePermit>)>(256);
+    let dispatcher_for_lane = dispatcher.clone();
+    dispatcher.spawn(async move {
+        while let Some((event, _budget)) = events.recv().await {
+            dispatcher_for_lane.dispatch::<TcpSink>(event, None).await;
+        }
+    });
+    lane
 }
 
 /// What a peer whose data broke the protocol is told.

@@ -1,49 +1,120 @@
-//! The transport conformance suite: the same behaviour over every transport.
+//! A conformance suite for transports, the way `tower-test` serves tower: the behaviour every
+//! transport in this crate has, as tests a transport written elsewhere runs too (feature
+//! `conformance`).
 //!
-//! A transport's test file implements [`Harness`] and expands [`conformance_tests!`]. Network
-//! transports run on the real clock (tokio's paused clock would jump ahead while a task waits on a
-//! socket), so the suite uses short real durations and never asserts exact timings.
-#![allow(dead_code)]
+//! A transport's test file implements [`Harness`] — how to serve a [`Server`] on the transport and
+//! how to connect a [`Client`] to it — and expands [`conformance_tests!`](crate::conformance_tests)
+//! with a harness; that makes one `#[tokio::test]` per case. The test crate needs `tokio` with the
+//! `macros` and `rt-multi-thread` features.
+//!
+//! ```ignore
+//! // tests/my_transport.rs
+//! use palisade::conformance::Harness;
+//! use palisade::rpc::{Client, ClientBuilder, Server, ServerHandle};
+//!
+//! struct Mine { /* a broker, an address... */ }
+//!
+//! impl Harness for Mine {
+//!     async fn serve(&mut self, server: Server) -> ServerHandle {
+//!         server.serve(my_transport::Server::new(/* ... */)).await.unwrap()
+//!     }
+//!     async fn client(&self, builder: ClientBuilder) -> Client {
+//!         builder.connect(my_transport::Client::new(/* ... */)).await.unwrap()
+//!     }
+//! }
+//!
+//! palisade::conformance_tests!(Mine::new());
+//! ```
+//!
+//! The cases use short real durations (network transports cannot run on tokio's paused clock:
+//! it would jump ahead while a task waits on a socket) and never assert exact timings. Each case
+//! is also a public `async fn` taking the harness, to run on its own.
+//!
+//! What is checked: requests and replies (unicode, numbers, object patterns in any key order),
+//! decode errors that name the field or type, NestJS's error shapes both ways, unknown patterns,
+//! events reaching every handler, streams (values, errors, empty), a thousand requests in flight
+//! answered out of order, two clients whose replies never cross, late replies dropped without
+//! harm, deadlines carried to and honoured by the server, graceful shutdown (draining, and
+//! answering everyone past the grace period), headers, unit replies, panicking handlers, and —
+//! where the harness says the transport has them — message size limits (a reply too large is an
+//! error, a request too large fails at once and is not retried) and lost connections (requests in
+//! flight fail at once, and the client recovers).
 
-use futures_util::StreamExt;
-use palisade::rpc::{
+use crate::circuit_breaker::{CircuitBreakerConfig, CircuitState};
+use crate::retry::RetryPolicy;
+use crate::rpc::{
     Client, ClientBuilder, Code, Headers, INTERNAL_SERVER_ERROR, MessagePattern,
     NO_HANDLER_MESSAGE, Payload, Router, RpcError, Server, ServerHandle, Streaming,
 };
-use palisade::timeout::Deadline;
+use crate::timeout::Deadline;
+use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
+use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 use tokio::sync::mpsc;
 
+/// What a request for a pattern no server handles meets on a transport.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UnknownPatterns {
+    /// NestJS's no-handler reply (TCP, RabbitMQ, the in-memory transport).
+    NoHandlerReply,
+    /// No responder at all, reported at once (NATS: "There are no subscribers listening to that
+    /// message").
+    NoResponders,
+    /// Silence: the caller's deadline passes (brokers that cannot tell, like MQTT).
+    Silence,
+}
+
 /// How a transport serves a server and builds clients for it.
 pub trait Harness: Send + 'static {
     /// Serves `server`.
     fn serve(&mut self, server: Server) -> impl Future<Output = ServerHandle> + Send;
+
     /// A client, configured by `builder`, connected to what `serve` serves.
     fn client(&self, builder: ClientBuilder) -> impl Future<Output = Client> + Send;
 
-    /// Whether a request for a pattern nobody handles meets no responder at all (brokers that
-    /// route by subject, like NATS: NestJS reports "There are no subscribers listening to that
-    /// message") rather than NestJS's no-handler reply.
-    fn unknown_patterns_have_no_responders(&self) -> bool {
-        false
+    /// What a request for an unknown pattern meets. Default: NestJS's no-handler reply.
+    fn unknown_patterns(&self) -> UnknownPatterns {
+        UnknownPatterns::NoHandlerReply
+    }
+
+    /// The largest message body the transport carries, in bytes (or in its own unit, such as
+    /// UTF-16 units on TCP), if it has a limit: the size-limit cases run only then.
+    fn max_message_size(&self) -> Option<usize> {
+        None
+    }
+
+    /// Cuts the connections between clients and the server, as a crashed broker or a broken
+    /// network would (`false`: the harness cannot; the case is skipped).
+    fn interrupt(&mut self) -> impl Future<Output = bool> + Send {
+        std::future::ready(false)
+    }
+
+    /// Undoes [`interrupt`](Self::interrupt).
+    fn restore(&mut self) -> impl Future<Output = ()> + Send {
+        std::future::ready(())
     }
 }
 
 /// Expands to one `#[tokio::test]` per conformance case, each with a fresh harness from `$make`.
+///
+/// See the [module documentation](crate::conformance).
 #[macro_export]
 macro_rules! conformance_tests {
     ($make:expr) => {
         $crate::conformance_tests!(@cases $make;
             request_response, object_patterns_in_any_key_order, payload_decode_errors_name_the_field,
             reply_decode_errors_name_the_type, rpc_error_shapes_cross_the_boundary,
-            unknown_pattern_gets_nests_reply, events_reach_every_handler, streams,
-            thousand_requests_in_flight_out_of_order, deadlines_are_honoured_by_the_server,
+            unknown_patterns, events_reach_every_handler, streams,
+            thousand_requests_in_flight_out_of_order, two_clients_never_see_each_others_replies,
+            late_replies_are_dropped_without_harm, deadlines_are_honoured_by_the_server,
             graceful_shutdown_drains_in_flight_requests, shutdown_past_the_grace_period_answers_everyone,
-            headers_reach_handlers, unit_replies_and_empty_streams, a_panicking_handler_still_answers);
+            headers_reach_handlers, unit_replies_and_empty_streams, a_panicking_handler_still_answers,
+            a_reply_too_large_becomes_an_error, a_request_too_large_fails_at_once_and_is_not_retried,
+            a_lost_connection_fails_requests_in_flight_and_the_client_recovers);
     };
     (@cases $make:expr; $($case:ident),*) => {$(
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -53,15 +124,21 @@ macro_rules! conformance_tests {
     )*};
 }
 
+/// The request of the `get-user` pattern the cases serve.
 #[derive(Serialize, Deserialize, Debug, PartialEq, Clone)]
 pub struct GetUser {
+    /// The user's id; 404 is not found.
     pub id: u64,
 }
 
+/// The reply of the `get-user` pattern the cases serve.
 #[derive(Serialize, Deserialize, Debug, PartialEq, Clone)]
 pub struct User {
+    /// The id asked for.
     pub id: u64,
+    /// `user<id>`.
     pub username: String,
+    /// `user<id>@example.com`.
     pub email: String,
 }
 
@@ -82,6 +159,7 @@ async fn start<H: Harness>(harness: &mut H, router: Router) -> ServerHandle {
     harness.serve(Server::new(router)).await
 }
 
+/// Requests and replies: structs, unicode in every plane, negative numbers.
 pub async fn request_response<H: Harness>(mut harness: H) {
     let server = start(
         &mut harness,
@@ -101,6 +179,7 @@ pub async fn request_response<H: Harness>(mut harness: H) {
     server.shutdown().await;
 }
 
+/// Object patterns route by NestJS's normalised route, whatever the key order, and so does the route string sent as a string pattern.
 pub async fn object_patterns_in_any_key_order<H: Harness>(mut harness: H) {
     let router = Router::new()
         .message(
@@ -131,6 +210,7 @@ pub async fn object_patterns_in_any_key_order<H: Harness>(mut harness: H) {
     server.shutdown().await;
 }
 
+/// A payload that does not decode is `InvalidArgument` naming the pattern and the field.
 pub async fn payload_decode_errors_name_the_field<H: Harness>(mut harness: H) {
     let server = start(&mut harness, Router::new().message("get-user", get_user)).await;
     let client = harness.client(Client::builder()).await;
@@ -152,6 +232,7 @@ pub async fn payload_decode_errors_name_the_field<H: Harness>(mut harness: H) {
     server.shutdown().await;
 }
 
+/// A reply that does not decode names the expected type.
 pub async fn reply_decode_errors_name_the_type<H: Harness>(mut harness: H) {
     let server = start(&mut harness, Router::new().message("get-user", get_user)).await;
     let client = harness.client(Client::builder()).await;
@@ -169,6 +250,7 @@ pub async fn reply_decode_errors_name_the_type<H: Harness>(mut harness: H) {
     server.shutdown().await;
 }
 
+/// NestJS's error shapes cross intact; an unexpected error is "Internal server error" and leaks nothing.
 pub async fn rpc_error_shapes_cross_the_boundary<H: Harness>(mut harness: H) {
     let router = Router::new()
         .message("get-user", get_user)
@@ -218,23 +300,34 @@ pub async fn rpc_error_shapes_cross_the_boundary<H: Harness>(mut harness: H) {
     server.shutdown().await;
 }
 
-pub async fn unknown_pattern_gets_nests_reply<H: Harness>(mut harness: H) {
+/// A request for an unknown pattern fails the way the transport reports it ([`Harness::unknown_patterns`]); an unknown event disturbs nothing.
+pub async fn unknown_patterns<H: Harness>(mut harness: H) {
     let server = start(&mut harness, Router::new().message("get-user", get_user)).await;
-    let client = harness.client(Client::builder()).await;
+    let client = harness
+        .client(Client::builder().timeout(Duration::from_millis(800)))
+        .await;
     let error = client
         .send::<Value>("no-such-pattern", &json!({"x": 1}))
         .await
         .unwrap_err();
-    if harness.unknown_patterns_have_no_responders() {
-        assert_eq!(error.code(), Code::Unavailable, "{error}");
-        assert_eq!(
-            error.message(),
-            r#"There are no subscribers listening to that message ("no-such-pattern")"#
-        );
-    } else {
-        assert_eq!(error.code(), Code::Unimplemented);
-        assert_eq!(error.message(), NO_HANDLER_MESSAGE);
-        assert_eq!(error.err(), json!(NO_HANDLER_MESSAGE));
+    match harness.unknown_patterns() {
+        UnknownPatterns::NoHandlerReply => {
+            assert_eq!(error.code(), Code::Unimplemented);
+            assert_eq!(error.message(), NO_HANDLER_MESSAGE);
+            assert_eq!(error.err(), json!(NO_HANDLER_MESSAGE));
+        }
+        UnknownPatterns::NoResponders => {
+            assert_eq!(error.code(), Code::Unavailable, "{error}");
+            assert!(
+                error.message().contains(
+                    r#"There are no subscribers listening to that message ("no-such-pattern")"#
+                ),
+                "{error}"
+            );
+        }
+        UnknownPatterns::Silence => {
+            assert_eq!(error.code(), Code::DeadlineExceeded, "{error}");
+        }
     }
     // An event nobody handles is dropped without disturbing anything.
     client
@@ -246,6 +339,7 @@ pub async fn unknown_pattern_gets_nests_reply<H: Harness>(mut harness: H) {
     server.shutdown().await;
 }
 
+/// Every handler of an event pattern runs, a failing one does not stop the others, object patterns route events too.
 pub async fn events_reach_every_handler<H: Harness>(mut harness: H) {
     let (seen_tx, mut seen) = mpsc::unbounded_channel::<(String, u64)>();
     let welcome = seen_tx.clone();
@@ -306,6 +400,7 @@ pub async fn events_reach_every_handler<H: Harness>(mut harness: H) {
     server.shutdown().await;
 }
 
+/// Streamed replies: values in order, an error ending a stream, an empty stream, `send` taking the last value.
 pub async fn streams<H: Harness>(mut harness: H) {
     let router = Router::new()
         .message("count", |Payload(n): Payload<u32>| async move {
@@ -355,6 +450,7 @@ pub async fn streams<H: Harness>(mut harness: H) {
     server.shutdown().await;
 }
 
+/// A thousand requests in flight, answered out of order, each matched to its caller.
 pub async fn thousand_requests_in_flight_out_of_order<H: Harness>(mut harness: H) {
     let started = Arc::new(AtomicUsize::new(0));
     let counter = Arc::clone(&started);
@@ -383,6 +479,7 @@ pub async fn thousand_requests_in_flight_out_of_order<H: Harness>(mut harness: H
     server.shutdown().await;
 }
 
+/// The caller's deadline reaches the handler, and the server stops the handler when it passes.
 pub async fn deadlines_are_honoured_by_the_server<H: Harness>(mut harness: H) {
     let finished = Arc::new(AtomicBool::new(false));
     let saw_deadline = Arc::new(AtomicBool::new(false));
@@ -417,6 +514,7 @@ pub async fn deadlines_are_honoured_by_the_server<H: Harness>(mut harness: H) {
     server.shutdown().await;
 }
 
+/// Shutdown answers requests in flight within the grace period, then refuses new ones with `Unavailable`.
 pub async fn graceful_shutdown_drains_in_flight_requests<H: Harness>(mut harness: H) {
     let server = harness
         .serve(
@@ -449,6 +547,7 @@ pub async fn graceful_shutdown_drains_in_flight_requests<H: Harness>(mut harness
     assert_eq!(after.code(), Code::Unavailable, "{after}");
 }
 
+/// Handlers still running when the grace period ends are cancelled, and their callers answered with `Unavailable`.
 pub async fn shutdown_past_the_grace_period_answers_everyone<H: Harness>(mut harness: H) {
     let server = harness
         .serve(
@@ -484,27 +583,37 @@ pub async fn shutdown_past_the_grace_period_answers_everyone<H: Harness>(mut har
     );
 }
 
+/// Headers reach handlers (the deadline's header is consumed, not shown).
 pub async fn headers_reach_handlers<H: Harness>(mut harness: H) {
-    // With tracing on, the client propagates a trace context.
-    crate::support::trace_to_nowhere();
     let server = start(
         &mut harness,
         Router::new().message("whoami", |headers: Headers| async move {
             json!({
                 "tenant": headers.get("x-tenant"),
-                "traced": headers.get("traceparent").is_some_and(|t| t.starts_with("00-") && t.len() == 55),
+                "trace": headers.get("traceparent"),
+                "deadline_header_hidden": headers.get(crate::rpc::TIMEOUT_HEADER).is_none(),
             })
         }),
     )
     .await;
+    let trace = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
     let client = harness
-        .client(Client::builder().header("x-tenant", "acme"))
+        .client(
+            Client::builder()
+                .timeout(Duration::from_secs(5))
+                .header("x-tenant", "acme")
+                .header("traceparent", trace),
+        )
         .await;
     let reply: Value = client.send("whoami", &()).await.unwrap();
-    assert_eq!(reply, json!({"tenant": "acme", "traced": true}));
+    assert_eq!(
+        reply,
+        json!({"tenant": "acme", "trace": trace, "deadline_header_hidden": true})
+    );
     server.shutdown().await;
 }
 
+/// A handler answering nothing decodes as `()` or `None`, and is an error for a type that needs a value.
 pub async fn unit_replies_and_empty_streams<H: Harness>(mut harness: H) {
     let server = start(
         &mut harness,
@@ -525,6 +634,7 @@ pub async fn unit_replies_and_empty_streams<H: Harness>(mut harness: H) {
     server.shutdown().await;
 }
 
+/// A panicking handler answers "Internal server error"; the server and the connection carry on.
 pub async fn a_panicking_handler_still_answers<H: Harness>(mut harness: H) {
     let router = Router::new()
         .message("explode", || async {
@@ -550,5 +660,198 @@ pub async fn a_panicking_handler_still_answers<H: Harness>(mut harness: H) {
     );
     // The server and the connection are fine.
     assert_eq!(client.send::<String>("ping", &()).await.unwrap(), "pong");
+    server.shutdown().await;
+}
+
+/// Two clients calling the same pattern concurrently each get their own replies (transports whose clients share a reply channel must filter by id).
+pub async fn two_clients_never_see_each_others_replies<H: Harness>(mut harness: H) {
+    let router = Router::new().message(
+        "tag",
+        |Payload((who, n)): Payload<(String, u64)>| async move {
+            tokio::time::sleep(Duration::from_millis(n % 7)).await;
+            format!("{who}-{n}")
+        },
+    );
+    let server = start(&mut harness, router).await;
+    let builder = || Client::builder().timeout(Duration::from_secs(20));
+    let (a, b) = (
+        harness.client(builder()).await,
+        harness.client(builder()).await,
+    );
+    let calls = (0..200u64).flat_map(|n| {
+        [("a", a.clone()), ("b", b.clone())].map(|(who, client)| {
+            tokio::spawn(async move {
+                let reply: String = client.send("tag", &(who, n)).await.unwrap();
+                assert_eq!(
+                    reply,
+                    format!("{who}-{n}"),
+                    "a reply reached the wrong client"
+                );
+            })
+        })
+    });
+    for call in futures_util::future::join_all(calls).await {
+        call.unwrap();
+    }
+    server.shutdown().await;
+}
+
+/// A reply that comes after its caller gave up is dropped; requests sent meanwhile get their own answers.
+pub async fn late_replies_are_dropped_without_harm<H: Harness>(mut harness: H) {
+    let router = Router::new()
+        .message("late", |Payload(ms): Payload<u64>| async move {
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            ms
+        })
+        .message("echo", |Payload(v): Payload<Value>| async move { v });
+    // The server does not stop the handler: the deadline does not travel (a caller that gives up
+    // on its own, not by a deadline the server knows).
+    let server = start(&mut harness, router).await;
+    let client = harness.client(Client::builder()).await;
+    let gave_up =
+        tokio::time::timeout(Duration::from_millis(100), client.send::<u64>("late", &400)).await;
+    assert!(gave_up.is_err(), "the slow reply came too soon");
+    // Requests sent while the late reply arrives get their own answers.
+    for i in 0..20 {
+        let echoed: Value = client.send("echo", &json!({ "i": i })).await.unwrap();
+        assert_eq!(echoed, json!({ "i": i }));
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    server.shutdown().await;
+}
+
+/// A reply over the transport's limit reaches the caller as `InvalidArgument` instead of never arriving.
+pub async fn a_reply_too_large_becomes_an_error<H: Harness>(mut harness: H) {
+    let Some(limit) = harness.max_message_size() else {
+        return;
+    };
+    let router = Router::new()
+        .message(
+            "big",
+            |Payload(n): Payload<usize>| async move { "x".repeat(n) },
+        )
+        .message("ping", || async { "pong" });
+    let server = start(&mut harness, router).await;
+    let client = harness
+        .client(Client::builder().timeout(Duration::from_secs(10)))
+        .await;
+    let error = client
+        .send::<String>("big", &(limit + 1024))
+        .await
+        .expect_err("a reply over the transport's limit cannot arrive");
+    assert_eq!(error.code(), Code::InvalidArgument, "{error}");
+    assert!(error.message().contains("limit"), "{error}");
+    // The connection is fine.
+    assert_eq!(client.send::<String>("ping", &()).await.unwrap(), "pong");
+    let fits: String = client.send("big", &(limit / 2)).await.unwrap();
+    assert_eq!(fits.len(), limit / 2);
+    server.shutdown().await;
+}
+
+/// A request over the transport's limit fails at once with `InvalidArgument`: it is never sent, never retried, and opens no breaker.
+pub async fn a_request_too_large_fails_at_once_and_is_not_retried<H: Harness>(mut harness: H) {
+    let Some(limit) = harness.max_message_size() else {
+        return;
+    };
+    let reached = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&reached);
+    let router = Router::new().message("size", move |Payload(text): Payload<String>| {
+        counter.fetch_add(1, Ordering::SeqCst);
+        async move { text.len() }
+    });
+    let server = start(&mut harness, router).await;
+    let client = harness
+        .client(
+            Client::builder()
+                .timeout(Duration::from_secs(10))
+                .retry(RetryPolicy::new(4))
+                .circuit_breaker(CircuitBreakerConfig::new("conformance").max_failures(2)),
+        )
+        .await;
+    for _ in 0..3 {
+        let error = client
+            .send::<usize>("size", &"y".repeat(limit + 1024))
+            .await
+            .unwrap_err();
+        assert_eq!(error.code(), Code::InvalidArgument, "{error}");
+    }
+    assert_eq!(
+        reached.load(Ordering::SeqCst),
+        0,
+        "a request over the limit was sent"
+    );
+    let breaker = client.circuit_breaker().unwrap();
+    assert_eq!(
+        breaker.state(),
+        CircuitState::Closed,
+        "size errors opened the breaker"
+    );
+    assert_eq!(client.send::<usize>("size", &"small").await.unwrap(), 5);
+    server.shutdown().await;
+}
+
+/// When the connection is lost, requests in flight fail at once with `Unavailable`, and the client recovers once it is back.
+pub async fn a_lost_connection_fails_requests_in_flight_and_the_client_recovers<H: Harness>(
+    mut harness: H,
+) {
+    let router = Router::new()
+        .message("slow", || async {
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            "never"
+        })
+        .message("echo", |Payload(v): Payload<u64>| async move { v });
+    let server = harness
+        .serve(Server::new(router).grace_period(Duration::from_millis(100)))
+        .await;
+    let client = harness
+        .client(Client::builder().timeout(Duration::from_secs(30)))
+        .await;
+    assert_eq!(client.send::<u64>("echo", &1).await.unwrap(), 1);
+    let pending: Vec<_> = (0..10)
+        .map(|_| {
+            let client = client.clone();
+            tokio::spawn(async move { client.send::<String>("slow", &()).await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    if !harness.interrupt().await {
+        for call in pending {
+            call.abort();
+        }
+        server.shutdown().await;
+        return;
+    }
+    let cut = tokio::time::Instant::now();
+    for call in pending {
+        let error = tokio::time::timeout(Duration::from_secs(10), call)
+            .await
+            .expect("a request in flight hung after its connection was lost")
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(error.code(), Code::Unavailable, "{error}");
+    }
+    assert!(
+        cut.elapsed() < Duration::from_secs(10),
+        "requests in flight failed only after {:?}",
+        cut.elapsed()
+    );
+    harness.restore().await;
+    let recovered = tokio::time::Instant::now();
+    loop {
+        match client.send::<u64>("echo", &2).await {
+            Ok(answer) => {
+                assert_eq!(answer, 2);
+                break;
+            }
+            Err(error) => {
+                assert_eq!(error.code(), Code::Unavailable, "{error}");
+                assert!(
+                    recovered.elapsed() < Duration::from_secs(20),
+                    "the client did not recover: {error}"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
     server.shutdown().await;
 }

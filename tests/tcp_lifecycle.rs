@@ -1,0 +1,374 @@
+//! What a TCP connection holds is released, and peers that hold on to connections are dropped on
+//! time. Real sockets on loopback; file descriptors and tasks counted before and after.
+#![cfg(feature = "tcp")]
+
+use palisade::rpc::transport::tcp::{TcpOptions, TcpServer, TcpTransport};
+use palisade::rpc::{Client, Code, Payload, Router, Server, ServerHandle, TransportErrorKind};
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::time::{Instant, sleep, timeout};
+
+/// Open file descriptors of this process.
+fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").unwrap().count()
+}
+
+/// Tasks alive on this runtime.
+fn alive_tasks() -> usize {
+    tokio::runtime::Handle::current()
+        .metrics()
+        .num_alive_tasks()
+}
+
+/// Waits (up to 5 s) until `count()` is at most `limit`; returns the last count.
+async fn settles_to(count: impl Fn() -> usize, limit: usize) -> usize {
+    let started = Instant::now();
+    loop {
+        let now = count();
+        if now <= limit || started.elapsed() > Duration::from_secs(5) {
+            return now;
+        }
+        sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn serve(options: TcpOptions, router: Router) -> (ServerHandle, String) {
+    let server = Server::new(router)
+        .serve(
+            TcpServer::bind("127.0.0.1:0")
+                .await
+                .unwrap()
+                .options(options),
+        )
+        .await
+        .unwrap();
+    let addr = server.local_addr().unwrap().to_string();
+    (server, addr)
+}
+
+fn echo() -> Router {
+    Router::new().message("echo", |Payload(x): Payload<u64>| async move { x })
+}
+
+/// Reads until the peer closes the connection; how long that took.
+async fn closed_within(socket: &mut TcpStream, limit: Duration) -> Duration {
+    let started = Instant::now();
+    let mut sink = vec![0u8; 64 * 1024];
+    loop {
+        match timeout(
+            limit.saturating_sub(started.elapsed()),
+            socket.read(&mut sink),
+        )
+        .await
+        {
+            Err(_) => panic!("the connection was not closed within {limit:?}"),
+            Ok(Ok(0)) | Ok(Err(_)) => return started.elapsed(),
+            Ok(Ok(_)) => {}
+        }
+    }
+}
+
+/// A server that reads one frame's worth of bytes from each connection and then closes it.
+async fn hang_up_server() -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    tokio::spawn(async move {
+        loop {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            tokio::spawn(async move {
+                let _ = socket.read(&mut [0u8; 1024]).await;
+                drop(socket);
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_connections_release_their_sockets_and_tasks() {
+    let addr = hang_up_server().await;
+    let client = Client::builder()
+        .timeout(Duration::from_secs(5))
+        .connect(TcpTransport::new(addr))
+        .await
+        .unwrap();
+    // Warm up (the runtime's own descriptors and tasks), then measure.
+    let _ = client.send::<u64>("echo", &0).await;
+    sleep(Duration::from_millis(100)).await;
+    let (fds, tasks) = (open_fds(), alive_tasks());
+    for i in 0..300u64 {
+        let error = client.send::<u64>("echo", &i).await.unwrap_err();
+        assert_eq!(error.code(), Code::Unavailable, "{error}");
+        assert_eq!(
+            error.transport_kind(),
+            Some(TransportErrorKind::ConnectionLost),
+            "{error}"
+        );
+    }
+    assert!(
+        settles_to(open_fds, fds + 2).await <= fds + 2,
+        "300 lost connections left {} descriptors open (from {fds})",
+        open_fds()
+    );
+    assert!(
+        settles_to(alive_tasks, tasks + 2).await <= tasks + 2,
+        "300 lost connections left {} tasks alive (from {tasks})",
+        alive_tasks()
+    );
+    drop(client);
+    assert!(
+        settles_to(open_fds, fds).await <= fds,
+        "the dropped client kept a socket"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_the_client_closes_its_connection_on_both_sides() {
+    let (server, addr) = serve(TcpOptions::new(), echo()).await;
+    sleep(Duration::from_millis(50)).await;
+    let (fds, tasks) = (open_fds(), alive_tasks());
+    for round in 0..20u64 {
+        let client = Client::builder()
+            .connect(TcpTransport::new(addr.as_str()))
+            .await
+            .unwrap();
+        assert_eq!(client.send::<u64>("echo", &round).await.unwrap(), round);
+        client.emit("echo", &round).await.unwrap();
+        drop(client);
+    }
+    // Both ends of every connection are gone: the client's socket and the server's.
+    assert!(
+        settles_to(open_fds, fds).await <= fds,
+        "dropped clients left {} descriptors open (from {fds})",
+        open_fds()
+    );
+    assert!(
+        settles_to(alive_tasks, tasks).await <= tasks,
+        "dropped clients left {} tasks alive (from {tasks})",
+        alive_tasks()
+    );
+    assert_eq!(server.in_flight(), 0);
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_emitted_just_before_the_client_is_dropped_is_delivered() {
+    let (seen_tx, mut seen) = tokio::sync::mpsc::unbounded_channel();
+    let router = Router::new().event("tick", move |Payload(n): Payload<u64>| {
+        let seen = seen_tx.clone();
+        async move { seen.send(n).unwrap() }
+    });
+    let (server, addr) = serve(TcpOptions::new(), router).await;
+    let client = Client::builder()
+        .connect(TcpTransport::new(addr))
+        .await
+        .unwrap();
+    for n in 0..100u64 {
+        client.emit("tick", &n).await.unwrap();
+    }
+    drop(client);
+    for n in 0..100u64 {
+        let got = timeout(Duration::from_secs(5), seen.recv()).await.unwrap();
+        assert_eq!(got, Some(n));
+    }
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slowloris_peers_are_dropped_when_their_frame_is_late_however_they_trickle() {
+    let options = TcpOptions::new().frame_timeout(Duration::from_millis(400));
+    let (server, addr) = serve(options, echo()).await;
+    let good = Client::builder()
+        .timeout(Duration::from_secs(5))
+        .connect(TcpTransport::new(addr.as_str()))
+        .await
+        .unwrap();
+    // Each peer declares a 1000-unit frame and sends one byte every 50 ms: every read is
+    // prompt, but the frame would take 50 s.
+    let peers: Vec<_> = (0..50)
+        .map(|_| {
+            let addr = addr.clone();
+            tokio::spawn(async move {
+                let mut socket = TcpStream::connect(addr).await.unwrap();
+                socket.write_all(b"1000#{").await.unwrap();
+                let started = Instant::now();
+                let mut buffer = [0u8; 1024];
+                loop {
+                    tokio::select! {
+                        read = socket.read(&mut buffer) => match read {
+                            Ok(0) | Err(_) => return started.elapsed(),
+                            Ok(_) => {}
+                        },
+                        _ = sleep(Duration::from_millis(50)) => {
+                            if socket.write_all(b" ").await.is_err() {
+                                return started.elapsed();
+                            }
+                        }
+                    }
+                    assert!(
+                        started.elapsed() < Duration::from_secs(5),
+                        "a trickling peer was never dropped"
+                    );
+                }
+            })
+        })
+        .collect();
+    for peer in peers {
+        let held = peer.await.unwrap();
+        assert!(
+            held >= Duration::from_millis(300),
+            "dropped too early: {held:?}"
+        );
+        assert!(
+            held < Duration::from_secs(2),
+            "held the connection for {held:?}"
+        );
+    }
+    assert_eq!(good.send::<u64>("echo", &5).await.unwrap(), 5);
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_are_closed_but_not_while_a_request_is_in_flight() {
+    let options = TcpOptions::new().idle_timeout(Some(Duration::from_millis(300)));
+    let router = echo().message("slow", || async {
+        sleep(Duration::from_millis(900)).await;
+        "done"
+    });
+    let (server, addr) = serve(options, router).await;
+    let mut idle = TcpStream::connect(&addr).await.unwrap();
+    let took = closed_within(&mut idle, Duration::from_secs(3)).await;
+    assert!(
+        took >= Duration::from_millis(250),
+        "closed too early: {took:?}"
+    );
+
+    // A connection waiting for a slow reply is not idle.
+    let client = Client::builder()
+        .timeout(Duration::from_secs(5))
+        .connect(TcpTransport::new(addr.as_str()))
+        .await
+        .unwrap();
+    assert_eq!(client.send::<String>("slow", &()).await.unwrap(), "done");
+    // After an idle close, the client reconnects on its next request.
+    sleep(Duration::from_millis(700)).await;
+    assert_eq!(client.send::<u64>("echo", &9).await.unwrap(), 9);
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frames_wait_for_the_memory_budget_and_one_over_it_is_refused_with_a_reason() {
+    let options = TcpOptions::new()
+        .max_buffered_bytes(100_000)
+        .frame_timeout(Duration::from_millis(600));
+    let router = echo().message(
+        "len",
+        |Payload(text): Payload<String>| async move { text.len() },
+    );
+    let (server, addr) = serve(options, router).await;
+
+    // A peer that declares a large frame and stalls holds most of the budget...
+    let mut hog = TcpStream::connect(&addr).await.unwrap();
+    hog.write_all(b"80000#{\"pattern\":\"len\",").await.unwrap();
+    sleep(Duration::from_millis(100)).await;
+    // ...so another large frame waits for it (its peer is not read meanwhile)...
+    let client = Client::builder()
+        .timeout(Duration::from_secs(5))
+        .connect(TcpTransport::new(addr.as_str()))
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let big = "z".repeat(60_000);
+    assert_eq!(client.send::<usize>("len", &big).await.unwrap(), 60_000);
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(300),
+        "the frame did not wait for the budget ({waited:?})"
+    );
+    // ...until the staller is dropped at its frame deadline.
+    closed_within(&mut hog, Duration::from_secs(2)).await;
+
+    // A frame larger than the whole budget is refused, and the peer told why.
+    let error = client
+        .send::<usize>("len", &"q".repeat(150_000))
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), Code::InvalidArgument, "{error}");
+    assert!(error.message().contains("memory budget"), "{error}");
+    assert_eq!(client.send::<u64>("echo", &1).await.unwrap(), 1);
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frame_over_the_servers_limit_is_explained_to_the_client() {
+    let (server, addr) = serve(TcpOptions::new().max_frame_len(1000), echo()).await;
+    // The client allows larger frames than the server does.
+    let client = Client::builder()
+        .timeout(Duration::from_secs(5))
+        .connect(TcpTransport::new(addr.as_str()))
+        .await
+        .unwrap();
+    let error = client
+        .send::<String>("echo", &"w".repeat(5000))
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), Code::InvalidArgument, "{error}");
+    assert!(
+        error
+            .message()
+            .contains("exceeds the maximum allowed length (1000)"),
+        "{error}"
+    );
+    // The connection was closed; the client reconnects.
+    assert_eq!(client.send::<u64>("echo", &3).await.unwrap(), 3);
+
+    // Sending a frame over the client's own limit fails before anything is sent.
+    let small = Client::builder()
+        .connect(TcpTransport::with_options(
+            addr.as_str(),
+            TcpOptions::new().max_frame_len(100),
+        ))
+        .await
+        .unwrap();
+    let error = small
+        .send::<String>("echo", &"w".repeat(200))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        error.transport_kind(),
+        Some(TransportErrorKind::PayloadTooLarge)
+    );
+    assert_eq!(small.send::<u64>("echo", &4).await.unwrap(), 4);
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_busy_before_its_first_await_does_not_hold_up_the_next_frame() {
+    let router = echo().message("compute", || async {
+        // CPU work (a blocking sleep stands in for it) before the first `.await`.
+        std::thread::sleep(Duration::from_millis(600));
+        "computed"
+    });
+    let (server, addr) = serve(TcpOptions::new(), router).await;
+    let client = Client::builder()
+        .timeout(Duration::from_secs(5))
+        .connect(TcpTransport::new(addr))
+        .await
+        .unwrap();
+    assert_eq!(client.send::<u64>("echo", &1).await.unwrap(), 1);
+    let slow = {
+        let client = client.clone();
+        tokio::spawn(async move { client.send::<String>("compute", &()).await })
+    };
+    sleep(Duration::from_millis(50)).await;
+    let started = Instant::now();
+    assert_eq!(client.send::<u64>("echo", &2).await.unwrap(), 2);
+    let fast = started.elapsed();
+    assert!(
+        fast < Duration::from_millis(300),
+        "a fast request on the same connection waited {fast:?} behind a busy handler"
+    );
+    assert_eq!(slow.await.unwrap().unwrap(), "computed");
+    server.shutdown().await;
+}
