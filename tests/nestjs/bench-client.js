@@ -1,13 +1,19 @@
-// Throughput of a NestJS ClientProxy (TCP) against a server: `count` requests with `concurrency`
-// in flight. Prints {"requests":..,"seconds":..,"per_second":..}.
-//   node bench-client.js <port> <count> <concurrency>
+// Throughput of a NestJS ClientProxy against a server: `count` requests with `concurrency` in
+// flight. Prints {"requests":..,"seconds":..,"per_second":..}.
+//   node bench-client.js <port> <count> <concurrency>                       (TCP)
+//   node bench-client.js <transport> <address> <count> <concurrency> [extra] (see transports.js)
 'use strict';
-const { ClientProxyFactory, Transport } = require('@nestjs/microservices');
+const { ClientProxyFactory } = require('@nestjs/microservices');
+const { clientOptions } = require('./transports');
 const { lastValueFrom } = require('rxjs');
 
 async function main() {
-  const [port, count, concurrency] = process.argv.slice(2).map(Number);
-  const client = ClientProxyFactory.create({ transport: Transport.TCP, options: { host: '127.0.0.1', port } });
+  const args = process.argv.slice(2);
+  const [transport, address, countText, concurrencyText, extra] =
+    args.length === 3 ? ['tcp', args[0], args[1], args[2]] : args;
+  const [count, concurrency] = [Number(countText), Number(concurrencyText)];
+  const client = ClientProxyFactory.create(clientOptions(transport, address, extra));
+  if (client.subscribeToResponseOf) client.subscribeToResponseOf('echo');
   await client.connect();
   for (let i = 0; i < 200; i++) await lastValueFrom(client.send('echo', i)); // warm up
   let next = 0;

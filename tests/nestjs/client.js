@@ -1,9 +1,9 @@
-// A NestJS ClientProxy calling a service (palisade's, in the tests) on TCP or NATS, through the
+// A NestJS ClientProxy calling a service (palisade's, in the tests) on any transport, through the
 // cases of the interop suite. Prints one JSON object with every result.
-//   node client.js tcp <port>
-//   node client.js nats <url>
+//   node client.js <transport> <address> [extra]     (see transports.js)
 'use strict';
-const { ClientProxyFactory, Transport } = require('@nestjs/microservices');
+const { ClientProxyFactory } = require('@nestjs/microservices');
+const { clientOptions } = require('./transports');
 const { firstValueFrom, lastValueFrom, toArray } = require('rxjs');
 
 async function outcome(observable) {
@@ -15,10 +15,14 @@ async function outcome(observable) {
 }
 
 async function main() {
-  const [transport, address] = process.argv.slice(2);
-  const client = ClientProxyFactory.create(transport === 'tcp'
-    ? { transport: Transport.TCP, options: { host: '127.0.0.1', port: Number(address) } }
-    : { transport: Transport.NATS, options: { servers: [address] } });
+  const [transport, address, extra] = process.argv.slice(2);
+  const client = ClientProxyFactory.create(clientOptions(transport, address, extra));
+  if (client.subscribeToResponseOf) {
+    // Kafka: the client consumes the reply topic of every pattern it sends to.
+    for (const pattern of ['get-user', 'fail', 'crash', 'slow', 'count', 'nothing', 'last-events', 'no-such-pattern']) {
+      client.subscribeToResponseOf(pattern);
+    }
+  }
   await client.connect();
   const unicode = { ms: 0, text: 'héllo wörld ✓ € 日本語 😀🚀 end', nested: { 'ключ': 'значение', emoji: '👍🏽' } };
   const results = {

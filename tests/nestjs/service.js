@@ -1,13 +1,13 @@
-// A NestJS microservice with the handlers of nestjs-wire.md's capture, on TCP or NATS.
-//   node service.js tcp <port>
-//   node service.js nats <url> [queue]
+// A NestJS microservice with the handlers of nestjs-wire.md's capture, on any transport.
+//   node service.js <transport> <address> [extra]     (see transports.js)
 // Prints "ready" once listening.
 'use strict';
 require('reflect-metadata');
 const { Controller, Module } = require('@nestjs/common');
 const { NestFactory } = require('@nestjs/core');
-const { Ctx, MessagePattern, EventPattern, Payload, RpcException, Transport } = require('@nestjs/microservices');
+const { Ctx, MessagePattern, EventPattern, Payload, RpcException } = require('@nestjs/microservices');
 const { timer, map, take } = require('rxjs');
+const { serverOptions } = require('./transports');
 
 const events = [];
 
@@ -64,10 +64,8 @@ class AppModule {}
 Reflect.decorate([Module({ controllers: [UsersController] })], AppModule);
 
 async function main() {
-  const [transport, address, queue] = process.argv.slice(2);
-  const options = transport === 'tcp'
-    ? { transport: Transport.TCP, options: { host: '127.0.0.1', port: Number(address) } }
-    : { transport: Transport.NATS, options: { servers: [address], queue: queue || undefined } };
+  const [transport, address, extra] = process.argv.slice(2);
+  const options = serverOptions(transport, address, extra);
   const app = await NestFactory.createMicroservice(AppModule, { ...options, logger: ['error', 'warn'] });
   await app.listen();
   process.stdout.write('ready\n');

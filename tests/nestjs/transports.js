@@ -1,0 +1,50 @@
+// NestJS microservice and client options per transport, shared by service.js, client.js and
+// bench-client.js, so that adding a transport to the interop tests is one case here.
+//   <transport> <address> [extra]
+//   tcp    <port>
+//   nats   <url> [queue]
+//   redis  <url>                  (redis://127.0.0.1:6379)
+//   mqtt   <url> [shared-group]   (mqtt://127.0.0.1:1883; with a group, handlers subscribe $share/<group>/…)
+//   rmq    <url> [queue]          (amqp://guest:guest@127.0.0.1:5672/vhost)
+//   kafka  <host:port> [group]
+'use strict';
+const { Transport } = require('@nestjs/microservices');
+
+function hostAndPort(url) {
+  const parsed = new URL(url);
+  return { host: parsed.hostname, port: Number(parsed.port) };
+}
+
+function options(transport, address, extra, side) {
+  switch (transport) {
+    case 'tcp':
+      return { transport: Transport.TCP, options: { host: '127.0.0.1', port: Number(address) } };
+    case 'nats':
+      return { transport: Transport.NATS, options: { servers: [address], queue: (side === 'server' && extra) || undefined } };
+    case 'redis':
+      return { transport: Transport.REDIS, options: { ...hostAndPort(address), retryAttempts: 3, retryDelay: 200 } };
+    case 'mqtt':
+      return { transport: Transport.MQTT, options: { url: address } };
+    case 'rmq':
+      return {
+        transport: Transport.RMQ,
+        options: { urls: [address], queue: extra || 'palisade_interop', queueOptions: { durable: false } },
+      };
+    case 'kafka':
+      return {
+        transport: Transport.KAFKA,
+        options: {
+          client: { brokers: [address], clientId: `palisade-interop-${process.pid}` },
+          consumer: { groupId: extra || `palisade-interop-${process.pid}`, maxWaitTimeInMs: 100 },
+          subscribe: { fromBeginning: false },
+        },
+      };
+    default:
+      throw new Error(`unknown transport ${transport}`);
+  }
+}
+
+module.exports = {
+  serverOptions: (transport, address, extra) => options(transport, address, extra, 'server'),
+  clientOptions: (transport, address, extra) => options(transport, address, extra, 'client'),
+};
