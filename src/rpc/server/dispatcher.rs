@@ -105,6 +105,7 @@ struct Inner {
     permits: Option<Arc<Semaphore>>,
     in_flight: InFlightCount,
     grace_period: Duration,
+    spawn_handlers: bool,
     transport: &'static str,
 }
 
@@ -177,6 +178,7 @@ impl Dispatcher {
                 permits: server.max_in_flight.map(|n| Arc::new(Semaphore::new(n))),
                 in_flight: InFlightCount::new(),
                 grace_period: server.grace_period,
+                spawn_handlers: server.spawn_handlers,
                 transport,
             }),
         }
@@ -226,19 +228,21 @@ impl Dispatcher {
     /// Handles a message: a request with the `sink` its replies go to, or an event (`sink` is
     /// `None`; an event's handlers run and nothing is sent back).
     ///
-    /// Waits for capacity ([`Server::max_in_flight`]). A request's handler runs in a task of its
-    /// own, so a handler that computes for a long time before its first `.await` does not hold up
-    /// the transport's next message. An event's handler takes its first step here, in the calling
-    /// task, as NestJS invokes event handlers in the order events arrive: events read by one loop
-    /// start in order (a handler that computes before its first `.await` delays the loop's next
-    /// message meanwhile — a transport that must not wait reads events into a lane of their own).
+    /// Waits for capacity ([`Server::max_in_flight`]). The handler takes its first step — up to
+    /// its first `.await` — here, in the calling task, and continues in a task of its own if it has
+    /// to wait: most handlers answer in that first step, and a task per message is saved. Events
+    /// read by one loop therefore start in the order they arrived, as NestJS invokes them. A
+    /// handler that computes before its first `.await` holds up the calling loop meanwhile; with
+    /// [`Server::spawn_handlers`], a request's handler runs in a task of its own from the start
+    /// instead (events keep their order: a transport that must never wait on one reads them into
+    /// a lane of their own, as the TCP server does).
     /// During shutdown a request is answered with `Unavailable` and an event is dropped (logged).
     ///
     /// Every request gets an answer: the handler's replies; an error reply when it fails, panics,
     /// or outlives the caller's deadline or the grace period of a shutdown; and, when a reply is
     /// too large for the transport, an error saying so.
     pub async fn dispatch<K: ReplySink>(&self, request: RpcRequest, sink: Option<K>) {
-        let first_poll = if sink.is_some() {
+        let first_poll = if sink.is_some() && self.inner.spawn_handlers {
             FirstPoll::Spawned
         } else {
             FirstPoll::Inline
@@ -246,11 +250,9 @@ impl Dispatcher {
         self.dispatch_with(request, sink, first_poll).await
     }
 
-    /// [`dispatch`](Self::dispatch), with the handler's first step taken in the calling task: it
-    /// saves a task for handlers that answer at once, but a handler that computes before its first
-    /// `.await` holds the caller up meanwhile. For a transport whose calling task exists for this
-    /// one message (the in-memory transport calls it from the client's task), never for a loop
-    /// that reads many messages.
+    /// [`dispatch`](Self::dispatch), with the handler's first step always taken in the calling
+    /// task, whatever [`Server::spawn_handlers`] says: for a transport whose calling task exists
+    /// for this one message (the in-memory transport calls it from the client's task).
     pub async fn dispatch_inline<K: ReplySink>(&self, request: RpcRequest, sink: Option<K>) {
         self.dispatch_with(request, sink, FirstPoll::Inline).await
     }

@@ -40,6 +40,7 @@ pub struct Server {
     routes: Option<Routes>,
     pub(crate) grace_period: Duration,
     pub(crate) max_in_flight: Option<usize>,
+    pub(crate) spawn_handlers: bool,
 }
 
 impl Server {
@@ -75,6 +76,7 @@ impl Server {
             routes,
             grace_period: Duration::from_secs(10),
             max_in_flight: None,
+            spawn_handlers: false,
         }
     }
 
@@ -89,6 +91,21 @@ impl Server {
     /// slot frees (backpressure on the connection, not an error). Default: no limit.
     pub fn max_in_flight(mut self, limit: usize) -> Self {
         self.max_in_flight = Some(limit.max(1));
+        self
+    }
+
+    /// Runs each request's handler in a task of its own from its very first step (default: off).
+    ///
+    /// By default a handler takes its first step — everything up to its first `.await` — in the
+    /// task that read the request (a connection's, a subscription's), and continues in a task of
+    /// its own only if it has to wait. Most handlers answer in that first step, so this saves a
+    /// task per request: measured on loopback TCP with 64 requests in flight, spawning every
+    /// handler doubled the time per request. The price: a handler that computes for a long time
+    /// before its first `.await` holds up the messages read after it on the same connection (other
+    /// connections are not affected). Such work belongs in `tokio::task::spawn_blocking`, which
+    /// frees the connection at once; when it cannot be moved, turn this on.
+    pub fn spawn_handlers(mut self, spawn: bool) -> Self {
+        self.spawn_handlers = spawn;
         self
     }
 
@@ -129,6 +146,7 @@ impl fmt::Debug for Server {
             .field("routes", &self.routes)
             .field("grace_period", &self.grace_period)
             .field("max_in_flight", &self.max_in_flight)
+            .field("spawn_handlers", &self.spawn_handlers)
             .finish_non_exhaustive()
     }
 }

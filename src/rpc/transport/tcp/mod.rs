@@ -37,10 +37,15 @@
 //! - The bytes of frames being received and handled count against a server-wide memory budget:
 //!   a connection whose frame does not fit waits (is not read) until memory frees, so many
 //!   connections cannot together exhaust the memory a frame limit alone would allow.
-//! - The server handles requests concurrently: each runs in a task of its own, so a slow handler
-//!   — even one that computes before its first `.await` — does not hold up the next frame. It
-//!   stops reading from a connection whose peer does not read its replies (and drops it if it
-//!   accepts nothing for the write timeout), limits connections, and drains on shutdown.
+//! - The server handles requests concurrently: a handler that waits (on I/O, a timer, another
+//!   service) does not hold up the next frame. A handler takes its first step — up to its first
+//!   `.await` — on the connection's task, which saves a task per request; one that computes
+//!   before its first `.await` therefore holds up its own connection's next frames meanwhile
+//!   (never other connections). Move such work to `tokio::task::spawn_blocking`, or serve with
+//!   [`Server::spawn_handlers`](crate::rpc::Server::spawn_handlers). Events go through a lane of
+//!   their own and start in the order they arrived. The server stops reading from a connection
+//!   whose peer does not read its replies (and drops it if it accepts nothing for the write
+//!   timeout), limits connections, and drains on shutdown.
 //! - Frames are checked against the size limit when they are written, too: a request too large
 //!   fails at once with `InvalidArgument`, and a reply too large is answered with an error saying
 //!   so.
