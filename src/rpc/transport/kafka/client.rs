@@ -1,0 +1,485 @@
+use super::value::{
+    CORRELATION_ID, NEST_ERR, NEST_IS_DISPOSED, Outgoing, REPLY_PARTITION, REPLY_TOPIC,
+    TYPE_HEADER, decode_err, decode_received,
+};
+use super::{KafkaOptions, Producer, Topics, kafka_error, topic_of};
+use crate::rpc::error::NO_HANDLER_MESSAGE;
+use crate::rpc::transport::{ClientTransport, Connect, ReplyPacket, ReplyReceiver};
+use crate::rpc::wire::PendingRequests;
+use crate::rpc::{Pattern, RpcError, RpcRequest, TransportErrorKind};
+use futures_util::future::BoxFuture;
+use rdkafka::Offset;
+use rdkafka::client::ClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::message::{BorrowedMessage, Headers, Message};
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::fmt;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{Notify, oneshot};
+
+/// The client side of the Kafka transport, before it is connected: NestJS's `ClientKafka`.
+/// [`Client::builder().connect(..)`](crate::rpc::ClientBuilder::connect) connects it.
+///
+/// Requests need the client to read their pattern's reply topic (`<route>.reply`) in its group
+/// `<group>-client`. Declare the patterns you will `send` to with [`reply_to`](Self::reply_to)
+/// (NestJS's `subscribeToResponseOf`): connecting then waits until the group gave this client
+/// partitions of each. A pattern not declared is subscribed to at its first request, which then
+/// waits for that (a rebalance: a second or more).
+#[derive(Clone, Debug)]
+pub struct KafkaTransport {
+    options: KafkaOptions,
+    reply_to: Vec<Pattern>,
+}
+
+impl KafkaTransport {
+    /// A transport connecting with `options`.
+    pub fn new(options: KafkaOptions) -> Self {
+        KafkaTransport {
+            options,
+            reply_to: Vec::new(),
+        }
+    }
+
+    /// Reads the reply topics of these patterns from the start (NestJS's
+    /// `subscribeToResponseOf`).
+    pub fn reply_to<P: Into<Pattern>>(mut self, patterns: impl IntoIterator<Item = P>) -> Self {
+        self.reply_to.extend(patterns.into_iter().map(Into::into));
+        self
+    }
+
+    /// Connects: creates the producer and the reply consumer, and waits for the reply topics of
+    /// [`reply_to`](Self::reply_to)'s patterns.
+    pub async fn connect(self) -> Result<KafkaConnection, RpcError> {
+        KafkaConnection::connect(self).await
+    }
+}
+
+impl Connect for KafkaTransport {
+    type Transport = KafkaConnection;
+
+    async fn connect(self) -> Result<KafkaConnection, RpcError> {
+        KafkaTransport::connect(self).await
+    }
+}
+
+/// Which reply partitions this client has, and who waits on each.
+struct Replies {
+    /// Reply topic → the partitions assigned to this client (read from their end offset on).
+    assigned: Mutex<HashMap<String, BTreeSet<i32>>>,
+    changed: Notify,
+    pending: Arc<PendingRequests>,
+    /// (reply topic, partition) → requests whose replies come there, to fail when the partition
+    /// moves to another client.
+    waiting: Mutex<HashMap<(String, i32), HashSet<u64>>>,
+    fetch_timeout: Duration,
+}
+
+impl Replies {
+    fn assigned(&self) -> std::sync::MutexGuard<'_, HashMap<String, BTreeSet<i32>>> {
+        self.assigned
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn waiting(&self) -> std::sync::MutexGuard<'_, HashMap<(String, i32), HashSet<u64>>> {
+        self.waiting
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The lowest partition of `topic` this client reads, if any.
+    fn partition(&self, topic: &str) -> Option<i32> {
+        self.assigned()
+            .get(topic)
+            .and_then(|set| set.first().copied())
+    }
+
+    /// Notes that request `n` waits for replies on `topic`/`partition`; forgets entries of
+    /// requests that no longer wait, so the map stays as small as what is in flight.
+    fn wait_on(&self, topic: &str, partition: i32, n: u64) {
+        let mut waiting = self.waiting();
+        let total: usize = waiting.values().map(HashSet::len).sum();
+        if total > 2 * self.pending.len() + 1024 {
+            for requests in waiting.values_mut() {
+                requests.retain(|n| self.pending.route_of(*n).is_some());
+            }
+            waiting.retain(|_, requests| !requests.is_empty());
+        }
+        waiting
+            .entry((topic.to_owned(), partition))
+            .or_default()
+            .insert(n);
+    }
+}
+
+/// The reply consumer's context: it starts newly assigned partitions at their end offset and
+/// fails the requests of partitions taken away.
+struct ReplyContext {
+    replies: Arc<Replies>,
+}
+
+impl ClientContext for ReplyContext {
+    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        use rdkafka::types::RDKafkaErrorCode as Code;
+        if matches!(error.rdkafka_error_code(), Some(Code::AllBrokersDown)) {
+            // Replies cannot come now, and those produced before may be gone with the broker:
+            // every request in flight fails at once rather than waiting out its deadline.
+            tracing::warn!(
+                reason,
+                "lost every Kafka broker; failing requests in flight"
+            );
+            self.replies.pending.fail_all(&RpcError::transport(
+                TransportErrorKind::ConnectionLost,
+                format!("lost the connection to every Kafka broker: {reason}"),
+            ));
+        } else {
+            tracing::debug!(%error, reason, "Kafka client error");
+        }
+    }
+}
+
+impl ConsumerContext for ReplyContext {
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Assign(partitions) => {
+                for element in partitions.elements() {
+                    let (topic, partition) = (element.topic(), element.partition());
+                    // Read from the end as it is now, before any request names this partition:
+                    // every reply to such a request comes after it. (Without the seek the
+                    // consumer starts at the earliest offset: slower, but it misses nothing.)
+                    match consumer.fetch_watermarks(topic, partition, self.replies.fetch_timeout) {
+                        Ok((_, end)) => {
+                            if let Err(error) = consumer.seek(
+                                topic,
+                                partition,
+                                Offset::Offset(end),
+                                self.replies.fetch_timeout,
+                            ) {
+                                tracing::debug!(topic, partition, %error, "cannot seek a reply partition to its end; reading it from the start");
+                            }
+                        }
+                        Err(error) => {
+                            tracing::debug!(topic, partition, %error, "cannot read a reply partition's end offset; reading it from the start")
+                        }
+                    }
+                    self.replies
+                        .assigned()
+                        .entry(topic.to_owned())
+                        .or_default()
+                        .insert(partition);
+                    tracing::debug!(topic, partition, "reply partition assigned");
+                }
+                self.replies.changed.notify_waiters();
+            }
+            Rebalance::Revoke(partitions) => {
+                for element in partitions.elements() {
+                    let (topic, partition) = (element.topic(), element.partition());
+                    if let Some(set) = self.replies.assigned().get_mut(topic) {
+                        set.remove(&partition);
+                    }
+                    let moved = self
+                        .replies
+                        .waiting()
+                        .remove(&(topic.to_owned(), partition))
+                        .unwrap_or_default();
+                    let error = RpcError::transport(
+                        TransportErrorKind::ConnectionLost,
+                        format!(
+                            "the reply partition {topic}/{partition} moved to another client before the reply came"
+                        ),
+                    );
+                    for n in moved {
+                        self.replies.pending.fail(n, &error);
+                    }
+                    tracing::debug!(topic, partition, "reply partition revoked");
+                }
+                self.replies.changed.notify_waiters();
+            }
+            Rebalance::Error(error) => tracing::warn!(%error, "reply consumer rebalance failed"),
+        }
+    }
+}
+
+struct Inner {
+    options: KafkaOptions,
+    producer: Producer,
+    topics: Topics,
+    consumer: Arc<StreamConsumer<ReplyContext>>,
+    replies: Arc<Replies>,
+    /// The reply topics subscribed to (held while the subscription changes).
+    subscribed: tokio::sync::Mutex<BTreeSet<String>>,
+    /// When the reply topics were last created again.
+    recreated: tokio::sync::Mutex<Option<tokio::time::Instant>>,
+    /// Dropped with the connection: stops the reply reader.
+    _stop: oneshot::Sender<()>,
+}
+
+/// A connected Kafka client transport. Clones share the producer and the reply consumer; dropping
+/// the last one stops both (requests still waiting fail with `Unavailable`).
+#[derive(Clone)]
+pub struct KafkaConnection {
+    inner: Arc<Inner>,
+}
+
+impl KafkaConnection {
+    async fn connect(transport: KafkaTransport) -> Result<Self, RpcError> {
+        let options = transport.options;
+        let pending = PendingRequests::new();
+        let replies = Arc::new(Replies {
+            assigned: Mutex::new(HashMap::new()),
+            changed: Notify::new(),
+            pending: Arc::clone(&pending),
+            waiting: Mutex::new(HashMap::new()),
+            fetch_timeout: options.delivery_timeout,
+        });
+        let producer = Producer::new(&options, "client")?;
+        let mut config = options.consumer_config("client");
+        // Replies are read from the end of each partition as it is assigned (or, failing that,
+        // from the start); nothing is committed.
+        config
+            .set("enable.auto.commit", "false")
+            .set("auto.offset.reset", "earliest");
+        let consumer: StreamConsumer<ReplyContext> = config
+            .create_with_context(ReplyContext {
+                replies: Arc::clone(&replies),
+            })
+            .map_err(|error| kafka_error(&error, "cannot create the Kafka reply consumer"))?;
+        let consumer = Arc::new(consumer);
+        let (stop, stopped) = oneshot::channel();
+        tokio::spawn(read_replies(
+            Arc::clone(&consumer),
+            Arc::clone(&replies),
+            stopped,
+        ));
+        let connection = KafkaConnection {
+            inner: Arc::new(Inner {
+                topics: Topics::new(&options)?,
+                options,
+                producer,
+                consumer,
+                replies,
+                subscribed: tokio::sync::Mutex::new(BTreeSet::new()),
+                recreated: tokio::sync::Mutex::new(None),
+                _stop: stop,
+            }),
+        };
+        let topics: Vec<String> = transport
+            .reply_to
+            .iter()
+            .map(|pattern| topic_of(pattern.route()).map(reply_topic))
+            .collect::<Result<_, _>>()?;
+        connection.subscribe(&topics).await?;
+        for topic in &topics {
+            connection.reply_partition(topic).await?;
+        }
+        Ok(connection)
+    }
+
+    /// Requests whose replies arrived after their callers stopped waiting.
+    pub fn late_replies(&self) -> u64 {
+        self.inner.replies.pending.late_replies()
+    }
+
+    /// Subscribes to these reply topics (creating them if need be) in one change of the
+    /// subscription.
+    async fn subscribe(&self, topics: &[String]) -> Result<(), RpcError> {
+        let inner = &*self.inner;
+        let mut subscribed = inner.subscribed.lock().await;
+        let new: Vec<String> = topics
+            .iter()
+            .filter(|topic| !subscribed.contains(*topic))
+            .cloned()
+            .collect();
+        if new.is_empty() {
+            return Ok(());
+        }
+        inner.topics.ensure(&new).await?;
+        let mut all = subscribed.clone();
+        all.extend(new);
+        let names: Vec<&str> = all.iter().map(String::as_str).collect();
+        inner
+            .consumer
+            .subscribe(&names)
+            .map_err(|error| kafka_error(&error, "cannot subscribe to the reply topics"))?;
+        *subscribed = all;
+        Ok(())
+    }
+
+    /// A partition of `topic` this client reads: subscribes to the topic if needed and waits for
+    /// the group to assign one.
+    async fn reply_partition(&self, topic: &str) -> Result<i32, RpcError> {
+        let inner = &*self.inner;
+        if let Some(partition) = inner.replies.partition(topic) {
+            return Ok(partition);
+        }
+        self.subscribe(&[topic.to_owned()]).await?;
+        // Subscribed, yet nothing assigned: the topic may be gone (deleted, or a broker that lost
+        // its data) — make it again, at most once a second.
+        {
+            let mut recreated = inner.recreated.lock().await;
+            if recreated.is_none_or(|at| at.elapsed() > Duration::from_secs(1)) {
+                *recreated = Some(tokio::time::Instant::now());
+                let subscribed: Vec<String> =
+                    inner.subscribed.lock().await.iter().cloned().collect();
+                if let Err(error) = inner.topics.ensure(&subscribed).await {
+                    tracing::debug!(%error, "cannot create the reply topics again");
+                }
+            }
+        }
+        let waited = tokio::time::timeout(inner.options.join_timeout, async {
+            loop {
+                let changed = inner.replies.changed.notified();
+                if let Some(partition) = inner.replies.partition(topic) {
+                    return partition;
+                }
+                changed.await;
+            }
+        })
+        .await;
+        waited.map_err(|_| {
+            RpcError::transport(
+                TransportErrorKind::NotConnected,
+                format!(
+                    "no partition of the reply topic {topic:?} was assigned to this client within {:?}: \
+                     the broker is unreachable, or the topic has fewer partitions than there are \
+                     clients in the group {:?}",
+                    inner.options.join_timeout,
+                    format!("{}-client", inner.options.group_id),
+                ),
+            )
+        })
+    }
+}
+
+fn reply_topic(topic: &str) -> String {
+    format!("{topic}.reply")
+}
+
+fn header<'m>(message: &'m BorrowedMessage<'_>, name: &str) -> Option<Option<&'m [u8]>> {
+    message
+        .headers()?
+        .iter()
+        .find(|header| header.key == name)
+        .map(|header| header.value)
+}
+
+/// The reply reader: polls the consumer (which also serves rebalances) and routes replies by
+/// correlation id, until the connection is dropped.
+async fn read_replies(
+    consumer: Arc<StreamConsumer<ReplyContext>>,
+    replies: Arc<Replies>,
+    mut stopped: oneshot::Receiver<()>,
+) {
+    loop {
+        let message = tokio::select! {
+            biased;
+            _ = &mut stopped => break,
+            message = consumer.recv() => message,
+        };
+        match message {
+            Ok(message) => deliver(&replies.pending, &message),
+            Err(error) => {
+                tracing::debug!(%error, "Kafka reply consumer");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    replies.pending.close(&RpcError::transport(
+        TransportErrorKind::ConnectionLost,
+        "the Kafka client was dropped before the reply came",
+    ));
+    // Closing a consumer can wait on the broker: not on a runtime thread.
+    drop(tokio::task::spawn_blocking(move || drop(consumer)));
+}
+
+/// Routes one reply record to its request, read the way NestJS's `ClientKafka` reads it.
+fn deliver(pending: &PendingRequests, message: &BorrowedMessage<'_>) {
+    let Some(Some(id)) = header(message, CORRELATION_ID) else {
+        return;
+    };
+    let Some(n) = std::str::from_utf8(id)
+        .ok()
+        .and_then(|id| pending.ids().parse(id))
+    else {
+        // Another client's reply (clients of one service share reply topics' partitions only
+        // when there are more clients than partitions).
+        return;
+    };
+    let packet = if let Some(err) = header(message, NEST_ERR) {
+        let err = decode_err(err.unwrap_or(b"null"));
+        if err.as_str().trim_matches('"') == NO_HANDLER_MESSAGE {
+            ReplyPacket::NoHandler
+        } else {
+            ReplyPacket::Error(err)
+        }
+    } else {
+        let string = header(message, TYPE_HEADER).flatten() == Some(b"string".as_slice());
+        let disposed = header(message, NEST_IS_DISPOSED).is_some();
+        match (message.payload(), disposed) {
+            // NestJS's completion record: the end of the stream (a NestJS client turns it into one
+            // more `null`; palisade does not invent a value).
+            (None, true) => ReplyPacket::Complete,
+            (value, last) => ReplyPacket::Value {
+                response: decode_received(value, string),
+                last,
+            },
+        }
+    };
+    pending.deliver(n, packet);
+}
+
+impl ClientTransport for KafkaConnection {
+    fn request(&self, request: RpcRequest) -> BoxFuture<'static, Result<ReplyReceiver, RpcError>> {
+        let connection = self.clone();
+        Box::pin(async move {
+            let topic = topic_of(request.pattern().route())?.to_owned();
+            let reply_topic = reply_topic(&topic);
+            let partition = connection.reply_partition(&reply_topic).await?;
+            let inner = &*connection.inner;
+            let registered = inner.replies.pending.register(request.pattern())?;
+            inner
+                .replies
+                .wait_on(&reply_topic, partition, registered.number());
+            let id = registered.id();
+            let partition_text = partition.to_string();
+            let mut headers: Vec<(&str, &[u8])> = vec![
+                (CORRELATION_ID, id.as_str().as_bytes()),
+                (REPLY_TOPIC, reply_topic.as_bytes()),
+                (REPLY_PARTITION, partition_text.as_bytes()),
+            ];
+            let wire_headers = request.wire_headers();
+            headers.extend(wire_headers.iter().map(|(k, v)| (k, v.as_bytes())));
+            let record = Outgoing::of(request.payload());
+            inner.producer.send(&topic, &record, &headers).await?;
+            Ok(registered.into_replies())
+        })
+    }
+
+    fn emit(&self, event: RpcRequest) -> BoxFuture<'static, Result<(), RpcError>> {
+        let connection = self.clone();
+        Box::pin(async move {
+            let topic = topic_of(event.pattern().route())?.to_owned();
+            let wire_headers = event.wire_headers();
+            let headers: Vec<(&str, &[u8])> = wire_headers
+                .iter()
+                .map(|(k, v)| (k, v.as_bytes()))
+                .collect();
+            let record = Outgoing::of(event.payload());
+            connection
+                .inner
+                .producer
+                .send(&topic, &record, &headers)
+                .await
+        })
+    }
+}
+
+impl fmt::Debug for KafkaConnection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KafkaConnection")
+            .field("options", &self.inner.options)
+            .field("pending", &self.inner.replies.pending.len())
+            .finish_non_exhaustive()
+    }
+}

@@ -1,0 +1,746 @@
+//! NestJS's `Transport.KAFKA` over librdkafka (the `rdkafka` crate; feature `kafka`).
+//!
+//! Wire-compatible with NestJS 11 in both directions (nestjs-wire-brokers.md §5): the topic is the
+//! pattern's route; a record's value is the data alone, encoded as NestJS encodes it (objects and
+//! arrays as JSON, strings and numbers as their text); requests carry `kafka_correlationId`,
+//! `kafka_replyTopic` (`<route>.reply`) and `kafka_replyPartition`; replies carry
+//! `kafka_nest-err` and `kafka_nest-is-disposed`; consumer groups are `<group>-server` and
+//! `<group>-client`. A NestJS `ClientKafka` calls a [`KafkaServer`], and a palisade
+//! [`Client`](crate::rpc::Client) over a [`KafkaTransport`] calls a NestJS Kafka microservice.
+//!
+//! ```no_run
+//! use palisade::rpc::transport::kafka::{KafkaOptions, KafkaServer, KafkaTransport};
+//! use palisade::rpc::{Client, Payload, Router, Server};
+//!
+//! # #[tokio::main] async fn main() -> Result<(), palisade::rpc::RpcError> {
+//! let options = KafkaOptions::new(["127.0.0.1:9092"]).group_id("orders");
+//! let server = Server::new(
+//!     Router::new()
+//!         .message("get-order", |Payload(id): Payload<u64>| async move { format!("order {id}") })
+//!         .event("order-created", |Payload(order): Payload<serde_json::Value>| async move {
+//!             let _ = order; // handled at least once; a failing event is retried, then dead-lettered
+//!         }),
+//! )
+//! .serve(KafkaServer::new(options.clone()))
+//! .await?;
+//!
+//! let client = Client::builder()
+//!     .connect(KafkaTransport::new(options).reply_to(["get-order"]))
+//!     .await?;
+//! let order: String = client.send("get-order", &7).await?;
+//! server.shutdown().await;
+//! # let _ = order; Ok(()) }
+//! ```
+//!
+//! # Beyond NestJS
+//!
+//! - **Scaling.** Servers share the partitions of their topics in the consumer group
+//!   `<group>-server` (cooperative-sticky rebalancing). Partitions are handled concurrently —
+//!   NestJS handles every record of every topic one at a time — and the records of one partition
+//!   in order: events strictly one after another, requests started in order.
+//! - **Delivery.** At least once: a record's offset is committed only after its handler finished
+//!   (every earlier record of its partition too), every [`commit_interval`](KafkaOptions::commit_interval).
+//!   A failing event is retried with backoff and then published to a dead-letter topic with the
+//!   reason in its headers ([`KafkaEvents`]). A rebalance loses nothing: a partition's records
+//!   not yet handled are handled by its next owner (some of them twice, as at-least-once allows).
+//! - **Ordering of events.** [`KafkaRecord`] sets a record's key: events with one key go to one
+//!   partition and are handled in order.
+//! - **Producers** are idempotent with `acks=all` by default, and every `emit` resolves once the
+//!   broker stored the event.
+//! - **Request/reply.** The client reads its reply topics in the group `<group>-client`, so each
+//!   client instance reads partitions no other one reads, and names the lowest of them in
+//!   `kafka_replyPartition`. When a partition is assigned it starts reading at the partition's end
+//!   offset as read *before* any request names it, so no reply is missed. An empty stream is
+//!   answered with its completion record (a NestJS Kafka server hangs there). A reply topic needs
+//!   at least as many partitions as there are client instances in the group.
+//! - **Errors** keep their kind: a message over the size limit is `InvalidArgument`
+//!   ([`TransportErrorKind::PayloadTooLarge`](crate::rpc::TransportErrorKind)), a pattern that is
+//!   not a valid topic name too, an unknown topic with topic creation off is `NotFound`, an
+//!   authorisation failure `PermissionDenied`, a broker that does not acknowledge `Unavailable`.
+//!   Every request in flight resolves.
+//!
+//! # Values
+//!
+//! NestJS sends scalars as text (`3`, `abc`) and hands them to handlers as strings. palisade
+//! decodes them usefully for Rust types: text that is a JSON number, `true`, `false` or `null` is
+//! that value, other text is a string, `{…}`/`[…]` is JSON, and a value starting with a 0x00 byte
+//! (schema-registry framing) is Node's JSON form of a `Buffer`. Between palisade peers a string
+//! value is marked (header `palisade-type: string`), so strings that look like numbers stay
+//! strings. Object patterns cannot be Kafka topics: only string patterns of `[A-Za-z0-9._-]`.
+
+mod client;
+mod server;
+mod value;
+
+pub use self::client::{KafkaConnection, KafkaTransport};
+pub use self::server::{KafkaEvents, KafkaServer};
+
+use crate::rpc::{RpcError, TransportErrorKind};
+use rdkafka::ClientConfig;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::RDKafkaLogLevel;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// How to reach Kafka and how to behave on it: shared by [`KafkaServer`] and [`KafkaTransport`].
+///
+/// | setting | default | |
+/// |---|---|---|
+/// | [`client_id`](Self::client_id) | `palisade` | `<id>-server` / `<id>-client`, as NestJS names them |
+/// | [`group_id`](Self::group_id) | `palisade` | groups `<id>-server` and `<id>-client` |
+/// | [`create_topics`](Self::create_topics) | on | the topics a server or client uses are created if missing |
+/// | [`partitions`](Self::partitions) | the broker's default | for topics palisade creates |
+/// | [`replication`](Self::replication) | the broker's default | for topics palisade creates |
+/// | [`idempotent`](Self::idempotent) | on, with `acks=all` | producers |
+/// | [`delivery_timeout`](Self::delivery_timeout) | 10 s | a record not acknowledged by then fails |
+/// | [`fetch_wait`](Self::fetch_wait) | 100 ms | the longest a fetch waits for data (the latency floor on brokers that do not wake fetches) |
+/// | [`session_timeout`](Self::session_timeout) | 10 s | a consumer silent this long leaves its group |
+/// | [`commit_interval`](Self::commit_interval) | 1 s | handled records' offsets are committed this often |
+/// | [`join_timeout`](Self::join_timeout) | 30 s | how long a client waits to be given reply partitions |
+/// | [`max_message_bytes`](Self::max_message_bytes) | 1 000 000 | librdkafka's `message.max.bytes` |
+/// | [`from_beginning`](Self::from_beginning) | off | where a new server group starts reading |
+///
+/// Any other librdkafka property — SASL, TLS (with the `rdkafka` crate's `ssl` feature), compression
+/// — passes through [`set`](Self::set):
+///
+/// ```
+/// use palisade::rpc::transport::kafka::KafkaOptions;
+///
+/// let options = KafkaOptions::new(["kafka-1:9093", "kafka-2:9093"])
+///     .group_id("billing")
+///     .set("security.protocol", "SASL_SSL")
+///     .set("sasl.mechanisms", "PLAIN")
+///     .set("sasl.username", "billing")
+///     .set("sasl.password", "s3cret");
+/// # let _ = options;
+/// ```
+#[derive(Clone)]
+#[must_use]
+pub struct KafkaOptions {
+    bootstrap: Vec<String>,
+    client_id: String,
+    group_id: String,
+    create_topics: bool,
+    partitions: Option<i32>,
+    replication: Option<i32>,
+    idempotent: bool,
+    delivery_timeout: Duration,
+    fetch_wait: Duration,
+    session_timeout: Duration,
+    commit_interval: Duration,
+    join_timeout: Duration,
+    max_message_bytes: usize,
+    from_beginning: bool,
+    extra: BTreeMap<String, String>,
+}
+
+impl KafkaOptions {
+    /// Options for these bootstrap servers (`host:port`).
+    pub fn new<S: Into<String>>(bootstrap: impl IntoIterator<Item = S>) -> Self {
+        KafkaOptions {
+            bootstrap: bootstrap.into_iter().map(Into::into).collect(),
+            client_id: "palisade".into(),
+            group_id: "palisade".into(),
+            create_topics: true,
+            partitions: None,
+            replication: None,
+            idempotent: true,
+            delivery_timeout: Duration::from_secs(10),
+            fetch_wait: Duration::from_millis(100),
+            session_timeout: Duration::from_secs(10),
+            commit_interval: Duration::from_secs(1),
+            join_timeout: Duration::from_secs(30),
+            max_message_bytes: 1_000_000,
+            from_beginning: false,
+            extra: BTreeMap::new(),
+        }
+    }
+
+    /// The client id (`<id>-server` for servers, `<id>-client` for clients).
+    pub fn client_id(mut self, id: impl Into<String>) -> Self {
+        self.client_id = id.into();
+        self
+    }
+
+    /// The consumer group id (`<id>-server` for servers, `<id>-client` for clients, as NestJS
+    /// names them). Instances of one service share it.
+    pub fn group_id(mut self, id: impl Into<String>) -> Self {
+        self.group_id = id.into();
+        self
+    }
+
+    /// Whether the topics a server or client uses are created when missing (on by default). Off,
+    /// they must exist — create them explicitly — and a missing one is an `UnknownDestination`
+    /// error.
+    pub fn create_topics(mut self, create: bool) -> Self {
+        self.create_topics = create;
+        self
+    }
+
+    /// Partitions of the topics palisade creates (default: the broker's default).
+    pub fn partitions(mut self, partitions: i32) -> Self {
+        self.partitions = Some(partitions);
+        self
+    }
+
+    /// Replication factor of the topics palisade creates (default: the broker's default).
+    pub fn replication(mut self, replicas: i32) -> Self {
+        self.replication = Some(replicas);
+        self
+    }
+
+    /// Idempotent producers with `acks=all` (on by default); off, `acks=all` without idempotence.
+    pub fn idempotent(mut self, idempotent: bool) -> Self {
+        self.idempotent = idempotent;
+        self
+    }
+
+    /// How long a produced record may wait for the broker's acknowledgement.
+    pub fn delivery_timeout(mut self, timeout: Duration) -> Self {
+        self.delivery_timeout = timeout;
+        self
+    }
+
+    /// The longest a fetch waits for data.
+    pub fn fetch_wait(mut self, wait: Duration) -> Self {
+        self.fetch_wait = wait;
+        self
+    }
+
+    /// A consumer that sends no heartbeat for this long leaves its group (its partitions move).
+    /// Real Kafka brokers accept 6 s or more by default.
+    pub fn session_timeout(mut self, timeout: Duration) -> Self {
+        self.session_timeout = timeout;
+        self
+    }
+
+    /// How often handled records' offsets are committed.
+    pub fn commit_interval(mut self, interval: Duration) -> Self {
+        self.commit_interval = interval;
+        self
+    }
+
+    /// How long a client waits for its group to give it partitions of a reply topic.
+    pub fn join_timeout(mut self, timeout: Duration) -> Self {
+        self.join_timeout = timeout;
+        self
+    }
+
+    /// The largest record palisade produces (librdkafka's `message.max.bytes`): a larger one fails
+    /// at once with `InvalidArgument`.
+    pub fn max_message_bytes(mut self, bytes: usize) -> Self {
+        self.max_message_bytes = bytes;
+        self
+    }
+
+    /// Where a server group starts reading a partition it never committed an offset for (a new
+    /// service, or new partitions): at the end as it is when the partition is assigned (default,
+    /// as NestJS's `fromBeginning: false`), or at the beginning (`true`: a new service handles
+    /// the events already stored).
+    pub fn from_beginning(mut self, from_beginning: bool) -> Self {
+        self.from_beginning = from_beginning;
+        self
+    }
+
+    /// Sets any librdkafka property (`security.protocol`, `sasl.*`, `ssl.*`,
+    /// `compression.type`, ...); it overrides palisade's own settings.
+    pub fn set(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.extra.insert(key.into(), value.into());
+        self
+    }
+
+    fn base(&self, role: &str) -> ClientConfig {
+        let mut config = ClientConfig::new();
+        config
+            .set("bootstrap.servers", self.bootstrap.join(","))
+            .set("client.id", format!("{}-{role}", self.client_id))
+            .set("reconnect.backoff.max.ms", "1000")
+            .set("message.max.bytes", self.max_message_bytes.to_string())
+            // librdkafka logs through the `log` crate only when told a level.
+            .set_log_level(RDKafkaLogLevel::Warning);
+        config
+    }
+
+    fn finish(&self, mut config: ClientConfig) -> ClientConfig {
+        for (key, value) in &self.extra {
+            config.set(key, value);
+        }
+        config
+    }
+
+    pub(crate) fn producer_config(&self, role: &str) -> ClientConfig {
+        let mut config = self.base(role);
+        config
+            .set("acks", "all")
+            .set("enable.idempotence", self.idempotent.to_string())
+            .set("message.timeout.ms", millis(self.delivery_timeout))
+            .set("linger.ms", "0")
+            .set("allow.auto.create.topics", self.create_topics.to_string())
+            .set("topic.metadata.propagation.max.ms", "1000");
+        self.finish(config)
+    }
+
+    pub(crate) fn consumer_config(&self, role: &str) -> ClientConfig {
+        let mut config = self.base(role);
+        let session = self.session_timeout.max(Duration::from_millis(100));
+        config
+            .set("group.id", format!("{}-{role}", self.group_id))
+            .set("enable.auto.commit", "true")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.commit.interval.ms", millis(self.commit_interval))
+            .set(
+                "auto.offset.reset",
+                if self.from_beginning {
+                    "earliest"
+                } else {
+                    "latest"
+                },
+            )
+            .set("session.timeout.ms", millis(session))
+            .set(
+                "heartbeat.interval.ms",
+                millis((session / 3).max(Duration::from_millis(10))),
+            )
+            .set("fetch.wait.max.ms", millis(self.fetch_wait))
+            .set("partition.assignment.strategy", "cooperative-sticky")
+            .set("topic.metadata.refresh.interval.ms", "5000")
+            .set("enable.partition.eof", "false");
+        self.finish(config)
+    }
+
+    fn admin_config(&self) -> ClientConfig {
+        self.finish(self.base("admin"))
+    }
+
+    /// The servers, for messages.
+    fn servers(&self) -> String {
+        self.bootstrap.join(",")
+    }
+}
+
+impl fmt::Debug for KafkaOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Passed-through properties may hold credentials: only their keys are shown.
+        f.debug_struct("KafkaOptions")
+            .field("bootstrap", &self.bootstrap)
+            .field("client_id", &self.client_id)
+            .field("group_id", &self.group_id)
+            .field("create_topics", &self.create_topics)
+            .field("idempotent", &self.idempotent)
+            .field("extra", &self.extra.keys().collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
+}
+
+fn millis(duration: Duration) -> String {
+    duration.as_millis().clamp(1, i32::MAX as u128).to_string()
+}
+
+/// A record with a key (and headers, or a partition) for [`emit`](crate::rpc::Client::emit) or
+/// [`send`](crate::rpc::Client::send): events with one key go to one partition, so events about
+/// one entity are handled in order.
+///
+/// It is NestJS's own convention: a payload object with a `key` or `value` field is sent as the
+/// Kafka message itself (so a payload that has such a field for other reasons must be wrapped
+/// in a `KafkaRecord`).
+///
+/// ```
+/// use palisade::rpc::transport::kafka::KafkaRecord;
+/// use serde_json::json;
+///
+/// let record = KafkaRecord::new(json!({"order": 7, "status": "paid"})).key("order-7");
+/// assert_eq!(
+///     serde_json::to_value(&record).unwrap(),
+///     json!({"key": "order-7", "value": {"order": 7, "status": "paid"}})
+/// );
+/// ```
+#[derive(Clone, Debug, Serialize)]
+#[must_use]
+pub struct KafkaRecord<T> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    key: Option<String>,
+    value: T,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    headers: BTreeMap<String, String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    partition: Option<i32>,
+}
+
+impl<T> KafkaRecord<T> {
+    /// A record carrying `value`.
+    pub fn new(value: T) -> Self {
+        KafkaRecord {
+            key: None,
+            value,
+            headers: BTreeMap::new(),
+            partition: None,
+        }
+    }
+
+    /// With this key (the partition follows from it).
+    pub fn key(mut self, key: impl Into<String>) -> Self {
+        self.key = Some(key.into());
+        self
+    }
+
+    /// With this header.
+    pub fn header(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.headers.insert(key.into(), value.into());
+        self
+    }
+
+    /// To this partition (instead of the key's).
+    pub fn partition(mut self, partition: i32) -> Self {
+        self.partition = Some(partition);
+        self
+    }
+}
+
+/// The route of a pattern as a topic, or why it cannot be one.
+pub(crate) fn topic_of(route: &str) -> Result<&str, RpcError> {
+    if value::valid_topic(route) {
+        Ok(route)
+    } else {
+        Err(RpcError::transport(
+            TransportErrorKind::InvalidRoute,
+            format!(
+                "the pattern route {route:?} is not a valid Kafka topic name (1 to 249 characters \
+                 of [A-Za-z0-9._-]; object patterns cannot be Kafka topics)"
+            ),
+        ))
+    }
+}
+
+/// A Kafka error as an `RpcError` of the right kind.
+pub(crate) fn kafka_error(error: &KafkaError, what: &str) -> RpcError {
+    use RDKafkaErrorCode as Code;
+    let code = match error {
+        KafkaError::AdminOp(code) => Some(*code),
+        other => other.rdkafka_error_code(),
+    };
+    let kind = match code {
+        Some(Code::MessageSizeTooLarge) | Some(Code::InvalidMessageSize) => {
+            TransportErrorKind::PayloadTooLarge
+        }
+        Some(Code::InvalidTopic) => TransportErrorKind::InvalidRoute,
+        Some(Code::UnknownTopicOrPartition)
+        | Some(Code::UnknownTopic)
+        | Some(Code::UnknownPartition) => TransportErrorKind::UnknownDestination,
+        Some(Code::TopicAuthorizationFailed)
+        | Some(Code::GroupAuthorizationFailed)
+        | Some(Code::ClusterAuthorizationFailed)
+        | Some(Code::TransactionalIdAuthorizationFailed) => TransportErrorKind::Authorization,
+        Some(Code::SaslAuthenticationFailed) | Some(Code::Authentication) => {
+            TransportErrorKind::Authentication
+        }
+        Some(Code::MessageTimedOut)
+        | Some(Code::RequestTimedOut)
+        | Some(Code::NotEnoughReplicas)
+        | Some(Code::NotEnoughReplicasAfterAppend)
+        | Some(Code::LeaderNotAvailable)
+        | Some(Code::NotLeaderForPartition) => TransportErrorKind::NotAcknowledged,
+        Some(Code::AllBrokersDown) | Some(Code::BrokerTransportFailure) => {
+            TransportErrorKind::ConnectionLost
+        }
+        _ => TransportErrorKind::Io,
+    };
+    RpcError::transport(kind, format!("{what}: {error}"))
+}
+
+/// Creates the topics a server or client uses, when [topic creation](KafkaOptions::create_topics)
+/// is on: one admin client for the server's or connection's life.
+pub(crate) struct Topics {
+    admin: Option<AdminClient<DefaultClientContext>>,
+    options: KafkaOptions,
+}
+
+impl Topics {
+    pub(crate) fn new(options: &KafkaOptions) -> Result<Self, RpcError> {
+        let admin = if options.create_topics {
+            Some(
+                options
+                    .admin_config()
+                    .create()
+                    .map_err(|error| kafka_error(&error, "cannot create the Kafka admin client"))?,
+            )
+        } else {
+            None
+        };
+        Ok(Topics {
+            admin,
+            options: options.clone(),
+        })
+    }
+
+    /// Creates those of `topics` that do not exist yet (those that do are left as they are).
+    pub(crate) async fn ensure(&self, topics: &[String]) -> Result<(), RpcError> {
+        let Some(admin) = &self.admin else {
+            return Ok(());
+        };
+        if topics.is_empty() {
+            return Ok(());
+        }
+        let options = &self.options;
+        let partitions = options.partitions.unwrap_or(-1);
+        let replication = options.replication.unwrap_or(-1);
+        let new: Vec<NewTopic<'_>> = topics
+            .iter()
+            .map(|topic| NewTopic::new(topic, partitions, TopicReplication::Fixed(replication)))
+            .collect();
+        let admin_options = AdminOptions::new().request_timeout(Some(options.delivery_timeout));
+        let results = admin
+            .create_topics(&new, &admin_options)
+            .await
+            .map_err(|error| {
+                kafka_error(
+                    &error,
+                    &format!("cannot create topics on Kafka at {}", options.servers()),
+                )
+            })?;
+        for result in results {
+            match result {
+                Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                Err((topic, code)) => {
+                    return Err(kafka_error(
+                        &KafkaError::AdminOp(code),
+                        &format!("cannot create the topic {topic:?}"),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Watches a delivery its caller stopped waiting for.
+struct Watch<'a> {
+    delivery: Option<rdkafka::producer::DeliveryFuture>,
+    producer: &'a Producer,
+    generation: u64,
+}
+
+impl Drop for Watch<'_> {
+    fn drop(&mut self) {
+        let Some(delivery) = self.delivery.take() else {
+            return;
+        };
+        let (current, generation) = (Arc::clone(&self.producer.current), self.generation);
+        let (options, role) = (self.producer.options.clone(), self.producer.role);
+        tokio::spawn(async move {
+            if let Ok(Err((error, _))) = delivery.await {
+                let _ = Producer::judge_in(&current, &options, role, &error, generation);
+            }
+        });
+    }
+}
+
+/// A producer, replaced when librdkafka gives up on it: after a broker lost the producer's state,
+/// an idempotent producer can retry its epoch forever, and every later record times out.
+pub(crate) struct Producer {
+    options: KafkaOptions,
+    role: &'static str,
+    current: Arc<std::sync::Mutex<(u64, rdkafka::producer::FutureProducer)>>,
+}
+
+impl Producer {
+    pub(crate) fn new(options: &KafkaOptions, role: &'static str) -> Result<Self, RpcError> {
+        Ok(Producer {
+            current: Arc::new(std::sync::Mutex::new((0, Self::create(options, role)?))),
+            options: options.clone(),
+            role,
+        })
+    }
+
+    fn create(
+        options: &KafkaOptions,
+        role: &str,
+    ) -> Result<rdkafka::producer::FutureProducer, RpcError> {
+        options.producer_config(role).create().map_err(|error| {
+            kafka_error(
+                &error,
+                &format!("cannot create a Kafka producer for {}", options.servers()),
+            )
+        })
+    }
+
+    fn current(&self) -> (u64, rdkafka::producer::FutureProducer) {
+        self.current
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+
+    /// Replaces the producer of `generation` (unless someone replaced it already).
+    fn judge_in(
+        current: &std::sync::Mutex<(u64, rdkafka::producer::FutureProducer)>,
+        options: &KafkaOptions,
+        role: &str,
+        error: &KafkaError,
+        generation: u64,
+    ) -> bool {
+        use rdkafka::producer::Producer as _;
+        // Timed out (the broker may have lost the producer's state), or fatal: an idempotent
+        // producer whose sequence numbers the broker no longer accepts never recovers.
+        let fatal = {
+            let current = current
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            current.0 == generation && current.1.client().fatal_error().is_some()
+        };
+        let gave_up = fatal
+            || matches!(
+                error.rdkafka_error_code(),
+                Some(RDKafkaErrorCode::MessageTimedOut | RDKafkaErrorCode::Fatal)
+            );
+        if gave_up {
+            Self::replace_in(current, options, role, generation);
+        }
+        gave_up
+    }
+
+    fn replace_in(
+        current: &std::sync::Mutex<(u64, rdkafka::producer::FutureProducer)>,
+        options: &KafkaOptions,
+        role: &str,
+        generation: u64,
+    ) {
+        let mut current = current
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if current.0 != generation {
+            return;
+        }
+        match Self::create(options, role) {
+            Ok(producer) => {
+                tracing::warn!("replacing a Kafka producer whose records time out");
+                *current = (generation + 1, producer);
+            }
+            Err(error) => tracing::warn!(%error, "cannot replace a Kafka producer"),
+        }
+    }
+
+    /// Produces `record` to `topic` and waits for the broker's acknowledgement.
+    ///
+    /// A record the producer gave up on (timed out: the broker may have lost the producer's state)
+    /// is sent once more with a fresh producer.
+    pub(crate) async fn send(
+        &self,
+        topic: &str,
+        record: &value::Outgoing,
+        headers: &[(&str, &[u8])],
+    ) -> Result<(), RpcError> {
+        match self.send_once(topic, record, headers).await {
+            Err((error, true)) => {
+                tracing::debug!(%error, "sending once more with a new producer");
+                self.send_once(topic, record, headers)
+                    .await
+                    .map_err(|(error, _)| error)
+            }
+            other => other.map_err(|(error, _)| error),
+        }
+    }
+
+    /// Sends `record` once; on failure, whether the producer was replaced for it.
+    async fn send_once(
+        &self,
+        topic: &str,
+        record: &value::Outgoing,
+        headers: &[(&str, &[u8])],
+    ) -> Result<(), (RpcError, bool)> {
+        use rdkafka::message::{Header, OwnedHeaders};
+        use rdkafka::producer::FutureRecord;
+        let mut owned = OwnedHeaders::new_with_capacity(record.headers.len() + headers.len());
+        for (key, value) in record
+            .headers
+            .iter()
+            .map(|(key, value)| (key.as_str(), value.as_slice()))
+            .chain(headers.iter().copied())
+        {
+            owned = owned.insert(Header {
+                key,
+                value: Some(value),
+            });
+        }
+        let mut future: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic).headers(owned);
+        if let Some(key) = &record.key {
+            future = future.key(key.as_slice());
+        }
+        if let Some(value) = &record.value {
+            future = future.payload(value.as_slice());
+        }
+        if let Some(partition) = record.partition {
+            future = future.partition(partition);
+        }
+        let (generation, producer) = self.current();
+        // Queue it (waiting while librdkafka's queue is full, up to the delivery timeout)...
+        let queued_by = tokio::time::Instant::now() + self.options.delivery_timeout;
+        let delivery = loop {
+            match producer.send_result(future) {
+                Ok(delivery) => break delivery,
+                Err((error, record))
+                    if error.rdkafka_error_code() == Some(RDKafkaErrorCode::QueueFull)
+                        && tokio::time::Instant::now() < queued_by =>
+                {
+                    future = record;
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                Err((error, _)) => {
+                    let replaced = self.judge(&error, generation);
+                    let error =
+                        kafka_error(&error, &format!("cannot produce to the topic {topic:?}"));
+                    return Err((error, replaced));
+                }
+            }
+        };
+        // ...and wait for the broker's acknowledgement. A caller that stops waiting (its deadline
+        // passed) leaves the watching to a task, so that a producer whose records time out is
+        // replaced whoever was waiting.
+        let mut watch = Watch {
+            delivery: Some(delivery),
+            producer: self,
+            generation,
+        };
+        let delivered = watch.delivery.as_mut().expect("set above").await;
+        watch.delivery = None;
+        match delivered {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err((error, _))) => {
+                let replaced = self.judge(&error, generation);
+                let error = kafka_error(&error, &format!("cannot produce to the topic {topic:?}"));
+                Err((error, replaced))
+            }
+            Err(_) => Err((
+                RpcError::transport(
+                    TransportErrorKind::ConnectionLost,
+                    format!(
+                        "the Kafka producer was closed before {topic:?} acknowledged the record"
+                    ),
+                ),
+                false,
+            )),
+        }
+    }
+
+    /// Replaces the producer when `error` shows it gave up; whether it did.
+    fn judge(&self, error: &KafkaError, generation: u64) -> bool {
+        Self::judge_in(&self.current, &self.options, self.role, error, generation)
+    }
+
+    /// Waits (up to `timeout`) for records still queued to be delivered.
+    pub(crate) async fn flush(&self, timeout: Duration) {
+        let (_, producer) = self.current();
+        let flushed = tokio::task::spawn_blocking(move || {
+            use rdkafka::producer::Producer as _;
+            producer.flush(timeout)
+        })
+        .await;
+        if let Ok(Err(error)) = flushed {
+            tracing::warn!(%error, "records still queued for Kafka were not delivered");
+        }
+    }
+}

@@ -1,0 +1,687 @@
+use super::value::{
+    CORRELATION_ID, NEST_ERR, NEST_IS_DISPOSED, Outgoing, REPLY_PARTITION, REPLY_TOPIC,
+    TYPE_HEADER, decode_received, encode_err,
+};
+use super::{KafkaOptions, Producer, Topics, kafka_error, topic_of};
+use crate::rpc::error::NO_HANDLER_MESSAGE;
+use crate::rpc::transport::{
+    DEAD_LETTER_DELIVERIES, DEAD_LETTER_REASON, DEAD_LETTER_SUBJECT, ReplyPacket, ServerTransport,
+    error_json,
+};
+use crate::rpc::{
+    Dispatcher, Headers, Kind, Pattern, RawJson, ReplySink, RpcError, RpcRequest, SendError,
+    Server, ServerHandle,
+};
+use rdkafka::client::ClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::message::{Headers as _, Message, OwnedMessage};
+use rdkafka::{Offset, TopicPartitionList};
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::fmt;
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::mpsc;
+
+/// Header of a dead letter: the partition of the record that failed.
+pub const DEAD_LETTER_PARTITION: &str = "palisade-original-partition";
+/// Header of a dead letter: the offset of the record that failed.
+pub const DEAD_LETTER_OFFSET: &str = "palisade-original-offset";
+
+/// Records of one partition waiting for their worker; beyond this the consumer waits.
+const PARTITION_QUEUE: usize = 256;
+
+/// What happens to an event whose handler fails: retried in place (the partition waits, so
+/// events stay in order), then published to a dead-letter topic
+/// `<dead letter prefix>.<topic>` with the reason in its headers
+/// ([`DEAD_LETTER_REASON`], [`DEAD_LETTER_DELIVERIES`], [`DEAD_LETTER_SUBJECT`] — the
+/// original topic —, [`DEAD_LETTER_PARTITION`], [`DEAD_LETTER_OFFSET`]) and committed.
+///
+/// Defaults: 3 deliveries, retried after 200 ms and 1 s, dead letters on
+/// `palisade.dead-letter.<topic>`.
+///
+/// ```
+/// use palisade::rpc::transport::kafka::{KafkaEvents, KafkaOptions, KafkaServer};
+/// use std::time::Duration;
+///
+/// let server = KafkaServer::new(KafkaOptions::new(["127.0.0.1:9092"])).events(
+///     KafkaEvents::new()
+///         .max_deliveries(5)
+///         .backoff([Duration::from_millis(100), Duration::from_secs(1), Duration::from_secs(5)]),
+/// );
+/// # let _ = server;
+/// ```
+#[derive(Clone, Debug)]
+#[must_use]
+pub struct KafkaEvents {
+    max_deliveries: u32,
+    backoff: Vec<Duration>,
+    dead_letter_prefix: String,
+}
+
+impl Default for KafkaEvents {
+    fn default() -> Self {
+        KafkaEvents {
+            max_deliveries: 3,
+            backoff: vec![Duration::from_millis(200), Duration::from_secs(1)],
+            dead_letter_prefix: "palisade.dead-letter".into(),
+        }
+    }
+}
+
+impl KafkaEvents {
+    /// The defaults.
+    pub fn new() -> Self {
+        KafkaEvents::default()
+    }
+
+    /// Deliveries before an event is dead-lettered (at least 1).
+    pub fn max_deliveries(mut self, deliveries: u32) -> Self {
+        self.max_deliveries = deliveries.max(1);
+        self
+    }
+
+    /// Delays before the 1st, 2nd, ... redelivery (the last repeats).
+    pub fn backoff(mut self, delays: impl IntoIterator<Item = Duration>) -> Self {
+        self.backoff = delays.into_iter().collect();
+        self
+    }
+
+    /// Dead letters go to `<prefix>.<topic>`.
+    pub fn dead_letter_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.dead_letter_prefix = prefix.into();
+        self
+    }
+
+    fn delay_before(&self, redelivery: u32) -> Duration {
+        let index = redelivery.saturating_sub(1) as usize;
+        self.backoff
+            .get(index)
+            .or(self.backoff.last())
+            .copied()
+            .unwrap_or_default()
+    }
+
+    fn dead_letter_topic(&self, topic: &str) -> String {
+        format!("{}.{topic}", self.dead_letter_prefix)
+    }
+}
+
+/// A NestJS-compatible Kafka server: the consumer group `<group>-server` over the topics of the
+/// server's routes, and a producer for replies and dead letters. See the [module
+/// documentation](super) for what it does beyond NestJS.
+#[derive(Debug)]
+pub struct KafkaServer {
+    options: KafkaOptions,
+    events: KafkaEvents,
+}
+
+impl KafkaServer {
+    /// A server connecting with `options`.
+    pub fn new(options: KafkaOptions) -> Self {
+        KafkaServer {
+            options,
+            events: KafkaEvents::default(),
+        }
+    }
+
+    /// What happens to events whose handlers fail; see [`KafkaEvents`].
+    pub fn events(mut self, events: KafkaEvents) -> Self {
+        self.events = events;
+        self
+    }
+
+    async fn start(self, server: Server) -> Result<ServerHandle, RpcError> {
+        let routes = server.routes().cloned().ok_or_else(|| {
+            RpcError::invalid_argument(
+                "a Kafka server subscribes per pattern: serve a Router, or declare the patterns \
+                 of another service with Server::with_routes",
+            )
+        })?;
+        let messages: HashSet<Arc<str>> = routes.messages().iter().cloned().collect();
+        let topics: Vec<String> = routes
+            .all()
+            .iter()
+            .map(|route| topic_of(route).map(str::to_owned))
+            .collect::<Result<_, _>>()?;
+        let mut created = topics.clone();
+        created.extend(
+            routes
+                .events()
+                .iter()
+                .map(|route| self.events.dead_letter_topic(route)),
+        );
+        let admin = Topics::new(&self.options)?;
+        admin.ensure(&created).await?;
+        let revoked = Arc::new(Revocations::default());
+        let joined = Arc::new(tokio::sync::Notify::new());
+        let consumer: StreamConsumer<ServerContext> = self
+            .options
+            .consumer_config("server")
+            .create_with_context(ServerContext {
+                revoked: Arc::clone(&revoked),
+                joined: Arc::clone(&joined),
+                from_beginning: self.options.from_beginning,
+                timeout: self.options.delivery_timeout,
+            })
+            .map_err(|error| kafka_error(&error, "cannot create the Kafka consumer"))?;
+        let consumer = Arc::new(consumer);
+        if !topics.is_empty() {
+            let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+            consumer
+                .subscribe(&names)
+                .map_err(|error| kafka_error(&error, "cannot subscribe to the topics"))?;
+        }
+        let producer = Arc::new(Producer::new(&self.options, "server")?);
+        let dispatcher = server.into_dispatcher("kafka");
+        let shared = Arc::new(Shared {
+            consumer: Arc::clone(&consumer),
+            producer: Arc::clone(&producer),
+            dispatcher: dispatcher.clone(),
+            messages,
+            events: self.events,
+            options: self.options.clone(),
+            topics,
+            admin,
+        });
+        let joining = joined.notified();
+        dispatcher.spawn(consume(Arc::clone(&shared), revoked));
+        // Serving means taking records: wait for the group to assign partitions (maybe none, when
+        // there are more servers than partitions).
+        if !shared.topics.is_empty()
+            && tokio::time::timeout(self.options.join_timeout, joining)
+                .await
+                .is_err()
+        {
+            tracing::warn!(timeout = ?self.options.join_timeout, "the Kafka server group assigned no partitions in time; serving anyway");
+        }
+        let delivery_timeout = self.options.delivery_timeout;
+        let finish = async move {
+            producer.flush(delivery_timeout).await;
+            drop(shared);
+            // Closing commits the offsets stored by now and leaves the group; it can wait on the
+            // broker, so not on a runtime thread, and not forever.
+            let closing = tokio::task::spawn_blocking(move || drop(consumer));
+            if tokio::time::timeout(delivery_timeout, closing)
+                .await
+                .is_err()
+            {
+                tracing::warn!("the Kafka consumer did not close in time");
+            }
+        };
+        Ok(ServerHandle::new(dispatcher).on_shutdown(finish))
+    }
+}
+
+impl ServerTransport for KafkaServer {
+    /// Creates the topics (unless topic creation is off), joins the group and starts consuming.
+    /// Fails with a clear error if a pattern is not a valid topic name or the broker refuses.
+    fn serve(self, server: Server) -> impl Future<Output = Result<ServerHandle, RpcError>> + Send {
+        self.start(server)
+    }
+}
+
+/// Partitions taken away from this server, set by the consumer's rebalance callback and read by
+/// their workers, which stop taking records.
+#[derive(Default)]
+struct Revocations {
+    flags: Mutex<HashMap<(String, i32), Arc<AtomicBool>>>,
+}
+
+impl Revocations {
+    fn flags(&self) -> std::sync::MutexGuard<'_, HashMap<(String, i32), Arc<AtomicBool>>> {
+        self.flags
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+struct ServerContext {
+    revoked: Arc<Revocations>,
+    /// Set at the first assignment (the group has been joined).
+    joined: Arc<tokio::sync::Notify>,
+    from_beginning: bool,
+    timeout: Duration,
+}
+
+impl ServerContext {
+    /// Starts partitions this group never committed an offset for at their end (or beginning) as
+    /// it is now: a record produced once `serve` returned is never skipped, whatever the fetcher
+    /// would have resolved `auto.offset.reset` to later.
+    fn start_new_partitions(&self, consumer: &BaseConsumer<Self>, partitions: &TopicPartitionList) {
+        let committed = match consumer.committed_offsets(partitions.clone(), self.timeout) {
+            Ok(committed) => committed,
+            Err(error) => {
+                tracing::debug!(%error, "cannot read the group's committed offsets");
+                return;
+            }
+        };
+        for element in committed.elements() {
+            if element.offset() != Offset::Invalid {
+                continue;
+            }
+            let (topic, partition) = (element.topic(), element.partition());
+            match consumer.fetch_watermarks(topic, partition, self.timeout) {
+                Ok((low, high)) => {
+                    let start = if self.from_beginning { low } else { high };
+                    if let Err(error) =
+                        consumer.seek(topic, partition, Offset::Offset(start), self.timeout)
+                    {
+                        tracing::debug!(topic, partition, %error, "cannot seek a new partition");
+                    }
+                }
+                Err(error) => {
+                    tracing::debug!(topic, partition, %error, "cannot read a partition's offsets")
+                }
+            }
+        }
+    }
+}
+
+impl ClientContext for ServerContext {}
+
+impl ConsumerContext for ServerContext {
+    fn pre_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Revoke(partitions) => {
+                let mut flags = self.revoked.flags();
+                for element in partitions.elements() {
+                    let key = (element.topic().to_owned(), element.partition());
+                    if let Some(flag) = flags.remove(&key) {
+                        flag.store(true, Ordering::Release);
+                    }
+                    tracing::debug!(topic = %key.0, partition = key.1, "partition revoked");
+                }
+            }
+            Rebalance::Assign(_) | Rebalance::Error(_) => {}
+        }
+    }
+
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Assign(partitions) => {
+                for element in partitions.elements() {
+                    tracing::debug!(
+                        topic = element.topic(),
+                        partition = element.partition(),
+                        "partition assigned"
+                    );
+                }
+                self.start_new_partitions(consumer, partitions);
+                self.joined.notify_waiters();
+            }
+            Rebalance::Revoke(_) => {}
+            Rebalance::Error(error) => tracing::warn!(%error, "Kafka rebalance failed"),
+        }
+    }
+}
+
+/// What the consumer loop and the partition workers share.
+struct Shared {
+    consumer: Arc<StreamConsumer<ServerContext>>,
+    producer: Arc<Producer>,
+    dispatcher: Dispatcher,
+    /// Routes with a message handler: a record there with correlation headers is a request.
+    messages: HashSet<Arc<str>>,
+    events: KafkaEvents,
+    options: KafkaOptions,
+    topics: Vec<String>,
+    admin: Topics,
+}
+
+/// A partition's worker: where its records go, and whether it was revoked.
+struct Worker {
+    records: mpsc::Sender<OwnedMessage>,
+    revoked: Arc<AtomicBool>,
+}
+
+/// Reads records and hands each to its partition's worker, until shutdown.
+async fn consume(shared: Arc<Shared>, revocations: Arc<Revocations>) {
+    let mut workers: HashMap<(String, i32), Worker> = HashMap::new();
+    let mut draining = std::pin::pin!(shared.dispatcher.draining());
+    let mut topics_checked: Option<tokio::time::Instant> = None;
+    loop {
+        if shared.dispatcher.is_draining() {
+            break;
+        }
+        let received = tokio::select! {
+            biased;
+            received = shared.consumer.recv() => received,
+            _ = &mut draining => break,
+        };
+        let message = match received {
+            Ok(message) => message.detach(),
+            Err(error) => {
+                tracing::debug!(%error, "Kafka consumer");
+                let checked_lately =
+                    topics_checked.is_some_and(|at| at.elapsed() < Duration::from_secs(1));
+                if matches!(
+                    error.rdkafka_error_code(),
+                    Some(rdkafka::types::RDKafkaErrorCode::UnknownTopicOrPartition)
+                ) && !checked_lately
+                {
+                    // The topics are gone (deleted, or a broker that lost its data): make them
+                    // again, so that the group can resume.
+                    topics_checked = Some(tokio::time::Instant::now());
+                    if let Err(error) = shared.admin.ensure(&shared.topics).await {
+                        tracing::warn!(%error, "cannot create the server's topics again");
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let key = (message.topic().to_owned(), message.partition());
+        let live = workers
+            .get(&key)
+            .is_some_and(|worker| !worker.revoked.load(Ordering::Acquire));
+        if !live {
+            let revoked = Arc::new(AtomicBool::new(false));
+            revocations
+                .flags()
+                .insert(key.clone(), Arc::clone(&revoked));
+            let (records, queue) = mpsc::channel(PARTITION_QUEUE);
+            shared.dispatcher.spawn(work(
+                Arc::clone(&shared),
+                key.0.clone(),
+                key.1,
+                queue,
+                Arc::clone(&revoked),
+            ));
+            workers.insert(key.clone(), Worker { records, revoked });
+        }
+        let worker = &workers[&key];
+        // A full queue holds the consumer back: backpressure, not loss.
+        if worker.records.send(message).await.is_err() {
+            workers.remove(&key);
+        }
+        workers.retain(|_, worker| !worker.revoked.load(Ordering::Acquire));
+    }
+    // Workers finish what they took; records not yet taken are handled again by the next owner.
+    for worker in workers.values() {
+        worker.revoked.store(true, Ordering::Release);
+    }
+}
+
+/// The progress of a partition: which records are done, so that only offsets below every record
+/// still being handled are committed.
+struct Progress {
+    topic: String,
+    partition: i32,
+    state: Mutex<ProgressState>,
+}
+
+#[derive(Default)]
+struct ProgressState {
+    in_flight: BTreeSet<i64>,
+    /// One past the highest offset taken.
+    next: i64,
+    /// One past the highest offset stored for commit.
+    stored: i64,
+}
+
+impl Progress {
+    fn start(&self, offset: i64) {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        state.in_flight.insert(offset);
+        state.next = state.next.max(offset + 1);
+    }
+
+    /// Marks `offset` done and stores, for the next commit, every offset below the first record
+    /// still in flight.
+    fn finish(&self, offset: i64, consumer: &StreamConsumer<ServerContext>) {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        state.in_flight.remove(&offset);
+        let done_below = state.in_flight.first().copied().unwrap_or(state.next);
+        if done_below > state.stored {
+            state.stored = done_below;
+            // `store_offset` stores "offset + 1": the record before `done_below`.
+            if let Err(error) = consumer.store_offset(&self.topic, self.partition, done_below - 1) {
+                // The partition was revoked meanwhile: its next owner handles the rest.
+                tracing::debug!(topic = %self.topic, partition = self.partition, %error, "offset not stored");
+            }
+        }
+    }
+}
+
+/// Handles the records of one partition in order.
+async fn work(
+    shared: Arc<Shared>,
+    topic: String,
+    partition: i32,
+    mut records: mpsc::Receiver<OwnedMessage>,
+    revoked: Arc<AtomicBool>,
+) {
+    let route: Arc<str> = Arc::from(topic.as_str());
+    let progress = Arc::new(Progress {
+        topic,
+        partition,
+        state: Mutex::new(ProgressState::default()),
+    });
+    while let Some(record) = records.recv().await {
+        if revoked.load(Ordering::Acquire) || shared.dispatcher.is_draining() {
+            // Not ours any more (or shutting down): left for the partition's next owner.
+            break;
+        }
+        let offset = record.offset();
+        progress.start(offset);
+        let incoming = Incoming::of(&record);
+        match incoming
+            .reply_to
+            .filter(|_| shared.messages.contains(&route))
+        {
+            Some((reply_topic, reply_partition, correlation)) => {
+                let request = RpcRequest::received(
+                    Pattern::received_on(
+                        Arc::clone(&route),
+                        RawJson::to_json(&*route).expect("a string serialises"),
+                    ),
+                    incoming.data,
+                    Kind::Request,
+                    incoming.headers,
+                );
+                let sink = KafkaSink {
+                    producer: Arc::clone(&shared.producer),
+                    topic: reply_topic,
+                    partition: reply_partition,
+                    correlation,
+                    max_message_bytes: shared.options.max_message_bytes,
+                    done: Some(Done {
+                        progress: Arc::clone(&progress),
+                        offset,
+                        shared: Arc::clone(&shared),
+                    }),
+                };
+                shared.dispatcher.dispatch(request, Some(sink)).await;
+            }
+            None => {
+                let event = RpcRequest::received(
+                    Pattern::received_on(
+                        Arc::clone(&route),
+                        RawJson::to_json(&*route).expect("a string serialises"),
+                    ),
+                    incoming.data,
+                    Kind::Event,
+                    incoming.headers,
+                );
+                handle_event(&shared, event, &record).await;
+                progress.finish(offset, &shared.consumer);
+            }
+        }
+    }
+}
+
+/// An event handled at least once: retried in place, then dead-lettered.
+async fn handle_event(shared: &Shared, event: RpcRequest, record: &OwnedMessage) {
+    let events = &shared.events;
+    let mut delivery = 1;
+    let error = loop {
+        match shared.dispatcher.handle_event(event.clone()).await {
+            Ok(()) => return,
+            Err(error) if delivery < events.max_deliveries && !shared.dispatcher.is_draining() => {
+                let delay = events.delay_before(delivery);
+                tracing::warn!(topic = record.topic(), offset = record.offset(), delivery, %error, retry_in = ?delay, "event handler failed; retrying");
+                tokio::time::sleep(delay).await;
+                delivery += 1;
+            }
+            Err(error) => break error,
+        }
+    };
+    if shared.dispatcher.is_draining() && delivery < events.max_deliveries {
+        // Shutting down mid-retry: not committed, so it is delivered again after the restart.
+        return;
+    }
+    let dead_letters = events.dead_letter_topic(record.topic());
+    tracing::error!(topic = record.topic(), offset = record.offset(), deliveries = delivery, %error, dead_letter = %dead_letters, "event failed for good; dead-lettered");
+    let reason = error.to_string();
+    let deliveries = delivery.to_string();
+    let partition = record.partition().to_string();
+    let offset = record.offset().to_string();
+    let mut outgoing = Outgoing {
+        key: record.key().map(<[u8]>::to_vec),
+        value: record.payload().map(<[u8]>::to_vec),
+        headers: Vec::new(),
+        partition: None,
+    };
+    if let Some(headers) = record.headers() {
+        for header in headers.iter() {
+            if let Some(value) = header.value {
+                outgoing
+                    .headers
+                    .push((header.key.to_owned(), value.to_vec()));
+            }
+        }
+    }
+    let headers: [(&str, &[u8]); 5] = [
+        (DEAD_LETTER_REASON, reason.as_bytes()),
+        (DEAD_LETTER_DELIVERIES, deliveries.as_bytes()),
+        (DEAD_LETTER_SUBJECT, record.topic().as_bytes()),
+        (DEAD_LETTER_PARTITION, partition.as_bytes()),
+        (DEAD_LETTER_OFFSET, offset.as_bytes()),
+    ];
+    if let Err(error) = shared
+        .producer
+        .send(&dead_letters, &outgoing, &headers)
+        .await
+    {
+        tracing::error!(%error, "cannot publish a dead letter; the event is skipped");
+    }
+}
+
+/// What a record carries, read as a NestJS server reads it.
+struct Incoming {
+    data: RawJson,
+    headers: Headers,
+    /// Reply topic, partition and correlation id: a request's (when it names them).
+    reply_to: Option<(String, Option<i32>, String)>,
+}
+
+impl Incoming {
+    fn of(record: &OwnedMessage) -> Incoming {
+        let mut headers = Headers::new();
+        let (mut correlation, mut reply_topic, mut reply_partition, mut string) =
+            (None, None, None, false);
+        if let Some(record_headers) = record.headers() {
+            for header in record_headers.iter() {
+                let text = header
+                    .value
+                    .map(|value| String::from_utf8_lossy(value).into_owned());
+                match (header.key, text) {
+                    (CORRELATION_ID, Some(text)) => correlation = Some(text),
+                    (REPLY_TOPIC, Some(text)) => reply_topic = Some(text),
+                    (REPLY_PARTITION, Some(text)) => reply_partition = text.trim().parse().ok(),
+                    (TYPE_HEADER, Some(text)) => string = text == "string",
+                    (key, Some(text)) => headers.insert(key.to_owned(), text),
+                    (_, None) => {}
+                }
+            }
+        }
+        Incoming {
+            data: decode_received(record.payload(), string),
+            headers,
+            reply_to: correlation
+                .zip(reply_topic)
+                .map(|(correlation, topic)| (topic, reply_partition, correlation)),
+        }
+    }
+}
+
+/// Counts a request's record as done when its reply is sent (or given up on).
+struct Done {
+    progress: Arc<Progress>,
+    offset: i64,
+    shared: Arc<Shared>,
+}
+
+impl Drop for Done {
+    fn drop(&mut self) {
+        self.progress.finish(self.offset, &self.shared.consumer);
+    }
+}
+
+/// Sends a request's replies as NestJS reply records.
+struct KafkaSink {
+    producer: Arc<Producer>,
+    topic: String,
+    partition: Option<i32>,
+    correlation: String,
+    max_message_bytes: usize,
+    /// Dropped when the request is answered.
+    done: Option<Done>,
+}
+
+impl ReplySink for KafkaSink {
+    async fn send(&mut self, packet: ReplyPacket) -> Result<(), SendError> {
+        let last = packet.is_last();
+        let error_text;
+        let (mut outgoing, err) = match &packet {
+            ReplyPacket::Value { response, .. } => (Outgoing::value(response), None),
+            ReplyPacket::Complete => (Outgoing::default(), None),
+            ReplyPacket::Error(err) => (Outgoing::default(), Some(encode_err(err))),
+            ReplyPacket::Failed(error) => {
+                (Outgoing::default(), Some(encode_err(&error_json(error))))
+            }
+            ReplyPacket::NoHandler => (
+                Outgoing::default(),
+                Some(NO_HANDLER_MESSAGE.as_bytes().to_vec()),
+            ),
+        };
+        outgoing.partition = self.partition;
+        let size = outgoing.value.as_ref().map_or(0, Vec::len);
+        if size > self.max_message_bytes {
+            return Err(SendError::TooLarge {
+                size,
+                limit: self.max_message_bytes,
+            });
+        }
+        let mut headers: Vec<(&str, &[u8])> = vec![(CORRELATION_ID, self.correlation.as_bytes())];
+        if let Some(err) = &err {
+            error_text = err.clone();
+            headers.push((NEST_ERR, &error_text));
+        }
+        if last {
+            headers.push((NEST_IS_DISPOSED, &[0]));
+        }
+        let sent = self.producer.send(&self.topic, &outgoing, &headers).await;
+        if last {
+            self.done.take();
+        }
+        sent.map_err(|error| match error.transport_kind() {
+            Some(crate::rpc::TransportErrorKind::PayloadTooLarge) => SendError::TooLarge {
+                size,
+                limit: self.max_message_bytes,
+            },
+            _ => SendError::Failed(error),
+        })
+    }
+}
+
+impl fmt::Debug for KafkaSink {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KafkaSink")
+            .field("topic", &self.topic)
+            .field("partition", &self.partition)
+            .finish_non_exhaustive()
+    }
+}
