@@ -27,7 +27,7 @@
 //! # }
 //! ```
 
-use crate::classify::{FailureKind, RetryAfter};
+use crate::classify::FailureKind;
 use crate::rng::{mix, unit_interval};
 use pin_project_lite::pin_project;
 use std::fmt;
@@ -62,12 +62,6 @@ impl fmt::Display for InjectedFault {
 }
 
 impl std::error::Error for InjectedFault {}
-
-impl RetryAfter for InjectedFault {
-    fn retry_after(&self) -> Option<Duration> {
-        None
-    }
-}
 
 impl FailureKind for InjectedFault {
     /// Injected faults stand for transient outages.

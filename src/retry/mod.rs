@@ -9,7 +9,7 @@
 //! - a [`Predicate`] over the whole `Result`: errors *and* responses. The default,
 //!   [`TransientErrors`], retries only what is safe: transient errors, never a response, never a
 //!   [`CircuitOpen`](crate::circuit_breaker::CircuitOpen) unless its retry-after fits in the deadline;
-//! - an error's [retry-after hint](crate::classify::RetryAfter) replaces the computed delay;
+//! - an error's [retry-after hint](crate::classify::FailureKind::retry_after) replaces the computed delay;
 //! - a [`RetryBudget`] so that retries cannot multiply an outage;
 //! - with [`honor_deadline`](RetryPolicy::honor_deadline), it never sleeps past the request's
 //!   [`Deadline`](crate::timeout::Deadline) and stops with a clear error when the next attempt cannot

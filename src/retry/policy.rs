@@ -69,7 +69,7 @@ where
 /// they are transient (connection failures, attempt timeouts, `Unavailable` and other transient
 /// RPC codes) — never a response, and never a request the deadline has no room for.
 ///
-/// An error's [retry-after hint](crate::classify::RetryAfter) replaces the backoff delay. The policy
+/// An error's [retry-after hint](crate::classify::FailureKind::retry_after) replaces the backoff delay. The policy
 /// waits that long only if it fits before the request's deadline — or, with no deadline, if it is
 /// within the backoff's `max_delay`; a longer hint ends the retries and the caller gets the error.
 /// A local rejection ([`CircuitOpen`](crate::circuit_breaker::CircuitOpen)) is retried only when
