@@ -301,8 +301,6 @@ mod tests {
         assert!(elapsed.is_transient() && elapsed.is_fault() && !elapsed.is_rejection());
         let overloaded: tower::BoxError = Box::new(tower::load_shed::error::Overloaded::new());
         assert!(overloaded.is_transient() && !overloaded.is_fault() && overloaded.is_rejection());
-        let closed: tower::BoxError = Box::new(tower::buffer::error::Closed::new());
-        assert!(!closed.is_transient() && closed.is_fault());
         let wrapped: tower::BoxError = Box::new(Wrapper(Box::new(
             tower::timeout::error::Elapsed::new(),
         )));
