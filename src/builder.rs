@@ -38,7 +38,7 @@ use crate::classify::ErrorsAreFailures;
 use crate::fault::FaultLayer;
 use crate::retry::{RetryLayer, RetryPolicy, TransientErrors};
 use crate::timeout::{
-    DeadlineLayer, EnforceDeadline, NoDeadline, RequestDeadline, Timeout, TimeoutLayer,
+    DeadlineLayer, EnforceDeadline, RequestDeadline, Timeout, TimeoutLayer,
 };
 use std::fmt;
 use std::time::Duration;
@@ -65,9 +65,9 @@ pub trait ServiceBuilderExt<L>: Sized {
     ) -> ServiceBuilder<Stack<TimeoutLayer<RequestDeadline>, L>>;
 
     /// Adds a timeout for any request type, failing through the service's own error type
-    /// (`From<Elapsed>`), unlike tower's `.timeout()` which forces `BoxError`.
-    fn typed_timeout(self, timeout: Duration)
-    -> ServiceBuilder<Stack<TimeoutLayer<NoDeadline>, L>>;
+    /// (`From<Elapsed>`), unlike tower's `.timeout()` which forces `BoxError`. It also stops at
+    /// the deadline of an enclosing [`deadline`](Self::deadline) layer.
+    fn typed_timeout(self, timeout: Duration) -> ServiceBuilder<Stack<TimeoutLayer, L>>;
 
     /// Gives each request a deadline `budget` from now (or keeps an earlier one) and enforces it.
     fn deadline(self, budget: Duration) -> ServiceBuilder<Stack<DeadlineLayer, L>>;
@@ -101,10 +101,7 @@ impl<L> ServiceBuilderExt<L> for ServiceBuilder<L> {
         self.layer(TimeoutLayer::new(timeout).honor_deadline())
     }
 
-    fn typed_timeout(
-        self,
-        timeout: Duration,
-    ) -> ServiceBuilder<Stack<TimeoutLayer<NoDeadline>, L>> {
+    fn typed_timeout(self, timeout: Duration) -> ServiceBuilder<Stack<TimeoutLayer, L>> {
         self.layer(TimeoutLayer::new(timeout))
     }
 

@@ -79,14 +79,14 @@ impl Backoff {
         let raw = match self.kind {
             Kind::Constant(delay) => delay,
             Kind::Linear { initial, step } => initial.saturating_add(step.saturating_mul(retry)),
-            Kind::Exponential { base, .. } if base.is_zero() => Duration::ZERO,
+            Kind::Exponential { base, .. } if base.is_zero() || retry == 0 => base,
             Kind::Exponential { base, factor } => {
                 let exponent = i32::try_from(retry).unwrap_or(i32::MAX);
                 let secs = base.as_secs_f64() * factor.powi(exponent);
-                if secs.is_finite() && secs < self.max_delay.as_secs_f64() {
-                    Duration::from_secs_f64(secs)
-                } else {
-                    self.max_delay
+                // Finite but beyond `Duration`'s range (or the cap) is the cap, never a panic.
+                match Duration::try_from_secs_f64(secs) {
+                    Ok(delay) if delay < self.max_delay => delay,
+                    _ => self.max_delay,
                 }
             }
         };

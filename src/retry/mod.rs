@@ -65,7 +65,8 @@ mod policy;
 pub use self::backoff::{Backoff, Jitter};
 pub use self::budget::RetryBudget;
 pub use self::policy::{
-    DeadlineStop, Predicate, RetryEvent, RetryPolicy, TransientErrors, Verdict,
+    DeadlineStop, GiveUp, GiveUpReason, Predicate, RetryEvent, RetryPolicy, TransientErrors,
+    Verdict,
 };
 
 /// tower's retry service, driven by a [`RetryPolicy`].

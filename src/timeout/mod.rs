@@ -2,9 +2,11 @@
 //!
 //! - [`Timeout`] fails a call that takes too long with [`Elapsed`], through the service's own error
 //!   type (`S::Error: From<Elapsed>`; no `BoxError` forced on you, unlike `tower::timeout`).
-//! - A [`Deadline`] travels with a request ([`HasDeadline`]). [`DeadlineLayer`] sets and enforces it;
-//!   a [`Timeout`] made with [`TimeoutLayer::honor_deadline`] gives each attempt
-//!   `min(attempt timeout, time left)`; [retry](crate::retry) never sleeps past it.
+//! - A [`Deadline`] travels with a request ([`HasDeadline`]). [`DeadlineLayer`] sets and enforces it,
+//!   and while it runs the deadline is [ambient](AmbientDeadline) to the layers below: a
+//!   [`Timeout`] gives each attempt `min(attempt timeout, time left)` and [retry](crate::retry)
+//!   never sleeps past it — by default, for any request type.
+//!   [`TimeoutLayer::honor_deadline`] also reads a deadline the request itself carries.
 //!
 //! ```
 //! use palisade::timeout::{Elapsed, TimeoutLayer};
@@ -39,7 +41,8 @@ mod future;
 mod layer;
 
 pub use self::deadline::{
-    Deadline, DeadlineSource, Deadlined, HasDeadline, NoDeadline, RequestDeadline,
+    AmbientDeadline, Deadline, DeadlineSource, Deadlined, HasDeadline, NoDeadline,
+    RequestDeadline,
 };
 pub use self::error::{Elapsed, ElapsedKind};
 pub use self::future::ResponseFuture;
@@ -52,7 +55,7 @@ use tower_service::Service;
 /// Fails calls that take longer than a timeout (and, with a deadline source, calls that outlive
 /// the request's deadline). See the [module docs](self).
 #[derive(Clone, Copy, Debug)]
-pub struct Timeout<S, D = NoDeadline> {
+pub struct Timeout<S, D = AmbientDeadline> {
     inner: S,
     timeout: Duration,
     source: D,
@@ -141,6 +144,9 @@ where
         if let Some(deadline) = deadline {
             request.set_deadline(deadline);
         }
-        ResponseFuture::new(self.inner.call(request), None, deadline)
+        // While the inner service is called (and, in the future, polled) the deadline is ambient
+        // to the layers below.
+        let future = self::deadline::within(deadline, || self.inner.call(request));
+        ResponseFuture::enforcing(future, deadline)
     }
 }
