@@ -7,7 +7,7 @@
 
 use palisade::builder::Resilience;
 use palisade::circuit_breaker::{CircuitBreakerConfig, CircuitBreakerLayer, CircuitOpen};
-use palisade::classify::{FailureKind, RetryAfter};
+use palisade::classify::FailureKind;
 use palisade::retry::{Backoff, RetryBudget, RetryPolicy};
 use palisade::timeout::{Deadlined, Elapsed};
 use std::future::{Future, Ready, ready};
@@ -34,12 +34,6 @@ impl From<CircuitOpen> for BenchError {
 impl From<Elapsed> for BenchError {
     fn from(elapsed: Elapsed) -> Self {
         BenchError::Timeout(elapsed)
-    }
-}
-
-impl RetryAfter for BenchError {
-    fn retry_after(&self) -> Option<Duration> {
-        None
     }
 }
 
