@@ -6,7 +6,8 @@
 //! have names of their own: [`circuit_breaker`](ServiceBuilderExt::circuit_breaker),
 //! [`retry_with`](ServiceBuilderExt::retry_with), [`attempt_timeout`](ServiceBuilderExt::attempt_timeout),
 //! [`typed_timeout`](ServiceBuilderExt::typed_timeout), [`deadline`](ServiceBuilderExt::deadline),
-//! [`fault`](ServiceBuilderExt::fault) and [`resilience`](ServiceBuilderExt::resilience).
+//! [`fault`](ServiceBuilderExt::fault), [`fallback`](ServiceBuilderExt::fallback) and
+//! [`resilience`](ServiceBuilderExt::resilience).
 //! (tower's own `.retry(RetryPolicy::new(3))` works as well: a [`RetryPolicy`] is a tower policy.)
 //!
 //! They compose with tower's own middleware — `ConcurrencyLimit`, `RateLimit`, `LoadShed`,
@@ -35,6 +36,7 @@ use crate::circuit_breaker::{
     CircuitBreaker, CircuitBreakerConfig, CircuitBreakerHandle, CircuitBreakerLayer,
 };
 use crate::classify::ErrorsAreFailures;
+use crate::fallback::FallbackLayer;
 use crate::fault::FaultLayer;
 use crate::retry::{RetryLayer, RetryPolicy, TransientErrors};
 use crate::timeout::{
@@ -75,6 +77,9 @@ pub trait ServiceBuilderExt<L>: Sized {
     /// Adds fault injection.
     fn fault(self, layer: FaultLayer) -> ServiceBuilder<Stack<FaultLayer, L>>;
 
+    /// Answers failed calls with `fallback(error)`; see [`FallbackLayer`].
+    fn fallback<F>(self, fallback: F) -> ServiceBuilder<Stack<FallbackLayer<F>, L>>;
+
     /// Adds the whole [`Resilience`] preset.
     fn resilience<P, C>(
         self,
@@ -111,6 +116,10 @@ impl<L> ServiceBuilderExt<L> for ServiceBuilder<L> {
 
     fn fault(self, layer: FaultLayer) -> ServiceBuilder<Stack<FaultLayer, L>> {
         self.layer(layer)
+    }
+
+    fn fallback<F>(self, fallback: F) -> ServiceBuilder<Stack<FallbackLayer<F>, L>> {
+        self.layer(FallbackLayer::new(fallback))
     }
 
     fn resilience<P, C>(
@@ -158,6 +167,7 @@ impl<L> ServiceBuilderExt<L> for ServiceBuilder<L> {
 /// assert_eq!(users.ready().await?.call(Deadlined::new(41)).await?, 42);
 /// # let _ = breaker; Ok(()) }
 /// ```
+#[must_use = "a preset does nothing until it wraps a service"]
 pub struct Resilience<P = TransientErrors, C = ErrorsAreFailures> {
     deadline: Duration,
     retry: RetryPolicy<P, RequestDeadline>,

@@ -48,7 +48,8 @@ use tower_layer::Layer;
 use tower_service::Service;
 
 /// The error of a call that fault injection failed on purpose.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("injected fault on call {call}")]
 pub struct InjectedFault {
     call: u64,
 }
@@ -59,14 +60,6 @@ impl InjectedFault {
         self.call
     }
 }
-
-impl fmt::Display for InjectedFault {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "injected fault on call {}", self.call)
-    }
-}
-
-impl std::error::Error for InjectedFault {}
 
 impl FailureKind for InjectedFault {
     /// Injected faults stand for transient outages.

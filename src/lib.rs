@@ -11,6 +11,7 @@
 //!   hints and deadlines.
 //! - [`timeout`]: timeouts that keep your error type, and deadlines that travel with requests.
 //! - [`fault`]: seeded fault injection (errors, latency, hangs) for tests, chaos drills and demos.
+//! - [`fallback`]: answer a failed call from a function, as Polly's and Resilience4j's fallbacks do.
 //! - [`builder`]: all of it as `ServiceBuilder` methods, and a preset that stacks deadline → retry →
 //!   circuit breaker → attempt timeout in the right order.
 //! - [`classify`]: how results are judged (success, failure, ignored; transient or not).
@@ -57,12 +58,14 @@
 //! # }
 //! ```
 #![warn(missing_docs)]
+#![forbid(unsafe_code)]
 
 pub mod builder;
 pub mod circuit_breaker;
 pub mod classify;
 mod counter;
 mod errors;
+pub mod fallback;
 pub mod fault;
 pub mod retry;
 mod rng;

@@ -155,3 +155,80 @@ async fn scripting_a_clone_gives_it_its_own_script() {
     assert_eq!(pattern(original, 3).await, [false, true, true]);
     assert_eq!(pattern(clone, 3).await, [false, false, true]);
 }
+
+mod fallback {
+    use super::*;
+    use palisade::builder::ServiceBuilderExt;
+    use palisade::circuit_breaker::{CircuitBreakerConfig, CircuitOpen};
+    use palisade::classify::FailureKind;
+    use palisade::fallback::FallbackLayer;
+    use tower::ServiceBuilder;
+
+    #[derive(Debug, PartialEq)]
+    enum StoreError {
+        NotFound,
+        Down,
+        Open,
+    }
+
+    impl From<CircuitOpen> for StoreError {
+        fn from(_: CircuitOpen) -> Self {
+            StoreError::Open
+        }
+    }
+
+    impl FailureKind for StoreError {
+        fn is_transient(&self) -> bool {
+            *self != StoreError::NotFound
+        }
+        fn is_fault(&self) -> bool {
+            *self == StoreError::Down
+        }
+        fn is_rejection(&self) -> bool {
+            *self == StoreError::Open
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_fallback_answers_failed_calls_and_can_pass_errors_on() {
+        let mut service = ServiceBuilder::new()
+            .fallback(|error: StoreError| match error {
+                StoreError::Down => Ok("cached"),
+                other => Err(other),
+            })
+            .service_fn(|key: &'static str| async move {
+                match key {
+                    "down" => Err(StoreError::Down),
+                    "missing" => Err(StoreError::NotFound),
+                    key => Ok(key),
+                }
+            });
+        assert_eq!(service.ready().await.unwrap().call("fresh").await, Ok("fresh"));
+        assert_eq!(service.ready().await.unwrap().call("down").await, Ok("cached"));
+        assert_eq!(
+            service.ready().await.unwrap().call("missing").await,
+            Err(StoreError::NotFound)
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn on_faults_answers_outages_and_open_circuits_only() {
+        let mut service = ServiceBuilder::new()
+            .layer(FallbackLayer::on_faults(|_: StoreError| Ok("stale")))
+            .circuit_breaker(CircuitBreakerConfig::new("store").max_failures(1))
+            .service_fn(|key: &'static str| async move {
+                match key {
+                    "down" => Err(StoreError::Down),
+                    "missing" => Err(StoreError::NotFound),
+                    key => Ok(key),
+                }
+            });
+        assert_eq!(
+            service.ready().await.unwrap().call("missing").await,
+            Err(StoreError::NotFound)
+        );
+        // The not-found counted as a failure (default classifier) and opened the breaker; the open
+        // circuit's rejection gets the fallback, as does an outage.
+        assert_eq!(service.ready().await.unwrap().call("fresh").await, Ok("stale"));
+    }
+}

@@ -14,6 +14,7 @@ use std::time::Duration;
 /// assert_eq!(backoff.delay(u32::MAX), Duration::from_secs(1));
 /// ```
 #[derive(Clone, Copy, Debug, PartialEq)]
+#[must_use = "a backoff does nothing until it is given to a retry policy"]
 pub struct Backoff {
     kind: Kind,
     max_delay: Duration,
