@@ -10,7 +10,8 @@
 //!
 //! A dropped counter's cell index is zeroed in every slab and handed to the next counter, so the
 //! number of indices in use is bounded by the number of counters alive at once. A slab's cells
-//! come in chunks of 1024, allocated the first time the thread counts in them, so there is no
+//! come in chunks of 1024, the first inline and the others allocated the first time the thread
+//! counts in them, so there is no
 //! cliff at a fixed number of breakers: up to 65 536 counters alive at once each keep their own
 //! cells. Beyond that (logged once), or when a thread-local is no longer reachable (thread
 //! teardown), a counter falls back to a shared atomic: slower, still exact.
@@ -28,21 +29,35 @@ const CELLS: usize = CHUNK * CHUNKS;
 
 type Chunk = [AtomicU64; CHUNK];
 
-/// One thread's cells, in chunks allocated the first time the thread counts in them: a thread
-/// pays for the chunks of the counters it bumps, not for the whole index space.
+/// One thread's cells: the first chunk inline (the hot path is one indexed store, as with a flat
+/// array), the others allocated the first time the thread counts in them, so a thread pays for
+/// the chunks of the counters it bumps, not for the whole index space.
 struct Slab {
-    chunks: [OnceLock<Box<Chunk>>; CHUNKS],
+    first: Chunk,
+    more: [OnceLock<Box<Chunk>>; CHUNKS - 1],
 }
 
 impl Slab {
-    #[inline]
+    #[inline(always)]
     fn chunk(&self, index: usize) -> Option<&Chunk> {
-        self.chunks.get(index / CHUNK)?.get().map(|chunk| &**chunk)
+        if index < CHUNK {
+            Some(&self.first)
+        } else {
+            self.more_chunk(index)
+        }
+    }
+
+    #[inline(never)]
+    fn more_chunk(&self, index: usize) -> Option<&Chunk> {
+        self.more.get(index / CHUNK - 1)?.get().map(|chunk| &**chunk)
     }
 
     #[cold]
     fn chunk_or_init(&self, index: usize) -> Option<&Chunk> {
-        let chunk = self.chunks.get(index / CHUNK)?;
+        if index < CHUNK {
+            return Some(&self.first);
+        }
+        let chunk = self.more.get(index / CHUNK - 1)?;
         Some(chunk.get_or_init(|| Box::new([const { AtomicU64::new(0) }; CHUNK])))
     }
 }
@@ -119,7 +134,8 @@ fn adopt() -> Option<&'static Slab> {
     let spare = lock(&SPARE).pop();
     Some(spare.unwrap_or_else(|| {
         let slab: &'static Slab = Box::leak(Box::new(Slab {
-            chunks: [const { OnceLock::new() }; CHUNKS],
+            first: [const { AtomicU64::new(0) }; CHUNK],
+            more: [const { OnceLock::new() }; CHUNKS - 1],
         }));
         lock(&SLABS).push(slab);
         slab

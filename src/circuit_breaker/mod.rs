@@ -348,7 +348,7 @@ where
     /// instead of queueing behind an inner service that is not ready (a full `Buffer`, a
     /// reconnecting client). Otherwise polls the inner service; an error from it is classified
     /// like a call's result (see the [module docs](self#readiness)).
-    #[inline]
+    #[inline(always)]
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         if self.slot.turns_away(self.epoch) {
             self.inner_ready = false;
@@ -367,25 +367,32 @@ where
         }
     }
 
-    #[inline]
+    #[inline(always)]
     fn call(&mut self, request: Request) -> Self::Future {
-        if !std::mem::replace(&mut self.inner_ready, false) {
-            return self.reject(self.slot.reject_unready(self.epoch));
-        }
-        let tracker = match self.slot.acquire_closed() {
+        let ready = std::mem::replace(&mut self.inner_ready, false);
+        // One branch for the common case: the inner service is ready and the breaker closed.
+        let tracker = match self.slot.acquire_closed(ready) {
             Ok(generation) => Tracker::closed(self.slot, generation, self.action, self.times_calls),
-            Err(word) => {
-                match admit_not_closed(self.slot, word, self.epoch, self.action, self.times_calls) {
-                    Ok(tracker) => tracker,
-                    Err(rejection) => return self.reject(rejection),
-                }
-            }
+            Err(word) => match self.admit_slow(ready, word) {
+                Ok(tracker) => tracker,
+                Err(rejection) => return self.reject(rejection),
+            },
         };
         ResponseFuture::called(self.inner.call(request), tracker, self.classifier.clone())
     }
 }
 
 impl<S, C> CircuitBreaker<S, C> {
+    /// Admission when the breaker is not plainly closed, or the inner service was not made ready.
+    #[inline]
+    fn admit_slow(&self, ready: bool, word: u64) -> Result<Tracker, Rejection> {
+        if ready {
+            admit_not_closed(self.slot, word, self.epoch, self.action, self.times_calls)
+        } else {
+            Err(self.slot.reject_unready(self.epoch))
+        }
+    }
+
     #[cold]
     #[inline(never)]
     fn reject<F>(&self, rejection: Rejection) -> ResponseFuture<F, C>

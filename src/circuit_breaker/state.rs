@@ -320,13 +320,15 @@ impl Slot {
             .push(self);
     }
 
-    /// Admits a call if the breaker is plainly closed, returning the closed generation; `Err`
-    /// carries the state word for [`acquire_not_closed`](Self::acquire_not_closed). The fast path of
-    /// the whole breaker: one atomic load, one branch, one per-thread counter bump.
+    /// Admits a call if the breaker is plainly closed and the inner service `ready`, returning the
+    /// closed generation; `Err` carries the state word for
+    /// [`acquire_not_closed`](Self::acquire_not_closed). The fast path of the whole breaker: one
+    /// atomic load, one branch, one per-thread counter bump.
     #[inline(always)]
-    pub(crate) fn acquire_closed(&'static self) -> Result<u64, u64> {
+    pub(crate) fn acquire_closed(&'static self, ready: bool) -> Result<u64, u64> {
         let word = self.word.load(Ordering::Acquire);
-        if word & STATE_MASK == CLOSED {
+        // `word | !ready` is not CLOSED unless both hold: one compare for the two conditions.
+        if (word | u64::from(!ready)) & STATE_MASK == CLOSED {
             self.calls.increment();
             Ok(generation_of(word))
         } else {
