@@ -38,7 +38,7 @@ use crate::circuit_breaker::{
 use crate::classify::ErrorsAreFailures;
 use crate::fallback::FallbackLayer;
 use crate::fault::FaultLayer;
-use crate::retry::{RetryLayer, RetryPolicy, TransientErrors};
+use crate::retry::{Retry, RetryLayer, RetryPolicy, TransientErrors};
 use crate::timeout::{
     DeadlineLayer, EnforceDeadline, RequestDeadline, Timeout, TimeoutLayer,
 };
@@ -56,7 +56,8 @@ pub trait ServiceBuilderExt<L>: Sized {
         config: CircuitBreakerConfig,
     ) -> ServiceBuilder<Stack<CircuitBreakerLayer, L>>;
 
-    /// Adds retry with `policy` (the same as tower's inherent `.retry(policy)`).
+    /// Adds retry with `policy` (palisade's [`Retry`] service; tower's inherent `.retry(policy)`
+    /// works too).
     fn retry_with<P>(self, policy: P) -> ServiceBuilder<Stack<RetryLayer<P>, L>>;
 
     /// Adds a per-attempt timeout that also stops at the request's deadline:
@@ -251,10 +252,7 @@ impl<P, C> fmt::Debug for Resilience<P, C> {
 
 /// The service the [`Resilience`] preset builds around `S`.
 pub type Resilient<S, P = TransientErrors, C = ErrorsAreFailures> = EnforceDeadline<
-    tower::retry::Retry<
-        RetryPolicy<P, RequestDeadline>,
-        CircuitBreaker<Timeout<S, RequestDeadline>, C>,
-    >,
+    Retry<CircuitBreaker<Timeout<S, RequestDeadline>, C>, RetryPolicy<P, RequestDeadline>>,
 >;
 
 impl<S, P: Clone, C: Clone> Layer<S> for Resilience<P, C> {
@@ -265,7 +263,7 @@ impl<S, P: Clone, C: Clone> Layer<S> for Resilience<P, C> {
             .honor_deadline()
             .layer(service);
         let guarded = self.breaker.layer(timed);
-        let retried = tower::retry::Retry::new(self.retry.clone(), guarded);
+        let retried = Retry::new(guarded, self.retry.clone());
         DeadlineLayer::new(self.deadline).layer(retried)
     }
 }

@@ -1,8 +1,9 @@
 //! Retry with backoff, jitter, a retry budget and deadlines, for any [`tower::Service`] whose
 //! request can be cloned.
 //!
-//! [`RetryPolicy`] is a [`tower::retry::Policy`]: palisade reuses tower's `Retry` service and
-//! brings the policy —
+//! [`RetryPolicy`] is a [`tower::retry::Policy`], so tower's own `.retry(policy)` works; palisade's
+//! [`Retry`] service (what [`RetryPolicy::layer`] and the preset use) has the same contract and a
+//! response future that costs a branch when the call is not retried. The policy brings —
 //!
 //! - at most `max_attempts` attempts; [`Backoff`] constant, linear or exponential, capped; [`Jitter`]
 //!   none, full, equal or decorrelated (AWS's formulas), never above the cap;
@@ -61,15 +62,12 @@
 mod backoff;
 mod budget;
 mod policy;
+mod service;
 
 pub use self::backoff::{Backoff, Jitter};
 pub use self::budget::RetryBudget;
 pub use self::policy::{
-    DeadlineStop, GiveUp, GiveUpReason, Predicate, RetryEvent, RetryPolicy, TransientErrors,
-    Verdict,
+    DeadlineStop, GiveUp, GiveUpReason, Predicate, RetryDelay, RetryEvent, RetryPolicy,
+    TransientErrors, Verdict,
 };
-
-/// tower's retry service, driven by a [`RetryPolicy`].
-pub type Retry<S, P = RetryPolicy> = tower::retry::Retry<P, S>;
-/// tower's retry layer, driven by a [`RetryPolicy`].
-pub type RetryLayer<P = RetryPolicy> = tower::retry::RetryLayer<P>;
+pub use self::service::{ResponseFuture, Retry, RetryLayer};

@@ -1,4 +1,4 @@
-use super::{Backoff, Jitter, RetryBudget};
+use super::{Backoff as BackoffCurve, Jitter, RetryBudget};
 use crate::classify::FailureKind;
 use crate::rng::SharedRng;
 use crate::timeout::{AmbientDeadline, DeadlineSource, Elapsed, NoDeadline, RequestDeadline};
@@ -80,6 +80,13 @@ impl Verdict {
 pub trait Predicate<Res, E> {
     /// Looks at one attempt's result.
     fn check(&self, result: &Result<Res, E>) -> Verdict;
+
+    /// Whether this predicate may ever retry an `Ok` response. `false` lets retry skip the
+    /// predicate for every successful call (default: `true`).
+    #[inline]
+    fn retries_responses(&self) -> bool {
+        true
+    }
 }
 
 impl<Res, E, F> Predicate<Res, E> for F
@@ -122,6 +129,11 @@ where
             }
             _ => Verdict::Stop,
         }
+    }
+
+    #[inline]
+    fn retries_responses(&self) -> bool {
+        false
     }
 }
 
@@ -298,7 +310,7 @@ struct Settings {
     jitter_chosen: bool,
     retry_rejections: bool,
     jitter: Jitter,
-    backoff: Backoff,
+    backoff: BackoffCurve,
 }
 
 impl RetryPolicy {
@@ -319,7 +331,7 @@ impl RetryPolicy {
                 jitter_chosen: false,
                 retry_rejections: false,
                 jitter: Jitter::Full,
-                backoff: Backoff::exponential(Duration::from_millis(100), 2.0)
+                backoff: BackoffCurve::exponential(Duration::from_millis(100), 2.0)
                     .max_delay(Duration::from_secs(10)),
             },
             predicate: TransientErrors,
@@ -346,7 +358,7 @@ impl<P, D> RetryPolicy<P, D> {
 
     /// The backoff curve. Unless [`jitter`](Self::jitter) is set as well, its delays are used as
     /// written (no jitter).
-    pub fn backoff(mut self, backoff: Backoff) -> Self {
+    pub fn backoff(mut self, backoff: BackoffCurve) -> Self {
         self.settings.backoff = backoff;
         if !self.settings.jitter_chosen {
             self.settings.jitter = Jitter::None;
@@ -432,9 +444,9 @@ impl<P, D> RetryPolicy<P, D> {
         }
     }
 
-    /// The layer (tower's [`RetryLayer`](tower::retry::RetryLayer)) applying this policy.
-    pub fn layer(self) -> tower::retry::RetryLayer<Self> {
-        tower::retry::RetryLayer::new(self)
+    /// The [`RetryLayer`](super::RetryLayer) applying this policy.
+    pub fn layer(self) -> super::RetryLayer<Self> {
+        super::RetryLayer::new(self)
     }
 
     /// At most this many attempts per request.
@@ -506,17 +518,15 @@ where
     P: Predicate<Res, E>,
     D: DeadlineSource<Req> + DeadlineStop<E>,
 {
-    /// Boxed: tower embeds the policy's future in every response future, and an inline `Sleep`
-    /// would make every call's future several times larger. Only an actual retry allocates.
-    type Future = Pin<Box<Sleep>>;
+    type Future = RetryDelay;
 
-    #[inline]
+    #[inline(always)]
     fn retry(&mut self, request: &mut Req, result: &mut Result<Res, E>) -> Option<Self::Future> {
-        // The common case — a result that is not retried — stays inline and small.
-        match self.predicate.check(result) {
-            Verdict::Stop => None,
-            verdict => self.plan_retry(request, result, verdict),
+        // The common case — a success the predicate never retries — is one branch, inline.
+        if result.is_ok() && !self.predicate.retries_responses() {
+            return None;
         }
+        self.check_and_plan(request, result)
     }
 
     #[inline]
@@ -542,14 +552,31 @@ fn deposit(shared: &Shared) {
 }
 
 impl<P, D> RetryPolicy<P, D> {
-    /// Decides whether and when a retryable result is retried.
+    /// Asks the predicate, and plans the retry if it says so. Out of line: most results are not
+    /// retried, and tower's response future stays small enough to inline.
     #[inline(never)]
+    fn check_and_plan<Req, Res, E>(
+        &mut self,
+        request: &Req,
+        result: &mut Result<Res, E>,
+    ) -> Option<RetryDelay>
+    where
+        P: Predicate<Res, E>,
+        D: DeadlineSource<Req> + DeadlineStop<E>,
+    {
+        match self.predicate.check(result) {
+            Verdict::Stop => None,
+            verdict => self.plan_retry(request, result, verdict),
+        }
+    }
+
+    /// Decides whether and when a retryable result is retried.
     fn plan_retry<Req, E>(
         &mut self,
         request: &Req,
         result: &mut Result<impl Sized, E>,
         verdict: Verdict,
-    ) -> Option<Pin<Box<Sleep>>>
+    ) -> Option<RetryDelay>
     where
         D: DeadlineSource<Req> + DeadlineStop<E>,
     {
@@ -617,6 +644,31 @@ impl<P, D> RetryPolicy<P, D> {
                 reason: &reason,
             });
         }
-        Some(Box::pin(tokio::time::sleep(delay)))
+        Some(RetryDelay(Box::pin(tokio::time::sleep(delay))))
+    }
+}
+
+/// The wait before a retry ([`tower::retry::Policy::Future`] of [`RetryPolicy`]).
+///
+/// Boxed: tower embeds the policy's future in every response future, and an inline `Sleep` would
+/// make every call's future several times larger; only an actual retry allocates. Polled out of
+/// line, so that the response future of a call that is not retried stays small enough to inline.
+pub struct RetryDelay(Pin<Box<Sleep>>);
+
+impl std::future::Future for RetryDelay {
+    type Output = ();
+
+    #[inline(never)]
+    fn poll(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<()> {
+        self.0.as_mut().poll(cx)
+    }
+}
+
+impl fmt::Debug for RetryDelay {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("RetryDelay").field(&self.0.deadline()).finish()
     }
 }

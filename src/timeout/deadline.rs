@@ -18,7 +18,11 @@ impl Deadline {
     /// The deadline `budget` from now (tokio's clock). A budget too large for the clock
     /// (`Duration::MAX`) saturates to thirty years from now instead of overflowing.
     pub fn after(budget: Duration) -> Self {
-        let now = Instant::now();
+        Self::after_from(Instant::now(), budget)
+    }
+
+    /// The deadline `budget` after `now`, saturating like [`after`](Self::after).
+    pub(crate) fn after_from(now: Instant, budget: Duration) -> Self {
         Deadline(
             now.checked_add(budget)
                 .or_else(|| now.checked_add(FAR_FUTURE))
@@ -175,25 +179,49 @@ impl<Request> DeadlineSource<Request> for AmbientDeadline {
     }
 }
 
+/// What the deadline layers running on this thread make ambient.
+#[derive(Clone, Copy)]
+struct Scope {
+    /// The earliest deadline enforced by the layers whose call or poll is running.
+    deadline: Option<Instant>,
+    /// The clock as read by the innermost deadline layer's `call`, for the synchronous extent of
+    /// that call: layers below reuse it instead of reading the clock again.
+    now: Option<Instant>,
+}
+
 thread_local! {
-    /// The earliest deadline enforced by the layers whose call or poll is running on this thread.
-    static AMBIENT: Cell<Option<Instant>> = const { Cell::new(None) };
+    static AMBIENT: Cell<Scope> = const { Cell::new(Scope { deadline: None, now: None }) };
 }
 
 /// The ambient deadline, if a deadline layer above is running.
 #[inline]
 pub(crate) fn ambient() -> Option<Deadline> {
     AMBIENT
-        .try_with(Cell::get)
+        .try_with(|scope| scope.get().deadline)
         .ok()
         .flatten()
         .map(Deadline)
 }
 
-/// Runs `f` with `deadline` ambient (the earlier of it and one already ambient).
+/// The current time: the clock reading of an enclosing deadline layer's `call` if one is running
+/// on this thread (the same synchronous call, so the same instant), else a fresh reading.
 #[inline]
-pub(crate) fn within<R>(deadline: Option<Deadline>, f: impl FnOnce() -> R) -> R {
-    struct Restore(Option<Instant>);
+pub(crate) fn now() -> Instant {
+    match AMBIENT.try_with(|scope| scope.get().now) {
+        Ok(Some(now)) => now,
+        _ => Instant::now(),
+    }
+}
+
+/// Runs `f` with `deadline` ambient (the earlier of it and one already ambient), and with `now`
+/// as the current time if given (only for the synchronous extent of a `call`).
+#[inline]
+pub(crate) fn within<R>(
+    deadline: Option<Deadline>,
+    now: Option<Instant>,
+    f: impl FnOnce() -> R,
+) -> R {
+    struct Restore(Scope);
     impl Drop for Restore {
         #[inline]
         fn drop(&mut self) {
@@ -205,7 +233,10 @@ pub(crate) fn within<R>(deadline: Option<Deadline>, f: impl FnOnce() -> R) -> R 
     };
     let Ok(previous) = AMBIENT.try_with(|cell| {
         let previous = cell.get();
-        cell.set(Some(previous.map_or(deadline.0, |p| p.min(deadline.0))));
+        cell.set(Scope {
+            deadline: Some(previous.deadline.map_or(deadline.0, |p| p.min(deadline.0))),
+            now,
+        });
         previous
     }) else {
         return f();

@@ -59,7 +59,7 @@ where
         let mut this = self.project();
         let inner = this.inner;
         let polled = if *this.ambient {
-            super::deadline::within(*this.deadline, || inner.poll(cx))
+            super::deadline::within(*this.deadline, None, || inner.poll(cx))
         } else {
             inner.poll(cx)
         };

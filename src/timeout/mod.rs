@@ -136,17 +136,21 @@ where
     }
 
     fn call(&mut self, mut request: Request) -> Self::Future {
-        let deadline = match (request.deadline(), self.budget) {
+        let now = self.budget.map(|_| tokio::time::Instant::now());
+        let from_budget = now.zip(self.budget).map(|(now, budget)| Deadline::after_from(now, budget));
+        let deadline = match (request.deadline(), from_budget) {
             (own, None) => own,
-            (None, Some(budget)) => Some(Deadline::after(budget)),
-            (Some(own), Some(budget)) => Some(own.min(Deadline::after(budget))),
+            (None, Some(budget)) => Some(budget),
+            (Some(own), Some(budget)) => Some(own.min(budget)),
         };
         if let Some(deadline) = deadline {
             request.set_deadline(deadline);
         }
         // While the inner service is called (and, in the future, polled) the deadline is ambient
         // to the layers below.
-        let future = self::deadline::within(deadline, || self.inner.call(request));
+        let future = self::deadline::within(deadline, now, || self.inner.call(request));
         ResponseFuture::enforcing(future, deadline)
     }
 }
+
+pub(crate) use self::deadline::now;
