@@ -134,6 +134,8 @@ fn stripe() -> usize {
 /// # }
 /// ```
 pub struct RetryBudget {
+    /// Tells budgets apart in the per-thread slot cache (addresses can be reused).
+    id: u64,
     epoch: Instant,
     slot_nanos: u64,
     deposits: [Window; STRIPES],
@@ -161,7 +163,9 @@ impl RetryBudget {
         let reserve = i64::from(min_per_sec)
             .saturating_mul(ttl.as_secs() as i64)
             .saturating_mul(UNITS_PER_RETRY);
+        static IDS: AtomicU64 = AtomicU64::new(0);
         RetryBudget {
+            id: IDS.fetch_add(1, Ordering::Relaxed),
             epoch: Instant::now(),
             slot_nanos,
             deposits: [const { Window::new() }; STRIPES],
@@ -182,13 +186,38 @@ impl RetryBudget {
         elapsed / self.slot_nanos + SLOTS
     }
 
+    /// [`current_index`](Self::current_index) for a deposit: the slot this thread last deposited
+    /// in is remembered with the instant it ends, so that most deposits compare two instants
+    /// instead of converting one into a slot number.
+    #[inline]
+    fn deposit_index(&self, now: Instant) -> u64 {
+        thread_local! {
+            static LAST: Cell<Option<(u64, Instant, u64)>> = const { Cell::new(None) };
+        }
+        if let Ok(Some((id, end, index))) = LAST.try_with(Cell::get)
+            && id == self.id
+            && now < end
+        {
+            return index;
+        }
+        let index = self.current_index(now);
+        let end = self
+            .epoch
+            .checked_add(Duration::from_nanos(
+                (index + 1 - SLOTS).saturating_mul(self.slot_nanos),
+            ))
+            .unwrap_or(now);
+        let _ = LAST.try_with(|last| last.set(Some((self.id, end, index))));
+        index
+    }
+
     /// Records one request (call once per request, not per attempt).
     pub fn deposit(&self) {
         if self.deposit == 0 {
             return;
         }
         // Inside a deadline layer's call, the clock it read a moment ago.
-        let index = self.current_index(crate::timeout::now());
+        let index = self.deposit_index(crate::timeout::now());
         self.deposits[stripe()].add(index, self.deposit);
     }
 

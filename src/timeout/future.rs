@@ -42,8 +42,12 @@ impl<F> ResponseFuture<F> {
     #[inline]
     pub(crate) fn enforcing(inner: F, deadline: Option<Deadline>) -> Self {
         ResponseFuture {
+            inner,
+            sleep: None,
+            timeout: None,
+            deadline,
+            fires_for_deadline: false,
             ambient: deadline.is_some(),
-            ..Self::new(inner, None, deadline)
         }
     }
 }

@@ -148,8 +148,10 @@ where
         }
         // While the inner service is called (and, in the future, polled) the deadline is ambient
         // to the layers below.
-        let future = self::deadline::within(deadline, now, || self.inner.call(request));
-        ResponseFuture::enforcing(future, deadline)
+        let inner = &mut self.inner;
+        self::deadline::within(deadline, now, move || {
+            ResponseFuture::enforcing(inner.call(request), deadline)
+        })
     }
 }
 
