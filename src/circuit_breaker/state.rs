@@ -634,11 +634,12 @@ impl Machine {
         let mut trip = false;
         if let Some((max_failures, ttl)) = self.rules.failures_within {
             let recent = &mut self.recent_failures;
-            while recent
-                .front()
-                .is_some_and(|at| now.saturating_duration_since(*at) >= ttl)
-            {
-                recent.pop_front();
+            // A failure exactly `ttl` old no longer counts. Comparing instants with a cut-off
+            // computed once is cheaper than a duration per entry.
+            if let Some(cutoff) = now.checked_sub(ttl) {
+                while recent.front().is_some_and(|at| *at <= cutoff) {
+                    recent.pop_front();
+                }
             }
             if recent.len() >= max_failures as usize {
                 recent.pop_front();
