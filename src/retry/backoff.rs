@@ -84,11 +84,9 @@ impl Backoff {
             Kind::Exponential { base, factor } => {
                 let exponent = i32::try_from(retry).unwrap_or(i32::MAX);
                 let secs = base.as_secs_f64() * factor.powi(exponent);
-                // Finite but beyond `Duration`'s range (or the cap) is the cap, never a panic.
-                match Duration::try_from_secs_f64(secs) {
-                    Ok(delay) if delay < self.max_delay => delay,
-                    _ => self.max_delay,
-                }
+                // Finite but beyond `Duration`'s range is the cap, never a panic (and anything
+                // above the cap is clamped below).
+                Duration::try_from_secs_f64(secs).unwrap_or(self.max_delay)
             }
         };
         raw.min(self.max_delay)
