@@ -137,8 +137,7 @@ impl<L> ServiceBuilderExt<L> for ServiceBuilder<L> {
 ///    below, backoff sleeps included;
 /// 2. **retry** — outside the breaker so that *every attempt* is seen and counted by the breaker,
 ///    and so that a [`CircuitOpen`](crate::circuit_breaker::CircuitOpen) is returned at once instead
-///    of being retried (unless its retry-after fits in the deadline); it never sleeps past the
-///    deadline;
+///    of being retried (see [`RetryPolicy::retry_rejections`]); it never sleeps past the deadline;
 /// 3. **circuit breaker** — fails fast while the dependency is down;
 /// 4. **attempt timeout** — inside the breaker so that a hung attempt *counts as a failure*, and
 ///    bounded by the time left so an attempt never outlives the deadline;

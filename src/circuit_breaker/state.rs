@@ -21,6 +21,16 @@
 //! when its breaker is dropped: retiring bumps the generation, so a straggling future from the old
 //! breaker finds a foreign generation and records nothing. Slots are never freed, so the number of
 //! slots is bounded by the number of breakers alive at once.
+//!
+//! This was measured against an `Arc`-held state (issue 13, item 14; `benches/benches/layers.rs`,
+//! `bare+arc-per-call`): one `Arc` clone carried by each response future costs about 10 ns per call
+//! on one thread and 25 ns with two threads sharing the breaker, against about 2.4 ns for the whole
+//! closed-state success path here (which two threads share at no extra cost). tower's `Retry` does
+//! clone the service, and with it the breaker's `Arc<Breaker>`, per request — but a breaker used
+//! without retry, or behind a `Buffer`, does not pay that, and the preset's other costs are larger.
+//! So the slots stay, with their memory bounded: a retired slot drops its name, its history and its
+//! event channel (which exists only while someone subscribes), and its counters' cells are reused
+//! (see `tests/memory_flat.rs`, which creates and drops 16 000 distinct breakers with flat memory).
 
 use super::config::{CircuitBreakerConfig, Name, Rules};
 use super::{CircuitState, StateChange, TransitionReason};

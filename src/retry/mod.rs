@@ -9,13 +9,17 @@
 //!   none, full, equal or decorrelated (AWS's formulas), never above the cap;
 //! - a [`Predicate`] over the whole `Result`: errors *and* responses. The default,
 //!   [`TransientErrors`], retries only what is safe: transient errors, never a response, never a
-//!   [`CircuitOpen`](crate::circuit_breaker::CircuitOpen) unless its retry-after fits in the deadline;
+//!   [`CircuitOpen`](crate::circuit_breaker::CircuitOpen) (an open breaker exists to fail fast; opt in
+//!   with [`RetryPolicy::retry_rejections`]);
 //! - an error's [retry-after hint](crate::classify::FailureKind::retry_after) replaces the computed delay;
 //! - a [`RetryBudget`] so that retries cannot multiply an outage;
-//! - with [`honor_deadline`](RetryPolicy::honor_deadline), it never sleeps past the request's
-//!   [`Deadline`](crate::timeout::Deadline) and stops with a clear error when the next attempt cannot
-//!   fit;
-//! - a `tracing` event per retry (attempt, delay, reason) and an optional hook.
+//! - by default it never sleeps past the deadline of an enclosing
+//!   [`DeadlineLayer`](crate::timeout::DeadlineLayer), for any request type; with
+//!   [`honor_deadline`](RetryPolicy::honor_deadline), nor past the
+//!   [`Deadline`](crate::timeout::Deadline) a request carries, and it stops with a clear error when
+//!   the next attempt cannot fit;
+//! - a `tracing` event per retry (attempt, delay, reason) and optional hooks for each retry and for
+//!   giving up (attempts exhausted, budget refused, deadline reached).
 //!
 //! # `BoxError` and `tokio::spawn`
 //!
