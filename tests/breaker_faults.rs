@@ -424,3 +424,61 @@ async fn dropping_a_breaker_ends_its_subscriptions() {
     drop(service);
     assert!(timeout(SEC, changes.recv()).await.unwrap().is_none());
 }
+
+#[tokio::test(start_paused = true)]
+async fn poll_ready_turns_away_until_exactly_the_end_of_the_open_period() {
+    let (mut service, inner) =
+        guarded(CircuitBreakerConfig::new("edge").max_failures(1).reset_timeout(10 * SEC));
+    assert!(call(&mut service, true).await.is_err());
+    inner.set(Readiness::Pending);
+    advance(10 * SEC - MS).await;
+    assert!(timeout(Duration::ZERO, service.ready()).await.is_ok());
+    let rejected = open_error(service.call(false).await.unwrap_err());
+    assert_eq!(rejected.retry_after(), Some(MS));
+    advance(MS).await;
+    // A trial is due: the inner service is polled (and is not ready).
+    assert!(timeout(SEC, service.ready()).await.is_err());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failed_poll_ready_in_half_open_is_a_failed_trial() {
+    let (mut service, inner) =
+        guarded(CircuitBreakerConfig::new("half").max_failures(1).reset_timeout(10 * SEC));
+    let handle = service.handle();
+    assert!(call(&mut service, true).await.is_err());
+    advance(10 * SEC).await;
+    // A trial in flight on one clone puts the breaker in half-open...
+    let mut other = service.clone();
+    let (tx, _rx) = oneshot::channel::<()>();
+    let trial = service.ready().await.unwrap().call(false);
+    assert_eq!(handle.state(), CircuitState::HalfOpen);
+    // ...and another clone's failed poll_ready counts as a failed trial.
+    inner.set(Readiness::Fail);
+    assert!(other.ready().await.is_err());
+    assert_eq!(handle.state(), CircuitState::Open);
+    assert_eq!(handle.metrics().failures, 2);
+    drop((trial, tx));
+    // In the forced states a failed poll_ready records nothing.
+    handle.force_closed();
+    assert!(other.ready().await.is_err());
+    assert_eq!(handle.metrics().failures, 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_breaker_that_reopens_between_poll_ready_and_call_rejects_with_the_new_wait() {
+    let (mut service, _) =
+        guarded(CircuitBreakerConfig::new("reopen").max_failures(1).reset_timeout(10 * SEC));
+    assert!(call(&mut service, true).await.is_err());
+    advance(10 * SEC).await;
+    // One clone finds a trial due and makes its inner service ready...
+    let mut waiting = service.clone();
+    waiting.ready().await.unwrap();
+    // ...meanwhile another clone's trial fails and the circuit opens again...
+    advance(3 * SEC).await;
+    assert!(call(&mut service, true).await.is_err());
+    advance(2 * SEC).await;
+    // ...so the first clone's call is rejected with the new open period's wait.
+    let rejected = open_error(waiting.call(false).await.unwrap_err());
+    assert_eq!(rejected.state(), CircuitState::Open);
+    assert_eq!(rejected.retry_after(), Some(8 * SEC));
+}

@@ -831,3 +831,50 @@ fn max_attempts_and_debug_output() {
         "RetryPolicy { max_attempts: 4, backoff: Backoff { kind: Constant(10ms), max_delay: 10ms }, jitter: None, retry_rejections: false, budget: None, .. }"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_rejection_without_a_hint_is_never_retried() {
+    // tower's LoadShed: transient, a local rejection, no retry-after.
+    let calls = Arc::new(AtomicU32::new(0));
+    let counter = Arc::clone(&calls);
+    let service = tower::service_fn(move |_: Deadlined<()>| {
+        counter.fetch_add(1, Ordering::SeqCst);
+        async { Err::<(), tower::BoxError>(Box::new(tower::load_shed::error::Overloaded::new())) }
+    });
+    for policy in [no_jitter(3, MS), no_jitter(3, MS).retry_rejections(true)] {
+        calls.store(0, Ordering::SeqCst);
+        let mut retried = DeadlineLayer::new(10 * SEC).layer(policy.layer().layer(service.clone()));
+        let _ = retried.ready().await.unwrap().call(Deadlined::new(())).await;
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_configured_clone_keeps_sharing_the_budget() {
+    let budget = Arc::new(RetryBudget::new(10 * SEC, 0, 0.0));
+    let original = no_jitter(3, MS).seed(1).budget(Arc::clone(&budget));
+    let clone = original.clone().on_retry(|_| {}).seed(2);
+    let (service, calls) = scripted(|n| async move { Err::<&str, _>(AppError::Reset(n)) });
+    let _ = clone.layer().layer(service).ready().await.unwrap().call(()).await;
+    assert_eq!(calls.lock().unwrap().len(), 1, "the clone lost the budget");
+    drop(original);
+}
+
+#[tokio::test(start_paused = true)]
+async fn retrying_rejections_still_needs_a_deadline_to_fit_the_wait_in() {
+    let (service, calls) = scripted(|n| async move { Err::<&str, _>(AppError::Reset(n)) });
+    let breaker = CircuitBreakerLayer::new(
+        CircuitBreakerConfig::new("no-deadline")
+            .max_failures(1)
+            .reset_timeout(100 * MS),
+    );
+    let mut service = no_jitter(5, 10 * MS)
+        .retry_rejections(true)
+        .layer()
+        .layer(breaker.layer(service));
+    let start = Instant::now();
+    let error = service.ready().await.unwrap().call(()).await.unwrap_err();
+    assert!(matches!(error, AppError::Open(_)), "got {error}");
+    assert_eq!(start.elapsed(), 10 * MS, "the open circuit was waited out with no deadline");
+    assert_eq!(calls.lock().unwrap().len(), 1);
+}

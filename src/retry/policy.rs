@@ -34,7 +34,7 @@ pub enum Verdict {
 
 impl Verdict {
     /// The verdict for retrying `error`: its [`FailureKind`] decides *when* — after its
-    /// retry-after hint if it has one, never at once if it is a local rejection.
+    /// retry-after hint if it has one; a local rejection without a hint is not retried.
     pub fn for_error<E: FailureKind + ?Sized>(error: &E, reason: Cow<'static, str>) -> Verdict {
         let rejection = error.is_rejection();
         match error.retry_after() {
@@ -43,11 +43,9 @@ impl Verdict {
                 reason,
                 rejection,
             },
-            None if rejection => Verdict::RetryAfter {
-                after: Duration::ZERO,
-                reason,
-                rejection,
-            },
+            // Turned away locally with no idea of when to come back (a shed load): retrying at
+            // once would only hammer the same limit.
+            None if rejection => Verdict::Stop,
             None => Verdict::Retry { reason },
         }
     }
