@@ -878,3 +878,19 @@ async fn retrying_rejections_still_needs_a_deadline_to_fit_the_wait_in() {
     assert_eq!(start.elapsed(), 10 * MS, "the open circuit was waited out with no deadline");
     assert_eq!(calls.lock().unwrap().len(), 1);
 }
+
+#[tokio::test(start_paused = true)]
+async fn an_attempt_that_would_start_exactly_at_the_deadline_is_not_made() {
+    let (service, calls) = scripted(|n| async move { Err::<&str, _>(AppError::Reset(n)) });
+    let mut service = DeadlineLayer::new(SEC).layer(no_jitter(5, 500 * MS).layer().layer(service));
+    let error = service
+        .ready()
+        .await
+        .unwrap()
+        .call(Deadlined::new(()))
+        .await
+        .unwrap_err();
+    // Attempts at 0 and 500 ms; the third would start at exactly 1 s, the deadline.
+    assert_eq!(calls.lock().unwrap().len(), 2);
+    assert_eq!(error, AppError::Reset(2));
+}

@@ -396,12 +396,9 @@ impl Slot {
             OPEN => {
                 let now = Instant::now();
                 let until = self.open_until.load(Ordering::Acquire);
-                let elapsed = nanos_since(epoch, now);
-                if elapsed < until {
-                    self.rejections.increment();
-                    Err(Rejection::after(CircuitState::Open, until - elapsed))
-                } else {
-                    self.acquire_slow(now)
+                match self.reject_while_open(until, nanos_since(epoch, now)) {
+                    Some(rejection) => Err(rejection),
+                    None => self.acquire_slow(now),
                 }
             }
             FORCED_CLOSED => {
@@ -414,6 +411,16 @@ impl Slot {
             }
             _ => self.acquire_slow(Instant::now()),
         }
+    }
+
+    /// The rejection of a call `elapsed` nanoseconds after the epoch while the circuit is open
+    /// until `until`; `None` once a trial is due.
+    #[inline]
+    fn reject_while_open(&self, until: u64, elapsed: u64) -> Option<Rejection> {
+        (elapsed < until).then(|| {
+            self.rejections.increment();
+            Rejection::after(CircuitState::Open, until - elapsed)
+        })
     }
 
     #[cold]
@@ -436,11 +443,12 @@ impl Slot {
                 return Err(Rejection::forced());
             }
             CircuitState::Open => {
+                // Reached when the open period ended, or when another thread re-opened the
+                // circuit between the lock-free read of the state and this lock.
                 let until = self.open_until.load(Ordering::Relaxed);
-                let elapsed = nanos_since(machine.epoch, now);
-                if elapsed < until {
-                    self.rejections.increment();
-                    return Err(Rejection::after(CircuitState::Open, until - elapsed));
+                if let Some(rejection) = self.reject_while_open(until, nanos_since(machine.epoch, now))
+                {
+                    return Err(rejection);
                 }
                 machine.transition(
                     self,

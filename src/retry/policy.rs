@@ -651,6 +651,7 @@ impl<P, D> RetryPolicy<P, D> {
 /// Boxed: tower embeds the policy's future in every response future, and an inline `Sleep` would
 /// make every call's future several times larger; only an actual retry allocates. Polled out of
 /// line, so that the response future of a call that is not retried stays small enough to inline.
+#[derive(Debug)]
 pub struct RetryDelay(Pin<Box<Sleep>>);
 
 impl std::future::Future for RetryDelay {
@@ -665,8 +666,3 @@ impl std::future::Future for RetryDelay {
     }
 }
 
-impl fmt::Debug for RetryDelay {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_tuple("RetryDelay").field(&self.0.deadline()).finish()
-    }
-}
