@@ -39,9 +39,7 @@ use crate::classify::ErrorsAreFailures;
 use crate::fallback::FallbackLayer;
 use crate::fault::FaultLayer;
 use crate::retry::{Retry, RetryLayer, RetryPolicy, TransientErrors};
-use crate::timeout::{
-    DeadlineLayer, EnforceDeadline, RequestDeadline, Timeout, TimeoutLayer,
-};
+use crate::timeout::{DeadlineLayer, EnforceDeadline, RequestDeadline, Timeout, TimeoutLayer};
 use std::fmt;
 use std::time::Duration;
 use tower::ServiceBuilder;

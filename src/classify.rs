@@ -301,9 +301,8 @@ mod tests {
         assert!(elapsed.is_transient() && elapsed.is_fault() && !elapsed.is_rejection());
         let overloaded: tower::BoxError = Box::new(tower::load_shed::error::Overloaded::new());
         assert!(overloaded.is_transient() && !overloaded.is_fault() && overloaded.is_rejection());
-        let wrapped: tower::BoxError = Box::new(Wrapper(Box::new(
-            tower::timeout::error::Elapsed::new(),
-        )));
+        let wrapped: tower::BoxError =
+            Box::new(Wrapper(Box::new(tower::timeout::error::Elapsed::new())));
         assert!(wrapped.is_transient());
         let deep: tower::BoxError = Box::new(Wrapper(Box::new(Wrapper(Box::new(
             std::io::Error::from(std::io::ErrorKind::ConnectionReset),

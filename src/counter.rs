@@ -49,7 +49,10 @@ impl Slab {
 
     #[inline(never)]
     fn more_chunk(&self, index: usize) -> Option<&Chunk> {
-        self.more.get(index / CHUNK - 1)?.get().map(|chunk| &**chunk)
+        self.more
+            .get(index / CHUNK - 1)?
+            .get()
+            .map(|chunk| &**chunk)
     }
 
     #[cold]
@@ -283,7 +286,11 @@ mod tests {
         }
         for (i, counter) in counters.iter().enumerate() {
             assert_eq!(counter.sum(), (i % 3) as u64);
-            assert_eq!(counter.fallback.load(Ordering::Relaxed), 0, "counter {i} fell back");
+            assert_eq!(
+                counter.fallback.load(Ordering::Relaxed),
+                0,
+                "counter {i} fell back"
+            );
         }
     }
 

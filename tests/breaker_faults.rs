@@ -99,8 +99,11 @@ async fn a_forced_open_breaker_is_ready_without_polling_a_stuck_inner_service() 
 
 #[tokio::test(start_paused = true)]
 async fn a_tripped_breaker_is_ready_without_polling_a_stuck_inner_service() {
-    let (mut service, inner) =
-        guarded(CircuitBreakerConfig::new("stuck").max_failures(1).reset_timeout(10 * SEC));
+    let (mut service, inner) = guarded(
+        CircuitBreakerConfig::new("stuck")
+            .max_failures(1)
+            .reset_timeout(10 * SEC),
+    );
     assert!(call(&mut service, true).await.is_err());
     assert_eq!(service.handle().state(), CircuitState::Open);
     inner.set(Readiness::Pending);
@@ -121,8 +124,11 @@ async fn a_tripped_breaker_is_ready_without_polling_a_stuck_inner_service() {
 
 #[tokio::test(start_paused = true)]
 async fn an_open_period_ending_between_poll_ready_and_call_rejects_with_no_wait() {
-    let (mut service, inner) =
-        guarded(CircuitBreakerConfig::new("race").max_failures(1).reset_timeout(10 * SEC));
+    let (mut service, inner) = guarded(
+        CircuitBreakerConfig::new("race")
+            .max_failures(1)
+            .reset_timeout(10 * SEC),
+    );
     assert!(call(&mut service, true).await.is_err());
     service.ready().await.unwrap();
     let polls = inner.polls.load(Ordering::SeqCst);
@@ -148,8 +154,11 @@ async fn a_call_without_poll_ready_is_rejected_not_forwarded() {
 
 #[tokio::test(start_paused = true)]
 async fn inner_poll_ready_errors_count_as_failures() {
-    let (mut service, inner) =
-        guarded(CircuitBreakerConfig::new("refused").max_failures(3).reset_timeout(10 * SEC));
+    let (mut service, inner) = guarded(
+        CircuitBreakerConfig::new("refused")
+            .max_failures(3)
+            .reset_timeout(10 * SEC),
+    );
     inner.set(Readiness::Fail);
     for _ in 0..3 {
         let error = service.ready().await.err().expect("poll_ready fails");
@@ -174,12 +183,13 @@ async fn inner_poll_ready_errors_count_as_failures() {
 #[tokio::test(start_paused = true)]
 async fn a_classifier_that_ignores_poll_ready_errors_is_obeyed() {
     let inner = Gated::new();
-    let mut service = CircuitBreakerLayer::new(CircuitBreakerConfig::new("lenient").max_failures(1))
-        .with_classifier(|result: &Result<&'static str, BoxError>| match result {
-            Ok(_) => palisade::classify::Outcome::Success,
-            Err(_) => palisade::classify::Outcome::Ignored,
-        })
-        .layer(inner.clone());
+    let mut service =
+        CircuitBreakerLayer::new(CircuitBreakerConfig::new("lenient").max_failures(1))
+            .with_classifier(|result: &Result<&'static str, BoxError>| match result {
+                Ok(_) => palisade::classify::Outcome::Success,
+                Err(_) => palisade::classify::Outcome::Ignored,
+            })
+            .layer(inner.clone());
     inner.set(Readiness::Fail);
     assert!(service.ready().await.is_err());
     assert_eq!(service.handle().state(), CircuitState::Closed);
@@ -189,13 +199,18 @@ async fn a_classifier_that_ignores_poll_ready_errors_is_obeyed() {
 
 #[tokio::test(start_paused = true)]
 async fn a_rate_rule_trips_when_a_success_reaches_min_calls() {
-    let (mut service, _) = guarded(CircuitBreakerConfig::new("rate").failure_rate(0.5, 10 * SEC, 4));
+    let (mut service, _) =
+        guarded(CircuitBreakerConfig::new("rate").failure_rate(0.5, 10 * SEC, 4));
     for fail in [true, true, false] {
         let _ = call(&mut service, fail).await;
         assert_eq!(service.handle().state(), CircuitState::Closed);
     }
     let _ = call(&mut service, false).await;
-    assert_eq!(service.handle().state(), CircuitState::Open, "F F S S is 50% of 4 calls");
+    assert_eq!(
+        service.handle().state(),
+        CircuitState::Open,
+        "F F S S is 50% of 4 calls"
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -273,7 +288,11 @@ async fn controls_that_change_nothing_emit_nothing_and_keep_calls_in_flight() {
     assert_eq!(handle.metrics().transitions, 0);
     assert!(first.await.is_err());
     let _ = call(&mut service, true).await;
-    assert_eq!(handle.state(), CircuitState::Open, "the failure from before reset() counted");
+    assert_eq!(
+        handle.state(),
+        CircuitState::Open,
+        "the failure from before reset() counted"
+    );
 
     handle.force_open();
     handle.force_open();
@@ -365,7 +384,11 @@ async fn a_success_admitted_before_a_reset_neither_ends_a_new_streak_nor_counts(
     }
     assert!(stale.await.is_ok());
     let _ = call(&mut service, true).await;
-    assert_eq!(handle.state(), CircuitState::Open, "the stale success ended the streak");
+    assert_eq!(
+        handle.state(),
+        CircuitState::Open,
+        "the stale success ended the streak"
+    );
 
     // Failure rate: the stale success must not count in the new window.
     let (mut service, _) =
@@ -376,9 +399,17 @@ async fn a_success_admitted_before_a_reset_neither_ends_a_new_streak_nor_counts(
     handle.reset();
     assert!(stale.await.is_ok());
     let _ = call(&mut service, true).await;
-    assert_eq!(handle.state(), CircuitState::Closed, "one call is below min_calls");
+    assert_eq!(
+        handle.state(),
+        CircuitState::Closed,
+        "one call is below min_calls"
+    );
     let _ = call(&mut service, false).await;
-    assert_eq!(handle.state(), CircuitState::Open, "1 failure in 2 fresh calls is 50%");
+    assert_eq!(
+        handle.state(),
+        CircuitState::Open,
+        "1 failure in 2 fresh calls is 50%"
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -391,7 +422,11 @@ async fn a_huge_open_time_still_reports_a_retry_after() {
     let _ = call(&mut service, true).await;
     let rejected = open_error(call(&mut service, false).await.unwrap_err());
     assert_eq!(rejected.state(), CircuitState::Open);
-    assert!(rejected.retry_after().is_some_and(|after| after > 100 * 365 * 24 * 3600 * SEC));
+    assert!(
+        rejected
+            .retry_after()
+            .is_some_and(|after| after > 100 * 365 * 24 * 3600 * SEC)
+    );
     advance(1000 * 24 * 3600 * SEC).await;
     assert_eq!(
         open_error(call(&mut service, false).await.unwrap_err()).state(),
@@ -427,8 +462,11 @@ async fn dropping_a_breaker_ends_its_subscriptions() {
 
 #[tokio::test(start_paused = true)]
 async fn poll_ready_turns_away_until_exactly_the_end_of_the_open_period() {
-    let (mut service, inner) =
-        guarded(CircuitBreakerConfig::new("edge").max_failures(1).reset_timeout(10 * SEC));
+    let (mut service, inner) = guarded(
+        CircuitBreakerConfig::new("edge")
+            .max_failures(1)
+            .reset_timeout(10 * SEC),
+    );
     assert!(call(&mut service, true).await.is_err());
     inner.set(Readiness::Pending);
     advance(10 * SEC - MS).await;
@@ -442,8 +480,11 @@ async fn poll_ready_turns_away_until_exactly_the_end_of_the_open_period() {
 
 #[tokio::test(start_paused = true)]
 async fn a_failed_poll_ready_in_half_open_is_a_failed_trial() {
-    let (mut service, inner) =
-        guarded(CircuitBreakerConfig::new("half").max_failures(1).reset_timeout(10 * SEC));
+    let (mut service, inner) = guarded(
+        CircuitBreakerConfig::new("half")
+            .max_failures(1)
+            .reset_timeout(10 * SEC),
+    );
     let handle = service.handle();
     assert!(call(&mut service, true).await.is_err());
     advance(10 * SEC).await;
@@ -466,8 +507,11 @@ async fn a_failed_poll_ready_in_half_open_is_a_failed_trial() {
 
 #[tokio::test(start_paused = true)]
 async fn a_breaker_that_reopens_between_poll_ready_and_call_rejects_with_the_new_wait() {
-    let (mut service, _) =
-        guarded(CircuitBreakerConfig::new("reopen").max_failures(1).reset_timeout(10 * SEC));
+    let (mut service, _) = guarded(
+        CircuitBreakerConfig::new("reopen")
+            .max_failures(1)
+            .reset_timeout(10 * SEC),
+    );
     assert!(call(&mut service, true).await.is_err());
     advance(10 * SEC).await;
     // One clone finds a trial due and makes its inner service ready...

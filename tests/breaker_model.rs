@@ -105,8 +105,15 @@ impl Params {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Permit {
-    Closed { generation: u64, started: Duration },
-    Trial { generation: u64, ticket: u64, started: Duration },
+    Closed {
+        generation: u64,
+        started: Duration,
+    },
+    Trial {
+        generation: u64,
+        ticket: u64,
+        started: Duration,
+    },
     Untracked,
 }
 

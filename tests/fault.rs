@@ -127,9 +127,15 @@ async fn latency_delays_the_call_itself_not_just_the_answer() {
         .layer(inner);
     let start = Instant::now();
     let future = slow.ready().await.unwrap().call(1);
-    assert!(called.lock().unwrap().is_empty(), "the inner service was called at once");
+    assert!(
+        called.lock().unwrap().is_empty(),
+        "the inner service was called at once"
+    );
     assert_eq!(future.await, Ok(1));
-    assert_eq!(called.lock().unwrap()[0] - start, Duration::from_millis(250));
+    assert_eq!(
+        called.lock().unwrap()[0] - start,
+        Duration::from_millis(250)
+    );
     // Delayed calls do not hold each other up: two at once both finish after 250 ms.
     let start = Instant::now();
     let a = slow.ready().await.unwrap().call(2);
@@ -140,8 +146,11 @@ async fn latency_delays_the_call_itself_not_just_the_answer() {
 
 #[tokio::test(start_paused = true)]
 async fn a_huge_latency_neither_panics_nor_answers() {
-    let mut service = TimeoutLayer::new(Duration::from_secs(1))
-        .layer(FaultLayer::seeded(5).latency(Duration::MAX, 1.0).layer(echo()));
+    let mut service = TimeoutLayer::new(Duration::from_secs(1)).layer(
+        FaultLayer::seeded(5)
+            .latency(Duration::MAX, 1.0)
+            .layer(echo()),
+    );
     assert_eq!(
         service.ready().await.unwrap().call(1).await,
         Err(AppError::Timeout(Elapsed::attempt(Duration::from_secs(1))))
@@ -203,8 +212,14 @@ mod fallback {
                     key => Ok(key),
                 }
             });
-        assert_eq!(service.ready().await.unwrap().call("fresh").await, Ok("fresh"));
-        assert_eq!(service.ready().await.unwrap().call("down").await, Ok("cached"));
+        assert_eq!(
+            service.ready().await.unwrap().call("fresh").await,
+            Ok("fresh")
+        );
+        assert_eq!(
+            service.ready().await.unwrap().call("down").await,
+            Ok("cached")
+        );
         assert_eq!(
             service.ready().await.unwrap().call("missing").await,
             Err(StoreError::NotFound)
@@ -229,6 +244,9 @@ mod fallback {
         );
         // The not-found counted as a failure (default classifier) and opened the breaker; the open
         // circuit's rejection gets the fallback, as does an outage.
-        assert_eq!(service.ready().await.unwrap().call("fresh").await, Ok("stale"));
+        assert_eq!(
+            service.ready().await.unwrap().call("fresh").await,
+            Ok("stale")
+        );
     }
 }

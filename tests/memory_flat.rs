@@ -27,7 +27,10 @@ unsafe impl GlobalAlloc for Counting {
     }
 
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        LIVE.fetch_add(new_size as isize - layout.size() as isize, Ordering::Relaxed);
+        LIVE.fetch_add(
+            new_size as isize - layout.size() as isize,
+            Ordering::Relaxed,
+        );
         unsafe { System.realloc(ptr, layout, new_size) }
     }
 
@@ -85,7 +88,9 @@ async fn round(round: usize, n: usize) {
         assert!(registry.remove(&name).is_some());
 
         let policy = RetryPolicy::new(1 + (i % 50) as u32)
-            .backoff(Backoff::constant(Duration::from_nanos((round * n + i) as u64)))
+            .backoff(Backoff::constant(Duration::from_nanos(
+                (round * n + i) as u64,
+            )))
             .jitter(Jitter::Equal)
             .seed(i as u64);
         let mut retried = policy.layer().layer(tower::service_fn(|_: ()| async {

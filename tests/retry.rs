@@ -80,7 +80,12 @@ impl FailureKind for AppError {
 fn scripted<R, F, Fut>(
     script: F,
 ) -> (
-    impl Service<R, Response = &'static str, Error = AppError, Future = impl Future<Output = Result<&'static str, AppError>> + Send> + Clone,
+    impl Service<
+        R,
+        Response = &'static str,
+        Error = AppError,
+        Future = impl Future<Output = Result<&'static str, AppError>> + Send,
+    > + Clone,
     Arc<Mutex<Vec<Instant>>>,
 )
 where
@@ -530,7 +535,8 @@ async fn a_closure_predicate_does_not_retry_an_open_circuit() {
     let policy = no_jitter(5, 10 * MS)
         .retry_if(|result: &Result<&'static str, AppError>| result.is_err())
         .honor_deadline();
-    let mut service = DeadlineLayer::new(10 * SEC).layer(policy.layer().layer(breaker.layer(service)));
+    let mut service =
+        DeadlineLayer::new(10 * SEC).layer(policy.layer().layer(breaker.layer(service)));
     let start = Instant::now();
     let error = service
         .ready()
@@ -541,7 +547,11 @@ async fn a_closure_predicate_does_not_retry_an_open_circuit() {
         .unwrap_err();
     assert!(matches!(error, AppError::Open(_)), "got {error}");
     assert_eq!(calls.lock().unwrap().len(), 1);
-    assert_eq!(start.elapsed(), 10 * MS, "only the one backoff sleep before the rejection");
+    assert_eq!(
+        start.elapsed(),
+        10 * MS,
+        "only the one backoff sleep before the rejection"
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -553,10 +563,22 @@ async fn an_open_circuit_fails_fast_by_default_even_with_time_to_wait() {
             .reset_timeout(400 * MS),
     );
     let handle = breaker.handle();
-    let mut service = DeadlineLayer::new(10 * SEC)
-        .layer(no_jitter(5, 10 * MS).honor_deadline().layer().layer(breaker.layer(service)));
-    let _ = service.ready().await.unwrap().call(Deadlined::new(())).await;
-    assert_eq!(handle.state(), palisade::circuit_breaker::CircuitState::Open);
+    let mut service = DeadlineLayer::new(10 * SEC).layer(
+        no_jitter(5, 10 * MS)
+            .honor_deadline()
+            .layer()
+            .layer(breaker.layer(service)),
+    );
+    let _ = service
+        .ready()
+        .await
+        .unwrap()
+        .call(Deadlined::new(()))
+        .await;
+    assert_eq!(
+        handle.state(),
+        palisade::circuit_breaker::CircuitState::Open
+    );
     let start = Instant::now();
     let error = service
         .ready()
@@ -566,15 +588,19 @@ async fn an_open_circuit_fails_fast_by_default_even_with_time_to_wait() {
         .await
         .unwrap_err();
     assert!(matches!(error, AppError::Open(_)), "got {error}");
-    assert_eq!(start.elapsed(), Duration::ZERO, "a caller waited out the open breaker");
+    assert_eq!(
+        start.elapsed(),
+        Duration::ZERO,
+        "a caller waited out the open breaker"
+    );
     assert_eq!(calls.lock().unwrap().len(), 1);
 }
 
 #[tokio::test(start_paused = true)]
 async fn a_retry_after_hint_of_duration_max_neither_panics_nor_waits() {
-    let (service, calls) =
-        scripted(|_| async { Err::<&str, _>(AppError::Busy(Duration::MAX)) });
-    let mut service = DeadlineLayer::new(SEC).layer(no_jitter(3, MS).honor_deadline().layer().layer(service));
+    let (service, calls) = scripted(|_| async { Err::<&str, _>(AppError::Busy(Duration::MAX)) });
+    let mut service =
+        DeadlineLayer::new(SEC).layer(no_jitter(3, MS).honor_deadline().layer().layer(service));
     let error = service
         .ready()
         .await
@@ -582,7 +608,10 @@ async fn a_retry_after_hint_of_duration_max_neither_panics_nor_waits() {
         .call(Deadlined::new(()))
         .await
         .unwrap_err();
-    assert!(matches!(&error, AppError::Timeout(e) if e.is_deadline()), "got {error}");
+    assert!(
+        matches!(&error, AppError::Timeout(e) if e.is_deadline()),
+        "got {error}"
+    );
     assert_eq!(calls.lock().unwrap().len(), 1);
 }
 
@@ -591,7 +620,13 @@ async fn a_deadline_of_duration_max_works() {
     let (service, _) = scripted(|_| async { Ok("ok") });
     let mut service = DeadlineLayer::new(Duration::MAX).layer(service);
     assert_eq!(
-        service.ready().await.unwrap().call(Deadlined::new(())).await.unwrap(),
+        service
+            .ready()
+            .await
+            .unwrap()
+            .call(Deadlined::new(()))
+            .await
+            .unwrap(),
         "ok"
     );
     let deadline = Deadline::after(Duration::MAX);
@@ -613,9 +648,20 @@ async fn configuring_a_clone_leaves_the_original_alone() {
         .seed(8);
     for policy in [original, configured] {
         let (service, _) = scripted(|n| async move { Err::<&str, _>(AppError::Reset(n)) });
-        let _ = policy.layer().layer(service).ready().await.unwrap().call(()).await;
+        let _ = policy
+            .layer()
+            .layer(service)
+            .ready()
+            .await
+            .unwrap()
+            .call(())
+            .await;
     }
-    assert_eq!(seen.load(Ordering::SeqCst), 2, "only the configured clone has the hook");
+    assert_eq!(
+        seen.load(Ordering::SeqCst),
+        2,
+        "only the configured clone has the hook"
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -633,7 +679,11 @@ async fn an_enclosing_deadline_is_honoured_by_default_for_any_request() {
     let error = service.ready().await.unwrap().call(7).await.unwrap_err();
     // Attempts at 0, 300, 600, 900 ms; the next would start at 1.2 s, past the deadline.
     assert_eq!(calls.lock().unwrap().len(), 4);
-    assert_eq!(start.elapsed(), 900 * MS, "retry slept toward a deadline it could not meet");
+    assert_eq!(
+        start.elapsed(),
+        900 * MS,
+        "retry slept toward a deadline it could not meet"
+    );
     assert_eq!(error, AppError::Reset(4));
 }
 
@@ -656,7 +706,10 @@ async fn an_attempt_timeout_stops_at_an_enclosing_deadline_for_any_request() {
         .call(Deadlined::new(1))
         .await
         .unwrap_err();
-    assert!(matches!(&error, AppError::Timeout(e) if e.is_deadline()), "got {error}");
+    assert!(
+        matches!(&error, AppError::Timeout(e) if e.is_deadline()),
+        "got {error}"
+    );
     assert_eq!(start.elapsed(), SEC);
 }
 
@@ -664,7 +717,14 @@ async fn an_attempt_timeout_stops_at_an_enclosing_deadline_for_any_request() {
 async fn a_chosen_backoff_is_used_as_written() {
     let (service, calls) = scripted(|n| async move { Err::<&str, _>(AppError::Reset(n)) });
     let policy = RetryPolicy::new(4).backoff(Backoff::constant(10 * MS));
-    let _ = policy.layer().layer(service).ready().await.unwrap().call(()).await;
+    let _ = policy
+        .layer()
+        .layer(service)
+        .ready()
+        .await
+        .unwrap()
+        .call(())
+        .await;
     let times = calls.lock().unwrap().clone();
     let gaps: Vec<_> = times.windows(2).map(|w| w[1] - w[0]).collect();
     assert_eq!(gaps, [10 * MS; 3]);
@@ -674,7 +734,8 @@ async fn a_chosen_backoff_is_used_as_written() {
 async fn give_up_events_name_the_attempts_the_reason_and_the_last_error() {
     use palisade::retry::GiveUpReason;
     let events = Arc::new(Mutex::new(Vec::new()));
-    let record = |events: &Arc<Mutex<Vec<(u32, GiveUpReason, String)>>>| {
+    type Log = Arc<Mutex<Vec<(u32, GiveUpReason, String)>>>;
+    let record = |events: &Log| {
         let events = Arc::clone(events);
         move |stop: &palisade::retry::GiveUp<'_>| {
             events
@@ -687,13 +748,27 @@ async fn give_up_events_name_the_attempts_the_reason_and_the_last_error() {
     // Attempts exhausted.
     let (service, _) = scripted(|n| async move { Err::<&str, _>(AppError::Reset(n)) });
     let policy = no_jitter(3, MS).on_give_up(record(&events));
-    let _ = policy.layer().layer(service).ready().await.unwrap().call(()).await;
+    let _ = policy
+        .layer()
+        .layer(service)
+        .ready()
+        .await
+        .unwrap()
+        .call(())
+        .await;
     // Budget refused.
     let (service, _) = scripted(|n| async move { Err::<&str, _>(AppError::Reset(n)) });
     let policy = no_jitter(3, MS)
         .budget(Arc::new(RetryBudget::new(10 * SEC, 0, 0.0)))
         .on_give_up(record(&events));
-    let _ = policy.layer().layer(service).ready().await.unwrap().call(()).await;
+    let _ = policy
+        .layer()
+        .layer(service)
+        .ready()
+        .await
+        .unwrap()
+        .call(())
+        .await;
     // Deadline reached.
     let (service, _) = scripted(|n| async move { Err::<&str, _>(AppError::Reset(n)) });
     let policy = no_jitter(3, 2 * SEC).on_give_up(record(&events));
@@ -707,15 +782,38 @@ async fn give_up_events_name_the_attempts_the_reason_and_the_last_error() {
     // Hint too long.
     let (service, _) = scripted(|_| async { Err::<&str, _>(AppError::Busy(60 * SEC)) });
     let policy = no_jitter(3, MS).on_give_up(record(&events));
-    let _ = policy.layer().layer(service).ready().await.unwrap().call(()).await;
+    let _ = policy
+        .layer()
+        .layer(service)
+        .ready()
+        .await
+        .unwrap()
+        .call(())
+        .await;
 
     assert_eq!(
         *events.lock().unwrap(),
         [
-            (3, GiveUpReason::Exhausted, "connection reset on attempt 3".to_owned()),
-            (1, GiveUpReason::BudgetExhausted, "connection reset on attempt 1".to_owned()),
-            (1, GiveUpReason::DeadlineReached, "connection reset on attempt 1".to_owned()),
-            (1, GiveUpReason::HintTooLong, "busy, retry after 60s".to_owned()),
+            (
+                3,
+                GiveUpReason::Exhausted,
+                "connection reset on attempt 3".to_owned()
+            ),
+            (
+                1,
+                GiveUpReason::BudgetExhausted,
+                "connection reset on attempt 1".to_owned()
+            ),
+            (
+                1,
+                GiveUpReason::DeadlineReached,
+                "connection reset on attempt 1".to_owned()
+            ),
+            (
+                1,
+                GiveUpReason::HintTooLong,
+                "busy, retry after 60s".to_owned()
+            ),
         ]
     );
     assert_eq!(GiveUpReason::Exhausted.to_string(), "retries exhausted");
@@ -736,7 +834,11 @@ async fn budget_deposits_add_up_last_the_whole_ttl_and_expire_at_it() {
     advance(4 * SEC - MS).await; // t = 9.999 s
     assert_eq!(budget.remaining(), 3, "a deposit lasts the whole ttl");
     advance(MS).await; // t = 10 s
-    assert_eq!(budget.remaining(), 2, "the first deposit expires exactly at the ttl");
+    assert_eq!(
+        budget.remaining(),
+        2,
+        "the first deposit expires exactly at the ttl"
+    );
     advance(3 * SEC).await; // t = 13 s
     assert_eq!(budget.remaining(), 1);
     assert!(budget.withdraw());
@@ -771,7 +873,14 @@ async fn decorrelated_jitter_grows_from_the_previous_delay() {
         .jitter(Jitter::Decorrelated)
         .seed(99)
         .on_retry(move |event| log.lock().unwrap().push(event.delay));
-    let _ = policy.layer().layer(service).ready().await.unwrap().call(()).await;
+    let _ = policy
+        .layer()
+        .layer(service)
+        .ready()
+        .await
+        .unwrap()
+        .call(())
+        .await;
     let delays = seen.lock().unwrap().clone();
     assert_eq!(delays.len(), 11);
     for pair in delays.windows(2) {
@@ -791,11 +900,20 @@ fn jitter_and_backoff_edges() {
     assert_eq!(Jitter::Full.delay(&backoff, 0, MS, u64::MAX), 100 * MS);
     // Zero delays stay zero under every jitter.
     let zero = Backoff::constant(Duration::ZERO);
-    for jitter in [Jitter::None, Jitter::Full, Jitter::Equal, Jitter::Decorrelated] {
-        assert_eq!(jitter.delay(&zero, 3, Duration::ZERO, u64::MAX), Duration::ZERO);
+    for jitter in [
+        Jitter::None,
+        Jitter::Full,
+        Jitter::Equal,
+        Jitter::Decorrelated,
+    ] {
+        assert_eq!(
+            jitter.delay(&zero, 3, Duration::ZERO, u64::MAX),
+            Duration::ZERO
+        );
     }
     // Finite but beyond `Duration`'s range: the cap, no panic.
-    let huge = Backoff::exponential(Duration::from_secs(u64::MAX / 4), 1000.0).max_delay(Duration::MAX);
+    let huge =
+        Backoff::exponential(Duration::from_secs(u64::MAX / 4), 1000.0).max_delay(Duration::MAX);
     assert_eq!(huge.delay(3), Duration::MAX);
     assert_eq!(huge.delay(0), Duration::from_secs(u64::MAX / 4));
     let capped = Backoff::exponential(SEC, 10.0).max_delay(Duration::from_secs(u64::MAX));
@@ -805,15 +923,28 @@ fn jitter_and_backoff_edges() {
     assert_eq!(linear.delay(u32::MAX), Duration::MAX);
     // Decorrelated never goes below the base or above the cap.
     let decorrelated = Backoff::exponential(10 * MS, 2.0).max_delay(25 * MS);
-    assert_eq!(Jitter::Decorrelated.delay(&decorrelated, 5, SEC, u64::MAX), 25 * MS);
-    assert_eq!(Jitter::Decorrelated.delay(&decorrelated, 5, SEC, 0), 10 * MS);
-    assert_eq!(Jitter::Decorrelated.delay(&decorrelated, 5, MS, u64::MAX), 10 * MS);
+    assert_eq!(
+        Jitter::Decorrelated.delay(&decorrelated, 5, SEC, u64::MAX),
+        25 * MS
+    );
+    assert_eq!(
+        Jitter::Decorrelated.delay(&decorrelated, 5, SEC, 0),
+        10 * MS
+    );
+    assert_eq!(
+        Jitter::Decorrelated.delay(&decorrelated, 5, MS, u64::MAX),
+        10 * MS
+    );
 }
 
 #[tokio::test(start_paused = true)]
 async fn a_hint_exactly_the_maximum_delay_is_waited_for() {
     let (service, calls) = scripted(|n| async move {
-        if n == 1 { Err(AppError::Busy(SEC)) } else { Ok("ok") }
+        if n == 1 {
+            Err(AppError::Busy(SEC))
+        } else {
+            Ok("ok")
+        }
     });
     let policy = RetryPolicy::new(3).backoff(Backoff::constant(10 * MS).max_delay(SEC));
     let mut service = policy.layer().layer(service);
@@ -844,7 +975,12 @@ async fn a_rejection_without_a_hint_is_never_retried() {
     for policy in [no_jitter(3, MS), no_jitter(3, MS).retry_rejections(true)] {
         calls.store(0, Ordering::SeqCst);
         let mut retried = DeadlineLayer::new(10 * SEC).layer(policy.layer().layer(service.clone()));
-        let _ = retried.ready().await.unwrap().call(Deadlined::new(())).await;
+        let _ = retried
+            .ready()
+            .await
+            .unwrap()
+            .call(Deadlined::new(()))
+            .await;
         assert_eq!(calls.load(Ordering::SeqCst), 1);
     }
 }
@@ -855,7 +991,14 @@ async fn a_configured_clone_keeps_sharing_the_budget() {
     let original = no_jitter(3, MS).seed(1).budget(Arc::clone(&budget));
     let clone = original.clone().on_retry(|_| {}).seed(2);
     let (service, calls) = scripted(|n| async move { Err::<&str, _>(AppError::Reset(n)) });
-    let _ = clone.layer().layer(service).ready().await.unwrap().call(()).await;
+    let _ = clone
+        .layer()
+        .layer(service)
+        .ready()
+        .await
+        .unwrap()
+        .call(())
+        .await;
     assert_eq!(calls.lock().unwrap().len(), 1, "the clone lost the budget");
     drop(original);
 }
@@ -875,7 +1018,11 @@ async fn retrying_rejections_still_needs_a_deadline_to_fit_the_wait_in() {
     let start = Instant::now();
     let error = service.ready().await.unwrap().call(()).await.unwrap_err();
     assert!(matches!(error, AppError::Open(_)), "got {error}");
-    assert_eq!(start.elapsed(), 10 * MS, "the open circuit was waited out with no deadline");
+    assert_eq!(
+        start.elapsed(),
+        10 * MS,
+        "the open circuit was waited out with no deadline"
+    );
     assert_eq!(calls.lock().unwrap().len(), 1);
 }
 

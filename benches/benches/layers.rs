@@ -180,9 +180,15 @@ fn retry_timeout_preset(c: &mut Criterion) {
     // The same preset shared by one and by two threads (per-call wall time on each thread).
     let mut group = c.benchmark_group("preset/shared_success");
     for threads in [1usize, 2] {
-        group.bench_with_input(BenchmarkId::new("bare", threads), &threads, |b, &threads| {
-            b.iter_custom(|iters| run_threads_with(threads, iters, Bare, || Deadlined::new(false)))
-        });
+        group.bench_with_input(
+            BenchmarkId::new("bare", threads),
+            &threads,
+            |b, &threads| {
+                b.iter_custom(|iters| {
+                    run_threads_with(threads, iters, Bare, || Deadlined::new(false))
+                })
+            },
+        );
         let preset = readme_preset().layer(Bare);
         group.bench_with_input(
             BenchmarkId::new("palisade-readme", threads),
@@ -200,9 +206,11 @@ fn retry_timeout_preset(c: &mut Criterion) {
     // tower's `TpsBudget`.
     let mut group = c.benchmark_group("retry/budget_shared");
     for threads in [1usize, 2] {
-        group.bench_with_input(BenchmarkId::new("bare", threads), &threads, |b, &threads| {
-            b.iter_custom(|iters| run_threads(threads, iters, Bare))
-        });
+        group.bench_with_input(
+            BenchmarkId::new("bare", threads),
+            &threads,
+            |b, &threads| b.iter_custom(|iters| run_threads(threads, iters, Bare)),
+        );
         let ours = palisade_retry_with_budget();
         group.bench_with_input(
             BenchmarkId::new("palisade", threads),
@@ -228,12 +236,7 @@ where
 
 /// Wall time for `iters` calls on each of `threads` threads at once, each thread with its own
 /// clone of `service`: a layer that scales perfectly reports the same per-call time for 1 and 2.
-fn run_threads_with<R, S>(
-    threads: usize,
-    iters: u64,
-    service: S,
-    request: fn() -> R,
-) -> Duration
+fn run_threads_with<R, S>(threads: usize, iters: u64, service: S, request: fn() -> R) -> Duration
 where
     S: Service<R> + Clone + Send + 'static,
     R: 'static,

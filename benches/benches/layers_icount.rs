@@ -150,8 +150,11 @@ fn instructions(name: &str, calls: u64) -> u64 {
     let text = std::fs::read_to_string(&out).unwrap();
     let _ = std::fs::remove_file(&out);
     text.lines()
-        .find_map(|line| line.strip_prefix("summary:").or(line.strip_prefix("totals:")))
-        .and_then(|n| n.trim().split_whitespace().next()?.parse().ok())
+        .find_map(|line| {
+            line.strip_prefix("summary:")
+                .or(line.strip_prefix("totals:"))
+        })
+        .and_then(|n| n.split_whitespace().next()?.parse().ok())
         .expect("callgrind output has a summary line")
 }
 
@@ -169,17 +172,28 @@ fn main() {
     }
     let filters: Vec<&String> = args.iter().filter(|a| !a.starts_with("--")).collect();
     let mut floors = std::collections::HashMap::new();
-    println!("{:<45} {:>12} {:>12}", "contender", "instr/call", "over floor");
+    println!(
+        "{:<45} {:>12} {:>12}",
+        "contender", "instr/call", "over floor"
+    );
     for (name, floor) in CONTENDERS {
         let is_floor = name == floor;
-        if !is_floor && !filters.is_empty() && !filters.iter().any(|f| name.contains(f.as_str()))
-        {
+        if !is_floor && !filters.is_empty() && !filters.iter().any(|f| name.contains(f.as_str())) {
             continue;
         }
         if !floors.contains_key(floor) {
             floors.insert(*floor, per_call(floor));
         }
-        let count = if is_floor { floors[floor] } else { per_call(name) };
-        println!("{:<45} {:>12.1} {:>12.1}", name, count, count - floors[floor]);
+        let count = if is_floor {
+            floors[floor]
+        } else {
+            per_call(name)
+        };
+        println!(
+            "{:<45} {:>12.1} {:>12.1}",
+            name,
+            count,
+            count - floors[floor]
+        );
     }
 }

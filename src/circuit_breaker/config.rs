@@ -544,9 +544,8 @@ mod tests {
                 ttl: Duration::from_secs(10)
             }]
         );
-        let explicit = CircuitBreakerConfig::new("e").trip_rule(TripRule::ConsecutiveFailures {
-            threshold: 2,
-        });
+        let explicit = CircuitBreakerConfig::new("e")
+            .trip_rule(TripRule::ConsecutiveFailures { threshold: 2 });
         assert_eq!(
             explicit.rules(),
             [TripRule::ConsecutiveFailures { threshold: 2 }]

@@ -197,7 +197,8 @@ where
                 Poll::Ready(result)
             }
             KindProj::Rejected { name, rejection } => Poll::Ready(Err(E::from(CircuitOpen::new(
-                name.take().expect("a rejected call's future polled after completion"),
+                name.take()
+                    .expect("a rejected call's future polled after completion"),
                 *rejection,
             )))),
         }

@@ -446,7 +446,8 @@ impl Slot {
                 // Reached when the open period ended, or when another thread re-opened the
                 // circuit between the lock-free read of the state and this lock.
                 let until = self.open_until.load(Ordering::Relaxed);
-                if let Some(rejection) = self.reject_while_open(until, nanos_since(machine.epoch, now))
+                if let Some(rejection) =
+                    self.reject_while_open(until, nanos_since(machine.epoch, now))
                 {
                     return Err(rejection);
                 }

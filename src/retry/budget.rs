@@ -248,11 +248,9 @@ impl RetryBudget {
 
     /// The reserve plus every deposit within the window ending at `index`.
     fn deposited(&self, index: u64) -> i64 {
-        self.deposits
-            .iter()
-            .fold(self.reserve, |total, stripe| {
-                total.saturating_add(stripe.sum(index, None))
-            })
+        self.deposits.iter().fold(self.reserve, |total, stripe| {
+            total.saturating_add(stripe.sum(index, None))
+        })
     }
 
     /// How many retries the budget would allow right now.

@@ -658,11 +658,7 @@ impl std::future::Future for RetryDelay {
     type Output = ();
 
     #[inline(never)]
-    fn poll(
-        mut self: Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<()> {
+    fn poll(mut self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
         self.0.as_mut().poll(cx)
     }
 }
-

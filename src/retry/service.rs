@@ -170,7 +170,9 @@ where
             }
             StateProj::Retrying => {
                 ready!(inner.poll_ready(cx))?;
-                let attempt = request.take().expect("retrying requires a copy of the request");
+                let attempt = request
+                    .take()
+                    .expect("retrying requires a copy of the request");
                 *request = policy.clone_request(&attempt);
                 state.set(State::Called {
                     future: inner.call(attempt),

@@ -41,8 +41,7 @@ mod future;
 mod layer;
 
 pub use self::deadline::{
-    AmbientDeadline, Deadline, DeadlineSource, Deadlined, HasDeadline, NoDeadline,
-    RequestDeadline,
+    AmbientDeadline, Deadline, DeadlineSource, Deadlined, HasDeadline, NoDeadline, RequestDeadline,
 };
 pub use self::error::{Elapsed, ElapsedKind};
 pub use self::future::ResponseFuture;
@@ -137,7 +136,9 @@ where
 
     fn call(&mut self, mut request: Request) -> Self::Future {
         let now = self.budget.map(|_| tokio::time::Instant::now());
-        let from_budget = now.zip(self.budget).map(|(now, budget)| Deadline::after_from(now, budget));
+        let from_budget = now
+            .zip(self.budget)
+            .map(|(now, budget)| Deadline::after_from(now, budget));
         let deadline = match (request.deadline(), from_budget) {
             (own, None) => own,
             (None, Some(budget)) => Some(budget),

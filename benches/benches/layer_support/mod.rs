@@ -141,8 +141,8 @@ pub fn palisade_breaker(
 }
 
 /// A tower-resilience breaker that never trips (rate threshold 100%, huge minimum).
-pub fn resilience_breaker() -> impl Service<bool, Response = u64, Error = impl std::fmt::Debug> + Clone
-{
+pub fn resilience_breaker()
+-> impl Service<bool, Response = u64, Error = impl std::fmt::Debug> + Clone {
     let layer = tower_resilience::circuitbreaker::CircuitBreakerLayer::builder()
         .failure_rate_threshold(1.0)
         .minimum_number_of_calls(usize::MAX / 2)
@@ -211,7 +211,6 @@ impl<Req: Clone, Res, E> tower::retry::Policy<Req, Res, E> for Attempts {
         Some(request.clone())
     }
 }
-
 
 /// The preset exactly as the README builds it, retry budget included.
 pub fn readme_preset() -> Resilience {
