@@ -213,7 +213,7 @@ fn check_share(what: &str, share: f64) {
 ///     .slow_calls(Duration::from_secs(2), 0.8);          // ...or 80% of them slower than 2 s
 /// assert_eq!(config.rules().len(), 1);
 /// let config = config.consecutive_failures(10);          // ...or 10 failures in a row
-/// assert_eq!(config.rules()[1], TripRule::ConsecutiveFailures { threshold: 10 });
+/// assert_eq!(config.rules()[0], TripRule::ConsecutiveFailures { threshold: 10 }); // listed first
 /// ```
 #[derive(Clone, Debug)]
 #[must_use = "a configuration does nothing until it is given to a CircuitBreakerLayer"]
