@@ -526,3 +526,20 @@ async fn a_breaker_that_reopens_between_poll_ready_and_call_rejects_with_the_new
     assert_eq!(rejected.state(), CircuitState::Open);
     assert_eq!(rejected.retry_after(), Some(8 * SEC));
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_call_from_before_several_resets_never_counts() {
+    let (mut service, _) = guarded(CircuitBreakerConfig::new("resets").max_failures(2));
+    let handle = service.handle();
+    let stale = service.ready().await.unwrap().call(true);
+    let _ = call(&mut service, true).await;
+    handle.reset();
+    handle.force_open();
+    handle.reset();
+    let _ = call(&mut service, true).await;
+    handle.reset();
+    // Admitted before all of that: its failure belongs to a forgotten history.
+    assert!(stale.await.is_err());
+    let _ = call(&mut service, true).await;
+    assert_eq!(handle.state(), CircuitState::Closed, "the stale failure counted");
+}

@@ -1041,3 +1041,16 @@ async fn an_attempt_that_would_start_exactly_at_the_deadline_is_not_made() {
     assert_eq!(calls.lock().unwrap().len(), 2);
     assert_eq!(error, AppError::Reset(2));
 }
+
+#[tokio::test(start_paused = true)]
+async fn budgets_on_one_thread_keep_their_own_slots() {
+    let long = RetryBudget::new(10 * SEC, 0, 1.0);
+    advance(5 * SEC).await;
+    long.deposit();
+    // A budget with another epoch and slot length, used on the same thread right after.
+    let short = RetryBudget::new(SEC, 0, 1.0);
+    short.deposit();
+    assert_eq!((long.remaining(), short.remaining()), (1, 1));
+    advance(SEC).await;
+    assert_eq!((long.remaining(), short.remaining()), (1, 0));
+}
