@@ -1054,3 +1054,15 @@ async fn budgets_on_one_thread_keep_their_own_slots() {
     advance(SEC).await;
     assert_eq!((long.remaining(), short.remaining()), (1, 0));
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_deposit_exactly_at_a_slot_boundary_lands_in_the_new_slot() {
+    let budget = RetryBudget::new(10 * SEC, 0, 1.0);
+    budget.deposit(); // slot [0, 1 s)
+    advance(SEC).await;
+    budget.deposit(); // exactly 1 s: slot [1 s, 2 s)
+    advance(9 * SEC).await;
+    assert_eq!(budget.remaining(), 1, "the second deposit expired with the first");
+    advance(SEC).await;
+    assert_eq!(budget.remaining(), 0);
+}
