@@ -541,5 +541,9 @@ async fn a_call_from_before_several_resets_never_counts() {
     // Admitted before all of that: its failure belongs to a forgotten history.
     assert!(stale.await.is_err());
     let _ = call(&mut service, true).await;
-    assert_eq!(handle.state(), CircuitState::Closed, "the stale failure counted");
+    assert_eq!(
+        handle.state(),
+        CircuitState::Closed,
+        "the stale failure counted"
+    );
 }

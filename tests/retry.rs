@@ -1062,7 +1062,11 @@ async fn a_deposit_exactly_at_a_slot_boundary_lands_in_the_new_slot() {
     advance(SEC).await;
     budget.deposit(); // exactly 1 s: slot [1 s, 2 s)
     advance(9 * SEC).await;
-    assert_eq!(budget.remaining(), 1, "the second deposit expired with the first");
+    assert_eq!(
+        budget.remaining(),
+        1,
+        "the second deposit expired with the first"
+    );
     advance(SEC).await;
     assert_eq!(budget.remaining(), 0);
 }
