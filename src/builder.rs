@@ -6,7 +6,8 @@
 //! have names of their own: [`circuit_breaker`](ServiceBuilderExt::circuit_breaker),
 //! [`retry_with`](ServiceBuilderExt::retry_with), [`attempt_timeout`](ServiceBuilderExt::attempt_timeout),
 //! [`typed_timeout`](ServiceBuilderExt::typed_timeout), [`deadline`](ServiceBuilderExt::deadline),
-//! [`fault`](ServiceBuilderExt::fault) and [`resilience`](ServiceBuilderExt::resilience).
+//! [`fault`](ServiceBuilderExt::fault), [`fallback`](ServiceBuilderExt::fallback) and
+//! [`resilience`](ServiceBuilderExt::resilience).
 //! (tower's own `.retry(RetryPolicy::new(3))` works as well: a [`RetryPolicy`] is a tower policy.)
 //!
 //! They compose with tower's own middleware — `ConcurrencyLimit`, `RateLimit`, `LoadShed`,
@@ -35,11 +36,10 @@ use crate::circuit_breaker::{
     CircuitBreaker, CircuitBreakerConfig, CircuitBreakerHandle, CircuitBreakerLayer,
 };
 use crate::classify::ErrorsAreFailures;
+use crate::fallback::FallbackLayer;
 use crate::fault::FaultLayer;
-use crate::retry::{RetryLayer, RetryPolicy, TransientErrors};
-use crate::timeout::{
-    DeadlineLayer, EnforceDeadline, NoDeadline, RequestDeadline, Timeout, TimeoutLayer,
-};
+use crate::retry::{Retry, RetryLayer, RetryPolicy, TransientErrors};
+use crate::timeout::{DeadlineLayer, EnforceDeadline, RequestDeadline, Timeout, TimeoutLayer};
 use std::fmt;
 use std::time::Duration;
 use tower::ServiceBuilder;
@@ -54,7 +54,8 @@ pub trait ServiceBuilderExt<L>: Sized {
         config: CircuitBreakerConfig,
     ) -> ServiceBuilder<Stack<CircuitBreakerLayer, L>>;
 
-    /// Adds retry with `policy` (the same as tower's inherent `.retry(policy)`).
+    /// Adds retry with `policy` (palisade's [`Retry`] service; tower's inherent `.retry(policy)`
+    /// works too).
     fn retry_with<P>(self, policy: P) -> ServiceBuilder<Stack<RetryLayer<P>, L>>;
 
     /// Adds a per-attempt timeout that also stops at the request's deadline:
@@ -65,15 +66,18 @@ pub trait ServiceBuilderExt<L>: Sized {
     ) -> ServiceBuilder<Stack<TimeoutLayer<RequestDeadline>, L>>;
 
     /// Adds a timeout for any request type, failing through the service's own error type
-    /// (`From<Elapsed>`), unlike tower's `.timeout()` which forces `BoxError`.
-    fn typed_timeout(self, timeout: Duration)
-    -> ServiceBuilder<Stack<TimeoutLayer<NoDeadline>, L>>;
+    /// (`From<Elapsed>`), unlike tower's `.timeout()` which forces `BoxError`. It also stops at
+    /// the deadline of an enclosing [`deadline`](Self::deadline) layer.
+    fn typed_timeout(self, timeout: Duration) -> ServiceBuilder<Stack<TimeoutLayer, L>>;
 
     /// Gives each request a deadline `budget` from now (or keeps an earlier one) and enforces it.
     fn deadline(self, budget: Duration) -> ServiceBuilder<Stack<DeadlineLayer, L>>;
 
     /// Adds fault injection.
     fn fault(self, layer: FaultLayer) -> ServiceBuilder<Stack<FaultLayer, L>>;
+
+    /// Answers failed calls with `fallback(error)`; see [`FallbackLayer`].
+    fn fallback<F>(self, fallback: F) -> ServiceBuilder<Stack<FallbackLayer<F>, L>>;
 
     /// Adds the whole [`Resilience`] preset.
     fn resilience<P, C>(
@@ -101,10 +105,7 @@ impl<L> ServiceBuilderExt<L> for ServiceBuilder<L> {
         self.layer(TimeoutLayer::new(timeout).honor_deadline())
     }
 
-    fn typed_timeout(
-        self,
-        timeout: Duration,
-    ) -> ServiceBuilder<Stack<TimeoutLayer<NoDeadline>, L>> {
+    fn typed_timeout(self, timeout: Duration) -> ServiceBuilder<Stack<TimeoutLayer, L>> {
         self.layer(TimeoutLayer::new(timeout))
     }
 
@@ -114,6 +115,10 @@ impl<L> ServiceBuilderExt<L> for ServiceBuilder<L> {
 
     fn fault(self, layer: FaultLayer) -> ServiceBuilder<Stack<FaultLayer, L>> {
         self.layer(layer)
+    }
+
+    fn fallback<F>(self, fallback: F) -> ServiceBuilder<Stack<FallbackLayer<F>, L>> {
+        self.layer(FallbackLayer::new(fallback))
     }
 
     fn resilience<P, C>(
@@ -130,8 +135,7 @@ impl<L> ServiceBuilderExt<L> for ServiceBuilder<L> {
 ///    below, backoff sleeps included;
 /// 2. **retry** — outside the breaker so that *every attempt* is seen and counted by the breaker,
 ///    and so that a [`CircuitOpen`](crate::circuit_breaker::CircuitOpen) is returned at once instead
-///    of being retried (unless its retry-after fits in the deadline); it never sleeps past the
-///    deadline;
+///    of being retried (see [`RetryPolicy::retry_rejections`]); it never sleeps past the deadline;
 /// 3. **circuit breaker** — fails fast while the dependency is down;
 /// 4. **attempt timeout** — inside the breaker so that a hung attempt *counts as a failure*, and
 ///    bounded by the time left so an attempt never outlives the deadline;
@@ -161,6 +165,7 @@ impl<L> ServiceBuilderExt<L> for ServiceBuilder<L> {
 /// assert_eq!(users.ready().await?.call(Deadlined::new(41)).await?, 42);
 /// # let _ = breaker; Ok(()) }
 /// ```
+#[must_use = "a preset does nothing until it wraps a service"]
 pub struct Resilience<P = TransientErrors, C = ErrorsAreFailures> {
     deadline: Duration,
     retry: RetryPolicy<P, RequestDeadline>,
@@ -244,10 +249,7 @@ impl<P, C> fmt::Debug for Resilience<P, C> {
 
 /// The service the [`Resilience`] preset builds around `S`.
 pub type Resilient<S, P = TransientErrors, C = ErrorsAreFailures> = EnforceDeadline<
-    tower::retry::Retry<
-        RetryPolicy<P, RequestDeadline>,
-        CircuitBreaker<Timeout<S, RequestDeadline>, C>,
-    >,
+    Retry<CircuitBreaker<Timeout<S, RequestDeadline>, C>, RetryPolicy<P, RequestDeadline>>,
 >;
 
 impl<S, P: Clone, C: Clone> Layer<S> for Resilience<P, C> {
@@ -258,7 +260,7 @@ impl<S, P: Clone, C: Clone> Layer<S> for Resilience<P, C> {
             .honor_deadline()
             .layer(service);
         let guarded = self.breaker.layer(timed);
-        let retried = tower::retry::Retry::new(self.retry.clone(), guarded);
+        let retried = Retry::new(guarded, self.retry.clone());
         DeadlineLayer::new(self.deadline).layer(retried)
     }
 }

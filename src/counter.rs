@@ -9,19 +9,60 @@
 //! values and nothing is lost.
 //!
 //! A dropped counter's cell index is zeroed in every slab and handed to the next counter, so the
-//! number of indices in use is bounded by the number of counters alive at once. When indices run
-//! out, or a thread-local is no longer reachable (thread teardown), the counter falls back to a
-//! shared atomic: slower, still exact.
+//! number of indices in use is bounded by the number of counters alive at once. A slab's cells
+//! come in chunks of 1024, the first inline and the others allocated the first time the thread
+//! counts in them, so there is no
+//! cliff at a fixed number of breakers: up to 65 536 counters alive at once each keep their own
+//! cells. Beyond that (logged once), or when a thread-local is no longer reachable (thread
+//! teardown), a counter falls back to a shared atomic: slower, still exact.
 
 use std::cell::Cell;
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Mutex, OnceLock};
 
-/// Cells per slab: 8 KiB per thread that ever counts.
-const CELLS: usize = 1024;
+/// Cells per chunk: 8 KiB per thread that counts, for each chunk in use.
+const CHUNK: usize = 1024;
+/// Chunks per slab: up to `CHUNK * CHUNKS` (65 536) counters alive at once keep their own cells.
+const CHUNKS: usize = 64;
+/// Counters beyond this many alive at once share an atomic each (slower, still exact).
+const CELLS: usize = CHUNK * CHUNKS;
 
+type Chunk = [AtomicU64; CHUNK];
+
+/// One thread's cells: the first chunk inline (the hot path is one indexed store, as with a flat
+/// array), the others allocated the first time the thread counts in them, so a thread pays for
+/// the chunks of the counters it bumps, not for the whole index space.
 struct Slab {
-    cells: [AtomicU64; CELLS],
+    first: Chunk,
+    more: [OnceLock<Box<Chunk>>; CHUNKS - 1],
+}
+
+impl Slab {
+    #[inline(always)]
+    fn chunk(&self, index: usize) -> Option<&Chunk> {
+        if index < CHUNK {
+            Some(&self.first)
+        } else {
+            self.more_chunk(index)
+        }
+    }
+
+    #[inline(never)]
+    fn more_chunk(&self, index: usize) -> Option<&Chunk> {
+        self.more
+            .get(index / CHUNK - 1)?
+            .get()
+            .map(|chunk| &**chunk)
+    }
+
+    #[cold]
+    fn chunk_or_init(&self, index: usize) -> Option<&Chunk> {
+        if index < CHUNK {
+            return Some(&self.first);
+        }
+        let chunk = self.more.get(index / CHUNK - 1)?;
+        Some(chunk.get_or_init(|| Box::new([const { AtomicU64::new(0) }; CHUNK])))
+    }
 }
 
 /// Every slab ever created; readers sum over all of them.
@@ -32,6 +73,8 @@ static SPARE: Mutex<Vec<&'static Slab>> = Mutex::new(Vec::new());
 static NEXT_INDEX: AtomicUsize = AtomicUsize::new(0);
 /// Indices of dropped counters, their cells zeroed, waiting for a new counter.
 static FREE_INDICES: Mutex<Vec<usize>> = Mutex::new(Vec::new());
+/// Whether the "too many counters" warning was logged.
+static WARNED: AtomicBool = AtomicBool::new(false);
 
 thread_local! {
     /// This thread's slab. No destructor, so reaching it is a single TLS load on the hot path.
@@ -54,19 +97,12 @@ impl Drop for SlabGuard {
 fn bump_local(index: usize) -> bool {
     LOCAL
         .try_with(|local| {
-            let slab = match local.get() {
-                Some(slab) => slab,
-                None => match adopt() {
-                    Some(slab) => {
-                        local.set(Some(slab));
-                        slab
-                    }
+            let cell = match local.get().and_then(|slab| slab.chunk(index)) {
+                Some(chunk) => &chunk[index % CHUNK],
+                None => match first_bump(local, index) {
+                    Some(cell) => cell,
                     None => return false,
                 },
-            };
-            // An index past the slab (counters beyond `CELLS`) takes the shared fallback.
-            let Some(cell) = slab.cells.get(index) else {
-                return false;
             };
             // Only this thread writes this cell (see the module docs), so load + store loses nothing.
             cell.store(
@@ -78,16 +114,31 @@ fn bump_local(index: usize) -> bool {
         .unwrap_or(false)
 }
 
+/// The first bump of this thread, or of this thread in a chunk it has not used yet.
+#[cold]
+#[inline(never)]
+fn first_bump(local: &Cell<Option<&'static Slab>>, index: usize) -> Option<&'static AtomicU64> {
+    let slab = match local.get() {
+        Some(slab) => slab,
+        None => {
+            let slab = adopt()?;
+            local.set(Some(slab));
+            slab
+        }
+    };
+    Some(&slab.chunk_or_init(index)?[index % CHUNK])
+}
+
 /// Takes a slab for this thread, unless the thread is already tearing down (then its slab could
 /// not be handed back, and the caller counts on the shared fallback instead).
-#[cold]
 fn adopt() -> Option<&'static Slab> {
     // Registers the guard's destructor; fails once thread-locals are being destroyed.
     RETURN_AT_EXIT.try_with(|_| ()).ok()?;
     let spare = lock(&SPARE).pop();
     Some(spare.unwrap_or_else(|| {
         let slab: &'static Slab = Box::leak(Box::new(Slab {
-            cells: [const { AtomicU64::new(0) }; CELLS],
+            first: [const { AtomicU64::new(0) }; CHUNK],
+            more: [const { OnceLock::new() }; CHUNKS - 1],
         }));
         lock(&SLABS).push(slab);
         slab
@@ -116,6 +167,12 @@ impl StripedCounter {
         // this counter's first increment on any thread.
         let reused = lock(&FREE_INDICES).pop();
         let index = reused.unwrap_or_else(|| NEXT_INDEX.fetch_add(1, Ordering::Relaxed));
+        if index >= CELLS && !WARNED.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                counters = index,
+                "more than {CELLS} striped counters alive at once; later ones share an atomic"
+            );
+        }
         StripedCounter {
             index,
             fallback: AtomicU64::new(0),
@@ -135,7 +192,9 @@ impl StripedCounter {
         let mut total = self.fallback.load(Ordering::Relaxed);
         if self.index < CELLS {
             for slab in lock(&SLABS).iter() {
-                total = total.wrapping_add(slab.cells[self.index].load(Ordering::Relaxed));
+                if let Some(chunk) = slab.chunk(self.index) {
+                    total = total.wrapping_add(chunk[self.index % CHUNK].load(Ordering::Relaxed));
+                }
             }
         }
         total
@@ -150,7 +209,9 @@ impl Drop for StripedCounter {
         // Nothing can increment a counter that is being dropped, so no owner thread writes this
         // cell until a new counter takes the index (after the lock below).
         for slab in lock(&SLABS).iter() {
-            slab.cells[self.index].store(0, Ordering::Relaxed);
+            if let Some(chunk) = slab.chunk(self.index) {
+                chunk[self.index % CHUNK].store(0, Ordering::Relaxed);
+            }
         }
         lock(&FREE_INDICES).push(self.index);
     }
@@ -204,7 +265,7 @@ mod tests {
                 break counter;
             }
             assert!(
-                held.len() < CELLS,
+                held.len() < 4 * CHUNK,
                 "the freed index was not handed out again"
             );
             held.push(counter);
@@ -212,6 +273,25 @@ mod tests {
         assert_eq!(reused.sum(), 0);
         reused.increment();
         assert_eq!(reused.sum(), 1);
+    }
+
+    #[test]
+    fn thousands_of_live_counters_keep_their_own_cells() {
+        // Past the first chunk (the old cliff was at 1024 cells, 512 breakers).
+        let counters: Vec<_> = (0..3 * CHUNK).map(|_| StripedCounter::new()).collect();
+        for (i, counter) in counters.iter().enumerate() {
+            for _ in 0..(i % 3) {
+                counter.increment();
+            }
+        }
+        for (i, counter) in counters.iter().enumerate() {
+            assert_eq!(counter.sum(), (i % 3) as u64);
+            assert_eq!(
+                counter.fallback.load(Ordering::Relaxed),
+                0,
+                "counter {i} fell back"
+            );
+        }
     }
 
     #[test]

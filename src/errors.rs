@@ -1,4 +1,4 @@
-//! Recognising palisade's own errors inside a `dyn Error` (for `tower::BoxError` stacks).
+//! Recognising palisade's and tower's errors inside a `dyn Error` (for `tower::BoxError` stacks).
 
 use crate::classify::FailureKind;
 use std::error::Error;
@@ -18,6 +18,15 @@ pub(crate) fn as_failure_kind<'a>(error: &'a (dyn Error + 'static)) -> Option<&'
         return Some(e);
     }
     if let Some(e) = error.downcast_ref::<std::io::Error>() {
+        return Some(e);
+    }
+    if let Some(e) = error.downcast_ref::<tower::timeout::error::Elapsed>() {
+        return Some(e);
+    }
+    if let Some(e) = error.downcast_ref::<tower::load_shed::error::Overloaded>() {
+        return Some(e);
+    }
+    if let Some(e) = error.downcast_ref::<tower::buffer::error::Closed>() {
         return Some(e);
     }
     None

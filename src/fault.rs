@@ -1,6 +1,11 @@
 //! Seeded fault injection for any [`tower::Service`]: errors (by rate or scripted by call number),
 //! added latency and hangs — for tests, for chaos drills in staging, and for the demo.
 //!
+//! Latency delays the *call*, as Polly's chaos latency does: the inner service is called only
+//! once the delay has passed (so a server sees the request late, not just the caller the answer).
+//! To do that without holding up other callers, a delayed call takes the ready inner service and
+//! leaves a clone in its place, so the wrapped service must be `Clone` (tower's usual pattern).
+//!
 //! Deterministic: what happens to call number *n* depends only on the seed and *n*, so a seed
 //! reproduces a run exactly, whatever the interleaving of concurrent calls. Rates can be turned up
 //! and down while traffic flows through a [`FaultHandle`].
@@ -27,7 +32,7 @@
 //! # }
 //! ```
 
-use crate::classify::{FailureKind, RetryAfter};
+use crate::classify::FailureKind;
 use crate::rng::{mix, unit_interval};
 use pin_project_lite::pin_project;
 use std::fmt;
@@ -43,7 +48,8 @@ use tower_layer::Layer;
 use tower_service::Service;
 
 /// The error of a call that fault injection failed on purpose.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("injected fault on call {call}")]
 pub struct InjectedFault {
     call: u64,
 }
@@ -52,20 +58,6 @@ impl InjectedFault {
     /// The number of the call that failed (the first call is 1).
     pub fn call(&self) -> u64 {
         self.call
-    }
-}
-
-impl fmt::Display for InjectedFault {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "injected fault on call {}", self.call)
-    }
-}
-
-impl std::error::Error for InjectedFault {}
-
-impl RetryAfter for InjectedFault {
-    fn retry_after(&self) -> Option<Duration> {
-        None
     }
 }
 
@@ -135,7 +127,13 @@ impl State {
 }
 
 /// Injects faults into the services it wraps; all of them share one call counter and settings.
+///
+/// Rates ([`error_rate`](Self::error_rate), [`hang_rate`](Self::hang_rate),
+/// [`latency`](Self::latency)) are live settings shared with clones and [`FaultHandle`]s.
+/// Scripting calls ([`fail_calls`](Self::fail_calls), [`hang_calls`](Self::hang_calls)) on a
+/// layer that has clones gives it its own copy.
 #[derive(Clone)]
+#[must_use = "a layer does nothing until it wraps a service"]
 pub struct FaultLayer {
     state: Arc<State>,
 }
@@ -157,8 +155,24 @@ impl FaultLayer {
         }
     }
 
+    /// The state to configure: this layer's own, copied first if clones or handles share it
+    /// (scripting the calls of a clone gives the clone its own script and call counter; the
+    /// original is unchanged). Rates are shared live settings and are not copied.
     fn state_mut(&mut self) -> &mut State {
-        Arc::get_mut(&mut self.state).expect("configure a fault layer before cloning it")
+        if Arc::get_mut(&mut self.state).is_none() {
+            let state = &*self.state;
+            self.state = Arc::new(State {
+                seed: state.seed,
+                calls: AtomicU64::new(0),
+                error_rate: AtomicU64::new(state.error_rate.load(Ordering::Relaxed)),
+                hang_rate: AtomicU64::new(state.hang_rate.load(Ordering::Relaxed)),
+                latency_nanos: AtomicU64::new(state.latency_nanos.load(Ordering::Relaxed)),
+                latency_rate: AtomicU64::new(state.latency_rate.load(Ordering::Relaxed)),
+                failing_calls: state.failing_calls.clone(),
+                hanging_calls: state.hanging_calls.clone(),
+            });
+        }
+        Arc::get_mut(&mut self.state).expect("just made unique")
     }
 
     /// Fails each call with probability `rate`.
@@ -191,7 +205,8 @@ impl FaultLayer {
         self
     }
 
-    /// Delays each call by `latency` with probability `rate`.
+    /// Delays each call by `latency` with probability `rate`: the inner service is called once
+    /// the delay has passed.
     ///
     /// # Panics
     /// If `rate` is not between 0 and 1.
@@ -289,12 +304,12 @@ impl<S: fmt::Debug> fmt::Debug for Fault<S> {
 
 impl<S, Request> Service<Request> for Fault<S>
 where
-    S: Service<Request>,
+    S: Service<Request> + Clone,
     S::Error: From<InjectedFault>,
 {
     type Response = S::Response;
     type Error = S::Error;
-    type Future = ResponseFuture<S::Future>;
+    type Future = ResponseFuture<S, Request>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -306,14 +321,22 @@ where
         if plan != Plan::Pass {
             tracing::debug!(call, ?plan, ?delay, "injecting a fault");
         }
-        let outcome = match plan {
-            Plan::Pass => Outcome::Pass {
+        let outcome = match (plan, delay) {
+            (Plan::Pass, None) => Outcome::Pass {
                 future: self.inner.call(request),
             },
-            Plan::Fail => Outcome::Fail {
+            // Call once the delay has passed: take the ready service, leave a clone (not yet
+            // ready) for the caller's next `poll_ready`.
+            (Plan::Pass, Some(_)) => {
+                let clone = self.inner.clone();
+                Outcome::Delayed {
+                    call: Some((std::mem::replace(&mut self.inner, clone), request)),
+                }
+            }
+            (Plan::Fail, _) => Outcome::Fail {
                 fault: Some(InjectedFault { call }),
             },
-            Plan::Hang => Outcome::Hang,
+            (Plan::Hang, _) => Outcome::Hang,
         };
         ResponseFuture {
             delay: delay.map(tokio::time::sleep),
@@ -324,8 +347,9 @@ where
 
 pin_project! {
     #[project = OutcomeProj]
-    enum Outcome<F> {
-        Pass { #[pin] future: F },
+    enum Outcome<S: Service<Request>, Request> {
+        Pass { #[pin] future: S::Future },
+        Delayed { call: Option<(S, Request)> },
         Fail { fault: Option<InjectedFault> },
         Hang,
     }
@@ -333,17 +357,17 @@ pin_project! {
 
 pin_project! {
     /// Response future of [`Fault`].
-    pub struct ResponseFuture<F> {
+    pub struct ResponseFuture<S: Service<Request>, Request> {
         #[pin]
         delay: Option<Sleep>,
         #[pin]
-        outcome: Outcome<F>,
+        outcome: Outcome<S, Request>,
     }
 }
 
-impl<F, T, E> Future for ResponseFuture<F>
+impl<S, Request, T, E> Future for ResponseFuture<S, Request>
 where
-    F: Future<Output = Result<T, E>>,
+    S: Service<Request, Response = T, Error = E>,
     E: From<InjectedFault>,
 {
     type Output = Result<T, E>;
@@ -354,17 +378,27 @@ where
             std::task::ready!(delay.poll(cx));
             this.delay.set(None);
         }
-        match this.outcome.project() {
-            OutcomeProj::Pass { future } => future.poll(cx),
-            OutcomeProj::Fail { fault } => Poll::Ready(Err(E::from(
-                fault.take().expect("fault future polled after completion"),
-            ))),
-            OutcomeProj::Hang => Poll::Pending,
+        loop {
+            match this.outcome.as_mut().project() {
+                OutcomeProj::Pass { future } => return future.poll(cx),
+                OutcomeProj::Delayed { call } => {
+                    let (mut service, request) =
+                        call.take().expect("fault future polled after completion");
+                    let future = service.call(request);
+                    this.outcome.set(Outcome::Pass { future });
+                }
+                OutcomeProj::Fail { fault } => {
+                    return Poll::Ready(Err(E::from(
+                        fault.take().expect("fault future polled after completion"),
+                    )));
+                }
+                OutcomeProj::Hang => return Poll::Pending,
+            }
         }
     }
 }
 
-impl<F> fmt::Debug for ResponseFuture<F> {
+impl<S: Service<Request>, Request> fmt::Debug for ResponseFuture<S, Request> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ResponseFuture").finish_non_exhaustive()
     }

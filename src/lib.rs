@@ -6,11 +6,13 @@
 //!
 //! - [`circuit_breaker`]: a circuit breaker configured the NestJS way (`ttl`, `max_failures`,
 //!   `reset_timeout`), with consecutive-failure and failure-rate rules, a handle to observe and
-//!   control it, and a hot path that takes no lock and makes no allocation.
-//! - [`retry`]: a [`tower::retry::Policy`] with backoff, jitter, an exact retry budget, retry-after
-//!   hints and deadlines.
+//!   control it, and a hot path that takes no lock and makes no allocation. Open, it fails fast even
+//!   when the service below is not ready.
+//! - [`retry`]: a [`tower::retry::Policy`] (and a `Retry` service) with backoff, jitter, an exact
+//!   retry budget, retry-after hints, deadlines honoured by default, and give-up events.
 //! - [`timeout`]: timeouts that keep your error type, and deadlines that travel with requests.
 //! - [`fault`]: seeded fault injection (errors, latency, hangs) for tests, chaos drills and demos.
+//! - [`fallback`]: answer a failed call from a function, as Polly's and Resilience4j's fallbacks do.
 //! - [`builder`]: all of it as `ServiceBuilder` methods, and a preset that stacks deadline → retry →
 //!   circuit breaker → attempt timeout in the right order.
 //! - [`classify`]: how results are judged (success, failure, ignored; transient or not).
@@ -24,6 +26,56 @@
 //! Every layer wraps *any* `tower::Service` and keeps your error type: instead of wrapping errors in
 //! an enum of its own, a layer requires `S::Error: From<ItsError>`, so one error type runs through
 //! a whole stack (`tower::BoxError` works out of the box).
+//!
+//! # Your error type, in one step
+//!
+//! Retry (which errors are worth another attempt, and when) and the [`FaultsOnly`] classifier (which
+//! errors a breaker counts) ask an error what kind of failure it is: [`FailureKind`]. palisade's
+//! errors, tower's (`Elapsed`, `Overloaded`, `Closed`), `std::io::Error` and `tower::BoxError`
+//! (looked into, down its `source()` chain) already answer. For your own type, one method:
+//!
+//! ```
+//! use palisade::circuit_breaker::CircuitOpen;
+//! use palisade::classify::FailureKind;
+//! use palisade::timeout::Elapsed;
+//!
+//! #[derive(Debug)]
+//! enum StoreError {
+//!     Conflict,
+//!     Unreachable(std::io::Error),
+//!     Open(CircuitOpen),
+//!     TimedOut(Elapsed),
+//! }
+//!
+//! impl FailureKind for StoreError {
+//!     fn is_transient(&self) -> bool {
+//!         match self {
+//!             StoreError::Conflict => false,
+//!             StoreError::Unreachable(io) => io.is_transient(),
+//!             StoreError::Open(open) => open.is_transient(),
+//!             StoreError::TimedOut(elapsed) => elapsed.is_transient(),
+//!         }
+//!     }
+//!     // Optional, with defaults: is_fault (true), is_rejection (false), retry_after (None).
+//!     fn is_rejection(&self) -> bool {
+//!         matches!(self, StoreError::Open(_))
+//!     }
+//!     fn retry_after(&self) -> Option<std::time::Duration> {
+//!         match self {
+//!             StoreError::Open(open) => open.retry_after(),
+//!             _ => None,
+//!         }
+//!     }
+//! }
+//! # impl From<CircuitOpen> for StoreError { fn from(e: CircuitOpen) -> Self { StoreError::Open(e) } }
+//! # assert!(!StoreError::Conflict.is_transient());
+//! ```
+//!
+//! Forgetting it is a compile error that names the trait (`on_unimplemented`), not a silent
+//! "never retried".
+//!
+//! [`FaultsOnly`]: classify::FaultsOnly
+//! [`FailureKind`]: classify::FailureKind
 //!
 //! ```
 //! use palisade::circuit_breaker::{CircuitBreakerConfig, CircuitBreakerLayer, CircuitState};
@@ -57,6 +109,7 @@
 //! # }
 //! ```
 #![warn(missing_docs)]
+#![forbid(unsafe_code)]
 
 pub mod builder;
 pub mod circuit_breaker;
@@ -65,6 +118,7 @@ pub mod classify;
 pub mod conformance;
 mod counter;
 mod errors;
+pub mod fallback;
 pub mod fault;
 pub mod retry;
 mod rng;

@@ -38,6 +38,11 @@ impl SharedRng {
         mix(time ^ (std::ptr::addr_of!(local) as u64) ^ COUNTER.fetch_add(GAMMA, Ordering::Relaxed))
     }
 
+    /// A generator that continues from this one's current state, independently.
+    pub(crate) fn fork(&self) -> Self {
+        SharedRng::seeded(self.state.load(Ordering::Relaxed))
+    }
+
     pub(crate) fn next_u64(&self) -> u64 {
         mix(self
             .state

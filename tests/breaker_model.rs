@@ -5,6 +5,11 @@
 //! breaker (on tokio's paused clock) and the model below, which is written from the semantics in
 //! the breaker's docs, not from its code. After every step the admit/reject decision (with the
 //! retry-after), the state and the counters must agree.
+//!
+//! The trip rules are drawn in every combination the configuration allows: failures within a
+//! window, consecutive failures, and a failure rate with or without slow calls (ten buckets of
+//! `window / 10`; judged after every completed call). Calls left in flight finish after clock
+//! advances, so slow calls happen.
 
 use palisade::circuit_breaker::{
     CircuitBreaker, CircuitBreakerConfig, CircuitBreakerLayer, CircuitOpen, CircuitState,
@@ -20,10 +25,20 @@ use tower::{BoxError, Layer, Service, ServiceExt};
 
 const MS: Duration = Duration::from_millis(1);
 
+#[derive(Clone, Copy, Debug)]
+struct Rate {
+    threshold: Option<f64>,
+    window: Duration,
+    min_calls: u32,
+    slow: Option<(Duration, f64)>,
+}
+
 #[derive(Clone, Debug)]
 struct Params {
-    max_failures: u32,
-    ttl: Duration,
+    /// `(max_failures, ttl)`.
+    within: Option<(u32, Duration)>,
+    consecutive: Option<u32>,
+    rate: Option<Rate>,
     reset_timeout: Duration,
     half_open_max_calls: u32,
     success_threshold: u32,
@@ -34,9 +49,37 @@ struct Params {
 
 impl Params {
     fn config(&self) -> CircuitBreakerConfig {
-        let mut config = CircuitBreakerConfig::new("model")
-            .max_failures(self.max_failures)
-            .ttl(self.ttl)
+        let mut config = CircuitBreakerConfig::new("model");
+        if let Some((max_failures, ttl)) = self.within {
+            config = config.max_failures(max_failures).ttl(ttl);
+        }
+        if let Some(threshold) = self.consecutive {
+            config = config.consecutive_failures(threshold);
+        }
+        if let Some(rate) = self.rate {
+            match (rate.threshold, rate.slow) {
+                (Some(threshold), slow) => {
+                    config = config.failure_rate(threshold, rate.window, rate.min_calls);
+                    if let Some((duration, threshold)) = slow {
+                        config = config.slow_calls(duration, threshold);
+                    }
+                }
+                (None, slow) => {
+                    config = config.trip_rule(palisade::circuit_breaker::TripRule::FailureRate {
+                        threshold: None,
+                        window: rate.window,
+                        min_calls: rate.min_calls,
+                        slow_calls: slow.map(|(duration, threshold)| {
+                            palisade::circuit_breaker::SlowCalls {
+                                duration,
+                                threshold,
+                            }
+                        }),
+                    });
+                }
+            }
+        }
+        let mut config = config
             .reset_timeout(self.reset_timeout)
             .half_open_max_calls(self.half_open_max_calls)
             .success_threshold(self.success_threshold)
@@ -62,8 +105,15 @@ impl Params {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Permit {
-    Closed { generation: u64 },
-    Trial { generation: u64, ticket: u64 },
+    Closed {
+        generation: u64,
+        started: Duration,
+    },
+    Trial {
+        generation: u64,
+        ticket: u64,
+        started: Duration,
+    },
     Untracked,
 }
 
@@ -85,6 +135,9 @@ struct Model {
     state: CircuitState,
     generation: u64,
     failures: Vec<Duration>,
+    streak: u32,
+    /// Completed calls of this closed period for the rate rule: (bucket, failed, slow).
+    rate_calls: Vec<(u64, bool, bool)>,
     open_until: Duration,
     reopens: u32,
     trials: Vec<(u64, Duration)>,
@@ -129,12 +182,62 @@ impl Model {
                 }
                 self.open_until = self.now + self.params.open_duration(self.reopens);
             }
-            CircuitState::Closed => {
-                self.failures.clear();
-                self.reopens = 0;
-            }
+            CircuitState::Closed => self.forget(),
             _ => {}
         }
+    }
+
+    fn forget(&mut self) {
+        self.failures.clear();
+        self.streak = 0;
+        self.rate_calls.clear();
+        self.reopens = 0;
+    }
+
+    /// A manual control: a control that changes nothing does nothing, except that `reset` of a
+    /// closed breaker with a recorded history forgets it (starting a new generation, no event).
+    fn control(&mut self, to: CircuitState) {
+        if self.state != to {
+            self.transition(to);
+        } else if to == CircuitState::Closed
+            && (!self.failures.is_empty() || self.streak > 0 || !self.rate_calls.is_empty())
+        {
+            self.generation += 1;
+            self.forget();
+        }
+    }
+
+    fn is_slow(&self, started: Duration) -> bool {
+        self.params
+            .rate
+            .and_then(|rate| rate.slow)
+            .is_some_and(|(duration, _)| self.now - started >= duration)
+    }
+
+    /// Records a completed closed-state call in the rate window; whether the rate rule trips.
+    fn record_rate(&mut self, failed: bool, slow: bool) -> bool {
+        let Some(rate) = self.params.rate else {
+            return false;
+        };
+        let bucket_len = rate.window / 10;
+        let bucket = (self.now.as_nanos() / bucket_len.as_nanos()) as u64;
+        self.rate_calls.push((bucket, failed, slow));
+        let in_window: Vec<_> = self
+            .rate_calls
+            .iter()
+            .filter(|(at, _, _)| bucket - at < 10)
+            .collect();
+        let calls = in_window.len();
+        if calls < rate.min_calls as usize {
+            return false;
+        }
+        let failures = in_window.iter().filter(|(_, failed, _)| *failed).count();
+        let slows = in_window.iter().filter(|(_, _, slow)| *slow).count();
+        rate.threshold
+            .is_some_and(|threshold| failures as f64 / calls as f64 >= threshold)
+            || rate
+                .slow
+                .is_some_and(|(_, threshold)| slows as f64 / calls as f64 >= threshold)
     }
 
     fn reject(&mut self, state: CircuitState, retry_after: Option<Duration>) -> Option<Permit> {
@@ -150,6 +253,7 @@ impl Model {
                 self.last = Observed::Admitted;
                 return Some(Permit::Closed {
                     generation: self.generation,
+                    started: self.now,
                 });
             }
             CircuitState::ForcedClosed => {
@@ -178,6 +282,7 @@ impl Model {
             return Some(Permit::Trial {
                 generation: self.generation,
                 ticket,
+                started: self.now,
             });
         }
         let wait = self.trials[0].1 + self.params.trial_timeout - self.now;
@@ -186,27 +291,52 @@ impl Model {
 
     fn complete(&mut self, permit: Permit, outcome: Outcome) {
         match permit {
-            Permit::Closed { generation }
-                if generation == self.generation
-                    && self.state == CircuitState::Closed
-                    && outcome == Outcome::Failure =>
-            {
-                self.recorded_failures += 1;
-                let now = self.now;
-                let ttl = self.params.ttl;
-                self.failures.retain(|at| now - *at < ttl);
-                self.failures.push(now);
-                if self.failures.len() >= self.params.max_failures as usize {
+            Permit::Closed {
+                generation,
+                started,
+            } if generation == self.generation && self.state == CircuitState::Closed => {
+                let slow = self.is_slow(started);
+                let trip = match outcome {
+                    Outcome::Success => {
+                        self.streak = 0;
+                        self.record_rate(false, slow)
+                    }
+                    Outcome::Failure => {
+                        self.recorded_failures += 1;
+                        let mut trip = false;
+                        if let Some((max_failures, ttl)) = self.params.within {
+                            let now = self.now;
+                            self.failures.retain(|at| now - *at < ttl);
+                            self.failures.push(now);
+                            trip |= self.failures.len() >= max_failures as usize;
+                        }
+                        if let Some(threshold) = self.params.consecutive {
+                            self.streak += 1;
+                            trip |= self.streak >= threshold;
+                        }
+                        trip |= self.record_rate(true, slow);
+                        trip
+                    }
+                    Outcome::Ignored => false,
+                };
+                if trip {
                     self.transition(CircuitState::Open);
                 }
             }
-            Permit::Trial { generation, ticket }
-                if generation == self.generation && self.state == CircuitState::HalfOpen =>
-            {
+            Permit::Trial {
+                generation,
+                ticket,
+                started,
+            } if generation == self.generation && self.state == CircuitState::HalfOpen => {
                 let Some(index) = self.trials.iter().position(|(t, _)| *t == ticket) else {
                     return;
                 };
                 self.trials.remove(index);
+                let outcome = if outcome == Outcome::Success && self.is_slow(started) {
+                    Outcome::Failure
+                } else {
+                    outcome
+                };
                 match outcome {
                     Outcome::Success => {
                         self.trial_successes += 1;
@@ -226,7 +356,9 @@ impl Model {
     }
 
     fn cancel(&mut self, permit: Permit) {
-        if let Permit::Trial { generation, ticket } = permit
+        if let Permit::Trial {
+            generation, ticket, ..
+        } = permit
             && generation == self.generation
             && self.state == CircuitState::HalfOpen
         {
@@ -250,9 +382,26 @@ impl ReferenceStateMachine for BreakerModel {
     type Transition = Op;
 
     fn init_state() -> BoxedStrategy<Model> {
-        (
-            1u32..=4,
+        let share = || prop_oneof![Just(0.25), Just(0.5), Just(0.75), Just(1.0)];
+        let rate = (
+            prop::option::of(share()),
             1u32..=6,
+            1u32..=5,
+            prop::option::of((1u32..=4, share())),
+        )
+            .prop_map(|(threshold, window, min_calls, slow)| Rate {
+                // A rate rule needs a failure threshold or slow calls.
+                threshold: threshold.or(if slow.is_none() { Some(0.5) } else { None }),
+                window: window * 500 * MS,
+                min_calls,
+                slow: slow.map(|(d, t)| (d * 250 * MS, t)),
+            });
+        (
+            (
+                prop::option::of((1u32..=4, 1u32..=6)),
+                prop::option::of(1u32..=4),
+                prop::option::of(rate),
+            ),
             1u32..=6,
             1u32..=3,
             1u32..=3,
@@ -260,31 +409,41 @@ impl ReferenceStateMachine for BreakerModel {
             prop::option::of(2u32..=20),
         )
             .prop_map(
-                |(max_failures, ttl, reset, half_open, successes, trial, cap)| Model {
-                    params: Params {
-                        max_failures,
-                        ttl: ttl * 500 * MS,
-                        reset_timeout: reset * 500 * MS,
-                        half_open_max_calls: half_open,
-                        success_threshold: successes,
-                        trial_timeout: trial * 500 * MS,
-                        backoff_cap: cap.map(|c| c * 500 * MS),
-                    },
-                    now: Duration::ZERO,
-                    state: CircuitState::Closed,
-                    generation: 0,
-                    failures: Vec::new(),
-                    open_until: Duration::ZERO,
-                    reopens: 0,
-                    trials: Vec::new(),
-                    next_ticket: 0,
-                    trial_successes: 0,
-                    pending: Vec::new(),
-                    calls: 0,
-                    rejections: 0,
-                    recorded_failures: 0,
-                    transitions: 0,
-                    last: Observed::Nothing,
+                |((within, consecutive, rate), reset, half_open, successes, trial, cap)| {
+                    // No rule configured means the NestJS default: 5 failures within 10 s.
+                    let within = match (within, consecutive, rate) {
+                        (None, None, None) => Some((5, 10 * 1000 * MS)),
+                        (within, ..) => within.map(|(max, ttl)| (max, ttl * 500 * MS)),
+                    };
+                    Model {
+                        params: Params {
+                            within,
+                            consecutive,
+                            rate,
+                            reset_timeout: reset * 500 * MS,
+                            half_open_max_calls: half_open,
+                            success_threshold: successes,
+                            trial_timeout: trial * 500 * MS,
+                            backoff_cap: cap.map(|c| c * 500 * MS),
+                        },
+                        now: Duration::ZERO,
+                        state: CircuitState::Closed,
+                        generation: 0,
+                        failures: Vec::new(),
+                        streak: 0,
+                        rate_calls: Vec::new(),
+                        open_until: Duration::ZERO,
+                        reopens: 0,
+                        trials: Vec::new(),
+                        next_ticket: 0,
+                        trial_successes: 0,
+                        pending: Vec::new(),
+                        calls: 0,
+                        rejections: 0,
+                        recorded_failures: 0,
+                        transitions: 0,
+                        last: Observed::Nothing,
+                    }
                 },
             )
             .boxed()
@@ -353,9 +512,9 @@ impl ReferenceStateMachine for BreakerModel {
                 state.cancel(permit);
             }
             Op::Advance(d) => state.now += *d,
-            Op::ForceOpen => state.transition(CircuitState::ForcedOpen),
-            Op::ForceClosed => state.transition(CircuitState::ForcedClosed),
-            Op::Reset => state.transition(CircuitState::Closed),
+            Op::ForceOpen => state.control(CircuitState::ForcedOpen),
+            Op::ForceClosed => state.control(CircuitState::ForcedClosed),
+            Op::Reset => state.control(CircuitState::Closed),
         }
         state
     }

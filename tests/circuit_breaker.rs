@@ -162,7 +162,8 @@ async fn half_open_admits_one_trial_by_default() {
     assert_eq!(service.handle().state(), CircuitState::HalfOpen);
     let rejected = open_error(call(&mut service, Call::Ok).await.unwrap_err());
     assert_eq!(rejected.state(), CircuitState::HalfOpen);
-    assert_eq!(rejected.retry_after(), Some(10 * SEC));
+    // The trial may run for the trial timeout (30 s by default) before another is admitted.
+    assert_eq!(rejected.retry_after(), Some(30 * SEC));
     release.send(Ok(())).unwrap();
     assert_eq!(trial.await.unwrap(), "waited");
     assert_eq!(service.handle().state(), CircuitState::Closed);
@@ -265,11 +266,14 @@ async fn a_hung_trial_does_not_wedge_the_breaker() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn trial_timeout_defaults_to_the_reset_timeout() {
+async fn trial_timeout_defaults_to_thirty_seconds() {
     let (mut service, _) = breaker(nest_config());
     open_then_half_open(&mut service).await;
     let _hung = service.ready().await.unwrap().call(Call::Hang);
-    advance(10 * SEC).await;
+    advance(30 * SEC - NS).await;
+    let rejected = open_error(call(&mut service, Call::Ok).await.unwrap_err());
+    assert_eq!(rejected.retry_after(), Some(NS));
+    advance(NS).await;
     assert_eq!(call(&mut service, Call::Ok).await.unwrap(), "ok");
     assert_eq!(service.handle().state(), CircuitState::Closed);
 }

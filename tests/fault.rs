@@ -104,3 +104,149 @@ async fn rates_can_be_turned_up_and_down_while_running() {
     assert!(service.ready().await.unwrap().call(0).await.is_ok());
     assert_eq!(handle.calls(), 101);
 }
+
+/// A service that records when it was *called* (not when its answer was read).
+fn call_log() -> (
+    impl Service<u64, Response = u64, Error = AppError> + Clone,
+    std::sync::Arc<std::sync::Mutex<Vec<Instant>>>,
+) {
+    let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = std::sync::Arc::clone(&log);
+    let service = tower::service_fn(move |x: u64| {
+        seen.lock().unwrap().push(Instant::now());
+        async move { Ok::<_, AppError>(x) }
+    });
+    (service, log)
+}
+
+#[tokio::test(start_paused = true)]
+async fn latency_delays_the_call_itself_not_just_the_answer() {
+    let (inner, called) = call_log();
+    let mut slow = FaultLayer::seeded(5)
+        .latency(Duration::from_millis(250), 1.0)
+        .layer(inner);
+    let start = Instant::now();
+    let future = slow.ready().await.unwrap().call(1);
+    assert!(
+        called.lock().unwrap().is_empty(),
+        "the inner service was called at once"
+    );
+    assert_eq!(future.await, Ok(1));
+    assert_eq!(
+        called.lock().unwrap()[0] - start,
+        Duration::from_millis(250)
+    );
+    // Delayed calls do not hold each other up: two at once both finish after 250 ms.
+    let start = Instant::now();
+    let a = slow.ready().await.unwrap().call(2);
+    let b = slow.ready().await.unwrap().call(3);
+    assert_eq!(futures::join!(a, b), (Ok(2), Ok(3)));
+    assert_eq!(start.elapsed(), Duration::from_millis(250));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_huge_latency_neither_panics_nor_answers() {
+    let mut service = TimeoutLayer::new(Duration::from_secs(1)).layer(
+        FaultLayer::seeded(5)
+            .latency(Duration::MAX, 1.0)
+            .layer(echo()),
+    );
+    assert_eq!(
+        service.ready().await.unwrap().call(1).await,
+        Err(AppError::Timeout(Elapsed::attempt(Duration::from_secs(1))))
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn scripting_a_clone_gives_it_its_own_script() {
+    let original = FaultLayer::seeded(1).fail_calls(1..=1);
+    let clone = original.clone().fail_calls(2..=2);
+    assert_eq!(pattern(original, 3).await, [false, true, true]);
+    assert_eq!(pattern(clone, 3).await, [false, false, true]);
+}
+
+mod fallback {
+    use super::*;
+    use palisade::builder::ServiceBuilderExt;
+    use palisade::circuit_breaker::{CircuitBreakerConfig, CircuitOpen};
+    use palisade::classify::FailureKind;
+    use palisade::fallback::FallbackLayer;
+    use tower::ServiceBuilder;
+
+    #[derive(Debug, PartialEq)]
+    enum StoreError {
+        NotFound,
+        Down,
+        Open,
+    }
+
+    impl From<CircuitOpen> for StoreError {
+        fn from(_: CircuitOpen) -> Self {
+            StoreError::Open
+        }
+    }
+
+    impl FailureKind for StoreError {
+        fn is_transient(&self) -> bool {
+            *self != StoreError::NotFound
+        }
+        fn is_fault(&self) -> bool {
+            *self == StoreError::Down
+        }
+        fn is_rejection(&self) -> bool {
+            *self == StoreError::Open
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_fallback_answers_failed_calls_and_can_pass_errors_on() {
+        let mut service = ServiceBuilder::new()
+            .fallback(|error: StoreError| match error {
+                StoreError::Down => Ok("cached"),
+                other => Err(other),
+            })
+            .service_fn(|key: &'static str| async move {
+                match key {
+                    "down" => Err(StoreError::Down),
+                    "missing" => Err(StoreError::NotFound),
+                    key => Ok(key),
+                }
+            });
+        assert_eq!(
+            service.ready().await.unwrap().call("fresh").await,
+            Ok("fresh")
+        );
+        assert_eq!(
+            service.ready().await.unwrap().call("down").await,
+            Ok("cached")
+        );
+        assert_eq!(
+            service.ready().await.unwrap().call("missing").await,
+            Err(StoreError::NotFound)
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn on_faults_answers_outages_and_open_circuits_only() {
+        let mut service = ServiceBuilder::new()
+            .layer(FallbackLayer::on_faults(|_: StoreError| Ok("stale")))
+            .circuit_breaker(CircuitBreakerConfig::new("store").max_failures(1))
+            .service_fn(|key: &'static str| async move {
+                match key {
+                    "down" => Err(StoreError::Down),
+                    "missing" => Err(StoreError::NotFound),
+                    key => Ok(key),
+                }
+            });
+        assert_eq!(
+            service.ready().await.unwrap().call("missing").await,
+            Err(StoreError::NotFound)
+        );
+        // The not-found counted as a failure (default classifier) and opened the breaker; the open
+        // circuit's rejection gets the fallback, as does an outage.
+        assert_eq!(
+            service.ready().await.unwrap().call("fresh").await,
+            Ok("stale")
+        );
+    }
+}

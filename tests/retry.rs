@@ -2,7 +2,7 @@
 //! clock, with a user's own error enum running through the whole stack.
 
 use palisade::circuit_breaker::{CircuitBreakerConfig, CircuitBreakerLayer, CircuitOpen};
-use palisade::classify::{FailureKind, RetryAfter};
+use palisade::classify::FailureKind;
 use palisade::retry::{Backoff, Jitter, RetryBudget, RetryPolicy};
 use palisade::timeout::{Deadline, DeadlineLayer, Deadlined, Elapsed, TimeoutLayer};
 use std::future::Future;
@@ -52,7 +52,7 @@ impl From<Elapsed> for AppError {
     }
 }
 
-impl RetryAfter for AppError {
+impl FailureKind for AppError {
     fn retry_after(&self) -> Option<Duration> {
         match self {
             AppError::Busy(after) => Some(*after),
@@ -60,9 +60,7 @@ impl RetryAfter for AppError {
             _ => None,
         }
     }
-}
 
-impl FailureKind for AppError {
     fn is_transient(&self) -> bool {
         match self {
             AppError::Reset(_) | AppError::Busy(_) => true,
@@ -82,7 +80,12 @@ impl FailureKind for AppError {
 fn scripted<R, F, Fut>(
     script: F,
 ) -> (
-    impl Service<R, Response = &'static str, Error = AppError, Future = impl Future + Send> + Clone,
+    impl Service<
+        R,
+        Response = &'static str,
+        Error = AppError,
+        Future = impl Future<Output = Result<&'static str, AppError>> + Send,
+    > + Clone,
     Arc<Mutex<Vec<Instant>>>,
 )
 where
@@ -350,7 +353,7 @@ async fn retry_outside_a_breaker_stops_at_circuit_open() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn an_open_circuit_is_retried_when_its_wait_fits_the_deadline() {
+async fn an_open_circuit_is_retried_when_asked_and_its_wait_fits_the_deadline() {
     let (service, calls) = scripted(|n| async move {
         if n <= 2 {
             Err(AppError::Reset(n))
@@ -365,6 +368,7 @@ async fn an_open_circuit_is_retried_when_its_wait_fits_the_deadline() {
     );
     let stack = DeadlineLayer::new(5 * SEC).layer(
         no_jitter(5, 10 * MS)
+            .retry_rejections(true)
             .honor_deadline()
             .layer()
             .layer(breaker.layer(service)),
@@ -407,7 +411,12 @@ async fn two_hung_attempts_time_out_and_the_third_succeeds() {
 async fn an_outer_deadline_cancels_the_retry_loop_in_its_sleep() {
     let (service, calls) = scripted(|n| async move { Err::<&str, _>(AppError::Reset(n)) });
     // This policy does not look at deadlines: it would sleep 5 s; the deadline layer stops it.
-    let mut service = DeadlineLayer::new(SEC).layer(no_jitter(5, 5 * SEC).layer().layer(service));
+    let mut service = DeadlineLayer::new(SEC).layer(
+        no_jitter(5, 5 * SEC)
+            .ignore_deadline()
+            .layer()
+            .layer(service),
+    );
     let start = Instant::now();
     let error = service
         .ready()
@@ -491,4 +500,573 @@ async fn seeded_jitter_is_reproducible_and_hooks_see_every_retry() {
     );
     assert_eq!(first, delays(1234).await);
     assert_ne!(first, delays(4321).await);
+}
+
+// ---- issue 13 items 6, 7, 9, 18, 19, 24 ----
+
+#[tokio::test(start_paused = true)]
+async fn a_closure_predicate_keeps_retry_after_hints() {
+    let (service, calls) = scripted(|n| async move {
+        if n == 1 {
+            Err(AppError::Busy(70 * MS))
+        } else {
+            Ok("ok")
+        }
+    });
+    let policy = RetryPolicy::new(3)
+        .backoff(Backoff::constant(10 * MS).max_delay(SEC))
+        .retry_if(|result: &Result<&'static str, AppError>| {
+            matches!(result, Err(AppError::Busy(_)))
+        });
+    let mut service = policy.layer().layer(service);
+    service.ready().await.unwrap().call(()).await.unwrap();
+    let times = calls.lock().unwrap().clone();
+    assert_eq!(times[1] - times[0], 70 * MS, "the hint was ignored");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_closure_predicate_does_not_retry_an_open_circuit() {
+    let (service, calls) = scripted(|n| async move { Err::<&str, _>(AppError::Reset(n)) });
+    let breaker = CircuitBreakerLayer::new(
+        CircuitBreakerConfig::new("closure")
+            .max_failures(1)
+            .reset_timeout(100 * MS),
+    );
+    let policy = no_jitter(5, 10 * MS)
+        .retry_if(|result: &Result<&'static str, AppError>| result.is_err())
+        .honor_deadline();
+    let mut service =
+        DeadlineLayer::new(10 * SEC).layer(policy.layer().layer(breaker.layer(service)));
+    let start = Instant::now();
+    let error = service
+        .ready()
+        .await
+        .unwrap()
+        .call(Deadlined::new(()))
+        .await
+        .unwrap_err();
+    assert!(matches!(error, AppError::Open(_)), "got {error}");
+    assert_eq!(calls.lock().unwrap().len(), 1);
+    assert_eq!(
+        start.elapsed(),
+        10 * MS,
+        "only the one backoff sleep before the rejection"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_open_circuit_fails_fast_by_default_even_with_time_to_wait() {
+    let (service, calls) = scripted(|n| async move { Err::<&str, _>(AppError::Reset(n)) });
+    let breaker = CircuitBreakerLayer::new(
+        CircuitBreakerConfig::new("fast")
+            .max_failures(1)
+            .reset_timeout(400 * MS),
+    );
+    let handle = breaker.handle();
+    let mut service = DeadlineLayer::new(10 * SEC).layer(
+        no_jitter(5, 10 * MS)
+            .honor_deadline()
+            .layer()
+            .layer(breaker.layer(service)),
+    );
+    let _ = service
+        .ready()
+        .await
+        .unwrap()
+        .call(Deadlined::new(()))
+        .await;
+    assert_eq!(
+        handle.state(),
+        palisade::circuit_breaker::CircuitState::Open
+    );
+    let start = Instant::now();
+    let error = service
+        .ready()
+        .await
+        .unwrap()
+        .call(Deadlined::new(()))
+        .await
+        .unwrap_err();
+    assert!(matches!(error, AppError::Open(_)), "got {error}");
+    assert_eq!(
+        start.elapsed(),
+        Duration::ZERO,
+        "a caller waited out the open breaker"
+    );
+    assert_eq!(calls.lock().unwrap().len(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_retry_after_hint_of_duration_max_neither_panics_nor_waits() {
+    let (service, calls) = scripted(|_| async { Err::<&str, _>(AppError::Busy(Duration::MAX)) });
+    let mut service =
+        DeadlineLayer::new(SEC).layer(no_jitter(3, MS).honor_deadline().layer().layer(service));
+    let error = service
+        .ready()
+        .await
+        .unwrap()
+        .call(Deadlined::new(()))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&error, AppError::Timeout(e) if e.is_deadline()),
+        "got {error}"
+    );
+    assert_eq!(calls.lock().unwrap().len(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_deadline_of_duration_max_works() {
+    let (service, _) = scripted(|_| async { Ok("ok") });
+    let mut service = DeadlineLayer::new(Duration::MAX).layer(service);
+    assert_eq!(
+        service
+            .ready()
+            .await
+            .unwrap()
+            .call(Deadlined::new(()))
+            .await
+            .unwrap(),
+        "ok"
+    );
+    let deadline = Deadline::after(Duration::MAX);
+    assert!(deadline.remaining() > 365 * 24 * 3600 * SEC);
+}
+
+#[tokio::test(start_paused = true)]
+async fn configuring_a_clone_leaves_the_original_alone() {
+    let seen = Arc::new(AtomicU32::new(0));
+    let log = Arc::clone(&seen);
+    let original = no_jitter(3, MS)
+        .seed(7)
+        .budget(Arc::new(RetryBudget::new(10 * SEC, 10, 0.5)));
+    let configured = original
+        .clone()
+        .on_retry(move |_| {
+            log.fetch_add(1, Ordering::SeqCst);
+        })
+        .seed(8);
+    for policy in [original, configured] {
+        let (service, _) = scripted(|n| async move { Err::<&str, _>(AppError::Reset(n)) });
+        let _ = policy
+            .layer()
+            .layer(service)
+            .ready()
+            .await
+            .unwrap()
+            .call(())
+            .await;
+    }
+    assert_eq!(
+        seen.load(Ordering::SeqCst),
+        2,
+        "only the configured clone has the hook"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_enclosing_deadline_is_honoured_by_default_for_any_request() {
+    // A plain `u32` request: no `HasDeadline`, no `.honor_deadline()`.
+    let (service, calls) = scripted(|n| async move { Err::<&str, _>(AppError::Reset(n)) });
+    let mut service = tower::ServiceBuilder::new()
+        .map_request(|n: u32| Deadlined::new(n))
+        .layer(DeadlineLayer::new(SEC))
+        .map_request(|request: Deadlined<u32>| request.request)
+        .layer(no_jitter(10, 300 * MS).layer())
+        .layer(TimeoutLayer::new(10 * SEC))
+        .service(service);
+    let start = Instant::now();
+    let error = service.ready().await.unwrap().call(7).await.unwrap_err();
+    // Attempts at 0, 300, 600, 900 ms; the next would start at 1.2 s, past the deadline.
+    assert_eq!(calls.lock().unwrap().len(), 4);
+    assert_eq!(
+        start.elapsed(),
+        900 * MS,
+        "retry slept toward a deadline it could not meet"
+    );
+    assert_eq!(error, AppError::Reset(4));
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_attempt_timeout_stops_at_an_enclosing_deadline_for_any_request() {
+    let (service, _) = scripted(|_| async {
+        tokio::time::sleep(10 * SEC).await;
+        Ok("late")
+    });
+    let mut service = tower::ServiceBuilder::new()
+        .layer(DeadlineLayer::new(SEC))
+        .map_request(|request: Deadlined<u32>| request.request)
+        .layer(TimeoutLayer::new(5 * SEC))
+        .service(service);
+    let start = Instant::now();
+    let error = service
+        .ready()
+        .await
+        .unwrap()
+        .call(Deadlined::new(1))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&error, AppError::Timeout(e) if e.is_deadline()),
+        "got {error}"
+    );
+    assert_eq!(start.elapsed(), SEC);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_chosen_backoff_is_used_as_written() {
+    let (service, calls) = scripted(|n| async move { Err::<&str, _>(AppError::Reset(n)) });
+    let policy = RetryPolicy::new(4).backoff(Backoff::constant(10 * MS));
+    let _ = policy
+        .layer()
+        .layer(service)
+        .ready()
+        .await
+        .unwrap()
+        .call(())
+        .await;
+    let times = calls.lock().unwrap().clone();
+    let gaps: Vec<_> = times.windows(2).map(|w| w[1] - w[0]).collect();
+    assert_eq!(gaps, [10 * MS; 3]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn give_up_events_name_the_attempts_the_reason_and_the_last_error() {
+    use palisade::retry::GiveUpReason;
+    let events = Arc::new(Mutex::new(Vec::new()));
+    type Log = Arc<Mutex<Vec<(u32, GiveUpReason, String)>>>;
+    let record = |events: &Log| {
+        let events = Arc::clone(events);
+        move |stop: &palisade::retry::GiveUp<'_>| {
+            events
+                .lock()
+                .unwrap()
+                .push((stop.attempts, stop.reason, stop.last_error.to_owned()))
+        }
+    };
+
+    // Attempts exhausted.
+    let (service, _) = scripted(|n| async move { Err::<&str, _>(AppError::Reset(n)) });
+    let policy = no_jitter(3, MS).on_give_up(record(&events));
+    let _ = policy
+        .layer()
+        .layer(service)
+        .ready()
+        .await
+        .unwrap()
+        .call(())
+        .await;
+    // Budget refused.
+    let (service, _) = scripted(|n| async move { Err::<&str, _>(AppError::Reset(n)) });
+    let policy = no_jitter(3, MS)
+        .budget(Arc::new(RetryBudget::new(10 * SEC, 0, 0.0)))
+        .on_give_up(record(&events));
+    let _ = policy
+        .layer()
+        .layer(service)
+        .ready()
+        .await
+        .unwrap()
+        .call(())
+        .await;
+    // Deadline reached.
+    let (service, _) = scripted(|n| async move { Err::<&str, _>(AppError::Reset(n)) });
+    let policy = no_jitter(3, 2 * SEC).on_give_up(record(&events));
+    let _ = DeadlineLayer::new(SEC)
+        .layer(policy.layer().layer(service))
+        .ready()
+        .await
+        .unwrap()
+        .call(Deadlined::new(()))
+        .await;
+    // Hint too long.
+    let (service, _) = scripted(|_| async { Err::<&str, _>(AppError::Busy(60 * SEC)) });
+    let policy = no_jitter(3, MS).on_give_up(record(&events));
+    let _ = policy
+        .layer()
+        .layer(service)
+        .ready()
+        .await
+        .unwrap()
+        .call(())
+        .await;
+
+    assert_eq!(
+        *events.lock().unwrap(),
+        [
+            (
+                3,
+                GiveUpReason::Exhausted,
+                "connection reset on attempt 3".to_owned()
+            ),
+            (
+                1,
+                GiveUpReason::BudgetExhausted,
+                "connection reset on attempt 1".to_owned()
+            ),
+            (
+                1,
+                GiveUpReason::DeadlineReached,
+                "connection reset on attempt 1".to_owned()
+            ),
+            (
+                1,
+                GiveUpReason::HintTooLong,
+                "busy, retry after 60s".to_owned()
+            ),
+        ]
+    );
+    assert_eq!(GiveUpReason::Exhausted.to_string(), "retries exhausted");
+}
+
+// ---- issue 18 items 3, 6, 7 ----
+
+#[tokio::test(start_paused = true)]
+async fn budget_deposits_add_up_last_the_whole_ttl_and_expire_at_it() {
+    // ttl 10 s in ten slots of 1 s; ratio 1: one retry per request.
+    let budget = RetryBudget::new(10 * SEC, 0, 1.0);
+    budget.deposit(); // t = 0
+    advance(3 * SEC).await;
+    budget.deposit(); // t = 3 s
+    advance(3 * SEC).await;
+    budget.deposit(); // t = 6 s
+    assert_eq!(budget.remaining(), 3, "deposits at different times add up");
+    advance(4 * SEC - MS).await; // t = 9.999 s
+    assert_eq!(budget.remaining(), 3, "a deposit lasts the whole ttl");
+    advance(MS).await; // t = 10 s
+    assert_eq!(
+        budget.remaining(),
+        2,
+        "the first deposit expires exactly at the ttl"
+    );
+    advance(3 * SEC).await; // t = 13 s
+    assert_eq!(budget.remaining(), 1);
+    assert!(budget.withdraw());
+    assert_eq!(budget.remaining(), 0);
+    advance(3 * SEC).await; // t = 16 s: the t = 6 s deposit and the withdrawal both expire
+    assert_eq!(budget.remaining(), 0);
+    assert!(!budget.withdraw());
+
+    // A withdrawal lasts as long: it stops counting exactly one ttl after it was made.
+    let budget = RetryBudget::new(10 * SEC, 0, 1.0);
+    budget.deposit();
+    budget.deposit();
+    assert!(budget.withdraw());
+    advance(5 * SEC).await;
+    budget.deposit();
+    assert_eq!(budget.remaining(), 2);
+    advance(5 * SEC).await; // t = 10 s: the first two deposits and the withdrawal expire
+    assert_eq!(budget.remaining(), 1);
+    assert_eq!(
+        format!("{budget:?}"),
+        "RetryBudget { ttl: 10s, min_per_sec: 0, ratio: 1.0, remaining: 1 }"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn decorrelated_jitter_grows_from_the_previous_delay() {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let log = Arc::clone(&seen);
+    let (service, _) = scripted(|n| async move { Err::<&str, _>(AppError::Reset(n)) });
+    let policy = RetryPolicy::new(12)
+        .backoff(Backoff::exponential(10 * MS, 2.0).max_delay(3600 * SEC))
+        .jitter(Jitter::Decorrelated)
+        .seed(99)
+        .on_retry(move |event| log.lock().unwrap().push(event.delay));
+    let _ = policy
+        .layer()
+        .layer(service)
+        .ready()
+        .await
+        .unwrap()
+        .call(())
+        .await;
+    let delays = seen.lock().unwrap().clone();
+    assert_eq!(delays.len(), 11);
+    for pair in delays.windows(2) {
+        assert!(pair[1] >= 10 * MS && pair[1] <= pair[0] * 3, "{pair:?}");
+    }
+    // Drawn from [base, 3 × previous], the delays climb well above the base over 11 retries.
+    assert!(*delays.iter().max().unwrap() > 100 * MS, "{delays:?}");
+}
+
+#[test]
+fn jitter_and_backoff_edges() {
+    // Equal jitter below the cap spans [d/2, d].
+    let backoff = Backoff::constant(100 * MS).max_delay(SEC);
+    assert_eq!(Jitter::Equal.delay(&backoff, 0, MS, 0), 50 * MS);
+    assert_eq!(Jitter::Equal.delay(&backoff, 0, MS, u64::MAX), 100 * MS);
+    assert_eq!(Jitter::Full.delay(&backoff, 0, MS, 0), Duration::ZERO);
+    assert_eq!(Jitter::Full.delay(&backoff, 0, MS, u64::MAX), 100 * MS);
+    // Zero delays stay zero under every jitter.
+    let zero = Backoff::constant(Duration::ZERO);
+    for jitter in [
+        Jitter::None,
+        Jitter::Full,
+        Jitter::Equal,
+        Jitter::Decorrelated,
+    ] {
+        assert_eq!(
+            jitter.delay(&zero, 3, Duration::ZERO, u64::MAX),
+            Duration::ZERO
+        );
+    }
+    // Finite but beyond `Duration`'s range: the cap, no panic.
+    let huge =
+        Backoff::exponential(Duration::from_secs(u64::MAX / 4), 1000.0).max_delay(Duration::MAX);
+    assert_eq!(huge.delay(3), Duration::MAX);
+    assert_eq!(huge.delay(0), Duration::from_secs(u64::MAX / 4));
+    let capped = Backoff::exponential(SEC, 10.0).max_delay(Duration::from_secs(u64::MAX));
+    assert_eq!(capped.delay(25), Duration::from_secs(u64::MAX));
+    // Linear growth saturates.
+    let linear = Backoff::linear(Duration::MAX, SEC).max_delay(Duration::MAX);
+    assert_eq!(linear.delay(u32::MAX), Duration::MAX);
+    // Decorrelated never goes below the base or above the cap.
+    let decorrelated = Backoff::exponential(10 * MS, 2.0).max_delay(25 * MS);
+    assert_eq!(
+        Jitter::Decorrelated.delay(&decorrelated, 5, SEC, u64::MAX),
+        25 * MS
+    );
+    assert_eq!(
+        Jitter::Decorrelated.delay(&decorrelated, 5, SEC, 0),
+        10 * MS
+    );
+    assert_eq!(
+        Jitter::Decorrelated.delay(&decorrelated, 5, MS, u64::MAX),
+        10 * MS
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_hint_exactly_the_maximum_delay_is_waited_for() {
+    let (service, calls) = scripted(|n| async move {
+        if n == 1 {
+            Err(AppError::Busy(SEC))
+        } else {
+            Ok("ok")
+        }
+    });
+    let policy = RetryPolicy::new(3).backoff(Backoff::constant(10 * MS).max_delay(SEC));
+    let mut service = policy.layer().layer(service);
+    service.ready().await.unwrap().call(()).await.unwrap();
+    let times = calls.lock().unwrap().clone();
+    assert_eq!(times[1] - times[0], SEC);
+}
+
+#[test]
+fn max_attempts_and_debug_output() {
+    let policy = RetryPolicy::new(4).backoff(Backoff::constant(10 * MS));
+    assert_eq!(policy.max_attempts(), 4);
+    assert_eq!(
+        format!("{policy:?}"),
+        "RetryPolicy { max_attempts: 4, backoff: Backoff { kind: Constant(10ms), max_delay: 10ms }, jitter: None, retry_rejections: false, budget: None, .. }"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_rejection_without_a_hint_is_never_retried() {
+    // tower's LoadShed: transient, a local rejection, no retry-after.
+    let calls = Arc::new(AtomicU32::new(0));
+    let counter = Arc::clone(&calls);
+    let service = tower::service_fn(move |_: Deadlined<()>| {
+        counter.fetch_add(1, Ordering::SeqCst);
+        async { Err::<(), tower::BoxError>(Box::new(tower::load_shed::error::Overloaded::new())) }
+    });
+    for policy in [no_jitter(3, MS), no_jitter(3, MS).retry_rejections(true)] {
+        calls.store(0, Ordering::SeqCst);
+        let mut retried = DeadlineLayer::new(10 * SEC).layer(policy.layer().layer(service.clone()));
+        let _ = retried
+            .ready()
+            .await
+            .unwrap()
+            .call(Deadlined::new(()))
+            .await;
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_configured_clone_keeps_sharing_the_budget() {
+    let budget = Arc::new(RetryBudget::new(10 * SEC, 0, 0.0));
+    let original = no_jitter(3, MS).seed(1).budget(Arc::clone(&budget));
+    let clone = original.clone().on_retry(|_| {}).seed(2);
+    let (service, calls) = scripted(|n| async move { Err::<&str, _>(AppError::Reset(n)) });
+    let _ = clone
+        .layer()
+        .layer(service)
+        .ready()
+        .await
+        .unwrap()
+        .call(())
+        .await;
+    assert_eq!(calls.lock().unwrap().len(), 1, "the clone lost the budget");
+    drop(original);
+}
+
+#[tokio::test(start_paused = true)]
+async fn retrying_rejections_still_needs_a_deadline_to_fit_the_wait_in() {
+    let (service, calls) = scripted(|n| async move { Err::<&str, _>(AppError::Reset(n)) });
+    let breaker = CircuitBreakerLayer::new(
+        CircuitBreakerConfig::new("no-deadline")
+            .max_failures(1)
+            .reset_timeout(100 * MS),
+    );
+    let mut service = no_jitter(5, 10 * MS)
+        .retry_rejections(true)
+        .layer()
+        .layer(breaker.layer(service));
+    let start = Instant::now();
+    let error = service.ready().await.unwrap().call(()).await.unwrap_err();
+    assert!(matches!(error, AppError::Open(_)), "got {error}");
+    assert_eq!(
+        start.elapsed(),
+        10 * MS,
+        "the open circuit was waited out with no deadline"
+    );
+    assert_eq!(calls.lock().unwrap().len(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_attempt_that_would_start_exactly_at_the_deadline_is_not_made() {
+    let (service, calls) = scripted(|n| async move { Err::<&str, _>(AppError::Reset(n)) });
+    let mut service = DeadlineLayer::new(SEC).layer(no_jitter(5, 500 * MS).layer().layer(service));
+    let error = service
+        .ready()
+        .await
+        .unwrap()
+        .call(Deadlined::new(()))
+        .await
+        .unwrap_err();
+    // Attempts at 0 and 500 ms; the third would start at exactly 1 s, the deadline.
+    assert_eq!(calls.lock().unwrap().len(), 2);
+    assert_eq!(error, AppError::Reset(2));
+}
+
+#[tokio::test(start_paused = true)]
+async fn budgets_on_one_thread_keep_their_own_slots() {
+    let long = RetryBudget::new(10 * SEC, 0, 1.0);
+    advance(5 * SEC).await;
+    long.deposit();
+    // A budget with another epoch and slot length, used on the same thread right after.
+    let short = RetryBudget::new(SEC, 0, 1.0);
+    short.deposit();
+    assert_eq!((long.remaining(), short.remaining()), (1, 1));
+    advance(SEC).await;
+    assert_eq!((long.remaining(), short.remaining()), (1, 0));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_deposit_exactly_at_a_slot_boundary_lands_in_the_new_slot() {
+    let budget = RetryBudget::new(10 * SEC, 0, 1.0);
+    budget.deposit(); // slot [0, 1 s)
+    advance(SEC).await;
+    budget.deposit(); // exactly 1 s: slot [1 s, 2 s)
+    advance(9 * SEC).await;
+    assert_eq!(
+        budget.remaining(),
+        1,
+        "the second deposit expired with the first"
+    );
+    advance(SEC).await;
+    assert_eq!(budget.remaining(), 0);
 }

@@ -77,7 +77,7 @@ async fn a_breaker_on_one_handler_like_nests_circuit_breaker_decorator() {
     assert_eq!(client.send::<usize>("create-user", "ann").await.unwrap(), 3);
 }
 
-use palisade::classify::RetryAfter;
+use palisade::classify::FailureKind;
 
 #[tokio::test]
 async fn the_server_limits_messages_in_flight() {

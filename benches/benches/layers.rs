@@ -5,206 +5,23 @@
 //! finds the service ready would; the bare service is the floor.
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
-use palisade::builder::Resilience;
-use palisade::circuit_breaker::{CircuitBreakerConfig, CircuitBreakerLayer, CircuitOpen};
-use palisade::classify::{FailureKind, RetryAfter};
+use palisade::circuit_breaker::CircuitBreakerConfig;
 use palisade::retry::RetryPolicy;
-use palisade::timeout::{Deadlined, Elapsed, TimeoutLayer};
-use std::future::{Future, Ready, ready};
+use palisade::timeout::{Deadlined, TimeoutLayer};
 use std::hint::black_box;
-use std::pin::pin;
 use std::sync::{Arc, Barrier};
-use std::task::{Context, Poll, Waker};
+use std::task::{Context, Waker};
 use std::time::{Duration, Instant};
 use tower::{Layer, Service};
 
-#[derive(Debug)]
-enum BenchError {
-    Inner,
-    Open(#[allow(dead_code)] CircuitOpen),
-    Timeout(#[allow(dead_code)] Elapsed),
-}
-
-impl From<CircuitOpen> for BenchError {
-    fn from(open: CircuitOpen) -> Self {
-        BenchError::Open(open)
-    }
-}
-
-impl From<Elapsed> for BenchError {
-    fn from(elapsed: Elapsed) -> Self {
-        BenchError::Timeout(elapsed)
-    }
-}
-
-impl RetryAfter for BenchError {
-    fn retry_after(&self) -> Option<Duration> {
-        None
-    }
-}
-
-impl FailureKind for BenchError {
-    fn is_transient(&self) -> bool {
-        matches!(self, BenchError::Inner)
-    }
-}
-
-impl std::fmt::Display for BenchError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{self:?}")
-    }
-}
-
-impl std::error::Error for BenchError {}
-
-/// The bare service: answers at once, failing when asked to.
-#[derive(Clone, Copy)]
-struct Bare;
-
-/// The bare service's future computes its result when polled, as an `async fn` does (unlike
-/// `std::future::Ready`, which stores a finished result at `call` time and copies it out at `poll`).
-struct BareFuture {
-    fail: bool,
-}
-
-impl Future for BareFuture {
-    type Output = Result<u64, BenchError>;
-
-    #[inline]
-    fn poll(self: std::pin::Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Self::Output> {
-        Poll::Ready(if self.fail {
-            Err(BenchError::Inner)
-        } else {
-            Ok(7)
-        })
-    }
-}
-
-impl Service<bool> for Bare {
-    type Response = u64;
-    type Error = BenchError;
-    type Future = BareFuture;
-
-    #[inline]
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BenchError>> {
-        Poll::Ready(Ok(()))
-    }
-
-    #[inline]
-    fn call(&mut self, fail: bool) -> Self::Future {
-        BareFuture { fail }
-    }
-}
-
-impl Service<Deadlined<bool>> for Bare {
-    type Response = u64;
-    type Error = BenchError;
-    type Future = BareFuture;
-
-    #[inline]
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BenchError>> {
-        Poll::Ready(Ok(()))
-    }
-
-    #[inline]
-    fn call(&mut self, request: Deadlined<bool>) -> Self::Future {
-        BareFuture {
-            fail: request.request,
-        }
-    }
-}
-
-/// One ready-call-poll round trip, as a caller that finds the service ready makes it.
-///
-/// Forced inline for every contender: left to the compiler, the bare service's round trip is
-/// inlined into criterion's loop while a larger layer's becomes a call, so the comparison would
-/// charge the harness's own call and register saves to the layer.
-#[inline(always)]
-fn drive<S: Service<bool>>(service: &mut S, cx: &mut Context<'_>, fail: bool) -> bool {
-    drive_with(service, cx, fail)
-}
-
-#[inline(always)]
-fn drive_with<R, S: Service<R>>(service: &mut S, cx: &mut Context<'_>, request: R) -> bool {
-    if service.poll_ready(cx).is_pending() {
-        panic!("service not ready");
-    }
-    let mut future = pin!(service.call(black_box(request)));
-    loop {
-        match future.as_mut().poll(cx) {
-            Poll::Ready(result) => return result.is_ok(),
-            // Only a layer that takes an async lock (tower-resilience's breaker, when two threads
-            // contend) gets here; the holder releases it within a few instructions.
-            Poll::Pending => std::hint::spin_loop(),
-        }
-    }
-}
-
-fn palisade_breaker(
-    config: CircuitBreakerConfig,
-) -> palisade::circuit_breaker::CircuitBreaker<Bare> {
-    CircuitBreakerLayer::new(config).layer(Bare)
-}
-
-/// A tower-resilience breaker that never trips (rate threshold 100%, huge minimum).
-fn resilience_breaker() -> impl Service<bool, Response = u64, Error = impl std::fmt::Debug> + Clone
-{
-    let layer = tower_resilience::circuitbreaker::CircuitBreakerLayer::builder()
-        .failure_rate_threshold(1.0)
-        .minimum_number_of_calls(usize::MAX / 2)
-        .sliding_window_size(100)
-        .build()
-        .unwrap();
-    layer.layer(Bare)
-}
-
-/// A failsafe breaker wrapped around the bare service's futures.
-#[derive(Clone)]
-struct Failsafe<B> {
-    breaker: B,
-}
-
-impl<B> Service<bool> for Failsafe<B>
-where
-    B: failsafe::futures::CircuitBreaker,
-{
-    type Response = u64;
-    type Error = failsafe::Error<BenchError>;
-    type Future = failsafe::futures::ResponseFuture<
-        BareFuture,
-        B::FailurePolicy,
-        B::Instrument,
-        failsafe::Any,
-    >;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, fail: bool) -> Self::Future {
-        self.breaker.call(BareFuture { fail })
-    }
-}
-
-fn failsafe_breaker(
-    failures_to_trip: u32,
-) -> Failsafe<impl failsafe::futures::CircuitBreaker + Clone> {
-    let backoff = failsafe::backoff::constant(Duration::from_secs(3600));
-    let policy = failsafe::failure_policy::consecutive_failures(failures_to_trip, backoff);
-    Failsafe {
-        breaker: failsafe::Config::new().failure_policy(policy).build(),
-    }
-}
+#[path = "layer_support/mod.rs"]
+mod layer_support;
+use layer_support::*;
 
 fn breaker(c: &mut Criterion) {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let _guard = runtime.enter();
     let mut cx = Context::from_waker(Waker::noop());
-    let never_trips = || {
-        CircuitBreakerConfig::new("bench")
-            .max_failures(1_000_000)
-            .ttl(Duration::from_millis(1))
-    };
 
     let mut group = c.benchmark_group("breaker/closed_success");
     group.bench_function("bare", |b| b.iter(|| drive(&mut Bare, &mut cx, false)));
@@ -217,6 +34,10 @@ fn breaker(c: &mut Criterion) {
     let mut failsafe = failsafe_breaker(u32::MAX);
     group.bench_function("failsafe", |b| {
         b.iter(|| drive(&mut failsafe, &mut cx, false))
+    });
+    let mut arc = ArcPerCall::new(Bare);
+    group.bench_function("bare+arc-per-call", |b| {
+        b.iter(|| drive(&mut arc, &mut cx, false))
     });
     group.finish();
 
@@ -292,30 +113,14 @@ fn breaker(c: &mut Criterion) {
             &threads,
             |b, &threads| b.iter_custom(|iters| run_threads(threads, iters, failsafe.clone())),
         );
+        let arc = ArcPerCall::new(Bare);
+        group.bench_with_input(
+            BenchmarkId::new("bare+arc-per-call", threads),
+            &threads,
+            |b, &threads| b.iter_custom(|iters| run_threads(threads, iters, arc.clone())),
+        );
     }
     group.finish();
-}
-
-/// tower's canonical example policy: retry errors up to n times.
-#[derive(Clone)]
-struct Attempts(usize);
-
-impl<Req: Clone, Res, E> tower::retry::Policy<Req, Res, E> for Attempts {
-    type Future = Ready<()>;
-
-    fn retry(&mut self, _: &mut Req, result: &mut Result<Res, E>) -> Option<Self::Future> {
-        match result {
-            Err(_) if self.0 > 0 => {
-                self.0 -= 1;
-                Some(ready(()))
-            }
-            _ => None,
-        }
-    }
-
-    fn clone_request(&mut self, request: &Req) -> Option<Req> {
-        Some(request.clone())
-    }
 }
 
 fn retry_timeout_preset(c: &mut Criterion) {
@@ -362,14 +167,63 @@ fn retry_timeout_preset(c: &mut Criterion) {
     group.bench_function("bare", |b| {
         b.iter(|| drive_with(&mut Bare, &mut cx, Deadlined::new(false)))
     });
-    let mut preset = Resilience::new(CircuitBreakerConfig::new("preset-bench").max_failures(5))
-        .deadline(Duration::from_secs(10))
-        .retry(RetryPolicy::new(3))
-        .attempt_timeout(Duration::from_secs(1))
-        .layer(Bare);
-    group.bench_function("palisade", |b| {
+    let mut preset = readme_preset().layer(Bare);
+    group.bench_function("palisade-readme", |b| {
         b.iter(|| drive_with(&mut preset, &mut cx, Deadlined::new(false)))
     });
+    let mut preset = readme_preset_without_budget().layer(Bare);
+    group.bench_function("palisade-readme-no-budget", |b| {
+        b.iter(|| drive_with(&mut preset, &mut cx, Deadlined::new(false)))
+    });
+    group.finish();
+
+    // The same preset shared by one and by two threads (per-call wall time on each thread).
+    let mut group = c.benchmark_group("preset/shared_success");
+    for threads in [1usize, 2] {
+        group.bench_with_input(
+            BenchmarkId::new("bare", threads),
+            &threads,
+            |b, &threads| {
+                b.iter_custom(|iters| {
+                    run_threads_with(threads, iters, Bare, || Deadlined::new(false))
+                })
+            },
+        );
+        let preset = readme_preset().layer(Bare);
+        group.bench_with_input(
+            BenchmarkId::new("palisade-readme", threads),
+            &threads,
+            |b, &threads| {
+                b.iter_custom(|iters| {
+                    run_threads_with(threads, iters, preset.clone(), || Deadlined::new(false))
+                })
+            },
+        );
+    }
+    group.finish();
+
+    // A retry with a budget, shared by one and by two threads: palisade's `RetryBudget` against
+    // tower's `TpsBudget`.
+    let mut group = c.benchmark_group("retry/budget_shared");
+    for threads in [1usize, 2] {
+        group.bench_with_input(
+            BenchmarkId::new("bare", threads),
+            &threads,
+            |b, &threads| b.iter_custom(|iters| run_threads(threads, iters, Bare)),
+        );
+        let ours = palisade_retry_with_budget();
+        group.bench_with_input(
+            BenchmarkId::new("palisade", threads),
+            &threads,
+            |b, &threads| b.iter_custom(|iters| run_threads(threads, iters, ours.clone())),
+        );
+        let theirs = tower_retry_with_budget();
+        group.bench_with_input(
+            BenchmarkId::new("tower-tps-budget", threads),
+            &threads,
+            |b, &threads| b.iter_custom(|iters| run_threads(threads, iters, theirs.clone())),
+        );
+    }
     group.finish();
 }
 
@@ -377,16 +231,32 @@ fn run_threads<S>(threads: usize, iters: u64, service: S) -> Duration
 where
     S: Service<bool> + Clone + Send + 'static,
 {
+    run_threads_with(threads, iters, service, || false)
+}
+
+/// Wall time for `iters` calls on each of `threads` threads at once, each thread with its own
+/// clone of `service`: a layer that scales perfectly reports the same per-call time for 1 and 2.
+fn run_threads_with<R, S>(threads: usize, iters: u64, service: S, request: fn() -> R) -> Duration
+where
+    S: Service<R> + Clone + Send + 'static,
+    R: 'static,
+{
     let barrier = Arc::new(Barrier::new(threads + 1));
     let workers: Vec<_> = (0..threads)
         .map(|_| {
             let mut service = service.clone();
             let barrier = Arc::clone(&barrier);
             std::thread::spawn(move || {
+                // Each thread reads tokio's clock (deadlines, budgets) inside a runtime context.
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_time()
+                    .build()
+                    .unwrap();
+                let _guard = runtime.enter();
                 let mut cx = Context::from_waker(Waker::noop());
                 barrier.wait();
                 for _ in 0..iters {
-                    black_box(drive(&mut service, &mut cx, false));
+                    black_box(drive_with(&mut service, &mut cx, request()));
                 }
             })
         })

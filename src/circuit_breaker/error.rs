@@ -1,6 +1,6 @@
 use super::state::Rejection;
 use super::{CircuitState, Name};
-use crate::classify::{FailureKind, RetryAfter};
+use crate::classify::FailureKind;
 use std::fmt;
 use std::time::Duration;
 
@@ -69,13 +69,11 @@ impl fmt::Display for CircuitOpen {
 
 impl std::error::Error for CircuitOpen {}
 
-impl RetryAfter for CircuitOpen {
+impl FailureKind for CircuitOpen {
     fn retry_after(&self) -> Option<Duration> {
         CircuitOpen::retry_after(self)
     }
-}
 
-impl FailureKind for CircuitOpen {
     fn is_transient(&self) -> bool {
         self.retry_after_nanos != u64::MAX
     }

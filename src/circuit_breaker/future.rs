@@ -93,7 +93,7 @@ impl Tracker {
         // everything else out of line.
         if self.kind == PermitKind::Closed
             && outcome == Outcome::Success
-            && matches!(self.action, SuccessAction::Nothing)
+            && self.action == SuccessAction::NOTHING
         {
             self.kind = PermitKind::Untracked;
         } else {
@@ -107,13 +107,14 @@ impl Tracker {
         self.kind = PermitKind::Untracked;
         match kind {
             PermitKind::Closed => match outcome {
-                Outcome::Success => match self.action {
-                    SuccessAction::Nothing => {}
-                    SuccessAction::EndStreak => self.slot.end_streak(self.generation),
-                    SuccessAction::Record => {
-                        self.slot.record_success(self.generation, self.is_slow())
+                Outcome::Success => {
+                    if self.action.ends_streak() {
+                        self.slot.end_streak(self.generation);
                     }
-                },
+                    if self.action.records() {
+                        self.slot.record_success(self.generation, self.is_slow());
+                    }
+                }
                 Outcome::Failure => self.slot.record_failure(self.generation, self.is_slow()),
                 Outcome::Ignored => {}
             },
@@ -144,7 +145,7 @@ pin_project! {
     #[project = KindProj]
     enum Kind<F> {
         Called { #[pin] future: F, tracker: Tracker },
-        Rejected { name: Name, rejection: Rejection },
+        Rejected { name: Option<Name>, rejection: Rejection },
     }
 }
 
@@ -169,7 +170,10 @@ impl<F, C> ResponseFuture<F, C> {
     #[inline]
     pub(crate) fn rejected(name: Name, rejection: Rejection, classifier: C) -> Self {
         ResponseFuture {
-            kind: Kind::Rejected { name, rejection },
+            kind: Kind::Rejected {
+                name: Some(name),
+                rejection,
+            },
             classifier,
         }
     }
@@ -192,9 +196,11 @@ where
                 tracker.complete(this.classifier.classify(&result));
                 Poll::Ready(result)
             }
-            KindProj::Rejected { name, rejection } => {
-                Poll::Ready(Err(E::from(CircuitOpen::new(*name, *rejection))))
-            }
+            KindProj::Rejected { name, rejection } => Poll::Ready(Err(E::from(CircuitOpen::new(
+                name.take()
+                    .expect("a rejected call's future polled after completion"),
+                *rejection,
+            )))),
         }
     }
 }

@@ -24,6 +24,7 @@ use tower_layer::Layer;
 ///     });
 /// # let _ = layer;
 /// ```
+#[must_use = "a layer does nothing until it wraps a service"]
 pub struct CircuitBreakerLayer<C = ErrorsAreFailures> {
     breaker: Arc<Breaker>,
     classifier: C,

@@ -47,13 +47,16 @@
 //!
 //! # Semantics
 //!
-//! - **Closed → Open** by the [`TripRule`]: by default when at least `max_failures` failures were
-//!   recorded within the last `ttl` (exact, not bucketed; a failure exactly `ttl` old no longer
-//!   counts; successes do not erase failures). Alternatives: consecutive failures, or a failure
-//!   (and slow-call) rate over a rolling window with a minimum number of calls.
+//! - **Closed → Open** when any configured [`TripRule`] fires: by default when at least
+//!   `max_failures` failures were recorded within the last `ttl` (exact, not bucketed; a failure
+//!   exactly `ttl` old no longer counts; successes do not erase failures). Also available, alone
+//!   or together: consecutive failures, and a failure (and slow-call) rate over a rolling window
+//!   with a minimum number of calls, judged after every call as Resilience4j does.
 //! - **Open**: calls are rejected with [`CircuitOpen`], whose `retry_after` is the time left until a
 //!   trial is admitted. Rejection happens in `call`, never in `poll_ready`, so a breaker never
-//!   poisons a `Buffer` or a balancer.
+//!   poisons a `Buffer` or a balancer; and while no trial is due, `poll_ready` is ready at once
+//!   *without polling the inner service*, so callers fail fast even when the inner service is
+//!   not ready (see [Readiness](#readiness)).
 //! - **Open → Half-open** lazily: the first call at or after `opened_at + reset_timeout` is admitted
 //!   as a trial; no timer task runs.
 //! - **Half-open** admits at most [`half_open_max_calls`](CircuitBreakerConfig::half_open_max_calls)
@@ -63,8 +66,26 @@
 //!   outcome is [`Ignored`](crate::classify::Outcome::Ignored), frees its slot without a verdict;
 //!   a trial that hangs longer than the trial timeout loses its slot to a new trial.
 //! - Results of calls admitted before a transition never move the new state.
+//! - Manual controls ([`CircuitBreakerHandle`]) that change nothing emit nothing: `force_open` on a
+//!   forced-open breaker, `force_closed` on a forced-closed one, and `reset` on a closed one keep
+//!   the generation and send no event (a `reset` of a closed breaker still forgets its recorded
+//!   failures, and results of calls admitted before it no longer count).
 //! - What counts as a failure is the [classifier](crate::classify::Classify)'s call (default: every
 //!   `Err`).
+//!
+//! # Readiness
+//!
+//! While the breaker is forced open, or open with no trial due yet, `poll_ready` answers for it
+//! (ready) without polling the inner service, and `call` rejects. If the open period ends between
+//! that `poll_ready` and `call`, the call is still rejected, with a `retry_after` of zero: the
+//! inner service was never made ready, so it cannot be called; the next `poll_ready` polls it.
+//!
+//! An error from the inner service's `poll_ready` (a transport that reports connect failures
+//! there) is returned to the caller and classified like a call's result: in `Closed`, a
+//! [`Failure`](crate::classify::Outcome::Failure) counts toward the trip rules, so a breaker
+//! around a dead transport opens; in `HalfOpen` it is a failed trial and re-opens the circuit.
+//! This is what Resilience4j does with an exception thrown before the call: the dependency is
+//! unreachable, and that is what a breaker exists to notice.
 //!
 //! # Errors
 //!
@@ -214,15 +235,10 @@ pub(crate) struct Breaker {
 impl Breaker {
     pub(crate) fn new(config: CircuitBreakerConfig) -> Arc<Breaker> {
         let epoch = Instant::now();
-        let name = config.name;
-        let action = SuccessAction::for_rule(&config.rule);
-        let times_calls = matches!(
-            config.rule,
-            TripRule::FailureRate {
-                slow_calls: Some(_),
-                ..
-            }
-        );
+        let name = config.name.clone();
+        let rules = config.rules.effective();
+        let action = SuccessAction::for_rules(&rules);
+        let times_calls = rules.rate.is_some_and(|rate| rate.slow.is_some());
         Arc::new(Breaker {
             slot: Slot::claim(config, epoch),
             name,
@@ -247,10 +263,12 @@ pub struct CircuitBreaker<S, C = ErrorsAreFailures> {
     breaker: Arc<Breaker>,
     // Copied out of `breaker` so the hot path does not chase the `Arc`.
     slot: &'static Slot,
-    name: Name,
     epoch: Instant,
     action: SuccessAction,
     times_calls: bool,
+    /// Whether the last `poll_ready` made the inner service ready (it is not polled while the
+    /// breaker turns calls away).
+    inner_ready: bool,
     classifier: C,
 }
 
@@ -259,11 +277,11 @@ impl<S, C> CircuitBreaker<S, C> {
         CircuitBreaker {
             inner,
             slot: breaker.slot,
-            name: breaker.name,
             epoch: breaker.epoch,
             action: breaker.action,
             times_calls: breaker.times_calls,
             breaker,
+            inner_ready: false,
             classifier,
         }
     }
@@ -295,10 +313,11 @@ impl<S: Clone, C: Clone> Clone for CircuitBreaker<S, C> {
             inner: self.inner.clone(),
             breaker: Arc::clone(&self.breaker),
             slot: self.slot,
-            name: self.name,
             epoch: self.epoch,
             action: self.action,
             times_calls: self.times_calls,
+            // A clone of a service is not ready (tower's contract).
+            inner_ready: false,
             classifier: self.classifier.clone(),
         }
     }
@@ -324,30 +343,80 @@ where
     type Error = S::Error;
     type Future = ResponseFuture<S::Future, C>;
 
-    #[inline]
+    /// Ready at once, without polling the inner service, while the breaker turns calls away
+    /// (forced open, or open with no trial due): callers then get [`CircuitOpen`] from `call`
+    /// instead of queueing behind an inner service that is not ready (a full `Buffer`, a
+    /// reconnecting client). Otherwise polls the inner service; an error from it is classified
+    /// like a call's result (see the [module docs](self#readiness)).
+    #[inline(always)]
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        // Never reject here: a breaker that is not ready would stall a Buffer or a balancer.
-        self.inner.poll_ready(cx)
+        if self.slot.turns_away(self.epoch) {
+            self.inner_ready = false;
+            return Poll::Ready(Ok(()));
+        }
+        match self.inner.poll_ready(cx) {
+            Poll::Ready(Ok(())) => {
+                self.inner_ready = true;
+                Poll::Ready(Ok(()))
+            }
+            Poll::Ready(Err(error)) => {
+                self.inner_ready = false;
+                Poll::Ready(self.ready_failed(error))
+            }
+            Poll::Pending => Poll::Pending,
+        }
     }
 
-    #[inline]
+    #[inline(always)]
     fn call(&mut self, request: Request) -> Self::Future {
-        let tracker = match self.slot.acquire_closed() {
+        let ready = std::mem::replace(&mut self.inner_ready, false);
+        // One branch for the common case: the inner service is ready and the breaker closed.
+        let tracker = match self.slot.acquire_closed(ready) {
             Ok(generation) => Tracker::closed(self.slot, generation, self.action, self.times_calls),
-            Err(word) => {
-                match admit_not_closed(self.slot, word, self.epoch, self.action, self.times_calls) {
-                    Ok(tracker) => tracker,
-                    Err(rejection) => {
-                        return ResponseFuture::rejected(
-                            self.name,
-                            rejection,
-                            self.classifier.clone(),
-                        );
-                    }
-                }
-            }
+            Err(word) => match self.admit_slow(ready, word) {
+                Ok(tracker) => tracker,
+                Err(rejection) => return self.reject(rejection),
+            },
         };
         ResponseFuture::called(self.inner.call(request), tracker, self.classifier.clone())
+    }
+}
+
+impl<S, C> CircuitBreaker<S, C> {
+    /// Admission when the breaker is not plainly closed, or the inner service was not made ready.
+    #[inline]
+    fn admit_slow(&self, ready: bool, word: u64) -> Result<Tracker, Rejection> {
+        if ready {
+            admit_not_closed(self.slot, word, self.epoch, self.action, self.times_calls)
+        } else {
+            Err(self.slot.reject_unready(self.epoch))
+        }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn reject<F>(&self, rejection: Rejection) -> ResponseFuture<F, C>
+    where
+        C: Clone,
+    {
+        ResponseFuture::rejected(
+            self.breaker.name.clone(),
+            rejection,
+            self.classifier.clone(),
+        )
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn ready_failed<T, E>(&self, error: E) -> Result<(), E>
+    where
+        C: Classify<T, E>,
+    {
+        let result = Err(error);
+        if self.classifier.classify(&result) == crate::classify::Outcome::Failure {
+            self.slot.record_ready_failure();
+        }
+        result.map(|_: T| ())
     }
 }
 

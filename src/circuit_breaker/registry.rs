@@ -4,7 +4,8 @@ use std::fmt;
 use std::sync::{Arc, Mutex};
 
 /// Breakers by name, stamped out from one configuration template: one breaker per downstream
-/// service, or per message pattern.
+/// service, or per message pattern. A registry keeps each breaker until it is
+/// [removed](Self::remove); names made per tenant or per host should be removed when done.
 ///
 /// ```
 /// use palisade::circuit_breaker::{CircuitBreakerConfig, CircuitBreakerRegistry};
@@ -41,6 +42,15 @@ impl CircuitBreakerRegistry {
             .entry(name.to_owned())
             .or_insert_with(|| CircuitBreakerLayer::new(self.template.clone().with_name(name)))
             .clone()
+    }
+
+    /// Forgets the breaker for `name` (say, a tenant that left) and returns its layer. Its state
+    /// and name are freed once the services built from it are dropped too.
+    pub fn remove(&self, name: &str) -> Option<CircuitBreakerLayer> {
+        self.breakers
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .remove(name)
     }
 
     /// The handle of the breaker for `name`, if it exists.

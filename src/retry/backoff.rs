@@ -14,6 +14,7 @@ use std::time::Duration;
 /// assert_eq!(backoff.delay(u32::MAX), Duration::from_secs(1));
 /// ```
 #[derive(Clone, Copy, Debug, PartialEq)]
+#[must_use = "a backoff does nothing until it is given to a retry policy"]
 pub struct Backoff {
     kind: Kind,
     max_delay: Duration,
@@ -79,15 +80,13 @@ impl Backoff {
         let raw = match self.kind {
             Kind::Constant(delay) => delay,
             Kind::Linear { initial, step } => initial.saturating_add(step.saturating_mul(retry)),
-            Kind::Exponential { base, .. } if base.is_zero() => Duration::ZERO,
+            Kind::Exponential { base, .. } if base.is_zero() || retry == 0 => base,
             Kind::Exponential { base, factor } => {
                 let exponent = i32::try_from(retry).unwrap_or(i32::MAX);
                 let secs = base.as_secs_f64() * factor.powi(exponent);
-                if secs.is_finite() && secs < self.max_delay.as_secs_f64() {
-                    Duration::from_secs_f64(secs)
-                } else {
-                    self.max_delay
-                }
+                // Finite but beyond `Duration`'s range is the cap, never a panic (and anything
+                // above the cap is clamped below).
+                Duration::try_from_secs_f64(secs).unwrap_or(self.max_delay)
             }
         };
         raw.min(self.max_delay)

@@ -1,5 +1,6 @@
+use std::cell::Cell;
 use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 use tokio::time::Instant;
 
@@ -8,6 +9,9 @@ use tokio::time::Instant;
 const UNITS_PER_RETRY: i64 = 1000;
 /// The window is kept as this many slots.
 const SLOTS: u64 = 10;
+/// Deposits are spread over this many stripes (each on its own cache line), so threads that
+/// deposit at once do not contend for one word.
+const STRIPES: usize = 8;
 const INDEX_BITS: u32 = 24;
 const UNIT_BITS: u32 = 64 - INDEX_BITS;
 const INDEX_MASK: u64 = (1 << INDEX_BITS) - 1;
@@ -24,6 +28,80 @@ fn unpack(word: u64) -> (u64, i64) {
     (index, units)
 }
 
+/// One window of slots, alone on its cache line(s).
+#[repr(align(128))]
+struct Window {
+    slots: [AtomicU64; SLOTS as usize],
+}
+
+impl Window {
+    const fn new() -> Self {
+        Window {
+            slots: [const { AtomicU64::new(0) }; SLOTS as usize],
+        }
+    }
+
+    /// Adds `units` to the slot of `index`, starting it afresh if it held an older index.
+    fn add(&self, index: u64, units: i64) {
+        let slot = &self.slots[(index % SLOTS) as usize];
+        let mut word = slot.load(Ordering::Relaxed);
+        loop {
+            let new = pack(index, current_units(word, index).saturating_add(units));
+            match slot.compare_exchange_weak(word, new, Ordering::AcqRel, Ordering::Relaxed) {
+                Ok(_) => return,
+                Err(actual) => word = actual,
+            }
+        }
+    }
+
+    /// The units of the slots within the window ending at `index`; the slot of `index` is read
+    /// from `current_word` if given.
+    fn sum(&self, index: u64, current_word: Option<u64>) -> i64 {
+        let current_slot = (index % SLOTS) as usize;
+        let mut total = 0i64;
+        for (i, slot) in self.slots.iter().enumerate() {
+            let word = match current_word {
+                Some(word) if i == current_slot => word,
+                _ => slot.load(Ordering::Acquire),
+            };
+            let (slot_index, units) = unpack(word);
+            if in_window(slot_index, index & INDEX_MASK) {
+                total = total.saturating_add(units);
+            }
+        }
+        total
+    }
+}
+
+fn current_units(word: u64, index: u64) -> i64 {
+    let (slot_index, units) = unpack(word);
+    if slot_index == index & INDEX_MASK {
+        units
+    } else {
+        0
+    }
+}
+
+fn in_window(slot_index: u64, current: u64) -> bool {
+    (current.wrapping_sub(slot_index) & INDEX_MASK) < SLOTS
+}
+
+/// This thread's deposit stripe.
+fn stripe() -> usize {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    thread_local! {
+        static STRIPE: Cell<usize> = const { Cell::new(usize::MAX) };
+    }
+    STRIPE
+        .try_with(|stripe| {
+            if stripe.get() == usize::MAX {
+                stripe.set(NEXT.fetch_add(1, Ordering::Relaxed) % STRIPES);
+            }
+            stripe.get()
+        })
+        .unwrap_or(0)
+}
+
 /// A Finagle-style retry budget: retries may be at most `ratio` of the requests seen in the last
 /// `ttl`, plus a floor of `min_per_sec` retries per second so that quiet clients can still retry.
 ///
@@ -34,7 +112,13 @@ fn unpack(word: u64) -> (u64, i64) {
 /// Each request deposits once (not once per attempt); each retry withdraws once. The arithmetic is
 /// integer and exact — unlike `tower::retry::budget::TpsBudget`, which truncates `1 / ratio` for
 /// ratios below one and so allows every request a full retry at `ratio = 0.6`
-/// (tower-rs/tower#857). The window is ten slots of `ttl / 10`.
+/// (tower-rs/tower#857). The window is ten slots of `ttl / 10`: a deposit or withdrawal made at
+/// the start of a slot counts for exactly `ttl`, one made later in the slot for between
+/// `0.9 × ttl` and `ttl`.
+///
+/// Deposits (the hot path, one per request) go to one of eight stripes chosen per thread, so
+/// threads sharing a budget do not contend for one word; withdrawals (rare: one per retry) read
+/// every stripe and are serialised by a compare-and-swap, so the budget is never overdrawn.
 ///
 /// ```
 /// use palisade::retry::RetryBudget;
@@ -50,9 +134,12 @@ fn unpack(word: u64) -> (u64, i64) {
 /// # }
 /// ```
 pub struct RetryBudget {
+    /// Tells budgets apart in the per-thread slot cache (addresses can be reused).
+    id: u64,
     epoch: Instant,
     slot_nanos: u64,
-    slots: [AtomicU64; SLOTS as usize],
+    deposits: [Window; STRIPES],
+    withdrawals: Window,
     reserve: i64,
     deposit: i64,
     ttl: Duration,
@@ -76,10 +163,13 @@ impl RetryBudget {
         let reserve = i64::from(min_per_sec)
             .saturating_mul(ttl.as_secs() as i64)
             .saturating_mul(UNITS_PER_RETRY);
+        static IDS: AtomicU64 = AtomicU64::new(0);
         RetryBudget {
+            id: IDS.fetch_add(1, Ordering::Relaxed),
             epoch: Instant::now(),
             slot_nanos,
-            slots: [const { AtomicU64::new(0) }; SLOTS as usize],
+            deposits: [const { Window::new() }; STRIPES],
+            withdrawals: Window::new(),
             reserve,
             deposit: (ratio * UNITS_PER_RETRY as f64).round() as i64,
             ttl,
@@ -88,16 +178,37 @@ impl RetryBudget {
         }
     }
 
-    fn current_index(&self) -> u64 {
-        let elapsed = Instant::now()
-            .saturating_duration_since(self.epoch)
-            .as_nanos();
+    fn current_index(&self, now: Instant) -> u64 {
+        let elapsed = now.saturating_duration_since(self.epoch);
+        // Nanoseconds in a u64 last 584 years; the division stays in 64 bits.
+        let elapsed = u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX);
         // The first slot is index SLOTS, so that an untouched slot (index 0) is never in the window.
-        (elapsed / u128::from(self.slot_nanos)) as u64 + SLOTS
+        elapsed / self.slot_nanos + SLOTS
     }
 
-    fn in_window(slot_index: u64, current: u64) -> bool {
-        (current.wrapping_sub(slot_index) & INDEX_MASK) < SLOTS
+    /// [`current_index`](Self::current_index) for a deposit: the slot this thread last deposited
+    /// in is remembered with the instant it ends, so that most deposits compare two instants
+    /// instead of converting one into a slot number.
+    #[inline]
+    fn deposit_index(&self, now: Instant) -> u64 {
+        thread_local! {
+            static LAST: Cell<Option<(u64, Instant, u64)>> = const { Cell::new(None) };
+        }
+        if let Ok(Some((id, end, index))) = LAST.try_with(Cell::get)
+            && id == self.id
+            && now < end
+        {
+            return index;
+        }
+        let index = self.current_index(now);
+        let end = self
+            .epoch
+            .checked_add(Duration::from_nanos(
+                (index + 1 - SLOTS).saturating_mul(self.slot_nanos),
+            ))
+            .unwrap_or(now);
+        let _ = LAST.try_with(|last| last.set(Some((self.id, end, index))));
+        index
     }
 
     /// Records one request (call once per request, not per attempt).
@@ -105,43 +216,27 @@ impl RetryBudget {
         if self.deposit == 0 {
             return;
         }
-        let index = self.current_index();
-        let slot = &self.slots[(index % SLOTS) as usize];
-        let mut word = slot.load(Ordering::Relaxed);
-        loop {
-            let (slot_index, units) = unpack(word);
-            let units = if slot_index == index & INDEX_MASK {
-                units
-            } else {
-                0
-            };
-            let new = pack(index, units.saturating_add(self.deposit));
-            match slot.compare_exchange_weak(word, new, Ordering::AcqRel, Ordering::Relaxed) {
-                Ok(_) => return,
-                Err(actual) => word = actual,
-            }
-        }
+        // Inside a deadline layer's call, the clock it read a moment ago.
+        let index = self.deposit_index(crate::timeout::now());
+        self.deposits[stripe()].add(index, self.deposit);
     }
 
     /// Takes one retry from the budget; `false` if none is left.
     pub fn withdraw(&self) -> bool {
-        let index = self.current_index();
-        let current = &self.slots[(index % SLOTS) as usize];
+        let index = self.current_index(Instant::now());
+        let current = &self.withdrawals.slots[(index % SLOTS) as usize];
         loop {
             let current_word = current.load(Ordering::Acquire);
-            let balance = self.balance_with(index, current_word);
+            let balance = self
+                .deposited(index)
+                .saturating_add(self.withdrawals.sum(index, Some(current_word)));
             if balance < UNITS_PER_RETRY {
                 return false;
             }
-            let (slot_index, units) = unpack(current_word);
-            let units = if slot_index == index & INDEX_MASK {
-                units
-            } else {
-                0
-            };
-            let new = pack(index, units - UNITS_PER_RETRY);
+            let new = pack(index, current_units(current_word, index) - UNITS_PER_RETRY);
             // Every withdrawal at this instant lands on `current`, so a concurrent one makes this
             // exchange fail and the balance is checked again: the budget is never overdrawn.
+            // (Deposits racing with it only add to the balance.)
             if current
                 .compare_exchange(current_word, new, Ordering::AcqRel, Ordering::Relaxed)
                 .is_ok()
@@ -151,28 +246,20 @@ impl RetryBudget {
         }
     }
 
-    fn balance_with(&self, index: u64, current_word: u64) -> i64 {
-        let current_slot = (index % SLOTS) as usize;
-        let mut balance = self.reserve;
-        for (i, slot) in self.slots.iter().enumerate() {
-            let word = if i == current_slot {
-                current_word
-            } else {
-                slot.load(Ordering::Acquire)
-            };
-            let (slot_index, units) = unpack(word);
-            if Self::in_window(slot_index, index & INDEX_MASK) {
-                balance = balance.saturating_add(units);
-            }
-        }
-        balance
+    /// The reserve plus every deposit within the window ending at `index`.
+    fn deposited(&self, index: u64) -> i64 {
+        self.deposits.iter().fold(self.reserve, |total, stripe| {
+            total.saturating_add(stripe.sum(index, None))
+        })
     }
 
     /// How many retries the budget would allow right now.
     pub fn remaining(&self) -> u64 {
-        let index = self.current_index();
-        let word = self.slots[(index % SLOTS) as usize].load(Ordering::Acquire);
-        (self.balance_with(index, word).max(0) / UNITS_PER_RETRY) as u64
+        let index = self.current_index(Instant::now());
+        let balance = self
+            .deposited(index)
+            .saturating_add(self.withdrawals.sum(index, None));
+        (balance.max(0) / UNITS_PER_RETRY) as u64
     }
 }
 
@@ -196,5 +283,33 @@ mod tests {
         for units in [0i64, 1, -1, 1000, -1000, (1 << 38), -(1 << 38)] {
             assert_eq!(unpack(pack(12345, units)), (12345, units));
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn deposits_from_many_threads_all_count_and_never_overdraw() {
+        let budget = std::sync::Arc::new(RetryBudget::new(Duration::from_secs(10), 0, 1.0));
+        let threads: Vec<_> = (0..12)
+            .map(|_| {
+                let budget = std::sync::Arc::clone(&budget);
+                std::thread::spawn(move || {
+                    for _ in 0..100 {
+                        budget.deposit();
+                    }
+                })
+            })
+            .collect();
+        for thread in threads {
+            thread.join().unwrap();
+        }
+        assert_eq!(budget.remaining(), 1200);
+        let withdrawn: usize = (0..4)
+            .map(|_| {
+                let budget = std::sync::Arc::clone(&budget);
+                std::thread::spawn(move || (0..500).filter(|_| budget.withdraw()).count())
+            })
+            .map(|thread| thread.join().unwrap())
+            .sum();
+        assert_eq!(withdrawn, 1200);
+        assert_eq!(budget.remaining(), 0);
     }
 }

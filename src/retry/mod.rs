@@ -1,20 +1,25 @@
 //! Retry with backoff, jitter, a retry budget and deadlines, for any [`tower::Service`] whose
 //! request can be cloned.
 //!
-//! [`RetryPolicy`] is a [`tower::retry::Policy`]: palisade reuses tower's `Retry` service and
-//! brings the policy —
+//! [`RetryPolicy`] is a [`tower::retry::Policy`], so tower's own `.retry(policy)` works; palisade's
+//! [`Retry`] service (what [`RetryPolicy::layer`] and the preset use) has the same contract and a
+//! response future that costs a branch when the call is not retried. The policy brings —
 //!
 //! - at most `max_attempts` attempts; [`Backoff`] constant, linear or exponential, capped; [`Jitter`]
 //!   none, full, equal or decorrelated (AWS's formulas), never above the cap;
 //! - a [`Predicate`] over the whole `Result`: errors *and* responses. The default,
 //!   [`TransientErrors`], retries only what is safe: transient errors, never a response, never a
-//!   [`CircuitOpen`](crate::circuit_breaker::CircuitOpen) unless its retry-after fits in the deadline;
-//! - an error's [retry-after hint](crate::classify::RetryAfter) replaces the computed delay;
+//!   [`CircuitOpen`](crate::circuit_breaker::CircuitOpen) (an open breaker exists to fail fast; opt in
+//!   with [`RetryPolicy::retry_rejections`]);
+//! - an error's [retry-after hint](crate::classify::FailureKind::retry_after) replaces the computed delay;
 //! - a [`RetryBudget`] so that retries cannot multiply an outage;
-//! - with [`honor_deadline`](RetryPolicy::honor_deadline), it never sleeps past the request's
-//!   [`Deadline`](crate::timeout::Deadline) and stops with a clear error when the next attempt cannot
-//!   fit;
-//! - a `tracing` event per retry (attempt, delay, reason) and an optional hook.
+//! - by default it never sleeps past the deadline of an enclosing
+//!   [`DeadlineLayer`](crate::timeout::DeadlineLayer), for any request type; with
+//!   [`honor_deadline`](RetryPolicy::honor_deadline), nor past the
+//!   [`Deadline`](crate::timeout::Deadline) a request carries, and it stops with a clear error when
+//!   the next attempt cannot fit;
+//! - a `tracing` event per retry (attempt, delay, reason) and optional hooks for each retry and for
+//!   giving up (attempts exhausted, budget refused, deadline reached).
 //!
 //! # `BoxError` and `tokio::spawn`
 //!
@@ -61,14 +66,12 @@
 mod backoff;
 mod budget;
 mod policy;
+mod service;
 
 pub use self::backoff::{Backoff, Jitter};
 pub use self::budget::RetryBudget;
 pub use self::policy::{
-    DeadlineStop, Predicate, RetryEvent, RetryPolicy, TransientErrors, Verdict,
+    DeadlineStop, GiveUp, GiveUpReason, Predicate, RetryDelay, RetryEvent, RetryPolicy,
+    TransientErrors, Verdict,
 };
-
-/// tower's retry service, driven by a [`RetryPolicy`].
-pub type Retry<S, P = RetryPolicy> = tower::retry::Retry<P, S>;
-/// tower's retry layer, driven by a [`RetryPolicy`].
-pub type RetryLayer<P = RetryPolicy> = tower::retry::RetryLayer<P>;
+pub use self::service::{ResponseFuture, Retry, RetryLayer};

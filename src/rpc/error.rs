@@ -1,6 +1,6 @@
 use super::RawJson;
 use crate::circuit_breaker::CircuitOpen;
-use crate::classify::{FailureKind, RetryAfter};
+use crate::classify::FailureKind;
 use crate::fault::InjectedFault;
 use crate::timeout::Elapsed;
 use serde_json::{Map, Value, json};
@@ -471,13 +471,11 @@ impl From<InjectedFault> for RpcError {
     }
 }
 
-impl RetryAfter for RpcError {
+impl FailureKind for RpcError {
     fn retry_after(&self) -> Option<Duration> {
         self.0.retry_after
     }
-}
 
-impl FailureKind for RpcError {
     fn is_transient(&self) -> bool {
         self.0
             .transient

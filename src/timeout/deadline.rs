@@ -1,6 +1,10 @@
+use std::cell::Cell;
 use std::fmt;
 use std::time::Duration;
 use tokio::time::Instant;
+
+/// Thirty years: what "no deadline in sight" saturates to (tokio's own far future).
+const FAR_FUTURE: Duration = Duration::from_secs(86_400 * 365 * 30);
 
 /// The instant by which a request must be answered; it travels with the request.
 ///
@@ -11,9 +15,19 @@ use tokio::time::Instant;
 pub struct Deadline(Instant);
 
 impl Deadline {
-    /// The deadline `budget` from now (tokio's clock).
+    /// The deadline `budget` from now (tokio's clock). A budget too large for the clock
+    /// (`Duration::MAX`) saturates to thirty years from now instead of overflowing.
     pub fn after(budget: Duration) -> Self {
-        Deadline(Instant::now() + budget)
+        Self::after_from(Instant::now(), budget)
+    }
+
+    /// The deadline `budget` after `now`, saturating like [`after`](Self::after).
+    pub(crate) fn after_from(now: Instant, budget: Duration) -> Self {
+        Deadline(
+            now.checked_add(budget)
+                .or_else(|| now.checked_add(FAR_FUTURE))
+                .unwrap_or(now),
+        )
     }
 
     /// The deadline at `instant`.
@@ -52,6 +66,11 @@ impl fmt::Display for Deadline {
 ///
 /// Implemented by [`Deadlined`] (wrap any request), by
 /// [`RpcRequest`](crate::rpc::RpcRequest), and easily by your own request types.
+#[diagnostic::on_unimplemented(
+    message = "the request type `{Self}` does not carry a deadline",
+    label = "`{Self}` does not implement `palisade::timeout::HasDeadline`",
+    note = "wrap the request in `palisade::timeout::Deadlined`, implement `HasDeadline` for it, or drop `.honor_deadline()` (layers then honour the deadline of an enclosing `DeadlineLayer` for any request type)"
+)]
 pub trait HasDeadline {
     /// The request's deadline, if it has one.
     fn deadline(&self) -> Option<Deadline>;
@@ -104,8 +123,12 @@ impl<R> HasDeadline for Deadlined<R> {
     }
 }
 
-/// Where a layer finds a request's deadline: [`NoDeadline`] for any request,
-/// [`RequestDeadline`] for requests that are [`HasDeadline`].
+/// Where a layer finds a request's deadline: [`AmbientDeadline`] (the default) and
+/// [`NoDeadline`] for any request, [`RequestDeadline`] for requests that are [`HasDeadline`].
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` cannot find the deadline of a `{Request}`",
+    note = "`RequestDeadline` needs `{Request}: HasDeadline`; `AmbientDeadline` and `NoDeadline` work for any request"
+)]
 pub trait DeadlineSource<Request> {
     /// The deadline of `request`, if this source sees one.
     fn deadline_of(&self, request: &Request) -> Option<Deadline>;
@@ -122,13 +145,102 @@ impl<Request> DeadlineSource<Request> for NoDeadline {
     }
 }
 
-/// Reads the deadline the request carries ([`HasDeadline`]).
+/// Reads the deadline the request carries ([`HasDeadline`]), and the [ambient](AmbientDeadline)
+/// one if that is earlier.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct RequestDeadline;
 
 impl<Request: HasDeadline> DeadlineSource<Request> for RequestDeadline {
     #[inline]
     fn deadline_of(&self, request: &Request) -> Option<Deadline> {
-        request.deadline()
+        match (request.deadline(), ambient()) {
+            (Some(own), Some(ambient)) => Some(own.min(ambient)),
+            (own, ambient) => own.or(ambient),
+        }
     }
+}
+
+/// The default: the deadline of the enclosing [`DeadlineLayer`](super::DeadlineLayer) (or
+/// [`EnforceDeadline`](super::EnforceDeadline), the resilience preset, a client with a timeout),
+/// for any request type.
+///
+/// An enforced deadline is *ambient* while its service is called and while its response future
+/// is polled: layers below it on the same task see it without the request having to carry it.
+/// So retry never sleeps past it and an attempt timeout never outlives it, with no
+/// `.honor_deadline()` to remember. (A `Buffer` hands requests to another task; there, only a
+/// deadline the request carries — [`RequestDeadline`] — is seen.)
+#[derive(Clone, Copy, Debug, Default)]
+pub struct AmbientDeadline;
+
+impl<Request> DeadlineSource<Request> for AmbientDeadline {
+    #[inline]
+    fn deadline_of(&self, _: &Request) -> Option<Deadline> {
+        ambient()
+    }
+}
+
+/// What the deadline layers running on this thread make ambient.
+#[derive(Clone, Copy)]
+struct Scope {
+    /// The earliest deadline enforced by the layers whose call or poll is running.
+    deadline: Option<Instant>,
+    /// The clock as read by the innermost deadline layer's `call`, for the synchronous extent of
+    /// that call: layers below reuse it instead of reading the clock again.
+    now: Option<Instant>,
+}
+
+thread_local! {
+    static AMBIENT: Cell<Scope> = const { Cell::new(Scope { deadline: None, now: None }) };
+}
+
+/// The ambient deadline, if a deadline layer above is running.
+#[inline]
+pub(crate) fn ambient() -> Option<Deadline> {
+    AMBIENT
+        .try_with(|scope| scope.get().deadline)
+        .ok()
+        .flatten()
+        .map(Deadline)
+}
+
+/// The current time: the clock reading of an enclosing deadline layer's `call` if one is running
+/// on this thread (the same synchronous call, so the same instant), else a fresh reading.
+#[inline]
+pub(crate) fn now() -> Instant {
+    match AMBIENT.try_with(|scope| scope.get().now) {
+        Ok(Some(now)) => now,
+        _ => Instant::now(),
+    }
+}
+
+/// Runs `f` with `deadline` ambient (the earlier of it and one already ambient), and with `now`
+/// as the current time if given (only for the synchronous extent of a `call`).
+#[inline]
+pub(crate) fn within<R>(
+    deadline: Option<Deadline>,
+    now: Option<Instant>,
+    f: impl FnOnce() -> R,
+) -> R {
+    struct Restore(Scope);
+    impl Drop for Restore {
+        #[inline]
+        fn drop(&mut self) {
+            let _ = AMBIENT.try_with(|cell| cell.set(self.0));
+        }
+    }
+    let Some(deadline) = deadline else {
+        return f();
+    };
+    let Ok(previous) = AMBIENT.try_with(|cell| {
+        let previous = cell.get();
+        cell.set(Scope {
+            deadline: Some(previous.deadline.map_or(deadline.0, |p| p.min(deadline.0))),
+            now,
+        });
+        previous
+    }) else {
+        return f();
+    };
+    let _restore = Restore(previous);
+    f()
 }

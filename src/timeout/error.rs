@@ -1,4 +1,4 @@
-use crate::classify::{FailureKind, RetryAfter};
+use crate::classify::FailureKind;
 use std::fmt;
 use std::time::Duration;
 
@@ -79,12 +79,6 @@ impl fmt::Display for Elapsed {
 }
 
 impl std::error::Error for Elapsed {}
-
-impl RetryAfter for Elapsed {
-    fn retry_after(&self) -> Option<Duration> {
-        None
-    }
-}
 
 impl FailureKind for Elapsed {
     /// An attempt timeout is worth another attempt; a passed deadline is not.

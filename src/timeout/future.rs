@@ -21,6 +21,8 @@ pin_project! {
         timeout: Option<Duration>,
         deadline: Option<Deadline>,
         fires_for_deadline: bool,
+        // Makes `deadline` ambient while the inner future is polled (`EnforceDeadline`).
+        ambient: bool,
     }
 }
 
@@ -33,6 +35,19 @@ impl<F> ResponseFuture<F> {
             timeout,
             deadline,
             fires_for_deadline: false,
+            ambient: false,
+        }
+    }
+
+    #[inline]
+    pub(crate) fn enforcing(inner: F, deadline: Option<Deadline>) -> Self {
+        ResponseFuture {
+            inner,
+            sleep: None,
+            timeout: None,
+            deadline,
+            fires_for_deadline: false,
+            ambient: deadline.is_some(),
         }
     }
 }
@@ -46,7 +61,13 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
-        if let Poll::Ready(result) = this.inner.poll(cx) {
+        let inner = this.inner;
+        let polled = if *this.ambient {
+            super::deadline::within(*this.deadline, None, || inner.poll(cx))
+        } else {
+            inner.poll(cx)
+        };
+        if let Poll::Ready(result) = polled {
             return Poll::Ready(result);
         }
         if this.sleep.is_none() {

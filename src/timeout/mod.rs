@@ -2,9 +2,11 @@
 //!
 //! - [`Timeout`] fails a call that takes too long with [`Elapsed`], through the service's own error
 //!   type (`S::Error: From<Elapsed>`; no `BoxError` forced on you, unlike `tower::timeout`).
-//! - A [`Deadline`] travels with a request ([`HasDeadline`]). [`DeadlineLayer`] sets and enforces it;
-//!   a [`Timeout`] made with [`TimeoutLayer::honor_deadline`] gives each attempt
-//!   `min(attempt timeout, time left)`; [retry](crate::retry) never sleeps past it.
+//! - A [`Deadline`] travels with a request ([`HasDeadline`]). [`DeadlineLayer`] sets and enforces it,
+//!   and while it runs the deadline is [ambient](AmbientDeadline) to the layers below: a
+//!   [`Timeout`] gives each attempt `min(attempt timeout, time left)` and [retry](crate::retry)
+//!   never sleeps past it — by default, for any request type.
+//!   [`TimeoutLayer::honor_deadline`] also reads a deadline the request itself carries.
 //!
 //! ```
 //! use palisade::timeout::{Elapsed, TimeoutLayer};
@@ -39,7 +41,7 @@ mod future;
 mod layer;
 
 pub use self::deadline::{
-    Deadline, DeadlineSource, Deadlined, HasDeadline, NoDeadline, RequestDeadline,
+    AmbientDeadline, Deadline, DeadlineSource, Deadlined, HasDeadline, NoDeadline, RequestDeadline,
 };
 pub use self::error::{Elapsed, ElapsedKind};
 pub use self::future::ResponseFuture;
@@ -52,7 +54,7 @@ use tower_service::Service;
 /// Fails calls that take longer than a timeout (and, with a deadline source, calls that outlive
 /// the request's deadline). See the [module docs](self).
 #[derive(Clone, Copy, Debug)]
-pub struct Timeout<S, D = NoDeadline> {
+pub struct Timeout<S, D = AmbientDeadline> {
     inner: S,
     timeout: Duration,
     source: D,
@@ -133,14 +135,25 @@ where
     }
 
     fn call(&mut self, mut request: Request) -> Self::Future {
-        let deadline = match (request.deadline(), self.budget) {
+        let now = self.budget.map(|_| tokio::time::Instant::now());
+        let from_budget = now
+            .zip(self.budget)
+            .map(|(now, budget)| Deadline::after_from(now, budget));
+        let deadline = match (request.deadline(), from_budget) {
             (own, None) => own,
-            (None, Some(budget)) => Some(Deadline::after(budget)),
-            (Some(own), Some(budget)) => Some(own.min(Deadline::after(budget))),
+            (None, Some(budget)) => Some(budget),
+            (Some(own), Some(budget)) => Some(own.min(budget)),
         };
         if let Some(deadline) = deadline {
             request.set_deadline(deadline);
         }
-        ResponseFuture::new(self.inner.call(request), None, deadline)
+        // While the inner service is called (and, in the future, polled) the deadline is ambient
+        // to the layers below.
+        let inner = &mut self.inner;
+        self::deadline::within(deadline, now, move || {
+            ResponseFuture::enforcing(inner.call(request), deadline)
+        })
     }
 }
+
+pub(crate) use self::deadline::now;
