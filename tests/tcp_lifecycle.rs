@@ -425,7 +425,10 @@ async fn by_default_a_handler_blocking_before_its_first_await_holds_up_only_its_
         let same = same.clone();
         tokio::spawn(async move { same.send::<String>("compute", &()).await })
     };
-    sleep(Duration::from_millis(50)).await;
+    // The busy handler is running.
+    while server.in_flight() == 0 {
+        tokio::task::yield_now().await;
+    }
     let started = Instant::now();
     assert_eq!(other.send::<u64>("echo", &2).await.unwrap(), 2);
     assert!(
