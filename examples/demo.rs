@@ -5,6 +5,8 @@
 //! ```text
 //! cargo run --example demo                   # embedded (in-memory) transport, no broker
 //! cargo run --example demo -- --transport tcp   # the same over NestJS-compatible TCP on loopback
+//! cargo run --example demo --features rabbitmq -- --transport rabbitmq
+//!                                            # over RabbitMQ (AMQP_URL, default amqp://127.0.0.1:5672)
 //! ```
 
 use palisade::builder::ServiceBuilderExt;
@@ -119,6 +121,7 @@ fn router(counters: &Arc<Counters>) -> Router {
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let tcp = std::env::args().any(|a| a == "tcp" || a == "--transport=tcp");
+    let rabbitmq = std::env::args().any(|a| a == "rabbitmq" || a == "--transport=rabbitmq");
     let counters = Arc::new(Counters::default());
 
     // The server: the router behind fault injection, which the script turns up and down.
@@ -155,7 +158,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 .reset_timeout(Duration::from_millis(1200)),
         )
         .attempt_timeout(Duration::from_millis(150));
-    let (client, server): (Client, ServerHandle) = if tcp {
+    let (client, server): (Client, ServerHandle) = if rabbitmq {
+        rabbitmq_pair(server, builder).await?
+    } else if tcp {
         let listener = TcpServer::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr();
         let server = server.serve(listener).await?;
@@ -173,7 +178,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     println!(
         "palisade demo over the {} transport: 8 clients, ~160 requests/s, for {SECONDS} s\n",
-        if tcp {
+        if rabbitmq {
+            "RabbitMQ (NestJS wire)"
+        } else if tcp {
             "TCP (NestJS wire)"
         } else {
             "in-memory"
@@ -323,4 +330,28 @@ fn short(state: CircuitState) -> &'static str {
         CircuitState::ForcedOpen => "forced-open",
         CircuitState::ForcedClosed => "forced-closed",
     }
+}
+
+/// The server and client over RabbitMQ: a queue of the demo's own, gone when the demo stops.
+#[cfg(feature = "rabbitmq")]
+async fn rabbitmq_pair(
+    server: Server,
+    builder: palisade::rpc::ClientBuilder,
+) -> Result<(Client, ServerHandle), Box<dyn std::error::Error>> {
+    use palisade::rpc::transport::rabbitmq::{QueueOptions, RmqOptions, RmqServer};
+    let url = std::env::var("AMQP_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned());
+    let options = RmqOptions::new([url])
+        .queue(format!("palisade-demo-{}", std::process::id()))
+        .queue_options(QueueOptions::default().durable(false).auto_delete(true));
+    let server = server.serve(RmqServer::new(options.clone())).await?;
+    Ok((builder.connect(options).await?, server))
+}
+
+#[cfg(not(feature = "rabbitmq"))]
+async fn rabbitmq_pair(
+    _: Server,
+    _: palisade::rpc::ClientBuilder,
+) -> Result<(Client, ServerHandle), Box<dyn std::error::Error>> {
+    Err("build the demo with `--features rabbitmq` for --transport rabbitmq".into())
 }

@@ -32,6 +32,9 @@ class UsersController {
   userCreated(data) { events.push(data); }
   lastEvents() { return events; }
   headers(data, context) {
+    // RabbitMQ: AMQP headers, a plain object on the message's properties.
+    const message = context && context.getMessage && context.getMessage();
+    if (message && message.properties) return message.properties.headers || null;
     const headers = context && context.getHeaders && context.getHeaders();
     if (!headers) return null;
     const out = {};

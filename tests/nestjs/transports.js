@@ -5,7 +5,7 @@
 //   nats   <url> [queue]
 //   redis  <url>                  (redis://127.0.0.1:6379)
 //   mqtt   <url> [shared-group]   (mqtt://127.0.0.1:1883; with a group, handlers subscribe $share/<group>/…)
-//   rmq    <url> [queue]          (amqp://guest:guest@127.0.0.1:5672/vhost)
+//   rmq    <url> [queue[:wildcards]] (amqp://guest:guest@127.0.0.1:5672/vhost)
 //   kafka  <host:port> [group]
 'use strict';
 const { Transport } = require('@nestjs/microservices');
@@ -25,11 +25,14 @@ function options(transport, address, extra, side) {
       return { transport: Transport.REDIS, options: { ...hostAndPort(address), retryAttempts: 3, retryDelay: 200 } };
     case 'mqtt':
       return { transport: Transport.MQTT, options: { url: address } };
-    case 'rmq':
+    case 'rmq': {
+      // extra: <queue>[:wildcards] (the exchange mode of §4.3: a topic exchange named after the queue)
+      const [queue, mode] = (extra || 'palisade_interop').split(':');
       return {
         transport: Transport.RMQ,
-        options: { urls: [address], queue: extra || 'palisade_interop', queueOptions: { durable: false } },
+        options: { urls: [address], queue, queueOptions: { durable: false }, ...(mode === 'wildcards' ? { wildcards: true } : {}) },
       };
+    }
     case 'kafka':
       return {
         transport: Transport.KAFKA,

@@ -7,6 +7,8 @@ pub mod nats;
 pub mod nest_calls;
 pub mod nest_like;
 pub mod nestjs;
+#[cfg(feature = "rabbitmq")]
+pub mod rabbitmq;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -37,6 +39,25 @@ pub async fn until_echo_answers(client: &palisade::rpc::Client, within: Duration
             Err(error) if std::time::Instant::now() < deadline => {
                 assert_eq!(error.code(), palisade::rpc::Code::Unavailable, "{error}");
                 tokio::time::sleep(pause).await;
+            }
+            Err(error) => panic!("the service never answered again: {error}"),
+        }
+    }
+}
+
+/// Sends `echo` with a short string until the service answers with its length (the RabbitMQ
+/// tests' `echo`), allowing only `Unavailable` meanwhile; panics after 20 s.
+pub async fn until_echo_answers_len(client: &palisade::rpc::Client) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        match client.send::<usize>("echo", &"abc").await {
+            Ok(answer) => {
+                assert_eq!(answer, 3);
+                return;
+            }
+            Err(error) if std::time::Instant::now() < deadline => {
+                assert_eq!(error.code(), palisade::rpc::Code::Unavailable, "{error}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
             }
             Err(error) => panic!("the service never answered again: {error}"),
         }

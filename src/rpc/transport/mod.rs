@@ -7,6 +7,8 @@
 //! - `nats` (feature `nats`): NestJS's `Transport.NATS`, with optional durable (JetStream) events.
 //! - `kafka` (feature `kafka`): NestJS's `Transport.KAFKA`, with consumer groups and at-least-once
 //!   events.
+//! - `rabbitmq` (feature `rabbitmq`): NestJS's `Transport.RMQ`, with acknowledgements, retries
+//!   and dead letters for events, and publisher confirms.
 //!
 //! # Writing a transport
 //!
@@ -33,6 +35,8 @@ pub mod kafka;
 pub mod memory;
 #[cfg(feature = "nats")]
 pub mod nats;
+#[cfg(feature = "rabbitmq")]
+pub mod rabbitmq;
 #[cfg(feature = "tcp")]
 pub mod tcp;
 

@@ -73,7 +73,7 @@ mod server;
 mod value;
 
 pub use self::client::{KafkaConnection, KafkaTransport};
-pub use self::server::{KafkaEvents, KafkaServer};
+pub use self::server::{DEAD_LETTER_OFFSET, DEAD_LETTER_PARTITION, KafkaEvents, KafkaServer};
 
 use crate::rpc::{RpcError, TransportErrorKind};
 use rdkafka::ClientConfig;
