@@ -110,6 +110,8 @@
 //! ```
 #![warn(missing_docs)]
 #![forbid(unsafe_code)]
+// docs.rs (nightly) labels each item with the feature it needs.
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub mod builder;
 pub mod circuit_breaker;
