@@ -16,6 +16,7 @@
 //! - [`builder`]: all of it as `ServiceBuilder` methods, and a preset that stacks deadline → retry →
 //!   circuit breaker → attempt timeout in the right order.
 //! - [`classify`]: how results are judged (success, failure, ignored; transient or not).
+//! - [`health`]: health checks from breakers and checks of your own, NestJS terminus style.
 //!
 //! **Messaging** — [`rpc`]: the Rust answer to NestJS microservices. A [`Client`](rpc::Client)
 //! with `send`, `send_stream` and `emit`; a [`Router`](rpc::Router) of async handlers with typed
@@ -156,6 +157,7 @@ mod counter;
 mod errors;
 pub mod fallback;
 pub mod fault;
+pub mod health;
 pub mod retry;
 mod rng;
 pub mod rpc;
