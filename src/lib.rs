@@ -32,6 +32,7 @@
 //! | `nats` | | [`rpc::transport::nats`]: NestJS `Transport.NATS`, durable events on JetStream (`async-nats`) |
 //! | `rabbitmq` | | [`rpc::transport::rabbitmq`]: NestJS `Transport.RMQ` (`lapin`) |
 //! | `kafka` | | [`rpc::transport::kafka`]: NestJS `Transport.KAFKA` (`rdkafka`; builds librdkafka, which needs a C/C++ compiler) |
+//! | `metrics` | | server metrics through the `metrics` facade: `rpc.server.call.duration` and `rpc.server.requests` per pattern, transport and status code (OpenTelemetry's RPC names) |
 //! | `conformance` | | [`conformance`]: the transport conformance suite, for transports written outside the crate |
 //!
 //! Beside palisade an application needs `tokio` (a runtime: `rt-multi-thread` and `macros` for
