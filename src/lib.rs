@@ -163,14 +163,3 @@ pub mod retry;
 mod rng;
 pub mod rpc;
 pub mod timeout;
-
-/// The README's examples, compiled and run as doctests (they use every transport).
-#[cfg(all(
-    doctest,
-    feature = "tcp",
-    feature = "nats",
-    feature = "rabbitmq",
-    feature = "kafka"
-))]
-#[doc = include_str!("../README.md")]
-pub struct ReadmeDoctests;
