@@ -48,6 +48,8 @@ mod client;
 mod error;
 mod handler;
 mod json;
+#[cfg(feature = "opentelemetry")]
+mod otel;
 mod pattern;
 mod request;
 mod router;

@@ -301,6 +301,10 @@ impl Dispatcher {
             outcome = tracing::field::Empty,
             latency_us = tracing::field::Empty,
         );
+        #[cfg(feature = "opentelemetry")]
+        if !span.is_disabled() {
+            crate::rpc::otel::continue_trace(&span, request.headers());
+        }
         let handling = Arc::clone(&self.inner)
             .handle(request, sink, permit)
             .instrument(span);
