@@ -48,6 +48,8 @@ mod client;
 mod error;
 mod handler;
 mod json;
+#[cfg(feature = "metrics")]
+mod observe;
 #[cfg(feature = "opentelemetry")]
 mod otel;
 mod pattern;
