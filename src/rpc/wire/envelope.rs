@@ -491,6 +491,14 @@ mod tests {
     }
 
     #[test]
+    fn a_packet_that_is_not_an_object_says_so() {
+        let error = decode_incoming(&Bytes::from_static(b"[1,2]")).unwrap_err();
+        assert!(error.to_string().contains("expected a JSON object"), "{error}");
+        let error = decode_reply(&Bytes::from_static(b"\"text\"")).unwrap_err();
+        assert!(error.to_string().contains("expected a JSON object"), "{error}");
+    }
+
+    #[test]
     fn decodes_requests_events_and_external_messages() {
         let decode = |text: &str| decode_incoming(&Bytes::from(text.to_owned())).unwrap();
         let request = decode(
