@@ -5,6 +5,8 @@
 //! ```text
 //! cargo run --example demo                   # embedded (in-memory) transport, no broker
 //! cargo run --example demo -- --transport tcp   # the same over NestJS-compatible TCP on loopback
+//! cargo run --example demo --features nats -- --transport nats
+//!                                            # over NATS (NATS_URL, default nats://127.0.0.1:4222)
 //! cargo run --example demo --features rabbitmq -- --transport rabbitmq
 //!                                            # over RabbitMQ (AMQP_URL, default amqp://127.0.0.1:5672)
 //! cargo run --example demo --features kafka -- --transport kafka
@@ -124,6 +126,7 @@ const KAFKA_SECONDS: u64 = 22;
 enum Transport {
     Memory,
     Tcp,
+    Nats,
     RabbitMq,
     Kafka,
 }
@@ -144,6 +147,7 @@ usage: cargo run --example demo [--features rabbitmq|kafka] -- [--transport <nam
 transports:
   memory     in-process, no broker (the default)
   tcp        NestJS-compatible TCP on loopback
+  nats       NestJS-compatible NATS (NATS_URL, default nats://127.0.0.1:4222); --features nats
   rabbitmq   NestJS-compatible RabbitMQ (AMQP_URL, default amqp://127.0.0.1:5672); --features rabbitmq
   kafka      NestJS-compatible Kafka (KAFKA_BROKERS, or a Tansu broker the demo starts and kills
              mid-run); --features kafka
@@ -170,18 +174,19 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Options, String>
             "-h" | "--help" => return Err(String::new()),
             "--svg" => options.svg = value("a file name")?.into(),
             "--transport" => {
-                options.transport = match value("a name: memory, tcp, rabbitmq or kafka")?.as_str()
-                {
-                    "memory" => Transport::Memory,
-                    "tcp" => Transport::Tcp,
-                    "rabbitmq" => Transport::RabbitMq,
-                    "kafka" => Transport::Kafka,
-                    other => {
-                        return Err(format!(
-                            "unknown transport {other:?}: memory, tcp, rabbitmq or kafka"
-                        ));
+                options.transport =
+                    match value("a name: memory, tcp, nats, rabbitmq or kafka")?.as_str() {
+                        "memory" => Transport::Memory,
+                        "tcp" => Transport::Tcp,
+                        "nats" => Transport::Nats,
+                        "rabbitmq" => Transport::RabbitMq,
+                        "kafka" => Transport::Kafka,
+                        other => {
+                            return Err(format!(
+                                "unknown transport {other:?}: memory, tcp, nats, rabbitmq or kafka"
+                            ));
+                        }
                     }
-                }
             }
             _ => return Err(format!("unknown argument {arg:?}")),
         }
@@ -282,6 +287,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut broker = None;
     let (client, server): (Client, ServerHandle) = match transport {
         Transport::RabbitMq => rabbitmq_pair(server, builder).await?,
+        Transport::Nats => nats_pair(server, builder).await?,
         Transport::Kafka => {
             let (client, server, started) = kafka::pair(server, builder).await?;
             broker = started;
@@ -316,6 +322,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         "palisade demo over the {} transport: 8 clients, ~160 requests/s, for {seconds} s\n",
         match transport {
             Transport::RabbitMq => "RabbitMQ (NestJS wire)",
+            Transport::Nats => "NATS (NestJS wire)",
             Transport::Kafka => "Kafka (NestJS wire)",
             Transport::Tcp => "TCP (NestJS wire)",
             Transport::Memory => "in-memory",
@@ -576,6 +583,31 @@ fn short(state: CircuitState) -> &'static str {
         CircuitState::ForcedOpen => "forced-open",
         CircuitState::ForcedClosed => "forced-closed",
     }
+}
+
+/// The server and client over NATS: a queue group of the demo's own.
+#[cfg(feature = "nats")]
+async fn nats_pair(
+    server: Server,
+    builder: palisade::rpc::ClientBuilder,
+) -> Result<(Client, ServerHandle), Box<dyn std::error::Error>> {
+    use palisade::rpc::transport::nats::{NatsOptions, NatsServer};
+    let url = std::env::var("NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".to_owned());
+    let options = NatsOptions::new([url]).name("palisade-demo");
+    let server = server
+        .serve(
+            NatsServer::new(options.clone()).queue(format!("palisade-demo-{}", std::process::id())),
+        )
+        .await?;
+    Ok((builder.connect(options).await?, server))
+}
+
+#[cfg(not(feature = "nats"))]
+async fn nats_pair(
+    _: Server,
+    _: palisade::rpc::ClientBuilder,
+) -> Result<(Client, ServerHandle), Box<dyn std::error::Error>> {
+    Err("build the demo with `--features nats` for --transport nats".into())
 }
 
 /// The server and client over RabbitMQ: a queue of the demo's own, gone when the demo stops.
