@@ -9,6 +9,8 @@ pub mod nest_like;
 pub mod nestjs;
 #[cfg(feature = "rabbitmq")]
 pub mod rabbitmq;
+#[cfg(feature = "redis")]
+pub mod redis;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -9,6 +9,8 @@
 //!   events.
 //! - `rabbitmq` (feature `rabbitmq`): NestJS's `Transport.RMQ`, with acknowledgements, retries
 //!   and dead letters for events, and publisher confirms.
+//! - `redis` (feature `redis`): NestJS's `Transport.REDIS`, with fast failure for patterns nobody
+//!   serves, an opt-in single responder per service, and optional durable events (Redis Streams).
 //!
 //! # Writing a transport
 //!
@@ -37,6 +39,8 @@ pub mod memory;
 pub mod nats;
 #[cfg(feature = "rabbitmq")]
 pub mod rabbitmq;
+#[cfg(feature = "redis")]
+pub mod redis;
 #[cfg(feature = "tcp")]
 pub mod tcp;
 
