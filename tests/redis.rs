@@ -1,0 +1,457 @@
+//! The Redis transport beyond the conformance suite, each test against its own `redis-server`:
+//! broker loss and restart, the default fan-out and the opt-in single responder, durable events
+//! on Redis Streams (nothing lost when a consumer dies, poison events dead-lettered).
+#![cfg(feature = "redis")]
+
+mod support;
+
+use futures_util::StreamExt;
+use palisade::rpc::transport::redis::{
+    BODY_FIELD, DurableEvents, RedisOptions, RedisServer, RedisTransport,
+};
+use palisade::rpc::transport::{
+    DEAD_LETTER_DELIVERIES, DEAD_LETTER_REASON, DEAD_LETTER_SUBJECT, ServerTransport,
+};
+use palisade::rpc::{
+    Client, Code, Payload, Router, RpcError, Server, Streaming, TransportErrorKind,
+};
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use support::redis::Broker;
+use tokio::time::{Instant, sleep};
+
+/// The tests count the process's file descriptors: one at a time.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+fn options(broker: &Broker) -> RedisOptions {
+    RedisOptions::new(broker.url())
+        .reconnect_backoff(Duration::from_millis(20), Duration::from_millis(300))
+}
+
+fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").unwrap().count()
+}
+
+fn alive_tasks() -> usize {
+    tokio::runtime::Handle::current()
+        .metrics()
+        .num_alive_tasks()
+}
+
+async fn settles_to(count: impl Fn() -> usize, limit: usize) -> usize {
+    let started = Instant::now();
+    loop {
+        let now = count();
+        if now <= limit || started.elapsed() > Duration::from_secs(10) {
+            return now;
+        }
+        sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn eventually(what: &str, within: Duration, mut done: impl FnMut() -> bool) {
+    let started = Instant::now();
+    while !done() {
+        assert!(started.elapsed() < within, "{what}: not within {within:?}");
+        sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_killed_and_restarted_fails_requests_in_flight_at_once_and_everything_recovers() {
+    let _serial = SERIAL.lock().await;
+    let mut broker = Broker::start();
+    let (fds, tasks) = (open_fds(), alive_tasks());
+    {
+        let stored: Arc<Mutex<BTreeSet<u32>>> = Arc::default();
+        let seen = Arc::clone(&stored);
+        let router = Router::new()
+            .message("slow", || async {
+                sleep(Duration::from_secs(60)).await;
+                "never"
+            })
+            .message("echo", |Payload(v): Payload<u64>| async move { v })
+            .event("stored", move |Payload(n): Payload<u32>| {
+                let seen = Arc::clone(&seen);
+                async move {
+                    seen.lock().unwrap().insert(n);
+                }
+            });
+        let server = RedisServer::new(options(&broker))
+            .serve(Server::new(router).grace_period(Duration::from_millis(100)))
+            .await
+            .unwrap();
+        let client = Client::builder()
+            .timeout(Duration::from_secs(30))
+            .connect(options(&broker))
+            .await
+            .unwrap();
+        assert_eq!(client.send::<u64>("echo", &1).await.unwrap(), 1);
+        let in_flight: Vec<_> = (0..5)
+            .map(|_| {
+                let client = client.clone();
+                tokio::spawn(async move { client.send::<String>("slow", &()).await })
+            })
+            .collect();
+        sleep(Duration::from_millis(200)).await;
+        broker.stop();
+        let killed = Instant::now();
+        for call in in_flight {
+            let error = tokio::time::timeout(Duration::from_secs(5), call)
+                .await
+                .expect("a request in flight hung when the broker died")
+                .unwrap()
+                .unwrap_err();
+            assert_eq!(error.code(), Code::Unavailable, "{error}");
+            assert_eq!(
+                error.transport_kind(),
+                Some(TransportErrorKind::ConnectionLost),
+                "{error}"
+            );
+        }
+        assert!(
+            killed.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            killed.elapsed()
+        );
+        // While it is down, calls fail fast.
+        let started = Instant::now();
+        let down = client.send::<u64>("echo", &2).await.unwrap_err();
+        assert_eq!(down.code(), Code::Unavailable, "{down}");
+        assert_eq!(
+            down.transport_kind(),
+            Some(TransportErrorKind::NotConnected),
+            "{down}"
+        );
+        assert!(client.emit("stored", &0).await.is_err());
+        assert!(started.elapsed() < Duration::from_secs(1));
+
+        broker.restart();
+        // The client reconnects and restores its reply subscription ("echo.reply" was made
+        // before the loss), the server subscribes again.
+        support::until_echo_answers(&client, Duration::from_secs(10), Duration::from_millis(50))
+            .await;
+        for n in 1..=20u32 {
+            client.emit("stored", &n).await.unwrap();
+        }
+        eventually("events after the restart", Duration::from_secs(5), || {
+            stored.lock().unwrap().len() == 20
+        })
+        .await;
+        server.shutdown().await;
+        drop(client);
+    }
+    let fds_after = settles_to(open_fds, fds).await;
+    assert!(
+        fds_after <= fds,
+        "file descriptors leaked: {fds} before, {fds_after} after"
+    );
+    let tasks_after = settles_to(alive_tasks, tasks).await;
+    assert!(
+        tasks_after <= tasks,
+        "tasks leaked: {tasks} before, {tasks_after} after"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connecting_to_no_redis_fails_at_once_with_a_clear_error() {
+    let _serial = SERIAL.lock().await;
+    let port = support::free_port();
+    let started = Instant::now();
+    let error = Client::builder()
+        .connect(RedisOptions::new(format!("redis://127.0.0.1:{port}")))
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), Code::Unavailable, "{error}");
+    assert_eq!(error.transport_kind(), Some(TransportErrorKind::Connect));
+    assert!(
+        error.message().contains("cannot connect to Redis"),
+        "{error}"
+    );
+    let error = RedisServer::new(RedisOptions::new(format!("redis://127.0.0.1:{port}")))
+        .serve(Server::new(Router::new().message("echo", || async { 1 })))
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), Code::Unavailable, "{error}");
+    assert!(started.elapsed() < Duration::from_secs(3));
+    let error = Client::builder()
+        .connect(RedisOptions::new("not a url"))
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), Code::InvalidArgument, "{error}");
+}
+
+fn instance_router(name: &'static str, events: Arc<Mutex<Vec<&'static str>>>) -> Router {
+    Router::new()
+        .message("whoami", move || async move { name })
+        .message("count", |Payload(n): Payload<u32>| async move {
+            Streaming(futures_util::stream::iter(1..=n).then(|i| async move {
+                sleep(Duration::from_millis(5)).await;
+                Ok::<u32, RpcError>(i)
+            }))
+        })
+        .event("tick", move || {
+            let events = Arc::clone(&events);
+            async move { events.lock().unwrap().push(name) }
+        })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn by_default_every_instance_gets_every_event() {
+    let _serial = SERIAL.lock().await;
+    let broker = Broker::start();
+    let events = Arc::new(Mutex::new(Vec::new()));
+    let a = RedisServer::new(options(&broker))
+        .serve(Server::new(instance_router("a", Arc::clone(&events))))
+        .await
+        .unwrap();
+    let b = RedisServer::new(options(&broker))
+        .serve(Server::new(instance_router("b", Arc::clone(&events))))
+        .await
+        .unwrap();
+    let client = Client::builder().connect(options(&broker)).await.unwrap();
+    client.emit("tick", &()).await.unwrap();
+    eventually(
+        "both instances get the event",
+        Duration::from_secs(5),
+        || events.lock().unwrap().len() == 2,
+    )
+    .await;
+    let mut got = events.lock().unwrap().clone();
+    got.sort();
+    assert_eq!(got, ["a", "b"]);
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_single_responder_answers_each_request_once_and_another_takes_over_when_it_stops() {
+    let _serial = SERIAL.lock().await;
+    let broker = Broker::start();
+    let events = Arc::new(Mutex::new(Vec::new()));
+    let ttl = Duration::from_millis(300);
+    let a = RedisServer::new(options(&broker))
+        .single_responder("users", ttl)
+        .serve(Server::new(instance_router("a", Arc::clone(&events))))
+        .await
+        .unwrap();
+    let client = Client::builder()
+        .timeout(Duration::from_secs(5))
+        .connect(options(&broker))
+        .await
+        .unwrap();
+    // "a" is alone: it takes the lease at once.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while client.send::<String>("whoami", &()).await.is_err() {
+        assert!(Instant::now() < deadline, "no responder elected");
+        sleep(Duration::from_millis(20)).await;
+    }
+    let b = RedisServer::new(options(&broker))
+        .single_responder("users", ttl)
+        .serve(Server::new(instance_router("b", Arc::clone(&events))))
+        .await
+        .unwrap();
+    sleep(ttl).await;
+    for _ in 0..10 {
+        assert_eq!(client.send::<String>("whoami", &()).await.unwrap(), "a");
+        // Not doubled, as it would be with two subscribed instances.
+        let counts: Vec<u32> = client
+            .send_stream::<u32>("count", &3)
+            .await
+            .unwrap()
+            .map(Result::unwrap)
+            .collect()
+            .await;
+        assert_eq!(counts, [1, 2, 3]);
+    }
+    client.emit("tick", &()).await.unwrap();
+    sleep(Duration::from_millis(100)).await;
+    assert_eq!(*events.lock().unwrap(), ["a"]);
+
+    // The responder stops (and gives the lease up): "b" takes over within a renewal period.
+    a.shutdown().await;
+    let stopped = Instant::now();
+    loop {
+        match client.send::<String>("whoami", &()).await {
+            Ok(name) => {
+                assert_eq!(name, "b");
+                break;
+            }
+            Err(error) => {
+                assert_eq!(error.code(), Code::Unavailable, "{error}");
+                assert!(stopped.elapsed() < ttl * 4, "nobody took over: {error}");
+                sleep(Duration::from_millis(10)).await;
+            }
+        }
+    }
+    b.shutdown().await;
+}
+
+async fn durable_server(
+    broker: &Broker,
+    durable: DurableEvents,
+    router: Router,
+) -> palisade::rpc::ServerHandle {
+    RedisServer::new(options(broker))
+        .durable_events(durable)
+        .serve(Server::new(router).grace_period(Duration::from_millis(50)))
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn durable_events_stored_without_a_server_survive_a_consumer_killed_mid_handling() {
+    let _serial = SERIAL.lock().await;
+    let broker = Broker::start();
+    let emitter = Client::builder()
+        .connect(RedisTransport::new(options(&broker)).durable_events())
+        .await
+        .unwrap();
+    // Stored by Redis although no server runs yet.
+    for n in 0..10u32 {
+        emitter.emit("order", &n).await.unwrap();
+    }
+    // The first consumer takes events and dies while handling the first one.
+    let taken = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&taken);
+    let doomed = durable_server(
+        &broker,
+        DurableEvents::new("billing").consumer("doomed"),
+        Router::new().event("order", move |Payload(_): Payload<u32>| {
+            counter.fetch_add(1, Ordering::SeqCst);
+            std::future::pending::<()>()
+        }),
+    )
+    .await;
+    eventually(
+        "the first consumer takes an event",
+        Duration::from_secs(5),
+        || taken.load(Ordering::SeqCst) > 0,
+    )
+    .await;
+    doomed.shutdown().await;
+    // More events while nobody reads.
+    for n in 10..15u32 {
+        emitter.emit("order", &n).await.unwrap();
+    }
+    let handled: Arc<Mutex<HashMap<u32, usize>>> = Arc::default();
+    let seen = Arc::clone(&handled);
+    let survivor = durable_server(
+        &broker,
+        DurableEvents::new("billing")
+            .consumer("survivor")
+            .claim_idle(Duration::from_millis(300)),
+        Router::new().event("order", move |Payload(n): Payload<u32>| {
+            let seen = Arc::clone(&seen);
+            async move {
+                *seen.lock().unwrap().entry(n).or_default() += 1;
+            }
+        }),
+    )
+    .await;
+    eventually("every event handled", Duration::from_secs(10), || {
+        handled.lock().unwrap().len() == 15
+    })
+    .await;
+    sleep(Duration::from_millis(700)).await;
+    // Every one exactly once here: the survivor acknowledged them, nothing is claimed again.
+    assert!(
+        handled.lock().unwrap().values().all(|&times| times == 1),
+        "{:?}",
+        handled.lock().unwrap()
+    );
+    survivor.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_durable_event_is_retried_with_backoff_and_a_poison_one_is_dead_lettered() {
+    let _serial = SERIAL.lock().await;
+    let broker = Broker::start();
+    let attempts: Arc<Mutex<HashMap<String, Vec<Instant>>>> = Arc::default();
+    let seen = Arc::clone(&attempts);
+    let durable = DurableEvents::new("billing")
+        .max_deliveries(3)
+        .backoff([Duration::from_millis(100), Duration::from_millis(200)]);
+    let dead_letters = durable.dead_letter_stream("order");
+    let server = durable_server(
+        &broker,
+        durable,
+        Router::new().event("order", move |Payload(kind): Payload<String>| {
+            let seen = Arc::clone(&seen);
+            async move {
+                let tries = {
+                    let mut seen = seen.lock().unwrap();
+                    let tries = seen.entry(kind.clone()).or_default();
+                    tries.push(Instant::now());
+                    tries.len()
+                };
+                match kind.as_str() {
+                    "poison" => Err(RpcError::exception("cannot bill this")),
+                    "flaky" if tries == 1 => Err(RpcError::unavailable("database restarting")),
+                    _ => Ok(()),
+                }
+            }
+        }),
+    )
+    .await;
+    let emitter = Client::builder()
+        .connect(RedisTransport::new(options(&broker)).durable_events())
+        .await
+        .unwrap();
+    for kind in ["poison", "flaky", "fine"] {
+        emitter.emit("order", &kind).await.unwrap();
+    }
+    let redis = redis::Client::open(broker.url()).unwrap();
+    let mut connection = redis.get_multiplexed_async_connection().await.unwrap();
+    let started = Instant::now();
+    let dead: Vec<(String, HashMap<String, String>)> = loop {
+        let reply: redis::Value = redis::cmd("XRANGE")
+            .arg(&dead_letters)
+            .arg("-")
+            .arg("+")
+            .query_async(&mut connection)
+            .await
+            .unwrap();
+        let entries: Vec<(String, HashMap<String, String>)> =
+            redis::FromRedisValue::from_redis_value(reply).unwrap();
+        if !entries.is_empty() {
+            break entries;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "nothing dead-lettered"
+        );
+        sleep(Duration::from_millis(20)).await;
+    };
+    sleep(Duration::from_millis(300)).await;
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    let fields = &dead[0].1;
+    assert_eq!(fields[BODY_FIELD], r#"{"pattern":"order","data":"poison"}"#);
+    assert_eq!(fields[DEAD_LETTER_DELIVERIES], "3");
+    assert_eq!(fields[DEAD_LETTER_SUBJECT], "order");
+    assert!(
+        fields[DEAD_LETTER_REASON].contains("cannot bill this"),
+        "{fields:?}"
+    );
+    let attempts = attempts.lock().unwrap().clone();
+    let poison = &attempts["poison"];
+    assert_eq!(poison.len(), 3, "poison delivered 3 times");
+    // Retried after the backoff, not at once.
+    assert!(poison[1] - poison[0] >= Duration::from_millis(90));
+    assert!(poison[2] - poison[1] >= Duration::from_millis(190));
+    assert_eq!(attempts["flaky"].len(), 2, "flaky retried once, then done");
+    assert_eq!(attempts["fine"].len(), 1);
+    // Everything is acknowledged: nothing pending in the group.
+    let pending: redis::Value = redis::cmd("XPENDING")
+        .arg("order")
+        .arg("billing")
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    let summary: (u64, Option<String>, Option<String>, redis::Value) =
+        redis::FromRedisValue::from_redis_value(pending).unwrap();
+    assert_eq!(summary.0, 0, "entries left unacknowledged: {summary:?}");
+    server.shutdown().await;
+}
