@@ -3,6 +3,8 @@
 
 #[cfg(feature = "kafka")]
 pub mod kafka;
+#[cfg(feature = "mqtt")]
+pub mod mqtt;
 pub mod nats;
 pub mod nest_calls;
 pub mod nest_like;

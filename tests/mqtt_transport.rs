@@ -1,0 +1,63 @@
+//! The conformance suite over MQTT, each test against its own `mosquitto` (topics are global to
+//! a broker: tests sharing one would answer each other's requests).
+#![cfg(feature = "mqtt")]
+
+mod support;
+
+use palisade::conformance::{Harness, UnknownPatterns};
+use palisade::rpc::transport::ServerTransport;
+use palisade::rpc::transport::mqtt::{MqttOptions, MqttServer};
+use palisade::rpc::{Client, ClientBuilder, Server, ServerHandle};
+use std::time::Duration;
+use support::mqtt::Broker;
+
+/// The packet size limit both sides are configured with.
+const LIMIT: usize = 1024 * 1024;
+
+struct Mqtt {
+    broker: Broker,
+}
+
+impl Mqtt {
+    fn new() -> Self {
+        Mqtt {
+            broker: Broker::start(),
+        }
+    }
+
+    fn options(&self) -> MqttOptions {
+        MqttOptions::new(self.broker.url())
+            .max_packet_size(LIMIT)
+            .reconnect_backoff(Duration::from_millis(20), Duration::from_millis(200))
+    }
+}
+
+impl Harness for Mqtt {
+    async fn serve(&mut self, server: Server) -> ServerHandle {
+        MqttServer::new(self.options()).serve(server).await.unwrap()
+    }
+
+    async fn client(&self, builder: ClientBuilder) -> Client {
+        builder.connect(self.options()).await.unwrap()
+    }
+
+    fn unknown_patterns(&self) -> UnknownPatterns {
+        // MQTT cannot tell whether anyone subscribed.
+        UnknownPatterns::Silence
+    }
+
+    fn max_message_size(&self) -> Option<usize> {
+        Some(LIMIT)
+    }
+
+    async fn interrupt(&mut self) -> bool {
+        self.broker.stop();
+        true
+    }
+
+    async fn restore(&mut self) {
+        self.broker.restart();
+    }
+}
+
+palisade::conformance_tests!(Mqtt::new());
