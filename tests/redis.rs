@@ -455,3 +455,54 @@ async fn a_failing_durable_event_is_retried_with_backoff_and_a_poison_one_is_dea
     assert_eq!(summary.0, 0, "entries left unacknowledged: {summary:?}");
     server.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_restarted_under_its_name_takes_up_its_unacknowledged_events_at_once() {
+    let _serial = SERIAL.lock().await;
+    let broker = Broker::start();
+    let emitter = Client::builder()
+        .connect(RedisTransport::new(options(&broker)).durable_events())
+        .await
+        .unwrap();
+    let taken = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&taken);
+    let doomed = durable_server(
+        &broker,
+        DurableEvents::new("billing").consumer("billing-1"),
+        Router::new().event("order", move |Payload(_): Payload<u32>| {
+            counter.fetch_add(1, Ordering::SeqCst);
+            std::future::pending::<()>()
+        }),
+    )
+    .await;
+    for n in 0..40u32 {
+        emitter.emit("order", &n).await.unwrap();
+    }
+    eventually(
+        "the consumer takes an event",
+        Duration::from_secs(5),
+        || taken.load(Ordering::SeqCst) > 0,
+    )
+    .await;
+    doomed.shutdown().await;
+    let handled: Arc<Mutex<HashMap<u32, usize>>> = Arc::default();
+    let seen = Arc::clone(&handled);
+    // The default claim_idle is a minute: only its own pending list can give it the events
+    // in time.
+    let back = durable_server(
+        &broker,
+        DurableEvents::new("billing").consumer("billing-1"),
+        Router::new().event("order", move |Payload(n): Payload<u32>| {
+            let seen = Arc::clone(&seen);
+            async move {
+                *seen.lock().unwrap().entry(n).or_default() += 1;
+            }
+        }),
+    )
+    .await;
+    eventually("every event handled", Duration::from_secs(5), || {
+        handled.lock().unwrap().len() == 40
+    })
+    .await;
+    back.shutdown().await;
+}

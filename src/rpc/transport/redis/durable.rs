@@ -252,12 +252,16 @@ impl Reader {
         let mut draining = std::pin::pin!(self.dispatcher.draining());
         let mut attempt = 0u32;
         loop {
-            let result = tokio::select! {
-                result = self.session() => result,
-                _ = &mut draining => return,
-            };
+            // Not cancelled at shutdown: a handler that is running finishes (within the grace
+            // period) and its event is acknowledged; the session stops before the next entry.
+            let started = Instant::now();
+            let result = self.session().await;
             if self.dispatcher.is_draining() {
                 return;
+            }
+            if started.elapsed() > Duration::from_secs(10) {
+                // It worked for a while: this is a new failure, not the same one again.
+                attempt = 0;
             }
             if let Err(error) = result {
                 tracing::warn!(route = %self.route, %error, "durable events: Redis failed; reconnecting");
@@ -277,9 +281,15 @@ impl Reader {
         // order, so an acknowledgement would wait behind the block.
         let mut reader = self.options.commands_with_timeout(None).await?;
         create_group(&mut commands, &self.route, &self.durable.group).await?;
-        // First what this consumer was given and never acknowledged (a restart under its name).
-        let own = self.read(&mut reader, "0", None).await?;
-        self.handle_all(&mut commands, own).await?;
+        // First what this consumer was given and never acknowledged (a restart under its name),
+        // page by page.
+        let mut after = "0".to_owned();
+        loop {
+            let own = self.read(&mut reader, &after, None).await?;
+            let Some((last, _)) = own.last() else { break };
+            after = last.clone();
+            self.handle_all(&mut commands, own).await?;
+        }
         let mut next_claim = Instant::now();
         loop {
             if self.dispatcher.is_draining() {
@@ -340,7 +350,12 @@ impl Reader {
             let block = wake
                 .saturating_duration_since(Instant::now())
                 .clamp(Duration::from_millis(1), Duration::from_secs(1));
-            let fresh = self.read(&mut reader, ">", Some(block)).await?;
+            // Entries a read cancelled here may already have been given to this consumer: they
+            // stay pending, read again by a restart under this name or claimed by others.
+            let fresh = tokio::select! {
+                fresh = self.read(&mut reader, ">", Some(block)) => fresh?,
+                _ = self.dispatcher.draining() => return Ok(()),
+            };
             self.handle_all(&mut commands, fresh).await?;
         }
     }
