@@ -7,6 +7,10 @@
 //! cargo run --example demo -- --transport tcp   # the same over NestJS-compatible TCP on loopback
 //! cargo run --example demo --features rabbitmq -- --transport rabbitmq
 //!                                            # over RabbitMQ (AMQP_URL, default amqp://127.0.0.1:5672)
+//! cargo run --example demo --features redis -- --transport redis
+//!                                            # over Redis pub/sub (REDIS_URL, default redis://127.0.0.1:6379)
+//! cargo run --example demo --features mqtt -- --transport mqtt
+//!                                            # over MQTT (MQTT_URL, default mqtt://127.0.0.1:1883)
 //! ```
 
 use palisade::builder::ServiceBuilderExt;
@@ -122,6 +126,10 @@ fn router(counters: &Arc<Counters>) -> Router {
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let tcp = std::env::args().any(|a| a == "tcp" || a == "--transport=tcp");
     let rabbitmq = std::env::args().any(|a| a == "rabbitmq" || a == "--transport=rabbitmq");
+    let redis = std::env::args().any(|a| a == "redis" || a == "--transport=redis");
+    let mqtt = std::env::args().any(|a| a == "mqtt" || a == "--transport=mqtt");
+    // Redis and MQTT servers subscribe per pattern: the router's, behind the fault layer.
+    let routes = router(&Arc::new(Counters::default())).routes();
     let counters = Arc::new(Counters::default());
 
     // The server: the router behind fault injection, which the script turns up and down.
@@ -132,7 +140,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             .fault(fault)
             .service(router(&counters)),
     )
-    .grace_period(Duration::from_secs(2));
+    .grace_period(Duration::from_secs(2))
+    .with_routes(routes);
 
     // The client: 600 ms per request in all, up to 3 attempts of at most 150 ms each, retries
     // limited to 20% of traffic, and a breaker that opens after 30 failures within 1 s.
@@ -160,6 +169,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .attempt_timeout(Duration::from_millis(150));
     let (client, server): (Client, ServerHandle) = if rabbitmq {
         rabbitmq_pair(server, builder).await?
+    } else if redis {
+        redis_pair(server, builder).await?
+    } else if mqtt {
+        mqtt_pair(server, builder).await?
     } else if tcp {
         let listener = TcpServer::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr();
@@ -180,6 +193,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         "palisade demo over the {} transport: 8 clients, ~160 requests/s, for {SECONDS} s\n",
         if rabbitmq {
             "RabbitMQ (NestJS wire)"
+        } else if redis {
+            "Redis (NestJS wire)"
+        } else if mqtt {
+            "MQTT (NestJS wire)"
         } else if tcp {
             "TCP (NestJS wire)"
         } else {
@@ -354,4 +371,46 @@ async fn rabbitmq_pair(
     _: palisade::rpc::ClientBuilder,
 ) -> Result<(Client, ServerHandle), Box<dyn std::error::Error>> {
     Err("build the demo with `--features rabbitmq` for --transport rabbitmq".into())
+}
+
+/// The server and client over Redis pub/sub.
+#[cfg(feature = "redis")]
+async fn redis_pair(
+    server: Server,
+    builder: palisade::rpc::ClientBuilder,
+) -> Result<(Client, ServerHandle), Box<dyn std::error::Error>> {
+    use palisade::rpc::transport::redis::{RedisOptions, RedisServer};
+    let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned());
+    let options = RedisOptions::new(url);
+    let server = server.serve(RedisServer::new(options.clone())).await?;
+    Ok((builder.connect(options).await?, server))
+}
+
+#[cfg(not(feature = "redis"))]
+async fn redis_pair(
+    _: Server,
+    _: palisade::rpc::ClientBuilder,
+) -> Result<(Client, ServerHandle), Box<dyn std::error::Error>> {
+    Err("build the demo with `--features redis` for --transport redis".into())
+}
+
+/// The server and client over MQTT.
+#[cfg(feature = "mqtt")]
+async fn mqtt_pair(
+    server: Server,
+    builder: palisade::rpc::ClientBuilder,
+) -> Result<(Client, ServerHandle), Box<dyn std::error::Error>> {
+    use palisade::rpc::transport::mqtt::{MqttOptions, MqttServer};
+    let url = std::env::var("MQTT_URL").unwrap_or_else(|_| "mqtt://127.0.0.1:1883".to_owned());
+    let options = MqttOptions::new(url);
+    let server = server.serve(MqttServer::new(options.clone())).await?;
+    Ok((builder.connect(options).await?, server))
+}
+
+#[cfg(not(feature = "mqtt"))]
+async fn mqtt_pair(
+    _: Server,
+    _: palisade::rpc::ClientBuilder,
+) -> Result<(Client, ServerHandle), Box<dyn std::error::Error>> {
+    Err("build the demo with `--features mqtt` for --transport mqtt".into())
 }

@@ -44,7 +44,7 @@ impl Broker {
         std::fs::write(
             &config,
             format!(
-                "listener {port} 127.0.0.1\nallow_anonymous true\nmax_queued_messages 10000\nmax_inflight_messages 100\n"
+                "listener {port} 127.0.0.1\nallow_anonymous true\nmax_queued_messages 10000\nmax_inflight_messages 100\nset_tcp_nodelay true\n"
             ),
         )
         .expect("write the mosquitto configuration");

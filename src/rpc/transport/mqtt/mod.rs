@@ -49,6 +49,12 @@
 //!   field, which NestJS ignores.
 //! - [Durable events](DurableEvents) (opt-in): a persistent session with QoS 1, acknowledged after
 //!   the handlers succeeded, retries with backoff, a dead-letter topic.
+//!
+//! # Latency
+//!
+//! palisade's connections turn Nagle's algorithm off. Mosquitto leaves it on unless configured
+//! with `set_tcp_nodelay true`; without it a small message that follows one needing no reply (an
+//! event, then a request) can wait up to 40 ms in the broker for a delayed acknowledgement.
 
 mod client;
 mod durable;
@@ -220,6 +226,9 @@ impl MqttOptions {
         let (client, mut events) = AsyncClient::new(options, 1024);
         let mut network = rumqttc::NetworkOptions::new();
         network.set_connection_timeout(self.connection_timeout.as_secs().max(1));
+        // Small request and reply packets must not wait for Nagle's algorithm (with delayed
+        // acknowledgements that adds up to 40 ms per round trip).
+        network.set_tcp_nodelay(true);
         events.set_network_options(network);
         Ok((client, events))
     }
