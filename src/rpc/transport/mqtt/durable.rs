@@ -4,8 +4,10 @@
 use super::MqttOptions;
 use super::server::incoming;
 use crate::rpc::transport::{DEAD_LETTER_DELIVERIES, DEAD_LETTER_REASON, DEAD_LETTER_SUBJECT};
-use crate::rpc::{Dispatcher, Headers, RpcError};
-use rumqttc::{AsyncClient, Event, EventLoop, Packet, Publish, QoS, SubscribeFilter};
+use crate::rpc::{Dispatcher, Headers, RpcError, TransportErrorKind};
+use rumqttc::{
+    AsyncClient, Event, EventLoop, Packet, Publish, QoS, SubscribeFilter, SubscribeReasonCode,
+};
 use serde_json::value::RawValue;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -140,6 +142,43 @@ pub(super) async fn start(
             dispatcher.clone(),
         ));
     }
+    // Subscribed before `serve` returns: events published from then on reach the session.
+    subscribe(&client, &filters);
+    let acknowledged = async {
+        loop {
+            match events.poll().await {
+                // The session's stored events may come before the acknowledgement.
+                Ok(Event::Incoming(Packet::Publish(publish))) => forward(&lanes, &client, publish),
+                Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                    return if ack
+                        .return_codes
+                        .iter()
+                        .any(|code| matches!(code, SubscribeReasonCode::Failure))
+                    {
+                        Err(RpcError::transport(
+                            TransportErrorKind::Authorization,
+                            format!(
+                                "the MQTT broker refused the durable subscriptions {filters:?}"
+                            ),
+                        ))
+                    } else {
+                        Ok(())
+                    };
+                }
+                Ok(_) => {}
+                Err(error) => return Err(options.connect_error(&error)),
+            }
+        }
+    };
+    match tokio::time::timeout(options.response_timeout, acknowledged).await {
+        Ok(result) => result?,
+        Err(_) => {
+            return Err(RpcError::transport(
+                TransportErrorKind::ConnectionLost,
+                "the MQTT broker did not acknowledge the durable subscriptions in time",
+            ));
+        }
+    }
     dispatcher.spawn(run(
         events,
         client,
@@ -151,6 +190,35 @@ pub(super) async fn start(
     Ok(())
 }
 
+fn subscribe(client: &AsyncClient, filters: &[String]) {
+    let filters = filters
+        .iter()
+        .map(|f| SubscribeFilter::new(f.clone(), QoS::AtLeastOnce));
+    // Not awaited: the caller is the task that sends queued requests.
+    if let Err(error) = client.try_subscribe_many(filters) {
+        tracing::warn!(%error, "could not subscribe the durable events");
+    }
+}
+
+/// Hands an event to its topic's lane.
+fn forward(
+    lanes: &HashMap<String, mpsc::UnboundedSender<Publish>>,
+    client: &AsyncClient,
+    publish: Publish,
+) {
+    match lanes.get(&publish.topic) {
+        Some(lane) => {
+            let _ = lane.send(publish);
+        }
+        None => {
+            // Not ours (a subscription of an earlier version of the service): acknowledged, or
+            // the broker would deliver it again at every connection.
+            tracing::warn!(topic = %publish.topic, "durable event on an unknown topic acknowledged");
+            let _ = client.try_ack(&publish);
+        }
+    }
+}
+
 async fn run(
     mut events: EventLoop,
     client: AsyncClient,
@@ -159,17 +227,6 @@ async fn run(
     options: MqttOptions,
     dispatcher: Dispatcher,
 ) {
-    let subscribe = || {
-        let filters = filters
-            .iter()
-            .map(|f| SubscribeFilter::new(f.clone(), QoS::AtLeastOnce));
-        if let Err(error) = client.try_subscribe_many(filters) {
-            tracing::warn!(%error, "could not subscribe the durable events");
-        }
-    };
-    // Subscribed at every connection: a session the broker lost (restarted without persistence)
-    // has no subscriptions.
-    subscribe();
     let mut draining = std::pin::pin!(dispatcher.draining());
     let mut attempt = 0u32;
     loop {
@@ -179,20 +236,12 @@ async fn run(
             _ = &mut draining => break,
         };
         match event {
-            Ok(Event::Incoming(Packet::Publish(publish))) => match lanes.get(&publish.topic) {
-                Some(lane) => {
-                    let _ = lane.send(publish);
-                }
-                None => {
-                    // Not ours (a subscription of an earlier version of the service): acknowledged,
-                    // or the broker would redeliver it forever.
-                    tracing::warn!(topic = %publish.topic, "durable event on an unknown topic acknowledged");
-                    let _ = client.try_ack(&publish);
-                }
-            },
+            Ok(Event::Incoming(Packet::Publish(publish))) => forward(&lanes, &client, publish),
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
                 attempt = 0;
-                subscribe();
+                // Subscribed again at every connection: a session the broker lost (restarted
+                // without persistence) has no subscriptions.
+                subscribe(&client, &filters);
             }
             Ok(_) => {}
             Err(error) => {
