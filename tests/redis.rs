@@ -506,3 +506,55 @@ async fn a_consumer_restarted_under_its_name_takes_up_its_unacknowledged_events_
     .await;
     back.shutdown().await;
 }
+
+/// The publishing connections break while the subscriber connections stay up (Redis kills the
+/// "normal" clients): both sides open new ones by themselves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishing_connections_killed_alone_are_reopened() {
+    let _serial = SERIAL.lock().await;
+    let broker = Broker::start();
+    let server = RedisServer::new(options(&broker))
+        .serve(Server::new(
+            Router::new().message("echo", |Payload(v): Payload<u64>| async move { v }),
+        ))
+        .await
+        .unwrap();
+    let client = Client::builder()
+        .timeout(Duration::from_secs(2))
+        .connect(options(&broker))
+        .await
+        .unwrap();
+    assert_eq!(client.send::<u64>("echo", &1).await.unwrap(), 1);
+    let redis = redis::Client::open(broker.url()).unwrap();
+    let mut admin = redis.get_multiplexed_async_connection().await.unwrap();
+    let killed: u64 = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("TYPE")
+        .arg("normal")
+        .arg("SKIPME")
+        .arg("yes")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    assert!(killed >= 2, "{killed}");
+    // The client's publisher fails once (Unavailable), is reopened, then the server's reply
+    // publisher (its caller times out once at most), then everything answers again.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut answered = 0;
+    while answered < 3 {
+        match client.send::<u64>("echo", &3).await {
+            Ok(answer) => {
+                assert_eq!(answer, 3);
+                answered += 1;
+            }
+            Err(error) => {
+                assert!(
+                    matches!(error.code(), Code::Unavailable | Code::DeadlineExceeded),
+                    "{error}"
+                );
+                assert!(Instant::now() < deadline, "never answered again: {error}");
+            }
+        }
+    }
+    server.shutdown().await;
+}

@@ -1,4 +1,5 @@
-use super::{RedisOptions, command_error, reply_channel};
+use super::publisher::Publisher;
+use super::{RedisOptions, reply_channel};
 use crate::rpc::json::encoded;
 use crate::rpc::transport::{ClientTransport, Connect, ReplyReceiver};
 use crate::rpc::wire::{PendingRequests, decode_reply, encode_request};
@@ -6,7 +7,7 @@ use crate::rpc::{RpcError, RpcRequest, TransportErrorKind};
 use bytes::Bytes;
 use futures_util::StreamExt;
 use futures_util::future::BoxFuture;
-use redis::aio::{MultiplexedConnection, PubSubSink, PubSubStream};
+use redis::aio::{PubSubSink, PubSubStream};
 use std::collections::HashSet;
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -87,8 +88,8 @@ struct Shared {
     /// Subscribing a new reply channel holds this lock, and so does restoring the subscriptions
     /// on a new connection, so that none is missed.
     link: tokio::sync::Mutex<Option<PubSubSink>>,
-    /// The publisher of the current link, read without waiting for the lock above.
-    publisher: Mutex<Option<MultiplexedConnection>>,
+    /// The publishing connection of the current link.
+    publisher: Arc<Publisher>,
     durable_events: bool,
 }
 
@@ -116,12 +117,12 @@ pub struct RedisConnection {
 impl RedisConnection {
     async fn connect(options: RedisOptions, durable_events: bool) -> Result<Self, RpcError> {
         let shared = Arc::new(Shared {
-            options,
+            options: options.clone(),
             pending: PendingRequests::new(),
             connected: AtomicBool::new(false),
             channels: Mutex::new(HashSet::new()),
             link: tokio::sync::Mutex::new(None),
-            publisher: Mutex::new(None),
+            publisher: Publisher::new(options.clone()),
             durable_events,
         });
         let replies = shared.establish().await?;
@@ -160,7 +161,7 @@ impl Shared {
             .collect();
         let names: Vec<&str> = channels.iter().map(|c| &**c).collect();
         self.options.subscribe(&mut subscriber, &names).await?;
-        *self.publisher.lock().unwrap_or_else(|p| p.into_inner()) = Some(publisher);
+        self.publisher.set(Some(publisher));
         *link = Some(subscriber);
         self.connected.store(true, Ordering::SeqCst);
         Ok(stream)
@@ -169,7 +170,7 @@ impl Shared {
     /// Forgets the lost link and fails every request in flight.
     async fn lose(&self, why: &str) {
         self.connected.store(false, Ordering::SeqCst);
-        *self.publisher.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        self.publisher.set(None);
         *self.link.lock().await = None;
         self.pending.fail_all(&RpcError::transport(
             TransportErrorKind::ConnectionLost,
@@ -189,22 +190,6 @@ impl Shared {
                 ),
             ))
         }
-    }
-
-    fn publisher(&self) -> Result<MultiplexedConnection, RpcError> {
-        self.publisher
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-            .ok_or_else(|| {
-                RpcError::transport(
-                    TransportErrorKind::NotConnected,
-                    format!(
-                        "not connected to Redis at {} (reconnecting)",
-                        self.options.url_text()
-                    ),
-                )
-            })
     }
 
     /// Subscribes `channel` once; later requests find it subscribed.
@@ -327,20 +312,6 @@ pub(super) fn body(request: &RpcRequest, id: Option<&str>) -> Bytes {
     })
 }
 
-/// `PUBLISH channel body`; how many subscribers received it.
-pub(super) async fn publish(
-    publisher: &mut MultiplexedConnection,
-    channel: &str,
-    body: &[u8],
-) -> Result<u64, RpcError> {
-    redis::cmd("PUBLISH")
-        .arg(channel)
-        .arg(body)
-        .query_async(publisher)
-        .await
-        .map_err(|error| command_error(&error, &format!("cannot publish to {channel:?}")))
-}
-
 impl ClientTransport for RedisConnection {
     fn request(&self, request: RpcRequest) -> BoxFuture<'static, Result<ReplyReceiver, RpcError>> {
         let shared = Arc::clone(&self.owner.shared);
@@ -353,8 +324,7 @@ impl ClientTransport for RedisConnection {
             // Checked after registering: a loss from now on fails this request (see `connected`).
             shared.check_connected()?;
             let payload = body(&request, Some(registered.id().as_str()));
-            let mut publisher = shared.publisher()?;
-            let receivers = publish(&mut publisher, route, &payload).await?;
+            let receivers = shared.publisher.publish(route, &payload).await?;
             if receivers == 0 {
                 // NestJS's caller would wait for its timeout; Redis already told us.
                 return Err(RpcError::transport(
@@ -375,11 +345,13 @@ impl ClientTransport for RedisConnection {
             shared.check_connected()?;
             let route = event.pattern().route();
             let payload = body(&event, None);
-            let mut publisher = shared.publisher()?;
             if shared.durable_events {
-                return super::durable::add(&mut publisher, route, &payload).await;
+                return shared
+                    .publisher
+                    .add(route, super::BODY_FIELD, &payload)
+                    .await;
             }
-            let receivers = publish(&mut publisher, route, &payload).await?;
+            let receivers = shared.publisher.publish(route, &payload).await?;
             if receivers == 0 {
                 // As NestJS: an event nobody listens to is dropped.
                 tracing::debug!(%route, "event published to no subscriber");

@@ -134,23 +134,6 @@ impl DurableEvents {
     }
 }
 
-/// `XADD <route> * body <payload>`: resolves once Redis stored the event.
-pub(super) async fn add(
-    commands: &mut MultiplexedConnection,
-    route: &str,
-    payload: &[u8],
-) -> Result<(), RpcError> {
-    redis::cmd("XADD")
-        .arg(route)
-        .arg("*")
-        .arg(BODY_FIELD)
-        .arg(payload)
-        .query_async::<Value>(commands)
-        .await
-        .map(drop)
-        .map_err(|error| command_error(&error, &format!("cannot add the event to {route:?}")))
-}
-
 /// Creates the groups and starts one reading task per event route.
 pub(super) async fn start(
     options: &RedisOptions,

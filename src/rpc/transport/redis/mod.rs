@@ -52,6 +52,7 @@
 mod client;
 mod durable;
 mod lease;
+mod publisher;
 mod server;
 
 pub use self::client::{RedisConnection, RedisTransport};

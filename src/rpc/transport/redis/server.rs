@@ -1,19 +1,18 @@
-use super::client::publish;
+use super::publisher::Publisher;
 use super::{DurableEvents, RedisOptions, reply_channel};
 use crate::rpc::json::encoded;
 use crate::rpc::transport::{ReplyPacket, ServerTransport};
 use crate::rpc::wire::{IncomingPacket, decode_incoming, encode_reply};
 use crate::rpc::{
     Dispatcher, Headers, RawJson, ReplySink, RpcError, SendError, Server, ServerHandle,
-    TransportErrorKind,
 };
 use bytes::Bytes;
 use futures_util::StreamExt;
-use redis::aio::{MultiplexedConnection, PubSubStream};
+use redis::aio::PubSubStream;
 use std::collections::{BTreeSet, HashMap};
 use std::fmt;
 use std::future::Future;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// A NestJS-compatible Redis server: one subscription per pattern, on its route string; replies
@@ -86,7 +85,7 @@ impl RedisServer {
             .chain(events.iter().filter(|_| self.durable.is_none()).cloned())
             .collect();
         let channels: Vec<Arc<str>> = channels.into_iter().collect();
-        let publisher = Arc::new(Mutex::new(None));
+        let publisher = Publisher::new(self.options.clone());
         // Connect and subscribe once here, so that `serve` fails when Redis cannot be reached.
         let first = match &self.single_responder {
             None => Some(connect(&self.options, &channels, &publisher).await?),
@@ -136,8 +135,6 @@ impl fmt::Debug for RedisServer {
     }
 }
 
-type Publisher = Arc<Mutex<Option<MultiplexedConnection>>>;
-
 /// Opens a subscriber on `channels` and a publisher (stored in `publisher`).
 async fn connect(
     options: &RedisOptions,
@@ -148,7 +145,7 @@ async fn connect(
     let names: Vec<&str> = channels.iter().map(|c| &**c).collect();
     options.subscribe(&mut sink, &names).await?;
     let commands = options.commands().await?;
-    *publisher.lock().unwrap_or_else(|p| p.into_inner()) = Some(commands);
+    publisher.set(Some(commands));
     // Redis ends the subscriptions with the connection: the sink is not needed any more.
     drop(sink);
     tracing::debug!(channels = names.len(), "subscribed on Redis");
@@ -159,7 +156,7 @@ async fn connect(
 pub(super) struct Serving {
     pub(super) options: RedisOptions,
     channels: Vec<Arc<str>>,
-    publisher: Publisher,
+    publisher: Arc<Publisher>,
     pub(super) dispatcher: Dispatcher,
 }
 
@@ -229,7 +226,7 @@ impl Serving {
             let Some(message) = message else {
                 tracing::warn!(url = %self.options.url_text(), "server lost the connection to Redis; reconnecting");
                 stream = None;
-                *self.publisher.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                self.publisher.set(None);
                 attempt = 1;
                 continue;
             };
@@ -270,7 +267,7 @@ pub(super) fn incoming(payload: Bytes) -> Option<(Bytes, IncomingPacket)> {
 }
 
 struct RedisSink {
-    publisher: Publisher,
+    publisher: Arc<Publisher>,
     channel: String,
     id: RawJson,
     done: bool,
@@ -283,18 +280,7 @@ impl ReplySink for RedisSink {
         }
         self.done = packet.is_last();
         let body = encoded(|body| encode_reply(body, &packet, Some(&self.id)));
-        let publisher = self
-            .publisher
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
-        let Some(mut publisher) = publisher else {
-            return Err(SendError::Failed(RpcError::transport(
-                TransportErrorKind::NotConnected,
-                "cannot publish the reply: not connected to Redis",
-            )));
-        };
-        match publish(&mut publisher, &self.channel, &body).await {
+        match self.publisher.publish(&self.channel, &body).await {
             // Nobody listens on the reply channel any more: the caller is gone.
             Ok(0) => Err(SendError::CallerGone),
             Ok(_) => Ok(()),
