@@ -131,16 +131,17 @@ pub(super) async fn start(
         .collect();
     let durable = Arc::new(durable);
     let mut lanes = HashMap::new();
+    let mut handling = Vec::new();
     for topic in &topics {
         let (tx, rx) = mpsc::unbounded_channel();
         lanes.insert(topic.to_string(), tx);
-        dispatcher.spawn(handle_topic(
+        handling.push(dispatcher.spawn(handle_topic(
             rx,
             Arc::clone(topic),
             client.clone(),
             Arc::clone(&durable),
             dispatcher.clone(),
-        ));
+        )));
     }
     // Subscribed before `serve` returns: events published from then on reach the session.
     subscribe(&client, &filters);
@@ -184,6 +185,7 @@ pub(super) async fn start(
         client,
         filters,
         lanes,
+        handling,
         options,
         dispatcher.clone(),
     ));
@@ -224,6 +226,7 @@ async fn run(
     client: AsyncClient,
     filters: Vec<String>,
     lanes: HashMap<String, mpsc::UnboundedSender<Publish>>,
+    handling: Vec<tokio::task::JoinHandle<()>>,
     options: MqttOptions,
     dispatcher: Dispatcher,
 ) {
@@ -259,14 +262,17 @@ async fn run(
     // Events not acknowledged stay with the session: the broker delivers them again when it
     // reconnects. Acknowledgements queued by handlers that finished go out first.
     drop(lanes);
-    let closing = async {
-        while dispatcher.in_flight() > 0 {
-            tokio::select! {
-                event = events.poll() => if event.is_err() { return },
-                _ = tokio::time::sleep(Duration::from_millis(5)) => {}
-            }
+    // The lanes end once their running handler did (the grace period bounds this) and its
+    // acknowledgement is queued; the loop keeps turning meanwhile to send the acknowledgements.
+    let mut handled = std::pin::pin!(futures_util::future::join_all(handling));
+    loop {
+        tokio::select! {
+            _ = &mut handled => break,
+            event = events.poll() => if event.is_err() { return },
         }
-        let _ = client.try_disconnect();
+    }
+    let _ = client.try_disconnect();
+    let disconnecting = async {
         loop {
             match events.poll().await {
                 Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) | Err(_) => return,
@@ -274,7 +280,7 @@ async fn run(
             }
         }
     };
-    let _ = tokio::time::timeout(Duration::from_secs(5), closing).await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), disconnecting).await;
 }
 
 async fn handle_topic(

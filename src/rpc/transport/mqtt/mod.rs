@@ -38,8 +38,8 @@
 //!   unsubscribes around requests with a reference count that loses replies in bursts
 //!   (nestjs-wire-brokers.md §3.5).
 //! - **Unknown patterns**: MQTT cannot tell whether anyone subscribed, so a request nobody serves
-//!   ends with the caller's deadline, as in NestJS; the error then says that no server may be
-//!   subscribed to the pattern.
+//!   ends with the caller's deadline (`DeadlineExceeded`), as in NestJS: always give MQTT clients
+//!   a [timeout](crate::rpc::ClientBuilder::timeout).
 //! - **Broker loss** fails every request in flight at once with `Unavailable`; clients and servers
 //!   reconnect with backoff and restore their subscriptions.
 //! - **Size limits** are checked before publishing: a message over

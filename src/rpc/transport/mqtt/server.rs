@@ -101,16 +101,16 @@ impl MqttServer {
         }
         // The event loop never waits on a handler: it hands messages to the dispatching task
         // (publishing replies goes through the event loop, which must keep turning).
-        dispatcher.spawn(reader.run(events_loop, dispatcher.clone()));
         let routes: HashMap<Arc<str>, Arc<str>> =
             topics.into_iter().map(|t| (Arc::clone(&t), t)).collect();
-        dispatcher.spawn(dispatch(
+        let dispatching = dispatcher.spawn(dispatch(
             messages,
             routes,
             client,
             self.options.clone(),
             dispatcher.clone(),
         ));
+        dispatcher.spawn(reader.run(events_loop, dispatcher.clone(), dispatching));
         match ready.await {
             Ok(Ok(())) => Ok(ServerHandle::new(dispatcher)),
             Ok(Err(error)) => {
@@ -168,7 +168,12 @@ impl Reader {
         }
     }
 
-    async fn run(mut self, mut events: EventLoop, dispatcher: Dispatcher) {
+    async fn run(
+        mut self,
+        mut events: EventLoop,
+        dispatcher: Dispatcher,
+        mut dispatching: tokio::task::JoinHandle<()>,
+    ) {
         let mut draining = std::pin::pin!(dispatcher.draining());
         self.subscribe();
         if self.filters.is_empty()
@@ -240,16 +245,19 @@ impl Reader {
             tracing::debug!(%error, "could not unsubscribe");
         }
         drop(self.messages);
-        let closing = async {
-            // Keep the loop turning (it sends the replies) until the last request is answered.
-            while dispatcher.in_flight() > 0 {
-                tokio::select! {
-                    event = events.poll() => if event.is_err() { return },
-                    _ = tokio::time::sleep(std::time::Duration::from_millis(5)) => {}
-                }
+        // Keep the loop turning (it sends the replies) until the messages already received are
+        // dispatched and the last request is answered (the grace period bounds this).
+        let mut dispatched = false;
+        while !dispatched || dispatcher.in_flight() > 0 {
+            tokio::select! {
+                event = events.poll() => if event.is_err() { return },
+                _ = &mut dispatching, if !dispatched => dispatched = true,
+                _ = tokio::time::sleep(std::time::Duration::from_millis(5)), if dispatched => {}
             }
-            // The disconnect is queued behind the last replies: once it is out, so are they.
-            let _ = self.client.try_disconnect();
+        }
+        // The disconnect is queued behind the last replies: once it is out, so are they.
+        let _ = self.client.try_disconnect();
+        let disconnecting = async {
             loop {
                 match events.poll().await {
                     Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) | Err(_) => return,
@@ -257,7 +265,7 @@ impl Reader {
                 }
             }
         };
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), closing).await;
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), disconnecting).await;
     }
 }
 
