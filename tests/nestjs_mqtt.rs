@@ -27,7 +27,7 @@ async fn a_palisade_client_calls_a_nestjs_service_over_mqtt() {
 
     support::nest_calls::exercise_the_sample_service(&client).await;
 
-    // Silence, as with NestJS's own client: the deadline passes.
+    // Silence, as with NestJS's own client: the deadline passes...
     let impatient = Client::builder()
         .timeout(Duration::from_millis(500))
         .connect(MqttOptions::new(broker.url()))
@@ -38,6 +38,13 @@ async fn a_palisade_client_calls_a_nestjs_service_over_mqtt() {
         .await
         .unwrap_err();
     assert_eq!(unknown.code(), Code::DeadlineExceeded, "{unknown}");
+    // ...and the error says what probably happened.
+    assert!(
+        unknown
+            .message()
+            .contains(r#"MQTT cannot tell whether a server subscribed to "no-such-pattern""#),
+        "{unknown}"
+    );
 
     // palisade's headers travel in the envelope, which NestJS ignores: the handler still answers.
     let headers: Value = client.send("headers", &json!({})).await.unwrap();

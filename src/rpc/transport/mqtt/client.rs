@@ -3,16 +3,20 @@ use crate::rpc::json::encoded;
 use crate::rpc::transport::{ClientTransport, Connect, ReplyReceiver};
 use crate::rpc::wire::{PendingRequests, decode_reply, encode_request};
 use crate::rpc::{RpcError, RpcRequest, TransportErrorKind};
+use crate::timeout::HasDeadline;
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use rumqttc::{
     AsyncClient, Event, EventLoop, Packet, QoS, SubAck, SubscribeFilter, SubscribeReasonCode,
 };
-use std::collections::HashSet;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashSet};
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use tokio::sync::mpsc;
+use std::time::Duration;
+use tokio::sync::{Notify, mpsc};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 /// The client side of the MQTT transport, before it is connected.
@@ -91,6 +95,9 @@ struct Shared {
     /// subscription at a time, so the next acknowledgement is the holder's.
     acks: tokio::sync::Mutex<mpsc::UnboundedReceiver<SubAck>>,
     durable_events: bool,
+    /// Requests with a deadline, earliest first: see [`watch_silence`].
+    silences: Mutex<BinaryHeap<Reverse<(Instant, u64)>>>,
+    earlier: Notify,
 }
 
 /// Stops the event loop when the last clone of the connection is dropped.
@@ -126,9 +133,12 @@ impl MqttConnection {
             topics: Mutex::new(HashSet::new()),
             acks: tokio::sync::Mutex::new(acks),
             durable_events,
+            silences: Mutex::new(BinaryHeap::new()),
+            earlier: Notify::new(),
         });
         let stop = CancellationToken::new();
         tokio::spawn(run(Arc::clone(&shared), events, acks_tx, stop.clone()));
+        tokio::spawn(watch_silence(Arc::clone(&shared), stop.clone()));
         Ok(MqttConnection {
             owner: Arc::new(Owner { shared, stop }),
         })
@@ -329,6 +339,55 @@ async fn run(
     ));
 }
 
+/// How long before its deadline a request nobody answered is failed with an error that says why
+/// (the caller's own timer, at the deadline, would only say that time ran out).
+const SILENCE_MARGIN: Duration = Duration::from_millis(10);
+
+/// Fails requests that met silence just before their deadline, saying what probably happened:
+/// MQTT cannot tell whether anyone subscribed to a topic.
+async fn watch_silence(shared: Arc<Shared>, stop: CancellationToken) {
+    loop {
+        let next = shared
+            .silences
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .peek()
+            .map(|Reverse((at, _))| *at);
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = shared.earlier.notified() => continue,
+            _ = async {
+                match next {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            } => {}
+        }
+        let now = Instant::now();
+        loop {
+            let due = {
+                let mut silences = shared.silences.lock().unwrap_or_else(|p| p.into_inner());
+                match silences.peek() {
+                    Some(Reverse((at, _))) if *at <= now => silences.pop().map(|Reverse((_, n))| n),
+                    _ => None,
+                }
+            };
+            let Some(n) = due else { break };
+            // Answered already, or its caller gave up: nothing to say.
+            let Some(route) = shared.pending.route_of(n) else {
+                continue;
+            };
+            shared.pending.fail(
+                n,
+                &RpcError::deadline_exceeded(format!(
+                    "no reply to {route:?} before the deadline: MQTT cannot tell whether a server \
+                     subscribed to {route:?}; none may be running, or the pattern may be wrong"
+                )),
+            );
+        }
+    }
+}
+
 /// Routes one reply to the request waiting for it. Every client calling a pattern receives every
 /// reply on its reply topic: ids this client did not make are someone else's and ignored.
 fn deliver(pending: &PendingRequests, publish: &rumqttc::Publish) {
@@ -372,6 +431,20 @@ impl ClientTransport for MqttConnection {
             shared.check_connected()?;
             let payload = body(&request, Some(registered.id().as_str()));
             shared.publish(topic, QoS::AtMostOnce, payload).await?;
+            if let Some(deadline) = request.deadline() {
+                let at = deadline
+                    .instant()
+                    .checked_sub(SILENCE_MARGIN)
+                    .unwrap_or_else(|| deadline.instant());
+                let earliest = {
+                    let mut silences = shared.silences.lock().unwrap_or_else(|p| p.into_inner());
+                    silences.push(Reverse((at, registered.number())));
+                    silences.peek() == Some(&Reverse((at, registered.number())))
+                };
+                if earliest {
+                    shared.earlier.notify_one();
+                }
+            }
             Ok(registered.into_replies())
         })
     }

@@ -38,8 +38,10 @@
 //!   unsubscribes around requests with a reference count that loses replies in bursts
 //!   (nestjs-wire-brokers.md §3.5).
 //! - **Unknown patterns**: MQTT cannot tell whether anyone subscribed, so a request nobody serves
-//!   ends with the caller's deadline (`DeadlineExceeded`), as in NestJS: always give MQTT clients
-//!   a [timeout](crate::rpc::ClientBuilder::timeout).
+//!   ends with the caller's deadline, as in NestJS — always give MQTT clients a
+//!   [timeout](crate::rpc::ClientBuilder::timeout). Just before the deadline the transport fails
+//!   it with `DeadlineExceeded` and a message that says what probably happened (no server
+//!   subscribed to the pattern, or a wrong pattern) rather than only that time ran out.
 //! - **Broker loss** fails every request in flight at once with `Unavailable`; clients and servers
 //!   reconnect with backoff and restore their subscriptions.
 //! - **Size limits** are checked before publishing: a message over
