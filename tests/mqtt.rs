@@ -6,7 +6,9 @@
 mod support;
 
 use futures_util::StreamExt;
-use palisade::rpc::transport::mqtt::{DurableEvents, MqttOptions, MqttServer, MqttTransport};
+use palisade::rpc::transport::mqtt::{
+    DurableEvents, MqttOptions, MqttServer, MqttTransport, MqttVersion,
+};
 use palisade::rpc::transport::{
     DEAD_LETTER_DELIVERIES, DEAD_LETTER_REASON, DEAD_LETTER_SUBJECT, ServerTransport,
 };
@@ -241,8 +243,18 @@ async fn by_default_every_instance_gets_every_event() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shared_group_answers_each_request_once_and_spreads_the_load() {
+    shared_group_answers_each_request_once(MqttVersion::V311).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shared_group_answers_each_request_once_and_spreads_the_load_over_mqtt5() {
+    shared_group_answers_each_request_once(MqttVersion::V5).await;
+}
+
+async fn shared_group_answers_each_request_once(version: MqttVersion) {
     let _serial = SERIAL.lock().await;
     let broker = Broker::start();
+    let options = |broker: &Broker| options(broker).version(version);
     let events = Arc::new(Mutex::new(Vec::new()));
     let a = MqttServer::new(options(&broker))
         .shared_group("users")
@@ -293,8 +305,13 @@ async fn a_shared_group_answers_each_request_once_and_spreads_the_load() {
     b.shutdown().await;
 }
 
-async fn durable_server(broker: &Broker, durable: DurableEvents, router: Router) -> ServerHandle {
-    MqttServer::new(options(broker))
+async fn durable_server(
+    broker: &Broker,
+    version: MqttVersion,
+    durable: DurableEvents,
+    router: Router,
+) -> ServerHandle {
+    MqttServer::new(options(broker).version(version))
         .durable_events(durable)
         .serve(Server::new(router).grace_period(Duration::from_millis(50)))
         .await
@@ -303,10 +320,19 @@ async fn durable_server(broker: &Broker, durable: DurableEvents, router: Router)
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn durable_events_survive_a_consumer_killed_mid_handling_and_its_absence() {
+    durable_events_survive(MqttVersion::V311).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn durable_events_survive_a_consumer_killed_mid_handling_and_its_absence_over_mqtt5() {
+    durable_events_survive(MqttVersion::V5).await;
+}
+
+async fn durable_events_survive(version: MqttVersion) {
     let _serial = SERIAL.lock().await;
     let broker = Broker::start();
     let emitter = Client::builder()
-        .connect(MqttTransport::new(options(&broker)).durable_events())
+        .connect(MqttTransport::new(options(&broker).version(version)).durable_events())
         .await
         .unwrap();
     // The consumer takes events and dies while handling the first one.
@@ -314,6 +340,7 @@ async fn durable_events_survive_a_consumer_killed_mid_handling_and_its_absence()
     let counter = Arc::clone(&taken);
     let doomed = durable_server(
         &broker,
+        version,
         DurableEvents::new("billing-1"),
         Router::new().event("order", move |Payload(_): Payload<u32>| {
             counter.fetch_add(1, Ordering::SeqCst);
@@ -341,6 +368,7 @@ async fn durable_events_survive_a_consumer_killed_mid_handling_and_its_absence()
     let seen = Arc::clone(&handled);
     let back = durable_server(
         &broker,
+        version,
         DurableEvents::new("billing-1"),
         Router::new().event("order", move |Payload(n): Payload<u32>| {
             let seen = Arc::clone(&seen);
@@ -360,6 +388,7 @@ async fn durable_events_survive_a_consumer_killed_mid_handling_and_its_absence()
     let counter = Arc::clone(&again);
     let third = durable_server(
         &broker,
+        version,
         DurableEvents::new("billing-1"),
         Router::new().event("order", move |Payload(_): Payload<u32>| {
             counter.fetch_add(1, Ordering::SeqCst);
@@ -401,6 +430,7 @@ async fn a_failing_durable_event_is_retried_with_backoff_and_a_poison_one_is_dea
     let seen = Arc::clone(&attempts);
     let server = durable_server(
         &broker,
+        MqttVersion::V311,
         durable,
         Router::new().event("order", move |Payload(kind): Payload<String>| {
             let seen = Arc::clone(&seen);

@@ -1,12 +1,12 @@
-//! The conformance suite over MQTT, each test against its own `mosquitto` (topics are global to
-//! a broker: tests sharing one would answer each other's requests).
+//! The conformance suite over MQTT 3.1.1 and MQTT 5, each test against its own `mosquitto`
+//! (topics are global to a broker: tests sharing one would answer each other's requests).
 #![cfg(feature = "mqtt")]
 
 mod support;
 
 use palisade::conformance::{Harness, UnknownPatterns};
 use palisade::rpc::transport::ServerTransport;
-use palisade::rpc::transport::mqtt::{MqttOptions, MqttServer};
+use palisade::rpc::transport::mqtt::{MqttOptions, MqttServer, MqttVersion};
 use palisade::rpc::{Client, ClientBuilder, Server, ServerHandle};
 use std::time::Duration;
 use support::mqtt::Broker;
@@ -16,17 +16,20 @@ const LIMIT: usize = 1024 * 1024;
 
 struct Mqtt {
     broker: Broker,
+    version: MqttVersion,
 }
 
 impl Mqtt {
-    fn new() -> Self {
+    fn new(version: MqttVersion) -> Self {
         Mqtt {
             broker: Broker::start(),
+            version,
         }
     }
 
     fn options(&self) -> MqttOptions {
         MqttOptions::new(self.broker.url())
+            .version(self.version)
             .max_packet_size(LIMIT)
             .reconnect_backoff(Duration::from_millis(20), Duration::from_millis(200))
     }
@@ -60,4 +63,10 @@ impl Harness for Mqtt {
     }
 }
 
-palisade::conformance_tests!(Mqtt::new());
+palisade::conformance_tests!(Mqtt::new(MqttVersion::V311));
+
+mod mqtt5 {
+    use super::*;
+
+    palisade::conformance_tests!(Mqtt::new(MqttVersion::V5));
+}

@@ -5,7 +5,7 @@
 mod support;
 
 use palisade::rpc::transport::ServerTransport;
-use palisade::rpc::transport::mqtt::{MqttOptions, MqttServer};
+use palisade::rpc::transport::mqtt::{MqttOptions, MqttServer, MqttVersion};
 use palisade::rpc::{Client, Code, Payload, Router, Server};
 use serde_json::{Value, json};
 use std::sync::Arc;
@@ -49,6 +49,20 @@ async fn a_palisade_client_calls_a_nestjs_service_over_mqtt() {
     // palisade's headers travel in the envelope, which NestJS ignores: the handler still answers.
     let headers: Value = client.send("headers", &json!({})).await.unwrap();
     assert_eq!(headers, Value::Null);
+}
+
+/// The broker translates between protocol versions: a palisade MQTT 5 client calls NestJS's
+/// MQTT 3.1.1 service.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_palisade_mqtt5_client_calls_a_nestjs_service() {
+    let broker = Broker::start();
+    let _nest = NestService::start(&["mqtt", &broker.url()]);
+    let client = Client::builder()
+        .timeout(Duration::from_secs(10))
+        .connect(MqttOptions::new(broker.url()).version(MqttVersion::V5))
+        .await
+        .unwrap();
+    support::nest_calls::exercise_the_sample_service(&client).await;
 }
 
 /// NestJS's own MQTT client loses replies in bursts on one pattern (reply-topic reference

@@ -1,3 +1,4 @@
+use super::link::{Event, Events, Link, Message, Qos};
 use super::{MqttOptions, check_topic, reply_topic, too_large};
 use crate::rpc::json::encoded;
 use crate::rpc::transport::{ClientTransport, Connect, ReplyReceiver};
@@ -6,9 +7,6 @@ use crate::rpc::{RpcError, RpcRequest, TransportErrorKind};
 use crate::timeout::HasDeadline;
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
-use rumqttc::{
-    AsyncClient, Event, EventLoop, Packet, QoS, SubAck, SubscribeFilter, SubscribeReasonCode,
-};
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashSet};
 use std::fmt;
@@ -83,7 +81,7 @@ impl Connect for MqttOptions {
 
 struct Shared {
     options: MqttOptions,
-    client: AsyncClient,
+    client: Link,
     pending: Arc<PendingRequests>,
     /// Cleared before the pending requests are failed on a connection loss, set once the reply
     /// subscriptions are restored: a request registered while it is set is either answered or
@@ -93,7 +91,7 @@ struct Shared {
     topics: Mutex<HashSet<Arc<str>>>,
     /// The broker's subscription acknowledgements, in order. Subscribing holds this lock: one
     /// subscription at a time, so the next acknowledgement is the holder's.
-    acks: tokio::sync::Mutex<mpsc::UnboundedReceiver<SubAck>>,
+    acks: tokio::sync::Mutex<mpsc::UnboundedReceiver<Vec<bool>>>,
     durable_events: bool,
     /// Requests with a deadline, earliest first: see [`watch_silence`].
     silences: Mutex<BinaryHeap<Reverse<(Instant, u64)>>>,
@@ -185,18 +183,14 @@ impl Shared {
     /// Subscribes `filters` and waits for the broker's acknowledgement; the caller holds `acks`.
     async fn subscribe(
         &self,
-        acks: &mut mpsc::UnboundedReceiver<SubAck>,
+        acks: &mut mpsc::UnboundedReceiver<Vec<bool>>,
         filters: Vec<String>,
     ) -> Result<(), RpcError> {
         // An acknowledgement left over from a subscription that timed out is not ours.
         while acks.try_recv().is_ok() {}
         let count = filters.len();
         self.client
-            .subscribe_many(
-                filters
-                    .into_iter()
-                    .map(|f| SubscribeFilter::new(f, QoS::AtMostOnce)),
-            )
+            .subscribe_many(filters, Qos::AtMostOnce)
             .await
             .map_err(|error| {
                 RpcError::transport(
@@ -213,12 +207,7 @@ impl Shared {
                 )
             })?
             .ok_or_else(|| self.not_connected())?;
-        if ack.return_codes.len() != count
-            || ack
-                .return_codes
-                .iter()
-                .any(|code| matches!(code, SubscribeReasonCode::Failure))
-        {
+        if ack.len() != count || ack.iter().any(|accepted| !accepted) {
             return Err(RpcError::transport(
                 TransportErrorKind::Authorization,
                 "the MQTT broker refused a reply-topic subscription",
@@ -266,7 +255,7 @@ impl Shared {
         tracing::info!(broker = %self.options.address_text(), "reconnected to the MQTT broker");
     }
 
-    async fn publish(&self, topic: &str, qos: QoS, payload: Bytes) -> Result<(), RpcError> {
+    async fn publish(&self, topic: &str, qos: Qos, payload: Bytes) -> Result<(), RpcError> {
         if !self.options.fits(topic, payload.len()) {
             return Err(too_large(
                 topic,
@@ -275,7 +264,7 @@ impl Shared {
             ));
         }
         self.client
-            .publish_bytes(topic, qos, false, payload)
+            .publish(topic, qos, payload)
             .await
             .map_err(|error| {
                 RpcError::transport(
@@ -290,8 +279,8 @@ impl Shared {
 /// connection fails what is pending and reconnects with backoff.
 async fn run(
     shared: Arc<Shared>,
-    mut events: EventLoop,
-    acks: mpsc::UnboundedSender<SubAck>,
+    mut events: Events,
+    acks: mpsc::UnboundedSender<Vec<bool>>,
     stop: CancellationToken,
 ) {
     let mut attempt = 0u32;
@@ -302,11 +291,11 @@ async fn run(
             event = events.poll() => event,
         };
         match event {
-            Ok(Event::Incoming(Packet::Publish(publish))) => deliver(&shared.pending, &publish),
-            Ok(Event::Incoming(Packet::SubAck(ack))) => {
+            Ok(Event::Message(message)) => deliver(&shared.pending, &message),
+            Ok(Event::SubAck(ack)) => {
                 let _ = acks.send(ack);
             }
-            Ok(Event::Incoming(Packet::ConnAck(_))) => {
+            Ok(Event::ConnAck) => {
                 attempt = 0;
                 // Clean session: the broker forgot the subscriptions.
                 tokio::spawn(Arc::clone(&shared).restore());
@@ -332,7 +321,7 @@ async fn run(
         }
     }
     shared.connected.store(false, Ordering::SeqCst);
-    let _ = shared.client.try_disconnect();
+    shared.client.try_disconnect();
     shared.pending.close(&RpcError::transport(
         TransportErrorKind::ConnectionLost,
         "the MQTT client was dropped",
@@ -390,16 +379,16 @@ async fn watch_silence(shared: Arc<Shared>, stop: CancellationToken) {
 
 /// Routes one reply to the request waiting for it. Every client calling a pattern receives every
 /// reply on its reply topic: ids this client did not make are someone else's and ignored.
-fn deliver(pending: &PendingRequests, publish: &rumqttc::Publish) {
-    match decode_reply(&publish.payload) {
+fn deliver(pending: &PendingRequests, message: &Message) {
+    match decode_reply(message.payload()) {
         Ok((Some(id), packet)) => {
             if let Some(n) = pending.ids().parse_json(id.as_bytes()) {
                 pending.deliver(n, packet);
             }
         }
-        Ok((None, _)) => tracing::debug!(topic = %publish.topic, "a reply without id ignored"),
+        Ok((None, _)) => tracing::debug!(topic = message.topic(), "a reply without id ignored"),
         Err(error) => {
-            tracing::debug!(topic = %publish.topic, %error, "a reply that is not JSON ignored")
+            tracing::debug!(topic = message.topic(), %error, "a reply that is not JSON ignored")
         }
     }
 }
@@ -430,7 +419,7 @@ impl ClientTransport for MqttConnection {
             // Checked after registering: a loss from now on fails this request (see `connected`).
             shared.check_connected()?;
             let payload = body(&request, Some(registered.id().as_str()));
-            shared.publish(topic, QoS::AtMostOnce, payload).await?;
+            shared.publish(topic, Qos::AtMostOnce, payload).await?;
             if let Some(deadline) = request.deadline() {
                 let at = deadline
                     .instant()
@@ -456,9 +445,9 @@ impl ClientTransport for MqttConnection {
             let topic = event.pattern().route();
             check_topic(topic)?;
             let qos = if shared.durable_events {
-                QoS::AtLeastOnce
+                Qos::AtLeastOnce
             } else {
-                QoS::AtMostOnce
+                Qos::AtMostOnce
             };
             shared.publish(topic, qos, body(&event, None)).await
         })

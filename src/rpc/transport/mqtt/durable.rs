@@ -2,12 +2,10 @@
 //! succeeded, retries with backoff, a dead-letter topic.
 
 use super::MqttOptions;
+use super::link::{Event, Events, Link, Message, Qos};
 use super::server::incoming;
 use crate::rpc::transport::{DEAD_LETTER_DELIVERIES, DEAD_LETTER_REASON, DEAD_LETTER_SUBJECT};
 use crate::rpc::{Dispatcher, Headers, RpcError, TransportErrorKind};
-use rumqttc::{
-    AsyncClient, Event, EventLoop, Packet, Publish, QoS, SubscribeFilter, SubscribeReasonCode,
-};
 use serde_json::value::RawValue;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -149,13 +147,9 @@ pub(super) async fn start(
         loop {
             match events.poll().await {
                 // The session's stored events may come before the acknowledgement.
-                Ok(Event::Incoming(Packet::Publish(publish))) => forward(&lanes, &client, publish),
-                Ok(Event::Incoming(Packet::SubAck(ack))) => {
-                    return if ack
-                        .return_codes
-                        .iter()
-                        .any(|code| matches!(code, SubscribeReasonCode::Failure))
-                    {
+                Ok(Event::Message(message)) => forward(&lanes, &client, message),
+                Ok(Event::SubAck(ack)) => {
+                    return if ack.iter().any(|accepted| !accepted) {
                         Err(RpcError::transport(
                             TransportErrorKind::Authorization,
                             format!(
@@ -192,40 +186,40 @@ pub(super) async fn start(
     Ok(())
 }
 
-fn subscribe(client: &AsyncClient, filters: &[String]) {
-    let filters = filters
-        .iter()
-        .map(|f| SubscribeFilter::new(f.clone(), QoS::AtLeastOnce));
+fn subscribe(client: &Link, filters: &[String]) {
     // Not awaited: the caller is the task that sends queued requests.
-    if let Err(error) = client.try_subscribe_many(filters) {
+    if let Err(error) = client.try_subscribe_many(filters, Qos::AtLeastOnce) {
         tracing::warn!(%error, "could not subscribe the durable events");
     }
 }
 
 /// Hands an event to its topic's lane.
 fn forward(
-    lanes: &HashMap<String, mpsc::UnboundedSender<Publish>>,
-    client: &AsyncClient,
-    publish: Publish,
+    lanes: &HashMap<String, mpsc::UnboundedSender<Message>>,
+    client: &Link,
+    message: Message,
 ) {
-    match lanes.get(&publish.topic) {
+    match lanes.get(message.topic()) {
         Some(lane) => {
-            let _ = lane.send(publish);
+            let _ = lane.send(message);
         }
         None => {
             // Not ours (a subscription of an earlier version of the service): acknowledged, or
             // the broker would deliver it again at every connection.
-            tracing::warn!(topic = %publish.topic, "durable event on an unknown topic acknowledged");
-            let _ = client.try_ack(&publish);
+            tracing::warn!(
+                topic = message.topic(),
+                "durable event on an unknown topic acknowledged"
+            );
+            client.try_ack(&message);
         }
     }
 }
 
 async fn run(
-    mut events: EventLoop,
-    client: AsyncClient,
+    mut events: Events,
+    client: Link,
     filters: Vec<String>,
-    lanes: HashMap<String, mpsc::UnboundedSender<Publish>>,
+    lanes: HashMap<String, mpsc::UnboundedSender<Message>>,
     handling: Vec<tokio::task::JoinHandle<()>>,
     options: MqttOptions,
     dispatcher: Dispatcher,
@@ -239,8 +233,8 @@ async fn run(
             _ = &mut draining => break,
         };
         match event {
-            Ok(Event::Incoming(Packet::Publish(publish))) => forward(&lanes, &client, publish),
-            Ok(Event::Incoming(Packet::ConnAck(_))) => {
+            Ok(Event::Message(message)) => forward(&lanes, &client, message),
+            Ok(Event::ConnAck) => {
                 attempt = 0;
                 // Subscribed again at every connection: a session the broker lost (restarted
                 // without persistence) has no subscriptions.
@@ -271,11 +265,11 @@ async fn run(
             event = events.poll() => if event.is_err() { return },
         }
     }
-    let _ = client.try_disconnect();
+    client.try_disconnect();
     let disconnecting = async {
         loop {
             match events.poll().await {
-                Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) | Err(_) => return,
+                Ok(Event::Disconnected) | Err(_) => return,
                 Ok(_) => {}
             }
         }
@@ -284,17 +278,17 @@ async fn run(
 }
 
 async fn handle_topic(
-    mut lane: mpsc::UnboundedReceiver<Publish>,
+    mut lane: mpsc::UnboundedReceiver<Message>,
     topic: Arc<str>,
-    client: AsyncClient,
+    client: Link,
     durable: Arc<DurableEvents>,
     dispatcher: Dispatcher,
 ) {
-    while let Some(publish) = lane.recv().await {
+    while let Some(message) = lane.recv().await {
         let mut attempt = 0u32;
         loop {
             attempt += 1;
-            let outcome = match incoming(publish.payload.clone()) {
+            let outcome = match incoming(message.payload().clone()) {
                 Some((payload, packet)) => {
                     let (request, _) = packet.into_request_on(&topic, &payload, Headers::new());
                     dispatcher.handle_event(request).await
@@ -312,8 +306,8 @@ async fn handle_topic(
             if attempt >= durable.max_deliveries {
                 let dead = durable.dead_letter_topic(&topic);
                 tracing::warn!(%topic, attempt, %error, dead_letters = %dead, "event dead-lettered");
-                let letter = dead_letter(&publish.payload, &error, attempt, &topic);
-                if let Err(error) = client.publish(dead, QoS::AtLeastOnce, false, letter).await {
+                let letter = dead_letter(message.payload(), &error, attempt, &topic);
+                if let Err(error) = client.publish(&dead, Qos::AtLeastOnce, letter.into()).await {
                     tracing::error!(%error, "could not publish a dead letter; the event stays unacknowledged");
                     return;
                 }
@@ -327,7 +321,7 @@ async fn handle_topic(
                 _ = &mut draining => return,
             }
         }
-        if let Err(error) = client.ack(&publish).await {
+        if let Err(error) = client.ack(&message).await {
             tracing::warn!(%error, %topic, "could not acknowledge an event; the broker delivers it again");
         }
     }

@@ -3,9 +3,9 @@
 //! As NestJS does it (nestjs-wire-brokers.md §3): a request or event is published (QoS 0) on the
 //! topic named after the pattern's NestJS route string (`get-user`, `{"cmd":"sum"}`) with NestJS's
 //! JSON envelope as the payload; replies are published on `<topic>/reply` (a slash) and matched to
-//! their request by the body's `id`. Each side holds one MQTT connection. The transport speaks MQTT
-//! 3.1.1 (NestJS's default protocol version, which every broker accepts). NestJS services on the
-//! same broker can call palisade services and be called by them.
+//! their request by the body's `id`. Each side holds one MQTT connection, speaking MQTT 3.1.1
+//! (NestJS's default, which every broker accepts) or [MQTT 5](MqttOptions::version). NestJS
+//! services on the same broker can call palisade services and be called by them.
 //!
 //! ```no_run
 //! use palisade::rpc::transport::mqtt::{MqttOptions, MqttServer};
@@ -28,8 +28,9 @@
 //! **By default every server subscribed to a pattern handles every request and every event, and
 //! every one of them replies** (a streamed reply then reaches the caller doubled, as with NestJS).
 //! Opt in to [`MqttServer::shared_group`]: the servers then subscribe through shared
-//! subscriptions (`$share/<group>/<topic>`, MQTT 5's, which Mosquitto, EMQX, HiveMQ and others
-//! also offer to 3.1.1 clients), and the broker delivers each message to one member of the group.
+//! subscriptions (`$share/<group>/<topic>`: MQTT 5's, which Mosquitto, EMQX, HiveMQ and others
+//! also offer to 3.1.1 clients; use [`MqttVersion::V5`] with brokers that do not), and the broker
+//! delivers each message to one member of the group.
 //!
 //! # Beyond NestJS
 //!
@@ -60,14 +61,16 @@
 
 mod client;
 mod durable;
+mod link;
 mod server;
 
 pub use self::client::{MqttConnection, MqttTransport};
 pub use self::durable::DurableEvents;
+pub use self::link::MqttVersion;
 pub use self::server::MqttServer;
 
+use self::link::{Event, Events, Link, LinkError};
 use crate::rpc::{RpcError, TransportErrorKind};
-use rumqttc::{AsyncClient, ConnectReturnCode, ConnectionError, Event, EventLoop, Packet};
 use std::fmt;
 use std::time::Duration;
 
@@ -89,6 +92,8 @@ use std::time::Duration;
 pub struct MqttOptions {
     url: String,
     client_id: Option<String>,
+    version: MqttVersion,
+    session_expiry: Duration,
     keep_alive: Duration,
     max_packet_size: usize,
     connection_timeout: Duration,
@@ -103,6 +108,8 @@ impl MqttOptions {
         MqttOptions {
             url: url.into(),
             client_id: None,
+            version: MqttVersion::V311,
+            session_expiry: Duration::from_secs(7 * 24 * 3600),
             keep_alive: Duration::from_secs(30),
             max_packet_size: 16 * 1024 * 1024,
             connection_timeout: Duration::from_secs(5),
@@ -115,6 +122,21 @@ impl MqttOptions {
     /// connections with one id push each other off the broker: give each instance its own.
     pub fn client_id(mut self, id: impl Into<String>) -> Self {
         self.client_id = Some(id.into());
+        self
+    }
+
+    /// The protocol version (default MQTT 3.1.1, as NestJS). With either, NestJS peers on the
+    /// same broker interoperate: the broker translates.
+    pub fn version(mut self, version: MqttVersion) -> Self {
+        self.version = version;
+        self
+    }
+
+    /// MQTT 5: how long the broker keeps a persistent session (the
+    /// [durable events](DurableEvents)') while its server is away (default 7 days). MQTT 3.1.1
+    /// has no expiry: the broker's configuration decides.
+    pub fn session_expiry(mut self, expiry: Duration) -> Self {
+        self.session_expiry = expiry;
         self
     }
 
@@ -199,12 +221,12 @@ impl MqttOptions {
         })
     }
 
-    /// A rumqttc client and event loop for these options (not connected yet).
+    /// A connection's two halves for these options (not connected yet).
     pub(crate) fn session(
         &self,
         clean_session: bool,
         manual_acks: bool,
-    ) -> Result<(AsyncClient, EventLoop), RpcError> {
+    ) -> Result<(Link, Events), RpcError> {
         let parsed = self.parse()?;
         let id = self.client_id.clone().unwrap_or_else(|| {
             format!(
@@ -212,35 +234,58 @@ impl MqttOptions {
                 crate::rng::mix(crate::rng::SharedRng::entropy())
             )
         });
-        let mut options = rumqttc::MqttOptions::new(id, parsed.host, parsed.port);
-        options
-            .set_keep_alive(self.keep_alive)
-            .set_clean_session(clean_session)
-            .set_manual_acks(manual_acks)
-            // Room for the fixed header and topic next to the largest payload.
-            .set_max_packet_size(
-                self.max_packet_size + 64 * 1024,
-                self.max_packet_size + 64 * 1024,
-            );
-        if let Some((user, password)) = parsed.credentials {
-            options.set_credentials(user, password);
-        }
-        let (client, mut events) = AsyncClient::new(options, 1024);
         let mut network = rumqttc::NetworkOptions::new();
         network.set_connection_timeout(self.connection_timeout.as_secs().max(1));
         // Small request and reply packets must not wait for Nagle's algorithm (with delayed
         // acknowledgements that adds up to 40 ms per round trip).
         network.set_tcp_nodelay(true);
-        events.set_network_options(network);
-        Ok((client, events))
+        // Room for the fixed header and topic next to the largest payload.
+        let packet_limit = self.max_packet_size.saturating_add(64 * 1024);
+        match self.version {
+            MqttVersion::V311 => {
+                let mut options = rumqttc::MqttOptions::new(id, parsed.host, parsed.port);
+                options
+                    .set_keep_alive(self.keep_alive)
+                    .set_clean_session(clean_session)
+                    .set_manual_acks(manual_acks)
+                    .set_max_packet_size(packet_limit, packet_limit);
+                if let Some((user, password)) = parsed.credentials {
+                    options.set_credentials(user, password);
+                }
+                let (client, mut events) = rumqttc::AsyncClient::new(options, 1024);
+                events.set_network_options(network);
+                Ok((Link::V4(client), Events::V4(Box::new(events))))
+            }
+            MqttVersion::V5 => {
+                let mut options = rumqttc::v5::MqttOptions::new(id, parsed.host, parsed.port);
+                options
+                    .set_keep_alive(self.keep_alive)
+                    .set_clean_start(clean_session)
+                    .set_manual_acks(manual_acks)
+                    .set_connection_timeout(self.connection_timeout.as_secs().max(1))
+                    .set_max_packet_size(Some(u32::try_from(packet_limit).unwrap_or(u32::MAX)));
+                if !clean_session {
+                    // MQTT 5 ends a session with its connection unless told to keep it.
+                    options.set_session_expiry_interval(Some(
+                        u32::try_from(self.session_expiry.as_secs()).unwrap_or(u32::MAX),
+                    ));
+                }
+                if let Some((user, password)) = parsed.credentials {
+                    options.set_credentials(user, password);
+                }
+                options.set_network_options(network);
+                let (client, events) = rumqttc::v5::AsyncClient::new(options, 1024);
+                Ok((Link::V5(client), Events::V5(Box::new(events))))
+            }
+        }
     }
 
     /// Polls `events` until the broker accepted the connection; fails with a clear error.
-    pub(crate) async fn connected(&self, events: &mut EventLoop) -> Result<bool, RpcError> {
+    pub(crate) async fn connected(&self, events: &mut Events) -> Result<(), RpcError> {
         let waiting = async {
             loop {
                 match events.poll().await {
-                    Ok(Event::Incoming(Packet::ConnAck(ack))) => return Ok(ack.session_present),
+                    Ok(Event::ConnAck) => return Ok(()),
                     Ok(_) => {}
                     Err(error) => return Err(self.connect_error(&error)),
                 }
@@ -260,12 +305,11 @@ impl MqttOptions {
         }
     }
 
-    pub(crate) fn connect_error(&self, error: &ConnectionError) -> RpcError {
-        let kind = match error {
-            ConnectionError::ConnectionRefused(
-                ConnectReturnCode::BadUserNamePassword | ConnectReturnCode::NotAuthorized,
-            ) => TransportErrorKind::Authentication,
-            _ => TransportErrorKind::Connect,
+    pub(crate) fn connect_error(&self, error: &LinkError) -> RpcError {
+        let kind = if error.authentication {
+            TransportErrorKind::Authentication
+        } else {
+            TransportErrorKind::Connect
         };
         RpcError::transport(
             kind,
@@ -291,6 +335,7 @@ impl fmt::Debug for MqttOptions {
         f.debug_struct("MqttOptions")
             .field("url", &redact(&self.url))
             .field("client_id", &self.client_id)
+            .field("version", &self.version)
             .field("keep_alive", &self.keep_alive)
             .field("max_packet_size", &self.max_packet_size)
             .field("reconnect", &self.reconnect)

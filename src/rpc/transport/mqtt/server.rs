@@ -1,3 +1,4 @@
+use super::link::{Event, Events, Link, Message, Qos};
 use super::{DurableEvents, MqttOptions, check_topic, reply_topic};
 use crate::rpc::json::encoded;
 use crate::rpc::transport::{ReplyPacket, ServerTransport};
@@ -7,9 +8,6 @@ use crate::rpc::{
     TransportErrorKind,
 };
 use bytes::Bytes;
-use rumqttc::{
-    AsyncClient, Event, EventLoop, Packet, Publish, QoS, SubscribeFilter, SubscribeReasonCode,
-};
 use std::collections::{BTreeSet, HashMap};
 use std::fmt;
 use std::future::Future;
@@ -146,31 +144,27 @@ impl fmt::Debug for MqttServer {
 
 struct Reader {
     options: MqttOptions,
-    client: AsyncClient,
+    client: Link,
     filters: Vec<String>,
-    messages: mpsc::UnboundedSender<Publish>,
+    messages: mpsc::UnboundedSender<Message>,
     /// Told once the first subscriptions are acknowledged (or refused).
     ready: Option<oneshot::Sender<Result<(), RpcError>>>,
 }
 
 impl Reader {
     fn subscribe(&self) {
-        if self.filters.is_empty() {
-            return;
-        }
-        let filters = self
-            .filters
-            .iter()
-            .map(|f| SubscribeFilter::new(f.clone(), QoS::AtMostOnce));
         // Not awaited: this task is the one that sends queued requests.
-        if let Err(error) = self.client.try_subscribe_many(filters) {
+        if let Err(error) = self
+            .client
+            .try_subscribe_many(&self.filters, Qos::AtMostOnce)
+        {
             tracing::warn!(%error, "could not subscribe on MQTT");
         }
     }
 
     async fn run(
         mut self,
-        mut events: EventLoop,
+        mut events: Events,
         dispatcher: Dispatcher,
         mut dispatching: tokio::task::JoinHandle<()>,
     ) {
@@ -189,15 +183,14 @@ impl Reader {
                 _ = &mut draining => break,
             };
             match event {
-                Ok(Event::Incoming(Packet::Publish(publish))) => {
-                    let _ = self.messages.send(publish);
+                Ok(Event::Message(message)) => {
+                    let _ = self.messages.send(message);
                 }
-                Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                Ok(Event::SubAck(ack)) => {
                     let refused = ack
-                        .return_codes
                         .iter()
                         .zip(&self.filters)
-                        .filter(|(code, _)| matches!(code, SubscribeReasonCode::Failure))
+                        .filter(|(accepted, _)| !**accepted)
                         .map(|(_, filter)| filter.as_str())
                         .collect::<Vec<_>>();
                     let result = if refused.is_empty() {
@@ -219,7 +212,7 @@ impl Reader {
                         }
                     }
                 }
-                Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                Ok(Event::ConnAck) => {
                     if attempt > 0 {
                         tracing::info!("server reconnected to the MQTT broker");
                     }
@@ -241,8 +234,10 @@ impl Reader {
             }
         }
         // Stop taking messages; replies of requests still running go out while the loop turns.
-        if let Err(error) = self.client.try_unsubscribe_many(self.filters.clone()) {
-            tracing::debug!(%error, "could not unsubscribe");
+        for filter in &self.filters {
+            if let Err(error) = self.client.try_unsubscribe(filter.clone()) {
+                tracing::debug!(%error, "could not unsubscribe");
+            }
         }
         drop(self.messages);
         // Keep the loop turning (it sends the replies) until the messages already received are
@@ -256,29 +251,16 @@ impl Reader {
             }
         }
         // The disconnect is queued behind the last replies: once it is out, so are they.
-        let _ = self.client.try_disconnect();
+        self.client.try_disconnect();
         let disconnecting = async {
             loop {
                 match events.poll().await {
-                    Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) | Err(_) => return,
+                    Ok(Event::Disconnected) | Err(_) => return,
                     Ok(_) => {}
                 }
             }
         };
         let _ = tokio::time::timeout(std::time::Duration::from_secs(5), disconnecting).await;
-    }
-}
-
-trait UnsubscribeMany {
-    fn try_unsubscribe_many(&self, filters: Vec<String>) -> Result<(), rumqttc::ClientError>;
-}
-
-impl UnsubscribeMany for AsyncClient {
-    fn try_unsubscribe_many(&self, filters: Vec<String>) -> Result<(), rumqttc::ClientError> {
-        for filter in filters {
-            self.try_unsubscribe(filter)?;
-        }
-        Ok(())
     }
 }
 
@@ -297,26 +279,27 @@ pub(super) fn incoming(payload: Bytes) -> Option<(Bytes, IncomingPacket)> {
 }
 
 async fn dispatch(
-    mut messages: mpsc::UnboundedReceiver<Publish>,
+    mut messages: mpsc::UnboundedReceiver<Message>,
     routes: HashMap<Arc<str>, Arc<str>>,
-    client: AsyncClient,
+    client: Link,
     options: MqttOptions,
     dispatcher: Dispatcher,
 ) {
     let client = Arc::new(client);
-    while let Some(publish) = messages.recv().await {
-        let Some(route) = routes.get(publish.topic.as_str()) else {
-            tracing::debug!(topic = %publish.topic, "message on a topic not subscribed to ignored");
+    while let Some(message) = messages.recv().await {
+        let topic = message.topic();
+        let Some(route) = routes.get(topic) else {
+            tracing::debug!(%topic, "message on a topic not subscribed to ignored");
             continue;
         };
-        let Some((payload, packet)) = incoming(publish.payload) else {
-            tracing::warn!(topic = %publish.topic, "message dropped: not JSON, and not text either");
+        let Some((payload, packet)) = incoming(message.payload().clone()) else {
+            tracing::warn!(%topic, "message dropped: not JSON, and not text either");
             continue;
         };
         let (request, id) = packet.into_request_on(route, &payload, Headers::new());
         let sink = id.map(|id| MqttSink {
             client: Arc::clone(&client),
-            topic: reply_topic(&publish.topic),
+            topic: reply_topic(topic),
             id,
             limit: options.max_packet_size,
             done: false,
@@ -326,7 +309,7 @@ async fn dispatch(
 }
 
 struct MqttSink {
-    client: Arc<AsyncClient>,
+    client: Arc<Link>,
     topic: String,
     id: RawJson,
     limit: usize,
@@ -349,7 +332,7 @@ impl ReplySink for MqttSink {
         }
         self.done = packet.is_last();
         self.client
-            .publish_bytes(self.topic.as_str(), QoS::AtMostOnce, false, body)
+            .publish(&self.topic, Qos::AtMostOnce, body)
             .await
             .map_err(|error| {
                 SendError::Failed(RpcError::transport(
