@@ -109,17 +109,20 @@ impl MqttServer {
             dispatcher.clone(),
         ));
         dispatcher.spawn(reader.run(events_loop, dispatcher.clone(), dispatching));
-        match ready.await {
-            Ok(Ok(())) => Ok(ServerHandle::new(dispatcher)),
-            Ok(Err(error)) => {
-                ServerHandle::new(dispatcher).shutdown().await;
-                Err(error)
-            }
-            Err(_) => Err(RpcError::transport(
+        let failed = match tokio::time::timeout(self.options.response_timeout, ready).await {
+            Ok(Ok(Ok(()))) => return Ok(ServerHandle::new(dispatcher)),
+            Ok(Ok(Err(error))) => error,
+            Ok(Err(_)) => RpcError::transport(
                 TransportErrorKind::ConnectionLost,
                 "the MQTT connection closed before the subscriptions were made",
-            )),
-        }
+            ),
+            Err(_) => RpcError::transport(
+                TransportErrorKind::ConnectionLost,
+                "the MQTT broker did not acknowledge the subscriptions in time",
+            ),
+        };
+        ServerHandle::new(dispatcher).shutdown().await;
+        Err(failed)
     }
 }
 
