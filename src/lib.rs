@@ -126,6 +126,12 @@ pub mod rpc;
 pub mod timeout;
 
 /// The README's examples, compiled and run as doctests (they use every transport).
-#[cfg(all(doctest, feature = "tcp", feature = "nats"))]
+#[cfg(all(
+    doctest,
+    feature = "tcp",
+    feature = "nats",
+    feature = "rabbitmq",
+    feature = "kafka"
+))]
 #[doc = include_str!("../README.md")]
 pub struct ReadmeDoctests;

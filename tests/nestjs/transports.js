@@ -38,7 +38,14 @@ function options(transport, address, extra, side) {
         transport: Transport.KAFKA,
         options: {
           client: { brokers: [address], clientId: `palisade-interop-${process.pid}` },
-          consumer: { groupId: extra || `palisade-interop-${process.pid}`, maxWaitTimeInMs: 100 },
+          // A short session: a broker holds a group join for up to half of it (Tansu does).
+          consumer: {
+            groupId: extra || `palisade-interop-${process.pid}`,
+            maxWaitTimeInMs: 100,
+            sessionTimeout: 3000,
+            heartbeatInterval: 500,
+            rebalanceTimeout: 3000,
+          },
           subscribe: { fromBeginning: false },
         },
       };

@@ -24,6 +24,14 @@ struct GetUser {
 /// `last-events` pattern, as the NestJS service does).
 pub fn router(events: Arc<Mutex<Vec<Value>>>) -> Router {
     let sum = |Payload(xs): Payload<Vec<i64>>| async move { xs.iter().sum::<i64>() };
+    string_routes(events)
+        .message(json!({"cmd": "sum"}), sum)
+        .message(json!({"role": "math", "cmd": "sum"}), sum)
+}
+
+/// The router without its object patterns, as the NestJS service has it on Kafka, where an
+/// object pattern cannot be a topic.
+pub fn string_routes(events: Arc<Mutex<Vec<Value>>>) -> Router {
     let recorded = Arc::clone(&events);
     Router::new()
         .message("get-user", |Payload(req): Payload<GetUser>| async move {
@@ -38,8 +46,6 @@ pub fn router(events: Arc<Mutex<Vec<Value>>>) -> Router {
                 id: req.id,
             })
         })
-        .message(json!({"cmd": "sum"}), sum)
-        .message(json!({"role": "math", "cmd": "sum"}), sum)
         .message("fail", || async { Err::<(), _>(RpcError::exception("boom")) })
         .message("crash", || async {
             Err::<(), _>(std::io::Error::other("the database password is hunter2"))

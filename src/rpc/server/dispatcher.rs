@@ -75,6 +75,17 @@ impl std::error::Error for SendError {
 pub trait ReplySink: Send + 'static {
     /// Sends a packet, or says why it could not.
     fn send(&mut self, packet: ReplyPacket) -> impl Future<Output = Result<(), SendError>> + Send;
+
+    /// Whether a stream that has already ended when its latest value is sent should end on that
+    /// value (`last: true`) instead of with a [`ReplyPacket::Complete`] of its own.
+    ///
+    /// `false` by default: NestJS's TCP and NATS servers send a separate completion packet after
+    /// a stream's last value, and their clients make nothing of it. A NestJS Kafka client turns a
+    /// separate completion record into one more `null` value, so the Kafka transport says `true`
+    /// (as a NestJS Kafka server's reply usually looks).
+    fn ends_streams_on_their_last_value(&self) -> bool {
+        false
+    }
 }
 
 /// Runs messages through a server's service on behalf of a transport: the transport-facing half of
@@ -542,15 +553,25 @@ async fn send_replies<K: ReplySink>(
         }
         Ok(Reply::Empty) => sink.send(ReplyPacket::Complete).await,
         Ok(Reply::Stream(mut stream)) => {
-            while let Some(item) = stream.next().await {
+            let mut next = stream.next().await;
+            while let Some(item) = next {
                 match item {
                     // A failed send (the caller is gone, ...) stops the stream.
                     Ok(response) => {
-                        sink.send(ReplyPacket::Value {
-                            response,
-                            last: false,
-                        })
-                        .await?
+                        // Only looked at when the transport wants streams to end on their last
+                        // value (see `ReplySink::ends_streams_on_their_last_value`).
+                        let following = if sink.inner.ends_streams_on_their_last_value() {
+                            stream.next().now_or_never()
+                        } else {
+                            None
+                        };
+                        let last = matches!(following, Some(None));
+                        sink.send(ReplyPacket::Value { response, last }).await?;
+                        next = match following {
+                            Some(None) => return Ok(()),
+                            Some(item) => item,
+                            None => stream.next().await,
+                        };
                     }
                     Err(error) => {
                         sink.send(ReplyPacket::Error(error_json(&error))).await?;

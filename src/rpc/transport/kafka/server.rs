@@ -632,6 +632,11 @@ struct KafkaSink {
 }
 
 impl ReplySink for KafkaSink {
+    fn ends_streams_on_their_last_value(&self) -> bool {
+        // A NestJS Kafka client emits one more `null` for a completion record of its own.
+        true
+    }
+
     async fn send(&mut self, packet: ReplyPacket) -> Result<(), SendError> {
         let last = packet.is_last();
         let error_text;

@@ -1,0 +1,334 @@
+//! Kafka's own guarantees on a real broker (Tansu, memory storage): partitions handled
+//! concurrently and each in order, failing events retried then dead-lettered, and a consumer
+//! killed in the middle of a stream losing no event.
+#![cfg(feature = "kafka")]
+
+mod support;
+
+use palisade::rpc::transport::ServerTransport;
+use palisade::rpc::transport::kafka::{
+    DEAD_LETTER_OFFSET, DEAD_LETTER_PARTITION, KafkaEvents, KafkaOptions, KafkaRecord, KafkaServer,
+    KafkaTransport,
+};
+use palisade::rpc::transport::{DEAD_LETTER_DELIVERIES, DEAD_LETTER_REASON, DEAD_LETTER_SUBJECT};
+use palisade::rpc::{Client, Headers, Payload, Router, RpcError, Server, ServerHandle};
+use serde_json::{Value, json};
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use support::kafka::Broker;
+
+async fn client(options: KafkaOptions) -> Client {
+    Client::builder()
+        .timeout(Duration::from_secs(10))
+        .connect(KafkaTransport::new(options))
+        .await
+        .unwrap()
+}
+
+async fn serve(options: KafkaOptions, router: Router) -> ServerHandle {
+    KafkaServer::new(options)
+        .serve(Server::new(router))
+        .await
+        .unwrap()
+}
+
+/// Waits until `done` holds, for at most `within`.
+async fn eventually(within: Duration, what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partitions_are_handled_concurrently_and_the_records_of_each_in_order() {
+    let broker = Broker::start();
+    let options = support::kafka::options(&broker);
+    let seen: Arc<Mutex<Vec<(String, u64)>>> = Arc::default();
+    let other_partition_ran = Arc::new(tokio::sync::Notify::new());
+    let blocked_for = Arc::new(Mutex::new(None));
+    let router = Router::new().event("orders", {
+        let (seen, other, blocked_for) = (
+            Arc::clone(&seen),
+            Arc::clone(&other_partition_ran),
+            Arc::clone(&blocked_for),
+        );
+        move |Payload(event): Payload<Value>| {
+            let (seen, other, blocked_for) = (
+                Arc::clone(&seen),
+                Arc::clone(&other),
+                Arc::clone(&blocked_for),
+            );
+            async move {
+                let key = event["key"].as_str().unwrap().to_owned();
+                let seq = event["seq"].as_u64().unwrap();
+                if key == "blocker" {
+                    // Holds partition 0 until a record of partition 1 was handled: a server that
+                    // handled one record at a time (as NestJS's does) would never get there.
+                    let started = Instant::now();
+                    let woke =
+                        tokio::time::timeout(Duration::from_secs(10), other.notified()).await;
+                    *blocked_for.lock().unwrap() = Some((woke.is_ok(), started.elapsed()));
+                } else if key == "other" {
+                    other.notify_one();
+                } else {
+                    // Uneven handling times, so that a reordering would show.
+                    tokio::time::sleep(Duration::from_millis(seq * 7 % 5)).await;
+                }
+                seen.lock().unwrap().push((key, seq));
+            }
+        }
+    });
+    let server = serve(options.clone(), router).await;
+    let client = client(options).await;
+
+    client
+        .emit(
+            "orders",
+            &KafkaRecord::new(json!({"key": "blocker", "seq": 0})).partition(0),
+        )
+        .await
+        .unwrap();
+    client
+        .emit(
+            "orders",
+            &KafkaRecord::new(json!({"key": "other", "seq": 0})).partition(1),
+        )
+        .await
+        .unwrap();
+    // Records with a key: each key's records land on one partition, in the order produced.
+    let keys = ["k1", "k2", "k3", "k4", "k5", "k6"];
+    for seq in 0..30u64 {
+        for key in keys {
+            client
+                .emit(
+                    "orders",
+                    &KafkaRecord::new(json!({"key": key, "seq": seq})).key(key),
+                )
+                .await
+                .unwrap();
+        }
+    }
+    eventually(Duration::from_secs(30), "every record", || {
+        seen.lock().unwrap().len() == 2 + 30 * keys.len()
+    })
+    .await;
+    server.shutdown().await;
+
+    let (woke, waited) = blocked_for.lock().unwrap().unwrap();
+    assert!(woke, "partition 1 waited for partition 0 ({waited:?})");
+    let mut per_key: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+    for (key, seq) in seen.lock().unwrap().iter() {
+        per_key.entry(key.clone()).or_default().push(*seq);
+    }
+    for key in keys {
+        assert_eq!(
+            per_key[key],
+            (0..30).collect::<Vec<_>>(),
+            "records of {key}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poison_event_is_retried_then_dead_lettered_and_the_partition_goes_on() {
+    let broker = Broker::start();
+    let options = support::kafka::options(&broker);
+    let attempts = Arc::new(AtomicU32::new(0));
+    let handled: Arc<Mutex<Vec<u64>>> = Arc::default();
+    let router = Router::new().event("payments", {
+        let (attempts, handled) = (Arc::clone(&attempts), Arc::clone(&handled));
+        move |Payload(event): Payload<Value>| {
+            let (attempts, handled) = (Arc::clone(&attempts), Arc::clone(&handled));
+            async move {
+                if event["poison"] == true {
+                    attempts.fetch_add(1, Ordering::SeqCst);
+                    return Err(RpcError::invalid_argument("card number is not a number"));
+                }
+                handled.lock().unwrap().push(event["n"].as_u64().unwrap());
+                Ok(())
+            }
+        }
+    });
+    let server = KafkaServer::new(options.clone())
+        .events(
+            KafkaEvents::new()
+                .max_deliveries(3)
+                .backoff([Duration::from_millis(20), Duration::from_millis(40)]),
+        )
+        .serve(Server::new(router))
+        .await
+        .unwrap();
+
+    // A second service reads the dead letters, with their headers.
+    let dead: Arc<Mutex<Vec<(Value, Headers)>>> = Arc::default();
+    let dead_letters = Router::new().event("palisade.dead-letter.payments", {
+        let dead = Arc::clone(&dead);
+        move |headers: Headers, Payload(event): Payload<Value>| {
+            dead.lock().unwrap().push((event, headers));
+            async {}
+        }
+    });
+    let auditor_options = support::kafka::options(&broker).from_beginning(true);
+    let auditor = serve(auditor_options, dead_letters).await;
+
+    let client = client(options).await;
+    for n in 0..3u64 {
+        client
+            .emit("payments", &KafkaRecord::new(json!({"n": n})).partition(0))
+            .await
+            .unwrap();
+    }
+    client
+        .emit(
+            "payments",
+            &KafkaRecord::new(json!({"n": 3, "poison": true})).partition(0),
+        )
+        .await
+        .unwrap();
+    for n in 4..7u64 {
+        client
+            .emit("payments", &KafkaRecord::new(json!({"n": n})).partition(0))
+            .await
+            .unwrap();
+    }
+
+    eventually(Duration::from_secs(30), "the dead letter", || {
+        !dead.lock().unwrap().is_empty()
+    })
+    .await;
+    eventually(Duration::from_secs(10), "the events after it", || {
+        handled.lock().unwrap().len() == 6
+    })
+    .await;
+    // In order around the poison event, each once.
+    assert_eq!(*handled.lock().unwrap(), [0, 1, 2, 4, 5, 6]);
+    assert_eq!(attempts.load(Ordering::SeqCst), 3);
+    let (event, headers) = dead.lock().unwrap()[0].clone();
+    assert_eq!(event, json!({"n": 3, "poison": true}));
+    assert!(
+        headers
+            .get(DEAD_LETTER_REASON)
+            .is_some_and(|reason| reason.contains("card number is not a number")),
+        "{headers:?}"
+    );
+    assert_eq!(headers.get(DEAD_LETTER_DELIVERIES), Some("3"));
+    assert_eq!(headers.get(DEAD_LETTER_SUBJECT), Some("payments"));
+    assert_eq!(headers.get(DEAD_LETTER_PARTITION), Some("0"));
+    assert_eq!(headers.get(DEAD_LETTER_OFFSET), Some("3"));
+    // Only one dead letter, and nothing more tried after it.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(dead.lock().unwrap().len(), 1);
+    assert_eq!(attempts.load(Ordering::SeqCst), 3);
+    server.shutdown().await;
+    auditor.shutdown().await;
+}
+
+/// A server on a runtime of its own, which the test can kill as a crash would: its tasks are
+/// dropped wherever they are, handlers included.
+struct Instance {
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+impl Instance {
+    fn start(options: KafkaOptions, router: Router) -> Instance {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let handle = runtime.block_on(async move {
+            KafkaServer::new(options)
+                .serve(Server::new(router))
+                .await
+                .unwrap()
+        });
+        // Dropping a handle leaves the server running.
+        drop(handle);
+        Instance {
+            runtime: Some(runtime),
+        }
+    }
+
+    fn kill(&mut self) {
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+impl Drop for Instance {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_killed_mid_stream_loses_no_event_and_the_group_shares_the_partitions() {
+    let broker = Broker::start();
+    // One group for both instances.
+    let options = support::kafka::options(&broker).partitions(4);
+    let recorder = |name: &'static str, seen: Arc<Mutex<Vec<(&'static str, u64)>>>| {
+        Router::new().event("readings", move |Payload(event): Payload<Value>| {
+            let seen = Arc::clone(&seen);
+            async move {
+                // Slower than the emits, so that the killed instance leaves records fetched but
+                // not handled (a server that committed on receipt would lose them).
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                seen.lock()
+                    .unwrap()
+                    .push((name, event["n"].as_u64().unwrap()));
+            }
+        })
+    };
+    let seen: Arc<Mutex<Vec<(&'static str, u64)>>> = Arc::default();
+    let (a_options, a_router) = (options.clone(), recorder("a", Arc::clone(&seen)));
+    let mut a = tokio::task::spawn_blocking(move || Instance::start(a_options, a_router))
+        .await
+        .unwrap();
+    let (b_options, b_router) = (options.clone(), recorder("b", Arc::clone(&seen)));
+    let b = tokio::task::spawn_blocking(move || Instance::start(b_options, b_router))
+        .await
+        .unwrap();
+
+    let client = client(options).await;
+    const EVENTS: u64 = 600;
+    for n in 0..EVENTS {
+        client
+            .emit(
+                "readings",
+                &KafkaRecord::new(json!({"n": n})).partition((n % 4) as i32),
+            )
+            .await
+            .unwrap();
+        if n == EVENTS / 3 {
+            // Both instances took part before the kill.
+            eventually(Duration::from_secs(20), "both instances at work", || {
+                let seen = seen.lock().unwrap();
+                seen.iter().any(|(i, _)| *i == "a") && seen.iter().any(|(i, _)| *i == "b")
+            })
+            .await;
+            tokio::task::spawn_blocking(move || a.kill()).await.unwrap();
+            a = Instance { runtime: None };
+        }
+    }
+    drop(a);
+    eventually(
+        Duration::from_secs(60),
+        "every event, after the rebalance",
+        || {
+            let seen = seen.lock().unwrap();
+            seen.iter().map(|(_, n)| *n).collect::<BTreeSet<_>>().len() == EVENTS as usize
+        },
+    )
+    .await;
+    let seen = seen.lock().unwrap().clone();
+    // At least once: every event handled; a redelivery happens only to events the killed
+    // instance had not committed.
+    let distinct: BTreeSet<u64> = seen.iter().map(|(_, n)| *n).collect();
+    assert_eq!(distinct, (0..EVENTS).collect());
+    drop(b);
+}
