@@ -558,3 +558,88 @@ async fn publishing_connections_killed_alone_are_reopened() {
     }
     server.shutdown().await;
 }
+
+/// A responder that loses its lease (here: it expired and a third party holds it, as when the
+/// responder stalled) stops answering before anyone else takes over; once that lease expires (as
+/// a crashed responder's does), an instance takes over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_responder_that_lost_its_lease_stands_by_and_an_expired_lease_is_taken_over() {
+    let _serial = SERIAL.lock().await;
+    let broker = Broker::start();
+    let events = Arc::new(Mutex::new(Vec::new()));
+    let ttl = Duration::from_millis(300);
+    let a = RedisServer::new(options(&broker))
+        .single_responder("users", ttl)
+        .serve(Server::new(instance_router("a", Arc::clone(&events))))
+        .await
+        .unwrap();
+    let b = RedisServer::new(options(&broker))
+        .single_responder("users", ttl)
+        .serve(Server::new(instance_router("b", Arc::clone(&events))))
+        .await
+        .unwrap();
+    let client = Client::builder()
+        .timeout(Duration::from_secs(2))
+        .connect(options(&broker))
+        .await
+        .unwrap();
+    let answers = |client: Client| async move { client.send::<String>("whoami", &()).await };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while answers(client.clone()).await.is_err() {
+        assert!(Instant::now() < deadline, "no responder elected");
+        sleep(Duration::from_millis(20)).await;
+    }
+    // A third party holds the lease for a while, as a stalled or crashed responder would.
+    let redis = redis::Client::open(broker.url()).unwrap();
+    let mut admin = redis.get_multiplexed_async_connection().await.unwrap();
+    let hold = Duration::from_millis(1500);
+    let _: () = redis::cmd("SET")
+        .arg("palisade:responder:users")
+        .arg("someone-else")
+        .arg("PX")
+        .arg(hold.as_millis() as u64)
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let stolen = Instant::now();
+    // The holder finds out at its next renewal and stops answering; nobody else may answer.
+    loop {
+        match answers(client.clone()).await {
+            Ok(_) => assert!(
+                stolen.elapsed() < ttl,
+                "still answered {:?} after losing the lease",
+                stolen.elapsed()
+            ),
+            Err(error) => {
+                assert_eq!(error.code(), Code::Unavailable, "{error}");
+                break;
+            }
+        }
+        sleep(Duration::from_millis(10)).await;
+    }
+    while stolen.elapsed() < hold - Duration::from_millis(200) {
+        let error = answers(client.clone()).await.unwrap_err();
+        assert_eq!(
+            error.code(),
+            Code::Unavailable,
+            "answered while another held the lease"
+        );
+        sleep(Duration::from_millis(50)).await;
+    }
+    // The foreign lease expires: an instance takes it and answers.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        match answers(client.clone()).await {
+            Ok(name) => {
+                assert!(name == "a" || name == "b");
+                break;
+            }
+            Err(error) => {
+                assert!(Instant::now() < deadline, "nobody took over: {error}");
+                sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+    a.shutdown().await;
+    b.shutdown().await;
+}

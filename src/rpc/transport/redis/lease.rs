@@ -3,7 +3,7 @@
 
 use super::command_error;
 use super::server::{Serving, SingleResponder, Stopped};
-use crate::rpc::RpcError;
+use crate::rpc::{RpcError, TransportErrorKind};
 use redis::aio::MultiplexedConnection;
 use std::time::Duration;
 
@@ -101,7 +101,17 @@ pub(super) async fn run(serving: Serving, spec: SingleResponder) {
             loop {
                 tokio::time::sleep(period).await;
                 let mut lease = lease.lock().await;
-                match lease.script(&serving, RENEW).await {
+                // A renewal that has not succeeded by the next period is given up: the lease
+                // must not expire (and another instance take over) while this one still serves.
+                let renewed = tokio::time::timeout(period, lease.script(&serving, RENEW))
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(RpcError::transport(
+                            TransportErrorKind::ConnectionLost,
+                            "Redis did not answer in time",
+                        ))
+                    });
+                match renewed {
                     Ok(true) => {}
                     Ok(false) => {
                         tracing::warn!("another instance holds the responder lease: standing by");

@@ -29,9 +29,9 @@
 //! handles every request and every event, and every one of them replies** (a streamed reply then
 //! reaches the caller doubled, as with NestJS). Run one instance per Redis, or opt in to
 //! [`RedisServer::single_responder`]: the instances then elect one responder through a lease key
-//! in Redis; only it subscribes, and another takes over within the lease's time to live when it
-//! goes away. For events that must reach exactly one instance, use
-//! [durable events](DurableEvents) (Redis Streams with a consumer group).
+//! in Redis; only it subscribes, and another takes over when it goes away (at once when it shuts
+//! down, once its lease expired when it crashes). For events that must reach exactly one
+//! instance, use [durable events](DurableEvents) (Redis Streams with a consumer group).
 //!
 //! # Beyond NestJS
 //!

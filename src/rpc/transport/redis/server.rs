@@ -7,8 +7,9 @@ use crate::rpc::{
     Dispatcher, Headers, RawJson, ReplySink, RpcError, SendError, Server, ServerHandle,
 };
 use bytes::Bytes;
+use futures_util::FutureExt;
 use futures_util::StreamExt;
-use redis::aio::PubSubStream;
+use redis::aio::{PubSubSink, PubSubStream};
 use std::collections::{BTreeSet, HashMap};
 use std::fmt;
 use std::future::Future;
@@ -51,10 +52,12 @@ impl RedisServer {
     /// Makes the instances of a service that share `name` answer each request once: they elect
     /// one responder through the lease key `palisade:responder:<name>` in Redis (`SET NX PX`,
     /// renewed every third of `ttl`); only the holder subscribes to the patterns, the others wait
-    /// and try to take the lease. When the responder goes away (crash, lost connection, shutdown)
-    /// another instance takes over within `ttl` — requests meanwhile fail fast with
-    /// `Unavailable` (no subscriber). This is failover, not load sharing: one instance does all
-    /// the work. Without it, every instance answers every request.
+    /// and try to take the lease every third of `ttl`. A responder that cannot renew the lease
+    /// in time stops answering before the lease expires. When the responder shuts down it gives
+    /// the lease up and another instance takes over within a third of `ttl`; when it crashes or
+    /// loses Redis, once the lease expired (within `ttl` and a third). Requests meanwhile fail
+    /// fast with `Unavailable` (no subscriber). This is failover, not load sharing: one instance
+    /// does all the work. Without it, every instance answers every request.
     pub fn single_responder(mut self, name: impl AsRef<str>, ttl: Duration) -> Self {
         self.single_responder = Some(SingleResponder {
             key: format!("palisade:responder:{}", name.as_ref()),
@@ -140,16 +143,20 @@ async fn connect(
     options: &RedisOptions,
     channels: &[Arc<str>],
     publisher: &Publisher,
-) -> Result<PubSubStream, RpcError> {
+) -> Result<Subscribed, RpcError> {
     let (mut sink, stream) = options.subscriber().await?.split();
     let names: Vec<&str> = channels.iter().map(|c| &**c).collect();
     options.subscribe(&mut sink, &names).await?;
     let commands = options.commands().await?;
     publisher.set(Some(commands));
-    // Redis ends the subscriptions with the connection: the sink is not needed any more.
-    drop(sink);
     tracing::debug!(channels = names.len(), "subscribed on Redis");
-    Ok(stream)
+    Ok(Subscribed { sink, stream })
+}
+
+/// A subscriber connection: its command half (to unsubscribe) and its messages.
+pub(super) struct Subscribed {
+    sink: PubSubSink,
+    stream: PubSubStream,
 }
 
 /// What a serving loop needs; the lease runs it while it holds the lease.
@@ -169,7 +176,7 @@ pub(super) enum Stopped {
 
 impl Serving {
     /// Serves until shutdown, reconnecting with backoff.
-    async fn run(self, first: Option<PubSubStream>) {
+    async fn run(self, first: Option<Subscribed>) {
         self.serve_until(first, std::future::pending()).await;
     }
 
@@ -177,7 +184,7 @@ impl Serving {
     /// (closes the subscriber) when it stops.
     pub(super) async fn serve_until(
         &self,
-        mut stream: Option<PubSubStream>,
+        mut stream: Option<Subscribed>,
         stop: impl Future<Output = ()>,
     ) -> Stopped {
         let routes: HashMap<&str, &Arc<str>> = self.channels.iter().map(|c| (&**c, c)).collect();
@@ -214,14 +221,21 @@ impl Serving {
                 continue;
             };
             let message = if self.dispatcher.is_draining() {
-                return Stopped::Draining;
+                None
             } else {
                 tokio::select! {
                     biased;
-                    message = messages.next() => message,
-                    _ = &mut draining => return Stopped::Draining,
-                    _ = &mut stop => return Stopped::Told,
+                    message = messages.stream.next() => Some(message),
+                    _ = &mut draining => None,
+                    _ = &mut stop => {
+                        self.step_down(stream.take(), &routes).await;
+                        return Stopped::Told;
+                    }
                 }
+            };
+            let Some(message) = message else {
+                self.step_down(stream.take(), &routes).await;
+                return Stopped::Draining;
             };
             let Some(message) = message else {
                 tracing::warn!(url = %self.options.url_text(), "server lost the connection to Redis; reconnecting");
@@ -230,25 +244,49 @@ impl Serving {
                 attempt = 1;
                 continue;
             };
-            let channel = message.get_channel_name();
-            let Some(route) = routes.get(channel) else {
-                tracing::debug!(%channel, "message on a channel not subscribed to ignored");
-                continue;
-            };
-            let payload = Bytes::copy_from_slice(message.get_payload_bytes());
-            let Some((payload, packet)) = incoming(payload) else {
-                tracing::warn!(%channel, "message dropped: not JSON, and not text either");
-                continue;
-            };
-            let (request, id) = packet.into_request_on(route, &payload, Headers::new());
-            let sink = id.map(|id| RedisSink {
-                publisher: Arc::clone(&self.publisher),
-                channel: reply_channel(channel),
-                id,
-                done: false,
-            });
-            self.dispatcher.dispatch(request, sink).await;
+            self.handle(&routes, &message).await;
         }
+    }
+
+    /// Stops taking messages without losing those already on their way: unsubscribes, then
+    /// handles what arrived before Redis confirmed (during shutdown the dispatcher answers those
+    /// requests `Unavailable`, rather than leaving their callers to time out).
+    async fn step_down(&self, subscribed: Option<Subscribed>, routes: &HashMap<&str, &Arc<str>>) {
+        let Some(mut subscribed) = subscribed else {
+            return;
+        };
+        let names: Vec<&str> = self.channels.iter().map(|c| &**c).collect();
+        let unsubscribed =
+            tokio::time::timeout(Duration::from_secs(2), subscribed.sink.unsubscribe(&names)).await;
+        if !matches!(unsubscribed, Ok(Ok(()))) {
+            tracing::debug!("could not unsubscribe cleanly; closing the subscriber connection");
+            return;
+        }
+        // Everything published before the unsubscription is ahead of its confirmation.
+        while let Some(Some(message)) = subscribed.stream.next().now_or_never() {
+            self.handle(routes, &message).await;
+        }
+    }
+
+    async fn handle(&self, routes: &HashMap<&str, &Arc<str>>, message: &redis::Msg) {
+        let channel = message.get_channel_name();
+        let Some(route) = routes.get(channel) else {
+            tracing::debug!(%channel, "message on a channel not subscribed to ignored");
+            return;
+        };
+        let payload = Bytes::copy_from_slice(message.get_payload_bytes());
+        let Some((payload, packet)) = incoming(payload) else {
+            tracing::warn!(%channel, "message dropped: not JSON, and not text either");
+            return;
+        };
+        let (request, id) = packet.into_request_on(route, &payload, Headers::new());
+        let sink = id.map(|id| RedisSink {
+            publisher: Arc::clone(&self.publisher),
+            channel: reply_channel(channel),
+            id,
+            done: false,
+        });
+        self.dispatcher.dispatch(request, sink).await;
     }
 }
 
