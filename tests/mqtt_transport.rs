@@ -60,6 +60,10 @@ impl Harness for Mqtt {
 
     async fn restore(&mut self) {
         self.broker.restart();
+        // The suite's client must not publish before the server resubscribed: MQTT cannot tell
+        // a request nobody is subscribed to yet, which would meet silence until its 30 s
+        // deadline. Both reconnect within the 200 ms backoff cap; a second covers a busy machine.
+        tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }
 
