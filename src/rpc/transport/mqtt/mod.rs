@@ -44,7 +44,8 @@
 //!   it with `DeadlineExceeded` and a message that says what probably happened (no server
 //!   subscribed to the pattern, or a wrong pattern) rather than only that time ran out.
 //! - **Broker loss** fails every request in flight at once with `Unavailable`; clients and servers
-//!   reconnect with backoff and restore their subscriptions.
+//!   reconnect with backoff and restore their subscriptions. (A request published after a client
+//!   is back but before a server resubscribed meets silence: MQTT cannot tell.)
 //! - **Size limits** are checked before publishing: a message over
 //!   [`max_packet_size`](MqttOptions::max_packet_size) fails at once instead of breaking the
 //!   connection.
