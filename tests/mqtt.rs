@@ -218,11 +218,13 @@ async fn connecting_to_no_broker_or_serving_a_wildcard_fails_at_once_with_a_clea
         .unwrap_err();
     assert_eq!(error.code(), Code::Unavailable, "{error}");
     assert!(started.elapsed() < Duration::from_secs(3));
-    let error = Client::builder()
-        .connect(MqttOptions::new("http://127.0.0.1"))
-        .await
-        .unwrap_err();
-    assert_eq!(error.code(), Code::InvalidArgument, "{error}");
+    for url in ["http://127.0.0.1", "mqtts://127.0.0.1:8883"] {
+        let error = Client::builder()
+            .connect(MqttOptions::new(url))
+            .await
+            .unwrap_err();
+        assert_eq!(error.code(), Code::InvalidArgument, "{url}: {error}");
+    }
     let broker = Broker::start();
     let error = MqttServer::new(options(&broker))
         .serve(Server::new(

@@ -190,11 +190,13 @@ async fn connecting_to_no_redis_fails_at_once_with_a_clear_error() {
         .unwrap_err();
     assert_eq!(error.code(), Code::Unavailable, "{error}");
     assert!(started.elapsed() < Duration::from_secs(3));
-    let error = Client::builder()
-        .connect(RedisOptions::new("not a url"))
-        .await
-        .unwrap_err();
-    assert_eq!(error.code(), Code::InvalidArgument, "{error}");
+    for url in ["not a url", "rediss://127.0.0.1:6379"] {
+        let error = Client::builder()
+            .connect(RedisOptions::new(url))
+            .await
+            .unwrap_err();
+        assert_eq!(error.code(), Code::InvalidArgument, "{url}: {error}");
+    }
 }
 
 fn instance_router(name: &'static str, events: Arc<Mutex<Vec<&'static str>>>) -> Router {

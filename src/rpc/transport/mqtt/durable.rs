@@ -33,6 +33,10 @@ use tokio::sync::mpsc;
 /// [`MqttServer::shared_group`](super::MqttServer::shared_group) the instances' sessions share
 /// the events.
 ///
+/// The topic is the same one NestJS publishes events on: a NestJS client's events (QoS 0) reach
+/// durable handlers too, but with QoS 0's guarantee only (at most once, not kept for an absent
+/// session).
+///
 /// ```no_run
 /// use palisade::rpc::transport::mqtt::{DurableEvents, MqttOptions, MqttServer};
 /// use std::time::Duration;

@@ -104,7 +104,8 @@ pub struct MqttOptions {
 
 impl MqttOptions {
     /// Options for the broker at `url` (`mqtt://[user:password@]host[:port]`, port 1883 by
-    /// default; `tcp://` is accepted too).
+    /// default; `tcp://` is accepted too). TLS (`mqtts://`) and WebSockets are not built in: such
+    /// a URL is refused with `InvalidArgument`.
     pub fn new(url: impl Into<String>) -> Self {
         MqttOptions {
             url: url.into(),

@@ -38,6 +38,10 @@ pub const BODY_FIELD: &str = "body";
 /// Events of one route are handled one at a time, in stream order (a failed one waits for its
 /// retry while the next ones go ahead).
 ///
+/// Durable event routes are read from streams only: events that NestJS clients (or palisade
+/// clients without [`durable_events`](super::RedisTransport::durable_events)) `PUBLISH` on the
+/// channel do not reach them. Request patterns are served over pub/sub as usual.
+///
 /// ```no_run
 /// use palisade::rpc::transport::redis::{DurableEvents, RedisOptions, RedisServer};
 /// use std::time::Duration;

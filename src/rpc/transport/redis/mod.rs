@@ -91,7 +91,8 @@ pub struct RedisOptions {
 
 impl RedisOptions {
     /// Options for the Redis at `url` (`redis://[:password@]host[:port][/db]`,
-    /// `redis://user:password@host`, ...).
+    /// `redis://user:password@host`, ...). TLS (`rediss://`) is not built in: connecting fails
+    /// with a clear error.
     pub fn new(url: impl Into<String>) -> Self {
         RedisOptions {
             url: url.into(),
