@@ -167,3 +167,39 @@ async fn messages_that_are_not_nestjs_packets_are_events_with_the_whole_message_
 fn port(url: &str) -> u16 {
     url.rsplit(':').next().unwrap().parse().unwrap()
 }
+
+/// Two palisade instances in a shared group look like one NestJS service to a NestJS client:
+/// every answer once (two NestJS servers would double the `count` stream).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nestjs_client_sees_two_palisade_instances_in_a_shared_group_as_one_service() {
+    let broker = Broker::start();
+    let nest = NestService::start(&["mqtt", &broker.url()]);
+    let url = broker.url();
+    let expected = tokio::task::spawn_blocking(move || run_client(&["mqtt", &url]))
+        .await
+        .unwrap();
+    drop(nest);
+
+    // One event store: the group gives the event to one instance, `last-events` may go to the
+    // other.
+    let events = Arc::default();
+    let mut instances = Vec::new();
+    for _ in 0..2 {
+        instances.push(
+            MqttServer::new(MqttOptions::new(broker.url()))
+                .shared_group("nest-like")
+                .serve(Server::new(support::nest_like::router(Arc::clone(&events))))
+                .await
+                .unwrap(),
+        );
+    }
+    let url = broker.url();
+    let report = tokio::task::spawn_blocking(move || run_client(&["mqtt", &url]))
+        .await
+        .unwrap();
+    for instance in instances {
+        instance.shutdown().await;
+    }
+    assert_eq!(report, expected);
+    assert_eq!(report["count"]["value"], json!([1, 2, 3]));
+}

@@ -124,3 +124,52 @@ async fn messages_that_are_not_nestjs_packets_are_events_with_the_whole_message_
     assert_eq!(second.unwrap().unwrap(), json!({"id": "bare-object"}));
     server.shutdown().await;
 }
+
+/// Two palisade instances with a single responder look like one NestJS service to a NestJS
+/// client: every answer once (two NestJS servers would double the `count` stream).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nestjs_client_sees_two_palisade_instances_with_a_single_responder_as_one_service() {
+    let broker = Broker::start();
+    let nest = NestService::start(&["redis", &broker.url()]);
+    let url = broker.url();
+    let expected = tokio::task::spawn_blocking(move || run_client(&["redis", &url]))
+        .await
+        .unwrap();
+    drop(nest);
+
+    let events = Arc::default();
+    let mut instances = Vec::new();
+    for _ in 0..2 {
+        instances.push(
+            RedisServer::new(RedisOptions::new(broker.url()))
+                .single_responder("nest-like", Duration::from_millis(600))
+                .serve(Server::new(support::nest_like::router(Arc::clone(&events))))
+                .await
+                .unwrap(),
+        );
+    }
+    // Wait for the election.
+    let probe = Client::builder()
+        .timeout(Duration::from_secs(1))
+        .connect(RedisOptions::new(broker.url()))
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while probe
+        .send::<Value>("last-events", &json!({}))
+        .await
+        .is_err()
+    {
+        assert!(Instant::now() < deadline, "no responder elected");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let url = broker.url();
+    let report = tokio::task::spawn_blocking(move || run_client(&["redis", &url]))
+        .await
+        .unwrap();
+    for instance in instances {
+        instance.shutdown().await;
+    }
+    assert_eq!(report, expected);
+    assert_eq!(report["count"]["value"], json!([1, 2, 3]));
+}
