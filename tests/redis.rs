@@ -659,3 +659,69 @@ async fn a_responder_that_lost_its_lease_stands_by_and_an_expired_lease_is_taken
     a.shutdown().await;
     b.shutdown().await;
 }
+
+/// Redis goes silent without closing the connections (here: `CLIENT PAUSE`, as a network
+/// partition would): the health check notices, requests in flight fail instead of waiting for
+/// their deadline, and everything comes back once Redis answers again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_redis_is_noticed_by_the_health_check() {
+    let _serial = SERIAL.lock().await;
+    let broker = Broker::start();
+    let options = || {
+        options(&broker)
+            .health_check(Duration::from_millis(100))
+            .response_timeout(Duration::from_millis(300))
+    };
+    let server = RedisServer::new(options())
+        .serve(
+            Server::new(
+                Router::new()
+                    .message("slow", || async {
+                        sleep(Duration::from_secs(60)).await;
+                        "never"
+                    })
+                    .message("echo", |Payload(v): Payload<u64>| async move { v }),
+            )
+            .grace_period(Duration::from_millis(100)),
+        )
+        .await
+        .unwrap();
+    let client = Client::builder()
+        .timeout(Duration::from_secs(30))
+        .connect(options())
+        .await
+        .unwrap();
+    assert_eq!(client.send::<u64>("echo", &1).await.unwrap(), 1);
+    let slow = {
+        let client = client.clone();
+        tokio::spawn(async move { client.send::<String>("slow", &()).await })
+    };
+    sleep(Duration::from_millis(100)).await;
+    let redis = redis::Client::open(broker.url()).unwrap();
+    let mut admin = redis.get_multiplexed_async_connection().await.unwrap();
+    let _: () = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(2000)
+        .arg("ALL")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let paused = Instant::now();
+    let error = tokio::time::timeout(Duration::from_secs(5), slow)
+        .await
+        .expect("the request in flight waited for its deadline")
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(
+        error.transport_kind(),
+        Some(TransportErrorKind::ConnectionLost),
+        "{error}"
+    );
+    assert!(
+        paused.elapsed() < Duration::from_millis(1500),
+        "{:?}",
+        paused.elapsed()
+    );
+    support::until_echo_answers(&client, Duration::from_secs(10), Duration::from_millis(50)).await;
+    server.shutdown().await;
+}

@@ -232,6 +232,7 @@ impl Shared {
 /// Reads replies; on a lost connection fails what is pending and reconnects with backoff.
 async fn supervise(shared: Arc<Shared>, mut replies: PubSubStream, stop: CancellationToken) {
     loop {
+        let mut health = shared.options.health_timer();
         loop {
             tokio::select! {
                 biased;
@@ -239,6 +240,15 @@ async fn supervise(shared: Arc<Shared>, mut replies: PubSubStream, stop: Cancell
                     Some(message) => deliver(&shared.pending, &message),
                     None => break,
                 },
+                _ = health.tick() => {
+                    let sink = shared.link.lock().await.clone();
+                    if let Some(mut sink) = sink
+                        && !shared.options.healthy(&mut sink).await
+                    {
+                        tracing::warn!("Redis did not answer a PING in time");
+                        break;
+                    }
+                }
                 _ = stop.cancelled() => {
                     shared.pending.close(&RpcError::transport(
                         TransportErrorKind::ConnectionLost,

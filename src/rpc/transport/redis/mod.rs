@@ -86,6 +86,7 @@ pub struct RedisOptions {
     url: String,
     connection_timeout: Duration,
     response_timeout: Duration,
+    health_check: Duration,
     reconnect: (Duration, Duration),
 }
 
@@ -98,6 +99,7 @@ impl RedisOptions {
             url: url.into(),
             connection_timeout: Duration::from_secs(5),
             response_timeout: Duration::from_secs(5),
+            health_check: Duration::from_secs(5),
             reconnect: (Duration::from_millis(100), Duration::from_secs(5)),
         }
     }
@@ -113,6 +115,33 @@ impl RedisOptions {
     pub fn response_timeout(mut self, timeout: Duration) -> Self {
         self.response_timeout = timeout;
         self
+    }
+
+    /// How often a subscriber connection is checked with a `PING` (default 5 s): one Redis does
+    /// not answer within the [response timeout](Self::response_timeout) counts as lost — requests
+    /// in flight fail and the connection is replaced — so that a Redis or network gone silent
+    /// without closing the connection is noticed.
+    pub fn health_check(mut self, interval: Duration) -> Self {
+        self.health_check = interval.max(Duration::from_millis(10));
+        self
+    }
+
+    /// A timer for [`health_check`](Self::health_check); its first tick is one interval away.
+    pub(crate) fn health_timer(&self) -> tokio::time::Interval {
+        let mut timer = tokio::time::interval_at(
+            tokio::time::Instant::now() + self.health_check,
+            self.health_check,
+        );
+        timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        timer
+    }
+
+    /// `PING`s a subscriber connection; `false` when Redis did not answer in time.
+    pub(crate) async fn healthy(&self, sink: &mut redis::aio::PubSubSink) -> bool {
+        matches!(
+            tokio::time::timeout(self.response_timeout, sink.ping::<redis::Value>()).await,
+            Ok(Ok(_))
+        )
     }
 
     /// Delays between reconnection attempts: `initial`, doubling (with ±20% jitter) up to `max`
@@ -224,6 +253,7 @@ impl fmt::Debug for RedisOptions {
             .field("url", &self.url_text())
             .field("connection_timeout", &self.connection_timeout)
             .field("response_timeout", &self.response_timeout)
+            .field("health_check", &self.health_check)
             .field("reconnect", &self.reconnect)
             .finish()
     }

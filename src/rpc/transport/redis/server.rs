@@ -191,6 +191,7 @@ impl Serving {
         let mut draining = std::pin::pin!(self.dispatcher.draining());
         let mut stop = std::pin::pin!(stop);
         let mut attempt = 0u32;
+        let mut health = self.options.health_timer();
         loop {
             let Some(messages) = stream.as_mut() else {
                 // (Re)connect, with backoff after a failure.
@@ -226,6 +227,14 @@ impl Serving {
                 tokio::select! {
                     biased;
                     message = messages.stream.next() => Some(message),
+                    _ = health.tick() => {
+                        if self.options.healthy(&mut messages.sink).await {
+                            continue;
+                        }
+                        tracing::warn!("Redis did not answer the server's PING in time");
+                        // As if the connection had closed: reconnect.
+                        Some(None)
+                    }
                     _ = &mut draining => None,
                     _ = &mut stop => {
                         self.step_down(stream.take(), &routes).await;
