@@ -42,8 +42,9 @@
 //! - **One long-lived subscription per reply channel**, made before the first request on a
 //!   pattern is published and kept, instead of NestJS's subscribe/unsubscribe around every
 //!   request.
-//! - **Broker loss** fails every request in flight at once with `Unavailable`; clients and servers
-//!   reconnect with backoff and restore their subscriptions.
+//! - **Broker loss** fails every request in flight at once with `Unavailable` (a Redis gone silent
+//!   without closing the connection: at the next [health check](RedisOptions::health_check));
+//!   clients and servers reconnect with backoff and restore their subscriptions.
 //! - The deadline (`palisade-timeout-ms`) and your headers travel in the envelope's `"headers"`
 //!   field, which NestJS ignores.
 //! - [Durable events](DurableEvents) (opt-in): Redis Streams with a consumer group — at-least-once
