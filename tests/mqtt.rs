@@ -538,3 +538,72 @@ async fn a_failing_durable_event_is_retried_with_backoff_and_a_poison_one_is_dea
     server.shutdown().await;
     watching.abort();
 }
+
+/// The broker goes silent without closing the connections (frozen, as in a network partition):
+/// the keep-alive notices, requests in flight fail instead of waiting for their deadline, and
+/// everything comes back once the broker answers again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_broker_is_noticed_by_the_keep_alive() {
+    let _serial = SERIAL.lock().await;
+    let broker = Broker::start();
+    let options = || options(&broker).keep_alive(Duration::from_secs(1));
+    let server = MqttServer::new(options())
+        .serve(
+            Server::new(
+                Router::new()
+                    .message("slow", || async {
+                        sleep(Duration::from_secs(60)).await;
+                        "never"
+                    })
+                    .message("echo", |Payload(v): Payload<u64>| async move { v }),
+            )
+            .grace_period(Duration::from_millis(100)),
+        )
+        .await
+        .unwrap();
+    let client = Client::builder()
+        .timeout(Duration::from_secs(30))
+        .connect(options())
+        .await
+        .unwrap();
+    assert_eq!(client.send::<u64>("echo", &1).await.unwrap(), 1);
+    let slow = {
+        let client = client.clone();
+        tokio::spawn(async move { client.send::<String>("slow", &()).await })
+    };
+    sleep(Duration::from_millis(100)).await;
+    broker.freeze();
+    let frozen = Instant::now();
+    let outcome = tokio::time::timeout(Duration::from_secs(6), slow).await;
+    broker.thaw();
+    let error = outcome
+        .expect("the request in flight waited for its deadline")
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(
+        error.transport_kind(),
+        Some(TransportErrorKind::ConnectionLost),
+        "{error}"
+    );
+    assert!(
+        frozen.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        frozen.elapsed()
+    );
+    // Back: a short deadline while the server may not have resubscribed yet (silence).
+    let impatient = Client::builder()
+        .timeout(Duration::from_millis(500))
+        .connect(options())
+        .await
+        .unwrap();
+    let thawed = Instant::now();
+    while impatient.send::<u64>("echo", &2).await.is_err() {
+        assert!(
+            thawed.elapsed() < Duration::from_secs(10),
+            "never answered again"
+        );
+        sleep(Duration::from_millis(50)).await;
+    }
+    support::until_echo_answers(&client, Duration::from_secs(10), Duration::from_millis(50)).await;
+    server.shutdown().await;
+}
