@@ -108,6 +108,18 @@ async fn a_nestjs_client_sees_a_palisade_server_exactly_as_a_nestjs_server_over_
         .await
         .unwrap();
     server.shutdown().await;
+    // The same from a palisade server speaking MQTT 5 (the broker translates).
+    let mqtt5 = Broker::start();
+    let server = MqttServer::new(MqttOptions::new(mqtt5.url()).version(MqttVersion::V5))
+        .serve(Server::new(support::nest_like::router(Arc::default())))
+        .await
+        .unwrap();
+    let url = mqtt5.url();
+    let report5 = tokio::task::spawn_blocking(move || run_client(&["mqtt", &url]))
+        .await
+        .unwrap();
+    server.shutdown().await;
+    assert_eq!(report5, expected);
 
     assert_eq!(report, expected);
     assert_eq!(report["getUser"]["value"]["email"], "user42@example.com");
