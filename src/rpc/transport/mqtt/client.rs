@@ -10,7 +10,7 @@ use futures_util::future::BoxFuture;
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashSet};
 use std::fmt;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{Notify, mpsc};
@@ -93,6 +93,8 @@ struct Shared {
     /// subscription at a time, so the next acknowledgement is the holder's.
     acks: tokio::sync::Mutex<mpsc::UnboundedReceiver<Vec<bool>>>,
     durable_events: bool,
+    /// Counts the connections to the broker: a restoration belongs to one.
+    generation: AtomicU64,
     /// Requests with a deadline, earliest first: see [`watch_silence`].
     silences: Mutex<BinaryHeap<Reverse<(Instant, u64)>>>,
     earlier: Notify,
@@ -131,6 +133,7 @@ impl MqttConnection {
             topics: Mutex::new(HashSet::new()),
             acks: tokio::sync::Mutex::new(acks),
             durable_events,
+            generation: AtomicU64::new(0),
             silences: Mutex::new(BinaryHeap::new()),
             earlier: Notify::new(),
         });
@@ -234,25 +237,45 @@ impl Shared {
         Ok(())
     }
 
-    /// After a reconnection: subscribes every reply topic again, then takes requests again.
-    async fn restore(self: Arc<Self>) {
-        let mut acks = self.acks.lock().await;
-        let topics: Vec<String> = self
-            .topics
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .map(|t| t.to_string())
-            .collect();
-        if !topics.is_empty()
-            && let Err(error) = self.subscribe(&mut acks, topics).await
-        {
-            // The connection is probably gone again; the event loop reconnects and retries.
-            tracing::warn!(%error, "could not restore the reply subscriptions");
-            return;
+    /// After the reconnection numbered `generation`: subscribes every reply topic again (retrying
+    /// with backoff while that connection lasts), then takes requests again.
+    async fn restore(self: Arc<Self>, generation: u64) {
+        let mut attempt = 0;
+        loop {
+            if self.generation.load(Ordering::SeqCst) != generation || self.pending.is_closed() {
+                // A newer connection restores its own; or the client is gone.
+                return;
+            }
+            let restored = {
+                let mut acks = self.acks.lock().await;
+                let topics: Vec<String> = self
+                    .topics
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .iter()
+                    .map(|t| t.to_string())
+                    .collect();
+                if topics.is_empty() {
+                    Ok(())
+                } else {
+                    self.subscribe(&mut acks, topics).await
+                }
+            };
+            match restored {
+                Ok(()) => {
+                    if self.generation.load(Ordering::SeqCst) == generation {
+                        self.connected.store(true, Ordering::SeqCst);
+                        tracing::info!(broker = %self.options.address_text(), "reconnected to the MQTT broker");
+                    }
+                    return;
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "could not restore the reply subscriptions; retrying");
+                    tokio::time::sleep(self.options.backoff(attempt)).await;
+                    attempt = attempt.saturating_add(1);
+                }
+            }
         }
-        self.connected.store(true, Ordering::SeqCst);
-        tracing::info!(broker = %self.options.address_text(), "reconnected to the MQTT broker");
     }
 
     async fn publish(&self, topic: &str, qos: Qos, payload: Bytes) -> Result<(), RpcError> {
@@ -298,10 +321,13 @@ async fn run(
             Ok(Event::ConnAck) => {
                 attempt = 0;
                 // Clean session: the broker forgot the subscriptions.
-                tokio::spawn(Arc::clone(&shared).restore());
+                let generation = shared.generation.fetch_add(1, Ordering::SeqCst) + 1;
+                tokio::spawn(Arc::clone(&shared).restore(generation));
             }
             Ok(_) => {}
             Err(error) => {
+                // A restoration under way belongs to the connection just lost.
+                shared.generation.fetch_add(1, Ordering::SeqCst);
                 if shared.connected.swap(false, Ordering::SeqCst) {
                     tracing::warn!(%error, broker = %shared.options.address_text(), "lost the connection to the MQTT broker; reconnecting");
                 }
