@@ -191,10 +191,7 @@ pub(super) async fn start(
 }
 
 fn subscribe(client: &Link, filters: &[String]) {
-    // Not awaited: the caller is the task that sends queued requests.
-    if let Err(error) = client.try_subscribe_many(filters, Qos::AtLeastOnce) {
-        tracing::warn!(%error, "could not subscribe the durable events");
-    }
+    super::server::subscribe_soon(client, filters, Qos::AtLeastOnce);
 }
 
 /// Hands an event to its topic's lane.

@@ -156,13 +156,7 @@ struct Reader {
 
 impl Reader {
     fn subscribe(&self) {
-        // Not awaited: this task is the one that sends queued requests.
-        if let Err(error) = self
-            .client
-            .try_subscribe_many(&self.filters, Qos::AtMostOnce)
-        {
-            tracing::warn!(%error, "could not subscribe on MQTT");
-        }
+        subscribe_soon(&self.client, &self.filters, Qos::AtMostOnce);
     }
 
     async fn run(
@@ -264,6 +258,20 @@ impl Reader {
             }
         };
         let _ = tokio::time::timeout(std::time::Duration::from_secs(5), disconnecting).await;
+    }
+}
+
+/// Queues a subscription from the task that polls the event loop, which must not wait for room in
+/// the request queue it drains itself: when the queue is full, a task of its own waits instead.
+pub(super) fn subscribe_soon(client: &Link, filters: &[String], qos: Qos) {
+    if client.try_subscribe_many(filters, qos).is_err() {
+        let client = client.clone();
+        let filters = filters.to_vec();
+        tokio::spawn(async move {
+            if let Err(error) = client.subscribe_many(filters, qos).await {
+                tracing::warn!(%error, "could not subscribe on MQTT");
+            }
+        });
     }
 }
 
