@@ -11,6 +11,10 @@
 //!                                            # over RabbitMQ (AMQP_URL, default amqp://127.0.0.1:5672)
 //! cargo run --example demo --features kafka -- --transport kafka
 //!                                            # over Kafka, with the broker killed and restarted
+//! cargo run --example demo --features redis -- --transport redis
+//!                                            # over Redis pub/sub (REDIS_URL, default redis://127.0.0.1:6379)
+//! cargo run --example demo --features mqtt -- --transport mqtt
+//!                                            # over MQTT (MQTT_URL, default mqtt://127.0.0.1:1883)
 //! ```
 //!
 //! Kafka: the demo uses the brokers in `KAFKA_BROKERS` (then the broker fault is injected as
@@ -129,6 +133,8 @@ enum Transport {
     Nats,
     RabbitMq,
     Kafka,
+    Redis,
+    Mqtt,
 }
 
 /// What the command line asked for.
@@ -139,7 +145,7 @@ struct Options {
 }
 
 const USAGE: &str = "\
-usage: cargo run --example demo [--features rabbitmq|kafka] -- [--transport <name>] [--svg <file>]
+usage: cargo run --example demo [--features nats|rabbitmq|kafka|redis|mqtt] -- [--transport <name>] [--svg <file>]
 
   --svg <file>   where to write the run's timeline as a picture (default: palisade-demo.svg in
                  the system's temporary directory)
@@ -151,6 +157,8 @@ transports:
   rabbitmq   NestJS-compatible RabbitMQ (AMQP_URL, default amqp://127.0.0.1:5672); --features rabbitmq
   kafka      NestJS-compatible Kafka (KAFKA_BROKERS, or a Tansu broker the demo starts and kills
              mid-run); --features kafka
+  redis      NestJS-compatible Redis (REDIS_URL, default redis://127.0.0.1:6379); --features redis
+  mqtt       NestJS-compatible MQTT (MQTT_URL, default mqtt://127.0.0.1:1883); --features mqtt
 ";
 
 /// `--transport <name>` (or `=<name>`) and `--svg <file>`; anything else is an error (or `--help`).
@@ -174,19 +182,24 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Options, String>
             "-h" | "--help" => return Err(String::new()),
             "--svg" => options.svg = value("a file name")?.into(),
             "--transport" => {
-                options.transport =
-                    match value("a name: memory, tcp, nats, rabbitmq or kafka")?.as_str() {
-                        "memory" => Transport::Memory,
-                        "tcp" => Transport::Tcp,
-                        "nats" => Transport::Nats,
-                        "rabbitmq" => Transport::RabbitMq,
-                        "kafka" => Transport::Kafka,
-                        other => {
-                            return Err(format!(
-                                "unknown transport {other:?}: memory, tcp, nats, rabbitmq or kafka"
-                            ));
-                        }
+                options.transport = match value(
+                    "a name: memory, tcp, nats, rabbitmq, kafka, redis or mqtt",
+                )?
+                .as_str()
+                {
+                    "memory" => Transport::Memory,
+                    "tcp" => Transport::Tcp,
+                    "nats" => Transport::Nats,
+                    "rabbitmq" => Transport::RabbitMq,
+                    "kafka" => Transport::Kafka,
+                    "redis" => Transport::Redis,
+                    "mqtt" => Transport::Mqtt,
+                    other => {
+                        return Err(format!(
+                            "unknown transport {other:?}: memory, tcp, nats, rabbitmq, kafka, redis or mqtt"
+                        ));
                     }
+                }
             }
             _ => return Err(format!("unknown argument {arg:?}")),
         }
@@ -288,6 +301,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let (client, server): (Client, ServerHandle) = match transport {
         Transport::RabbitMq => rabbitmq_pair(server, builder).await?,
         Transport::Nats => nats_pair(server, builder).await?,
+        Transport::Redis => redis_pair(server, builder).await?,
+        Transport::Mqtt => mqtt_pair(server, builder).await?,
         Transport::Kafka => {
             let (client, server, started) = kafka::pair(server, builder).await?;
             broker = started;
@@ -324,6 +339,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             Transport::RabbitMq => "RabbitMQ (NestJS wire)",
             Transport::Nats => "NATS (NestJS wire)",
             Transport::Kafka => "Kafka (NestJS wire)",
+            Transport::Redis => "Redis (NestJS wire)",
+            Transport::Mqtt => "MQTT (NestJS wire)",
             Transport::Tcp => "TCP (NestJS wire)",
             Transport::Memory => "in-memory",
         }
@@ -632,6 +649,48 @@ async fn rabbitmq_pair(
     _: palisade::rpc::ClientBuilder,
 ) -> Result<(Client, ServerHandle), Box<dyn std::error::Error>> {
     Err("build the demo with `--features rabbitmq` for --transport rabbitmq".into())
+}
+
+/// The server and client over Redis pub/sub.
+#[cfg(feature = "redis")]
+async fn redis_pair(
+    server: Server,
+    builder: palisade::rpc::ClientBuilder,
+) -> Result<(Client, ServerHandle), Box<dyn std::error::Error>> {
+    use palisade::rpc::transport::redis::{RedisOptions, RedisServer};
+    let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned());
+    let options = RedisOptions::new(url);
+    let server = server.serve(RedisServer::new(options.clone())).await?;
+    Ok((builder.connect(options).await?, server))
+}
+
+#[cfg(not(feature = "redis"))]
+async fn redis_pair(
+    _: Server,
+    _: palisade::rpc::ClientBuilder,
+) -> Result<(Client, ServerHandle), Box<dyn std::error::Error>> {
+    Err("build the demo with `--features redis` for --transport redis".into())
+}
+
+/// The server and client over MQTT.
+#[cfg(feature = "mqtt")]
+async fn mqtt_pair(
+    server: Server,
+    builder: palisade::rpc::ClientBuilder,
+) -> Result<(Client, ServerHandle), Box<dyn std::error::Error>> {
+    use palisade::rpc::transport::mqtt::{MqttOptions, MqttServer};
+    let url = std::env::var("MQTT_URL").unwrap_or_else(|_| "mqtt://127.0.0.1:1883".to_owned());
+    let options = MqttOptions::new(url);
+    let server = server.serve(MqttServer::new(options.clone())).await?;
+    Ok((builder.connect(options).await?, server))
+}
+
+#[cfg(not(feature = "mqtt"))]
+async fn mqtt_pair(
+    _: Server,
+    _: palisade::rpc::ClientBuilder,
+) -> Result<(Client, ServerHandle), Box<dyn std::error::Error>> {
+    Err("build the demo with `--features mqtt` for --transport mqtt".into())
 }
 
 /// Kafka: the brokers in `KAFKA_BROKERS`, or a Tansu broker of the demo's own.
