@@ -21,7 +21,7 @@
 //! **Messaging** — [`rpc`]: the Rust answer to NestJS microservices. A [`Client`](rpc::Client)
 //! with `send`, `send_stream` and `emit`; a [`Router`](rpc::Router) of async handlers with typed
 //! extractors; an [`RpcError`](rpc::RpcError) in NestJS's shapes; and transports — in-memory, TCP,
-//! NATS, RabbitMQ and Kafka — wire-compatible with NestJS, so palisade services and NestJS services
+//! NATS, RabbitMQ, Kafka, Redis and MQTT — wire-compatible with NestJS, so palisade services and NestJS services
 //! call each other.
 //!
 //! # Feature flags
@@ -31,6 +31,8 @@
 //! | `tcp` | yes | [`rpc::transport::tcp`]: NestJS `Transport.TCP` (`socket2`) |
 //! | `nats` | | [`rpc::transport::nats`]: NestJS `Transport.NATS`, durable events on JetStream (`async-nats`) |
 //! | `rabbitmq` | | [`rpc::transport::rabbitmq`]: NestJS `Transport.RMQ` (`lapin`) |
+//! | `redis` | | [`rpc::transport::redis`]: NestJS `Transport.REDIS`, durable events on Redis Streams (`redis`) |
+//! | `mqtt` | | [`rpc::transport::mqtt`]: NestJS `Transport.MQTT`, MQTT 3.1.1 and 5, shared subscriptions and durable events (`rumqttc`) |
 //! | `kafka` | | [`rpc::transport::kafka`]: NestJS `Transport.KAFKA` (`rdkafka`; builds librdkafka, which needs a C/C++ compiler) |
 //! | `metrics` | | client and server metrics through the `metrics` facade: `rpc.{client,server}.call.duration` and `rpc.{client,server}.requests` per pattern, status code and (server) transport (OpenTelemetry's RPC names) |
 //! | `opentelemetry` | | a request's `traceparent`/`tracestate` continue the caller's OpenTelemetry trace (through `tracing-opentelemetry`), and the server's span becomes the caller's child |

@@ -438,6 +438,28 @@ mod tests {
     }
 
     #[test]
+    fn the_maximum_is_inclusive_when_writing_too() {
+        let mut codec = JsonFrameCodec::new(4);
+        assert_eq!(codec.max_units(), 4);
+        assert!(format!("{codec:?}").contains("max_units: 4"));
+        let mut out = BytesMut::new();
+        codec.encode(Bytes::from_static(b"null"), &mut out).unwrap();
+        assert_eq!(&out[..], b"4#null");
+        assert!(matches!(
+            codec.encode(Bytes::from_static(b"false"), &mut out),
+            Err(FrameError::TooLarge {
+                declared: 5,
+                max: 4
+            })
+        ));
+        assert_eq!(
+            framed(4, |json| json.extend_from_slice(b"true")).unwrap(),
+            b"4#true"
+        );
+        assert_eq!(framed(4, |json| json.extend_from_slice(b"false")), Err(5));
+    }
+
+    #[test]
     fn an_io_error_is_the_source_of_a_frame_error() {
         use std::error::Error as _;
         let error = FrameError::from(std::io::Error::new(
