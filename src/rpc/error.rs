@@ -274,6 +274,29 @@ impl RpcError {
         error
     }
 
+    /// [`internal`](Self::internal) for a failure you can describe: `message` is logged here (at
+    /// `error` level, with the code's location) and the caller gets only NestJS's "Internal
+    /// server error", so no internal detail crosses the wire.
+    ///
+    /// ```
+    /// use palisade::rpc::{Code, RpcError, INTERNAL_SERVER_ERROR};
+    ///
+    /// let error = RpcError::internal_with("the users table is locked");
+    /// assert_eq!(error.code(), Code::Internal);
+    /// assert_eq!(error.message(), INTERNAL_SERVER_ERROR);
+    /// assert_eq!(error.err(), serde_json::json!({"status": "error", "message": "Internal server error"}));
+    /// ```
+    #[track_caller]
+    pub fn internal_with(message: impl fmt::Display) -> Self {
+        let location = std::panic::Location::caller();
+        tracing::error!(
+            error = %message,
+            at = %location,
+            "internal error; replying \"Internal server error\""
+        );
+        RpcError::internal()
+    }
+
     /// NestJS's reply for a pattern no handler matches.
     pub fn no_handler() -> Self {
         let mut error = RpcError::new(Code::Unimplemented, NO_HANDLER_MESSAGE);
@@ -425,15 +448,38 @@ impl PartialEq for RpcError {
     }
 }
 
+/// Shows what a reader needs — the code, the message, and only the details that are there: the
+/// transport's kind, the retry-after hint, and the wire `err` as compact JSON when it says more
+/// than the message.
 impl fmt::Debug for RpcError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("RpcError")
+        /// Writes a JSON value as its text rather than `serde_json`'s nested `Object {..}` form.
+        struct JsonText<'a>(&'a Value);
+        impl fmt::Debug for JsonText<'_> {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                fmt::Display::fmt(self.0, f)
+            }
+        }
+        let mut debug = f.debug_struct("RpcError");
+        debug
             .field("code", &self.0.code)
-            .field("message", &self.0.message)
-            .field("transport_kind", &self.0.kind)
-            .field("err", &self.0.err)
-            .field("retry_after", &self.0.retry_after)
-            .finish()
+            .field("message", &self.0.message);
+        if let Some(kind) = self.0.kind {
+            debug.field("transport_kind", &kind);
+        }
+        if let Some(after) = self.0.retry_after {
+            debug.field("retry_after", &after);
+        }
+        let says_more = match &self.0.err {
+            None => false,
+            Some(Value::String(text)) => *text != self.0.message,
+            Some(Value::Object(map)) => map.keys().any(|key| key != "status" && key != "message"),
+            Some(_) => true,
+        };
+        if let Some(err) = self.0.err.as_ref().filter(|_| says_more) {
+            debug.field("err", &JsonText(err));
+        }
+        debug.finish()
     }
 }
 
@@ -524,6 +570,36 @@ mod tests {
             (Code::Unavailable, Some(Duration::from_millis(1500)))
         );
         assert!(back.is_transient());
+    }
+
+    #[test]
+    fn debug_output_is_readable() {
+        assert_eq!(
+            format!("{:?}", RpcError::not_found("no user 7")),
+            r#"RpcError { code: NotFound, message: "no user 7" }"#
+        );
+        assert_eq!(
+            format!("{:?}", RpcError::internal()),
+            r#"RpcError { code: Internal, message: "Internal server error" }"#
+        );
+        let domain = RpcError::exception_object(json!({"code": "USER_NOT_FOUND", "message": "m"}));
+        assert_eq!(
+            format!("{domain:?}"),
+            r#"RpcError { code: Application, message: "m", err: {"code":"USER_NOT_FOUND","message":"m"} }"#
+        );
+        let busy = RpcError::transport(TransportErrorKind::NotConnected, "reconnecting")
+            .with_retry_after(Duration::from_millis(1500));
+        assert_eq!(
+            format!("{busy:?}"),
+            r#"RpcError { code: Unavailable, message: "reconnecting", transport_kind: NotConnected, retry_after: 1.5s }"#
+        );
+    }
+
+    #[test]
+    fn internal_with_sends_only_the_generic_message() {
+        let error = RpcError::internal_with("disk full on /var/db");
+        assert_eq!(error, RpcError::internal());
+        assert!(!format!("{error:?}{error}").contains("disk"));
     }
 
     #[test]

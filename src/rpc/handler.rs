@@ -35,6 +35,12 @@ impl fmt::Debug for Reply {
 }
 
 /// Turns what a handler returns into a [`Reply`].
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` cannot be a handler's reply: it does not implement `IntoReply`",
+    label = "not a reply",
+    note = "a handler returns a value (String, numbers, bool, Vec<T>, Option<T>, serde_json::Value, `()`), `Json<T>` for any `T: Serialize`, `Result<T, E>` (T: Serialize, E: Into<BoxError>), or `Streaming<S>`",
+    note = "a struct of your own goes in `Json(..)` or a `Result`: `Ok::<_, RpcError>(user)`"
+)]
 ///
 /// Implemented for `Result<T, E>` (`T: Serialize`; any error `E` — an [`RpcError`] goes to the
 /// caller as is, anything else is logged in full on the server and reaches the caller as NestJS's
@@ -144,15 +150,78 @@ impl<T: Serialize> IntoReply for Option<T> {
 
 /// A handler reply of several values, like a NestJS handler returning an `Observable`.
 ///
-/// ```
-/// use palisade::rpc::{Payload, Streaming};
-/// use futures_util::stream;
+/// Build one from values ([`iter`](Streaming::iter)), from results that may fail part-way
+/// ([`try_iter`](Streaming::try_iter)), from any stream of values
+/// ([`from_stream`](Streaming::from_stream)), or wrap a stream of `Result`s directly:
+/// `Streaming(stream)`. Each value goes out as one packet; an error ends the stream with that
+/// error.
 ///
-/// async fn count(Payload(n): Payload<u32>) -> Streaming<impl futures_core::Stream<Item = Result<u32, palisade::rpc::RpcError>>> {
-///     Streaming(stream::iter((1..=n).map(Ok)))
+/// ```
+/// use futures_core::Stream;
+/// use palisade::rpc::{Payload, RpcError, Streaming};
+///
+/// async fn count(Payload(n): Payload<u32>) -> Streaming<impl Stream<Item = Result<u32, RpcError>>> {
+///     Streaming::iter(1..=n)
 /// }
 /// ```
 pub struct Streaming<S>(pub S);
+
+impl Streaming<()> {
+    /// A stream of these values.
+    ///
+    /// ```
+    /// # use futures_core::Stream;
+    /// # use palisade::rpc::{RpcError, Streaming};
+    /// async fn colours() -> Streaming<impl Stream<Item = Result<&'static str, RpcError>>> {
+    ///     Streaming::iter(["red", "green", "blue"])
+    /// }
+    /// ```
+    pub fn iter<I>(values: I) -> Streaming<impl Stream<Item = Result<I::Item, RpcError>>>
+    where
+        I: IntoIterator,
+    {
+        Streaming(futures_util::stream::iter(values.into_iter().map(Ok)))
+    }
+
+    /// A stream of these results: values until the first error, which ends the stream (an
+    /// [`RpcError`] reaches the caller as it is; any other error as "Internal server error",
+    /// logged here).
+    ///
+    /// ```
+    /// # use futures_core::Stream;
+    /// # use palisade::rpc::{RpcError, Streaming};
+    /// async fn pages() -> Streaming<impl Stream<Item = Result<u32, RpcError>>> {
+    ///     Streaming::try_iter([Ok(1), Ok(2), Err(RpcError::not_found("page 3 is gone"))])
+    /// }
+    /// ```
+    pub fn try_iter<I, T, E>(results: I) -> Streaming<impl Stream<Item = Result<T, E>>>
+    where
+        I: IntoIterator<Item = Result<T, E>>,
+    {
+        Streaming(futures_util::stream::iter(results))
+    }
+
+    /// A stream of the values `stream` yields (a stream that cannot fail; one of `Result`s goes
+    /// in [`Streaming`] directly).
+    ///
+    /// ```
+    /// # use futures_core::Stream;
+    /// # use palisade::rpc::{RpcError, Streaming};
+    /// use tokio::sync::mpsc;
+    ///
+    /// async fn ticks() -> Streaming<impl Stream<Item = Result<u64, RpcError>>> {
+    ///     let (tx, mut rx) = mpsc::channel(4);
+    ///     tokio::spawn(async move { for tick in 0..3 { let _ = tx.send(tick).await; } });
+    ///     Streaming::from_stream(futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx)))
+    /// }
+    /// ```
+    pub fn from_stream<S>(stream: S) -> Streaming<impl Stream<Item = Result<S::Item, RpcError>>>
+    where
+        S: Stream,
+    {
+        Streaming(stream.map(Ok))
+    }
+}
 
 impl<S> fmt::Debug for Streaming<S> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -179,6 +248,12 @@ where
 }
 
 /// Extracts a handler argument from the request.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` cannot be a handler argument: it does not implement `FromRequest`",
+    label = "not an extractor",
+    note = "handler arguments are extractors: `Payload<T>` (T: Deserialize), `Valid<Payload<T>>`, `State<T>`, `Extension<T>`, `Headers`, `MessagePattern`, `Option<Deadline>`, `RpcRequest`",
+    note = "a payload type goes inside `Payload<..>`: write `Payload(user): Payload<User>`, not `user: User`"
+)]
 pub trait FromRequest: Sized {
     /// The argument, or the error to reply with instead of calling the handler.
     fn from_request(request: &RpcRequest) -> Result<Self, RpcError>;
@@ -233,12 +308,35 @@ impl FromRequest for RpcRequest {
 /// ([`Payload`], [`MessagePattern`], [`Headers`], `Option<Deadline>`, [`RpcRequest`]) and whose
 /// return type is [`IntoReply`] — or any `tower::Service<RpcRequest, Response = Reply, Error =
 /// RpcError>` (so handlers can wear layers; see [`handler_service`]).
+///
+/// When a function is not a handler, the usual causes are: an argument that is not an extractor
+/// (a payload type must be wrapped, `Payload<T>`), a return type that is not [`IntoReply`] (a
+/// struct needs `Result<T, E>` or [`Json`]), a future that is not `Send` (an `Rc` or a
+/// `std::sync::MutexGuard` held across an `.await`), a function that is not `async`, or more
+/// than five arguments.
+///
+/// ```compile_fail
+/// use palisade::rpc::Router;
+///
+/// struct User { id: u64 } // not Deserialize, and not wrapped in Payload<..>
+/// async fn get_user(user: User) -> u64 { user.id }
+///
+/// let router = Router::new().message("get-user", get_user); // error: not a message handler
+/// ```
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` is not a message handler",
+    label = "not a handler",
+    note = "a handler is an `async fn` (or closure returning a future) whose arguments are extractors (`Payload<T>`, `State<T>`, `Extension<T>`, `Headers`, `MessagePattern`, ...; at most 5) and whose output is `IntoReply`, or a tower `Service<RpcRequest, Response = Reply, Error = RpcError>`",
+    note = "check that every argument implements `FromRequest`, that the output implements `IntoReply` (a struct of your own: return `Result<T, RpcError>` or `Json<T>`), and that the future is `Send` (no `Rc` or `std::sync::MutexGuard` held across `.await`)"
+)]
 pub trait Handler<Args>: Clone + Send + Sync + Sized + 'static {
     /// Handles one message.
     fn call(self, request: RpcRequest) -> BoxFuture<'static, Result<Reply, RpcError>>;
 }
 
-/// Marks the [`Handler`] implementation for tower services.
+/// Marks the [`Handler`] implementation for tower services: an implementation detail that
+/// must be public because it appears in that implementation's type.
+#[doc(hidden)]
 #[derive(Debug)]
 pub enum IsService {}
 

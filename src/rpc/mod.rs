@@ -55,13 +55,15 @@ mod server;
 pub mod transport;
 pub mod wire;
 
-pub use self::client::{Client, ClientBuilder, RpcResponse, RpcStream};
+pub use self::client::{Client, ClientBuilder, DEFAULT_TIMEOUT, RpcResponse, RpcStream};
 pub use self::error::{
     Code, INTERNAL_SERVER_ERROR, NO_HANDLER_MESSAGE, RpcError, TransportErrorKind,
 };
+#[doc(hidden)]
+pub use self::handler::IsService;
 pub use self::handler::{
-    FromRequest, Handler, HandlerService, IntoReply, IsService, Json, MessagePattern, Payload,
-    Reply, Streaming, handler_service,
+    FromRequest, Handler, HandlerService, IntoReply, Json, MessagePattern, Payload, Reply,
+    Streaming, handler_service,
 };
 pub use self::json::{DecodeError, RawJson};
 pub use self::pattern::Pattern;
