@@ -5,6 +5,7 @@ use crate::fault::InjectedFault;
 use crate::timeout::Elapsed;
 use serde_json::{Map, Value, json};
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// NestJS's reply to a request no handler matches.
@@ -186,6 +187,8 @@ struct Inner {
     retry_after: Option<Duration>,
     /// Overrides the code's transience (a passed deadline is not worth another attempt).
     transient: Option<bool>,
+    /// The handler's own error this one replaced (never sent), for exception filters.
+    handler_error: Option<Arc<dyn std::error::Error + Send + Sync>>,
 }
 
 /// The error of a message exchange: what crosses the wire as a reply's `err`.
@@ -222,6 +225,7 @@ impl RpcError {
             err: None,
             retry_after: None,
             transient: None,
+            handler_error: None,
         }))
     }
 
@@ -309,6 +313,23 @@ impl RpcError {
         RpcError::new(Code::InvalidArgument, message)
     }
 
+    /// `InvalidArgument` sent as the `err` object given (a NestJS `BadRequest` body, say).
+    pub(crate) fn invalid_argument_with(message: impl Into<String>, err: Value) -> Self {
+        let mut error = RpcError::new(Code::InvalidArgument, message);
+        error.0.err = Some(err);
+        error
+    }
+
+    /// `Unauthenticated`: the caller did not prove who it is (what a guard answers).
+    pub fn unauthenticated(message: impl Into<String>) -> Self {
+        RpcError::new(Code::Unauthenticated, message)
+    }
+
+    /// `PermissionDenied`: the caller may not do this (what a guard answers).
+    pub fn permission_denied(message: impl Into<String>) -> Self {
+        RpcError::new(Code::PermissionDenied, message)
+    }
+
     /// `NotFound`.
     pub fn not_found(message: impl Into<String>) -> Self {
         RpcError::new(Code::NotFound, message)
@@ -380,6 +401,7 @@ impl RpcError {
             err: Some(err.clone()),
             retry_after,
             transient: None,
+            handler_error: None,
         }))
     }
 
@@ -421,6 +443,21 @@ impl RpcError {
         Code::from_name(code).is_none().then_some(code)
     }
 
+    /// The handler's own error of type `E`, when this error replaced one: a handler that fails
+    /// with an error that is not an `RpcError` answers "Internal server error", keeping its error
+    /// here for an [exception filter](super::ExceptionFilterLayer). Never sent over the wire.
+    pub fn handler_error<E: std::error::Error + 'static>(&self) -> Option<&E> {
+        self.0.handler_error.as_deref()?.downcast_ref::<E>()
+    }
+
+    pub(crate) fn with_handler_error(
+        mut self,
+        error: Arc<dyn std::error::Error + Send + Sync>,
+    ) -> Self {
+        self.0.handler_error = Some(error);
+        self
+    }
+
     fn with_transience(mut self, transient: bool) -> Self {
         self.0.transient = Some(transient);
         self
@@ -436,6 +473,7 @@ impl Clone for RpcError {
             err: self.0.err.clone(),
             retry_after: self.0.retry_after,
             transient: self.0.transient,
+            handler_error: self.0.handler_error.clone(),
         }))
     }
 }
@@ -478,6 +516,9 @@ impl fmt::Debug for RpcError {
         };
         if let Some(err) = self.0.err.as_ref().filter(|_| says_more) {
             debug.field("err", &JsonText(err));
+        }
+        if let Some(error) = &self.0.handler_error {
+            debug.field("handler_error", &format_args!("{error}"));
         }
         debug.finish()
     }

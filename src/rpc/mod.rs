@@ -49,6 +49,7 @@ mod error;
 mod handler;
 mod json;
 mod pattern;
+mod pipeline;
 mod request;
 mod router;
 mod server;
@@ -62,12 +63,18 @@ pub use self::error::{
 #[doc(hidden)]
 pub use self::handler::IsService;
 pub use self::handler::{
-    FromRequest, Handler, HandlerService, IntoReply, Json, MessagePattern, Payload, Reply,
-    Streaming, handler_service,
+    Extension, FromRef, FromRequest, Handler, HandlerService, IntoReply, Json, Layered,
+    MessagePattern, Payload, Reply, Route, State, Streaming, handler_service,
 };
 pub use self::json::{DecodeError, RawJson};
 pub use self::pattern::Pattern;
-pub use self::request::{Headers, Kind, RpcRequest, TIMEOUT_HEADER, TRACEPARENT_HEADER};
+pub use self::pipeline::{
+    ExceptionFilter, ExceptionFilterLayer, FieldError, Guard, GuardFuture, GuardLayer, Interceptor,
+    InterceptorLayer, Next, Valid, Validate, ValidationErrors,
+};
+pub use self::request::{
+    Extensions, Headers, Kind, RpcRequest, TIMEOUT_HEADER, TRACEPARENT_HEADER,
+};
 pub use self::router::Router;
 pub use self::server::{
     Dispatcher, ReplySink, Routes, SendError, Server, ServerHandle, ShutdownReport,
