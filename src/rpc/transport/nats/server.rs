@@ -107,6 +107,15 @@ impl NatsServer {
                 dispatcher.clone(),
             ));
         }
+        // Subscriptions reach the server asynchronously: wait (a PING round trip) until it has
+        // them all, so that a request sent as soon as `serve` returns finds its subscriber
+        // instead of "no responders".
+        client.flush().await.map_err(|error| {
+            RpcError::transport(
+                TransportErrorKind::ConnectionLost,
+                format!("cannot confirm the subscriptions with the NATS server: {error}"),
+            )
+        })?;
         if let Some(durable) = self.durable {
             super::durable::start(&client, &dispatcher, durable_routes, durable).await?;
         }
