@@ -421,3 +421,216 @@ mod layers {
         assert_eq!(count.load(Ordering::SeqCst), 1);
     }
 }
+
+// ---- 5. NestJS's pipeline: guards, interceptors, pipes, exception filters ----
+
+mod pipeline {
+    use super::*;
+    use palisade::rpc::{
+        ExceptionFilterLayer, GuardLayer, Handler, InterceptorLayer, Next, Reply, RpcRequest,
+        Valid, Validate, ValidationErrors,
+    };
+    use serde::Deserialize;
+    use serde_json::{Value, json};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    fn roles(request: &mut RpcRequest) -> Result<(), RpcError> {
+        match request.headers().get("role") {
+            Some("admin") => Ok(()),
+            Some(_) => Err(RpcError::permission_denied("admins only")),
+            None => Err(RpcError::unauthenticated("no role")),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_guard_answers_before_the_handler_runs() {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let counter = Arc::clone(&calls);
+        let handler = move || {
+            counter.fetch_add(1, Ordering::SeqCst);
+            async { "ran" }
+        };
+        let router = Router::new().message("admin", handler.layer(GuardLayer::new(roles)));
+        let transport = MemoryTransport::new();
+        let _server = Server::new(router).serve(&transport).await.unwrap();
+        let client = |role: Option<&'static str>| {
+            let builder = Client::builder();
+            let builder = match role {
+                Some(role) => builder.header("role", role),
+                None => builder,
+            };
+            builder.connect(transport.clone())
+        };
+        let anonymous = client(None).await.unwrap();
+        let error = anonymous.send::<String>("admin", &()).await.unwrap_err();
+        assert_eq!(error.code(), Code::Unauthenticated);
+        let guest = client(Some("guest")).await.unwrap();
+        let error = guest.send::<String>("admin", &()).await.unwrap_err();
+        assert_eq!(error.code(), Code::PermissionDenied);
+        assert_eq!(calls.load(Ordering::SeqCst), 0, "the handler never ran");
+        let admin = client(Some("admin")).await.unwrap();
+        assert_eq!(admin.send::<String>("admin", &()).await.unwrap(), "ran");
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+    }
+
+    /// Adds a header on the way in; doubles every number on the way out.
+    async fn doubling(mut request: RpcRequest, next: Next) -> Result<Reply, RpcError> {
+        request.headers_mut().insert("seen-by", "interceptor");
+        let reply = next.run(request).await?;
+        Ok(reply.map_values(|value| match value.as_i64() {
+            Some(n) => Ok(json!(n * 2)),
+            None => Err(RpcError::internal_with("not a number")),
+        }))
+    }
+
+    #[tokio::test]
+    async fn an_interceptor_maps_the_request_and_every_reply_value_of_a_stream() {
+        let router = Router::new()
+            .message("count", |Payload(n): Payload<i64>| async move {
+                Streaming::iter(1..=n)
+            })
+            .message("seen-by", |headers: palisade::rpc::Headers| async move {
+                if headers.get("seen-by") == Some("interceptor") {
+                    21
+                } else {
+                    0
+                }
+            })
+            .message("text", || async { "not a number" })
+            .route_layer(InterceptorLayer::new(doubling));
+        let (client, _server) = serve(router).await;
+        let values: Vec<i64> = client
+            .send_stream::<i64>("count", &3)
+            .await
+            .unwrap()
+            .map(Result::unwrap)
+            .collect()
+            .await;
+        assert_eq!(values, [2, 4, 6]);
+        // The interceptor's header reached the handler, whose reply it doubled.
+        assert_eq!(client.send::<i64>("seen-by", &()).await.unwrap(), 42);
+        // An error from the mapping replaces the value.
+        let error = client.send::<Value>("text", &()).await.unwrap_err();
+        assert_eq!(error.code(), Code::Internal);
+    }
+
+    #[derive(Debug)]
+    struct Missing(u64);
+    impl std::fmt::Display for Missing {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "row {} is missing", self.0)
+        }
+    }
+    impl std::error::Error for Missing {}
+
+    fn missing_is_not_found(error: RpcError) -> RpcError {
+        match error.handler_error::<Missing>() {
+            Some(Missing(id)) => RpcError::not_found(format!("no row {id}")),
+            None => error,
+        }
+    }
+
+    #[tokio::test]
+    async fn an_exception_filter_maps_errors_of_any_type_once_per_router() {
+        let router = || {
+            Router::new()
+                .message("one", || async { Err::<u32, _>(Missing(1)) })
+                .message("stream", || async {
+                    Streaming::try_iter([Ok(1), Err(Missing(2))])
+                })
+                .message("rpc", || async {
+                    Err::<u32, _>(RpcError::exception("as is"))
+                })
+        };
+        let (filtered, _server) =
+            serve(router().route_layer(ExceptionFilterLayer::new(missing_is_not_found))).await;
+        let error = filtered.send::<u32>("one", &()).await.unwrap_err();
+        assert_eq!(
+            (error.code(), error.message()),
+            (Code::NotFound, "no row 1")
+        );
+        let streamed: Vec<Result<u32, RpcError>> = filtered
+            .send_stream::<u32>("stream", &())
+            .await
+            .unwrap()
+            .collect()
+            .await;
+        assert_eq!(streamed[0].as_ref().unwrap(), &1);
+        assert_eq!(streamed[1].as_ref().unwrap_err().message(), "no row 2");
+        let untouched = filtered.send::<u32>("rpc", &()).await.unwrap_err();
+        assert_eq!(
+            untouched.err(),
+            json!({"status": "error", "message": "as is"})
+        );
+
+        // Without the filter, the handler's error stays on the server.
+        let (bare, _server) = serve(router()).await;
+        let error = bare.send::<u32>("one", &()).await.unwrap_err();
+        assert_eq!(
+            (error.code(), error.message()),
+            (Code::Internal, "Internal server error")
+        );
+        assert!(
+            error.handler_error::<Missing>().is_none(),
+            "never sent over the wire"
+        );
+    }
+
+    #[derive(Deserialize)]
+    struct Line {
+        sku: String,
+        quantity: u32,
+    }
+
+    impl Validate for Line {
+        fn validate(&self) -> Result<(), ValidationErrors> {
+            let mut errors = ValidationErrors::new();
+            errors.check(!self.sku.is_empty(), "sku", "should not be empty");
+            errors.check(self.quantity > 0, "quantity", "must be a positive number");
+            errors.into_result()
+        }
+    }
+
+    async fn order(Valid(Payload(lines)): Valid<Payload<Vec<Line>>>) -> u32 {
+        lines.iter().map(|line| line.quantity).sum()
+    }
+
+    #[tokio::test]
+    async fn a_pipe_answers_invalid_payloads_with_nests_bad_request_and_the_field_paths() {
+        let (client, _server) = serve(Router::new().message("order", order)).await;
+        let total: u32 = client
+            .send(
+                "order",
+                &json!([{"sku": "a", "quantity": 2}, {"sku": "b", "quantity": 3}]),
+            )
+            .await
+            .unwrap();
+        assert_eq!(total, 5);
+
+        let error = client
+            .send::<u32>(
+                "order",
+                &json!([{"sku": "a", "quantity": 1}, {"sku": "", "quantity": 0}]),
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(error.code(), Code::InvalidArgument);
+        assert_eq!(
+            error.err(),
+            json!({
+                "statusCode": 400,
+                "message": ["[1].sku should not be empty", "[1].quantity must be a positive number"],
+                "error": "Bad Request",
+                "code": "INVALID_ARGUMENT",
+            })
+        );
+        // A payload that does not decode never reaches validation.
+        let error = client
+            .send::<u32>("order", &json!({"not": "a list"}))
+            .await
+            .unwrap_err();
+        assert_eq!(error.code(), Code::InvalidArgument);
+        assert!(error.message().contains("does not decode"), "{error}");
+    }
+}
