@@ -17,6 +17,13 @@ use std::sync::Arc;
 /// The server subscribes to its [routes](crate::rpc::Routes): those of a
 /// [`Router`](crate::rpc::Router), or those a layered service declares with
 /// [`Server::with_routes`].
+///
+/// # Defaults
+///
+/// | setting | default | change with |
+/// |---|---|---|
+/// | queue group | none: every instance receives every message | [`queue`](Self::queue), [`queue_for`](Self::queue_for) |
+/// | events | core NATS (at most once) | [`durable_events`](Self::durable_events) (JetStream, at least once) |
 pub struct NatsServer {
     options: NatsOptions,
     queue: Option<String>,
