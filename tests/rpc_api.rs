@@ -634,3 +634,61 @@ mod pipeline {
         assert!(error.message().contains("does not decode"), "{error}");
     }
 }
+
+// ---- 6. Typed contracts ----
+
+mod contracts {
+    use super::*;
+    use palisade::rpc::{Contract, Pattern, State};
+    use serde::{Deserialize, Serialize};
+    use serde_json::json;
+
+    /// `{"cmd": "sum"}`: an object pattern, declared once for both sides.
+    struct Sum;
+
+    #[derive(Serialize, Deserialize)]
+    struct Numbers(Vec<i64>);
+
+    #[derive(Serialize, Deserialize, Debug, PartialEq)]
+    struct Total {
+        total: i64,
+        offset: i64,
+    }
+
+    impl Contract for Sum {
+        type Request = Numbers;
+        type Reply = Total;
+        fn pattern() -> Pattern {
+            json!({"cmd": "sum"}).into()
+        }
+    }
+
+    async fn sum(
+        Payload(Numbers(numbers)): Payload<Numbers>,
+        State(offset): State<i64>,
+    ) -> Result<Total, RpcError> {
+        Ok(Total {
+            total: numbers.iter().sum::<i64>() + offset,
+            offset,
+        })
+    }
+
+    #[tokio::test]
+    async fn a_contract_ties_the_clients_call_to_its_handler() {
+        let router = Router::stateful()
+            .contract::<Sum, _, _>(sum)
+            .with_state(100_i64);
+        let (client, _server) = serve(router).await;
+        let total = client.invoke::<Sum>(&Numbers(vec![1, 2, 3])).await.unwrap();
+        assert_eq!(
+            total,
+            Total {
+                total: 106,
+                offset: 100
+            }
+        );
+        // The same pattern answers untyped callers (a NestJS client) as well.
+        let raw: serde_json::Value = client.send(json!({"cmd": "sum"}), &[1]).await.unwrap();
+        assert_eq!(raw, json!({"total": 101, "offset": 100}));
+    }
+}

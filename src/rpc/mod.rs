@@ -169,6 +169,7 @@
 //! NestJS ignores. Errors cross as NestJS's `err` shapes; see [`RpcError`].
 
 mod client;
+mod contract;
 mod error;
 mod handler;
 mod json;
@@ -181,6 +182,7 @@ pub mod transport;
 pub mod wire;
 
 pub use self::client::{Client, ClientBuilder, DEFAULT_TIMEOUT, RpcResponse, RpcStream};
+pub use self::contract::{Contract, ContractHandler};
 pub use self::error::{
     Code, INTERNAL_SERVER_ERROR, NO_HANDLER_MESSAGE, RpcError, TransportErrorKind,
 };
