@@ -27,6 +27,10 @@ use tower_service::Service;
 /// extractor. An `Err` is the answer, and the handler is not called: usually
 /// [`RpcError::unauthenticated`] or [`RpcError::permission_denied`].
 ///
+/// The check is synchronous, as most guards are (a header, a signature, a role). A guard that
+/// must wait for something (a token introspection call) is an [`InterceptorLayer`] that answers
+/// without calling [`Next`].
+///
 /// ```
 /// use palisade::rpc::transport::memory::MemoryTransport;
 /// use palisade::rpc::{Client, Code, GuardLayer, Handler, Router, RpcError, RpcRequest, Server};
