@@ -16,12 +16,47 @@
 //! - [`builder`]: all of it as `ServiceBuilder` methods, and a preset that stacks deadline → retry →
 //!   circuit breaker → attempt timeout in the right order.
 //! - [`classify`]: how results are judged (success, failure, ignored; transient or not).
+//! - [`health`]: health checks from breakers and checks of your own, NestJS terminus style.
 //!
 //! **Messaging** — [`rpc`]: the Rust answer to NestJS microservices. A [`Client`](rpc::Client)
 //! with `send`, `send_stream` and `emit`; a [`Router`](rpc::Router) of async handlers with typed
-//! extractors; an [`RpcError`](rpc::RpcError) in NestJS's shapes; and transports — in-memory, TCP
-//! (feature `tcp`, default) and NATS (feature `nats`) — wire-compatible with NestJS, so palisade
-//! services and NestJS services call each other.
+//! extractors; an [`RpcError`](rpc::RpcError) in NestJS's shapes; and transports — in-memory, TCP,
+//! NATS, RabbitMQ and Kafka — wire-compatible with NestJS, so palisade services and NestJS services
+//! call each other.
+//!
+//! # Feature flags
+//!
+//! | feature | default | what it adds |
+//! |---|---|---|
+//! | `tcp` | yes | [`rpc::transport::tcp`]: NestJS `Transport.TCP` (`socket2`) |
+//! | `nats` | | [`rpc::transport::nats`]: NestJS `Transport.NATS`, durable events on JetStream (`async-nats`) |
+//! | `rabbitmq` | | [`rpc::transport::rabbitmq`]: NestJS `Transport.RMQ` (`lapin`) |
+//! | `kafka` | | [`rpc::transport::kafka`]: NestJS `Transport.KAFKA` (`rdkafka`; builds librdkafka, which needs a C/C++ compiler) |
+//! | `conformance` | | [`conformance`]: the transport conformance suite, for transports written outside the crate |
+//!
+//! Beside palisade an application needs `tokio` (a runtime: `rt-multi-thread` and `macros` for
+//! `#[tokio::main]`), `serde` with `derive` for its payload types, and `tower` only to stack layers
+//! of its own or other crates' (`ServiceBuilder`).
+//!
+//! ```
+//! use palisade::rpc::transport::memory::MemoryTransport;
+//! use palisade::rpc::{Client, Payload, Router, Server};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), palisade::rpc::RpcError> {
+//! let transport = MemoryTransport::new();
+//! let server = Server::new(
+//!     Router::new().message("sum", |Payload(xs): Payload<Vec<i64>>| async move {
+//!         xs.iter().sum::<i64>()
+//!     }),
+//! )
+//! .serve(&transport)
+//! .await?;
+//! let client = Client::builder().connect(transport).await?;
+//! assert_eq!(client.send::<i64>("sum", &[1, 2, 3]).await?, 6);
+//! server.shutdown().await;
+//! # Ok(()) }
+//! ```
 //!
 //! Every layer wraps *any* `tower::Service` and keeps your error type: instead of wrapping errors in
 //! an enum of its own, a layer requires `S::Error: From<ItsError>`, so one error type runs through
@@ -110,6 +145,8 @@
 //! ```
 #![warn(missing_docs)]
 #![forbid(unsafe_code)]
+// docs.rs (nightly) labels each item with the feature it needs.
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub mod builder;
 pub mod circuit_breaker;
@@ -120,6 +157,7 @@ mod counter;
 mod errors;
 pub mod fallback;
 pub mod fault;
+pub mod health;
 pub mod retry;
 mod rng;
 pub mod rpc;

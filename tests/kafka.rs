@@ -11,7 +11,7 @@ use palisade::rpc::transport::kafka::{
     KafkaTransport,
 };
 use palisade::rpc::transport::{DEAD_LETTER_DELIVERIES, DEAD_LETTER_REASON, DEAD_LETTER_SUBJECT};
-use palisade::rpc::{Client, Headers, Payload, Router, RpcError, Server, ServerHandle};
+use palisade::rpc::{Client, Code, Headers, Payload, Router, RpcError, Server, ServerHandle};
 use serde_json::{Value, json};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -331,4 +331,31 @@ async fn an_instance_killed_mid_stream_loses_no_event_and_the_group_shares_the_p
     let distinct: BTreeSet<u64> = seen.iter().map(|(_, n)| *n).collect();
     assert_eq!(distinct, (0..EVENTS).collect());
     drop(b);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_topic_creation_off_missing_topics_are_clear_errors() {
+    let broker = Broker::start();
+    let options = support::kafka::options(&broker)
+        .create_topics(false)
+        .join_timeout(Duration::from_secs(10));
+    let served = tokio::time::timeout(
+        Duration::from_secs(30),
+        KafkaServer::new(options.clone())
+            .serve(Server::new(Router::new().event("not-created", || async {}))),
+    )
+    .await
+    .expect("serving fails at once instead of waiting for topics that will never come");
+    let error = served.unwrap_err();
+    assert_eq!(error.code(), Code::NotFound, "{error}");
+    assert!(error.message().contains("not-created"), "{error}");
+    assert!(error.message().contains("create_topics"), "{error}");
+    // A client's emit to a missing topic fails the same way, with librdkafka's reason.
+    let client = client(options).await;
+    let error = client
+        .emit("never-created", &json!({"x": 1}))
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), Code::NotFound, "{error}");
+    assert!(error.message().contains("never-created"), "{error}");
 }

@@ -357,3 +357,96 @@ async fn durable_emit_fails_clearly_when_no_stream_stores_the_subject() {
     let error = client.emit("nobody-stores-this", &1).await.unwrap_err();
     assert_eq!(error.code(), Code::Unavailable, "{error}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_durable_event_with_an_idempotency_key_is_stored_once() {
+    use palisade::rpc::transport::IDEMPOTENCY_KEY;
+    use palisade::rpc::{Headers, Pattern, RawJson, RpcRequest};
+    let broker = Broker::start();
+    let handled = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let router = Router::new().event("payment-taken", {
+        let handled = Arc::clone(&handled);
+        move |headers: Headers, Payload(payment): Payload<Value>| {
+            handled
+                .lock()
+                .unwrap()
+                .push((payment, headers.get(IDEMPOTENCY_KEY).map(str::to_owned)));
+            async {}
+        }
+    });
+    let (server, client) = serve_durably(&broker, "PAYMENTS", router).await;
+    let emit = |key: &str, amount: u64| {
+        let mut headers = palisade::rpc::Headers::new();
+        headers.insert(IDEMPOTENCY_KEY, key.to_owned());
+        RpcRequest::event(
+            Pattern::from("payment-taken"),
+            RawJson::to_json(&json!({"amount": amount})).unwrap(),
+        )
+        .with_headers(headers)
+    };
+    // A retry after a lost acknowledgement sends the same key again: stored once.
+    client.call(emit("pay-1", 10)).await.unwrap();
+    client.call(emit("pay-1", 10)).await.unwrap();
+    client.call(emit("pay-2", 20)).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while handled.lock().unwrap().len() < 2 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        *handled.lock().unwrap(),
+        [
+            (json!({"amount": 10}), Some("pay-1".to_owned())),
+            (json!({"amount": 20}), Some("pay-2".to_owned())),
+        ]
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_that_exists_with_other_settings_is_updated_or_refused_clearly() {
+    use palisade::rpc::transport::nats::Storage;
+    let broker = Broker::start();
+    let router = Router::new().event("audit", || async {});
+    let serve = |durable: DurableEvents| {
+        let router = router.clone();
+        let options = options(&broker);
+        async move {
+            NatsServer::new(options)
+                .durable_events(durable)
+                .serve(Server::new(router))
+                .await
+        }
+    };
+    let first = serve(DurableEvents::new("AUDIT").storage(Storage::Memory))
+        .await
+        .unwrap();
+    first.shutdown().await;
+    // Limits change in place...
+    let limited = serve(
+        DurableEvents::new("AUDIT")
+            .storage(Storage::Memory)
+            .max_age(Duration::from_secs(3600))
+            .max_bytes(1 << 20),
+    )
+    .await
+    .unwrap();
+    limited.shutdown().await;
+    // ...storage does not: the error says what differs and what to do.
+    let error = serve(DurableEvents::new("AUDIT").storage(Storage::File))
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), Code::FailedPrecondition, "{error}");
+    assert!(error.message().contains("\"AUDIT\""), "{error}");
+    assert!(error.message().contains("storage"), "{error}");
+    // A JetStream that is not clustered keeps one replica whatever is asked (logged): serving
+    // works, so that one configuration runs on a developer's single node and on the cluster.
+    let replicated = serve(
+        DurableEvents::new("AUDIT")
+            .storage(Storage::Memory)
+            .replicas(3),
+    )
+    .await
+    .unwrap();
+    replicated.shutdown().await;
+}

@@ -438,6 +438,26 @@ mod tests {
     }
 
     #[test]
+    fn keys_beyond_ascii_sort_without_panicking_and_stably() {
+        // Greek, Cyrillic, CJK and an emoji (code points far above U+03E8): ordered after every
+        // ASCII key, among themselves by code point, and the same way every time.
+        let mut keys = vec!["日本", "ж", "a", "😀", "Ω", "z", "é"];
+        keys.sort_by(|a, b| locale_compare(a, b));
+        assert_eq!(keys, ["a", "z", "é", "Ω", "ж", "日本", "😀"]);
+        let route = route_of(&json!({"日本": 1, "ж": 2, "a": 3}));
+        assert_eq!(route, r#"{"a":3,"ж":2,"日本":1}"#);
+    }
+
+    #[test]
+    fn string_patterns_say_so() {
+        assert!(Pattern::from("get-user").is_string());
+        assert!(Pattern::from("42").is_string());
+        assert!(!Pattern::from(json!({"cmd": "sum"})).is_string());
+        assert!(!Pattern::from(json!(42)).is_string());
+        assert!(!Pattern::from(json!(true)).is_string());
+    }
+
+    #[test]
     fn limits() {
         let deep = json!({"a": {"b": {"c": {"d": {"e": {"f": {"g": 1}}}}}}});
         assert_eq!(

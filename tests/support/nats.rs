@@ -112,3 +112,132 @@ impl Drop for Broker {
         let _ = std::fs::remove_dir_all(&self.store);
     }
 }
+
+/// A three-node NATS cluster with JetStream on every node, on free loopback ports; nodes can be
+/// killed and started again (same ports, same stores).
+pub struct Cluster {
+    nodes: Vec<Node>,
+}
+
+struct Node {
+    name: String,
+    port: u16,
+    cluster_port: u16,
+    store: PathBuf,
+    child: Option<Child>,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Cluster {
+    /// Starts three nodes and waits until JetStream has a meta leader.
+    pub fn start() -> Cluster {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let id = NEXT.fetch_add(1, Ordering::Relaxed);
+        let nodes = (0..3)
+            .map(|n| Node {
+                name: format!("n{n}"),
+                port: free_port(),
+                cluster_port: free_port(),
+                store: std::env::temp_dir().join(format!(
+                    "palisade-nats-cluster-{}-{id}-n{n}",
+                    std::process::id()
+                )),
+                child: None,
+            })
+            .collect();
+        let mut cluster = Cluster { nodes };
+        for n in 0..3 {
+            cluster.start_node(n);
+        }
+        cluster
+    }
+
+    /// `nats://127.0.0.1:<port>` of node `n`.
+    pub fn url(&self, n: usize) -> String {
+        format!("nats://127.0.0.1:{}", self.nodes[n].port)
+    }
+
+    /// Every node's URL, node `first` first.
+    pub fn urls_from(&self, first: usize) -> Vec<String> {
+        (0..3).map(|i| self.url((first + i) % 3)).collect()
+    }
+
+    /// The node called `name` (`n0`, `n1`, `n2`: JetStream's server names).
+    pub fn node_named(&self, name: &str) -> usize {
+        self.nodes
+            .iter()
+            .position(|node| node.name == name)
+            .unwrap_or_else(|| panic!("no node named {name}"))
+    }
+
+    /// Kills node `n` (as a crash would).
+    pub fn kill(&mut self, n: usize) {
+        if let Some(mut child) = self.nodes[n].child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts node `n` (again); returns once it accepts connections.
+    pub fn start_node(&mut self, n: usize) {
+        self.kill(n);
+        let routes: Vec<String> = self
+            .nodes
+            .iter()
+            .map(|node| format!("nats://127.0.0.1:{}", node.cluster_port))
+            .collect();
+        let node = &mut self.nodes[n];
+        let child = Command::new(binary())
+            .args([
+                "-a",
+                "127.0.0.1",
+                "-p",
+                &node.port.to_string(),
+                "-js",
+                "-sd",
+            ])
+            .arg(&node.store)
+            .args([
+                "--server_name",
+                &node.name,
+                "--cluster_name",
+                "palisade-test",
+            ])
+            .args([
+                "--cluster",
+                &format!("nats://127.0.0.1:{}", node.cluster_port),
+                "--routes",
+                &routes.join(","),
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start nats-server");
+        node.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(("127.0.0.1", node.port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "nats-server did not start listening on {}",
+                node.port
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for n in 0..self.nodes.len() {
+            self.kill(n);
+            let _ = std::fs::remove_dir_all(&self.nodes[n].store);
+        }
+    }
+}

@@ -1,7 +1,9 @@
 //! Developer tasks for palisade, run as `cargo xtask <task>` (an alias in `.cargo/config.toml`).
 //!
 //! - `cargo xtask test [ARGS…]` — installs what the test suite needs, then runs
-//!   `cargo test --all-features [ARGS…]`. This is the README's test command and what CI runs.
+//!   `cargo test --all-features [ARGS…]`, then (without ARGS) the command-line tool's tests
+//!   (`cargo test -p palisade-cli --all-features`). This is the README's test command and what CI
+//!   runs.
 //! - `cargo xtask deps` — only the installing part.
 //!
 //! What the tests need, and where it comes from:
@@ -90,11 +92,24 @@ fn tansu_binary() -> PathBuf {
 fn test(args: &[String]) -> Result<(), String> {
     step("cargo test --all-features");
     let cargo = env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let mut command = Command::new(cargo);
+    let mut command = Command::new(&cargo);
     command
         .current_dir(root())
         .args(["test", "--all-features"])
         .args(args)
+        .env("PALISADE_TANSU", tansu_binary());
+    run(&mut command)?;
+    if !args.is_empty() {
+        // Arguments name the library's targets and tests.
+        return Ok(());
+    }
+    // The command-line tool is a workspace member of its own (its clap and hdrhistogram stay out of
+    // the library's build); its tests drive it against palisade and NestJS services.
+    step("cargo test -p palisade-cli --all-features");
+    let mut command = Command::new(&cargo);
+    command
+        .current_dir(root())
+        .args(["test", "-p", "palisade-cli", "--all-features"])
         .env("PALISADE_TANSU", tansu_binary());
     run(&mut command)
 }

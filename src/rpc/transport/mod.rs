@@ -48,6 +48,15 @@ use std::future::Future;
 use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
 
+/// Header naming an operation's idempotency key: a caller that may send the same event or request
+/// twice (a retry after a lost acknowledgement, a failover) gives both the same key.
+///
+/// Durable NATS events store an event once per key within the stream's duplicate window (the
+/// key becomes JetStream's `Nats-Msg-Id`). A handler that must not run twice for one request
+/// reads it with the [`Headers`](crate::rpc::Headers) extractor and remembers the keys it
+/// handled.
+pub const IDEMPOTENCY_KEY: &str = "palisade-idempotency-key";
+
 /// Header of a dead letter (an event that failed for good, published aside by a transport with
 /// acknowledged events): why its last delivery failed.
 pub const DEAD_LETTER_REASON: &str = "palisade-dead-letter-reason";

@@ -82,7 +82,7 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use serde::Serialize;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
@@ -477,10 +477,11 @@ impl Topics {
         })
     }
 
-    /// Creates those of `topics` that do not exist yet (those that do are left as they are).
+    /// Creates those of `topics` that do not exist yet (those that do are left as they are). With
+    /// topic creation off, fails with `NotFound` naming those that do not exist.
     pub(crate) async fn ensure(&self, topics: &[String]) -> Result<(), RpcError> {
         let Some(admin) = &self.admin else {
-            return Ok(());
+            return self.check_exist(topics).await;
         };
         if topics.is_empty() {
             return Ok(());
@@ -514,6 +515,56 @@ impl Topics {
             }
         }
         Ok(())
+    }
+}
+
+impl Topics {
+    /// Fails with `NotFound` when one of `topics` does not exist (topic creation off: nothing
+    /// would ever arrive on them, and a server that waited for them would wait silently).
+    async fn check_exist(&self, topics: &[String]) -> Result<(), RpcError> {
+        if topics.is_empty() {
+            return Ok(());
+        }
+        let options = self.options.clone();
+        let wanted = topics.to_vec();
+        let missing = tokio::task::spawn_blocking(move || -> Result<Vec<String>, RpcError> {
+            let client: AdminClient<DefaultClientContext> = options
+                .admin_config()
+                .create()
+                .map_err(|error| kafka_error(&error, "cannot create the Kafka admin client"))?;
+            let metadata = client
+                .inner()
+                .fetch_metadata(None, options.delivery_timeout)
+                .map_err(|error| {
+                    kafka_error(
+                        &error,
+                        &format!("cannot read the topics of Kafka at {}", options.servers()),
+                    )
+                })?;
+            let existing: HashSet<&str> = metadata
+                .topics()
+                .iter()
+                .filter(|topic| topic.error().is_none() && !topic.partitions().is_empty())
+                .map(|topic| topic.name())
+                .collect();
+            Ok(wanted
+                .into_iter()
+                .filter(|topic| !existing.contains(topic.as_str()))
+                .collect())
+        })
+        .await
+        .map_err(|_| RpcError::internal())??;
+        if missing.is_empty() {
+            Ok(())
+        } else {
+            Err(RpcError::transport(
+                TransportErrorKind::UnknownDestination,
+                format!(
+                    "the Kafka topics {missing:?} do not exist and topic creation is off \
+                     (KafkaOptions::create_topics): create them, or turn creation on"
+                ),
+            ))
+        }
     }
 }
 

@@ -16,8 +16,8 @@ pub(crate) const NEST_IS_DISPOSED: &str = "kafka_nest-is-disposed";
 pub(crate) fn encode_nest(data: &RawJson) -> Option<Vec<u8>> {
     let bytes = data.as_bytes();
     match bytes.iter().find(|b| !b.is_ascii_whitespace()) {
-        None => None,
-        Some(b'n') if data.is_null() => None,
+        // Valid JSON starting with `n` is `null` (and nothing at all is no value either).
+        None | Some(b'n') => None,
         Some(b'"') => match serde_json::from_slice::<String>(bytes) {
             Ok(text) => Some(text.into_bytes()),
             Err(_) => Some(bytes.to_vec()),
@@ -294,6 +294,16 @@ mod outgoing_tests {
             ]
         );
         assert_eq!(message.partition, Some(3));
+
+        // A key alone, or a value alone, makes the object a message too (NestJS: `'key' in data ||
+        // 'value' in data`); what is missing is null.
+        let keyed = Outgoing::of(&raw(r#"{"key":"k","other":1}"#));
+        assert_eq!((keyed.key.as_deref(), keyed.value), (Some(&b"k"[..]), None));
+        let valued = Outgoing::of(&raw(r#"{"value":5}"#));
+        assert_eq!(
+            (valued.key, valued.value.as_deref()),
+            (None, Some(&b"5"[..]))
+        );
 
         // A field named "key" deeper down is not a message.
         let nested = Outgoing::of(&raw(r#"{"data":{"key":1}}"#));

@@ -1,6 +1,8 @@
 use super::{NatsOptions, check_subject, to_nats_headers};
 use crate::rpc::json::encoded;
-use crate::rpc::transport::{ClientTransport, Connect, ReplyPacket, ReplyReceiver};
+use crate::rpc::transport::{
+    ClientTransport, Connect, IDEMPOTENCY_KEY, ReplyPacket, ReplyReceiver,
+};
 use crate::rpc::wire::{PendingRequests, decode_reply, encode_request};
 use crate::rpc::{Headers, RpcError, RpcRequest, TransportErrorKind};
 use async_nats::Subject;
@@ -298,6 +300,44 @@ fn jetstream_error(error: async_nats::jetstream::context::PublishError, what: &s
     RpcError::transport(kind, format!("{what}: {error}"))
 }
 
+/// A durable emit JetStream did not acknowledge, said as what happened. "No stream found" is what
+/// async-nats reports for any publish nobody answered: no stream captures the subject, or the
+/// stream exists but has no leader (an election after a node loss). Asking which one costs a
+/// round trip, on a path that failed anyway.
+async fn explain_unacknowledged(
+    jetstream: &async_nats::jetstream::Context,
+    route: &str,
+    error: async_nats::jetstream::context::PublishError,
+    what: &str,
+) -> RpcError {
+    use async_nats::jetstream::context::PublishErrorKind as Kind;
+    if error.kind() != Kind::StreamNotFound {
+        return jetstream_error(error, &format!("{what} the event on {route:?}"));
+    }
+    let lookup = tokio::time::timeout(
+        std::time::Duration::from_secs(1),
+        jetstream.stream_by_subject(route),
+    )
+    .await;
+    let message = match lookup {
+        Ok(Ok(stream)) => format!(
+            "{what} the event on {route:?}: the JetStream stream {stream:?} stores it but did not              answer (no stream leader: an election after a node loss?); it may or may not be stored"
+        ),
+        Ok(Err(lookup))
+            if lookup.kind()
+                == async_nats::jetstream::context::GetStreamByNameErrorKind::NotFound =>
+        {
+            format!(
+                "{what} the event on {route:?}: no JetStream stream stores this subject (a server with              DurableEvents creates one)"
+            )
+        }
+        _ => format!(
+            "{what} the event on {route:?}: JetStream did not answer (the stream's leader or              JetStream's meta leader is unavailable); it may or may not be stored"
+        ),
+    };
+    RpcError::transport(TransportErrorKind::NotAcknowledged, message)
+}
+
 impl ClientTransport for NatsConnection {
     fn request(&self, request: RpcRequest) -> BoxFuture<'static, Result<ReplyReceiver, RpcError>> {
         let transport = self.clone();
@@ -337,8 +377,14 @@ impl ClientTransport for NatsConnection {
             check_subject(&route, false)?;
             let inner = &transport.inner;
             let payload = body(&event, None);
-            let headers = to_nats_headers(&event.wire_headers());
+            let mut headers = to_nats_headers(&event.wire_headers());
             if let Some(jetstream) = &inner.jetstream {
+                // One key, one stored event (within the stream's duplicate window).
+                if let Some(key) = event.headers().get(IDEMPOTENCY_KEY) {
+                    headers
+                        .get_or_insert_with(async_nats::HeaderMap::new)
+                        .insert(async_nats::header::NATS_MESSAGE_ID, key);
+                }
                 let acknowledged = match headers {
                     Some(headers) => {
                         jetstream
@@ -347,15 +393,28 @@ impl ClientTransport for NatsConnection {
                     }
                     None => jetstream.publish(route.clone(), payload).await,
                 };
-                let ack = acknowledged.map_err(|error| {
-                    jetstream_error(error, &format!("cannot publish the event on {route:?}"))
-                })?;
-                return ack.await.map(drop).map_err(|error| {
-                    jetstream_error(
+                let ack = match acknowledged {
+                    Ok(ack) => ack,
+                    Err(error) => {
+                        return Err(explain_unacknowledged(
+                            jetstream,
+                            &route,
+                            error,
+                            "cannot publish",
+                        )
+                        .await);
+                    }
+                };
+                return match ack.await {
+                    Ok(_) => Ok(()),
+                    Err(error) => Err(explain_unacknowledged(
+                        jetstream,
+                        &route,
                         error,
-                        &format!("JetStream did not acknowledge the event on {route:?}"),
+                        "JetStream did not acknowledge",
                     )
-                });
+                    .await),
+                };
             }
             match headers {
                 Some(headers) => {

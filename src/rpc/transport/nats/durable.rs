@@ -23,6 +23,33 @@ pub use crate::rpc::transport::{DEAD_LETTER_DELIVERIES, DEAD_LETTER_REASON, DEAD
 ///
 /// Ordering is per pattern: one event at a time per consumer, in stream order.
 ///
+/// **On a cluster** give the stream replicas ([`replicas`](Self::replicas)): a stream with one
+/// replica lives on one node, and while that node is down no durable event can be stored or
+/// delivered. With three replicas the stream survives a node, and so do its consumers (they are
+/// replicated like the stream). A consumer notices a dead node through its idle heartbeat
+/// ([`heartbeat`](Self::heartbeat), 500 ms by default: about a second to resume elsewhere).
+///
+/// Defaults, in one place:
+///
+/// | setting | default |
+/// |---|---|
+/// | [`replicas`](Self::replicas) | 1 |
+/// | [`storage`](Self::storage) | [`Storage::File`] |
+/// | [`retention`](Self::retention) | [`Retention::Limits`] |
+/// | [`max_age`](Self::max_age), [`max_bytes`](Self::max_bytes) | unlimited |
+/// | [`duplicate_window`](Self::duplicate_window) | 2 minutes (JetStream's) |
+/// | [`max_deliveries`](Self::max_deliveries) | 5 |
+/// | [`backoff`](Self::backoff) | 1 s, 5 s, 30 s |
+/// | [`ack_wait`](Self::ack_wait) | 30 s |
+/// | [`heartbeat`](Self::heartbeat) / [`pull_expiry`](Self::pull_expiry) | 500 ms / 5 s |
+/// | [`pull_batch`](Self::pull_batch) | 100 events |
+/// | [`consumer_prefix`](Self::consumer_prefix) | `palisade` |
+/// | [`dead_letter_prefix`](Self::dead_letter_prefix) | `palisade.dead-letter` |
+///
+/// An event published with the header [`IDEMPOTENCY_KEY`](crate::rpc::transport::IDEMPOTENCY_KEY)
+/// is stored once per key within the duplicate window (the key becomes JetStream's
+/// `Nats-Msg-Id`), so a retried durable emit does not store the event twice.
+///
 /// ```no_run
 /// use palisade::rpc::transport::nats::{DurableEvents, NatsOptions, NatsServer};
 /// use std::time::Duration;
@@ -43,6 +70,57 @@ pub struct DurableEvents {
     backoff: Vec<Duration>,
     ack_wait: Duration,
     dead_letter_prefix: String,
+    replicas: usize,
+    storage: Storage,
+    retention: Retention,
+    max_age: Option<Duration>,
+    max_bytes: Option<u64>,
+    duplicate_window: Duration,
+    heartbeat: Duration,
+    pull_expiry: Duration,
+    pull_batch: usize,
+}
+
+/// Where a durable-events stream keeps its events.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Storage {
+    /// On disk: events survive a restart of the node.
+    #[default]
+    File,
+    /// In memory: faster, lost when the node stops (unless other replicas keep them).
+    Memory,
+}
+
+/// When a durable-events stream removes an event.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Retention {
+    /// When a limit ([`max_age`](DurableEvents::max_age), [`max_bytes`](DurableEvents::max_bytes))
+    /// says so; acknowledged events stay for other consumers and replays.
+    #[default]
+    Limits,
+    /// Once every consumer that was interested acknowledged it.
+    Interest,
+    /// Once one consumer acknowledged it (each event is work for one service only).
+    WorkQueue,
+}
+
+impl Storage {
+    fn jetstream(self) -> stream::StorageType {
+        match self {
+            Storage::File => stream::StorageType::File,
+            Storage::Memory => stream::StorageType::Memory,
+        }
+    }
+}
+
+impl Retention {
+    fn jetstream(self) -> stream::RetentionPolicy {
+        match self {
+            Retention::Limits => stream::RetentionPolicy::Limits,
+            Retention::Interest => stream::RetentionPolicy::Interest,
+            Retention::WorkQueue => stream::RetentionPolicy::WorkQueue,
+        }
+    }
 }
 
 impl DurableEvents {
@@ -61,7 +139,144 @@ impl DurableEvents {
             ],
             ack_wait: Duration::from_secs(30),
             dead_letter_prefix: "palisade.dead-letter".into(),
+            replicas: 1,
+            storage: Storage::File,
+            retention: Retention::Limits,
+            max_age: None,
+            max_bytes: None,
+            duplicate_window: Duration::from_secs(120),
+            heartbeat: Duration::from_millis(500),
+            pull_expiry: Duration::from_secs(5),
+            pull_batch: 100,
         }
+    }
+
+    /// Copies of the stream kept on different nodes of a cluster (1 to 5; default 1). An existing
+    /// stream is scaled to this.
+    ///
+    /// # Panics
+    /// If `replicas` is not within 1 to 5 (JetStream's limits).
+    pub fn replicas(mut self, replicas: usize) -> Self {
+        assert!(
+            (1..=5).contains(&replicas),
+            "a JetStream stream has 1 to 5 replicas"
+        );
+        self.replicas = replicas;
+        self
+    }
+
+    /// Where the stream keeps its events (default [`Storage::File`]). Fixed once the stream
+    /// exists: a different setting is refused with an error that says so.
+    pub fn storage(mut self, storage: Storage) -> Self {
+        self.storage = storage;
+        self
+    }
+
+    /// When the stream removes events (default [`Retention::Limits`]). Fixed once the stream
+    /// exists, like [`storage`](Self::storage).
+    pub fn retention(mut self, retention: Retention) -> Self {
+        self.retention = retention;
+        self
+    }
+
+    /// Removes events older than this (default: kept).
+    pub fn max_age(mut self, age: Duration) -> Self {
+        self.max_age = Some(age);
+        self
+    }
+
+    /// Removes the oldest events once the stream holds more than this many bytes (default: no
+    /// limit).
+    pub fn max_bytes(mut self, bytes: u64) -> Self {
+        self.max_bytes = Some(bytes);
+        self
+    }
+
+    /// How long the stream remembers an event's idempotency key to drop duplicates (default
+    /// 2 minutes).
+    pub fn duplicate_window(mut self, window: Duration) -> Self {
+        self.duplicate_window = window;
+        self
+    }
+
+    /// The idle heartbeat of each consumer's pull requests (default 500 ms): two missed
+    /// heartbeats (a dead node) and the consumer pulls again, from a node that is alive.
+    pub fn heartbeat(mut self, heartbeat: Duration) -> Self {
+        self.heartbeat = heartbeat;
+        self
+    }
+
+    /// How long one pull request waits for events before it is renewed (default 5 s; at least
+    /// twice the [heartbeat](Self::heartbeat)).
+    pub fn pull_expiry(mut self, expiry: Duration) -> Self {
+        self.pull_expiry = expiry;
+        self
+    }
+
+    /// Events fetched ahead per pull request (default 100); handled one at a time all the same.
+    ///
+    /// # Panics
+    /// If `events` is zero.
+    pub fn pull_batch(mut self, events: usize) -> Self {
+        assert!(events > 0, "pull_batch must be at least 1");
+        self.pull_batch = events;
+        self
+    }
+
+    /// The stream's configuration for `routes`.
+    fn stream_config(&self, routes: Vec<String>) -> stream::Config {
+        stream::Config {
+            name: self.stream.clone(),
+            subjects: routes,
+            num_replicas: self.replicas,
+            storage: self.storage.jetstream(),
+            retention: self.retention.jetstream(),
+            max_age: self.max_age.unwrap_or(Duration::ZERO),
+            max_bytes: self
+                .max_bytes
+                .map_or(-1, |bytes| i64::try_from(bytes).unwrap_or(i64::MAX)),
+            duplicate_window: self.duplicate_window,
+            ..Default::default()
+        }
+    }
+
+    /// How an existing stream's configuration must change to match this one: `Err` for what
+    /// cannot change in place, `Ok(None)` when it matches.
+    fn reconcile(
+        &self,
+        existing: &stream::Config,
+        routes: &[String],
+    ) -> Result<Option<stream::Config>, RpcError> {
+        let wanted = self.stream_config(routes.to_vec());
+        if existing.storage != wanted.storage || existing.retention != wanted.retention {
+            return Err(RpcError::new(
+                crate::rpc::Code::FailedPrecondition,
+                format!(
+                    "the JetStream stream {:?} exists with storage {:?} and retention {:?}, but                      storage {:?} and retention {:?} are configured; neither can change on an                      existing stream: delete the stream (its events with it) or configure what it has",
+                    self.stream,
+                    existing.storage,
+                    existing.retention,
+                    wanted.storage,
+                    wanted.retention
+                ),
+            ));
+        }
+        let mut updated = existing.clone();
+        for route in routes {
+            if !updated.subjects.contains(route) {
+                updated.subjects.push(route.clone());
+            }
+        }
+        updated.num_replicas = wanted.num_replicas;
+        updated.max_age = wanted.max_age;
+        updated.max_bytes = wanted.max_bytes;
+        updated.duplicate_window = wanted.duplicate_window;
+        let changed = updated.subjects != existing.subjects
+            || updated.num_replicas != existing.num_replicas
+            || updated.max_age != existing.max_age
+            || updated.max_bytes != existing.max_bytes
+            || updated.duplicate_window != existing.duplicate_window;
+        Ok(changed.then_some(updated))
     }
 
     /// Names the durable consumers `<prefix>-<pattern>`: services with different prefixes each get
@@ -145,11 +360,7 @@ pub(crate) async fn start(
     }
     let context = jetstream::new(client.clone());
     let mut stream = context
-        .get_or_create_stream(stream::Config {
-            name: config.stream.clone(),
-            subjects: routes.clone(),
-            ..Default::default()
-        })
+        .get_or_create_stream(config.stream_config(routes.clone()))
         .await
         .map_err(|error| {
             jetstream_error(
@@ -162,17 +373,19 @@ pub(crate) async fn start(
         .await
         .map_err(|error| jetstream_error("cannot read the stream", error))?
         .clone();
-    let missing: Vec<_> = routes
-        .iter()
-        .filter(|r| !info.config.subjects.contains(r))
-        .cloned()
-        .collect();
-    if !missing.is_empty() {
-        let mut updated = info.config.clone();
-        updated.subjects.extend(missing);
-        context.update_stream(updated).await.map_err(|error| {
-            jetstream_error("cannot add the event patterns to the stream", error)
+    if let Some(updated) = config.reconcile(&info.config, &routes)? {
+        let updated = context.update_stream(updated).await.map_err(|error| {
+            jetstream_error(
+                &format!(
+                    "cannot update the stream {:?} to the configured patterns, replicas and limits",
+                    config.stream
+                ),
+                error,
+            )
         })?;
+        warn_if_not_replicated(&config.stream, updated.config.num_replicas, config.replicas);
+    } else {
+        warn_if_not_replicated(&config.stream, info.config.num_replicas, config.replicas);
     }
     let config = Arc::new(config);
     for route in routes {
@@ -205,6 +418,19 @@ pub(crate) async fn start(
     Ok(())
 }
 
+/// A JetStream that is not clustered keeps one replica whatever is asked: fine on a developer's
+/// machine, a surprise in production. Said once, at startup.
+fn warn_if_not_replicated(stream: &str, has: usize, configured: usize) {
+    if has < configured {
+        tracing::warn!(
+            stream,
+            replicas = has,
+            configured,
+            "the durable-events stream has fewer replicas than configured (JetStream is not clustered?)"
+        );
+    }
+}
+
 async fn consume(
     consumer: jetstream::consumer::Consumer<pull::Config>,
     route: Arc<str>,
@@ -218,7 +444,12 @@ async fn consume(
         let mut messages = tokio::select! {
             biased;
             _ = &mut draining => return,
-            messages = consumer.messages() => match messages {
+            messages = consumer
+                .stream()
+                .max_messages_per_batch(config.pull_batch)
+                .heartbeat(config.heartbeat)
+                .expires(config.pull_expiry.max(config.heartbeat * 2))
+                .messages() => match messages {
                 Ok(messages) => messages,
                 Err(error) => {
                     tracing::warn!(%route, %error, "cannot pull durable events; retrying");
@@ -240,8 +471,11 @@ async fn consume(
             let message = match message {
                 Some(Ok(message)) => message,
                 Some(Err(error)) => {
-                    tracing::debug!(%route, %error, "durable event stream interrupted; resuming");
-                    continue;
+                    // A missed heartbeat: the node serving the pull died. Pull again (the client
+                    // has failed over by then, or will have).
+                    tracing::debug!(%route, %error, "durable event stream interrupted; pulling again");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue 'reconnect;
                 }
                 None => continue 'reconnect,
             };

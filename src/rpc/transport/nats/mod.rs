@@ -39,7 +39,8 @@ mod server;
 
 pub use self::client::{NatsConnection, NatsTransport};
 pub use self::durable::{
-    DEAD_LETTER_DELIVERIES, DEAD_LETTER_REASON, DEAD_LETTER_SUBJECT, DurableEvents,
+    DEAD_LETTER_DELIVERIES, DEAD_LETTER_REASON, DEAD_LETTER_SUBJECT, DurableEvents, Retention,
+    Storage,
 };
 pub use self::server::NatsServer;
 
@@ -84,6 +85,11 @@ pub struct NatsOptions {
     client_certificate: Option<(PathBuf, PathBuf)>,
     require_tls: bool,
     connection_timeout: Duration,
+    max_reconnects: Option<usize>,
+    max_reconnect_delay: Duration,
+    ping_interval: Duration,
+    retain_servers_order: bool,
+    ignore_discovered_servers: bool,
 }
 
 impl NatsOptions {
@@ -97,6 +103,11 @@ impl NatsOptions {
             client_certificate: None,
             require_tls: false,
             connection_timeout: Duration::from_secs(5),
+            max_reconnects: None,
+            max_reconnect_delay: Duration::from_secs(4),
+            ping_interval: Duration::from_secs(60),
+            retain_servers_order: false,
+            ignore_discovered_servers: false,
         }
     }
 
@@ -164,6 +175,43 @@ impl NatsOptions {
         self
     }
 
+    /// Gives up reconnecting after this many failed attempts in a row (default: never gives up).
+    /// Once given up, every call fails with `Unavailable`.
+    pub fn max_reconnects(mut self, attempts: impl Into<Option<usize>>) -> Self {
+        self.max_reconnects = attempts.into();
+        self
+    }
+
+    /// The longest wait between two reconnect attempts (default 4 s): attempts back off
+    /// exponentially from 0 ms up to this.
+    pub fn max_reconnect_delay(mut self, delay: Duration) -> Self {
+        self.max_reconnect_delay = delay;
+        self
+    }
+
+    /// How often the client pings its server (default 60 s). Two pings without an answer mark the
+    /// connection dead: on a cluster, a lower value notices a node that vanished without closing
+    /// its sockets (a network partition) sooner. A killed node is noticed at once either way.
+    pub fn ping_interval(mut self, interval: Duration) -> Self {
+        self.ping_interval = interval;
+        self
+    }
+
+    /// Tries the servers in the order given instead of shuffling them (default: shuffled, so that
+    /// instances spread over the cluster's nodes).
+    pub fn retain_servers_order(mut self, retain: bool) -> Self {
+        self.retain_servers_order = retain;
+        self
+    }
+
+    /// Uses only the servers given here, not the other cluster nodes the servers advertise
+    /// (default: the advertised nodes are used too, so a client given one URL fails over to the
+    /// rest of the cluster).
+    pub fn ignore_discovered_servers(mut self, ignore: bool) -> Self {
+        self.ignore_discovered_servers = ignore;
+        self
+    }
+
     /// The configured servers, for messages.
     fn servers_text(&self) -> String {
         self.servers.join(", ")
@@ -193,15 +241,25 @@ impl NatsOptions {
                     ))
                 })?,
         };
+        let max_delay = self.max_reconnect_delay;
         options = options
             .connection_timeout(self.connection_timeout)
             .require_tls(self.require_tls)
+            .max_reconnects(self.max_reconnects)
+            .ping_interval(self.ping_interval)
+            .reconnect_delay_callback(move |attempts| reconnect_delay(attempts, max_delay))
             .event_callback(move |event| {
                 on_event(event);
                 async {}
             });
         if let Some(name) = &self.name {
             options = options.name(name);
+        }
+        if self.retain_servers_order {
+            options = options.retain_servers_order();
+        }
+        if self.ignore_discovered_servers {
+            options = options.ignore_discovered_servers();
         }
         if let Some(path) = &self.root_certificates {
             options = options.add_root_certificates(path.clone());
@@ -233,6 +291,16 @@ impl NatsOptions {
     }
 }
 
+/// The wait before reconnect attempt `attempts` (1-based): none for the first, then 2, 4, 8 ms ...
+/// up to `max`.
+fn reconnect_delay(attempts: usize, max: Duration) -> Duration {
+    if attempts <= 1 {
+        return Duration::ZERO;
+    }
+    let exponent = u32::try_from(attempts - 1).unwrap_or(u32::MAX).min(63);
+    Duration::from_millis(1u64 << exponent).min(max)
+}
+
 impl fmt::Debug for NatsOptions {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         // Credentials stay out of logs.
@@ -240,6 +308,9 @@ impl fmt::Debug for NatsOptions {
             .field("servers", &self.servers)
             .field("name", &self.name)
             .field("require_tls", &self.require_tls)
+            .field("max_reconnects", &self.max_reconnects)
+            .field("max_reconnect_delay", &self.max_reconnect_delay)
+            .field("ping_interval", &self.ping_interval)
             .finish_non_exhaustive()
     }
 }
@@ -316,5 +387,19 @@ mod tests {
         }
         assert!(check_subject("users.*", true).is_ok());
         assert!(check_subject("users.>", true).is_ok());
+    }
+
+    #[test]
+    fn reconnect_delays_double_up_to_the_maximum() {
+        let max = Duration::from_millis(100);
+        let delays: Vec<u64> = (1..=9)
+            .map(|attempt| reconnect_delay(attempt, max).as_millis() as u64)
+            .collect();
+        assert_eq!(delays, [0, 2, 4, 8, 16, 32, 64, 100, 100]);
+        assert_eq!(reconnect_delay(usize::MAX, max), max);
+        assert_eq!(
+            reconnect_delay(70, Duration::MAX),
+            Duration::from_millis(1 << 63)
+        );
     }
 }

@@ -382,6 +382,76 @@ mod tests {
     }
 
     #[test]
+    fn length_prefix_edges() {
+        // A peer that stops right after `N#`: waiting for the body, mid-frame.
+        let mut codec = JsonFrameCodec::new(100);
+        let mut buffer = BytesMut::from(&b"5#"[..]);
+        assert!(codec.decode(&mut buffer).unwrap().is_none());
+        assert!(codec.is_mid_frame());
+        assert_eq!(codec.frame_bytes_at_least(&buffer).unwrap(), Some(5));
+        // A declared length equal to the maximum is accepted...
+        let mut codec = JsonFrameCodec::new(4);
+        assert_eq!(decode_all(&mut codec, b"4#null").unwrap(), ["null"]);
+        // ...one more is not.
+        let mut codec = JsonFrameCodec::new(4);
+        assert!(matches!(
+            decode_all(&mut codec, b"5#"),
+            Err(FrameError::TooLarge {
+                declared: 5,
+                max: 4
+            })
+        ));
+        // Ten digits are a length (too large here), not a corrupted one.
+        let mut codec = JsonFrameCodec::new(100);
+        assert!(matches!(
+            decode_all(&mut codec, b"9999999999#"),
+            Err(FrameError::TooLarge {
+                declared: 9_999_999_999,
+                max: 100
+            })
+        ));
+        assert!(matches!(
+            JsonFrameCodec::new(100).frame_bytes_at_least(b"9999999999#"),
+            Err(FrameError::TooLarge { .. })
+        ));
+        // Ten digits and nothing after yet: still a possible prefix.
+        let mut codec = JsonFrameCodec::new(100);
+        assert!(decode_all(&mut codec, b"1234567890").unwrap().is_empty());
+        assert_eq!(codec.frame_bytes_at_least(b"1234567890").unwrap(), None);
+        // Eleven digits are rejected at once, without waiting for a `#`.
+        let mut codec = JsonFrameCodec::new(100);
+        assert!(matches!(
+            decode_all(&mut codec, b"12345678901"),
+            Err(FrameError::CorruptedLength(raw)) if raw == "12345678901"
+        ));
+        assert!(matches!(
+            JsonFrameCodec::new(100).frame_bytes_at_least(b"12345678901"),
+            Err(FrameError::CorruptedLength(_))
+        ));
+        // The whole frame's bytes, prefix included, once the prefix is known.
+        assert_eq!(
+            JsonFrameCodec::new(100)
+                .frame_bytes_at_least(b"12#{")
+                .unwrap(),
+            Some(15)
+        );
+    }
+
+    #[test]
+    fn an_io_error_is_the_source_of_a_frame_error() {
+        use std::error::Error as _;
+        let error = FrameError::from(std::io::Error::new(
+            std::io::ErrorKind::ConnectionReset,
+            "reset by peer",
+        ));
+        let source = error.source().expect("the I/O error");
+        assert_eq!(source.to_string(), "reset by peer");
+        assert_eq!(error.to_string(), "socket error: reset by peer");
+        assert!(FrameError::SplitCharacter.source().is_none());
+        assert!(FrameError::CorruptedLength("x".into()).source().is_none());
+    }
+
+    #[test]
     fn a_length_ending_inside_a_surrogate_pair_is_an_error() {
         let mut codec = JsonFrameCodec::new(100);
         let emoji = "😀".as_bytes();
