@@ -409,6 +409,52 @@ mod layers {
     }
 
     #[tokio::test]
+    async fn a_handler_layer_is_built_once_so_a_concurrency_limit_holds_across_messages() {
+        use tower::limit::ConcurrencyLimitLayer;
+        let (running, most) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let (now, peak) = (Arc::clone(&running), Arc::clone(&most));
+        let slow = move || {
+            let (now, peak) = (Arc::clone(&now), Arc::clone(&peak));
+            async move {
+                let at_once = now.fetch_add(1, Ordering::SeqCst) + 1;
+                peak.fetch_max(at_once, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                now.fetch_sub(1, Ordering::SeqCst);
+            }
+        };
+        let router = Router::new().message("slow", slow.layer(ConcurrencyLimitLayer::new(1)));
+        let (client, _server) = serve(router).await;
+        let calls = (0..4).map(|_| client.send::<()>("slow", &()));
+        for result in futures_util::future::join_all(calls).await {
+            result.unwrap();
+        }
+        assert_eq!(
+            most.load(Ordering::SeqCst),
+            1,
+            "one at a time, across messages"
+        );
+    }
+
+    #[tokio::test]
+    async fn router_layers_wrap_event_handlers_too() {
+        let count = Arc::new(AtomicUsize::new(0));
+        let handled = Arc::new(tokio::sync::Notify::new());
+        let notify = Arc::clone(&handled);
+        let router = Router::new()
+            .event("e", move || {
+                let notify = Arc::clone(&notify);
+                async move { notify.notify_one() }
+            })
+            .layer(counting(&count));
+        let (client, _server) = serve(router).await;
+        client.emit("e", &()).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(5), handled.notified())
+            .await
+            .unwrap();
+        assert_eq!(count.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
     async fn layers_on_a_stateful_router_wrap_the_stateful_handlers() {
         use palisade::rpc::State;
         let count = Arc::new(AtomicUsize::new(0));
