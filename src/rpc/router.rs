@@ -358,6 +358,23 @@ where
 
     /// Wraps every route added so far in `layer`, but not the answer to messages no handler
     /// matches: those still get NestJS's "no matching message handler" (axum's `route_layer`).
+    ///
+    /// ```
+    /// use palisade::rpc::{InterceptorLayer, Next, Reply, Router, RpcError, RpcRequest};
+    ///
+    /// async fn log(request: RpcRequest, next: Next) -> Result<Reply, RpcError> {
+    ///     tracing::info!(pattern = %request.pattern(), "handling");
+    ///     next.run(request).await
+    /// }
+    ///
+    /// // Logs the messages "get-user" and "sum" get; an unknown pattern is answered as NestJS
+    /// // answers it, without passing through `log`.
+    /// let router = Router::new()
+    ///     .message("get-user", || async { "ann" })
+    ///     .message("sum", || async { 3 })
+    ///     .route_layer(InterceptorLayer::new(log));
+    /// # let _ = router;
+    /// ```
     pub fn route_layer<L>(mut self, layer: L) -> Self
     where
         L: Layer<Route> + Clone + Send + Sync + 'static,
