@@ -144,6 +144,7 @@ async fn internal_with_hides_the_message_from_the_caller() {
     assert_eq!(error.message(), "Internal server error");
 }
 
+#[cfg(feature = "tcp")]
 #[tokio::test]
 async fn the_default_deadline_travels_over_tcp() {
     use palisade::rpc::transport::tcp::{TcpServer, TcpTransport};
