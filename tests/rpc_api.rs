@@ -437,6 +437,18 @@ mod layers {
     }
 
     #[tokio::test]
+    async fn a_layered_handler_called_directly_still_wears_its_layer() {
+        let guarded = (|| async { "inside" }).layer(GuardLayer::new(|_: &mut RpcRequest| {
+            Err(RpcError::permission_denied("no"))
+        }));
+        let request = RpcRequest::new("p".into(), palisade::rpc::RawJson::null());
+        let error = Handler::<(), ()>::call(guarded, request, ())
+            .await
+            .unwrap_err();
+        assert_eq!(error.code(), Code::PermissionDenied);
+    }
+
+    #[tokio::test]
     async fn router_layers_wrap_event_handlers_too() {
         let count = Arc::new(AtomicUsize::new(0));
         let handled = Arc::new(tokio::sync::Notify::new());
