@@ -57,10 +57,11 @@ struct Counters {
     rejected: AtomicU64,
     retries: AtomicU64,
     events: AtomicU64,
+    timeouts: AtomicU64,
 }
 
 impl Counters {
-    fn snapshot(&self) -> [u64; 6] {
+    fn snapshot(&self) -> [u64; 7] {
         [
             self.requests.load(Ordering::Relaxed),
             self.ok.load(Ordering::Relaxed),
@@ -68,8 +69,20 @@ impl Counters {
             self.rejected.load(Ordering::Relaxed),
             self.retries.load(Ordering::Relaxed),
             self.events.load(Ordering::Relaxed),
+            self.timeouts.load(Ordering::Relaxed),
         ]
     }
+}
+
+/// One second of the run, for the picture.
+struct Row {
+    ok: u64,
+    failed: u64,
+    rejected: u64,
+    timeouts: u64,
+    /// The breaker's state at the end of the second.
+    state: CircuitState,
+    what: &'static str,
 }
 
 /// The fault script: (from second, error rate, added latency, what happens).
@@ -115,8 +128,18 @@ enum Transport {
     Kafka,
 }
 
+/// What the command line asked for.
+struct Options {
+    transport: Transport,
+    /// Where the timeline picture goes.
+    svg: std::path::PathBuf,
+}
+
 const USAGE: &str = "\
-usage: cargo run --example demo [--features rabbitmq|kafka] -- [--transport <name>]
+usage: cargo run --example demo [--features rabbitmq|kafka] -- [--transport <name>] [--svg <file>]
+
+  --svg <file>   where to write the run's timeline as a picture (default: palisade-demo.svg in
+                 the system's temporary directory)
 
 transports:
   memory     in-process, no broker (the default)
@@ -126,33 +149,44 @@ transports:
              mid-run); --features kafka
 ";
 
-/// `--transport <name>` or `--transport=<name>`; anything else is an error (or `--help`).
-fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Transport, String> {
-    let mut transport = Transport::Memory;
+/// `--transport <name>` (or `=<name>`) and `--svg <file>`; anything else is an error (or `--help`).
+fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Options, String> {
+    let mut options = Options {
+        transport: Transport::Memory,
+        svg: std::env::temp_dir().join("palisade-demo.svg"),
+    };
     while let Some(arg) = args.next() {
-        let name = match arg.as_str() {
+        let (flag, inline) = match arg.split_once('=') {
+            Some((flag, value)) => (flag.to_owned(), Some(value.to_owned())),
+            None => (arg.clone(), None),
+        };
+        let mut value = |what: &str| {
+            inline
+                .clone()
+                .or_else(|| args.next())
+                .ok_or_else(|| format!("{flag} needs {what}"))
+        };
+        match flag.as_str() {
             "-h" | "--help" => return Err(String::new()),
-            "--transport" => args
-                .next()
-                .ok_or("--transport needs a name: memory, tcp, rabbitmq or kafka")?,
-            other => match other.strip_prefix("--transport=") {
-                Some(name) => name.to_owned(),
-                None => return Err(format!("unknown argument {other:?}")),
-            },
-        };
-        transport = match name.as_str() {
-            "memory" => Transport::Memory,
-            "tcp" => Transport::Tcp,
-            "rabbitmq" => Transport::RabbitMq,
-            "kafka" => Transport::Kafka,
-            other => {
-                return Err(format!(
-                    "unknown transport {other:?}: memory, tcp, rabbitmq or kafka"
-                ));
+            "--svg" => options.svg = value("a file name")?.into(),
+            "--transport" => {
+                options.transport = match value("a name: memory, tcp, rabbitmq or kafka")?.as_str()
+                {
+                    "memory" => Transport::Memory,
+                    "tcp" => Transport::Tcp,
+                    "rabbitmq" => Transport::RabbitMq,
+                    "kafka" => Transport::Kafka,
+                    other => {
+                        return Err(format!(
+                            "unknown transport {other:?}: memory, tcp, rabbitmq or kafka"
+                        ));
+                    }
+                }
             }
-        };
+            _ => return Err(format!("unknown argument {arg:?}")),
+        }
     }
-    Ok(transport)
+    Ok(options)
 }
 
 fn router(counters: &Arc<Counters>) -> Router {
@@ -194,8 +228,8 @@ fn router(counters: &Arc<Counters>) -> Router {
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let transport = match parse_args(std::env::args().skip(1)) {
-        Ok(transport) => transport,
+    let options = match parse_args(std::env::args().skip(1)) {
+        Ok(options) => options,
         Err(error) if error.is_empty() => {
             print!("{USAGE}");
             return Ok(());
@@ -205,6 +239,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             std::process::exit(2);
         }
     };
+    let transport = options.transport;
     let counters = Arc::new(Counters::default());
 
     // The server: the router behind fault injection, which the script turns up and down.
@@ -230,8 +265,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 )
                 .jitter(Jitter::Full)
                 .budget(Arc::new(RetryBudget::new(Duration::from_secs(5), 5, 0.2)))
-                .on_retry(move |_| {
+                .on_retry(move |retry| {
                     retries.retries.fetch_add(1, Ordering::Relaxed);
+                    if retry.reason.contains("timed out") {
+                        retries.timeouts.fetch_add(1, Ordering::Relaxed);
+                    }
                 }),
         )
         .circuit_breaker(
@@ -283,7 +321,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             Transport::Memory => "in-memory",
         }
     );
-    println!(" time   started   ok  failed  rejected  retries  breaker               server");
+    println!(
+        "started: calls begun in that second. ok, failed, rejected: calls that ended in it (a call\n\
+         can begin in one second and end in the next, so the columns need not add up). retries:\n\
+         attempts after a failed one. timeouts: attempts that ran out of their 150 ms.\n"
+    );
+    println!(
+        " time   started   ok  failed  rejected  retries  timeouts  breaker               server"
+    );
     let start = Instant::now();
     let stop_at = start + Duration::from_secs(seconds);
 
@@ -326,6 +371,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let mut previous = counters.snapshot();
     let mut transitions = Vec::new();
+    let mut rows = Vec::new();
     for second in 0..seconds {
         if let Some(broker) = &mut broker {
             kafka::script(broker, second);
@@ -364,15 +410,24 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         };
         let _ = (errors, latency);
         println!(
-            "{:>4}s  {:>8}  {:>4}  {:>6}  {:>8}  {:>7}  {:<21} {what}",
+            "{:>4}s  {:>8}  {:>4}  {:>6}  {:>8}  {:>7}  {:>8}  {:<21} {what}",
             second + 1,
             delta[0],
             delta[1],
             delta[2],
             delta[3],
             delta[4],
+            delta[6],
             state
         );
+        rows.push(Row {
+            ok: delta[1],
+            failed: delta[2],
+            rejected: delta[3],
+            timeouts: delta[6],
+            state: breaker.state(),
+            what,
+        });
     }
     for worker in workers {
         worker.await?;
@@ -405,7 +460,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         totals[5]
     );
     println!(
-        "  breaker             {} calls through, {} failures counted, {} transitions",
+        "  attempts timed out  {:>6}  (each attempt has 150 ms; the slow phase shows them)",
+        totals[6]
+    );
+    println!(
+        "  breaker             {} calls let through (closed, or trials when half-open), {} failures counted, {} transitions",
         metrics.calls, metrics.failures, metrics.transitions
     );
     for (at, from, to) in transitions {
@@ -415,7 +474,94 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         "  shutdown            drained: {}, took {:?}",
         report.drained, report.took
     );
+    std::fs::write(&options.svg, timeline(&rows))?;
+    println!("\ntimeline picture: {}", options.svg.display());
     Ok(())
+}
+
+/// The run as a picture: per second, calls that ended ok, failed and rejected as stacked bars,
+/// attempt timeouts as a line, and the breaker's state as a band underneath.
+fn timeline(rows: &[Row]) -> String {
+    const WIDTH: f64 = 860.0;
+    const LEFT: f64 = 50.0;
+    const TOP: f64 = 40.0;
+    const PLOT: f64 = 220.0;
+    let most = rows
+        .iter()
+        .map(|r| r.ok + r.failed + r.rejected)
+        .chain(rows.iter().map(|r| r.timeouts))
+        .max()
+        .unwrap_or(1)
+        .max(1) as f64;
+    let step = (WIDTH - LEFT - 20.0) / rows.len().max(1) as f64;
+    let y = |value: u64| TOP + PLOT - PLOT * value as f64 / most;
+    let mut svg = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{WIDTH}\" height=\"360\" \
+         font-family=\"sans-serif\" font-size=\"12\">\n\
+         <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
+         <text x=\"{LEFT}\" y=\"22\" font-size=\"15\">palisade demo: calls per second, and the breaker</text>\n"
+    );
+    for (i, row) in rows.iter().enumerate() {
+        let x = LEFT + i as f64 * step;
+        let mut base = row.ok + row.failed + row.rejected;
+        for (count, colour, what) in [
+            (row.rejected, "#9e9e9e", "rejected"),
+            (row.failed, "#e53935", "failed"),
+            (row.ok, "#43a047", "ok"),
+        ] {
+            let top = y(base);
+            let height = y(base - count) - top;
+            svg.push_str(&format!(
+                "<rect x=\"{:.1}\" y=\"{top:.1}\" width=\"{:.1}\" height=\"{height:.1}\" fill=\"{colour}\"><title>{}s: {count} {what}</title></rect>\n",
+                x + 2.0,
+                step - 4.0,
+                i + 1
+            ));
+            base -= count;
+        }
+        let colour = match row.state {
+            CircuitState::Closed | CircuitState::ForcedClosed => "#43a047",
+            CircuitState::HalfOpen => "#fb8c00",
+            CircuitState::Open | CircuitState::ForcedOpen => "#e53935",
+        };
+        svg.push_str(&format!(
+            "<rect x=\"{x:.1}\" y=\"{:.1}\" width=\"{step:.1}\" height=\"14\" fill=\"{colour}\"><title>{}s: breaker {}; {}</title></rect>\n\
+             <text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{}</text>\n",
+            TOP + PLOT + 12.0,
+            i + 1,
+            row.state,
+            row.what,
+            x + step / 2.0,
+            TOP + PLOT + 44.0,
+            i + 1
+        ));
+    }
+    let points: Vec<String> = rows
+        .iter()
+        .enumerate()
+        .map(|(i, row)| {
+            format!(
+                "{:.1},{:.1}",
+                LEFT + (i as f64 + 0.5) * step,
+                y(row.timeouts)
+            )
+        })
+        .collect();
+    svg.push_str(&format!(
+        "<polyline points=\"{}\" fill=\"none\" stroke=\"#1e88e5\" stroke-width=\"2\"/>\n\
+         <line x1=\"{LEFT}\" y1=\"{:.1}\" x2=\"{:.1}\" y2=\"{:.1}\" stroke=\"black\"/>\n\
+         <text x=\"{LEFT}\" y=\"{:.1}\">{most}</text>\n\
+         <text x=\"8\" y=\"{:.1}\">breaker</text>\n\
+         <text x=\"{LEFT}\" y=\"345\">■ ok  ■ failed  ■ rejected (breaker open)  — attempt timeouts   \
+         breaker band: closed, half-open, open; seconds along the bottom</text>\n</svg>\n",
+        points.join(" "),
+        TOP + PLOT,
+        WIDTH - 20.0,
+        TOP + PLOT,
+        TOP - 4.0,
+        TOP + PLOT + 23.0,
+    ));
+    svg
 }
 
 fn is_rejection(error: &RpcError) -> bool {

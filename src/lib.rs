@@ -32,6 +32,8 @@
 //! | `nats` | | [`rpc::transport::nats`]: NestJS `Transport.NATS`, durable events on JetStream (`async-nats`) |
 //! | `rabbitmq` | | [`rpc::transport::rabbitmq`]: NestJS `Transport.RMQ` (`lapin`) |
 //! | `kafka` | | [`rpc::transport::kafka`]: NestJS `Transport.KAFKA` (`rdkafka`; builds librdkafka, which needs a C/C++ compiler) |
+//! | `metrics` | | server metrics through the `metrics` facade: `rpc.server.call.duration` and `rpc.server.requests` per pattern, transport and status code (OpenTelemetry's RPC names) |
+//! | `opentelemetry` | | a request's `traceparent`/`tracestate` continue the caller's OpenTelemetry trace (through `tracing-opentelemetry`), and the server's span becomes the caller's child |
 //! | `conformance` | | [`conformance`]: the transport conformance suite, for transports written outside the crate |
 //!
 //! Beside palisade an application needs `tokio` (a runtime: `rt-multi-thread` and `macros` for
@@ -162,14 +164,3 @@ pub mod retry;
 mod rng;
 pub mod rpc;
 pub mod timeout;
-
-/// The README's examples, compiled and run as doctests (they use every transport).
-#[cfg(all(
-    doctest,
-    feature = "tcp",
-    feature = "nats",
-    feature = "rabbitmq",
-    feature = "kafka"
-))]
-#[doc = include_str!("../README.md")]
-pub struct ReadmeDoctests;

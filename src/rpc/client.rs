@@ -198,7 +198,13 @@ impl Client {
         let traced = !span.is_disabled();
         if traced {
             let headers = request.headers_mut();
-            if headers.get(TRACEPARENT_HEADER).is_none() {
+            // With OpenTelemetry the request continues the caller's trace, through this span.
+            #[cfg(feature = "opentelemetry")]
+            let continued =
+                headers.get(TRACEPARENT_HEADER).is_none() && super::otel::inject(&span, headers);
+            #[cfg(not(feature = "opentelemetry"))]
+            let continued = false;
+            if !continued && headers.get(TRACEPARENT_HEADER).is_none() {
                 headers.insert(TRACEPARENT_HEADER, traceparent());
             }
             span.record("trace", headers.get(TRACEPARENT_HEADER));

@@ -173,6 +173,8 @@ mod contract;
 mod error;
 mod handler;
 mod json;
+#[cfg(feature = "opentelemetry")]
+mod otel;
 mod pattern;
 mod pipeline;
 mod request;

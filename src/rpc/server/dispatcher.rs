@@ -301,6 +301,10 @@ impl Dispatcher {
             outcome = tracing::field::Empty,
             latency_us = tracing::field::Empty,
         );
+        #[cfg(feature = "opentelemetry")]
+        if !span.is_disabled() {
+            crate::rpc::otel::continue_trace(&span, request.headers());
+        }
         let handling = Arc::clone(&self.inner)
             .handle(request, sink, permit)
             .instrument(span);
@@ -427,10 +431,12 @@ impl Inner {
     ) {
         let _in_flight = self.in_flight.enter();
         let span = tracing::Span::current();
-        // Clock reads only for a span someone listens to.
-        let started = (!span.is_disabled()).then(Instant::now);
+        // Clock reads only for a span someone listens to (or for metrics).
+        let started = (cfg!(feature = "metrics") || !span.is_disabled()).then(Instant::now);
         let deadline = request.deadline();
         let kind = request.kind();
+        #[cfg(feature = "metrics")]
+        let route = Arc::clone(request.pattern().route_arc());
         let mut sink = sink.map(|inner| Tracked {
             inner,
             answered: false,
@@ -471,7 +477,13 @@ impl Inner {
         {
             let _ = sink.send(ReplyPacket::Error(error_json(error))).await;
         }
+        #[cfg(feature = "metrics")]
         if let Some(started) = started {
+            super::observe::record(&route, self.transport, kind, &outcome, started.elapsed());
+        }
+        if let Some(started) = started
+            && !span.is_disabled()
+        {
             span.record("latency_us", started.elapsed().as_micros() as u64);
             match &outcome {
                 Ok(()) => span.record("outcome", tracing::field::display("ok")),

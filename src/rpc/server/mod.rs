@@ -3,6 +3,8 @@
 
 mod dispatcher;
 mod handle;
+#[cfg(feature = "metrics")]
+mod observe;
 
 pub use self::dispatcher::{Dispatcher, ReplySink, SendError};
 pub use self::handle::{ServerHandle, ShutdownReport};

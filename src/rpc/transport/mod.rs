@@ -329,3 +329,15 @@ impl<T: ClientTransport> Connect for T {
 pub fn error_json(error: &RpcError) -> RawJson {
     RawJson::to_json(&error.err()).unwrap_or_else(|_| RawJson::null())
 }
+
+/// The README's examples, compiled and run as doctests. They use every transport, so they live
+/// here, where transport features are named (the core names none).
+#[cfg(all(
+    doctest,
+    feature = "tcp",
+    feature = "nats",
+    feature = "rabbitmq",
+    feature = "kafka"
+))]
+#[doc = include_str!("../../../README.md")]
+pub struct ReadmeDoctests;

@@ -148,6 +148,17 @@ mod tests {
     }
 
     #[test]
+    fn debug_shows_the_prefix_and_the_id_but_never_the_salt() {
+        let ids = PacketIds::seeded(0x0ABCD, 0x5A17);
+        let debug = format!("{ids:?}");
+        assert_eq!(debug, "PacketIds { prefix: 0abcd, .. }");
+        assert!(!debug.contains("5a17"));
+        let id = ids.format(1);
+        assert_eq!(format!("{id:?}"), id.as_str());
+        assert_eq!(format!("{id}"), id.as_str());
+    }
+
+    #[test]
     fn foreign_ids_do_not_parse() {
         let ours = PacketIds::seeded(0x11111, 7);
         let theirs = PacketIds::seeded(0x22222, 7);

@@ -280,6 +280,23 @@ mod tests {
         }
     }
 
+    #[test]
+    fn emptiness_closing_and_debug_say_what_they_should() {
+        let pending = PendingRequests::new();
+        assert!(pending.is_empty() && !pending.is_closed());
+        let registered = pending.register(&Pattern::from("get-user")).unwrap();
+        assert!(!pending.is_empty());
+        let debug = format!("{registered:?}");
+        assert!(debug.starts_with("Registered {"), "{debug}");
+        assert!(
+            debug.contains(&format!("n: {}", registered.number())),
+            "{debug}"
+        );
+        assert!(debug.contains(registered.id().as_str()), "{debug}");
+        assert_eq!(pending.close(&RpcError::unavailable("gone")), 1);
+        assert!(pending.is_closed() && pending.is_empty());
+    }
+
     #[tokio::test]
     async fn streams_reach_their_caller_in_order_and_end_the_registration() {
         let pending = PendingRequests::new();

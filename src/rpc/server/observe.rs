@@ -1,0 +1,42 @@
+//! Server metrics through the `metrics` facade (feature `metrics`), named after OpenTelemetry's
+//! semantic conventions for RPC:
+//!
+//! | metric | kind | unit |
+//! |---|---|---|
+//! | `rpc.server.call.duration` | histogram | seconds |
+//! | `rpc.server.requests` | counter | messages |
+//!
+//! Labels: `rpc.system` (`nestjs`), `rpc.method` (the pattern's route), `rpc.transport` (the
+//! dispatcher's transport name), `rpc.message.kind` (`request` or `event`), and
+//! `rpc.response.status_code` (`OK`, or the error's [`Code`](crate::rpc::Code) name).
+
+use crate::rpc::{Kind, RpcError};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Records one handled message.
+pub(super) fn record(
+    route: &Arc<str>,
+    transport: &'static str,
+    kind: Kind,
+    outcome: &Result<(), RpcError>,
+    took: Duration,
+) {
+    let status = match outcome {
+        Ok(()) => "OK",
+        Err(error) => error.code().as_str(),
+    };
+    let kind = match kind {
+        Kind::Event => "event",
+        _ => "request",
+    };
+    let labels = [
+        ("rpc.system", "nestjs".to_owned()),
+        ("rpc.method", route.to_string()),
+        ("rpc.transport", transport.to_owned()),
+        ("rpc.message.kind", kind.to_owned()),
+        ("rpc.response.status_code", status.to_owned()),
+    ];
+    metrics::histogram!("rpc.server.call.duration", &labels).record(took.as_secs_f64());
+    metrics::counter!("rpc.server.requests", &labels).increment(1);
+}

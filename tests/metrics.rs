@@ -1,0 +1,86 @@
+//! Server metrics through the `metrics` facade, read back with a debugging recorder.
+#![cfg(feature = "metrics")]
+
+use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
+use palisade::rpc::transport::memory::MemoryTransport;
+use palisade::rpc::{Client, Payload, Router, RpcError, Server};
+use std::collections::BTreeMap;
+
+/// (metric name, rpc.method, status code) → counter value or histogram sample count.
+fn snapshot(snapshotter: &Snapshotter) -> BTreeMap<(String, String, String), u64> {
+    snapshotter
+        .snapshot()
+        .into_vec()
+        .into_iter()
+        .map(|(key, _, _, value)| {
+            let key = key.key();
+            let label = |name: &str| {
+                key.labels()
+                    .find(|l| l.key() == name)
+                    .map(|l| l.value().to_owned())
+                    .unwrap_or_default()
+            };
+            assert_eq!(label("rpc.system"), "nestjs");
+            assert_eq!(label("rpc.transport"), "memory");
+            let value = match value {
+                DebugValue::Counter(n) => n,
+                DebugValue::Histogram(samples) => {
+                    assert!(samples.iter().all(|s| s.into_inner() >= 0.0));
+                    samples.len() as u64
+                }
+                DebugValue::Gauge(_) => panic!("no gauges expected"),
+            };
+            (
+                (
+                    key.name().to_owned(),
+                    label("rpc.method"),
+                    label("rpc.response.status_code"),
+                ),
+                value,
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn calls_are_counted_and_timed_per_pattern_and_status() {
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    metrics::with_local_recorder(&recorder, || {
+        runtime.block_on(async {
+            let transport = MemoryTransport::new();
+            let router = Router::new()
+                .message("double", |Payload(n): Payload<i64>| async move { n * 2 })
+                .message("fail", || async {
+                    Err::<(), _>(RpcError::not_found("no such user"))
+                })
+                .event("noted", || async {});
+            let server = Server::new(router).serve(&transport).await.unwrap();
+            let client = Client::builder().connect(transport).await.unwrap();
+            for n in 0..3 {
+                assert_eq!(client.send::<i64>("double", &n).await.unwrap(), n * 2);
+            }
+            client.send::<()>("fail", &()).await.unwrap_err();
+            client.emit("noted", &1).await.unwrap();
+            server.shutdown().await;
+        })
+    });
+    let seen = snapshot(&snapshotter);
+    let get = |name: &str, method: &str, status: &str| {
+        seen.get(&(name.to_owned(), method.to_owned(), status.to_owned()))
+            .copied()
+    };
+    assert_eq!(get("rpc.server.requests", "double", "OK"), Some(3));
+    assert_eq!(get("rpc.server.call.duration", "double", "OK"), Some(3));
+    assert_eq!(get("rpc.server.requests", "fail", "NOT_FOUND"), Some(1));
+    assert_eq!(
+        get("rpc.server.call.duration", "fail", "NOT_FOUND"),
+        Some(1)
+    );
+    assert_eq!(get("rpc.server.requests", "noted", "OK"), Some(1));
+    assert_eq!(seen.len(), 6, "{seen:?}");
+}
