@@ -32,7 +32,7 @@
 //! | `nats` | | [`rpc::transport::nats`]: NestJS `Transport.NATS`, durable events on JetStream (`async-nats`) |
 //! | `rabbitmq` | | [`rpc::transport::rabbitmq`]: NestJS `Transport.RMQ` (`lapin`) |
 //! | `kafka` | | [`rpc::transport::kafka`]: NestJS `Transport.KAFKA` (`rdkafka`; builds librdkafka, which needs a C/C++ compiler) |
-//! | `metrics` | | server metrics through the `metrics` facade: `rpc.server.call.duration` and `rpc.server.requests` per pattern, transport and status code (OpenTelemetry's RPC names) |
+//! | `metrics` | | client and server metrics through the `metrics` facade: `rpc.{client,server}.call.duration` and `rpc.{client,server}.requests` per pattern, status code and (server) transport (OpenTelemetry's RPC names) |
 //! | `opentelemetry` | | a request's `traceparent`/`tracestate` continue the caller's OpenTelemetry trace (through `tracing-opentelemetry`), and the server's span becomes the caller's child |
 //! | `conformance` | | [`conformance`]: the transport conformance suite, for transports written outside the crate |
 //!

@@ -1,4 +1,4 @@
-//! Server metrics through the `metrics` facade, read back with a debugging recorder.
+//! Client and server metrics through the `metrics` facade, read back with a debugging recorder.
 #![cfg(feature = "metrics")]
 
 use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
@@ -21,7 +21,9 @@ fn snapshot(snapshotter: &Snapshotter) -> BTreeMap<(String, String, String), u64
                     .unwrap_or_default()
             };
             assert_eq!(label("rpc.system"), "nestjs");
-            assert_eq!(label("rpc.transport"), "memory");
+            if key.name().starts_with("rpc.server") {
+                assert_eq!(label("rpc.transport"), "memory");
+            }
             let value = match value {
                 DebugValue::Counter(n) => n,
                 DebugValue::Histogram(samples) => {
@@ -43,7 +45,7 @@ fn snapshot(snapshotter: &Snapshotter) -> BTreeMap<(String, String, String), u64
 }
 
 #[test]
-fn calls_are_counted_and_timed_per_pattern_and_status() {
+fn calls_are_counted_and_timed_per_pattern_and_status_on_both_sides() {
     let recorder = DebuggingRecorder::new();
     let snapshotter = recorder.snapshotter();
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -82,5 +84,10 @@ fn calls_are_counted_and_timed_per_pattern_and_status() {
         Some(1)
     );
     assert_eq!(get("rpc.server.requests", "noted", "OK"), Some(1));
-    assert_eq!(seen.len(), 6, "{seen:?}");
+    // The client's side of the same calls.
+    assert_eq!(get("rpc.client.requests", "double", "OK"), Some(3));
+    assert_eq!(get("rpc.client.call.duration", "double", "OK"), Some(3));
+    assert_eq!(get("rpc.client.requests", "fail", "NOT_FOUND"), Some(1));
+    assert_eq!(get("rpc.client.requests", "noted", "OK"), Some(1));
+    assert_eq!(seen.len(), 12, "{seen:?}");
 }

@@ -209,8 +209,10 @@ impl Client {
             }
             span.record("trace", headers.get(TRACEPARENT_HEADER));
         }
-        // Clock reads only for a span someone listens to.
-        let started = traced.then(Instant::now);
+        // Clock reads only for a span someone listens to (or for metrics).
+        let started = (cfg!(feature = "metrics") || traced).then(Instant::now);
+        #[cfg(feature = "metrics")]
+        let metered = (Arc::clone(request.pattern().route_arc()), request.kind());
         let result = match &self.stack {
             Stack::Direct(transport) => {
                 // Without other layers the deadline is enforced here rather than by a boxed
@@ -237,7 +239,15 @@ impl Client {
                     .await
             }
         };
+        #[cfg(feature = "metrics")]
         if let Some(started) = started {
+            let (route, kind) = &metered;
+            let outcome = result.as_ref().map(drop);
+            super::observe::record_client(route, *kind, outcome, started.elapsed());
+        }
+        if let Some(started) = started
+            && traced
+        {
             span.record("latency_us", started.elapsed().as_micros() as u64);
             match &result {
                 Ok(_) => span.record("outcome", tracing::field::display("ok")),

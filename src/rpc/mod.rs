@@ -173,6 +173,8 @@ mod contract;
 mod error;
 mod handler;
 mod json;
+#[cfg(feature = "metrics")]
+mod observe;
 #[cfg(feature = "opentelemetry")]
 mod otel;
 mod pattern;

@@ -479,7 +479,7 @@ impl Inner {
         }
         #[cfg(feature = "metrics")]
         if let Some(started) = started {
-            super::observe::record(&route, self.transport, kind, &outcome, started.elapsed());
+            crate::rpc::observe::record(&route, self.transport, kind, &outcome, started.elapsed());
         }
         if let Some(started) = started
             && !span.is_disabled()

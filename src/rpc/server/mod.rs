@@ -3,8 +3,6 @@
 
 mod dispatcher;
 mod handle;
-#[cfg(feature = "metrics")]
-mod observe;
 
 pub use self::dispatcher::{Dispatcher, ReplySink, SendError};
 pub use self::handle::{ServerHandle, ShutdownReport};
