@@ -493,9 +493,16 @@ mod tests {
     #[test]
     fn a_reply_that_is_not_an_object_says_so() {
         // (An incoming message that is not a packet is an external message, not an error.)
-        assert!(decode_incoming(&Bytes::from_static(b"[1,2]")).unwrap().external);
+        assert!(
+            decode_incoming(&Bytes::from_static(b"[1,2]"))
+                .unwrap()
+                .external
+        );
         let error = decode_reply(&Bytes::from_static(b"\"text\"")).unwrap_err();
-        assert!(error.to_string().contains("expected a JSON object"), "{error}");
+        assert!(
+            error.to_string().contains("expected a JSON object"),
+            "{error}"
+        );
     }
 
     #[test]
