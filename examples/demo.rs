@@ -5,10 +5,16 @@
 //! ```text
 //! cargo run --example demo                   # embedded (in-memory) transport, no broker
 //! cargo run --example demo -- --transport tcp   # the same over NestJS-compatible TCP on loopback
+//! cargo run --example demo --features nats -- --transport nats
+//!                                            # over NATS (NATS_URL, default nats://127.0.0.1:4222)
 //! cargo run --example demo --features rabbitmq -- --transport rabbitmq
 //!                                            # over RabbitMQ (AMQP_URL, default amqp://127.0.0.1:5672)
 //! cargo run --example demo --features kafka -- --transport kafka
 //!                                            # over Kafka, with the broker killed and restarted
+//! cargo run --example demo --features redis -- --transport redis
+//!                                            # over Redis pub/sub (REDIS_URL, default redis://127.0.0.1:6379)
+//! cargo run --example demo --features mqtt -- --transport mqtt
+//!                                            # over MQTT (MQTT_URL, default mqtt://127.0.0.1:1883)
 //! ```
 //!
 //! Kafka: the demo uses the brokers in `KAFKA_BROKERS` (then the broker fault is injected as
@@ -124,8 +130,11 @@ const KAFKA_SECONDS: u64 = 22;
 enum Transport {
     Memory,
     Tcp,
+    Nats,
     RabbitMq,
     Kafka,
+    Redis,
+    Mqtt,
 }
 
 /// What the command line asked for.
@@ -136,7 +145,7 @@ struct Options {
 }
 
 const USAGE: &str = "\
-usage: cargo run --example demo [--features rabbitmq|kafka] -- [--transport <name>] [--svg <file>]
+usage: cargo run --example demo [--features nats|rabbitmq|kafka|redis|mqtt] -- [--transport <name>] [--svg <file>]
 
   --svg <file>   where to write the run's timeline as a picture (default: palisade-demo.svg in
                  the system's temporary directory)
@@ -144,9 +153,12 @@ usage: cargo run --example demo [--features rabbitmq|kafka] -- [--transport <nam
 transports:
   memory     in-process, no broker (the default)
   tcp        NestJS-compatible TCP on loopback
+  nats       NestJS-compatible NATS (NATS_URL, default nats://127.0.0.1:4222); --features nats
   rabbitmq   NestJS-compatible RabbitMQ (AMQP_URL, default amqp://127.0.0.1:5672); --features rabbitmq
   kafka      NestJS-compatible Kafka (KAFKA_BROKERS, or a Tansu broker the demo starts and kills
              mid-run); --features kafka
+  redis      NestJS-compatible Redis (REDIS_URL, default redis://127.0.0.1:6379); --features redis
+  mqtt       NestJS-compatible MQTT (MQTT_URL, default mqtt://127.0.0.1:1883); --features mqtt
 ";
 
 /// `--transport <name>` (or `=<name>`) and `--svg <file>`; anything else is an error (or `--help`).
@@ -170,15 +182,21 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Options, String>
             "-h" | "--help" => return Err(String::new()),
             "--svg" => options.svg = value("a file name")?.into(),
             "--transport" => {
-                options.transport = match value("a name: memory, tcp, rabbitmq or kafka")?.as_str()
+                options.transport = match value(
+                    "a name: memory, tcp, nats, rabbitmq, kafka, redis or mqtt",
+                )?
+                .as_str()
                 {
                     "memory" => Transport::Memory,
                     "tcp" => Transport::Tcp,
+                    "nats" => Transport::Nats,
                     "rabbitmq" => Transport::RabbitMq,
                     "kafka" => Transport::Kafka,
+                    "redis" => Transport::Redis,
+                    "mqtt" => Transport::Mqtt,
                     other => {
                         return Err(format!(
-                            "unknown transport {other:?}: memory, tcp, rabbitmq or kafka"
+                            "unknown transport {other:?}: memory, tcp, nats, rabbitmq, kafka, redis or mqtt"
                         ));
                     }
                 }
@@ -282,6 +300,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut broker = None;
     let (client, server): (Client, ServerHandle) = match transport {
         Transport::RabbitMq => rabbitmq_pair(server, builder).await?,
+        Transport::Nats => nats_pair(server, builder).await?,
+        Transport::Redis => redis_pair(server, builder).await?,
+        Transport::Mqtt => mqtt_pair(server, builder).await?,
         Transport::Kafka => {
             let (client, server, started) = kafka::pair(server, builder).await?;
             broker = started;
@@ -316,7 +337,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         "palisade demo over the {} transport: 8 clients, ~160 requests/s, for {seconds} s\n",
         match transport {
             Transport::RabbitMq => "RabbitMQ (NestJS wire)",
+            Transport::Nats => "NATS (NestJS wire)",
             Transport::Kafka => "Kafka (NestJS wire)",
+            Transport::Redis => "Redis (NestJS wire)",
+            Transport::Mqtt => "MQTT (NestJS wire)",
             Transport::Tcp => "TCP (NestJS wire)",
             Transport::Memory => "in-memory",
         }
@@ -578,6 +602,31 @@ fn short(state: CircuitState) -> &'static str {
     }
 }
 
+/// The server and client over NATS: a queue group of the demo's own.
+#[cfg(feature = "nats")]
+async fn nats_pair(
+    server: Server,
+    builder: palisade::rpc::ClientBuilder,
+) -> Result<(Client, ServerHandle), Box<dyn std::error::Error>> {
+    use palisade::rpc::transport::nats::{NatsOptions, NatsServer};
+    let url = std::env::var("NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".to_owned());
+    let options = NatsOptions::new([url]).name("palisade-demo");
+    let server = server
+        .serve(
+            NatsServer::new(options.clone()).queue(format!("palisade-demo-{}", std::process::id())),
+        )
+        .await?;
+    Ok((builder.connect(options).await?, server))
+}
+
+#[cfg(not(feature = "nats"))]
+async fn nats_pair(
+    _: Server,
+    _: palisade::rpc::ClientBuilder,
+) -> Result<(Client, ServerHandle), Box<dyn std::error::Error>> {
+    Err("build the demo with `--features nats` for --transport nats".into())
+}
+
 /// The server and client over RabbitMQ: a queue of the demo's own, gone when the demo stops.
 #[cfg(feature = "rabbitmq")]
 async fn rabbitmq_pair(
@@ -600,6 +649,48 @@ async fn rabbitmq_pair(
     _: palisade::rpc::ClientBuilder,
 ) -> Result<(Client, ServerHandle), Box<dyn std::error::Error>> {
     Err("build the demo with `--features rabbitmq` for --transport rabbitmq".into())
+}
+
+/// The server and client over Redis pub/sub.
+#[cfg(feature = "redis")]
+async fn redis_pair(
+    server: Server,
+    builder: palisade::rpc::ClientBuilder,
+) -> Result<(Client, ServerHandle), Box<dyn std::error::Error>> {
+    use palisade::rpc::transport::redis::{RedisOptions, RedisServer};
+    let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned());
+    let options = RedisOptions::new(url);
+    let server = server.serve(RedisServer::new(options.clone())).await?;
+    Ok((builder.connect(options).await?, server))
+}
+
+#[cfg(not(feature = "redis"))]
+async fn redis_pair(
+    _: Server,
+    _: palisade::rpc::ClientBuilder,
+) -> Result<(Client, ServerHandle), Box<dyn std::error::Error>> {
+    Err("build the demo with `--features redis` for --transport redis".into())
+}
+
+/// The server and client over MQTT.
+#[cfg(feature = "mqtt")]
+async fn mqtt_pair(
+    server: Server,
+    builder: palisade::rpc::ClientBuilder,
+) -> Result<(Client, ServerHandle), Box<dyn std::error::Error>> {
+    use palisade::rpc::transport::mqtt::{MqttOptions, MqttServer};
+    let url = std::env::var("MQTT_URL").unwrap_or_else(|_| "mqtt://127.0.0.1:1883".to_owned());
+    let options = MqttOptions::new(url);
+    let server = server.serve(MqttServer::new(options.clone())).await?;
+    Ok((builder.connect(options).await?, server))
+}
+
+#[cfg(not(feature = "mqtt"))]
+async fn mqtt_pair(
+    _: Server,
+    _: palisade::rpc::ClientBuilder,
+) -> Result<(Client, ServerHandle), Box<dyn std::error::Error>> {
+    Err("build the demo with `--features mqtt` for --transport mqtt".into())
 }
 
 /// Kafka: the brokers in `KAFKA_BROKERS`, or a Tansu broker of the demo's own.

@@ -9,6 +9,10 @@
 //!   events.
 //! - `rabbitmq` (feature `rabbitmq`): NestJS's `Transport.RMQ`, with acknowledgements, retries
 //!   and dead letters for events, and publisher confirms.
+//! - `redis` (feature `redis`): NestJS's `Transport.REDIS`, with fast failure for patterns nobody
+//!   serves, an opt-in single responder per service, and optional durable events (Redis Streams).
+//! - `mqtt` (feature `mqtt`): NestJS's `Transport.MQTT`, with one long-lived subscription per reply
+//!   topic, opt-in shared subscriptions, and optional durable events (persistent sessions, QoS 1).
 //!
 //! # Writing a transport
 //!
@@ -33,10 +37,14 @@
 #[cfg(feature = "kafka")]
 pub mod kafka;
 pub mod memory;
+#[cfg(feature = "mqtt")]
+pub mod mqtt;
 #[cfg(feature = "nats")]
 pub mod nats;
 #[cfg(feature = "rabbitmq")]
 pub mod rabbitmq;
+#[cfg(feature = "redis")]
+pub mod redis;
 #[cfg(feature = "tcp")]
 pub mod tcp;
 

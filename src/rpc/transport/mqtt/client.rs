@@ -1,0 +1,492 @@
+use super::link::{Event, Events, Link, Message, Qos};
+use super::{MqttOptions, check_topic, reply_topic, too_large};
+use crate::rpc::json::encoded;
+use crate::rpc::transport::{ClientTransport, Connect, ReplyReceiver};
+use crate::rpc::wire::{PendingRequests, decode_reply, encode_request};
+use crate::rpc::{RpcError, RpcRequest, TransportErrorKind};
+use crate::timeout::HasDeadline;
+use bytes::Bytes;
+use futures_util::future::BoxFuture;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashSet};
+use std::fmt;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{Notify, mpsc};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+/// The client side of the MQTT transport, before it is connected.
+/// [`Client::builder().connect(..)`](crate::rpc::ClientBuilder::connect) connects it (a bad URL,
+/// an unreachable broker or refused credentials fail there with a clear error); [`MqttOptions`]
+/// alone connects the same way.
+///
+/// ```no_run
+/// use palisade::rpc::Client;
+/// use palisade::rpc::transport::mqtt::{MqttOptions, MqttTransport};
+///
+/// # #[tokio::main] async fn main() -> Result<(), palisade::rpc::RpcError> {
+/// let sensors = Client::builder()
+///     .connect(MqttTransport::new(MqttOptions::new("mqtt://127.0.0.1")).durable_events())
+///     .await?;
+/// sensors.emit("temperature", &21.5).await?; // QoS 1
+/// # Ok(()) }
+/// ```
+#[derive(Clone, Debug)]
+pub struct MqttTransport {
+    options: MqttOptions,
+    durable_events: bool,
+}
+
+impl MqttTransport {
+    /// A transport connecting with `options`.
+    pub fn new(options: MqttOptions) -> Self {
+        MqttTransport {
+            options,
+            durable_events: false,
+        }
+    }
+
+    /// Publishes events with QoS 1 instead of NestJS's QoS 0, for servers with
+    /// [durable events](super::DurableEvents): the broker acknowledges each event and keeps it
+    /// for their persistent sessions while they are away (this client publishes it again after a
+    /// reconnection until the broker acknowledged it).
+    pub fn durable_events(mut self) -> Self {
+        self.durable_events = true;
+        self
+    }
+
+    /// Connects.
+    pub async fn connect(self) -> Result<MqttConnection, RpcError> {
+        MqttConnection::connect(self.options, self.durable_events).await
+    }
+}
+
+impl Connect for MqttTransport {
+    type Transport = MqttConnection;
+
+    async fn connect(self) -> Result<MqttConnection, RpcError> {
+        MqttTransport::connect(self).await
+    }
+}
+
+impl Connect for MqttOptions {
+    type Transport = MqttConnection;
+
+    async fn connect(self) -> Result<MqttConnection, RpcError> {
+        MqttTransport::new(self).connect().await
+    }
+}
+
+struct Shared {
+    options: MqttOptions,
+    client: Link,
+    pending: Arc<PendingRequests>,
+    /// Cleared before the pending requests are failed on a connection loss, set once the reply
+    /// subscriptions are restored: a request registered while it is set is either answered or
+    /// failed by the loss.
+    connected: AtomicBool,
+    /// The reply topics subscribed to: kept for the connection's life, restored on reconnection.
+    topics: Mutex<HashSet<Arc<str>>>,
+    /// The broker's subscription acknowledgements, in order. Subscribing holds this lock: one
+    /// subscription at a time, so the next acknowledgement is the holder's.
+    acks: tokio::sync::Mutex<mpsc::UnboundedReceiver<Vec<bool>>>,
+    durable_events: bool,
+    /// Counts the connections to the broker: a restoration belongs to one.
+    generation: AtomicU64,
+    /// Requests with a deadline, earliest first: see [`watch_silence`].
+    silences: Mutex<BinaryHeap<Reverse<(Instant, u64)>>>,
+    earlier: Notify,
+}
+
+/// Stops the event loop when the last clone of the connection is dropped.
+struct Owner {
+    shared: Arc<Shared>,
+    stop: CancellationToken,
+}
+
+impl Drop for Owner {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// A connected MQTT client transport: requests published on their route's topic, replies read
+/// from `<route>/reply` (one subscription per route, kept) and matched by id; events published on
+/// their route's topic. Clones share the connection.
+#[derive(Clone)]
+pub struct MqttConnection {
+    owner: Arc<Owner>,
+}
+
+impl MqttConnection {
+    async fn connect(options: MqttOptions, durable_events: bool) -> Result<Self, RpcError> {
+        let (client, mut events) = options.session(true, false)?;
+        options.connected(&mut events).await?;
+        let (acks_tx, acks) = mpsc::unbounded_channel();
+        let shared = Arc::new(Shared {
+            options,
+            client,
+            pending: PendingRequests::new(),
+            connected: AtomicBool::new(true),
+            topics: Mutex::new(HashSet::new()),
+            acks: tokio::sync::Mutex::new(acks),
+            durable_events,
+            generation: AtomicU64::new(0),
+            silences: Mutex::new(BinaryHeap::new()),
+            earlier: Notify::new(),
+        });
+        let stop = CancellationToken::new();
+        tokio::spawn(run(Arc::clone(&shared), events, acks_tx, stop.clone()));
+        tokio::spawn(watch_silence(Arc::clone(&shared), stop.clone()));
+        Ok(MqttConnection {
+            owner: Arc::new(Owner { shared, stop }),
+        })
+    }
+
+    /// Replies dropped because their request was no longer waiting (it timed out, or its caller
+    /// went away).
+    pub fn late_replies(&self) -> u64 {
+        self.owner.shared.pending.late_replies()
+    }
+
+    /// Whether the connection to the broker is up (`false` while reconnecting).
+    pub fn is_connected(&self) -> bool {
+        self.owner.shared.connected.load(Ordering::SeqCst)
+    }
+}
+
+impl Shared {
+    fn not_connected(&self) -> RpcError {
+        RpcError::transport(
+            TransportErrorKind::NotConnected,
+            format!(
+                "not connected to the MQTT broker at {} (reconnecting)",
+                self.options.address_text()
+            ),
+        )
+    }
+
+    fn check_connected(&self) -> Result<(), RpcError> {
+        if self.connected.load(Ordering::SeqCst) {
+            Ok(())
+        } else {
+            Err(self.not_connected())
+        }
+    }
+
+    fn has(&self, topic: &str) -> bool {
+        self.topics
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(topic)
+    }
+
+    /// Subscribes `filters` and waits for the broker's acknowledgement; the caller holds `acks`.
+    async fn subscribe(
+        &self,
+        acks: &mut mpsc::UnboundedReceiver<Vec<bool>>,
+        filters: Vec<String>,
+    ) -> Result<(), RpcError> {
+        // An acknowledgement left over from a subscription that timed out is not ours.
+        while acks.try_recv().is_ok() {}
+        let count = filters.len();
+        self.client
+            .subscribe_many(filters, Qos::AtMostOnce)
+            .await
+            .map_err(|error| {
+                RpcError::transport(
+                    TransportErrorKind::ConnectionLost,
+                    format!("cannot subscribe: {error}"),
+                )
+            })?;
+        let ack = tokio::time::timeout(self.options.response_timeout, acks.recv())
+            .await
+            .map_err(|_| {
+                RpcError::transport(
+                    TransportErrorKind::ConnectionLost,
+                    "the MQTT broker did not acknowledge a subscription in time",
+                )
+            })?
+            .ok_or_else(|| self.not_connected())?;
+        if ack.len() != count || ack.iter().any(|accepted| !accepted) {
+            return Err(RpcError::transport(
+                TransportErrorKind::Authorization,
+                "the MQTT broker refused a reply-topic subscription",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Subscribes `topic` once (acknowledged by the broker); later requests find it subscribed.
+    async fn ensure_subscribed(&self, topic: &str) -> Result<(), RpcError> {
+        if self.has(topic) {
+            return Ok(());
+        }
+        let mut acks = self.acks.lock().await;
+        if self.has(topic) {
+            return Ok(());
+        }
+        self.check_connected()?;
+        self.subscribe(&mut acks, vec![topic.to_owned()]).await?;
+        self.topics
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(Arc::from(topic));
+        Ok(())
+    }
+
+    /// After the reconnection numbered `generation`: subscribes every reply topic again (retrying
+    /// with backoff while that connection lasts), then takes requests again.
+    async fn restore(self: Arc<Self>, generation: u64) {
+        let mut attempt = 0;
+        loop {
+            if self.generation.load(Ordering::SeqCst) != generation || self.pending.is_closed() {
+                // A newer connection restores its own; or the client is gone.
+                return;
+            }
+            let restored = {
+                let mut acks = self.acks.lock().await;
+                let topics: Vec<String> = self
+                    .topics
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .iter()
+                    .map(|t| t.to_string())
+                    .collect();
+                if topics.is_empty() {
+                    Ok(())
+                } else {
+                    self.subscribe(&mut acks, topics).await
+                }
+            };
+            match restored {
+                Ok(()) => {
+                    if self.generation.load(Ordering::SeqCst) == generation {
+                        self.connected.store(true, Ordering::SeqCst);
+                        tracing::info!(broker = %self.options.address_text(), "reconnected to the MQTT broker");
+                    }
+                    return;
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "could not restore the reply subscriptions; retrying");
+                    tokio::time::sleep(self.options.backoff(attempt)).await;
+                    attempt = attempt.saturating_add(1);
+                }
+            }
+        }
+    }
+
+    async fn publish(&self, topic: &str, qos: Qos, payload: Bytes) -> Result<(), RpcError> {
+        if !self.options.fits(topic, payload.len()) {
+            return Err(too_large(
+                topic,
+                payload.len(),
+                self.options.max_packet_size,
+            ));
+        }
+        self.client
+            .publish(topic, qos, payload)
+            .await
+            .map_err(|error| {
+                RpcError::transport(
+                    TransportErrorKind::ConnectionLost,
+                    format!("cannot publish to {topic:?} on MQTT: {error}"),
+                )
+            })
+    }
+}
+
+/// Polls the connection: delivers replies, passes subscription acknowledgements on, and on a lost
+/// connection fails what is pending and reconnects with backoff.
+async fn run(
+    shared: Arc<Shared>,
+    mut events: Events,
+    acks: mpsc::UnboundedSender<Vec<bool>>,
+    stop: CancellationToken,
+) {
+    let mut attempt = 0u32;
+    loop {
+        let event = tokio::select! {
+            biased;
+            _ = stop.cancelled() => break,
+            event = events.poll() => event,
+        };
+        match event {
+            Ok(Event::Message(message)) => deliver(&shared.pending, &message),
+            Ok(Event::SubAck(ack)) => {
+                let _ = acks.send(ack);
+            }
+            Ok(Event::ConnAck) => {
+                attempt = 0;
+                // Clean session: the broker forgot the subscriptions.
+                let generation = shared.generation.fetch_add(1, Ordering::SeqCst) + 1;
+                tokio::spawn(Arc::clone(&shared).restore(generation));
+            }
+            Ok(_) => {}
+            Err(error) => {
+                // A restoration under way belongs to the connection just lost.
+                shared.generation.fetch_add(1, Ordering::SeqCst);
+                if shared.connected.swap(false, Ordering::SeqCst) {
+                    tracing::warn!(%error, broker = %shared.options.address_text(), "lost the connection to the MQTT broker; reconnecting");
+                }
+                shared.pending.fail_all(&RpcError::transport(
+                    TransportErrorKind::ConnectionLost,
+                    format!(
+                        "the connection to the MQTT broker at {} was lost: {error}",
+                        shared.options.address_text()
+                    ),
+                ));
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = tokio::time::sleep(shared.options.backoff(attempt)) => {}
+                }
+                attempt = attempt.saturating_add(1);
+            }
+        }
+    }
+    shared.connected.store(false, Ordering::SeqCst);
+    shared.client.try_disconnect();
+    shared.pending.close(&RpcError::transport(
+        TransportErrorKind::ConnectionLost,
+        "the MQTT client was dropped",
+    ));
+}
+
+/// How long before its deadline a request nobody answered is failed with an error that says why
+/// (the caller's own timer, at the deadline, would only say that time ran out).
+const SILENCE_MARGIN: Duration = Duration::from_millis(10);
+
+/// Fails requests that met silence just before their deadline, saying what probably happened:
+/// MQTT cannot tell whether anyone subscribed to a topic.
+async fn watch_silence(shared: Arc<Shared>, stop: CancellationToken) {
+    loop {
+        let next = shared
+            .silences
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .peek()
+            .map(|Reverse((at, _))| *at);
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = shared.earlier.notified() => continue,
+            _ = async {
+                match next {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            } => {}
+        }
+        let now = Instant::now();
+        loop {
+            let due = {
+                let mut silences = shared.silences.lock().unwrap_or_else(|p| p.into_inner());
+                match silences.peek() {
+                    Some(Reverse((at, _))) if *at <= now => silences.pop().map(|Reverse((_, n))| n),
+                    _ => None,
+                }
+            };
+            let Some(n) = due else { break };
+            // Answered already, or its caller gave up: nothing to say.
+            let Some(route) = shared.pending.route_of(n) else {
+                continue;
+            };
+            shared.pending.fail(
+                n,
+                &RpcError::deadline_exceeded(format!(
+                    "no reply to {route:?} before the deadline: MQTT cannot tell whether a server \
+                     subscribed to {route:?}; none may be running, or the pattern may be wrong"
+                )),
+            );
+        }
+    }
+}
+
+/// Routes one reply to the request waiting for it. Every client calling a pattern receives every
+/// reply on its reply topic: ids this client did not make are someone else's and ignored.
+fn deliver(pending: &PendingRequests, message: &Message) {
+    match decode_reply(message.payload()) {
+        Ok((Some(id), packet)) => {
+            if let Some(n) = pending.ids().parse_json(id.as_bytes()) {
+                pending.deliver(n, packet);
+            }
+        }
+        Ok((None, _)) => tracing::debug!(topic = message.topic(), "a reply without id ignored"),
+        Err(error) => {
+            tracing::debug!(topic = message.topic(), %error, "a reply that is not JSON ignored")
+        }
+    }
+}
+
+pub(super) fn body(request: &RpcRequest, id: Option<&str>) -> Bytes {
+    encoded(|body| {
+        encode_request(
+            body,
+            request.pattern().raw(),
+            request.payload(),
+            id,
+            &request.wire_headers(),
+        )
+    })
+}
+
+impl ClientTransport for MqttConnection {
+    fn request(&self, request: RpcRequest) -> BoxFuture<'static, Result<ReplyReceiver, RpcError>> {
+        let shared = Arc::clone(&self.owner.shared);
+        Box::pin(async move {
+            shared.check_connected()?;
+            let topic = request.pattern().route();
+            check_topic(topic)?;
+            // Subscribed (and acknowledged) before publishing: with QoS 0 a reply published
+            // before the broker took the subscription would be lost.
+            shared.ensure_subscribed(&reply_topic(topic)).await?;
+            let registered = shared.pending.register(request.pattern())?;
+            // Checked after registering: a loss from now on fails this request (see `connected`).
+            shared.check_connected()?;
+            let payload = body(&request, Some(registered.id().as_str()));
+            shared.publish(topic, Qos::AtMostOnce, payload).await?;
+            if let Some(deadline) = request.deadline() {
+                let at = deadline
+                    .instant()
+                    .checked_sub(SILENCE_MARGIN)
+                    .unwrap_or_else(|| deadline.instant());
+                let earliest = {
+                    let mut silences = shared.silences.lock().unwrap_or_else(|p| p.into_inner());
+                    silences.push(Reverse((at, registered.number())));
+                    silences.peek() == Some(&Reverse((at, registered.number())))
+                };
+                if earliest {
+                    shared.earlier.notify_one();
+                }
+            }
+            Ok(registered.into_replies())
+        })
+    }
+
+    fn emit(&self, event: RpcRequest) -> BoxFuture<'static, Result<(), RpcError>> {
+        let shared = Arc::clone(&self.owner.shared);
+        Box::pin(async move {
+            shared.check_connected()?;
+            let topic = event.pattern().route();
+            check_topic(topic)?;
+            let qos = if shared.durable_events {
+                Qos::AtLeastOnce
+            } else {
+                Qos::AtMostOnce
+            };
+            shared.publish(topic, qos, body(&event, None)).await
+        })
+    }
+}
+
+impl fmt::Debug for MqttConnection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let shared = &self.owner.shared;
+        f.debug_struct("MqttConnection")
+            .field("options", &shared.options)
+            .field("connected", &shared.connected.load(Ordering::Relaxed))
+            .field("pending", &shared.pending.len())
+            .finish_non_exhaustive()
+    }
+}

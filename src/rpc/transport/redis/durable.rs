@@ -1,0 +1,504 @@
+//! Durable events on Redis Streams: a consumer group per service, at-least-once delivery, retries
+//! with backoff, claiming the entries of dead consumers, a dead-letter stream.
+
+use super::server::incoming;
+use super::{RedisOptions, command_error};
+use crate::rpc::transport::{DEAD_LETTER_DELIVERIES, DEAD_LETTER_REASON, DEAD_LETTER_SUBJECT};
+use crate::rpc::{Dispatcher, Headers, RpcError};
+use bytes::Bytes;
+use redis::aio::MultiplexedConnection;
+use redis::{FromRedisValue, Value};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// The field of a stream entry that holds the event's NestJS envelope.
+pub const BODY_FIELD: &str = "body";
+
+/// Durable events through Redis Streams — beyond NestJS, for events that must not be lost:
+///
+/// - clients add events to a stream named after the event's route (`XADD <route> * body
+///   <envelope>`, with [`RedisTransport::durable_events`](super::RedisTransport::durable_events));
+///   Redis stores them whether or not a server runs;
+/// - a server reads each event route's stream in the consumer group `group` (`XREADGROUP`; created
+///   at the start of the stream if missing, so events stored before the first server started are
+///   delivered too). Instances sharing the group share the events; services with different groups
+///   each get every event;
+/// - an event is acknowledged (`XACK`) only after all of its handlers succeeded, so it survives a
+///   crash of the service: a restarted consumer of the same name reads its unacknowledged entries
+///   again, and entries left by a consumer that stays away are claimed by the others
+///   (`XAUTOCLAIM`) once idle for [`claim_idle`](Self::claim_idle);
+/// - when a handler fails the event is delivered again after a delay from the backoff list;
+/// - after `max_deliveries` deliveries it is added to the dead-letter stream
+///   `<dead letter prefix><route>` with fields saying why
+///   ([`DEAD_LETTER_REASON`], [`DEAD_LETTER_DELIVERIES`], [`DEAD_LETTER_SUBJECT`]) next to its
+///   `body`, and acknowledged.
+///
+/// Events of one route are handled one at a time, in stream order (a failed one waits for its
+/// retry while the next ones go ahead).
+///
+/// Durable event routes are read from streams only: events that NestJS clients (or palisade
+/// clients without [`durable_events`](super::RedisTransport::durable_events)) `PUBLISH` on the
+/// channel do not reach them. Request patterns are served over pub/sub as usual.
+///
+/// ```no_run
+/// use palisade::rpc::transport::redis::{DurableEvents, RedisOptions, RedisServer};
+/// use std::time::Duration;
+///
+/// let server = RedisServer::new(RedisOptions::new("redis://127.0.0.1")).durable_events(
+///     DurableEvents::new("billing")
+///         .max_deliveries(5)
+///         .backoff([Duration::from_secs(1), Duration::from_secs(10), Duration::from_secs(60)]),
+/// );
+/// # let _ = server;
+/// ```
+#[derive(Clone, Debug)]
+pub struct DurableEvents {
+    group: String,
+    consumer: Option<String>,
+    max_deliveries: u32,
+    backoff: Vec<Duration>,
+    claim_idle: Duration,
+    dead_letter_prefix: String,
+    batch: usize,
+}
+
+impl DurableEvents {
+    /// Events read in the consumer group `group`. Defaults: a consumer name of its own per server,
+    /// 5 deliveries, retries after 1 s, 5 s, 30 s, entries of dead consumers claimed after 60 s
+    /// idle, dead letters in `palisade:dead-letter:<route>`.
+    pub fn new(group: impl Into<String>) -> Self {
+        DurableEvents {
+            group: group.into(),
+            consumer: None,
+            max_deliveries: 5,
+            backoff: vec![
+                Duration::from_secs(1),
+                Duration::from_secs(5),
+                Duration::from_secs(30),
+            ],
+            claim_idle: Duration::from_secs(60),
+            dead_letter_prefix: "palisade:dead-letter:".into(),
+            batch: 16,
+        }
+    }
+
+    /// The consumer's name in the group. A server restarted under the same name takes up the
+    /// entries it had not acknowledged at once; under a new name (the default: a random one) the
+    /// other consumers claim them after [`claim_idle`](Self::claim_idle).
+    pub fn consumer(mut self, name: impl Into<String>) -> Self {
+        self.consumer = Some(name.into());
+        self
+    }
+
+    /// Deliveries before an event goes to the dead-letter stream.
+    ///
+    /// # Panics
+    /// If `deliveries` is zero.
+    pub fn max_deliveries(mut self, deliveries: u32) -> Self {
+        assert!(deliveries > 0, "max_deliveries must be at least 1");
+        self.max_deliveries = deliveries;
+        self
+    }
+
+    /// Delays before the 1st, 2nd, ... retry of a failed event (the last repeats). Keep them
+    /// shorter than [`claim_idle`](Self::claim_idle), or another consumer may claim an event that
+    /// waits for its retry.
+    pub fn backoff(mut self, delays: impl IntoIterator<Item = Duration>) -> Self {
+        self.backoff = delays.into_iter().collect();
+        self
+    }
+
+    /// How long an entry stays unacknowledged by its consumer before another consumer claims it
+    /// (its consumer is presumed dead). Longer than your slowest handler.
+    pub fn claim_idle(mut self, idle: Duration) -> Self {
+        self.claim_idle = idle;
+        self
+    }
+
+    /// Dead letters go to the stream `<prefix><route>`.
+    pub fn dead_letter_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.dead_letter_prefix = prefix.into();
+        self
+    }
+
+    /// The dead-letter stream of an event route.
+    pub fn dead_letter_stream(&self, route: &str) -> String {
+        format!("{}{route}", self.dead_letter_prefix)
+    }
+
+    fn delay_before(&self, retry: u64) -> Duration {
+        let index = usize::try_from(retry.saturating_sub(1)).unwrap_or(usize::MAX);
+        self.backoff
+            .get(index)
+            .or(self.backoff.last())
+            .copied()
+            .unwrap_or(Duration::from_secs(1))
+    }
+}
+
+/// Creates the groups and starts one reading task per event route.
+pub(super) async fn start(
+    options: &RedisOptions,
+    dispatcher: &Dispatcher,
+    routes: Vec<Arc<str>>,
+    durable: DurableEvents,
+) -> Result<(), RpcError> {
+    let mut commands = options.commands().await?;
+    for route in &routes {
+        create_group(&mut commands, route, &durable.group).await?;
+    }
+    let consumer = durable.consumer.clone().unwrap_or_else(|| {
+        format!(
+            "palisade-{:016x}",
+            crate::rng::mix(crate::rng::SharedRng::entropy())
+        )
+    });
+    let durable = Arc::new(durable);
+    for route in routes {
+        let reader = Reader {
+            options: options.clone(),
+            durable: Arc::clone(&durable),
+            consumer: consumer.clone(),
+            route,
+            dispatcher: dispatcher.clone(),
+            retries: BTreeMap::new(),
+        };
+        dispatcher.spawn(reader.run());
+    }
+    Ok(())
+}
+
+async fn create_group(
+    commands: &mut MultiplexedConnection,
+    route: &str,
+    group: &str,
+) -> Result<(), RpcError> {
+    let created = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(route)
+        .arg(group)
+        .arg("0")
+        .arg("MKSTREAM")
+        .query_async::<Value>(commands)
+        .await;
+    match created {
+        Ok(_) => Ok(()),
+        Err(error) if error.code() == Some("BUSYGROUP") => Ok(()),
+        Err(error) => Err(command_error(
+            &error,
+            &format!("cannot create the consumer group {group:?} on the stream {route:?}"),
+        )),
+    }
+}
+
+/// One stream entry: its id and body.
+type Entry = (String, Option<Bytes>);
+
+/// Reads the entries of `XREADGROUP`/`XCLAIM`/`XAUTOCLAIM` replies.
+fn entries(value: &Value) -> Vec<Entry> {
+    let Value::Array(items) = value else {
+        return Vec::new();
+    };
+    items
+        .iter()
+        .filter_map(|item| {
+            let Value::Array(pair) = item else {
+                return None;
+            };
+            let id = String::from_redis_value_ref(pair.first()?).ok()?;
+            let body = match pair.get(1) {
+                Some(Value::Array(fields)) => fields.chunks(2).find_map(|kv| {
+                    let name = String::from_redis_value_ref(kv.first()?).ok()?;
+                    (name == BODY_FIELD)
+                        .then(|| Vec::<u8>::from_redis_value_ref(kv.get(1)?).ok())
+                        .flatten()
+                        .map(Bytes::from)
+                }),
+                // A deleted entry claimed from the pending list has no fields.
+                _ => None,
+            };
+            Some((id, body))
+        })
+        .collect()
+}
+
+struct Reader {
+    options: RedisOptions,
+    durable: Arc<DurableEvents>,
+    consumer: String,
+    route: Arc<str>,
+    dispatcher: Dispatcher,
+    /// Failed entries and when to deliver them again.
+    retries: BTreeMap<String, Instant>,
+}
+
+impl Reader {
+    async fn run(mut self) {
+        let mut draining = std::pin::pin!(self.dispatcher.draining());
+        let mut attempt = 0u32;
+        loop {
+            // Not cancelled at shutdown: a handler that is running finishes (within the grace
+            // period) and its event is acknowledged; the session stops before the next entry.
+            let started = Instant::now();
+            let result = self.session().await;
+            if self.dispatcher.is_draining() {
+                return;
+            }
+            if started.elapsed() > Duration::from_secs(10) {
+                // It worked for a while: this is a new failure, not the same one again.
+                attempt = 0;
+            }
+            if let Err(error) = result {
+                tracing::warn!(route = %self.route, %error, "durable events: Redis failed; reconnecting");
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(self.options.backoff(attempt)) => {}
+                _ = &mut draining => return,
+            }
+            attempt = attempt.saturating_add(1);
+        }
+    }
+
+    /// Reads and handles entries until Redis fails.
+    async fn session(&mut self) -> Result<(), RpcError> {
+        let mut commands = self.options.commands().await?;
+        // Blocking reads have a connection of their own: Redis answers a connection's commands in
+        // order, so an acknowledgement would wait behind the block.
+        let mut reader = self.options.commands_with_timeout(None).await?;
+        create_group(&mut commands, &self.route, &self.durable.group).await?;
+        // First what this consumer was given and never acknowledged (a restart under its name),
+        // page by page.
+        let mut after = "0".to_owned();
+        loop {
+            let own = self.read(&mut reader, &after, None).await?;
+            let Some((last, _)) = own.last() else { break };
+            after = last.clone();
+            self.handle_all(&mut commands, own).await?;
+        }
+        let mut next_claim = Instant::now();
+        loop {
+            if self.dispatcher.is_draining() {
+                return Ok(());
+            }
+            let now = Instant::now();
+            let due: Vec<String> = self
+                .retries
+                .iter()
+                .filter(|(_, at)| **at <= now)
+                .map(|(id, _)| id.clone())
+                .collect();
+            for id in due {
+                self.retries.remove(&id);
+                let claimed: Value = redis::cmd("XCLAIM")
+                    .arg(&*self.route)
+                    .arg(&self.durable.group)
+                    .arg(&self.consumer)
+                    .arg(0)
+                    .arg(&id)
+                    .query_async(&mut commands)
+                    .await
+                    .map_err(|error| command_error(&error, "cannot claim an event to retry"))?;
+                self.handle_all(&mut commands, entries(&claimed)).await?;
+            }
+            if now >= next_claim {
+                next_claim = now + (self.durable.claim_idle / 2).max(Duration::from_millis(10));
+                let claimed: Value = redis::cmd("XAUTOCLAIM")
+                    .arg(&*self.route)
+                    .arg(&self.durable.group)
+                    .arg(&self.consumer)
+                    .arg(u64::try_from(self.durable.claim_idle.as_millis()).unwrap_or(u64::MAX))
+                    .arg("0-0")
+                    .arg("COUNT")
+                    .arg(self.durable.batch)
+                    .query_async(&mut commands)
+                    .await
+                    .map_err(|error| command_error(&error, "cannot claim idle events"))?;
+                if let Value::Array(parts) = &claimed
+                    && let Some(list) = parts.get(1)
+                {
+                    let list = entries(list);
+                    for (id, _) in &list {
+                        // Claimed now (maybe its own, idle too long): no separate retry.
+                        self.retries.remove(id);
+                    }
+                    self.handle_all(&mut commands, list).await?;
+                }
+            }
+            // Block until an entry arrives or the next retry or claim is due.
+            let wake = self
+                .retries
+                .values()
+                .min()
+                .copied()
+                .unwrap_or(next_claim)
+                .min(next_claim);
+            let block = wake
+                .saturating_duration_since(Instant::now())
+                .clamp(Duration::from_millis(1), Duration::from_secs(1));
+            // Entries a read cancelled here may already have been given to this consumer: they
+            // stay pending, read again by a restart under this name or claimed by others.
+            let fresh = tokio::select! {
+                fresh = self.read(&mut reader, ">", Some(block)) => fresh?,
+                _ = self.dispatcher.draining() => return Ok(()),
+            };
+            self.handle_all(&mut commands, fresh).await?;
+        }
+    }
+
+    async fn read(
+        &self,
+        reader: &mut MultiplexedConnection,
+        from: &str,
+        block: Option<Duration>,
+    ) -> Result<Vec<Entry>, RpcError> {
+        let mut command = redis::cmd("XREADGROUP");
+        command
+            .arg("GROUP")
+            .arg(&self.durable.group)
+            .arg(&self.consumer)
+            .arg("COUNT")
+            .arg(self.durable.batch);
+        if let Some(block) = block {
+            command
+                .arg("BLOCK")
+                .arg(u64::try_from(block.as_millis()).unwrap_or(1).max(1));
+        }
+        let value: Value = command
+            .arg("STREAMS")
+            .arg(&*self.route)
+            .arg(from)
+            .query_async(reader)
+            .await
+            .map_err(|error| command_error(&error, "cannot read events"))?;
+        // [[stream, [entries]]] (RESP2) or {stream: [entries]} (RESP3); nil when the block ran out.
+        let list = match &value {
+            Value::Array(streams) => streams.first().and_then(|stream| match stream {
+                Value::Array(pair) => pair.get(1).cloned(),
+                _ => None,
+            }),
+            Value::Map(streams) => streams.first().map(|(_, list)| list.clone()),
+            _ => None,
+        };
+        Ok(list.map(|list| entries(&list)).unwrap_or_default())
+    }
+
+    async fn handle_all(
+        &mut self,
+        commands: &mut MultiplexedConnection,
+        entries: Vec<Entry>,
+    ) -> Result<(), RpcError> {
+        for (id, body) in entries {
+            if self.dispatcher.is_draining() {
+                // Left unacknowledged: delivered again after a restart, or claimed.
+                return Ok(());
+            }
+            self.handle(commands, id, body).await?;
+        }
+        Ok(())
+    }
+
+    async fn handle(
+        &mut self,
+        commands: &mut MultiplexedConnection,
+        id: String,
+        body: Option<Bytes>,
+    ) -> Result<(), RpcError> {
+        let Some(body) = body else {
+            // Deleted from the stream while pending, or not a palisade entry: nothing to run.
+            tracing::warn!(route = %self.route, %id, "stream entry without a body field acknowledged");
+            return self.ack(commands, &id).await;
+        };
+        let outcome = match incoming(body.clone()) {
+            Some((payload, packet)) => {
+                let (request, _) = packet.into_request_on(&self.route, &payload, Headers::new());
+                self.dispatcher.handle_event(request).await
+            }
+            None => Err(RpcError::invalid_argument("the event is not JSON or text")),
+        };
+        match outcome {
+            Ok(()) => self.ack(commands, &id).await,
+            // Shutdown, not the event: left pending for the next delivery.
+            Err(_) if self.dispatcher.is_draining() => Ok(()),
+            Err(error) => {
+                let deliveries = self.deliveries(commands, &id).await?;
+                if deliveries >= u64::from(self.durable.max_deliveries) {
+                    self.dead_letter(commands, &id, &body, &error, deliveries)
+                        .await
+                } else {
+                    let delay = self.durable.delay_before(deliveries);
+                    tracing::debug!(route = %self.route, %id, deliveries, ?delay, %error, "event failed; retrying");
+                    self.retries.insert(id, Instant::now() + delay);
+                    Ok(())
+                }
+            }
+        }
+    }
+
+    async fn ack(&self, commands: &mut MultiplexedConnection, id: &str) -> Result<(), RpcError> {
+        redis::cmd("XACK")
+            .arg(&*self.route)
+            .arg(&self.durable.group)
+            .arg(id)
+            .query_async::<Value>(commands)
+            .await
+            .map(drop)
+            .map_err(|error| command_error(&error, "cannot acknowledge an event"))
+    }
+
+    /// How many times the entry was delivered (`XPENDING`).
+    async fn deliveries(
+        &self,
+        commands: &mut MultiplexedConnection,
+        id: &str,
+    ) -> Result<u64, RpcError> {
+        let pending: Value = redis::cmd("XPENDING")
+            .arg(&*self.route)
+            .arg(&self.durable.group)
+            .arg(id)
+            .arg(id)
+            .arg(1)
+            .query_async(commands)
+            .await
+            .map_err(|error| command_error(&error, "cannot read an event's deliveries"))?;
+        // [[id, consumer, idle, deliveries]]
+        let count = match &pending {
+            Value::Array(rows) => match rows.first() {
+                Some(Value::Array(row)) => {
+                    row.get(3).and_then(|v| u64::from_redis_value_ref(v).ok())
+                }
+                _ => None,
+            },
+            _ => None,
+        };
+        Ok(count.unwrap_or(1))
+    }
+
+    async fn dead_letter(
+        &self,
+        commands: &mut MultiplexedConnection,
+        id: &str,
+        body: &Bytes,
+        error: &RpcError,
+        deliveries: u64,
+    ) -> Result<(), RpcError> {
+        let stream = self.durable.dead_letter_stream(&self.route);
+        tracing::warn!(route = %self.route, %id, deliveries, %error, dead_letters = %stream, "event dead-lettered");
+        redis::cmd("XADD")
+            .arg(&stream)
+            .arg("*")
+            .arg(BODY_FIELD)
+            .arg(&body[..])
+            .arg(DEAD_LETTER_REASON)
+            .arg(error.to_string())
+            .arg(DEAD_LETTER_DELIVERIES)
+            .arg(deliveries)
+            .arg(DEAD_LETTER_SUBJECT)
+            .arg(&*self.route)
+            .query_async::<Value>(commands)
+            .await
+            .map_err(|error| command_error(&error, "cannot add a dead letter"))?;
+        self.ack(commands, id).await
+    }
+}

@@ -1,0 +1,609 @@
+//! The MQTT transport beyond the conformance suite, each test against its own `mosquitto`:
+//! broker loss and restart, the default fan-out and shared subscriptions, durable events in a
+//! persistent session (nothing lost when the consumer dies, poison events dead-lettered).
+#![cfg(feature = "mqtt")]
+
+mod support;
+
+use futures_util::StreamExt;
+use palisade::rpc::transport::mqtt::{
+    DurableEvents, MqttOptions, MqttServer, MqttTransport, MqttVersion,
+};
+use palisade::rpc::transport::{
+    DEAD_LETTER_DELIVERIES, DEAD_LETTER_REASON, DEAD_LETTER_SUBJECT, ServerTransport,
+};
+use palisade::rpc::{
+    Client, Code, Payload, Router, RpcError, Server, ServerHandle, Streaming, TransportErrorKind,
+};
+use serde_json::{Value, json};
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use support::mqtt::Broker;
+use tokio::time::{Instant, sleep};
+
+/// The tests count the process's sockets: one at a time.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+fn options(broker: &Broker) -> MqttOptions {
+    MqttOptions::new(broker.url())
+        .reconnect_backoff(Duration::from_millis(20), Duration::from_millis(300))
+}
+
+/// Distinct sockets the process holds open. Sockets, not file descriptors: another test of
+/// this binary starting its runtime meanwhile opens descriptors of its own (an epoll, an eventfd,
+/// a duplicate of the signal socket), which are no leak of this one.
+fn open_sockets() -> usize {
+    std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .filter_map(|entry| std::fs::read_link(entry.ok()?.path()).ok())
+        .filter(|target| target.to_string_lossy().starts_with("socket:"))
+        .collect::<std::collections::HashSet<_>>()
+        .len()
+}
+
+fn alive_tasks() -> usize {
+    tokio::runtime::Handle::current()
+        .metrics()
+        .num_alive_tasks()
+}
+
+async fn settles_to(count: impl Fn() -> usize, limit: usize) -> usize {
+    let started = Instant::now();
+    loop {
+        let now = count();
+        if now <= limit || started.elapsed() > Duration::from_secs(10) {
+            return now;
+        }
+        sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn eventually(what: &str, within: Duration, mut done: impl FnMut() -> bool) {
+    let started = Instant::now();
+    while !done() {
+        assert!(started.elapsed() < within, "{what}: not within {within:?}");
+        sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_killed_and_restarted_fails_requests_in_flight_at_once_and_everything_recovers() {
+    let _serial = SERIAL.lock().await;
+    let mut broker = Broker::start();
+    let (sockets, tasks) = (open_sockets(), alive_tasks());
+    {
+        let stored: Arc<Mutex<BTreeSet<u32>>> = Arc::default();
+        let seen = Arc::clone(&stored);
+        let router = Router::new()
+            .message("slow", || async {
+                sleep(Duration::from_secs(60)).await;
+                "never"
+            })
+            .message("echo", |Payload(v): Payload<u64>| async move { v })
+            .event("stored", move |Payload(n): Payload<u32>| {
+                let seen = Arc::clone(&seen);
+                async move {
+                    seen.lock().unwrap().insert(n);
+                }
+            });
+        let server = MqttServer::new(options(&broker))
+            .serve(Server::new(router).grace_period(Duration::from_millis(100)))
+            .await
+            .unwrap();
+        let client = Client::builder()
+            .timeout(Duration::from_secs(30))
+            .connect(options(&broker))
+            .await
+            .unwrap();
+        assert_eq!(client.send::<u64>("echo", &1).await.unwrap(), 1);
+        let in_flight: Vec<_> = (0..5)
+            .map(|_| {
+                let client = client.clone();
+                tokio::spawn(async move { client.send::<String>("slow", &()).await })
+            })
+            .collect();
+        sleep(Duration::from_millis(200)).await;
+        broker.stop();
+        let killed = Instant::now();
+        for call in in_flight {
+            let error = tokio::time::timeout(Duration::from_secs(5), call)
+                .await
+                .expect("a request in flight hung when the broker died")
+                .unwrap()
+                .unwrap_err();
+            assert_eq!(error.code(), Code::Unavailable, "{error}");
+            assert_eq!(
+                error.transport_kind(),
+                Some(TransportErrorKind::ConnectionLost),
+                "{error}"
+            );
+        }
+        assert!(
+            killed.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            killed.elapsed()
+        );
+        // While it is down, calls fail fast.
+        let started = Instant::now();
+        let down = client.send::<u64>("echo", &2).await.unwrap_err();
+        assert_eq!(down.code(), Code::Unavailable, "{down}");
+        assert_eq!(
+            down.transport_kind(),
+            Some(TransportErrorKind::NotConnected),
+            "{down}"
+        );
+        assert!(client.emit("stored", &0).await.is_err());
+        assert!(started.elapsed() < Duration::from_secs(1));
+
+        broker.restart();
+        // The client reconnects and restores its reply subscription ("echo/reply" was made
+        // before the loss), the server subscribes again. A request the client publishes before
+        // the server is back meets silence (MQTT cannot tell): asked with a short deadline.
+        let impatient = Client::builder()
+            .timeout(Duration::from_millis(500))
+            .connect(options(&broker))
+            .await
+            .unwrap();
+        let restarted = Instant::now();
+        loop {
+            match impatient.send::<u64>("echo", &3).await {
+                Ok(answer) => {
+                    assert_eq!(answer, 3);
+                    break;
+                }
+                Err(error) => {
+                    assert!(
+                        matches!(error.code(), Code::Unavailable | Code::DeadlineExceeded),
+                        "{error}"
+                    );
+                    assert!(
+                        restarted.elapsed() < Duration::from_secs(10),
+                        "the service never answered again: {error}"
+                    );
+                    sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+        drop(impatient);
+        support::until_echo_answers(&client, Duration::from_secs(10), Duration::from_millis(50))
+            .await;
+        for n in 1..=20u32 {
+            client.emit("stored", &n).await.unwrap();
+        }
+        eventually("events after the restart", Duration::from_secs(5), || {
+            stored.lock().unwrap().len() == 20
+        })
+        .await;
+        server.shutdown().await;
+        drop(client);
+    }
+    let sockets_after = settles_to(open_sockets, sockets).await;
+    if sockets_after > sockets {
+        for entry in std::fs::read_dir("/proc/self/fd").unwrap() {
+            let path = entry.unwrap().path();
+            eprintln!("{} -> {:?}", path.display(), std::fs::read_link(&path));
+        }
+    }
+    assert!(
+        sockets_after <= sockets,
+        "sockets leaked: {sockets} before, {sockets_after} after"
+    );
+    let tasks_after = settles_to(alive_tasks, tasks).await;
+    assert!(
+        tasks_after <= tasks,
+        "tasks leaked: {tasks} before, {tasks_after} after"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connecting_to_no_broker_or_serving_a_wildcard_fails_at_once_with_a_clear_error() {
+    let _serial = SERIAL.lock().await;
+    let url = format!("mqtt://127.0.0.1:{}", support::free_port());
+    let started = Instant::now();
+    let error = Client::builder()
+        .connect(MqttOptions::new(&url))
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), Code::Unavailable, "{error}");
+    assert_eq!(error.transport_kind(), Some(TransportErrorKind::Connect));
+    assert!(
+        error.message().contains("cannot connect to MQTT"),
+        "{error}"
+    );
+    let error = MqttServer::new(MqttOptions::new(&url))
+        .serve(Server::new(Router::new().message("echo", || async { 1 })))
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), Code::Unavailable, "{error}");
+    assert!(started.elapsed() < Duration::from_secs(3));
+    for url in ["http://127.0.0.1", "mqtts://127.0.0.1:8883"] {
+        let error = Client::builder()
+            .connect(MqttOptions::new(url))
+            .await
+            .unwrap_err();
+        assert_eq!(error.code(), Code::InvalidArgument, "{url}: {error}");
+    }
+    let broker = Broker::start();
+    let error = MqttServer::new(options(&broker))
+        .serve(Server::new(
+            Router::new().message("sensors/+", || async { 1 }),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), Code::InvalidArgument, "{error}");
+    let client = Client::builder().connect(options(&broker)).await.unwrap();
+    let error = client.send::<u32>("sensors/#", &()).await.unwrap_err();
+    assert_eq!(
+        error.transport_kind(),
+        Some(TransportErrorKind::InvalidRoute)
+    );
+}
+
+fn instance_router(name: &'static str, events: Arc<Mutex<Vec<&'static str>>>) -> Router {
+    Router::new()
+        .message("whoami", move || async move { name })
+        .message("count", |Payload(n): Payload<u32>| async move {
+            Streaming(futures_util::stream::iter(1..=n).then(|i| async move {
+                sleep(Duration::from_millis(5)).await;
+                Ok::<u32, RpcError>(i)
+            }))
+        })
+        .event("tick", move || {
+            let events = Arc::clone(&events);
+            async move { events.lock().unwrap().push(name) }
+        })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn by_default_every_instance_gets_every_event() {
+    let _serial = SERIAL.lock().await;
+    let broker = Broker::start();
+    let events = Arc::new(Mutex::new(Vec::new()));
+    let a = MqttServer::new(options(&broker))
+        .serve(Server::new(instance_router("a", Arc::clone(&events))))
+        .await
+        .unwrap();
+    let b = MqttServer::new(options(&broker))
+        .serve(Server::new(instance_router("b", Arc::clone(&events))))
+        .await
+        .unwrap();
+    let client = Client::builder().connect(options(&broker)).await.unwrap();
+    client.emit("tick", &()).await.unwrap();
+    eventually(
+        "both instances get the event",
+        Duration::from_secs(5),
+        || events.lock().unwrap().len() == 2,
+    )
+    .await;
+    let mut got = events.lock().unwrap().clone();
+    got.sort();
+    assert_eq!(got, ["a", "b"]);
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shared_group_answers_each_request_once_and_spreads_the_load() {
+    shared_group_answers_each_request_once(MqttVersion::V311).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shared_group_answers_each_request_once_and_spreads_the_load_over_mqtt5() {
+    shared_group_answers_each_request_once(MqttVersion::V5).await;
+}
+
+async fn shared_group_answers_each_request_once(version: MqttVersion) {
+    let _serial = SERIAL.lock().await;
+    let broker = Broker::start();
+    let options = |broker: &Broker| options(broker).version(version);
+    let events = Arc::new(Mutex::new(Vec::new()));
+    let a = MqttServer::new(options(&broker))
+        .shared_group("users")
+        .serve(Server::new(instance_router("a", Arc::clone(&events))))
+        .await
+        .unwrap();
+    let b = MqttServer::new(options(&broker))
+        .shared_group("users")
+        .serve(Server::new(instance_router("b", Arc::clone(&events))))
+        .await
+        .unwrap();
+    let client = Client::builder()
+        .timeout(Duration::from_secs(5))
+        .connect(options(&broker))
+        .await
+        .unwrap();
+    let mut answered_by: HashMap<String, usize> = HashMap::new();
+    for _ in 0..20 {
+        *answered_by
+            .entry(client.send::<String>("whoami", &()).await.unwrap())
+            .or_default() += 1;
+        // Not doubled, as it would be with two plain subscriptions.
+        let counts: Vec<u32> = client
+            .send_stream::<u32>("count", &3)
+            .await
+            .unwrap()
+            .map(Result::unwrap)
+            .collect()
+            .await;
+        assert_eq!(counts, [1, 2, 3]);
+    }
+    assert_eq!(answered_by.values().sum::<usize>(), 20);
+    assert_eq!(
+        answered_by.len(),
+        2,
+        "one instance did all: {answered_by:?}"
+    );
+    for _ in 0..10 {
+        client.emit("tick", &()).await.unwrap();
+    }
+    eventually("every event handled", Duration::from_secs(5), || {
+        events.lock().unwrap().len() >= 10
+    })
+    .await;
+    sleep(Duration::from_millis(100)).await;
+    assert_eq!(events.lock().unwrap().len(), 10, "an event handled twice");
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+async fn durable_server(
+    broker: &Broker,
+    version: MqttVersion,
+    durable: DurableEvents,
+    router: Router,
+) -> ServerHandle {
+    MqttServer::new(options(broker).version(version))
+        .durable_events(durable)
+        .serve(Server::new(router).grace_period(Duration::from_millis(50)))
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn durable_events_survive_a_consumer_killed_mid_handling_and_its_absence() {
+    durable_events_survive(MqttVersion::V311).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn durable_events_survive_a_consumer_killed_mid_handling_and_its_absence_over_mqtt5() {
+    durable_events_survive(MqttVersion::V5).await;
+}
+
+async fn durable_events_survive(version: MqttVersion) {
+    let _serial = SERIAL.lock().await;
+    let broker = Broker::start();
+    let emitter = Client::builder()
+        .connect(MqttTransport::new(options(&broker).version(version)).durable_events())
+        .await
+        .unwrap();
+    // The consumer takes events and dies while handling the first one.
+    let taken = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&taken);
+    let doomed = durable_server(
+        &broker,
+        version,
+        DurableEvents::new("billing-1"),
+        Router::new().event("order", move |Payload(_): Payload<u32>| {
+            counter.fetch_add(1, Ordering::SeqCst);
+            std::future::pending::<()>()
+        }),
+    )
+    .await;
+    for n in 0..10u32 {
+        emitter.emit("order", &n).await.unwrap();
+    }
+    eventually(
+        "the consumer takes an event",
+        Duration::from_secs(5),
+        || taken.load(Ordering::SeqCst) > 0,
+    )
+    .await;
+    sleep(Duration::from_millis(100)).await;
+    doomed.shutdown().await;
+    // More events while it is away: the broker keeps them for its session.
+    for n in 10..15u32 {
+        emitter.emit("order", &n).await.unwrap();
+    }
+    sleep(Duration::from_millis(100)).await;
+    let handled: Arc<Mutex<HashMap<u32, usize>>> = Arc::default();
+    let seen = Arc::clone(&handled);
+    let back = durable_server(
+        &broker,
+        version,
+        DurableEvents::new("billing-1"),
+        Router::new().event("order", move |Payload(n): Payload<u32>| {
+            let seen = Arc::clone(&seen);
+            async move {
+                *seen.lock().unwrap().entry(n).or_default() += 1;
+            }
+        }),
+    )
+    .await;
+    eventually("every event handled", Duration::from_secs(10), || {
+        handled.lock().unwrap().len() == 15
+    })
+    .await;
+    // Redeliveries still on their way (at least once: the broker may send an event again that
+    // was in flight when the first consumer died) are handled and acknowledged too.
+    sleep(Duration::from_millis(300)).await;
+    back.shutdown().await;
+    // Acknowledged: a third start of the session gets nothing again.
+    let again = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&again);
+    let third = durable_server(
+        &broker,
+        version,
+        DurableEvents::new("billing-1"),
+        Router::new().event("order", move |Payload(_): Payload<u32>| {
+            counter.fetch_add(1, Ordering::SeqCst);
+            async {}
+        }),
+    )
+    .await;
+    sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        again.load(Ordering::SeqCst),
+        0,
+        "delivered again after being handled: {:?}",
+        handled.lock().unwrap()
+    );
+    third.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_durable_event_is_retried_with_backoff_and_a_poison_one_is_dead_lettered() {
+    let _serial = SERIAL.lock().await;
+    let broker = Broker::start();
+    let durable = DurableEvents::new("billing-1")
+        .max_deliveries(3)
+        .backoff([Duration::from_millis(100), Duration::from_millis(200)]);
+    let dead_letters = durable.dead_letter_topic("order");
+    // A watcher on the dead-letter topic.
+    let port: u16 = broker.url().rsplit(':').next().unwrap().parse().unwrap();
+    let (watcher, mut watching) =
+        rumqttc::AsyncClient::new(rumqttc::MqttOptions::new("watcher", "127.0.0.1", port), 10);
+    watcher
+        .subscribe(&dead_letters, rumqttc::QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    let (letters_tx, mut letters) = tokio::sync::mpsc::unbounded_channel();
+    let watching = tokio::spawn(async move {
+        while let Ok(event) = watching.poll().await {
+            if let rumqttc::Event::Incoming(rumqttc::Packet::Publish(publish)) = event {
+                let _ = letters_tx.send(publish.payload);
+            }
+        }
+    });
+    sleep(Duration::from_millis(200)).await;
+    let attempts: Arc<Mutex<HashMap<String, Vec<Instant>>>> = Arc::default();
+    let seen = Arc::clone(&attempts);
+    let server = durable_server(
+        &broker,
+        MqttVersion::V311,
+        durable,
+        Router::new().event("order", move |Payload(kind): Payload<String>| {
+            let seen = Arc::clone(&seen);
+            async move {
+                let tries = {
+                    let mut seen = seen.lock().unwrap();
+                    let tries = seen.entry(kind.clone()).or_default();
+                    tries.push(Instant::now());
+                    tries.len()
+                };
+                match kind.as_str() {
+                    "poison" => Err(RpcError::exception("cannot bill this")),
+                    "flaky" if tries == 1 => Err(RpcError::unavailable("database restarting")),
+                    _ => Ok(()),
+                }
+            }
+        }),
+    )
+    .await;
+    let emitter = Client::builder()
+        .connect(MqttTransport::new(options(&broker)).durable_events())
+        .await
+        .unwrap();
+    for kind in ["poison", "flaky", "fine"] {
+        emitter.emit("order", &kind).await.unwrap();
+    }
+    let letter = tokio::time::timeout(Duration::from_secs(10), letters.recv())
+        .await
+        .expect("nothing dead-lettered")
+        .unwrap();
+    let letter: Value = serde_json::from_slice(&letter).unwrap();
+    assert_eq!(
+        letter["body"],
+        json!({"pattern": "order", "data": "poison"})
+    );
+    assert_eq!(letter[DEAD_LETTER_DELIVERIES], 3);
+    assert_eq!(letter[DEAD_LETTER_SUBJECT], "order");
+    assert!(
+        letter[DEAD_LETTER_REASON]
+            .as_str()
+            .unwrap()
+            .contains("cannot bill this"),
+        "{letter}"
+    );
+    sleep(Duration::from_millis(400)).await;
+    let attempts = attempts.lock().unwrap().clone();
+    let poison = &attempts["poison"];
+    assert_eq!(poison.len(), 3, "poison delivered 3 times");
+    // Retried after the backoff, not at once.
+    assert!(poison[1] - poison[0] >= Duration::from_millis(90));
+    assert!(poison[2] - poison[1] >= Duration::from_millis(190));
+    assert_eq!(attempts["flaky"].len(), 2, "flaky retried once, then done");
+    assert_eq!(attempts["fine"].len(), 1);
+    server.shutdown().await;
+    watching.abort();
+}
+
+/// The broker goes silent without closing the connections (frozen, as in a network partition):
+/// the keep-alive notices, requests in flight fail instead of waiting for their deadline, and
+/// everything comes back once the broker answers again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_broker_is_noticed_by_the_keep_alive() {
+    let _serial = SERIAL.lock().await;
+    let broker = Broker::start();
+    let options = || options(&broker).keep_alive(Duration::from_secs(1));
+    let server = MqttServer::new(options())
+        .serve(
+            Server::new(
+                Router::new()
+                    .message("slow", || async {
+                        sleep(Duration::from_secs(60)).await;
+                        "never"
+                    })
+                    .message("echo", |Payload(v): Payload<u64>| async move { v }),
+            )
+            .grace_period(Duration::from_millis(100)),
+        )
+        .await
+        .unwrap();
+    let client = Client::builder()
+        .timeout(Duration::from_secs(30))
+        .connect(options())
+        .await
+        .unwrap();
+    assert_eq!(client.send::<u64>("echo", &1).await.unwrap(), 1);
+    let slow = {
+        let client = client.clone();
+        tokio::spawn(async move { client.send::<String>("slow", &()).await })
+    };
+    sleep(Duration::from_millis(100)).await;
+    broker.freeze();
+    let frozen = Instant::now();
+    let outcome = tokio::time::timeout(Duration::from_secs(6), slow).await;
+    broker.thaw();
+    let error = outcome
+        .expect("the request in flight waited for its deadline")
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(
+        error.transport_kind(),
+        Some(TransportErrorKind::ConnectionLost),
+        "{error}"
+    );
+    assert!(
+        frozen.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        frozen.elapsed()
+    );
+    // Back: a short deadline while the server may not have resubscribed yet (silence).
+    let impatient = Client::builder()
+        .timeout(Duration::from_millis(500))
+        .connect(options())
+        .await
+        .unwrap();
+    let thawed = Instant::now();
+    while impatient.send::<u64>("echo", &2).await.is_err() {
+        assert!(
+            thawed.elapsed() < Duration::from_secs(10),
+            "never answered again"
+        );
+        sleep(Duration::from_millis(50)).await;
+    }
+    support::until_echo_answers(&client, Duration::from_secs(10), Duration::from_millis(50)).await;
+    server.shutdown().await;
+}

@@ -1,0 +1,727 @@
+//! The Redis transport beyond the conformance suite, each test against its own `redis-server`:
+//! broker loss and restart, the default fan-out and the opt-in single responder, durable events
+//! on Redis Streams (nothing lost when a consumer dies, poison events dead-lettered).
+#![cfg(feature = "redis")]
+
+mod support;
+
+use futures_util::StreamExt;
+use palisade::rpc::transport::redis::{
+    BODY_FIELD, DurableEvents, RedisOptions, RedisServer, RedisTransport,
+};
+use palisade::rpc::transport::{
+    DEAD_LETTER_DELIVERIES, DEAD_LETTER_REASON, DEAD_LETTER_SUBJECT, ServerTransport,
+};
+use palisade::rpc::{
+    Client, Code, Payload, Router, RpcError, Server, Streaming, TransportErrorKind,
+};
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use support::redis::Broker;
+use tokio::time::{Instant, sleep};
+
+/// The tests count the process's sockets: one at a time.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+fn options(broker: &Broker) -> RedisOptions {
+    RedisOptions::new(broker.url())
+        .reconnect_backoff(Duration::from_millis(20), Duration::from_millis(300))
+}
+
+/// Distinct sockets the process holds open. Sockets, not file descriptors: another test of
+/// this binary starting its runtime meanwhile opens descriptors of its own (an epoll, an eventfd,
+/// a duplicate of the signal socket), which are no leak of this one.
+fn open_sockets() -> usize {
+    std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .filter_map(|entry| std::fs::read_link(entry.ok()?.path()).ok())
+        .filter(|target| target.to_string_lossy().starts_with("socket:"))
+        .collect::<std::collections::HashSet<_>>()
+        .len()
+}
+
+fn alive_tasks() -> usize {
+    tokio::runtime::Handle::current()
+        .metrics()
+        .num_alive_tasks()
+}
+
+async fn settles_to(count: impl Fn() -> usize, limit: usize) -> usize {
+    let started = Instant::now();
+    loop {
+        let now = count();
+        if now <= limit || started.elapsed() > Duration::from_secs(10) {
+            return now;
+        }
+        sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn eventually(what: &str, within: Duration, mut done: impl FnMut() -> bool) {
+    let started = Instant::now();
+    while !done() {
+        assert!(started.elapsed() < within, "{what}: not within {within:?}");
+        sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_killed_and_restarted_fails_requests_in_flight_at_once_and_everything_recovers() {
+    let _serial = SERIAL.lock().await;
+    let mut broker = Broker::start();
+    let (sockets, tasks) = (open_sockets(), alive_tasks());
+    {
+        let stored: Arc<Mutex<BTreeSet<u32>>> = Arc::default();
+        let seen = Arc::clone(&stored);
+        let router = Router::new()
+            .message("slow", || async {
+                sleep(Duration::from_secs(60)).await;
+                "never"
+            })
+            .message("echo", |Payload(v): Payload<u64>| async move { v })
+            .event("stored", move |Payload(n): Payload<u32>| {
+                let seen = Arc::clone(&seen);
+                async move {
+                    seen.lock().unwrap().insert(n);
+                }
+            });
+        let server = RedisServer::new(options(&broker))
+            .serve(Server::new(router).grace_period(Duration::from_millis(100)))
+            .await
+            .unwrap();
+        let client = Client::builder()
+            .timeout(Duration::from_secs(30))
+            .connect(options(&broker))
+            .await
+            .unwrap();
+        assert_eq!(client.send::<u64>("echo", &1).await.unwrap(), 1);
+        let in_flight: Vec<_> = (0..5)
+            .map(|_| {
+                let client = client.clone();
+                tokio::spawn(async move { client.send::<String>("slow", &()).await })
+            })
+            .collect();
+        sleep(Duration::from_millis(200)).await;
+        broker.stop();
+        let killed = Instant::now();
+        for call in in_flight {
+            let error = tokio::time::timeout(Duration::from_secs(5), call)
+                .await
+                .expect("a request in flight hung when the broker died")
+                .unwrap()
+                .unwrap_err();
+            assert_eq!(error.code(), Code::Unavailable, "{error}");
+            assert_eq!(
+                error.transport_kind(),
+                Some(TransportErrorKind::ConnectionLost),
+                "{error}"
+            );
+        }
+        assert!(
+            killed.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            killed.elapsed()
+        );
+        // While it is down, calls fail fast.
+        let started = Instant::now();
+        let down = client.send::<u64>("echo", &2).await.unwrap_err();
+        assert_eq!(down.code(), Code::Unavailable, "{down}");
+        assert_eq!(
+            down.transport_kind(),
+            Some(TransportErrorKind::NotConnected),
+            "{down}"
+        );
+        assert!(client.emit("stored", &0).await.is_err());
+        assert!(started.elapsed() < Duration::from_secs(1));
+
+        broker.restart();
+        // The client reconnects and restores its reply subscription ("echo.reply" was made
+        // before the loss), the server subscribes again.
+        support::until_echo_answers(&client, Duration::from_secs(10), Duration::from_millis(50))
+            .await;
+        for n in 1..=20u32 {
+            client.emit("stored", &n).await.unwrap();
+        }
+        eventually("events after the restart", Duration::from_secs(5), || {
+            stored.lock().unwrap().len() == 20
+        })
+        .await;
+        server.shutdown().await;
+        drop(client);
+    }
+    let sockets_after = settles_to(open_sockets, sockets).await;
+    if sockets_after > sockets {
+        for entry in std::fs::read_dir("/proc/self/fd").unwrap() {
+            let path = entry.unwrap().path();
+            eprintln!("{} -> {:?}", path.display(), std::fs::read_link(&path));
+        }
+    }
+    assert!(
+        sockets_after <= sockets,
+        "sockets leaked: {sockets} before, {sockets_after} after"
+    );
+    let tasks_after = settles_to(alive_tasks, tasks).await;
+    assert!(
+        tasks_after <= tasks,
+        "tasks leaked: {tasks} before, {tasks_after} after"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connecting_to_no_redis_fails_at_once_with_a_clear_error() {
+    let _serial = SERIAL.lock().await;
+    let port = support::free_port();
+    let started = Instant::now();
+    let error = Client::builder()
+        .connect(RedisOptions::new(format!("redis://127.0.0.1:{port}")))
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), Code::Unavailable, "{error}");
+    assert_eq!(error.transport_kind(), Some(TransportErrorKind::Connect));
+    assert!(
+        error.message().contains("cannot connect to Redis"),
+        "{error}"
+    );
+    let error = RedisServer::new(RedisOptions::new(format!("redis://127.0.0.1:{port}")))
+        .serve(Server::new(Router::new().message("echo", || async { 1 })))
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), Code::Unavailable, "{error}");
+    assert!(started.elapsed() < Duration::from_secs(3));
+    for url in ["not a url", "rediss://127.0.0.1:6379"] {
+        let error = Client::builder()
+            .connect(RedisOptions::new(url))
+            .await
+            .unwrap_err();
+        assert_eq!(error.code(), Code::InvalidArgument, "{url}: {error}");
+    }
+}
+
+fn instance_router(name: &'static str, events: Arc<Mutex<Vec<&'static str>>>) -> Router {
+    Router::new()
+        .message("whoami", move || async move { name })
+        .message("count", |Payload(n): Payload<u32>| async move {
+            Streaming(futures_util::stream::iter(1..=n).then(|i| async move {
+                sleep(Duration::from_millis(5)).await;
+                Ok::<u32, RpcError>(i)
+            }))
+        })
+        .event("tick", move || {
+            let events = Arc::clone(&events);
+            async move { events.lock().unwrap().push(name) }
+        })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn by_default_every_instance_gets_every_event() {
+    let _serial = SERIAL.lock().await;
+    let broker = Broker::start();
+    let events = Arc::new(Mutex::new(Vec::new()));
+    let a = RedisServer::new(options(&broker))
+        .serve(Server::new(instance_router("a", Arc::clone(&events))))
+        .await
+        .unwrap();
+    let b = RedisServer::new(options(&broker))
+        .serve(Server::new(instance_router("b", Arc::clone(&events))))
+        .await
+        .unwrap();
+    let client = Client::builder().connect(options(&broker)).await.unwrap();
+    client.emit("tick", &()).await.unwrap();
+    eventually(
+        "both instances get the event",
+        Duration::from_secs(5),
+        || events.lock().unwrap().len() == 2,
+    )
+    .await;
+    let mut got = events.lock().unwrap().clone();
+    got.sort();
+    assert_eq!(got, ["a", "b"]);
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_single_responder_answers_each_request_once_and_another_takes_over_when_it_stops() {
+    let _serial = SERIAL.lock().await;
+    let broker = Broker::start();
+    let events = Arc::new(Mutex::new(Vec::new()));
+    let ttl = Duration::from_millis(300);
+    let a = RedisServer::new(options(&broker))
+        .single_responder("users", ttl)
+        .serve(Server::new(instance_router("a", Arc::clone(&events))))
+        .await
+        .unwrap();
+    let client = Client::builder()
+        .timeout(Duration::from_secs(5))
+        .connect(options(&broker))
+        .await
+        .unwrap();
+    // "a" is alone: it takes the lease at once.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while client.send::<String>("whoami", &()).await.is_err() {
+        assert!(Instant::now() < deadline, "no responder elected");
+        sleep(Duration::from_millis(20)).await;
+    }
+    let b = RedisServer::new(options(&broker))
+        .single_responder("users", ttl)
+        .serve(Server::new(instance_router("b", Arc::clone(&events))))
+        .await
+        .unwrap();
+    sleep(ttl).await;
+    for _ in 0..10 {
+        assert_eq!(client.send::<String>("whoami", &()).await.unwrap(), "a");
+        // Not doubled, as it would be with two subscribed instances.
+        let counts: Vec<u32> = client
+            .send_stream::<u32>("count", &3)
+            .await
+            .unwrap()
+            .map(Result::unwrap)
+            .collect()
+            .await;
+        assert_eq!(counts, [1, 2, 3]);
+    }
+    client.emit("tick", &()).await.unwrap();
+    sleep(Duration::from_millis(100)).await;
+    assert_eq!(*events.lock().unwrap(), ["a"]);
+
+    // The responder stops (and gives the lease up): "b" takes over within a renewal period.
+    a.shutdown().await;
+    let stopped = Instant::now();
+    loop {
+        match client.send::<String>("whoami", &()).await {
+            Ok(name) => {
+                assert_eq!(name, "b");
+                break;
+            }
+            Err(error) => {
+                assert_eq!(error.code(), Code::Unavailable, "{error}");
+                assert!(stopped.elapsed() < ttl * 4, "nobody took over: {error}");
+                sleep(Duration::from_millis(10)).await;
+            }
+        }
+    }
+    b.shutdown().await;
+}
+
+async fn durable_server(
+    broker: &Broker,
+    durable: DurableEvents,
+    router: Router,
+) -> palisade::rpc::ServerHandle {
+    RedisServer::new(options(broker))
+        .durable_events(durable)
+        .serve(Server::new(router).grace_period(Duration::from_millis(50)))
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn durable_events_stored_without_a_server_survive_a_consumer_killed_mid_handling() {
+    let _serial = SERIAL.lock().await;
+    let broker = Broker::start();
+    let emitter = Client::builder()
+        .connect(RedisTransport::new(options(&broker)).durable_events())
+        .await
+        .unwrap();
+    // Stored by Redis although no server runs yet.
+    for n in 0..10u32 {
+        emitter.emit("order", &n).await.unwrap();
+    }
+    // The first consumer takes events and dies while handling the first one.
+    let taken = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&taken);
+    let doomed = durable_server(
+        &broker,
+        DurableEvents::new("billing").consumer("doomed"),
+        Router::new().event("order", move |Payload(_): Payload<u32>| {
+            counter.fetch_add(1, Ordering::SeqCst);
+            std::future::pending::<()>()
+        }),
+    )
+    .await;
+    eventually(
+        "the first consumer takes an event",
+        Duration::from_secs(5),
+        || taken.load(Ordering::SeqCst) > 0,
+    )
+    .await;
+    doomed.shutdown().await;
+    // More events while nobody reads.
+    for n in 10..15u32 {
+        emitter.emit("order", &n).await.unwrap();
+    }
+    let handled: Arc<Mutex<HashMap<u32, usize>>> = Arc::default();
+    let seen = Arc::clone(&handled);
+    let survivor = durable_server(
+        &broker,
+        DurableEvents::new("billing")
+            .consumer("survivor")
+            .claim_idle(Duration::from_millis(300)),
+        Router::new().event("order", move |Payload(n): Payload<u32>| {
+            let seen = Arc::clone(&seen);
+            async move {
+                *seen.lock().unwrap().entry(n).or_default() += 1;
+            }
+        }),
+    )
+    .await;
+    eventually("every event handled", Duration::from_secs(10), || {
+        handled.lock().unwrap().len() == 15
+    })
+    .await;
+    sleep(Duration::from_millis(700)).await;
+    // Every one exactly once here: the survivor acknowledged them, nothing is claimed again.
+    assert!(
+        handled.lock().unwrap().values().all(|&times| times == 1),
+        "{:?}",
+        handled.lock().unwrap()
+    );
+    survivor.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_durable_event_is_retried_with_backoff_and_a_poison_one_is_dead_lettered() {
+    let _serial = SERIAL.lock().await;
+    let broker = Broker::start();
+    let attempts: Arc<Mutex<HashMap<String, Vec<Instant>>>> = Arc::default();
+    let seen = Arc::clone(&attempts);
+    let durable = DurableEvents::new("billing")
+        .max_deliveries(3)
+        .backoff([Duration::from_millis(100), Duration::from_millis(200)]);
+    let dead_letters = durable.dead_letter_stream("order");
+    let server = durable_server(
+        &broker,
+        durable,
+        Router::new().event("order", move |Payload(kind): Payload<String>| {
+            let seen = Arc::clone(&seen);
+            async move {
+                let tries = {
+                    let mut seen = seen.lock().unwrap();
+                    let tries = seen.entry(kind.clone()).or_default();
+                    tries.push(Instant::now());
+                    tries.len()
+                };
+                match kind.as_str() {
+                    "poison" => Err(RpcError::exception("cannot bill this")),
+                    "flaky" if tries == 1 => Err(RpcError::unavailable("database restarting")),
+                    _ => Ok(()),
+                }
+            }
+        }),
+    )
+    .await;
+    let emitter = Client::builder()
+        .connect(RedisTransport::new(options(&broker)).durable_events())
+        .await
+        .unwrap();
+    for kind in ["poison", "flaky", "fine"] {
+        emitter.emit("order", &kind).await.unwrap();
+    }
+    let redis = redis::Client::open(broker.url()).unwrap();
+    let mut connection = redis.get_multiplexed_async_connection().await.unwrap();
+    let started = Instant::now();
+    let dead: Vec<(String, HashMap<String, String>)> = loop {
+        let reply: redis::Value = redis::cmd("XRANGE")
+            .arg(&dead_letters)
+            .arg("-")
+            .arg("+")
+            .query_async(&mut connection)
+            .await
+            .unwrap();
+        let entries: Vec<(String, HashMap<String, String>)> =
+            redis::FromRedisValue::from_redis_value(reply).unwrap();
+        if !entries.is_empty() {
+            break entries;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "nothing dead-lettered"
+        );
+        sleep(Duration::from_millis(20)).await;
+    };
+    sleep(Duration::from_millis(300)).await;
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    let fields = &dead[0].1;
+    assert_eq!(fields[BODY_FIELD], r#"{"pattern":"order","data":"poison"}"#);
+    assert_eq!(fields[DEAD_LETTER_DELIVERIES], "3");
+    assert_eq!(fields[DEAD_LETTER_SUBJECT], "order");
+    assert!(
+        fields[DEAD_LETTER_REASON].contains("cannot bill this"),
+        "{fields:?}"
+    );
+    let attempts = attempts.lock().unwrap().clone();
+    let poison = &attempts["poison"];
+    assert_eq!(poison.len(), 3, "poison delivered 3 times");
+    // Retried after the backoff, not at once.
+    assert!(poison[1] - poison[0] >= Duration::from_millis(90));
+    assert!(poison[2] - poison[1] >= Duration::from_millis(190));
+    assert_eq!(attempts["flaky"].len(), 2, "flaky retried once, then done");
+    assert_eq!(attempts["fine"].len(), 1);
+    // Everything is acknowledged: nothing pending in the group.
+    let pending: redis::Value = redis::cmd("XPENDING")
+        .arg("order")
+        .arg("billing")
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    let summary: (u64, Option<String>, Option<String>, redis::Value) =
+        redis::FromRedisValue::from_redis_value(pending).unwrap();
+    assert_eq!(summary.0, 0, "entries left unacknowledged: {summary:?}");
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_restarted_under_its_name_takes_up_its_unacknowledged_events_at_once() {
+    let _serial = SERIAL.lock().await;
+    let broker = Broker::start();
+    let emitter = Client::builder()
+        .connect(RedisTransport::new(options(&broker)).durable_events())
+        .await
+        .unwrap();
+    let taken = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&taken);
+    let doomed = durable_server(
+        &broker,
+        DurableEvents::new("billing").consumer("billing-1"),
+        Router::new().event("order", move |Payload(_): Payload<u32>| {
+            counter.fetch_add(1, Ordering::SeqCst);
+            std::future::pending::<()>()
+        }),
+    )
+    .await;
+    for n in 0..40u32 {
+        emitter.emit("order", &n).await.unwrap();
+    }
+    eventually(
+        "the consumer takes an event",
+        Duration::from_secs(5),
+        || taken.load(Ordering::SeqCst) > 0,
+    )
+    .await;
+    doomed.shutdown().await;
+    let handled: Arc<Mutex<HashMap<u32, usize>>> = Arc::default();
+    let seen = Arc::clone(&handled);
+    // The default claim_idle is a minute: only its own pending list can give it the events
+    // in time.
+    let back = durable_server(
+        &broker,
+        DurableEvents::new("billing").consumer("billing-1"),
+        Router::new().event("order", move |Payload(n): Payload<u32>| {
+            let seen = Arc::clone(&seen);
+            async move {
+                *seen.lock().unwrap().entry(n).or_default() += 1;
+            }
+        }),
+    )
+    .await;
+    eventually("every event handled", Duration::from_secs(5), || {
+        handled.lock().unwrap().len() == 40
+    })
+    .await;
+    back.shutdown().await;
+}
+
+/// The publishing connections break while the subscriber connections stay up (Redis kills the
+/// "normal" clients): both sides open new ones by themselves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishing_connections_killed_alone_are_reopened() {
+    let _serial = SERIAL.lock().await;
+    let broker = Broker::start();
+    let server = RedisServer::new(options(&broker))
+        .serve(Server::new(
+            Router::new().message("echo", |Payload(v): Payload<u64>| async move { v }),
+        ))
+        .await
+        .unwrap();
+    let client = Client::builder()
+        .timeout(Duration::from_secs(2))
+        .connect(options(&broker))
+        .await
+        .unwrap();
+    assert_eq!(client.send::<u64>("echo", &1).await.unwrap(), 1);
+    let redis = redis::Client::open(broker.url()).unwrap();
+    let mut admin = redis.get_multiplexed_async_connection().await.unwrap();
+    let killed: u64 = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("TYPE")
+        .arg("normal")
+        .arg("SKIPME")
+        .arg("yes")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    assert!(killed >= 2, "{killed}");
+    // The client's publisher fails once (Unavailable), is reopened, then the server's reply
+    // publisher (its caller times out once at most), then everything answers again.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut answered = 0;
+    while answered < 3 {
+        match client.send::<u64>("echo", &3).await {
+            Ok(answer) => {
+                assert_eq!(answer, 3);
+                answered += 1;
+            }
+            Err(error) => {
+                assert!(
+                    matches!(error.code(), Code::Unavailable | Code::DeadlineExceeded),
+                    "{error}"
+                );
+                assert!(Instant::now() < deadline, "never answered again: {error}");
+            }
+        }
+    }
+    server.shutdown().await;
+}
+
+/// A responder that loses its lease (here: it expired and a third party holds it, as when the
+/// responder stalled) stops answering before anyone else takes over; once that lease expires (as
+/// a crashed responder's does), an instance takes over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_responder_that_lost_its_lease_stands_by_and_an_expired_lease_is_taken_over() {
+    let _serial = SERIAL.lock().await;
+    let broker = Broker::start();
+    let events = Arc::new(Mutex::new(Vec::new()));
+    let ttl = Duration::from_millis(300);
+    let a = RedisServer::new(options(&broker))
+        .single_responder("users", ttl)
+        .serve(Server::new(instance_router("a", Arc::clone(&events))))
+        .await
+        .unwrap();
+    let b = RedisServer::new(options(&broker))
+        .single_responder("users", ttl)
+        .serve(Server::new(instance_router("b", Arc::clone(&events))))
+        .await
+        .unwrap();
+    let client = Client::builder()
+        .timeout(Duration::from_secs(2))
+        .connect(options(&broker))
+        .await
+        .unwrap();
+    let answers = |client: Client| async move { client.send::<String>("whoami", &()).await };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while answers(client.clone()).await.is_err() {
+        assert!(Instant::now() < deadline, "no responder elected");
+        sleep(Duration::from_millis(20)).await;
+    }
+    // A third party holds the lease for a while, as a stalled or crashed responder would.
+    let redis = redis::Client::open(broker.url()).unwrap();
+    let mut admin = redis.get_multiplexed_async_connection().await.unwrap();
+    let hold = Duration::from_millis(1500);
+    let _: () = redis::cmd("SET")
+        .arg("palisade:responder:users")
+        .arg("someone-else")
+        .arg("PX")
+        .arg(hold.as_millis() as u64)
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let stolen = Instant::now();
+    // The holder finds out at its next renewal and stops answering; nobody else may answer.
+    loop {
+        match answers(client.clone()).await {
+            Ok(_) => assert!(
+                stolen.elapsed() < ttl,
+                "still answered {:?} after losing the lease",
+                stolen.elapsed()
+            ),
+            Err(error) => {
+                assert_eq!(error.code(), Code::Unavailable, "{error}");
+                break;
+            }
+        }
+        sleep(Duration::from_millis(10)).await;
+    }
+    while stolen.elapsed() < hold - Duration::from_millis(200) {
+        let error = answers(client.clone()).await.unwrap_err();
+        assert_eq!(
+            error.code(),
+            Code::Unavailable,
+            "answered while another held the lease"
+        );
+        sleep(Duration::from_millis(50)).await;
+    }
+    // The foreign lease expires: an instance takes it and answers.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        match answers(client.clone()).await {
+            Ok(name) => {
+                assert!(name == "a" || name == "b");
+                break;
+            }
+            Err(error) => {
+                assert!(Instant::now() < deadline, "nobody took over: {error}");
+                sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+/// Redis goes silent without closing the connections (here: `CLIENT PAUSE`, as a network
+/// partition would): the health check notices, requests in flight fail instead of waiting for
+/// their deadline, and everything comes back once Redis answers again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_redis_is_noticed_by_the_health_check() {
+    let _serial = SERIAL.lock().await;
+    let broker = Broker::start();
+    let options = || {
+        options(&broker)
+            .health_check(Duration::from_millis(100))
+            .response_timeout(Duration::from_millis(300))
+    };
+    let server = RedisServer::new(options())
+        .serve(
+            Server::new(
+                Router::new()
+                    .message("slow", || async {
+                        sleep(Duration::from_secs(60)).await;
+                        "never"
+                    })
+                    .message("echo", |Payload(v): Payload<u64>| async move { v }),
+            )
+            .grace_period(Duration::from_millis(100)),
+        )
+        .await
+        .unwrap();
+    let client = Client::builder()
+        .timeout(Duration::from_secs(30))
+        .connect(options())
+        .await
+        .unwrap();
+    assert_eq!(client.send::<u64>("echo", &1).await.unwrap(), 1);
+    let slow = {
+        let client = client.clone();
+        tokio::spawn(async move { client.send::<String>("slow", &()).await })
+    };
+    sleep(Duration::from_millis(100)).await;
+    let redis = redis::Client::open(broker.url()).unwrap();
+    let mut admin = redis.get_multiplexed_async_connection().await.unwrap();
+    let _: () = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(2000)
+        .arg("ALL")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let paused = Instant::now();
+    let error = tokio::time::timeout(Duration::from_secs(5), slow)
+        .await
+        .expect("the request in flight waited for its deadline")
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(
+        error.transport_kind(),
+        Some(TransportErrorKind::ConnectionLost),
+        "{error}"
+    );
+    assert!(
+        paused.elapsed() < Duration::from_millis(1500),
+        "{:?}",
+        paused.elapsed()
+    );
+    support::until_echo_answers(&client, Duration::from_secs(10), Duration::from_millis(50)).await;
+    server.shutdown().await;
+}
