@@ -166,6 +166,31 @@ async fn the_default_deadline_travels_over_tcp() {
     let left = left.expect("the default timeout is sent as the request's deadline");
     assert!((4000..=5000).contains(&left), "{left} ms left");
 
+    // Events carry no deadline: nobody waits for their handlers.
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let events = Server::new(Router::new().event(
+        "time-left",
+        move |deadline: Option<Deadline>| {
+            let tx = tx.clone();
+            async move {
+                let _ = tx.send(deadline.is_some());
+            }
+        },
+    ))
+    .serve(TcpServer::bind("127.0.0.1:0").await.unwrap())
+    .await
+    .unwrap();
+    let emitter = Client::builder()
+        .connect(TcpTransport::new(events.local_addr().unwrap()))
+        .await
+        .unwrap();
+    emitter.emit("time-left", &()).await.unwrap();
+    assert_eq!(
+        rx.recv().await,
+        Some(false),
+        "an event arrives without a deadline"
+    );
+
     let unbounded = Client::builder()
         .no_timeout()
         .connect(TcpTransport::new(address))

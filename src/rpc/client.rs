@@ -104,7 +104,10 @@ async fn exchange(
     request: RpcRequest,
 ) -> Result<RpcResponse, RpcError> {
     if request.kind() == Kind::Event {
-        transport.emit(request).await?;
+        // The deadline bounds the emit here and is not sent: no caller waits for an event's
+        // handlers, and a durable event handled (or redelivered) later must not be judged
+        // expired by the server.
+        transport.emit(request.without_deadline()).await?;
         return Ok(RpcResponse::empty());
     }
     let mut replies = transport.request(request).await?;
@@ -579,7 +582,9 @@ impl<P> ClientBuilder<P> {
     /// [`DEFAULT_TIMEOUT`], 5 s); the deadline travels to the server, which stops handlers nobody
     /// waits for any more. `None` waits forever, as [`no_timeout`](Self::no_timeout).
     ///
-    /// A request that runs out of time fails with [`Code::DeadlineExceeded`].
+    /// A request that runs out of time fails with [`Code::DeadlineExceeded`]. For an event the
+    /// timeout bounds [`emit`](Client::emit) (handing the event to the transport or broker) and
+    /// is not sent: nobody waits for an event's handlers.
     pub fn timeout(mut self, timeout: impl Into<Option<Duration>>) -> Self {
         self.timeout = timeout.into();
         self

@@ -299,6 +299,12 @@ impl RpcRequest {
         }
     }
 
+    /// The request without its deadline (what a client sends with an event).
+    pub(crate) fn without_deadline(mut self) -> Self {
+        self.deadline = None;
+        self
+    }
+
     /// Makes an event report its handlers' failures instead of only logging them.
     pub(crate) fn reporting_failures(mut self) -> Self {
         self.report_failures = true;
