@@ -298,7 +298,10 @@ async fn replaying_server() -> (String, tokio::sync::mpsc::UnboundedReceiver<Str
 #[tokio::test]
 async fn the_client_reads_nests_replies_and_writes_nests_requests() {
     let (addr, mut sent) = replaying_server().await;
+    // No timeout: the default one sends its deadline as a header (tests/rpc_api.rs), and this
+    // test compares frames with NestJS's byte for byte.
     let client = Client::builder()
+        .no_timeout()
         .connect(TcpTransport::new(addr))
         .await
         .unwrap();

@@ -8,7 +8,7 @@ use std::time::Duration;
 ///
 /// A service wrapped in a breaker must have an error type that is `From<CircuitOpen>`;
 /// [`tower::BoxError`] and [`RpcError`](crate::rpc::RpcError) both are.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct CircuitOpen {
     // Kept to three words: rejections are moved through several futures on the hot path.
     name: Name,
@@ -42,6 +42,18 @@ impl CircuitOpen {
     /// longest a trial slot can stay taken. `None` when the circuit was forced open.
     pub fn retry_after(&self) -> Option<Duration> {
         (self.retry_after_nanos != u64::MAX).then(|| Duration::from_nanos(self.retry_after_nanos))
+    }
+}
+
+/// `CircuitOpen { name: "users", state: Open, retry_after: Some(1.5s) }`: the public view, not
+/// the packed representation.
+impl fmt::Debug for CircuitOpen {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CircuitOpen")
+            .field("name", &self.name())
+            .field("state", &self.state)
+            .field("retry_after", &self.retry_after())
+            .finish()
     }
 }
 
@@ -84,5 +96,32 @@ impl FailureKind for CircuitOpen {
 
     fn is_rejection(&self) -> bool {
         true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_shows_the_public_view() {
+        let open = CircuitOpen {
+            name: Name::from("users"),
+            retry_after_nanos: 1_500_000_000,
+            state: CircuitState::Open,
+        };
+        assert_eq!(
+            format!("{open:?}"),
+            r#"CircuitOpen { name: "users", state: Open, retry_after: Some(1.5s) }"#
+        );
+        let forced = CircuitOpen {
+            retry_after_nanos: u64::MAX,
+            state: CircuitState::ForcedOpen,
+            ..open
+        };
+        assert_eq!(
+            format!("{forced:?}"),
+            r#"CircuitOpen { name: "users", state: ForcedOpen, retry_after: None }"#
+        );
     }
 }

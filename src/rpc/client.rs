@@ -5,7 +5,9 @@ use crate::circuit_breaker::{CircuitBreakerConfig, CircuitBreakerHandle, Circuit
 use crate::classify::FaultsOnly;
 use crate::retry::{Predicate, RetryPolicy, TransientErrors};
 use crate::rng::{SharedRng, mix};
-use crate::timeout::{Deadline, DeadlineLayer, HasDeadline, RequestDeadline, TimeoutLayer};
+use crate::timeout::{
+    Deadline, DeadlineLayer, Elapsed, HasDeadline, RequestDeadline, TimeoutLayer,
+};
 use futures_core::Stream;
 use futures_util::future::BoxFuture;
 use futures_util::stream::BoxStream;
@@ -102,7 +104,10 @@ async fn exchange(
     request: RpcRequest,
 ) -> Result<RpcResponse, RpcError> {
     if request.kind() == Kind::Event {
-        transport.emit(request).await?;
+        // The deadline bounds the emit here and is not sent: no caller waits for an event's
+        // handlers, and a durable event handled (or redelivered) later must not be judged
+        // expired by the server.
+        transport.emit(request.without_deadline()).await?;
         return Ok(RpcResponse::empty());
     }
     let mut replies = transport.request(request).await?;
@@ -154,6 +159,11 @@ impl Client {
     /// Configures a client.
     pub fn builder() -> ClientBuilder {
         ClientBuilder::default()
+    }
+
+    /// The total timeout of each request (`None`: none); see [`ClientBuilder`]'s defaults.
+    pub fn timeout(&self) -> Option<Duration> {
+        self.timeout
     }
 
     /// A handle to the client's circuit breaker, if it has one.
@@ -208,9 +218,21 @@ impl Client {
         let metered = (Arc::clone(request.pattern().route_arc()), request.kind());
         let result = match &self.stack {
             Stack::Direct(transport) => {
-                exchange(&**transport, request)
-                    .instrument(span.clone())
-                    .await
+                // Without other layers the deadline is enforced here rather than by a boxed
+                // `DeadlineLayer` stack, so the default timeout costs a timer, not a service.
+                match request.deadline() {
+                    Some(deadline) => {
+                        tokio::time::timeout_at(deadline.instant(), exchange(&**transport, request))
+                            .instrument(span.clone())
+                            .await
+                            .unwrap_or_else(|_| Err(RpcError::from(Elapsed::deadline())))
+                    }
+                    None => {
+                        exchange(&**transport, request)
+                            .instrument(span.clone())
+                            .await
+                    }
+                }
             }
             Stack::Layered(stack) => {
                 stack
@@ -502,6 +524,35 @@ impl<R> fmt::Debug for RpcStream<R> {
 ///
 /// The breaker counts only server-side and transport faults ([`FaultsOnly`]): a `NotFound` or
 /// `InvalidArgument` answer means the service is up.
+///
+/// # Defaults
+///
+/// | setting | default | change with |
+/// |---|---|---|
+/// | total timeout per request (retries included) | [`DEFAULT_TIMEOUT`] (5 s, as NestJS's TCP client) | [`timeout`](Self::timeout), [`no_timeout`](Self::no_timeout) |
+/// | attempt timeout | none (the total timeout bounds each attempt) | [`attempt_timeout`](Self::attempt_timeout) |
+/// | retry | none | [`retry`](Self::retry) |
+/// | circuit breaker | none | [`circuit_breaker`](Self::circuit_breaker), [`circuit_breaker_layer`](Self::circuit_breaker_layer) |
+/// | headers sent with every message | none (the deadline travels as [`TIMEOUT_HEADER`](super::TIMEOUT_HEADER)) | [`header`](Self::header) |
+///
+/// A request nobody answers (a hung handler, a server that swallows packets) fails with
+/// `DeadlineExceeded` after the timeout instead of waiting forever; a request that must wait
+/// longer sets its own:
+///
+/// ```
+/// use palisade::rpc::{Client, DEFAULT_TIMEOUT};
+/// use palisade::rpc::transport::memory::MemoryTransport;
+/// use std::time::Duration;
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), palisade::rpc::RpcError> {
+/// let default = Client::builder().connect(MemoryTransport::new()).await?;
+/// assert_eq!(default.timeout(), Some(DEFAULT_TIMEOUT));
+/// let patient = Client::builder().timeout(Duration::from_secs(60)).connect(MemoryTransport::new()).await?;
+/// assert_eq!(patient.timeout(), Some(Duration::from_secs(60)));
+/// let forever = Client::builder().no_timeout().connect(MemoryTransport::new()).await?;
+/// assert_eq!(forever.timeout(), None);
+/// # Ok(()) }
+/// ```
 pub struct ClientBuilder<P = TransientErrors> {
     timeout: Option<Duration>,
     attempt_timeout: Option<Duration>,
@@ -510,10 +561,14 @@ pub struct ClientBuilder<P = TransientErrors> {
     headers: Headers,
 }
 
+/// The total timeout of a client's requests unless [`ClientBuilder::timeout`] says otherwise: 5 s,
+/// as NestJS's TCP client.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
+
 impl Default for ClientBuilder {
     fn default() -> Self {
         ClientBuilder {
-            timeout: None,
+            timeout: Some(DEFAULT_TIMEOUT),
             attempt_timeout: None,
             retry: None,
             breaker: None,
@@ -523,11 +578,22 @@ impl Default for ClientBuilder {
 }
 
 impl<P> ClientBuilder<P> {
-    /// Each request must be answered within `timeout`, retries included; the deadline travels to
-    /// the server, which stops handlers nobody waits for any more.
-    pub fn timeout(mut self, timeout: Duration) -> Self {
-        self.timeout = Some(timeout);
+    /// Each request must be answered within `timeout`, retries included (default
+    /// [`DEFAULT_TIMEOUT`], 5 s); the deadline travels to the server, which stops handlers nobody
+    /// waits for any more. `None` waits forever, as [`no_timeout`](Self::no_timeout).
+    ///
+    /// A request that runs out of time fails with [`Code::DeadlineExceeded`]. For an event the
+    /// timeout bounds [`emit`](Client::emit) (handing the event to the transport or broker) and
+    /// is not sent: nobody waits for an event's handlers.
+    pub fn timeout(mut self, timeout: impl Into<Option<Duration>>) -> Self {
+        self.timeout = timeout.into();
         self
+    }
+
+    /// Requests wait for their reply as long as it takes: no deadline is set or sent. Only for
+    /// callers that bound the wait some other way; a hung handler then blocks `send` forever.
+    pub fn no_timeout(self) -> Self {
+        self.timeout(None)
     }
 
     /// Each attempt may take at most `timeout` (and never more than the time left).
@@ -584,14 +650,14 @@ where
     pub fn build(self, transport: impl ClientTransport) -> Client {
         let breaker = self.breaker.as_ref().map(CircuitBreakerLayer::handle);
         let transport: Arc<dyn ClientTransport> = Arc::new(transport);
-        let layered = self.timeout.is_some()
-            || self.retry.is_some()
-            || self.breaker.is_some()
-            || self.attempt_timeout.is_some();
+        // The total timeout alone needs no layer: `Client::call` enforces a request's deadline on
+        // the direct path.
+        let layered =
+            self.retry.is_some() || self.breaker.is_some() || self.attempt_timeout.is_some();
         if !layered {
             return Client {
                 stack: Stack::Direct(transport),
-                timeout: None,
+                timeout: self.timeout,
                 headers: self.headers,
                 breaker,
             };

@@ -5,6 +5,7 @@ use crate::fault::InjectedFault;
 use crate::timeout::Elapsed;
 use serde_json::{Map, Value, json};
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// NestJS's reply to a request no handler matches.
@@ -186,6 +187,8 @@ struct Inner {
     retry_after: Option<Duration>,
     /// Overrides the code's transience (a passed deadline is not worth another attempt).
     transient: Option<bool>,
+    /// The handler's own error this one replaced (never sent), for exception filters.
+    handler_error: Option<Arc<dyn std::error::Error + Send + Sync>>,
 }
 
 /// The error of a message exchange: what crosses the wire as a reply's `err`.
@@ -222,6 +225,7 @@ impl RpcError {
             err: None,
             retry_after: None,
             transient: None,
+            handler_error: None,
         }))
     }
 
@@ -274,6 +278,29 @@ impl RpcError {
         error
     }
 
+    /// [`internal`](Self::internal) for a failure you can describe: `message` is logged here (at
+    /// `error` level, with the code's location) and the caller gets only NestJS's "Internal
+    /// server error", so no internal detail crosses the wire.
+    ///
+    /// ```
+    /// use palisade::rpc::{Code, RpcError, INTERNAL_SERVER_ERROR};
+    ///
+    /// let error = RpcError::internal_with("the users table is locked");
+    /// assert_eq!(error.code(), Code::Internal);
+    /// assert_eq!(error.message(), INTERNAL_SERVER_ERROR);
+    /// assert_eq!(error.err(), serde_json::json!({"status": "error", "message": "Internal server error"}));
+    /// ```
+    #[track_caller]
+    pub fn internal_with(message: impl fmt::Display) -> Self {
+        let location = std::panic::Location::caller();
+        tracing::error!(
+            error = %message,
+            at = %location,
+            "internal error; replying \"Internal server error\""
+        );
+        RpcError::internal()
+    }
+
     /// NestJS's reply for a pattern no handler matches.
     pub fn no_handler() -> Self {
         let mut error = RpcError::new(Code::Unimplemented, NO_HANDLER_MESSAGE);
@@ -284,6 +311,23 @@ impl RpcError {
     /// `InvalidArgument`.
     pub fn invalid_argument(message: impl Into<String>) -> Self {
         RpcError::new(Code::InvalidArgument, message)
+    }
+
+    /// `InvalidArgument` sent as the `err` object given (a NestJS `BadRequest` body, say).
+    pub(crate) fn invalid_argument_with(message: impl Into<String>, err: Value) -> Self {
+        let mut error = RpcError::new(Code::InvalidArgument, message);
+        error.0.err = Some(err);
+        error
+    }
+
+    /// `Unauthenticated`: the caller did not prove who it is (what a guard answers).
+    pub fn unauthenticated(message: impl Into<String>) -> Self {
+        RpcError::new(Code::Unauthenticated, message)
+    }
+
+    /// `PermissionDenied`: the caller may not do this (what a guard answers).
+    pub fn permission_denied(message: impl Into<String>) -> Self {
+        RpcError::new(Code::PermissionDenied, message)
     }
 
     /// `NotFound`.
@@ -357,6 +401,7 @@ impl RpcError {
             err: Some(err.clone()),
             retry_after,
             transient: None,
+            handler_error: None,
         }))
     }
 
@@ -398,6 +443,21 @@ impl RpcError {
         Code::from_name(code).is_none().then_some(code)
     }
 
+    /// The handler's own error of type `E`, when this error replaced one: a handler that fails
+    /// with an error that is not an `RpcError` answers "Internal server error", keeping its error
+    /// here for an [exception filter](super::ExceptionFilterLayer). Never sent over the wire.
+    pub fn handler_error<E: std::error::Error + 'static>(&self) -> Option<&E> {
+        self.0.handler_error.as_deref()?.downcast_ref::<E>()
+    }
+
+    pub(crate) fn with_handler_error(
+        mut self,
+        error: Arc<dyn std::error::Error + Send + Sync>,
+    ) -> Self {
+        self.0.handler_error = Some(error);
+        self
+    }
+
     fn with_transience(mut self, transient: bool) -> Self {
         self.0.transient = Some(transient);
         self
@@ -413,6 +473,7 @@ impl Clone for RpcError {
             err: self.0.err.clone(),
             retry_after: self.0.retry_after,
             transient: self.0.transient,
+            handler_error: self.0.handler_error.clone(),
         }))
     }
 }
@@ -425,15 +486,41 @@ impl PartialEq for RpcError {
     }
 }
 
+/// Shows what a reader needs — the code, the message, and only the details that are there: the
+/// transport's kind, the retry-after hint, and the wire `err` as compact JSON when it says more
+/// than the message.
 impl fmt::Debug for RpcError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("RpcError")
+        /// Writes a JSON value as its text rather than `serde_json`'s nested `Object {..}` form.
+        struct JsonText<'a>(&'a Value);
+        impl fmt::Debug for JsonText<'_> {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                fmt::Display::fmt(self.0, f)
+            }
+        }
+        let mut debug = f.debug_struct("RpcError");
+        debug
             .field("code", &self.0.code)
-            .field("message", &self.0.message)
-            .field("transport_kind", &self.0.kind)
-            .field("err", &self.0.err)
-            .field("retry_after", &self.0.retry_after)
-            .finish()
+            .field("message", &self.0.message);
+        if let Some(kind) = self.0.kind {
+            debug.field("transport_kind", &kind);
+        }
+        if let Some(after) = self.0.retry_after {
+            debug.field("retry_after", &after);
+        }
+        let says_more = match &self.0.err {
+            None => false,
+            Some(Value::String(text)) => *text != self.0.message,
+            Some(Value::Object(map)) => map.keys().any(|key| key != "status" && key != "message"),
+            Some(_) => true,
+        };
+        if let Some(err) = self.0.err.as_ref().filter(|_| says_more) {
+            debug.field("err", &JsonText(err));
+        }
+        if let Some(error) = &self.0.handler_error {
+            debug.field("handler_error", &format_args!("{error}"));
+        }
+        debug.finish()
     }
 }
 
@@ -524,6 +611,36 @@ mod tests {
             (Code::Unavailable, Some(Duration::from_millis(1500)))
         );
         assert!(back.is_transient());
+    }
+
+    #[test]
+    fn debug_output_is_readable() {
+        assert_eq!(
+            format!("{:?}", RpcError::not_found("no user 7")),
+            r#"RpcError { code: NotFound, message: "no user 7" }"#
+        );
+        assert_eq!(
+            format!("{:?}", RpcError::internal()),
+            r#"RpcError { code: Internal, message: "Internal server error" }"#
+        );
+        let domain = RpcError::exception_object(json!({"code": "USER_NOT_FOUND", "message": "m"}));
+        assert_eq!(
+            format!("{domain:?}"),
+            r#"RpcError { code: Application, message: "m", err: {"code":"USER_NOT_FOUND","message":"m"} }"#
+        );
+        let busy = RpcError::transport(TransportErrorKind::NotConnected, "reconnecting")
+            .with_retry_after(Duration::from_millis(1500));
+        assert_eq!(
+            format!("{busy:?}"),
+            r#"RpcError { code: Unavailable, message: "reconnecting", transport_kind: NotConnected, retry_after: 1.5s }"#
+        );
+    }
+
+    #[test]
+    fn internal_with_sends_only_the_generic_message() {
+        let error = RpcError::internal_with("disk full on /var/db");
+        assert_eq!(error, RpcError::internal());
+        assert!(!format!("{error:?}{error}").contains("disk"));
     }
 
     #[test]

@@ -1,7 +1,10 @@
 use super::{Pattern, RawJson};
 use crate::timeout::{Deadline, HasDeadline};
+use std::any::{Any, TypeId};
 use std::borrow::Cow;
+use std::collections::HashMap;
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Header carrying the time a request has left, in milliseconds (a relative timeout, like gRPC's,
@@ -94,6 +97,84 @@ impl<K: Into<Cow<'static, str>>, V: Into<String>> FromIterator<(K, V)> for Heade
     }
 }
 
+/// Values that travel with a request inside one process, one per type: what a layer hands to
+/// the handlers below it (an authenticated principal, a tenant, a database transaction). Read
+/// them with the [`Extension`](super::Extension) extractor.
+///
+/// Extensions never cross the wire: transports send the pattern, the payload and the
+/// [`Headers`], and a server's request starts with none (the in-memory transport drops them
+/// too, so that it behaves as the wire does).
+///
+/// ```
+/// use palisade::rpc::Extensions;
+///
+/// #[derive(Clone, Debug, PartialEq)]
+/// struct Principal(String);
+///
+/// let mut extensions = Extensions::new();
+/// assert!(extensions.insert(Principal("ann".into())).is_none());
+/// assert_eq!(extensions.get::<Principal>(), Some(&Principal("ann".into())));
+/// assert_eq!(extensions.get::<u32>(), None);
+/// ```
+#[derive(Clone, Default)]
+pub struct Extensions {
+    // `None` until the first insert, so requests without extensions allocate nothing; values are
+    // shared so that cloning a request (retries, every handler of an event) copies pointers.
+    // Boxed so that every request, with extensions or not, grows by one word rather than by a
+    // whole `HashMap`.
+    #[allow(clippy::box_collection)]
+    map: Option<Box<HashMap<TypeId, Arc<dyn Any + Send + Sync>>>>,
+}
+
+impl Extensions {
+    /// None yet.
+    pub fn new() -> Self {
+        Extensions::default()
+    }
+
+    /// Stores `value`, returning the value of its type stored before, if any.
+    pub fn insert<T: Clone + Send + Sync + 'static>(&mut self, value: T) -> Option<T> {
+        let previous = self
+            .map
+            .get_or_insert_with(Default::default)
+            .insert(TypeId::of::<T>(), Arc::new(value))?;
+        previous.downcast_ref::<T>().cloned()
+    }
+
+    /// The value of type `T`, if one was stored.
+    pub fn get<T: Send + Sync + 'static>(&self) -> Option<&T> {
+        self.map
+            .as_ref()?
+            .get(&TypeId::of::<T>())?
+            .downcast_ref::<T>()
+    }
+
+    /// Removes the value of type `T` and returns it.
+    pub fn remove<T: Clone + Send + Sync + 'static>(&mut self) -> Option<T> {
+        let value = self.map.as_mut()?.remove(&TypeId::of::<T>())?;
+        value.downcast_ref::<T>().cloned()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.map.as_ref().is_none_or(|map| map.is_empty())
+    }
+
+    /// How many values are stored.
+    pub fn len(&self) -> usize {
+        self.map.as_ref().map_or(0, |map| map.len())
+    }
+}
+
+impl fmt::Debug for Extensions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The values need not be `Debug`; their number says whether any are there.
+        f.debug_struct("Extensions")
+            .field("len", &self.len())
+            .finish()
+    }
+}
+
 /// One message: what the client stack carries down to a transport, and what a router dispatches
 /// to handlers on the server.
 ///
@@ -108,6 +189,8 @@ pub struct RpcRequest {
     /// An event whose handler failures must be reported (durable events are redelivered on
     /// failure) rather than only logged.
     report_failures: bool,
+    /// In-process values for the handlers; never sent.
+    extensions: Extensions,
 }
 
 impl RpcRequest {
@@ -120,6 +203,7 @@ impl RpcRequest {
             headers: Headers::new(),
             deadline: None,
             report_failures: false,
+            extensions: Extensions::new(),
         }
     }
 
@@ -162,6 +246,17 @@ impl RpcRequest {
         &mut self.headers
     }
 
+    /// The request's [`Extensions`]: values layers hand to handlers, never sent.
+    pub fn extensions(&self) -> &Extensions {
+        &self.extensions
+    }
+
+    /// The request's [`Extensions`], mutably (where a guard or an interceptor stores what it
+    /// found out, for the [`Extension`](super::Extension) extractor).
+    pub fn extensions_mut(&mut self) -> &mut Extensions {
+        &mut self.extensions
+    }
+
     /// The headers a transport sends: the request's own, plus the time left before its deadline
     /// as [`TIMEOUT_HEADER`] (milliseconds, rounded up), which [`received`](Self::received) turns
     /// back into a deadline on the other side.
@@ -180,6 +275,8 @@ impl RpcRequest {
     /// deadline and headers as they are.
     pub(crate) fn into_received(mut self) -> Self {
         self.pattern = self.pattern.as_received();
+        // The caller's extensions belong to the caller's process, as on the wire.
+        self.extensions = Extensions::new();
         self
     }
 
@@ -198,7 +295,14 @@ impl RpcRequest {
             headers,
             deadline,
             report_failures: false,
+            extensions: Extensions::new(),
         }
+    }
+
+    /// The request without its deadline (what a client sends with an event).
+    pub(crate) fn without_deadline(mut self) -> Self {
+        self.deadline = None;
+        self
     }
 
     /// Makes an event report its handlers' failures instead of only logging them.

@@ -1,43 +1,133 @@
-use super::handler::{Handler, Reply};
+use super::handler::{Handler, Reply, Route};
 use super::{Kind, Pattern, RpcError, RpcRequest};
 use futures_util::future::BoxFuture;
+use std::any::Any;
 use std::collections::HashMap;
 use std::fmt;
-use std::marker::PhantomData;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use tower_layer::Layer;
 use tower_service::Service;
 
-/// A handler behind a pointer: calling it needs only `&self`, so dispatch clones nothing but the
-/// handler itself (a cheap clone: an async fn, or a closure over `Arc`s).
-trait ErasedHandler: Send + Sync {
-    fn call(&self, request: RpcRequest) -> BoxFuture<'static, Result<Reply, RpcError>>;
+/// A route as registered: ready to call, or waiting for the router's state.
+enum Endpoint<S> {
+    Ready(Route),
+    /// Builds the route once [`Router::with_state`] gives the state (layers added meanwhile are
+    /// folded into the function, so each is applied once, to the finished handler).
+    NeedsState(Arc<dyn Fn(&S) -> Route + Send + Sync>),
 }
 
-struct Erased<H, Args> {
-    handler: H,
-    _args: PhantomData<fn() -> Args>,
-}
-
-impl<H: Handler<Args>, Args> ErasedHandler for Erased<H, Args> {
-    fn call(&self, request: RpcRequest) -> BoxFuture<'static, Result<Reply, RpcError>> {
-        self.handler.clone().call(request)
+impl<S> Clone for Endpoint<S> {
+    fn clone(&self) -> Self {
+        match self {
+            Endpoint::Ready(route) => Endpoint::Ready(route.clone()),
+            Endpoint::NeedsState(make) => Endpoint::NeedsState(Arc::clone(make)),
+        }
     }
 }
 
-type BoxHandler = Arc<dyn ErasedHandler>;
+impl<S: Clone + Send + Sync + 'static> Endpoint<S> {
+    fn new<H, Args>(handler: H) -> Self
+    where
+        H: Handler<Args, S>,
+        Args: 'static,
+    {
+        // A router without state (`S = ()`) has its state already: build the route now, so a
+        // stateless router never needs `with_state`.
+        if let Some(unit) = (&() as &dyn Any).downcast_ref::<S>() {
+            return Endpoint::Ready(handler.with_state(unit.clone()));
+        }
+        Endpoint::NeedsState(Arc::new(move |state: &S| {
+            handler.clone().with_state(state.clone())
+        }))
+    }
 
-fn erase<H: Handler<Args>, Args: 'static>(handler: H) -> BoxHandler {
-    Arc::new(Erased {
-        handler,
-        _args: PhantomData,
-    })
+    fn layer<L>(self, layer: L) -> Self
+    where
+        L: Layer<Route> + Clone + Send + Sync + 'static,
+        L::Service:
+            Service<RpcRequest, Response = Reply, Error = RpcError> + Clone + Send + Sync + 'static,
+        <L::Service as Service<RpcRequest>>::Future: Send + 'static,
+    {
+        match self {
+            Endpoint::Ready(route) => Endpoint::Ready(Route::new(layer.layer(route))),
+            Endpoint::NeedsState(make) => Endpoint::NeedsState(Arc::new(move |state: &S| {
+                Route::new(layer.layer(make(state)))
+            })),
+        }
+    }
+
+    fn with_state(self, state: &S) -> Route {
+        match self {
+            Endpoint::Ready(route) => route,
+            Endpoint::NeedsState(make) => make(state),
+        }
+    }
 }
 
-#[derive(Clone, Default)]
-struct Table {
-    messages: HashMap<Arc<str>, BoxHandler>,
-    events: HashMap<Arc<str>, Vec<BoxHandler>>,
+struct Table<S> {
+    messages: HashMap<Arc<str>, Endpoint<S>>,
+    events: HashMap<Arc<str>, Vec<Endpoint<S>>>,
+    /// What answers messages no handler matches, once [`Router::layer`] wrapped it; `None` is
+    /// NestJS's behaviour, without a service to call.
+    unmatched: Option<Route>,
+}
+
+impl<S> Clone for Table<S> {
+    fn clone(&self) -> Self {
+        Table {
+            messages: self.messages.clone(),
+            events: self.events.clone(),
+            unmatched: self.unmatched.clone(),
+        }
+    }
+}
+
+impl<S> Default for Table<S> {
+    fn default() -> Self {
+        Table {
+            messages: HashMap::new(),
+            events: HashMap::new(),
+            unmatched: None,
+        }
+    }
+}
+
+/// NestJS's answer to a message no handler matches: the "no matching message handler" error
+/// for a request; for an event, a log line and nothing else.
+fn unmatched(request: RpcRequest) -> BoxFuture<'static, Result<Reply, RpcError>> {
+    let route = request.pattern().route();
+    match request.kind() {
+        Kind::Request => {
+            tracing::debug!(pattern = %route, "no message handler for the pattern");
+            Box::pin(std::future::ready(Err(RpcError::no_handler())))
+        }
+        Kind::Event => {
+            tracing::error!(
+                pattern = %route,
+                "There is no matching event handler defined in the remote service. Event pattern: {route}"
+            );
+            Box::pin(std::future::ready(Ok(Reply::Empty)))
+        }
+    }
+}
+
+/// [`unmatched`] as a service, for layers to wrap.
+#[derive(Clone, Copy)]
+struct Unmatched;
+
+impl Service<RpcRequest> for Unmatched {
+    type Response = Reply;
+    type Error = RpcError;
+    type Future = BoxFuture<'static, Result<Reply, RpcError>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), RpcError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: RpcRequest) -> Self::Future {
+        unmatched(request)
+    }
 }
 
 /// Maps patterns to handlers: the server side of a message service, like a NestJS controller's
@@ -69,33 +159,76 @@ struct Table {
 ///     .event("user-created", update_stats);
 /// ```
 ///
-/// A router is a `tower::Service<RpcRequest>`: wrap it in layers for the whole server, or give
-/// single handlers their own layers with [`handler_service`](super::handler_service).
+/// Layers go where NestJS puts decorators: on one handler ([`Handler::layer`], like
+/// `@UseGuards` or `@CircuitBreaker` on a method), on every route of the router
+/// ([`layer`](Self::layer), like a controller's decorators), or on the matched routes only
+/// ([`route_layer`](Self::route_layer)). Shared values reach handlers through
+/// [`with_state`](Self::with_state) and the [`State`](super::State) extractor. A router is a
+/// `tower::Service<RpcRequest>` too, so it can also be wrapped whole.
 ///
 /// Semantics follow NestJS: a request for a pattern with no handler is answered with NestJS's
 /// "There is no matching message handler defined in the remote service."; an event with no
 /// handler is logged and dropped; registering a second message handler for a pattern replaces
 /// the first; every event handler for a pattern runs, in registration order, and the failure of
 /// one does not stop the others.
-#[derive(Clone, Default)]
-pub struct Router {
-    routes: Arc<Table>,
+///
+/// `S` is the state handlers still need: a router is built as a `Router<S>` when its handlers
+/// take [`State`](super::State), and [`with_state`](Self::with_state) turns it into a `Router`
+/// (`Router<()>`), which is what a [`Server`](super::Server) serves.
+pub struct Router<S = ()> {
+    routes: Arc<Table<S>>,
+}
+
+impl<S> Clone for Router<S> {
+    fn clone(&self) -> Self {
+        Router {
+            routes: Arc::clone(&self.routes),
+        }
+    }
+}
+
+impl<S> Default for Router<S> {
+    fn default() -> Self {
+        Router {
+            routes: Arc::new(Table::default()),
+        }
+    }
 }
 
 impl Router {
-    /// No routes yet.
+    /// No routes yet; handlers take no [`State`](super::State).
     pub fn new() -> Self {
         Router::default()
     }
 
+    /// No routes yet; handlers may take [`State`](super::State) of `S`, given by
+    /// [`with_state`](Router::with_state) (which also tells the compiler what `S` is).
+    ///
+    /// ```
+    /// use palisade::rpc::{Router, State};
+    ///
+    /// async fn greet(State(greeting): State<String>) -> String { greeting }
+    ///
+    /// let router = Router::stateful().message("greet", greet).with_state("hello".to_owned());
+    /// # let _ = router;
+    /// ```
+    pub fn stateful<S>() -> Router<S> {
+        Router::default()
+    }
+}
+
+impl<S> Router<S>
+where
+    S: Clone + Send + Sync + 'static,
+{
     /// Handles requests for `pattern` with `handler` (an async fn with extractors, or a service).
     pub fn message<H, Args>(mut self, pattern: impl Into<Pattern>, handler: H) -> Self
     where
-        H: Handler<Args>,
+        H: Handler<Args, S>,
         Args: 'static,
     {
         let pattern = pattern.into();
-        let service = erase(handler);
+        let service = Endpoint::new(handler);
         let routes = Arc::make_mut(&mut self.routes);
         if routes
             .messages
@@ -110,11 +243,11 @@ impl Router {
     /// Handles events for `pattern` with `handler` as well (all handlers of a pattern run).
     pub fn event<H, Args>(mut self, pattern: impl Into<Pattern>, handler: H) -> Self
     where
-        H: Handler<Args>,
+        H: Handler<Args, S>,
         Args: 'static,
     {
         let pattern = pattern.into();
-        let service = erase(handler);
+        let service = Endpoint::new(handler);
         Arc::make_mut(&mut self.routes)
             .events
             .entry(pattern.route_arc().clone())
@@ -124,16 +257,158 @@ impl Router {
     }
 
     /// Adds every route of `other` (its message handlers replace ours on the same pattern).
-    pub fn merge(mut self, other: Router) -> Self {
+    ///
+    /// Layers stay with the routes they were added to: `other`'s [`layer`](Self::layer)s do not
+    /// wrap our routes, nor ours its routes. Messages no handler matches are answered by our
+    /// [`layer`](Self::layer)s, or `other`'s when we have none.
+    pub fn merge(mut self, other: Router<S>) -> Self {
         let other = Arc::unwrap_or_clone(other.routes);
         let routes = Arc::make_mut(&mut self.routes);
         routes.messages.extend(other.messages);
         for (route, handlers) in other.events {
             routes.events.entry(route).or_default().extend(handlers);
         }
+        if routes.unmatched.is_none() {
+            routes.unmatched = other.unmatched;
+        }
         self
     }
 
+    /// Gives the handlers their state, making the router one a [`Server`](super::Server) can
+    /// serve: every [`State<T>`](super::State) argument is taken
+    /// from `state` (a clone of it, or a part of it through [`FromRef`](super::FromRef)). Routes
+    /// and layers added after this see no state of `S`'s type.
+    ///
+    /// ```
+    /// use palisade::rpc::{Payload, Router, State};
+    /// use std::collections::HashMap;
+    /// use std::sync::Arc;
+    ///
+    /// #[derive(Clone)]
+    /// struct AppState { users: Arc<HashMap<u64, String>> }
+    ///
+    /// async fn get_user(State(app): State<AppState>, Payload(id): Payload<u64>) -> Option<String> {
+    ///     app.users.get(&id).cloned()
+    /// }
+    ///
+    /// let users = Arc::new(HashMap::from([(7, "ann".to_owned())]));
+    /// let router = Router::stateful()
+    ///     .message("get-user", get_user)
+    ///     .with_state(AppState { users });
+    /// # let _ = router;
+    /// ```
+    pub fn with_state(self, state: S) -> Router {
+        let table = Arc::unwrap_or_clone(self.routes);
+        let ready = |endpoint: Endpoint<S>| Endpoint::Ready(endpoint.with_state(&state));
+        let messages = table
+            .messages
+            .into_iter()
+            .map(|(route, endpoint)| (route, ready(endpoint)))
+            .collect();
+        let events = table
+            .events
+            .into_iter()
+            .map(|(route, handlers)| (route, handlers.into_iter().map(ready).collect()))
+            .collect();
+        Router {
+            routes: Arc::new(Table {
+                messages,
+                events,
+                unmatched: table.unmatched,
+            }),
+        }
+    }
+
+    /// Wraps every route added so far — and the answer to messages no handler matches — in
+    /// `layer`, like decorators on a NestJS controller: a guard here also turns away callers of
+    /// patterns that do not exist, instead of telling them so. Each route gets its own service
+    /// from the layer (`layer.layer(route)`); a layer whose services share state (a
+    /// `CircuitBreakerLayer`) makes the routes share it.
+    ///
+    /// ```
+    /// use palisade::rpc::{GuardLayer, Router, RpcError};
+    ///
+    /// let router = Router::new()
+    ///     .message("get-user", || async { "ann" })
+    ///     .message("delete-user", || async {})
+    ///     .layer(GuardLayer::new(|request: &mut palisade::rpc::RpcRequest| {
+    ///         match request.headers().get("authorization") {
+    ///             Some(_) => Ok(()),
+    ///             None => Err(RpcError::unauthenticated("a token is required")),
+    ///         }
+    ///     }));
+    /// # let _ = router;
+    /// ```
+    pub fn layer<L>(mut self, layer: L) -> Self
+    where
+        L: Layer<Route> + Clone + Send + Sync + 'static,
+        L::Service:
+            Service<RpcRequest, Response = Reply, Error = RpcError> + Clone + Send + Sync + 'static,
+        <L::Service as Service<RpcRequest>>::Future: Send + 'static,
+    {
+        self = self.route_layer(layer.clone());
+        let routes = Arc::make_mut(&mut self.routes);
+        let unmatched = routes
+            .unmatched
+            .take()
+            .unwrap_or_else(|| Route::new(Unmatched));
+        routes.unmatched = Some(Route::new(layer.layer(unmatched)));
+        self
+    }
+
+    /// Wraps every route added so far in `layer`, but not the answer to messages no handler
+    /// matches: those still get NestJS's "no matching message handler" (axum's `route_layer`).
+    ///
+    /// ```
+    /// use palisade::rpc::{InterceptorLayer, Next, Reply, Router, RpcError, RpcRequest};
+    ///
+    /// async fn log(request: RpcRequest, next: Next) -> Result<Reply, RpcError> {
+    ///     tracing::info!(pattern = %request.pattern(), "handling");
+    ///     next.run(request).await
+    /// }
+    ///
+    /// // Logs the messages "get-user" and "sum" get; an unknown pattern is answered as NestJS
+    /// // answers it, without passing through `log`.
+    /// let router = Router::new()
+    ///     .message("get-user", || async { "ann" })
+    ///     .message("sum", || async { 3 })
+    ///     .route_layer(InterceptorLayer::new(log));
+    /// # let _ = router;
+    /// ```
+    pub fn route_layer<L>(mut self, layer: L) -> Self
+    where
+        L: Layer<Route> + Clone + Send + Sync + 'static,
+        L::Service:
+            Service<RpcRequest, Response = Reply, Error = RpcError> + Clone + Send + Sync + 'static,
+        <L::Service as Service<RpcRequest>>::Future: Send + 'static,
+    {
+        let table = Arc::unwrap_or_clone(std::mem::take(&mut self.routes));
+        let messages = table
+            .messages
+            .into_iter()
+            .map(|(route, endpoint)| (route, endpoint.layer(layer.clone())))
+            .collect();
+        let events = table
+            .events
+            .into_iter()
+            .map(|(route, handlers)| {
+                let handlers = handlers
+                    .into_iter()
+                    .map(|endpoint| endpoint.layer(layer.clone()))
+                    .collect();
+                (route, handlers)
+            })
+            .collect();
+        self.routes = Arc::new(Table {
+            messages,
+            events,
+            unmatched: table.unmatched,
+        });
+        self
+    }
+}
+
+impl<S> Router<S> {
     /// The routes of the message handlers, sorted.
     pub fn message_patterns(&self) -> Vec<&str> {
         let mut patterns: Vec<_> = self.routes.messages.keys().map(|k| &**k).collect();
@@ -156,45 +431,41 @@ impl Router {
             self.routes.events.keys().cloned().collect(),
         )
     }
+}
 
+impl Router {
     /// Dispatches one message (what [`Service::call`] does).
     pub fn dispatch(&self, request: RpcRequest) -> BoxFuture<'static, Result<Reply, RpcError>> {
         let route = request.pattern().route();
         let routable = request.pattern().is_routable();
         match request.kind() {
             Kind::Request => match routable.then(|| self.routes.messages.get(route)).flatten() {
-                Some(handler) => handler.call(request),
-                None => {
-                    tracing::debug!(pattern = %route, "no message handler for the pattern");
-                    Box::pin(std::future::ready(Err(RpcError::no_handler())))
-                }
+                Some(Endpoint::Ready(route)) => route.handle(request),
+                Some(Endpoint::NeedsState(make)) => make(&()).handle(request),
+                None => self.unmatched(request),
             },
             Kind::Event => {
-                let handlers: Vec<BoxHandler> = match routable.then_some(route) {
+                let handlers: Vec<Route> = match routable.then_some(route) {
                     Some(route) => match self.routes.events.get(route) {
-                        Some(handlers) => handlers.clone(),
+                        Some(handlers) => handlers.iter().map(ready).collect(),
                         // NestJS runs a message handler for an event on its pattern, too.
                         None => self
                             .routes
                             .messages
                             .get(route)
-                            .cloned()
+                            .map(ready)
                             .into_iter()
                             .collect(),
                     },
                     None => Vec::new(),
                 };
                 if handlers.is_empty() {
-                    tracing::error!(
-                        pattern = %route,
-                        "There is no matching event handler defined in the remote service. Event pattern: {route}"
-                    );
-                    return Box::pin(std::future::ready(Ok(Reply::Empty)));
+                    return self.unmatched(request);
                 }
                 Box::pin(async move {
                     let mut first_failure = None;
                     for handler in handlers {
-                        if let Err(error) = handler.call(request.clone()).await {
+                        if let Err(error) = handler.handle(request.clone()).await {
                             tracing::error!(pattern = %request.pattern(), %error, "event handler failed");
                             first_failure.get_or_insert(error);
                         }
@@ -207,9 +478,25 @@ impl Router {
             }
         }
     }
+
+    fn unmatched(&self, request: RpcRequest) -> BoxFuture<'static, Result<Reply, RpcError>> {
+        match &self.routes.unmatched {
+            Some(route) => route.handle(request),
+            None => unmatched(request),
+        }
+    }
 }
 
-impl fmt::Debug for Router {
+/// The route of an endpoint of a stateless router: always ready (`Endpoint::new` and
+/// `with_state` build them so), and built with the unit state if it were not.
+fn ready(endpoint: &Endpoint<()>) -> Route {
+    match endpoint {
+        Endpoint::Ready(route) => route.clone(),
+        Endpoint::NeedsState(make) => make(&()),
+    }
+}
+
+impl<S> fmt::Debug for Router<S> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Router")
             .field("messages", &self.message_patterns())

@@ -35,6 +35,18 @@ use tower_service::Service;
 /// server.shutdown().await;
 /// # Ok(()) }
 /// ```
+///
+/// # Defaults
+///
+/// | setting | default | change with |
+/// |---|---|---|
+/// | time shutdown waits for messages in flight | 10 s (NestJS's `gracePeriod`) | [`grace_period`](Self::grace_period) |
+/// | messages handled at once | no limit (the transport's own limits apply, e.g. TCP's per-connection one) | [`max_in_flight`](Self::max_in_flight) |
+/// | a task per handler from its first step | off (a handler starts in the task that read it) | [`spawn_handlers`](Self::spawn_handlers) |
+/// | patterns declared for per-pattern transports | a [`Router`]'s own; none for other services | [`with_routes`](Self::with_routes) |
+///
+/// Transport limits (frame sizes, connections, timeouts) are the transport options' defaults,
+/// listed on each (`TcpOptions`, `NatsOptions`, ...).
 pub struct Server {
     pub(crate) service: Target,
     routes: Option<Routes>,

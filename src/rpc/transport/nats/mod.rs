@@ -76,6 +76,20 @@ enum Auth {
 ///     .await?;
 /// # let _ = client; Ok(()) }
 /// ```
+///
+/// # Defaults
+///
+/// | setting | default | change with |
+/// |---|---|---|
+/// | connection name | none | [`name`](Self::name) |
+/// | authentication | none | [`token`](Self::token), [`user_and_password`](Self::user_and_password), [`nkey`](Self::nkey), [`credentials_file`](Self::credentials_file) |
+/// | TLS required | no (yes once certificates are given) | [`tls_root_certificates`](Self::tls_root_certificates), [`tls_client_certificate`](Self::tls_client_certificate), [`require_tls`](Self::require_tls) |
+/// | connection timeout | 5 s | [`connection_timeout`](Self::connection_timeout) |
+/// | reconnect attempts | unlimited | [`max_reconnects`](Self::max_reconnects) |
+/// | longest wait between reconnects | 4 s | [`max_reconnect_delay`](Self::max_reconnect_delay) |
+/// | ping interval | 60 s | [`ping_interval`](Self::ping_interval) |
+/// | server order | shuffled | [`retain_servers_order`](Self::retain_servers_order) |
+/// | servers the cluster advertises | used | [`ignore_discovered_servers`](Self::ignore_discovered_servers) |
 #[derive(Clone)]
 pub struct NatsOptions {
     servers: Vec<String>,

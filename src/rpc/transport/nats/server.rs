@@ -17,6 +17,13 @@ use std::sync::Arc;
 /// The server subscribes to its [routes](crate::rpc::Routes): those of a
 /// [`Router`](crate::rpc::Router), or those a layered service declares with
 /// [`Server::with_routes`].
+///
+/// # Defaults
+///
+/// | setting | default | change with |
+/// |---|---|---|
+/// | queue group | none: every instance receives every message | [`queue`](Self::queue), [`queue_for`](Self::queue_for) |
+/// | events | core NATS (at most once) | [`durable_events`](Self::durable_events) (JetStream, at least once) |
 pub struct NatsServer {
     options: NatsOptions,
     queue: Option<String>,
@@ -107,6 +114,15 @@ impl NatsServer {
                 dispatcher.clone(),
             ));
         }
+        // Subscriptions reach the server asynchronously: wait (a PING round trip) until it has
+        // them all, so that a request sent as soon as `serve` returns finds its subscriber
+        // instead of "no responders".
+        client.flush().await.map_err(|error| {
+            RpcError::transport(
+                TransportErrorKind::ConnectionLost,
+                format!("cannot confirm the subscriptions with the NATS server: {error}"),
+            )
+        })?;
         if let Some(durable) = self.durable {
             super::durable::start(&client, &dispatcher, durable_routes, durable).await?;
         }
