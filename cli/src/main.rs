@@ -30,6 +30,8 @@ URLs:
                                         NestJS Transport.RMQ (build feature `rabbitmq`)
   kafka://HOST:PORT[,HOST:PORT][?group=NAME]
                                         NestJS Transport.KAFKA (build feature `kafka`)
+  redis://HOST:PORT                     NestJS Transport.REDIS (build feature `redis`)
+  mqtt://HOST:PORT                      NestJS Transport.MQTT (build feature `mqtt`)
 
 A pattern that starts with `{` is an object pattern (`{\"cmd\":\"sum\"}`); anything else is a
 string pattern. Payloads are JSON: quote a string payload ('\"abc\"'). No payload sends null.";
@@ -176,7 +178,13 @@ fn scheme(url: &str) -> Result<(&str, &str), Usage> {
 }
 
 #[cfg_attr(
-    all(feature = "nats", feature = "rabbitmq", feature = "kafka"),
+    all(
+        feature = "nats",
+        feature = "rabbitmq",
+        feature = "kafka",
+        feature = "redis",
+        feature = "mqtt"
+    ),
     allow(dead_code)
 )]
 fn not_built(scheme: &str, feature: &str) -> Usage {
@@ -212,6 +220,24 @@ async fn connect(
                 .connect(KafkaTransport::new(options).reply_to(patterns.iter().cloned()))
                 .await?
         }
+        #[cfg(feature = "redis")]
+        "redis" => {
+            use palisade::rpc::transport::redis::RedisOptions;
+            builder
+                .connect(RedisOptions::new(target.url.clone()))
+                .await?
+        }
+        #[cfg(feature = "mqtt")]
+        "mqtt" => {
+            use palisade::rpc::transport::mqtt::MqttOptions;
+            builder
+                .connect(MqttOptions::new(target.url.clone()))
+                .await?
+        }
+        #[cfg(not(feature = "redis"))]
+        "redis" => return Err(not_built("redis", "redis").into()),
+        #[cfg(not(feature = "mqtt"))]
+        "mqtt" => return Err(not_built("mqtt", "mqtt").into()),
         #[cfg(not(feature = "nats"))]
         "nats" | "tls" => return Err(not_built("nats", "nats").into()),
         #[cfg(not(feature = "rabbitmq"))]
@@ -220,7 +246,7 @@ async fn connect(
         "kafka" => return Err(not_built("kafka", "kafka").into()),
         other => {
             return Err(Usage(format!(
-                "unknown scheme {other}://: use tcp://, nats://, amqp:// or kafka://"
+                "unknown scheme {other}://: use tcp://, nats://, amqp://, kafka://, redis:// or mqtt://"
             ))
             .into());
         }
@@ -349,6 +375,24 @@ async fn listen(listen: Listen) -> Result<(), Box<dyn std::error::Error>> {
                 .serve(server)
                 .await?
         }
+        #[cfg(feature = "redis")]
+        "redis" => {
+            use palisade::rpc::transport::redis::{RedisOptions, RedisServer};
+            RedisServer::new(RedisOptions::new(listen.url.clone()))
+                .serve(server)
+                .await?
+        }
+        #[cfg(feature = "mqtt")]
+        "mqtt" => {
+            use palisade::rpc::transport::mqtt::{MqttOptions, MqttServer};
+            MqttServer::new(MqttOptions::new(listen.url.clone()))
+                .serve(server)
+                .await?
+        }
+        #[cfg(not(feature = "redis"))]
+        "redis" => return Err(not_built("redis", "redis").into()),
+        #[cfg(not(feature = "mqtt"))]
+        "mqtt" => return Err(not_built("mqtt", "mqtt").into()),
         #[cfg(not(feature = "nats"))]
         "nats" | "tls" => return Err(not_built("nats", "nats").into()),
         #[cfg(not(feature = "rabbitmq"))]
@@ -357,7 +401,7 @@ async fn listen(listen: Listen) -> Result<(), Box<dyn std::error::Error>> {
         "kafka" => return Err(not_built("kafka", "kafka").into()),
         other => {
             return Err(Usage(format!(
-                "unknown scheme {other}://: use tcp://, nats://, amqp:// or kafka://"
+                "unknown scheme {other}://: use tcp://, nats://, amqp://, kafka://, redis:// or mqtt://"
             ))
             .into());
         }

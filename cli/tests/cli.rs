@@ -268,3 +268,30 @@ async fn bench_reports_throughput_and_a_latency_histogram() {
     assert!(String::from_utf8_lossy(&output.stderr).contains("error: "));
     server.shutdown().await;
 }
+
+#[cfg(feature = "redis")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_a_service_over_redis() {
+    use palisade::rpc::transport::redis::{RedisOptions, RedisServer};
+    let url = "redis://127.0.0.1:6379";
+    let pattern = format!("cli-echo-{}", std::process::id());
+    let server = Server::new(Router::new().message(
+        pattern.as_str(),
+        |Payload(v): Payload<Value>| async move { v },
+    ))
+    .serve(RedisServer::new(RedisOptions::new(url)))
+    .await
+    .unwrap();
+    let output = run(&["call", url, &pattern, r#"{"n":1}"#]).await;
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert_eq!(stdout(&output).trim(), r#"{"n":1}"#);
+    // Nobody subscribed: Redis says so at once.
+    let output = run(&["call", url, "cli-nobody-listens"]).await;
+    assert_eq!(output.status.code(), Some(1));
+    assert!(
+        stderr(&output).contains("no subscribers"),
+        "{}",
+        stderr(&output)
+    );
+    server.shutdown().await;
+}
