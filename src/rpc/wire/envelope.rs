@@ -491,6 +491,28 @@ mod tests {
     }
 
     #[test]
+    fn truthiness_headers_and_error_strings_follow_javascript() {
+        let truthy = |text: &str| is_truthy(&serde_json::from_str::<&RawValue>(text).unwrap());
+        for falsy in ["null", "false", "\"\"", "0", "-0", "0.0"] {
+            assert!(!truthy(falsy), "{falsy}");
+        }
+        for true_ in ["true", "1", "-1", "\"0\"", "{}", "[]", "\"x\""] {
+            assert!(truthy(true_), "{true_}");
+        }
+        // Header values that are numbers arrive as their text; others are dropped.
+        let request = decode_incoming(&Bytes::from_static(
+            br#"{"pattern":"p","data":1,"id":"i","headers":{"palisade-timeout-ms":250,"x":"y","o":{}}}"#,
+        ))
+        .unwrap();
+        assert_eq!(request.headers.get("palisade-timeout-ms"), Some("250"));
+        assert_eq!(request.headers.get("x"), Some("y"));
+        assert_eq!(request.headers.get("o"), None);
+        // A string error is an error; only NestJS's exact no-handler text means "no handler".
+        let (_, packet) = decode_reply(&Bytes::from_static(br#"{"err":"boom","id":"i"}"#)).unwrap();
+        assert!(matches!(packet, ReplyPacket::Error(_)), "{packet:?}");
+    }
+
+    #[test]
     fn a_reply_that_is_not_an_object_says_so() {
         // (An incoming message that is not a packet is an external message, not an error.)
         assert!(

@@ -293,6 +293,10 @@ mod tests {
             "{debug}"
         );
         assert!(debug.contains(registered.id().as_str()), "{debug}");
+        assert_eq!(
+            format!("{pending:?}"),
+            "PendingRequests { waiting: 1, closed: false, late_replies: 0 }"
+        );
         assert_eq!(pending.close(&RpcError::unavailable("gone")), 1);
         assert!(pending.is_closed() && pending.is_empty());
     }
