@@ -492,7 +492,7 @@ mod tests {
 
     #[test]
     fn truthiness_headers_and_error_strings_follow_javascript() {
-        let truthy = |text: &str| is_truthy(&serde_json::from_str::<&RawValue>(text).unwrap());
+        let truthy = |text: &str| is_truthy(serde_json::from_str::<&RawValue>(text).unwrap());
         for falsy in ["null", "false", "\"\"", "0", "-0", "0.0"] {
             assert!(!truthy(falsy), "{falsy}");
         }
