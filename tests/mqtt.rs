@@ -21,6 +21,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use support::mqtt::Broker;
+use support::resources::{alive_tasks, open_sockets, settles_to};
 use tokio::time::{Instant, sleep};
 
 /// The tests count the process's sockets: one at a time.
@@ -29,35 +30,6 @@ static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 fn options(broker: &Broker) -> MqttOptions {
     MqttOptions::new(broker.url())
         .reconnect_backoff(Duration::from_millis(20), Duration::from_millis(300))
-}
-
-/// Distinct sockets the process holds open. Sockets, not file descriptors: another test of
-/// this binary starting its runtime meanwhile opens descriptors of its own (an epoll, an eventfd,
-/// a duplicate of the signal socket), which are no leak of this one.
-fn open_sockets() -> usize {
-    std::fs::read_dir("/proc/self/fd")
-        .unwrap()
-        .filter_map(|entry| std::fs::read_link(entry.ok()?.path()).ok())
-        .filter(|target| target.to_string_lossy().starts_with("socket:"))
-        .collect::<std::collections::HashSet<_>>()
-        .len()
-}
-
-fn alive_tasks() -> usize {
-    tokio::runtime::Handle::current()
-        .metrics()
-        .num_alive_tasks()
-}
-
-async fn settles_to(count: impl Fn() -> usize, limit: usize) -> usize {
-    let started = Instant::now();
-    loop {
-        let now = count();
-        if now <= limit || started.elapsed() > Duration::from_secs(10) {
-            return now;
-        }
-        sleep(Duration::from_millis(20)).await;
-    }
 }
 
 async fn eventually(what: &str, within: Duration, mut done: impl FnMut() -> bool) {

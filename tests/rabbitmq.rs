@@ -27,6 +27,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use support::rabbitmq::{Cleanup, Proxy, machine_url, unique};
+use support::resources::{alive_tasks, open_fds, settles_to, threads};
 use tokio::time::{Instant, sleep};
 
 /// A non-durable queue of the test's own, kept when its consumers go (so that a second server
@@ -1085,33 +1086,6 @@ async fn connection_errors_are_clear_and_typed() {
         .await
         .unwrap_err();
     assert_eq!(long.code(), Code::InvalidArgument, "{long}");
-}
-
-/// Open file descriptors of this process.
-fn open_fds() -> usize {
-    std::fs::read_dir("/proc/self/fd").unwrap().count()
-}
-
-/// Threads of this process (lapin runs one I/O thread per connection).
-fn threads() -> usize {
-    std::fs::read_dir("/proc/self/task").unwrap().count()
-}
-
-fn alive_tasks() -> usize {
-    tokio::runtime::Handle::current()
-        .metrics()
-        .num_alive_tasks()
-}
-
-async fn settles_to(count: impl Fn() -> usize, limit: usize) -> usize {
-    let started = Instant::now();
-    loop {
-        let now = count();
-        if now <= limit || started.elapsed() > Duration::from_secs(10) {
-            return now;
-        }
-        sleep(Duration::from_millis(20)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -13,6 +13,7 @@ use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 use support::rabbitmq::{Broker, unique};
+use support::resources::{alive_tasks, open_fds, settles_to, threads};
 use tokio::time::{Instant, sleep};
 
 /// The broker's `max_message_size`.
@@ -44,32 +45,6 @@ fn options(broker: &Broker, queue: &str) -> RmqOptions {
     RmqOptions::new([broker.url()])
         .queue(queue)
         .reconnect_backoff(Duration::from_millis(100), Duration::from_millis(1000))
-}
-
-fn open_fds() -> usize {
-    std::fs::read_dir("/proc/self/fd").unwrap().count()
-}
-
-fn threads() -> usize {
-    std::fs::read_dir("/proc/self/task").unwrap().count()
-}
-
-fn alive_tasks() -> usize {
-    tokio::runtime::Handle::current()
-        .metrics()
-        .num_alive_tasks()
-}
-
-async fn settles_to(count: impl Fn() -> usize, limit: usize) -> usize {
-    let started = Instant::now();
-    loop {
-        let now = count();
-        // Generous: on a loaded machine the last reconnect attempt can take seconds to wind down.
-        if now <= limit || started.elapsed() > Duration::from_secs(30) {
-            return now;
-        }
-        sleep(Duration::from_millis(20)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -2,36 +2,15 @@
 //! time. Real sockets on loopback; file descriptors and tasks counted before and after.
 #![cfg(feature = "tcp")]
 
+mod support;
+
 use palisade::rpc::transport::tcp::{TcpOptions, TcpServer, TcpTransport};
 use palisade::rpc::{Client, Code, Payload, Router, Server, ServerHandle, TransportErrorKind};
 use std::time::Duration;
+use support::resources::{alive_tasks, open_fds, settles_to};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::{Instant, sleep, timeout};
-
-/// Open file descriptors of this process.
-fn open_fds() -> usize {
-    std::fs::read_dir("/proc/self/fd").unwrap().count()
-}
-
-/// Tasks alive on this runtime.
-fn alive_tasks() -> usize {
-    tokio::runtime::Handle::current()
-        .metrics()
-        .num_alive_tasks()
-}
-
-/// Waits (up to 5 s) until `count()` is at most `limit`; returns the last count.
-async fn settles_to(count: impl Fn() -> usize, limit: usize) -> usize {
-    let started = Instant::now();
-    loop {
-        let now = count();
-        if now <= limit || started.elapsed() > Duration::from_secs(5) {
-            return now;
-        }
-        sleep(Duration::from_millis(20)).await;
-    }
-}
 
 async fn serve(options: TcpOptions, router: Router) -> (ServerHandle, String) {
     let server = Server::new(router)

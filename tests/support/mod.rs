@@ -13,6 +13,7 @@ pub mod nestjs;
 pub mod rabbitmq;
 #[cfg(feature = "redis")]
 pub mod redis;
+pub mod resources;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
