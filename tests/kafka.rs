@@ -359,3 +359,45 @@ async fn with_topic_creation_off_missing_topics_are_clear_errors() {
     assert_eq!(error.code(), Code::NotFound, "{error}");
     assert!(error.message().contains("never-created"), "{error}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_and_a_client_release_their_threads_tasks_and_sockets() {
+    use support::resources::{alive_tasks, open_sockets, settles_to, threads};
+    let broker = Broker::start();
+    let options = support::kafka::options(&broker);
+    // librdkafka runs threads of its own per client (a main thread, one per broker).
+    let (threads_before, tasks_before, sockets_before) = (threads(), alive_tasks(), open_sockets());
+    for _ in 0..2 {
+        let server = serve(
+            options.clone(),
+            Router::new()
+                .message("echo", |Payload(v): Payload<Value>| async move { v })
+                .event("noted", || async {}),
+        )
+        .await;
+        let client = Client::builder()
+            .connect(KafkaTransport::new(options.clone()).reply_to(["echo"]))
+            .await
+            .unwrap();
+        let echoed: Value = client.send("echo", &json!({"n": 1})).await.unwrap();
+        assert_eq!(echoed, json!({"n": 1}));
+        client.emit("noted", &1).await.unwrap();
+        drop(client);
+        server.shutdown().await;
+    }
+    assert!(
+        settles_to(threads, threads_before).await <= threads_before,
+        "threads leaked: {threads_before} before, {} after",
+        threads()
+    );
+    assert!(
+        settles_to(alive_tasks, tasks_before).await <= tasks_before,
+        "tasks leaked: {tasks_before} before, {} after",
+        alive_tasks()
+    );
+    assert!(
+        settles_to(open_sockets, sockets_before).await <= sockets_before,
+        "sockets leaked: {sockets_before} before, {} after",
+        open_sockets()
+    );
+}
