@@ -36,6 +36,8 @@
 //! | `kafka` | | [`rpc::transport::kafka`]: NestJS `Transport.KAFKA` (`rdkafka`; builds librdkafka, which needs a C/C++ compiler) |
 //! | `metrics` | | client and server metrics through the `metrics` facade: `rpc.{client,server}.call.duration` and `rpc.{client,server}.requests` per pattern, status code and (server) transport (OpenTelemetry's RPC names) |
 //! | `opentelemetry` | | a request's `traceparent`/`tracestate` continue the caller's OpenTelemetry trace (through `tracing-opentelemetry`), and the server's span becomes the caller's child |
+//! | `macros` | | [`debug_handler`]: one clear error per cause when a function is not a message handler |
+//! | `validator` | | [`rpc::Validated`]: payloads checked by the `validator` crate's `#[derive(Validate)]`, answered in NestJS's `BadRequest` shape |
 //! | `conformance` | | [`conformance`]: the transport conformance suite, for transports written outside the crate |
 //!
 //! Beside palisade an application needs `tokio` (a runtime: `rt-multi-thread` and `macros` for
@@ -166,3 +168,64 @@ pub mod retry;
 mod rng;
 pub mod rpc;
 pub mod timeout;
+
+/// Explains why a function is not a message handler: put it on the handler while you write it.
+///
+/// Without it, a handler with one wrong argument, a reply type that is not a reply, or a future
+/// that is not `Send` gets one error at the router — "`fn` is not a message handler" — that does
+/// not say which. With it, each cause gets its own error, at the argument, the return type or
+/// the function at fault. It changes nothing else, and costs nothing at run time; remove it when
+/// the handler compiles, or keep it.
+///
+/// For a router with state, name the state: `#[debug_handler(state = AppState)]`. It checks free
+/// `async fn`s with at most five extractors, as [`Router::message`](rpc::Router::message) takes.
+///
+/// ```
+/// use palisade::debug_handler;
+/// use palisade::rpc::{Payload, Router, RpcError, State};
+///
+/// #[derive(serde::Deserialize)]
+/// struct NewUser { name: String }
+///
+/// #[debug_handler]
+/// async fn create_user(Payload(user): Payload<NewUser>) -> Result<String, RpcError> {
+///     Ok(user.name)
+/// }
+///
+/// #[derive(Clone)]
+/// struct AppState { greeting: &'static str }
+///
+/// #[debug_handler(state = AppState)]
+/// async fn greet(State(state): State<AppState>, Payload(name): Payload<String>) -> String {
+///     format!("{} {name}", state.greeting)
+/// }
+///
+/// let users = Router::new().message("create-user", create_user);
+/// let greeter = Router::stateful().message("greet", greet).with_state(AppState { greeting: "hello" });
+/// # let _ = (users, greeter);
+/// ```
+///
+/// An argument that is not an extractor is named where it stands: "`NewUser` cannot be a
+/// handler argument: it does not implement `FromRequest<()>`", with the hint to wrap it in
+/// `Payload<..>`.
+///
+/// ```compile_fail
+/// # #[derive(serde::Deserialize)] struct NewUser { name: String }
+/// #[palisade::debug_handler]
+/// async fn create_user(user: NewUser) -> String { user.name }
+/// ```
+///
+/// A future that holds something not `Send` across an `.await` is reported at the function, with
+/// the value and the `.await` at fault:
+///
+/// ```compile_fail
+/// #[palisade::debug_handler]
+/// async fn count() -> u64 {
+///     let local = std::rc::Rc::new(1);
+///     tokio::task::yield_now().await;
+///     *local
+/// }
+/// ```
+#[cfg(feature = "macros")]
+#[cfg_attr(docsrs, doc(cfg(feature = "macros")))]
+pub use palisade_macros::debug_handler;

@@ -719,6 +719,189 @@ mod pipeline {
     }
 }
 
+// ---- 5b. Validation with the `validator` crate ----
+
+#[cfg(feature = "validator")]
+mod validator_pipe {
+    use super::*;
+    use palisade::rpc::{Validated, ValidationErrors};
+    use serde::Deserialize;
+    use serde_json::json;
+    use validator::Validate;
+
+    #[derive(Deserialize, Validate)]
+    struct Address {
+        #[validate(length(min = 2, max = 40))]
+        city: String,
+    }
+
+    #[derive(Deserialize, Validate)]
+    struct Line {
+        #[validate(length(min = 1, message = "should not be empty"))]
+        sku: String,
+        #[validate(range(min = 1))]
+        quantity: u32,
+    }
+
+    #[derive(Deserialize, Validate)]
+    #[validate(schema(function = "total_is_positive"))]
+    struct Order {
+        #[validate(email)]
+        contact: String,
+        #[validate(nested)]
+        address: Address,
+        #[validate(nested)]
+        lines: Vec<Line>,
+    }
+
+    fn total_is_positive(order: &Order) -> Result<(), validator::ValidationError> {
+        if order.lines.iter().map(|line| line.quantity).sum::<u32>() > 1_000 {
+            return Err(validator::ValidationError::new("too_large")
+                .with_message("orders more than 1000 items".into()));
+        }
+        Ok(())
+    }
+
+    async fn order(Validated(Payload(order)): Validated<Payload<Order>>) -> u32 {
+        order.lines.iter().map(|line| line.quantity).sum()
+    }
+
+    #[tokio::test]
+    async fn a_valid_payload_reaches_the_handler() {
+        let (client, _server) = serve(Router::new().message("order", order)).await;
+        let total: u32 = client
+            .send(
+                "order",
+                &json!({"contact": "a@b.io", "address": {"city": "Lyon"},
+                        "lines": [{"sku": "a", "quantity": 2}, {"sku": "b", "quantity": 3}]}),
+            )
+            .await
+            .unwrap();
+        assert_eq!(total, 5);
+    }
+
+    #[tokio::test]
+    async fn every_failing_field_is_named_by_its_full_path_in_nests_bad_request() {
+        let (client, _server) = serve(Router::new().message("order", order)).await;
+        let error = client
+            .send::<u32>(
+                "order",
+                &json!({"contact": "nobody", "address": {"city": "X"},
+                        "lines": [{"sku": "a", "quantity": 1}, {"sku": "", "quantity": 0}]}),
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(error.code(), Code::InvalidArgument);
+        assert_eq!(
+            error.err(),
+            json!({
+                "statusCode": 400,
+                "message": [
+                    "address.city must pass length (max 40, min 2)",
+                    "contact must pass email",
+                    "lines[1].quantity must pass range (min 1)",
+                    "lines[1].sku should not be empty",
+                ],
+                "error": "Bad Request",
+                "code": "INVALID_ARGUMENT",
+            })
+        );
+    }
+
+    #[test]
+    fn a_schema_check_belongs_to_the_payload_and_the_offending_value_is_not_echoed() {
+        let order = Order {
+            contact: "a@b.io".into(),
+            address: Address {
+                city: "Lyon".into(),
+            },
+            lines: vec![Line {
+                sku: "a".into(),
+                quantity: 2_000,
+            }],
+        };
+        let errors = ValidationErrors::from(order.validate().unwrap_err());
+        let fields: Vec<String> = errors.fields().iter().map(ToString::to_string).collect();
+        assert_eq!(fields, ["payload orders more than 1000 items"]);
+
+        let secret = Address { city: "S".into() };
+        let errors = ValidationErrors::from(secret.validate().unwrap_err());
+        assert_eq!(errors.fields()[0].path, "city");
+        assert!(!errors.fields()[0].message.contains('S'), "{errors}");
+    }
+}
+
+// ---- 5c. #[debug_handler] ----
+
+#[cfg(feature = "macros")]
+mod debug_handler {
+    use super::*;
+    use palisade::debug_handler;
+    use palisade::rpc::State;
+
+    #[debug_handler]
+    async fn echo(Payload(text): Payload<String>) -> String {
+        text
+    }
+
+    #[derive(Clone)]
+    struct Greeting(&'static str);
+
+    #[debug_handler(state = Greeting)]
+    async fn greet(
+        State(Greeting(greeting)): State<Greeting>,
+        Payload(name): Payload<String>,
+    ) -> String {
+        format!("{greeting} {name}")
+    }
+
+    #[debug_handler]
+    async fn nothing() {}
+
+    #[tokio::test]
+    async fn a_checked_handler_is_the_same_handler() {
+        let router = Router::new()
+            .message("echo", echo)
+            .message("nothing", nothing)
+            .merge(
+                Router::stateful()
+                    .message("greet", greet)
+                    .with_state(Greeting("hello")),
+            );
+        let (client, _server) = serve(router).await;
+        assert_eq!(client.send::<String>("echo", "hi").await.unwrap(), "hi");
+        assert_eq!(
+            client.send::<String>("greet", "ada").await.unwrap(),
+            "hello ada"
+        );
+        assert_eq!(
+            client.send::<Option<()>>("nothing", &()).await.unwrap(),
+            None
+        );
+    }
+
+    /// Each mistake is reported where it stands, with the trait's hint (the expected compiler
+    /// output is in `tests/debug_handler/*.stderr`; `TRYBUILD=overwrite` rewrites it). The
+    /// compiler lists the extractors it knows, and names them by path where a transport's crate
+    /// has a type of the same name: the output is recorded with every feature on
+    /// (`cargo test --all-features`), as CI runs it.
+    #[cfg(all(
+        feature = "validator",
+        feature = "nats",
+        feature = "kafka",
+        feature = "rabbitmq",
+        feature = "redis",
+        feature = "mqtt",
+        feature = "metrics",
+        feature = "opentelemetry"
+    ))]
+    #[test]
+    fn mistakes_are_reported_where_they_stand() {
+        let cases = trybuild::TestCases::new();
+        cases.compile_fail("tests/debug_handler/*.rs");
+    }
+}
+
 // ---- 6. Typed contracts ----
 
 mod contracts {

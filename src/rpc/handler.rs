@@ -304,7 +304,7 @@ where
 #[diagnostic::on_unimplemented(
     message = "`{Self}` cannot be a handler argument: it does not implement `FromRequest<{S}>`",
     label = "not an extractor",
-    note = "handler arguments are extractors: `Payload<T>` (T: Deserialize), `Valid<Payload<T>>`, `State<T>` (T: FromRef of the router's state), `Extension<T>`, `Headers`, `MessagePattern`, `Option<Deadline>`, `RpcRequest`",
+    note = "handler arguments are extractors: `Payload<T>` (T: Deserialize), `Valid<Payload<T>>` (or `Validated<Payload<T>>` with the `validator` feature), `State<T>` (T: FromRef of the router's state), `Extension<T>`, `Headers`, `MessagePattern`, `Option<Deadline>`, `RpcRequest`",
     note = "a payload type goes inside `Payload<..>`: write `Payload(user): Payload<User>`, not `user: User`"
 )]
 pub trait FromRequest<S = ()>: Sized {

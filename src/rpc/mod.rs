@@ -198,6 +198,8 @@ pub use self::handler::{
 };
 pub use self::json::{DecodeError, RawJson};
 pub use self::pattern::Pattern;
+#[cfg(feature = "validator")]
+pub use self::pipeline::Validated;
 pub use self::pipeline::{
     ExceptionFilter, ExceptionFilterLayer, FieldError, Guard, GuardFuture, GuardLayer, Interceptor,
     InterceptorLayer, Next, Valid, Validate, ValidationErrors,
