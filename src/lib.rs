@@ -36,6 +36,7 @@
 //! | `kafka` | | [`rpc::transport::kafka`]: NestJS `Transport.KAFKA` (`rdkafka`; builds librdkafka, which needs a C/C++ compiler) |
 //! | `metrics` | | client and server metrics through the `metrics` facade: `rpc.{client,server}.call.duration` and `rpc.{client,server}.requests` per pattern, status code and (server) transport (OpenTelemetry's RPC names) |
 //! | `opentelemetry` | | a request's `traceparent`/`tracestate` continue the caller's OpenTelemetry trace (through `tracing-opentelemetry`), and the server's span becomes the caller's child |
+//! | `msgpack` | | [`rpc::wire::MessagePackCodec`]: MessagePack message bodies for palisade-to-palisade traffic (`rmp-serde`) |
 //! | `macros` | | [`debug_handler`]: one clear error per cause when a function is not a message handler |
 //! | `validator` | | [`rpc::Validated`]: payloads checked by the `validator` crate's `#[derive(Validate)]`, answered in NestJS's `BadRequest` shape |
 //! | `conformance` | | [`conformance`]: the transport conformance suite, for transports written outside the crate |

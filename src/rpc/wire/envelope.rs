@@ -180,8 +180,8 @@ impl<'de: 'a, 'a> Deserialize<'de> for RawPacket<'a> {
 }
 
 /// JavaScript truthiness of a JSON value.
-fn is_truthy(raw: &RawValue) -> bool {
-    match raw.get().trim() {
+fn is_truthy(raw: &str) -> bool {
+    match raw.trim() {
         "null" | "false" | "\"\"" => false,
         text if text.starts_with(|c: char| c == '-' || c.is_ascii_digit()) => {
             text.parse::<f64>().map(|n| n != 0.0).unwrap_or(true)
@@ -330,34 +330,71 @@ pub fn decode_incoming(frame: &Bytes) -> Result<IncomingPacket, serde_json::Erro
 pub fn decode_reply(frame: &Bytes) -> Result<(Option<RawJson>, ReplyPacket), serde_json::Error> {
     let packet: RawPacket<'_> = serde_json::from_slice(frame)?;
     let id = packet.id.map(|raw| slice(frame, raw));
-    let reply = if let Some(err) = packet.err.filter(|err| is_truthy(err)) {
-        match serde_json::from_str::<String>(err.get()) {
+    let reply = reply_from_fields(
+        packet.response,
+        packet.err,
+        packet.is_disposed,
+        |raw| slice(frame, raw),
+        || RawJson::from_trusted(frame.clone()),
+    );
+    Ok((id, reply))
+}
+
+/// A field of a packet as read by a codec: its value as JSON text.
+pub(super) trait Field {
+    /// The JSON text.
+    fn text(&self) -> &str;
+}
+
+impl Field for &RawValue {
+    fn text(&self) -> &str {
+        self.get()
+    }
+}
+
+impl Field for RawJson {
+    fn text(&self) -> &str {
+        self.as_str()
+    }
+}
+
+/// NestJS's `ClientProxy` rules for a reply's fields (nestjs-wire.md §1.2), whatever the codec:
+/// a truthy `err` is an error (or the no-handler reply), a packet with none of the fields is
+/// itself the one value (`whole`), a truthy `isDisposed` ends the stream.
+pub(super) fn reply_from_fields<T: Field>(
+    response: Option<T>,
+    err: Option<T>,
+    is_disposed: Option<T>,
+    to_raw: impl Fn(T) -> RawJson,
+    whole: impl FnOnce() -> RawJson,
+) -> ReplyPacket {
+    let err_present = err.is_some();
+    if let Some(err) = err.filter(|err| is_truthy(err.text())) {
+        return match serde_json::from_str::<String>(err.text()) {
             Ok(text) if text == NO_HANDLER_MESSAGE => ReplyPacket::NoHandler,
-            _ => ReplyPacket::Error(slice(frame, err)),
-        }
-    } else if packet.response.is_none() && packet.err.is_none() && packet.is_disposed.is_none() {
+            _ => ReplyPacket::Error(to_raw(err)),
+        };
+    }
+    if response.is_none() && !err_present && is_disposed.is_none() {
         // Neither a value nor a terminal marker: NestJS takes the whole thing as the one value.
-        ReplyPacket::Value {
-            response: RawJson::from_trusted(frame.clone()),
+        return ReplyPacket::Value {
+            response: whole(),
             last: true,
-        }
-    } else if packet.is_disposed.is_some_and(is_truthy) {
-        match packet.response {
+        };
+    }
+    if is_disposed.is_some_and(|mark| is_truthy(mark.text())) {
+        return match response {
             Some(response) => ReplyPacket::Value {
-                response: slice(frame, response),
+                response: to_raw(response),
                 last: true,
             },
             None => ReplyPacket::Complete,
-        }
-    } else {
-        ReplyPacket::Value {
-            response: packet
-                .response
-                .map_or_else(RawJson::null, |raw| slice(frame, raw)),
-            last: false,
-        }
-    };
-    Ok((id, reply))
+        };
+    }
+    ReplyPacket::Value {
+        response: response.map_or_else(RawJson::null, to_raw),
+        last: false,
+    }
 }
 
 #[cfg(test)]
@@ -492,7 +529,7 @@ mod tests {
 
     #[test]
     fn truthiness_headers_and_error_strings_follow_javascript() {
-        let truthy = |text: &str| is_truthy(serde_json::from_str::<&RawValue>(text).unwrap());
+        let truthy = |text: &str| is_truthy(serde_json::from_str::<&RawValue>(text).unwrap().get());
         for falsy in ["null", "false", "\"\"", "0", "-0", "0.0"] {
             assert!(!truthy(falsy), "{falsy}");
         }

@@ -9,6 +9,9 @@
 //!   last of duplicated keys). The request's deadline travels as the relative
 //!   [`TIMEOUT_HEADER`](crate::rpc::TIMEOUT_HEADER): [`RpcRequest::wire_headers`] adds it when
 //!   sending, [`RpcRequest::received`] turns it back into a deadline.
+//! - **The codec seam**: [`Codec`] is how the envelope transports turn packets into message
+//!   bodies: [`JsonCodec`] (NestJS's packets, the default) or, feature `msgpack`,
+//!   [`MessagePackCodec`] for palisade-to-palisade traffic.
 //! - **Packet ids**: [`PacketIds`] makes NestJS-style ids from request numbers and reads them back.
 //! - **Correlation**: [`PendingRequests`] registers requests, routes replies to them, forgets
 //!   requests whose callers gave up, counts late replies and fails everything in flight when the
@@ -17,10 +20,15 @@
 //! [`RpcRequest::wire_headers`]: crate::rpc::RpcRequest::wire_headers
 //! [`RpcRequest::received`]: crate::rpc::RpcRequest::received
 
+mod codec;
 mod envelope;
 mod ids;
 mod pending;
 
+#[cfg(feature = "msgpack")]
+#[cfg_attr(docsrs, doc(cfg(feature = "msgpack")))]
+pub use self::codec::MessagePackCodec;
+pub use self::codec::{Codec, CodecError, JsonCodec, SharedCodec};
 pub use self::envelope::{
     IncomingPacket, decode_incoming, decode_reply, encode_reply, encode_request, wire_pattern,
 };

@@ -1,9 +1,8 @@
 use super::{NatsOptions, check_subject, to_nats_headers};
-use crate::rpc::json::encoded;
 use crate::rpc::transport::{
     ClientTransport, Connect, IDEMPOTENCY_KEY, ReplyPacket, ReplyReceiver,
 };
-use crate::rpc::wire::{PendingRequests, decode_reply, encode_request};
+use crate::rpc::wire::{PendingRequests, SharedCodec};
 use crate::rpc::{Headers, RpcError, RpcRequest, TransportErrorKind};
 use async_nats::Subject;
 use bytes::Bytes;
@@ -82,6 +81,7 @@ struct Inner {
     /// Replies come to `<inbox>.<n>`, one subscription on `<inbox>.*` for all requests.
     inbox: String,
     jetstream: Option<async_nats::jetstream::Context>,
+    codec: SharedCodec,
 }
 
 /// A connected NATS client transport: requests with a reply subject on one multiplexed inbox,
@@ -127,9 +127,11 @@ impl NatsConnection {
                 )
             })?;
         let reader_pending = Arc::clone(&pending);
+        let codec = options.shared_codec().clone();
+        let reader_codec = codec.clone();
         tokio::spawn(async move {
             while let Some(message) = replies.next().await {
-                deliver(&reader_pending, message);
+                deliver(&reader_pending, &reader_codec, message);
             }
             // The subscription ended (the client was dropped): nobody answers what is pending.
             reader_pending.close(&RpcError::transport(
@@ -145,6 +147,7 @@ impl NatsConnection {
                 connected,
                 inbox,
                 jetstream,
+                codec,
             }),
         })
     }
@@ -173,7 +176,7 @@ impl NatsConnection {
 }
 
 /// Routes one message from the inbox to the request waiting for it.
-fn deliver(pending: &PendingRequests, message: async_nats::Message) {
+fn deliver(pending: &PendingRequests, codec: &SharedCodec, message: async_nats::Message) {
     let Some(n) = message
         .subject
         .rsplit('.')
@@ -194,7 +197,7 @@ fn deliver(pending: &PendingRequests, message: async_nats::Message) {
         pending.fail(n, &error);
         return;
     }
-    let packet = match decode_reply(&message.payload) {
+    let packet = match codec.decode_reply(&message.payload) {
         Ok((id, packet)) => {
             if id.is_some_and(|id| pending.ids().parse_json(id.as_bytes()) != Some(n)) {
                 tracing::debug!("reply for another request id ignored");
@@ -203,27 +206,34 @@ fn deliver(pending: &PendingRequests, message: async_nats::Message) {
             packet
         }
         Err(error) => {
-            tracing::warn!(%error, "a reply is not valid JSON");
+            tracing::warn!(%error, "a reply could not be read");
             ReplyPacket::Failed(RpcError::transport(
                 TransportErrorKind::Protocol,
-                format!("invalid reply: {error}"),
+                format!(
+                    "invalid reply (does the server use the client's codec, {}?): {error}",
+                    codec.name()
+                ),
             ))
         }
     };
     pending.deliver(n, packet);
 }
 
-fn body(request: &RpcRequest, id: Option<&str>) -> Bytes {
-    encoded(|body| {
-        // Headers travel as NATS headers, not in the body.
-        encode_request(
-            body,
+fn body(codec: &SharedCodec, request: &RpcRequest, id: Option<&str>) -> Result<Bytes, RpcError> {
+    // Headers travel as NATS headers, not in the body.
+    codec
+        .request_body(
             request.pattern().raw(),
             request.payload(),
             id,
             &Headers::new(),
         )
-    })
+        .map_err(|error| {
+            RpcError::invalid_argument(format!(
+                "cannot encode the message for '{}': {error}",
+                request.pattern()
+            ))
+        })
 }
 
 /// The subject of a pattern's route, sharing the route's bytes: one allocation, and the copy
@@ -348,7 +358,7 @@ impl ClientTransport for NatsConnection {
             let inner = &transport.inner;
             let registered = inner.pending.register(request.pattern())?;
             let reply_subject = reply_subject(&inner.inbox, registered.number());
-            let payload = body(&request, Some(registered.id().as_str()));
+            let payload = body(&inner.codec, &request, Some(registered.id().as_str()))?;
             let subject = route_subject(request.pattern().route_arc());
             let published = match to_nats_headers(&request.wire_headers()) {
                 Some(headers) => {
@@ -376,7 +386,7 @@ impl ClientTransport for NatsConnection {
             let route = event.pattern().route().to_owned();
             check_subject(&route, false)?;
             let inner = &transport.inner;
-            let payload = body(&event, None);
+            let payload = body(&inner.codec, &event, None)?;
             let mut headers = to_nats_headers(&event.wire_headers());
             if let Some(jetstream) = &inner.jetstream {
                 // One key, one stored event (within the stream's duplicate window).

@@ -79,6 +79,8 @@ pub struct DurableEvents {
     heartbeat: Duration,
     pull_expiry: Duration,
     pull_batch: usize,
+    /// The server's codec, set when it starts.
+    pub(crate) codec: crate::rpc::wire::SharedCodec,
 }
 
 /// Where a durable-events stream keeps its events.
@@ -148,6 +150,7 @@ impl DurableEvents {
             heartbeat: Duration::from_millis(500),
             pull_expiry: Duration::from_secs(5),
             pull_batch: 100,
+            codec: crate::rpc::wire::SharedCodec::default(),
         }
     }
 
@@ -496,10 +499,16 @@ async fn handle(
         .map(|info| info.delivered)
         .unwrap_or(1)
         .max(1) as u64;
-    let outcome = match request_from(route, &message.payload, message.headers.as_ref()) {
+    let parsed = request_from(
+        &config.codec,
+        route,
+        &message.payload,
+        message.headers.as_ref(),
+    );
+    let outcome = match parsed {
         Ok((request, _)) => dispatcher.handle_event(request).await,
         Err(error) => Err(RpcError::invalid_argument(format!(
-            "the event is not valid JSON: {error}"
+            "the event could not be read: {error}"
         ))),
     };
     let acked = match outcome {

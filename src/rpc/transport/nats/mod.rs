@@ -44,6 +44,7 @@ pub use self::durable::{
 };
 pub use self::server::NatsServer;
 
+use crate::rpc::wire::{Codec, SharedCodec};
 use crate::rpc::{Code, Headers, RpcError};
 use std::fmt;
 use std::path::PathBuf;
@@ -104,6 +105,7 @@ pub struct NatsOptions {
     ping_interval: Duration,
     retain_servers_order: bool,
     ignore_discovered_servers: bool,
+    codec: SharedCodec,
 }
 
 impl NatsOptions {
@@ -122,6 +124,7 @@ impl NatsOptions {
             ping_interval: Duration::from_secs(60),
             retain_servers_order: false,
             ignore_discovered_servers: false,
+            codec: SharedCodec::default(),
         }
     }
 
@@ -224,6 +227,19 @@ impl NatsOptions {
     pub fn ignore_discovered_servers(mut self, ignore: bool) -> Self {
         self.ignore_discovered_servers = ignore;
         self
+    }
+
+    /// How message bodies are written and read: NestJS's JSON packets
+    /// ([`JsonCodec`](crate::rpc::wire::JsonCodec), the default), or another [`Codec`] such as
+    /// [`MessagePackCodec`](crate::rpc::wire::MessagePackCodec) (feature `msgpack`) where every
+    /// client and server of these patterns is palisade with the same codec.
+    pub fn codec(mut self, codec: impl Codec) -> Self {
+        self.codec = SharedCodec::new(codec);
+        self
+    }
+
+    pub(crate) fn shared_codec(&self) -> &SharedCodec {
+        &self.codec
     }
 
     /// The configured servers, for messages.

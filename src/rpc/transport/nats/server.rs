@@ -1,7 +1,6 @@
 use super::{DurableEvents, NatsOptions, check_subject, from_nats_headers};
-use crate::rpc::json::encoded;
 use crate::rpc::transport::{ReplyPacket, ServerTransport};
-use crate::rpc::wire::{decode_incoming, encode_reply};
+use crate::rpc::wire::{CodecError, SharedCodec};
 use crate::rpc::{
     Dispatcher, Pattern, RawJson, ReplySink, RpcError, RpcRequest, SendError, Server, ServerHandle,
     TransportErrorKind,
@@ -112,6 +111,7 @@ impl NatsServer {
                 route.into(),
                 Arc::clone(&replier),
                 dispatcher.clone(),
+                self.options.shared_codec().clone(),
             ));
         }
         // Subscriptions reach the server asynchronously: wait (a PING round trip) until it has
@@ -123,7 +123,8 @@ impl NatsServer {
                 format!("cannot confirm the subscriptions with the NATS server: {error}"),
             )
         })?;
-        if let Some(durable) = self.durable {
+        if let Some(mut durable) = self.durable {
+            durable.codec = self.options.shared_codec().clone();
             super::durable::start(&client, &dispatcher, durable_routes, durable).await?;
         }
         // Replies are queued in the client: flush them before the connection goes away.
@@ -158,11 +159,12 @@ impl fmt::Debug for NatsServer {
 /// The request a NATS message carries, routed by the subject it was subscribed on. A body that is
 /// not a NestJS packet is NestJS's "external" message: the whole body is the data.
 pub(crate) fn request_from(
+    codec: &SharedCodec,
     route: &Arc<str>,
     payload: &bytes::Bytes,
     headers: Option<&async_nats::HeaderMap>,
-) -> Result<(RpcRequest, Option<RawJson>), serde_json::Error> {
-    let packet = decode_incoming(payload)?;
+) -> Result<(RpcRequest, Option<RawJson>), CodecError> {
+    let packet = codec.decode_incoming(payload)?;
     Ok(packet.into_request_on(route, payload, from_nats_headers(headers)))
 }
 
@@ -172,11 +174,19 @@ struct NatsSink {
     /// Taken by the last packet; earlier ones (a stream's) clone it.
     reply: Option<async_nats::Subject>,
     id: RawJson,
+    codec: SharedCodec,
 }
 
 impl ReplySink for NatsSink {
     async fn send(&mut self, packet: ReplyPacket) -> Result<(), SendError> {
-        let body = encoded(|body| encode_reply(body, &packet, Some(&self.id)));
+        let body = self
+            .codec
+            .reply_body(&packet, Some(&self.id))
+            .map_err(|error| {
+                SendError::Failed(RpcError::internal_with(format!(
+                    "cannot encode the reply: {error}"
+                )))
+            })?;
         let size = body.len();
         let reply = if packet.is_last() {
             self.reply.take()
@@ -214,6 +224,7 @@ async fn serve_subscription(
     route: Arc<str>,
     client: Arc<async_nats::Client>,
     dispatcher: Dispatcher,
+    codec: SharedCodec,
 ) {
     // Waiting for shutdown takes the token's lock at every poll, so a waiting message is taken
     // first and the wait is polled only when there is none; the flag (a plain load) stops a busy
@@ -235,10 +246,24 @@ async fn serve_subscription(
             break;
         };
         let Some(message) = message else { break };
-        let (request, id) = match request_from(&route, &message.payload, message.headers.as_ref()) {
+        let parsed = request_from(&codec, &route, &message.payload, message.headers.as_ref());
+        let (request, id) = match parsed {
             Ok(parsed) => parsed,
             Err(error) => {
-                tracing::warn!(%route, %error, "message dropped: its body is not valid JSON");
+                tracing::warn!(%route, %error, "message not handled: its body could not be read");
+                // A caller waiting on a reply subject learns why at once (no id to echo: the
+                // reply subject alone routes it), instead of waiting for its timeout.
+                if let Some(reply) = message.reply {
+                    let refusal = RpcError::invalid_argument(format!(
+                        "the server could not read the message on {route:?} (does the client use \
+                         the server's codec, {}?): {error}",
+                        codec.name()
+                    ));
+                    let packet = ReplyPacket::Error(crate::rpc::transport::error_json(&refusal));
+                    if let Ok(body) = codec.reply_body(&packet, None) {
+                        let _ = client.publish(reply, body).await;
+                    }
+                }
                 continue;
             }
         };
@@ -248,6 +273,7 @@ async fn serve_subscription(
                 client: Arc::clone(&client),
                 reply: Some(reply),
                 id: id.clone(),
+                codec: codec.clone(),
             }),
             _ => None,
         };

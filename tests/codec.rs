@@ -1,0 +1,269 @@
+//! The codec seam: MessagePack bodies between palisade services, through a real nats-server, and
+//! a clear, immediate error when the two ends disagree on the codec.
+#![cfg(all(feature = "nats", feature = "msgpack"))]
+
+mod support;
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use palisade::rpc::transport::nats::{
+    DurableEvents, NatsOptions, NatsServer, NatsTransport, Storage,
+};
+use palisade::rpc::transport::{ReplyPacket, ServerTransport};
+use palisade::rpc::wire::{Codec, JsonCodec, MessagePackCodec};
+use palisade::rpc::{
+    Client, Code, Headers, Payload, RawJson, Router, RpcError, Server, ServerHandle, Streaming,
+};
+use serde_json::{Value, json};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use support::nats::Broker;
+
+fn msgpack(broker: &Broker) -> NatsOptions {
+    NatsOptions::new([broker.url()]).codec(MessagePackCodec)
+}
+
+fn router(events: Arc<Mutex<Vec<Value>>>) -> Router {
+    Router::new()
+        .message(
+            "echo",
+            |Payload(value): Payload<Value>| async move { value },
+        )
+        .message("count", |Payload(n): Payload<u64>| async move {
+            Streaming::iter(1..=n)
+        })
+        .message("fail", || async {
+            Err::<(), _>(RpcError::not_found("no such order"))
+        })
+        .message("tenant", |headers: Headers| async move {
+            headers.get("x-tenant").unwrap_or_default().to_owned()
+        })
+        .event("seen", move |Payload(value): Payload<Value>| {
+            events.lock().unwrap().push(value);
+            async {}
+        })
+}
+
+async fn serve(options: NatsOptions, events: Arc<Mutex<Vec<Value>>>) -> ServerHandle {
+    NatsServer::new(options)
+        .serve(Server::new(router(events)))
+        .await
+        .unwrap()
+}
+
+/// Numbers of every kind, text that needs escapes, nesting, nulls: what JSON carries must come
+/// out of MessagePack the same.
+fn awkward_value() -> Value {
+    json!({
+        "u": u64::MAX, "i": i64::MIN, "f": 0.1, "big": 1.5e300, "neg": -0.0,
+        "text": "ünïcødé \"quoted\" \\ \n\t \u{1F600}", "empty": "",
+        "list": [1, [2, [3, []]], {}], "null": null, "yes": true, "no": false,
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_streams_errors_headers_and_events_cross_in_messagepack() {
+    let broker = Broker::start();
+    let events = Arc::new(Mutex::new(Vec::new()));
+    let _server = serve(msgpack(&broker), Arc::clone(&events)).await;
+    let client = Client::builder().connect(msgpack(&broker)).await.unwrap();
+
+    let value = awkward_value();
+    assert_eq!(client.send::<Value>("echo", &value).await.unwrap(), value);
+
+    let counted: Vec<u64> = client
+        .send_stream::<u64>("count", &3)
+        .await
+        .unwrap()
+        .map(Result::unwrap)
+        .collect()
+        .await;
+    assert_eq!(counted, [1, 2, 3]);
+
+    let error = client.send::<()>("fail", &()).await.unwrap_err();
+    assert_eq!(
+        (error.code(), error.message()),
+        (Code::NotFound, "no such order")
+    );
+
+    let error = client.send::<()>("nobody-home", &()).await.unwrap_err();
+    assert_eq!(error.code(), Code::Unavailable, "{error}");
+
+    let tenant_client = Client::builder()
+        .header("x-tenant", "acme")
+        .connect(msgpack(&broker))
+        .await
+        .unwrap();
+    let tenant: String = tenant_client.send("tenant", &()).await.unwrap();
+    assert_eq!(tenant, "acme");
+
+    client.emit("seen", &value).await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while events.lock().unwrap().is_empty() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(*events.lock().unwrap(), [value]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bodies_on_the_wire_are_messagepack_that_any_reader_reads() {
+    let broker = Broker::start();
+    let raw = async_nats::connect(broker.url()).await.unwrap();
+    let mut requests = raw.subscribe("echo").await.unwrap();
+    raw.flush().await.unwrap();
+    let client = Client::builder()
+        .timeout(Duration::from_secs(2))
+        .connect(msgpack(&broker))
+        .await
+        .unwrap();
+    let call = tokio::spawn(async move { client.send::<Value>("echo", &json!({"n": 300})).await });
+    let request = requests.next().await.unwrap();
+    // Decoded with a plain MessagePack library, not palisade: a map with the packet's fields.
+    let body: Value = rmp_serde::from_slice(&request.payload).unwrap();
+    assert_eq!(body["pattern"], "echo");
+    assert_eq!(body["data"], json!({"n": 300}));
+    assert!(body["id"].is_string(), "{body}");
+    // 300 as a MessagePack uint16 (0xcd 0x01 0x2c), not the text "300".
+    assert!(
+        request.payload.windows(3).any(|w| w == [0xcd, 0x01, 0x2c]),
+        "{:x?}",
+        request.payload
+    );
+    let reply = MessagePackCodec
+        .reply_body_for_test(&body["id"], &json!({"n": 301}))
+        .unwrap();
+    raw.publish(request.reply.unwrap(), reply).await.unwrap();
+    assert_eq!(call.await.unwrap().unwrap(), json!({"n": 301}));
+}
+
+/// Encodes a last reply the way a MessagePack peer would, through the public `Codec` trait.
+trait ReplyForTest {
+    fn reply_body_for_test(&self, id: &Value, response: &Value) -> Result<Bytes, RpcError>;
+}
+
+impl ReplyForTest for MessagePackCodec {
+    fn reply_body_for_test(&self, id: &Value, response: &Value) -> Result<Bytes, RpcError> {
+        let mut body = Vec::new();
+        let packet = ReplyPacket::Value {
+            response: RawJson::to_json(response).unwrap(),
+            last: true,
+        };
+        let id = RawJson::to_json(id).unwrap();
+        self.encode_reply(&mut body, &packet, Some(&id))
+            .map_err(|error| RpcError::internal_with(error.to_string()))?;
+        Ok(Bytes::from(body))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_codec_mismatch_fails_at_once_and_says_so_both_ways() {
+    let broker = Broker::start();
+    let events = Arc::new(Mutex::new(Vec::new()));
+    let _msgpack_server = serve(msgpack(&broker), Arc::clone(&events)).await;
+    let json_client = Client::builder()
+        .timeout(Duration::from_secs(30))
+        .connect(NatsOptions::new([broker.url()]))
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let error = json_client.send::<Value>("echo", &1).await.unwrap_err();
+    assert!(started.elapsed() < Duration::from_secs(5), "{error}");
+    assert!(error.message().contains("codec"), "{error}");
+    drop(_msgpack_server);
+
+    let json_broker = Broker::start();
+    let _json_server = serve(
+        NatsOptions::new([json_broker.url()]).codec(JsonCodec),
+        Arc::clone(&events),
+    )
+    .await;
+    let msgpack_client = Client::builder()
+        .timeout(Duration::from_secs(30))
+        .connect(msgpack(&json_broker))
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let error = msgpack_client.send::<Value>("echo", &1).await.unwrap_err();
+    assert!(started.elapsed() < Duration::from_secs(5), "{error}");
+    assert!(error.message().contains("codec"), "{error}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn durable_events_are_read_with_the_servers_codec() {
+    let broker = Broker::start_with(&["--jetstream"]);
+    let events = Arc::new(Mutex::new(Vec::new()));
+    let _server = NatsServer::new(msgpack(&broker))
+        .durable_events(DurableEvents::new("SEEN").storage(Storage::Memory))
+        .serve(Server::new(router(Arc::clone(&events))))
+        .await
+        .unwrap();
+    let transport = NatsTransport::new(msgpack(&broker))
+        .durable_events()
+        .connect()
+        .await
+        .unwrap();
+    let client = Client::builder().build(transport);
+    for n in 0..20 {
+        client.emit("seen", &json!({"n": n})).await.unwrap();
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while events.lock().unwrap().len() < 20 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut seen: Vec<u64> = events
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|event| event["n"].as_u64().unwrap())
+        .collect();
+    seen.sort_unstable();
+    assert_eq!(seen, (0..20).collect::<Vec<_>>());
+}
+
+#[test]
+fn messagepack_reads_nests_reply_rules_and_refuses_what_is_not_messagepack() {
+    let codec = MessagePackCodec;
+    let mut body = Vec::new();
+    let id = RawJson::to_json("7").unwrap();
+    codec
+        .encode_reply(&mut body, &ReplyPacket::NoHandler, Some(&id))
+        .unwrap();
+    let (read_id, packet) = codec.decode_reply(&Bytes::from(body)).unwrap();
+    assert_eq!(read_id.unwrap().as_str(), r#""7""#);
+    assert!(matches!(packet, ReplyPacket::NoHandler));
+
+    for packet in [
+        ReplyPacket::Complete,
+        ReplyPacket::Error(RawJson::to_json(&json!({"message": "x"})).unwrap()),
+        ReplyPacket::Value {
+            response: RawJson::to_json(&json!([1, 2])).unwrap(),
+            last: false,
+        },
+    ] {
+        let mut body = Vec::new();
+        codec.encode_reply(&mut body, &packet, Some(&id)).unwrap();
+        let (_, read) = codec.decode_reply(&Bytes::from(body)).unwrap();
+        assert_eq!(format!("{read:?}"), format!("{packet:?}"));
+    }
+
+    // JSON text, a truncated map, trailing bytes: errors that name the codec, never a panic.
+    for bad in [
+        &br#"{"response":1}"#[..],
+        &[0x83, 0xa7][..],
+        &[0xc0, 0xc0][..],
+    ] {
+        let error = codec
+            .decode_reply(&Bytes::copy_from_slice(bad))
+            .unwrap_err();
+        assert_eq!(error.codec(), "MessagePack");
+        assert!(error.to_string().contains("MessagePack"), "{error}");
+    }
+    // A value that is not a packet is an event's data, as NestJS reads an external message.
+    let mut body = Vec::new();
+    rmp::encode::write_u8(&mut body, 42).unwrap();
+    let incoming = codec.decode_incoming(&Bytes::from(body)).unwrap();
+    assert_eq!(
+        (incoming.data.as_str(), incoming.id.is_none()),
+        ("42", true)
+    );
+}
