@@ -1,5 +1,5 @@
-//! The codec seam: MessagePack bodies between palisade services, through a real nats-server, and
-//! a clear, immediate error when the two ends disagree on the codec.
+//! The codec seam: MessagePack bodies between palisade services through real brokers (NATS,
+//! RabbitMQ, Redis, MQTT), and a clear error when the two ends disagree on the codec.
 #![cfg(all(feature = "nats", feature = "msgpack"))]
 
 mod support;
@@ -266,4 +266,150 @@ fn messagepack_reads_nests_reply_rules_and_refuses_what_is_not_messagepack() {
         (incoming.data.as_str(), incoming.id.is_none()),
         ("42", true)
     );
+}
+
+#[cfg(feature = "rabbitmq")]
+mod rabbitmq {
+    use super::*;
+    use palisade::rpc::transport::rabbitmq::{QueueOptions, RmqOptions, RmqServer};
+    use support::rabbitmq::{Cleanup, machine_url, unique};
+
+    fn options(queue: &str) -> RmqOptions {
+        RmqOptions::new([machine_url()])
+            .queue(queue)
+            .queue_options(QueueOptions::default().durable(false))
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn requests_streams_errors_and_events_cross_in_messagepack_and_a_mismatch_fails_fast() {
+        let queue = unique("codec");
+        let _cleanup = Cleanup::new(machine_url()).service_queue(&queue, &[1000, 5000, 30000]);
+        let events = Arc::new(Mutex::new(Vec::new()));
+        let _server = RmqServer::new(options(&queue).codec(MessagePackCodec))
+            .serve(Server::new(router(Arc::clone(&events))))
+            .await
+            .unwrap();
+        let client = Client::builder()
+            .connect(options(&queue).codec(MessagePackCodec))
+            .await
+            .unwrap();
+        let value = awkward_value();
+        assert_eq!(client.send::<Value>("echo", &value).await.unwrap(), value);
+        let counted: Vec<u64> = client
+            .send_stream::<u64>("count", &3)
+            .await
+            .unwrap()
+            .map(Result::unwrap)
+            .collect()
+            .await;
+        assert_eq!(counted, [1, 2, 3]);
+        let error = client.send::<()>("fail", &()).await.unwrap_err();
+        assert_eq!(
+            (error.code(), error.message()),
+            (Code::NotFound, "no such order")
+        );
+        let error = client.send::<()>("nobody-home", &()).await.unwrap_err();
+        assert!(
+            error.message().contains("no matching message handler"),
+            "{error}"
+        );
+        client.emit("seen", &value).await.unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while events.lock().unwrap().is_empty() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(*events.lock().unwrap(), [value]);
+
+        let json_client = Client::builder()
+            .timeout(Duration::from_secs(30))
+            .connect(options(&queue))
+            .await
+            .unwrap();
+        let started = std::time::Instant::now();
+        let error = json_client.send::<Value>("echo", &1).await.unwrap_err();
+        assert!(started.elapsed() < Duration::from_secs(5), "{error}");
+        assert!(error.message().contains("codec"), "{error}");
+    }
+}
+
+/// The same conversation on a transport whose replies travel by id on a shared channel.
+async fn converse(client: &Client, events: &Arc<Mutex<Vec<Value>>>) {
+    let value = awkward_value();
+    assert_eq!(client.send::<Value>("echo", &value).await.unwrap(), value);
+    let counted: Vec<u64> = client
+        .send_stream::<u64>("count", &3)
+        .await
+        .unwrap()
+        .map(Result::unwrap)
+        .collect()
+        .await;
+    assert_eq!(counted, [1, 2, 3]);
+    let error = client.send::<()>("fail", &()).await.unwrap_err();
+    assert_eq!(
+        (error.code(), error.message()),
+        (Code::NotFound, "no such order")
+    );
+    client.emit("seen", &value).await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while events.lock().unwrap().is_empty() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(events.lock().unwrap().last(), Some(&value));
+}
+
+/// A JSON client against a MessagePack server: the server cannot read the request, so it cannot
+/// answer it; the client is told nothing before its timeout, and the server handled nothing.
+async fn mismatch_times_out(client: &Client) {
+    let error = client.send::<Value>("echo", &1).await.unwrap_err();
+    assert_eq!(error.code(), Code::DeadlineExceeded, "{error}");
+}
+
+#[cfg(feature = "redis")]
+mod redis {
+    use super::*;
+    use palisade::rpc::transport::redis::{RedisOptions, RedisServer};
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn requests_streams_errors_and_events_cross_in_messagepack() {
+        let broker = support::redis::Broker::start();
+        let events = Arc::new(Mutex::new(Vec::new()));
+        let options = RedisOptions::new(broker.url()).codec(MessagePackCodec);
+        let _server = RedisServer::new(options.clone())
+            .serve(Server::new(router(Arc::clone(&events))))
+            .await
+            .unwrap();
+        let client = Client::builder().connect(options).await.unwrap();
+        converse(&client, &events).await;
+        let json_client = Client::builder()
+            .timeout(Duration::from_millis(500))
+            .connect(RedisOptions::new(broker.url()))
+            .await
+            .unwrap();
+        mismatch_times_out(&json_client).await;
+    }
+}
+
+#[cfg(feature = "mqtt")]
+mod mqtt {
+    use super::*;
+    use palisade::rpc::transport::mqtt::{MqttOptions, MqttServer};
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn requests_streams_errors_and_events_cross_in_messagepack() {
+        let broker = support::mqtt::Broker::start();
+        let events = Arc::new(Mutex::new(Vec::new()));
+        let options = MqttOptions::new(broker.url()).codec(MessagePackCodec);
+        let _server = MqttServer::new(options.clone())
+            .serve(Server::new(router(Arc::clone(&events))))
+            .await
+            .unwrap();
+        let client = Client::builder().connect(options).await.unwrap();
+        converse(&client, &events).await;
+        let json_client = Client::builder()
+            .timeout(Duration::from_millis(500))
+            .connect(MqttOptions::new(broker.url()))
+            .await
+            .unwrap();
+        mismatch_times_out(&json_client).await;
+    }
 }

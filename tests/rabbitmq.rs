@@ -808,7 +808,9 @@ async fn a_message_that_is_not_json_or_that_no_handler_takes_is_dead_lettered_at
         "{reasons:?}"
     );
     assert!(
-        reasons.iter().any(|r| r.contains("not valid JSON")),
+        reasons
+            .iter()
+            .any(|r| r.contains("not a valid JSON message")),
         "{reasons:?}"
     );
     for letter in &dead {

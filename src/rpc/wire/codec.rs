@@ -56,6 +56,14 @@ impl std::error::Error for CodecError {
 /// to palisade. Both ends of a conversation must use the same codec. Payloads stay [`RawJson`] on
 /// either side of the seam, so handlers and clients do not change with the codec.
 ///
+/// Each envelope transport takes one on its options: `NatsOptions::codec`, `RmqOptions::codec`,
+/// `RedisOptions::codec`, `MqttOptions::codec`. On NATS and RabbitMQ a server that cannot read a
+/// request answers at once with an error naming its codec; on Redis and MQTT replies are matched
+/// by the id inside the body, so it cannot, and the caller waits for its timeout. TCP and Kafka
+/// have no codec: NestJS's TCP frame is JSON text with its length in UTF-16 units, and its Kafka
+/// record carries the payload itself as the value with the envelope in headers; neither has an
+/// envelope body to swap.
+///
 /// ```
 /// # #[cfg(feature = "nats")] {
 /// use palisade::rpc::transport::nats::NatsOptions;

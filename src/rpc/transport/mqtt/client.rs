@@ -1,8 +1,7 @@
 use super::link::{Event, Events, Link, Message, Qos};
 use super::{MqttOptions, check_topic, reply_topic, too_large};
-use crate::rpc::json::encoded;
 use crate::rpc::transport::{ClientTransport, Connect, ReplyReceiver};
-use crate::rpc::wire::{PendingRequests, decode_reply, encode_request};
+use crate::rpc::wire::{PendingRequests, SharedCodec};
 use crate::rpc::{RpcError, RpcRequest, TransportErrorKind};
 use crate::timeout::HasDeadline;
 use bytes::Bytes;
@@ -314,7 +313,9 @@ async fn run(
             event = events.poll() => event,
         };
         match event {
-            Ok(Event::Message(message)) => deliver(&shared.pending, &message),
+            Ok(Event::Message(message)) => {
+                deliver(&shared.pending, shared.options.shared_codec(), &message)
+            }
             Ok(Event::SubAck(ack)) => {
                 let _ = acks.send(ack);
             }
@@ -405,8 +406,8 @@ async fn watch_silence(shared: Arc<Shared>, stop: CancellationToken) {
 
 /// Routes one reply to the request waiting for it. Every client calling a pattern receives every
 /// reply on its reply topic: ids this client did not make are someone else's and ignored.
-fn deliver(pending: &PendingRequests, message: &Message) {
-    match decode_reply(message.payload()) {
+fn deliver(pending: &PendingRequests, codec: &SharedCodec, message: &Message) {
+    match codec.decode_reply(message.payload()) {
         Ok((Some(id), packet)) => {
             if let Some(n) = pending.ids().parse_json(id.as_bytes()) {
                 pending.deliver(n, packet);
@@ -414,21 +415,29 @@ fn deliver(pending: &PendingRequests, message: &Message) {
         }
         Ok((None, _)) => tracing::debug!(topic = message.topic(), "a reply without id ignored"),
         Err(error) => {
-            tracing::debug!(topic = message.topic(), %error, "a reply that is not JSON ignored")
+            tracing::debug!(topic = message.topic(), %error, "an unreadable reply ignored (is its server using another codec?)")
         }
     }
 }
 
-pub(super) fn body(request: &RpcRequest, id: Option<&str>) -> Bytes {
-    encoded(|body| {
-        encode_request(
-            body,
+pub(super) fn body(
+    codec: &SharedCodec,
+    request: &RpcRequest,
+    id: Option<&str>,
+) -> Result<Bytes, RpcError> {
+    codec
+        .request_body(
             request.pattern().raw(),
             request.payload(),
             id,
             &request.wire_headers(),
         )
-    })
+        .map_err(|error| {
+            RpcError::invalid_argument(format!(
+                "cannot encode the message for '{}': {error}",
+                request.pattern()
+            ))
+        })
 }
 
 impl ClientTransport for MqttConnection {
@@ -444,7 +453,11 @@ impl ClientTransport for MqttConnection {
             let registered = shared.pending.register(request.pattern())?;
             // Checked after registering: a loss from now on fails this request (see `connected`).
             shared.check_connected()?;
-            let payload = body(&request, Some(registered.id().as_str()));
+            let payload = body(
+                shared.options.shared_codec(),
+                &request,
+                Some(registered.id().as_str()),
+            )?;
             shared.publish(topic, Qos::AtMostOnce, payload).await?;
             if let Some(deadline) = request.deadline() {
                 let at = deadline
@@ -475,7 +488,8 @@ impl ClientTransport for MqttConnection {
             } else {
                 Qos::AtMostOnce
             };
-            shared.publish(topic, qos, body(&event, None)).await
+            let payload = body(shared.options.shared_codec(), &event, None)?;
+            shared.publish(topic, qos, payload).await
         })
     }
 }

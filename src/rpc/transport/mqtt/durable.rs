@@ -143,6 +143,7 @@ pub(super) async fn start(
             client.clone(),
             Arc::clone(&durable),
             dispatcher.clone(),
+            options.shared_codec().clone(),
         )));
     }
     // Subscribed before `serve` returns: events published from then on reach the session.
@@ -284,17 +285,20 @@ async fn handle_topic(
     client: Link,
     durable: Arc<DurableEvents>,
     dispatcher: Dispatcher,
+    codec: crate::rpc::wire::SharedCodec,
 ) {
     while let Some(message) = lane.recv().await {
         let mut attempt = 0u32;
         loop {
             attempt += 1;
-            let outcome = match incoming(message.payload().clone()) {
+            let outcome = match incoming(&codec, message.payload().clone()) {
                 Some((payload, packet)) => {
                     let (request, _) = packet.into_request_on(&topic, &payload, Headers::new());
                     dispatcher.handle_event(request).await
                 }
-                None => Err(RpcError::invalid_argument("the event is not JSON or text")),
+                None => Err(RpcError::invalid_argument(format!(
+                    "the event cannot be read with the server's codec ({codec:?})"
+                ))),
             };
             let error = match outcome {
                 Ok(()) => break,

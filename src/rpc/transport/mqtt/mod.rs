@@ -71,6 +71,7 @@ pub use self::link::MqttVersion;
 pub use self::server::MqttServer;
 
 use self::link::{Event, Events, Link, LinkError};
+use crate::rpc::wire::{Codec, SharedCodec};
 use crate::rpc::{RpcError, TransportErrorKind};
 use std::fmt;
 use std::time::Duration;
@@ -100,6 +101,7 @@ pub struct MqttOptions {
     connection_timeout: Duration,
     response_timeout: Duration,
     reconnect: (Duration, Duration),
+    codec: SharedCodec,
 }
 
 impl MqttOptions {
@@ -117,7 +119,23 @@ impl MqttOptions {
             connection_timeout: Duration::from_secs(5),
             response_timeout: Duration::from_secs(5),
             reconnect: (Duration::from_millis(100), Duration::from_secs(5)),
+            codec: SharedCodec::default(),
         }
+    }
+
+    /// How message bodies are written and read: NestJS's JSON packets
+    /// ([`JsonCodec`](crate::rpc::wire::JsonCodec), the default), or another [`Codec`] such as
+    /// [`MessagePackCodec`](crate::rpc::wire::MessagePackCodec) (feature `msgpack`) where every
+    /// client and server of these patterns is palisade with the same codec. MQTT replies travel
+    /// by id on a shared topic, so a server cannot answer a message it cannot read: a client with
+    /// the wrong codec waits for its timeout (its `debug` log names the unreadable replies).
+    pub fn codec(mut self, codec: impl Codec) -> Self {
+        self.codec = SharedCodec::new(codec);
+        self
+    }
+
+    pub(crate) fn shared_codec(&self) -> &SharedCodec {
+        &self.codec
     }
 
     /// The MQTT client id (default: `palisade-<random>`, a new one per connection). Two

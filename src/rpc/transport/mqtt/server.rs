@@ -1,8 +1,7 @@
 use super::link::{Event, Events, Link, Message, Qos};
 use super::{DurableEvents, MqttOptions, check_topic, reply_topic};
-use crate::rpc::json::encoded;
 use crate::rpc::transport::{ReplyPacket, ServerTransport};
-use crate::rpc::wire::{IncomingPacket, decode_incoming, encode_reply};
+use crate::rpc::wire::{IncomingPacket, SharedCodec, decode_incoming};
 use crate::rpc::{
     Dispatcher, Headers, RawJson, ReplySink, RpcError, SendError, Server, ServerHandle,
     TransportErrorKind,
@@ -277,7 +276,13 @@ pub(super) fn subscribe_soon(client: &Link, filters: &[String], qos: Qos) {
 
 /// Reads a message as NestJS does: a body that is not JSON is the data (as a string) of an
 /// event on the topic (nestjs-wire-brokers.md §2.2, verified on MQTT too).
-pub(super) fn incoming(payload: Bytes) -> Option<(Bytes, IncomingPacket)> {
+pub(super) fn incoming(codec: &SharedCodec, payload: Bytes) -> Option<(Bytes, IncomingPacket)> {
+    if !codec.is_json() {
+        return codec
+            .decode_incoming(&payload)
+            .ok()
+            .map(|packet| (payload, packet));
+    }
     match decode_incoming(&payload) {
         Ok(packet) => Some((payload, packet)),
         Err(_) => {
@@ -303,8 +308,9 @@ async fn dispatch(
             tracing::debug!(%topic, "message on a topic not subscribed to ignored");
             continue;
         };
-        let Some((payload, packet)) = incoming(message.payload().clone()) else {
-            tracing::warn!(%topic, "message dropped: not JSON, and not text either");
+        let Some((payload, packet)) = incoming(options.shared_codec(), message.payload().clone())
+        else {
+            tracing::warn!(%topic, codec = ?options.shared_codec(), "message dropped: unreadable with the server's codec");
             continue;
         };
         let (request, id) = packet.into_request_on(route, &payload, Headers::new());
@@ -314,6 +320,7 @@ async fn dispatch(
             id,
             limit: options.max_packet_size,
             done: false,
+            codec: options.shared_codec().clone(),
         });
         dispatcher.dispatch(request, sink).await;
     }
@@ -325,6 +332,7 @@ struct MqttSink {
     id: RawJson,
     limit: usize,
     done: bool,
+    codec: SharedCodec,
 }
 
 impl ReplySink for MqttSink {
@@ -332,7 +340,14 @@ impl ReplySink for MqttSink {
         if self.done {
             return Err(SendError::CallerGone);
         }
-        let body = encoded(|body| encode_reply(body, &packet, Some(&self.id)));
+        let body = self
+            .codec
+            .reply_body(&packet, Some(&self.id))
+            .map_err(|error| {
+                SendError::Failed(RpcError::internal_with(format!(
+                    "cannot encode the reply: {error}"
+                )))
+            })?;
         let size = body.len() + self.topic.len();
         if size > self.limit {
             // The caller still waits: the error packet that replaces this one goes there.

@@ -1,7 +1,6 @@
 use super::{RmqOptions, describe, publish_error, routing_key_of, short_string, to_amqp_headers};
-use crate::rpc::json::encoded;
 use crate::rpc::transport::{ClientTransport, Connect, ReplyPacket, ReplyReceiver};
-use crate::rpc::wire::{PendingRequests, decode_reply, encode_request};
+use crate::rpc::wire::{PendingRequests, SharedCodec};
 use crate::rpc::{Headers, Kind, RpcError, RpcRequest, TransportErrorKind};
 use crate::timeout::HasDeadline;
 use bytes::Bytes;
@@ -338,7 +337,7 @@ async fn supervise(shared: Arc<Shared>, mut replies: lapin::Consumer) {
                 }
             };
             match delivery {
-                Some(Ok(delivery)) => deliver(&shared.pending, delivery),
+                Some(Ok(delivery)) => deliver(&shared.pending, &shared.options.codec, delivery),
                 Some(Err(error)) => break describe(&error),
                 None => break "the reply consumer was cancelled".to_owned(),
             }
@@ -412,7 +411,7 @@ async fn close(shared: &Shared) {
 
 /// Routes one reply to the request waiting for it, by its correlation id (RabbitMQ replies carry
 /// no `id` in the body).
-fn deliver(pending: &PendingRequests, delivery: lapin::message::Delivery) {
+fn deliver(pending: &PendingRequests, codec: &SharedCodec, delivery: lapin::message::Delivery) {
     let Some(n) = delivery
         .properties
         .correlation_id()
@@ -423,31 +422,38 @@ fn deliver(pending: &PendingRequests, delivery: lapin::message::Delivery) {
         return;
     };
     let body = Bytes::from(delivery.data);
-    let packet = match decode_reply(&body) {
+    let packet = match codec.decode_reply(&body) {
         Ok((_, packet)) => packet,
         Err(error) => {
-            tracing::warn!(%error, "a reply is not valid JSON");
+            tracing::warn!(%error, "a reply could not be read");
             ReplyPacket::Failed(RpcError::transport(
                 TransportErrorKind::Protocol,
-                format!("invalid reply: {error}"),
+                format!(
+                    "invalid reply (does the server use the client's codec, {}?): {error}",
+                    codec.name()
+                ),
             ))
         }
     };
     pending.deliver(n, packet);
 }
 
-fn body(request: &RpcRequest, id: Option<&str>) -> Bytes {
-    encoded(|body| {
-        // Headers travel as AMQP headers; NestJS's RabbitMQ client puts the raw pattern in the
-        // body of requests and events alike.
-        encode_request(
-            body,
+fn body(codec: &SharedCodec, request: &RpcRequest, id: Option<&str>) -> Result<Bytes, RpcError> {
+    // Headers travel as AMQP headers; NestJS's RabbitMQ client puts the raw pattern in the body
+    // of requests and events alike.
+    codec
+        .request_body(
             request.pattern().raw(),
             request.payload(),
             id,
             &Headers::new(),
         )
-    })
+        .map_err(|error| {
+            RpcError::invalid_argument(format!(
+                "cannot encode the message for '{}': {error}",
+                request.pattern()
+            ))
+        })
 }
 
 impl ClientTransport for RmqConnection {
@@ -459,7 +465,7 @@ impl ClientTransport for RmqConnection {
             let destination = shared.destination(&request)?;
             let registered = shared.pending.register(request.pattern())?;
             let id = registered.id();
-            let payload = body(&request, Some(id.as_str()));
+            let payload = body(&shared.options.codec, &request, Some(id.as_str()))?;
             let mut properties = shared
                 .properties(&request)
                 .with_correlation_id(id.as_str().into())
@@ -484,7 +490,7 @@ impl ClientTransport for RmqConnection {
             let shared = &handle.shared;
             let link = shared.current()?;
             let destination = shared.destination(&event)?;
-            let payload = body(&event, None);
+            let payload = body(&shared.options.codec, &event, None)?;
             let properties = shared.properties(&event);
             shared
                 .publish(&link, destination, &payload, properties, || {

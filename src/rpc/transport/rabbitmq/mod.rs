@@ -101,6 +101,7 @@ pub use self::server::RmqServer;
 /// publishing with properties of your own) with the same version.
 pub use lapin;
 
+use crate::rpc::wire::{Codec, SharedCodec};
 use crate::rpc::{Code, Headers, Pattern, RpcError, TransportErrorKind};
 use lapin::types::{AMQPValue, FieldArray, FieldTable, ShortString};
 use serde_json::Value;
@@ -284,6 +285,7 @@ pub struct RmqOptions {
     connection_timeout: Duration,
     reconnect: (Duration, Duration),
     max_message_size: usize,
+    codec: SharedCodec,
 }
 
 impl RmqOptions {
@@ -313,7 +315,17 @@ impl RmqOptions {
             connection_timeout: Duration::from_secs(5),
             reconnect: (Duration::from_millis(100), Duration::from_secs(5)),
             max_message_size: 16 * 1024 * 1024,
+            codec: SharedCodec::default(),
         }
+    }
+
+    /// How message bodies are written and read: NestJS's JSON packets
+    /// ([`JsonCodec`](crate::rpc::wire::JsonCodec), the default), or another [`Codec`] such as
+    /// [`MessagePackCodec`](crate::rpc::wire::MessagePackCodec) (feature `msgpack`) where every
+    /// client and server of the queue is palisade with the same codec.
+    pub fn codec(mut self, codec: impl Codec) -> Self {
+        self.codec = SharedCodec::new(codec);
+        self
     }
 
     /// The queue every pattern goes through: servers consume it, clients publish to it.

@@ -5,7 +5,7 @@ use super::{
 };
 use crate::rpc::json::encoded;
 use crate::rpc::transport::{ReplyPacket, ServerTransport};
-use crate::rpc::wire::{decode_incoming, encode_reply};
+use crate::rpc::wire::{SharedCodec, encode_reply};
 use crate::rpc::{
     Dispatcher, Kind, NO_HANDLER_MESSAGE, Pattern, RawJson, ReplySink, Routes, RpcError,
     RpcRequest, SendError, Server, ServerHandle, TransportErrorKind,
@@ -470,11 +470,30 @@ async fn handle(state: &Arc<State>, link: &Arc<Link>, delivery: lapin::message::
     } = delivery;
     let acks = !state.options.no_ack;
     let body = Bytes::from(data);
-    let mut packet = match decode_incoming(&body) {
+    let mut packet = match state.options.codec.decode_incoming(&body) {
         Ok(packet) => packet,
         Err(error) => {
-            let reason = format!("the message is not valid JSON: {error}");
+            let reason = format!("the message could not be read: {error}");
             tracing::warn!(%reason, "message dropped");
+            // A caller waiting on reply_to learns why at once instead of at its timeout.
+            if let Some(reply_to) = properties.reply_to().clone() {
+                let mut sink = RmqSink {
+                    link: Arc::clone(link),
+                    reply_to,
+                    correlation_id: properties.correlation_id().clone(),
+                    id: RawJson::null(),
+                    max: state.options.max_message_size,
+                    codec: state.options.codec.clone(),
+                    acker: None,
+                    redelivered,
+                };
+                let refusal = RpcError::invalid_argument(format!(
+                    "the server could not read the message (does the client use the server's \
+                     codec, {}?): {error}",
+                    state.options.codec.name()
+                ));
+                let _ = sink.send(ReplyPacket::Failed(refusal)).await;
+            }
             if acks {
                 let event = FailedEvent {
                     route: "",
@@ -515,6 +534,7 @@ async fn handle(state: &Arc<State>, link: &Arc<Link>, delivery: lapin::message::
                 correlation_id: properties.correlation_id().clone(),
                 id,
                 max: state.options.max_message_size,
+                codec: state.options.codec.clone(),
                 acker: acks.then_some(acker),
                 redelivered,
             };
@@ -632,6 +652,7 @@ struct RmqSink {
     correlation_id: Option<ShortString>,
     id: RawJson,
     max: usize,
+    codec: SharedCodec,
     /// Taken when the request is settled.
     acker: Option<Acker>,
     redelivered: bool,
@@ -639,6 +660,18 @@ struct RmqSink {
 
 impl RmqSink {
     fn body(&self, packet: &ReplyPacket) -> Bytes {
+        if !self.codec.is_json() {
+            let id = matches!(packet, ReplyPacket::NoHandler).then_some(&self.id);
+            return match self.codec.reply_body(packet, id) {
+                Ok(body) => body,
+                Err(error) => {
+                    let failure =
+                        RpcError::internal_with(format!("cannot encode the reply: {error}"));
+                    let packet = ReplyPacket::Failed(failure);
+                    self.codec.reply_body(&packet, None).unwrap_or_default()
+                }
+            };
+        }
         encoded(|body| match packet {
             // NestJS's RabbitMQ server writes its no-handler packet with its own key order, and
             // the only id a RabbitMQ reply carries.

@@ -1,8 +1,7 @@
 use super::publisher::Publisher;
 use super::{RedisOptions, reply_channel};
-use crate::rpc::json::encoded;
 use crate::rpc::transport::{ClientTransport, Connect, ReplyReceiver};
-use crate::rpc::wire::{PendingRequests, decode_reply, encode_request};
+use crate::rpc::wire::{PendingRequests, SharedCodec};
 use crate::rpc::{RpcError, RpcRequest, TransportErrorKind};
 use bytes::Bytes;
 use futures_util::StreamExt;
@@ -237,7 +236,7 @@ async fn supervise(shared: Arc<Shared>, mut replies: PubSubStream, stop: Cancell
             tokio::select! {
                 biased;
                 message = replies.next() => match message {
-                    Some(message) => deliver(&shared.pending, &message),
+                    Some(message) => deliver(&shared.pending, shared.options.shared_codec(), &message),
                     None => break,
                 },
                 _ = health.tick() => {
@@ -289,9 +288,9 @@ async fn supervise(shared: Arc<Shared>, mut replies: PubSubStream, stop: Cancell
 
 /// Routes one reply to the request waiting for it. Every client calling a pattern receives every
 /// reply on its reply channel: ids this client did not make are someone else's and ignored.
-fn deliver(pending: &PendingRequests, message: &redis::Msg) {
+fn deliver(pending: &PendingRequests, codec: &SharedCodec, message: &redis::Msg) {
     let payload = Bytes::copy_from_slice(message.get_payload_bytes());
-    match decode_reply(&payload) {
+    match codec.decode_reply(&payload) {
         Ok((Some(id), packet)) => {
             if let Some(n) = pending.ids().parse_json(id.as_bytes()) {
                 pending.deliver(n, packet);
@@ -305,21 +304,29 @@ fn deliver(pending: &PendingRequests, message: &redis::Msg) {
         Err(error) => tracing::debug!(
             channel = message.get_channel_name(),
             %error,
-            "a reply that is not JSON ignored"
+            "an unreadable reply ignored (is its server using another codec?)"
         ),
     }
 }
 
-pub(super) fn body(request: &RpcRequest, id: Option<&str>) -> Bytes {
-    encoded(|body| {
-        encode_request(
-            body,
+pub(super) fn body(
+    codec: &SharedCodec,
+    request: &RpcRequest,
+    id: Option<&str>,
+) -> Result<Bytes, RpcError> {
+    codec
+        .request_body(
             request.pattern().raw(),
             request.payload(),
             id,
             &request.wire_headers(),
         )
-    })
+        .map_err(|error| {
+            RpcError::invalid_argument(format!(
+                "cannot encode the message for '{}': {error}",
+                request.pattern()
+            ))
+        })
 }
 
 impl ClientTransport for RedisConnection {
@@ -333,7 +340,11 @@ impl ClientTransport for RedisConnection {
             let registered = shared.pending.register(request.pattern())?;
             // Checked after registering: a loss from now on fails this request (see `connected`).
             shared.check_connected()?;
-            let payload = body(&request, Some(registered.id().as_str()));
+            let payload = body(
+                shared.options.shared_codec(),
+                &request,
+                Some(registered.id().as_str()),
+            )?;
             let receivers = shared.publisher.publish(route, &payload).await?;
             if receivers == 0 {
                 // NestJS's caller would wait for its timeout; Redis already told us.
@@ -354,7 +365,7 @@ impl ClientTransport for RedisConnection {
         Box::pin(async move {
             shared.check_connected()?;
             let route = event.pattern().route();
-            let payload = body(&event, None);
+            let payload = body(shared.options.shared_codec(), &event, None)?;
             if shared.durable_events {
                 return shared
                     .publisher

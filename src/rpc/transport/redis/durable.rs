@@ -410,12 +410,15 @@ impl Reader {
             tracing::warn!(route = %self.route, %id, "stream entry without a body field acknowledged");
             return self.ack(commands, &id).await;
         };
-        let outcome = match incoming(body.clone()) {
+        let outcome = match incoming(self.options.shared_codec(), body.clone()) {
             Some((payload, packet)) => {
                 let (request, _) = packet.into_request_on(&self.route, &payload, Headers::new());
                 self.dispatcher.handle_event(request).await
             }
-            None => Err(RpcError::invalid_argument("the event is not JSON or text")),
+            None => Err(RpcError::invalid_argument(format!(
+                "the event cannot be read with the server's codec ({:?})",
+                self.options.shared_codec()
+            ))),
         };
         match outcome {
             Ok(()) => self.ack(commands, &id).await,

@@ -60,6 +60,7 @@ pub use self::client::{RedisConnection, RedisTransport};
 pub use self::durable::{BODY_FIELD, DurableEvents};
 pub use self::server::RedisServer;
 
+use crate::rpc::wire::{Codec, SharedCodec};
 use crate::rpc::{Code, RpcError, TransportErrorKind};
 use std::fmt;
 use std::time::Duration;
@@ -89,6 +90,7 @@ pub struct RedisOptions {
     response_timeout: Duration,
     health_check: Duration,
     reconnect: (Duration, Duration),
+    codec: SharedCodec,
 }
 
 impl RedisOptions {
@@ -102,7 +104,23 @@ impl RedisOptions {
             response_timeout: Duration::from_secs(5),
             health_check: Duration::from_secs(5),
             reconnect: (Duration::from_millis(100), Duration::from_secs(5)),
+            codec: SharedCodec::default(),
         }
+    }
+
+    /// How message bodies are written and read: NestJS's JSON packets
+    /// ([`JsonCodec`](crate::rpc::wire::JsonCodec), the default), or another [`Codec`] such as
+    /// [`MessagePackCodec`](crate::rpc::wire::MessagePackCodec) (feature `msgpack`) where every
+    /// client and server of these patterns is palisade with the same codec. Redis replies travel
+    /// by id on a shared channel, so a server cannot answer a message it cannot read: a client
+    /// with the wrong codec waits for its timeout (its `debug` log names the unreadable replies).
+    pub fn codec(mut self, codec: impl Codec) -> Self {
+        self.codec = SharedCodec::new(codec);
+        self
+    }
+
+    pub(crate) fn shared_codec(&self) -> &SharedCodec {
+        &self.codec
     }
 
     /// How long connecting may take before it fails (default 5 s).

@@ -1,8 +1,7 @@
 use super::publisher::Publisher;
 use super::{DurableEvents, RedisOptions, reply_channel};
-use crate::rpc::json::encoded;
 use crate::rpc::transport::{ReplyPacket, ServerTransport};
-use crate::rpc::wire::{IncomingPacket, decode_incoming, encode_reply};
+use crate::rpc::wire::{IncomingPacket, SharedCodec, decode_incoming};
 use crate::rpc::{
     Dispatcher, Headers, RawJson, ReplySink, RpcError, SendError, Server, ServerHandle,
 };
@@ -284,8 +283,8 @@ impl Serving {
             return;
         };
         let payload = Bytes::copy_from_slice(message.get_payload_bytes());
-        let Some((payload, packet)) = incoming(payload) else {
-            tracing::warn!(%channel, "message dropped: not JSON, and not text either");
+        let Some((payload, packet)) = incoming(self.options.shared_codec(), payload) else {
+            tracing::warn!(%channel, codec = ?self.options.shared_codec(), "message dropped: unreadable with the server's codec");
             return;
         };
         let (request, id) = packet.into_request_on(route, &payload, Headers::new());
@@ -294,6 +293,7 @@ impl Serving {
             channel: reply_channel(channel),
             id,
             done: false,
+            codec: self.options.shared_codec().clone(),
         });
         self.dispatcher.dispatch(request, sink).await;
     }
@@ -301,7 +301,13 @@ impl Serving {
 
 /// Reads a message as NestJS does: a body that is not JSON is the data (as a string) of an
 /// event on the channel (nestjs-wire-brokers.md §2.2).
-pub(super) fn incoming(payload: Bytes) -> Option<(Bytes, IncomingPacket)> {
+pub(super) fn incoming(codec: &SharedCodec, payload: Bytes) -> Option<(Bytes, IncomingPacket)> {
+    if !codec.is_json() {
+        return codec
+            .decode_incoming(&payload)
+            .ok()
+            .map(|packet| (payload, packet));
+    }
     match decode_incoming(&payload) {
         Ok(packet) => Some((payload, packet)),
         Err(_) => {
@@ -318,6 +324,7 @@ struct RedisSink {
     channel: String,
     id: RawJson,
     done: bool,
+    codec: SharedCodec,
 }
 
 impl ReplySink for RedisSink {
@@ -326,7 +333,14 @@ impl ReplySink for RedisSink {
             return Err(SendError::CallerGone);
         }
         self.done = packet.is_last();
-        let body = encoded(|body| encode_reply(body, &packet, Some(&self.id)));
+        let body = self
+            .codec
+            .reply_body(&packet, Some(&self.id))
+            .map_err(|error| {
+                SendError::Failed(RpcError::internal_with(format!(
+                    "cannot encode the reply: {error}"
+                )))
+            })?;
         match self.publisher.publish(&self.channel, &body).await {
             // Nobody listens on the reply channel any more: the caller is gone.
             Ok(0) => Err(SendError::CallerGone),
