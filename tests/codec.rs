@@ -413,3 +413,95 @@ mod mqtt {
         mismatch_times_out(&json_client).await;
     }
 }
+
+#[cfg(feature = "kafka")]
+mod kafka {
+    use super::*;
+    use palisade::rpc::transport::kafka::{KafkaServer, KafkaTransport};
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn values_cross_in_messagepack_and_a_json_client_is_refused_at_once() {
+        let broker = support::kafka::Broker::start();
+        let events = Arc::new(Mutex::new(Vec::new()));
+        let options = support::kafka::options(&broker).codec(MessagePackCodec);
+        let _server = KafkaServer::new(options.clone())
+            .serve(Server::new(router(Arc::clone(&events))))
+            .await
+            .unwrap();
+        let client = Client::builder()
+            .timeout(Duration::from_secs(20))
+            .connect(KafkaTransport::new(options))
+            .await
+            .unwrap();
+        converse(&client, &events).await;
+        // A NestJS-shaped message still picks the record's key; its value goes in MessagePack.
+        client
+            .emit("seen", &json!({"key": "k-1", "value": {"n": 7}}))
+            .await
+            .unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while events.lock().unwrap().last() != Some(&json!({"n": 7}))
+            && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(events.lock().unwrap().last(), Some(&json!({"n": 7})));
+
+        let json_client = Client::builder()
+            .timeout(Duration::from_secs(20))
+            .connect(KafkaTransport::new(support::kafka::options(&broker)))
+            .await
+            .unwrap();
+        let started = std::time::Instant::now();
+        let error = json_client
+            .send::<Value>("echo", &json!({"a": 1}))
+            .await
+            .unwrap_err();
+        assert!(started.elapsed() < Duration::from_secs(15), "{error}");
+        assert!(error.message().contains("codec"), "{error}");
+    }
+}
+
+#[cfg(feature = "tcp")]
+mod tcp {
+    use super::*;
+    use palisade::rpc::transport::tcp::{TcpOptions, TcpServer, TcpTransport};
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_json_client_and_a_messagepack_server_part_at_once_both_ways() {
+        let events = Arc::new(Mutex::new(Vec::new()));
+        let serve = |options: TcpOptions| {
+            let events = Arc::clone(&events);
+            async move {
+                TcpServer::bind("127.0.0.1:0")
+                    .await
+                    .unwrap()
+                    .options(options)
+                    .serve(Server::new(router(events)))
+                    .await
+                    .unwrap()
+            }
+        };
+        let msgpack_server = serve(TcpOptions::new().codec(MessagePackCodec)).await;
+        let json_server = serve(TcpOptions::new()).await;
+        for (server, client_options) in [
+            (&msgpack_server, TcpOptions::new()),
+            (&json_server, TcpOptions::new().codec(MessagePackCodec)),
+        ] {
+            let addr = server.local_addr().unwrap().to_string();
+            let client = Client::builder()
+                .timeout(Duration::from_secs(30))
+                .connect(TcpTransport::with_options(addr, client_options))
+                .await
+                .unwrap();
+            let started = std::time::Instant::now();
+            let error = client
+                .send::<Value>("echo", &json!({"a": 1}))
+                .await
+                .unwrap_err();
+            assert!(started.elapsed() < Duration::from_secs(5), "{error}");
+        }
+        // Neither handler ran.
+        assert!(events.lock().unwrap().is_empty());
+    }
+}

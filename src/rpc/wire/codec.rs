@@ -56,13 +56,15 @@ impl std::error::Error for CodecError {
 /// to palisade. Both ends of a conversation must use the same codec. Payloads stay [`RawJson`] on
 /// either side of the seam, so handlers and clients do not change with the codec.
 ///
-/// Each envelope transport takes one on its options: `NatsOptions::codec`, `RmqOptions::codec`,
-/// `RedisOptions::codec`, `MqttOptions::codec`. On NATS and RabbitMQ a server that cannot read a
-/// request answers at once with an error naming its codec; on Redis and MQTT replies are matched
-/// by the id inside the body, so it cannot, and the caller waits for its timeout. TCP and Kafka
-/// have no codec: NestJS's TCP frame is JSON text with its length in UTF-16 units, and its Kafka
-/// record carries the payload itself as the value with the envelope in headers; neither has an
-/// envelope body to swap.
+/// Every transport that serializes takes one on its options: `TcpOptions::codec`,
+/// `NatsOptions::codec`, `RmqOptions::codec`, `RedisOptions::codec`, `MqttOptions::codec` and
+/// `KafkaOptions::codec`. On TCP a non-JSON codec's frames count their length in bytes
+/// (NestJS's count UTF-16 units of JSON text); on Kafka only the record value (and an error
+/// reply's header) changes, the envelope staying in record headers, through
+/// [`encode_value`](Self::encode_value). A server that cannot read a request answers at once
+/// with an error naming its codec on NATS, RabbitMQ and Kafka, and closes the connection after
+/// saying so on TCP; on Redis and MQTT replies are matched by the id inside the body, so it
+/// cannot, and the caller waits for its timeout.
 ///
 /// ```
 /// # #[cfg(feature = "nats")] {
@@ -99,6 +101,20 @@ pub trait Codec: fmt::Debug + Send + Sync + 'static {
 
     /// Reads a reply as a client does: the id it answers, and the packet.
     fn decode_reply(&self, body: &Bytes) -> Result<(Option<RawJson>, ReplyPacket), CodecError>;
+
+    /// Writes a payload alone, with no envelope: a Kafka record's value (and its error header),
+    /// where NestJS sends the data itself and the envelope travels in record headers. The JSON
+    /// text as it is, unless the codec says otherwise. (palisade's Kafka transport writes JSON
+    /// values NestJS's way, strings unquoted; it calls this only for other codecs.)
+    fn encode_value(&self, out: &mut Vec<u8>, value: &RawJson) -> Result<(), CodecError> {
+        out.extend_from_slice(value.as_bytes());
+        Ok(())
+    }
+
+    /// Reads a payload written by [`encode_value`](Self::encode_value).
+    fn decode_value(&self, bytes: &[u8]) -> Result<RawJson, CodecError> {
+        RawJson::from_text(bytes.to_vec()).map_err(|error| CodecError::new(self.name(), error))
+    }
 }
 
 /// NestJS's JSON packets (the default): `{"pattern":..,"data":..,"id":..}` and
@@ -171,6 +187,13 @@ impl SharedCodec {
         headers: &Headers,
     ) -> Result<Bytes, CodecError> {
         crate::rpc::json::encode_exact(|out| self.0.encode_request(out, pattern, data, id, headers))
+    }
+
+    /// Encodes a payload alone ([`Codec::encode_value`]).
+    pub fn value_body(&self, value: &RawJson) -> Result<Vec<u8>, CodecError> {
+        let mut out = Vec::with_capacity(value.as_bytes().len());
+        self.0.encode_value(&mut out, value)?;
+        Ok(out)
     }
 
     /// Encodes a reply into an exact-size body.
@@ -358,6 +381,14 @@ mod msgpack {
             Ok(())
         }
 
+        fn encode_value(&self, out: &mut Vec<u8>, value: &RawJson) -> Result<(), CodecError> {
+            put_value(out, value)
+        }
+
+        fn decode_value(&self, bytes: &[u8]) -> Result<RawJson, CodecError> {
+            to_json(bytes)
+        }
+
         fn decode_incoming(&self, body: &Bytes) -> Result<IncomingPacket, CodecError> {
             match read(body)? {
                 Some(packet) if packet.pattern.is_some() || packet.data.is_some() => {
@@ -400,8 +431,12 @@ mod msgpack {
 
     /// The whole body, as JSON.
     fn to_json(body: &[u8]) -> Result<RawJson, CodecError> {
-        let mut from = rmp_serde::Deserializer::from_read_ref(body);
-        ToJson.deserialize(&mut from).map_err(failed)
+        let mut from = rmp_serde::Deserializer::new(std::io::Cursor::new(body));
+        let json = ToJson.deserialize(&mut from).map_err(failed)?;
+        if from.position() != body.len() as u64 {
+            return Err(failed("bytes after the value"));
+        }
+        Ok(json)
     }
 
     fn headers_of(raw: &RawJson) -> Headers {

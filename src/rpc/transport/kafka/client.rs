@@ -1,11 +1,11 @@
 use super::value::{
     CORRELATION_ID, NEST_ERR, NEST_IS_DISPOSED, Outgoing, REPLY_PARTITION, REPLY_TOPIC,
-    TYPE_HEADER, decode_err, decode_received,
+    TYPE_HEADER, outgoing, received, received_err,
 };
 use super::{KafkaOptions, Producer, Topics, kafka_error, topic_of};
 use crate::rpc::error::NO_HANDLER_MESSAGE;
 use crate::rpc::transport::{ClientTransport, Connect, ReplyPacket, ReplyReceiver};
-use crate::rpc::wire::PendingRequests;
+use crate::rpc::wire::{CodecError, PendingRequests, SharedCodec};
 use crate::rpc::{Pattern, RpcError, RpcRequest, TransportErrorKind};
 use futures_util::future::BoxFuture;
 use rdkafka::Offset;
@@ -73,6 +73,7 @@ struct Replies {
     /// moves to another client.
     waiting: Mutex<HashMap<(String, i32), HashSet<u64>>>,
     fetch_timeout: Duration,
+    codec: SharedCodec,
 }
 
 impl Replies {
@@ -232,6 +233,7 @@ impl KafkaConnection {
             pending: Arc::clone(&pending),
             waiting: Mutex::new(HashMap::new()),
             fetch_timeout: options.delivery_timeout,
+            codec: options.shared_codec().clone(),
         });
         let producer = Producer::new(&options, "client")?;
         let mut config = options.consumer_config("client");
@@ -378,7 +380,7 @@ async fn read_replies(
             message = consumer.recv() => message,
         };
         match message {
-            Ok(message) => deliver(&replies.pending, &message),
+            Ok(message) => deliver(&replies.pending, &replies.codec, &message),
             Err(error) => {
                 tracing::debug!(%error, "Kafka reply consumer");
                 tokio::time::sleep(Duration::from_millis(50)).await;
@@ -394,7 +396,7 @@ async fn read_replies(
 }
 
 /// Routes one reply record to its request, read the way NestJS's `ClientKafka` reads it.
-fn deliver(pending: &PendingRequests, message: &BorrowedMessage<'_>) {
+fn deliver(pending: &PendingRequests, codec: &SharedCodec, message: &BorrowedMessage<'_>) {
     let Some(Some(id)) = header(message, CORRELATION_ID) else {
         return;
     };
@@ -406,12 +408,23 @@ fn deliver(pending: &PendingRequests, message: &BorrowedMessage<'_>) {
         // when there are more clients than partitions).
         return;
     };
+    let unreadable = |error: CodecError| {
+        tracing::warn!(%error, "a reply could not be read");
+        ReplyPacket::Failed(RpcError::transport(
+            TransportErrorKind::Protocol,
+            format!(
+                "invalid reply (does the server use the client's codec, {}?): {error}",
+                codec.name()
+            ),
+        ))
+    };
     let packet = if let Some(err) = header(message, NEST_ERR) {
-        let err = decode_err(err.unwrap_or(b"null"));
-        if err.as_str().trim_matches('"') == NO_HANDLER_MESSAGE {
-            ReplyPacket::NoHandler
-        } else {
-            ReplyPacket::Error(err)
+        match received_err(codec, err.unwrap_or(b"null")) {
+            Ok(err) if err.as_str().trim_matches('"') == NO_HANDLER_MESSAGE => {
+                ReplyPacket::NoHandler
+            }
+            Ok(err) => ReplyPacket::Error(err),
+            Err(error) => unreadable(error),
         }
     } else {
         let string = header(message, TYPE_HEADER).flatten() == Some(b"string".as_slice());
@@ -420,13 +433,23 @@ fn deliver(pending: &PendingRequests, message: &BorrowedMessage<'_>) {
             // NestJS's completion record: the end of the stream (a NestJS client turns it into one
             // more `null`; palisade does not invent a value).
             (None, true) => ReplyPacket::Complete,
-            (value, last) => ReplyPacket::Value {
-                response: decode_received(value, string),
-                last,
+            (value, last) => match received(codec, value, string) {
+                Ok(response) => ReplyPacket::Value { response, last },
+                Err(error) => unreadable(error),
             },
         }
     };
     pending.deliver(n, packet);
+}
+
+/// The record for a request or event, with the options' codec.
+fn encode(options: &KafkaOptions, request: &RpcRequest) -> Result<Outgoing, RpcError> {
+    outgoing(options.shared_codec(), request.payload()).map_err(|error| {
+        RpcError::invalid_argument(format!(
+            "cannot encode the message for '{}': {error}",
+            request.pattern()
+        ))
+    })
 }
 
 impl ClientTransport for KafkaConnection {
@@ -450,7 +473,7 @@ impl ClientTransport for KafkaConnection {
             ];
             let wire_headers = request.wire_headers();
             headers.extend(wire_headers.iter().map(|(k, v)| (k, v.as_bytes())));
-            let record = Outgoing::of(request.payload());
+            let record = encode(&inner.options, &request)?;
             inner.producer.send(&topic, &record, &headers).await?;
             Ok(registered.into_replies())
         })
@@ -465,7 +488,7 @@ impl ClientTransport for KafkaConnection {
                 .iter()
                 .map(|(k, v)| (k, v.as_bytes()))
                 .collect();
-            let record = Outgoing::of(event.payload());
+            let record = encode(&connection.inner.options, &event)?;
             connection
                 .inner
                 .producer

@@ -75,6 +75,7 @@ mod value;
 pub use self::client::{KafkaConnection, KafkaTransport};
 pub use self::server::{DEAD_LETTER_OFFSET, DEAD_LETTER_PARTITION, KafkaEvents, KafkaServer};
 
+use crate::rpc::wire::{Codec, SharedCodec};
 use crate::rpc::{RpcError, TransportErrorKind};
 use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
@@ -137,6 +138,7 @@ pub struct KafkaOptions {
     max_message_bytes: usize,
     from_beginning: bool,
     extra: BTreeMap<String, String>,
+    codec: SharedCodec,
 }
 
 impl KafkaOptions {
@@ -158,7 +160,25 @@ impl KafkaOptions {
             max_message_bytes: 1_000_000,
             from_beginning: false,
             extra: BTreeMap::new(),
+            codec: SharedCodec::default(),
         }
+    }
+
+    /// How record values are written and read: NestJS's way (the default: JSON, a string as its
+    /// raw text), or another [`Codec`]'s [`encode_value`](Codec::encode_value), such as
+    /// [`MessagePackCodec`](crate::rpc::wire::MessagePackCodec) (feature `msgpack`), where every
+    /// client and server of these topics is palisade with the same codec. The envelope stays in
+    /// record headers either way, and NestJS's `{key, value, headers}` message shape still picks a
+    /// record's key and headers; only the value (and an error reply's `kafka_nest-err` header)
+    /// changes. A server that cannot read a request answers it at once with an error naming its
+    /// codec, and dead-letters an event it cannot read.
+    pub fn codec(mut self, codec: impl Codec) -> Self {
+        self.codec = SharedCodec::new(codec);
+        self
+    }
+
+    pub(crate) fn shared_codec(&self) -> &SharedCodec {
+        &self.codec
     }
 
     /// The client id (`<id>-server` for servers, `<id>-client` for clients).

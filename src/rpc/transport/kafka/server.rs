@@ -1,6 +1,6 @@
 use super::value::{
     CORRELATION_ID, NEST_ERR, NEST_IS_DISPOSED, Outgoing, REPLY_PARTITION, REPLY_TOPIC,
-    TYPE_HEADER, decode_received, encode_err,
+    TYPE_HEADER, err_header, received, reply_value,
 };
 use super::{KafkaOptions, Producer, Topics, kafka_error, topic_of};
 use crate::rpc::error::NO_HANDLER_MESSAGE;
@@ -8,6 +8,7 @@ use crate::rpc::transport::{
     DEAD_LETTER_DELIVERIES, DEAD_LETTER_REASON, DEAD_LETTER_SUBJECT, ReplyPacket, ServerTransport,
     error_json,
 };
+use crate::rpc::wire::{CodecError, SharedCodec};
 use crate::rpc::{
     Dispatcher, Headers, Kind, Pattern, RawJson, ReplySink, RpcError, RpcRequest, SendError,
     Server, ServerHandle,
@@ -466,42 +467,70 @@ async fn work(
         }
         let offset = record.offset();
         progress.start(offset);
-        let incoming = Incoming::of(&record);
+        let incoming = Incoming::of(&record, shared.options.shared_codec());
         match incoming
             .reply_to
             .filter(|_| shared.messages.contains(&route))
         {
             Some((reply_topic, reply_partition, correlation)) => {
-                let request = RpcRequest::received(
-                    Pattern::received_on(
-                        Arc::clone(&route),
-                        RawJson::to_json(&*route).expect("a string serialises"),
-                    ),
-                    incoming.data,
-                    Kind::Request,
-                    incoming.headers,
-                );
-                let sink = KafkaSink {
+                let mut sink = KafkaSink {
                     producer: Arc::clone(&shared.producer),
                     topic: reply_topic,
                     partition: reply_partition,
                     correlation,
                     max_message_bytes: shared.options.max_message_bytes,
+                    codec: shared.options.shared_codec().clone(),
                     done: Some(Done {
                         progress: Arc::clone(&progress),
                         offset,
                         shared: Arc::clone(&shared),
                     }),
                 };
+                let data = match incoming.data {
+                    Ok(data) => data,
+                    Err(error) => {
+                        // The caller learns why at once, instead of at its timeout.
+                        tracing::warn!(topic = record.topic(), offset, %error, "a request could not be read");
+                        let refusal = RpcError::invalid_argument(format!(
+                            "the server could not read the request (does the client use the \
+                             server's codec, {}?): {error}",
+                            shared.options.shared_codec().name()
+                        ));
+                        let _ = sink.send(ReplyPacket::Failed(refusal)).await;
+                        continue;
+                    }
+                };
+                let request = RpcRequest::received(
+                    Pattern::received_on(
+                        Arc::clone(&route),
+                        RawJson::to_json(&*route).expect("a string serialises"),
+                    ),
+                    data,
+                    Kind::Request,
+                    incoming.headers,
+                );
                 shared.dispatcher.dispatch(request, Some(sink)).await;
             }
             None => {
+                let data = match incoming.data {
+                    Ok(data) => data,
+                    Err(error) => {
+                        // Retrying would not make it readable.
+                        let error = RpcError::invalid_argument(format!(
+                            "the event could not be read with the server's codec: {error}"
+                        ));
+                        tracing::error!(topic = record.topic(), offset, %error, "unreadable event dead-lettered");
+                        dead_letter(&shared, &record, 1, &error).await;
+                        progress.finish(offset, &shared.consumer);
+                        continue;
+                    }
+                };
                 let event = RpcRequest::received(
                     Pattern::received_on(
                         Arc::clone(&route),
                         RawJson::to_json(&*route).expect("a string serialises"),
                     ),
-                    incoming.data,
+                    data,
                     Kind::Event,
                     incoming.headers,
                 );
@@ -532,8 +561,13 @@ async fn handle_event(shared: &Shared, event: RpcRequest, record: &OwnedMessage)
         // Shutting down mid-retry: not committed, so it is delivered again after the restart.
         return;
     }
-    let dead_letters = events.dead_letter_topic(record.topic());
-    tracing::error!(topic = record.topic(), offset = record.offset(), deliveries = delivery, %error, dead_letter = %dead_letters, "event failed for good; dead-lettered");
+    tracing::error!(topic = record.topic(), offset = record.offset(), deliveries = delivery, %error, "event failed for good; dead-lettered");
+    dead_letter(shared, record, delivery, &error).await;
+}
+
+/// Publishes `record` to its topic's dead-letter topic, with why and after how many deliveries.
+async fn dead_letter(shared: &Shared, record: &OwnedMessage, delivery: u32, error: &RpcError) {
+    let dead_letters = shared.events.dead_letter_topic(record.topic());
     let reason = error.to_string();
     let deliveries = delivery.to_string();
     let partition = record.partition().to_string();
@@ -571,14 +605,15 @@ async fn handle_event(shared: &Shared, event: RpcRequest, record: &OwnedMessage)
 
 /// What a record carries, read as a NestJS server reads it.
 struct Incoming {
-    data: RawJson,
+    /// The payload, unless the server's codec cannot read it.
+    data: Result<RawJson, CodecError>,
     headers: Headers,
     /// Reply topic, partition and correlation id: a request's (when it names them).
     reply_to: Option<(String, Option<i32>, String)>,
 }
 
 impl Incoming {
-    fn of(record: &OwnedMessage) -> Incoming {
+    fn of(record: &OwnedMessage, codec: &SharedCodec) -> Incoming {
         let mut headers = Headers::new();
         let (mut correlation, mut reply_topic, mut reply_partition, mut string) =
             (None, None, None, false);
@@ -598,7 +633,7 @@ impl Incoming {
             }
         }
         Incoming {
-            data: decode_received(record.payload(), string),
+            data: received(codec, record.payload(), string),
             headers,
             reply_to: correlation
                 .zip(reply_topic)
@@ -627,6 +662,7 @@ struct KafkaSink {
     partition: Option<i32>,
     correlation: String,
     max_message_bytes: usize,
+    codec: SharedCodec,
     /// Dropped when the request is answered.
     done: Option<Done>,
 }
@@ -640,18 +676,32 @@ impl ReplySink for KafkaSink {
     async fn send(&mut self, packet: ReplyPacket) -> Result<(), SendError> {
         let last = packet.is_last();
         let error_text;
-        let (mut outgoing, err) = match &packet {
-            ReplyPacket::Value { response, .. } => (Outgoing::value(response), None),
-            ReplyPacket::Complete => (Outgoing::default(), None),
-            ReplyPacket::Error(err) => (Outgoing::default(), Some(encode_err(err))),
-            ReplyPacket::Failed(error) => {
-                (Outgoing::default(), Some(encode_err(&error_json(error))))
+        let codec = &self.codec;
+        let encoded = match &packet {
+            ReplyPacket::Value { response, .. } => {
+                reply_value(codec, response).map(|outgoing| (outgoing, None))
             }
-            ReplyPacket::NoHandler => (
+            ReplyPacket::Complete => Ok((Outgoing::default(), None)),
+            ReplyPacket::Error(err) => {
+                err_header(codec, err).map(|err| (Outgoing::default(), Some(err)))
+            }
+            ReplyPacket::Failed(error) => {
+                err_header(codec, &error_json(error)).map(|err| (Outgoing::default(), Some(err)))
+            }
+            ReplyPacket::NoHandler if codec.is_json() => Ok((
                 Outgoing::default(),
                 Some(NO_HANDLER_MESSAGE.as_bytes().to_vec()),
-            ),
+            )),
+            ReplyPacket::NoHandler => {
+                let message = RawJson::to_json(NO_HANDLER_MESSAGE).expect("a string serialises");
+                err_header(codec, &message).map(|err| (Outgoing::default(), Some(err)))
+            }
         };
+        let (mut outgoing, err) = encoded.map_err(|error| {
+            SendError::Failed(RpcError::internal_with(format!(
+                "cannot encode the reply: {error}"
+            )))
+        })?;
         outgoing.partition = self.partition;
         let size = outgoing.value.as_ref().map_or(0, Vec::len);
         if size > self.max_message_bytes {

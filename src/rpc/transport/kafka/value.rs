@@ -2,6 +2,7 @@
 //! (nestjs-wire-brokers.md §5): no envelope, the value is the data alone.
 
 use crate::rpc::RawJson;
+use crate::rpc::wire::{CodecError, SharedCodec};
 use serde_json::Value;
 
 /// NestJS's request and reply headers.
@@ -192,6 +193,19 @@ impl Outgoing {
     /// The record for `data`, as NestJS's `ClientKafka` builds it: an object with a `key` or
     /// `value` field is the message itself.
     pub(crate) fn of(data: &RawJson) -> Outgoing {
+        match Outgoing::of_with(data, |value| {
+            Ok::<_, std::convert::Infallible>(Outgoing::value(value))
+        }) {
+            Ok(outgoing) => outgoing,
+            Err(never) => match never {},
+        }
+    }
+
+    /// [`of`](Self::of) with the value (and its headers) made by `value_of`.
+    pub(crate) fn of_with<E>(
+        data: &RawJson,
+        value_of: impl Fn(&RawJson) -> Result<Outgoing, E>,
+    ) -> Result<Outgoing, E> {
         let bytes = data.as_bytes();
         let may_be_message = bytes.first() == Some(&b'{')
             && (memmem(bytes, b"\"key\"") || memmem(bytes, b"\"value\""));
@@ -201,7 +215,7 @@ impl Outgoing {
         {
             let value = message.remove("value").unwrap_or(Value::Null);
             let mut outgoing =
-                Outgoing::value(&RawJson::to_json(&value).unwrap_or_else(|_| RawJson::null()));
+                value_of(&RawJson::to_json(&value).unwrap_or_else(|_| RawJson::null()))?;
             outgoing.key = message
                 .remove("key")
                 .filter(|key| !key.is_null())
@@ -220,9 +234,9 @@ impl Outgoing {
                 .get("partition")
                 .and_then(Value::as_i64)
                 .and_then(|p| i32::try_from(p).ok());
-            return outgoing;
+            return Ok(outgoing);
         }
-        Outgoing::value(data)
+        value_of(data)
     }
 
     /// A record whose value is `data`.
@@ -255,6 +269,60 @@ pub(crate) fn decode_received(value: Option<&[u8]>, string: bool) -> RawJson {
         }
         other => decode(other),
     }
+}
+
+/// The record for `data`: NestJS's (JSON) unless `codec` is another, whose
+/// [`encode_value`](crate::rpc::wire::Codec::encode_value) then writes the value.
+pub(crate) fn outgoing(codec: &SharedCodec, data: &RawJson) -> Result<Outgoing, CodecError> {
+    if codec.is_json() {
+        return Ok(Outgoing::of(data));
+    }
+    Outgoing::of_with(data, |value| {
+        Ok(Outgoing {
+            value: Some(codec.value_body(value)?),
+            ..Outgoing::default()
+        })
+    })
+}
+
+/// A reply's record for `response`.
+pub(crate) fn reply_value(codec: &SharedCodec, response: &RawJson) -> Result<Outgoing, CodecError> {
+    if codec.is_json() {
+        return Ok(Outgoing::value(response));
+    }
+    Ok(Outgoing {
+        value: Some(codec.value_body(response)?),
+        ..Outgoing::default()
+    })
+}
+
+/// The data of a received record, read with `codec`.
+pub(crate) fn received(
+    codec: &SharedCodec,
+    value: Option<&[u8]>,
+    string: bool,
+) -> Result<RawJson, CodecError> {
+    match value {
+        _ if codec.is_json() => Ok(decode_received(value, string)),
+        None => Ok(RawJson::null()),
+        Some(bytes) => codec.decode_value(bytes),
+    }
+}
+
+/// The `kafka_nest-err` header for `err`.
+pub(crate) fn err_header(codec: &SharedCodec, err: &RawJson) -> Result<Vec<u8>, CodecError> {
+    if codec.is_json() {
+        return Ok(encode_err(err));
+    }
+    codec.value_body(err)
+}
+
+/// The `err` a `kafka_nest-err` header carries.
+pub(crate) fn received_err(codec: &SharedCodec, bytes: &[u8]) -> Result<RawJson, CodecError> {
+    if codec.is_json() {
+        return Ok(decode_err(bytes));
+    }
+    codec.decode_value(bytes)
 }
 
 #[cfg(test)]

@@ -1,8 +1,10 @@
-use super::codec::framed;
+use super::codec::{framed, framed_binary};
 use super::outbox::{Closer, FrameSender, outbox};
 use super::{FrameReader, Read, TcpOptions};
 use crate::rpc::transport::{ClientTransport, ReplyPacket, ReplyReceiver};
-use crate::rpc::wire::{PacketIds, PendingRequests, decode_reply, encode_request, wire_pattern};
+use crate::rpc::wire::{
+    CodecError, PacketIds, PendingRequests, SharedCodec, encode_request, wire_pattern,
+};
 use crate::rpc::{RpcError, RpcRequest, TransportErrorKind};
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
@@ -135,6 +137,7 @@ struct Connection {
     frames: FrameSender,
     pending: Arc<PendingRequests>,
     max_frame_len: usize,
+    codec: SharedCodec,
     /// Dropped with the connection: tells the reader to stop.
     _stop_reader: oneshot::Sender<()>,
 }
@@ -289,6 +292,7 @@ impl TcpTransport {
             frames,
             pending: Arc::clone(&pending),
             max_frame_len: options.max_frame_len,
+            codec: options.codec.clone(),
             _stop_reader: stop_reader,
         });
         // The writer holds only the socket's write half: it ends when the connection's senders
@@ -308,6 +312,7 @@ impl TcpTransport {
         tokio::spawn(read_replies(
             reader,
             pending,
+            options.codec.clone(),
             closer,
             stopped,
             Arc::downgrade(&self.shared),
@@ -322,6 +327,7 @@ impl TcpTransport {
 async fn read_replies(
     mut reader: FrameReader,
     pending: Arc<PendingRequests>,
+    codec: SharedCodec,
     closer: Closer,
     mut stopped: oneshot::Receiver<()>,
     shared: Weak<Shared>,
@@ -346,8 +352,8 @@ async fn read_replies(
         };
         match next {
             Ok(Read::Frame(frame)) => {
-                if let Err(error) = deliver(&pending, &frame.json) {
-                    tracing::warn!(server = %addr, %error, "closing connection: a reply is not valid JSON");
+                if let Err(error) = deliver(&pending, &codec, &frame.json) {
+                    tracing::warn!(server = %addr, %error, "closing connection: a reply could not be read");
                     break RpcError::transport(
                         TransportErrorKind::Protocol,
                         format!("connection closed: invalid reply from {addr}: {error}"),
@@ -385,8 +391,12 @@ async fn read_replies(
 /// already given up on) are dropped and counted, as NestJS drops them. A reply without an id
 /// that carries an error is the server explaining why it is about to close the connection: every
 /// waiting request fails with it, and the connection takes no new ones.
-fn deliver(pending: &PendingRequests, frame: &Bytes) -> Result<(), serde_json::Error> {
-    let (id, packet) = decode_reply(frame)?;
+fn deliver(
+    pending: &PendingRequests,
+    codec: &SharedCodec,
+    frame: &Bytes,
+) -> Result<(), CodecError> {
+    let (id, packet) = codec.decode_reply(frame)?;
     let Some(id) = id else {
         if let ReplyPacket::Error(err) = packet {
             let error = RpcError::from_wire_json(&err);
@@ -407,9 +417,35 @@ fn deliver(pending: &PendingRequests, frame: &Bytes) -> Result<(), serde_json::E
     Ok(())
 }
 
-fn frame_of(request: &RpcRequest, id: Option<&str>, max_units: usize) -> Result<Vec<u8>, RpcError> {
+fn frame_of(
+    codec: &SharedCodec,
+    request: &RpcRequest,
+    id: Option<&str>,
+    max_units: usize,
+) -> Result<Vec<u8>, RpcError> {
     // NestJS sends an event's pattern as its route string, a request's as the raw pattern.
     let pattern = wire_pattern(request);
+    if !codec.is_json() {
+        let headers = request.wire_headers();
+        return framed_binary(max_units, |body| {
+            codec.encode_request(body, &pattern, request.payload(), id, &headers)
+        })
+        .map_err(|error| {
+            RpcError::invalid_argument(format!(
+                "cannot encode the message for '{}': {error}",
+                request.pattern()
+            ))
+        })?
+        .map_err(|bytes| {
+            RpcError::transport(
+                TransportErrorKind::PayloadTooLarge,
+                format!(
+                    "the message for '{}' is {bytes} bytes, over the frame limit of {max_units}",
+                    request.pattern()
+                ),
+            )
+        });
+    }
     framed(max_units, |json| {
         encode_request(
             json,
@@ -441,6 +477,7 @@ impl ClientTransport for TcpTransport {
             let connection = transport.connection().await?;
             let registered = connection.pending.register(request.pattern())?;
             let frame = frame_of(
+                &connection.codec,
                 &request,
                 Some(registered.id().as_str()),
                 connection.max_frame_len,
@@ -460,7 +497,7 @@ impl ClientTransport for TcpTransport {
         let transport = self.clone();
         Box::pin(async move {
             let connection = transport.connection().await?;
-            let frame = frame_of(&event, None, connection.max_frame_len)?;
+            let frame = frame_of(&connection.codec, &event, None, connection.max_frame_len)?;
             let alone = connection.pending.is_empty();
             connection
                 .frames

@@ -2,6 +2,7 @@
 //! text (JavaScript's `string.length`), not bytes.
 
 use crate::rpc::json::with_scratch;
+use crate::rpc::wire::CodecError;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use std::fmt;
 use tokio_util::codec::{Decoder, Encoder};
@@ -109,6 +110,9 @@ enum State {
 pub struct JsonFrameCodec {
     state: State,
     max_units: usize,
+    /// The length counts bytes and the body is opaque: frames of a binary [`Codec`]
+    /// (crate::rpc::wire::Codec), palisade to palisade.
+    binary: bool,
 }
 
 impl JsonFrameCodec {
@@ -117,6 +121,30 @@ impl JsonFrameCodec {
         JsonFrameCodec {
             state: State::Length,
             max_units,
+            binary: false,
+        }
+    }
+
+    /// A codec of `<length>#<body>` frames whose length counts bytes and whose body may be any
+    /// bytes (a binary codec's, such as MessagePack's), refusing frames longer than `max_bytes`.
+    /// Not NestJS's framing: palisade to palisade only.
+    ///
+    /// ```
+    /// use bytes::{Bytes, BytesMut};
+    /// use palisade::rpc::transport::tcp::JsonFrameCodec;
+    /// use tokio_util::codec::{Decoder, Encoder};
+    ///
+    /// let mut codec = JsonFrameCodec::counting_bytes(16);
+    /// let mut out = BytesMut::new();
+    /// codec.encode(Bytes::from_static(&[0x81, 0xa1, b'a', 0xff]), &mut out).unwrap();
+    /// assert_eq!(&out[..], b"4#\x81\xa1a\xff");
+    /// assert_eq!(codec.decode(&mut out).unwrap().unwrap(), &[0x81, 0xa1, b'a', 0xff][..]);
+    /// ```
+    pub fn counting_bytes(max_bytes: usize) -> Self {
+        JsonFrameCodec {
+            state: State::Length,
+            max_units: max_bytes,
+            binary: true,
         }
     }
 
@@ -205,6 +233,14 @@ impl Decoder for JsonFrameCodec {
                         scanned: 0,
                     };
                 }
+                State::Body { units, .. } if self.binary => {
+                    if buffer.len() < *units {
+                        return Ok(None);
+                    }
+                    let frame = buffer.split_to(*units).freeze();
+                    self.state = State::Length;
+                    return Ok(Some(frame));
+                }
                 State::Body { units, scanned } => {
                     // Count UTF-16 units character by character, never past the end of what arrived:
                     // a frame may end, or a read may stop, inside a multi-byte character.
@@ -259,19 +295,27 @@ impl Encoder<Bytes> for JsonFrameCodec {
     type Error = FrameError;
 
     fn encode(&mut self, json: Bytes, out: &mut BytesMut) -> Result<(), FrameError> {
-        let units = utf16_len(&json);
+        let units = if self.binary {
+            json.len()
+        } else {
+            utf16_len(&json)
+        };
         if units > self.max_units {
             return Err(FrameError::TooLarge {
                 declared: units as u64,
                 max: self.max_units,
             });
         }
-        put_frame(out, &json);
+        let mut digits = [0u8; 20];
+        out.put_slice(decimal(units, &mut digits));
+        out.put_u8(b'#');
+        out.put_slice(&json);
         Ok(())
     }
 }
 
 /// Appends `<utf16 length>#<json>` to `out`.
+#[cfg(test)]
 pub(crate) fn put_frame<B: BufMut>(out: &mut B, json: &[u8]) {
     let mut digits = [0u8; 20];
     out.put_slice(decimal(utf16_len(json), &mut digits));
@@ -315,6 +359,27 @@ pub(crate) fn framed(
     })
 }
 
+/// The frame of a binary codec's body (`encode` writes it): `<byte length>#<body>`; the body's
+/// length when it is longer than `max_bytes`, or the codec's error.
+pub(crate) fn framed_binary(
+    max_bytes: usize,
+    encode: impl FnOnce(&mut Vec<u8>) -> Result<(), CodecError>,
+) -> Result<Result<Vec<u8>, usize>, CodecError> {
+    with_scratch(|body| {
+        encode(body)?;
+        if body.len() > max_bytes {
+            return Ok(Err(body.len()));
+        }
+        let mut digits = [0u8; 20];
+        let prefix = decimal(body.len(), &mut digits);
+        let mut frame = Vec::with_capacity(prefix.len() + 1 + body.len());
+        frame.extend_from_slice(prefix);
+        frame.push(b'#');
+        frame.extend_from_slice(body);
+        Ok(Ok(frame))
+    })
+}
+
 /// `<utf16 length>#<json>` in one buffer.
 #[cfg(test)]
 pub(crate) fn frame(json: &[u8]) -> Bytes {
@@ -334,6 +399,55 @@ mod tests {
             frames.push(String::from_utf8(frame.to_vec()).unwrap());
         }
         Ok(frames)
+    }
+
+    #[test]
+    fn a_byte_counting_codec_takes_any_bytes_split_anywhere_and_checks_its_limit() {
+        let body = [0xff_u8, 0x00, b'#', 0xc3, 0x28, 0x81];
+        let mut wire = BytesMut::new();
+        JsonFrameCodec::counting_bytes(6)
+            .encode(Bytes::copy_from_slice(&body), &mut wire)
+            .unwrap();
+        assert_eq!(&wire[..2], b"6#");
+        let wire = [&wire[..], &wire[..]].concat();
+        for cut in 0..wire.len() {
+            let mut codec = JsonFrameCodec::counting_bytes(6);
+            let mut buffer = BytesMut::from(&wire[..cut]);
+            let mut frames = Vec::new();
+            while let Some(frame) = codec.decode(&mut buffer).unwrap() {
+                frames.push(frame);
+            }
+            buffer.extend_from_slice(&wire[cut..]);
+            while let Some(frame) = codec.decode(&mut buffer).unwrap() {
+                frames.push(frame);
+            }
+            assert_eq!(frames, [&body[..], &body[..]], "cut at {cut}");
+        }
+        assert!(matches!(
+            JsonFrameCodec::counting_bytes(5).decode(&mut BytesMut::from(&b"6#"[..])),
+            Err(FrameError::TooLarge {
+                declared: 6,
+                max: 5
+            })
+        ));
+        assert!(matches!(
+            JsonFrameCodec::counting_bytes(5)
+                .encode(Bytes::copy_from_slice(&body), &mut BytesMut::new()),
+            Err(FrameError::TooLarge {
+                declared: 6,
+                max: 5
+            })
+        ));
+        let framed = framed_binary(6, |out| {
+            out.extend_from_slice(&body);
+            Ok(())
+        });
+        assert_eq!(framed.unwrap().unwrap(), wire[..wire.len() / 2].to_vec());
+        let framed = framed_binary(5, |out| {
+            out.extend_from_slice(&body);
+            Ok(())
+        });
+        assert_eq!(framed.unwrap(), Err(6));
     }
 
     #[test]

@@ -64,6 +64,7 @@ pub use self::client::{TcpAddress, TcpTransport};
 pub use self::codec::{FrameError, JsonFrameCodec};
 pub use self::server::TcpServer;
 
+use crate::rpc::wire::{Codec, SharedCodec};
 use bytes::{BufMut, Bytes, BytesMut};
 use std::sync::Arc;
 use std::time::Duration;
@@ -84,6 +85,7 @@ pub struct TcpOptions {
     max_in_flight_per_connection: usize,
     max_buffered_bytes: usize,
     connect_timeout: Duration,
+    codec: SharedCodec,
 }
 
 impl Default for TcpOptions {
@@ -97,6 +99,7 @@ impl Default for TcpOptions {
             max_in_flight_per_connection: 1024,
             max_buffered_bytes: 256 * 1024 * 1024,
             connect_timeout: Duration::from_secs(5),
+            codec: SharedCodec::default(),
         }
     }
 }
@@ -116,6 +119,18 @@ impl TcpOptions {
     /// | [`connect_timeout`](Self::connect_timeout) | 5 s | client |
     pub fn new() -> Self {
         TcpOptions::default()
+    }
+
+    /// How packets are written and read: NestJS's JSON frames
+    /// ([`JsonCodec`](crate::rpc::wire::JsonCodec), the default: `<length>#<json>`, the length in
+    /// UTF-16 units), or another [`Codec`] such as
+    /// [`MessagePackCodec`](crate::rpc::wire::MessagePackCodec) (feature `msgpack`), whose frames
+    /// are `<length>#<body>` with the length in bytes ([`JsonFrameCodec::counting_bytes`]), for
+    /// palisade clients and servers that all use it. A server that cannot read a frame closes the
+    /// connection after a last packet saying why, in its codec.
+    pub fn codec(mut self, codec: impl Codec) -> Self {
+        self.codec = SharedCodec::new(codec);
+        self
     }
 
     /// Frames longer than this, in UTF-16 units (the unit of NestJS's length prefix), are refused:
@@ -272,7 +287,11 @@ impl FrameReader {
         FrameReader {
             socket,
             buffer: BytesMut::new(),
-            codec: JsonFrameCodec::new(options.max_frame_len),
+            codec: if options.codec.is_json() {
+                JsonFrameCodec::new(options.max_frame_len)
+            } else {
+                JsonFrameCodec::counting_bytes(options.max_frame_len)
+            },
             frame_timeout: options.frame_timeout,
             frame_deadline: None,
             idle_timeout: None,

@@ -1,8 +1,8 @@
-use super::codec::{FrameError, framed};
+use super::codec::{FrameError, framed, framed_binary};
 use super::outbox::{FrameSender, outbox};
 use super::{FrameReader, Read, TcpOptions};
 use crate::rpc::transport::{ReplyPacket, ServerTransport, error_json};
-use crate::rpc::wire::{decode_incoming, encode_reply};
+use crate::rpc::wire::{SharedCodec, encode_reply};
 use crate::rpc::{
     Code, Dispatcher, RawJson, ReplySink, RpcError, RpcRequest, SendError, Server, ServerHandle,
     TransportErrorKind,
@@ -100,6 +100,7 @@ async fn accept_loop(listener: TcpListener, dispatcher: Dispatcher, options: Arc
 
 struct TcpSink {
     id: RawJson,
+    codec: SharedCodec,
     frames: FrameSender,
     max_frame_len: usize,
     /// Held until the request is answered: bounds a connection's requests in flight.
@@ -112,15 +113,32 @@ struct TcpSink {
     _budget: Option<OwnedSemaphorePermit>,
 }
 
+/// A reply's frame, in the connection's codec.
+fn reply_frame(
+    codec: &SharedCodec,
+    max_frame_len: usize,
+    packet: &ReplyPacket,
+    id: Option<&RawJson>,
+) -> Result<Vec<u8>, SendError> {
+    let too_large = |size| SendError::TooLarge {
+        size,
+        limit: max_frame_len,
+    };
+    if codec.is_json() {
+        return framed(max_frame_len, |json| encode_reply(json, packet, id)).map_err(too_large);
+    }
+    framed_binary(max_frame_len, |body| codec.encode_reply(body, packet, id))
+        .map_err(|error| {
+            SendError::Failed(RpcError::internal_with(format!(
+                "cannot encode the reply: {error}"
+            )))
+        })?
+        .map_err(too_large)
+}
+
 impl ReplySink for TcpSink {
     async fn send(&mut self, packet: ReplyPacket) -> Result<(), SendError> {
-        let frame = framed(self.max_frame_len, |json| {
-            encode_reply(json, &packet, Some(&self.id))
-        })
-        .map_err(|units| SendError::TooLarge {
-            size: units,
-            limit: self.max_frame_len,
-        })?;
+        let frame = reply_frame(&self.codec, self.max_frame_len, &packet, Some(&self.id))?;
         // Nothing else in flight on the connection, and nothing read behind this request: no
         // other reply to batch this one with.
         let alone = self.last_read && self.slot.semaphore().available_permits() + 1 >= self.slots;
@@ -202,13 +220,24 @@ impl Connection {
                     break End::Broken(frame_error(&error));
                 }
             };
-            let packet = match decode_incoming(&frame.json) {
+            let packet = match options.codec.decode_incoming(&frame.json) {
                 Ok(packet) => packet,
-                Err(error) => {
+                Err(error) if options.codec.is_json() => {
                     tracing::warn!(%peer, %error, "closing connection: the received message is not valid JSON");
                     break End::Broken(RpcError::transport(
                         TransportErrorKind::Protocol,
                         "The invalid received message from tcp server: the packet is not valid JSON",
+                    ));
+                }
+                Err(error) => {
+                    tracing::warn!(%peer, %error, "closing connection: the received message could not be read");
+                    break End::Broken(RpcError::transport(
+                        TransportErrorKind::Protocol,
+                        format!(
+                            "the server could not read the message (does the client use the \
+                             server's codec, {}?): {error}",
+                            options.codec.name()
+                        ),
                     ));
                 }
             };
@@ -223,6 +252,7 @@ impl Connection {
                 Some(id) => {
                     let sink = TcpSink {
                         id,
+                        codec: options.codec.clone(),
                         frames: frames.clone(),
                         max_frame_len: options.max_frame_len,
                         slot,
@@ -246,10 +276,13 @@ impl Connection {
             End::Broken(error) => {
                 // A last packet without an id says why (NestJS clients ignore it), then the
                 // connection closes; replies still in flight are not sent.
-                let explanation = framed(usize::MAX, |json| {
-                    encode_reply(json, &ReplyPacket::Error(error_json(&error)), None)
-                })
-                .expect("no limit");
+                let explanation = reply_frame(
+                    &options.codec,
+                    usize::MAX,
+                    &ReplyPacket::Error(error_json(&error)),
+                    None,
+                )
+                .unwrap_or_default();
                 frames.close_with(&explanation);
                 drop(frames);
                 drop(reader);
