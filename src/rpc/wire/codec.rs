@@ -2,7 +2,7 @@
 //! message body and back. NestJS has serializers and deserializers for the same purpose.
 
 use super::envelope::{
-    IncomingPacket, decode_incoming, decode_reply, encode_reply, encode_request, reply_from_fields,
+    IncomingPacket, decode_incoming, decode_reply, encode_reply, encode_request,
 };
 use crate::rpc::transport::ReplyPacket;
 use crate::rpc::{Headers, RawJson};
@@ -231,6 +231,7 @@ pub use self::msgpack::MessagePackCodec;
 
 #[cfg(feature = "msgpack")]
 mod msgpack {
+    use super::super::envelope::reply_from_fields;
     use super::*;
     use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, Visitor};
 
