@@ -14,6 +14,7 @@
 //! transport name).
 
 use crate::rpc::{Kind, RpcError};
+use metrics::{Key, Label, Level, Metadata, SharedString};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -33,15 +34,15 @@ pub(crate) fn record(
         Kind::Event => "event",
         _ => "request",
     };
-    let labels = [
-        ("rpc.system", "nestjs".to_owned()),
-        ("rpc.method", route.to_string()),
-        ("rpc.transport", transport.to_owned()),
-        ("rpc.message.kind", kind.to_owned()),
-        ("rpc.response.status_code", status.to_owned()),
+    // Static strings and the route's shared bytes: no allocation but the key's label list.
+    let labels = vec![
+        Label::from_static_parts("rpc.system", "nestjs"),
+        Label::new("rpc.method", SharedString::from(Arc::clone(route))),
+        Label::from_static_parts("rpc.transport", transport),
+        Label::from_static_parts("rpc.message.kind", kind),
+        Label::from_static_parts("rpc.response.status_code", status),
     ];
-    metrics::histogram!("rpc.server.call.duration", &labels).record(took.as_secs_f64());
-    metrics::counter!("rpc.server.requests", &labels).increment(1);
+    emit("rpc.server.call.duration", "rpc.server.requests", labels, took);
 }
 
 /// Records one call a client made.
@@ -59,12 +60,25 @@ pub(crate) fn record_client(
         Kind::Event => "event",
         _ => "request",
     };
-    let labels = [
-        ("rpc.system", "nestjs".to_owned()),
-        ("rpc.method", route.to_string()),
-        ("rpc.message.kind", kind.to_owned()),
-        ("rpc.response.status_code", status.to_owned()),
+    let labels = vec![
+        Label::from_static_parts("rpc.system", "nestjs"),
+        Label::new("rpc.method", SharedString::from(Arc::clone(route))),
+        Label::from_static_parts("rpc.message.kind", kind),
+        Label::from_static_parts("rpc.response.status_code", status),
     ];
-    metrics::histogram!("rpc.client.call.duration", &labels).record(took.as_secs_f64());
-    metrics::counter!("rpc.client.requests", &labels).increment(1);
+    emit("rpc.client.call.duration", "rpc.client.requests", labels, took);
 }
+
+/// Records a call's duration and counts it, the two metrics sharing one label list.
+fn emit(duration: &'static str, requests: &'static str, labels: Vec<Label>, took: Duration) {
+    let counted = Key::from_parts(requests, labels.clone());
+    let timed = Key::from_parts(duration, labels);
+    metrics::with_recorder(|recorder| {
+        recorder
+            .register_histogram(&timed, &METADATA)
+            .record(took.as_secs_f64());
+        recorder.register_counter(&counted, &METADATA).increment(1);
+    });
+}
+
+static METADATA: Metadata<'static> = Metadata::new(module_path!(), Level::INFO, Some(module_path!()));

@@ -71,7 +71,7 @@ impl std::error::Error for CodecError {
 /// use palisade::rpc::transport::nats::NatsOptions;
 /// use palisade::rpc::wire::JsonCodec;
 ///
-/// let options = NatsOptions::default().codec(JsonCodec);
+/// let options = NatsOptions::new(["nats://127.0.0.1:4222"]).codec(JsonCodec);
 /// # let _ = options; }
 /// ```
 pub trait Codec: fmt::Debug + Send + Sync + 'static {
