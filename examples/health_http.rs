@@ -20,18 +20,17 @@ use palisade::health::{Health, HealthReport};
 use palisade::rpc::transport::ServerTransport;
 use palisade::rpc::transport::tcp::{TcpServer, TcpTransport};
 use palisade::rpc::{Client, Payload, Router, Server};
-use serde_json::Value;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tower::ServiceExt;
 
-/// The HTTP response for a report: terminus's body, 200 or 503.
-fn respond(report: HealthReport) -> (StatusCode, Json<Value>) {
+/// The HTTP response for a report: terminus's body (in terminus's key order), 200 or 503.
+fn respond(report: HealthReport) -> (StatusCode, Json<HealthReport>) {
     let status =
         StatusCode::from_u16(report.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    (status, Json(report.to_json()))
+    (status, Json(report))
 }
 
 #[tokio::main]

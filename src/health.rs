@@ -41,8 +41,9 @@
 //! ```
 
 use crate::circuit_breaker::{CircuitBreakerHandle, CircuitState};
-use crate::rpc::RpcError;
-use serde_json::{Map, Value, json};
+use crate::rpc::{RawJson, RpcError};
+use serde::ser::{Serialize, SerializeMap, Serializer};
+use serde_json::Value;
 use std::convert::Infallible;
 use std::fmt;
 use std::future::{Ready, ready};
@@ -101,23 +102,22 @@ impl Health {
 
     /// Runs every check.
     pub fn report(&self) -> HealthReport {
-        let mut report = HealthReport {
-            up: true,
-            info: Map::new(),
-            error: Map::new(),
-            details: Map::new(),
-        };
-        for (name, check) in self.checks.iter() {
-            let (up, detail) = check.run();
-            report.up &= up;
-            if up {
-                report.info.insert(name.clone(), detail.clone());
-            } else {
-                report.error.insert(name.clone(), detail.clone());
-            }
-            report.details.insert(name.clone(), detail);
+        let checks: Vec<CheckResult> = self
+            .checks
+            .iter()
+            .map(|(name, check)| {
+                let (up, detail) = check.run();
+                CheckResult {
+                    name: name.clone(),
+                    up,
+                    detail,
+                }
+            })
+            .collect();
+        HealthReport {
+            up: checks.iter().all(|check| check.up),
+            checks,
         }
-        report
     }
 
     /// A message handler answering with the report, or — when a check is down — failing with
@@ -127,27 +127,23 @@ impl Health {
     /// `"code": "UNAVAILABLE"` beside terminus's fields.
     pub fn handler(
         &self,
-    ) -> impl Fn() -> Ready<Result<Value, RpcError>> + Clone + Send + Sync + 'static {
+    ) -> impl Fn() -> Ready<Result<HealthReport, RpcError>> + Clone + Send + Sync + 'static {
         let health = self.clone();
         move || ready(health.report().into_reply())
     }
 }
 
 impl Check {
-    fn run(&self) -> (bool, Value) {
+    fn run(&self) -> (bool, Detail) {
         match self {
             Check::Breaker(handle) => {
                 let state = handle.state();
                 let up = !matches!(state, CircuitState::Open | CircuitState::ForcedOpen);
-                let detail = json!({
-                    "status": if up { "up" } else { "down" },
-                    "state": state.to_string(),
-                });
-                (up, detail)
+                (up, Detail::State(state.to_string()))
             }
             Check::Custom(check) => match check() {
-                Ok(()) => (true, json!({"status": "up"})),
-                Err(reason) => (false, json!({"status": "down", "message": reason})),
+                Ok(()) => (true, Detail::Plain),
+                Err(reason) => (false, Detail::Message(reason)),
             },
         }
     }
@@ -171,13 +167,71 @@ impl fmt::Debug for Health {
     }
 }
 
-/// The outcome of every check at one moment; see the [module docs](self) for its JSON.
+/// The outcome of every check at one moment, in the order the checks were added; see the
+/// [module docs](self) for its JSON. It serializes as terminus's body, keys in terminus's order
+/// whatever `serde_json`'s map order (`Json(report)` in an axum handler).
 #[derive(Clone, Debug, PartialEq)]
 pub struct HealthReport {
     up: bool,
-    info: Map<String, Value>,
-    error: Map<String, Value>,
-    details: Map<String, Value>,
+    checks: Vec<CheckResult>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+struct CheckResult {
+    name: String,
+    up: bool,
+    detail: Detail,
+}
+
+/// What a check reports beside its status.
+#[derive(Clone, Debug, PartialEq)]
+enum Detail {
+    Plain,
+    /// A breaker's state.
+    State(String),
+    /// Why a check of your own is down.
+    Message(String),
+}
+
+/// `{"status":"up"|"down", "state"|"message": ..}`.
+struct DetailJson<'a>(&'a CheckResult);
+
+impl Serialize for DetailJson<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let check = self.0;
+        let mut map = serializer.serialize_map(None)?;
+        map.serialize_entry("status", if check.up { "up" } else { "down" })?;
+        match &check.detail {
+            Detail::Plain => {}
+            Detail::State(state) => map.serialize_entry("state", state)?,
+            Detail::Message(message) => map.serialize_entry("message", message)?,
+        }
+        map.end()
+    }
+}
+
+/// The checks whose status is `up` (`Some(true)`), `down` (`Some(false)`), or all (`None`), by
+/// name, in the order they were added.
+struct Section<'a>(&'a [CheckResult], Option<bool>);
+
+impl Serialize for Section<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut map = serializer.serialize_map(None)?;
+        for check in self
+            .0
+            .iter()
+            .filter(|check| self.1.is_none_or(|up| check.up == up))
+        {
+            map.serialize_entry(&check.name, &DetailJson(check))?;
+        }
+        map.end()
+    }
+}
+
+impl Serialize for HealthReport {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.serialize_with(serializer, None)
+    }
 }
 
 impl HealthReport {
@@ -186,9 +240,12 @@ impl HealthReport {
         self.up
     }
 
-    /// The names of the checks that are down.
+    /// The names of the checks that are down, in the order they were added.
     pub fn down(&self) -> impl Iterator<Item = &str> {
-        self.error.keys().map(String::as_str)
+        self.checks
+            .iter()
+            .filter(|check| !check.up)
+            .map(|check| check.name.as_str())
     }
 
     /// 200 when up, 503 when a check is down (terminus's codes).
@@ -196,25 +253,47 @@ impl HealthReport {
         if self.up { 200 } else { 503 }
     }
 
-    /// Terminus's JSON: `status`, `info`, `error`, `details`.
+    /// Terminus's JSON: `status`, `info`, `error`, `details` (as a `Value`, its keys in
+    /// `serde_json`'s map order; serialize the report itself for terminus's order).
     pub fn to_json(&self) -> Value {
-        json!({
-            "status": if self.up { "ok" } else { "error" },
-            "info": self.info,
-            "error": self.error,
-            "details": self.details,
-        })
+        serde_json::to_value(self).unwrap_or(Value::Null)
     }
 
-    fn into_reply(self) -> Result<Value, RpcError> {
-        let mut body = self.to_json();
-        if self.up {
-            return Ok(body);
+    /// Terminus's body, then `extra` entries (the error reply's `code` and `message`).
+    fn serialize_with<S: Serializer>(
+        &self,
+        serializer: S,
+        extra: Option<(&str, &str)>,
+    ) -> Result<S::Ok, S::Error> {
+        let mut map = serializer.serialize_map(None)?;
+        map.serialize_entry("status", if self.up { "ok" } else { "error" })?;
+        map.serialize_entry("info", &Section(&self.checks, Some(true)))?;
+        map.serialize_entry("error", &Section(&self.checks, Some(false)))?;
+        map.serialize_entry("details", &Section(&self.checks, None))?;
+        if let Some((code, message)) = extra {
+            map.serialize_entry("code", code)?;
+            map.serialize_entry("message", message)?;
         }
-        let down: Vec<&str> = self.down().collect();
-        body["code"] = json!("UNAVAILABLE");
-        body["message"] = json!(format!("health check failed: {}", down.join(", ")));
-        Err(RpcError::exception_object(body))
+        map.end()
+    }
+
+    fn into_reply(self) -> Result<HealthReport, RpcError> {
+        if self.up {
+            return Ok(self);
+        }
+        let message = format!(
+            "health check failed: {}",
+            self.down().collect::<Vec<_>>().join(", ")
+        );
+        struct Failed<'a>(&'a HealthReport, &'a str);
+        impl Serialize for Failed<'_> {
+            fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+                self.0
+                    .serialize_with(serializer, Some(("UNAVAILABLE", self.1)))
+            }
+        }
+        let body = RawJson::to_json(&Failed(&self, &message)).unwrap_or_else(|_| RawJson::null());
+        Err(RpcError::from_wire_json(&body))
     }
 }
 

@@ -184,6 +184,10 @@ struct Inner {
     kind: Option<TransportErrorKind>,
     /// The `err` value as it crossed (or will cross) the wire, when it has a fixed shape.
     err: Option<Value>,
+    /// The exact text of `err` when known — as received, or built in NestJS's key order — sent
+    /// as it is: `Value`'s key order is `serde_json`'s (sorted, unless an application enables
+    /// `preserve_order`), and NestJS's peers see the bytes.
+    err_text: Option<RawJson>,
     retry_after: Option<Duration>,
     /// Overrides the code's transience (a passed deadline is not worth another attempt).
     transient: Option<bool>,
@@ -223,6 +227,7 @@ impl RpcError {
             message: message.into(),
             kind: None,
             err: None,
+            err_text: None,
             retry_after: None,
             transient: None,
             handler_error: None,
@@ -256,9 +261,8 @@ impl RpcError {
     /// NestJS's `new RpcException("message")`: `err` is `{"status":"error","message":...}`.
     pub fn exception(message: impl Into<String>) -> Self {
         let message = message.into();
-        let err = json!({"status": "error", "message": message});
         let mut error = RpcError::new(Code::Application, message);
-        error.0.err = Some(err);
+        error.set_err(status_error(&error.0.message));
         error
     }
 
@@ -274,7 +278,7 @@ impl RpcError {
     /// What NestJS sends for an unexpected error: `{"status":"error","message":"Internal server error"}`.
     pub fn internal() -> Self {
         let mut error = RpcError::new(Code::Internal, INTERNAL_SERVER_ERROR);
-        error.0.err = Some(json!({"status": "error", "message": INTERNAL_SERVER_ERROR}));
+        error.set_err(status_error(INTERNAL_SERVER_ERROR));
         error
     }
 
@@ -314,10 +318,38 @@ impl RpcError {
     }
 
     /// `InvalidArgument` sent as the `err` object given (a NestJS `BadRequest` body, say).
-    pub(crate) fn invalid_argument_with(message: impl Into<String>, err: Value) -> Self {
+    pub(crate) fn invalid_argument_with(message: impl Into<String>, err: RawJson) -> Self {
         let mut error = RpcError::new(Code::InvalidArgument, message);
-        error.0.err = Some(err);
+        error.set_err(err);
         error
+    }
+
+    /// Sends `err` as this text.
+    fn set_err(&mut self, err: RawJson) {
+        self.0.err = Some(err.to_value());
+        self.0.err_text = Some(err);
+    }
+
+    /// The `err` value as it goes on the wire, as JSON text: the text that arrived, or the one
+    /// built in NestJS's key order, or [`err`](Self::err) written out.
+    pub fn err_json(&self) -> RawJson {
+        if let Some(text) = &self.0.err_text {
+            return text.clone();
+        }
+        if self.0.err.is_some() {
+            return RawJson::to_json(&self.err()).unwrap_or_else(|_| RawJson::null());
+        }
+        // The default shape, in its documented order.
+        let mut text = format!(
+            r#"{{"status":"error","message":{},"code":"{}""#,
+            json_string(&self.0.message),
+            self.0.code.as_str()
+        );
+        if let Some(after) = self.0.retry_after {
+            text.push_str(&format!(r#","retryAfterMs":{}"#, after.as_millis() as u64));
+        }
+        text.push('}');
+        RawJson::from_trusted(text.into())
     }
 
     /// `Unauthenticated`: the caller did not prove who it is (what a guard answers).
@@ -348,8 +380,23 @@ impl RpcError {
     /// Adds a retry-after hint (sent on the wire as `retryAfterMs`).
     pub fn with_retry_after(mut self, after: Duration) -> Self {
         self.0.retry_after = Some(after);
+        let millis = after.as_millis() as u64;
         if let Some(Value::Object(map)) = &mut self.0.err {
-            map.insert("retryAfterMs".into(), json!(after.as_millis() as u64));
+            let had = map.insert("retryAfterMs".into(), json!(millis)).is_some();
+            // Appended to the known text when new; otherwise the text is written out afresh.
+            self.0.err_text = match self.0.err_text.take() {
+                Some(text) if !had && text.as_str().ends_with('}') => {
+                    let body = &text.as_str()[..text.as_str().len() - 1];
+                    let comma = if body.trim_end().ends_with('{') {
+                        ""
+                    } else {
+                        ","
+                    };
+                    let appended = format!(r#"{body}{comma}"retryAfterMs":{millis}}}"#);
+                    Some(RawJson::from_trusted(appended.into()))
+                }
+                _ => None,
+            };
         }
         self
     }
@@ -399,6 +446,7 @@ impl RpcError {
             message,
             kind: None,
             err: Some(err.clone()),
+            err_text: None,
             retry_after,
             transient: None,
             handler_error: None,
@@ -407,7 +455,9 @@ impl RpcError {
 
     /// [`from_wire`](Self::from_wire) for a raw JSON `err`.
     pub fn from_wire_json(err: &RawJson) -> Self {
-        RpcError::from_wire(&err.to_value())
+        let mut error = RpcError::from_wire(&err.to_value());
+        error.0.err_text = Some(err.clone());
+        error
     }
 
     /// The code.
@@ -464,6 +514,17 @@ impl RpcError {
     }
 }
 
+/// `{"status":"error","message":..}`, NestJS's `RpcException("message")` body, in its key order.
+fn status_error(message: &str) -> RawJson {
+    RawJson::from_trusted(
+        format!(r#"{{"status":"error","message":{}}}"#, json_string(message)).into(),
+    )
+}
+
+fn json_string(text: &str) -> String {
+    serde_json::to_string(text).expect("a string serialises")
+}
+
 impl Clone for RpcError {
     fn clone(&self) -> Self {
         RpcError(Box::new(Inner {
@@ -471,6 +532,7 @@ impl Clone for RpcError {
             message: self.0.message.clone(),
             kind: self.0.kind,
             err: self.0.err.clone(),
+            err_text: self.0.err_text.clone(),
             retry_after: self.0.retry_after,
             transient: self.0.transient,
             handler_error: self.0.handler_error.clone(),
@@ -634,6 +696,49 @@ mod tests {
             format!("{busy:?}"),
             r#"RpcError { code: Unavailable, message: "reconnecting", transport_kind: NotConnected, retry_after: 1.5s }"#
         );
+    }
+
+    #[test]
+    fn the_err_text_keeps_nests_key_order_whatever_serde_jsons_map_order() {
+        // Relayed as it came, key order and spacing included.
+        let came =
+            RawJson::from_text(r#"{"zeta":1, "alpha":{"b":2,"a":1},"message":"m"}"#).unwrap();
+        let relayed = RpcError::from_wire_json(&came);
+        assert_eq!(relayed.err_json(), came);
+        assert_eq!(relayed.message(), "m");
+        // NestJS's shapes, in NestJS's order.
+        assert_eq!(
+            RpcError::exception("boom \"x\"").err_json().as_str(),
+            r#"{"status":"error","message":"boom \"x\""}"#
+        );
+        assert_eq!(
+            RpcError::internal().err_json().as_str(),
+            r#"{"status":"error","message":"Internal server error"}"#
+        );
+        assert_eq!(
+            RpcError::not_found("gone").err_json().as_str(),
+            r#"{"status":"error","message":"gone","code":"NOT_FOUND"}"#
+        );
+        let busy = RpcError::unavailable("busy").with_retry_after(Duration::from_millis(1500));
+        assert_eq!(
+            busy.err_json().as_str(),
+            r#"{"status":"error","message":"busy","code":"UNAVAILABLE","retryAfterMs":1500}"#
+        );
+        // A hint added to a known text is appended once; a second one rewrites the value.
+        let hinted = RpcError::exception("slow").with_retry_after(Duration::from_millis(10));
+        assert_eq!(
+            hinted.err_json().as_str(),
+            r#"{"status":"error","message":"slow","retryAfterMs":10}"#
+        );
+        let again = hinted.with_retry_after(Duration::from_millis(20));
+        assert_eq!(again.err()["retryAfterMs"], 20);
+        assert_eq!(
+            serde_json::from_str::<Value>(again.err_json().as_str()).unwrap()["retryAfterMs"],
+            20
+        );
+        let empty = RpcError::from_wire_json(&RawJson::from_text("{}").unwrap())
+            .with_retry_after(Duration::from_millis(5));
+        assert_eq!(empty.err_json().as_str(), r#"{"retryAfterMs":5}"#);
     }
 
     #[test]

@@ -42,7 +42,12 @@ pub(crate) fn record(
         Label::from_static_parts("rpc.message.kind", kind),
         Label::from_static_parts("rpc.response.status_code", status),
     ];
-    emit("rpc.server.call.duration", "rpc.server.requests", labels, took);
+    emit(
+        "rpc.server.call.duration",
+        "rpc.server.requests",
+        labels,
+        took,
+    );
 }
 
 /// Records one call a client made.
@@ -66,7 +71,12 @@ pub(crate) fn record_client(
         Label::from_static_parts("rpc.message.kind", kind),
         Label::from_static_parts("rpc.response.status_code", status),
     ];
-    emit("rpc.client.call.duration", "rpc.client.requests", labels, took);
+    emit(
+        "rpc.client.call.duration",
+        "rpc.client.requests",
+        labels,
+        took,
+    );
 }
 
 /// Records a call's duration and counts it, the two metrics sharing one label list.
@@ -81,4 +91,5 @@ fn emit(duration: &'static str, requests: &'static str, labels: Vec<Label>, took
     });
 }
 
-static METADATA: Metadata<'static> = Metadata::new(module_path!(), Level::INFO, Some(module_path!()));
+static METADATA: Metadata<'static> =
+    Metadata::new(module_path!(), Level::INFO, Some(module_path!()));

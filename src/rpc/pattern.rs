@@ -19,19 +19,24 @@ const MAX_KEYS: usize = 20;
 /// objects keyed `"0"`, `"1"`, .... The raw pattern is what goes on the wire.
 ///
 /// ```
-/// use palisade::rpc::Pattern;
+/// use palisade::rpc::{Pattern, RawJson};
 /// use serde_json::json;
 ///
 /// assert_eq!(Pattern::from("get-user").route(), "get-user");
 /// assert_eq!(Pattern::from(42).route(), "42");
 /// let sum = Pattern::from(json!({ "role": "math", "cmd": "sum" }));
 /// assert_eq!(sum.route(), r#"{"cmd":"sum","role":"math"}"#);
-/// assert_eq!(sum.raw().as_str(), r#"{"role":"math","cmd":"sum"}"#); // as written, like JS
+/// // A received pattern keeps its text, key order included, as NestJS's does.
+/// let received = Pattern::received(RawJson::from_text(r#"{"role":"math","cmd":"sum"}"#).unwrap());
+/// assert_eq!(received.raw().as_str(), r#"{"role":"math","cmd":"sum"}"#);
+/// assert_eq!(received.route(), sum.route());
 /// ```
 ///
-/// palisade builds `serde_json` with `preserve_order`, so objects keep their keys in the order they
-/// were written or received, as JavaScript objects do; replies that echo JSON are then
-/// byte-identical to NestJS's.
+/// Routes are computed from the pattern's text as JavaScript reads it (numbers exactly, keys in
+/// the order they came), whatever features `serde_json` is built with. A pattern built from a
+/// `serde_json::Value` has the key order of that `Value`: sorted, unless your application
+/// enables `serde_json`'s `preserve_order` (which routing never needs; the raw pattern's order
+/// shows only in RabbitMQ routing keys and in the packet's `pattern` field).
 ///
 /// Key order: for ASCII keys palisade reproduces the ICU root collation that Node's
 /// `localeCompare` uses (punctuation before digits before letters, letters case-insensitively
@@ -193,18 +198,116 @@ pub(crate) fn incoming_route(raw: &RawJson) -> Option<String> {
             return Some(inner.to_owned());
         }
     }
-    let value = raw.to_value();
+    let value = Js::parse(raw.as_str()).unwrap_or(Js::Null);
     let parsed = match value {
-        Value::String(text) => match serde_json::from_str::<Value>(&text) {
+        Js::String(text) => match Js::parse(&text) {
             Ok(parsed) => parsed,
             Err(_) => return Some(text),
         },
         other => other,
     };
     match parsed {
-        Value::String(text) => Some(text),
-        Value::Number(_) | Value::Object(_) | Value::Array(_) => Some(route_of(&parsed)),
-        Value::Bool(_) | Value::Null => None,
+        Js::String(text) => Some(text),
+        Js::Number(_) | Js::Object(_) | Js::Array(_) => {
+            let mut route = String::new();
+            write_route(&parsed, 0, &mut route);
+            Some(route)
+        }
+        Js::Bool(_) | Js::Null => None,
+    }
+}
+
+/// A JSON value as JavaScript's `JSON.parse` holds it: numbers read exactly from their text (as
+/// `Number("…")` does, whatever `serde_json`'s float parsing), and object keys in the order they
+/// were read (a repeated key keeps its first place and its last value), whatever `serde_json`'s
+/// map order.
+#[derive(Debug, PartialEq)]
+enum Js {
+    Null,
+    Bool(bool),
+    Number(f64),
+    String(String),
+    Array(Vec<Js>),
+    Object(Vec<(String, Js)>),
+}
+
+impl Js {
+    fn parse(text: &str) -> Result<Js, serde_json::Error> {
+        use serde_json::value::RawValue;
+        let trimmed = text.trim();
+        match trimmed.as_bytes().first() {
+            Some(b'{') => {
+                let entries: RawEntries<'_> = serde_json::from_str(trimmed)?;
+                let mut object: Vec<(String, Js)> = Vec::with_capacity(entries.0.len());
+                for (key, raw) in entries.0 {
+                    let value = Js::parse(raw.get())?;
+                    match object.iter_mut().find(|(k, _)| *k == key) {
+                        Some((_, slot)) => *slot = value,
+                        None => object.push((key, value)),
+                    }
+                }
+                Ok(Js::Object(object))
+            }
+            Some(b'[') => {
+                let items: Vec<&RawValue> = serde_json::from_str(trimmed)?;
+                items
+                    .into_iter()
+                    .map(|raw| Js::parse(raw.get()))
+                    .collect::<Result<_, _>>()
+                    .map(Js::Array)
+            }
+            Some(b'-' | b'0'..=b'9') => {
+                // Validated as JSON first; then read exactly, as JavaScript reads it.
+                serde_json::from_str::<serde::de::IgnoredAny>(trimmed)?;
+                Ok(Js::Number(trimmed.parse::<f64>().unwrap_or(f64::NAN)))
+            }
+            _ => Ok(match serde_json::from_str::<Value>(trimmed)? {
+                Value::String(text) => Js::String(text),
+                Value::Bool(b) => Js::Bool(b),
+                _ => Js::Null,
+            }),
+        }
+    }
+
+    fn from_value(value: &Value) -> Js {
+        match value {
+            Value::Null => Js::Null,
+            Value::Bool(b) => Js::Bool(*b),
+            Value::Number(n) => Js::Number(n.as_f64().unwrap_or(0.0)),
+            Value::String(text) => Js::String(text.clone()),
+            Value::Array(items) => Js::Array(items.iter().map(Js::from_value).collect()),
+            Value::Object(map) => Js::Object(
+                map.iter()
+                    .map(|(key, value)| (key.clone(), Js::from_value(value)))
+                    .collect(),
+            ),
+        }
+    }
+}
+
+/// An object's entries as read, raw.
+struct RawEntries<'a>(Vec<(String, &'a serde_json::value::RawValue)>);
+
+impl<'de: 'a, 'a> serde::Deserialize<'de> for RawEntries<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Entries<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> serde::de::Visitor<'de> for Entries<'a> {
+            type Value = RawEntries<'a>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<M: serde::de::MapAccess<'de>>(
+                self,
+                mut map: M,
+            ) -> Result<RawEntries<'a>, M::Error> {
+                let mut entries = Vec::new();
+                while let Some(key) = map.next_key::<String>()? {
+                    entries.push((key, map.next_value()?));
+                }
+                Ok(RawEntries(entries))
+            }
+        }
+        deserializer.deserialize_map(Entries(std::marker::PhantomData))
     }
 }
 
@@ -225,21 +328,19 @@ fn plain_string_route(raw: &RawJson) -> Option<&str> {
 /// NestJS's `transformPatternToRoute`.
 pub(crate) fn route_of(value: &Value) -> String {
     let mut route = String::new();
-    write_route(value, 0, &mut route);
+    write_route(&Js::from_value(value), 0, &mut route);
     route
 }
 
-fn write_route(value: &Value, depth: usize, out: &mut String) {
+fn write_route(value: &Js, depth: usize, out: &mut String) {
     match value {
-        Value::String(text) => out.push_str(text),
-        Value::Number(n) => out.push_str(&js_number(n.as_f64().unwrap_or(0.0))),
-        Value::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
-        Value::Null => out.push_str("null"),
-        Value::Object(_) | Value::Array(_) if depth > MAX_DEPTH => {
-            out.push_str("[MAX_DEPTH_REACHED]")
-        }
-        Value::Object(map) => write_entries(js_key_order(map), depth, out),
-        Value::Array(items) => write_entries(
+        Js::String(text) => out.push_str(text),
+        Js::Number(n) => out.push_str(&js_number(*n)),
+        Js::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
+        Js::Null => out.push_str("null"),
+        Js::Object(_) | Js::Array(_) if depth > MAX_DEPTH => out.push_str("[MAX_DEPTH_REACHED]"),
+        Js::Object(entries) => write_entries(js_key_order(entries), depth, out),
+        Js::Array(items) => write_entries(
             items
                 .iter()
                 .enumerate()
@@ -254,17 +355,17 @@ fn write_route(value: &Value, depth: usize, out: &mut String) {
 /// An object's entries in JavaScript's `Object.keys` order: integer-like keys first, ascending,
 /// then the others in the order they were read. It matters only for keys the collation ranks equal
 /// (keys differing just by ignorable control characters), which keep this order when sorted.
-fn js_key_order(map: &serde_json::Map<String, Value>) -> Vec<(String, &Value)> {
+fn js_key_order(map: &[(String, Js)]) -> Vec<(String, &Js)> {
     let array_index = |key: &str| -> Option<u32> {
         let index: u32 = key.parse().ok()?;
         (index != u32::MAX && index.to_string() == key).then_some(index)
     };
-    let mut entries: Vec<(String, &Value)> = map.iter().map(|(k, v)| (k.clone(), v)).collect();
+    let mut entries: Vec<(String, &Js)> = map.iter().map(|(k, v)| (k.clone(), v)).collect();
     entries.sort_by_key(|(key, _)| array_index(key).map_or((1, 0), |i| (0, i)));
     entries
 }
 
-fn write_entries(mut entries: Vec<(String, &Value)>, depth: usize, out: &mut String) {
+fn write_entries(mut entries: Vec<(String, &Js)>, depth: usize, out: &mut String) {
     if entries.len() > MAX_KEYS {
         out.push_str("[TOO_MANY_KEYS]");
         return;
@@ -280,7 +381,7 @@ fn write_entries(mut entries: Vec<(String, &Value)>, depth: usize, out: &mut Str
         escape_into(key, out);
         out.push_str("\":");
         match value {
-            Value::String(text) => {
+            Js::String(text) => {
                 out.push('"');
                 escape_into(text, out);
                 out.push('"');

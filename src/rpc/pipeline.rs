@@ -5,11 +5,10 @@
 //! them ([`Router::layer`](super::Router::layer)).
 
 use super::handler::{FromRequest, Payload, Reply, Route};
-use super::{RpcError, RpcRequest};
+use super::{RawJson, RpcError, RpcRequest};
 use futures_util::future::BoxFuture;
 use futures_util::stream::StreamExt;
 use serde::de::DeserializeOwned;
-use serde_json::json;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
@@ -538,16 +537,23 @@ impl std::error::Error for ValidationErrors {}
 /// palisade client reads `Code::InvalidArgument`.
 impl From<ValidationErrors> for RpcError {
     fn from(errors: ValidationErrors) -> Self {
-        let messages: Vec<String> = errors.0.iter().map(ToString::to_string).collect();
-        RpcError::invalid_argument_with(
-            errors.to_string(),
-            json!({
-                "statusCode": 400,
-                "message": messages,
-                "error": "Bad Request",
-                "code": "INVALID_ARGUMENT",
-            }),
-        )
+        /// NestJS's BadRequest body, in its key order.
+        #[derive(serde::Serialize)]
+        struct BadRequest<'a> {
+            #[serde(rename = "statusCode")]
+            status_code: u16,
+            message: Vec<String>,
+            error: &'a str,
+            code: &'a str,
+        }
+        let body = BadRequest {
+            status_code: 400,
+            message: errors.0.iter().map(ToString::to_string).collect(),
+            error: "Bad Request",
+            code: "INVALID_ARGUMENT",
+        };
+        let err = RawJson::to_json(&body).unwrap_or_else(|_| RawJson::null());
+        RpcError::invalid_argument_with(errors.to_string(), err)
     }
 }
 

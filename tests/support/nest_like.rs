@@ -2,7 +2,7 @@
 //! wire capture was taken from, answering exactly as NestJS does.
 
 use futures_util::StreamExt;
-use palisade::rpc::{Payload, Router, RpcError, Streaming};
+use palisade::rpc::{Payload, Reply, Router, RpcError, RpcRequest, Streaming};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use std::sync::{Arc, Mutex};
@@ -50,10 +50,12 @@ pub fn string_routes(events: Arc<Mutex<Vec<Value>>>) -> Router {
         .message("crash", || async {
             Err::<(), _>(std::io::Error::other("the database password is hunter2"))
         })
-        .message("slow", |Payload(v): Payload<Value>| async move {
-            let ms = v["ms"].as_u64().unwrap_or(0);
+        .message("slow", |request: RpcRequest| async move {
+            // Echoed as received, key order included (NestJS echoes the object it parsed).
+            let payload = request.payload().clone();
+            let ms = payload.to_value()["ms"].as_u64().unwrap_or(0);
             tokio::time::sleep(Duration::from_millis(ms)).await;
-            v
+            Reply::Value(payload)
         })
         .message("count", |Payload(n): Payload<u32>| async move {
             // Asynchronous values, as NestJS's `timer` pipeline: one frame each, then completion.

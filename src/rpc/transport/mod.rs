@@ -335,7 +335,7 @@ impl<T: ClientTransport> Connect for T {
 
 /// The `err` JSON for `error`: what a reply packet carries when a request fails.
 pub fn error_json(error: &RpcError) -> RawJson {
-    RawJson::to_json(&error.err()).unwrap_or_else(|_| RawJson::null())
+    error.err_json()
 }
 
 /// The README's examples, compiled and run as doctests. They use every transport, so they live

@@ -44,8 +44,9 @@ pub(crate) fn decode(value: Option<&[u8]>) -> RawJson {
         return RawJson::null();
     };
     if bytes.first() == Some(&0) {
-        let buffer = serde_json::json!({"type": "Buffer", "data": bytes});
-        return RawJson::to_json(&buffer).unwrap_or_else(|_| RawJson::null());
+        // Node's key order, whatever `serde_json`'s map order.
+        let data = serde_json::to_string(bytes).unwrap_or_else(|_| "[]".to_owned());
+        return RawJson::from_trusted(format!(r#"{{"type":"Buffer","data":{data}}}"#).into());
     }
     let text = String::from_utf8_lossy(bytes);
     let trimmed = text.trim();

@@ -905,6 +905,7 @@ fn is_wildcard(route: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::rpc::RawJson;
     use serde_json::json;
 
     #[test]
@@ -1030,8 +1031,12 @@ mod tests {
             routing_key_of(&Pattern::from("users.created")),
             "users.created"
         );
-        let object = Pattern::from(json!({"role": "math", "cmd": "sum"}));
+        // A received pattern keeps its text, key order included, as NestJS's routing key does.
+        let object =
+            Pattern::received(RawJson::from_text(r#"{"role":"math","cmd":"sum"}"#).unwrap());
         assert_eq!(routing_key_of(&object), r#"{"role":"math","cmd":"sum"}"#);
+        let built = Pattern::from(json!({"role": "math", "cmd": "sum"}));
+        assert_eq!(routing_key_of(&built), built.raw().as_str());
     }
 
     #[test]
