@@ -550,3 +550,77 @@ mod msgpack {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::error::Error as _;
+
+    #[test]
+    fn the_default_codec_is_nests_json_and_says_so() {
+        assert_eq!(JsonCodec.name(), "JSON");
+        assert!(SharedCodec::default().is_json());
+        assert!(SharedCodec::new(JsonCodec).is_json());
+        assert_eq!(format!("{:?}", SharedCodec::default()), "JSON");
+        let data = RawJson::from_text(r#"{"b":1,"a":[2]}"#).unwrap();
+        // A payload alone is its JSON text, as it came.
+        assert_eq!(
+            SharedCodec::default().value_body(&data).unwrap(),
+            data.as_bytes()
+        );
+        assert_eq!(JsonCodec.decode_value(data.as_bytes()).unwrap(), data);
+        let body = SharedCodec::default()
+            .request_body(
+                &RawJson::to_json("p").unwrap(),
+                &data,
+                Some("7"),
+                &Headers::new(),
+            )
+            .unwrap();
+        assert_eq!(
+            &body[..],
+            br#"{"pattern":"p","data":{"b":1,"a":[2]},"id":"7"}"#
+        );
+        let reply = SharedCodec::default()
+            .reply_body(
+                &ReplyPacket::Complete,
+                Some(&RawJson::to_json("7").unwrap()),
+            )
+            .unwrap();
+        assert_eq!(&reply[..], br#"{"isDisposed":true,"id":"7"}"#);
+    }
+
+    #[test]
+    fn a_codec_error_names_its_codec_and_keeps_its_cause() {
+        let error = JsonCodec
+            .decode_reply(&Bytes::from_static(b"{nope"))
+            .unwrap_err();
+        assert_eq!(error.codec(), "JSON");
+        assert!(
+            error.to_string().starts_with("not a valid JSON message: "),
+            "{error}"
+        );
+        assert!(error.source().is_some());
+        assert!(JsonCodec.decode_value(b"{nope").is_err());
+        assert!(
+            JsonCodec
+                .decode_incoming(&Bytes::from_static(b"{nope"))
+                .is_err()
+        );
+    }
+
+    #[cfg(feature = "msgpack")]
+    #[test]
+    fn messagepack_is_not_json_and_round_trips_values() {
+        let codec = SharedCodec::new(MessagePackCodec);
+        assert!(!codec.is_json());
+        assert_eq!(format!("{codec:?}"), "MessagePack");
+        let value = RawJson::from_text(r#"{"n":300,"s":"x","l":[true,null,1.5]}"#).unwrap();
+        let body = codec.value_body(&value).unwrap();
+        assert_ne!(body, value.as_bytes());
+        assert_eq!(codec.decode_value(&body).unwrap(), value);
+        let mut trailing = body.clone();
+        trailing.push(0xc0);
+        assert!(codec.decode_value(&trailing).is_err());
+    }
+}
