@@ -81,8 +81,10 @@ struct Shared {
     /// subscriptions are restored: a request registered while it is set is either answered or
     /// failed by the loss.
     connected: AtomicBool,
-    /// The reply channels subscribed to: kept for the connection's life, restored on reconnection.
-    channels: Mutex<HashSet<Arc<str>>>,
+    /// The routes whose reply channels are subscribed to: kept for the connection's life,
+    /// restored on reconnection. Keyed by route, so that a request finds its reply channel
+    /// subscribed without naming it.
+    routes: Mutex<HashSet<Arc<str>>>,
     /// The command half of the current subscriber connection; `None` while reconnecting.
     /// Subscribing a new reply channel holds this lock, and so does restoring the subscriptions
     /// on a new connection, so that none is missed.
@@ -119,7 +121,7 @@ impl RedisConnection {
             options: options.clone(),
             pending: PendingRequests::new(),
             connected: AtomicBool::new(false),
-            channels: Mutex::new(HashSet::new()),
+            routes: Mutex::new(HashSet::new()),
             link: tokio::sync::Mutex::new(None),
             publisher: Publisher::new(options.clone()),
             durable_events,
@@ -151,14 +153,14 @@ impl Shared {
         let (mut subscriber, stream) = self.options.subscriber().await?.split();
         let publisher = self.options.commands().await?;
         let mut link = self.link.lock().await;
-        let channels: Vec<Arc<str>> = self
-            .channels
+        let channels: Vec<String> = self
+            .routes
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .iter()
-            .cloned()
+            .map(|route| reply_channel(route))
             .collect();
-        let names: Vec<&str> = channels.iter().map(|c| &**c).collect();
+        let names: Vec<&str> = channels.iter().map(String::as_str).collect();
         self.options.subscribe(&mut subscriber, &names).await?;
         self.publisher.set(Some(publisher));
         *link = Some(subscriber);
@@ -191,23 +193,19 @@ impl Shared {
         }
     }
 
-    /// Subscribes `channel` once; later requests find it subscribed.
-    async fn ensure_subscribed(&self, channel: &str) -> Result<(), RpcError> {
-        if self
-            .channels
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .contains(channel)
-        {
+    /// Subscribes the reply channel of `route` once; later requests find it subscribed.
+    async fn ensure_subscribed(&self, route: &Arc<str>) -> Result<(), RpcError> {
+        let subscribed = || {
+            self.routes
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains(route)
+        };
+        if subscribed() {
             return Ok(());
         }
         let mut link = self.link.lock().await;
-        if self
-            .channels
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .contains(channel)
-        {
+        if subscribed() {
             return Ok(());
         }
         let Some(subscriber) = link.as_mut() else {
@@ -219,11 +217,13 @@ impl Shared {
                 ),
             ));
         };
-        self.options.subscribe(subscriber, &[channel]).await?;
-        self.channels
+        self.options
+            .subscribe(subscriber, &[reply_channel(route).as_str()])
+            .await?;
+        self.routes
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(Arc::from(channel));
+            .insert(Arc::clone(route));
         Ok(())
     }
 }
@@ -336,7 +336,9 @@ impl ClientTransport for RedisConnection {
             shared.check_connected()?;
             let route = request.pattern().route();
             // Subscribed before publishing, or a quick reply would be published to nobody.
-            shared.ensure_subscribed(&reply_channel(route)).await?;
+            shared
+                .ensure_subscribed(request.pattern().route_arc())
+                .await?;
             let registered = shared.pending.register(request.pattern())?;
             // Checked after registering: a loss from now on fails this request (see `connected`).
             shared.check_connected()?;

@@ -158,6 +158,9 @@ pub(super) struct Subscribed {
     stream: PubSubStream,
 }
 
+/// The channels served: each one's route, and the channel its replies go to.
+type Routes<'a> = HashMap<&'a str, (&'a Arc<str>, Arc<str>)>;
+
 /// What a serving loop needs; the lease runs it while it holds the lease.
 pub(super) struct Serving {
     pub(super) options: RedisOptions,
@@ -186,7 +189,11 @@ impl Serving {
         mut stream: Option<Subscribed>,
         stop: impl Future<Output = ()>,
     ) -> Stopped {
-        let routes: HashMap<&str, &Arc<str>> = self.channels.iter().map(|c| (&**c, c)).collect();
+        let routes: Routes<'_> = self
+            .channels
+            .iter()
+            .map(|c| (&**c, (c, Arc::from(reply_channel(c)))))
+            .collect();
         let mut draining = std::pin::pin!(self.dispatcher.draining());
         let mut stop = std::pin::pin!(stop);
         let mut attempt = 0u32;
@@ -259,7 +266,7 @@ impl Serving {
     /// Stops taking messages without losing those already on their way: unsubscribes, then
     /// handles what arrived before Redis confirmed (during shutdown the dispatcher answers those
     /// requests `Unavailable`, rather than leaving their callers to time out).
-    async fn step_down(&self, subscribed: Option<Subscribed>, routes: &HashMap<&str, &Arc<str>>) {
+    async fn step_down(&self, subscribed: Option<Subscribed>, routes: &Routes<'_>) {
         let Some(mut subscribed) = subscribed else {
             return;
         };
@@ -276,9 +283,9 @@ impl Serving {
         }
     }
 
-    async fn handle(&self, routes: &HashMap<&str, &Arc<str>>, message: &redis::Msg) {
+    async fn handle(&self, routes: &Routes<'_>, message: &redis::Msg) {
         let channel = message.get_channel_name();
-        let Some(route) = routes.get(channel) else {
+        let Some((route, reply_to)) = routes.get(channel) else {
             tracing::debug!(%channel, "message on a channel not subscribed to ignored");
             return;
         };
@@ -290,7 +297,7 @@ impl Serving {
         let (request, id) = packet.into_request_on(route, &payload, Headers::new());
         let sink = id.map(|id| RedisSink {
             publisher: Arc::clone(&self.publisher),
-            channel: reply_channel(channel),
+            channel: Arc::clone(reply_to),
             id,
             done: false,
             codec: self.options.shared_codec().clone(),
@@ -321,7 +328,7 @@ pub(super) fn incoming(codec: &SharedCodec, payload: Bytes) -> Option<(Bytes, In
 
 struct RedisSink {
     publisher: Arc<Publisher>,
-    channel: String,
+    channel: Arc<str>,
     id: RawJson,
     done: bool,
     codec: SharedCodec,
