@@ -1,32 +1,32 @@
 //! Request/reply and events over Redis pub/sub: palisade's client and server beside bare `redis`
-//! loops doing the same work — requests `PUBLISH`ed on the pattern's channel (checking that
-//! someone heard them), replies read from `<channel>.reply` on a subscriber connection and
-//! matched by id, a server answering each message in a task of its own — one at a time and 64 in
-//! flight, in the same run, on one `redis-server` (started here on a free loopback port). The bare
-//! pair uses channels of its own (`bare-echo`, `bare-note`), so that no server hears the other's
-//! requests.
+//! loops (`support/bare_redis.rs`) doing the same work — requests `PUBLISH`ed on the pattern's
+//! channel (checking that someone heard them), replies read from `<channel>.reply` on a
+//! subscriber connection and matched by id, a server answering each message in a task of its own
+//! — one at a time and 64 in flight, in the same run, on one `redis-server` (started here on a
+//! free loopback port). The bare pair uses channels of its own (`bare-echo`, `bare-note`), so
+//! that no server hears the other's requests. For CPU time per request, steadier than wall time,
+//! see `examples/redis_cpu.rs`.
 //!
 //! `cargo bench -p palisade-benches --bench redis`; the NestJS comparison (every pairing of a
 //! palisade or NestJS client and server, requests per second) alone with
 //! `cargo bench -p palisade-benches --bench redis -- nestjs`.
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use futures::StreamExt;
 use palisade::rpc::transport::ServerTransport;
 use palisade::rpc::transport::redis::{RedisOptions, RedisServer};
 use palisade::rpc::{Client, Payload, Router, Server};
-use serde_json::Value;
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::oneshot;
 
 mod support;
 use support::in_tasks;
 
 #[path = "support/nest_pairs.rs"]
 mod nest_pairs;
+
+#[path = "support/bare_redis.rs"]
+mod bare_redis;
+use bare_redis::{BareClient, bare_server};
 
 #[path = "../../tests/support/nestjs.rs"]
 mod nestjs;
@@ -41,97 +41,6 @@ fn free_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
-}
-
-type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Vec<u8>>>>>;
-
-/// A bare `redis` client: a multiplexed connection to publish on, a subscriber on the reply
-/// channel, a map of the requests waiting.
-struct BareClient {
-    publisher: redis::aio::MultiplexedConnection,
-    pending: Pending,
-    next: AtomicU64,
-}
-
-impl BareClient {
-    async fn connect(url: &str) -> Arc<BareClient> {
-        let client = redis::Client::open(url).unwrap();
-        let (mut sink, mut replies) = client.get_async_pubsub().await.unwrap().split();
-        sink.subscribe("bare-echo.reply").await.unwrap();
-        let pending: Pending = Arc::default();
-        let reader = Arc::clone(&pending);
-        tokio::spawn(async move {
-            let _sink = sink;
-            while let Some(message) = replies.next().await {
-                let reply: Value = serde_json::from_slice(message.get_payload_bytes()).unwrap();
-                let id: u64 = reply["id"].as_str().unwrap().parse().unwrap();
-                if let Some(waiting) = reader.lock().unwrap().remove(&id) {
-                    let _ = waiting.send(message.get_payload_bytes().to_vec());
-                }
-            }
-        });
-        Arc::new(BareClient {
-            publisher: client.get_multiplexed_async_connection().await.unwrap(),
-            pending,
-            next: AtomicU64::new(0),
-        })
-    }
-
-    async fn call(&self, x: u64) -> u64 {
-        let id = self.next.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = oneshot::channel();
-        self.pending.lock().unwrap().insert(id, tx);
-        let body = format!(r#"{{"pattern":"bare-echo","data":{x},"id":"{id}"}}"#);
-        let heard: u64 = redis::cmd("PUBLISH")
-            .arg("bare-echo")
-            .arg(body)
-            .query_async(&mut self.publisher.clone())
-            .await
-            .unwrap();
-        assert!(heard > 0, "no server subscribed");
-        let reply: Value = serde_json::from_slice(&rx.await.unwrap()).unwrap();
-        reply["response"].as_u64().unwrap()
-    }
-
-    async fn emit(&self, x: u64) {
-        let body = format!(r#"{{"pattern":"bare-note","data":{x}}}"#);
-        let _: u64 = redis::cmd("PUBLISH")
-            .arg("bare-note")
-            .arg(body)
-            .query_async(&mut self.publisher.clone())
-            .await
-            .unwrap();
-    }
-}
-
-/// A bare `redis` server: a subscriber on `bare-echo` and `bare-note`, each message handled in a
-/// task that parses it and publishes the answer on `bare-echo.reply`.
-async fn bare_server(url: &str) {
-    let client = redis::Client::open(url).unwrap();
-    let (mut sink, mut messages) = client.get_async_pubsub().await.unwrap().split();
-    sink.subscribe(&["bare-echo", "bare-note"]).await.unwrap();
-    let publisher = client.get_multiplexed_async_connection().await.unwrap();
-    tokio::spawn(async move {
-        let _sink = sink;
-        while let Some(message) = messages.next().await {
-            let mut publisher = publisher.clone();
-            tokio::spawn(async move {
-                let packet: Value = serde_json::from_slice(message.get_payload_bytes()).unwrap();
-                if let Some(id) = packet.get("id") {
-                    let body = format!(
-                        r#"{{"id":{id},"response":{},"isDisposed":true}}"#,
-                        packet["data"]
-                    );
-                    let _: u64 = redis::cmd("PUBLISH")
-                        .arg("bare-echo.reply")
-                        .arg(body)
-                        .query_async(&mut publisher)
-                        .await
-                        .unwrap();
-                }
-            });
-        }
-    });
 }
 
 fn router() -> Router {
