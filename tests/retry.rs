@@ -964,6 +964,16 @@ fn max_attempts_and_debug_output() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_response_future_names_itself_in_debug_output() {
+    let (service, _) = scripted::<(), _, _>(|_| async { Ok("done") });
+    let mut service = no_jitter(2, MS).layer().layer(service);
+    let future = service.ready().await.unwrap().call(());
+    // Its fields (the request, the policy, the inner future) are not the caller's business.
+    assert_eq!(format!("{future:?}"), "ResponseFuture { .. }");
+    assert_eq!(future.await, Ok("done"));
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_rejection_without_a_hint_is_never_retried() {
     // tower's LoadShed: transient, a local rejection, no retry-after.
     let calls = Arc::new(AtomicU32::new(0));
