@@ -14,12 +14,11 @@
 use criterion::{Criterion, criterion_group, criterion_main};
 use palisade::rpc::transport::ServerTransport;
 use palisade::rpc::transport::redis::{RedisOptions, RedisServer};
-use palisade::rpc::{Client, Payload, Router, Server};
-use std::sync::Arc;
+use palisade::rpc::{Client, Server};
 use std::time::Duration;
 
 mod support;
-use support::in_tasks;
+use support::{bench_calls, echo_router, free_port, two_workers};
 
 #[path = "support/nest_pairs.rs"]
 mod nest_pairs;
@@ -34,40 +33,17 @@ mod nestjs;
 #[path = "../../tests/support/redis.rs"]
 mod broker;
 
-/// What `tests/support/redis.rs` asks of its parent.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn router() -> Router {
-    Router::new()
-        .message("echo", |Payload(x): Payload<u64>| async move { x })
-        .event("note", |Payload(_): Payload<u64>| async {})
-}
-
 async fn palisade_server(url: &str) {
     let server = RedisServer::new(RedisOptions::new(url))
-        .serve(Server::new(router()))
+        .serve(Server::new(echo_router()))
         .await
         .unwrap();
     std::mem::forget(server);
 }
 
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
 fn redis_pubsub(c: &mut Criterion) {
     let broker = broker::Broker::start();
-    let runtime = runtime();
+    let runtime = two_workers();
     let (bare, palisade, untimed) = runtime.block_on(async {
         bare_server(&broker.url()).await;
         palisade_server(&broker.url()).await;
@@ -86,57 +62,50 @@ fn redis_pubsub(c: &mut Criterion) {
 
     for (name, in_flight) in [("sequential", 1), ("64_in_flight", 64)] {
         let mut group = c.benchmark_group(format!("redis/send/{name}"));
-        group.bench_function("bare redis request", |b| {
-            b.to_async(&runtime).iter_custom(|iters| {
-                let bare = Arc::clone(&bare);
-                in_tasks(iters, in_flight, move |x| {
-                    let bare = Arc::clone(&bare);
-                    async move { assert_eq!(bare.call(x).await, x) }
-                })
-            })
-        });
-        group.bench_function("palisade send", |b| {
-            b.to_async(&runtime).iter_custom(|iters| {
-                let client = palisade.clone();
-                in_tasks(iters, in_flight, move |x| {
-                    let client = client.clone();
-                    async move { assert_eq!(client.send::<u64>("echo", &x).await.unwrap(), x) }
-                })
-            })
-        });
-        group.bench_function("palisade send, no timeout", |b| {
-            b.to_async(&runtime).iter_custom(|iters| {
-                let client = untimed.clone();
-                in_tasks(iters, in_flight, move |x| {
-                    let client = client.clone();
-                    async move { assert_eq!(client.send::<u64>("echo", &x).await.unwrap(), x) }
-                })
-            })
-        });
+        let calls = [
+            ("palisade send", &palisade),
+            ("palisade send, no timeout", &untimed),
+        ];
+        bench_calls(
+            &mut group,
+            "bare redis request",
+            &runtime,
+            in_flight,
+            &bare,
+            |bare, x| async move { assert_eq!(bare.call(x).await, x) },
+        );
+        for (name, client) in calls {
+            bench_calls(
+                &mut group,
+                name,
+                &runtime,
+                in_flight,
+                client,
+                |client, x| async move { assert_eq!(client.send::<u64>("echo", &x).await.unwrap(), x) },
+            );
+        }
         group.finish();
     }
     // Events after every request: a flood of events still being handled would slow the
     // requests measured after it.
     for (name, in_flight) in [("sequential", 1), ("64_in_flight", 64)] {
         let mut group = c.benchmark_group(format!("redis/emit/{name}"));
-        group.bench_function("bare redis publish", |b| {
-            b.to_async(&runtime).iter_custom(|iters| {
-                let bare = Arc::clone(&bare);
-                in_tasks(iters, in_flight, move |x| {
-                    let bare = Arc::clone(&bare);
-                    async move { bare.emit(x).await }
-                })
-            })
-        });
-        group.bench_function("palisade emit", |b| {
-            b.to_async(&runtime).iter_custom(|iters| {
-                let client = palisade.clone();
-                in_tasks(iters, in_flight, move |x| {
-                    let client = client.clone();
-                    async move { client.emit("note", &x).await.unwrap() }
-                })
-            })
-        });
+        bench_calls(
+            &mut group,
+            "bare redis publish",
+            &runtime,
+            in_flight,
+            &bare,
+            |bare, x| async move { bare.emit(x).await },
+        );
+        bench_calls(
+            &mut group,
+            "palisade emit",
+            &runtime,
+            in_flight,
+            &palisade,
+            |client, x| async move { client.emit("note", &x).await.unwrap() },
+        );
         group.finish();
     }
 }
@@ -149,35 +118,20 @@ fn nestjs(_: &mut Criterion) {
     }
     let (nest_broker, broker) = (broker::Broker::start(), broker::Broker::start());
     let nest = nestjs::NestService::start(&["redis", &nest_broker.url()]);
-    let runtime = runtime();
+    let runtime = two_workers();
     runtime.block_on(palisade_server(&broker.url()));
-    let palisade_rate = |url: String, in_flight: u64| {
-        runtime.block_on(async move {
-            let client = Client::builder()
+    nest_pairs::print_pairings(
+        &runtime,
+        "redis",
+        "over Redis pub/sub",
+        (&broker.url(), &nest_broker.url()),
+        |url| async {
+            Client::builder()
                 .connect(RedisOptions::new(url))
                 .await
-                .unwrap();
-            nest_pairs::palisade_rate(&client, in_flight).await
-        })
-    };
-    nest_pairs::nest_rate("redis", &nest_broker.url(), 64); // warms NestJS's server up
-    nest_pairs::heading("over Redis pub/sub");
-    for (name, url) in [
-        ("palisade → palisade", broker.url()),
-        ("palisade → NestJS", nest_broker.url()),
-    ] {
-        nest_pairs::row(name, palisade_rate(url.clone(), 1), palisade_rate(url, 64));
-    }
-    for (name, url) in [
-        ("NestJS → palisade", broker.url()),
-        ("NestJS → NestJS", nest_broker.url()),
-    ] {
-        nest_pairs::row(
-            name,
-            nest_pairs::nest_rate("redis", &url, 1),
-            nest_pairs::nest_rate("redis", &url, 64),
-        );
-    }
+                .unwrap()
+        },
+    );
     drop(nest);
 }
 

@@ -12,13 +12,12 @@
 //! (`benches/redis.rs`), included from there.
 use palisade::rpc::transport::ServerTransport;
 use palisade::rpc::transport::redis::{RedisOptions, RedisServer};
-use palisade::rpc::{Client, Payload, Router, Server};
+use palisade::rpc::{Client, Server};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 #[path = "../benches/support/mod.rs"]
 mod support;
-use support::in_tasks;
+use support::{echo_router, free_port, in_tasks, two_workers};
 
 #[path = "../../tests/support/redis.rs"]
 mod broker;
@@ -27,15 +26,6 @@ mod broker;
 #[allow(dead_code)] // events are the bench's business
 mod bare_redis;
 use bare_redis::{BareClient, bare_server};
-
-/// What `tests/support/redis.rs` asks of its parent.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// User and system CPU time of process `pid` (or `self`), in clock ticks (100 per second).
 fn cpu_ticks(pid: &str) -> u64 {
@@ -49,33 +39,14 @@ fn cpu_ticks(pid: &str) -> u64 {
     fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
 }
 
-fn router() -> Router {
-    Router::new()
-        .message("echo", |Payload(x): Payload<u64>| async move { x })
-        .event("note", |Payload(_): Payload<u64>| async {})
-}
-
 fn main() {
     let broker = broker::Broker::start();
-    let redis_pid = String::from_utf8(
-        std::process::Command::new("pgrep")
-            .args(["-f", &format!("redis-server.*{}", broker.port())])
-            .output()
-            .unwrap()
-            .stdout,
-    )
-    .unwrap()
-    .trim()
-    .to_string();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let redis_pid = broker.pid().expect("the broker runs").to_string();
+    let runtime = two_workers();
     let (bare, palisade) = runtime.block_on(async {
         bare_server(&broker.url()).await;
         let server = RedisServer::new(RedisOptions::new(broker.url()))
-            .serve(Server::new(router()))
+            .serve(Server::new(echo_router()))
             .await
             .unwrap();
         std::mem::forget(server);
@@ -97,7 +68,6 @@ fn main() {
                 continue;
             }
             let (c0, r0) = (cpu_ticks("self"), cpu_ticks(&redis_pid));
-            let start = Instant::now();
             let wall = runtime.block_on(async {
                 if which == "bare" {
                     let bare = Arc::clone(&bare);
@@ -115,7 +85,6 @@ fn main() {
                     .await
                 }
             });
-            let _ = start;
             let (c1, r1) = (cpu_ticks("self"), cpu_ticks(&redis_pid));
             let per = |ticks: u64| ticks as f64 * 10_000.0 / n as f64; // 100 Hz ticks -> µs
             println!(
@@ -126,5 +95,4 @@ fn main() {
             );
         }
     }
-    let _ = Duration::ZERO;
 }

@@ -27,3 +27,57 @@ where
     }
     start.elapsed()
 }
+
+/// Benches `call` as `name` in `group`: `in_flight` at a time in runtime tasks (see
+/// [`in_tasks`]), each call handed its own clone of `state` (a client, say).
+#[allow(dead_code)] // not every bench measures calls this way
+pub fn bench_calls<T, F, Fut>(
+    group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    name: &str,
+    runtime: &tokio::runtime::Runtime,
+    in_flight: u64,
+    state: &T,
+    call: F,
+) where
+    T: Clone + Send + Sync + 'static,
+    F: Fn(T, u64) -> Fut + Copy + Send + Sync + 'static,
+    Fut: Future<Output = ()> + Send,
+{
+    group.bench_function(name, |b| {
+        b.to_async(runtime).iter_custom(|iters| {
+            let state = state.clone();
+            in_tasks(iters, in_flight, move |x| call(state.clone(), x))
+        })
+    });
+}
+
+/// The runtime the broker benches drive clients and servers on: two workers, as many as the
+/// machine has cores.
+#[allow(dead_code)] // for the benches that build their own runtime
+pub fn two_workers() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// A free loopback port, for a broker a bench starts (what `tests/support/<broker>.rs` asks of
+/// its parent module).
+#[allow(dead_code)] // for the benches that start no broker
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The service the broker benches call: `echo` answers its number, `note` takes an event.
+#[allow(dead_code)] // for the benches with services of their own
+pub fn echo_router() -> palisade::rpc::Router {
+    use palisade::rpc::Payload;
+    palisade::rpc::Router::new()
+        .message("echo", |Payload(x): Payload<u64>| async move { x })
+        .event("note", |Payload(_): Payload<u64>| async {})
+}

@@ -10,13 +10,40 @@ use std::time::Duration;
 /// Echo requests per measurement, after a warm-up of half as many (Node's JIT needs one).
 pub const REQUESTS: u64 = 20_000;
 
-/// Whether the command line's filters (none: everything) ask for the group `name`, as
-/// `cargo bench --bench redis -- nestjs` does.
+/// Whether the command line's filter (none: everything) asks for the group `name`, as
+/// `cargo bench --bench redis -- nestjs` does. The values of criterion's options
+/// (`--measurement-time 1`) are not filters.
 pub fn wanted(name: &str) -> bool {
-    let filters: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|arg| !arg.starts_with('-'))
-        .collect();
+    const TAKES_VALUE: &[&str] = &[
+        "--warm-up-time",
+        "--measurement-time",
+        "--sample-size",
+        "--nresamples",
+        "--noise-threshold",
+        "--confidence-level",
+        "--significance-level",
+        "--save-baseline",
+        "-s",
+        "--baseline",
+        "-b",
+        "--baseline-lenient",
+        "--load-baseline",
+        "--profile-time",
+        "--color",
+        "-c",
+        "--plotting-backend",
+        "--output-format",
+        "--format",
+    ];
+    let mut filters = Vec::new();
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        if TAKES_VALUE.contains(&arg.as_str()) {
+            args.next();
+        } else if !arg.starts_with('-') {
+            filters.push(arg);
+        }
+    }
     filters.is_empty() || filters.iter().any(|filter| name.contains(filter.as_str()))
 }
 
@@ -54,7 +81,7 @@ impl std::fmt::Display for Rate {
 pub const REPLY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Requests per second of palisade's `client` calling `echo`, `in_flight` at a time.
-pub async fn palisade_rate(client: &Client, in_flight: u64) -> Rate {
+async fn palisade_rate(client: &Client, in_flight: u64) -> Rate {
     let call = |client: Client| {
         move |x: u64| {
             let client = client.clone();
@@ -68,7 +95,7 @@ pub async fn palisade_rate(client: &Client, in_flight: u64) -> Rate {
 
 /// Requests per second of a NestJS `ClientProxy` (`tests/nestjs/bench-client.js`) calling `echo`
 /// over `transport` at `address`, `in_flight` at a time.
-pub fn nest_rate(transport: &str, address: &str, in_flight: u64) -> Rate {
+fn nest_rate(transport: &str, address: &str, in_flight: u64) -> Rate {
     let output = crate::nestjs::node("bench-client.js")
         .env(
             "BENCH_REPLY_TIMEOUT_MS",
@@ -103,13 +130,50 @@ pub fn nest_rate(transport: &str, address: &str, in_flight: u64) -> Rate {
 }
 
 /// Prints one table row: requests per second with 1 and 64 in flight.
-pub fn row(name: &str, one: Rate, sixty_four: Rate) {
+fn row(name: &str, one: Rate, sixty_four: Rate) {
     let (one, sixty_four) = (one.to_string(), sixty_four.to_string());
     println!("  {name:<21}   {one:>11}   {sixty_four:>12}");
 }
 
 /// Prints the table's heading.
-pub fn heading(what: &str) {
+fn heading(what: &str) {
     println!("\nrequests/s {what} (echo), {REQUESTS} requests:");
     println!("  client → server           1 in flight   64 in flight");
+}
+
+/// Prints the table of every pairing over `transport` (as `bench-client.js` names it): a
+/// palisade server listens at `palisade_url`, a NestJS one at `nest_url` (on brokers of their
+/// own: every server subscribed to a pattern answers it), and `connect` makes a palisade client
+/// for either address.
+pub fn print_pairings<C, Fut>(
+    runtime: &tokio::runtime::Runtime,
+    transport: &str,
+    what: &str,
+    (palisade_url, nest_url): (&str, &str),
+    connect: C,
+) where
+    C: Fn(String) -> Fut,
+    Fut: std::future::Future<Output = Client>,
+{
+    let palisade_client = |url: &str, in_flight: u64| {
+        runtime.block_on(async { palisade_rate(&connect(url.to_owned()).await, in_flight).await })
+    };
+    nest_rate(transport, nest_url, 64); // warms NestJS's server up
+    heading(what);
+    for (name, url) in [
+        ("palisade → palisade", palisade_url),
+        ("palisade → NestJS", nest_url),
+    ] {
+        row(name, palisade_client(url, 1), palisade_client(url, 64));
+    }
+    for (name, url) in [
+        ("NestJS → palisade", palisade_url),
+        ("NestJS → NestJS", nest_url),
+    ] {
+        row(
+            name,
+            nest_rate(transport, url, 1),
+            nest_rate(transport, url, 64),
+        );
+    }
 }
