@@ -1080,3 +1080,161 @@ async fn a_deposit_exactly_at_a_slot_boundary_lands_in_the_new_slot() {
     advance(SEC).await;
     assert_eq!(budget.remaining(), 0);
 }
+
+/// A tower policy written without palisade in mind: retries up to `left` more times whenever
+/// `wants` says so, and counts how often it was asked.
+#[derive(Clone)]
+struct Counting {
+    left: u32,
+    asked: Arc<AtomicU32>,
+    wants: fn(&Result<&'static str, AppError>) -> bool,
+}
+
+impl<Req: Clone> tower::retry::Policy<Req, &'static str, AppError> for Counting {
+    type Future = std::future::Ready<()>;
+
+    fn retry(
+        &mut self,
+        _: &mut Req,
+        result: &mut Result<&'static str, AppError>,
+    ) -> Option<Self::Future> {
+        self.asked.fetch_add(1, Ordering::SeqCst);
+        if self.left == 0 || !(self.wants)(result) {
+            return None;
+        }
+        self.left -= 1;
+        Some(std::future::ready(()))
+    }
+
+    fn clone_request(&mut self, request: &Req) -> Option<Req> {
+        Some(request.clone())
+    }
+}
+
+/// Treats a success as final, as `RetryPolicy` does.
+#[derive(Clone)]
+struct SuccessIsFinal(Counting);
+
+impl<Req: Clone> tower::retry::Policy<Req, &'static str, AppError> for SuccessIsFinal {
+    type Future = std::future::Ready<()>;
+
+    fn retry(
+        &mut self,
+        request: &mut Req,
+        result: &mut Result<&'static str, AppError>,
+    ) -> Option<Self::Future> {
+        self.0.retry(request, result)
+    }
+
+    fn clone_request(&mut self, request: &Req) -> Option<Req> {
+        self.0.clone_request(request)
+    }
+}
+
+impl palisade::retry::FinalResult<&'static str, AppError> for SuccessIsFinal {
+    fn is_final(&self, result: &Result<&'static str, AppError>) -> bool {
+        result.is_ok()
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn any_tower_policy_retries_through_any_policy_and_is_asked_about_every_result() {
+    use palisade::retry::{AnyPolicy, RetryLayer};
+    // A response that the policy retries: a palisade `Retry` must not skip it.
+    let (service, calls) = scripted::<(), _, _>(|n| async move {
+        Ok(if n < 3 { "not yet" } else { "done" })
+    });
+    let asked = Arc::new(AtomicU32::new(0));
+    let policy = AnyPolicy(Counting {
+        left: 5,
+        asked: Arc::clone(&asked),
+        wants: |result| matches!(result, Ok("not yet")),
+    });
+    let mut retried = RetryLayer::new(policy).layer(service);
+    let answer = retried.ready().await.unwrap().call(()).await;
+    assert_eq!(answer, Ok("done"));
+    assert_eq!(calls.lock().unwrap().len(), 3);
+    assert_eq!(
+        asked.load(Ordering::SeqCst),
+        3,
+        "every result, the final success included"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_result_the_policy_calls_final_skips_the_policy_and_others_still_reach_it() {
+    use palisade::retry::RetryLayer;
+    let (service, calls) = scripted::<(), _, _>(|n| async move {
+        if n < 3 {
+            Err(AppError::Reset(n))
+        } else {
+            Ok("done")
+        }
+    });
+    let asked = Arc::new(AtomicU32::new(0));
+    let policy = SuccessIsFinal(Counting {
+        left: 5,
+        asked: Arc::clone(&asked),
+        wants: |result| result.is_err(),
+    });
+    let mut retried = RetryLayer::new(policy).layer(service);
+    assert_eq!(retried.ready().await.unwrap().call(()).await, Ok("done"));
+    assert_eq!(calls.lock().unwrap().len(), 3);
+    assert_eq!(
+        asked.load(Ordering::SeqCst),
+        2,
+        "asked about the two failures, not the final success"
+    );
+
+    // A first attempt that succeeds never reaches the policy.
+    asked.store(0, Ordering::SeqCst);
+    let (service, _) = scripted::<(), _, _>(|_| async { Ok("at once") });
+    let policy = SuccessIsFinal(Counting {
+        left: 5,
+        asked: Arc::clone(&asked),
+        wants: |_| true,
+    });
+    let mut retried = RetryLayer::new(policy).layer(service);
+    assert_eq!(retried.ready().await.unwrap().call(()).await, Ok("at once"));
+    assert_eq!(asked.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_inner_service_that_fails_its_readiness_check_before_a_retry_ends_the_call() {
+    use palisade::retry::{AnyPolicy, RetryLayer};
+    use std::task::{Context, Poll};
+
+    /// Ready for the first call, then reports a lost connection from `poll_ready`.
+    #[derive(Clone)]
+    struct LosesItsConnection(Arc<AtomicU32>);
+
+    impl Service<()> for LosesItsConnection {
+        type Response = &'static str;
+        type Error = AppError;
+        type Future = std::future::Ready<Result<&'static str, AppError>>;
+
+        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), AppError>> {
+            Poll::Ready(if self.0.load(Ordering::SeqCst) == 0 {
+                Ok(())
+            } else {
+                Err(AppError::Invalid)
+            })
+        }
+
+        fn call(&mut self, (): ()) -> Self::Future {
+            let n = self.0.fetch_add(1, Ordering::SeqCst) + 1;
+            std::future::ready(Err(AppError::Reset(n)))
+        }
+    }
+
+    let calls = Arc::new(AtomicU32::new(0));
+    let policy = AnyPolicy(Counting {
+        left: 5,
+        asked: Arc::new(AtomicU32::new(0)),
+        wants: |result| result.is_err(),
+    });
+    let mut retried = RetryLayer::new(policy).layer(LosesItsConnection(Arc::clone(&calls)));
+    let answer = retried.ready().await.unwrap().call(()).await;
+    assert_eq!(answer, Err(AppError::Invalid), "the readiness error, at once");
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+}

@@ -899,6 +899,9 @@ mod debug_handler {
     fn mistakes_are_reported_where_they_stand() {
         let cases = trybuild::TestCases::new();
         cases.compile_fail("tests/debug_handler/*.rs");
+        // Not a handler, but the same kind of check: a tower policy given to palisade's retry
+        // without `FinalResult` is told what to add.
+        cases.compile_fail("tests/retry_ui/*.rs");
     }
 }
 

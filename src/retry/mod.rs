@@ -74,4 +74,4 @@ pub use self::policy::{
     DeadlineStop, GiveUp, GiveUpReason, Predicate, RetryDelay, RetryEvent, RetryPolicy,
     TransientErrors, Verdict,
 };
-pub use self::service::{ResponseFuture, Retry, RetryLayer};
+pub use self::service::{AnyPolicy, FinalResult, ResponseFuture, Retry, RetryLayer};

@@ -542,6 +542,14 @@ where
     }
 }
 
+impl<Res, E, P: Predicate<Res, E>, D> super::FinalResult<Res, E> for RetryPolicy<P, D> {
+    /// A success is final unless the predicate may retry responses.
+    #[inline(always)]
+    fn is_final(&self, result: &Result<Res, E>) -> bool {
+        result.is_ok() && !self.predicate.retries_responses()
+    }
+}
+
 #[inline(never)]
 fn deposit(shared: &Shared) {
     if let Some(budget) = &shared.budget {

@@ -8,8 +8,9 @@ use tower_layer::Layer;
 use tower_service::Service;
 
 /// Retries calls to the inner service as its [`Policy`] decides — the same contract as tower's
-/// `Retry` (any `tower::retry::Policy` works), with a response future built for the common case:
-/// a call that is not retried costs a branch, inline.
+/// `Retry`, with a response future built for the common case: a result the policy calls
+/// [final](FinalResult) costs a branch, inline. Any `tower::retry::Policy` works, wrapped in
+/// [`AnyPolicy`] or with an empty [`FinalResult`] implementation.
 ///
 /// Created by [`RetryLayer`] (or [`RetryPolicy::layer`](super::RetryPolicy::layer)). Like tower's,
 /// it clones the inner service and the policy into each response future (a retry needs both).
@@ -44,7 +45,7 @@ impl<S, P> Retry<S, P> {
 impl<S, P, Request> Service<Request> for Retry<S, P>
 where
     S: Service<Request> + Clone,
-    P: Policy<Request, S::Response, S::Error> + Clone,
+    P: Policy<Request, S::Response, S::Error> + FinalResult<S::Response, S::Error> + Clone,
 {
     type Response = S::Response;
     type Error = S::Error;
@@ -67,6 +68,98 @@ where
         }
     }
 }
+
+/// What [`Retry`] asks of its policy beyond [`tower::retry::Policy`]: whether a result is final
+/// without a call to [`Policy::retry`], so that the common case — a success that is never
+/// retried — is one inline branch and the result never leaves registers.
+///
+/// [`RetryPolicy`](super::RetryPolicy) implements it. For a policy of your own, an empty
+/// `impl` asks the policy about every result, exactly as tower's `Retry` does:
+///
+/// ```
+/// use palisade::retry::{FinalResult, RetryLayer};
+/// use std::future::Ready;
+///
+/// #[derive(Clone)]
+/// struct Twice(usize);
+///
+/// impl<Req: Clone, Res, E> tower::retry::Policy<Req, Res, E> for Twice {
+///     type Future = Ready<()>;
+///     fn retry(&mut self, _: &mut Req, result: &mut Result<Res, E>) -> Option<Self::Future> {
+///         (result.is_err() && self.0 > 0).then(|| {
+///             self.0 -= 1;
+///             std::future::ready(())
+///         })
+///     }
+///     fn clone_request(&mut self, request: &Req) -> Option<Req> {
+///         Some(request.clone())
+///     }
+/// }
+///
+/// // Only errors are retried, so a success is final; `impl<Res, E> FinalResult<Res, E> for
+/// // Twice {}` would ask `retry` about it instead.
+/// impl<Res, E> FinalResult<Res, E> for Twice {
+///     fn is_final(&self, result: &Result<Res, E>) -> bool {
+///         result.is_ok()
+///     }
+/// }
+///
+/// let layer = RetryLayer::new(Twice(2));
+/// # let _ = layer;
+/// ```
+///
+/// A policy from another crate goes in [`AnyPolicy`].
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` does not say which results are final, as palisade's `Retry` needs",
+    label = "no `FinalResult<{Res}, {E}>` implementation",
+    note = "add `impl<Res, E> palisade::retry::FinalResult<Res, E> for {Self} {{}}` (every result goes to `Policy::retry`), or wrap a policy from another crate in `palisade::retry::AnyPolicy`"
+)]
+pub trait FinalResult<Res, E> {
+    /// Whether `result` goes back to the caller as it is, whatever the state of the request;
+    /// [`Retry`] then does not call [`Policy::retry`]. The default, `false`, asks the policy about
+    /// every result.
+    #[inline(always)]
+    fn is_final(&self, result: &Result<Res, E>) -> bool {
+        let _ = result;
+        false
+    }
+}
+
+/// Any [`tower::retry::Policy`], for [`Retry`]: every result goes to the policy, as in tower's
+/// `Retry`.
+///
+/// ```
+/// use palisade::retry::{AnyPolicy, RetryLayer};
+/// # #[derive(Clone)] struct FromElsewhere;
+/// # impl<Req: Clone, Res, E> tower::retry::Policy<Req, Res, E> for FromElsewhere {
+/// #     type Future = std::future::Ready<()>;
+/// #     fn retry(&mut self, _: &mut Req, _: &mut Result<Res, E>) -> Option<Self::Future> { None }
+/// #     fn clone_request(&mut self, request: &Req) -> Option<Req> { Some(request.clone()) }
+/// # }
+/// let layer = RetryLayer::new(AnyPolicy(FromElsewhere));
+/// # let _ = layer;
+/// ```
+#[derive(Clone, Copy, Debug, Default)]
+pub struct AnyPolicy<P>(pub P);
+
+impl<P, Req, Res, E> Policy<Req, Res, E> for AnyPolicy<P>
+where
+    P: Policy<Req, Res, E>,
+{
+    type Future = P::Future;
+
+    #[inline]
+    fn retry(&mut self, request: &mut Req, result: &mut Result<Res, E>) -> Option<Self::Future> {
+        self.0.retry(request, result)
+    }
+
+    #[inline]
+    fn clone_request(&mut self, request: &Req) -> Option<Req> {
+        self.0.clone_request(request)
+    }
+}
+
+impl<P, Res, E> FinalResult<Res, E> for AnyPolicy<P> {}
 
 /// Applies [`Retry`] with a policy.
 #[derive(Clone, Debug)]
@@ -117,29 +210,45 @@ pin_project! {
 impl<S, P, Request> Future for ResponseFuture<S, P, Request>
 where
     S: Service<Request>,
-    P: Policy<Request, S::Response, S::Error>,
+    P: Policy<Request, S::Response, S::Error> + FinalResult<S::Response, S::Error>,
 {
     type Output = Result<S::Response, S::Error>;
 
     #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
-        // The first attempt, inline; anything after it out of line.
+        let mut finished = None;
+        // The first attempt, and a result the policy calls final, inline; anything else out of
+        // line. The result never has its address taken on the inline path, so it stays in
+        // registers: a result that a judgement out of line reads through a pointer lives in
+        // memory, is copied out of it piece by piece, and stalls the caller that reads it whole.
         if let StateProj::Called { future } = this.state.as_mut().project() {
-            let mut result = ready!(future.poll(cx));
-            let Some(request) = this.request else {
+            let result = ready!(future.poll(cx));
+            if this.policy.is_final(&result) {
                 return Poll::Ready(result);
-            };
-            match this.policy.retry(request, &mut result) {
-                None => return Poll::Ready(result),
-                Some(waiting) => this.state.set(State::Waiting { waiting }),
             }
+            finished = Some(result);
         }
-        retry_loop(this.state, this.request, this.inner, this.policy, cx)
+        // The out-of-line part leaves its answer in `finished` rather than returning it, so that
+        // the compiler does not build this function's output in memory for both paths.
+        retry_loop(
+            this.state,
+            this.request,
+            this.inner,
+            this.policy,
+            cx,
+            &mut finished,
+        );
+        match finished {
+            Some(result) => Poll::Ready(result),
+            None => Poll::Pending,
+        }
     }
 }
 
-/// Waits, retries, and judges later attempts.
+/// Judges a finished attempt (`finished` holds its result on entry, if there is one), waits,
+/// retries and judges later attempts. Leaves the result for the caller in `finished`, or `None`
+/// while an attempt or a wait is pending.
 #[inline(never)]
 fn retry_loop<S, P, Request>(
     mut state: Pin<&mut State<S::Future, P::Future>>,
@@ -147,37 +256,61 @@ fn retry_loop<S, P, Request>(
     inner: &mut S,
     policy: &mut P,
     cx: &mut Context<'_>,
-) -> Poll<Result<S::Response, S::Error>>
-where
+    finished: &mut Option<Result<S::Response, S::Error>>,
+) where
     S: Service<Request>,
-    P: Policy<Request, S::Response, S::Error>,
+    P: Policy<Request, S::Response, S::Error> + FinalResult<S::Response, S::Error>,
 {
+    let mut judged = finished.take();
     loop {
-        match state.as_mut().project() {
-            StateProj::Called { future } => {
-                let mut result = ready!(future.poll(cx));
-                let Some(copy) = request else {
-                    return Poll::Ready(result);
-                };
-                match policy.retry(copy, &mut result) {
-                    None => return Poll::Ready(result),
-                    Some(waiting) => state.set(State::Waiting { waiting }),
+        let mut result = match judged.take() {
+            Some(result) => result,
+            None => match state.as_mut().project() {
+                StateProj::Called { future } => match future.poll(cx) {
+                    Poll::Ready(result) if policy.is_final(&result) => {
+                        *finished = Some(result);
+                        return;
+                    }
+                    Poll::Ready(result) => result,
+                    Poll::Pending => return,
+                },
+                StateProj::Waiting { waiting } => {
+                    if waiting.poll(cx).is_pending() {
+                        return;
+                    }
+                    state.set(State::Retrying);
+                    continue;
                 }
+                StateProj::Retrying => {
+                    match inner.poll_ready(cx) {
+                        Poll::Pending => return,
+                        Poll::Ready(Err(error)) => {
+                            *finished = Some(Err(error));
+                            return;
+                        }
+                        Poll::Ready(Ok(())) => {}
+                    }
+                    let attempt = request
+                        .take()
+                        .expect("retrying requires a copy of the request");
+                    *request = policy.clone_request(&attempt);
+                    state.set(State::Called {
+                        future: inner.call(attempt),
+                    });
+                    continue;
+                }
+            },
+        };
+        let Some(copy) = request else {
+            *finished = Some(result);
+            return;
+        };
+        match policy.retry(copy, &mut result) {
+            None => {
+                *finished = Some(result);
+                return;
             }
-            StateProj::Waiting { waiting } => {
-                ready!(waiting.poll(cx));
-                state.set(State::Retrying);
-            }
-            StateProj::Retrying => {
-                ready!(inner.poll_ready(cx))?;
-                let attempt = request
-                    .take()
-                    .expect("retrying requires a copy of the request");
-                *request = policy.clone_request(&attempt);
-                state.set(State::Called {
-                    future: inner.call(attempt),
-                });
-            }
+            Some(waiting) => state.set(State::Waiting { waiting }),
         }
     }
 }
