@@ -1141,9 +1141,8 @@ impl palisade::retry::FinalResult<&'static str, AppError> for SuccessIsFinal {
 async fn any_tower_policy_retries_through_any_policy_and_is_asked_about_every_result() {
     use palisade::retry::{AnyPolicy, RetryLayer};
     // A response that the policy retries: a palisade `Retry` must not skip it.
-    let (service, calls) = scripted::<(), _, _>(|n| async move {
-        Ok(if n < 3 { "not yet" } else { "done" })
-    });
+    let (service, calls) =
+        scripted::<(), _, _>(|n| async move { Ok(if n < 3 { "not yet" } else { "done" }) });
     let asked = Arc::new(AtomicU32::new(0));
     let policy = AnyPolicy(Counting {
         left: 5,
@@ -1235,6 +1234,10 @@ async fn an_inner_service_that_fails_its_readiness_check_before_a_retry_ends_the
     });
     let mut retried = RetryLayer::new(policy).layer(LosesItsConnection(Arc::clone(&calls)));
     let answer = retried.ready().await.unwrap().call(()).await;
-    assert_eq!(answer, Err(AppError::Invalid), "the readiness error, at once");
+    assert_eq!(
+        answer,
+        Err(AppError::Invalid),
+        "the readiness error, at once"
+    );
     assert_eq!(calls.load(Ordering::SeqCst), 1);
 }

@@ -5,6 +5,9 @@
 //!   (`cargo test -p palisade-cli --all-features`). This is the README's test command and what CI
 //!   runs.
 //! - `cargo xtask deps` — only the installing part.
+//! - `cargo xtask msrv` — checks the minimum supported Rust version the manifests claim
+//!   (`rust-version`): with that toolchain active, this run's build and tests are the check; with a
+//!   newer one active, the workspace is checked with the claimed toolchain through rustup.
 //!
 //! What the tests need, and where it comes from:
 //!
@@ -46,6 +49,7 @@ fn main() -> ExitCode {
     let result = match task.as_deref() {
         Some("test") => deps().and_then(|()| test(&rest)),
         Some("deps") => deps(),
+        Some("msrv") => msrv(),
         Some("-h" | "--help" | "help") | None => {
             print!("{}", USAGE);
             return ExitCode::SUCCESS;
@@ -67,6 +71,7 @@ usage: cargo xtask <task>
 tasks:
   test [ARGS...]   install what the tests need, then `cargo test --all-features [ARGS...]`
   deps             only install what the tests need
+  msrv             check the minimum supported Rust version the manifests claim
 ";
 
 fn root() -> PathBuf {
@@ -112,6 +117,97 @@ fn test(args: &[String]) -> Result<(), String> {
         .args(["test", "-p", "palisade-cli", "--all-features"])
         .env("PALISADE_TANSU", tansu_binary());
     run(&mut command)
+}
+
+/// The manifests that claim a `rust-version`; they must agree.
+const MSRV_MANIFESTS: &[&str] = &["Cargo.toml", "cli/Cargo.toml", "macros/Cargo.toml"];
+
+/// `major.minor` of a version such as `1.95` or `1.95.0`.
+fn major_minor(version: &str) -> Option<(u32, u32)> {
+    let mut parts = version.trim().split('.');
+    let major = parts.next()?.parse().ok()?;
+    let minor = parts.next()?.parse().ok()?;
+    Some((major, minor))
+}
+
+fn claimed_msrv(manifest: &str) -> Result<(u32, u32), String> {
+    let text = std::fs::read_to_string(root().join(manifest))
+        .map_err(|error| format!("cannot read {manifest}: {error}"))?;
+    let value = text
+        .lines()
+        .find_map(|line| line.trim().strip_prefix("rust-version"))
+        .and_then(|rest| rest.trim().strip_prefix('='))
+        .map(|value| value.trim().trim_matches('"'))
+        .ok_or_else(|| format!("{manifest} claims no rust-version"))?;
+    major_minor(value).ok_or_else(|| format!("{manifest}: rust-version {value:?} is not a version"))
+}
+
+fn msrv() -> Result<(), String> {
+    step("minimum supported Rust version");
+    let claimed = claimed_msrv(MSRV_MANIFESTS[0])?;
+    for manifest in &MSRV_MANIFESTS[1..] {
+        let other = claimed_msrv(manifest)?;
+        if other != claimed {
+            return Err(format!(
+                "{manifest} claims rust-version {}.{}, Cargo.toml {}.{}: they must agree",
+                other.0, other.1, claimed.0, claimed.1
+            ));
+        }
+    }
+    let rustc = env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
+    let output = Command::new(&rustc)
+        .arg("--version")
+        .output()
+        .map_err(|error| format!("cannot run {rustc}: {error}"))?;
+    let text = String::from_utf8_lossy(&output.stdout);
+    // "rustc 1.95.0 (59807616e 2026-04-14)"
+    let active = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(major_minor)
+        .ok_or_else(|| format!("cannot read the version in {text:?}"))?;
+    let (major, minor) = claimed;
+    if active == claimed {
+        eprintln!(
+            "the active toolchain is the claimed minimum, {major}.{minor}: this run's build and tests check it"
+        );
+        return Ok(());
+    }
+    if active < claimed {
+        return Err(format!(
+            "the active toolchain ({}.{}) is older than the claimed minimum {major}.{minor}",
+            active.0, active.1
+        ));
+    }
+    // A newer toolchain is active: check with the claimed one, installing it if rustup can.
+    let toolchain = format!("{major}.{minor}");
+    let installed = Command::new("rustup")
+        .args(["run", &toolchain, "rustc", "--version"])
+        .output()
+        .is_ok_and(|output| output.status.success());
+    if !installed {
+        let mut install = Command::new("rustup");
+        install.args(["toolchain", "install", &toolchain, "--profile", "minimal"]);
+        run(&mut install).map_err(|error| {
+            format!(
+                "the manifests claim Rust {toolchain}, which this machine does not have and cannot \
+                 install ({error}); install it, or set rust-version to a toolchain CI can build with"
+            )
+        })?;
+    }
+    let mut check = Command::new("cargo");
+    check
+        .current_dir(root())
+        .env_remove("RUSTC")
+        .env_remove("CARGO")
+        .args([
+            &format!("+{toolchain}"),
+            "check",
+            "--workspace",
+            "--all-targets",
+            "--all-features",
+        ]);
+    run(&mut check)
 }
 
 fn deps() -> Result<(), String> {
