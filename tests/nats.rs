@@ -302,7 +302,12 @@ async fn an_event_that_always_fails_lands_on_the_dead_letter_subject() {
     let counter = Arc::clone(&attempts);
     let router = Router::new().event("payment-received", move || {
         counter.fetch_add(1, Ordering::SeqCst);
-        async { Err::<(), _>(RpcError::exception("ledger rejected the entry")) }
+        // A multi-line message: a NATS header is one line.
+        async {
+            Err::<(), _>(RpcError::exception(
+                "ledger rejected the entry:\nbalance too low",
+            ))
+        }
     });
     // Watch the dead-letter subject with a plain subscriber.
     let watcher = async_nats::connect(broker.url()).await.unwrap();
@@ -334,7 +339,7 @@ async fn an_event_that_always_fails_lands_on_the_dead_letter_subject() {
             .get(DEAD_LETTER_REASON)
             .unwrap()
             .as_str()
-            .contains("ledger rejected the entry")
+            .contains("ledger rejected the entry: balance too low")
     );
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(
@@ -449,4 +454,32 @@ async fn a_stream_that_exists_with_other_settings_is_updated_or_refused_clearly(
     .await
     .unwrap();
     replicated.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn headers_nats_cannot_carry_are_clear_errors_not_panics() {
+    let broker = Broker::start();
+    let _server = NatsServer::new(options(&broker))
+        .serve(Server::new(
+            Router::new().message("echo", |Payload(x): Payload<u64>| async move { x }),
+        ))
+        .await
+        .unwrap();
+    for (key, value) in [
+        ("x-tenant", "a\r\nb"),
+        ("x tenant", "a"),
+        ("x:tenant", "a"),
+        ("x-ténant", "a"),
+    ] {
+        let client = Client::builder()
+            .header(key, value)
+            .connect(options(&broker))
+            .await
+            .unwrap();
+        let error = client.send::<u64>("echo", &1).await.unwrap_err();
+        assert_eq!(error.code(), Code::InvalidArgument, "{key:?}: {error}");
+        assert!(error.message().contains("header"), "{key:?}: {error}");
+        let error = client.emit("echo", &1).await.unwrap_err();
+        assert_eq!(error.code(), Code::InvalidArgument, "{key:?}: {error}");
+    }
 }

@@ -262,13 +262,19 @@ impl RpcRequest {
     /// back into a deadline on the other side.
     pub fn wire_headers(&self) -> Headers {
         let mut headers = self.headers.clone();
-        if let Some(deadline) = self.deadline {
-            // Round up: a remaining 0.4 ms must not read as "no time at all".
-            let left = deadline.remaining();
-            let millis = left.as_micros().div_ceil(1000);
+        if let Some(millis) = self.wire_timeout_millis() {
             headers.insert(TIMEOUT_HEADER, millis.to_string());
         }
         headers
+    }
+
+    /// The value of [`TIMEOUT_HEADER`] that [`wire_headers`](Self::wire_headers) sends, if the
+    /// request has a deadline: the milliseconds left, rounded up.
+    pub(crate) fn wire_timeout_millis(&self) -> Option<u64> {
+        let deadline = self.deadline?;
+        // Round up: a remaining 0.4 ms must not read as "no time at all".
+        let millis = deadline.remaining().as_micros().div_ceil(1000);
+        Some(u64::try_from(millis).unwrap_or(u64::MAX))
     }
 
     /// The request as a server receives it, handed over in memory: routed like a received pattern,

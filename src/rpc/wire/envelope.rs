@@ -264,10 +264,16 @@ impl IncomingPacket {
         } else {
             Kind::Event
         };
-        let mut all = self.headers;
-        for (key, value) in headers.iter() {
-            all.insert(key.to_owned(), value);
-        }
+        // The transport's headers win over any the body carries; most bodies carry none.
+        let all = if self.headers.is_empty() {
+            headers
+        } else {
+            let mut all = self.headers;
+            for (key, value) in headers.iter() {
+                all.insert(key.to_owned(), value);
+            }
+            all
+        };
         let request = RpcRequest::received(
             Pattern::received_on(Arc::clone(route), raw),
             data,

@@ -1,4 +1,4 @@
-use super::{NatsOptions, check_subject, to_nats_headers};
+use super::{NatsOptions, check_subject, outgoing_headers};
 use crate::rpc::transport::{
     ClientTransport, Connect, IDEMPOTENCY_KEY, ReplyPacket, ReplyReceiver,
 };
@@ -360,7 +360,7 @@ impl ClientTransport for NatsConnection {
             let reply_subject = reply_subject(&inner.inbox, registered.number());
             let payload = body(&inner.codec, &request, Some(registered.id().as_str()))?;
             let subject = route_subject(request.pattern().route_arc());
-            let published = match to_nats_headers(&request.wire_headers()) {
+            let published = match outgoing_headers(&request)? {
                 Some(headers) => {
                     inner
                         .client
@@ -387,7 +387,7 @@ impl ClientTransport for NatsConnection {
             check_subject(&route, false)?;
             let inner = &transport.inner;
             let payload = body(&inner.codec, &event, None)?;
-            let mut headers = to_nats_headers(&event.wire_headers());
+            let mut headers = outgoing_headers(&event)?;
             if let Some(jetstream) = &inner.jetstream {
                 // One key, one stored event (within the stream's duplicate window).
                 if let Some(key) = event.headers().get(IDEMPOTENCY_KEY) {

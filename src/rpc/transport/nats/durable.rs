@@ -517,7 +517,7 @@ async fn handle(
             let subject = format!("{}.{route}", config.dead_letter_prefix);
             tracing::error!(%route, deliveries = delivered, %error, dead_letter = %subject, "event failed for good; dead-lettered");
             let mut headers = async_nats::HeaderMap::new();
-            headers.insert(DEAD_LETTER_REASON, error.to_string().as_str());
+            headers.insert(DEAD_LETTER_REASON, &*super::one_line(&error.to_string()));
             headers.insert(DEAD_LETTER_DELIVERIES, delivered.to_string().as_str());
             headers.insert(DEAD_LETTER_SUBJECT, &**route);
             if let Err(error) = client

@@ -364,16 +364,60 @@ pub(crate) fn check_subject(subject: &str, wildcards: bool) -> Result<(), RpcErr
     }
 }
 
-/// palisade headers as NATS headers.
-pub(crate) fn to_nats_headers(headers: &Headers) -> Option<async_nats::HeaderMap> {
-    if headers.is_empty() {
-        return None;
+/// The name of [`TIMEOUT_HEADER`](crate::rpc::TIMEOUT_HEADER) on NATS, built without an allocation.
+const TIMEOUT_NAME: async_nats::HeaderName =
+    async_nats::HeaderName::from_static(crate::rpc::TIMEOUT_HEADER);
+
+/// The NATS headers of an outgoing message: its own headers and the time left before its
+/// deadline ([`RpcRequest::wire_headers`](crate::rpc::RpcRequest::wire_headers), built straight
+/// into NATS's map). A header NATS cannot carry — a name that is empty or holds a space, a control
+/// or non-ASCII character or `:`, a value with a line break — is an `InvalidArgument` error that
+/// names it, where async-nats would panic.
+pub(crate) fn outgoing_headers(
+    message: &crate::rpc::RpcRequest,
+) -> Result<Option<async_nats::HeaderMap>, RpcError> {
+    let timeout = message.wire_timeout_millis();
+    let own = message.headers();
+    if own.is_empty() && timeout.is_none() {
+        return Ok(None);
     }
     let mut map = async_nats::HeaderMap::new();
-    for (key, value) in headers.iter() {
-        map.insert(key, value);
+    for (key, value) in own.iter() {
+        if timeout.is_some() && key.eq_ignore_ascii_case(crate::rpc::TIMEOUT_HEADER) {
+            // The deadline's own value replaces it, as in `wire_headers`.
+            continue;
+        }
+        let name = key
+            .parse::<async_nats::HeaderName>()
+            .ok()
+            .filter(|_| !key.is_empty())
+            .ok_or_else(|| {
+                RpcError::invalid_argument(format!(
+                    "the header name {key:?} cannot travel over NATS: it must be printable ASCII \
+                     without spaces or ':'"
+                ))
+            })?;
+        let value = value.parse::<async_nats::HeaderValue>().map_err(|_| {
+            RpcError::invalid_argument(format!(
+                "the value of header {key:?} cannot travel over NATS: it holds a line break"
+            ))
+        })?;
+        map.insert(name, value);
     }
-    Some(map)
+    if let Some(millis) = timeout {
+        map.insert(TIMEOUT_NAME, async_nats::HeaderValue::from(millis));
+    }
+    Ok(Some(map))
+}
+
+/// `text` as a NATS header value, which is one line: line breaks (a multi-line error message)
+/// become spaces.
+pub(crate) fn one_line(text: &str) -> std::borrow::Cow<'_, str> {
+    if text.contains(['\r', '\n']) {
+        std::borrow::Cow::Owned(text.replace(['\r', '\n'], " "))
+    } else {
+        std::borrow::Cow::Borrowed(text)
+    }
 }
 
 /// NATS headers as palisade headers (the first value of each).
@@ -384,9 +428,12 @@ pub(crate) fn from_nats_headers(headers: Option<&async_nats::HeaderMap>) -> Head
     headers
         .iter()
         .filter_map(|(name, values)| {
-            values
-                .first()
-                .map(|value| (name.to_string(), value.as_str().to_owned()))
+            values.first().map(|value| {
+                (
+                    AsRef::<str>::as_ref(name).to_owned(),
+                    value.as_str().to_owned(),
+                )
+            })
         })
         .collect()
 }

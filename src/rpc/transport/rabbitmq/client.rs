@@ -173,7 +173,7 @@ impl Shared {
     }
 
     /// The AMQP properties every message carries: delivery mode and headers.
-    fn properties(&self, request: &RpcRequest) -> BasicProperties {
+    fn properties(&self, request: &RpcRequest) -> Result<BasicProperties, RpcError> {
         let options = &self.options;
         let persistent =
             options.persistent || (request.kind() == Kind::Event && options.persistent_events);
@@ -184,10 +184,10 @@ impl Shared {
         for (key, value) in wire.iter() {
             headers.insert(key.to_owned(), value);
         }
-        if let Some(table) = to_amqp_headers(headers.iter()) {
+        if let Some(table) = to_amqp_headers(headers.iter())? {
             properties = properties.with_headers(table);
         }
-        properties
+        Ok(properties)
     }
 
     /// Publishes `body` mandatory and waits for the broker's confirmation.
@@ -467,7 +467,7 @@ impl ClientTransport for RmqConnection {
             let id = registered.id();
             let payload = body(&shared.options.codec, &request, Some(id.as_str()))?;
             let mut properties = shared
-                .properties(&request)
+                .properties(&request)?
                 .with_correlation_id(id.as_str().into())
                 .with_reply_to(shared.options.reply_queue.as_str().into());
             if let Some(deadline) = request.deadline() {
@@ -491,7 +491,7 @@ impl ClientTransport for RmqConnection {
             let link = shared.current()?;
             let destination = shared.destination(&event)?;
             let payload = body(&shared.options.codec, &event, None)?;
-            let properties = shared.properties(&event);
+            let properties = shared.properties(&event)?;
             shared
                 .publish(&link, destination, &payload, properties, || {
                     format!("the event '{}'", event.pattern())

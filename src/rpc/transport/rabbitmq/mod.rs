@@ -744,14 +744,20 @@ fn field_table(map: &serde_json::Map<String, Value>) -> FieldTable {
 /// palisade headers as AMQP headers (`None` when there are none).
 fn to_amqp_headers<'a>(
     headers: impl IntoIterator<Item = (&'a str, &'a str)>,
-) -> Option<FieldTable> {
+) -> Result<Option<FieldTable>, RpcError> {
     let mut table = FieldTable::default();
     for (key, value) in headers {
-        if let Ok(key) = ShortString::try_new(key) {
-            table.insert(key, AMQPValue::LongString(value.into()));
-        }
+        // A header name is an AMQP short string; a longer one is refused rather than dropped.
+        let key = ShortString::try_new(key).map_err(|_| {
+            RpcError::invalid_argument(format!(
+                "the header name {:?}… is {} bytes long; AMQP allows 255",
+                key.chars().take(32).collect::<String>(),
+                key.len()
+            ))
+        })?;
+        table.insert(key, AMQPValue::LongString(value.into()));
     }
-    (!table.inner().is_empty()).then_some(table)
+    Ok((!table.inner().is_empty()).then_some(table))
 }
 
 /// AMQP headers as palisade headers: strings as they are, numbers and booleans as text; other
@@ -979,7 +985,9 @@ mod tests {
 
     #[test]
     fn headers_round_trip_and_other_values_read_as_text() {
-        let table = to_amqp_headers([("x-tenant", "acme"), ("traceparent", "00-1")]).unwrap();
+        let table = to_amqp_headers([("x-tenant", "acme"), ("traceparent", "00-1")])
+            .unwrap()
+            .unwrap();
         let mut extra = table.clone();
         extra.insert("n".into(), AMQPValue::LongInt(7));
         extra.insert("b".into(), AMQPValue::Boolean(false));
@@ -1021,7 +1029,12 @@ mod tests {
         ] {
             assert_eq!(read.get(key), Some(text), "{key}");
         }
-        assert!(to_amqp_headers([]).is_none());
+        assert!(to_amqp_headers([]).unwrap().is_none());
+        let long = "k".repeat(256);
+        let error = to_amqp_headers([(long.as_str(), "v")]).unwrap_err();
+        assert_eq!(error.code(), crate::rpc::Code::InvalidArgument);
+        assert!(error.message().contains("256 bytes"), "{error}");
+        assert!(to_amqp_headers([("k".repeat(255).as_str(), "v")]).is_ok());
         assert!(from_amqp_headers(None).is_empty());
     }
 

@@ -1,0 +1,122 @@
+//! CPU time per request of palisade's NATS client and server beside bare `async-nats` (the
+//! `nats` bench's `request()` and echoing subscriber), 64 in flight on one `nats-server` started
+//! here: steadier than wall time on a shared 2-core machine, where all three compete for the
+//! cores.
+//!
+//! ```sh
+//! cargo run --release -p palisade-benches --example nats_cpu                  # 200 000 requests each
+//! cargo run --release -p palisade-benches --example nats_cpu -- 50000 no-timeout
+//! ```
+//!
+//! Contenders: `bare`, `palisade` (the default client, whose 5 s timeout travels as a deadline
+//! header) and `no-timeout` (`ClientBuilder::no_timeout`, no header). Prints, per round, the wall
+//! time, this process's CPU time (client and server together) and the broker's, each per request.
+use futures::StreamExt;
+use palisade::rpc::transport::ServerTransport;
+use palisade::rpc::transport::nats::{NatsOptions, NatsServer};
+use palisade::rpc::{Client, Server};
+
+#[path = "../benches/support/mod.rs"]
+mod support;
+use support::{echo_router, in_tasks, two_workers};
+
+#[path = "../../tests/support/nats.rs"]
+mod broker;
+
+/// User and system CPU time of process `pid` (or `self`), in clock ticks (100 per second).
+fn cpu_ticks(pid: &str) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .collect();
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+fn main() {
+    let broker = broker::Broker::start();
+    let nats_pid = broker.pid().expect("the broker runs").to_string();
+    let runtime = two_workers();
+    let (bare, palisade, untimed) = runtime.block_on(async {
+        let responder = async_nats::connect(broker.url()).await.unwrap();
+        let mut requests = responder.subscribe("bare-echo").await.unwrap();
+        tokio::spawn(async move {
+            while let Some(message) = requests.next().await {
+                if let Some(reply) = message.reply {
+                    responder.publish(reply, message.payload).await.unwrap();
+                }
+            }
+        });
+        let bare = async_nats::connect(broker.url()).await.unwrap();
+        let server = NatsServer::new(NatsOptions::new([broker.url()]))
+            .serve(Server::new(echo_router()))
+            .await
+            .unwrap();
+        std::mem::forget(server);
+        let client = Client::builder()
+            .connect(NatsOptions::new([broker.url()]))
+            .await
+            .unwrap();
+        let untimed = Client::builder()
+            .no_timeout()
+            .connect(NatsOptions::new([broker.url()]))
+            .await
+            .unwrap();
+        (bare, client, untimed)
+    });
+    let n: u64 = std::env::args()
+        .nth(1)
+        .map(|a| a.parse().unwrap())
+        .unwrap_or(200_000);
+    let only = std::env::args().nth(2).unwrap_or_default();
+    for round in 0..3 {
+        for which in ["bare", "palisade", "no-timeout"] {
+            if !only.is_empty() && only != which {
+                continue;
+            }
+            let (c0, b0) = (cpu_ticks("self"), cpu_ticks(&nats_pid));
+            let wall = runtime.block_on(async {
+                match which {
+                    "bare" => {
+                        let bare = bare.clone();
+                        in_tasks(n, 64, move |x| {
+                            let bare = bare.clone();
+                            async move {
+                                let reply = bare
+                                    .request("bare-echo", x.to_string().into())
+                                    .await
+                                    .unwrap();
+                                assert_eq!(reply.payload, x.to_string().as_bytes());
+                            }
+                        })
+                        .await
+                    }
+                    _ => {
+                        let client = if which == "palisade" {
+                            palisade.clone()
+                        } else {
+                            untimed.clone()
+                        };
+                        in_tasks(n, 64, move |x| {
+                            let client = client.clone();
+                            async move {
+                                assert_eq!(client.send::<u64>("echo", &x).await.unwrap(), x)
+                            }
+                        })
+                        .await
+                    }
+                }
+            });
+            let (c1, b1) = (cpu_ticks("self"), cpu_ticks(&nats_pid));
+            let per = |ticks: u64| ticks as f64 * 10_000.0 / n as f64; // 100 Hz ticks -> µs
+            println!(
+                "round {round} {which:10} wall {:6.2} µs/req  cpu(process) {:6.2} µs/req  cpu(nats-server) {:5.2} µs/req",
+                wall.as_secs_f64() * 1e6 / n as f64,
+                per(c1 - c0),
+                per(b1 - b0)
+            );
+        }
+    }
+}
