@@ -41,12 +41,39 @@ fn transitions_are_traced_with_the_breaker_name() {
             let config = CircuitBreakerConfig::new("users")
                 .max_failures(1)
                 .reset_timeout(Duration::from_secs(10));
-            let mut service = CircuitBreakerLayer::new(config).layer(inner);
+            let layer = CircuitBreakerLayer::new(config);
+            let mut service = layer.layer(inner);
             let _ = service.ready().await.unwrap().call(Call::Fail).await;
+            // Half-open on the next call after the reset timeout, closed once the trial succeeds.
+            tokio::time::advance(Duration::from_secs(10)).await;
+            let _ = service.ready().await.unwrap().call(Call::Ok).await;
+            layer.handle().force_open();
         });
     });
     let log = String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap();
-    assert!(log.contains("circuit breaker opened"), "{log}");
-    assert!(log.contains("breaker=users"), "{log}");
-    assert!(log.contains("reason=the trip rule fired"), "{log}");
+    let lines: Vec<&str> = log.lines().collect();
+    let opened: Vec<&&str> = lines
+        .iter()
+        .filter(|line| line.contains("circuit breaker opened"))
+        .collect();
+    // Opening is a warning, whether a trip rule or a person did it; other changes are news.
+    assert_eq!(opened.len(), 2, "{log}");
+    for line in &opened {
+        assert!(line.contains(" WARN "), "{line}");
+        assert!(line.contains("breaker=users"), "{line}");
+    }
+    assert!(opened[0].contains("reason=the trip rule fired"), "{log}");
+    assert!(opened[0].contains("open_for=Some(10s)"), "{log}");
+    assert!(opened[1].contains("to=ForcedOpen"), "{log}");
+    let changed: Vec<&&str> = lines
+        .iter()
+        .filter(|line| line.contains("circuit breaker state changed"))
+        .collect();
+    assert_eq!(changed.len(), 2, "half-open, then closed: {log}");
+    for line in &changed {
+        assert!(line.contains(" INFO "), "{line}");
+        assert!(line.contains("breaker=users"), "{line}");
+    }
+    assert!(changed[0].contains("to=HalfOpen"), "{log}");
+    assert!(changed[1].contains("to=Closed"), "{log}");
 }
