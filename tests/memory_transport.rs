@@ -45,3 +45,83 @@ async fn a_server_served_later_replaces_the_first() {
         assert_eq!(client.send::<String>("who", &()).await.unwrap(), name);
     }
 }
+
+/// Received patterns route as a NestJS server routes them, in memory as on the wire: a string
+/// that parses as JSON routes like the value it holds, and a boolean or `null` reaches no handler,
+/// not even one registered under `"true"` or `"null"`.
+#[tokio::test]
+async fn string_patterns_route_the_way_a_nest_server_routes_them() {
+    use palisade::rpc::{Code, Pattern, Router};
+    use serde_json::json;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    let transport = MemoryTransport::new();
+    let events = Arc::new(AtomicUsize::new(0));
+    let counted = Arc::clone(&events);
+    let pings = Arc::new(AtomicUsize::new(0));
+    let pinged = Arc::clone(&pings);
+    let _server = transport.serve_now(Server::new(
+        Router::new()
+            .message("42", || async { "forty-two" })
+            .message(json!({"role": "math", "cmd": "sum"}), || async { "sum" })
+            .message("true", || async { "true, as a route" })
+            .message("null", || async { "null, as a route" })
+            .event("true", move || {
+                counted.fetch_add(1, Ordering::SeqCst);
+                async {}
+            })
+            .event("ping", move || {
+                pinged.fetch_add(1, Ordering::SeqCst);
+                async {}
+            }),
+    ));
+    let client = Client::builder().connect(transport.clone()).await.unwrap();
+
+    let reaches = [
+        (Pattern::from("42"), "forty-two"),
+        (Pattern::from(42), "forty-two"),
+        (Pattern::from(json!(42)), "forty-two"),
+        (Pattern::from(r#"{"cmd":"sum","role":"math"}"#), "sum"),
+        (Pattern::from(r#" {"role":"math","cmd":"sum"}"#), "sum"),
+        (Pattern::from(json!({"cmd": "sum", "role": "math"})), "sum"),
+    ];
+    for (pattern, expected) in reaches {
+        let answer = client.send::<String>(pattern.clone(), &()).await;
+        assert_eq!(answer.as_deref(), Ok(expected), "{pattern:?}");
+    }
+
+    let unroutable = [
+        Pattern::from("true"),
+        Pattern::from(json!(true)),
+        Pattern::from(json!(false)),
+        Pattern::from("null"),
+        Pattern::from(json!(null)),
+        Pattern::from(" true"),
+    ];
+    for pattern in unroutable {
+        let error = client
+            .send::<String>(pattern.clone(), &())
+            .await
+            .unwrap_err();
+        assert_eq!(error.code(), Code::Unimplemented, "{pattern:?}: {error}");
+        client.emit(pattern, &()).await.unwrap();
+    }
+    // An event the router can route, sent last, is handled: the events before it were
+    // dispatched too, and none reached the handler under "true".
+    client.emit("ping", &()).await.unwrap();
+    for _ in 0..100 {
+        if pings.load(Ordering::SeqCst) > 0 {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(pings.load(Ordering::SeqCst), 1);
+    assert_eq!(
+        events.load(Ordering::SeqCst),
+        0,
+        "no event reached the handler under \"true\""
+    );
+    assert!(Pattern::from("true").is_string());
+    assert!(!Pattern::from(json!(true)).is_string());
+}
