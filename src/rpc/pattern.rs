@@ -571,6 +571,20 @@ mod tests {
     }
 
     #[test]
+    fn debug_and_display_show_the_route() {
+        let object = Pattern::from(json!({"role": "math", "cmd": "sum"}));
+        assert_eq!(
+            format!("{object:?}"),
+            r#"Pattern({"cmd":"sum","role":"math"})"#
+        );
+        assert_eq!(object.to_string(), r#"{"cmd":"sum","role":"math"}"#);
+        assert_eq!(
+            format!("{:?}", Pattern::from("get-user")),
+            "Pattern(get-user)"
+        );
+    }
+
+    #[test]
     fn incoming_patterns_route_like_a_nest_server() {
         let route = |raw: &str| incoming_route(&RawJson::from_text(raw.to_owned()).unwrap());
         assert_eq!(route(r#""get-user""#).as_deref(), Some("get-user"));
