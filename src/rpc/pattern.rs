@@ -570,6 +570,29 @@ mod tests {
         assert_eq!(route_of(&Value::Object(wide)), "[TOO_MANY_KEYS]");
     }
 
+    /// Keys the collation ranks equal (they differ by an ignorable control character) keep
+    /// JavaScript's `Object.keys` order: array indices (up to 2^32 - 2) first, then the rest as
+    /// read. The expected routes are what `@nestjs/microservices` computed for these patterns.
+    #[test]
+    fn keys_ranked_equal_keep_javascripts_key_order() {
+        let route = |raw: &str| incoming_route(&RawJson::from_text(raw.to_owned()).unwrap());
+        let cases = [
+            (r#"{"\u00011":1,"1":2}"#, "{\"1\":2,\"\u{1}1\":1}"),
+            (r#"{"\u000101":1,"01":2}"#, "{\"\u{1}01\":1,\"01\":2}"),
+            (
+                r#"{"\u00014294967295":1,"4294967295":2}"#,
+                "{\"\u{1}4294967295\":1,\"4294967295\":2}",
+            ),
+            (
+                r#"{"\u00014294967294":1,"4294967294":2}"#,
+                "{\"4294967294\":2,\"\u{1}4294967294\":1}",
+            ),
+        ];
+        for (raw, expected) in cases {
+            assert_eq!(route(raw).as_deref(), Some(expected), "{raw}");
+        }
+    }
+
     #[test]
     fn debug_and_display_show_the_route() {
         let object = Pattern::from(json!({"role": "math", "cmd": "sum"}));
