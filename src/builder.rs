@@ -55,7 +55,7 @@ pub trait ServiceBuilderExt<L>: Sized {
     ) -> ServiceBuilder<Stack<CircuitBreakerLayer, L>>;
 
     /// Adds retry with `policy` (palisade's [`Retry`] service; tower's inherent `.retry(policy)`
-    /// works too). A policy other than [`RetryPolicy`](crate::retry::RetryPolicy) says which
+    /// works too). A policy other than [`RetryPolicy`] says which
     /// results are final through [`FinalResult`](crate::retry::FinalResult), or goes in
     /// [`AnyPolicy`](crate::retry::AnyPolicy).
     fn retry_with<P>(self, policy: P) -> ServiceBuilder<Stack<RetryLayer<P>, L>>;
