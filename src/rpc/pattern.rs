@@ -200,11 +200,14 @@ pub(crate) fn incoming_route(raw: &RawJson) -> Option<String> {
     }
     let value = Js::parse(raw.as_str()).unwrap_or(Js::Null);
     let parsed = match value {
+        // A string pattern is parsed as it is: `"1e400"` routes as `Infinity`.
         Js::String(text) => match Js::parse(&text) {
             Ok(parsed) => parsed,
             Err(_) => return Some(text),
         },
-        other => other,
+        // Any other pattern goes through `JSON.stringify` first, which writes a number too large
+        // for a double (`1e400`) as `null`.
+        other => other.stringified(),
     };
     match parsed {
         Js::String(text) => Some(text),
@@ -266,6 +269,22 @@ impl Js {
                 Value::Bool(b) => Js::Bool(b),
                 _ => Js::Null,
             }),
+        }
+    }
+
+    /// This value after a `JSON.stringify` and `JSON.parse` round trip: numbers that are not
+    /// finite become `null`.
+    fn stringified(self) -> Js {
+        match self {
+            Js::Number(n) if !n.is_finite() => Js::Null,
+            Js::Array(items) => Js::Array(items.into_iter().map(Js::stringified).collect()),
+            Js::Object(entries) => Js::Object(
+                entries
+                    .into_iter()
+                    .map(|(key, value)| (key, value.stringified()))
+                    .collect(),
+            ),
+            other => other,
         }
     }
 
@@ -568,6 +587,26 @@ mod tests {
         let wide: serde_json::Map<String, Value> =
             (0..21).map(|i| (format!("k{i:02}"), json!(i))).collect();
         assert_eq!(route_of(&Value::Object(wide)), "[TOO_MANY_KEYS]");
+    }
+
+    /// Numbers too large for a double, as a NestJS server routes them (the expected routes are
+    /// what `@nestjs/microservices` computed): inside a string pattern they are `Infinity`; a
+    /// pattern that is not a string goes through `JSON.stringify` first, which makes them `null`.
+    #[test]
+    fn numbers_beyond_a_double_route_like_a_nest_server() {
+        let route = |raw: &str| incoming_route(&RawJson::from_text(raw.to_owned()).unwrap());
+        assert_eq!(route(r#""1e400""#).as_deref(), Some("Infinity"));
+        assert_eq!(route(r#""-1e400""#).as_deref(), Some("-Infinity"));
+        assert_eq!(
+            route(r#""{\"a\":1e400}""#).as_deref(),
+            Some(r#"{"a":Infinity}"#)
+        );
+        assert_eq!(route("1e400"), None);
+        assert_eq!(route("-1e400"), None);
+        assert_eq!(
+            route(r#"{"a":[1e400,-1e400],"b":"1e400"}"#).as_deref(),
+            Some(r#"{"a":{"0":null,"1":null},"b":"1e400"}"#)
+        );
     }
 
     /// Keys the collation ranks equal (they differ by an ignorable control character) keep
