@@ -3,7 +3,6 @@
 //! and 64 in flight, in the same run.
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use futures::StreamExt;
 use palisade::rpc::transport::ServerTransport;
 use palisade::rpc::transport::nats::{NatsOptions, NatsServer};
 use palisade::rpc::{Client, Payload, Router, Server};
@@ -11,6 +10,10 @@ use std::time::Duration;
 
 mod support;
 use support::in_tasks;
+
+#[path = "support/bare_nats.rs"]
+mod bare_nats;
+use bare_nats::{bare_call, serve_bare_echo};
 
 #[path = "../../tests/support/nats.rs"]
 mod broker;
@@ -24,15 +27,7 @@ fn request_reply(c: &mut Criterion) {
         .unwrap();
     let (bare, palisade) = runtime.block_on(async {
         // Bare async-nats: a responder echoing the payload, and a client using request().
-        let responder = async_nats::connect(broker.url()).await.unwrap();
-        let mut requests = responder.subscribe("bare-echo").await.unwrap();
-        tokio::spawn(async move {
-            while let Some(message) = requests.next().await {
-                if let Some(reply) = message.reply {
-                    responder.publish(reply, message.payload).await.unwrap();
-                }
-            }
-        });
+        serve_bare_echo(&broker.url()).await;
         let bare = async_nats::connect(broker.url()).await.unwrap();
 
         let server = NatsServer::new(NatsOptions::new([broker.url()]))
@@ -56,13 +51,7 @@ fn request_reply(c: &mut Criterion) {
                 let bare = bare.clone();
                 in_tasks(iters, in_flight, move |x| {
                     let bare = bare.clone();
-                    async move {
-                        let reply = bare
-                            .request("bare-echo", x.to_string().into())
-                            .await
-                            .unwrap();
-                        assert_eq!(reply.payload, x.to_string().as_bytes());
-                    }
+                    async move { bare_call(&bare, x).await }
                 })
             })
         });

@@ -11,44 +11,27 @@
 //! Contenders: `bare`, `palisade` (the default client, whose 5 s timeout travels as a deadline
 //! header) and `no-timeout` (`ClientBuilder::no_timeout`, no header). Prints, per round, the wall
 //! time, this process's CPU time (client and server together) and the broker's, each per request.
-use futures::StreamExt;
 use palisade::rpc::transport::ServerTransport;
 use palisade::rpc::transport::nats::{NatsOptions, NatsServer};
 use palisade::rpc::{Client, Server};
 
 #[path = "../benches/support/mod.rs"]
 mod support;
-use support::{echo_router, in_tasks, two_workers};
+use support::{cpu_ticks, echo_router, in_tasks, two_workers};
 
 #[path = "../../tests/support/nats.rs"]
 mod broker;
 
-/// User and system CPU time of process `pid` (or `self`), in clock ticks (100 per second).
-fn cpu_ticks(pid: &str) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let fields: Vec<&str> = stat
-        .rsplit(')')
-        .next()
-        .unwrap()
-        .split_whitespace()
-        .collect();
-    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
-}
+#[path = "../benches/support/bare_nats.rs"]
+mod bare_nats;
+use bare_nats::{bare_call, serve_bare_echo};
 
 fn main() {
     let broker = broker::Broker::start();
     let nats_pid = broker.pid().expect("the broker runs").to_string();
     let runtime = two_workers();
     let (bare, palisade, untimed) = runtime.block_on(async {
-        let responder = async_nats::connect(broker.url()).await.unwrap();
-        let mut requests = responder.subscribe("bare-echo").await.unwrap();
-        tokio::spawn(async move {
-            while let Some(message) = requests.next().await {
-                if let Some(reply) = message.reply {
-                    responder.publish(reply, message.payload).await.unwrap();
-                }
-            }
-        });
+        serve_bare_echo(&broker.url()).await;
         let bare = async_nats::connect(broker.url()).await.unwrap();
         let server = NatsServer::new(NatsOptions::new([broker.url()]))
             .serve(Server::new(echo_router()))
@@ -83,13 +66,7 @@ fn main() {
                         let bare = bare.clone();
                         in_tasks(n, 64, move |x| {
                             let bare = bare.clone();
-                            async move {
-                                let reply = bare
-                                    .request("bare-echo", x.to_string().into())
-                                    .await
-                                    .unwrap();
-                                assert_eq!(reply.payload, x.to_string().as_bytes());
-                            }
+                            async move { bare_call(&bare, x).await }
                         })
                         .await
                     }

@@ -17,7 +17,7 @@ use std::sync::Arc;
 
 #[path = "../benches/support/mod.rs"]
 mod support;
-use support::{echo_router, free_port, in_tasks, two_workers};
+use support::{cpu_ticks, echo_router, free_port, in_tasks, two_workers};
 
 #[path = "../../tests/support/redis.rs"]
 mod broker;
@@ -26,18 +26,6 @@ mod broker;
 #[allow(dead_code)] // events are the bench's business
 mod bare_redis;
 use bare_redis::{BareClient, bare_server};
-
-/// User and system CPU time of process `pid` (or `self`), in clock ticks (100 per second).
-fn cpu_ticks(pid: &str) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let fields: Vec<&str> = stat
-        .rsplit(')')
-        .next()
-        .unwrap()
-        .split_whitespace()
-        .collect();
-    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
-}
 
 fn main() {
     let broker = broker::Broker::start();

@@ -81,3 +81,17 @@ pub fn echo_router() -> palisade::rpc::Router {
         .message("echo", |Payload(x): Payload<u64>| async move { x })
         .event("note", |Payload(_): Payload<u64>| async {})
 }
+
+/// User and system CPU time of process `pid` (or `"self"`), in clock ticks (100 per second), from
+/// `/proc/<pid>/stat`: what the `*_cpu` examples compare.
+#[allow(dead_code)] // for the examples only
+pub fn cpu_ticks(pid: &str) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .collect();
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
