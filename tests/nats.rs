@@ -483,3 +483,96 @@ async fn headers_nats_cannot_carry_are_clear_errors_not_panics() {
         assert_eq!(error.code(), Code::InvalidArgument, "{key:?}: {error}");
     }
 }
+
+/// What a request looks like on the broker: the message a bare subscriber receives for a
+/// palisade client built with `options`, given up on at its 200 ms timeout.
+async fn request_as_seen_on_the_broker(
+    broker: &Broker,
+    options: NatsOptions,
+    header: Option<(&'static str, &'static str)>,
+) -> async_nats::Message {
+    let bare = async_nats::connect(broker.url()).await.unwrap();
+    let mut seen = bare.subscribe("probe").await.unwrap();
+    bare.flush().await.unwrap();
+    let mut builder = Client::builder().timeout(Duration::from_millis(200));
+    if let Some((key, value)) = header {
+        builder = builder.header(key, value);
+    }
+    let client = builder.connect(options).await.unwrap();
+    let error = client
+        .send::<Value>("probe", &json!({"x": 1}))
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), Code::DeadlineExceeded, "{error}");
+    tokio::time::timeout(Duration::from_secs(5), seen.next())
+        .await
+        .unwrap()
+        .unwrap()
+}
+
+fn body_of(message: &async_nats::Message) -> Value {
+    serde_json::from_slice(&message.payload).unwrap()
+}
+
+fn millis_left(text: &str) -> u64 {
+    let millis: u64 = text.parse().unwrap();
+    assert!(millis > 0 && millis <= 200, "{millis}");
+    millis
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_deadline_travels_in_the_body_unless_asked_for_as_a_nats_header() {
+    let broker = Broker::start();
+
+    // Default: a plain PUB, no NATS headers; the deadline in the packet's `headers` field.
+    let message = request_as_seen_on_the_broker(&broker, options(&broker), None).await;
+    assert!(message.headers.is_none(), "{:?}", message.headers);
+    let body = body_of(&message);
+    millis_left(body["headers"]["palisade-timeout-ms"].as_str().unwrap());
+    assert_eq!(body["pattern"], "probe");
+    assert_eq!(body["data"], json!({"x": 1}));
+
+    // The caller's own headers are NATS headers (NestJS reads them there); the deadline is not.
+    let message =
+        request_as_seen_on_the_broker(&broker, options(&broker), Some(("x-tenant", "acme"))).await;
+    let headers = message.headers.as_ref().unwrap();
+    assert_eq!(headers.get("x-tenant").unwrap().as_str(), "acme");
+    assert!(headers.get("palisade-timeout-ms").is_none());
+    millis_left(
+        body_of(&message)["headers"]["palisade-timeout-ms"]
+            .as_str()
+            .unwrap(),
+    );
+
+    // A deadline header set by hand never travels beside the deadline's own value.
+    let message = request_as_seen_on_the_broker(
+        &broker,
+        options(&broker),
+        Some(("palisade-timeout-ms", "999999")),
+    )
+    .await;
+    assert!(message.headers.is_none(), "{:?}", message.headers);
+    millis_left(
+        body_of(&message)["headers"]["palisade-timeout-ms"]
+            .as_str()
+            .unwrap(),
+    );
+
+    // Asked for as a header: there, and not in the body.
+    for hand_set in [None, Some(("palisade-timeout-ms", "999999"))] {
+        let message = request_as_seen_on_the_broker(
+            &broker,
+            options(&broker).deadline_header(true),
+            hand_set,
+        )
+        .await;
+        let headers = message.headers.as_ref().unwrap();
+        let values: Vec<_> = headers
+            .get_all("palisade-timeout-ms")
+            .map(|value| value.as_str().to_owned())
+            .collect();
+        assert_eq!(values.len(), 1, "{values:?}");
+        millis_left(&values[0]);
+        assert!(body_of(&message).get("headers").is_none());
+    }
+}

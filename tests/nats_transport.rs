@@ -11,12 +11,22 @@ use support::nats::Broker;
 
 struct Nats {
     broker: Broker,
+    /// Clients send the deadline as a NATS header instead of in the body.
+    deadline_header: bool,
 }
 
 impl Nats {
     fn new() -> Self {
         Nats {
             broker: Broker::start(),
+            deadline_header: false,
+        }
+    }
+
+    fn with_deadline_header() -> Self {
+        Nats {
+            deadline_header: true,
+            ..Nats::new()
         }
     }
 }
@@ -31,7 +41,7 @@ impl Harness for Nats {
 
     async fn client(&self, builder: ClientBuilder) -> Client {
         builder
-            .connect(NatsOptions::new([self.broker.url()]))
+            .connect(NatsOptions::new([self.broker.url()]).deadline_header(self.deadline_header))
             .await
             .unwrap()
     }
@@ -56,3 +66,19 @@ impl Harness for Nats {
 }
 
 palisade::conformance_tests!(Nats::new());
+
+/// The cases where the deadline's way over the wire matters, with the deadline as a NATS header.
+mod deadline_header {
+    use super::Nats;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn deadlines_are_honoured_by_the_server() {
+        palisade::conformance::deadlines_are_honoured_by_the_server(Nats::with_deadline_header())
+            .await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn headers_reach_handlers() {
+        palisade::conformance::headers_reach_handlers(Nats::with_deadline_header()).await;
+    }
+}

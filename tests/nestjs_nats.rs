@@ -46,6 +46,15 @@ async fn a_palisade_client_calls_a_nestjs_service_over_nats() {
             .is_some_and(|t| t.starts_with("00-")),
         "{headers}"
     );
+    // The deadline travels in the packet body, which NestJS ignores (every call above carried
+    // it), unless the client asks for it as a NATS header.
+    assert!(headers.get("palisade-timeout-ms").is_none(), "{headers}");
+    let client = Client::builder()
+        .timeout(Duration::from_secs(10))
+        .connect(NatsOptions::new([broker.url()]).deadline_header(true))
+        .await
+        .unwrap();
+    let headers: Value = client.send("headers", &json!({})).await.unwrap();
     let left: u64 = headers["palisade-timeout-ms"]
         .as_str()
         .unwrap()

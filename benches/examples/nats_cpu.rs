@@ -8,9 +8,11 @@
 //! cargo run --release -p palisade-benches --example nats_cpu -- 50000 no-timeout
 //! ```
 //!
-//! Contenders: `bare`, `palisade` (the default client, whose 5 s timeout travels as a deadline
-//! header) and `no-timeout` (`ClientBuilder::no_timeout`, no header). Prints, per round, the wall
-//! time, this process's CPU time (client and server together) and the broker's, each per request.
+//! Contenders: `bare`, `palisade` (the default client, whose 5 s timeout travels as a deadline in
+//! the packet body), `deadline-header` (the same deadline as a NATS header,
+//! `NatsOptions::deadline_header`) and `no-timeout` (`ClientBuilder::no_timeout`: no deadline, no
+//! timer). Prints, per round, the wall time, this process's CPU time (client and server together)
+//! and the broker's, each per request.
 use palisade::rpc::transport::ServerTransport;
 use palisade::rpc::transport::nats::{NatsOptions, NatsServer};
 use palisade::rpc::{Client, Server};
@@ -30,7 +32,7 @@ fn main() {
     let broker = broker::Broker::start();
     let nats_pid = broker.pid().expect("the broker runs").to_string();
     let runtime = two_workers();
-    let (bare, palisade, untimed) = runtime.block_on(async {
+    let (bare, palisade, with_header, untimed) = runtime.block_on(async {
         serve_bare_echo(&broker.url()).await;
         let bare = async_nats::connect(broker.url()).await.unwrap();
         let server = NatsServer::new(NatsOptions::new([broker.url()]))
@@ -42,12 +44,16 @@ fn main() {
             .connect(NatsOptions::new([broker.url()]))
             .await
             .unwrap();
+        let with_header = Client::builder()
+            .connect(NatsOptions::new([broker.url()]).deadline_header(true))
+            .await
+            .unwrap();
         let untimed = Client::builder()
             .no_timeout()
             .connect(NatsOptions::new([broker.url()]))
             .await
             .unwrap();
-        (bare, client, untimed)
+        (bare, client, with_header, untimed)
     });
     let n: u64 = std::env::args()
         .nth(1)
@@ -55,7 +61,7 @@ fn main() {
         .unwrap_or(200_000);
     let only = std::env::args().nth(2).unwrap_or_default();
     for round in 0..3 {
-        for which in ["bare", "palisade", "no-timeout"] {
+        for which in ["bare", "palisade", "deadline-header", "no-timeout"] {
             if !only.is_empty() && only != which {
                 continue;
             }
@@ -71,10 +77,10 @@ fn main() {
                         .await
                     }
                     _ => {
-                        let client = if which == "palisade" {
-                            palisade.clone()
-                        } else {
-                            untimed.clone()
+                        let client = match which {
+                            "palisade" => palisade.clone(),
+                            "deadline-header" => with_header.clone(),
+                            _ => untimed.clone(),
                         };
                         in_tasks(n, 64, move |x| {
                             let client = client.clone();
@@ -89,7 +95,7 @@ fn main() {
             let (c1, b1) = (cpu_ticks("self"), cpu_ticks(&nats_pid));
             let per = |ticks: u64| ticks as f64 * 10_000.0 / n as f64; // 100 Hz ticks -> µs
             println!(
-                "round {round} {which:10} wall {:6.2} µs/req  cpu(process) {:6.2} µs/req  cpu(nats-server) {:5.2} µs/req",
+                "round {round} {which:15} wall {:6.2} µs/req  cpu(process) {:6.2} µs/req  cpu(nats-server) {:5.2} µs/req",
                 wall.as_secs_f64() * 1e6 / n as f64,
                 per(c1 - c0),
                 per(b1 - b0)

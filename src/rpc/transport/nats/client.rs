@@ -82,6 +82,8 @@ struct Inner {
     inbox: String,
     jetstream: Option<async_nats::jetstream::Context>,
     codec: SharedCodec,
+    /// The deadline travels as a NATS header rather than in the body.
+    deadline_header: bool,
 }
 
 /// A connected NATS client transport: requests with a reply subject on one multiplexed inbox,
@@ -148,6 +150,7 @@ impl NatsConnection {
                 inbox,
                 jetstream,
                 codec,
+                deadline_header: options.deadline_header,
             }),
         })
     }
@@ -219,15 +222,20 @@ fn deliver(pending: &PendingRequests, codec: &SharedCodec, message: async_nats::
     pending.deliver(n, packet);
 }
 
-fn body(codec: &SharedCodec, request: &RpcRequest, id: Option<&str>) -> Result<Bytes, RpcError> {
-    // Headers travel as NATS headers, not in the body.
+/// A message's body: NestJS's packet, with the deadline in its `headers` field unless it travels
+/// as a NATS header (the request's own headers always do).
+fn body(
+    codec: &SharedCodec,
+    request: &RpcRequest,
+    id: Option<&str>,
+    deadline_header: bool,
+) -> Result<Bytes, RpcError> {
+    let mut in_body = Headers::new();
+    if !deadline_header && let Some(millis) = request.wire_timeout_millis() {
+        in_body.insert(crate::rpc::TIMEOUT_HEADER, millis.to_string());
+    }
     codec
-        .request_body(
-            request.pattern().raw(),
-            request.payload(),
-            id,
-            &Headers::new(),
-        )
+        .request_body(request.pattern().raw(), request.payload(), id, &in_body)
         .map_err(|error| {
             RpcError::invalid_argument(format!(
                 "cannot encode the message for '{}': {error}",
@@ -358,9 +366,14 @@ impl ClientTransport for NatsConnection {
             let inner = &transport.inner;
             let registered = inner.pending.register(request.pattern())?;
             let reply_subject = reply_subject(&inner.inbox, registered.number());
-            let payload = body(&inner.codec, &request, Some(registered.id().as_str()))?;
+            let payload = body(
+                &inner.codec,
+                &request,
+                Some(registered.id().as_str()),
+                inner.deadline_header,
+            )?;
             let subject = route_subject(request.pattern().route_arc());
-            let published = match outgoing_headers(&request)? {
+            let published = match outgoing_headers(&request, inner.deadline_header)? {
                 Some(headers) => {
                     inner
                         .client
@@ -386,8 +399,8 @@ impl ClientTransport for NatsConnection {
             let route = event.pattern().route().to_owned();
             check_subject(&route, false)?;
             let inner = &transport.inner;
-            let payload = body(&inner.codec, &event, None)?;
-            let mut headers = outgoing_headers(&event)?;
+            let payload = body(&inner.codec, &event, None, inner.deadline_header)?;
+            let mut headers = outgoing_headers(&event, inner.deadline_header)?;
             if let Some(jetstream) = &inner.jetstream {
                 // One key, one stored event (within the stream's duplicate window).
                 if let Some(key) = event.headers().get(IDEMPOTENCY_KEY) {
