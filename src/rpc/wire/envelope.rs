@@ -289,10 +289,12 @@ impl IncomingPacket {
 ///
 /// Fails when the frame is not valid JSON.
 pub fn decode_incoming(frame: &Bytes) -> Result<IncomingPacket, serde_json::Error> {
-    let trimmed = std::str::from_utf8(frame)
-        .map(str::trim_start)
-        .unwrap_or("");
-    if !trimmed.starts_with('{') {
+    // JSON's whitespace is these four bytes; the first other byte says whether it is an object
+    // (the parser checks the rest, so the frame is not validated as UTF-8 twice).
+    let first = frame
+        .iter()
+        .find(|byte| !matches!(byte, b' ' | b'\t' | b'\n' | b'\r'));
+    if first != Some(&b'{') {
         // null, a number, an array...: valid JSON (checked here), external.
         serde_json::from_slice::<IgnoredAny>(frame)?;
         return Ok(IncomingPacket {
@@ -594,5 +596,27 @@ mod tests {
             external.id.is_none(),
             "neither pattern nor data: an external message"
         );
+        // JSON whitespace before the object: still a packet.
+        let spaced = decode(" \t\r\n{\"pattern\":\"p\",\"data\":2,\"id\":\"w\"}");
+        assert!(!spaced.external);
+        assert_eq!(
+            (spaced.pattern, spaced.data),
+            (Some(raw(r#""p""#)), raw("2"))
+        );
+        assert!(decode(" [1]").external);
+        // A byte that is not UTF-8 in a field nobody reads does not turn the packet into an
+        // external message (NestJS decodes it as U+FFFD and routes the packet).
+        let stray = decode_incoming(&Bytes::from_static(
+            b"{\"pattern\":\"p\",\"data\":3,\"id\":\"v\",\"junk\":\"\xff\"}",
+        ))
+        .unwrap();
+        assert!(!stray.external);
+        assert_eq!((stray.pattern, stray.data), (Some(raw(r#""p""#)), raw("3")));
+        for bad in [&b""[..], b"   ", b"{", b"\xff"] {
+            assert!(
+                decode_incoming(&Bytes::from_static(bad)).is_err(),
+                "{bad:?}"
+            );
+        }
     }
 }
