@@ -495,6 +495,27 @@ mod tests {
     }
 
     #[test]
+    fn debug_shows_the_settings_and_keeps_credentials_out() {
+        let options = NatsOptions::new(["nats://127.0.0.1:4222"])
+            .name("billing")
+            .user_and_password("billing", "s3cret")
+            .token("t0ken")
+            .deadline_header(true);
+        let text = format!("{options:?}");
+        for shown in [
+            "nats://127.0.0.1:4222",
+            "billing",
+            "deadline_header: true",
+            "ping_interval: 60s",
+        ] {
+            assert!(text.contains(shown), "{shown} missing from {text}");
+        }
+        for hidden in ["s3cret", "t0ken"] {
+            assert!(!text.contains(hidden), "{hidden} in {text}");
+        }
+    }
+
+    #[test]
     fn reconnect_delays_double_up_to_the_maximum() {
         let max = Duration::from_millis(100);
         let delays: Vec<u64> = (1..=9)
