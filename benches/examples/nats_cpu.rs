@@ -11,7 +11,8 @@
 //! Contenders: `bare`, `palisade` (the default client, whose 5 s timeout travels as a deadline in
 //! the packet body), `deadline-header` (the same deadline as a NATS header,
 //! `NatsOptions::deadline_header`) and `no-timeout` (`ClientBuilder::no_timeout`: no deadline, no
-//! timer). Prints, per round, the wall time, this process's CPU time (client and server together)
+//! timer), and `bare-to-server` (bare `request()` to the palisade server, whose body NestJS's rules
+//! sends NestJS packets: the server's share of palisade's cost). Prints, per round, the wall time, this process's CPU time (client and server together)
 //! and the broker's, each per request.
 use palisade::rpc::transport::ServerTransport;
 use palisade::rpc::transport::nats::{NatsOptions, NatsServer};
@@ -61,13 +62,35 @@ fn main() {
         .unwrap_or(200_000);
     let only = std::env::args().nth(2).unwrap_or_default();
     for round in 0..3 {
-        for which in ["bare", "palisade", "deadline-header", "no-timeout"] {
+        for which in [
+            "bare",
+            "palisade",
+            "deadline-header",
+            "no-timeout",
+            "bare-to-server",
+        ] {
             if !only.is_empty() && only != which {
                 continue;
             }
             let (c0, b0) = (cpu_ticks("self"), cpu_ticks(&nats_pid));
             let wall = runtime.block_on(async {
                 match which {
+                    "bare-to-server" => {
+                        let bare = bare.clone();
+                        in_tasks(n, 64, move |x| {
+                            let bare = bare.clone();
+                            async move {
+                                let packet =
+                                    format!("{{\"pattern\":\"echo\",\"data\":{x},\"id\":\"{x}\"}}");
+                                let reply = bare.request("echo", packet.into()).await.unwrap();
+                                let expected = format!(
+                                    "{{\"response\":{x},\"isDisposed\":true,\"id\":\"{x}\"}}"
+                                );
+                                assert_eq!(reply.payload, expected.as_bytes());
+                            }
+                        })
+                        .await
+                    }
                     "bare" => {
                         let bare = bare.clone();
                         in_tasks(n, 64, move |x| {

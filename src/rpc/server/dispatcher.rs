@@ -8,7 +8,7 @@ use crate::rpc::request::TRACEPARENT_HEADER;
 use crate::rpc::transport::{ReplyPacket, error_json};
 use crate::rpc::{Code, Kind, RpcError, RpcRequest, TransportErrorKind};
 use crate::timeout::HasDeadline;
-use futures_util::future::{BoxFuture, Either};
+use futures_util::future::BoxFuture;
 use futures_util::{FutureExt, StreamExt};
 use std::fmt;
 use std::future::Future;
@@ -443,22 +443,19 @@ impl Inner {
         });
         let outcome = {
             let work = self.respond(request, sink.as_mut());
-            // One future either way, not an async block holding `work` twice; boxed when bounded,
-            // because the timer is large and a request without a deadline should not carry room
-            // for it.
-            let bounded = match deadline {
-                Some(deadline) => Either::Left(
-                    Box::pin(tokio::time::timeout_at(deadline.instant(), work)).map(|timed| {
-                        timed.unwrap_or_else(|_| {
-                            Err(RpcError::deadline_exceeded(
-                                "the caller's deadline passed; the handler was stopped",
-                            ))
-                        })
-                    }),
-                ),
-                None => Either::Right(work),
+            // The deadline's timer and the shutdown token are futures created on their first
+            // poll, beside the handler's rather than around it: a handler that answers at once
+            // never arms a timer or touches the token, and `work` is held once, inline, in this
+            // future (wrapping it in `timeout_at` meant a second, boxed copy of its room).
+            let deadline_passed = async {
+                match deadline {
+                    Some(deadline) => tokio::time::sleep_until(deadline.instant()).await,
+                    None => std::future::pending().await,
+                }
+                Err(RpcError::deadline_exceeded(
+                    "the caller's deadline passed; the handler was stopped",
+                ))
             };
-            // Created on its first poll: a handler that answers at once never touches the token.
             let aborted = async {
                 self.abort.cancelled().await;
                 Err(RpcError::unavailable(
@@ -467,7 +464,8 @@ impl Inner {
             };
             tokio::select! {
                 biased;
-                outcome = bounded => outcome,
+                outcome = work => outcome,
+                passed = deadline_passed => passed,
                 aborted = aborted => aborted,
             }
         };
