@@ -305,15 +305,18 @@ impl Dispatcher {
         if !span.is_disabled() {
             crate::rpc::otel::continue_trace(&span, request.headers());
         }
-        let handling = Arc::clone(&self.inner)
-            .handle(request, sink, permit)
-            .instrument(span);
+        // Boxed where it is made: the handler's future is large (it holds the sink's send), and
+        // each move of it is a copy.
+        let mut handling = Box::pin(
+            Arc::clone(&self.inner)
+                .handle(request, sink, permit)
+                .instrument(span),
+        );
         match first_poll {
             FirstPoll::Spawned => {
                 self.inner.tracker.spawn(handling);
             }
             FirstPoll::Inline => {
-                let mut handling = Box::pin(handling);
                 // Most handlers answer on their first poll: poll once here and spawn a task only
                 // for those that have to wait. The first poll happens inside this call, which the
                 // caller cannot cancel halfway, and a waiting handler still runs to completion in
