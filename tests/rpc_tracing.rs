@@ -38,7 +38,10 @@ fn each_request_has_a_client_span_and_a_server_span() {
         runtime.block_on(async {
             let transport = MemoryTransport::new();
             let router = Router::new()
-                .message("ping", || async { "pong" })
+                .message("ping", || async {
+                    tracing::info!("handler ran");
+                    "pong"
+                })
                 .message("refuse", || async {
                     Err::<(), _>(RpcError::not_found("nope"))
                 });
@@ -70,6 +73,16 @@ fn each_request_has_a_client_span_and_a_server_span() {
     assert!(closed("rpc.server", "ping", "ok"), "{log}");
     assert!(closed("rpc.client", "refuse", "NOT_FOUND"), "{log}");
     assert!(closed("rpc.server", "refuse", "NOT_FOUND"), "{log}");
+    // A handler runs inside both spans (the memory transport handles the request in the
+    // client's task), so its events carry them.
+    let handler_line = log
+        .lines()
+        .find(|line| line.contains("handler ran"))
+        .unwrap_or_else(|| panic!("the handler's event is missing: {log}"));
+    assert!(
+        handler_line.contains("rpc.client{") && handler_line.contains("rpc.server{"),
+        "the handler's event is outside the request's spans: {handler_line}"
+    );
     assert!(
         log.contains("trace=00-"),
         "the server span lacks the trace context: {log}"

@@ -98,6 +98,17 @@ impl Service<RpcRequest> for TransportService {
     }
 }
 
+/// `future` inside `span` when someone collects the span, and as it is otherwise: a disabled
+/// span has nothing to enter, and entering it anyway costs `tracing`'s `log` fallback a check at
+/// every poll.
+async fn in_span<F: Future>(future: F, span: &tracing::Span) -> F::Output {
+    if span.is_disabled() {
+        future.await
+    } else {
+        future.instrument(span.clone()).await
+    }
+}
+
 /// Hands one request to the transport and waits for the first reply packet.
 async fn exchange(
     transport: &dyn ClientTransport,
@@ -221,26 +232,19 @@ impl Client {
                 // Without other layers the deadline is enforced here rather than by a boxed
                 // `DeadlineLayer` stack, so the default timeout costs a timer, not a service.
                 match request.deadline() {
-                    Some(deadline) => {
-                        tokio::time::timeout_at(deadline.instant(), exchange(&**transport, request))
-                            .instrument(span.clone())
-                            .await
-                            .unwrap_or_else(|_| Err(RpcError::from(Elapsed::deadline())))
-                    }
-                    None => {
-                        exchange(&**transport, request)
-                            .instrument(span.clone())
-                            .await
-                    }
+                    Some(deadline) => in_span(
+                        tokio::time::timeout_at(
+                            deadline.instant(),
+                            exchange(&**transport, request),
+                        ),
+                        &span,
+                    )
+                    .await
+                    .unwrap_or_else(|_| Err(RpcError::from(Elapsed::deadline()))),
+                    None => in_span(exchange(&**transport, request), &span).await,
                 }
             }
-            Stack::Layered(stack) => {
-                stack
-                    .clone()
-                    .oneshot(request)
-                    .instrument(span.clone())
-                    .await
-            }
+            Stack::Layered(stack) => in_span(stack.clone().oneshot(request), &span).await,
         };
         #[cfg(feature = "metrics")]
         if let Some(started) = started {

@@ -8,7 +8,7 @@ use crate::rpc::request::TRACEPARENT_HEADER;
 use crate::rpc::transport::{ReplyPacket, error_json};
 use crate::rpc::{Code, Kind, RpcError, RpcRequest, TransportErrorKind};
 use crate::timeout::HasDeadline;
-use futures_util::future::BoxFuture;
+use futures_util::future::{BoxFuture, Either};
 use futures_util::{FutureExt, StreamExt};
 use std::fmt;
 use std::future::Future;
@@ -306,12 +306,15 @@ impl Dispatcher {
             crate::rpc::otel::continue_trace(&span, request.headers());
         }
         // Boxed where it is made: the handler's future is large (it holds the sink's send), and
-        // each move of it is a copy.
-        let mut handling = Box::pin(
-            Arc::clone(&self.inner)
-                .handle(request, sink, permit)
-                .instrument(span),
-        );
+        // each move of it is a copy. Entered at each poll only when someone collects the span: a
+        // disabled span has nothing to enter, and entering it anyway costs `tracing`'s `log`
+        // fallback a check at every poll.
+        let handling = Arc::clone(&self.inner).handle(request, sink, permit, span.clone());
+        let mut handling = if span.is_disabled() {
+            Box::pin(Either::Left(handling))
+        } else {
+            Box::pin(Either::Right(handling.instrument(span)))
+        };
         match first_poll {
             FirstPoll::Spawned => {
                 self.inner.tracker.spawn(handling);
@@ -431,9 +434,9 @@ impl Inner {
         request: RpcRequest,
         sink: Option<K>,
         _permit: Option<OwnedSemaphorePermit>,
+        span: tracing::Span,
     ) {
         let _in_flight = self.in_flight.enter();
-        let span = tracing::Span::current();
         // Clock reads only for a span someone listens to (or for metrics).
         let started = (cfg!(feature = "metrics") || !span.is_disabled()).then(Instant::now);
         let deadline = request.deadline();
