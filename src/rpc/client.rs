@@ -98,15 +98,18 @@ impl Service<RpcRequest> for TransportService {
     }
 }
 
-/// `future` inside `span` when someone collects the span, and as it is otherwise: a disabled
-/// span has nothing to enter, and entering it anyway costs `tracing`'s `log` fallback a check at
-/// every poll.
-async fn in_span<F: Future>(future: F, span: &tracing::Span) -> F::Output {
-    if span.is_disabled() {
-        future.await
-    } else {
-        future.instrument(span.clone()).await
-    }
+/// Awaits a future inside the request's span when someone collects the span (`traced`), and as it
+/// is otherwise: a disabled span has nothing to enter, and entering it anyway costs `tracing`'s
+/// `log` fallback a check at every poll. A macro, not an `async fn`: an `async fn` would take the
+/// future by value, one more copy of it per request.
+macro_rules! in_span {
+    ($traced:expr, $span:expr, $future:expr) => {
+        if $traced {
+            $future.instrument($span.clone()).await
+        } else {
+            $future.await
+        }
+    };
 }
 
 /// Hands one request to the transport and waits for the first reply packet.
@@ -232,19 +235,19 @@ impl Client {
                 // Without other layers the deadline is enforced here rather than by a boxed
                 // `DeadlineLayer` stack, so the default timeout costs a timer, not a service.
                 match request.deadline() {
-                    Some(deadline) => in_span(
+                    Some(deadline) => in_span!(
+                        traced,
+                        span,
                         tokio::time::timeout_at(
                             deadline.instant(),
-                            exchange(&**transport, request),
-                        ),
-                        &span,
+                            exchange(&**transport, request)
+                        )
                     )
-                    .await
                     .unwrap_or_else(|_| Err(RpcError::from(Elapsed::deadline()))),
-                    None => in_span(exchange(&**transport, request), &span).await,
+                    None => in_span!(traced, span, exchange(&**transport, request)),
                 }
             }
-            Stack::Layered(stack) => in_span(stack.clone().oneshot(request), &span).await,
+            Stack::Layered(stack) => in_span!(traced, span, stack.clone().oneshot(request)),
         };
         #[cfg(feature = "metrics")]
         if let Some(started) = started {
