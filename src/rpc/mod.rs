@@ -173,6 +173,7 @@ mod contract;
 mod error;
 mod handler;
 mod json;
+mod key_hash;
 #[cfg(feature = "metrics")]
 mod observe;
 #[cfg(feature = "opentelemetry")]

@@ -1,8 +1,8 @@
 use super::handler::{Handler, Reply, Route};
+use super::key_hash::KeyMap;
 use super::{Kind, Pattern, RpcError, RpcRequest};
 use futures_util::future::BoxFuture;
 use std::any::Any;
-use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -66,8 +66,8 @@ impl<S: Clone + Send + Sync + 'static> Endpoint<S> {
 }
 
 struct Table<S> {
-    messages: HashMap<Arc<str>, Endpoint<S>>,
-    events: HashMap<Arc<str>, Vec<Endpoint<S>>>,
+    messages: KeyMap<Arc<str>, Endpoint<S>>,
+    events: KeyMap<Arc<str>, Vec<Endpoint<S>>>,
     /// What answers messages no handler matches, once [`Router::layer`] wrapped it; `None` is
     /// NestJS's behaviour, without a service to call.
     unmatched: Option<Route>,
@@ -86,8 +86,8 @@ impl<S> Clone for Table<S> {
 impl<S> Default for Table<S> {
     fn default() -> Self {
         Table {
-            messages: HashMap::new(),
-            events: HashMap::new(),
+            messages: KeyMap::default(),
+            events: KeyMap::default(),
             unmatched: None,
         }
     }

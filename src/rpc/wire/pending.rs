@@ -1,9 +1,9 @@
 //! One correlation map for every request/reply transport.
 
 use super::ids::{PacketId, PacketIds};
+use crate::rpc::key_hash::KeyMap;
 use crate::rpc::transport::{ReplyPacket, ReplyReceiver, ReplySender, reply_channel};
 use crate::rpc::{Pattern, RpcError, TransportErrorKind};
-use std::collections::HashMap;
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -11,6 +11,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 /// Shards of the map: callers register and forget requests on their threads while a transport's
 /// reader delivers on another; one map behind one lock made them queue for it.
 const SHARDS: usize = 16;
+
+type Shard = KeyMap<u64, Waiting>;
 
 struct Waiting {
     replies: ReplySender,
@@ -53,7 +55,7 @@ struct Waiting {
 /// # Ok(()) }
 /// ```
 pub struct PendingRequests {
-    shards: [Mutex<HashMap<u64, Waiting>>; SHARDS],
+    shards: [Mutex<Shard>; SHARDS],
     next: AtomicU64,
     ids: PacketIds,
     closed: AtomicBool,
@@ -118,7 +120,7 @@ impl PendingRequests {
     /// An empty map making ids with `ids`.
     pub fn with_ids(ids: PacketIds) -> Arc<Self> {
         Arc::new(PendingRequests {
-            shards: std::array::from_fn(|_| Mutex::new(HashMap::new())),
+            shards: std::array::from_fn(|_| Mutex::new(Shard::default())),
             next: AtomicU64::new(0),
             ids,
             closed: AtomicBool::new(false),
@@ -132,7 +134,7 @@ impl PendingRequests {
         &self.ids
     }
 
-    fn shard(&self, n: u64) -> MutexGuard<'_, HashMap<u64, Waiting>> {
+    fn shard(&self, n: u64) -> MutexGuard<'_, Shard> {
         self.shards[(n % SHARDS as u64) as usize]
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())

@@ -9,7 +9,7 @@ use bytes::Bytes;
 use futures_util::FutureExt;
 use futures_util::StreamExt;
 use redis::aio::{PubSubSink, PubSubStream};
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::fmt;
 use std::future::Future;
 use std::sync::Arc;
@@ -159,7 +159,7 @@ pub(super) struct Subscribed {
 }
 
 /// The channels served: each one's route, and the channel its replies go to.
-type Routes<'a> = HashMap<&'a str, (&'a Arc<str>, Arc<str>)>;
+type Routes<'a> = crate::rpc::key_hash::KeyMap<&'a str, (&'a Arc<str>, Arc<str>)>;
 
 /// What a serving loop needs; the lease runs it while it holds the lease.
 pub(super) struct Serving {
