@@ -309,11 +309,15 @@ impl Dispatcher {
         // each move of it is a copy. Entered at each poll only when someone collects the span: a
         // disabled span has nothing to enter, and entering it anyway costs `tracing`'s `log`
         // fallback a check at every poll.
-        let handling = Arc::clone(&self.inner).handle(request, sink, permit, span.clone());
+        let inner = Arc::clone(&self.inner);
         let mut handling = if span.is_disabled() {
-            Box::pin(Either::Left(handling))
+            Box::pin(Either::Left(inner.handle(request, sink, permit, span)))
         } else {
-            Box::pin(Either::Right(handling.instrument(span)))
+            Box::pin(Either::Right(
+                inner
+                    .handle(request, sink, permit, span.clone())
+                    .instrument(span),
+            ))
         };
         match first_poll {
             FirstPoll::Spawned => {
