@@ -99,6 +99,15 @@ mod tests {
         let (buckets, tags) = spread(&hashes);
         assert!(buckets > 200, "{buckets} of 256 buckets");
         assert!(tags > 100, "{tags} of 128 tags");
+        // No two of them collide in all 64 bits, nor keys that differ only after a first full
+        // word: each word must be mixed into the state, not just set its bits.
+        let distinct: HashSet<u64> = hashes.iter().copied().collect();
+        assert_eq!(distinct.len(), hashes.len());
+        let tails: Vec<u64> = (0..4096u32)
+            .map(|i| build.hash_one(format!("{{\"cmd\":{i:x}")))
+            .collect();
+        let distinct: HashSet<u64> = tails.iter().copied().collect();
+        assert_eq!(distinct.len(), tails.len());
         // Short keys, keys that differ only in their last or first byte, and a key beside the
         // same key with a trailing zero byte all hash apart.
         let keys: [&[u8]; 8] = [
