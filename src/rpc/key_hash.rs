@@ -132,6 +132,29 @@ mod tests {
     }
 
     #[test]
+    fn every_write_changes_the_state_and_sequences_do_not_collide() {
+        let fresh = KeyHasher::default().finish();
+        let writes: [fn(&mut KeyHasher); 4] = [
+            |hasher| hasher.write_u8(1),
+            |hasher| hasher.write_u64(1),
+            |hasher| hasher.write_usize(1),
+            |hasher| hasher.write(b"x"),
+        ];
+        for write in writes {
+            let mut hasher = KeyHasher::default();
+            write(&mut hasher);
+            assert_ne!(hasher.finish(), fresh);
+        }
+        // Keys hashed as several numbers (a tuple, a length and its bytes) mix each one in.
+        let build = BuildHasherDefault::<KeyHasher>::default();
+        let pairs: HashSet<u64> = (0..64u64)
+            .flat_map(|a| (0..64u64).map(move |b| (a, b)))
+            .map(|pair| build.hash_one(pair))
+            .collect();
+        assert_eq!(pairs.len(), 64 * 64);
+    }
+
+    #[test]
     fn a_key_map_finds_what_it_holds() {
         let mut map: KeyMap<String, usize> = KeyMap::default();
         for i in 0..500 {
