@@ -580,6 +580,7 @@ mod tests {
             "say \"hi\"",
             "back\\slash",
             "tab\there",
+            "two\t\tcontrols",
             "nul\u{0}",
             "unit\u{1f}sep",
             "del\u{7f}",
