@@ -378,9 +378,34 @@ async fn a_handler_that_moves_its_work_to_spawn_blocking_does_not_hold_up_the_ne
 }
 
 /// The documented price of the default: a handler that blocks before its first `.await` holds
-/// up its own connection (and only that one).
+/// up its own connection, while other connections carry on on tokio's other worker. "Normally":
+/// a task the blocked worker woke last sits in that worker's LIFO slot, which tokio never lets
+/// another worker steal, and can wait with it (tokio's `Builder::disable_lifo_slot` docs). So
+/// the other connection must get through in at least one of three tries (a server that read
+/// every connection in one task would fail all three), and the busy handler's own connection
+/// must wait in every try.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn by_default_a_handler_blocking_before_its_first_await_holds_up_only_its_connection() {
+    let mut waits = Vec::new();
+    for _ in 0..3 {
+        let (other_waited, same_answered) = one_busy_handler_and_two_connections().await;
+        assert!(
+            same_answered >= Duration::from_millis(300),
+            "the busy handler's own connection was not held up (answered after \
+             {same_answered:?}): the documented trade-off changed"
+        );
+        waits.push(other_waited);
+        if other_waited < Duration::from_millis(300) {
+            return;
+        }
+    }
+    panic!("another connection waited behind the busy handler in every try: {waits:?}");
+}
+
+/// While a handler blocks before its first `.await`: how long a request on another connection
+/// waited, and how long after the handler started a request on its own connection (sent next)
+/// was answered.
+async fn one_busy_handler_and_two_connections() -> (Duration, Duration) {
     let router = echo().message("compute", || async {
         std::thread::sleep(Duration::from_millis(600));
         "computed"
@@ -408,20 +433,12 @@ async fn by_default_a_handler_blocking_before_its_first_await_holds_up_only_its_
     while server.in_flight() == 0 {
         tokio::task::yield_now().await;
     }
-    let started = Instant::now();
+    let busy_since = Instant::now();
     assert_eq!(other.send::<u64>("echo", &2).await.unwrap(), 2);
-    assert!(
-        started.elapsed() < Duration::from_millis(300),
-        "another connection waited {:?}",
-        started.elapsed()
-    );
-    let started = Instant::now();
+    let other_waited = busy_since.elapsed();
     assert_eq!(same.send::<u64>("echo", &3).await.unwrap(), 3);
-    assert!(
-        started.elapsed() >= Duration::from_millis(300),
-        "the busy handler's own connection was not held up ({:?}): the documented trade-off changed",
-        started.elapsed()
-    );
+    let same_answered = busy_since.elapsed();
     assert_eq!(slow.await.unwrap().unwrap(), "computed");
     server.shutdown().await;
+    (other_waited, same_answered)
 }

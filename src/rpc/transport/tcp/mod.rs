@@ -40,8 +40,9 @@
 //! - The server handles requests concurrently: a handler that waits (on I/O, a timer, another
 //!   service) does not hold up the next frame. A handler takes its first step — up to its first
 //!   `.await` — on the connection's task, which saves a task per request; one that computes
-//!   before its first `.await` therefore holds up its own connection's next frames meanwhile
-//!   (never other connections). Move such work to `tokio::task::spawn_blocking`, or serve with
+//!   before its first `.await` therefore holds up its own connection's next frames meanwhile.
+//!   Other connections normally carry on on tokio's other workers, but a task the blocked worker
+//!   woke last can wait with it: tokio's LIFO slot is never stolen. Move such work to `tokio::task::spawn_blocking`, or serve with
 //!   [`Server::spawn_handlers`](crate::rpc::Server::spawn_handlers). Events go through a lane of
 //!   their own and start in the order they arrived. The server stops reading from a connection
 //!   whose peer does not read its replies (and drops it if it accepts nothing for the write
