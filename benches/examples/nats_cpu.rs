@@ -8,12 +8,16 @@
 //! cargo run --release -p palisade-benches --example nats_cpu -- 50000 no-timeout
 //! ```
 //!
-//! Contenders: `bare`, `palisade` (the default client, whose 5 s timeout travels as a deadline in
-//! the packet body), `deadline-header` (the same deadline as a NATS header,
-//! `NatsOptions::deadline_header`) and `no-timeout` (`ClientBuilder::no_timeout`: no deadline, no
-//! timer), and `bare-to-server` (bare `request()` to the palisade server, whose body NestJS's rules
-//! sends NestJS packets: the server's share of palisade's cost). Prints, per round, the wall time, this process's CPU time (client and server together)
-//! and the broker's, each per request.
+//! Contenders:
+//! - `bare`: async-nats `request()` against a bare echoing subscriber;
+//! - `palisade`: the default client, whose 5 s timeout travels as a deadline in the packet body;
+//! - `deadline-header`: the same deadline as a NATS header (`NatsOptions::deadline_header`);
+//! - `no-timeout`: `ClientBuilder::no_timeout`, so no deadline and no timer;
+//! - `bare-to-server`: bare `request()` sending NestJS packets to the palisade server, which shows
+//!   the server's share of palisade's cost.
+//!
+//! Prints, per round, the wall time, this process's CPU time (client and server together) and
+//! the broker's, each per request.
 use palisade::rpc::transport::ServerTransport;
 use palisade::rpc::transport::nats::{NatsOptions, NatsServer};
 use palisade::rpc::{Client, Server};
