@@ -77,3 +77,55 @@ fn transitions_are_traced_with_the_breaker_name() {
     assert!(changed[0].contains("to=HalfOpen"), "{log}");
     assert!(changed[1].contains("to=Closed"), "{log}");
 }
+
+/// A subscriber that panics while the breaker reports its opening (a bug in someone's logging)
+/// does not turn the call that tripped it into a panic: the caller gets the call's own result,
+/// and the breaker is open for the next one.
+#[test]
+fn a_subscriber_panicking_on_a_transition_does_not_reach_the_caller() {
+    struct PanicsOnOpening;
+    impl std::io::Write for PanicsOnOpening {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            if String::from_utf8_lossy(bytes).contains("circuit breaker opened") {
+                panic!("the log sink broke");
+            }
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(|| PanicsOnOpening)
+        .with_ansi(false)
+        .finish();
+    tracing::subscriber::with_default(subscriber, || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .start_paused(true)
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let (inner, calls) = scripted();
+            let layer = CircuitBreakerLayer::new(
+                CircuitBreakerConfig::new("logged")
+                    .max_failures(1)
+                    .reset_timeout(Duration::from_secs(10)),
+            );
+            let mut service = layer.layer(inner);
+            let first = service.ready().await.unwrap().call(Call::Fail).await;
+            assert_eq!(first.unwrap_err().to_string(), "boom");
+            assert_eq!(
+                layer.handle().state(),
+                palisade::circuit_breaker::CircuitState::Open
+            );
+            let second = service.ready().await.unwrap().call(Call::Ok).await;
+            let rejected = second.unwrap_err();
+            assert!(
+                rejected.is::<palisade::circuit_breaker::CircuitOpen>(),
+                "{rejected}"
+            );
+            assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 1);
+        });
+    });
+}

@@ -585,3 +585,24 @@ async fn a_dropped_breaker_gives_its_slot_back_and_stale_futures_do_nothing() {
     let _ = call(&mut fresh, Call::Fail).await;
     assert_eq!(fresh.handle().state(), CircuitState::Open);
 }
+
+/// A rejected call's future polled again after it answered gives the rejection again rather than
+/// panicking (the breaker's futures never unwind on their own).
+#[tokio::test(start_paused = true)]
+async fn a_rejected_future_polled_again_answers_again() {
+    let (mut service, reached) = breaker(nest_config());
+    service.handle().force_open();
+    let mut future = std::pin::pin!(service.ready().await.unwrap().call(Call::Ok));
+    let waker = std::task::Waker::noop();
+    let mut cx = std::task::Context::from_waker(waker);
+    for _ in 0..2 {
+        match future.as_mut().poll(&mut cx) {
+            std::task::Poll::Ready(Err(error)) => {
+                let open = open_error(error);
+                assert_eq!(open.state(), CircuitState::ForcedOpen);
+            }
+            other => panic!("expected a rejection, got {other:?}"),
+        }
+    }
+    assert_eq!(reached.load(Ordering::SeqCst), 0);
+}

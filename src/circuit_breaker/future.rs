@@ -82,53 +82,89 @@ impl Tracker {
         }
     }
 
-    fn is_slow(&self) -> bool {
-        self.started
-            .is_some_and(|started| self.slot.is_slow(started.elapsed()))
-    }
-
     #[inline(always)]
     fn complete(&mut self, outcome: Outcome) {
         // The common case, a success that the trip rule does not need to hear about, inline;
-        // everything else out of line.
-        if self.kind == PermitKind::Closed
-            && outcome == Outcome::Success
-            && self.action == SuccessAction::NOTHING
-        {
-            self.kind = PermitKind::Untracked;
-        } else {
-            self.complete_slow(outcome);
-        }
-    }
-
-    #[inline(never)]
-    fn complete_slow(&mut self, outcome: Outcome) {
+        // everything else out of line. The out-of-line part gets the tracker's fields by value,
+        // never its address: the response future then stays in registers on the inline path.
         let kind = self.kind;
         self.kind = PermitKind::Untracked;
-        match kind {
-            PermitKind::Closed => match outcome {
-                Outcome::Success => {
-                    if self.action.ends_streak() {
-                        self.slot.end_streak(self.generation);
-                    }
-                    if self.action.records() {
-                        self.slot.record_success(self.generation, self.is_slow());
-                    }
-                }
-                Outcome::Failure => self.slot.record_failure(self.generation, self.is_slow()),
-                Outcome::Ignored => {}
-            },
-            PermitKind::Trial => {
-                let outcome = if outcome == Outcome::Success && self.is_slow() {
-                    Outcome::Failure
-                } else {
-                    outcome
-                };
-                self.slot
-                    .record_trial(self.generation, self.ticket, outcome);
-            }
-            PermitKind::Untracked => {}
+        if !(kind == PermitKind::Closed
+            && outcome == Outcome::Success
+            && self.action == SuccessAction::NOTHING)
+        {
+            complete_slow(
+                self.slot,
+                kind,
+                self.generation,
+                self.ticket,
+                self.action,
+                self.started,
+                outcome,
+            );
         }
+    }
+}
+
+/// Whether a call that started at `started` (if slow calls are detected) was slow.
+fn is_slow(slot: &Slot, started: Option<Instant>) -> bool {
+    started.is_some_and(|started| slot.is_slow(started.elapsed()))
+}
+
+/// Reports a result the closed fast path does not handle.
+///
+/// Cannot unwind (`extern "C"`): a call that can unwind makes the caller's landing pad drop the
+/// response future through its address, and a future whose address escapes lives in memory even
+/// on the closed fast path. A panic here can only come from a `tracing` subscriber reporting a
+/// transition; it is caught (the panic hook has reported it by then), the breaker's bookkeeping
+/// stands as far as it got, and the call's result still reaches the caller.
+#[inline(never)]
+#[allow(improper_ctypes_definitions)] // called from Rust only, for its `nounwind`
+extern "C" fn complete_slow(
+    slot: &'static Slot,
+    kind: PermitKind,
+    generation: u64,
+    ticket: u64,
+    action: SuccessAction,
+    started: Option<Instant>,
+    outcome: Outcome,
+) {
+    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        record(slot, kind, generation, ticket, action, started, outcome)
+    }));
+}
+
+fn record(
+    slot: &'static Slot,
+    kind: PermitKind,
+    generation: u64,
+    ticket: u64,
+    action: SuccessAction,
+    started: Option<Instant>,
+    outcome: Outcome,
+) {
+    match kind {
+        PermitKind::Closed => match outcome {
+            Outcome::Success => {
+                if action.ends_streak() {
+                    slot.end_streak(generation);
+                }
+                if action.records() {
+                    slot.record_success(generation, is_slow(slot, started));
+                }
+            }
+            Outcome::Failure => slot.record_failure(generation, is_slow(slot, started)),
+            Outcome::Ignored => {}
+        },
+        PermitKind::Trial => {
+            let outcome = if outcome == Outcome::Success && is_slow(slot, started) {
+                Outcome::Failure
+            } else {
+                outcome
+            };
+            slot.record_trial(generation, ticket, outcome);
+        }
+        PermitKind::Untracked => {}
     }
 }
 
@@ -141,11 +177,53 @@ impl Drop for Tracker {
     }
 }
 
+/// The name a rejected call's error carries.
+///
+/// Dropped by value out of line: `Arc`'s own drop hands the address of the field to its slow path,
+/// and a response future whose address escapes lives in memory on the closed path too. For the
+/// same reason nothing here can unwind (a call that can makes the caller's landing pad drop the
+/// future through its address): a future polled again after its rejection answers with a
+/// placeholder name rather than panicking.
+struct RejectingName(Option<Name>);
+
+impl RejectingName {
+    #[inline]
+    fn take(&mut self) -> Name {
+        match self.0.take() {
+            Some(name) => name,
+            None => polled_again(),
+        }
+    }
+}
+
+/// The name of a rejection polled after it completed. A function that cannot unwind, for the
+/// reason on [`RejectingName`].
+#[cold]
+#[inline(never)]
+#[allow(improper_ctypes_definitions)] // called from Rust only, for its `nounwind`
+extern "C" fn polled_again() -> Name {
+    Name::new("circuit breaker (future polled after completion)")
+}
+
+impl Drop for RejectingName {
+    #[inline]
+    fn drop(&mut self) {
+        if let Some(name) = self.0.take() {
+            drop_name(name);
+        }
+    }
+}
+
+#[inline(never)]
+fn drop_name(name: Name) {
+    drop(name);
+}
+
 pin_project! {
     #[project = KindProj]
     enum Kind<F> {
         Called { #[pin] future: F, tracker: Tracker },
-        Rejected { name: Option<Name>, rejection: Rejection },
+        Rejected { name: RejectingName, rejection: Rejection },
     }
 }
 
@@ -171,7 +249,7 @@ impl<F, C> ResponseFuture<F, C> {
     pub(crate) fn rejected(name: Name, rejection: Rejection, classifier: C) -> Self {
         ResponseFuture {
             kind: Kind::Rejected {
-                name: Some(name),
+                name: RejectingName(Some(name)),
                 rejection,
             },
             classifier,
@@ -196,11 +274,9 @@ where
                 tracker.complete(this.classifier.classify(&result));
                 Poll::Ready(result)
             }
-            KindProj::Rejected { name, rejection } => Poll::Ready(Err(E::from(CircuitOpen::new(
-                name.take()
-                    .expect("a rejected call's future polled after completion"),
-                *rejection,
-            )))),
+            KindProj::Rejected { name, rejection } => {
+                Poll::Ready(Err(E::from(CircuitOpen::new(name.take(), *rejection))))
+            }
         }
     }
 }

@@ -113,8 +113,9 @@
 //!
 //! In `Closed` under the default rule, a successful call costs one atomic load, no lock, no clock
 //! read and no heap allocation (plus a per-thread counter bump with no locked instruction). A
-//! rejection in `Open` costs one atomic load and one clock read. Failures, half-open traffic and the
-//! failure-rate rule (which records every call) take a short lock.
+//! rejection in `Open` costs an atomic load and a clock read in `poll_ready` (which answers
+//! without polling the inner service) and the same again in `call`. Failures, half-open traffic
+//! and the failure-rate rule (which records every call) take a short lock.
 //!
 //! # Sharing
 //!
@@ -375,7 +376,13 @@ where
             Ok(generation) => Tracker::closed(self.slot, generation, self.action, self.times_calls),
             Err(word) => match self.admit_slow(ready, word) {
                 Ok(tracker) => tracker,
-                Err(rejection) => return self.reject(rejection),
+                Err(rejection) => {
+                    return ResponseFuture::rejected(
+                        self.rejecting_name(),
+                        rejection,
+                        self.classifier.clone(),
+                    );
+                }
             },
         };
         ResponseFuture::called(self.inner.call(request), tracker, self.classifier.clone())
@@ -393,17 +400,12 @@ impl<S, C> CircuitBreaker<S, C> {
         }
     }
 
+    /// The name a rejection carries. Out of line, and returning only the name (in registers),
+    /// so that `call` never hands out the address of the response future it builds.
     #[cold]
     #[inline(never)]
-    fn reject<F>(&self, rejection: Rejection) -> ResponseFuture<F, C>
-    where
-        C: Clone,
-    {
-        ResponseFuture::rejected(
-            self.breaker.name.clone(),
-            rejection,
-            self.classifier.clone(),
-        )
+    fn rejecting_name(&self) -> Name {
+        self.breaker.name.clone()
     }
 
     #[cold]
