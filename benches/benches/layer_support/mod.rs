@@ -123,15 +123,19 @@ pub fn drive_with<R, S: Service<R>>(service: &mut S, cx: &mut Context<'_>, reque
     if service.poll_ready(cx).is_pending() {
         panic!("service not ready");
     }
-    let mut future = pin!(service.call(black_box(request)));
-    loop {
-        match future.as_mut().poll(cx) {
-            Poll::Ready(result) => return result.is_ok(),
-            // Only a layer that takes an async lock (tower-resilience's breaker, when two threads
-            // contend) gets here; the holder releases it within a few instructions.
-            Poll::Pending => std::hint::spin_loop(),
+    // The future is dropped before the result, as an `.await` does.
+    let result = {
+        let mut future = pin!(service.call(black_box(request)));
+        loop {
+            match future.as_mut().poll(cx) {
+                Poll::Ready(result) => break result,
+                // Only a layer that takes an async lock (tower-resilience's breaker, when two
+                // threads contend) gets here; the holder releases it within a few instructions.
+                Poll::Pending => std::hint::spin_loop(),
+            }
         }
-    }
+    };
+    result.is_ok()
 }
 
 pub fn palisade_breaker(
