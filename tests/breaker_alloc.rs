@@ -14,6 +14,8 @@ thread_local! {
     /// Allocations made by this thread while counting is on (other threads — the test harness —
     /// are not ours to count).
     static COUNTED: Cell<Option<usize>> = const { Cell::new(None) };
+    /// Deallocations made by this thread while counting them is on.
+    static FREED: Cell<Option<usize>> = const { Cell::new(None) };
 }
 
 fn note_allocation() {
@@ -48,6 +50,11 @@ unsafe impl GlobalAlloc for CountingAllocator {
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        let _ = FREED.try_with(|freed| {
+            if let Some(n) = freed.get() {
+                freed.set(Some(n + 1));
+            }
+        });
         // SAFETY: forwarded unchanged; `ptr` came from this allocator, i.e. from `System`.
         unsafe { System.dealloc(ptr, layout) }
     }
@@ -55,6 +62,12 @@ unsafe impl GlobalAlloc for CountingAllocator {
 
 #[global_allocator]
 static ALLOCATOR: CountingAllocator = CountingAllocator;
+
+fn deallocations_during(work: impl FnOnce()) -> usize {
+    FREED.with(|c| c.set(Some(0)));
+    work();
+    FREED.with(|c| c.replace(None)).unwrap()
+}
 
 fn allocations_during(work: impl FnOnce()) -> usize {
     COUNTED.with(|c| c.set(Some(0)));
@@ -131,4 +144,20 @@ fn closed_success_and_open_rejection_do_not_allocate() {
     // The counting is real: an allocation inside the window is seen.
     let boxed = allocations_during(|| drop(std::hint::black_box(Box::new(1u8))));
     assert_eq!(boxed, 1);
+}
+
+/// A rejected call's future holds the breaker's name; dropped without being polled, after the
+/// breaker itself is gone, it frees it (the name is not leaked).
+#[test]
+fn a_rejected_future_dropped_unpolled_frees_the_name() {
+    let mut cx = Context::from_waker(Waker::noop());
+    let layer = CircuitBreakerLayer::new(CircuitBreakerConfig::new("freed-with-its-last-holder"));
+    let handle = layer.handle();
+    let mut service = layer.layer(tower::service_fn(bare));
+    handle.force_open();
+    assert!(service.poll_ready(&mut cx).is_ready());
+    let rejected = service.call(false);
+    drop((service, layer, handle));
+    let freed = deallocations_during(|| drop(rejected));
+    assert_eq!(freed, 1, "the name was not freed with the future");
 }
