@@ -238,12 +238,9 @@ impl Client {
                     Some(deadline) => in_span!(
                         traced,
                         span,
-                        tokio::time::timeout_at(
-                            deadline.instant(),
-                            exchange(&**transport, request)
-                        )
+                        crate::timeout::until(deadline.instant(), exchange(&**transport, request))
                     )
-                    .unwrap_or_else(|_| Err(RpcError::from(Elapsed::deadline()))),
+                    .unwrap_or_else(|| Err(RpcError::from(Elapsed::deadline()))),
                     None => in_span!(traced, span, exchange(&**transport, request)),
                 }
             }
@@ -298,9 +295,9 @@ impl Client {
                 }
             };
             match deadline {
-                Some(deadline) => tokio::time::timeout_at(deadline.instant(), drain)
+                Some(deadline) => crate::timeout::until(deadline.instant(), drain)
                     .await
-                    .map_err(|_| {
+                    .ok_or_else(|| {
                         RpcError::deadline_exceeded(
                             "deadline exceeded while the reply was streaming",
                         )
@@ -461,9 +458,9 @@ impl<R: DeserializeOwned + Send + 'static> RpcStream<R> {
             }
             let rest = state.rest.as_mut()?;
             let received = match state.deadline {
-                Some(deadline) => tokio::time::timeout_at(deadline.instant(), rest.recv())
+                Some(deadline) => crate::timeout::until(deadline.instant(), rest.recv())
                     .await
-                    .map_err(|_| {
+                    .ok_or_else(|| {
                         RpcError::deadline_exceeded(
                             "deadline exceeded while the reply was streaming",
                         )

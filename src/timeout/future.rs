@@ -1,12 +1,13 @@
 //! Future types.
 
+use super::timer::LazyTimer;
 use super::{Deadline, Elapsed};
 use pin_project_lite::pin_project;
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
-use tokio::time::{Instant, Sleep, sleep_until};
+use tokio::time::Instant;
 
 pin_project! {
     /// Response future of [`Timeout`](super::Timeout) and [`EnforceDeadline`](super::EnforceDeadline).
@@ -17,7 +18,7 @@ pin_project! {
         #[pin]
         inner: F,
         #[pin]
-        sleep: Option<Sleep>,
+        timer: LazyTimer,
         timeout: Option<Duration>,
         deadline: Option<Deadline>,
         fires_for_deadline: bool,
@@ -31,7 +32,7 @@ impl<F> ResponseFuture<F> {
     pub(crate) fn new(inner: F, timeout: Option<Duration>, deadline: Option<Deadline>) -> Self {
         ResponseFuture {
             inner,
-            sleep: None,
+            timer: LazyTimer::new(),
             timeout,
             deadline,
             fires_for_deadline: false,
@@ -43,7 +44,7 @@ impl<F> ResponseFuture<F> {
     pub(crate) fn enforcing(inner: F, deadline: Option<Deadline>) -> Self {
         ResponseFuture {
             inner,
-            sleep: None,
+            timer: LazyTimer::new(),
             timeout: None,
             deadline,
             fires_for_deadline: false,
@@ -60,7 +61,7 @@ where
     type Output = Result<T, E>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let mut this = self.project();
+        let this = self.project();
         let inner = this.inner;
         let polled = if *this.ambient {
             super::deadline::within(*this.deadline, None, || inner.poll(cx))
@@ -70,26 +71,24 @@ where
         if let Poll::Ready(result) = polled {
             return Poll::Ready(result);
         }
-        if this.sleep.is_none() {
-            let attempt_end = this
-                .timeout
-                .and_then(|timeout| Instant::now().checked_add(timeout));
-            let end = match (attempt_end, *this.deadline) {
-                (None, None) => return Poll::Pending,
-                (Some(attempt), None) => attempt,
+        let (timeout, deadline) = (*this.timeout, *this.deadline);
+        let fires_for_deadline = &mut *this.fires_for_deadline;
+        let fired = this.timer.poll_fired(cx, || {
+            let attempt_end = timeout.and_then(|timeout| Instant::now().checked_add(timeout));
+            match (attempt_end, deadline) {
+                (None, None) => None,
+                (Some(attempt), None) => Some(attempt),
                 (None, Some(deadline)) => {
-                    *this.fires_for_deadline = true;
-                    deadline.instant()
+                    *fires_for_deadline = true;
+                    Some(deadline.instant())
                 }
                 (Some(attempt), Some(deadline)) => {
-                    *this.fires_for_deadline = deadline.instant() <= attempt;
-                    attempt.min(deadline.instant())
+                    *fires_for_deadline = deadline.instant() <= attempt;
+                    Some(attempt.min(deadline.instant()))
                 }
-            };
-            this.sleep.set(Some(sleep_until(end)));
-        }
-        let sleep = this.sleep.as_pin_mut().expect("the timer was just armed");
-        match sleep.poll(cx) {
+            }
+        });
+        match fired {
             Poll::Pending => Poll::Pending,
             Poll::Ready(()) => {
                 let elapsed = match (*this.fires_for_deadline, *this.timeout) {

@@ -39,6 +39,7 @@ mod deadline;
 mod error;
 mod future;
 mod layer;
+mod timer;
 
 pub use self::deadline::{
     AmbientDeadline, Deadline, DeadlineSource, Deadlined, HasDeadline, NoDeadline, RequestDeadline,
@@ -46,6 +47,7 @@ pub use self::deadline::{
 pub use self::error::{Elapsed, ElapsedKind};
 pub use self::future::ResponseFuture;
 pub use self::layer::{DeadlineLayer, TimeoutLayer};
+pub(crate) use self::timer::{sleep_until_lazily, until};
 
 use std::task::{Context, Poll};
 use std::time::Duration;

@@ -459,7 +459,7 @@ impl Inner {
             // future (wrapping it in `timeout_at` meant a second, boxed copy of its room).
             let deadline_passed = async {
                 match deadline {
-                    Some(deadline) => tokio::time::sleep_until(deadline.instant()).await,
+                    Some(deadline) => crate::timeout::sleep_until_lazily(deadline.instant()).await,
                     None => std::future::pending().await,
                 }
                 Err(RpcError::deadline_exceeded(
