@@ -13,9 +13,10 @@ use futures_util::{FutureExt, StreamExt};
 use std::fmt;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::task::Poll;
+use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
@@ -176,6 +177,22 @@ enum FirstPoll {
     Spawned,
 }
 
+/// Pending on its first poll, without asking to be woken, and ready on the next: for a future
+/// whose first poll is known to be followed by another (see `handle`).
+struct PendingOnce(bool);
+
+impl Future for PendingOnce {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<()> {
+        if std::mem::replace(&mut self.0, true) {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    }
+}
+
 impl Dispatcher {
     pub(super) fn new(mut server: Server, transport: &'static str) -> Self {
         Dispatcher {
@@ -311,11 +328,13 @@ impl Dispatcher {
         // fallback a check at every poll.
         let inner = Arc::clone(&self.inner);
         let mut handling = if span.is_disabled() {
-            Box::pin(Either::Left(inner.handle(request, sink, permit, span)))
+            Box::pin(Either::Left(
+                inner.handle(request, sink, permit, span, first_poll),
+            ))
         } else {
             Box::pin(Either::Right(
                 inner
-                    .handle(request, sink, permit, span.clone())
+                    .handle(request, sink, permit, span.clone(), first_poll)
                     .instrument(span),
             ))
         };
@@ -439,6 +458,7 @@ impl Inner {
         sink: Option<K>,
         _permit: Option<OwnedSemaphorePermit>,
         span: tracing::Span,
+        first_poll: FirstPoll,
     ) {
         let _in_flight = self.in_flight.enter();
         // Clock reads only for a span someone listens to (or for metrics).
@@ -457,7 +477,14 @@ impl Inner {
             // poll, beside the handler's rather than around it: a handler that answers at once
             // never arms a timer or touches the token, and `work` is held once, inline, in this
             // future (wrapping it in `timeout_at` meant a second, boxed copy of its room).
+            // A first poll in the dispatching task is followed by one in the handler's own task
+            // (spawned if the work waits): the timer and the token are registered there, once,
+            // rather than first for the dispatching task and then again for the handler's.
+            let probing = first_poll == FirstPoll::Inline;
             let deadline_passed = async {
+                if probing {
+                    PendingOnce(false).await;
+                }
                 match deadline {
                     Some(deadline) => crate::timeout::sleep_until_lazily(deadline.instant()).await,
                     None => std::future::pending().await,
@@ -467,6 +494,9 @@ impl Inner {
                 ))
             };
             let aborted = async {
+                if probing {
+                    PendingOnce(false).await;
+                }
                 self.abort.cancelled().await;
                 Err(RpcError::unavailable(
                     "the server shut down before the handler finished",
