@@ -47,3 +47,38 @@ impl Harness for Tcp {
 }
 
 palisade::conformance_tests!(Tcp::default());
+
+/// The cases where the server stops a handler (the caller's deadline, the end of a shutdown's
+/// grace period) again with every handler in a task of its own from its first step: nothing but
+/// that task ever polls it, so its timer and the shutdown token must be armed there.
+mod spawned_handlers {
+    use super::*;
+
+    #[derive(Default)]
+    struct Spawning(Tcp);
+
+    impl Harness for Spawning {
+        fn max_message_size(&self) -> Option<usize> {
+            self.0.max_message_size()
+        }
+
+        async fn serve(&mut self, server: Server) -> ServerHandle {
+            self.0.serve(server.spawn_handlers(true)).await
+        }
+
+        async fn client(&self, builder: ClientBuilder) -> Client {
+            self.0.client(builder).await
+        }
+    }
+
+    #[tokio::test]
+    async fn deadlines_are_honoured_by_the_server() {
+        palisade::conformance::deadlines_are_honoured_by_the_server(Spawning::default()).await;
+    }
+
+    #[tokio::test]
+    async fn shutdown_past_the_grace_period_answers_everyone() {
+        palisade::conformance::shutdown_past_the_grace_period_answers_everyone(Spawning::default())
+            .await;
+    }
+}
