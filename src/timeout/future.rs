@@ -1,13 +1,12 @@
 //! Future types.
 
-use super::timer::LazyTimer;
 use super::{Deadline, Elapsed};
 use pin_project_lite::pin_project;
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
-use tokio::time::Instant;
+use tokio::time::{Instant, Sleep, sleep_until};
 
 pin_project! {
     /// Response future of [`Timeout`](super::Timeout) and [`EnforceDeadline`](super::EnforceDeadline).
@@ -18,7 +17,7 @@ pin_project! {
         #[pin]
         inner: F,
         #[pin]
-        timer: LazyTimer,
+        sleep: Option<Sleep>,
         timeout: Option<Duration>,
         deadline: Option<Deadline>,
         fires_for_deadline: bool,
@@ -32,7 +31,7 @@ impl<F> ResponseFuture<F> {
     pub(crate) fn new(inner: F, timeout: Option<Duration>, deadline: Option<Deadline>) -> Self {
         ResponseFuture {
             inner,
-            timer: LazyTimer::new(),
+            sleep: None,
             timeout,
             deadline,
             fires_for_deadline: false,
@@ -44,7 +43,7 @@ impl<F> ResponseFuture<F> {
     pub(crate) fn enforcing(inner: F, deadline: Option<Deadline>) -> Self {
         ResponseFuture {
             inner,
-            timer: LazyTimer::new(),
+            sleep: None,
             timeout: None,
             deadline,
             fires_for_deadline: false,
@@ -61,7 +60,7 @@ where
     type Output = Result<T, E>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.project();
+        let mut this = self.project();
         let inner = this.inner;
         let polled = if *this.ambient {
             super::deadline::within(*this.deadline, None, || inner.poll(cx))
@@ -71,24 +70,26 @@ where
         if let Poll::Ready(result) = polled {
             return Poll::Ready(result);
         }
-        let (timeout, deadline) = (*this.timeout, *this.deadline);
-        let fires_for_deadline = &mut *this.fires_for_deadline;
-        let fired = this.timer.poll_fired(cx, || {
-            let attempt_end = timeout.and_then(|timeout| Instant::now().checked_add(timeout));
-            match (attempt_end, deadline) {
-                (None, None) => None,
-                (Some(attempt), None) => Some(attempt),
+        if this.sleep.is_none() {
+            let attempt_end = this
+                .timeout
+                .and_then(|timeout| Instant::now().checked_add(timeout));
+            let end = match (attempt_end, *this.deadline) {
+                (None, None) => return Poll::Pending,
+                (Some(attempt), None) => attempt,
                 (None, Some(deadline)) => {
-                    *fires_for_deadline = true;
-                    Some(deadline.instant())
+                    *this.fires_for_deadline = true;
+                    deadline.instant()
                 }
                 (Some(attempt), Some(deadline)) => {
-                    *fires_for_deadline = deadline.instant() <= attempt;
-                    Some(attempt.min(deadline.instant()))
+                    *this.fires_for_deadline = deadline.instant() <= attempt;
+                    attempt.min(deadline.instant())
                 }
-            }
-        });
-        match fired {
+            };
+            this.sleep.set(Some(sleep_until(end)));
+        }
+        let sleep = this.sleep.as_pin_mut().expect("the timer was just armed");
+        match sleep.poll(cx) {
             Poll::Pending => Poll::Pending,
             Poll::Ready(()) => {
                 let elapsed = match (*this.fires_for_deadline, *this.timeout) {
