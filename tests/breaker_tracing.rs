@@ -10,6 +10,15 @@ use std::time::Duration;
 use support::{Call, scripted};
 use tower::{Layer, Service, ServiceExt};
 
+/// A runtime on tokio's paused clock, for a test that installs its subscriber on this thread.
+fn paused_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .start_paused(true)
+        .build()
+        .unwrap()
+}
+
 #[test]
 fn transitions_are_traced_with_the_breaker_name() {
     use std::sync::{Arc, Mutex};
@@ -31,12 +40,7 @@ fn transitions_are_traced_with_the_breaker_name() {
         .with_ansi(false)
         .finish();
     tracing::subscriber::with_default(subscriber, || {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_time()
-            .start_paused(true)
-            .build()
-            .unwrap();
-        runtime.block_on(async {
+        paused_runtime().block_on(async {
             let (inner, _) = scripted();
             let config = CircuitBreakerConfig::new("users")
                 .max_failures(1)
@@ -100,12 +104,7 @@ fn a_subscriber_panicking_on_a_transition_does_not_reach_the_caller() {
         .with_ansi(false)
         .finish();
     tracing::subscriber::with_default(subscriber, || {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_time()
-            .start_paused(true)
-            .build()
-            .unwrap();
-        runtime.block_on(async {
+        paused_runtime().block_on(async {
             let (inner, calls) = scripted();
             let layer = CircuitBreakerLayer::new(
                 CircuitBreakerConfig::new("logged")

@@ -129,21 +129,7 @@ extern "C" fn complete_slow(
     started: Option<Instant>,
     outcome: Outcome,
 ) {
-    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        record(slot, kind, generation, ticket, action, started, outcome)
-    }));
-}
-
-fn record(
-    slot: &'static Slot,
-    kind: PermitKind,
-    generation: u64,
-    ticket: u64,
-    action: SuccessAction,
-    started: Option<Instant>,
-    outcome: Outcome,
-) {
-    match kind {
+    let record = || match kind {
         PermitKind::Closed => match outcome {
             Outcome::Success => {
                 if action.ends_streak() {
@@ -165,7 +151,8 @@ fn record(
             slot.record_trial(generation, ticket, outcome);
         }
         PermitKind::Untracked => {}
-    }
+    };
+    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(record));
 }
 
 impl Drop for Tracker {
