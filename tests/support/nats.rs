@@ -2,6 +2,7 @@
 //! it can be stopped and restarted (same port, same store) to test broker loss.
 #![allow(dead_code)]
 
+use std::io::Read;
 use std::net::TcpStream;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -39,13 +40,12 @@ impl Broker {
     }
 
     /// Starts a broker with extra command-line arguments (`--user`, `--pass`, ...).
+    ///
+    /// The free port is found by binding port 0 and letting it go, so another process can take it
+    /// before `nats-server` binds it; then `nats-server` exits and the broker starts again on
+    /// another port.
     pub fn start_with(extra: &[&str]) -> Broker {
         static NEXT: AtomicU32 = AtomicU32::new(0);
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
         let store = std::env::temp_dir().join(format!(
             "palisade-nats-{}-{}",
             std::process::id(),
@@ -54,12 +54,21 @@ impl Broker {
         let extra = extra.iter().map(|s| s.to_string()).collect();
         let mut broker = Broker {
             child: None,
-            port,
+            port: 0,
             store,
             extra,
         };
-        broker.restart();
-        broker
+        for _ in 0..5 {
+            broker.port = std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            if broker.launch() {
+                return broker;
+            }
+        }
+        panic!("nats-server exited at start on five free ports in a row");
     }
 
     /// `nats://127.0.0.1:<port>`.
@@ -83,6 +92,16 @@ impl Broker {
     /// Starts it again on the same port and store; returns once it accepts connections.
     pub fn restart(&mut self) {
         self.stop();
+        assert!(
+            self.launch(),
+            "nats-server exited at start (is port {} taken?)",
+            self.port
+        );
+    }
+
+    /// Starts `nats-server` on `self.port`: `true` once it answers there, `false` if it exited
+    /// first (the port was taken).
+    fn launch(&mut self) -> bool {
         let child = Command::new(binary())
             .args([
                 "-a",
@@ -98,9 +117,15 @@ impl Broker {
             .stderr(Stdio::null())
             .spawn()
             .expect("start nats-server");
-        self.child = Some(child);
+        let child = self.child.insert(child);
         let deadline = Instant::now() + Duration::from_secs(10);
-        while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+        // Whatever accepts on the port must be this nats-server: it greets with `INFO`, and a
+        // listener of another process that took the port does not.
+        while !greets_as_nats(self.port) {
+            if child.try_wait().ok().flatten().is_some() {
+                self.child = None;
+                return false;
+            }
             assert!(
                 Instant::now() < deadline,
                 "nats-server did not start listening on {}",
@@ -108,7 +133,18 @@ impl Broker {
             );
             std::thread::sleep(Duration::from_millis(10));
         }
+        true
     }
+}
+
+/// Whether a NATS server answers on `port` (its first words on a connection are `INFO`).
+fn greets_as_nats(port: u16) -> bool {
+    let Ok(mut stream) = TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
+    let mut greeting = [0u8; 4];
+    stream.read_exact(&mut greeting).is_ok() && &greeting == b"INFO"
 }
 
 impl Drop for Broker {
