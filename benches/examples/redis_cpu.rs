@@ -1,9 +1,9 @@
-//! CPU time per request of palisade's Redis client and server beside the bare `redis` loops of
-//! the `redis` bench, 64 in flight on one `redis-server` started here: steadier than wall time on
+//! CPU time per request (and per event: `bare-emit`, `palisade-emit`) of palisade's Redis client
+//! and server beside the bare `redis` loops of the `redis` bench, 64 in flight on one `redis-server` started here: steadier than wall time on
 //! a shared 2-core machine, where both compete with the broker for the cores.
 //!
 //! ```sh
-//! cargo run --release -p palisade-benches --example redis_cpu              # 200 000 requests each
+//! cargo run --release -p palisade-benches --example redis_cpu              # 200 000 requests (or events) each
 //! cargo run --release -p palisade-benches --example redis_cpu -- 50000 bare
 //! ```
 //!
@@ -23,7 +23,6 @@ use support::{cpu_ticks, echo_router, free_port, in_tasks, two_workers};
 mod broker;
 
 #[path = "../benches/support/bare_redis.rs"]
-#[allow(dead_code)] // events are the bench's business
 mod bare_redis;
 use bare_redis::{BareClient, bare_server};
 
@@ -51,32 +50,47 @@ fn main() {
         .unwrap_or(200_000);
     let only = std::env::args().nth(2).unwrap_or_default();
     for round in 0..3 {
-        for which in ["bare", "palisade"] {
+        for which in ["bare", "palisade", "bare-emit", "palisade-emit"] {
             if !only.is_empty() && only != which {
                 continue;
             }
             let (c0, r0) = (cpu_ticks("self"), cpu_ticks(&redis_pid));
             let wall = runtime.block_on(async {
-                if which == "bare" {
-                    let bare = Arc::clone(&bare);
-                    in_tasks(n, 64, move |x| {
-                        let bare = Arc::clone(&bare);
-                        async move { assert_eq!(bare.call(x).await, x) }
-                    })
-                    .await
-                } else {
-                    let client = palisade.clone();
-                    in_tasks(n, 64, move |x| {
+                let bare = Arc::clone(&bare);
+                let client = palisade.clone();
+                match which {
+                    "bare" => {
+                        in_tasks(n, 64, move |x| {
+                            let bare = Arc::clone(&bare);
+                            async move { assert_eq!(bare.call(x).await, x) }
+                        })
+                        .await
+                    }
+                    "palisade" => in_tasks(n, 64, move |x| {
                         let client = client.clone();
                         async move { assert_eq!(client.send::<u64>("echo", &x).await.unwrap(), x) }
                     })
-                    .await
+                    .await,
+                    "bare-emit" => {
+                        in_tasks(n, 64, move |x| {
+                            let bare = Arc::clone(&bare);
+                            async move { bare.emit(x).await }
+                        })
+                        .await
+                    }
+                    _ => {
+                        in_tasks(n, 64, move |x| {
+                            let client = client.clone();
+                            async move { client.emit("note", &x).await.unwrap() }
+                        })
+                        .await
+                    }
                 }
             });
             let (c1, r1) = (cpu_ticks("self"), cpu_ticks(&redis_pid));
             let per = |ticks: u64| ticks as f64 * 10_000.0 / n as f64; // 100 Hz ticks -> µs
             println!(
-                "round {round} {which:9} wall {:6.2} µs/req  cpu(process) {:6.2} µs/req  cpu(redis) {:5.2} µs/req",
+                "round {round} {which:13} wall {:6.2} µs/req  cpu(process) {:6.2} µs/req  cpu(redis) {:5.2} µs/req",
                 wall.as_secs_f64() * 1e6 / n as f64,
                 per(c1 - c0),
                 per(r1 - r0)

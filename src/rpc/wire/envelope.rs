@@ -155,6 +155,47 @@ struct RawPacket<'a> {
     headers: Option<&'a RawValue>,
 }
 
+/// A key of a packet, read without allocating: escaped or not, a key is only compared.
+enum PacketKey {
+    Pattern,
+    Data,
+    Id,
+    Response,
+    Err,
+    IsDisposed,
+    Headers,
+    Other,
+}
+
+impl<'de> Deserialize<'de> for PacketKey {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct KeyVisitor;
+
+        impl Visitor<'_> for KeyVisitor {
+            type Value = PacketKey;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a key")
+            }
+
+            fn visit_str<E: serde::de::Error>(self, key: &str) -> Result<PacketKey, E> {
+                Ok(match key {
+                    "pattern" => PacketKey::Pattern,
+                    "data" => PacketKey::Data,
+                    "id" => PacketKey::Id,
+                    "response" => PacketKey::Response,
+                    "err" => PacketKey::Err,
+                    "isDisposed" => PacketKey::IsDisposed,
+                    "headers" => PacketKey::Headers,
+                    _ => PacketKey::Other,
+                })
+            }
+        }
+
+        deserializer.deserialize_identifier(KeyVisitor)
+    }
+}
+
 impl<'de: 'a, 'a> Deserialize<'de> for RawPacket<'a> {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         struct PacketVisitor<'a>(std::marker::PhantomData<&'a ()>);
@@ -168,16 +209,16 @@ impl<'de: 'a, 'a> Deserialize<'de> for RawPacket<'a> {
 
             fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<RawPacket<'a>, M::Error> {
                 let mut packet = RawPacket::default();
-                while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
-                    let slot = match &*key {
-                        "pattern" => &mut packet.pattern,
-                        "data" => &mut packet.data,
-                        "id" => &mut packet.id,
-                        "response" => &mut packet.response,
-                        "err" => &mut packet.err,
-                        "isDisposed" => &mut packet.is_disposed,
-                        "headers" => &mut packet.headers,
-                        _ => {
+                while let Some(key) = map.next_key::<PacketKey>()? {
+                    let slot = match key {
+                        PacketKey::Pattern => &mut packet.pattern,
+                        PacketKey::Data => &mut packet.data,
+                        PacketKey::Id => &mut packet.id,
+                        PacketKey::Response => &mut packet.response,
+                        PacketKey::Err => &mut packet.err,
+                        PacketKey::IsDisposed => &mut packet.is_disposed,
+                        PacketKey::Headers => &mut packet.headers,
+                        PacketKey::Other => {
                             map.next_value::<IgnoredAny>()?;
                             continue;
                         }
@@ -190,6 +231,17 @@ impl<'de: 'a, 'a> Deserialize<'de> for RawPacket<'a> {
         }
 
         deserializer.deserialize_map(PacketVisitor(std::marker::PhantomData))
+    }
+}
+
+/// Reads a packet's fields. The frame is checked as UTF-8 once, up front: read from bytes, every
+/// raw field would be checked again on its own, most of the parse for a small packet.
+fn parse_packet(frame: &[u8]) -> Result<RawPacket<'_>, serde_json::Error> {
+    match std::str::from_utf8(frame) {
+        Ok(text) => serde_json::from_str(text),
+        // The parser's own error; or, when the bad bytes sit in a field it skips, the packet as
+        // it reads it.
+        Err(_) => serde_json::from_slice(frame),
     }
 }
 
@@ -209,20 +261,107 @@ fn slice(frame: &Bytes, raw: &RawValue) -> RawJson {
     RawJson::from_trusted(frame.slice_ref(raw.get().as_bytes()))
 }
 
+/// palisade's `"headers"` object: string values as they are, numbers as their JSON text, other
+/// values dropped; a key given twice (in any case) keeps its last value, and a later value of
+/// another kind drops it. Anything but an object is no headers.
 fn parse_headers(raw: Option<&RawValue>) -> Headers {
-    raw.and_then(|raw| {
-        serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(raw.get()).ok()
-    })
-    .map(|map| {
-        map.into_iter()
-            .filter_map(|(k, v)| match v {
-                serde_json::Value::String(s) => Some((k, s)),
-                serde_json::Value::Number(n) => Some((k, n.to_string())),
-                _ => None,
-            })
-            .collect()
-    })
-    .unwrap_or_default()
+    raw.and_then(|raw| serde_json::from_str::<WireHeaders>(raw.get()).ok())
+        .map_or_else(Headers::new, |headers| headers.0)
+}
+
+/// [`Headers`] read straight from the packet, without building a JSON map first.
+struct WireHeaders(Headers);
+
+impl<'de> Deserialize<'de> for WireHeaders {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct HeadersVisitor;
+
+        impl<'de> Visitor<'de> for HeadersVisitor {
+            type Value = WireHeaders;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a JSON object")
+            }
+
+            fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<WireHeaders, M::Error> {
+                let mut headers = Headers::new();
+                while let Some(key) = map.next_key::<String>()? {
+                    match map.next_value::<HeaderValue>()?.0 {
+                        Some(value) => headers.insert(key, value),
+                        None => {
+                            headers.remove(&key);
+                        }
+                    }
+                }
+                Ok(WireHeaders(headers))
+            }
+        }
+
+        deserializer.deserialize_map(HeadersVisitor)
+    }
+}
+
+/// A header's value: a string, or a number's JSON text; `None` for any other value.
+struct HeaderValue(Option<String>);
+
+impl<'de> Deserialize<'de> for HeaderValue {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct ValueVisitor;
+
+        impl<'de> Visitor<'de> for ValueVisitor {
+            type Value = HeaderValue;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a JSON value")
+            }
+
+            fn visit_str<E: serde::de::Error>(self, value: &str) -> Result<HeaderValue, E> {
+                Ok(HeaderValue(Some(value.to_owned())))
+            }
+
+            fn visit_string<E: serde::de::Error>(self, value: String) -> Result<HeaderValue, E> {
+                Ok(HeaderValue(Some(value)))
+            }
+
+            fn visit_u64<E: serde::de::Error>(self, value: u64) -> Result<HeaderValue, E> {
+                Ok(HeaderValue(Some(value.to_string())))
+            }
+
+            fn visit_i64<E: serde::de::Error>(self, value: i64) -> Result<HeaderValue, E> {
+                Ok(HeaderValue(Some(value.to_string())))
+            }
+
+            fn visit_f64<E: serde::de::Error>(self, value: f64) -> Result<HeaderValue, E> {
+                // As `serde_json::Number` writes it (`1.0`, `1e300`).
+                Ok(HeaderValue(
+                    serde_json::Number::from_f64(value).map(|n| n.to_string()),
+                ))
+            }
+
+            fn visit_bool<E: serde::de::Error>(self, _: bool) -> Result<HeaderValue, E> {
+                Ok(HeaderValue(None))
+            }
+
+            fn visit_unit<E: serde::de::Error>(self) -> Result<HeaderValue, E> {
+                Ok(HeaderValue(None))
+            }
+
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<HeaderValue, A::Error> {
+                while seq.next_element::<IgnoredAny>()?.is_some() {}
+                Ok(HeaderValue(None))
+            }
+
+            fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<HeaderValue, M::Error> {
+                while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                Ok(HeaderValue(None))
+            }
+        }
+
+        deserializer.deserialize_any(ValueVisitor)
+    }
 }
 
 /// A message as a server reads it; see [`decode_incoming`].
@@ -319,7 +458,7 @@ pub fn decode_incoming(frame: &Bytes) -> Result<IncomingPacket, serde_json::Erro
             external: true,
         });
     }
-    let packet: RawPacket<'_> = serde_json::from_slice(frame)?;
+    let packet = parse_packet(frame)?;
     // NestJS: "external" when both are undefined (a present null does not count as undefined).
     let external = packet.pattern.is_none() && packet.data.is_none();
     Ok(IncomingPacket {
@@ -350,7 +489,7 @@ pub fn decode_incoming(frame: &Bytes) -> Result<IncomingPacket, serde_json::Erro
 /// assert!(matches!(packet, ReplyPacket::Value { last: false, .. }));
 /// ```
 pub fn decode_reply(frame: &Bytes) -> Result<(Option<RawJson>, ReplyPacket), serde_json::Error> {
-    let packet: RawPacket<'_> = serde_json::from_slice(frame)?;
+    let packet = parse_packet(frame)?;
     let id = packet.id.map(|raw| slice(frame, raw));
     let reply = reply_from_fields(
         packet.response,
@@ -662,5 +801,100 @@ mod tests {
                 "{bad:?}"
             );
         }
+    }
+
+    fn headers_of(frame: &str) -> Vec<(String, String)> {
+        let packet = decode_incoming(&Bytes::copy_from_slice(frame.as_bytes())).unwrap();
+        packet
+            .headers
+            .iter()
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect()
+    }
+
+    fn pairs(expected: &[(&str, &str)]) -> Vec<(String, String)> {
+        expected
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn headers_keep_strings_and_numbers_in_wire_order_and_drop_other_values() {
+        assert_eq!(
+            headers_of(
+                r#"{"pattern":"p","data":1,"headers":{"b":"x","a":-5,"f":1.5,"e":1e2,"big":18446744073709551615,"t":true,"n":null,"o":{"k":[1]},"l":[1,{"k":2}],"s":"\u00e9\n"}}"#
+            ),
+            pairs(&[
+                ("b", "x"),
+                ("a", "-5"),
+                ("f", "1.5"),
+                ("e", "100.0"),
+                ("big", "18446744073709551615"),
+                ("s", "é\n"),
+            ])
+        );
+    }
+
+    #[test]
+    fn a_header_given_twice_keeps_its_last_value_whatever_its_case() {
+        assert_eq!(
+            headers_of(r#"{"pattern":"p","data":1,"headers":{"k":"1","x":"x","K":"2"}}"#),
+            pairs(&[("k", "2"), ("x", "x")])
+        );
+        // A later value that is not a header value takes the earlier one away, as the object's
+        // last value for the key is what JavaScript sees.
+        assert_eq!(
+            headers_of(r#"{"pattern":"p","data":1,"headers":{"k":"1","x":"x","k":false}}"#),
+            pairs(&[("x", "x")])
+        );
+    }
+
+    #[test]
+    fn headers_that_are_not_an_object_are_no_headers() {
+        for headers in ["null", "[]", r#"["a","b"]"#, "\"text\"", "7", "true"] {
+            let frame = format!(r#"{{"pattern":"p","data":1,"headers":{headers}}}"#);
+            assert!(headers_of(&frame).is_empty(), "{frame}");
+        }
+    }
+
+    #[test]
+    fn escaped_keys_are_read_as_the_keys_they_spell() {
+        let frame =
+            Bytes::from_static(br#"{"p\u0061ttern":"ping","d\u0061ta":3,"\u0069d":"i","x\"y":1}"#);
+        let packet = decode_incoming(&frame).unwrap();
+        assert_eq!(packet.pattern.unwrap().as_str(), r#""ping""#);
+        assert_eq!(packet.data.as_str(), "3");
+        assert_eq!(packet.id.unwrap().as_str(), r#""i""#);
+        let (id, reply) =
+            decode_reply(&Bytes::from_static(br#"{"\u0069d":"a","resp\u006fnse":2}"#)).unwrap();
+        assert_eq!(id.unwrap().as_str(), r#""a""#);
+        assert!(
+            matches!(reply, ReplyPacket::Value { response, last: false } if response.as_str() == "2")
+        );
+    }
+
+    #[test]
+    fn invalid_utf8_fails_where_it_is_read_and_passes_where_it_is_skipped() {
+        // In a field palisade reads: an error, as before the frame was checked up front.
+        let mut bad_data = br#"{"pattern":"p","data":"#.to_vec();
+        bad_data.extend_from_slice(b"\"\xff\"}");
+        assert!(decode_incoming(&Bytes::from(bad_data.clone())).is_err());
+        let mut bad_response = br#"{"id":"a","response":"#.to_vec();
+        bad_response.extend_from_slice(b"\"\xff\"}");
+        assert!(decode_reply(&Bytes::from(bad_response)).is_err());
+        // In a field it skips: the packet still reads, as JSON.parse in NestJS reads it.
+        let mut skipped = br#"{"pattern":"p","data":1,"id":"i","extra":"#.to_vec();
+        skipped.extend_from_slice(b"\"\xff\"}");
+        let packet = decode_incoming(&Bytes::from(skipped)).unwrap();
+        assert_eq!(packet.pattern.unwrap().as_str(), r#""p""#);
+        assert_eq!(packet.data.as_str(), "1");
+        let mut skipped_reply = br#"{"id":"a","response":5,"extra":"#.to_vec();
+        skipped_reply.extend_from_slice(b"\"\xff\"}");
+        let (id, reply) = decode_reply(&Bytes::from(skipped_reply)).unwrap();
+        assert_eq!(id.unwrap().as_str(), r#""a""#);
+        assert!(
+            matches!(reply, ReplyPacket::Value { response, last: false } if response.as_str() == "5")
+        );
     }
 }

@@ -61,7 +61,12 @@ impl PacketIds {
     /// The request number of an id this generator made; `None` for any other text (another
     /// client's id, or not an id at all).
     pub fn parse(&self, id: &str) -> Option<u64> {
-        let bytes = id.as_bytes();
+        self.parse_bytes(id.as_bytes())
+    }
+
+    /// [`parse`](Self::parse) on the id's bytes: any byte that is not a lowercase hex digit makes
+    /// it someone else's, so the text needs no UTF-8 check first.
+    fn parse_bytes(&self, bytes: &[u8]) -> Option<u64> {
         if bytes.len() != PACKET_ID_LEN {
             return None;
         }
@@ -83,7 +88,7 @@ impl PacketIds {
     /// [`parse`](Self::parse) for an id as it appears in JSON: a quoted string.
     pub fn parse_json(&self, id: &[u8]) -> Option<u64> {
         let inner = id.strip_prefix(b"\"")?.strip_suffix(b"\"")?;
-        self.parse(std::str::from_utf8(inner).ok()?)
+        self.parse_bytes(inner)
     }
 }
 
@@ -156,6 +161,20 @@ mod tests {
         let id = ids.format(1);
         assert_eq!(format!("{id:?}"), id.as_str());
         assert_eq!(format!("{id}"), id.as_str());
+    }
+
+    #[test]
+    fn json_ids_that_are_not_quoted_hex_text_do_not_parse() {
+        let ids = PacketIds::seeded(0x11111, 7);
+        let id = ids.format(9);
+        let mut bytes = format!("\"{id}\"").into_bytes();
+        assert_eq!(ids.parse_json(&bytes), Some(9));
+        bytes[3] = 0xff; // not UTF-8, let alone a hex digit
+        assert_eq!(ids.parse_json(&bytes), None);
+        assert_eq!(ids.parse_json(id.as_str().as_bytes()), None, "unquoted");
+        assert_eq!(ids.parse_json(b"\"\""), None);
+        let upper = format!("\"{}\"", id.as_str().to_ascii_uppercase());
+        assert_eq!(ids.parse_json(upper.as_bytes()), None);
     }
 
     #[test]
