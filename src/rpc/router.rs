@@ -445,23 +445,23 @@ impl Router {
                 None => self.unmatched(request),
             },
             Kind::Event => {
-                let handlers: Vec<Route> = match routable.then_some(route) {
+                let endpoints: &[Endpoint<()>] = match routable.then_some(route) {
                     Some(route) => match self.routes.events.get(route) {
-                        Some(handlers) => handlers.iter().map(ready).collect(),
+                        Some(handlers) => handlers,
                         // NestJS runs a message handler for an event on its pattern, too.
                         None => self
                             .routes
                             .messages
                             .get(route)
-                            .map(ready)
-                            .into_iter()
-                            .collect(),
+                            .map_or(&[], std::slice::from_ref),
                     },
-                    None => Vec::new(),
+                    None => &[],
                 };
-                if handlers.is_empty() {
-                    return self.unmatched(request);
-                }
+                let handlers: Vec<Route> = match endpoints {
+                    [] => return self.unmatched(request),
+                    [only] => return one_event_handler(only, request),
+                    several => several.iter().map(ready).collect(),
+                };
                 Box::pin(async move {
                     let mut first_failure = None;
                     for handler in handlers {
@@ -485,6 +485,33 @@ impl Router {
             None => unmatched(request),
         }
     }
+}
+
+/// An event with one handler, the usual case: the handler gets the event itself rather than a
+/// copy, and no list of handlers is made. Failures are reported as with several handlers.
+fn one_event_handler(
+    endpoint: &Endpoint<()>,
+    event: RpcRequest,
+) -> BoxFuture<'static, Result<Reply, RpcError>> {
+    let reports_failures = event.reports_failures();
+    let pattern = event.pattern().clone();
+    let handling = match endpoint {
+        Endpoint::Ready(route) => route.handle(event),
+        Endpoint::NeedsState(make) => make(&()).handle(event),
+    };
+    Box::pin(async move {
+        match handling.await {
+            Ok(_) => Ok(Reply::Empty),
+            Err(error) => {
+                tracing::error!(%pattern, %error, "event handler failed");
+                if reports_failures {
+                    Err(error)
+                } else {
+                    Ok(Reply::Empty)
+                }
+            }
+        }
+    })
 }
 
 /// The route of an endpoint of a stateless router: always ready (`Endpoint::new` and

@@ -8,7 +8,7 @@ use crate::rpc::request::TRACEPARENT_HEADER;
 use crate::rpc::transport::{ReplyPacket, error_json};
 use crate::rpc::{Code, Kind, RpcError, RpcRequest, TransportErrorKind};
 use crate::timeout::HasDeadline;
-use futures_util::future::{BoxFuture, Either};
+use futures_util::future::BoxFuture;
 use futures_util::{FutureExt, StreamExt};
 use std::fmt;
 use std::future::Future;
@@ -327,16 +327,16 @@ impl Dispatcher {
         // disabled span has nothing to enter, and entering it anyway costs `tracing`'s `log`
         // fallback a check at every poll.
         let inner = Arc::clone(&self.inner);
-        let mut handling = if span.is_disabled() {
-            Box::pin(Either::Left(
-                inner.handle(request, sink, permit, span, first_poll),
-            ))
+        // Each kind boxed on its own (not one `Either` box): the future goes into its box in one
+        // copy rather than being moved into the `Either` first.
+        let mut handling: Pin<Box<dyn Future<Output = ()> + Send>> = if span.is_disabled() {
+            Box::pin(inner.handle(request, sink, permit, span, first_poll))
         } else {
-            Box::pin(Either::Right(
+            Box::pin(
                 inner
                     .handle(request, sink, permit, span.clone(), first_poll)
                     .instrument(span),
-            ))
+            )
         };
         match first_poll {
             FirstPoll::Spawned => {
@@ -428,115 +428,153 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
         .unwrap_or_else(|| "a non-string panic payload".to_owned())
 }
 
+/// Runs the handler's future and sends its reply.
+async fn respond<K: ReplySink>(
+    call: BoxFuture<'static, Result<Reply, RpcError>>,
+    sink: Option<&mut Tracked<K>>,
+) -> Result<(), RpcError> {
+    // A panicking handler must not leave its caller waiting: it becomes NestJS's
+    // "Internal server error", and the panic is logged.
+    let reply = AssertUnwindSafe(call)
+        .catch_unwind()
+        .await
+        .unwrap_or_else(|panic| Err(handler_panicked(&*panic)));
+    match (reply, sink) {
+        (Ok(_), None) => Ok(()),
+        (Err(error), None) => Err(error),
+        (reply, Some(sink)) => send_replies(reply, sink).await,
+    }
+}
+
+/// Logs a handler's panic; the error its caller gets.
+fn handler_panicked(panic: &(dyn std::any::Any + Send)) -> RpcError {
+    tracing::error!(panic = %panic_message(panic), "handler panicked; replying \"Internal server error\"");
+    RpcError::internal()
+}
+
 impl Inner {
-    /// Runs the handler and sends its reply.
-    async fn respond<K: ReplySink>(
-        &self,
-        request: RpcRequest,
-        sink: Option<&mut Tracked<K>>,
-    ) -> Result<(), RpcError> {
-        // A panicking handler must not leave its caller waiting: it becomes NestJS's
-        // "Internal server error", and the panic is logged.
-        let reply = AssertUnwindSafe(self.service.call(request))
-            .catch_unwind()
-            .await
-            .unwrap_or_else(|panic| {
-                tracing::error!(panic = %panic_message(&*panic), "handler panicked; replying \"Internal server error\"");
-                Err(RpcError::internal())
-            });
-        match (reply, sink) {
-            (Ok(_), None) => Ok(()),
-            (Err(error), None) => Err(error),
-            (reply, Some(sink)) => send_replies(reply, sink).await,
+    /// The handler's future for `request`. A panic while it is made (in a layer's `call`, say)
+    /// is a panic of the handler: the caller gets "Internal server error".
+    fn call_service(&self, request: RpcRequest) -> BoxFuture<'static, Result<Reply, RpcError>> {
+        match std::panic::catch_unwind(AssertUnwindSafe(|| self.service.call(request))) {
+            Ok(call) => call,
+            Err(panic) => {
+                let error = handler_panicked(&*panic);
+                Box::pin(std::future::ready(Err(error)))
+            }
         }
     }
 
     /// Handles one message: runs the handler within the deadline and sends every reply.
-    async fn handle<K: ReplySink>(
+    ///
+    /// Not an `async fn`: the handler's future is made here, at once, and the request is not
+    /// kept. An `async fn` keeps each argument twice in its future and the request until the
+    /// end, and this future is boxed for every message and held while it is in flight: those
+    /// copies were a quarter of its size, copied into each allocation and out of the cache.
+    fn handle<K: ReplySink>(
         self: Arc<Self>,
         request: RpcRequest,
         sink: Option<K>,
-        _permit: Option<OwnedSemaphorePermit>,
+        permit: Option<OwnedSemaphorePermit>,
         span: tracing::Span,
         first_poll: FirstPoll,
-    ) {
-        let _in_flight = self.in_flight.enter();
-        // Clock reads only for a span someone listens to (or for metrics).
-        let started = (cfg!(feature = "metrics") || !span.is_disabled()).then(Instant::now);
+    ) -> impl Future<Output = ()> + Send + 'static {
         let deadline = request.deadline();
         let kind = request.kind();
         #[cfg(feature = "metrics")]
         let route = Arc::clone(request.pattern().route_arc());
+        let call = if span.is_disabled() {
+            self.call_service(request)
+        } else {
+            span.in_scope(|| self.call_service(request))
+        };
+        // Made out here, so that the future holds the sink once (an `async` block holds what it
+        // captures as well as what it binds).
         let mut sink = sink.map(|inner| Tracked {
             inner,
             answered: false,
         });
-        let outcome = {
-            let work = self.respond(request, sink.as_mut());
-            // The deadline's timer and the shutdown token are futures created on their first
-            // poll, beside the handler's rather than around it: a handler that answers at once
-            // never arms a timer or touches the token, and `work` is held once, inline, in this
-            // future (wrapping it in `timeout_at` meant a second, boxed copy of its room).
-            // A first poll in the dispatching task is followed by one in the handler's own task
-            // (spawned if the work waits): the timer and the token are registered there, once,
-            // rather than first for the dispatching task and then again for the handler's.
-            let probing = first_poll == FirstPoll::Inline;
-            let deadline_passed = async {
-                if probing {
-                    PendingOnce(false).await;
+        async move {
+            let _in_flight = self.in_flight.enter();
+            // Clock reads only for a span someone listens to (or for metrics).
+            let started = (cfg!(feature = "metrics") || !span.is_disabled()).then(Instant::now);
+            let outcome = {
+                let work = respond(call, sink.as_mut());
+                // The deadline's timer and the shutdown token are futures created on their first
+                // poll, beside the handler's rather than around it: a handler that answers at once
+                // never arms a timer or touches the token, and `work` is held once, inline, in this
+                // future (wrapping it in `timeout_at` meant a second, boxed copy of its room).
+                // A first poll in the dispatching task is followed by one in the handler's own task
+                // (spawned if the work waits): the timer and the token are registered there, once,
+                // rather than first for the dispatching task and then again for the handler's.
+                let probing = first_poll == FirstPoll::Inline;
+                let deadline_passed = async {
+                    if probing {
+                        PendingOnce(false).await;
+                    }
+                    match deadline {
+                        Some(deadline) => {
+                            crate::timeout::sleep_until_lazily(deadline.instant()).await
+                        }
+                        None => std::future::pending().await,
+                    }
+                    Err(RpcError::deadline_exceeded(
+                        "the caller's deadline passed; the handler was stopped",
+                    ))
+                };
+                let aborted = async {
+                    if probing {
+                        PendingOnce(false).await;
+                    }
+                    self.abort.cancelled().await;
+                    Err(RpcError::unavailable(
+                        "the server shut down before the handler finished",
+                    ))
+                };
+                tokio::select! {
+                    biased;
+                    outcome = work => outcome,
+                    passed = deadline_passed => passed,
+                    aborted = aborted => aborted,
                 }
-                match deadline {
-                    Some(deadline) => crate::timeout::sleep_until_lazily(deadline.instant()).await,
-                    None => std::future::pending().await,
-                }
-                Err(RpcError::deadline_exceeded(
-                    "the caller's deadline passed; the handler was stopped",
-                ))
             };
-            let aborted = async {
-                if probing {
-                    PendingOnce(false).await;
-                }
-                self.abort.cancelled().await;
-                Err(RpcError::unavailable(
-                    "the server shut down before the handler finished",
-                ))
-            };
-            tokio::select! {
-                biased;
-                outcome = work => outcome,
-                passed = deadline_passed => passed,
-                aborted = aborted => aborted,
+            // Stopped by the deadline or by shutdown before answering: every request gets an answer.
+            if let (Err(error), Some(sink)) = (&outcome, sink.as_mut())
+                && !sink.answered
+            {
+                let _ = sink.send(ReplyPacket::Error(error_json(error))).await;
             }
-        };
-        // Stopped by the deadline or by shutdown before answering: every request gets an answer.
-        if let (Err(error), Some(sink)) = (&outcome, sink.as_mut())
-            && !sink.answered
-        {
-            let _ = sink.send(ReplyPacket::Error(error_json(error))).await;
-        }
-        #[cfg(feature = "metrics")]
-        if let Some(started) = started {
-            crate::rpc::observe::record(&route, self.transport, kind, &outcome, started.elapsed());
-        }
-        if let Some(started) = started
-            && !span.is_disabled()
-        {
-            span.record("latency_us", started.elapsed().as_micros() as u64);
+            #[cfg(feature = "metrics")]
+            if let Some(started) = started {
+                crate::rpc::observe::record(
+                    &route,
+                    self.transport,
+                    kind,
+                    &outcome,
+                    started.elapsed(),
+                );
+            }
+            if let Some(started) = started
+                && !span.is_disabled()
+            {
+                span.record("latency_us", started.elapsed().as_micros() as u64);
+                match &outcome {
+                    Ok(()) => span.record("outcome", tracing::field::display("ok")),
+                    Err(error) => span.record("outcome", tracing::field::display(error.code())),
+                };
+            }
             match &outcome {
-                Ok(()) => span.record("outcome", tracing::field::display("ok")),
-                Err(error) => span.record("outcome", tracing::field::display(error.code())),
-            };
-        }
-        match &outcome {
-            Ok(()) => tracing::debug!("handled"),
-            Err(error) => {
-                if kind == Kind::Event || error.code() == Code::Internal {
-                    tracing::warn!(%error, "handler failed");
-                } else {
-                    tracing::debug!(%error, "replied with an error");
+                Ok(()) => tracing::debug!("handled"),
+                Err(error) => {
+                    if kind == Kind::Event || error.code() == Code::Internal {
+                        tracing::warn!(%error, "handler failed");
+                    } else {
+                        tracing::debug!(%error, "replied with an error");
+                    }
                 }
             }
+            // Held to the end: it bounds the handlers running at once.
+            drop(permit);
         }
     }
 }
