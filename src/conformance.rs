@@ -756,7 +756,23 @@ pub async fn unit_replies_and_empty_streams<H: Harness>(mut harness: H) {
     server.shutdown().await;
 }
 
-/// A panicking handler answers "Internal server error"; the server and the connection carry on.
+/// A handler that panics while its future is made, before it is ever polled (a handler of one's
+/// own, or a layer's `call`).
+#[derive(Clone)]
+struct PanicsWhenCalled;
+
+impl crate::rpc::Handler<()> for PanicsWhenCalled {
+    fn call(
+        self,
+        _: crate::rpc::RpcRequest,
+        _: (),
+    ) -> futures_util::future::BoxFuture<'static, Result<crate::rpc::Reply, RpcError>> {
+        panic!("handler bug before its future")
+    }
+}
+
+/// A panicking handler answers "Internal server error", whether it panics while it runs or while
+/// its future is made; the server and the connection carry on.
 pub async fn a_panicking_handler_still_answers<H: Harness>(mut harness: H) {
     let router = Router::new()
         .message("explode", || async {
@@ -765,6 +781,7 @@ pub async fn a_panicking_handler_still_answers<H: Harness>(mut harness: H) {
             }
             "unreachable"
         })
+        .message("explode-early", PanicsWhenCalled)
         .message("ping", || async { "pong" });
     let server = start(&mut harness, router).await;
     let client = harness.client(Client::builder()).await;
@@ -776,6 +793,18 @@ pub async fn a_panicking_handler_still_answers<H: Harness>(mut harness: H) {
     .expect("the caller of a panicking handler was left waiting")
     .unwrap_err();
     assert_eq!(error.code(), Code::Internal);
+    assert_eq!(
+        error.err(),
+        json!({"status": "error", "message": INTERNAL_SERVER_ERROR})
+    );
+    let error = tokio::time::timeout(
+        Duration::from_secs(5),
+        client.send::<String>("explode-early", &()),
+    )
+    .await
+    .expect("the caller of a handler that panicked before its future was left waiting")
+    .unwrap_err();
+    assert_eq!(error.code(), Code::Internal, "{error}");
     assert_eq!(
         error.err(),
         json!({"status": "error", "message": INTERNAL_SERVER_ERROR})
