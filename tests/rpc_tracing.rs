@@ -88,3 +88,51 @@ fn each_request_has_a_client_span_and_a_server_span() {
         "the server span lacks the trace context: {log}"
     );
 }
+
+/// A handler's error that its caller was told about is a debug line on the server; an internal
+/// error (a bug) is a warning.
+#[test]
+fn handler_errors_are_warnings_only_when_they_are_bugs() {
+    let buffer = Buffer::default();
+    let writer = buffer.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .with_max_level(tracing::Level::DEBUG)
+        .finish();
+    tracing::subscriber::with_default(subscriber, || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let transport = MemoryTransport::new();
+            let router = Router::new()
+                .message("refuse", || async {
+                    Err::<(), _>(RpcError::not_found("nope"))
+                })
+                .message("crash", || async { Err::<(), _>(RpcError::internal()) });
+            let server = transport.serve_now(Server::new(router));
+            let client = Client::builder().connect(transport).await.unwrap();
+            client.send::<()>("refuse", &()).await.unwrap_err();
+            client.send::<()>("crash", &()).await.unwrap_err();
+            server.shutdown().await;
+        });
+    });
+    let log = String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap();
+    let line = |pattern: &str, message: &str| {
+        log.lines()
+            .find(|line| line.contains(&format!("pattern={pattern} ")) && line.contains(message))
+            .unwrap_or_else(|| panic!("no {message:?} line for {pattern}: {log}"))
+            .to_owned()
+    };
+    let refused = line("refuse", "replied with an error");
+    assert!(refused.contains(" DEBUG "), "{refused}");
+    assert!(
+        !log.lines()
+            .any(|l| l.contains("pattern=refuse ") && l.contains("handler failed")),
+        "{log}"
+    );
+    let crashed = line("crash", "handler failed");
+    assert!(crashed.contains(" WARN "), "{crashed}");
+}

@@ -319,10 +319,6 @@ impl<'de> Deserialize<'de> for HeaderValue {
                 Ok(HeaderValue(Some(value.to_owned())))
             }
 
-            fn visit_string<E: serde::de::Error>(self, value: String) -> Result<HeaderValue, E> {
-                Ok(HeaderValue(Some(value)))
-            }
-
             fn visit_u64<E: serde::de::Error>(self, value: u64) -> Result<HeaderValue, E> {
                 Ok(HeaderValue(Some(value.to_string())))
             }
