@@ -82,3 +82,44 @@ mod spawned_handlers {
             .await;
     }
 }
+
+/// A stream still producing at the caller's deadline is stopped by the server: the caller gets
+/// the values sent before it, then the deadline's error. The deadline travels as the timeout
+/// header of a client that enforces none itself, so only the server can end the stream.
+#[tokio::test]
+async fn a_stream_still_running_at_the_callers_deadline_is_stopped_by_the_server() {
+    use futures_util::StreamExt;
+    use palisade::conformance::Harness as _;
+    use palisade::rpc::{Code, Router, RpcError, Streaming, TIMEOUT_HEADER};
+    use std::time::Duration;
+    let router = Router::new().message("ticks", || async {
+        Streaming(futures_util::stream::unfold(0u64, |n| async move {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            Some((Ok::<_, RpcError>(n + 1), n + 1))
+        }))
+    });
+    let mut tcp = Tcp::default();
+    let server = tcp.serve(Server::new(router)).await;
+    let client = tcp
+        .client(Client::builder().no_timeout().header(TIMEOUT_HEADER, "500"))
+        .await;
+    let items: Vec<Result<u64, RpcError>> = tokio::time::timeout(
+        Duration::from_secs(10),
+        client
+            .send_stream::<u64>("ticks", &())
+            .await
+            .unwrap()
+            .take(4)
+            .collect(),
+    )
+    .await
+    .expect("the stream was never stopped");
+    let values: Vec<u64> = items
+        .iter()
+        .filter_map(|item| item.as_ref().ok().copied())
+        .collect();
+    assert_eq!(values, [1, 2], "{items:?}");
+    let error = items.last().unwrap().as_ref().unwrap_err();
+    assert_eq!(error.code(), Code::DeadlineExceeded, "{error}");
+    server.shutdown().await;
+}

@@ -428,10 +428,12 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
         .unwrap_or_else(|| "a non-string panic payload".to_owned())
 }
 
-/// Runs the handler's future and sends its reply.
+/// Runs the handler's future and sends its reply. Sets `finished` once the handler has produced
+/// everything it will (a stream has not), so that the deadline need not watch the reply's send.
 async fn respond<K: ReplySink>(
     call: BoxFuture<'static, Result<Reply, RpcError>>,
     sink: Option<&mut Tracked<K>>,
+    finished: &AtomicBool,
 ) -> Result<(), RpcError> {
     // A panicking handler must not leave its caller waiting: it becomes NestJS's
     // "Internal server error", and the panic is logged.
@@ -439,6 +441,9 @@ async fn respond<K: ReplySink>(
         .catch_unwind()
         .await
         .unwrap_or_else(|panic| Err(handler_panicked(&*panic)));
+    if !matches!(reply, Ok(Reply::Stream(_))) {
+        finished.store(true, Ordering::Relaxed);
+    }
     match (reply, sink) {
         (Ok(_), None) => Ok(()),
         (Err(error), None) => Err(error),
@@ -498,8 +503,10 @@ impl Inner {
             let _in_flight = self.in_flight.enter();
             // Clock reads only for a span someone listens to (or for metrics).
             let started = (cfg!(feature = "metrics") || !span.is_disabled()).then(Instant::now);
+            // Whether the handler is done and only its reply is on its way.
+            let finished = AtomicBool::new(false);
             let outcome = {
-                let work = respond(call, sink.as_mut());
+                let work = respond(call, sink.as_mut(), &finished);
                 // The deadline's timer and the shutdown token are futures created on their first
                 // poll, beside the handler's rather than around it: a handler that answers at once
                 // never arms a timer or touches the token, and `work` is held once, inline, in this
@@ -507,16 +514,18 @@ impl Inner {
                 // A first poll in the dispatching task is followed by one in the handler's own task
                 // (spawned if the work waits): the timer and the token are registered there, once,
                 // rather than first for the dispatching task and then again for the handler's.
+                // A handler that is done by then, its reply waiting on the transport, gets no
+                // timer at all: there is nothing left to stop, and the transport bounds its sends.
                 let probing = first_poll == FirstPoll::Inline;
                 let deadline_passed = async {
                     if probing {
                         PendingOnce(false).await;
                     }
                     match deadline {
-                        Some(deadline) => {
+                        Some(deadline) if !finished.load(Ordering::Relaxed) => {
                             crate::timeout::sleep_until_lazily(deadline.instant()).await
                         }
-                        None => std::future::pending().await,
+                        _ => std::future::pending().await,
                     }
                     Err(RpcError::deadline_exceeded(
                         "the caller's deadline passed; the handler was stopped",
