@@ -62,6 +62,12 @@ impl Broker {
         format!("mqtt://127.0.0.1:{}", self.port)
     }
 
+    /// The broker's process id, while it runs.
+    #[allow(dead_code)] // for `examples/mqtt_cpu.rs`
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Kills the broker (as a crash would: no goodbye to clients).
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
