@@ -94,14 +94,14 @@ async fn a_stream_still_running_at_the_callers_deadline_is_stopped_by_the_server
     use std::time::Duration;
     let router = Router::new().message("ticks", || async {
         Streaming(futures_util::stream::unfold(0u64, |n| async move {
-            tokio::time::sleep(Duration::from_millis(200)).await;
+            tokio::time::sleep(Duration::from_millis(300)).await;
             Some((Ok::<_, RpcError>(n + 1), n + 1))
         }))
     });
     let mut tcp = Tcp::default();
     let server = tcp.serve(Server::new(router)).await;
     let client = tcp
-        .client(Client::builder().no_timeout().header(TIMEOUT_HEADER, "500"))
+        .client(Client::builder().no_timeout().header(TIMEOUT_HEADER, "750"))
         .await;
     let items: Vec<Result<u64, RpcError>> = tokio::time::timeout(
         Duration::from_secs(10),
