@@ -131,4 +131,3 @@ pub async fn bare_server(url: &str) {
         }
     });
 }
-
