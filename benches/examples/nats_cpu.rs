@@ -24,7 +24,7 @@ use palisade::rpc::{Client, Server};
 
 #[path = "../benches/support/mod.rs"]
 mod support;
-use support::{cpu_ticks, echo_router, in_tasks, two_workers};
+use support::{contender, cpu_rounds, echo_router, two_workers};
 
 #[path = "../../tests/support/nats.rs"]
 mod broker;
@@ -35,7 +35,7 @@ use bare_nats::{bare_call, serve_bare_echo};
 
 fn main() {
     let broker = broker::Broker::start();
-    let nats_pid = broker.pid().expect("the broker runs").to_string();
+    let broker_pid = broker.pid().expect("the broker runs").to_string();
     let runtime = two_workers();
     let (bare, palisade, with_header, untimed) = runtime.block_on(async {
         serve_bare_echo(&broker.url()).await;
@@ -60,73 +60,35 @@ fn main() {
             .unwrap();
         (bare, client, with_header, untimed)
     });
-    let n: u64 = std::env::args()
-        .nth(1)
-        .map(|a| a.parse().unwrap())
-        .unwrap_or(200_000);
-    let only = std::env::args().nth(2).unwrap_or_default();
-    for round in 0..3 {
-        for which in [
-            "bare",
-            "palisade",
-            "deadline-header",
-            "no-timeout",
-            "bare-to-server",
-        ] {
-            if !only.is_empty() && only != which {
-                continue;
+    let contenders = [
+        contender("bare", {
+            let bare = bare.clone();
+            move |x| {
+                let bare = bare.clone();
+                async move { bare_call(&bare, x).await }
             }
-            let (c0, b0) = (cpu_ticks("self"), cpu_ticks(&nats_pid));
-            let wall = runtime.block_on(async {
-                match which {
-                    "bare-to-server" => {
-                        let bare = bare.clone();
-                        in_tasks(n, 64, move |x| {
-                            let bare = bare.clone();
-                            async move {
-                                let packet =
-                                    format!("{{\"pattern\":\"echo\",\"data\":{x},\"id\":\"{x}\"}}");
-                                let reply = bare.request("echo", packet.into()).await.unwrap();
-                                let expected = format!(
-                                    "{{\"response\":{x},\"isDisposed\":true,\"id\":\"{x}\"}}"
-                                );
-                                assert_eq!(reply.payload, expected.as_bytes());
-                            }
-                        })
-                        .await
-                    }
-                    "bare" => {
-                        let bare = bare.clone();
-                        in_tasks(n, 64, move |x| {
-                            let bare = bare.clone();
-                            async move { bare_call(&bare, x).await }
-                        })
-                        .await
-                    }
-                    _ => {
-                        let client = match which {
-                            "palisade" => palisade.clone(),
-                            "deadline-header" => with_header.clone(),
-                            _ => untimed.clone(),
-                        };
-                        in_tasks(n, 64, move |x| {
-                            let client = client.clone();
-                            async move {
-                                assert_eq!(client.send::<u64>("echo", &x).await.unwrap(), x)
-                            }
-                        })
-                        .await
-                    }
-                }
-            });
-            let (c1, b1) = (cpu_ticks("self"), cpu_ticks(&nats_pid));
-            let per = |ticks: u64| ticks as f64 * 10_000.0 / n as f64; // 100 Hz ticks -> µs
-            println!(
-                "round {round} {which:15} wall {:6.2} µs/req  cpu(process) {:6.2} µs/req  cpu(nats-server) {:5.2} µs/req",
-                wall.as_secs_f64() * 1e6 / n as f64,
-                per(c1 - c0),
-                per(b1 - b0)
-            );
-        }
-    }
+        }),
+        contender("palisade", move |x| {
+            let client = palisade.clone();
+            async move { assert_eq!(client.send::<u64>("echo", &x).await.unwrap(), x) }
+        }),
+        contender("deadline-header", move |x| {
+            let client = with_header.clone();
+            async move { assert_eq!(client.send::<u64>("echo", &x).await.unwrap(), x) }
+        }),
+        contender("no-timeout", move |x| {
+            let client = untimed.clone();
+            async move { assert_eq!(client.send::<u64>("echo", &x).await.unwrap(), x) }
+        }),
+        contender("bare-to-server", move |x| {
+            let bare = bare.clone();
+            async move {
+                let packet = format!("{{\"pattern\":\"echo\",\"data\":{x},\"id\":\"{x}\"}}");
+                let reply = bare.request("echo", packet.into()).await.unwrap();
+                let expected = format!("{{\"response\":{x},\"isDisposed\":true,\"id\":\"{x}\"}}");
+                assert_eq!(reply.payload, expected.as_bytes());
+            }
+        }),
+    ];
+    cpu_rounds(&runtime, "nats-server", &broker_pid, &contenders);
 }

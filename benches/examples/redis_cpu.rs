@@ -17,7 +17,7 @@ use std::sync::Arc;
 
 #[path = "../benches/support/mod.rs"]
 mod support;
-use support::{cpu_ticks, echo_router, free_port, in_tasks, two_workers};
+use support::{contender, cpu_rounds, echo_router, free_port, two_workers};
 
 #[path = "../../tests/support/redis.rs"]
 mod broker;
@@ -28,7 +28,7 @@ use bare_redis::{BareClient, bare_server};
 
 fn main() {
     let broker = broker::Broker::start();
-    let redis_pid = broker.pid().expect("the broker runs").to_string();
+    let broker_pid = broker.pid().expect("the broker runs").to_string();
     let runtime = two_workers();
     let (bare, palisade) = runtime.block_on(async {
         bare_server(&broker.url()).await;
@@ -44,57 +44,32 @@ fn main() {
             .unwrap();
         (bare, client)
     });
-    let n: u64 = std::env::args()
-        .nth(1)
-        .map(|a| a.parse().unwrap())
-        .unwrap_or(200_000);
-    let only = std::env::args().nth(2).unwrap_or_default();
-    for round in 0..3 {
-        for which in ["bare", "palisade", "bare-emit", "palisade-emit"] {
-            if !only.is_empty() && only != which {
-                continue;
-            }
-            let (c0, r0) = (cpu_ticks("self"), cpu_ticks(&redis_pid));
-            let wall = runtime.block_on(async {
+    let contenders = [
+        contender("bare", {
+            let bare = Arc::clone(&bare);
+            move |x| {
                 let bare = Arc::clone(&bare);
-                let client = palisade.clone();
-                match which {
-                    "bare" => {
-                        in_tasks(n, 64, move |x| {
-                            let bare = Arc::clone(&bare);
-                            async move { assert_eq!(bare.call(x).await, x) }
-                        })
-                        .await
-                    }
-                    "palisade" => in_tasks(n, 64, move |x| {
-                        let client = client.clone();
-                        async move { assert_eq!(client.send::<u64>("echo", &x).await.unwrap(), x) }
-                    })
-                    .await,
-                    "bare-emit" => {
-                        in_tasks(n, 64, move |x| {
-                            let bare = Arc::clone(&bare);
-                            async move { bare.emit(x).await }
-                        })
-                        .await
-                    }
-                    _ => {
-                        in_tasks(n, 64, move |x| {
-                            let client = client.clone();
-                            async move { client.emit("note", &x).await.unwrap() }
-                        })
-                        .await
-                    }
-                }
-            });
-            let (c1, r1) = (cpu_ticks("self"), cpu_ticks(&redis_pid));
-            let per = |ticks: u64| ticks as f64 * 10_000.0 / n as f64; // 100 Hz ticks -> µs
-            println!(
-                "round {round} {which:13} wall {:6.2} µs/req  cpu(process) {:6.2} µs/req  cpu(redis) {:5.2} µs/req",
-                wall.as_secs_f64() * 1e6 / n as f64,
-                per(c1 - c0),
-                per(r1 - r0)
-            );
-        }
-    }
+                async move { assert_eq!(bare.call(x).await, x) }
+            }
+        }),
+        contender("palisade", {
+            let client = palisade.clone();
+            move |x| {
+                let client = client.clone();
+                async move { assert_eq!(client.send::<u64>("echo", &x).await.unwrap(), x) }
+            }
+        }),
+        contender("bare-emit", {
+            let bare = Arc::clone(&bare);
+            move |x| {
+                let bare = Arc::clone(&bare);
+                async move { bare.emit(x).await }
+            }
+        }),
+        contender("palisade-emit", move |x| {
+            let client = palisade.clone();
+            async move { client.emit("note", &x).await.unwrap() }
+        }),
+    ];
+    cpu_rounds(&runtime, "redis", &broker_pid, &contenders);
 }

@@ -95,3 +95,64 @@ pub fn cpu_ticks(pid: &str) -> u64 {
         .collect();
     fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
 }
+
+/// One contender of a `*_cpu` example: a name and one call with its number.
+#[allow(dead_code)] // for the examples only
+pub type CpuContender = (
+    &'static str,
+    std::sync::Arc<dyn Fn(u64) -> futures::future::BoxFuture<'static, ()> + Send + Sync>,
+);
+
+/// A `*_cpu` example's contender from a call.
+#[allow(dead_code)] // for the examples only
+pub fn contender<F, Fut>(name: &'static str, call: F) -> CpuContender
+where
+    F: Fn(u64) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    (
+        name,
+        std::sync::Arc::new(move |x| Box::pin(call(x)) as futures::future::BoxFuture<'static, ()>),
+    )
+}
+
+/// What the `*_cpu` examples print: three rounds of every contender (or only the one named by the
+/// second argument), each running the first argument's number of calls (default 200 000), 64 in
+/// flight, with the wall time, this process's CPU time and the broker's (`broker_pid`), each per
+/// call.
+#[allow(dead_code)] // for the examples only
+pub fn cpu_rounds(
+    runtime: &tokio::runtime::Runtime,
+    broker: &str,
+    broker_pid: &str,
+    contenders: &[CpuContender],
+) {
+    let n: u64 = std::env::args()
+        .nth(1)
+        .map(|a| a.parse().unwrap())
+        .unwrap_or(200_000);
+    let only = std::env::args().nth(2).unwrap_or_default();
+    let width = contenders
+        .iter()
+        .map(|(name, _)| name.len())
+        .max()
+        .unwrap_or(0);
+    for round in 0..3 {
+        for (name, call) in contenders {
+            if !only.is_empty() && only != *name {
+                continue;
+            }
+            let (c0, b0) = (cpu_ticks("self"), cpu_ticks(broker_pid));
+            let call = std::sync::Arc::clone(call);
+            let wall = runtime.block_on(in_tasks(n, 64, move |x| call(x)));
+            let (c1, b1) = (cpu_ticks("self"), cpu_ticks(broker_pid));
+            let per = |ticks: u64| ticks as f64 * 10_000.0 / n as f64; // 100 Hz ticks -> µs
+            println!(
+                "round {round} {name:width$} wall {:6.2} µs/req  cpu(process) {:6.2} µs/req  cpu({broker}) {:5.2} µs/req",
+                wall.as_secs_f64() * 1e6 / n as f64,
+                per(c1 - c0),
+                per(b1 - b0)
+            );
+        }
+    }
+}
