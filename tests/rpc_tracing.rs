@@ -20,39 +20,45 @@ impl std::io::Write for Buffer {
     }
 }
 
-#[test]
-fn each_request_has_a_client_span_and_a_server_span() {
+/// What `work` logs at DEBUG and above (and the span events asked for), run to completion on a
+/// current-thread runtime.
+fn log_of(span_events: FmtSpan, work: impl std::future::Future<Output = ()>) -> String {
     let buffer = Buffer::default();
     let writer = buffer.clone();
     let subscriber = tracing_subscriber::fmt()
         .with_writer(move || writer.clone())
         .with_ansi(false)
-        .with_span_events(FmtSpan::CLOSE)
+        .with_span_events(span_events)
         .with_max_level(tracing::Level::DEBUG)
         .finish();
     tracing::subscriber::with_default(subscriber, || {
-        let runtime = tokio::runtime::Builder::new_current_thread()
+        tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
-            .unwrap();
-        runtime.block_on(async {
-            let transport = MemoryTransport::new();
-            let router = Router::new()
-                .message("ping", || async {
-                    tracing::info!("handler ran");
-                    "pong"
-                })
-                .message("refuse", || async {
-                    Err::<(), _>(RpcError::not_found("nope"))
-                });
-            let server = transport.serve_now(Server::new(router));
-            let client = Client::builder().connect(transport).await.unwrap();
-            client.send::<String>("ping", &()).await.unwrap();
-            client.send::<()>("refuse", &()).await.unwrap_err();
-            server.shutdown().await;
-        });
+            .unwrap()
+            .block_on(work)
     });
-    let log = String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap();
+    String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap()
+}
+
+#[test]
+fn each_request_has_a_client_span_and_a_server_span() {
+    let log = log_of(FmtSpan::CLOSE, async {
+        let transport = MemoryTransport::new();
+        let router = Router::new()
+            .message("ping", || async {
+                tracing::info!("handler ran");
+                "pong"
+            })
+            .message("refuse", || async {
+                Err::<(), _>(RpcError::not_found("nope"))
+            });
+        let server = transport.serve_now(Server::new(router));
+        let client = Client::builder().connect(transport).await.unwrap();
+        client.send::<String>("ping", &()).await.unwrap();
+        client.send::<()>("refuse", &()).await.unwrap_err();
+        server.shutdown().await;
+    });
     // The fields of the span that closed: its own `{...}`, the innermost on the line.
     let closed = |name: &str, pattern: &str, outcome: &str| {
         let side = name.trim_start_matches("rpc.");
@@ -93,33 +99,19 @@ fn each_request_has_a_client_span_and_a_server_span() {
 /// error (a bug) is a warning.
 #[test]
 fn handler_errors_are_warnings_only_when_they_are_bugs() {
-    let buffer = Buffer::default();
-    let writer = buffer.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_writer(move || writer.clone())
-        .with_ansi(false)
-        .with_max_level(tracing::Level::DEBUG)
-        .finish();
-    tracing::subscriber::with_default(subscriber, || {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        runtime.block_on(async {
-            let transport = MemoryTransport::new();
-            let router = Router::new()
-                .message("refuse", || async {
-                    Err::<(), _>(RpcError::not_found("nope"))
-                })
-                .message("crash", || async { Err::<(), _>(RpcError::internal()) });
-            let server = transport.serve_now(Server::new(router));
-            let client = Client::builder().connect(transport).await.unwrap();
-            client.send::<()>("refuse", &()).await.unwrap_err();
-            client.send::<()>("crash", &()).await.unwrap_err();
-            server.shutdown().await;
-        });
+    let log = log_of(FmtSpan::NONE, async {
+        let transport = MemoryTransport::new();
+        let router = Router::new()
+            .message("refuse", || async {
+                Err::<(), _>(RpcError::not_found("nope"))
+            })
+            .message("crash", || async { Err::<(), _>(RpcError::internal()) });
+        let server = transport.serve_now(Server::new(router));
+        let client = Client::builder().connect(transport).await.unwrap();
+        client.send::<()>("refuse", &()).await.unwrap_err();
+        client.send::<()>("crash", &()).await.unwrap_err();
+        server.shutdown().await;
     });
-    let log = String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap();
     let line = |pattern: &str, message: &str| {
         log.lines()
             .find(|line| line.contains(&format!("pattern={pattern} ")) && line.contains(message))

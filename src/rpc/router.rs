@@ -470,10 +470,7 @@ impl Router {
                             first_failure.get_or_insert(error);
                         }
                     }
-                    match first_failure {
-                        Some(error) if request.reports_failures() => Err(error),
-                        _ => Ok(Reply::Empty),
-                    }
+                    event_outcome(first_failure, request.reports_failures())
                 })
             }
         }
@@ -500,18 +497,24 @@ fn one_event_handler(
         Endpoint::NeedsState(make) => make(&()).handle(event),
     };
     Box::pin(async move {
-        match handling.await {
-            Ok(_) => Ok(Reply::Empty),
-            Err(error) => {
-                tracing::error!(%pattern, %error, "event handler failed");
-                if reports_failures {
-                    Err(error)
-                } else {
-                    Ok(Reply::Empty)
-                }
-            }
+        let failure = handling.await.err();
+        if let Some(error) = &failure {
+            tracing::error!(%pattern, %error, "event handler failed");
         }
+        event_outcome(failure, reports_failures)
     })
+}
+
+/// What an event's handling answers once its handlers ran: nothing, or its first failure when the
+/// event reports failures (a transport that acknowledges events redelivers it then).
+fn event_outcome(
+    first_failure: Option<RpcError>,
+    reports_failures: bool,
+) -> Result<Reply, RpcError> {
+    match first_failure {
+        Some(error) if reports_failures => Err(error),
+        _ => Ok(Reply::Empty),
+    }
 }
 
 /// The route of an endpoint of a stateless router: always ready (`Endpoint::new` and

@@ -875,7 +875,7 @@ mod tests {
         // In a field palisade reads: an error, as before the frame was checked up front.
         let mut bad_data = br#"{"pattern":"p","data":"#.to_vec();
         bad_data.extend_from_slice(b"\"\xff\"}");
-        assert!(decode_incoming(&Bytes::from(bad_data.clone())).is_err());
+        assert!(decode_incoming(&Bytes::from(bad_data)).is_err());
         let mut bad_response = br#"{"id":"a","response":"#.to_vec();
         bad_response.extend_from_slice(b"\"\xff\"}");
         assert!(decode_reply(&Bytes::from(bad_response)).is_err());
