@@ -1,5 +1,5 @@
 use super::request::TRACEPARENT_HEADER;
-use super::transport::{ClientTransport, Connect, ReplyPacket, ReplyReceiver};
+use super::transport::{ClientTransport, Connect, ReplyPacket, ReplyReceiver, SILENCE_MARGIN};
 use super::{Code, Headers, Kind, Pattern, RawJson, RpcError, RpcRequest};
 use crate::circuit_breaker::{CircuitBreakerConfig, CircuitBreakerHandle, CircuitBreakerLayer};
 use crate::classify::FaultsOnly;
@@ -124,8 +124,28 @@ async fn exchange(
         transport.emit(request.without_deadline()).await?;
         return Ok(RpcResponse::empty());
     }
+    let deadline = request.deadline();
     let mut replies = transport.request(request).await?;
-    let packet = replies.recv().await.ok_or_else(connection_lost)?;
+    let first = match (replies.silence(), deadline) {
+        // The transport's own word on silence goes out just before the caller's timer fires.
+        (Some(explain), Some(deadline)) => {
+            let give_up = deadline
+                .instant()
+                .checked_sub(SILENCE_MARGIN)
+                .unwrap_or_else(|| deadline.instant());
+            // Boxed: only such transports pay for the second timer's room in this future.
+            let waited = Box::pin(crate::timeout::until(give_up, replies.recv())).await;
+            match waited {
+                Some(first) => first,
+                None => {
+                    let route = replies.registered_route();
+                    return Err(explain(route.as_deref().unwrap_or_default()));
+                }
+            }
+        }
+        _ => replies.recv().await,
+    };
+    let packet = first.ok_or_else(connection_lost)?;
     let (first, last) = read_packet(packet)?;
     Ok(RpcResponse {
         first,

@@ -3,17 +3,13 @@ use super::{MqttOptions, check_topic, reply_topic, too_large};
 use crate::rpc::transport::{ClientTransport, Connect, ReplyReceiver};
 use crate::rpc::wire::{PendingRequests, SharedCodec};
 use crate::rpc::{RpcError, RpcRequest, TransportErrorKind};
-use crate::timeout::HasDeadline;
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
-use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashSet};
+use std::collections::HashSet;
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
-use tokio::sync::{Notify, mpsc};
-use tokio::time::Instant;
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 /// The client side of the MQTT transport, before it is connected.
@@ -94,9 +90,6 @@ struct Shared {
     durable_events: bool,
     /// Counts the connections to the broker: a restoration belongs to one.
     generation: AtomicU64,
-    /// Requests with a deadline, earliest first: see [`watch_silence`].
-    silences: Mutex<BinaryHeap<Reverse<(Instant, u64)>>>,
-    earlier: Notify,
 }
 
 /// Stops the event loop when the last clone of the connection is dropped.
@@ -133,12 +126,9 @@ impl MqttConnection {
             acks: tokio::sync::Mutex::new(acks),
             durable_events,
             generation: AtomicU64::new(0),
-            silences: Mutex::new(BinaryHeap::new()),
-            earlier: Notify::new(),
         });
         let stop = CancellationToken::new();
         tokio::spawn(run(Arc::clone(&shared), events, acks_tx, stop.clone()));
-        tokio::spawn(watch_silence(Arc::clone(&shared), stop.clone()));
         Ok(MqttConnection {
             owner: Arc::new(Owner { shared, stop }),
         })
@@ -355,53 +345,13 @@ async fn run(
     ));
 }
 
-/// How long before its deadline a request nobody answered is failed with an error that says why
-/// (the caller's own timer, at the deadline, would only say that time ran out).
-const SILENCE_MARGIN: Duration = Duration::from_millis(10);
-
-/// Fails requests that met silence just before their deadline, saying what probably happened:
-/// MQTT cannot tell whether anyone subscribed to a topic.
-async fn watch_silence(shared: Arc<Shared>, stop: CancellationToken) {
-    loop {
-        let next = shared
-            .silences
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .peek()
-            .map(|Reverse((at, _))| *at);
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = shared.earlier.notified() => continue,
-            _ = async {
-                match next {
-                    Some(at) => tokio::time::sleep_until(at).await,
-                    None => std::future::pending().await,
-                }
-            } => {}
-        }
-        let now = Instant::now();
-        loop {
-            let due = {
-                let mut silences = shared.silences.lock().unwrap_or_else(|p| p.into_inner());
-                match silences.peek() {
-                    Some(Reverse((at, _))) if *at <= now => silences.pop().map(|Reverse((_, n))| n),
-                    _ => None,
-                }
-            };
-            let Some(n) = due else { break };
-            // Answered already, or its caller gave up: nothing to say.
-            let Some(route) = shared.pending.route_of(n) else {
-                continue;
-            };
-            shared.pending.fail(
-                n,
-                &RpcError::deadline_exceeded(format!(
-                    "no reply to {route:?} before the deadline: MQTT cannot tell whether a server \
-                     subscribed to {route:?}; none may be running, or the pattern may be wrong"
-                )),
-            );
-        }
-    }
+/// Why a request nobody answered is failed just before its deadline: MQTT cannot tell whether
+/// anyone subscribed to a topic, and the caller's own timer would only say that time ran out.
+fn silence(route: &str) -> RpcError {
+    RpcError::deadline_exceeded(format!(
+        "no reply to {route:?} before the deadline: MQTT cannot tell whether a server \
+         subscribed to {route:?}; none may be running, or the pattern may be wrong"
+    ))
 }
 
 /// Routes one reply to the request waiting for it. Every client calling a pattern receives every
@@ -459,21 +409,7 @@ impl ClientTransport for MqttConnection {
                 Some(registered.id().as_str()),
             )?;
             shared.publish(topic, Qos::AtMostOnce, payload).await?;
-            if let Some(deadline) = request.deadline() {
-                let at = deadline
-                    .instant()
-                    .checked_sub(SILENCE_MARGIN)
-                    .unwrap_or_else(|| deadline.instant());
-                let earliest = {
-                    let mut silences = shared.silences.lock().unwrap_or_else(|p| p.into_inner());
-                    silences.push(Reverse((at, registered.number())));
-                    silences.peek() == Some(&Reverse((at, registered.number())))
-                };
-                if earliest {
-                    shared.earlier.notify_one();
-                }
-            }
-            Ok(registered.into_replies())
+            Ok(registered.into_replies().explaining_silence(silence))
         })
     }
 
