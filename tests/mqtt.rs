@@ -6,6 +6,8 @@
 mod support;
 
 use futures_util::StreamExt;
+use palisade::circuit_breaker::CircuitBreakerConfig;
+use palisade::retry::RetryPolicy;
 use palisade::rpc::transport::mqtt::{
     DurableEvents, MqttOptions, MqttServer, MqttTransport, MqttVersion,
 };
@@ -226,6 +228,57 @@ fn instance_router(name: &'static str, events: Arc<Mutex<Vec<&'static str>>>) ->
             let events = Arc::clone(&events);
             async move { events.lock().unwrap().push(name) }
         })
+}
+
+/// A request nobody serves ends just before its deadline with an error that says what probably
+/// happened, whichever stack the client has (the bare timeout, or retry and a breaker around
+/// the transport), and a request that is answered meanwhile is not disturbed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silence_is_explained_just_before_the_deadline_through_any_client_stack() {
+    let broker = Broker::start();
+    let server = MqttServer::new(options(&broker))
+        .serve(Server::new(Router::new().message(
+            "slow",
+            |Payload(ms): Payload<u64>| async move {
+                sleep(Duration::from_millis(ms)).await;
+                ms
+            },
+        )))
+        .await
+        .unwrap();
+    let timeout = Duration::from_millis(400);
+    let direct = Client::builder()
+        .timeout(timeout)
+        .connect(options(&broker))
+        .await
+        .unwrap();
+    let layered = Client::builder()
+        .timeout(timeout)
+        .retry(RetryPolicy::new(3))
+        .circuit_breaker(CircuitBreakerConfig::new("silence"))
+        .connect(options(&broker))
+        .await
+        .unwrap();
+    for (stack, client) in [("direct", &direct), ("layered", &layered)] {
+        let started = Instant::now();
+        let silence = client.send::<()>("no-such-pattern", &1).await.unwrap_err();
+        let took = started.elapsed();
+        assert_eq!(silence.code(), Code::DeadlineExceeded, "{stack}: {silence}");
+        assert!(
+            silence
+                .message()
+                .contains(r#"MQTT cannot tell whether a server subscribed to "no-such-pattern""#),
+            "{stack}: {silence}"
+        );
+        assert!(
+            took >= timeout - Duration::from_millis(50) && took < timeout,
+            "{stack}: failed after {took:?}, the deadline was {timeout:?}"
+        );
+        // The same client still gets answers that take a good part of the deadline.
+        let late: u64 = client.send("slow", &200).await.unwrap();
+        assert_eq!(late, 200, "{stack}");
+    }
+    server.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
