@@ -1,6 +1,8 @@
 //! CPU time per request (and per event: `bare-emit`, `palisade-emit`) of palisade's MQTT client
-//! and server beside the bare `rumqttc` loops of the `mqtt` bench, 64 in flight on one `mosquitto` started here: steadier than wall time on
-//! a shared 2-core machine, where both compete with the broker for the cores.
+//! and server beside the bare `rumqttc` loops of the `mqtt` bench, 64 in flight on one
+//! `mosquitto` started here: steadier than wall time on a shared 2-core machine, where both
+//! compete with the broker for the cores. `no-timeout` is palisade's client without a deadline
+//! (`ClientBuilder::no_timeout`), so without timers.
 //!
 //! ```sh
 //! cargo run --release -p palisade-benches --example mqtt_cpu              # 200 000 requests (or events) each
@@ -30,7 +32,7 @@ fn main() {
     let broker = broker::Broker::start();
     let broker_pid = broker.pid().expect("the broker runs").to_string();
     let runtime = two_workers();
-    let (bare, palisade) = runtime.block_on(async {
+    let (bare, palisade, untimed) = runtime.block_on(async {
         bare_server(&broker.url()).await;
         let server = MqttServer::new(MqttOptions::new(broker.url()))
             .serve(Server::new(echo_router()))
@@ -42,7 +44,12 @@ fn main() {
             .connect(MqttOptions::new(broker.url()))
             .await
             .unwrap();
-        (bare, client)
+        let untimed = Client::builder()
+            .no_timeout()
+            .connect(MqttOptions::new(broker.url()))
+            .await
+            .unwrap();
+        (bare, client, untimed)
     });
     let contenders = [
         contender("bare", {
@@ -58,6 +65,10 @@ fn main() {
                 let client = client.clone();
                 async move { assert_eq!(client.send::<u64>("echo", &x).await.unwrap(), x) }
             }
+        }),
+        contender("no-timeout", move |x| {
+            let client = untimed.clone();
+            async move { assert_eq!(client.send::<u64>("echo", &x).await.unwrap(), x) }
         }),
         contender("bare-emit", {
             let bare = Arc::clone(&bare);

@@ -1,5 +1,7 @@
 use super::request::TRACEPARENT_HEADER;
-use super::transport::{ClientTransport, Connect, ReplyPacket, ReplyReceiver, SILENCE_MARGIN};
+use super::transport::{
+    ClientTransport, Connect, ExplainSilence, ReplyPacket, ReplyReceiver, SILENCE_MARGIN,
+};
 use super::{Code, Headers, Kind, Pattern, RawJson, RpcError, RpcRequest};
 use crate::circuit_breaker::{CircuitBreakerConfig, CircuitBreakerHandle, CircuitBreakerLayer};
 use crate::classify::FaultsOnly;
@@ -94,7 +96,16 @@ impl Service<RpcRequest> for TransportService {
 
     fn call(&mut self, request: RpcRequest) -> Self::Future {
         let transport = Arc::clone(&self.transport);
-        Box::pin(async move { exchange(&*transport, request).await })
+        Box::pin(async move {
+            // The layers above enforce the deadline; a transport that explains silence does so
+            // just before it.
+            match (transport.explain_silence(), request.deadline()) {
+                (Some(explain), Some(deadline)) => {
+                    exchange_explaining(&*transport, request, explain, deadline.instant()).await
+                }
+                _ => exchange(&*transport, request, &mut false).await,
+            }
+        })
     }
 }
 
@@ -112,10 +123,12 @@ macro_rules! in_span {
     };
 }
 
-/// Hands one request to the transport and waits for the first reply packet.
+/// Hands one request to the transport and waits for the first reply packet. `sent` is set once
+/// the transport took the request.
 async fn exchange(
     transport: &dyn ClientTransport,
     request: RpcRequest,
+    sent: &mut bool,
 ) -> Result<RpcResponse, RpcError> {
     if request.kind() == Kind::Event {
         // The deadline bounds the emit here and is not sent: no caller waits for an event's
@@ -124,33 +137,34 @@ async fn exchange(
         transport.emit(request.without_deadline()).await?;
         return Ok(RpcResponse::empty());
     }
-    let deadline = request.deadline();
     let mut replies = transport.request(request).await?;
-    let first = match (replies.silence(), deadline) {
-        // The transport's own word on silence goes out just before the caller's timer fires.
-        (Some(explain), Some(deadline)) => {
-            let give_up = deadline
-                .instant()
-                .checked_sub(SILENCE_MARGIN)
-                .unwrap_or_else(|| deadline.instant());
-            // Boxed: only such transports pay for the second timer's room in this future.
-            let waited = Box::pin(crate::timeout::until(give_up, replies.recv())).await;
-            match waited {
-                Some(first) => first,
-                None => {
-                    let route = replies.registered_route();
-                    return Err(explain(route.as_deref().unwrap_or_default()));
-                }
-            }
-        }
-        _ => replies.recv().await,
-    };
-    let packet = first.ok_or_else(connection_lost)?;
+    *sent = true;
+    let packet = replies.recv().await.ok_or_else(connection_lost)?;
     let (first, last) = read_packet(packet)?;
     Ok(RpcResponse {
         first,
         rest: (!last).then_some(replies),
     })
+}
+
+/// [`exchange`] within `deadline` over a transport that [explains
+/// silence](ClientTransport::explain_silence): given up [`SILENCE_MARGIN`] early, with the
+/// transport's explanation if the request went out, and a bare `DeadlineExceeded` if it did not.
+async fn exchange_explaining(
+    transport: &dyn ClientTransport,
+    request: RpcRequest,
+    explain: ExplainSilence,
+    deadline: Instant,
+) -> Result<RpcResponse, RpcError> {
+    let route = Arc::clone(request.pattern().route_arc());
+    let give_up = deadline.checked_sub(SILENCE_MARGIN).unwrap_or(deadline);
+    let mut sent = false;
+    let outcome = crate::timeout::until(give_up, exchange(transport, request, &mut sent)).await;
+    match outcome {
+        Some(result) => result,
+        None if sent => Err(explain(&route)),
+        None => Err(RpcError::from(Elapsed::deadline())),
+    }
 }
 
 /// The service a client sends through.
@@ -254,14 +268,24 @@ impl Client {
             Stack::Direct(transport) => {
                 // Without other layers the deadline is enforced here rather than by a boxed
                 // `DeadlineLayer` stack, so the default timeout costs a timer, not a service.
-                match request.deadline() {
-                    Some(deadline) => in_span!(
+                match (request.deadline(), transport.explain_silence()) {
+                    (Some(deadline), None) => in_span!(
                         traced,
                         span,
-                        crate::timeout::until(deadline.instant(), exchange(&**transport, request))
+                        crate::timeout::until(
+                            deadline.instant(),
+                            exchange(&**transport, request, &mut false)
+                        )
                     )
                     .unwrap_or_else(|| Err(RpcError::from(Elapsed::deadline()))),
-                    None => in_span!(traced, span, exchange(&**transport, request)),
+                    (Some(deadline), Some(explain)) => in_span!(
+                        traced,
+                        span,
+                        exchange_explaining(&**transport, request, explain, deadline.instant())
+                    ),
+                    (None, _) => {
+                        in_span!(traced, span, exchange(&**transport, request, &mut false))
+                    }
                 }
             }
             Stack::Layered(stack) => in_span!(traced, span, stack.clone().oneshot(request)),
@@ -700,6 +724,106 @@ where
             timeout: self.timeout,
             headers: self.headers,
             breaker,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rpc::transport::{ReplySender, reply_channel};
+    use std::sync::Mutex;
+
+    /// A transport that answers nothing: it takes each request and keeps its sender (or, with
+    /// `hang`, never takes it), and may explain silence.
+    struct Silent {
+        hang: bool,
+        explain: Option<ExplainSilence>,
+        senders: Arc<Mutex<Vec<ReplySender>>>,
+    }
+
+    impl ClientTransport for Silent {
+        fn request(&self, _: RpcRequest) -> BoxFuture<'static, Result<ReplyReceiver, RpcError>> {
+            if self.hang {
+                return Box::pin(std::future::pending());
+            }
+            let (sender, receiver) = reply_channel(None);
+            self.senders.lock().unwrap().push(sender);
+            Box::pin(async move { Ok(receiver) })
+        }
+
+        fn emit(&self, _: RpcRequest) -> BoxFuture<'static, Result<(), RpcError>> {
+            Box::pin(async { Ok(()) })
+        }
+
+        fn explain_silence(&self) -> Option<ExplainSilence> {
+            self.explain
+        }
+    }
+
+    fn nobody_listens(route: &str) -> RpcError {
+        RpcError::deadline_exceeded(format!("nobody listens to {route}"))
+    }
+
+    fn silent(hang: bool, explain: Option<ExplainSilence>) -> Silent {
+        Silent {
+            hang,
+            explain,
+            senders: Arc::default(),
+        }
+    }
+
+    /// Sends to `route` through a direct client and a layered one; the error and when it came.
+    async fn outcomes(transport: impl Fn() -> Silent) -> Vec<(String, Duration)> {
+        let timeout = Duration::from_millis(500);
+        let direct = Client::builder().timeout(timeout).build(transport());
+        let layered = Client::builder()
+            .timeout(timeout)
+            .retry(RetryPolicy::new(2))
+            .build(transport());
+        let mut seen = Vec::new();
+        for client in [direct, layered] {
+            let started = Instant::now();
+            let error = client.send::<()>("orders", &1).await.unwrap_err();
+            assert_eq!(error.code(), Code::DeadlineExceeded, "{error}");
+            seen.push((error.message().to_owned(), started.elapsed()));
+        }
+        seen
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_sent_into_silence_is_explained_just_before_its_deadline() {
+        let seen = outcomes(|| silent(false, Some(nobody_listens))).await;
+        let (message, took) = &seen[0];
+        assert_eq!(message, "nobody listens to orders");
+        assert_eq!(*took, Duration::from_millis(500) - SILENCE_MARGIN);
+        // Through retry, which may try once more in the time left (and meet silence again at
+        // once), the explanation is inside its word that no time was left for another attempt.
+        let (message, took) = &seen[1];
+        assert!(message.contains("nobody listens to orders"), "{message}");
+        assert!(
+            *took >= Duration::from_millis(500) - SILENCE_MARGIN
+                && *took <= Duration::from_millis(500),
+            "{took:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_that_never_went_out_is_not_called_silence() {
+        for (message, took) in outcomes(|| silent(true, Some(nobody_listens))).await {
+            assert!(!message.contains("nobody listens"), "{message}");
+            assert!(
+                took <= Duration::from_millis(500) && took >= Duration::from_millis(490),
+                "{took:?}"
+            );
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn without_an_explanation_the_deadline_is_the_callers_own() {
+        for (message, took) in outcomes(|| silent(false, None)).await {
+            assert!(!message.contains("nobody listens"), "{message}");
+            assert_eq!(took, Duration::from_millis(500));
         }
     }
 }

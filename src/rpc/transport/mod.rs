@@ -131,7 +131,6 @@ pub fn reply_channel(stream_buffer: Option<usize>) -> (ReplySender, ReplyReceive
         },
         ReplyReceiver {
             state: ReceiverState::First(receiver),
-            silence: None,
             _registration: Registration::None,
         },
     )
@@ -205,19 +204,9 @@ enum ReceiverState {
 /// longer interested (later packets for the request are discarded).
 pub struct ReplyReceiver {
     state: ReceiverState,
-    /// What the transport says when the first packet does not come before the deadline.
-    silence: Option<ExplainSilence>,
     // Held for its `Drop` (the transport forgets the request there).
     _registration: Registration,
 }
-
-/// Makes the error for a request whose first reply did not come in time, from its route.
-pub(crate) type ExplainSilence = fn(&str) -> RpcError;
-
-/// How long before the deadline a transport that [explains silence](ReplyReceiver::explaining_silence)
-/// gives up on the first reply: early enough that its error, not the caller's bare deadline, is
-/// what the caller sees.
-pub(crate) const SILENCE_MARGIN: std::time::Duration = std::time::Duration::from_millis(10);
 
 /// What forgets a request when its caller stops listening.
 // The fields are held for their `Drop`.
@@ -247,31 +236,6 @@ impl ReplyReceiver {
     pub fn with_registration(mut self, registration: Box<dyn Send + Sync>) -> Self {
         self._registration = Registration::Custom(registration);
         self
-    }
-
-    /// Fails the wait for the first packet [`SILENCE_MARGIN`] before the request's deadline with
-    /// `explain(route)`, in place of the bare `DeadlineExceeded` of the caller's timer: for a broker
-    /// that cannot tell whether anyone listens (MQTT), the error then says what probably happened.
-    /// The route is the one the request was registered under in [`PendingRequests`].
-    pub(crate) fn explaining_silence(mut self, explain: ExplainSilence) -> Self {
-        self.silence = Some(explain);
-        self
-    }
-
-    /// What explains a silence, if the transport said.
-    pub(crate) fn silence(&self) -> Option<ExplainSilence> {
-        match self.state {
-            ReceiverState::First(_) => self.silence,
-            _ => None,
-        }
-    }
-
-    /// The route the request was registered under, for [`explaining_silence`](Self::explaining_silence).
-    pub(crate) fn registered_route(&self) -> Option<Arc<str>> {
-        match &self._registration {
-            Registration::Pending(forget) => forget.pending.route_of(forget.n),
-            _ => None,
-        }
     }
 
     /// Forgets request `n` in `pending` when dropped.
@@ -320,7 +284,26 @@ pub trait ClientTransport: Send + Sync + 'static {
     /// Publishes an event (`Kind::Event`); resolves once it is handed to the transport (or, for
     /// transports that confirm, once the broker stored it).
     fn emit(&self, event: RpcRequest) -> BoxFuture<'static, Result<(), RpcError>>;
+
+    /// For a broker that cannot tell whether anyone listens (MQTT): what a request that was sent
+    /// but never answered probably met, as an error made from its route. The client then stops
+    /// waiting [`SILENCE_MARGIN`] before the deadline and fails the request with it, rather than
+    /// with the bare `DeadlineExceeded` of its timer. Default: `None` (the transport answers an
+    /// unknown pattern, or reports that nobody listens, itself).
+    fn explain_silence(&self) -> Option<ExplainSilence> {
+        None
+    }
 }
+
+/// Makes the error of a request that was sent but met silence until its deadline, from its route:
+/// see [`ClientTransport::explain_silence`]. It should say what probably happened, with code
+/// `DeadlineExceeded`.
+pub type ExplainSilence = fn(&str) -> RpcError;
+
+/// How long before the deadline a client gives up on a transport that
+/// [explains silence](ClientTransport::explain_silence): early enough that the explanation, not
+/// the bare deadline of the caller's timer, is what the caller sees.
+pub const SILENCE_MARGIN: std::time::Duration = std::time::Duration::from_millis(10);
 
 /// The server side of a transport, the counterpart of [`ClientTransport`]: serves a [`Server`].
 ///

@@ -1,6 +1,6 @@
 use super::link::{Event, Events, Link, Message, Qos};
 use super::{MqttOptions, check_topic, reply_topic, too_large};
-use crate::rpc::transport::{ClientTransport, Connect, ReplyReceiver};
+use crate::rpc::transport::{ClientTransport, Connect, ExplainSilence, ReplyReceiver};
 use crate::rpc::wire::{PendingRequests, SharedCodec};
 use crate::rpc::{RpcError, RpcRequest, TransportErrorKind};
 use bytes::Bytes;
@@ -409,8 +409,12 @@ impl ClientTransport for MqttConnection {
                 Some(registered.id().as_str()),
             )?;
             shared.publish(topic, Qos::AtMostOnce, payload).await?;
-            Ok(registered.into_replies().explaining_silence(silence))
+            Ok(registered.into_replies())
         })
+    }
+
+    fn explain_silence(&self) -> Option<ExplainSilence> {
+        Some(silence)
     }
 
     fn emit(&self, event: RpcRequest) -> BoxFuture<'static, Result<(), RpcError>> {
