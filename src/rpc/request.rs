@@ -269,8 +269,9 @@ impl RpcRequest {
     }
 
     /// The value of [`TIMEOUT_HEADER`] that [`wire_headers`](Self::wire_headers) sends, if the
-    /// request has a deadline: the milliseconds left, rounded up.
-    pub(crate) fn wire_timeout_millis(&self) -> Option<u64> {
+    /// request has a deadline: the milliseconds left, rounded up. For a transport that writes
+    /// the header itself ([`encode_request_within`](crate::rpc::wire::encode_request_within)).
+    pub fn wire_timeout_millis(&self) -> Option<u64> {
         let deadline = self.deadline?;
         // Round up: a remaining 0.4 ms must not read as "no time at all".
         let millis = deadline.remaining().as_micros().div_ceil(1000);
@@ -303,6 +304,20 @@ impl RpcRequest {
             report_failures: false,
             extensions: Extensions::new(),
         }
+    }
+
+    /// The deadline `millis` from now, unless the request has one already (from a
+    /// [`TIMEOUT_HEADER`] among the headers it was [`received`](Self::received) with, which wins).
+    /// For a transport that builds a request from the parts of an
+    /// [`IncomingPacket`](crate::rpc::wire::IncomingPacket): the packet's `timeout_ms`, which the
+    /// JSON codec reads apart from its headers. `None` changes nothing.
+    pub fn with_timeout_ms(mut self, millis: Option<u64>) -> Self {
+        if self.deadline.is_none()
+            && let Some(millis) = millis
+        {
+            self.deadline = Some(Deadline::after(Duration::from_millis(millis)));
+        }
+        self
     }
 
     /// The request without its deadline (what a client sends with an event).

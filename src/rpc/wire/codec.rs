@@ -3,6 +3,7 @@
 
 use super::envelope::{
     IncomingPacket, decode_incoming, decode_reply, encode_reply, encode_request,
+    encode_request_within,
 };
 use crate::rpc::transport::ReplyPacket;
 use crate::rpc::{Headers, RawJson};
@@ -88,6 +89,29 @@ pub trait Codec: fmt::Debug + Send + Sync + 'static {
         headers: &Headers,
     ) -> Result<(), CodecError>;
 
+    /// Writes a request as [`encode_request`](Self::encode_request) does, with the deadline's
+    /// [`TIMEOUT_HEADER`](crate::rpc::TIMEOUT_HEADER) (`timeout_ms`, when there is one) among
+    /// the headers. The default writes a copy of the headers with it inserted; the JSON codec
+    /// writes it without the copy.
+    fn encode_request_within(
+        &self,
+        out: &mut Vec<u8>,
+        pattern: &RawJson,
+        data: &RawJson,
+        id: Option<&str>,
+        headers: &Headers,
+        timeout_ms: Option<u64>,
+    ) -> Result<(), CodecError> {
+        match timeout_ms {
+            None => self.encode_request(out, pattern, data, id, headers),
+            Some(millis) => {
+                let mut all = headers.clone();
+                all.insert(crate::rpc::TIMEOUT_HEADER, millis.to_string());
+                self.encode_request(out, pattern, data, id, &all)
+            }
+        }
+    }
+
     /// Writes a reply packet into `out`, with the request's id (raw, as it came).
     fn encode_reply(
         &self,
@@ -142,6 +166,20 @@ impl Codec for JsonCodec {
     }
 
     #[inline]
+    fn encode_request_within(
+        &self,
+        out: &mut Vec<u8>,
+        pattern: &RawJson,
+        data: &RawJson,
+        id: Option<&str>,
+        headers: &Headers,
+        timeout_ms: Option<u64>,
+    ) -> Result<(), CodecError> {
+        encode_request_within(out, pattern, data, id, headers, timeout_ms);
+        Ok(())
+    }
+
+    #[inline]
     fn encode_reply(
         &self,
         out: &mut Vec<u8>,
@@ -187,6 +225,22 @@ impl SharedCodec {
         headers: &Headers,
     ) -> Result<Bytes, CodecError> {
         crate::rpc::json::encode_exact(|out| self.0.encode_request(out, pattern, data, id, headers))
+    }
+
+    /// Encodes a request with the deadline's header into an exact-size body
+    /// ([`Codec::encode_request_within`]).
+    pub fn request_body_within(
+        &self,
+        pattern: &RawJson,
+        data: &RawJson,
+        id: Option<&str>,
+        headers: &Headers,
+        timeout_ms: Option<u64>,
+    ) -> Result<Bytes, CodecError> {
+        crate::rpc::json::encode_exact(|out| {
+            self.0
+                .encode_request_within(out, pattern, data, id, headers, timeout_ms)
+        })
     }
 
     /// Encodes a payload alone ([`Codec::encode_value`]).
@@ -401,6 +455,7 @@ mod msgpack {
                             .headers
                             .map(|headers| headers_of(&headers))
                             .unwrap_or_default(),
+                        timeout_ms: None,
                         external: false,
                     })
                 }
@@ -411,6 +466,7 @@ mod msgpack {
                     data: to_json(body)?,
                     id: None,
                     headers: Headers::new(),
+                    timeout_ms: None,
                     external: false,
                 }),
             }

@@ -3,7 +3,7 @@
 
 use crate::rpc::error::NO_HANDLER_MESSAGE;
 use crate::rpc::transport::ReplyPacket;
-use crate::rpc::{Headers, Kind, Pattern, RawJson, RpcRequest};
+use crate::rpc::{Headers, Kind, Pattern, RawJson, RpcRequest, TIMEOUT_HEADER};
 use bytes::{BufMut, Bytes};
 use serde::Deserialize;
 use serde::de::{IgnoredAny, MapAccess, Visitor};
@@ -11,20 +11,56 @@ use serde_json::value::RawValue;
 use std::fmt;
 use std::sync::Arc;
 
-fn put_headers<B: BufMut>(out: &mut B, headers: &Headers) {
-    if headers.is_empty() {
+/// `,"headers":{..}` when there are headers or a deadline: `headers` in their order, and the
+/// deadline's [`TIMEOUT_HEADER`] with `timeout_ms` — in place of a header of that name, else
+/// last — exactly as writing `headers` with the timeout inserted would.
+fn put_headers<B: BufMut>(out: &mut B, headers: &Headers, timeout_ms: Option<u64>) {
+    if headers.is_empty() && timeout_ms.is_none() {
         return;
     }
     out.put_slice(b",\"headers\":{");
+    let mut timeout = timeout_ms;
     for (i, (key, value)) in headers.iter().enumerate() {
         if i > 0 {
             out.put_u8(b',');
         }
         put_string(out, key);
         out.put_u8(b':');
-        put_string(out, value);
+        match timeout.filter(|_| key.eq_ignore_ascii_case(TIMEOUT_HEADER)) {
+            Some(millis) => {
+                put_millis(out, millis);
+                timeout = None;
+            }
+            None => put_string(out, value),
+        }
+    }
+    if let Some(millis) = timeout {
+        if !headers.is_empty() {
+            out.put_u8(b',');
+        }
+        put_string(out, TIMEOUT_HEADER);
+        out.put_u8(b':');
+        put_millis(out, millis);
     }
     out.put_u8(b'}');
+}
+
+/// `millis` as a JSON string of its decimal digits, as `millis.to_string()` would be written.
+fn put_millis<B: BufMut>(out: &mut B, millis: u64) {
+    let mut digits = [0u8; 20];
+    let mut start = digits.len();
+    let mut rest = millis;
+    loop {
+        start -= 1;
+        digits[start] = b'0' + (rest % 10) as u8;
+        rest /= 10;
+        if rest == 0 {
+            break;
+        }
+    }
+    out.put_u8(b'"');
+    out.put_slice(&digits[start..]);
+    out.put_u8(b'"');
 }
 
 /// `text` as a JSON string, exactly as `serde_json` writes it. Ids, header names and most
@@ -68,6 +104,34 @@ pub fn encode_request<B: BufMut>(
     id: Option<&str>,
     headers: &Headers,
 ) {
+    encode_request_within(out, pattern, data, id, headers, None);
+}
+
+/// [`encode_request`] with the deadline's [`TIMEOUT_HEADER`] (`timeout_ms`, when there is one)
+/// among the headers, written as [`RpcRequest::wire_headers`] would add it but without copying
+/// the headers.
+///
+/// ```
+/// use palisade::rpc::wire::encode_request_within;
+/// use palisade::rpc::{Headers, RawJson};
+///
+/// let mut frame = Vec::new();
+/// let pattern = RawJson::from_text(r#""get-user""#).unwrap();
+/// let data = RawJson::from_text("42").unwrap();
+/// encode_request_within(&mut frame, &pattern, &data, Some("7"), &Headers::new(), Some(4999));
+/// assert_eq!(
+///     frame,
+///     br#"{"pattern":"get-user","data":42,"id":"7","headers":{"palisade-timeout-ms":"4999"}}"#
+/// );
+/// ```
+pub fn encode_request_within<B: BufMut>(
+    out: &mut B,
+    pattern: &RawJson,
+    data: &RawJson,
+    id: Option<&str>,
+    headers: &Headers,
+    timeout_ms: Option<u64>,
+) {
     out.put_slice(b"{\"pattern\":");
     out.put_slice(pattern.as_bytes());
     out.put_slice(b",\"data\":");
@@ -76,7 +140,7 @@ pub fn encode_request<B: BufMut>(
         out.put_slice(b",\"id\":");
         put_string(out, id);
     }
-    put_headers(out, headers);
+    put_headers(out, headers, timeout_ms);
     out.put_u8(b'}');
 }
 
@@ -263,14 +327,20 @@ fn slice(frame: &Bytes, raw: &RawValue) -> RawJson {
 
 /// palisade's `"headers"` object: string values as they are, numbers as their JSON text, other
 /// values dropped; a key given twice (in any case) keeps its last value, and a later value of
-/// another kind drops it. Anything but an object is no headers.
-fn parse_headers(raw: Option<&RawValue>) -> Headers {
+/// another kind drops it. Anything but an object is no headers. [`TIMEOUT_HEADER`] is read on
+/// its own, into milliseconds, and not kept among the headers (the request's deadline replaces it).
+fn parse_headers(raw: Option<&RawValue>) -> WireHeaders {
     raw.and_then(|raw| serde_json::from_str::<WireHeaders>(raw.get()).ok())
-        .map_or_else(Headers::new, |headers| headers.0)
+        .unwrap_or_default()
 }
 
-/// [`Headers`] read straight from the packet, without building a JSON map first.
-struct WireHeaders(Headers);
+/// [`Headers`] read straight from the packet, without building a JSON map first, and the
+/// deadline's header apart from them.
+#[derive(Default)]
+struct WireHeaders {
+    headers: Headers,
+    timeout_ms: Option<u64>,
+}
 
 impl<'de> Deserialize<'de> for WireHeaders {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
@@ -284,20 +354,114 @@ impl<'de> Deserialize<'de> for WireHeaders {
             }
 
             fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<WireHeaders, M::Error> {
-                let mut headers = Headers::new();
-                while let Some(key) = map.next_key::<String>()? {
-                    match map.next_value::<HeaderValue>()?.0 {
-                        Some(value) => headers.insert(key, value),
-                        None => {
-                            headers.remove(&key);
-                        }
+                let mut wire = WireHeaders::default();
+                while let Some(key) = map.next_key::<HeaderKey>()? {
+                    match key {
+                        // As any header: the last occurrence wins, a value that is not a number
+                        // of milliseconds drops it.
+                        HeaderKey::Timeout => wire.timeout_ms = map.next_value::<Millis>()?.0,
+                        HeaderKey::Other(key) => match map.next_value::<HeaderValue>()?.0 {
+                            Some(value) => wire.headers.insert(key, value),
+                            None => {
+                                wire.headers.remove(&key);
+                            }
+                        },
                     }
                 }
-                Ok(WireHeaders(headers))
+                Ok(wire)
             }
         }
 
         deserializer.deserialize_map(HeadersVisitor)
+    }
+}
+
+/// A header's name: the deadline's, or another (kept).
+enum HeaderKey {
+    Timeout,
+    Other(String),
+}
+
+impl<'de> Deserialize<'de> for HeaderKey {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct KeyVisitor;
+
+        impl Visitor<'_> for KeyVisitor {
+            type Value = HeaderKey;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a header name")
+            }
+
+            fn visit_str<E: serde::de::Error>(self, key: &str) -> Result<HeaderKey, E> {
+                Ok(if key.eq_ignore_ascii_case(TIMEOUT_HEADER) {
+                    HeaderKey::Timeout
+                } else {
+                    HeaderKey::Other(key.to_owned())
+                })
+            }
+        }
+
+        deserializer.deserialize_identifier(KeyVisitor)
+    }
+}
+
+/// [`TIMEOUT_HEADER`]'s value: milliseconds as a string (what palisade sends) or a number;
+/// `None` for anything else, as [`RpcRequest::received`] reads the header.
+struct Millis(Option<u64>);
+
+impl<'de> Deserialize<'de> for Millis {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct MillisVisitor;
+
+        // Each arm reads what `HeaderValue` would make of the value, then parses that text as
+        // `u64`, without making the text: a float's text (`5.0`, `1e300`) never parses.
+        impl<'de> Visitor<'de> for MillisVisitor {
+            type Value = Millis;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a JSON value")
+            }
+
+            fn visit_str<E: serde::de::Error>(self, value: &str) -> Result<Millis, E> {
+                Ok(Millis(value.trim().parse().ok()))
+            }
+
+            fn visit_u64<E: serde::de::Error>(self, value: u64) -> Result<Millis, E> {
+                Ok(Millis(Some(value)))
+            }
+
+            fn visit_i64<E: serde::de::Error>(self, value: i64) -> Result<Millis, E> {
+                Ok(Millis(u64::try_from(value).ok()))
+            }
+
+            fn visit_f64<E: serde::de::Error>(self, _: f64) -> Result<Millis, E> {
+                Ok(Millis(None))
+            }
+
+            fn visit_bool<E: serde::de::Error>(self, _: bool) -> Result<Millis, E> {
+                Ok(Millis(None))
+            }
+
+            fn visit_unit<E: serde::de::Error>(self) -> Result<Millis, E> {
+                Ok(Millis(None))
+            }
+
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Millis, A::Error> {
+                while seq.next_element::<IgnoredAny>()?.is_some() {}
+                Ok(Millis(None))
+            }
+
+            fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<Millis, M::Error> {
+                while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                Ok(Millis(None))
+            }
+        }
+
+        deserializer.deserialize_any(MillisVisitor)
     }
 }
 
@@ -372,6 +536,12 @@ pub struct IncomingPacket {
     pub id: Option<RawJson>,
     /// palisade's `"headers"` extension.
     pub headers: Headers,
+    /// The milliseconds left to the caller's deadline, when the packet's headers gave them
+    /// ([`TIMEOUT_HEADER`]) and the codec read them apart from `headers` (the JSON codec does).
+    /// [`into_request`](Self::into_request) and [`into_request_on`](Self::into_request_on) make
+    /// them the request's deadline; a request built from the parts takes them with
+    /// [`RpcRequest::with_timeout_ms`].
+    pub timeout_ms: Option<u64>,
     /// Not a NestJS packet (not an object, or neither `pattern` nor `data`): transports with a
     /// channel treat the whole message as `data` sent to the channel's pattern.
     pub external: bool,
@@ -387,7 +557,8 @@ impl IncomingPacket {
             Kind::Event
         };
         let pattern = Pattern::received(self.pattern.unwrap_or_else(RawJson::null));
-        let request = RpcRequest::received(pattern, self.data, kind, self.headers);
+        let request = RpcRequest::received(pattern, self.data, kind, self.headers)
+            .with_timeout_ms(self.timeout_ms);
         (request, self.id)
     }
 
@@ -423,12 +594,14 @@ impl IncomingPacket {
             }
             all
         };
+        // A deadline among the transport's headers wins too.
         let request = RpcRequest::received(
             Pattern::received_on(Arc::clone(route), raw),
             data,
             kind,
             all,
-        );
+        )
+        .with_timeout_ms(self.timeout_ms);
         (request, id)
     }
 }
@@ -451,12 +624,17 @@ pub fn decode_incoming(frame: &Bytes) -> Result<IncomingPacket, serde_json::Erro
             data: RawJson::null(),
             id: None,
             headers: Headers::new(),
+            timeout_ms: None,
             external: true,
         });
     }
     let packet = parse_packet(frame)?;
     // NestJS: "external" when both are undefined (a present null does not count as undefined).
     let external = packet.pattern.is_none() && packet.data.is_none();
+    let WireHeaders {
+        headers,
+        timeout_ms,
+    } = parse_headers(packet.headers);
     Ok(IncomingPacket {
         pattern: packet.pattern.map(|raw| slice(frame, raw)),
         data: packet
@@ -467,7 +645,8 @@ pub fn decode_incoming(frame: &Bytes) -> Result<IncomingPacket, serde_json::Erro
         } else {
             packet.id.map(|raw| slice(frame, raw))
         },
-        headers: parse_headers(packet.headers),
+        headers,
+        timeout_ms,
         external,
     })
 }
@@ -557,7 +736,9 @@ pub(super) fn reply_from_fields<T: Field>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::timeout::HasDeadline;
     use bytes::BytesMut;
+    use std::time::Duration;
 
     fn raw(text: &str) -> RawJson {
         RawJson::from_text(text.to_owned()).unwrap()
@@ -698,7 +879,8 @@ mod tests {
             br#"{"pattern":"p","data":1,"id":"i","headers":{"palisade-timeout-ms":250,"x":"y","o":{}}}"#,
         ))
         .unwrap();
-        assert_eq!(request.headers.get("palisade-timeout-ms"), Some("250"));
+        assert_eq!(request.timeout_ms, Some(250));
+        assert_eq!(request.headers.get("palisade-timeout-ms"), None);
         assert_eq!(request.headers.get("x"), Some("y"));
         assert_eq!(request.headers.get("o"), None);
         // A string error is an error; only NestJS's exact no-handler text means "no handler".
@@ -752,6 +934,105 @@ mod tests {
     }
 
     #[test]
+    fn the_deadline_header_is_written_as_inserting_it_into_the_headers_would() {
+        let pattern = RawJson::from_text(r#""p""#).unwrap();
+        let data = RawJson::from_text("1").unwrap();
+        let header_sets: Vec<Vec<(&str, &str)>> = vec![
+            vec![],
+            vec![("x", "y")],
+            vec![("a", "1"), ("say \"hi\"", "line\nbreak")],
+            vec![("Palisade-Timeout-MS", "old"), ("b", "2")],
+            vec![("b", "2"), ("palisade-timeout-ms", "old")],
+        ];
+        for set in header_sets {
+            let mut headers = Headers::new();
+            for (key, value) in &set {
+                headers.insert(key.to_string(), *value);
+            }
+            for millis in [None, Some(0), Some(7), Some(4999), Some(u64::MAX)] {
+                let mut written = Vec::new();
+                encode_request_within(&mut written, &pattern, &data, Some("i"), &headers, millis);
+                let mut expected_headers = headers.clone();
+                if let Some(millis) = millis {
+                    expected_headers.insert(TIMEOUT_HEADER, millis.to_string());
+                }
+                let mut expected = Vec::new();
+                encode_request(&mut expected, &pattern, &data, Some("i"), &expected_headers);
+                assert_eq!(
+                    String::from_utf8(written).unwrap(),
+                    String::from_utf8(expected).unwrap(),
+                    "{set:?} {millis:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn the_deadline_header_is_read_as_any_header_would_be_then_parsed() {
+        let millis = |headers: &str| {
+            let frame = format!(r#"{{"pattern":"p","data":1,"id":"i","headers":{headers}}}"#);
+            let packet = decode_incoming(&Bytes::from(frame)).unwrap();
+            assert_eq!(packet.headers.get(TIMEOUT_HEADER), None, "{headers}");
+            let read = packet.timeout_ms;
+            // The request made from the packet has that deadline.
+            let request = packet.into_request().0;
+            (
+                read,
+                request.deadline().map(|deadline| deadline.remaining()),
+            )
+        };
+        let cases: [(&str, Option<u64>); 14] = [
+            (r#"{"palisade-timeout-ms":"250"}"#, Some(250)),
+            (r#"{"palisade-timeout-ms":" 250 "}"#, Some(250)),
+            (r#"{"Palisade-Timeout-MS":"250"}"#, Some(250)),
+            (r#"{"palisade-timeout-ms":250}"#, Some(250)),
+            (r#"{"palisade-timeout-ms":"250"}"#, Some(250)),
+            (r#"{"palisade-timeout-ms":"250"}"#, Some(250)),
+            // The last occurrence wins, and a value of another kind drops it.
+            (
+                r#"{"palisade-timeout-ms":"1","PALISADE-TIMEOUT-MS":"250"}"#,
+                Some(250),
+            ),
+            (
+                r#"{"palisade-timeout-ms":"250","palisade-timeout-ms":null}"#,
+                None,
+            ),
+            (
+                r#"{"palisade-timeout-ms":"250","palisade-timeout-ms":[1]}"#,
+                None,
+            ),
+            (r#"{"palisade-timeout-ms":-5}"#, None),
+            (r#"{"palisade-timeout-ms":2.5}"#, None),
+            (r#"{"palisade-timeout-ms":1e3}"#, None),
+            (r#"{"palisade-timeout-ms":"soon"}"#, None),
+            (r#"{"palisade-timeout-ms":{"ms":250}}"#, None),
+        ];
+        for (headers, expected) in cases {
+            let (read, remaining) = millis(headers);
+            assert_eq!(read, expected, "{headers}");
+            assert_eq!(remaining.is_some(), expected.is_some(), "{headers}");
+            if let Some(remaining) = remaining {
+                assert!(
+                    remaining <= Duration::from_millis(250),
+                    "{headers}: {remaining:?}"
+                );
+                assert!(
+                    remaining > Duration::from_millis(200),
+                    "{headers}: {remaining:?}"
+                );
+            }
+        }
+        // The other headers are kept as they were.
+        let packet = decode_incoming(&Bytes::from_static(
+            br#"{"data":1,"headers":{"a":"1","palisade-timeout-ms":"9","b":2}}"#,
+        ))
+        .unwrap();
+        assert_eq!(packet.headers.get("a"), Some("1"));
+        assert_eq!(packet.headers.get("b"), Some("2"));
+        assert_eq!(packet.timeout_ms, Some(9));
+    }
+
+    #[test]
     fn decodes_requests_events_and_external_messages() {
         let decode = |text: &str| decode_incoming(&Bytes::from(text.to_owned())).unwrap();
         let request = decode(
@@ -760,7 +1041,8 @@ mod tests {
         assert_eq!(request.pattern, Some(raw(r#"{"cmd":"sum"}"#)));
         assert_eq!(request.data, raw("[5,6]"));
         assert_eq!(request.id, Some(raw(r#""x""#)));
-        assert_eq!(request.headers.get("palisade-timeout-ms"), Some("250"));
+        assert_eq!(request.timeout_ms, Some(250));
+        assert!(request.headers.is_empty());
         let event = decode(r#"{"pattern":"user-created","data":{"id":1}}"#);
         assert!(event.id.is_none());
         let no_pattern = decode(r#"{"data":1,"id":"z"}"#);

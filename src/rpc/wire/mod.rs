@@ -8,7 +8,9 @@
 //!   with Nest's rules (external messages, JavaScript truthiness of `err` and `isDisposed`, the
 //!   last of duplicated keys). The request's deadline travels as the relative
 //!   [`TIMEOUT_HEADER`](crate::rpc::TIMEOUT_HEADER): [`RpcRequest::wire_headers`] adds it when
-//!   sending, [`RpcRequest::received`] turns it back into a deadline.
+//!   sending, [`RpcRequest::received`] turns it back into a deadline (the JSON codec reads it
+//!   apart from the other headers, into [`IncomingPacket::timeout_ms`], without making it a
+//!   header first).
 //! - **The codec seam**: [`Codec`] is how the envelope transports turn packets into message
 //!   bodies: [`JsonCodec`] (NestJS's packets, the default) or, feature `msgpack`,
 //!   [`MessagePackCodec`] for palisade-to-palisade traffic.
@@ -30,7 +32,8 @@ mod pending;
 pub use self::codec::MessagePackCodec;
 pub use self::codec::{Codec, CodecError, JsonCodec, SharedCodec};
 pub use self::envelope::{
-    IncomingPacket, decode_incoming, decode_reply, encode_reply, encode_request, wire_pattern,
+    IncomingPacket, decode_incoming, decode_reply, encode_reply, encode_request,
+    encode_request_within, wire_pattern,
 };
 pub use self::ids::{PACKET_ID_LEN, PacketId, PacketIds};
 pub use self::pending::{Delivery, PendingRequests, Registered};

@@ -230,12 +230,15 @@ fn body(
     id: Option<&str>,
     deadline_header: bool,
 ) -> Result<Bytes, RpcError> {
-    let mut in_body = Headers::new();
-    if !deadline_header && let Some(millis) = request.wire_timeout_millis() {
-        in_body.insert(crate::rpc::TIMEOUT_HEADER, millis.to_string());
-    }
+    let in_body = request.wire_timeout_millis().filter(|_| !deadline_header);
     codec
-        .request_body(request.pattern().raw(), request.payload(), id, &in_body)
+        .request_body_within(
+            request.pattern().raw(),
+            request.payload(),
+            id,
+            &Headers::new(),
+            in_body,
+        )
         .map_err(|error| {
             RpcError::invalid_argument(format!(
                 "cannot encode the message for '{}': {error}",

@@ -524,7 +524,8 @@ async fn handle(state: &Arc<State>, link: &Arc<Link>, delivery: lapin::message::
         Kind::Event
     };
     let route = pattern.route().to_owned();
-    let request = RpcRequest::received(pattern, packet.data, kind, packet.headers);
+    let request = RpcRequest::received(pattern, packet.data, kind, packet.headers)
+        .with_timeout_ms(packet.timeout_ms);
     let dispatcher = &state.dispatcher;
     match (packet.id, properties.reply_to().clone()) {
         (Some(id), Some(reply_to)) => {

@@ -315,11 +315,12 @@ pub(super) fn body(
     id: Option<&str>,
 ) -> Result<Bytes, RpcError> {
     codec
-        .request_body(
+        .request_body_within(
             request.pattern().raw(),
             request.payload(),
             id,
-            &request.wire_headers(),
+            request.headers(),
+            request.wire_timeout_millis(),
         )
         .map_err(|error| {
             RpcError::invalid_argument(format!(

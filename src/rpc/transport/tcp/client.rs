@@ -3,7 +3,7 @@ use super::outbox::{Closer, FrameSender, outbox};
 use super::{FrameReader, Read, TcpOptions};
 use crate::rpc::transport::{ClientTransport, ReplyPacket, ReplyReceiver};
 use crate::rpc::wire::{
-    CodecError, PacketIds, PendingRequests, SharedCodec, encode_request, wire_pattern,
+    CodecError, PacketIds, PendingRequests, SharedCodec, encode_request_within, wire_pattern,
 };
 use crate::rpc::{RpcError, RpcRequest, TransportErrorKind};
 use bytes::Bytes;
@@ -447,12 +447,13 @@ fn frame_of(
         });
     }
     framed(max_units, |json| {
-        encode_request(
+        encode_request_within(
             json,
             &pattern,
             request.payload(),
             id,
-            &request.wire_headers(),
+            request.headers(),
+            request.wire_timeout_millis(),
         )
     })
     .map_err(|units| {
