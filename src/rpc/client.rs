@@ -100,7 +100,7 @@ impl Service<RpcRequest> for TransportService {
             // The layers above enforce the deadline; a transport that explains silence does so
             // just before it.
             match (transport.explain_silence(), request.deadline()) {
-                (Some(explain), Some(deadline)) => {
+                (Some(explain), Some(deadline)) if request.kind() == Kind::Request => {
                     exchange_explaining(&*transport, request, explain, deadline.instant()).await
                 }
                 _ => exchange(&*transport, request, &mut false).await,
@@ -147,9 +147,10 @@ async fn exchange(
     })
 }
 
-/// [`exchange`] within `deadline` over a transport that [explains
-/// silence](ClientTransport::explain_silence): given up [`SILENCE_MARGIN`] early, with the
-/// transport's explanation if the request went out, and a bare `DeadlineExceeded` if it did not.
+/// [`exchange`] of a request (not an event: nobody waits for an answer to one) within `deadline`
+/// over a transport that [explains silence](ClientTransport::explain_silence): given up
+/// [`SILENCE_MARGIN`] early, with the transport's explanation if the request went out, and a
+/// bare `DeadlineExceeded` if it did not.
 async fn exchange_explaining(
     transport: &dyn ClientTransport,
     request: RpcRequest,
@@ -269,7 +270,14 @@ impl Client {
                 // Without other layers the deadline is enforced here rather than by a boxed
                 // `DeadlineLayer` stack, so the default timeout costs a timer, not a service.
                 match (request.deadline(), transport.explain_silence()) {
-                    (Some(deadline), None) => in_span!(
+                    (Some(deadline), Some(explain)) if request.kind() == Kind::Request => {
+                        in_span!(
+                            traced,
+                            span,
+                            exchange_explaining(&**transport, request, explain, deadline.instant())
+                        )
+                    }
+                    (Some(deadline), _) => in_span!(
                         traced,
                         span,
                         crate::timeout::until(
@@ -278,11 +286,6 @@ impl Client {
                         )
                     )
                     .unwrap_or_else(|| Err(RpcError::from(Elapsed::deadline()))),
-                    (Some(deadline), Some(explain)) => in_span!(
-                        traced,
-                        span,
-                        exchange_explaining(&**transport, request, explain, deadline.instant())
-                    ),
                     (None, _) => {
                         in_span!(traced, span, exchange(&**transport, request, &mut false))
                     }
@@ -735,7 +738,7 @@ mod tests {
     use std::sync::Mutex;
 
     /// A transport that answers nothing: it takes each request and keeps its sender (or, with
-    /// `hang`, never takes it), and may explain silence.
+    /// `hang`, never takes it, nor an event), and may explain silence.
     struct Silent {
         hang: bool,
         explain: Option<ExplainSilence>,
@@ -753,6 +756,9 @@ mod tests {
         }
 
         fn emit(&self, _: RpcRequest) -> BoxFuture<'static, Result<(), RpcError>> {
+            if self.hang {
+                return Box::pin(std::future::pending());
+            }
             Box::pin(async { Ok(()) })
         }
 
@@ -816,6 +822,25 @@ mod tests {
                 took <= Duration::from_millis(500) && took >= Duration::from_millis(490),
                 "{took:?}"
             );
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_event_keeps_the_whole_deadline_to_be_handed_over() {
+        let timeout = Duration::from_millis(500);
+        let transport = || silent(true, Some(nobody_listens));
+        let direct = Client::builder().timeout(timeout).build(transport());
+        let layered = Client::builder()
+            .timeout(timeout)
+            .retry(RetryPolicy::new(2))
+            .build(transport());
+        for client in [direct, layered] {
+            let started = Instant::now();
+            let hung = tokio::time::timeout(Duration::from_secs(1), client.emit("orders", &1));
+            let error = hung.await.unwrap().unwrap_err();
+            assert_eq!(error.code(), Code::DeadlineExceeded, "{error}");
+            assert!(!error.message().contains("nobody listens"), "{error}");
+            assert_eq!(started.elapsed(), timeout);
         }
     }
 
