@@ -612,6 +612,68 @@ mod tests {
     use super::*;
     use std::error::Error as _;
 
+    /// A codec that writes requests as JSON through `encode_request` alone, so that the trait's
+    /// default `encode_request_within` is the one used.
+    #[derive(Debug)]
+    struct JsonByDefault;
+
+    impl Codec for JsonByDefault {
+        fn name(&self) -> &'static str {
+            "JSON by default"
+        }
+        fn encode_request(
+            &self,
+            out: &mut Vec<u8>,
+            pattern: &RawJson,
+            data: &RawJson,
+            id: Option<&str>,
+            headers: &Headers,
+        ) -> Result<(), CodecError> {
+            JsonCodec.encode_request(out, pattern, data, id, headers)
+        }
+        fn encode_reply(
+            &self,
+            out: &mut Vec<u8>,
+            packet: &ReplyPacket,
+            id: Option<&RawJson>,
+        ) -> Result<(), CodecError> {
+            JsonCodec.encode_reply(out, packet, id)
+        }
+        fn decode_incoming(&self, body: &Bytes) -> Result<IncomingPacket, CodecError> {
+            JsonCodec.decode_incoming(body)
+        }
+        fn decode_reply(&self, body: &Bytes) -> Result<(Option<RawJson>, ReplyPacket), CodecError> {
+            JsonCodec.decode_reply(body)
+        }
+    }
+
+    #[test]
+    fn the_deadline_header_goes_into_the_body_with_every_codec() {
+        let pattern = RawJson::to_json("p").unwrap();
+        let data = RawJson::from_text("1").unwrap();
+        let mut headers = Headers::new();
+        headers.insert("x", "y");
+        let expected: &[u8] =
+            br#"{"pattern":"p","data":1,"id":"7","headers":{"x":"y","palisade-timeout-ms":"250"}}"#;
+        for codec in [SharedCodec::new(JsonCodec), SharedCodec::new(JsonByDefault)] {
+            let body = codec
+                .request_body_within(&pattern, &data, Some("7"), &headers, Some(250))
+                .unwrap();
+            assert_eq!(body, expected, "{codec:?}");
+            let packet = codec.decode_incoming(&body).unwrap();
+            assert_eq!(packet.timeout_ms, Some(250), "{codec:?}");
+            assert_eq!(packet.headers.get("x"), Some("y"), "{codec:?}");
+            let without = codec
+                .request_body_within(&pattern, &data, Some("7"), &headers, None)
+                .unwrap();
+            assert_eq!(
+                without,
+                br#"{"pattern":"p","data":1,"id":"7","headers":{"x":"y"}}"#.as_slice(),
+                "{codec:?}"
+            );
+        }
+    }
+
     #[test]
     fn the_default_codec_is_nests_json_and_says_so() {
         assert_eq!(JsonCodec.name(), "JSON");

@@ -944,6 +944,21 @@ mod tests {
             vec![("Palisade-Timeout-MS", "old"), ("b", "2")],
             vec![("b", "2"), ("palisade-timeout-ms", "old")],
         ];
+        // Written out in full once, so that the comparison below cannot agree on nothing.
+        let mut one = Vec::new();
+        let mut x = Headers::new();
+        x.insert("x", "y");
+        encode_request_within(&mut one, &pattern, &data, None, &x, Some(4999));
+        assert_eq!(
+            String::from_utf8(one).unwrap(),
+            r#"{"pattern":"p","data":1,"headers":{"x":"y","palisade-timeout-ms":"4999"}}"#
+        );
+        let mut alone = Vec::new();
+        encode_request_within(&mut alone, &pattern, &data, None, &Headers::new(), Some(0));
+        assert_eq!(
+            String::from_utf8(alone).unwrap(),
+            r#"{"pattern":"p","data":1,"headers":{"palisade-timeout-ms":"0"}}"#
+        );
         for set in header_sets {
             let mut headers = Headers::new();
             for (key, value) in &set {
