@@ -40,9 +40,11 @@
 //!   (nestjs-wire-brokers.md §3.5).
 //! - **Unknown patterns**: MQTT cannot tell whether anyone subscribed, so a request nobody serves
 //!   ends with the caller's deadline, as in NestJS — always give MQTT clients a
-//!   [timeout](crate::rpc::ClientBuilder::timeout). Just before the deadline the transport fails
+//!   [timeout](crate::rpc::ClientBuilder::timeout). Just before the deadline the client fails
 //!   it with `DeadlineExceeded` and a message that says what probably happened (no server
-//!   subscribed to the pattern, or a wrong pattern) rather than only that time ran out.
+//!   subscribed to the pattern, or a wrong pattern) rather than only that time ran out
+//!   ([`ClientTransport::explain_silence`](crate::rpc::transport::ClientTransport::explain_silence));
+//!   nothing of a request is kept once it is answered.
 //! - **Broker loss** fails every request in flight at once with `Unavailable`; clients and servers
 //!   reconnect with backoff and restore their subscriptions. (A request published after a client
 //!   is back but before a server resubscribed meets silence: MQTT cannot tell.)
