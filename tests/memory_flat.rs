@@ -6,42 +6,15 @@ use palisade::circuit_breaker::{
     CircuitBreakerConfig, CircuitBreakerLayer, CircuitBreakerRegistry, CircuitOpen,
 };
 use palisade::retry::{Backoff, Jitter, RetryPolicy};
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicIsize, Ordering};
 use std::time::Duration;
 use tower::{BoxError, Layer, Service, ServiceExt};
 
-struct Counting;
-
-static LIVE: AtomicIsize = AtomicIsize::new(0);
-
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        LIVE.fetch_add(layout.size() as isize, Ordering::Relaxed);
-        unsafe { System.alloc(layout) }
-    }
-
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        LIVE.fetch_add(layout.size() as isize, Ordering::Relaxed);
-        unsafe { System.alloc_zeroed(layout) }
-    }
-
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        LIVE.fetch_add(
-            new_size as isize - layout.size() as isize,
-            Ordering::Relaxed,
-        );
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        LIVE.fetch_sub(layout.size() as isize, Ordering::Relaxed);
-        unsafe { System.dealloc(ptr, layout) }
-    }
-}
+#[path = "support/live_bytes.rs"]
+mod live_bytes;
+use live_bytes::{LiveBytes, live};
 
 #[global_allocator]
-static ALLOCATOR: Counting = Counting;
+static ALLOCATOR: LiveBytes = LiveBytes;
 
 #[derive(Debug)]
 struct Error;
@@ -106,11 +79,11 @@ async fn creating_and_dropping_breakers_and_policies_keeps_memory_flat() {
     // Warm up: pools, slabs, tracing's callsites and tokio's timer reach their working size.
     round(0, N).await;
     round(1, N).await;
-    let after_warm_up = LIVE.load(Ordering::Relaxed);
+    let after_warm_up = live();
     for r in 2..6 {
         round(r, N).await;
     }
-    let after = LIVE.load(Ordering::Relaxed);
+    let after = live();
     eprintln!("live bytes after warm-up {after_warm_up}, after 4 more rounds {after}");
     // 16 000 more distinct breakers and policies: a leak of even one byte each would show.
     assert!(

@@ -24,7 +24,7 @@ use palisade::rpc::{Client, Server};
 
 #[path = "../benches/support/mod.rs"]
 mod support;
-use support::{contender, cpu_rounds, echo_router, two_workers};
+use support::{contender, cpu_rounds, echo_contender, echo_router, two_workers};
 
 #[path = "../../tests/support/nats.rs"]
 mod broker;
@@ -68,18 +68,9 @@ fn main() {
                 async move { bare_call(&bare, x).await }
             }
         }),
-        contender("palisade", move |x| {
-            let client = palisade.clone();
-            async move { assert_eq!(client.send::<u64>("echo", &x).await.unwrap(), x) }
-        }),
-        contender("deadline-header", move |x| {
-            let client = with_header.clone();
-            async move { assert_eq!(client.send::<u64>("echo", &x).await.unwrap(), x) }
-        }),
-        contender("no-timeout", move |x| {
-            let client = untimed.clone();
-            async move { assert_eq!(client.send::<u64>("echo", &x).await.unwrap(), x) }
-        }),
+        echo_contender("palisade", palisade),
+        echo_contender("deadline-header", with_header),
+        echo_contender("no-timeout", untimed),
         contender("bare-to-server", move |x| {
             let bare = bare.clone();
             async move {

@@ -17,7 +17,7 @@ use std::sync::Arc;
 
 #[path = "../benches/support/mod.rs"]
 mod support;
-use support::{contender, cpu_rounds, echo_router, free_port, two_workers};
+use support::{contender, cpu_rounds, echo_contender, echo_router, free_port, two_workers};
 
 #[path = "../../tests/support/redis.rs"]
 mod broker;
@@ -52,13 +52,7 @@ fn main() {
                 async move { assert_eq!(bare.call(x).await, x) }
             }
         }),
-        contender("palisade", {
-            let client = palisade.clone();
-            move |x| {
-                let client = client.clone();
-                async move { assert_eq!(client.send::<u64>("echo", &x).await.unwrap(), x) }
-            }
-        }),
+        echo_contender("palisade", palisade.clone()),
         contender("bare-emit", {
             let bare = Arc::clone(&bare);
             move |x| {

@@ -36,6 +36,21 @@ pub(crate) fn with_scratch<R>(encode: impl FnOnce(&mut Vec<u8>) -> R) -> R {
     }
 }
 
+/// `n` in decimal, written at the end of `digits`: for numbers that go on the wire as text (a
+/// frame's length, a deadline's milliseconds, a reply subject's request number) without
+/// formatting a `String`.
+pub(crate) fn decimal(mut n: u64, digits: &mut [u8; 20]) -> &[u8] {
+    let mut start = digits.len();
+    loop {
+        start -= 1;
+        digits[start] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            return &digits[start..];
+        }
+    }
+}
+
 /// Encodes with `encode` into a per-thread scratch buffer and returns exactly the bytes written,
 /// in one allocation: a message body for a transport that sends `Bytes`.
 ///

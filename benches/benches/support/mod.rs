@@ -116,6 +116,16 @@ where
     )
 }
 
+/// A `*_cpu` example's contender that sends each number to `echo` through `client` and checks the
+/// answer.
+#[allow(dead_code)] // for the examples only
+pub fn echo_contender(name: &'static str, client: palisade::rpc::Client) -> CpuContender {
+    contender(name, move |x| {
+        let client = client.clone();
+        async move { assert_eq!(client.send::<u64>("echo", &x).await.unwrap(), x) }
+    })
+}
+
 /// What the `*_cpu` examples print: three rounds of every contender (or only the one named by the
 /// second argument), each running the first argument's number of calls (default 200 000), 64 in
 /// flight, with the wall time, this process's CPU time and the broker's (`broker_pid`), each per

@@ -48,18 +48,8 @@ fn put_headers<B: BufMut>(out: &mut B, headers: &Headers, timeout_ms: Option<u64
 /// `millis` as a JSON string of its decimal digits, as `millis.to_string()` would be written.
 fn put_millis<B: BufMut>(out: &mut B, millis: u64) {
     let mut digits = [0u8; 20];
-    let mut start = digits.len();
-    let mut rest = millis;
-    loop {
-        start -= 1;
-        digits[start] = b'0' + (rest % 10) as u8;
-        rest /= 10;
-        if rest == 0 {
-            break;
-        }
-    }
     out.put_u8(b'"');
-    out.put_slice(&digits[start..]);
+    out.put_slice(crate::rpc::json::decimal(millis, &mut digits));
     out.put_u8(b'"');
 }
 

@@ -274,18 +274,8 @@ fn reply_subject(inbox: &str, n: u64) -> Subject {
             &self.bytes[..self.len]
         }
     }
-    let mut digits = [0u8; 20];
-    let mut start = digits.len();
-    let mut rest = n;
-    loop {
-        start -= 1;
-        digits[start] = b'0' + (rest % 10) as u8;
-        rest /= 10;
-        if rest == 0 {
-            break;
-        }
-    }
-    let digits = &digits[start..];
+    let mut buffer = [0u8; 20];
+    let digits = crate::rpc::json::decimal(n, &mut buffer);
     let len = inbox.len() + 1 + digits.len();
     if len > REPLY_SUBJECT_INLINE {
         return Subject::from(format!("{inbox}.{n}"));

@@ -1,7 +1,7 @@
 //! NestJS's TCP framing: `<length>#<json>`, where the length counts UTF-16 code units of the JSON
 //! text (JavaScript's `string.length`), not bytes.
 
-use crate::rpc::json::with_scratch;
+use crate::rpc::json::{decimal, with_scratch};
 use crate::rpc::wire::CodecError;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use std::fmt;
@@ -307,7 +307,7 @@ impl Encoder<Bytes> for JsonFrameCodec {
             });
         }
         let mut digits = [0u8; 20];
-        out.put_slice(decimal(units, &mut digits));
+        out.put_slice(decimal(units as u64, &mut digits));
         out.put_u8(b'#');
         out.put_slice(&json);
         Ok(())
@@ -318,22 +318,9 @@ impl Encoder<Bytes> for JsonFrameCodec {
 #[cfg(test)]
 pub(crate) fn put_frame<B: BufMut>(out: &mut B, json: &[u8]) {
     let mut digits = [0u8; 20];
-    out.put_slice(decimal(utf16_len(json), &mut digits));
+    out.put_slice(decimal(utf16_len(json) as u64, &mut digits));
     out.put_u8(b'#');
     out.put_slice(json);
-}
-
-/// `n` in decimal, written at the end of `digits`.
-fn decimal(mut n: usize, digits: &mut [u8; 20]) -> &[u8] {
-    let mut start = digits.len();
-    loop {
-        start -= 1;
-        digits[start] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            return &digits[start..];
-        }
-    }
 }
 
 /// The frame of the JSON text `encode` writes, in one exact-size allocation (the JSON itself is
@@ -350,7 +337,7 @@ pub(crate) fn framed(
             return Err(units);
         }
         let mut digits = [0u8; 20];
-        let prefix = decimal(units, &mut digits);
+        let prefix = decimal(units as u64, &mut digits);
         let mut frame = Vec::with_capacity(prefix.len() + 1 + json.len());
         frame.extend_from_slice(prefix);
         frame.push(b'#');
@@ -371,7 +358,7 @@ pub(crate) fn framed_binary(
             return Ok(Err(body.len()));
         }
         let mut digits = [0u8; 20];
-        let prefix = decimal(body.len(), &mut digits);
+        let prefix = decimal(body.len() as u64, &mut digits);
         let mut frame = Vec::with_capacity(prefix.len() + 1 + body.len());
         frame.extend_from_slice(prefix);
         frame.push(b'#');
