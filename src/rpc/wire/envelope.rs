@@ -1,6 +1,7 @@
 //! NestJS's JSON packets (nestjs-wire.md §1.1–1.4), encoded with Nest's key order so that frames
 //! are byte-identical to Nest's, and decoded with Nest's rules.
 
+use super::scan::{self, Fields};
 use crate::rpc::error::NO_HANDLER_MESSAGE;
 use crate::rpc::transport::ReplyPacket;
 use crate::rpc::{Headers, Kind, Pattern, RawJson, RpcRequest, TIMEOUT_HEADER};
@@ -209,6 +210,25 @@ struct RawPacket<'a> {
     headers: Option<&'a RawValue>,
 }
 
+fn raw_bytes(raw: &RawValue) -> &[u8] {
+    raw.get().as_bytes()
+}
+
+impl<'a> RawPacket<'a> {
+    fn into_fields(self) -> Fields<'a> {
+        Fields {
+            pattern: self.pattern.map(raw_bytes),
+            data: self.data.map(raw_bytes),
+            id: self.id.map(raw_bytes),
+            response: self.response.map(raw_bytes),
+            err: self.err.map(raw_bytes),
+            is_disposed: self.is_disposed.map(raw_bytes),
+            headers: self.headers.map(raw_bytes),
+            deadline: None,
+        }
+    }
+}
+
 /// A key of a packet, read without allocating: escaped or not, a key is only compared.
 enum PacketKey {
     Pattern,
@@ -288,15 +308,33 @@ impl<'de: 'a, 'a> Deserialize<'de> for RawPacket<'a> {
     }
 }
 
-/// Reads a packet's fields. The frame is checked as UTF-8 once, up front: read from bytes, every
-/// raw field would be checked again on its own, most of the parse for a small packet.
-fn parse_packet(frame: &[u8]) -> Result<RawPacket<'_>, serde_json::Error> {
+/// Reads a packet's fields: with the fast reader when it answers, else with `serde_json`, which
+/// reads the same fields or says why the frame is not JSON. `serde_json` is given the frame as
+/// text when it is UTF-8: read from bytes, every raw field would be checked again on its own.
+fn parse_packet(frame: &[u8]) -> Result<Fields<'_>, serde_json::Error> {
+    if let Some(fields) = scan::packet(frame, TIMEOUT_HEADER) {
+        return Ok(fields);
+    }
     match std::str::from_utf8(frame) {
-        Ok(text) => serde_json::from_str(text),
+        Ok(text) => serde_json::from_str::<RawPacket<'_>>(text).map(RawPacket::into_fields),
         // The parser's own error; or, when the bad bytes sit in a field it skips, the packet as
         // it reads it.
-        Err(_) => serde_json::from_slice(frame),
+        Err(_) => serde_json::from_slice::<RawPacket<'_>>(frame).map(RawPacket::into_fields),
     }
+}
+
+/// The fields as `serde_json` alone reads them, for the fast reader's tests.
+#[cfg(test)]
+pub(super) fn fields_by_serde(text: &str) -> Result<Fields<'_>, serde_json::Error> {
+    serde_json::from_str::<RawPacket<'_>>(text).map(RawPacket::into_fields)
+}
+
+/// The deadline of a `headers` value as `serde_json` alone reads it, when it holds no other
+/// header; for the fast reader's tests.
+#[cfg(test)]
+pub(super) fn deadline_by_serde(raw: &str) -> Option<Option<u64>> {
+    let wire = serde_json::from_str::<WireHeaders>(raw).unwrap_or_default();
+    wire.headers.is_empty().then_some(wire.timeout_ms)
 }
 
 /// JavaScript truthiness of a JSON value.
@@ -311,16 +349,23 @@ fn is_truthy(raw: &str) -> bool {
 }
 
 /// A slice of `frame` as raw JSON, without copying.
-fn slice(frame: &Bytes, raw: &RawValue) -> RawJson {
-    RawJson::from_trusted(frame.slice_ref(raw.get().as_bytes()))
+fn slice(frame: &Bytes, raw: &[u8]) -> RawJson {
+    RawJson::from_trusted(frame.slice_ref(raw))
 }
 
 /// palisade's `"headers"` object: string values as they are, numbers as their JSON text, other
 /// values dropped; a key given twice (in any case) keeps its last value, and a later value of
 /// another kind drops it. Anything but an object is no headers. [`TIMEOUT_HEADER`] is read on
 /// its own, into milliseconds, and not kept among the headers (the request's deadline replaces it).
-fn parse_headers(raw: Option<&RawValue>) -> WireHeaders {
-    raw.and_then(|raw| serde_json::from_str::<WireHeaders>(raw.get()).ok())
+fn parse_headers(raw: Option<&[u8]>, deadline_only: Option<Option<u64>>) -> WireHeaders {
+    // Most packets carry the deadline alone, or nothing: the fast reader read those already.
+    if let Some(timeout_ms) = deadline_only {
+        return WireHeaders {
+            headers: Headers::new(),
+            timeout_ms,
+        };
+    }
+    raw.and_then(|raw| serde_json::from_slice::<WireHeaders>(raw).ok())
         .unwrap_or_default()
 }
 
@@ -624,7 +669,7 @@ pub fn decode_incoming(frame: &Bytes) -> Result<IncomingPacket, serde_json::Erro
     let WireHeaders {
         headers,
         timeout_ms,
-    } = parse_headers(packet.headers);
+    } = parse_headers(packet.headers, packet.deadline);
     Ok(IncomingPacket {
         pattern: packet.pattern.map(|raw| slice(frame, raw)),
         data: packet
@@ -672,9 +717,10 @@ pub(super) trait Field {
     fn text(&self) -> &str;
 }
 
-impl Field for &RawValue {
+impl Field for &[u8] {
     fn text(&self) -> &str {
-        self.get()
+        // A field of a frame read as JSON, which is UTF-8.
+        std::str::from_utf8(self).unwrap_or("null")
     }
 }
 

@@ -26,6 +26,7 @@ mod codec;
 mod envelope;
 mod ids;
 mod pending;
+mod scan;
 
 #[cfg(feature = "msgpack")]
 #[cfg_attr(docsrs, doc(cfg(feature = "msgpack")))]
