@@ -6,18 +6,24 @@
 //! ```sh
 //! cargo run --release -p palisade-benches --example nats_cpu                  # 200 000 requests each
 //! cargo run --release -p palisade-benches --example nats_cpu -- 50000 no-timeout
+//! cargo run --release -p palisade-benches --example nats_cpu -- 50000 bare,palisade 9 64   # 9 rounds, 64 in flight
 //! ```
 //!
 //! Contenders:
 //! - `bare`: async-nats `request()` against a bare echoing subscriber;
+//! - `bare-nest`: the same async-nats loops carrying NestJS's packets, written with `format!` and
+//!   read into a `serde_json::Value` on both sides, as the bare Redis and MQTT loops do;
 //! - `palisade`: the default client, whose 5 s timeout travels as a deadline in the packet body;
 //! - `deadline-header`: the same deadline as a NATS header (`NatsOptions::deadline_header`);
 //! - `no-timeout`: `ClientBuilder::no_timeout`, so no deadline and no timer;
 //! - `bare-to-server`: bare `request()` sending NestJS packets to the palisade server, which shows
 //!   the server's share of palisade's cost.
 //!
+//! Arguments: calls per round, the contenders (comma-separated, or `all`), rounds, calls in flight.
 //! Prints, per round, the wall time, this process's CPU time (client and server together) and
-//! the broker's, each per request.
+//! the broker's, each per request; contenders take turns within each round, and a summary gives
+//! each one's median over the rounds and the median of its per-round ratio to the first
+//! contender.
 use palisade::rpc::transport::ServerTransport;
 use palisade::rpc::transport::nats::{NatsOptions, NatsServer};
 use palisade::rpc::{Client, Server};
@@ -31,7 +37,7 @@ mod broker;
 
 #[path = "../benches/support/bare_nats.rs"]
 mod bare_nats;
-use bare_nats::{bare_call, serve_bare_echo};
+use bare_nats::{bare_call, bare_nest_call, serve_bare_echo, serve_bare_nest_echo};
 
 fn main() {
     let broker = broker::Broker::start();
@@ -39,6 +45,7 @@ fn main() {
     let runtime = two_workers();
     let (bare, palisade, with_header, untimed) = runtime.block_on(async {
         serve_bare_echo(&broker.url()).await;
+        serve_bare_nest_echo(&broker.url()).await;
         let bare = async_nats::connect(broker.url()).await.unwrap();
         let server = NatsServer::new(NatsOptions::new([broker.url()]))
             .serve(Server::new(echo_router()))
@@ -66,6 +73,13 @@ fn main() {
             move |x| {
                 let bare = bare.clone();
                 async move { bare_call(&bare, x).await }
+            }
+        }),
+        contender("bare-nest", {
+            let bare = bare.clone();
+            move |x| {
+                let bare = bare.clone();
+                async move { bare_nest_call(&bare, x).await }
             }
         }),
         echo_contender("palisade", palisade),

@@ -5,11 +5,16 @@
 //! ```sh
 //! cargo run --release -p palisade-benches --example redis_cpu              # 200 000 requests (or events) each
 //! cargo run --release -p palisade-benches --example redis_cpu -- 50000 bare
+//! cargo run --release -p palisade-benches --example redis_cpu -- 50000 bare,palisade 9 64   # 9 rounds, 64 in flight
+//! cargo run --release -p palisade-benches --example redis_cpu -- 4000 bare-emit,palisade-emit 9 1
 //! ```
 //!
+//! Arguments: calls per round, the contenders (comma-separated, or `all`), rounds, calls in flight.
 //! Prints, per round and contender, the wall time, this process's CPU time (client and server
-//! together) and the broker's CPU time, each per request. The bare loops are the bench's own
-//! (`benches/redis.rs`), included from there.
+//! together) and the broker's CPU time, each per request; contenders take turns within each
+//! round, and a summary gives each one's median over the rounds and the median of its per-round
+//! ratio to the first contender. The bare loops are the bench's own (`benches/redis.rs`),
+//! included from there.
 use palisade::rpc::transport::ServerTransport;
 use palisade::rpc::transport::redis::{RedisOptions, RedisServer};
 use palisade::rpc::{Client, Server};

@@ -126,10 +126,14 @@ pub fn echo_contender(name: &'static str, client: palisade::rpc::Client) -> CpuC
     })
 }
 
-/// What the `*_cpu` examples print: three rounds of every contender (or only the one named by the
-/// second argument), each running the first argument's number of calls (default 200 000), 64 in
-/// flight, with the wall time, this process's CPU time and the broker's (`broker_pid`), each per
-/// call.
+/// What the `*_cpu` examples print, round by round: every contender (or those named, comma-separated,
+/// by the second argument; `all` or nothing for every one) runs the first argument's number of
+/// calls (default 200 000), the fourth argument's number in flight (default 64), with the wall
+/// time, this process's CPU time and the broker's (`broker_pid`), each per call. The third argument
+/// is the number of rounds (default 3). Contenders take turns within each round, so that a machine
+/// whose speed drifts (a shared VM's does, by 20 to 50% from minute to minute) slows them alike;
+/// the summary gives each one's median, and the median over the rounds of its ratio to the first
+/// contender run.
 #[allow(dead_code)] // for the examples only
 pub fn cpu_rounds(
     runtime: &tokio::runtime::Runtime,
@@ -137,32 +141,71 @@ pub fn cpu_rounds(
     broker_pid: &str,
     contenders: &[CpuContender],
 ) {
-    let n: u64 = std::env::args()
-        .nth(1)
-        .map(|a| a.parse().unwrap())
-        .unwrap_or(200_000);
-    let only = std::env::args().nth(2).unwrap_or_default();
-    let width = contenders
+    let arg = |i: usize| std::env::args().nth(i).filter(|a| !a.is_empty());
+    let n: u64 = arg(1).map_or(200_000, |a| a.parse().unwrap());
+    let only: Vec<String> = arg(2)
+        .filter(|a| a != "all")
+        .map(|a| a.split(',').map(str::to_owned).collect())
+        .unwrap_or_default();
+    let rounds: usize = arg(3).map_or(3, |a| a.parse().unwrap());
+    let in_flight: u64 = arg(4).map_or(64, |a| a.parse().unwrap());
+    let chosen: Vec<&CpuContender> = contenders
         .iter()
-        .map(|(name, _)| name.len())
-        .max()
-        .unwrap_or(0);
-    for round in 0..3 {
-        for (name, call) in contenders {
-            if !only.is_empty() && only != *name {
-                continue;
-            }
+        .filter(|(name, _)| only.is_empty() || only.iter().any(|o| o == name))
+        .collect();
+    let width = chosen.iter().map(|(name, _)| name.len()).max().unwrap_or(0);
+    // Per contender: (wall, cpu(process), cpu(broker)) of each round, µs per call.
+    let mut measured: Vec<Vec<[f64; 3]>> = vec![Vec::new(); chosen.len()];
+    for round in 0..rounds {
+        for (i, (name, call)) in chosen.iter().enumerate() {
             let (c0, b0) = (cpu_ticks("self"), cpu_ticks(broker_pid));
             let call = std::sync::Arc::clone(call);
-            let wall = runtime.block_on(in_tasks(n, 64, move |x| call(x)));
+            let wall = runtime.block_on(in_tasks(n, in_flight, move |x| call(x)));
             let (c1, b1) = (cpu_ticks("self"), cpu_ticks(broker_pid));
             let per = |ticks: u64| ticks as f64 * 10_000.0 / n as f64; // 100 Hz ticks -> µs
-            println!(
-                "round {round} {name:width$} wall {:6.2} µs/req  cpu(process) {:6.2} µs/req  cpu({broker}) {:5.2} µs/req",
+            let round_figures = [
                 wall.as_secs_f64() * 1e6 / n as f64,
                 per(c1 - c0),
-                per(b1 - b0)
+                per(b1 - b0),
+            ];
+            println!(
+                "round {round} {name:width$} wall {:6.2} µs/req  cpu(process) {:6.2} µs/req  cpu({broker}) {:5.2} µs/req",
+                round_figures[0], round_figures[1], round_figures[2]
             );
+            measured[i].push(round_figures);
         }
+    }
+    if rounds < 2 || chosen.is_empty() {
+        return;
+    }
+    println!("median of {rounds} rounds, {in_flight} in flight, {n} calls each:");
+    for (i, (name, _)) in chosen.iter().enumerate() {
+        let column = |k: usize| median(measured[i].iter().map(|r| r[k]).collect());
+        let ratio = median(
+            measured[i]
+                .iter()
+                .zip(&measured[0])
+                .map(|(r, first)| r[0] / first[0])
+                .collect(),
+        );
+        println!(
+            "  {name:width$} wall {:6.2} µs/req  cpu(process) {:6.2} µs/req  cpu({broker}) {:5.2} µs/req  wall / {}: {ratio:.3}",
+            column(0),
+            column(1),
+            column(2),
+            chosen[0].0,
+        );
+    }
+}
+
+/// The median of `values` (the mean of the middle two for an even count).
+#[allow(dead_code)] // for the examples only
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    let mid = values.len() / 2;
+    if values.len().is_multiple_of(2) {
+        (values[mid - 1] + values[mid]) / 2.0
+    } else {
+        values[mid]
     }
 }

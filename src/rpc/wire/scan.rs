@@ -40,19 +40,22 @@ pub(super) fn packet<'a>(frame: &'a [u8], deadline_header: &str) -> Option<Field
     cursor.whitespace();
     if !cursor.eat(b'}') {
         loop {
-            let key = cursor.plain_string()?;
+            let key = match cursor.known_key() {
+                Some(key) => key,
+                None => Key::of(cursor.plain_string()?),
+            };
             cursor.whitespace();
             cursor.expect(b':')?;
             cursor.whitespace();
             let start = cursor.at;
             let slot = match key {
-                b"pattern" => &mut fields.pattern,
-                b"data" => &mut fields.data,
-                b"id" => &mut fields.id,
-                b"response" => &mut fields.response,
-                b"err" => &mut fields.err,
-                b"isDisposed" => &mut fields.is_disposed,
-                b"headers" => {
+                Key::Pattern => &mut fields.pattern,
+                Key::Data => &mut fields.data,
+                Key::Id => &mut fields.id,
+                Key::Response => &mut fields.response,
+                Key::Err => &mut fields.err,
+                Key::IsDisposed => &mut fields.is_disposed,
+                Key::Headers => {
                     let mut probe = cursor;
                     fields.deadline = probe.deadline_only(deadline_header);
                     match fields.deadline {
@@ -65,7 +68,7 @@ pub(super) fn packet<'a>(frame: &'a [u8], deadline_header: &str) -> Option<Field
                     }
                     break;
                 }
-                _ => {
+                Key::Other => {
                     cursor.value(1)?;
                     if cursor.next_member(b'}')? {
                         continue;
@@ -92,6 +95,35 @@ pub(super) fn deadline_only(raw: &str, name: &str) -> Option<Option<u64>> {
     let mut cursor = Cursor::new(raw.as_bytes());
     let deadline = cursor.deadline_only(name)?;
     cursor.at_end().then_some(deadline)
+}
+
+/// A key of a packet.
+#[derive(Clone, Copy)]
+enum Key {
+    Pattern,
+    Data,
+    Id,
+    Response,
+    Err,
+    IsDisposed,
+    Headers,
+    Other,
+}
+
+impl Key {
+    /// The key a string's bytes spell (without escapes).
+    fn of(key: &[u8]) -> Key {
+        match key {
+            b"pattern" => Key::Pattern,
+            b"data" => Key::Data,
+            b"id" => Key::Id,
+            b"response" => Key::Response,
+            b"err" => Key::Err,
+            b"isDisposed" => Key::IsDisposed,
+            b"headers" => Key::Headers,
+            _ => Key::Other,
+        }
+    }
 }
 
 #[derive(Clone, Copy)]
@@ -156,6 +188,28 @@ impl<'a> Cursor<'a> {
             }
             _ => None,
         }
+    }
+
+    /// The key at the cursor when its bytes are one of the packet's keys, quoted, exactly: the
+    /// keys NestJS and palisade write, compared whole rather than read as strings. Any other
+    /// key (or one with an escape) is left to [`plain_string`](Self::plain_string).
+    #[inline(always)]
+    fn known_key(&mut self) -> Option<Key> {
+        let rest = self.bytes.get(self.at..)?;
+        let (quoted, key): (&[u8], Key) = match rest.get(1)? {
+            b'p' => (b"\"pattern\"", Key::Pattern),
+            b'd' => (b"\"data\"", Key::Data),
+            b'i' if rest.get(2) == Some(&b'd') => (b"\"id\"", Key::Id),
+            b'i' => (b"\"isDisposed\"", Key::IsDisposed),
+            b'r' => (b"\"response\"", Key::Response),
+            b'e' => (b"\"err\"", Key::Err),
+            b'h' => (b"\"headers\"", Key::Headers),
+            _ => return None,
+        };
+        rest.starts_with(quoted).then(|| {
+            self.at += quoted.len();
+            key
+        })
     }
 
     /// [`deadline_only`] at the cursor, which it leaves after the object when it answers.
@@ -421,6 +475,10 @@ mod tests {
             r#"{"data":-}"#,
             r#"{"data":tru}"#,
             r#"{"data":[1,]}"#,
+            r#"{"data":1]"#,
+            r#"{"data":[1}}"#,
+            r#"{"data":{"a":1]}"#,
+            r#"{"data":1 x"#,
             r#"{"data":{1:2}}"#,
             "{\"data\":\"a\u{1}b\"}",
             r#"{"data":"\x"}"#,

@@ -370,12 +370,10 @@ impl fmt::Debug for NatsOptions {
 /// Whether `subject` can be published to: non-empty dot-separated tokens, no whitespace, no
 /// wildcards.
 pub(crate) fn check_subject(subject: &str, wildcards: bool) -> Result<(), RpcError> {
-    let valid = !subject.is_empty()
-        && !subject.chars().any(char::is_whitespace)
-        && subject.split('.').all(|token| {
-            !token.is_empty()
-                && (wildcards && (token == "*" || token == ">") || !token.contains(['*', '>']))
-        });
+    let valid = match plain_subject(subject.as_bytes()) {
+        Some(valid) if !wildcards => valid,
+        _ => subject_is_valid(subject, wildcards),
+    };
     if valid {
         Ok(())
     } else {
@@ -384,6 +382,34 @@ pub(crate) fn check_subject(subject: &str, wildcards: bool) -> Result<(), RpcErr
             if wildcards { "" } else { " or wildcards" }
         )))
     }
+}
+
+/// Whether a subject is valid, with wildcard tokens (`*`, `>`) allowed or not.
+fn subject_is_valid(subject: &str, wildcards: bool) -> bool {
+    !subject.is_empty()
+        && !subject.chars().any(char::is_whitespace)
+        && subject.split('.').all(|token| {
+            !token.is_empty()
+                && (wildcards && (token == "*" || token == ">") || !token.contains(['*', '>']))
+        })
+}
+
+/// [`subject_is_valid`] without wildcards, in one pass over the bytes, for the subject of every
+/// message a client sends; `None` at a byte that is not ASCII (Unicode's spaces are left to the
+/// general check).
+fn plain_subject(subject: &[u8]) -> Option<bool> {
+    let mut token = 0usize;
+    for &byte in subject {
+        match byte {
+            b'.' if token == 0 => return Some(false),
+            b'.' => token = 0,
+            // ASCII's whitespace as `char::is_whitespace` has it, and the wildcards.
+            b' ' | b'\t'..=b'\r' | b'*' | b'>' => return Some(false),
+            0x80.. => return None,
+            _ => token += 1,
+        }
+    }
+    Some(token > 0)
 }
 
 /// The name of [`TIMEOUT_HEADER`](crate::rpc::TIMEOUT_HEADER) on NATS, built without an allocation.
@@ -492,6 +518,20 @@ mod tests {
         }
         assert!(check_subject("users.*", true).is_ok());
         assert!(check_subject("users.>", true).is_ok());
+        assert!(check_subject("caf\u{e9}.get", false).is_ok());
+        assert!(check_subject("caf\u{e9}\u{a0}get", false).is_err());
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn the_one_pass_check_agrees_with_the_general_one(subject in "[a.*> \t\u{b}\u{c}\r\n\u{1c}\u{e9}\u{a0}\u{2003}]{0,8}") {
+            let general = subject_is_valid(&subject, false);
+            match plain_subject(subject.as_bytes()) {
+                Some(plain) => proptest::prop_assert_eq!(plain, general),
+                None => proptest::prop_assert!(!subject.is_ascii()),
+            }
+            proptest::prop_assert_eq!(check_subject(&subject, false).is_ok(), general);
+        }
     }
 
     #[test]
