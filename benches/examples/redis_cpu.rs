@@ -1,4 +1,5 @@
-//! CPU time per request (and per event: `bare-emit`, `palisade-emit`) of palisade's Redis client
+//! CPU time per request (and per event: `bare-emit`, `palisade-emit`, and `no-timeout-emit` for
+//! palisade's client without a deadline) of palisade's Redis client
 //! and server beside the bare `redis` loops of the `redis` bench, 64 in flight on one `redis-server` started here: steadier than wall time on
 //! a shared 2-core machine, where both compete with the broker for the cores.
 //!
@@ -35,7 +36,7 @@ fn main() {
     let broker = broker::Broker::start();
     let broker_pid = broker.pid().expect("the broker runs").to_string();
     let runtime = two_workers();
-    let (bare, palisade) = runtime.block_on(async {
+    let (bare, palisade, untimed) = runtime.block_on(async {
         bare_server(&broker.url()).await;
         let server = RedisServer::new(RedisOptions::new(broker.url()))
             .serve(Server::new(echo_router()))
@@ -47,7 +48,12 @@ fn main() {
             .connect(RedisOptions::new(broker.url()))
             .await
             .unwrap();
-        (bare, client)
+        let untimed = Client::builder()
+            .no_timeout()
+            .connect(RedisOptions::new(broker.url()))
+            .await
+            .unwrap();
+        (bare, client, untimed)
     });
     let contenders = [
         contender("bare", {
@@ -67,6 +73,10 @@ fn main() {
         }),
         contender("palisade-emit", move |x| {
             let client = palisade.clone();
+            async move { client.emit("note", &x).await.unwrap() }
+        }),
+        contender("no-timeout-emit", move |x| {
+            let client = untimed.clone();
             async move { client.emit("note", &x).await.unwrap() }
         }),
     ];
