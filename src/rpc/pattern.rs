@@ -137,13 +137,61 @@ impl Pattern {
     }
 }
 
-impl From<&str> for Pattern {
-    fn from(pattern: &str) -> Self {
+/// How many patterns made from strings each thread keeps, and up to what length.
+const RECENT_PATTERNS: usize = 4;
+const RECENT_PATTERN_LEN: usize = 128;
+
+thread_local! {
+    /// The patterns made last on this thread from strings. A client names the same few patterns
+    /// call after call, mostly by literals, and making one costs two allocations and a JSON
+    /// escape (and freeing them, later); finding it here costs a comparison and two reference
+    /// counts. Bounded: a few short patterns per thread.
+    static RECENT: std::cell::RefCell<RecentPatterns> = const {
+        std::cell::RefCell::new(RecentPatterns {
+            patterns: [const { None }; RECENT_PATTERNS],
+            next: 0,
+        })
+    };
+}
+
+/// A thread's [`RECENT`] patterns; the oldest is replaced first.
+struct RecentPatterns {
+    patterns: [Option<Pattern>; RECENT_PATTERNS],
+    next: usize,
+}
+
+impl RecentPatterns {
+    fn get_or_make(&mut self, route: &str) -> Pattern {
+        if let Some(found) = self.patterns.iter().flatten().find(|p| &*p.route == route) {
+            return found.clone();
+        }
+        let made = Pattern::from_route(route);
+        self.patterns[self.next] = Some(made.clone());
+        self.next = (self.next + 1) % RECENT_PATTERNS;
+        made
+    }
+}
+
+impl Pattern {
+    /// The pattern NestJS routes by the string `route`.
+    fn from_route(route: &str) -> Self {
         Pattern {
-            route: pattern.into(),
-            raw: RawJson::to_json(pattern).expect("a string always serialises"),
+            route: route.into(),
+            raw: RawJson::to_json(route).expect("a string always serialises"),
             routable: true,
         }
+    }
+}
+
+impl From<&str> for Pattern {
+    fn from(pattern: &str) -> Self {
+        if pattern.len() > RECENT_PATTERN_LEN {
+            return Pattern::from_route(pattern);
+        }
+        // Gone only while the thread's locals are destroyed.
+        RECENT
+            .try_with(|recent| recent.borrow_mut().get_or_make(pattern))
+            .unwrap_or_else(|_| Pattern::from_route(pattern))
     }
 }
 
@@ -504,6 +552,42 @@ pub(crate) fn js_number(x: f64) -> String {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn a_thread_reuses_the_patterns_it_made_last_from_strings() {
+        let first = Pattern::from("orders.get");
+        let again = Pattern::from("orders.get");
+        assert_eq!(first, again);
+        assert!(Arc::ptr_eq(&first.route, &again.route), "made twice");
+        assert_eq!(again.raw().as_str(), r#""orders.get""#);
+        // Another case is another pattern.
+        assert!(!Arc::ptr_eq(
+            &first.route,
+            &Pattern::from("Orders.get").route
+        ));
+        // Long strings are not kept.
+        let long = "x".repeat(RECENT_PATTERN_LEN + 1);
+        assert!(!Arc::ptr_eq(
+            &Pattern::from(long.as_str()).route,
+            &Pattern::from(long.as_str()).route
+        ));
+        // Only the last few are: after as many others, the first is made anew, equal.
+        for n in 0..RECENT_PATTERNS {
+            let _ = Pattern::from(format!("other-{n}").as_str());
+        }
+        let made_anew = Pattern::from("orders.get");
+        assert_eq!(made_anew, first);
+        assert!(
+            !Arc::ptr_eq(&first.route, &made_anew.route),
+            "kept beyond the last few"
+        );
+        // A pattern from another thread is made there.
+        let elsewhere = std::thread::spawn(|| Pattern::from("orders.get"))
+            .join()
+            .unwrap();
+        assert!(!Arc::ptr_eq(&made_anew.route, &elsewhere.route));
+        assert_eq!(elsewhere, made_anew);
+    }
 
     #[test]
     fn routes_match_the_verified_nestjs_examples() {

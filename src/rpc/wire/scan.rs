@@ -40,9 +40,14 @@ pub(super) fn packet<'a>(frame: &'a [u8], deadline_header: &str) -> Option<Field
     cursor.whitespace();
     if !cursor.eat(b'}') {
         loop {
+            // Any key `known_key` does not know is another key: each of the packet's keys, unescaped,
+            // is one it knows.
             let key = match cursor.known_key() {
                 Some(key) => key,
-                None => Key::of(cursor.plain_string()?),
+                None => {
+                    cursor.plain_string()?;
+                    Key::Other
+                }
             };
             cursor.whitespace();
             cursor.expect(b':')?;
@@ -108,22 +113,6 @@ enum Key {
     IsDisposed,
     Headers,
     Other,
-}
-
-impl Key {
-    /// The key a string's bytes spell (without escapes).
-    fn of(key: &[u8]) -> Key {
-        match key {
-            b"pattern" => Key::Pattern,
-            b"data" => Key::Data,
-            b"id" => Key::Id,
-            b"response" => Key::Response,
-            b"err" => Key::Err,
-            b"isDisposed" => Key::IsDisposed,
-            b"headers" => Key::Headers,
-            _ => Key::Other,
-        }
-    }
 }
 
 #[derive(Clone, Copy)]
@@ -192,7 +181,8 @@ impl<'a> Cursor<'a> {
 
     /// The key at the cursor when its bytes are one of the packet's keys, quoted, exactly: the
     /// keys NestJS and palisade write, compared whole rather than read as strings. Any other
-    /// key (or one with an escape) is left to [`plain_string`](Self::plain_string).
+    /// key (or one with an escape, which `serde_json` reads) is left to
+    /// [`plain_string`](Self::plain_string).
     #[inline(always)]
     fn known_key(&mut self) -> Option<Key> {
         let rest = self.bytes.get(self.at..)?;
