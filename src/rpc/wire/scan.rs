@@ -518,6 +518,11 @@ mod tests {
             deadline_only(r#"{ "Palisade-Timeout-MS" : 17 }"#, DEADLINE),
             Some(Some(17))
         );
+        // Nineteen digits always fit a u64.
+        assert_eq!(
+            deadline_only(r#"{"palisade-timeout-ms":"9999999999999999999"}"#, DEADLINE),
+            Some(Some(9_999_999_999_999_999_999))
+        );
         for other in [
             r#"{"palisade-timeout-ms":"4999","a":"b"}"#,
             r#"{"a":"b"}"#,
