@@ -246,6 +246,7 @@ impl<'a> Cursor<'a> {
         const HIGHS: u64 = ONES << 7;
         loop {
             let high = if self.utf8 { 0 } else { HIGHS };
+            let mut stopped = false;
             while let Some(chunk) = self.bytes.get(self.at..self.at + 8) {
                 let word = u64::from_le_bytes(chunk.try_into().expect("eight bytes"));
                 let quote = word ^ (ONES * u64::from(b'"'));
@@ -261,13 +262,17 @@ impl<'a> Cursor<'a> {
                     & HIGHS;
                 if special != 0 {
                     self.at += (special.trailing_zeros() / 8) as usize;
+                    stopped = true;
                     break;
                 }
                 self.at += 8;
             }
-            while self.peek().is_some_and(|byte| {
-                byte != b'"' && byte != b'\\' && byte >= 0x20 && (self.utf8 || byte < 0x80)
-            }) {
+            // The last bytes, fewer than eight.
+            while !stopped
+                && self.peek().is_some_and(|byte| {
+                    byte != b'"' && byte != b'\\' && byte >= 0x20 && (self.utf8 || byte < 0x80)
+                })
+            {
                 self.at += 1;
             }
             match self.peek() {
@@ -469,6 +474,7 @@ mod tests {
             r#"{"data":[1}}"#,
             r#"{"data":{"a":1]}"#,
             r#"{"data":1 x"#,
+            r#"{"data":1,"headers":{"palisade-timeout-ms":017}}"#,
             r#"{"data":{1:2}}"#,
             "{\"data\":\"a\u{1}b\"}",
             r#"{"data":"\x"}"#,
@@ -517,6 +523,14 @@ mod tests {
         assert_eq!(
             deadline_only(r#"{ "Palisade-Timeout-MS" : 17 }"#, DEADLINE),
             Some(Some(17))
+        );
+        assert_eq!(
+            deadline_only(r#"{"palisade-timeout-ms":0}"#, DEADLINE),
+            Some(Some(0))
+        );
+        assert_eq!(
+            deadline_only(r#"{"palisade-timeout-ms":"007"}"#, DEADLINE),
+            Some(Some(7))
         );
         // Nineteen digits always fit a u64.
         assert_eq!(
