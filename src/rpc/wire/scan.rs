@@ -475,6 +475,8 @@ mod tests {
             r#"{"data":{"a":1]}"#,
             r#"{"data":1 x"#,
             r#"{"data":1,"headers":{"palisade-timeout-ms":017}}"#,
+            r#"{"a\:1}"#,
+            "{\"a\u{1}:1}",
             r#"{"data":{1:2}}"#,
             "{\"data\":\"a\u{1}b\"}",
             r#"{"data":"\x"}"#,
@@ -482,10 +484,14 @@ mod tests {
         ] {
             assert_eq!(read(text), None, "{text}");
         }
-        let deep = format!("{{\"data\":{}{}}}", "[".repeat(70), "]".repeat(70));
-        assert_eq!(read(&deep), None);
-        let shallow = format!("{{\"data\":{}{}}}", "[".repeat(60), "]".repeat(60));
-        assert!(read(&shallow).is_some());
+        // `data` is one deep; its values may nest to MAX_DEPTH, arrays and objects alike.
+        let arrays = |n: usize| format!("{{\"data\":{}{}}}", "[".repeat(n), "]".repeat(n));
+        let objects = |n: usize| format!("{{\"data\":{}1{}}}", "{\"a\":".repeat(n), "}".repeat(n));
+        for nested in [arrays, objects] {
+            assert!(read(&nested(MAX_DEPTH as usize - 1)).is_some());
+            assert_eq!(read(&nested(MAX_DEPTH as usize)), None);
+            assert_eq!(read(&nested(200)), None);
+        }
     }
 
     #[test]
@@ -511,6 +517,20 @@ mod tests {
         assert!(cursor.at_end());
         let mut cursor = Cursor::new(b"abc\xe9z\"");
         assert!(!cursor.plain_run(), "not UTF-8");
+    }
+
+    #[test]
+    fn leaves_bytes_that_are_not_utf8_to_serde_json() {
+        for frame in [
+            b"{\"data\":\"\x80\"}".as_slice(),
+            b"{\"data\":\"abcdefgh\xff\"}",
+            b"{\"d\xc3\":1}",
+            b"{\"data\":\"\xe9t\xc3\xa9\"}",
+        ] {
+            assert_eq!(packet(frame, DEADLINE), None, "{frame:?}");
+        }
+        let text = "{\"data\":\"\u{e9}t\u{e9}\"}";
+        assert_eq!(read(text).unwrap().data, raw("\"\u{e9}t\u{e9}\""));
     }
 
     #[test]
@@ -626,7 +646,7 @@ mod tests {
     fn mutated(frame: &[u8], at: usize, edit: u8) -> Vec<u8> {
         let mut bytes = frame.to_vec();
         let at = at % (bytes.len() + 1);
-        const INSERTS: &[u8] = b"{}[]\":,\\u0-.eE+ \x01\x7fn";
+        const INSERTS: &[u8] = b"{}[]\":,\\u0-.eE+ \x01\x7fn\x80\xff";
         match edit as usize % (INSERTS.len() + 1) {
             0 if at < bytes.len() => {
                 bytes.remove(at);
