@@ -565,12 +565,28 @@ mod tests {
             &first.route,
             &Pattern::from("Orders.get").route
         ));
-        // Long strings are not kept.
+        // Strings up to RECENT_PATTERN_LEN bytes are kept, longer ones not.
+        let longest = "x".repeat(RECENT_PATTERN_LEN);
+        assert!(Arc::ptr_eq(
+            &Pattern::from(longest.as_str()).route,
+            &Pattern::from(longest.as_str()).route
+        ));
         let long = "x".repeat(RECENT_PATTERN_LEN + 1);
         assert!(!Arc::ptr_eq(
             &Pattern::from(long.as_str()).route,
             &Pattern::from(long.as_str()).route
         ));
+        // As many as RECENT_PATTERNS at once.
+        let kept: Vec<Pattern> = (0..RECENT_PATTERNS)
+            .map(|n| Pattern::from(format!("kept-{n}").as_str()))
+            .collect();
+        for (n, pattern) in kept.iter().enumerate() {
+            let again = Pattern::from(format!("kept-{n}").as_str());
+            assert!(
+                Arc::ptr_eq(&pattern.route, &again.route),
+                "kept-{n} made twice"
+            );
+        }
         // Only the last few are: after as many others, the first is made anew, equal.
         for n in 0..RECENT_PATTERNS {
             let _ = Pattern::from(format!("other-{n}").as_str());
