@@ -1,7 +1,7 @@
 //! NestJS's JSON packets (nestjs-wire.md §1.1–1.4), encoded with Nest's key order so that frames
 //! are byte-identical to Nest's, and decoded with Nest's rules.
 
-use super::scan::{self, Fields};
+use super::scan::{self, Fields, Key};
 use crate::rpc::error::NO_HANDLER_MESSAGE;
 use crate::rpc::transport::ReplyPacket;
 use crate::rpc::{Headers, Kind, Pattern, RawJson, RpcRequest, TIMEOUT_HEADER};
@@ -195,73 +195,28 @@ pub fn encode_reply<B: BufMut>(out: &mut B, packet: &ReplyPacket, id: Option<&Ra
     out.put_u8(b'}');
 }
 
-/// The fields either direction may carry; values stay raw (borrowed from the frame). `Some`
-/// means present — even `null` (JavaScript's `undefined` and `null` differ here: a `null` id still
-/// makes a request), `None` absent. A key that appears twice keeps its last value, as
-/// `JSON.parse` does.
-#[derive(Default)]
-struct RawPacket<'a> {
-    pattern: Option<&'a RawValue>,
-    data: Option<&'a RawValue>,
-    id: Option<&'a RawValue>,
-    response: Option<&'a RawValue>,
-    err: Option<&'a RawValue>,
-    is_disposed: Option<&'a RawValue>,
-    headers: Option<&'a RawValue>,
-}
-
-fn raw_bytes(raw: &RawValue) -> &[u8] {
-    raw.get().as_bytes()
-}
-
-impl<'a> RawPacket<'a> {
-    fn into_fields(self) -> Fields<'a> {
-        Fields {
-            pattern: self.pattern.map(raw_bytes),
-            data: self.data.map(raw_bytes),
-            id: self.id.map(raw_bytes),
-            response: self.response.map(raw_bytes),
-            err: self.err.map(raw_bytes),
-            is_disposed: self.is_disposed.map(raw_bytes),
-            headers: self.headers.map(raw_bytes),
-            deadline: None,
-        }
-    }
-}
-
-/// A key of a packet, read without allocating: escaped or not, a key is only compared.
-enum PacketKey {
-    Pattern,
-    Data,
-    Id,
-    Response,
-    Err,
-    IsDisposed,
-    Headers,
-    Other,
-}
-
-impl<'de> Deserialize<'de> for PacketKey {
+impl<'de> Deserialize<'de> for Key {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         struct KeyVisitor;
 
         impl Visitor<'_> for KeyVisitor {
-            type Value = PacketKey;
+            type Value = Key;
 
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
                 f.write_str("a key")
             }
 
-            fn visit_str<E: serde::de::Error>(self, key: &str) -> Result<PacketKey, E> {
+            // Read without allocating: escaped or not, a key is only compared.
+            fn visit_str<E: serde::de::Error>(self, key: &str) -> Result<Key, E> {
                 Ok(match key {
-                    "pattern" => PacketKey::Pattern,
-                    "data" => PacketKey::Data,
-                    "id" => PacketKey::Id,
-                    "response" => PacketKey::Response,
-                    "err" => PacketKey::Err,
-                    "isDisposed" => PacketKey::IsDisposed,
-                    "headers" => PacketKey::Headers,
-                    _ => PacketKey::Other,
+                    "pattern" => Key::Pattern,
+                    "data" => Key::Data,
+                    "id" => Key::Id,
+                    "response" => Key::Response,
+                    "err" => Key::Err,
+                    "isDisposed" => Key::IsDisposed,
+                    "headers" => Key::Headers,
+                    _ => Key::Other,
                 })
             }
         }
@@ -270,37 +225,34 @@ impl<'de> Deserialize<'de> for PacketKey {
     }
 }
 
-impl<'de: 'a, 'a> Deserialize<'de> for RawPacket<'a> {
+/// A packet's fields as `serde_json` reads them, for what the fast reader leaves to it: values
+/// stay raw (borrowed from the frame); `Some` means present — even `null` (JavaScript's
+/// `undefined` and `null` differ here: a `null` id still makes a request), `None` absent. A key
+/// that appears twice keeps its last value, as `JSON.parse` does.
+impl<'de: 'a, 'a> Deserialize<'de> for Fields<'a> {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         struct PacketVisitor<'a>(std::marker::PhantomData<&'a ()>);
 
         impl<'de: 'a, 'a> Visitor<'de> for PacketVisitor<'a> {
-            type Value = RawPacket<'a>;
+            type Value = Fields<'a>;
 
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
                 f.write_str("a JSON object")
             }
 
-            fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<RawPacket<'a>, M::Error> {
-                let mut packet = RawPacket::default();
-                while let Some(key) = map.next_key::<PacketKey>()? {
-                    let slot = match key {
-                        PacketKey::Pattern => &mut packet.pattern,
-                        PacketKey::Data => &mut packet.data,
-                        PacketKey::Id => &mut packet.id,
-                        PacketKey::Response => &mut packet.response,
-                        PacketKey::Err => &mut packet.err,
-                        PacketKey::IsDisposed => &mut packet.is_disposed,
-                        PacketKey::Headers => &mut packet.headers,
-                        PacketKey::Other => {
-                            map.next_value::<IgnoredAny>()?;
-                            continue;
+            fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<Fields<'a>, M::Error> {
+                let mut fields = Fields::default();
+                while let Some(key) = map.next_key::<Key>()? {
+                    match fields.slot(key) {
+                        Some(slot) => {
+                            *slot = Some(map.next_value::<&'de RawValue>()?.get().as_bytes());
                         }
-                    };
-                    // The last occurrence wins, as with `JSON.parse`.
-                    *slot = Some(map.next_value::<&'de RawValue>()?);
+                        None => {
+                            map.next_value::<IgnoredAny>()?;
+                        }
+                    }
                 }
-                Ok(packet)
+                Ok(fields)
             }
         }
 
@@ -316,17 +268,17 @@ fn parse_packet(frame: &[u8]) -> Result<Fields<'_>, serde_json::Error> {
         return Ok(fields);
     }
     match std::str::from_utf8(frame) {
-        Ok(text) => serde_json::from_str::<RawPacket<'_>>(text).map(RawPacket::into_fields),
+        Ok(text) => serde_json::from_str::<Fields<'_>>(text),
         // The parser's own error; or, when the bad bytes sit in a field it skips, the packet as
         // it reads it.
-        Err(_) => serde_json::from_slice::<RawPacket<'_>>(frame).map(RawPacket::into_fields),
+        Err(_) => serde_json::from_slice::<Fields<'_>>(frame),
     }
 }
 
 /// The fields as `serde_json` alone reads them, for the fast reader's tests.
 #[cfg(test)]
 pub(super) fn fields_by_serde(text: &str) -> Result<Fields<'_>, serde_json::Error> {
-    serde_json::from_str::<RawPacket<'_>>(text).map(RawPacket::into_fields)
+    serde_json::from_str::<Fields<'_>>(text)
 }
 
 /// The deadline of a `headers` value as `serde_json` alone reads it, when it holds no other
@@ -720,6 +672,10 @@ pub(super) trait Field {
 impl Field for &[u8] {
     fn text(&self) -> &str {
         // A field of a frame read as JSON, which is UTF-8.
+        debug_assert!(
+            std::str::from_utf8(self).is_ok(),
+            "a field that is not UTF-8"
+        );
         std::str::from_utf8(self).unwrap_or("null")
     }
 }

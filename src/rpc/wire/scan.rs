@@ -30,6 +30,23 @@ pub(super) struct Fields<'a> {
     pub(super) deadline: Option<Option<u64>>,
 }
 
+impl<'a> Fields<'a> {
+    /// Where the value of `key` goes (the last occurrence wins); `None` for a key that is not
+    /// one of NestJS's fields.
+    pub(super) fn slot(&mut self, key: Key) -> Option<&mut Option<&'a [u8]>> {
+        match key {
+            Key::Pattern => Some(&mut self.pattern),
+            Key::Data => Some(&mut self.data),
+            Key::Id => Some(&mut self.id),
+            Key::Response => Some(&mut self.response),
+            Key::Err => Some(&mut self.err),
+            Key::IsDisposed => Some(&mut self.is_disposed),
+            Key::Headers => Some(&mut self.headers),
+            Key::Other => None,
+        }
+    }
+}
+
 /// The fields of `frame`, a JSON object; `None` when this reader leaves `frame` to `serde_json`.
 /// `deadline_header` names the header [`Fields::deadline`] looks for.
 pub(super) fn packet<'a>(frame: &'a [u8], deadline_header: &str) -> Option<Fields<'a>> {
@@ -53,36 +70,19 @@ pub(super) fn packet<'a>(frame: &'a [u8], deadline_header: &str) -> Option<Field
             cursor.expect(b':')?;
             cursor.whitespace();
             let start = cursor.at;
-            let slot = match key {
-                Key::Pattern => &mut fields.pattern,
-                Key::Data => &mut fields.data,
-                Key::Id => &mut fields.id,
-                Key::Response => &mut fields.response,
-                Key::Err => &mut fields.err,
-                Key::IsDisposed => &mut fields.is_disposed,
-                Key::Headers => {
-                    let mut probe = cursor;
-                    fields.deadline = probe.deadline_only(deadline_header);
-                    match fields.deadline {
-                        Some(_) => cursor = probe,
-                        None => cursor.value(1)?,
-                    }
-                    fields.headers = Some(&frame[start..cursor.at]);
-                    if cursor.next_member(b'}')? {
-                        continue;
-                    }
-                    break;
+            if let Key::Headers = key {
+                let mut probe = cursor;
+                fields.deadline = probe.deadline_only(deadline_header);
+                match fields.deadline {
+                    Some(_) => cursor = probe,
+                    None => cursor.value(1)?,
                 }
-                Key::Other => {
-                    cursor.value(1)?;
-                    if cursor.next_member(b'}')? {
-                        continue;
-                    }
-                    break;
-                }
-            };
-            cursor.value(1)?;
-            *slot = Some(&frame[start..cursor.at]);
+            } else {
+                cursor.value(1)?;
+            }
+            if let Some(slot) = fields.slot(key) {
+                *slot = Some(&frame[start..cursor.at]);
+            }
             if !cursor.next_member(b'}')? {
                 break;
             }
@@ -102,9 +102,9 @@ pub(super) fn deadline_only(raw: &str, name: &str) -> Option<Option<u64>> {
     cursor.at_end().then_some(deadline)
 }
 
-/// A key of a packet.
+/// A key of a packet: one of NestJS's fields, or another (whose value is checked, then dropped).
 #[derive(Clone, Copy)]
-enum Key {
+pub(super) enum Key {
     Pattern,
     Data,
     Id,
