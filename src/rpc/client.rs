@@ -8,11 +8,12 @@ use crate::classify::FaultsOnly;
 use crate::retry::{Predicate, RetryPolicy, TransientErrors};
 use crate::rng::{SharedRng, mix};
 use crate::timeout::{
-    Deadline, DeadlineLayer, Elapsed, HasDeadline, RequestDeadline, TimeoutLayer,
+    Deadline, DeadlineLayer, Elapsed, HasDeadline, RequestDeadline, TimeoutLayer, Until,
 };
 use futures_core::Stream;
 use futures_util::future::BoxFuture;
 use futures_util::stream::BoxStream;
+use pin_project_lite::pin_project;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use std::fmt;
@@ -88,24 +89,16 @@ struct TransportService {
 impl Service<RpcRequest> for TransportService {
     type Response = RpcResponse;
     type Error = RpcError;
-    type Future = BoxFuture<'static, Result<RpcResponse, RpcError>>;
+    type Future = TransportFuture;
 
     fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), RpcError>> {
         Poll::Ready(Ok(()))
     }
 
     fn call(&mut self, request: RpcRequest) -> Self::Future {
-        let transport = Arc::clone(&self.transport);
-        Box::pin(async move {
-            // The layers above enforce the deadline; a transport that explains silence does so
-            // just before it.
-            match (transport.explain_silence(), request.deadline()) {
-                (Some(explain), Some(deadline)) if request.kind() == Kind::Request => {
-                    exchange_explaining(&*transport, request, explain, deadline.instant()).await
-                }
-                _ => exchange(&*transport, request, &mut false).await,
-            }
-        })
+        // The layers above enforce the deadline; a transport that explains silence does so just
+        // before it.
+        TransportFuture::new(&*self.transport, request, false)
     }
 }
 
@@ -123,48 +116,159 @@ macro_rules! in_span {
     };
 }
 
-/// Hands one request to the transport and waits for the first reply packet. `sent` is set once
-/// the transport took the request.
-async fn exchange(
-    transport: &dyn ClientTransport,
-    request: RpcRequest,
-    sent: &mut bool,
-) -> Result<RpcResponse, RpcError> {
-    if request.kind() == Kind::Event {
-        // The deadline bounds the emit here and is not sent: no caller waits for an event's
-        // handlers, and a durable event handled (or redelivered) later must not be judged
-        // expired by the server.
-        transport.emit(request.without_deadline()).await?;
-        return Ok(RpcResponse::empty());
+/// Hands one request to the transport and resolves on its first reply packet (an event: once the
+/// transport took it).
+///
+/// Written out rather than an `async fn`: it sits inside every call's future, and each of its
+/// states is a pointer or two, where an `async fn` kept the request and each awaited future side
+/// by side (416 bytes, copied with the futures around it at every move).
+struct Exchange {
+    state: ExchangeState,
+    /// The transport took the request: an answer may come.
+    sent: bool,
+}
+
+enum ExchangeState {
+    Emitting(BoxFuture<'static, Result<(), RpcError>>),
+    Sending(BoxFuture<'static, Result<ReplyReceiver, RpcError>>),
+    Receiving(ReplyReceiver),
+    Done,
+}
+
+impl Exchange {
+    fn new(transport: &dyn ClientTransport, request: RpcRequest) -> Self {
+        let state = if request.kind() == Kind::Event {
+            // The deadline bounds the emit here and is not sent: no caller waits for an event's
+            // handlers, and a durable event handled (or redelivered) later must not be judged
+            // expired by the server.
+            ExchangeState::Emitting(transport.emit(request.without_deadline()))
+        } else {
+            ExchangeState::Sending(transport.request(request))
+        };
+        Exchange { state, sent: false }
     }
-    let mut replies = transport.request(request).await?;
-    *sent = true;
-    let packet = replies.recv().await.ok_or_else(connection_lost)?;
-    let (first, last) = read_packet(packet)?;
+}
+
+impl Future for Exchange {
+    type Output = Result<RpcResponse, RpcError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = &mut *self;
+        loop {
+            match &mut this.state {
+                ExchangeState::Emitting(emitting) => {
+                    let emitted = std::task::ready!(emitting.as_mut().poll(cx));
+                    this.state = ExchangeState::Done;
+                    return Poll::Ready(emitted.map(|()| RpcResponse::empty()));
+                }
+                ExchangeState::Sending(sending) => {
+                    match std::task::ready!(sending.as_mut().poll(cx)) {
+                        Ok(replies) => {
+                            this.sent = true;
+                            this.state = ExchangeState::Receiving(replies);
+                        }
+                        Err(error) => {
+                            this.state = ExchangeState::Done;
+                            return Poll::Ready(Err(error));
+                        }
+                    }
+                }
+                ExchangeState::Receiving(replies) => {
+                    let packet = std::task::ready!(replies.poll_recv(cx));
+                    let ExchangeState::Receiving(replies) =
+                        std::mem::replace(&mut this.state, ExchangeState::Done)
+                    else {
+                        unreachable!("matched above")
+                    };
+                    return Poll::Ready(first_of(packet, replies));
+                }
+                ExchangeState::Done => panic!("a client's exchange polled after it resolved"),
+            }
+        }
+    }
+}
+
+/// The response a request's first reply packet makes, with `replies` for the rest if more follow.
+fn first_of(packet: Option<ReplyPacket>, replies: ReplyReceiver) -> Result<RpcResponse, RpcError> {
+    let (first, last) = read_packet(packet.ok_or_else(connection_lost)?)?;
     Ok(RpcResponse {
         first,
         rest: (!last).then_some(replies),
     })
 }
 
-/// [`exchange`] of a request (not an event: nobody waits for an answer to one) within `deadline`
-/// over a transport that [explains silence](ClientTransport::explain_silence): given up
-/// [`SILENCE_MARGIN`] early, with the transport's explanation if the request went out, and a
-/// bare `DeadlineExceeded` if it did not.
-async fn exchange_explaining(
-    transport: &dyn ClientTransport,
-    request: RpcRequest,
-    explain: ExplainSilence,
-    deadline: Instant,
-) -> Result<RpcResponse, RpcError> {
-    let route = Arc::clone(request.pattern().route_arc());
-    let give_up = deadline.checked_sub(SILENCE_MARGIN).unwrap_or(deadline);
-    let mut sent = false;
-    let outcome = crate::timeout::until(give_up, exchange(transport, request, &mut sent)).await;
-    match outcome {
-        Some(result) => result,
-        None if sent => Err(explain(&route)),
-        None => Err(RpcError::from(Elapsed::deadline())),
+pin_project! {
+    /// A request handed to the transport, resolved on its first reply packet: within the request's
+    /// deadline (when the client enforces it there), and [`SILENCE_MARGIN`] early over a
+    /// transport that [explains silence](ClientTransport::explain_silence), with the transport's
+    /// explanation if the request went out and a bare `DeadlineExceeded` if it did not.
+    #[project = TransportFutureProjection]
+    enum TransportFuture {
+        Unbounded {
+            #[pin]
+            exchange: Exchange,
+        },
+        Bounded {
+            #[pin]
+            exchange: Until<Exchange>,
+        },
+        Explained {
+            #[pin]
+            exchange: Until<Exchange>,
+            route: Arc<str>,
+            explain: ExplainSilence,
+        },
+    }
+}
+
+impl TransportFuture {
+    /// `request` through `transport`; `enforce_deadline` bounds it by the request's deadline here
+    /// (no layer above does).
+    fn new(transport: &dyn ClientTransport, request: RpcRequest, enforce_deadline: bool) -> Self {
+        let deadline = request.deadline();
+        match (deadline, transport.explain_silence()) {
+            (Some(deadline), Some(explain)) if request.kind() == Kind::Request => {
+                let route = Arc::clone(request.pattern().route_arc());
+                let end = deadline.instant();
+                let give_up = end.checked_sub(SILENCE_MARGIN).unwrap_or(end);
+                TransportFuture::Explained {
+                    exchange: crate::timeout::until(give_up, Exchange::new(transport, request)),
+                    route,
+                    explain,
+                }
+            }
+            (Some(deadline), _) if enforce_deadline => TransportFuture::Bounded {
+                exchange: crate::timeout::until(
+                    deadline.instant(),
+                    Exchange::new(transport, request),
+                ),
+            },
+            _ => TransportFuture::Unbounded {
+                exchange: Exchange::new(transport, request),
+            },
+        }
+    }
+}
+
+impl Future for TransportFuture {
+    type Output = Result<RpcResponse, RpcError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project() {
+            TransportFutureProjection::Unbounded { exchange } => exchange.poll(cx),
+            TransportFutureProjection::Bounded { exchange } => exchange
+                .poll(cx)
+                .map(|outcome| outcome.unwrap_or_else(|| Err(RpcError::from(Elapsed::deadline())))),
+            TransportFutureProjection::Explained {
+                mut exchange,
+                route,
+                explain,
+            } => match std::task::ready!(exchange.as_mut().poll(cx)) {
+                Some(result) => Poll::Ready(result),
+                None if exchange.get_ref().sent => Poll::Ready(Err(explain(route))),
+                None => Poll::Ready(Err(RpcError::from(Elapsed::deadline()))),
+            },
+        }
     }
 }
 
@@ -239,14 +343,18 @@ impl Client {
     /// can be correlated with this one. Without tracing there is no trace context to carry, and
     /// nothing extra goes on the wire.
     pub async fn call(&self, mut request: RpcRequest) -> Result<RpcResponse, RpcError> {
-        let span = tracing::info_span!(
-            "rpc.client",
-            pattern = %request.pattern(),
-            kind = ?request.kind(),
-            trace = tracing::field::Empty,
-            outcome = tracing::field::Empty,
-            latency_us = tracing::field::Empty,
-        );
+        let span = if super::spans_observed() {
+            tracing::info_span!(
+                "rpc.client",
+                pattern = %request.pattern(),
+                kind = ?request.kind(),
+                trace = tracing::field::Empty,
+                outcome = tracing::field::Empty,
+                latency_us = tracing::field::Empty,
+            )
+        } else {
+            tracing::Span::none()
+        };
         let traced = !span.is_disabled();
         if traced {
             let headers = request.headers_mut();
@@ -266,31 +374,13 @@ impl Client {
         #[cfg(feature = "metrics")]
         let metered = (Arc::clone(request.pattern().route_arc()), request.kind());
         let result = match &self.stack {
-            Stack::Direct(transport) => {
-                // Without other layers the deadline is enforced here rather than by a boxed
-                // `DeadlineLayer` stack, so the default timeout costs a timer, not a service.
-                match (request.deadline(), transport.explain_silence()) {
-                    (Some(deadline), Some(explain)) if request.kind() == Kind::Request => {
-                        in_span!(
-                            traced,
-                            span,
-                            exchange_explaining(&**transport, request, explain, deadline.instant())
-                        )
-                    }
-                    (Some(deadline), _) => in_span!(
-                        traced,
-                        span,
-                        crate::timeout::until(
-                            deadline.instant(),
-                            exchange(&**transport, request, &mut false)
-                        )
-                    )
-                    .unwrap_or_else(|| Err(RpcError::from(Elapsed::deadline()))),
-                    (None, _) => {
-                        in_span!(traced, span, exchange(&**transport, request, &mut false))
-                    }
-                }
-            }
+            // Without other layers the deadline is enforced here rather than by a boxed
+            // `DeadlineLayer` stack, so the default timeout costs a timer, not a service.
+            Stack::Direct(transport) => in_span!(
+                traced,
+                span,
+                TransportFuture::new(&**transport, request, true)
+            ),
             Stack::Layered(stack) => in_span!(traced, span, stack.clone().oneshot(request)),
         };
         #[cfg(feature = "metrics")]

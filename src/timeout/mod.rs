@@ -47,7 +47,7 @@ pub use self::deadline::{
 pub use self::error::{Elapsed, ElapsedKind};
 pub use self::future::ResponseFuture;
 pub use self::layer::{DeadlineLayer, TimeoutLayer};
-pub(crate) use self::timer::{sleep_until_lazily, until};
+pub(crate) use self::timer::{Until, sleep_until_lazily, until};
 
 use std::task::{Context, Poll};
 use std::time::Duration;

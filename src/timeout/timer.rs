@@ -121,6 +121,13 @@ pin_project! {
     }
 }
 
+impl<F> Until<F> {
+    /// The future raced against the deadline.
+    pub(crate) fn get_ref(&self) -> &F {
+        &self.future
+    }
+}
+
 /// `future` within `end`: `None` if `end` passes first.
 pub(crate) fn until<F: Future>(end: Instant, future: F) -> Until<F> {
     Until {

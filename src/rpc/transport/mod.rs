@@ -54,6 +54,7 @@ use futures_util::future::BoxFuture;
 use std::fmt;
 use std::future::Future;
 use std::sync::Arc;
+use std::task::Poll;
 use tokio::sync::{mpsc, oneshot};
 
 /// Header naming an operation's idempotency key: a caller that may send the same event or request
@@ -247,20 +248,27 @@ impl ReplyReceiver {
     /// The next packet; `None` if the transport lost the request (it reports why by sending an
     /// `Unavailable` error packet first when it can).
     pub async fn recv(&mut self) -> Option<ReplyPacket> {
+        std::future::poll_fn(|cx| self.poll_recv(cx)).await
+    }
+
+    /// [`recv`](Self::recv) as a poll: the next packet once it is there, the task of `cx` woken
+    /// when it comes.
+    pub fn poll_recv(&mut self, cx: &mut std::task::Context<'_>) -> Poll<Option<ReplyPacket>> {
         match &mut self.state {
-            ReceiverState::First(first) => match first.await {
-                Ok((packet, rest)) => {
+            ReceiverState::First(first) => match std::pin::Pin::new(first).poll(cx) {
+                Poll::Pending => Poll::Pending,
+                Poll::Ready(Ok((packet, rest))) => {
                     self.state = rest.map_or(ReceiverState::Done, ReceiverState::Rest);
-                    Some(packet)
+                    Poll::Ready(Some(packet))
                 }
-                Err(_) => {
+                Poll::Ready(Err(_)) => {
                     self.state = ReceiverState::Done;
-                    None
+                    Poll::Ready(None)
                 }
             },
-            ReceiverState::Rest(RestReceiver::Bounded(rest)) => rest.recv().await,
-            ReceiverState::Rest(RestReceiver::Unbounded(rest)) => rest.recv().await,
-            ReceiverState::Done => None,
+            ReceiverState::Rest(RestReceiver::Bounded(rest)) => rest.poll_recv(cx),
+            ReceiverState::Rest(RestReceiver::Unbounded(rest)) => rest.poll_recv(cx),
+            ReceiverState::Done => Poll::Ready(None),
         }
     }
 }
