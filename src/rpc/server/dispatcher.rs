@@ -308,16 +308,20 @@ impl Dispatcher {
             None => None,
         };
         // The target stays `palisade::rpc::server` whatever file this lives in: log filters name it.
-        let span = tracing::info_span!(
-            target: "palisade::rpc::server",
-            "rpc.server",
-            transport = self.inner.transport,
-            pattern = %request.pattern(),
-            kind = ?request.kind(),
-            trace = request.headers().get(TRACEPARENT_HEADER).map(tracing::field::display),
-            outcome = tracing::field::Empty,
-            latency_us = tracing::field::Empty,
-        );
+        let span = if crate::rpc::spans_observed() {
+            tracing::info_span!(
+                target: "palisade::rpc::server",
+                "rpc.server",
+                transport = self.inner.transport,
+                pattern = %request.pattern(),
+                kind = ?request.kind(),
+                trace = request.headers().get(TRACEPARENT_HEADER).map(tracing::field::display),
+                outcome = tracing::field::Empty,
+                latency_us = tracing::field::Empty,
+            )
+        } else {
+            tracing::Span::none()
+        };
         #[cfg(feature = "opentelemetry")]
         if !span.is_disabled() {
             crate::rpc::otel::continue_trace(&span, request.headers());
