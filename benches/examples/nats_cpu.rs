@@ -13,6 +13,8 @@
 //! - `bare`: async-nats `request()` against a bare echoing subscriber;
 //! - `bare-nest`: the same async-nats loops carrying NestJS's packets, written with `format!` and
 //!   read into a `serde_json::Value` on both sides, as the bare Redis and MQTT loops do;
+//! - `bare-hop`: `bare` with palisade's reply path (one inbox subscription read by a task that
+//!   hands each reply to its caller) instead of `request()`'s;
 //! - `palisade`: the default client, whose 5 s timeout travels as a deadline in the packet body;
 //! - `deadline-header`: the same deadline as a NATS header (`NatsOptions::deadline_header`);
 //! - `no-timeout`: `ClientBuilder::no_timeout`, so no deadline and no timer;
@@ -21,9 +23,9 @@
 //!
 //! Arguments: calls per round, the contenders (comma-separated, or `all`), rounds, calls in flight.
 //! Prints, per round, the wall time, this process's CPU time (client and server together) and
-//! the broker's, each per request; contenders take turns within each round, and a summary gives
-//! each one's median over the rounds and the median of its per-round ratio to the first
-//! contender.
+//! the broker's, each per request, and the read and write system calls of each per request;
+//! contenders take turns within each round, and a summary gives each one's median over the
+//! rounds and the median of its per-round ratio to the first contender.
 use palisade::rpc::transport::ServerTransport;
 use palisade::rpc::transport::nats::{NatsOptions, NatsServer};
 use palisade::rpc::{Client, Server};
@@ -43,7 +45,7 @@ fn main() {
     let broker = broker::Broker::start();
     let broker_pid = broker.pid().expect("the broker runs").to_string();
     let runtime = two_workers();
-    let (bare, palisade, with_header, untimed) = runtime.block_on(async {
+    let (bare, palisade, with_header, untimed, hop) = runtime.block_on(async {
         serve_bare_echo(&broker.url()).await;
         serve_bare_nest_echo(&broker.url()).await;
         let bare = async_nats::connect(broker.url()).await.unwrap();
@@ -65,7 +67,13 @@ fn main() {
             .connect(NatsOptions::new([broker.url()]))
             .await
             .unwrap();
-        (bare, client, with_header, untimed)
+        (
+            bare,
+            client,
+            with_header,
+            untimed,
+            bare_nats::HopClient::connect(&broker.url()).await,
+        )
     });
     let contenders = [
         contender("bare", {
@@ -81,6 +89,10 @@ fn main() {
                 let bare = bare.clone();
                 async move { bare_nest_call(&bare, x).await }
             }
+        }),
+        contender("bare-hop", move |x| {
+            let hop = hop.clone();
+            async move { hop.call(x).await }
         }),
         echo_contender("palisade", palisade),
         echo_contender("deadline-header", with_header),

@@ -12,10 +12,10 @@
 //!
 //! Arguments: calls per round, the contenders (comma-separated, or `all`), rounds, calls in flight.
 //! Prints, per round and contender, the wall time, this process's CPU time (client and server
-//! together) and the broker's CPU time, each per request; contenders take turns within each
-//! round, and a summary gives each one's median over the rounds and the median of its per-round
-//! ratio to the first contender. The bare loops are the bench's own (`benches/redis.rs`),
-//! included from there.
+//! together) and the broker's CPU time, each per request, and the read and write system calls of
+//! each per request; contenders take turns within each round, and a summary gives each one's
+//! median over the rounds and the median of its per-round ratio to the first contender. The bare
+//! loops are the bench's own (`benches/redis.rs`), included from there.
 use palisade::rpc::transport::ServerTransport;
 use palisade::rpc::transport::redis::{RedisOptions, RedisServer};
 use palisade::rpc::{Client, Server};

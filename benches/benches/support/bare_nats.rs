@@ -3,6 +3,10 @@
 //! `benches/nats.rs` and `examples/nats_cpu.rs`.
 
 use futures::StreamExt;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use tokio::sync::oneshot;
 
 /// Subscribes to `bare-echo` on its own connection and answers each request with its payload.
 pub async fn serve_bare_echo(url: &str) {
@@ -57,4 +61,60 @@ pub async fn bare_nest_call(client: &async_nats::Client, x: u64) {
     let reply = client.request("bare-nest-echo", body.into()).await.unwrap();
     let reply: serde_json::Value = serde_json::from_slice(&reply.payload).unwrap();
     assert_eq!(reply["response"].as_u64(), Some(x));
+}
+
+/// Callers waiting for replies, by request number.
+type Waiting = Arc<Mutex<HashMap<u64, oneshot::Sender<bytes::Bytes>>>>;
+
+/// Bare async-nats with palisade's reply path instead of `request()`'s: one subscription on
+/// `<inbox>.*`, a task reading it and handing each reply to its caller through a map of oneshot
+/// channels. It shows what that extra hop costs (async-nats's own `request()` delivers replies
+/// from its connection task, but keeps the entry of a request that is never answered for the
+/// life of the client: nats-io/nats.rs#1617).
+#[allow(dead_code)] // for nats_cpu only
+pub struct HopClient {
+    client: async_nats::Client,
+    inbox: String,
+    next: AtomicU64,
+    waiting: Waiting,
+}
+
+#[allow(dead_code)] // for nats_cpu only
+impl HopClient {
+    pub async fn connect(url: &str) -> Arc<Self> {
+        let client = async_nats::connect(url).await.unwrap();
+        let inbox = client.new_inbox();
+        let mut replies = client.subscribe(format!("{inbox}.*")).await.unwrap();
+        client.flush().await.unwrap();
+        let waiting = Waiting::default();
+        let reader = Arc::clone(&waiting);
+        tokio::spawn(async move {
+            while let Some(message) = replies.next().await {
+                let n: u64 = message.subject.rsplit('.').next().unwrap().parse().unwrap();
+                if let Some(sender) = reader.lock().unwrap().remove(&n) {
+                    let _ = sender.send(message.payload);
+                }
+            }
+        });
+        Arc::new(HopClient {
+            client,
+            inbox,
+            next: AtomicU64::new(0),
+            waiting,
+        })
+    }
+
+    /// One request to the bare echo, checked.
+    pub async fn call(&self, x: u64) {
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        let (sender, receiver) = oneshot::channel();
+        self.waiting.lock().unwrap().insert(n, sender);
+        let reply_to = format!("{}.{n}", self.inbox);
+        self.client
+            .publish_with_reply("bare-echo", reply_to, x.to_string().into())
+            .await
+            .unwrap();
+        let reply = receiver.await.unwrap();
+        assert_eq!(reply, x.to_string().as_bytes());
+    }
 }

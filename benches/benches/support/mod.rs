@@ -96,6 +96,17 @@ pub fn cpu_ticks(pid: &str) -> u64 {
     fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
 }
 
+/// Read and write system calls `pid` (a process id, or `self`) has made so far, from
+/// `/proc/<pid>/io`: how often a process goes to its sockets shows how well it batches.
+#[allow(dead_code)] // for the examples only
+pub fn io_calls(pid: &str) -> u64 {
+    let io = std::fs::read_to_string(format!("/proc/{pid}/io")).unwrap_or_default();
+    io.lines()
+        .filter(|line| line.starts_with("syscr:") || line.starts_with("syscw:"))
+        .filter_map(|line| line.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .sum()
+}
+
 /// One contender of a `*_cpu` example: a name and one call with its number.
 #[allow(dead_code)] // for the examples only
 pub type CpuContender = (
@@ -154,23 +165,32 @@ pub fn cpu_rounds(
         .filter(|(name, _)| only.is_empty() || only.iter().any(|o| o == name))
         .collect();
     let width = chosen.iter().map(|(name, _)| name.len()).max().unwrap_or(0);
-    // Per contender: (wall, cpu(process), cpu(broker)) of each round, µs per call.
-    let mut measured: Vec<Vec<[f64; 3]>> = vec![Vec::new(); chosen.len()];
+    // Per contender: (wall, cpu(process), cpu(broker)) of each round, µs per call, and the
+    // process's and the broker's socket calls per call.
+    let mut measured: Vec<Vec<[f64; 5]>> = vec![Vec::new(); chosen.len()];
     for round in 0..rounds {
         for (i, (name, call)) in chosen.iter().enumerate() {
             let (c0, b0) = (cpu_ticks("self"), cpu_ticks(broker_pid));
+            let (i0, j0) = (io_calls("self"), io_calls(broker_pid));
             let call = std::sync::Arc::clone(call);
             let wall = runtime.block_on(in_tasks(n, in_flight, move |x| call(x)));
             let (c1, b1) = (cpu_ticks("self"), cpu_ticks(broker_pid));
+            let (i1, j1) = (io_calls("self"), io_calls(broker_pid));
             let per = |ticks: u64| ticks as f64 * 10_000.0 / n as f64; // 100 Hz ticks -> µs
             let round_figures = [
                 wall.as_secs_f64() * 1e6 / n as f64,
                 per(c1 - c0),
                 per(b1 - b0),
+                (i1 - i0) as f64 / n as f64,
+                (j1 - j0) as f64 / n as f64,
             ];
             println!(
-                "round {round} {name:width$} wall {:6.2} µs/req  cpu(process) {:6.2} µs/req  cpu({broker}) {:5.2} µs/req",
-                round_figures[0], round_figures[1], round_figures[2]
+                "round {round} {name:width$} wall {:6.2} µs/req  cpu(process) {:6.2} µs/req  cpu({broker}) {:5.2} µs/req  io calls/req {:4.2} + {:4.2}",
+                round_figures[0],
+                round_figures[1],
+                round_figures[2],
+                round_figures[3],
+                round_figures[4]
             );
             measured[i].push(round_figures);
         }
@@ -189,10 +209,12 @@ pub fn cpu_rounds(
                 .collect(),
         );
         println!(
-            "  {name:width$} wall {:6.2} µs/req  cpu(process) {:6.2} µs/req  cpu({broker}) {:5.2} µs/req  wall / {}: {ratio:.3}",
+            "  {name:width$} wall {:6.2} µs/req  cpu(process) {:6.2} µs/req  cpu({broker}) {:5.2} µs/req  io calls/req {:4.2} + {:4.2}  wall / {}: {ratio:.3}",
             column(0),
             column(1),
             column(2),
+            column(3),
+            column(4),
             chosen[0].0,
         );
     }
