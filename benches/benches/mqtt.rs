@@ -16,7 +16,7 @@ use palisade::rpc::{Client, Server};
 use std::time::Duration;
 
 mod support;
-use support::{bench_calls, echo_router, free_port, two_workers};
+use support::{bench_calls, bench_events, echo_router, free_port, two_workers};
 
 #[path = "support/nest_pairs.rs"]
 mod nest_pairs;
@@ -88,7 +88,7 @@ fn mqtt_qos0(c: &mut Criterion) {
     // requests measured after it.
     for (name, in_flight) in [("sequential", 1), ("64_in_flight", 64)] {
         let mut group = c.benchmark_group(format!("mqtt/emit/{name}"));
-        bench_calls(
+        bench_events(
             &mut group,
             "bare rumqttc publish",
             &runtime,
@@ -96,7 +96,7 @@ fn mqtt_qos0(c: &mut Criterion) {
             &bare,
             |bare, x| async move { bare.emit(x).await },
         );
-        bench_calls(
+        bench_events(
             &mut group,
             "palisade emit",
             &runtime,

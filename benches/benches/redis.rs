@@ -18,7 +18,7 @@ use palisade::rpc::{Client, Server};
 use std::time::Duration;
 
 mod support;
-use support::{bench_calls, echo_router, free_port, two_workers};
+use support::{bench_calls, bench_events, echo_router, free_port, two_workers};
 
 #[path = "support/nest_pairs.rs"]
 mod nest_pairs;
@@ -90,7 +90,7 @@ fn redis_pubsub(c: &mut Criterion) {
     // requests measured after it.
     for (name, in_flight) in [("sequential", 1), ("64_in_flight", 64)] {
         let mut group = c.benchmark_group(format!("redis/emit/{name}"));
-        bench_calls(
+        bench_events(
             &mut group,
             "bare redis publish",
             &runtime,
@@ -98,7 +98,7 @@ fn redis_pubsub(c: &mut Criterion) {
             &bare,
             |bare, x| async move { bare.emit(x).await },
         );
-        bench_calls(
+        bench_events(
             &mut group,
             "palisade emit",
             &runtime,

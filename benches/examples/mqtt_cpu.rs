@@ -24,7 +24,9 @@ use std::sync::Arc;
 
 #[path = "../benches/support/mod.rs"]
 mod support;
-use support::{contender, cpu_rounds, echo_contender, echo_router, free_port, two_workers};
+use support::{
+    contender, cpu_rounds, echo_contender, echo_router, event_contender, free_port, two_workers,
+};
 
 #[path = "../../tests/support/mqtt.rs"]
 mod broker;
@@ -66,14 +68,14 @@ fn main() {
         }),
         echo_contender("palisade", palisade.clone()),
         echo_contender("no-timeout", untimed),
-        contender("bare-emit", {
+        event_contender("bare-emit", {
             let bare = Arc::clone(&bare);
             move |x| {
                 let bare = Arc::clone(&bare);
                 async move { bare.emit(x).await }
             }
         }),
-        contender("palisade-emit", move |x| {
+        event_contender("palisade-emit", move |x| {
             let client = palisade.clone();
             async move { client.emit("note", &x).await.unwrap() }
         }),

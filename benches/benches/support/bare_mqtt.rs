@@ -126,6 +126,8 @@ pub async fn bare_server(url: &str) {
                             }
                         });
                     }
+                } else {
+                    crate::support::event_handled();
                 }
             }
         }

@@ -94,6 +94,8 @@ pub async fn bare_server(url: &str) {
                         .query_async(&mut publisher)
                         .await
                         .unwrap();
+                } else {
+                    crate::support::event_handled();
                 }
             });
         }

@@ -28,6 +28,67 @@ where
     start.elapsed()
 }
 
+/// Events the benches' servers have handled (palisade's `note` handler and the bare servers'
+/// event branches count here), so that an event contender is timed until its events were handled,
+/// not only handed to a client: over MQTT at QoS 0 a publish returns once it is queued in the
+/// client, and a contender whose server falls behind would look fast while a backlog grows.
+#[allow(dead_code)] // for the benches that measure events
+pub static EVENTS_HANDLED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Counts one handled event in [`EVENTS_HANDLED`].
+#[allow(dead_code)] // for the benches that measure events
+pub fn event_handled() {
+    EVENTS_HANDLED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// [`in_tasks`] of `iters` events, timed until the servers handled as many more; fails if they
+/// have not within 60 s (events went missing).
+#[allow(dead_code)] // for the benches that measure events
+pub async fn events_in_tasks<F, Fut>(iters: u64, in_flight: u64, call: F) -> Duration
+where
+    F: Fn(u64) -> Fut + Clone + Send + 'static,
+    Fut: Future<Output = ()> + Send,
+{
+    use std::sync::atomic::Ordering;
+    let start = Instant::now();
+    let target = EVENTS_HANDLED.load(Ordering::Relaxed) + iters;
+    in_tasks(iters, in_flight, call).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while EVENTS_HANDLED.load(Ordering::Relaxed) < target {
+        let handled = EVENTS_HANDLED.load(Ordering::Relaxed);
+        assert!(
+            Instant::now() < deadline,
+            "events went missing: {} of {iters} handled",
+            iters - (target - handled)
+        );
+        tokio::time::sleep(Duration::from_micros(200)).await;
+    }
+    start.elapsed()
+}
+
+/// [`bench_calls`] of events: each sample timed until its events were handled
+/// ([`events_in_tasks`]).
+#[allow(dead_code)] // for the benches that measure events
+pub fn bench_events<T, F, Fut>(
+    group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    name: &str,
+    runtime: &tokio::runtime::Runtime,
+    in_flight: u64,
+    state: &T,
+    call: F,
+) where
+    T: Clone + Send + Sync + 'static,
+    F: Fn(T, u64) -> Fut + Copy + Send + Sync + 'static,
+    Fut: Future<Output = ()> + Send,
+{
+    group.bench_function(name, |b| {
+        b.to_async(runtime).iter_custom(|iters| {
+            let state = state.clone();
+            events_in_tasks(iters, in_flight, move |x| call(state.clone(), x))
+        })
+    });
+}
+
 /// Benches `call` as `name` in `group`: `in_flight` at a time in runtime tasks (see
 /// [`in_tasks`]), each call handed its own clone of `state` (a client, say).
 #[allow(dead_code)] // not every bench measures calls this way
@@ -79,7 +140,7 @@ pub fn echo_router() -> palisade::rpc::Router {
     use palisade::rpc::Payload;
     palisade::rpc::Router::new()
         .message("echo", |Payload(x): Payload<u64>| async move { x })
-        .event("note", |Payload(_): Payload<u64>| async {})
+        .event("note", |Payload(_): Payload<u64>| async { event_handled() })
 }
 
 /// User and system CPU time of process `pid` (or `"self"`), in clock ticks (100 per second), from
@@ -107,11 +168,13 @@ pub fn io_calls(pid: &str) -> u64 {
         .sum()
 }
 
-/// One contender of a `*_cpu` example: a name and one call with its number.
+/// One contender of a `*_cpu` example: a name, one call with its number, and whether its calls
+/// are events, timed until handled ([`events_in_tasks`]).
 #[allow(dead_code)] // for the examples only
 pub type CpuContender = (
     &'static str,
     std::sync::Arc<dyn Fn(u64) -> futures::future::BoxFuture<'static, ()> + Send + Sync>,
+    bool,
 );
 
 /// A `*_cpu` example's contender from a call.
@@ -124,7 +187,19 @@ where
     (
         name,
         std::sync::Arc::new(move |x| Box::pin(call(x)) as futures::future::BoxFuture<'static, ()>),
+        false,
     )
+}
+
+/// A `*_cpu` example's contender of events: each round is timed until the servers handled them.
+#[allow(dead_code)] // for the examples only
+pub fn event_contender<F, Fut>(name: &'static str, call: F) -> CpuContender
+where
+    F: Fn(u64) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let (name, call, _) = contender(name, call);
+    (name, call, true)
 }
 
 /// A `*_cpu` example's contender that sends each number to `echo` through `client` and checks the
@@ -162,18 +237,26 @@ pub fn cpu_rounds(
     let in_flight: u64 = arg(4).map_or(64, |a| a.parse().unwrap());
     let chosen: Vec<&CpuContender> = contenders
         .iter()
-        .filter(|(name, _)| only.is_empty() || only.iter().any(|o| o == name))
+        .filter(|(name, _, _)| only.is_empty() || only.iter().any(|o| o == name))
         .collect();
-    let width = chosen.iter().map(|(name, _)| name.len()).max().unwrap_or(0);
+    let width = chosen
+        .iter()
+        .map(|(name, _, _)| name.len())
+        .max()
+        .unwrap_or(0);
     // Per contender: (wall, cpu(process), cpu(broker)) of each round, µs per call, and the
     // process's and the broker's socket calls per call.
     let mut measured: Vec<Vec<[f64; 5]>> = vec![Vec::new(); chosen.len()];
     for round in 0..rounds {
-        for (i, (name, call)) in chosen.iter().enumerate() {
+        for (i, (name, call, events)) in chosen.iter().enumerate() {
             let (c0, b0) = (cpu_ticks("self"), cpu_ticks(broker_pid));
             let (i0, j0) = (io_calls("self"), io_calls(broker_pid));
             let call = std::sync::Arc::clone(call);
-            let wall = runtime.block_on(in_tasks(n, in_flight, move |x| call(x)));
+            let wall = if *events {
+                runtime.block_on(events_in_tasks(n, in_flight, move |x| call(x)))
+            } else {
+                runtime.block_on(in_tasks(n, in_flight, move |x| call(x)))
+            };
             let (c1, b1) = (cpu_ticks("self"), cpu_ticks(broker_pid));
             let (i1, j1) = (io_calls("self"), io_calls(broker_pid));
             let per = |ticks: u64| ticks as f64 * 10_000.0 / n as f64; // 100 Hz ticks -> µs
@@ -199,7 +282,7 @@ pub fn cpu_rounds(
         return;
     }
     println!("median of {rounds} rounds, {in_flight} in flight, {n} calls each:");
-    for (i, (name, _)) in chosen.iter().enumerate() {
+    for (i, (name, _, _)) in chosen.iter().enumerate() {
         let column = |k: usize| median(measured[i].iter().map(|r| r[k]).collect());
         let ratio = median(
             measured[i]
