@@ -2,7 +2,9 @@
 //! and server beside the bare `rumqttc` loops of the `mqtt` bench, 64 in flight on one
 //! `mosquitto` started here: steadier than wall time on a shared 2-core machine, where both
 //! compete with the broker for the cores. `no-timeout` is palisade's client without a deadline
-//! (`ClientBuilder::no_timeout`), so without timers.
+//! (`ClientBuilder::no_timeout`), so without timers, on a route of its own (`echo-untimed`: every
+//! client that called a route receives every reply to it). Events are timed until the servers
+//! handled them.
 //!
 //! ```sh
 //! cargo run --release -p palisade-benches --example mqtt_cpu              # 200 000 requests (or events) each
@@ -25,7 +27,8 @@ use std::sync::Arc;
 #[path = "../benches/support/mod.rs"]
 mod support;
 use support::{
-    contender, cpu_rounds, echo_contender, echo_router, event_contender, free_port, two_workers,
+    contender, cpu_rounds, echo_contender, echo_contender_on, echo_router, event_contender,
+    free_port, two_workers,
 };
 
 #[path = "../../tests/support/mqtt.rs"]
@@ -67,7 +70,7 @@ fn main() {
             }
         }),
         echo_contender("palisade", palisade.clone()),
-        echo_contender("no-timeout", untimed),
+        echo_contender_on("no-timeout", untimed, "echo-untimed"),
         event_contender("bare-emit", {
             let bare = Arc::clone(&bare);
             move |x| {

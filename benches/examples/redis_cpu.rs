@@ -1,7 +1,8 @@
 //! CPU time per request (and per event: `bare-emit`, `palisade-emit`, and `no-timeout-emit` for
-//! palisade's client without a deadline) of palisade's Redis client
-//! and server beside the bare `redis` loops of the `redis` bench, 64 in flight on one `redis-server` started here: steadier than wall time on
-//! a shared 2-core machine, where both compete with the broker for the cores.
+//! palisade's client without a deadline) of palisade's Redis client and server beside the bare
+//! `redis` loops of the `redis` bench, 64 in flight on one `redis-server` started here: steadier
+//! than wall time on a shared 2-core machine, where both compete with the broker for the cores.
+//! Events are timed until the servers handled them.
 //!
 //! ```sh
 //! cargo run --release -p palisade-benches --example redis_cpu              # 200 000 requests (or events) each

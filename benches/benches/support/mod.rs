@@ -134,12 +134,17 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-/// The service the broker benches call: `echo` answers its number, `note` takes an event.
+/// The service the broker benches call: `echo` (and `echo-untimed`) answers its number, `note`
+/// takes an event.
 #[allow(dead_code)] // for the benches with services of their own
 pub fn echo_router() -> palisade::rpc::Router {
     use palisade::rpc::Payload;
     palisade::rpc::Router::new()
         .message("echo", |Payload(x): Payload<u64>| async move { x })
+        // For a second client of the same server: over Redis and MQTT every client that called a
+        // pattern receives every reply to it (NestJS's one reply channel per pattern), so two
+        // clients calling `echo` would each take the other's replies too.
+        .message("echo-untimed", |Payload(x): Payload<u64>| async move { x })
         .event("note", |Payload(_): Payload<u64>| async { event_handled() })
 }
 
@@ -206,9 +211,20 @@ where
 /// answer.
 #[allow(dead_code)] // for the examples only
 pub fn echo_contender(name: &'static str, client: palisade::rpc::Client) -> CpuContender {
+    echo_contender_on(name, client, "echo")
+}
+
+/// [`echo_contender`] on another of [`echo_router`]'s echo routes (`echo-untimed`, for a second
+/// client).
+#[allow(dead_code)] // for the examples only
+pub fn echo_contender_on(
+    name: &'static str,
+    client: palisade::rpc::Client,
+    route: &'static str,
+) -> CpuContender {
     contender(name, move |x| {
         let client = client.clone();
-        async move { assert_eq!(client.send::<u64>("echo", &x).await.unwrap(), x) }
+        async move { assert_eq!(client.send::<u64>(route, &x).await.unwrap(), x) }
     })
 }
 

@@ -32,6 +32,13 @@
 //! also offer to 3.1.1 clients; use [`MqttVersion::V5`] with brokers that do not), and the broker
 //! delivers each message to one member of the group.
 //!
+//! The same holds for callers: replies to every caller of a pattern go to the one topic
+//! `<topic>/reply`, so **every client connection that has called a pattern receives every reply
+//! to it** and drops those it is not waiting for. N client connections calling a pattern make N
+//! times its reply traffic, in the broker and in each client (with Mosquitto, a second client
+//! calling the same pattern put a quarter on each request's time). Share one
+//! [`Client`](crate::rpc::Client) per process (its clones share the connection).
+//!
 //! # Beyond NestJS
 //!
 //! - **One long-lived subscription per reply topic**, made (and acknowledged by the broker) before

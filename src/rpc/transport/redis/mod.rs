@@ -33,6 +33,12 @@
 //! down, once its lease expired when it crashes). For events that must reach exactly one
 //! instance, use [durable events](DurableEvents) (Redis Streams with a consumer group).
 //!
+//! The same holds for callers: replies to every caller of a pattern go to the one channel
+//! `<route>.reply`, so **every client connection that has called a pattern receives every reply
+//! to it** and drops those it is not waiting for. N client connections calling a pattern make N
+//! times its reply traffic, in Redis and in each client. Share one [`Client`](crate::rpc::Client)
+//! per process (its clones share the connection).
+//!
 //! # Beyond NestJS
 //!
 //! - **Unknown patterns fail fast.** NestJS's client waits for its timeout when nobody
