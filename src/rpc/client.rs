@@ -120,8 +120,8 @@ macro_rules! in_span {
 /// transport took it).
 ///
 /// Written out rather than an `async fn`: it sits inside every call's future, and each of its
-/// states is a pointer or two, where an `async fn` kept the request and each awaited future side
-/// by side (416 bytes, copied with the futures around it at every move).
+/// states is a boxed future or the reply receiver, where an `async fn` kept the request and each
+/// awaited future side by side (416 bytes, copied with the futures around it at every move).
 struct Exchange {
     state: ExchangeState,
     /// The transport took the request: an answer may come.
@@ -376,11 +376,17 @@ impl Client {
         let result = match &self.stack {
             // Without other layers the deadline is enforced here rather than by a boxed
             // `DeadlineLayer` stack, so the default timeout costs a timer, not a service.
-            Stack::Direct(transport) => in_span!(
-                traced,
-                span,
-                TransportFuture::new(&**transport, request, true)
-            ),
+            Stack::Direct(transport) => {
+                // The transport is asked at once (its `request` or `emit` makes the future):
+                // inside the span, as on the layered path, where the bottom service is called
+                // while the span is entered.
+                let exchange = if traced {
+                    span.in_scope(|| TransportFuture::new(&**transport, request, true))
+                } else {
+                    TransportFuture::new(&**transport, request, true)
+                };
+                in_span!(traced, span, exchange)
+            }
             Stack::Layered(stack) => in_span!(traced, span, stack.clone().oneshot(request)),
         };
         #[cfg(feature = "metrics")]
@@ -932,6 +938,117 @@ mod tests {
             assert!(!error.message().contains("nobody listens"), "{error}");
             assert_eq!(started.elapsed(), timeout);
         }
+    }
+
+    /// A client without retry (whose layers would send again) through each stack: direct, and
+    /// layered by an attempt timeout.
+    fn direct_and_layered(transport: impl Fn() -> Silent) -> [Client; 2] {
+        let timeout = Duration::from_millis(500);
+        [
+            Client::builder().timeout(timeout).build(transport()),
+            Client::builder()
+                .timeout(timeout)
+                .attempt_timeout(timeout)
+                .build(transport()),
+        ]
+    }
+
+    /// Sends `1` to `orders` through `client` over `transport`'s `senders`, and once the transport
+    /// took it, does `then` to its reply sender; the outcome and when it came.
+    async fn with_the_sender(
+        client: Client,
+        senders: &Arc<Mutex<Vec<ReplySender>>>,
+        then: impl FnOnce(ReplySender),
+    ) -> (Result<u32, RpcError>, Duration) {
+        let started = Instant::now();
+        let call = tokio::spawn(async move { client.send::<u32>("orders", &1).await });
+        let sender = loop {
+            if let Some(sender) = senders.lock().unwrap().pop() {
+                break sender;
+            }
+            tokio::task::yield_now().await;
+        };
+        then(sender);
+        let outcome = call.await.unwrap();
+        (outcome, started.elapsed())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_answer_over_a_transport_that_explains_silence_is_the_answer() {
+        let senders = Arc::default();
+        let transport = || Silent {
+            hang: false,
+            explain: Some(nobody_listens),
+            senders: Arc::clone(&senders),
+        };
+        for client in direct_and_layered(transport) {
+            let (outcome, took) = with_the_sender(client, &senders, |mut sender| {
+                let response = RawJson::to_json(&7).unwrap();
+                assert!(sender.try_send(ReplyPacket::Value {
+                    response,
+                    last: true
+                }));
+            })
+            .await;
+            assert_eq!(outcome.unwrap(), 7);
+            assert_eq!(took, Duration::ZERO);
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_reply_channel_closed_without_a_packet_is_a_lost_connection() {
+        let senders = Arc::default();
+        let transport = || Silent {
+            hang: false,
+            explain: None,
+            senders: Arc::clone(&senders),
+        };
+        for client in direct_and_layered(transport) {
+            let (outcome, took) = with_the_sender(client, &senders, drop).await;
+            let error = outcome.unwrap_err();
+            assert_eq!(error.code(), Code::Unavailable, "{error}");
+            assert_eq!(
+                error.message(),
+                "connection closed before the reply was complete"
+            );
+            assert_eq!(took, Duration::ZERO);
+        }
+    }
+
+    /// Answers each request at once, noting the span current when it was asked.
+    struct SpanNoting(Arc<Mutex<Vec<Option<&'static str>>>>);
+
+    impl ClientTransport for SpanNoting {
+        fn request(&self, _: RpcRequest) -> BoxFuture<'static, Result<ReplyReceiver, RpcError>> {
+            let current = tracing::Span::current().metadata().map(|meta| meta.name());
+            self.0.lock().unwrap().push(current);
+            let (mut sender, receiver) = reply_channel(None);
+            let response = RawJson::to_json(&7).unwrap();
+            sender.try_send(ReplyPacket::Value {
+                response,
+                last: true,
+            });
+            Box::pin(async move { Ok(receiver) })
+        }
+
+        fn emit(&self, _: RpcRequest) -> BoxFuture<'static, Result<(), RpcError>> {
+            Box::pin(async { Ok(()) })
+        }
+    }
+
+    #[tokio::test]
+    async fn the_transport_is_asked_inside_the_clients_span_on_both_stacks() {
+        let _subscriber = tracing::subscriber::set_default(tracing_subscriber::registry());
+        let noted = Arc::new(Mutex::new(Vec::new()));
+        let transport = || SpanNoting(Arc::clone(&noted));
+        let direct = Client::builder().build(transport());
+        let layered = Client::builder()
+            .attempt_timeout(Duration::from_secs(1))
+            .build(transport());
+        for client in [direct, layered] {
+            assert_eq!(client.send::<u32>("orders", &1).await.unwrap(), 7);
+        }
+        assert_eq!(*noted.lock().unwrap(), [Some("rpc.client"); 2]);
     }
 
     #[tokio::test(start_paused = true)]
