@@ -15,6 +15,8 @@
 //!   read into a `serde_json::Value` on both sides, as the bare Redis and MQTT loops do;
 //! - `bare-hop`: `bare` with palisade's reply path (one inbox subscription read by a task that
 //!   hands each reply to its caller) instead of `request()`'s;
+//! - `bare-hop-nest`: `bare-hop` carrying palisade's packets (a 21-digit id and the deadline's
+//!   header) to the `bare-nest` echo;
 //! - `palisade`: the default client, whose 5 s timeout travels as a deadline in the packet body;
 //! - `deadline-header`: the same deadline as a NATS header (`NatsOptions::deadline_header`);
 //! - `no-timeout`: `ClientBuilder::no_timeout`, so no deadline and no timer;
@@ -90,9 +92,16 @@ fn main() {
                 async move { bare_nest_call(&bare, x).await }
             }
         }),
-        contender("bare-hop", move |x| {
+        contender("bare-hop", {
             let hop = hop.clone();
-            async move { hop.call(x).await }
+            move |x| {
+                let hop = hop.clone();
+                async move { hop.call(x).await }
+            }
+        }),
+        contender("bare-hop-nest", move |x| {
+            let hop = hop.clone();
+            async move { hop.nest_call(x).await }
         }),
         echo_contender("palisade", palisade),
         echo_contender("deadline-header", with_header),

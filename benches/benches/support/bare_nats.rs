@@ -117,4 +117,22 @@ impl HopClient {
         let reply = receiver.await.unwrap();
         assert_eq!(reply, x.to_string().as_bytes());
     }
+
+    /// One request to the NestJS-packet echo: palisade's packet (a 21-digit id, the deadline's
+    /// header) and reply path, on bare async-nats.
+    pub async fn nest_call(&self, x: u64) {
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        let (sender, receiver) = oneshot::channel();
+        self.waiting.lock().unwrap().insert(n, sender);
+        let body = format!(
+            r#"{{"pattern":"bare-nest-echo","data":{x},"id":"{n:021x}","headers":{{"palisade-timeout-ms":5000}}}}"#
+        );
+        let reply_to = format!("{}.{n}", self.inbox);
+        self.client
+            .publish_with_reply("bare-nest-echo", reply_to, body.into())
+            .await
+            .unwrap();
+        let reply: serde_json::Value = serde_json::from_slice(&receiver.await.unwrap()).unwrap();
+        assert_eq!(reply["response"].as_u64(), Some(x));
+    }
 }
