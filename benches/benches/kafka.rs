@@ -23,7 +23,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 mod support;
-use support::in_tasks;
+use support::{in_tasks, until_count};
 
 #[path = "../../tests/support/kafka.rs"]
 mod kafka;
@@ -63,15 +63,6 @@ async fn bare_consumer(bootstrap: &str, topic: &str, seen: Arc<AtomicU64>) {
             seen.fetch_add(1, Ordering::Relaxed);
         }
     });
-}
-
-/// Waits until `seen` reaches `target`.
-async fn until(seen: &AtomicU64, target: u64) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while seen.load(Ordering::Relaxed) < target {
-        assert!(Instant::now() < deadline, "events went missing");
-        tokio::time::sleep(Duration::from_micros(200)).await;
-    }
 }
 
 fn kafka(c: &mut Criterion) {
@@ -133,7 +124,7 @@ fn kafka(c: &mut Criterion) {
             )
             .await
             .unwrap();
-        until(&bare_seen, 1).await;
+        until_count(&bare_seen, 1).await;
         (client, producer)
     });
     let producer = Arc::new(producer);
@@ -160,7 +151,7 @@ fn kafka(c: &mut Criterion) {
                         }
                     })
                     .await;
-                    until(&seen, target).await;
+                    until_count(&seen, target).await;
                     start.elapsed()
                 }
             })
@@ -176,7 +167,7 @@ fn kafka(c: &mut Criterion) {
                         async move { client.emit("note", &x).await.unwrap() }
                     })
                     .await;
-                    until(&seen, target).await;
+                    until_count(&seen, target).await;
                     start.elapsed()
                 }
             })

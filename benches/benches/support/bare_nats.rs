@@ -106,33 +106,32 @@ impl HopClient {
 
     /// One request to the bare echo, checked.
     pub async fn call(&self, x: u64) {
-        let n = self.next.fetch_add(1, Ordering::Relaxed);
-        let (sender, receiver) = oneshot::channel();
-        self.waiting.lock().unwrap().insert(n, sender);
-        let reply_to = format!("{}.{n}", self.inbox);
-        self.client
-            .publish_with_reply("bare-echo", reply_to, x.to_string().into())
-            .await
-            .unwrap();
-        let reply = receiver.await.unwrap();
+        let reply = self.request("bare-echo", x.to_string()).await;
         assert_eq!(reply, x.to_string().as_bytes());
     }
 
     /// One request to the NestJS-packet echo: palisade's packet (a 21-digit id, the deadline's
     /// header) and reply path, on bare async-nats.
     pub async fn nest_call(&self, x: u64) {
+        // The reply subject matches the reply; the id only has to be as long as palisade's.
+        let body = format!(
+            r#"{{"pattern":"bare-nest-echo","data":{x},"id":"{x:021x}","headers":{{"palisade-timeout-ms":5000}}}}"#
+        );
+        let reply = self.request("bare-nest-echo", body).await;
+        let reply: serde_json::Value = serde_json::from_slice(&reply).unwrap();
+        assert_eq!(reply["response"].as_u64(), Some(x));
+    }
+
+    /// Publishes `body` on `subject` with a reply subject of its own, and waits for the reply.
+    async fn request(&self, subject: &'static str, body: String) -> bytes::Bytes {
         let n = self.next.fetch_add(1, Ordering::Relaxed);
         let (sender, receiver) = oneshot::channel();
         self.waiting.lock().unwrap().insert(n, sender);
-        let body = format!(
-            r#"{{"pattern":"bare-nest-echo","data":{x},"id":"{n:021x}","headers":{{"palisade-timeout-ms":5000}}}}"#
-        );
         let reply_to = format!("{}.{n}", self.inbox);
         self.client
-            .publish_with_reply("bare-nest-echo", reply_to, body.into())
+            .publish_with_reply(subject, reply_to, body.into())
             .await
             .unwrap();
-        let reply: serde_json::Value = serde_json::from_slice(&receiver.await.unwrap()).unwrap();
-        assert_eq!(reply["response"].as_u64(), Some(x));
+        receiver.await.unwrap()
     }
 }

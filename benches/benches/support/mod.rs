@@ -41,29 +41,50 @@ pub fn event_handled() {
     EVENTS_HANDLED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
 }
 
-/// [`in_tasks`] of `iters` events, timed until the servers handled as many more; fails if they
-/// have not within 60 s (events went missing).
+/// Waits until `counter` reaches `target`; fails if it has not within 60 s (events went missing).
+#[allow(dead_code)] // for the benches that measure events
+pub async fn until_count(counter: &std::sync::atomic::AtomicU64, target: u64) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let count = counter.load(std::sync::atomic::Ordering::Relaxed);
+        if count >= target {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "events went missing: {count} counted, {target} expected"
+        );
+        tokio::time::sleep(Duration::from_micros(200)).await;
+    }
+}
+
+/// [`in_tasks`] of `iters` events, timed until the servers handled as many more
+/// ([`EVENTS_HANDLED`]).
 #[allow(dead_code)] // for the benches that measure events
 pub async fn events_in_tasks<F, Fut>(iters: u64, in_flight: u64, call: F) -> Duration
 where
     F: Fn(u64) -> Fut + Clone + Send + 'static,
     Fut: Future<Output = ()> + Send,
 {
-    use std::sync::atomic::Ordering;
     let start = Instant::now();
-    let target = EVENTS_HANDLED.load(Ordering::Relaxed) + iters;
+    let target = EVENTS_HANDLED.load(std::sync::atomic::Ordering::Relaxed) + iters;
     in_tasks(iters, in_flight, call).await;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while EVENTS_HANDLED.load(Ordering::Relaxed) < target {
-        let handled = EVENTS_HANDLED.load(Ordering::Relaxed);
-        assert!(
-            Instant::now() < deadline,
-            "events went missing: {} of {iters} handled",
-            iters - (target - handled)
-        );
-        tokio::time::sleep(Duration::from_micros(200)).await;
-    }
+    until_count(&EVENTS_HANDLED, target).await;
     start.elapsed()
+}
+
+/// [`in_tasks`], or [`events_in_tasks`] when the calls are `events`.
+#[allow(dead_code)] // not every bench measures calls this way
+pub async fn timed_in_tasks<F, Fut>(iters: u64, in_flight: u64, events: bool, call: F) -> Duration
+where
+    F: Fn(u64) -> Fut + Clone + Send + 'static,
+    Fut: Future<Output = ()> + Send,
+{
+    if events {
+        events_in_tasks(iters, in_flight, call).await
+    } else {
+        in_tasks(iters, in_flight, call).await
+    }
 }
 
 /// [`bench_calls`] of events: each sample timed until its events were handled
@@ -81,12 +102,7 @@ pub fn bench_events<T, F, Fut>(
     F: Fn(T, u64) -> Fut + Copy + Send + Sync + 'static,
     Fut: Future<Output = ()> + Send,
 {
-    group.bench_function(name, |b| {
-        b.to_async(runtime).iter_custom(|iters| {
-            let state = state.clone();
-            events_in_tasks(iters, in_flight, move |x| call(state.clone(), x))
-        })
-    });
+    bench_timed(group, name, runtime, in_flight, true, state, call);
 }
 
 /// Benches `call` as `name` in `group`: `in_flight` at a time in runtime tasks (see
@@ -104,10 +120,28 @@ pub fn bench_calls<T, F, Fut>(
     F: Fn(T, u64) -> Fut + Copy + Send + Sync + 'static,
     Fut: Future<Output = ()> + Send,
 {
+    bench_timed(group, name, runtime, in_flight, false, state, call);
+}
+
+/// [`bench_calls`] and [`bench_events`]: each sample timed by [`timed_in_tasks`].
+#[allow(dead_code)] // not every bench measures calls this way
+fn bench_timed<T, F, Fut>(
+    group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    name: &str,
+    runtime: &tokio::runtime::Runtime,
+    in_flight: u64,
+    events: bool,
+    state: &T,
+    call: F,
+) where
+    T: Clone + Send + Sync + 'static,
+    F: Fn(T, u64) -> Fut + Copy + Send + Sync + 'static,
+    Fut: Future<Output = ()> + Send,
+{
     group.bench_function(name, |b| {
         b.to_async(runtime).iter_custom(|iters| {
             let state = state.clone();
-            in_tasks(iters, in_flight, move |x| call(state.clone(), x))
+            timed_in_tasks(iters, in_flight, events, move |x| call(state.clone(), x))
         })
     });
 }
@@ -268,11 +302,7 @@ pub fn cpu_rounds(
             let (c0, b0) = (cpu_ticks("self"), cpu_ticks(broker_pid));
             let (i0, j0) = (io_calls("self"), io_calls(broker_pid));
             let call = std::sync::Arc::clone(call);
-            let wall = if *events {
-                runtime.block_on(events_in_tasks(n, in_flight, move |x| call(x)))
-            } else {
-                runtime.block_on(in_tasks(n, in_flight, move |x| call(x)))
-            };
+            let wall = runtime.block_on(timed_in_tasks(n, in_flight, *events, move |x| call(x)));
             let (c1, b1) = (cpu_ticks("self"), cpu_ticks(broker_pid));
             let (i1, j1) = (io_calls("self"), io_calls(broker_pid));
             let per = |ticks: u64| ticks as f64 * 10_000.0 / n as f64; // 100 Hz ticks -> µs
