@@ -1,3 +1,4 @@
+use super::closing::GroupConsumer;
 use super::value::{
     CORRELATION_ID, NEST_ERR, NEST_IS_DISPOSED, Outgoing, REPLY_PARTITION, REPLY_TOPIC,
     TYPE_HEADER, outgoing, received, received_err,
@@ -206,7 +207,7 @@ struct Inner {
     options: KafkaOptions,
     producer: Producer,
     topics: Topics,
-    consumer: Arc<StreamConsumer<ReplyContext>>,
+    consumer: Arc<GroupConsumer<ReplyContext>>,
     replies: Arc<Replies>,
     /// The reply topics subscribed to (held while the subscription changes).
     subscribed: tokio::sync::Mutex<BTreeSet<String>>,
@@ -247,7 +248,8 @@ impl KafkaConnection {
                 replies: Arc::clone(&replies),
             })
             .map_err(|error| kafka_error(&error, "cannot create the Kafka reply consumer"))?;
-        let consumer = Arc::new(consumer);
+        // Nothing waits for this consumer's close: it commits nothing.
+        let (consumer, _closed) = GroupConsumer::new(consumer);
         let (stop, stopped) = oneshot::channel();
         tokio::spawn(read_replies(
             Arc::clone(&consumer),
@@ -369,7 +371,7 @@ fn header<'m>(message: &'m BorrowedMessage<'_>, name: &str) -> Option<Option<&'m
 /// The reply reader: polls the consumer (which also serves rebalances) and routes replies by
 /// correlation id, until the connection is dropped.
 async fn read_replies(
-    consumer: Arc<StreamConsumer<ReplyContext>>,
+    consumer: Arc<GroupConsumer<ReplyContext>>,
     replies: Arc<Replies>,
     mut stopped: oneshot::Receiver<()>,
 ) {
@@ -391,8 +393,6 @@ async fn read_replies(
         TransportErrorKind::ConnectionLost,
         "the Kafka client was dropped before the reply came",
     ));
-    // Closing a consumer can wait on the broker: not on a runtime thread.
-    drop(tokio::task::spawn_blocking(move || drop(consumer)));
 }
 
 /// Routes one reply record to its request, read the way NestJS's `ClientKafka` reads it.

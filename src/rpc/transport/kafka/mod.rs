@@ -58,6 +58,12 @@
 //!   not a valid topic name too, an unknown topic with topic creation off is `NotFound`, an
 //!   authorisation failure `PermissionDenied`, a broker that does not acknowledge `Unavailable`.
 //!   Every request in flight resolves.
+//! - **Closing** never waits on the broker where it could hold anything up. A dropped client or
+//!   server closes its group consumer (the last offsets committed, the group left) on a thread of
+//!   its own: librdkafka can wait forever there when the broker is gone, and neither a runtime
+//!   thread nor the runtime's shutdown waits with it. [`KafkaServer`]'s shutdown waits for its
+//!   last replies and its close together up to the [delivery timeout](KafkaOptions::delivery_timeout);
+//!   [`consumers_closing`] counts closes still waiting.
 //!
 //! # Values
 //!
@@ -69,11 +75,19 @@
 //! strings. Object patterns cannot be Kafka topics: only string patterns of `[A-Za-z0-9._-]`.
 
 mod client;
+mod closing;
 mod server;
 mod value;
 
 pub use self::client::{KafkaConnection, KafkaTransport};
 pub use self::server::{DEAD_LETTER_OFFSET, DEAD_LETTER_PARTITION, KafkaEvents, KafkaServer};
+
+/// Group consumers of dropped Kafka clients and servers whose close has not finished: each still
+/// holds a thread, its sockets and librdkafka's threads, until its broker answers (then the close
+/// completes and frees them). A number that only grows means the broker is gone for good.
+pub fn consumers_closing() -> usize {
+    closing::closing()
+}
 
 use crate::rpc::wire::{Codec, SharedCodec};
 use crate::rpc::{RpcError, TransportErrorKind};

@@ -1,3 +1,4 @@
+use super::closing::GroupConsumer;
 use super::value::{
     CORRELATION_ID, NEST_ERR, NEST_IS_DISPOSED, Outgoing, REPLY_PARTITION, REPLY_TOPIC,
     TYPE_HEADER, err_header, received, reply_value,
@@ -167,7 +168,7 @@ impl KafkaServer {
                 timeout: self.options.delivery_timeout,
             })
             .map_err(|error| kafka_error(&error, "cannot create the Kafka consumer"))?;
-        let consumer = Arc::new(consumer);
+        let (consumer, closed) = GroupConsumer::new(consumer);
         if !topics.is_empty() {
             let names: Vec<&str> = topics.iter().map(String::as_str).collect();
             consumer
@@ -199,15 +200,15 @@ impl KafkaServer {
         }
         let delivery_timeout = self.options.delivery_timeout;
         let finish = async move {
+            // One bound for the last replies and the close together.
+            let started = tokio::time::Instant::now();
             producer.flush(delivery_timeout).await;
             drop(shared);
-            // Closing commits the offsets stored by now and leaves the group; it can wait on the
-            // broker, so not on a runtime thread, and not forever.
-            let closing = tokio::task::spawn_blocking(move || drop(consumer));
-            if tokio::time::timeout(delivery_timeout, closing)
-                .await
-                .is_err()
-            {
+            // Closing commits the offsets stored by now and leaves the group. It goes on if the
+            // broker is slower than this, on its own thread.
+            drop(consumer);
+            let left = delivery_timeout.saturating_sub(started.elapsed());
+            if tokio::time::timeout(left, closed).await.is_err() {
                 tracing::warn!("the Kafka consumer did not close in time");
             }
         };
@@ -320,7 +321,7 @@ impl ConsumerContext for ServerContext {
 
 /// What the consumer loop and the partition workers share.
 struct Shared {
-    consumer: Arc<StreamConsumer<ServerContext>>,
+    consumer: Arc<GroupConsumer<ServerContext>>,
     producer: Arc<Producer>,
     dispatcher: Dispatcher,
     /// Routes with a message handler: a record there with correlation headers is a request.
