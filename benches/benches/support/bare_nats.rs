@@ -110,12 +110,12 @@ impl HopClient {
         assert_eq!(reply, x.to_string().as_bytes());
     }
 
-    /// One request to the NestJS-packet echo: palisade's packet (a 21-digit id, the deadline's
-    /// header) and reply path, on bare async-nats.
+    /// One request to the NestJS-packet echo: palisade's packet (the request number as its id,
+    /// the deadline's header) and reply path, on bare async-nats.
     pub async fn nest_call(&self, x: u64) {
         // The reply subject matches the reply; the id only has to be as long as palisade's.
         let body = format!(
-            r#"{{"pattern":"bare-nest-echo","data":{x},"id":"{x:021x}","headers":{{"palisade-timeout-ms":5000}}}}"#
+            r#"{{"pattern":"bare-nest-echo","data":{x},"id":"{x}","headers":{{"palisade-timeout-ms":5000}}}}"#
         );
         let reply = self.request("bare-nest-echo", body).await;
         let reply: serde_json::Value = serde_json::from_slice(&reply).unwrap();

@@ -202,7 +202,7 @@ fn deliver(pending: &PendingRequests, codec: &SharedCodec, message: async_nats::
     }
     let packet = match codec.decode_reply(&message.payload) {
         Ok((id, packet)) => {
-            if id.is_some_and(|id| pending.ids().parse_json(id.as_bytes()) != Some(n)) {
+            if id.is_some_and(|id| !is_json_id_of(id.as_bytes(), n)) {
                 tracing::debug!("reply for another request id ignored");
                 return;
             }
@@ -258,6 +258,22 @@ fn route_subject(route: &Arc<str>) -> Subject {
         }
     }
     Subject::from_utf8(Bytes::from_owner(Route(Arc::clone(route)))).expect("a str is UTF-8")
+}
+
+/// The packet id of request `n`: its number in decimal. The reply subject `<inbox>.<n>` already
+/// leads a reply to its request (the inbox is this client's alone), so the id only has to repeat
+/// the number, and a short one takes 16 bytes or more off every request and every reply (NestJS's
+/// servers echo any id; its own clients send 36-character UUIDs).
+fn packet_id(n: u64, buffer: &mut [u8; 20]) -> &str {
+    std::str::from_utf8(crate::rpc::json::decimal(n, buffer)).expect("decimal digits are ASCII")
+}
+
+/// Whether a reply's `id` (as JSON: a quoted string) is the packet id of request `n`.
+fn is_json_id_of(id: &[u8], n: u64) -> bool {
+    let mut buffer = [0u8; 20];
+    id.strip_prefix(b"\"")
+        .and_then(|id| id.strip_suffix(b"\""))
+        .is_some_and(|id| id == packet_id(n, &mut buffer).as_bytes())
 }
 
 /// Longest reply subject built without a heap buffer of its own.
@@ -358,11 +374,13 @@ impl ClientTransport for NatsConnection {
             check_subject(route, false)?;
             let inner = &transport.inner;
             let registered = inner.pending.register(request.pattern())?;
-            let reply_subject = reply_subject(&inner.inbox, registered.number());
+            let n = registered.number();
+            let reply_subject = reply_subject(&inner.inbox, n);
+            let mut digits = [0u8; 20];
             let payload = body(
                 &inner.codec,
                 &request,
-                Some(registered.id().as_str()),
+                Some(packet_id(n, &mut digits)),
                 inner.deadline_header,
             )?;
             let subject = route_subject(request.pattern().route_arc());
@@ -471,5 +489,35 @@ mod tests {
         assert_eq!(reply_subject(&long, 42).as_str(), format!("{long}.42"));
         let route: Arc<str> = Arc::from("get-user");
         assert_eq!(route_subject(&route).as_str(), "get-user");
+    }
+
+    #[test]
+    fn packet_ids_are_the_request_number_and_replies_must_repeat_it_exactly() {
+        let mut buffer = [0u8; 20];
+        assert_eq!(packet_id(0, &mut buffer), "0");
+        assert_eq!(packet_id(u64::MAX, &mut buffer), u64::MAX.to_string());
+        assert!(is_json_id_of(b"\"42\"", 42));
+        assert!(is_json_id_of(
+            format!("\"{}\"", u64::MAX).as_bytes(),
+            u64::MAX
+        ));
+        for other in [
+            &b"\"43\""[..],
+            b"\"042\"",
+            b"\"4\"",
+            b"\"420\"",
+            b"42",
+            b"\"42",
+            b"42\"",
+            b"\"\"",
+            b"",
+            b"\"",
+        ] {
+            assert!(
+                !is_json_id_of(other, 42),
+                "{}",
+                String::from_utf8_lossy(other)
+            );
+        }
     }
 }
