@@ -15,8 +15,8 @@
 //!   read into a `serde_json::Value` on both sides, as the bare Redis and MQTT loops do;
 //! - `bare-hop`: `bare` with palisade's reply path (one inbox subscription read by a task that
 //!   hands each reply to its caller) instead of `request()`'s;
-//! - `bare-hop-nest`: `bare-hop` carrying palisade's packets (a 21-digit id and the deadline's
-//!   header) to the `bare-nest` echo;
+//! - `bare-hop-nest`: `bare-hop` carrying palisade's packets (the request number as the id, and
+//!   the deadline's header) to the `bare-nest` echo;
 //! - `palisade`: the default client, whose 5 s timeout travels as a deadline in the packet body;
 //! - `deadline-header`: the same deadline as a NATS header (`NatsOptions::deadline_header`);
 //! - `no-timeout`: `ClientBuilder::no_timeout`, so no deadline and no timer;

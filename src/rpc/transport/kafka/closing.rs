@@ -34,8 +34,8 @@ pub(crate) struct GroupConsumer<C: ConsumerContext + 'static> {
     closed: Option<oneshot::Sender<()>>,
 }
 
-/// Resolves once the consumer of a dropped [`GroupConsumer`] is closed; an error if its closing
-/// thread could not start (the consumer is then given up, never waited on).
+/// Resolves once the consumer of a dropped [`GroupConsumer`] is closed, or given up (its closing
+/// thread could not start or failed).
 pub(crate) type Closed = oneshot::Receiver<()>;
 
 impl<C: ConsumerContext + 'static> GroupConsumer<C> {
@@ -65,7 +65,7 @@ impl<C: ConsumerContext + 'static> Drop for GroupConsumer<C> {
         let (Some(consumer), Some(closed)) = (self.consumer.take(), self.closed.take()) else {
             return;
         };
-        CLOSING.fetch_add(1, Ordering::AcqRel);
+        let closing = Closing::start(closed);
         // Handed over once the thread runs: a thread that cannot start must not drop (and so
         // close) the consumer here.
         let (hand_over, take) = std::sync::mpsc::sync_channel::<StreamConsumer<C>>(1);
@@ -73,21 +73,44 @@ impl<C: ConsumerContext + 'static> Drop for GroupConsumer<C> {
             .name("palisade-kafka-close".into())
             .spawn(move || {
                 drop(take.recv());
-                CLOSING.fetch_sub(1, Ordering::AcqRel);
-                let _ = closed.send(());
+                drop(closing);
             });
         let unclosed = match started {
             Ok(_) => hand_over.send(consumer).err().map(|returned| returned.0),
             Err(error) => {
                 tracing::error!(%error, "cannot start a thread to close a Kafka consumer");
-                CLOSING.fetch_sub(1, Ordering::AcqRel);
                 Some(consumer)
             }
         };
         if let Some(consumer) = unclosed {
-            // Given up rather than closed here, where the close could wait forever: the group
-            // notices when the consumer's session times out.
+            // Given up rather than closed here, where the close could wait forever. Its threads
+            // go on (heartbeats included) without anyone polling it, so the group drops it once
+            // `max.poll.interval.ms` passes.
             std::mem::forget(consumer);
+        }
+    }
+}
+
+/// One close under way, counted in [`closing`] until it is dropped — when the consumer is closed,
+/// or when its thread unwinds or never starts — which also tells the [`Closed`] receiver.
+struct Closing {
+    closed: Option<oneshot::Sender<()>>,
+}
+
+impl Closing {
+    fn start(closed: oneshot::Sender<()>) -> Self {
+        CLOSING.fetch_add(1, Ordering::AcqRel);
+        Closing {
+            closed: Some(closed),
+        }
+    }
+}
+
+impl Drop for Closing {
+    fn drop(&mut self) {
+        CLOSING.fetch_sub(1, Ordering::AcqRel);
+        if let Some(closed) = self.closed.take() {
+            let _ = closed.send(());
         }
     }
 }

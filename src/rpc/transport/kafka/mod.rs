@@ -61,9 +61,10 @@
 //! - **Closing** never waits on the broker where it could hold anything up. A dropped client or
 //!   server closes its group consumer (the last offsets committed, the group left) on a thread of
 //!   its own: librdkafka can wait forever there when the broker is gone, and neither a runtime
-//!   thread nor the runtime's shutdown waits with it. [`KafkaServer`]'s shutdown waits for its
-//!   last replies and its close together up to the [delivery timeout](KafkaOptions::delivery_timeout);
-//!   [`consumers_closing`] counts closes still waiting.
+//!   thread nor the runtime's shutdown waits with it. [`KafkaServer`]'s shutdown flushes its last
+//!   replies and then waits for its close, each up to the
+//!   [delivery timeout](KafkaOptions::delivery_timeout); a process that exits without shutting
+//!   its servers down may cut a close short ([`consumers_closing`] says more).
 //!
 //! # Values
 //!
@@ -85,6 +86,12 @@ pub use self::server::{DEAD_LETTER_OFFSET, DEAD_LETTER_PARTITION, KafkaEvents, K
 /// Group consumers of dropped Kafka clients and servers whose close has not finished: each still
 /// holds a thread, its sockets and librdkafka's threads, until its broker answers (then the close
 /// completes and frees them). A number that only grows means the broker is gone for good.
+///
+/// A process that exits while a close is under way cuts it short: the offsets stored since the
+/// last commit are not committed (those records are delivered again, as at-least-once allows)
+/// and the group notices the member gone only at its session timeout. Shut servers down
+/// ([`ServerHandle::shutdown`](crate::rpc::ServerHandle::shutdown)) before exiting: that waits for
+/// the close, up to the delivery timeout.
 pub fn consumers_closing() -> usize {
     closing::closing()
 }
@@ -234,9 +241,10 @@ impl KafkaOptions {
         self
     }
 
-    /// How long a produced record may wait for the broker's acknowledgement.
+    /// How long a produced record may wait for the broker's acknowledgement. At most
+    /// `i32::MAX` milliseconds (about 24.8 days), librdkafka's limit: a longer one is that.
     pub fn delivery_timeout(mut self, timeout: Duration) -> Self {
-        self.delivery_timeout = timeout;
+        self.delivery_timeout = timeout.min(MAX_LIBRDKAFKA_TIMEOUT);
         self
     }
 
@@ -370,6 +378,9 @@ impl fmt::Debug for KafkaOptions {
             .finish_non_exhaustive()
     }
 }
+
+/// The longest time librdkafka takes (milliseconds in an `i32`).
+const MAX_LIBRDKAFKA_TIMEOUT: Duration = Duration::from_millis(i32::MAX as u64);
 
 fn millis(duration: Duration) -> String {
     duration.as_millis().clamp(1, i32::MAX as u128).to_string()
@@ -827,5 +838,27 @@ impl Producer {
         if let Ok(Err(error)) = flushed {
             tracing::warn!(%error, "records still queued for Kafka were not delivered");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_delivery_timeout_beyond_librdkafkas_limit_is_its_limit() {
+        let options = KafkaOptions::new(["127.0.0.1:9092"]);
+        let huge = options.clone().delivery_timeout(Duration::MAX);
+        assert_eq!(huge.delivery_timeout, MAX_LIBRDKAFKA_TIMEOUT);
+        // Deadlines are computed from it: they must not overflow.
+        assert!(
+            tokio::time::Instant::now()
+                .checked_add(huge.delivery_timeout)
+                .is_some()
+        );
+        let exact = options.clone().delivery_timeout(MAX_LIBRDKAFKA_TIMEOUT);
+        assert_eq!(exact.delivery_timeout, MAX_LIBRDKAFKA_TIMEOUT);
+        let short = options.delivery_timeout(Duration::from_millis(3));
+        assert_eq!(short.delivery_timeout, Duration::from_millis(3));
     }
 }

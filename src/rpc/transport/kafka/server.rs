@@ -200,15 +200,15 @@ impl KafkaServer {
         }
         let delivery_timeout = self.options.delivery_timeout;
         let finish = async move {
-            // One bound for the last replies and the close together.
-            let started = tokio::time::Instant::now();
             producer.flush(delivery_timeout).await;
             drop(shared);
             // Closing commits the offsets stored by now and leaves the group. It goes on if the
             // broker is slower than this, on its own thread.
             drop(consumer);
-            let left = delivery_timeout.saturating_sub(started.elapsed());
-            if tokio::time::timeout(left, closed).await.is_err() {
+            if tokio::time::timeout(delivery_timeout, closed)
+                .await
+                .is_err()
+            {
                 tracing::warn!("the Kafka consumer did not close in time");
             }
         };
