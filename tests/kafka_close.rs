@@ -9,8 +9,10 @@
 mod support;
 
 use palisade::rpc::transport::ServerTransport;
-use palisade::rpc::transport::kafka::{KafkaServer, KafkaTransport, consumers_closing};
-use palisade::rpc::{Client, Payload, Router, Server};
+use palisade::rpc::transport::kafka::{
+    KafkaOptions, KafkaServer, KafkaTransport, consumers_closing,
+};
+use palisade::rpc::{Client, Payload, Router, Server, ServerHandle};
 use serde_json::{Value, json};
 use std::time::{Duration, Instant};
 use support::kafka::Broker;
@@ -25,6 +27,25 @@ fn new_runtime() -> tokio::runtime::Runtime {
 
 fn echo() -> Router {
     Router::new().message("echo", |Payload(v): Payload<Value>| async move { v })
+}
+
+/// A server and a client of it, after one request: a handled request leaves an offset stored
+/// for the server's next commit.
+async fn serving(options: &KafkaOptions) -> (ServerHandle, Client) {
+    let server = KafkaServer::new(options.clone())
+        .serve(Server::new(echo()))
+        .await
+        .unwrap();
+    let client = Client::builder()
+        .timeout(Duration::from_secs(10))
+        .connect(KafkaTransport::new(options.clone()).reply_to(["echo"]))
+        .await
+        .unwrap();
+    assert_eq!(
+        client.send::<Value>("echo", &json!(1)).await.unwrap(),
+        json!(1)
+    );
+    (server, client)
 }
 
 /// How long something that must not wait on the broker may take (a producer's drop flushes for
@@ -53,23 +74,7 @@ fn nothing_waits_on_a_broker_that_stopped_answering_and_the_closes_finish_once_i
 
     // A server and a client dropped while running: their tasks end with the runtime.
     let runtime = new_runtime();
-    let (server, client) = runtime.block_on(async {
-        let server = KafkaServer::new(options.clone())
-            .serve(Server::new(echo()))
-            .await
-            .unwrap();
-        let client = Client::builder()
-            .timeout(Duration::from_secs(10))
-            .connect(KafkaTransport::new(options.clone()).reply_to(["echo"]))
-            .await
-            .unwrap();
-        // A handled request leaves an offset stored for the server's next commit.
-        assert_eq!(
-            client.send::<Value>("echo", &json!(1)).await.unwrap(),
-            json!(1)
-        );
-        (server, client)
-    });
+    let (server, client) = runtime.block_on(serving(&options));
     broker.pause();
     within(
         PROMPT,
@@ -92,22 +97,8 @@ fn nothing_waits_on_a_broker_that_stopped_answering_and_the_closes_finish_once_i
     all_closed_within(Duration::from_secs(60));
     let options = support::kafka::options(&broker);
     let runtime = new_runtime();
-    let server = runtime.block_on(async {
-        let server = KafkaServer::new(options.clone())
-            .serve(Server::new(echo()))
-            .await
-            .unwrap();
-        let client = Client::builder()
-            .timeout(Duration::from_secs(10))
-            .connect(KafkaTransport::new(options.clone()).reply_to(["echo"]))
-            .await
-            .unwrap();
-        assert_eq!(
-            client.send::<Value>("echo", &json!(2)).await.unwrap(),
-            json!(2)
-        );
-        server
-    });
+    let (server, client) = runtime.block_on(serving(&options));
+    drop(client);
     broker.pause();
     within(
         Duration::from_secs(10) + PROMPT,
