@@ -576,3 +576,49 @@ async fn the_deadline_travels_in_the_body_unless_asked_for_as_a_nats_header() {
         assert!(body_of(&message).get("headers").is_none());
     }
 }
+
+/// A reply body exactly at the broker's `max_payload` goes out; one byte more is answered with
+/// an error packet saying it was too large, on the same reply subject, at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_at_max_payload_goes_out_and_one_byte_more_is_an_error_packet() {
+    let broker = Broker::start();
+    let router =
+        Router::new().message(
+            "text",
+            |Payload(n): Payload<usize>| async move { "x".repeat(n) },
+        );
+    let _server = NatsServer::new(options(&broker))
+        .serve(Server::new(router))
+        .await
+        .unwrap();
+    let bare = async_nats::connect(broker.url()).await.unwrap();
+    let max_payload = bare.server_info().max_payload;
+    let ask = |n: usize| {
+        let bare = bare.clone();
+        async move {
+            let packet = format!(r#"{{"pattern":"text","data":{n},"id":"7"}}"#);
+            tokio::time::timeout(Duration::from_secs(5), bare.request("text", packet.into()))
+                .await
+                .expect("every request is answered")
+                .unwrap()
+                .payload
+        }
+    };
+    // The body around a one-character reply tells how much the envelope takes.
+    let envelope = ask(1).await.len() - 1;
+    let at_limit = ask(max_payload - envelope).await;
+    assert_eq!(at_limit.len(), max_payload);
+    assert!(at_limit.ends_with(br#"","isDisposed":true,"id":"7"}"#));
+    let over = body_of_bytes(&ask(max_payload - envelope + 1).await);
+    assert_eq!(over["id"], "7", "{over}");
+    assert_eq!(over["isDisposed"], true, "{over}");
+    let message = over["err"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("larger than the transport's limit"),
+        "{over}"
+    );
+}
+
+fn body_of_bytes(body: &[u8]) -> Value {
+    serde_json::from_slice(body).unwrap()
+}

@@ -187,7 +187,14 @@ impl ReplySink for NatsSink {
                     "cannot encode the reply: {error}"
                 )))
             })?;
-        let size = body.len();
+        // Checked here as async-nats checks it, so that the reply subject can be moved into the
+        // publish: a subject read off the socket is copied into a buffer of its own, and its
+        // first clone would allocate a second (the caller still waits, and the error packet that
+        // replaces this one goes there).
+        let (size, limit) = (body.len(), self.client.max_payload());
+        if size > limit {
+            return Err(SendError::TooLarge { size, limit });
+        }
         let reply = if packet.is_last() {
             self.reply.take()
         } else {
@@ -197,25 +204,18 @@ impl ReplySink for NatsSink {
             // Nothing is sent after the last packet.
             return Err(SendError::CallerGone);
         };
-        self.client
-            .publish(reply.clone(), body)
-            .await
-            .map_err(|error| {
-                use async_nats::client::PublishErrorKind as Kind;
-                if error.kind() == Kind::MaxPayloadExceeded {
-                    // The caller still waits: the error packet that replaces this one goes there.
-                    self.reply.get_or_insert(reply);
-                    SendError::TooLarge {
-                        size,
-                        limit: self.client.max_payload(),
-                    }
-                } else {
-                    SendError::Failed(RpcError::transport(
-                        TransportErrorKind::ConnectionLost,
-                        format!("cannot publish the reply: {error}"),
-                    ))
-                }
-            })
+        // Boxed: async-nats's publish is a future of about 600 bytes, and the handling future of
+        // every message, which holds this one, would otherwise be too large for the allocator's
+        // per-thread cache of small blocks: a box from there costs less than the larger box.
+        let publish = Box::pin(self.client.publish(reply, body));
+        publish.await.map_err(|error| {
+            // A smaller limit learnt between the check and the publish (a reconnection to
+            // another server) ends here too: the caller's deadline answers it.
+            SendError::Failed(RpcError::transport(
+                TransportErrorKind::ConnectionLost,
+                format!("cannot publish the reply: {error}"),
+            ))
+        })
     }
 }
 
