@@ -16,7 +16,7 @@ use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::task::{Context, Poll};
+use std::task::Poll;
 use std::time::Duration;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
@@ -175,22 +175,6 @@ impl Target {
 enum FirstPoll {
     Inline,
     Spawned,
-}
-
-/// Pending on its first poll, without asking to be woken, and ready on the next: for a future
-/// whose first poll is known to be followed by another (see `handle`).
-struct PendingOnce(bool);
-
-impl Future for PendingOnce {
-    type Output = ();
-
-    fn poll(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<()> {
-        if std::mem::replace(&mut self.0, true) {
-            Poll::Ready(())
-        } else {
-            Poll::Pending
-        }
-    }
 }
 
 impl Dispatcher {
@@ -461,6 +445,33 @@ fn handler_panicked(panic: &(dyn std::any::Any + Send)) -> RpcError {
     RpcError::internal()
 }
 
+/// The error that stops a handler still running: its caller's deadline passed (unless the
+/// handler had finished by the time this was first polled, its reply on its way), or the server
+/// shut down past its grace period.
+async fn stop_when(
+    deadline: Option<crate::timeout::Deadline>,
+    finished: &AtomicBool,
+    abort: &CancellationToken,
+) -> RpcError {
+    let deadline_passed = async {
+        match deadline {
+            Some(deadline) if !finished.load(Ordering::Relaxed) => {
+                crate::timeout::sleep_until_lazily(deadline.instant()).await
+            }
+            _ => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        biased;
+        _ = deadline_passed => {
+            RpcError::deadline_exceeded("the caller's deadline passed; the handler was stopped")
+        }
+        _ = abort.cancelled() => {
+            RpcError::unavailable("the server shut down before the handler finished")
+        }
+    }
+}
+
 impl Inner {
     /// The handler's future for `request`. A panic while it is made (in a layer's `call`, say)
     /// is a panic of the handler: the caller gets "Internal server error".
@@ -510,46 +521,33 @@ impl Inner {
             // Whether the handler is done and only its reply is on its way.
             let finished = AtomicBool::new(false);
             let outcome = {
-                let work = respond(call, sink.as_mut(), &finished);
-                // The deadline's timer and the shutdown token are futures created on their first
-                // poll, beside the handler's rather than around it: a handler that answers at once
-                // never arms a timer or touches the token, and `work` is held once, inline, in this
-                // future (wrapping it in `timeout_at` meant a second, boxed copy of its room).
-                // A first poll in the dispatching task is followed by one in the handler's own task
-                // (spawned if the work waits): the timer and the token are registered there, once,
+                let mut work = std::pin::pin!(respond(call, sink.as_mut(), &finished));
+                // The deadline's timer and the shutdown token are watched only once the handler
+                // has to wait, from a box made then: a handler that answers at once never arms a
+                // timer or touches the token, and this future, boxed for every message, has no
+                // room for them. A first poll in the dispatching task is followed by one in the
+                // handler's own task (spawned if the work waits): the watch starts there, once,
                 // rather than first for the dispatching task and then again for the handler's.
                 // A handler that is done by then, its reply waiting on the transport, gets no
                 // timer at all: there is nothing left to stop, and the transport bounds its sends.
-                let probing = first_poll == FirstPoll::Inline;
-                let deadline_passed = async {
-                    if probing {
-                        PendingOnce(false).await;
+                let mut probing = first_poll == FirstPoll::Inline;
+                let mut watch = None;
+                std::future::poll_fn(|cx| {
+                    if let Poll::Ready(outcome) = work.as_mut().poll(cx) {
+                        return Poll::Ready(outcome);
                     }
-                    match deadline {
-                        Some(deadline) if !finished.load(Ordering::Relaxed) => {
-                            crate::timeout::sleep_until_lazily(deadline.instant()).await
-                        }
-                        _ => std::future::pending().await,
+                    if std::mem::take(&mut probing) {
+                        return Poll::Pending;
                     }
-                    Err(RpcError::deadline_exceeded(
-                        "the caller's deadline passed; the handler was stopped",
-                    ))
-                };
-                let aborted = async {
-                    if probing {
-                        PendingOnce(false).await;
-                    }
-                    self.abort.cancelled().await;
-                    Err(RpcError::unavailable(
-                        "the server shut down before the handler finished",
-                    ))
-                };
-                tokio::select! {
-                    biased;
-                    outcome = work => outcome,
-                    passed = deadline_passed => passed,
-                    aborted = aborted => aborted,
-                }
+                    watch
+                        .get_or_insert_with(|| {
+                            Box::pin(stop_when(deadline, &finished, &self.abort))
+                        })
+                        .as_mut()
+                        .poll(cx)
+                        .map(Err)
+                })
+                .await
             };
             // Stopped by the deadline or by shutdown before answering: every request gets an answer.
             if let (Err(error), Some(sink)) = (&outcome, sink.as_mut())
@@ -603,40 +601,82 @@ impl<K: ReplySink> Tracked<K> {
     /// Sends `packet`; `Err` when nothing more should be sent for this request.
     async fn send(&mut self, packet: ReplyPacket) -> Result<(), RpcError> {
         let last = packet.is_last();
-        match self.inner.send(packet).await {
-            Ok(()) => {
-                self.answered |= last;
-                Ok(())
-            }
-            Err(SendError::TooLarge { size, limit }) => {
-                let error = RpcError::transport(
-                    TransportErrorKind::PayloadTooLarge,
-                    format!(
-                        "the handler's reply ({size}) is larger than the transport's limit ({limit}); it was not sent"
-                    ),
-                );
-                tracing::warn!(%error, "reply too large");
-                let sent = self
-                    .inner
-                    .send(ReplyPacket::Error(error_json(&error)))
-                    .await;
+        // One send at a time, from one place: the transport's send is most of this future, and
+        // a second call site could take room for a second one.
+        let mut packet = packet;
+        let mut too_large: Option<RpcError> = None;
+        loop {
+            let sent = self.inner.send(packet).await;
+            if let Some(error) = too_large {
+                // `sent` is the error packet's: the reply that was too large is answered.
                 self.answered = true;
                 if let Err(failed) = sent {
                     tracing::warn!(error = %failed, "could not send the error for a reply that was too large");
                 }
-                Err(error)
+                return Err(error);
             }
-            Err(SendError::CallerGone) => {
-                self.answered = true;
-                Err(RpcError::new(Code::Cancelled, "the caller went away"))
-            }
-            Err(SendError::Failed(error)) => {
-                tracing::warn!(%error, "a reply could not be sent");
-                self.answered = true;
-                Err(error)
+            match sent {
+                Ok(()) => {
+                    self.answered |= last;
+                    return Ok(());
+                }
+                Err(SendError::TooLarge { size, limit }) => {
+                    let error = RpcError::transport(
+                        TransportErrorKind::PayloadTooLarge,
+                        format!(
+                            "the handler's reply ({size}) is larger than the transport's limit ({limit}); it was not sent"
+                        ),
+                    );
+                    tracing::warn!(%error, "reply too large");
+                    packet = ReplyPacket::Error(error_json(&error));
+                    too_large = Some(error);
+                }
+                Err(SendError::CallerGone) => {
+                    self.answered = true;
+                    return Err(RpcError::new(Code::Cancelled, "the caller went away"));
+                }
+                Err(SendError::Failed(error)) => {
+                    tracing::warn!(%error, "a reply could not be sent");
+                    self.answered = true;
+                    return Err(error);
+                }
             }
         }
     }
+}
+
+/// Sends a stream's items, and its end, as NestJS packets.
+async fn send_stream<K: ReplySink>(
+    mut stream: futures_util::stream::BoxStream<'static, Result<crate::rpc::RawJson, RpcError>>,
+    sink: &mut Tracked<K>,
+) -> Result<(), RpcError> {
+    let mut next = stream.next().await;
+    while let Some(item) = next {
+        match item {
+            // A failed send (the caller is gone, ...) stops the stream.
+            Ok(response) => {
+                // Only looked at when the transport wants streams to end on their last
+                // value (see `ReplySink::ends_streams_on_their_last_value`).
+                let following = if sink.inner.ends_streams_on_their_last_value() {
+                    stream.next().now_or_never()
+                } else {
+                    None
+                };
+                let last = matches!(following, Some(None));
+                sink.send(ReplyPacket::Value { response, last }).await?;
+                next = match following {
+                    Some(None) => return Ok(()),
+                    Some(item) => item,
+                    None => stream.next().await,
+                };
+            }
+            Err(error) => {
+                sink.send(ReplyPacket::Error(error_json(&error))).await?;
+                return Err(error);
+            }
+        }
+    }
+    sink.send(ReplyPacket::Complete).await
 }
 
 /// Sends a handler's reply (or error) as NestJS packets.
@@ -653,35 +693,9 @@ async fn send_replies<K: ReplySink>(
             .await
         }
         Ok(Reply::Empty) => sink.send(ReplyPacket::Complete).await,
-        Ok(Reply::Stream(mut stream)) => {
-            let mut next = stream.next().await;
-            while let Some(item) = next {
-                match item {
-                    // A failed send (the caller is gone, ...) stops the stream.
-                    Ok(response) => {
-                        // Only looked at when the transport wants streams to end on their last
-                        // value (see `ReplySink::ends_streams_on_their_last_value`).
-                        let following = if sink.inner.ends_streams_on_their_last_value() {
-                            stream.next().now_or_never()
-                        } else {
-                            None
-                        };
-                        let last = matches!(following, Some(None));
-                        sink.send(ReplyPacket::Value { response, last }).await?;
-                        next = match following {
-                            Some(None) => return Ok(()),
-                            Some(item) => item,
-                            None => stream.next().await,
-                        };
-                    }
-                    Err(error) => {
-                        sink.send(ReplyPacket::Error(error_json(&error))).await?;
-                        return Err(error);
-                    }
-                }
-            }
-            sink.send(ReplyPacket::Complete).await
-        }
+        // Boxed: a stream's sending is a future several times larger than a single reply's,
+        // and every handling future would otherwise have room for it.
+        Ok(Reply::Stream(stream)) => Box::pin(send_stream(stream, sink)).await,
         Err(error) => {
             let packet =
                 if error.code() == Code::Unimplemented && error.message() == NO_HANDLER_MESSAGE {

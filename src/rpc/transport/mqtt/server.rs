@@ -357,14 +357,15 @@ impl ReplySink for MqttSink {
             });
         }
         self.done = packet.is_last();
-        self.client
-            .publish(&self.topic, Qos::AtMostOnce, body)
-            .await
-            .map_err(|error| {
-                SendError::Failed(RpcError::transport(
-                    TransportErrorKind::ConnectionLost,
-                    format!("cannot publish the reply: {error}"),
-                ))
-            })
+        // Boxed: rumqttc's publish is a large future, and the handling future of every message,
+        // which holds this one, would otherwise be too large for the allocator's per-thread
+        // cache of small blocks: a box from there costs less than the larger box.
+        let publish = Box::pin(self.client.publish(&self.topic, Qos::AtMostOnce, body));
+        publish.await.map_err(|error| {
+            SendError::Failed(RpcError::transport(
+                TransportErrorKind::ConnectionLost,
+                format!("cannot publish the reply: {error}"),
+            ))
+        })
     }
 }
