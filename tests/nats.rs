@@ -622,3 +622,26 @@ async fn a_reply_at_max_payload_goes_out_and_one_byte_more_is_an_error_packet() 
 fn body_of_bytes(body: &[u8]) -> Value {
     serde_json::from_slice(body).unwrap()
 }
+
+/// A dead-letter prefix that makes no NATS subject is refused when the server starts, not found
+/// out when the first event fails for good (palisade checks the subjects it publishes to itself;
+/// async-nats is told not to scan them again at every publish).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_prefix_that_makes_no_subject_is_refused_at_start() {
+    let broker = Broker::start();
+    let router = Router::new().event("orders.created", |_: Payload<u64>| async {});
+    let error = NatsServer::new(options(&broker))
+        .durable_events(durable("PREFIXED").dead_letter_prefix("dead letters"))
+        .serve(Server::new(router))
+        .await
+        .expect_err("a prefix with a space makes no subject");
+    assert_eq!(error.code(), Code::InvalidArgument, "{error}");
+    assert!(error.message().contains("\"dead letters\""), "{error}");
+    // A good prefix on the same broker starts.
+    let router = Router::new().event("orders.created", |_: Payload<u64>| async {});
+    NatsServer::new(options(&broker))
+        .durable_events(durable("PREFIXED").dead_letter_prefix("dead.letters"))
+        .serve(Server::new(router))
+        .await
+        .unwrap();
+}

@@ -311,7 +311,8 @@ impl DurableEvents {
         self
     }
 
-    /// Dead letters go to `<prefix>.<pattern>`.
+    /// Dead letters go to `<prefix>.<pattern>`. A prefix that does not make a NATS subject with
+    /// every event pattern (a space in it, say) fails the server's start with `InvalidArgument`.
     pub fn dead_letter_prefix(mut self, prefix: impl Into<String>) -> Self {
         self.dead_letter_prefix = prefix.into();
         self
@@ -360,6 +361,17 @@ pub(crate) async fn start(
 ) -> Result<(), RpcError> {
     if routes.is_empty() {
         return Ok(());
+    }
+    // Checked now, not when the first event fails for good: an event is dead-lettered on a
+    // subject made of the prefix and its route.
+    for route in &routes {
+        super::check_subject(&dead_letter_subject(&config.dead_letter_prefix, route), true)
+            .map_err(|_| {
+                RpcError::invalid_argument(format!(
+                    "the dead-letter prefix {:?} does not make a valid NATS subject with the route {route:?} (NATS subjects are dot-separated tokens without spaces)",
+                    config.dead_letter_prefix
+                ))
+            })?;
     }
     let context = jetstream::new(client.clone());
     let mut stream = context
@@ -514,7 +526,7 @@ async fn handle(
     let acked = match outcome {
         Ok(()) => message.ack().await,
         Err(error) if delivered >= u64::from(config.max_deliveries) => {
-            let subject = format!("{}.{route}", config.dead_letter_prefix);
+            let subject = dead_letter_subject(&config.dead_letter_prefix, &route);
             tracing::error!(%route, deliveries = delivered, %error, dead_letter = %subject, "event failed for good; dead-lettered");
             let mut headers = async_nats::HeaderMap::new();
             headers.insert(DEAD_LETTER_REASON, &*super::one_line(&error.to_string()));
@@ -539,4 +551,9 @@ async fn handle(
     if let Err(error) = acked {
         tracing::warn!(%route, %error, "cannot acknowledge a durable event; it will be redelivered");
     }
+}
+
+/// The subject an event of `route` is dead-lettered on.
+fn dead_letter_subject(prefix: &str, route: &str) -> String {
+    format!("{prefix}.{route}")
 }
