@@ -442,3 +442,68 @@ async fn one_busy_handler_and_two_connections() -> (Duration, Duration) {
     server.shutdown().await;
     (other_waited, same_answered)
 }
+
+/// A handler that has produced its whole reply is not stopped by its caller's deadline while the
+/// reply waits for a peer that does not read: there is nothing left to stop, and the reply goes
+/// out once the peer reads again (an error in its place would throw away a finished answer).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_finished_reply_waiting_on_a_peer_that_does_not_read_outlives_the_deadline() {
+    const SIZE: usize = 1 << 20;
+    const REQUESTS: usize = 24;
+    let router = Router::new().message(
+        "big",
+        |Payload(n): Payload<usize>| async move { "x".repeat(n) },
+    );
+    let (server, addr) = serve(TcpOptions::new(), router).await;
+    let mut socket = TcpStream::connect(&addr).await.unwrap();
+    // 24 MiB of replies: more than both sockets' buffers and the connection's queue hold, so the
+    // last replies wait on the peer well past their 300 ms deadline.
+    for id in 0..REQUESTS {
+        let packet = format!(
+            r#"{{"pattern":"big","data":{SIZE},"id":"{id}","headers":{{"palisade-timeout-ms":"300"}}}}"#
+        );
+        socket
+            .write_all(format!("{}#{packet}", packet.len()).as_bytes())
+            .await
+            .unwrap();
+    }
+    sleep(Duration::from_secs(1)).await;
+    let mut buffer = Vec::new();
+    let mut replies = Vec::new();
+    while replies.len() < REQUESTS {
+        let mut chunk = vec![0u8; 256 * 1024];
+        let read = timeout(Duration::from_secs(20), socket.read(&mut chunk))
+            .await
+            .expect("every reply arrives")
+            .unwrap();
+        assert!(
+            read > 0,
+            "the server closed after {} replies",
+            replies.len()
+        );
+        buffer.extend_from_slice(&chunk[..read]);
+        // Frames are `<length>#<JSON>`; these are ASCII, so the length counts bytes.
+        while let Some(hash) = buffer.iter().position(|&b| b == b'#') {
+            let length: usize = std::str::from_utf8(&buffer[..hash])
+                .unwrap()
+                .parse()
+                .unwrap();
+            if buffer.len() < hash + 1 + length {
+                break;
+            }
+            let frame: serde_json::Value =
+                serde_json::from_slice(&buffer[hash + 1..hash + 1 + length]).unwrap();
+            buffer.drain(..hash + 1 + length);
+            replies.push(frame);
+        }
+    }
+    for reply in &replies {
+        assert!(
+            reply["err"].is_null(),
+            "a reply was replaced: {}",
+            reply["err"]
+        );
+        assert_eq!(reply["response"].as_str().map(str::len), Some(SIZE));
+    }
+    server.shutdown().await;
+}
