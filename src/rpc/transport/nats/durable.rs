@@ -526,7 +526,7 @@ async fn handle(
     let acked = match outcome {
         Ok(()) => message.ack().await,
         Err(error) if delivered >= u64::from(config.max_deliveries) => {
-            let subject = dead_letter_subject(&config.dead_letter_prefix, &route);
+            let subject = dead_letter_subject(&config.dead_letter_prefix, route);
             tracing::error!(%route, deliveries = delivered, %error, dead_letter = %subject, "event failed for good; dead-lettered");
             let mut headers = async_nats::HeaderMap::new();
             headers.insert(DEAD_LETTER_REASON, &*super::one_line(&error.to_string()));
