@@ -599,11 +599,10 @@ struct Tracked<K> {
 
 impl<K: ReplySink> Tracked<K> {
     /// Sends `packet`; `Err` when nothing more should be sent for this request.
-    async fn send(&mut self, packet: ReplyPacket) -> Result<(), RpcError> {
+    async fn send(&mut self, mut packet: ReplyPacket) -> Result<(), RpcError> {
         let last = packet.is_last();
         // One send at a time, from one place: the transport's send is most of this future, and
         // a second call site could take room for a second one.
-        let mut packet = packet;
         let mut too_large: Option<RpcError> = None;
         loop {
             let sent = self.inner.send(packet).await;
