@@ -645,3 +645,103 @@ async fn a_dead_letter_prefix_that_makes_no_subject_is_refused_at_start() {
         .await
         .unwrap();
 }
+
+/// A consumer prefix that makes no JetStream consumer name is refused when the server starts,
+/// before it connects: the name goes into the subjects of JetStream's API, which async-nats does
+/// not check, and a space or a line break there would break the protocol line. A dead-letter
+/// prefix with a wildcard is refused too (an event is published there).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_or_dead_letter_prefix_that_makes_no_name_is_refused_at_start() {
+    let broker = Broker::start();
+    let refused = [
+        durable("NAMES").consumer_prefix("my svc"),
+        durable("NAMES").consumer_prefix("svc\r\nPUB x 1"),
+        durable("NAMES").consumer_prefix("billing.v2"),
+        durable("NAMES").consumer_prefix("billing>"),
+        durable("NAMES").dead_letter_prefix("dead.*"),
+        durable("NAMES").dead_letter_prefix("dead.>"),
+    ];
+    for config in refused {
+        let shown = format!("{config:?}");
+        let router = Router::new().event("orders.created", |_: Payload<u64>| async {});
+        let started = Instant::now();
+        let error = NatsServer::new(options(&broker))
+            .durable_events(config)
+            .serve(Server::new(router))
+            .await
+            .expect_err(&shown);
+        assert_eq!(error.code(), Code::InvalidArgument, "{shown}: {error}");
+        assert!(error.message().contains("prefix"), "{error}");
+        assert!(started.elapsed() < Duration::from_secs(2), "{shown}");
+    }
+    // Good prefixes on the same broker start, and an event goes through.
+    let (sender, mut received) = tokio::sync::mpsc::unbounded_channel();
+    let router = Router::new().event("orders.created", move |Payload(n): Payload<u64>| {
+        let sender = sender.clone();
+        async move {
+            let _ = sender.send(n);
+        }
+    });
+    let server = NatsServer::new(options(&broker))
+        .durable_events(
+            durable("NAMES")
+                .consumer_prefix("billing_v2-eu")
+                .dead_letter_prefix("dead.letters"),
+        )
+        .serve(Server::new(router))
+        .await
+        .unwrap();
+    let client = Client::builder()
+        .connect(NatsTransport::new(options(&broker)).durable_events())
+        .await
+        .unwrap();
+    client.emit("orders.created", &7u64).await.unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(10), received.recv()).await;
+    assert_eq!(got.unwrap(), Some(7));
+    server.shutdown().await;
+}
+
+/// A server whose start fails after it subscribed (here: JetStream refuses the stream name) stops
+/// what it started before it returns the error: nobody holds a handle that could stop it, so a
+/// route left subscribed would be served on, unseen.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_fails_to_start_serves_nothing() {
+    let broker = Broker::start();
+    let served = Arc::new(AtomicUsize::new(0));
+    let counted = Arc::clone(&served);
+    let router = Router::new()
+        .message("ping", move |Payload(n): Payload<u64>| {
+            counted.fetch_add(1, Ordering::SeqCst);
+            async move { n }
+        })
+        .event("orders.created", |_: Payload<u64>| async {});
+    let error = NatsServer::new(options(&broker))
+        .durable_events(durable("NO SUCH STREAM"))
+        .serve(Server::new(router))
+        .await
+        .expect_err("a stream name with spaces is refused");
+    assert!(error.message().contains("NO SUCH STREAM"), "{error}");
+    // Nobody answers `ping`: every try meets no responders.
+    let bare = async_nats::connect(broker.url()).await.unwrap();
+    let packet = r#"{"pattern":"ping","data":1,"id":"1"}"#;
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        let answer = bare
+            .request("ping", packet.into())
+            .await
+            .map(|reply| reply.payload);
+        match answer {
+            Err(error) if error.kind() == async_nats::RequestErrorKind::NoResponders => break,
+            other => assert!(
+                Instant::now() < deadline,
+                "the route is still served after the failed start: {other:?}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        served.load(Ordering::SeqCst),
+        0,
+        "a handler ran after the failed start"
+    );
+}

@@ -156,6 +156,11 @@ impl NatsConnection {
     }
 
     /// The underlying `async-nats` client.
+    ///
+    /// It does not check the subjects it publishes to (palisade checks its own before use, and
+    /// connects with async-nats's `skip_subject_validation`): check a subject made from outside
+    /// input before publishing to it through this client, since a space or a line break in it
+    /// breaks the protocol line and the broker closes the connection.
     pub fn nats_client(&self) -> &async_nats::Client {
         &self.inner.client
     }

@@ -283,7 +283,9 @@ impl DurableEvents {
     }
 
     /// Names the durable consumers `<prefix>-<pattern>`: services with different prefixes each get
-    /// every event; instances sharing a prefix share the work.
+    /// every event; instances sharing a prefix share the work. A prefix that makes no JetStream
+    /// name (whitespace, a control character, `.`, `*`, `>`, `/` or `\`) fails the server's start
+    /// with `InvalidArgument`.
     pub fn consumer_prefix(mut self, prefix: impl Into<String>) -> Self {
         self.consumer_prefix = prefix.into();
         self
@@ -312,7 +314,8 @@ impl DurableEvents {
     }
 
     /// Dead letters go to `<prefix>.<pattern>`. A prefix that does not make a NATS subject with
-    /// every event pattern (a space in it, say) fails the server's start with `InvalidArgument`.
+    /// every event pattern (a space in it, say), or that holds a wildcard, fails the server's
+    /// start with `InvalidArgument`.
     pub fn dead_letter_prefix(mut self, prefix: impl Into<String>) -> Self {
         self.dead_letter_prefix = prefix.into();
         self
@@ -353,6 +356,31 @@ fn consumer_name(prefix: &str, route: &str) -> String {
     format!("{prefix}-{readable}-{:08x}", hash as u32)
 }
 
+/// Checks the names a durable server makes from its configuration, before it connects: checked
+/// now, not when the first event fails for good. An event is dead-lettered on a subject made of
+/// the prefix and its route, and each route's consumer is named after the consumer prefix;
+/// async-nats checks neither (palisade publishes with `skip_subject_validation`, and consumer
+/// names go into JetStream's API subjects unchecked).
+pub(crate) fn check_names(config: &DurableEvents, routes: &[String]) -> Result<(), RpcError> {
+    let prefix_is_literal = super::check_subject(&config.dead_letter_prefix, false).is_ok();
+    for route in routes {
+        if !prefix_is_literal
+            || super::check_subject(
+                &dead_letter_subject(&config.dead_letter_prefix, route),
+                true,
+            )
+            .is_err()
+        {
+            return Err(RpcError::invalid_argument(format!(
+                "the dead-letter prefix {:?} does not make a valid NATS subject with the route {route:?} (NATS subjects are dot-separated tokens without spaces, and a prefix has no wildcards)",
+                config.dead_letter_prefix
+            )));
+        }
+    }
+    check_consumer_prefix(&config.consumer_prefix)?;
+    Ok(())
+}
+
 pub(crate) async fn start(
     client: &async_nats::Client,
     dispatcher: &Dispatcher,
@@ -361,17 +389,6 @@ pub(crate) async fn start(
 ) -> Result<(), RpcError> {
     if routes.is_empty() {
         return Ok(());
-    }
-    // Checked now, not when the first event fails for good: an event is dead-lettered on a
-    // subject made of the prefix and its route.
-    for route in &routes {
-        super::check_subject(&dead_letter_subject(&config.dead_letter_prefix, route), true)
-            .map_err(|_| {
-                RpcError::invalid_argument(format!(
-                    "the dead-letter prefix {:?} does not make a valid NATS subject with the route {route:?} (NATS subjects are dot-separated tokens without spaces)",
-                    config.dead_letter_prefix
-                ))
-            })?;
     }
     let context = jetstream::new(client.clone());
     let mut stream = context
@@ -550,6 +567,22 @@ async fn handle(
     };
     if let Err(error) = acked {
         tracing::warn!(%route, %error, "cannot acknowledge a durable event; it will be redelivered");
+    }
+}
+
+/// Refuses a consumer prefix that makes no JetStream consumer name: a name goes into the
+/// subjects of JetStream's API (`$JS.API.CONSUMER.CREATE.<stream>.<name>`), where a space or a
+/// line break would break the protocol line and a `.`, `*` or `>` would change the subject.
+fn check_consumer_prefix(prefix: &str) -> Result<(), RpcError> {
+    let valid = !prefix
+        .chars()
+        .any(|c| c.is_whitespace() || c.is_control() || matches!(c, '.' | '*' | '>' | '/' | '\\'));
+    if valid {
+        Ok(())
+    } else {
+        Err(RpcError::invalid_argument(format!(
+            "the consumer prefix {prefix:?} makes no JetStream consumer name (names have no spaces, control characters, '.', '*', '>', '/' or '\\')"
+        )))
     }
 }
 

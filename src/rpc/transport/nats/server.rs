@@ -81,6 +81,9 @@ impl NatsServer {
         for route in core_routes.iter().chain(&durable_routes) {
             check_subject(route, true)?;
         }
+        if let Some(durable) = &self.durable {
+            super::durable::check_names(durable, &durable_routes)?;
+        }
         let client = self
             .options
             .connect(|event| match event {
@@ -92,6 +95,36 @@ impl NatsServer {
             })
             .await?;
         let dispatcher = server.into_dispatcher("nats");
+        match self
+            .subscribe(&client, &dispatcher, core_routes, durable_routes)
+            .await
+        {
+            Ok(()) => {
+                // Replies are queued in the client: flush them before the connection goes away.
+                let flush = async move {
+                    if let Err(error) = client.flush().await {
+                        tracing::warn!(%error, "could not flush the last replies to NATS");
+                    }
+                };
+                Ok(ServerHandle::new(dispatcher).on_shutdown(flush))
+            }
+            Err(error) => {
+                // Nobody gets a handle to stop what did start (subscriptions, durable consumers):
+                // stop it here, or it would serve on, unseen.
+                ServerHandle::new(dispatcher).shutdown().await;
+                Err(error)
+            }
+        }
+    }
+
+    /// Subscribes to the core routes and starts the durable consumers.
+    async fn subscribe(
+        self,
+        client: &async_nats::Client,
+        dispatcher: &Dispatcher,
+        core_routes: BTreeSet<String>,
+        durable_routes: Vec<String>,
+    ) -> Result<(), RpcError> {
         let replier = Arc::new(client.clone());
         for route in core_routes {
             let queue = self.queues.get(&route).or(self.queue.as_ref()).cloned();
@@ -125,15 +158,9 @@ impl NatsServer {
         })?;
         if let Some(mut durable) = self.durable {
             durable.codec = self.options.shared_codec().clone();
-            super::durable::start(&client, &dispatcher, durable_routes, durable).await?;
+            super::durable::start(client, dispatcher, durable_routes, durable).await?;
         }
-        // Replies are queued in the client: flush them before the connection goes away.
-        let flush = async move {
-            if let Err(error) = client.flush().await {
-                tracing::warn!(%error, "could not flush the last replies to NATS");
-            }
-        };
-        Ok(ServerHandle::new(dispatcher).on_shutdown(flush))
+        Ok(())
     }
 }
 
