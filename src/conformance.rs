@@ -527,7 +527,8 @@ pub async fn thousand_requests_in_flight_out_of_order<H: Harness>(mut harness: H
     server.shutdown().await;
 }
 
-/// The caller's deadline reaches the handler, and the server stops the handler when it passes.
+/// The caller's deadline reaches the handler, and the server stops the handler when it passes,
+/// even a handler that spent its task's cooperative budget before it waits.
 pub async fn deadlines_are_honoured_by_the_server<H: Harness>(mut harness: H) {
     let finished = Arc::new(AtomicBool::new(false));
     let saw_deadline = Arc::new(AtomicBool::new(false));
@@ -539,6 +540,14 @@ pub async fn deadlines_are_honoured_by_the_server<H: Harness>(mut harness: H) {
                 deadline.is_some_and(|d| d.remaining() <= Duration::from_millis(300)),
                 Ordering::SeqCst,
             );
+            // A ready channel answers until the task's budget runs out: the server's timer is
+            // first polled in a poll whose budget is spent.
+            let (sender, mut receiver) = tokio::sync::mpsc::unbounded_channel();
+            for n in 0..1000 {
+                let _ = sender.send(n);
+            }
+            drop(sender);
+            while receiver.recv().await.is_some() {}
             tokio::time::sleep(Duration::from_millis(800)).await;
             finished.store(true, Ordering::SeqCst);
             "too late"

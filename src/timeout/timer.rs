@@ -69,7 +69,11 @@ impl LazyTimer {
         let Some(sleep) = this.sleep.as_pin_mut() else {
             unreachable!("the timer was armed above")
         };
-        match sleep.poll(cx) {
+        // Outside the task's cooperative budget: a `Sleep` polled by a task that spent its budget
+        // returns `Pending` without registering with the wheel, and this timer, holding the same
+        // waker, would not ask again: it would never fire. (tokio's own `Timeout` polls its
+        // timer unconstrained too when the future before it spent the budget.)
+        match Pin::new(&mut tokio::task::unconstrained(sleep)).poll(cx) {
             Poll::Ready(()) => Poll::Ready(()),
             Poll::Pending => {
                 match this.registered {
@@ -153,6 +157,27 @@ impl<F: Future> Future for Until<F> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A task that spent its cooperative budget (it drained a ready channel) before it first polls
+    /// its timer still hears the timer fire.
+    #[tokio::test(start_paused = true)]
+    async fn a_timer_first_polled_after_the_task_spent_its_budget_still_fires() {
+        let (sender, mut receiver) = tokio::sync::mpsc::unbounded_channel();
+        for n in 0..1000 {
+            sender.send(n).unwrap();
+        }
+        let mut timer = std::pin::pin!(LazyTimer::new());
+        let end = Instant::now() + std::time::Duration::from_millis(50);
+        let fired = std::future::poll_fn(|cx| {
+            // A ready channel answers until the budget runs out.
+            while let Poll::Ready(Some(_)) = receiver.poll_recv(cx) {}
+            timer.as_mut().poll_fired(cx, || Some(end))
+        });
+        tokio::time::timeout(std::time::Duration::from_secs(1), fired)
+            .await
+            .expect("the timer fired");
+        assert_eq!(Instant::now(), end);
+    }
     use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::task::Wake;
