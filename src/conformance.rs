@@ -780,8 +780,9 @@ impl crate::rpc::Handler<()> for PanicsWhenCalled {
     }
 }
 
-/// A panicking handler answers "Internal server error", whether it panics while it runs or while
-/// its future is made; the server and the connection carry on.
+/// A panicking handler answers "Internal server error", whether it panics while it runs, while
+/// its future is made or while its reply stream is read (after the items before the panic); the
+/// server, the route and the connection carry on.
 pub async fn a_panicking_handler_still_answers<H: Harness>(mut harness: H) {
     let router = Router::new()
         .message("explode", || async {
@@ -791,6 +792,12 @@ pub async fn a_panicking_handler_still_answers<H: Harness>(mut harness: H) {
             "unreachable"
         })
         .message("explode-early", PanicsWhenCalled)
+        .message("explode-mid-stream", || async {
+            Streaming(futures_util::stream::iter(1..=3u32).map(|n| {
+                assert!(n < 2, "stream bug");
+                Ok::<_, RpcError>(n)
+            }))
+        })
         .message("ping", || async { "pong" });
     let server = start(&mut harness, router).await;
     let client = harness.client(Client::builder()).await;
@@ -818,6 +825,27 @@ pub async fn a_panicking_handler_still_answers<H: Harness>(mut harness: H) {
         error.err(),
         json!({"status": "error", "message": INTERNAL_SERVER_ERROR})
     );
+    // A stream that panics ends with "Internal server error" after the items before the panic;
+    // twice, as the route is still served.
+    for _ in 0..2 {
+        let items: Vec<Result<u32, RpcError>> =
+            tokio::time::timeout(Duration::from_secs(5), async {
+                match client.send_stream::<u32>("explode-mid-stream", &()).await {
+                    Ok(stream) => stream.collect().await,
+                    Err(error) => vec![Err(error)],
+                }
+            })
+            .await
+            .expect("the caller of a stream that panicked was left waiting");
+        assert_eq!(items.len(), 2, "{items:?}");
+        assert_eq!(items[0].as_ref().ok(), Some(&1), "{items:?}");
+        let error = items[1].as_ref().unwrap_err();
+        assert_eq!(error.code(), Code::Internal, "{error}");
+        assert_eq!(
+            error.err(),
+            json!({"status": "error", "message": INTERNAL_SERVER_ERROR})
+        );
+    }
     // The server and the connection are fine.
     assert_eq!(client.send::<String>("ping", &()).await.unwrap(), "pong");
     server.shutdown().await;

@@ -646,9 +646,15 @@ impl<K: ReplySink> Tracked<K> {
 
 /// Sends a stream's items, and its end, as NestJS packets.
 async fn send_stream<K: ReplySink>(
-    mut stream: futures_util::stream::BoxStream<'static, Result<crate::rpc::RawJson, RpcError>>,
+    stream: futures_util::stream::BoxStream<'static, Result<crate::rpc::RawJson, RpcError>>,
     sink: &mut Tracked<K>,
 ) -> Result<(), RpcError> {
+    // The stream is the handler's code too: a panic in it ends the stream with "Internal server
+    // error" rather than unwinding into the transport's task (which reads the messages of a whole
+    // route or connection) or leaving the caller waiting.
+    let mut stream = AssertUnwindSafe(stream)
+        .catch_unwind()
+        .map(|item| item.unwrap_or_else(|panic| Err(handler_panicked(&*panic))));
     let mut next = stream.next().await;
     while let Some(item) = next {
         match item {
