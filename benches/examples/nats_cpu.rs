@@ -21,7 +21,10 @@
 //! - `deadline-header`: the same deadline as a NATS header (`NatsOptions::deadline_header`);
 //! - `no-timeout`: `ClientBuilder::no_timeout`, so no deadline and no timer;
 //! - `bare-to-server`: bare `request()` sending NestJS packets to the palisade server, which shows
-//!   the server's share of palisade's cost.
+//!   the server's share of palisade's cost;
+//! - `hop-to-server`: `bare-hop` sending palisade's packets (written with `format!`, replies read
+//!   into a `serde_json::Value`) to the palisade server: palisade's client beside a hand-written
+//!   one, with the same server and reply path.
 //!
 //! Arguments: calls per round, the contenders (comma-separated, or `all`), rounds, calls in flight.
 //! Prints, per round, the wall time, this process's CPU time (client and server together) and
@@ -99,9 +102,16 @@ fn main() {
                 async move { hop.call(x).await }
             }
         }),
-        contender("bare-hop-nest", move |x| {
+        contender("bare-hop-nest", {
             let hop = hop.clone();
-            async move { hop.nest_call(x).await }
+            move |x| {
+                let hop = hop.clone();
+                async move { hop.nest_call(x).await }
+            }
+        }),
+        contender("hop-to-server", move |x| {
+            let hop = hop.clone();
+            async move { hop.call_palisade_server(x).await }
         }),
         echo_contender("palisade", palisade),
         echo_contender("deadline-header", with_header),

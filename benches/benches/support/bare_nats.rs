@@ -122,6 +122,17 @@ impl HopClient {
         assert_eq!(reply["response"].as_u64(), Some(x));
     }
 
+    /// One request to palisade's server (`echo`), with the packet of [`nest_call`](Self::nest_call):
+    /// palisade's server behind a bare client.
+    pub async fn call_palisade_server(&self, x: u64) {
+        let body = format!(
+            r#"{{"pattern":"echo","data":{x},"id":"{x}","headers":{{"palisade-timeout-ms":5000}}}}"#
+        );
+        let reply = self.request("echo", body).await;
+        let reply: serde_json::Value = serde_json::from_slice(&reply).unwrap();
+        assert_eq!(reply["response"].as_u64(), Some(x));
+    }
+
     /// Publishes `body` on `subject` with a reply subject of its own, and waits for the reply.
     async fn request(&self, subject: &'static str, body: String) -> bytes::Bytes {
         let n = self.next.fetch_add(1, Ordering::Relaxed);
