@@ -237,7 +237,8 @@ impl ReplySink for NatsSink {
         let publish = Box::pin(self.client.publish(reply, body));
         publish.await.map_err(|error| {
             // A smaller limit learnt between the check and the publish (a reconnection to
-            // another server) ends here too: the caller's deadline answers it.
+            // another server) ends here too: the reply counts as answered, and the caller's own
+            // timeout answers it.
             SendError::Failed(RpcError::transport(
                 TransportErrorKind::ConnectionLost,
                 format!("cannot publish the reply: {error}"),
