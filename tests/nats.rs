@@ -674,6 +674,15 @@ async fn a_consumer_or_dead_letter_prefix_that_makes_no_name_is_refused_at_start
         assert!(error.message().contains("prefix"), "{error}");
         assert!(started.elapsed() < Duration::from_secs(2), "{shown}");
     }
+    // A server with no event names no consumer: its prefix does not matter.
+    let messages_only = Router::new().message("ping", |Payload(n): Payload<u64>| async move { n });
+    NatsServer::new(options(&broker))
+        .durable_events(durable("NAMES").consumer_prefix("my svc"))
+        .serve(Server::new(messages_only))
+        .await
+        .expect("no durable route, no consumer name")
+        .shutdown()
+        .await;
     // Good prefixes on the same broker start, and an event goes through.
     let (sender, mut received) = tokio::sync::mpsc::unbounded_channel();
     let router = Router::new().event("orders.created", move |Payload(n): Payload<u64>| {
@@ -701,7 +710,8 @@ async fn a_consumer_or_dead_letter_prefix_that_makes_no_name_is_refused_at_start
     server.shutdown().await;
 }
 
-/// A server whose start fails after it subscribed (here: JetStream refuses the stream name) stops
+/// A server whose start fails after it subscribed (here: async-nats refuses the stream name when
+/// the durable consumers start, after the core subscriptions were made and flushed) stops
 /// what it started before it returns the error: nobody holds a handle that could stop it, so a
 /// route left subscribed would be served on, unseen.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -726,12 +736,20 @@ async fn a_server_that_fails_to_start_serves_nothing() {
     let packet = r#"{"pattern":"ping","data":1,"id":"1"}"#;
     let deadline = Instant::now() + Duration::from_secs(2);
     loop {
-        let answer = bare
-            .request("ping", packet.into())
-            .await
-            .map(|reply| reply.payload);
+        // Each try bounded: one sent before the broker processed the unsubscription goes to a
+        // subscriber that no longer reads, and is tried again.
+        let answer = tokio::time::timeout(
+            Duration::from_millis(200),
+            bare.request("ping", packet.into()),
+        )
+        .await
+        .map(|answer| answer.map(|reply| reply.payload));
         match answer {
-            Err(error) if error.kind() == async_nats::RequestErrorKind::NoResponders => break,
+            Ok(Err(error)) if error.kind() == async_nats::RequestErrorKind::NoResponders => break,
+            Err(_) => assert!(
+                Instant::now() < deadline,
+                "no answer, but no \"no responders\" either"
+            ),
             other => assert!(
                 Instant::now() < deadline,
                 "the route is still served after the failed start: {other:?}"

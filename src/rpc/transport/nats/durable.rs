@@ -377,7 +377,10 @@ pub(crate) fn check_names(config: &DurableEvents, routes: &[String]) -> Result<(
             )));
         }
     }
-    check_consumer_prefix(&config.consumer_prefix)?;
+    if !routes.is_empty() {
+        // No event is durable without a route: no consumer is named.
+        check_consumer_prefix(&config.consumer_prefix)?;
+    }
     Ok(())
 }
 
