@@ -362,26 +362,22 @@ fn consumer_name(prefix: &str, route: &str) -> String {
 /// async-nats checks neither (palisade publishes with `skip_subject_validation`, and consumer
 /// names go into JetStream's API subjects unchecked).
 pub(crate) fn check_names(config: &DurableEvents, routes: &[String]) -> Result<(), RpcError> {
-    let prefix_is_literal = super::check_subject(&config.dead_letter_prefix, false).is_ok();
-    for route in routes {
-        if !prefix_is_literal
-            || super::check_subject(
-                &dead_letter_subject(&config.dead_letter_prefix, route),
-                true,
-            )
-            .is_err()
-        {
-            return Err(RpcError::invalid_argument(format!(
-                "the dead-letter prefix {:?} does not make a valid NATS subject with the route {route:?} (NATS subjects are dot-separated tokens without spaces, and a prefix has no wildcards)",
-                config.dead_letter_prefix
-            )));
-        }
+    // Without a durable event nothing is named: no consumer, no dead letter.
+    if routes.is_empty() {
+        return Ok(());
     }
-    if !routes.is_empty() {
-        // No event is durable without a route: no consumer is named.
-        check_consumer_prefix(&config.consumer_prefix)?;
+    let prefix = &config.dead_letter_prefix;
+    let prefix_is_literal = super::check_subject(prefix, false).is_ok();
+    let unmade = routes.iter().find(|route| {
+        !prefix_is_literal
+            || super::check_subject(&dead_letter_subject(prefix, route), true).is_err()
+    });
+    if let Some(route) = unmade {
+        return Err(RpcError::invalid_argument(format!(
+            "the dead-letter prefix {prefix:?} does not make a valid NATS subject with the route {route:?} (NATS subjects are dot-separated tokens without spaces, and a prefix has no wildcards)"
+        )));
     }
-    Ok(())
+    check_consumer_prefix(&config.consumer_prefix)
 }
 
 pub(crate) async fn start(

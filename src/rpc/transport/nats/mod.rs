@@ -297,9 +297,8 @@ impl NatsOptions {
             // palisade checks every subject it publishes to itself, once, before it is used: a
             // pattern's route (`check_subject`, stricter than async-nats's check), the dead-letter
             // subjects and consumer names of durable events (before the server connects), its own
-            // inbox; and a reply
-            // subject comes from the broker, which cannot deliver one with a space in it.
-            // async-nats would scan each subject again at every publish.
+            // inbox; and a reply subject comes from the broker, which cannot deliver one with a
+            // space in it. async-nats would scan each subject again at every publish.
             .skip_subject_validation(true)
             .connection_timeout(self.connection_timeout)
             .require_tls(self.require_tls)
