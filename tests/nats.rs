@@ -763,3 +763,25 @@ async fn a_server_that_fails_to_start_serves_nothing() {
         "a handler ran after the failed start"
     );
 }
+
+/// The futures allocated for every request and event stay within glibc's per-thread cache
+/// (requests of up to 1032 bytes), whose fast path is several hundred instructions shorter. The
+/// request's kept its packet's temporaries and the event's JetStream's publish beside the plain
+/// one (1072 and 1328 bytes before).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_futures_of_a_request_and_an_event_fit_the_allocators_small_sizes() {
+    use palisade::rpc::transport::ClientTransport;
+    use palisade::rpc::{Pattern, RawJson, RpcRequest};
+    let broker = Broker::start();
+    let transport = NatsTransport::new(options(&broker))
+        .connect()
+        .await
+        .unwrap();
+    let payload = || RawJson::to_json(&7u64).unwrap();
+    let request = transport.request(RpcRequest::new(Pattern::from("echo"), payload()));
+    let size = std::mem::size_of_val(&*request);
+    assert!(size <= 1024, "a request: {size} bytes");
+    let emitted = transport.emit(RpcRequest::event(Pattern::from("seen"), payload()));
+    let size = std::mem::size_of_val(&*emitted);
+    assert!(size <= 1024, "an event: {size} bytes");
+}

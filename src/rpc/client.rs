@@ -324,6 +324,22 @@ impl Client {
         self.breaker.as_ref()
     }
 
+    /// The request for `payload` on `pattern`, and its deadline.
+    ///
+    /// Returned by value, never borrowed by the caller: an `async fn` keeps room for a local that
+    /// was borrowed until the end of its scope, after it was moved away, and a request is 144
+    /// bytes in every call's future.
+    fn prepare(
+        &self,
+        kind: Kind,
+        pattern: &Pattern,
+        payload: &(impl Serialize + ?Sized),
+    ) -> Result<(RpcRequest, Option<Deadline>), RpcError> {
+        let request = self.request(kind, pattern.clone(), encode_payload(pattern, payload)?);
+        let deadline = request.deadline();
+        Ok((request, deadline))
+    }
+
     fn request(&self, kind: Kind, pattern: Pattern, payload: RawJson) -> RpcRequest {
         let mut request = match kind {
             Kind::Request => RpcRequest::new(pattern, payload),
@@ -342,69 +358,83 @@ impl Client {
     /// header is added — a new trace unless the request already carries one — so the server's span
     /// can be correlated with this one. Without tracing there is no trace context to carry, and
     /// nothing extra goes on the wire.
-    pub async fn call(&self, mut request: RpcRequest) -> Result<RpcResponse, RpcError> {
-        let span = if super::spans_observed() {
-            tracing::info_span!(
-                "rpc.client",
-                pattern = %request.pattern(),
-                kind = ?request.kind(),
-                trace = tracing::field::Empty,
-                outcome = tracing::field::Empty,
-                latency_us = tracing::field::Empty,
-            )
-        } else {
-            tracing::Span::none()
-        };
-        let traced = !span.is_disabled();
-        if traced {
-            let headers = request.headers_mut();
-            // With OpenTelemetry the request continues the caller's trace, through this span.
-            #[cfg(feature = "opentelemetry")]
-            let continued =
-                headers.get(TRACEPARENT_HEADER).is_none() && super::otel::inject(&span, headers);
-            #[cfg(not(feature = "opentelemetry"))]
-            let continued = false;
-            if !continued && headers.get(TRACEPARENT_HEADER).is_none() {
-                headers.insert(TRACEPARENT_HEADER, traceparent());
-            }
-            span.record("trace", headers.get(TRACEPARENT_HEADER));
-        }
-        // Clock reads only for a span someone listens to (or for metrics).
-        let started = (cfg!(feature = "metrics") || traced).then(Instant::now);
-        #[cfg(feature = "metrics")]
-        let metered = (Arc::clone(request.pattern().route_arc()), request.kind());
-        let result = match &self.stack {
-            // Without other layers the deadline is enforced here rather than by a boxed
-            // `DeadlineLayer` stack, so the default timeout costs a timer, not a service.
-            Stack::Direct(transport) => {
-                // The transport is asked at once (its `request` or `emit` makes the future):
-                // inside the span, as on the layered path, where the bottom service is called
-                // while the span is entered.
-                let exchange = if traced {
-                    span.in_scope(|| TransportFuture::new(&**transport, request, true))
-                } else {
-                    TransportFuture::new(&**transport, request, true)
-                };
-                in_span!(traced, span, exchange)
-            }
-            Stack::Layered(stack) => in_span!(traced, span, stack.clone().oneshot(request)),
-        };
-        #[cfg(feature = "metrics")]
-        if let Some(started) = started {
-            let (route, kind) = &metered;
-            let outcome = result.as_ref().map(drop);
-            super::observe::record_client(route, *kind, outcome, started.elapsed());
-        }
-        if let Some(started) = started
-            && traced
-        {
-            span.record("latency_us", started.elapsed().as_micros() as u64);
-            match &result {
-                Ok(_) => span.record("outcome", tracing::field::display("ok")),
-                Err(error) => span.record("outcome", tracing::field::display(error.code())),
+    ///
+    /// The future is lazy, like an `async fn`'s: nothing happens until it is polled.
+    #[expect(
+        clippy::manual_async_fn,
+        reason = "an `async fn` keeps the request twice in its future"
+    )]
+    pub fn call(
+        &self,
+        mut request: RpcRequest,
+    ) -> impl Future<Output = Result<RpcResponse, RpcError>> + '_ {
+        // An `async` block rather than an `async fn`: an `async fn` moves its argument into a
+        // local of its own, and the future kept both copies of the request (144 bytes each) for
+        // as long as it lived. Every call's future is inside the caller's, often in a task.
+        async move {
+            let span = if super::spans_observed() {
+                tracing::info_span!(
+                    "rpc.client",
+                    pattern = %request.pattern(),
+                    kind = ?request.kind(),
+                    trace = tracing::field::Empty,
+                    outcome = tracing::field::Empty,
+                    latency_us = tracing::field::Empty,
+                )
+            } else {
+                tracing::Span::none()
             };
+            let traced = !span.is_disabled();
+            if traced {
+                let headers = request.headers_mut();
+                // With OpenTelemetry the request continues the caller's trace, through this span.
+                #[cfg(feature = "opentelemetry")]
+                let continued = headers.get(TRACEPARENT_HEADER).is_none()
+                    && super::otel::inject(&span, headers);
+                #[cfg(not(feature = "opentelemetry"))]
+                let continued = false;
+                if !continued && headers.get(TRACEPARENT_HEADER).is_none() {
+                    headers.insert(TRACEPARENT_HEADER, traceparent());
+                }
+                span.record("trace", headers.get(TRACEPARENT_HEADER));
+            }
+            // Clock reads only for a span someone listens to (or for metrics).
+            let started = (cfg!(feature = "metrics") || traced).then(Instant::now);
+            #[cfg(feature = "metrics")]
+            let metered = (Arc::clone(request.pattern().route_arc()), request.kind());
+            let result = match &self.stack {
+                // Without other layers the deadline is enforced here rather than by a boxed
+                // `DeadlineLayer` stack, so the default timeout costs a timer, not a service.
+                Stack::Direct(transport) => {
+                    // The transport is asked at once (its `request` or `emit` makes the future):
+                    // inside the span, as on the layered path, where the bottom service is called
+                    // while the span is entered.
+                    let exchange = if traced {
+                        span.in_scope(|| TransportFuture::new(&**transport, request, true))
+                    } else {
+                        TransportFuture::new(&**transport, request, true)
+                    };
+                    in_span!(traced, span, exchange)
+                }
+                Stack::Layered(stack) => in_span!(traced, span, stack.clone().oneshot(request)),
+            };
+            #[cfg(feature = "metrics")]
+            if let Some(started) = started {
+                let (route, kind) = &metered;
+                let outcome = result.as_ref().map(drop);
+                super::observe::record_client(route, *kind, outcome, started.elapsed());
+            }
+            if let Some(started) = started
+                && traced
+            {
+                span.record("latency_us", started.elapsed().as_micros() as u64);
+                match &result {
+                    Ok(_) => span.record("outcome", tracing::field::display("ok")),
+                    Err(error) => span.record("outcome", tracing::field::display(error.code())),
+                };
+            }
+            result
         }
-        result
     }
 
     /// Sends a request and waits for its reply: the handler's value (the last one, if it answers
@@ -416,12 +446,7 @@ impl Client {
         payload: &(impl Serialize + ?Sized),
     ) -> Result<R, RpcError> {
         let pattern = pattern.into();
-        let request = self.request(
-            Kind::Request,
-            pattern.clone(),
-            encode_payload(&pattern, payload)?,
-        );
-        let deadline = request.deadline();
+        let (request, deadline) = self.prepare(Kind::Request, &pattern, payload)?;
         let response = self.call(request).await?;
         let mut last = response.first;
         if let Some(mut rest) = response.rest {
@@ -477,12 +502,7 @@ impl Client {
         payload: &(impl Serialize + ?Sized),
     ) -> Result<RpcStream<R>, RpcError> {
         let pattern = pattern.into();
-        let request = self.request(
-            Kind::Request,
-            pattern.clone(),
-            encode_payload(&pattern, payload)?,
-        );
-        let deadline = request.deadline();
+        let (request, deadline) = self.prepare(Kind::Request, &pattern, payload)?;
         let response = self.call(request).await?;
         Ok(RpcStream::new(pattern, response, deadline))
     }
@@ -493,12 +513,7 @@ impl Client {
         pattern: impl Into<Pattern>,
         payload: &(impl Serialize + ?Sized),
     ) -> Result<(), RpcError> {
-        let pattern = pattern.into();
-        let request = self.request(
-            Kind::Event,
-            pattern.clone(),
-            encode_payload(&pattern, payload)?,
-        );
+        let (request, _) = self.prepare(Kind::Event, &pattern.into(), payload)?;
         self.call(request).await.map(drop)
     }
 }

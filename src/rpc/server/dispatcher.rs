@@ -253,20 +253,31 @@ impl Dispatcher {
     /// Every request gets an answer: the handler's replies; an error reply when it fails, panics,
     /// or outlives the caller's deadline or the grace period of a shutdown; and, when a reply is
     /// too large for the transport, an error saying so.
-    pub async fn dispatch<K: ReplySink>(&self, request: RpcRequest, sink: Option<K>) {
+    ///
+    /// Not an `async fn`, here and in [`dispatch_inline`](Self::dispatch_inline): one would keep
+    /// the request and the sink a second time, beside the future that does the work.
+    pub fn dispatch<K: ReplySink>(
+        &self,
+        request: RpcRequest,
+        sink: Option<K>,
+    ) -> impl Future<Output = ()> + Send + '_ {
         let first_poll = if sink.is_some() && self.inner.spawn_handlers {
             FirstPoll::Spawned
         } else {
             FirstPoll::Inline
         };
-        self.dispatch_with(request, sink, first_poll).await
+        self.dispatch_with(request, sink, first_poll)
     }
 
     /// [`dispatch`](Self::dispatch), with the handler's first step always taken in the calling
     /// task, whatever [`Server::spawn_handlers`] says: for a transport whose calling task exists
     /// for this one message (the in-memory transport calls it from the client's task).
-    pub async fn dispatch_inline<K: ReplySink>(&self, request: RpcRequest, sink: Option<K>) {
-        self.dispatch_with(request, sink, FirstPoll::Inline).await
+    pub fn dispatch_inline<K: ReplySink>(
+        &self,
+        request: RpcRequest,
+        sink: Option<K>,
+    ) -> impl Future<Output = ()> + Send + '_ {
+        self.dispatch_with(request, sink, FirstPoll::Inline)
     }
 
     async fn dispatch_with<K: ReplySink>(
