@@ -39,12 +39,15 @@ fn put_headers<B: BufMut>(out: &mut B, headers: &Headers, timeout_ms: Option<u64
         if !headers.is_empty() {
             out.put_u8(b',');
         }
-        put_string(out, TIMEOUT_HEADER);
-        out.put_u8(b':');
+        out.put_slice(QUOTED_TIMEOUT_KEY);
         put_millis(out, millis);
     }
     out.put_u8(b'}');
 }
+
+/// [`TIMEOUT_HEADER`] as a JSON object's key, colon included: written into every request that
+/// carries a deadline, and a constant needs no scan for characters to escape.
+const QUOTED_TIMEOUT_KEY: &[u8] = b"\"palisade-timeout-ms\":";
 
 /// `millis` as a JSON string of its decimal digits, as `millis.to_string()` would be written.
 fn put_millis<B: BufMut>(out: &mut B, millis: u64) {
@@ -734,6 +737,12 @@ mod tests {
 
     fn raw(text: &str) -> RawJson {
         RawJson::from_text(text.to_owned()).unwrap()
+    }
+
+    #[test]
+    fn the_quoted_timeout_key_is_the_timeout_header_as_serde_json_writes_a_key() {
+        let key = format!("{}:", serde_json::to_string(TIMEOUT_HEADER).unwrap());
+        assert_eq!(QUOTED_TIMEOUT_KEY, key.as_bytes());
     }
 
     fn encoded(f: impl FnOnce(&mut BytesMut)) -> String {

@@ -279,7 +279,7 @@ fn is_json_id_of(id: &[u8], n: u64) -> bool {
     let mut buffer = [0u8; 20];
     id.strip_prefix(b"\"")
         .and_then(|id| id.strip_suffix(b"\""))
-        .is_some_and(|id| id == packet_id(n, &mut buffer).as_bytes())
+        .is_some_and(|id| id == crate::rpc::json::decimal(n, &mut buffer))
 }
 
 /// Longest reply subject built without a heap buffer of its own.
