@@ -135,34 +135,30 @@ const SMALL_ALLOCATION: usize = 1024;
 /// future (inside the caller's task, or in a box of its own), and the transport's. An `async fn`
 /// keeps each argument twice, and a local that was borrowed until its scope ends, so a request
 /// (144 bytes) was kept two or three times in each (1016 bytes for `send`, 1064 for the
-/// transport's, before).
+/// transport's, before). A tokio task adds about 100 bytes of its own to the future it runs, in
+/// steps of 128, hence the smaller bound for a task around `send`.
 #[tokio::test]
 async fn the_futures_of_a_call_fit_the_allocators_small_sizes() {
     use palisade::rpc::transport::ClientTransport;
     use palisade::rpc::{Pattern, RawJson, RpcRequest};
+    const IN_A_TASK: usize = SMALL_ALLOCATION - 128;
     let transport = MemoryTransport::new();
     let client = Client::builder().connect(transport.clone()).await.unwrap();
 
     let send = client.send::<u64>("echo", &7u64);
-    assert!(
-        std::mem::size_of_val(&send) <= 768,
-        "send: {} bytes",
-        std::mem::size_of_val(&send)
-    );
+    let size = std::mem::size_of_val(&send);
+    assert!(size <= IN_A_TASK - 128, "send: {size} bytes");
     drop(send);
     let spawned = {
         let client = client.clone();
         async move { client.send::<u64>("echo", &7u64).await }
     };
     let size = std::mem::size_of_val(&spawned);
-    assert!(size <= SMALL_ALLOCATION, "a task around send: {size} bytes");
+    assert!(size <= IN_A_TASK, "a task around send: {size} bytes");
     drop(spawned);
     let emit = client.emit("seen", &7u64);
-    assert!(
-        std::mem::size_of_val(&emit) <= 768,
-        "emit: {} bytes",
-        std::mem::size_of_val(&emit)
-    );
+    let size = std::mem::size_of_val(&emit);
+    assert!(size <= IN_A_TASK - 128, "emit: {size} bytes");
     drop(emit);
 
     let payload = || RawJson::to_json(&7u64).unwrap();
