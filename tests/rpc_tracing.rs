@@ -128,3 +128,42 @@ fn handler_errors_are_warnings_only_when_they_are_bugs() {
     let crashed = line("crash", "handler failed");
     assert!(crashed.contains(" WARN "), "{crashed}");
 }
+
+/// A request that already carries a trace context keeps it when the client's span is observed:
+/// the client adds a `traceparent` only to a request without one.
+#[test]
+fn a_request_that_carries_a_trace_context_keeps_it() {
+    use palisade::rpc::Headers;
+    const CALLERS: &str = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let log = log_of(FmtSpan::NONE, {
+        let seen = Arc::clone(&seen);
+        async move {
+            let transport = MemoryTransport::new();
+            let router = Router::new().message("headers", move |headers: Headers| {
+                let seen = Arc::clone(&seen);
+                async move {
+                    let traceparent = headers.get("traceparent").map(str::to_owned);
+                    seen.lock().unwrap().push(traceparent);
+                }
+            });
+            let server = transport.serve_now(Server::new(router));
+            let carrying = Client::builder()
+                .header("traceparent", CALLERS)
+                .connect(transport.clone())
+                .await
+                .unwrap();
+            carrying.send::<()>("headers", &()).await.unwrap();
+            let bare = Client::builder().connect(transport).await.unwrap();
+            bare.send::<()>("headers", &()).await.unwrap();
+            server.shutdown().await;
+        }
+    });
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 2, "{log}");
+    assert_eq!(seen[0].as_deref(), Some(CALLERS), "{log}");
+    let added = seen[1]
+        .as_deref()
+        .expect("a traceparent for a request without one");
+    assert!(added.starts_with("00-") && added != CALLERS, "{added}");
+}
