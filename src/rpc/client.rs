@@ -335,21 +335,17 @@ impl Client {
         pattern: &Pattern,
         payload: &(impl Serialize + ?Sized),
     ) -> Result<(RpcRequest, Option<Deadline>), RpcError> {
-        let request = self.request(kind, pattern.clone(), encode_payload(pattern, payload)?);
-        let deadline = request.deadline();
-        Ok((request, deadline))
-    }
-
-    fn request(&self, kind: Kind, pattern: Pattern, payload: RawJson) -> RpcRequest {
+        let payload = encode_payload(pattern, payload)?;
         let mut request = match kind {
-            Kind::Request => RpcRequest::new(pattern, payload),
-            Kind::Event => RpcRequest::event(pattern, payload),
+            Kind::Request => RpcRequest::new(pattern.clone(), payload),
+            Kind::Event => RpcRequest::event(pattern.clone(), payload),
         }
         .with_headers(self.headers.clone());
-        if let Some(timeout) = self.timeout {
-            request.set_deadline(Deadline::after(timeout));
+        let deadline = self.timeout.map(Deadline::after);
+        if let Some(deadline) = deadline {
+            request.set_deadline(deadline);
         }
-        request
+        Ok((request, deadline))
     }
 
     /// Sends a prepared request through the stack (the lower-level form of [`send`](Self::send)).

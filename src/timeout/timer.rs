@@ -157,6 +157,10 @@ impl<F: Future> Future for Until<F> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::task::Wake;
+    use std::time::Duration;
 
     /// A task that spent its cooperative budget (it drained a ready channel) before it first polls
     /// its timer still hears the timer fire.
@@ -167,21 +171,17 @@ mod tests {
             sender.send(n).unwrap();
         }
         let mut timer = std::pin::pin!(LazyTimer::new());
-        let end = Instant::now() + std::time::Duration::from_millis(50);
+        let end = Instant::now() + Duration::from_millis(50);
         let fired = std::future::poll_fn(|cx| {
             // A ready channel answers until the budget runs out.
             while let Poll::Ready(Some(_)) = receiver.poll_recv(cx) {}
             timer.as_mut().poll_fired(cx, || Some(end))
         });
-        tokio::time::timeout(std::time::Duration::from_secs(1), fired)
+        tokio::time::timeout(Duration::from_secs(1), fired)
             .await
             .expect("the timer fired");
         assert_eq!(Instant::now(), end);
     }
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    use std::task::Wake;
-    use std::time::Duration;
 
     struct Counting(AtomicUsize);
 

@@ -80,7 +80,8 @@ struct Inner {
     connected: Arc<AtomicBool>,
     /// Replies come to `<inbox>.<n>`, one subscription on `<inbox>.*` for all requests.
     inbox: String,
-    jetstream: Option<async_nats::jetstream::Context>,
+    /// Shared with each durable event's future, which needs it after `emit` returns.
+    jetstream: Option<Arc<async_nats::jetstream::Context>>,
     codec: SharedCodec,
     /// The deadline travels as a NATS header rather than in the body.
     deadline_header: bool,
@@ -141,7 +142,8 @@ impl NatsConnection {
                 "the reply subscription ended",
             ));
         });
-        let jetstream = durable_events.then(|| async_nats::jetstream::new(client.clone()));
+        let jetstream =
+            durable_events.then(|| Arc::new(async_nats::jetstream::new(client.clone())));
         Ok(NatsConnection {
             inner: Arc::new(Inner {
                 client,
@@ -427,14 +429,9 @@ impl ClientTransport for NatsConnection {
         // 950 bytes in async-nats 0.51), and every plain event would otherwise carry its room. An
         // event to JetStream waits for the stream's acknowledgement, a round trip anyway, and
         // keeps its size (about 1 350 bytes).
-        if self.inner.jetstream.is_some() {
-            return Box::pin(async move {
-                match &transport.inner.jetstream {
-                    Some(jetstream) => emit_durable(&transport, jetstream, &event).await,
-                    // Never: the connection's JetStream context is set once, when it connects.
-                    None => emit_plain(&transport, &event).await,
-                }
-            });
+        if let Some(jetstream) = &self.inner.jetstream {
+            let jetstream = Arc::clone(jetstream);
+            return Box::pin(async move { emit_durable(&transport, &jetstream, &event).await });
         }
         Box::pin(async move { emit_plain(&transport, &event).await })
     }
