@@ -320,3 +320,139 @@ impl Harness for Lines {
 }
 
 palisade::conformance_tests!(Lines::new());
+
+// ---- a start that does not finish ------------------------------------------------------------
+
+/// How [`StallingStart`]'s start ends after its reading task took a request.
+#[derive(Clone, Copy)]
+enum StartEnd {
+    /// It never finishes: the caller drops it.
+    Never,
+    /// It fails, and abandons what it started.
+    Fails,
+}
+
+/// A transport whose start begins serving — its reading task hands one request for `slow` to the
+/// dispatcher — and then waits for something that never comes, or fails.
+struct StallingStart {
+    end: StartEnd,
+    /// The request's reply packets.
+    replies: mpsc::UnboundedSender<ReplyPacket>,
+    /// Dropped when the reading task ends.
+    reader_alive: Arc<()>,
+}
+
+struct RecordingSink(mpsc::UnboundedSender<ReplyPacket>);
+
+impl ReplySink for RecordingSink {
+    async fn send(&mut self, packet: ReplyPacket) -> Result<(), SendError> {
+        self.0.send(packet).map_err(|_| SendError::CallerGone)
+    }
+}
+
+impl ServerTransport for StallingStart {
+    async fn serve(self, server: Server) -> Result<ServerHandle, RpcError> {
+        let dispatcher = server.into_dispatcher("stalling");
+        let starting = dispatcher.start_guard();
+        let (taken, request_taken) = tokio::sync::oneshot::channel();
+        let reader = dispatcher.clone();
+        let alive = self.reader_alive;
+        dispatcher.spawn(async move {
+            let _alive = alive;
+            let request = RpcRequest::new("slow".into(), RawJson::null());
+            let sink = RecordingSink(self.replies);
+            reader.dispatch(request, Some(sink)).await;
+            let _ = taken.send(());
+            reader.draining().await;
+        });
+        request_taken.await.unwrap();
+        match self.end {
+            StartEnd::Never => std::future::pending().await,
+            StartEnd::Fails => {
+                starting.abandon().await;
+                Err(RpcError::unavailable(
+                    "the broker went away during the start",
+                ))
+            }
+        }
+    }
+}
+
+fn slow_server() -> Server {
+    let router = palisade::rpc::Router::new().message("slow", || async {
+        tokio::time::sleep(std::time::Duration::from_secs(3600)).await;
+        "done"
+    });
+    // A grace period far longer than the test waits: what it sees is the guard, not shutdown.
+    Server::new(router).grace_period(std::time::Duration::from_secs(600))
+}
+
+/// Asserts that the in-flight request was answered `Unavailable`.
+async fn answered_unavailable(replies: &mut mpsc::UnboundedReceiver<ReplyPacket>) {
+    let packet = tokio::time::timeout(std::time::Duration::from_secs(1), replies.recv())
+        .await
+        .expect("the in-flight request is answered at once")
+        .expect("the sink got a packet");
+    match packet {
+        ReplyPacket::Error(error) => {
+            let error: serde_json::Value = error.decode().unwrap();
+            assert_eq!(error["code"], "UNAVAILABLE", "{error}");
+        }
+        other => panic!("expected an Unavailable error, got {other:?}"),
+    }
+}
+
+/// A start dropped half way (the caller's timeout ran out) stops what it had started: the reading
+/// task ends, and the request it took is answered `Unavailable` at once. Nobody holds a handle
+/// that could stop them, so without the guard they would serve on, unseen.
+#[tokio::test(start_paused = true)]
+async fn a_start_dropped_half_way_stops_what_it_started() {
+    let (replies, mut received) = mpsc::unbounded_channel();
+    let reader_alive = Arc::new(());
+    let start = slow_server().serve(StallingStart {
+        end: StartEnd::Never,
+        replies,
+        reader_alive: Arc::clone(&reader_alive),
+    });
+    let outcome = tokio::time::timeout(std::time::Duration::from_secs(5), start).await;
+    assert!(outcome.is_err(), "the start never finishes");
+    answered_unavailable(&mut received).await;
+    for _ in 0..100 {
+        if Arc::strong_count(&reader_alive) == 1 {
+            return;
+        }
+        tokio::task::yield_now().await;
+    }
+    panic!("the reading task still runs after its start was dropped");
+}
+
+/// A start that fails abandons what it started: the request in flight is answered `Unavailable`
+/// at once rather than after the grace period, and the reading task has ended by the time the
+/// error comes back.
+#[tokio::test(start_paused = true)]
+async fn a_failed_start_stops_what_it_started_before_it_returns() {
+    let (replies, mut received) = mpsc::unbounded_channel();
+    let reader_alive = Arc::new(());
+    let began = tokio::time::Instant::now();
+    let start = slow_server().serve(StallingStart {
+        end: StartEnd::Fails,
+        replies,
+        reader_alive: Arc::clone(&reader_alive),
+    });
+    let error = tokio::time::timeout(std::time::Duration::from_secs(10), start)
+        .await
+        .expect("the failed start returns")
+        .expect_err("the start fails");
+    assert!(error.message().contains("went away"), "{error}");
+    assert!(
+        began.elapsed() < std::time::Duration::from_secs(1),
+        "the failed start waited {:?}",
+        began.elapsed()
+    );
+    assert_eq!(
+        Arc::strong_count(&reader_alive),
+        1,
+        "the reading task outlived the failed start"
+    );
+    answered_unavailable(&mut received).await;
+}

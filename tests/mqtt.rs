@@ -171,6 +171,43 @@ async fn a_broker_killed_and_restarted_fails_requests_in_flight_at_once_and_ever
     );
 }
 
+/// A start dropped half way (here by a timeout, anywhere from connecting to the broker's
+/// acknowledgement of the subscriptions) leaves nothing running: nobody holds a handle that could
+/// stop its tasks, so its session would otherwise stay connected and serve on, unseen. The
+/// sockets and tasks of every dropped start are gone afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_whose_start_is_dropped_leaves_nothing_running() {
+    let _serial = SERIAL.lock().await;
+    let broker = Broker::start();
+    let (sockets, tasks) = (open_sockets(), alive_tasks());
+    let router = Router::new()
+        .message("echo", |Payload(v): Payload<u64>| async move { v })
+        .event("stored", |_: Payload<u64>| async {});
+    let mut dropped = 0;
+    // The steps span the whole start, so that some drops come after its tasks started.
+    for step in 0..60u64 {
+        let start = MqttServer::new(options(&broker)).serve(Server::new(router.clone()));
+        match tokio::time::timeout(Duration::from_micros(500 * step), start).await {
+            Ok(started) => {
+                started.unwrap().shutdown().await;
+                break;
+            }
+            Err(_) => dropped += 1,
+        }
+    }
+    assert!(dropped > 0, "no start was dropped");
+    let sockets_after = settles_to(open_sockets, sockets).await;
+    assert!(
+        sockets_after <= sockets,
+        "sockets leaked: {sockets} before, {sockets_after} after {dropped} dropped starts"
+    );
+    let tasks_after = settles_to(alive_tasks, tasks).await;
+    assert!(
+        tasks_after <= tasks,
+        "tasks leaked: {tasks} before, {tasks_after} after {dropped} dropped starts"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connecting_to_no_broker_or_serving_a_wildcard_fails_at_once_with_a_clear_error() {
     let _serial = SERIAL.lock().await;

@@ -210,7 +210,7 @@ pub use self::request::{
 };
 pub use self::router::Router;
 pub use self::server::{
-    Dispatcher, ReplySink, Routes, SendError, Server, ServerHandle, ShutdownReport,
+    Dispatcher, ReplySink, Routes, SendError, Server, ServerHandle, ShutdownReport, StartGuard,
 };
 
 /// Whether a span made now could be seen: a `tracing` dispatcher was ever set, or a `log` logger

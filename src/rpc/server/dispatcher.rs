@@ -384,11 +384,48 @@ impl Dispatcher {
     }
 
     /// Starts shutdown: stop taking messages, drain for the grace period, then cancel.
-    pub(super) async fn shutdown(&self) -> super::ShutdownReport {
+    /// Guards a transport's start. Until [`StartGuard::serving`] hands out the server's
+    /// [`ServerHandle`](super::ServerHandle), nobody can stop what the transport started: if the
+    /// start fails or its future is dropped half way (a caller's timeout), the guard stops it.
+    /// Take one before the first [`spawn`](Self::spawn) of a start that awaits anything
+    /// afterwards.
+    ///
+    /// ```
+    /// use palisade::rpc::{Dispatcher, RpcError, ServerHandle};
+    ///
+    /// async fn start(dispatcher: Dispatcher) -> Result<ServerHandle, RpcError> {
+    ///     let starting = dispatcher.start_guard();
+    ///     dispatcher.spawn(dispatcher.draining()); // a reading task, ended by shutdown
+    ///     // Dropped here (an error returned with `?`, or the future dropped while it waits),
+    ///     // `starting` stops the reading task.
+    ///     confirm_subscriptions().await?;
+    ///     Ok(starting.serving())
+    /// }
+    /// # async fn confirm_subscriptions() -> Result<(), RpcError> { Ok(()) }
+    /// ```
+    pub fn start_guard(&self) -> StartGuard {
+        StartGuard {
+            dispatcher: Some(self.clone()),
+        }
+    }
+
+    /// Stops taking messages and cancels running handlers at once (their callers get
+    /// `Unavailable`); the transport's tasks end on their own.
+    fn stop_now(&self) {
+        self.begin_draining();
+        self.inner.abort.cancel();
+    }
+
+    fn begin_draining(&self) {
         let inner = &*self.inner;
         inner.draining_flag.store(true, Ordering::Release);
         inner.draining.cancel();
         inner.tracker.close();
+    }
+
+    pub(super) async fn shutdown(&self) -> super::ShutdownReport {
+        let inner = &*self.inner;
+        self.begin_draining();
         let started = Instant::now();
         let drained = tokio::time::timeout(inner.grace_period, inner.tracker.wait())
             .await
@@ -405,6 +442,59 @@ impl Dispatcher {
             cancelled,
             took: started.elapsed(),
         }
+    }
+}
+
+/// Stops what a transport started for a server that never got its
+/// [`ServerHandle`](super::ServerHandle); see [`Dispatcher::start_guard`].
+///
+/// Dropped while armed, it stops taking messages and cancels running handlers at once: their
+/// callers get `Unavailable`, and the transport's tasks end on their own. A failed start that can
+/// wait calls [`abandon`](Self::abandon), which also waits for those tasks, so that nothing it
+/// started outlives the error it returns.
+#[must_use = "dropping the guard stops the server it guards"]
+pub struct StartGuard {
+    /// `None` once disarmed.
+    dispatcher: Option<Dispatcher>,
+}
+
+impl StartGuard {
+    /// The server is serving: disarms the guard and returns the server's handle.
+    pub fn serving(mut self) -> super::ServerHandle {
+        let dispatcher = self
+            .dispatcher
+            .take()
+            .expect("a guard is armed until it is consumed");
+        super::ServerHandle::new(dispatcher)
+    }
+
+    /// The start failed: stops what it started at once, and waits until the transport's tasks
+    /// ended.
+    pub async fn abandon(mut self) {
+        if let Some(dispatcher) = self.dispatcher.take() {
+            dispatcher.stop_now();
+            dispatcher.inner.tracker.wait().await;
+        }
+    }
+}
+
+impl Drop for StartGuard {
+    fn drop(&mut self) {
+        if let Some(dispatcher) = self.dispatcher.take() {
+            tracing::debug!(
+                transport = dispatcher.transport(),
+                "the server's start ended without a handle; stopping what it started"
+            );
+            dispatcher.stop_now();
+        }
+    }
+}
+
+impl fmt::Debug for StartGuard {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StartGuard")
+            .field("armed", &self.dispatcher.is_some())
+            .finish()
     }
 }
 

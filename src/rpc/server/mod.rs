@@ -4,7 +4,7 @@
 mod dispatcher;
 mod handle;
 
-pub use self::dispatcher::{Dispatcher, ReplySink, SendError};
+pub use self::dispatcher::{Dispatcher, ReplySink, SendError, StartGuard};
 pub use self::handle::{ServerHandle, ShutdownReport};
 
 use super::handler::Reply;

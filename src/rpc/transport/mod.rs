@@ -336,7 +336,11 @@ pub const SILENCE_MARGIN: std::time::Duration = std::time::Duration::from_millis
 /// [`Dispatcher::spawn`](crate::rpc::Dispatcher::spawn) (shutdown waits for them), stops taking
 /// messages once [`Dispatcher::draining`](crate::rpc::Dispatcher::draining) resolves, and returns
 /// [`ServerHandle::new`] (with [`on_shutdown`](ServerHandle::on_shutdown) for what must happen
-/// after the last reply, such as flushing a broker connection).
+/// after the last reply, such as flushing a broker connection). A start that still awaits
+/// something after its first `spawn` (a subscription's confirmation, a consumer group) takes a
+/// [`Dispatcher::start_guard`](crate::rpc::Dispatcher::start_guard) first and returns
+/// [`StartGuard::serving`](crate::rpc::StartGuard::serving): then a start that fails, or whose
+/// future is dropped half way, leaves nothing running.
 pub trait ServerTransport: Send {
     /// Starts serving `server`.
     fn serve(self, server: Server) -> impl Future<Output = Result<ServerHandle, RpcError>> + Send;

@@ -188,6 +188,8 @@ impl KafkaServer {
             admin,
         });
         let joining = joined.notified();
+        // Stops the consumer if this future is dropped while it waits for the group.
+        let starting = dispatcher.start_guard();
         dispatcher.spawn(consume(Arc::clone(&shared), revoked));
         // Serving means taking records: wait for the group to assign partitions (maybe none, when
         // there are more servers than partitions).
@@ -212,7 +214,7 @@ impl KafkaServer {
                 tracing::warn!("the Kafka consumer did not close in time");
             }
         };
-        Ok(ServerHandle::new(dispatcher).on_shutdown(finish))
+        Ok(starting.serving().on_shutdown(finish))
     }
 }
 

@@ -83,6 +83,9 @@ impl MqttServer {
         let (client, mut events_loop) = self.options.session(true, false)?;
         self.options.connected(&mut events_loop).await?;
         let dispatcher = server.into_dispatcher("mqtt");
+        // Stops what did start if the start fails or its future is dropped before the handle is
+        // out.
+        let starting = dispatcher.start_guard();
         let (messages_tx, messages) = mpsc::unbounded_channel();
         let (ready_tx, ready) = oneshot::channel();
         let reader = Reader {
@@ -94,7 +97,11 @@ impl MqttServer {
         };
         if let Some(durable) = self.durable {
             let group = self.group.clone();
-            super::durable::start(&self.options, &dispatcher, events, durable, group).await?;
+            let started = super::durable::start(&self.options, &dispatcher, events, durable, group);
+            if let Err(error) = started.await {
+                starting.abandon().await;
+                return Err(error);
+            }
         }
         // The event loop never waits on a handler: it hands messages to the dispatching task
         // (publishing replies goes through the event loop, which must keep turning).
@@ -109,7 +116,7 @@ impl MqttServer {
         ));
         dispatcher.spawn(reader.run(events_loop, dispatcher.clone(), dispatching));
         let failed = match tokio::time::timeout(self.options.response_timeout, ready).await {
-            Ok(Ok(Ok(()))) => return Ok(ServerHandle::new(dispatcher)),
+            Ok(Ok(Ok(()))) => return Ok(starting.serving()),
             Ok(Ok(Err(error))) => error,
             Ok(Err(_)) => RpcError::transport(
                 TransportErrorKind::ConnectionLost,
@@ -120,7 +127,7 @@ impl MqttServer {
                 "the MQTT broker did not acknowledge the subscriptions in time",
             ),
         };
-        ServerHandle::new(dispatcher).shutdown().await;
+        starting.abandon().await;
         Err(failed)
     }
 }

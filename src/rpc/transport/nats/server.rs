@@ -95,6 +95,9 @@ impl NatsServer {
             })
             .await?;
         let dispatcher = server.into_dispatcher("nats");
+        // Until the handle is out, nobody can stop what did start (subscriptions, durable
+        // consumers): the guard does, if the start fails or its future is dropped.
+        let starting = dispatcher.start_guard();
         match self
             .subscribe(&client, &dispatcher, core_routes, durable_routes)
             .await
@@ -106,12 +109,10 @@ impl NatsServer {
                         tracing::warn!(%error, "could not flush the last replies to NATS");
                     }
                 };
-                Ok(ServerHandle::new(dispatcher).on_shutdown(flush))
+                Ok(starting.serving().on_shutdown(flush))
             }
             Err(error) => {
-                // Nobody gets a handle to stop what did start (subscriptions, durable consumers):
-                // stop it here, or it would serve on, unseen.
-                ServerHandle::new(dispatcher).shutdown().await;
+                starting.abandon().await;
                 Err(error)
             }
         }
