@@ -330,6 +330,8 @@ enum StartEnd {
     Never,
     /// It fails, and abandons what it started.
     Fails,
+    /// It succeeds.
+    Serves,
 }
 
 /// A transport whose start begins serving — its reading task hands one request for `slow` to the
@@ -374,6 +376,7 @@ impl ServerTransport for StallingStart {
                     "the broker went away during the start",
                 ))
             }
+            StartEnd::Serves => Ok(starting.serving()),
         }
     }
 }
@@ -453,6 +456,36 @@ async fn a_failed_start_stops_what_it_started_before_it_returns() {
         Arc::strong_count(&reader_alive),
         1,
         "the reading task outlived the failed start"
+    );
+    answered_unavailable(&mut received).await;
+}
+
+/// A start that hands out its handle disarms its guard: the server runs on, its request still in
+/// flight, until the handle shuts it down.
+#[tokio::test(start_paused = true)]
+async fn a_start_that_serves_keeps_running_until_its_shutdown() {
+    let (replies, mut received) = mpsc::unbounded_channel();
+    let reader_alive = Arc::new(());
+    let handle = slow_server()
+        .serve(StallingStart {
+            end: StartEnd::Serves,
+            replies,
+            reader_alive: Arc::clone(&reader_alive),
+        })
+        .await
+        .unwrap();
+    for _ in 0..100 {
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(handle.in_flight(), 1, "the request is still being handled");
+    assert_eq!(Arc::strong_count(&reader_alive), 2, "the reading task runs");
+    assert!(received.try_recv().is_err(), "nothing was answered yet");
+    let report = handle.shutdown().await;
+    assert_eq!(report.cancelled, 1, "{report:?}");
+    assert_eq!(
+        Arc::strong_count(&reader_alive),
+        1,
+        "the reading task ended"
     );
     answered_unavailable(&mut received).await;
 }

@@ -171,40 +171,89 @@ async fn a_broker_killed_and_restarted_fails_requests_in_flight_at_once_and_ever
     );
 }
 
-/// A start dropped half way (here by a timeout, anywhere from connecting to the broker's
-/// acknowledgement of the subscriptions) leaves nothing running: nobody holds a handle that could
-/// stop its tasks, so its session would otherwise stay connected and serve on, unseen. The
-/// sockets and tasks of every dropped start are gone afterwards.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_server_whose_start_is_dropped_leaves_nothing_running() {
-    let _serial = SERIAL.lock().await;
-    let broker = Broker::start();
-    let (sockets, tasks) = (open_sockets(), alive_tasks());
-    let router = Router::new()
-        .message("echo", |Payload(v): Payload<u64>| async move { v })
-        .event("stored", |_: Payload<u64>| async {});
-    let mut dropped = 0;
-    // The steps span the whole start, so that some drops come after its tasks started.
-    for step in 0..60u64 {
-        let start = MqttServer::new(options(&broker)).serve(Server::new(router.clone()));
-        match tokio::time::timeout(Duration::from_micros(500 * step), start).await {
-            Ok(started) => {
-                started.unwrap().shutdown().await;
+/// A broker that accepts one connection and never acknowledges a subscription: a start against
+/// it waits for the acknowledgement with its tasks already running. Resolves the returned
+/// receiver when the server closes the connection.
+async fn broker_that_never_acknowledges() -> (String, tokio::sync::oneshot::Receiver<()>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("mqtt://{}", listener.local_addr().unwrap());
+    let (closed, closing) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let (mut socket, _) = listener.accept().await.unwrap();
+        let mut connected = false;
+        let mut buffer = [0u8; 4096];
+        // Everything the server sends is read and dropped; the first packet is its CONNECT.
+        while let Ok(read) = socket.read(&mut buffer).await {
+            if read == 0 {
                 break;
             }
-            Err(_) => dropped += 1,
+            if !connected {
+                // CONNACK: session not present, accepted.
+                socket.write_all(&[0x20, 0x02, 0x00, 0x00]).await.unwrap();
+                connected = true;
+            }
         }
-    }
-    assert!(dropped > 0, "no start was dropped");
-    let sockets_after = settles_to(open_sockets, sockets).await;
+        let _ = closed.send(());
+    });
+    (url, closing)
+}
+
+fn echo_router() -> Router {
+    Router::new().message("echo", |Payload(v): Payload<u64>| async move { v })
+}
+
+/// A start dropped half way (here by a timeout while it waits for the broker to acknowledge the
+/// subscriptions) leaves nothing running: nobody holds a handle that could stop its tasks, so
+/// its session would otherwise stay connected, and serve on, unseen.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_whose_start_is_dropped_leaves_nothing_running() {
+    let (url, closed) = broker_that_never_acknowledges().await;
+    let tasks = alive_tasks();
+    let start = MqttServer::new(MqttOptions::new(url).response_timeout(Duration::from_secs(600)))
+        .serve(Server::new(echo_router()));
+    let outcome = tokio::time::timeout(Duration::from_millis(300), start).await;
     assert!(
-        sockets_after <= sockets,
-        "sockets leaked: {sockets} before, {sockets_after} after {dropped} dropped starts"
+        outcome.is_err(),
+        "the broker never acknowledges: {outcome:?}"
     );
+    tokio::time::timeout(Duration::from_secs(10), closed)
+        .await
+        .expect("the dropped start's session is closed")
+        .unwrap();
     let tasks_after = settles_to(alive_tasks, tasks).await;
     assert!(
         tasks_after <= tasks,
-        "tasks leaked: {tasks} before, {tasks_after} after {dropped} dropped starts"
+        "tasks leaked: {tasks} before, {tasks_after} after"
+    );
+}
+
+/// A start whose subscriptions are never acknowledged fails after the response timeout, with its
+/// session closed by the time the error comes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_whose_subscriptions_are_never_acknowledged_fails_and_closes_its_session() {
+    let (url, mut closed) = broker_that_never_acknowledges().await;
+    let began = Instant::now();
+    let error = MqttServer::new(MqttOptions::new(url).response_timeout(Duration::from_millis(300)))
+        .serve(Server::new(echo_router()))
+        .await
+        .expect_err("the broker never acknowledges");
+    assert_eq!(
+        error.transport_kind(),
+        Some(TransportErrorKind::ConnectionLost),
+        "{error}"
+    );
+    assert!(error.message().contains("acknowledge"), "{error}");
+    assert!(
+        began.elapsed() < Duration::from_secs(5),
+        "the failed start took {:?}",
+        began.elapsed()
+    );
+    // Closed already, or closing: the server's end is dropped with the session.
+    let closing = tokio::time::timeout(Duration::from_secs(1), &mut closed).await;
+    assert!(
+        matches!(closing, Ok(Ok(()))),
+        "the session is still open after the failed start"
     );
 }
 

@@ -16,6 +16,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 use support::nats::Broker;
+use support::resources::{alive_tasks, settles_to};
 use tokio::time::Instant;
 
 fn options(broker: &Broker) -> NatsOptions {
@@ -740,22 +741,24 @@ async fn a_server_that_fails_to_start_serves_nothing() {
 }
 
 /// A start dropped half way (here by a timeout, anywhere from connecting to starting the
-/// durable consumers) leaves nothing serving: nobody holds a handle that could stop what it
-/// started, so a route left subscribed would be served on, unseen.
+/// durable consumers) leaves nothing serving and nothing running: nobody holds a handle that
+/// could stop what it started, so a route left subscribed would be served on, unseen.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_whose_start_is_dropped_serves_nothing() {
     let broker = Broker::start();
+    let tasks = alive_tasks();
     let router = Router::new()
         .message("ping", |Payload(n): Payload<u64>| async move { n })
         .event("orders.created", |_: Payload<u64>| async {});
-    // The steps span the whole start, so that some drops come after the core subscriptions
-    // were made, while the durable consumers start.
+    // Steps of a millisecond (tokio's timer resolution) span the whole start (a few
+    // milliseconds), so that some drops come after the core subscriptions were made, while the
+    // durable consumers start.
     let mut dropped = 0;
     for step in 0..40u64 {
         let start = NatsServer::new(options(&broker))
             .durable_events(durable("DROPPED"))
             .serve(Server::new(router.clone()));
-        match tokio::time::timeout(Duration::from_micros(500 * step), start).await {
+        match tokio::time::timeout(Duration::from_millis(step), start).await {
             Ok(started) => {
                 started.unwrap().shutdown().await;
                 break;
@@ -767,6 +770,12 @@ async fn a_server_whose_start_is_dropped_serves_nothing() {
         }
     }
     assert!(dropped > 0, "no start was dropped");
+    // Nor does anything else run on: the durable consumers' tasks, the connections' tasks.
+    let tasks_after = settles_to(alive_tasks, tasks).await;
+    assert!(
+        tasks_after <= tasks,
+        "tasks leaked: {tasks} before, {tasks_after} after {dropped} dropped starts"
+    );
 }
 
 /// Every try of `ping` meets no responders, within two seconds.

@@ -383,12 +383,13 @@ impl Dispatcher {
         }
     }
 
-    /// Starts shutdown: stop taking messages, drain for the grace period, then cancel.
     /// Guards a transport's start. Until [`StartGuard::serving`] hands out the server's
     /// [`ServerHandle`](super::ServerHandle), nobody can stop what the transport started: if the
     /// start fails or its future is dropped half way (a caller's timeout), the guard stops it.
     /// Take one before the first [`spawn`](Self::spawn) of a start that awaits anything
-    /// afterwards.
+    /// afterwards, and keep it in a named binding: `let _ = dispatcher.start_guard();` drops it,
+    /// and so stops the server, at once. Only the start holds one: dropping a guard stops the
+    /// server even when a [`ServerHandle`](super::ServerHandle) was made some other way.
     ///
     /// ```
     /// use palisade::rpc::{Dispatcher, RpcError, ServerHandle};
@@ -423,6 +424,7 @@ impl Dispatcher {
         inner.tracker.close();
     }
 
+    /// Starts shutdown: stop taking messages, drain for the grace period, then cancel.
     pub(super) async fn shutdown(&self) -> super::ShutdownReport {
         let inner = &*self.inner;
         self.begin_draining();
@@ -469,7 +471,8 @@ impl StartGuard {
     }
 
     /// The start failed: stops what it started at once, and waits until the transport's tasks
-    /// ended.
+    /// ended — so a task that does not end once [`Dispatcher::draining`] resolves keeps this
+    /// waiting.
     pub async fn abandon(mut self) {
         if let Some(dispatcher) = self.dispatcher.take() {
             dispatcher.stop_now();

@@ -339,8 +339,10 @@ pub const SILENCE_MARGIN: std::time::Duration = std::time::Duration::from_millis
 /// after the last reply, such as flushing a broker connection). A start that still awaits
 /// something after its first `spawn` (a subscription's confirmation, a consumer group) takes a
 /// [`Dispatcher::start_guard`](crate::rpc::Dispatcher::start_guard) first and returns
-/// [`StartGuard::serving`](crate::rpc::StartGuard::serving): then a start that fails, or whose
-/// future is dropped half way, leaves nothing running.
+/// [`StartGuard::serving`](crate::rpc::StartGuard::serving): then a start whose future is
+/// dropped half way stops what it started, and a failed start that calls
+/// [`StartGuard::abandon`](crate::rpc::StartGuard::abandon) before it returns its error has
+/// stopped it by then.
 pub trait ServerTransport: Send {
     /// Starts serving `server`.
     fn serve(self, server: Server) -> impl Future<Output = Result<ServerHandle, RpcError>> + Send;

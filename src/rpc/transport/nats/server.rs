@@ -10,6 +10,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::fmt;
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 /// A NestJS-compatible NATS server: one subscription per pattern on its route string.
 ///
@@ -113,6 +114,12 @@ impl NatsServer {
             }
             Err(error) => {
                 starting.abandon().await;
+                // The cancelled handlers' `Unavailable` replies are queued in the client, which
+                // stops writing as soon as its last handle goes.
+                let flushed = tokio::time::timeout(FLUSH_ON_FAILED_START, client.flush()).await;
+                if !matches!(flushed, Ok(Ok(()))) {
+                    tracing::warn!("could not flush the replies of a failed start to NATS");
+                }
                 Err(error)
             }
         }
@@ -164,6 +171,9 @@ impl NatsServer {
         Ok(())
     }
 }
+
+/// How long a failed start waits for its last replies to reach the broker.
+const FLUSH_ON_FAILED_START: Duration = Duration::from_secs(5);
 
 impl ServerTransport for NatsServer {
     /// Connects and starts serving `server`. Fails with a clear error if the broker cannot be
