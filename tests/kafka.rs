@@ -401,3 +401,48 @@ async fn a_server_and_a_client_release_their_threads_tasks_and_sockets() {
         open_sockets()
     );
 }
+
+/// A start dropped half way (here by timeouts spanning the start, the last ones while it waits
+/// for the group to assign partitions, its consumer already running) leaves nothing running:
+/// nobody holds a handle that could stop its consumer, which would otherwise take records on,
+/// unseen.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_whose_start_is_dropped_releases_its_threads_tasks_and_sockets() {
+    use support::resources::{alive_tasks, open_sockets, settles_to, threads};
+    let broker = Broker::start();
+    let options = support::kafka::options(&broker);
+    // The topic exists before the sweep, so that the starts spend their time joining the group.
+    serve(options.clone(), Router::new().event("noted", || async {}))
+        .await
+        .shutdown()
+        .await;
+    let (threads_before, tasks_before, sockets_before) = (threads(), alive_tasks(), open_sockets());
+    let mut dropped = 0;
+    for wait in [10, 20, 40, 80, 160, 320, 640, 1280, 2560] {
+        let start = KafkaServer::new(options.clone())
+            .serve(Server::new(Router::new().event("noted", || async {})));
+        match tokio::time::timeout(Duration::from_millis(wait), start).await {
+            Ok(started) => {
+                started.unwrap().shutdown().await;
+                break;
+            }
+            Err(_) => dropped += 1,
+        }
+    }
+    assert!(dropped > 0, "no start was dropped");
+    assert!(
+        settles_to(threads, threads_before).await <= threads_before,
+        "threads leaked: {threads_before} before, {} after {dropped} dropped starts",
+        threads()
+    );
+    assert!(
+        settles_to(alive_tasks, tasks_before).await <= tasks_before,
+        "tasks leaked: {tasks_before} before, {} after",
+        alive_tasks()
+    );
+    assert!(
+        settles_to(open_sockets, sockets_before).await <= sockets_before,
+        "sockets leaked: {sockets_before} before, {} after",
+        open_sockets()
+    );
+}
