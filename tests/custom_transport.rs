@@ -356,6 +356,7 @@ impl ServerTransport for StallingStart {
     async fn serve(self, server: Server) -> Result<ServerHandle, RpcError> {
         let dispatcher = server.into_dispatcher("stalling");
         let starting = dispatcher.start_guard();
+        assert_eq!(format!("{starting:?}"), "StartGuard { armed: true }");
         let (taken, request_taken) = tokio::sync::oneshot::channel();
         let reader = dispatcher.clone();
         let alive = self.reader_alive;
