@@ -208,6 +208,7 @@ fn echo_router() -> Router {
 /// its session would otherwise stay connected, and serve on, unseen.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_whose_start_is_dropped_leaves_nothing_running() {
+    let _serial = SERIAL.lock().await;
     let (url, closed) = broker_that_never_acknowledges().await;
     let tasks = alive_tasks();
     let start = MqttServer::new(MqttOptions::new(url).response_timeout(Duration::from_secs(600)))
@@ -232,6 +233,7 @@ async fn a_server_whose_start_is_dropped_leaves_nothing_running() {
 /// session closed by the time the error comes back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_start_whose_subscriptions_are_never_acknowledged_fails_and_closes_its_session() {
+    let _serial = SERIAL.lock().await;
     let (url, mut closed) = broker_that_never_acknowledges().await;
     let began = Instant::now();
     let error = MqttServer::new(MqttOptions::new(url).response_timeout(Duration::from_millis(300)))
@@ -321,6 +323,8 @@ fn instance_router(name: &'static str, events: Arc<Mutex<Vec<&'static str>>>) ->
 /// the transport), and a request that is answered meanwhile is not disturbed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silence_is_explained_just_before_the_deadline_through_any_client_stack() {
+    // Alone: it measures when an error arrives, to a few milliseconds.
+    let _serial = SERIAL.lock().await;
     let broker = Broker::start();
     let server = MqttServer::new(options(&broker))
         .serve(Server::new(Router::new().message(
@@ -356,8 +360,12 @@ async fn silence_is_explained_just_before_the_deadline_through_any_client_stack(
                 .contains(r#"MQTT cannot tell whether a server subscribed to "no-such-pattern""#),
             "{stack}: {silence}"
         );
+        // The explanation is armed 10 ms before the deadline, and the message above says it
+        // won the race with the deadline's own error. On a loaded machine its timer may still
+        // fire past the deadline: a CI run saw 400.04 ms for a 400 ms deadline.
         assert!(
-            took >= timeout - Duration::from_millis(50) && took < timeout,
+            took >= timeout - Duration::from_millis(50)
+                && took < timeout + Duration::from_millis(50),
             "{stack}: failed after {took:?}, the deadline was {timeout:?}"
         );
         // The same client still gets answers that take a good part of the deadline.
