@@ -34,6 +34,42 @@ async fn serve(options: KafkaOptions, router: Router) -> ServerHandle {
         .unwrap()
 }
 
+/// What the process holds: threads (librdkafka runs threads of its own per client, a main thread
+/// and one per broker), tasks of the current runtime, and sockets.
+struct Held {
+    threads: usize,
+    tasks: usize,
+    sockets: usize,
+}
+
+impl Held {
+    fn now() -> Held {
+        use support::resources::{alive_tasks, open_sockets, threads};
+        Held {
+            threads: threads(),
+            tasks: alive_tasks(),
+            sockets: open_sockets(),
+        }
+    }
+
+    /// Asserts that the process holds no more than it did, once it settled.
+    async fn are_all_released_again(&self) {
+        use support::resources::{alive_tasks, open_sockets, settles_to, threads};
+        let leaks = [
+            ("threads", self.threads, threads as fn() -> usize),
+            ("tasks", self.tasks, alive_tasks),
+            ("sockets", self.sockets, open_sockets),
+        ];
+        for (what, before, count) in leaks {
+            let after = settles_to(count, before).await;
+            assert!(
+                after <= before,
+                "{what} leaked: {before} before, {after} after"
+            );
+        }
+    }
+}
+
 /// Waits until `done` holds, for at most `within`.
 async fn eventually(within: Duration, what: &str, mut done: impl FnMut() -> bool) {
     let deadline = Instant::now() + within;
@@ -362,11 +398,9 @@ async fn with_topic_creation_off_missing_topics_are_clear_errors() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_and_a_client_release_their_threads_tasks_and_sockets() {
-    use support::resources::{alive_tasks, open_sockets, settles_to, threads};
     let broker = Broker::start();
     let options = support::kafka::options(&broker);
-    // librdkafka runs threads of its own per client (a main thread, one per broker).
-    let (threads_before, tasks_before, sockets_before) = (threads(), alive_tasks(), open_sockets());
+    let before = Held::now();
     for _ in 0..2 {
         let server = serve(
             options.clone(),
@@ -385,21 +419,7 @@ async fn a_server_and_a_client_release_their_threads_tasks_and_sockets() {
         drop(client);
         server.shutdown().await;
     }
-    assert!(
-        settles_to(threads, threads_before).await <= threads_before,
-        "threads leaked: {threads_before} before, {} after",
-        threads()
-    );
-    assert!(
-        settles_to(alive_tasks, tasks_before).await <= tasks_before,
-        "tasks leaked: {tasks_before} before, {} after",
-        alive_tasks()
-    );
-    assert!(
-        settles_to(open_sockets, sockets_before).await <= sockets_before,
-        "sockets leaked: {sockets_before} before, {} after",
-        open_sockets()
-    );
+    before.are_all_released_again().await;
 }
 
 /// A start dropped half way (here by timeouts spanning the start, the last ones while it waits
@@ -408,7 +428,6 @@ async fn a_server_and_a_client_release_their_threads_tasks_and_sockets() {
 /// unseen.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_whose_start_is_dropped_releases_its_threads_tasks_and_sockets() {
-    use support::resources::{alive_tasks, open_sockets, settles_to, threads};
     let broker = Broker::start();
     let options = support::kafka::options(&broker);
     // The topic exists before the sweep, so that the starts spend their time joining the group.
@@ -416,7 +435,7 @@ async fn a_server_whose_start_is_dropped_releases_its_threads_tasks_and_sockets(
         .await
         .shutdown()
         .await;
-    let (threads_before, tasks_before, sockets_before) = (threads(), alive_tasks(), open_sockets());
+    let before = Held::now();
     let mut dropped = 0;
     for wait in [10, 20, 40, 80, 160, 320, 640, 1280, 2560] {
         let start = KafkaServer::new(options.clone())
@@ -430,19 +449,5 @@ async fn a_server_whose_start_is_dropped_releases_its_threads_tasks_and_sockets(
         }
     }
     assert!(dropped > 0, "no start was dropped");
-    assert!(
-        settles_to(threads, threads_before).await <= threads_before,
-        "threads leaked: {threads_before} before, {} after {dropped} dropped starts",
-        threads()
-    );
-    assert!(
-        settles_to(alive_tasks, tasks_before).await <= tasks_before,
-        "tasks leaked: {tasks_before} before, {} after",
-        alive_tasks()
-    );
-    assert!(
-        settles_to(open_sockets, sockets_before).await <= sockets_before,
-        "sockets leaked: {sockets_before} before, {} after",
-        open_sockets()
-    );
+    before.are_all_released_again().await;
 }
