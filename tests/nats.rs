@@ -445,6 +445,10 @@ async fn a_stream_that_exists_with_other_settings_is_updated_or_refused_clearly(
     assert_eq!(error.code(), Code::FailedPrecondition, "{error}");
     assert!(error.message().contains("\"AUDIT\""), "{error}");
     assert!(error.message().contains("storage"), "{error}");
+    assert!(
+        !error.message().contains("  "),
+        "one line, no runs of spaces: {error}"
+    );
     // A JetStream that is not clustered keeps one replica whatever is asked (logged): serving
     // works, so that one configuration runs on a developer's single node and on the cluster.
     let replicated = serve(

@@ -356,18 +356,21 @@ async fn explain_unacknowledged(
     .await;
     let message = match lookup {
         Ok(Ok(stream)) => format!(
-            "{what} the event on {route:?}: the JetStream stream {stream:?} stores it but did not              answer (no stream leader: an election after a node loss?); it may or may not be stored"
+            "{what} the event on {route:?}: the JetStream stream {stream:?} stores it but did not \
+             answer (no stream leader: an election after a node loss?); it may or may not be stored"
         ),
         Ok(Err(lookup))
             if lookup.kind()
                 == async_nats::jetstream::context::GetStreamByNameErrorKind::NotFound =>
         {
             format!(
-                "{what} the event on {route:?}: no JetStream stream stores this subject (a server with              DurableEvents creates one)"
+                "{what} the event on {route:?}: no JetStream stream stores this subject (a server with \
+                 DurableEvents creates one)"
             )
         }
         _ => format!(
-            "{what} the event on {route:?}: JetStream did not answer (the stream's leader or              JetStream's meta leader is unavailable); it may or may not be stored"
+            "{what} the event on {route:?}: JetStream did not answer (the stream's leader or \
+             JetStream's meta leader is unavailable); it may or may not be stored"
         ),
     };
     RpcError::transport(TransportErrorKind::NotAcknowledged, message)

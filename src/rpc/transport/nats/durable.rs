@@ -255,7 +255,9 @@ impl DurableEvents {
             return Err(RpcError::new(
                 crate::rpc::Code::FailedPrecondition,
                 format!(
-                    "the JetStream stream {:?} exists with storage {:?} and retention {:?}, but                      storage {:?} and retention {:?} are configured; neither can change on an                      existing stream: delete the stream (its events with it) or configure what it has",
+                    "the JetStream stream {:?} exists with storage {:?} and retention {:?}, but \
+                     storage {:?} and retention {:?} are configured; neither can change on an \
+                     existing stream: delete the stream (its events with it) or configure what it has",
                     self.stream,
                     existing.storage,
                     existing.retention,
