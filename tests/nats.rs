@@ -410,6 +410,131 @@ async fn a_durable_event_with_an_idempotency_key_is_stored_once() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn more_deliveries_configured_for_an_existing_consumer_still_end_in_a_dead_letter() {
+    let broker = Broker::start();
+    let attempts = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&attempts);
+    let router = Router::new().event("refund-issued", move || {
+        counter.fetch_add(1, Ordering::SeqCst);
+        async { Err::<(), _>(RpcError::exception("ledger closed")) }
+    });
+    let serve = |deliveries: u32| {
+        let router = router.clone();
+        let options = options(&broker);
+        async move {
+            NatsServer::new(options)
+                .durable_events(
+                    DurableEvents::new("REFUNDS")
+                        .max_deliveries(deliveries)
+                        .backoff([Duration::from_millis(50)])
+                        .ack_wait(Duration::from_secs(5)),
+                )
+                .serve(Server::new(router))
+                .await
+                .unwrap()
+        }
+    };
+    // The first deployment made the consumer with two deliveries.
+    serve(2).await.shutdown().await;
+    let watcher = async_nats::connect(broker.url()).await.unwrap();
+    let mut dead_letters = watcher.subscribe("palisade.dead-letter.>").await.unwrap();
+    watcher.flush().await.unwrap();
+    // The next one asks for three. A consumer left at two would stop delivering after the
+    // second failure, which the server NAKs for a third try: the event would be lost, unseen.
+    let server = serve(3).await;
+    let client = Client::builder().build(
+        NatsTransport::new(options(&broker))
+            .durable_events()
+            .connect()
+            .await
+            .unwrap(),
+    );
+    client
+        .emit("refund-issued", &json!({"amount": 5}))
+        .await
+        .unwrap();
+    let letter = tokio::time::timeout(Duration::from_secs(10), dead_letters.next())
+        .await
+        .expect("no dead letter arrived: the event was lost")
+        .unwrap();
+    let headers = letter.headers.unwrap();
+    assert_eq!(headers.get(DEAD_LETTER_DELIVERIES).unwrap().as_str(), "3");
+    assert_eq!(attempts.load(Ordering::SeqCst), 3);
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_existing_consumer_takes_the_configured_ack_wait_and_keeps_what_an_operator_set() {
+    use async_nats::jetstream::consumer::{AckPolicy, FromConsumer, pull};
+    let broker = Broker::start();
+    let router = Router::new().event("audit", || async {});
+    let serve = |durable: DurableEvents| {
+        let router = router.clone();
+        let options = options(&broker);
+        async move {
+            NatsServer::new(options)
+                .durable_events(durable)
+                .serve(Server::new(router))
+                .await
+        }
+    };
+    serve(DurableEvents::new("AUDIT").ack_wait(Duration::from_secs(30)))
+        .await
+        .unwrap()
+        .shutdown()
+        .await;
+    let jetstream = async_nats::jetstream::new(async_nats::connect(broker.url()).await.unwrap());
+    let stream = jetstream.get_stream("AUDIT").await.unwrap();
+    let names: Vec<String> = stream
+        .consumer_names()
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    let [name] = &names[..] else {
+        panic!("one consumer expected, found {names:?}");
+    };
+    // An operator raises a limit by hand.
+    let mut edited =
+        pull::Config::try_from_consumer_config(stream.consumer_info(name).await.unwrap().config)
+            .unwrap();
+    edited.max_ack_pending = 7;
+    stream.create_consumer(edited).await.unwrap();
+
+    serve(
+        DurableEvents::new("AUDIT")
+            .ack_wait(Duration::from_secs(2))
+            .max_deliveries(8),
+    )
+    .await
+    .unwrap()
+    .shutdown()
+    .await;
+    let config = stream.consumer_info(name).await.unwrap().config;
+    assert_eq!(config.ack_wait, Duration::from_secs(2));
+    assert_eq!(config.max_deliver, 8);
+    assert_eq!(config.max_ack_pending, 7, "the operator's limit stays");
+
+    // An ack policy cannot change in place: the error names the consumer and what to do.
+    stream.delete_consumer(name).await.unwrap();
+    stream
+        .create_consumer(pull::Config {
+            durable_name: Some(name.clone()),
+            filter_subject: "audit".into(),
+            ack_policy: AckPolicy::None,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let error = serve(DurableEvents::new("AUDIT")).await.unwrap_err();
+    assert_eq!(error.code(), Code::FailedPrecondition, "{error}");
+    assert!(error.message().contains(name.as_str()), "{error}");
+    assert!(error.message().contains("ack policy"), "{error}");
+    assert!(!error.message().contains("  "), "{error}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_that_exists_with_other_settings_is_updated_or_refused_clearly() {
     use palisade::rpc::transport::nats::Storage;
     let broker = Broker::start();

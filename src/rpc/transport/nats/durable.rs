@@ -23,6 +23,13 @@ pub use crate::rpc::transport::{DEAD_LETTER_DELIVERIES, DEAD_LETTER_REASON, DEAD
 ///
 /// Ordering is per pattern: one event at a time per consumer, in stream order.
 ///
+/// **Existing streams and consumers** are brought to this configuration at start: the stream
+/// gains the server's patterns and takes the configured replicas and limits; each consumer takes
+/// the configured [`max_deliveries`](Self::max_deliveries) and [`ack_wait`](Self::ack_wait), and
+/// keeps the rest (limits an operator set by hand). What cannot change in place (a stream's
+/// storage or retention, a consumer's ack policy) fails the start with `FailedPrecondition`,
+/// saying what differs.
+///
 /// **On a cluster** give the stream replicas ([`replicas`](Self::replicas)): a stream with one
 /// replica lives on one node, and while that node is down no durable event can be stored or
 /// delivered. With three replicas the stream survives a node, and so do its consumers (they are
@@ -243,6 +250,18 @@ impl DurableEvents {
         }
     }
 
+    /// The configuration of the durable consumer `name` of `route`.
+    fn consumer_config(&self, name: &str, route: &str) -> pull::Config {
+        pull::Config {
+            durable_name: Some(name.to_owned()),
+            filter_subject: route.to_owned(),
+            ack_policy: jetstream::consumer::AckPolicy::Explicit,
+            ack_wait: self.ack_wait,
+            max_deliver: i64::from(self.max_deliveries),
+            ..Default::default()
+        }
+    }
+
     /// How an existing stream's configuration must change to match this one: `Err` for what
     /// cannot change in place, `Ok(None)` when it matches.
     fn reconcile(
@@ -293,7 +312,8 @@ impl DurableEvents {
         self
     }
 
-    /// Deliveries before an event goes to the dead-letter subject.
+    /// Deliveries before an event goes to the dead-letter subject. An existing consumer is updated
+    /// to this count at start.
     ///
     /// # Panics
     /// If `deliveries` is zero.
@@ -309,7 +329,8 @@ impl DurableEvents {
         self
     }
 
-    /// How long a handler may run before its event is delivered again.
+    /// How long a handler may run before its event is delivered again. An existing consumer is
+    /// updated to this wait at start.
     pub fn ack_wait(mut self, wait: Duration) -> Self {
         self.ack_wait = wait;
         self
@@ -423,22 +444,24 @@ pub(crate) async fn start(
     let config = Arc::new(config);
     for route in routes {
         let name = consumer_name(&config.consumer_prefix, &route);
-        let consumer: jetstream::consumer::Consumer<pull::Config> = stream
-            .get_or_create_consumer(
-                &name,
-                pull::Config {
-                    durable_name: Some(name.clone()),
-                    filter_subject: route.clone(),
-                    ack_policy: jetstream::consumer::AckPolicy::Explicit,
-                    ack_wait: config.ack_wait,
-                    max_deliver: i64::from(config.max_deliveries),
-                    ..Default::default()
-                },
-            )
+        let wanted = config.consumer_config(&name, &route);
+        let mut consumer: jetstream::consumer::Consumer<pull::Config> = stream
+            .get_or_create_consumer(&name, wanted.clone())
             .await
             .map_err(|error| {
                 jetstream_error(&format!("cannot create the consumer for {route:?}"), error)
             })?;
+        if let Some(updated) = reconcile_consumer(&name, &consumer.cached_info().config, &wanted)? {
+            consumer = stream.create_consumer(updated).await.map_err(|error| {
+                jetstream_error(
+                    &format!(
+                        "cannot update the consumer {name:?} to the configured ack wait and \
+                         deliveries"
+                    ),
+                    error,
+                )
+            })?;
+        }
         tracing::debug!(%route, consumer = %name, "consuming durable events");
         dispatcher.spawn(consume(
             consumer,
@@ -449,6 +472,57 @@ pub(crate) async fn start(
         ));
     }
     Ok(())
+}
+
+/// How an existing durable consumer must change to match `wanted`: `Err` for what cannot change
+/// in place, `Ok(None)` when it matches.
+///
+/// What palisade relies on is made to match: the subject, the ack wait, and above all the
+/// deliveries, since an event is dead-lettered at the configured count (a consumer that gives up
+/// sooner would drop a failing event unseen; one that gives up later is never asked to). The
+/// rest of the existing configuration (limits an operator set, say) stays.
+fn reconcile_consumer(
+    name: &str,
+    existing: &jetstream::consumer::Config,
+    wanted: &pull::Config,
+) -> Result<Option<pull::Config>, RpcError> {
+    if existing.ack_policy != wanted.ack_policy {
+        return Err(RpcError::new(
+            crate::rpc::Code::FailedPrecondition,
+            format!(
+                "the JetStream consumer {name:?} exists with ack policy {:?}, but durable events \
+                 need {:?} acknowledgements, and an existing consumer's ack policy cannot change: \
+                 delete the consumer, or give the server another consumer prefix",
+                existing.ack_policy, wanted.ack_policy
+            ),
+        ));
+    }
+    let matches = existing.filter_subject == wanted.filter_subject
+        && existing.ack_wait == wanted.ack_wait
+        && existing.max_deliver == wanted.max_deliver;
+    if matches {
+        return Ok(None);
+    }
+    let mut updated =
+        <pull::Config as jetstream::consumer::FromConsumer>::try_from_consumer_config(
+            existing.clone(),
+        )
+        .map_err(|error| {
+            RpcError::new(
+                crate::rpc::Code::FailedPrecondition,
+                format!("the JetStream consumer {name:?} is not a pull consumer: {error}"),
+            )
+        })?;
+    updated.filter_subject.clone_from(&wanted.filter_subject);
+    updated.ack_wait = wanted.ack_wait;
+    updated.max_deliver = wanted.max_deliver;
+    tracing::info!(
+        consumer = name,
+        ack_wait = ?wanted.ack_wait,
+        max_deliver = wanted.max_deliver,
+        "updating the durable consumer to the configured ack wait and deliveries"
+    );
+    Ok(Some(updated))
 }
 
 /// A JetStream that is not clustered keeps one replica whatever is asked: fine on a developer's
