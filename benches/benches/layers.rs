@@ -136,6 +136,11 @@ fn retry_timeout_preset(c: &mut Criterion) {
     group.bench_function("tower", |b| {
         b.iter(|| drive(&mut tower_retry, &mut cx, false))
     });
+    // tower's `Retry` with palisade's policy: the two services side by side with the same policy.
+    let mut tower_with_ours = tower::retry::Retry::new(RetryPolicy::new(3), Bare);
+    group.bench_function("tower-with-palisade-policy", |b| {
+        b.iter(|| drive(&mut tower_with_ours, &mut cx, false))
+    });
     let mut theirs = tower_resilience::retry::RetryLayer::<bool, u64, BenchError>::builder()
         .max_attempts(3)
         .fixed_backoff(Duration::from_millis(10))

@@ -42,6 +42,7 @@ const CONTENDERS: &[(&str, &str)] = &[
     ("breaker/open_rejection/failsafe", "bare"),
     ("retry/never_retries/palisade", "bare"),
     ("retry/never_retries/tower", "bare"),
+    ("retry/never_retries/tower-with-palisade-policy", "bare"),
     ("retry/never_retries/tower-resilience", "bare"),
     ("retry/budget/palisade", "bare"),
     ("retry/budget/tower-tps-budget", "bare"),
@@ -99,6 +100,11 @@ fn child(name: &str, calls: u64) {
         }
         "retry/never_retries/palisade" => run(RetryPolicy::new(3).layer().layer(Bare), calls, ok),
         "retry/never_retries/tower" => run(tower::retry::Retry::new(Attempts(2), Bare), calls, ok),
+        "retry/never_retries/tower-with-palisade-policy" => run(
+            tower::retry::Retry::new(RetryPolicy::new(3), Bare),
+            calls,
+            ok,
+        ),
         "retry/never_retries/tower-resilience" => run(
             tower_resilience::retry::RetryLayer::<bool, u64, BenchError>::builder()
                 .max_attempts(3)
