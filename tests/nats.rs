@@ -464,7 +464,7 @@ async fn more_deliveries_configured_for_an_existing_consumer_still_end_in_a_dead
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_existing_consumer_takes_the_configured_ack_wait_and_keeps_what_an_operator_set() {
+async fn an_existing_consumer_takes_the_ack_wait_and_at_least_the_deliveries_configured() {
     use async_nats::jetstream::consumer::{AckPolicy, FromConsumer, pull};
     let broker = Broker::start();
     let router = Router::new().event("audit", || async {});
@@ -515,6 +515,21 @@ async fn an_existing_consumer_takes_the_configured_ack_wait_and_keeps_what_an_op
     assert_eq!(config.ack_wait, Duration::from_secs(2));
     assert_eq!(config.max_deliver, 8);
     assert_eq!(config.max_ack_pending, 7, "the operator's limit stays");
+    // Fewer deliveries leave the consumer's count alone (the server dead-letters at its own), so
+    // that instances still running with the higher one are not cut short.
+    serve(
+        DurableEvents::new("AUDIT")
+            .ack_wait(Duration::from_secs(2))
+            .max_deliveries(3),
+    )
+    .await
+    .unwrap()
+    .shutdown()
+    .await;
+    assert_eq!(
+        stream.consumer_info(name).await.unwrap().config.max_deliver,
+        8
+    );
 
     // An ack policy cannot change in place: the error names the consumer and what to do.
     stream.delete_consumer(name).await.unwrap();

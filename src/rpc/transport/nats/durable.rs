@@ -25,8 +25,8 @@ pub use crate::rpc::transport::{DEAD_LETTER_DELIVERIES, DEAD_LETTER_REASON, DEAD
 ///
 /// **Existing streams and consumers** are brought to this configuration at start: the stream
 /// gains the server's patterns and takes the configured replicas and limits; each consumer takes
-/// the configured [`max_deliveries`](Self::max_deliveries) and [`ack_wait`](Self::ack_wait), and
-/// keeps the rest (limits an operator set by hand). What cannot change in place (a stream's
+/// the configured [`ack_wait`](Self::ack_wait), allows at least
+/// [`max_deliveries`](Self::max_deliveries), and keeps the rest (limits an operator set by hand). What cannot change in place (a stream's
 /// storage or retention, a consumer's ack policy) fails the start with `FailedPrecondition`,
 /// saying what differs.
 ///
@@ -312,8 +312,9 @@ impl DurableEvents {
         self
     }
 
-    /// Deliveries before an event goes to the dead-letter subject. An existing consumer is updated
-    /// to this count at start.
+    /// Deliveries before an event goes to the dead-letter subject. An existing consumer that
+    /// allows fewer is raised to this count at start (one that allows more keeps its count: the
+    /// server dead-letters at this one all the same).
     ///
     /// # Panics
     /// If `deliveries` is zero.
@@ -477,10 +478,11 @@ pub(crate) async fn start(
 /// How an existing durable consumer must change to match `wanted`: `Err` for what cannot change
 /// in place, `Ok(None)` when it matches.
 ///
-/// What palisade relies on is made to match: the subject, the ack wait, and above all the
-/// deliveries, since an event is dead-lettered at the configured count (a consumer that gives up
-/// sooner would drop a failing event unseen; one that gives up later is never asked to). The
-/// rest of the existing configuration (limits an operator set, say) stays.
+/// The subject and the ack wait are made to match. The deliveries are raised to the configured
+/// count, never lowered: the server dead-letters an event at its own count, so a consumer that
+/// gives up sooner would drop a failing event unseen, while one that allows more is never asked
+/// for them — and during a rolling deployment, instances still running with a higher count keep
+/// theirs. The rest of the existing configuration (limits an operator set, say) stays.
 fn reconcile_consumer(
     name: &str,
     existing: &jetstream::consumer::Config,
@@ -497,10 +499,12 @@ fn reconcile_consumer(
             ),
         ));
     }
-    let matches = existing.filter_subject == wanted.filter_subject
+    // Zero or less: no limit.
+    let enough_deliveries = existing.max_deliver <= 0 || existing.max_deliver >= wanted.max_deliver;
+    if existing.filter_subject == wanted.filter_subject
         && existing.ack_wait == wanted.ack_wait
-        && existing.max_deliver == wanted.max_deliver;
-    if matches {
+        && enough_deliveries
+    {
         return Ok(None);
     }
     let mut updated =
@@ -515,11 +519,13 @@ fn reconcile_consumer(
         })?;
     updated.filter_subject.clone_from(&wanted.filter_subject);
     updated.ack_wait = wanted.ack_wait;
-    updated.max_deliver = wanted.max_deliver;
+    if !enough_deliveries {
+        updated.max_deliver = wanted.max_deliver;
+    }
     tracing::info!(
         consumer = name,
-        ack_wait = ?wanted.ack_wait,
-        max_deliver = wanted.max_deliver,
+        ack_wait = ?updated.ack_wait,
+        max_deliver = updated.max_deliver,
         "updating the durable consumer to the configured ack wait and deliveries"
     );
     Ok(Some(updated))
@@ -664,4 +670,80 @@ fn check_consumer_prefix(prefix: &str) -> Result<(), RpcError> {
 /// The subject an event of `route` is dead-lettered on.
 fn dead_letter_subject(prefix: &str, route: &str) -> String {
     format!("{prefix}.{route}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use jetstream::consumer::{AckPolicy, Config};
+
+    fn existing(max_deliver: i64, ack_wait: Duration) -> Config {
+        Config {
+            durable_name: Some("palisade-audit".into()),
+            filter_subject: "audit".into(),
+            ack_policy: AckPolicy::Explicit,
+            ack_wait,
+            max_deliver,
+            ..Default::default()
+        }
+    }
+
+    fn wanted(deliveries: u32, ack_wait: Duration) -> pull::Config {
+        DurableEvents::new("AUDIT")
+            .max_deliveries(deliveries)
+            .ack_wait(ack_wait)
+            .consumer_config("palisade-audit", "audit")
+    }
+
+    #[test]
+    fn a_consumer_is_raised_to_the_configured_deliveries_and_never_lowered() {
+        let wait = Duration::from_secs(30);
+        let raised = reconcile_consumer("c", &existing(2, wait), &wanted(5, wait))
+            .unwrap()
+            .expect("two deliveries are raised to five");
+        assert_eq!(raised.max_deliver, 5);
+        assert_eq!(raised.ack_wait, wait);
+        for (has, why) in [
+            (5, "as many"),
+            (9, "more"),
+            (-1, "no limit"),
+            (0, "no limit"),
+        ] {
+            assert!(
+                reconcile_consumer("c", &existing(has, wait), &wanted(5, wait))
+                    .unwrap()
+                    .is_none(),
+                "{why}: nothing to change"
+            );
+        }
+    }
+
+    #[test]
+    fn a_consumer_takes_the_configured_ack_wait_and_subject_and_keeps_its_deliveries() {
+        let updated = reconcile_consumer(
+            "c",
+            &existing(9, Duration::from_secs(30)),
+            &wanted(5, Duration::from_secs(2)),
+        )
+        .unwrap()
+        .expect("the ack wait changes");
+        assert_eq!(updated.ack_wait, Duration::from_secs(2));
+        assert_eq!(updated.max_deliver, 9, "more deliveries stay");
+        let mut moved = existing(5, Duration::from_secs(30));
+        moved.filter_subject = "other".into();
+        let updated = reconcile_consumer("c", &moved, &wanted(5, Duration::from_secs(30)))
+            .unwrap()
+            .expect("the subject changes");
+        assert_eq!(updated.filter_subject, "audit");
+    }
+
+    #[test]
+    fn a_consumer_with_another_ack_policy_is_refused() {
+        let mut other = existing(5, Duration::from_secs(30));
+        other.ack_policy = AckPolicy::All;
+        let error =
+            reconcile_consumer("c", &other, &wanted(5, Duration::from_secs(30))).unwrap_err();
+        assert_eq!(error.code(), crate::rpc::Code::FailedPrecondition);
+        assert!(error.message().contains("ack policy"), "{error}");
+    }
 }
