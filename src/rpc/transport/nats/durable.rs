@@ -25,8 +25,9 @@ pub use crate::rpc::transport::{DEAD_LETTER_DELIVERIES, DEAD_LETTER_REASON, DEAD
 ///
 /// **Existing streams and consumers** are brought to this configuration at start: the stream
 /// gains the server's patterns and takes the configured replicas and limits; each consumer takes
-/// the configured [`ack_wait`](Self::ack_wait), allows at least
-/// [`max_deliveries`](Self::max_deliveries), and keeps the rest (limits an operator set by hand). What cannot change in place (a stream's
+/// its pattern as its subject and the configured [`ack_wait`](Self::ack_wait), allows at least
+/// [`max_deliveries`](Self::max_deliveries), and keeps the rest (limits an operator set by hand,
+/// metadata). What cannot change in place (a stream's
 /// storage or retention, a consumer's ack policy) fails the start with `FailedPrecondition`,
 /// saying what differs.
 ///
@@ -313,8 +314,8 @@ impl DurableEvents {
     }
 
     /// Deliveries before an event goes to the dead-letter subject. An existing consumer that
-    /// allows fewer is raised to this count at start (one that allows more keeps its count: the
-    /// server dead-letters at this one all the same).
+    /// allows fewer is raised to this count at start; one that allows more keeps its count, and
+    /// this server still dead-letters at this one.
     ///
     /// # Panics
     /// If `deliveries` is zero.
@@ -331,8 +332,13 @@ impl DurableEvents {
     }
 
     /// How long a handler may run before its event is delivered again. An existing consumer is
-    /// updated to this wait at start.
+    /// updated to this wait at start, and the update reaches the instances of a rolling
+    /// deployment still running with another wait: a shorter one redelivers their slow events.
+    ///
+    /// # Panics
+    /// If `wait` is zero (JetStream would take its own default of 30 s).
     pub fn ack_wait(mut self, wait: Duration) -> Self {
+        assert!(!wait.is_zero(), "ack_wait must be more than zero");
         self.ack_wait = wait;
         self
     }
@@ -445,24 +451,8 @@ pub(crate) async fn start(
     let config = Arc::new(config);
     for route in routes {
         let name = consumer_name(&config.consumer_prefix, &route);
-        let wanted = config.consumer_config(&name, &route);
-        let mut consumer: jetstream::consumer::Consumer<pull::Config> = stream
-            .get_or_create_consumer(&name, wanted.clone())
-            .await
-            .map_err(|error| {
-                jetstream_error(&format!("cannot create the consumer for {route:?}"), error)
-            })?;
-        if let Some(updated) = reconcile_consumer(&name, &consumer.cached_info().config, &wanted)? {
-            consumer = stream.create_consumer(updated).await.map_err(|error| {
-                jetstream_error(
-                    &format!(
-                        "cannot update the consumer {name:?} to the configured ack wait and \
-                         deliveries"
-                    ),
-                    error,
-                )
-            })?;
-        }
+        let (consumer, dead_letter_at) =
+            open_consumer(&context, &stream, &name, &route, &config).await?;
         tracing::debug!(%route, consumer = %name, "consuming durable events");
         dispatcher.spawn(consume(
             consumer,
@@ -470,65 +460,221 @@ pub(crate) async fn start(
             client.clone(),
             dispatcher.clone(),
             Arc::clone(&config),
+            dead_letter_at,
         ));
     }
     Ok(())
 }
 
-/// How an existing durable consumer must change to match `wanted`: `Err` for what cannot change
-/// in place, `Ok(None)` when it matches.
-///
-/// The subject and the ack wait are made to match. The deliveries are raised to the configured
-/// count, never lowered: the server dead-letters an event at its own count, so a consumer that
-/// gives up sooner would drop a failing event unseen, while one that allows more is never asked
-/// for them — and during a rolling deployment, instances still running with a higher count keep
-/// theirs. The rest of the existing configuration (limits an operator set, say) stays.
-fn reconcile_consumer(
+/// Opens the durable consumer `name` of `route`: creates it, or brings an existing one to the
+/// configuration ([`reconcile_consumer`]). Returns it with the delivery at which its failing
+/// events are dead-lettered: the configured count, or the consumer's own if it allows fewer (an
+/// instance starting at the same moment with a lower count, or an operator, can make it so), since
+/// the consumer delivers no more than that and a failing event would otherwise never be
+/// dead-lettered.
+async fn open_consumer(
+    context: &jetstream::Context,
+    stream: &stream::Stream,
     name: &str,
-    existing: &jetstream::consumer::Config,
-    wanted: &pull::Config,
-) -> Result<Option<pull::Config>, RpcError> {
-    if existing.ack_policy != wanted.ack_policy {
-        return Err(RpcError::new(
-            crate::rpc::Code::FailedPrecondition,
-            format!(
-                "the JetStream consumer {name:?} exists with ack policy {:?}, but durable events \
-                 need {:?} acknowledgements, and an existing consumer's ack policy cannot change: \
-                 delete the consumer, or give the server another consumer prefix",
-                existing.ack_policy, wanted.ack_policy
-            ),
-        ));
-    }
-    // Zero or less: no limit.
-    let enough_deliveries = existing.max_deliver <= 0 || existing.max_deliver >= wanted.max_deliver;
-    if existing.filter_subject == wanted.filter_subject
-        && existing.ack_wait == wanted.ack_wait
-        && enough_deliveries
-    {
-        return Ok(None);
-    }
-    let mut updated =
-        <pull::Config as jetstream::consumer::FromConsumer>::try_from_consumer_config(
-            existing.clone(),
+    route: &str,
+    config: &DurableEvents,
+) -> Result<(jetstream::consumer::Consumer<pull::Config>, u64), RpcError> {
+    let stream_name = &config.stream;
+    // Read raw: async-nats's typed configuration drops the fields it does not know (metadata,
+    // priority groups, a pause), and an update sent from it would erase them.
+    let info: serde_json::Value = context
+        .request(
+            format!("CONSUMER.INFO.{stream_name}.{name}"),
+            &serde_json::json!({}),
         )
-        .map_err(|error| {
-            RpcError::new(
-                crate::rpc::Code::FailedPrecondition,
-                format!("the JetStream consumer {name:?} is not a pull consumer: {error}"),
-            )
-        })?;
-    updated.filter_subject.clone_from(&wanted.filter_subject);
-    updated.ack_wait = wanted.ack_wait;
-    if !enough_deliveries {
-        updated.max_deliver = wanted.max_deliver;
+        .await
+        .map_err(|error| jetstream_error(&format!("cannot read the consumer {name:?}"), error))?;
+    match info.get("error") {
+        Some(error) if error.get("code").and_then(serde_json::Value::as_u64) == Some(404) => {
+            stream
+                .create_consumer(config.consumer_config(name, route))
+                .await
+                .map_err(|error| {
+                    jetstream_error(&format!("cannot create the consumer for {route:?}"), error)
+                })?;
+        }
+        Some(error) => {
+            return Err(jetstream_error(
+                &format!("cannot read the consumer {name:?}"),
+                api_error(error),
+            ));
+        }
+        None => {
+            let existing = info.get("config").unwrap_or(&serde_json::Value::Null);
+            if let Some(updated) = reconcile_consumer(name, existing, route, config)? {
+                update_consumer(context, stream_name, name, updated).await?;
+            }
+        }
+    }
+    let consumer: jetstream::consumer::Consumer<pull::Config> = stream
+        .get_consumer(name)
+        .await
+        .map_err(|error| jetstream_error(&format!("cannot open the consumer {name:?}"), error))?;
+    let allowed = consumer.cached_info().config.max_deliver;
+    let dead_letter_at = dead_letter_at(config.max_deliveries, allowed);
+    if dead_letter_at < u64::from(config.max_deliveries) {
+        tracing::warn!(
+            consumer = name,
+            allowed,
+            configured = config.max_deliveries,
+            "the durable consumer delivers an event fewer times than configured (lowered since \
+             this server raised it?); failing events are dead-lettered after its count"
+        );
+    }
+    Ok((consumer, dead_letter_at))
+}
+
+/// The delivery at which a failing event is dead-lettered: the configured count, or the
+/// consumer's own if it allows fewer (zero or less allows any number).
+fn dead_letter_at(configured: u32, allowed: i64) -> u64 {
+    match u64::try_from(allowed) {
+        Ok(allowed) if allowed > 0 => allowed.min(u64::from(configured)),
+        _ => u64::from(configured),
+    }
+}
+
+/// Sends an existing consumer's updated configuration (raw, as read).
+async fn update_consumer(
+    context: &jetstream::Context,
+    stream_name: &str,
+    name: &str,
+    updated: serde_json::Value,
+) -> Result<(), RpcError> {
+    let mut subject = format!("CONSUMER.CREATE.{stream_name}.{name}");
+    if let Some(filter) = updated
+        .get("filter_subject")
+        .and_then(serde_json::Value::as_str)
+        .filter(|filter| !filter.is_empty())
+    {
+        subject = format!("{subject}.{filter}");
     }
     tracing::info!(
         consumer = name,
-        ack_wait = ?updated.ack_wait,
-        max_deliver = updated.max_deliver,
+        ack_wait_ns = %updated["ack_wait"],
+        max_deliver = %updated["max_deliver"],
         "updating the durable consumer to the configured ack wait and deliveries"
     );
-    Ok(Some(updated))
+    let response: serde_json::Value = context
+        .request(
+            subject,
+            &serde_json::json!({"stream_name": stream_name, "config": updated}),
+        )
+        .await
+        .map_err(|error| jetstream_error(&format!("cannot update the consumer {name:?}"), error))?;
+    if let Some(error) = response.get("error") {
+        return Err(RpcError::new(
+            crate::rpc::Code::FailedPrecondition,
+            format!(
+                "the NATS server refused to update the JetStream consumer {name:?} to the \
+                 configured ack wait and deliveries: {}",
+                api_error(error)
+            ),
+        ));
+    }
+    let applied = response
+        .get("config")
+        .and_then(|config| config.get("ack_wait"));
+    if applied != updated.get("ack_wait") {
+        tracing::warn!(
+            consumer = name,
+            applied_ns = ?applied,
+            "the NATS server keeps another ack wait for the durable consumer (a backoff set on the \
+             consumer decides it)"
+        );
+    }
+    Ok(())
+}
+
+/// A JetStream API error, as its description and codes.
+fn api_error(error: &serde_json::Value) -> String {
+    format!(
+        "{} (code {}, error code {})",
+        error
+            .get("description")
+            .and_then(serde_json::Value::as_str)
+            .unwrap_or("no description"),
+        error.get("code").unwrap_or(&serde_json::Value::Null),
+        error.get("err_code").unwrap_or(&serde_json::Value::Null)
+    )
+}
+
+/// How an existing durable consumer's configuration (raw, as the server reports it) must change
+/// for this server: `Err` for what cannot change in place, `Ok(None)` when nothing has to.
+///
+/// The subject (the route) and the ack wait are made to match. The deliveries are raised to the
+/// configured count, never lowered: this server dead-letters a failing event at its own count,
+/// so a consumer that gives up sooner would drop the event unseen, while one that allows more is
+/// never asked for them — and during a rolling deployment, instances still running with a
+/// higher count keep theirs. The rest of the configuration (limits an operator set, metadata)
+/// stays as it is.
+fn reconcile_consumer(
+    name: &str,
+    existing: &serde_json::Value,
+    route: &str,
+    config: &DurableEvents,
+) -> Result<Option<serde_json::Value>, RpcError> {
+    use serde_json::Value;
+    let refuse = |what: String| {
+        Err(RpcError::new(
+            crate::rpc::Code::FailedPrecondition,
+            format!(
+                "the JetStream consumer {name:?} {what}, which cannot change in place: delete \
+                 the consumer, or give the server another consumer prefix and delete the old \
+                 consumer (a new consumer receives every event still in the stream, and an \
+                 unused one holds on to the events an interest retention would remove)"
+            ),
+        ))
+    };
+    let Some(fields) = existing.as_object() else {
+        return refuse(format!(
+            "has no configuration the server reported ({existing})"
+        ));
+    };
+    if fields
+        .get("deliver_subject")
+        .and_then(Value::as_str)
+        .is_some_and(|subject| !subject.is_empty())
+    {
+        return refuse("is a push consumer, and durable events pull".into());
+    }
+    match fields.get("ack_policy").and_then(Value::as_str) {
+        Some("explicit") => {}
+        other => {
+            return refuse(format!(
+                "acknowledges with policy {}, and durable events need explicit acknowledgements",
+                other.unwrap_or("(none given)")
+            ));
+        }
+    }
+    let ack_wait = u64::try_from(config.ack_wait.as_nanos()).unwrap_or(u64::MAX);
+    let deliveries = i64::from(config.max_deliveries);
+    let subject_matches = fields.get("filter_subject").and_then(Value::as_str) == Some(route)
+        || fields.get("filter_subjects") == Some(&serde_json::json!([route]));
+    // Zero, less, or none given: no limit.
+    let allowed = fields
+        .get("max_deliver")
+        .and_then(Value::as_i64)
+        .unwrap_or(-1);
+    let enough_deliveries = allowed <= 0 || allowed >= deliveries;
+    let same_wait = fields.get("ack_wait").and_then(Value::as_u64) == Some(ack_wait);
+    if subject_matches && same_wait && enough_deliveries {
+        return Ok(None);
+    }
+    let mut updated = fields.clone();
+    updated.insert("ack_wait".into(), ack_wait.into());
+    if !enough_deliveries {
+        updated.insert("max_deliver".into(), deliveries.into());
+    }
+    if !subject_matches {
+        updated.remove("filter_subjects");
+        updated.insert("filter_subject".into(), route.into());
+    }
+    Ok(Some(Value::Object(updated)))
 }
 
 /// A JetStream that is not clustered keeps one replica whatever is asked: fine on a developer's
@@ -550,6 +696,7 @@ async fn consume(
     client: async_nats::Client,
     dispatcher: Dispatcher,
     config: Arc<DurableEvents>,
+    dead_letter_at: u64,
 ) {
     // Made once, not per message (each new one registers with the shared token under its lock).
     let mut draining = std::pin::pin!(dispatcher.draining());
@@ -592,7 +739,15 @@ async fn consume(
                 }
                 None => continue 'reconnect,
             };
-            handle(&message, &route, &client, &dispatcher, &config).await;
+            handle(
+                &message,
+                &route,
+                &client,
+                &dispatcher,
+                &config,
+                dead_letter_at,
+            )
+            .await;
         }
     }
 }
@@ -603,6 +758,7 @@ async fn handle(
     client: &async_nats::Client,
     dispatcher: &Dispatcher,
     config: &DurableEvents,
+    dead_letter_at: u64,
 ) {
     let delivered = message
         .info()
@@ -623,7 +779,7 @@ async fn handle(
     };
     let acked = match outcome {
         Ok(()) => message.ack().await,
-        Err(error) if delivered >= u64::from(config.max_deliveries) => {
+        Err(error) if delivered >= dead_letter_at => {
             let subject = dead_letter_subject(&config.dead_letter_prefix, route);
             tracing::error!(%route, deliveries = delivered, %error, dead_letter = %subject, "event failed for good; dead-lettered");
             let mut headers = async_nats::HeaderMap::new();
@@ -675,75 +831,150 @@ fn dead_letter_subject(prefix: &str, route: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use jetstream::consumer::{AckPolicy, Config};
+    use serde_json::{Value, json};
 
-    fn existing(max_deliver: i64, ack_wait: Duration) -> Config {
-        Config {
-            durable_name: Some("palisade-audit".into()),
-            filter_subject: "audit".into(),
-            ack_policy: AckPolicy::Explicit,
-            ack_wait,
-            max_deliver,
-            ..Default::default()
-        }
+    const THIRTY_SECONDS: u64 = 30_000_000_000;
+
+    /// A consumer as `CONSUMER.INFO` reports it, with fields async-nats does not know.
+    fn existing(max_deliver: i64, ack_wait_ns: u64) -> Value {
+        json!({
+            "durable_name": "palisade-audit",
+            "deliver_policy": "all",
+            "ack_policy": "explicit",
+            "ack_wait": ack_wait_ns,
+            "max_deliver": max_deliver,
+            "filter_subject": "audit",
+            "max_ack_pending": 7,
+            "metadata": {"owner": "billing"},
+            "priority_groups": ["jobs"],
+        })
     }
 
-    fn wanted(deliveries: u32, ack_wait: Duration) -> pull::Config {
+    fn configured(deliveries: u32, ack_wait: Duration) -> DurableEvents {
         DurableEvents::new("AUDIT")
             .max_deliveries(deliveries)
             .ack_wait(ack_wait)
-            .consumer_config("palisade-audit", "audit")
+    }
+
+    fn reconcile(existing: &Value, config: &DurableEvents) -> Result<Option<Value>, RpcError> {
+        reconcile_consumer("palisade-audit", existing, "audit", config)
     }
 
     #[test]
     fn a_consumer_is_raised_to_the_configured_deliveries_and_never_lowered() {
         let wait = Duration::from_secs(30);
-        let raised = reconcile_consumer("c", &existing(2, wait), &wanted(5, wait))
+        let raised = reconcile(&existing(2, THIRTY_SECONDS), &configured(5, wait))
             .unwrap()
             .expect("two deliveries are raised to five");
-        assert_eq!(raised.max_deliver, 5);
-        assert_eq!(raised.ack_wait, wait);
+        assert_eq!(raised["max_deliver"], 5);
+        assert_eq!(raised["ack_wait"], THIRTY_SECONDS);
         for (has, why) in [
             (5, "as many"),
             (9, "more"),
             (-1, "no limit"),
             (0, "no limit"),
         ] {
-            assert!(
-                reconcile_consumer("c", &existing(has, wait), &wanted(5, wait))
-                    .unwrap()
-                    .is_none(),
+            assert_eq!(
+                reconcile(&existing(has, THIRTY_SECONDS), &configured(5, wait)).unwrap(),
+                None,
                 "{why}: nothing to change"
             );
+        }
+        let mut unset = existing(5, THIRTY_SECONDS);
+        unset.as_object_mut().unwrap().remove("max_deliver");
+        assert_eq!(reconcile(&unset, &configured(5, wait)).unwrap(), None);
+    }
+
+    #[test]
+    fn an_update_changes_the_ack_wait_and_subject_and_keeps_everything_else() {
+        let updated = reconcile(
+            &existing(9, THIRTY_SECONDS),
+            &configured(5, Duration::from_secs(2)),
+        )
+        .unwrap()
+        .expect("the ack wait changes");
+        let mut expected = existing(9, 2_000_000_000);
+        assert_eq!(
+            updated, expected,
+            "more deliveries, metadata, groups and limits stay"
+        );
+
+        let mut moved = existing(5, THIRTY_SECONDS);
+        moved["filter_subject"] = json!("other");
+        let updated = reconcile(&moved, &configured(5, Duration::from_secs(30)))
+            .unwrap()
+            .expect("the subject changes");
+        expected = existing(5, THIRTY_SECONDS);
+        assert_eq!(updated, expected);
+
+        // Servers from 2.10 may report the subject as a list: one that is the route matches, and
+        // an update replaces any other list with the single subject (a server refuses both).
+        let mut listed = existing(5, THIRTY_SECONDS);
+        listed.as_object_mut().unwrap().remove("filter_subject");
+        listed["filter_subjects"] = json!(["audit"]);
+        assert_eq!(
+            reconcile(&listed, &configured(5, Duration::from_secs(30))).unwrap(),
+            None
+        );
+        listed["filter_subjects"] = json!(["audit", "other"]);
+        let updated = reconcile(&listed, &configured(5, Duration::from_secs(30)))
+            .unwrap()
+            .expect("the subjects change");
+        assert_eq!(updated.get("filter_subjects"), None);
+        assert_eq!(updated["filter_subject"], "audit");
+    }
+
+    #[test]
+    fn what_cannot_change_in_place_is_refused_with_what_to_do() {
+        let config = configured(5, Duration::from_secs(30));
+        let mut all = existing(5, THIRTY_SECONDS);
+        all["ack_policy"] = json!("all");
+        let mut push = existing(5, THIRTY_SECONDS);
+        push["deliver_subject"] = json!("deliver.audit");
+        let mut silent = existing(5, THIRTY_SECONDS);
+        silent.as_object_mut().unwrap().remove("ack_policy");
+        for (consumer, says) in [
+            (all, "policy all"),
+            (push, "push consumer"),
+            (silent, "(none given)"),
+            (Value::Null, "no configuration"),
+        ] {
+            let error = reconcile(&consumer, &config).unwrap_err();
+            assert_eq!(error.code(), crate::rpc::Code::FailedPrecondition);
+            for part in [
+                says,
+                "\"palisade-audit\"",
+                "every event still in the stream",
+            ] {
+                assert!(error.message().contains(part), "{part:?} in {error}");
+            }
+            assert!(!error.message().contains("  "), "{error}");
         }
     }
 
     #[test]
-    fn a_consumer_takes_the_configured_ack_wait_and_subject_and_keeps_its_deliveries() {
-        let updated = reconcile_consumer(
-            "c",
-            &existing(9, Duration::from_secs(30)),
-            &wanted(5, Duration::from_secs(2)),
-        )
-        .unwrap()
-        .expect("the ack wait changes");
-        assert_eq!(updated.ack_wait, Duration::from_secs(2));
-        assert_eq!(updated.max_deliver, 9, "more deliveries stay");
-        let mut moved = existing(5, Duration::from_secs(30));
-        moved.filter_subject = "other".into();
-        let updated = reconcile_consumer("c", &moved, &wanted(5, Duration::from_secs(30)))
-            .unwrap()
-            .expect("the subject changes");
-        assert_eq!(updated.filter_subject, "audit");
+    fn events_are_dead_lettered_at_the_lower_of_the_two_counts() {
+        assert_eq!(dead_letter_at(5, 3), 3, "a consumer that stops sooner");
+        assert_eq!(dead_letter_at(5, 5), 5);
+        assert_eq!(dead_letter_at(5, 9), 5, "a consumer that allows more");
+        assert_eq!(dead_letter_at(5, 1), 1);
+        assert_eq!(dead_letter_at(5, 0), 5, "no limit");
+        assert_eq!(dead_letter_at(5, -1), 5, "no limit");
     }
 
     #[test]
-    fn a_consumer_with_another_ack_policy_is_refused() {
-        let mut other = existing(5, Duration::from_secs(30));
-        other.ack_policy = AckPolicy::All;
-        let error =
-            reconcile_consumer("c", &other, &wanted(5, Duration::from_secs(30))).unwrap_err();
-        assert_eq!(error.code(), crate::rpc::Code::FailedPrecondition);
-        assert!(error.message().contains("ack policy"), "{error}");
+    #[should_panic(expected = "ack_wait must be more than zero")]
+    fn a_zero_ack_wait_is_refused() {
+        let _ = DurableEvents::new("AUDIT").ack_wait(Duration::ZERO);
+    }
+
+    #[test]
+    fn api_errors_say_what_the_server_said() {
+        let text = api_error(&json!({"code": 400, "err_code": 10012, "description": "bad"}));
+        assert_eq!(text, "bad (code 400, error code 10012)");
+        assert_eq!(
+            api_error(&json!({})),
+            "no description (code null, error code null)"
+        );
     }
 }
