@@ -495,6 +495,14 @@ async fn an_existing_consumer_takes_the_ack_wait_and_at_least_the_deliveries_con
     let [name] = &names[..] else {
         panic!("one consumer expected, found {names:?}");
     };
+    let made = stream.consumer_info(name).await.unwrap().config;
+    assert_eq!(
+        made.filter_subject, "audit",
+        "the consumer reads its pattern only"
+    );
+    assert_eq!(made.ack_wait, Duration::from_secs(30));
+    assert_eq!(made.max_deliver, 5, "the default deliveries");
+    assert_eq!(made.ack_policy, AckPolicy::Explicit);
     // An operator raises a limit by hand.
     let mut edited =
         pull::Config::try_from_consumer_config(stream.consumer_info(name).await.unwrap().config)

@@ -545,14 +545,7 @@ async fn update_consumer(
     name: &str,
     updated: serde_json::Value,
 ) -> Result<(), RpcError> {
-    let mut subject = format!("CONSUMER.CREATE.{stream_name}.{name}");
-    if let Some(filter) = updated
-        .get("filter_subject")
-        .and_then(serde_json::Value::as_str)
-        .filter(|filter| !filter.is_empty())
-    {
-        subject = format!("{subject}.{filter}");
-    }
+    let subject = format!("CONSUMER.CREATE.{stream_name}.{name}");
     tracing::info!(
         consumer = name,
         ack_wait_ns = %updated["ack_wait"],
