@@ -1111,11 +1111,15 @@ impl<Req: Clone> tower::retry::Policy<Req, &'static str, AppError> for Counting 
     }
 }
 
-/// Treats a success as final, as `RetryPolicy` does.
+/// `Counting` as a policy of one's own: a success final or not (`SUCCESS_FINAL`), its retry
+/// loop run inline or out of line (`INLINE`, `FinalResult::RETRY_INLINE`), so that both of
+/// `Retry`'s loops are tried.
 #[derive(Clone)]
-struct SuccessIsFinal(Counting);
+struct Own<const SUCCESS_FINAL: bool, const INLINE: bool>(Counting);
 
-impl<Req: Clone> tower::retry::Policy<Req, &'static str, AppError> for SuccessIsFinal {
+impl<Req: Clone, const SUCCESS_FINAL: bool, const INLINE: bool>
+    tower::retry::Policy<Req, &'static str, AppError> for Own<SUCCESS_FINAL, INLINE>
+{
     type Future = std::future::Ready<()>;
 
     fn retry(
@@ -1131,20 +1135,29 @@ impl<Req: Clone> tower::retry::Policy<Req, &'static str, AppError> for SuccessIs
     }
 }
 
-impl palisade::retry::FinalResult<&'static str, AppError> for SuccessIsFinal {
+impl<const SUCCESS_FINAL: bool, const INLINE: bool>
+    palisade::retry::FinalResult<&'static str, AppError> for Own<SUCCESS_FINAL, INLINE>
+{
+    const RETRY_INLINE: bool = INLINE;
+
     fn is_final(&self, result: &Result<&'static str, AppError>) -> bool {
-        result.is_ok()
+        SUCCESS_FINAL && result.is_ok()
     }
 }
 
-#[tokio::test(start_paused = true)]
-async fn any_tower_policy_retries_through_any_policy_and_is_asked_about_every_result() {
-    use palisade::retry::{AnyPolicy, RetryLayer};
+/// A policy that retries a response, asked about every result.
+async fn asked_about_every_result<P>(make: impl Fn(Counting) -> P)
+where
+    P: tower::retry::Policy<(), &'static str, AppError>
+        + palisade::retry::FinalResult<&'static str, AppError>
+        + Clone,
+{
+    use palisade::retry::RetryLayer;
     // A response that the policy retries: a palisade `Retry` must not skip it.
     let (service, calls) =
         scripted::<(), _, _>(|n| async move { Ok(if n < 3 { "not yet" } else { "done" }) });
     let asked = Arc::new(AtomicU32::new(0));
-    let policy = AnyPolicy(Counting {
+    let policy = make(Counting {
         left: 5,
         asked: Arc::clone(&asked),
         wants: |result| matches!(result, Ok("not yet")),
@@ -1161,7 +1174,13 @@ async fn any_tower_policy_retries_through_any_policy_and_is_asked_about_every_re
 }
 
 #[tokio::test(start_paused = true)]
-async fn a_result_the_policy_calls_final_skips_the_policy_and_others_still_reach_it() {
+async fn any_tower_policy_retries_through_any_policy_and_is_asked_about_every_result() {
+    asked_about_every_result(palisade::retry::AnyPolicy).await;
+    asked_about_every_result(Own::<false, true>).await;
+    asked_about_every_result(Own::<false, false>).await;
+}
+
+async fn final_results_skip_the_policy<const INLINE: bool>() {
     use palisade::retry::RetryLayer;
     let (service, calls) = scripted::<(), _, _>(|n| async move {
         if n < 3 {
@@ -1171,7 +1190,7 @@ async fn a_result_the_policy_calls_final_skips_the_policy_and_others_still_reach
         }
     });
     let asked = Arc::new(AtomicU32::new(0));
-    let policy = SuccessIsFinal(Counting {
+    let policy = Own::<true, INLINE>(Counting {
         left: 5,
         asked: Arc::clone(&asked),
         wants: |result| result.is_err(),
@@ -1188,7 +1207,7 @@ async fn a_result_the_policy_calls_final_skips_the_policy_and_others_still_reach
     // A first attempt that succeeds never reaches the policy.
     asked.store(0, Ordering::SeqCst);
     let (service, _) = scripted::<(), _, _>(|_| async { Ok("at once") });
-    let policy = SuccessIsFinal(Counting {
+    let policy = Own::<true, INLINE>(Counting {
         left: 5,
         asked: Arc::clone(&asked),
         wants: |_| true,
@@ -1196,6 +1215,12 @@ async fn a_result_the_policy_calls_final_skips_the_policy_and_others_still_reach
     let mut retried = RetryLayer::new(policy).layer(service);
     assert_eq!(retried.ready().await.unwrap().call(()).await, Ok("at once"));
     assert_eq!(asked.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_result_the_policy_calls_final_skips_the_policy_and_others_still_reach_it() {
+    final_results_skip_the_policy::<true>().await;
+    final_results_skip_the_policy::<false>().await;
 }
 
 #[tokio::test(start_paused = true)]
@@ -1226,18 +1251,26 @@ async fn an_inner_service_that_fails_its_readiness_check_before_a_retry_ends_the
         }
     }
 
-    let calls = Arc::new(AtomicU32::new(0));
-    let policy = AnyPolicy(Counting {
+    let counting = || Counting {
         left: 5,
         asked: Arc::new(AtomicU32::new(0)),
         wants: |result| result.is_err(),
-    });
-    let mut retried = RetryLayer::new(policy).layer(LosesItsConnection(Arc::clone(&calls)));
+    };
+    let calls = Arc::new(AtomicU32::new(0));
+    let mut retried =
+        RetryLayer::new(AnyPolicy(counting())).layer(LosesItsConnection(Arc::clone(&calls)));
     let answer = retried.ready().await.unwrap().call(()).await;
     assert_eq!(
         answer,
         Err(AppError::Invalid),
         "the readiness error, at once"
     );
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    // The same through the loop that runs out of line.
+    let calls = Arc::new(AtomicU32::new(0));
+    let mut retried = RetryLayer::new(Own::<false, false>(counting()))
+        .layer(LosesItsConnection(Arc::clone(&calls)));
+    let answer = retried.ready().await.unwrap().call(()).await;
+    assert_eq!(answer, Err(AppError::Invalid));
     assert_eq!(calls.load(Ordering::SeqCst), 1);
 }

@@ -136,7 +136,12 @@ fn retry_timeout_preset(c: &mut Criterion) {
     group.bench_function("tower", |b| {
         b.iter(|| drive(&mut tower_retry, &mut cx, false))
     });
-    // tower's `Retry` with palisade's policy: the two services side by side with the same policy.
+    // palisade's `Retry` with tower's trivial policy, and tower's `Retry` with palisade's
+    // policy: the two services side by side with the same policy.
+    let mut ours_with_attempts = palisade::retry::Retry::new(Bare, Attempts(2));
+    group.bench_function("palisade-with-attempts", |b| {
+        b.iter(|| drive(&mut ours_with_attempts, &mut cx, false))
+    });
     let mut tower_with_ours = tower::retry::Retry::new(RetryPolicy::new(3), Bare);
     group.bench_function("tower-with-palisade-policy", |b| {
         b.iter(|| drive(&mut tower_with_ours, &mut cx, false))

@@ -44,6 +44,7 @@ const CONTENDERS: &[(&str, &str)] = &[
     ("retry/never_retries/tower", "bare"),
     ("retry/never_retries/tower-with-palisade-policy", "bare"),
     ("retry/never_retries/tower-resilience", "bare"),
+    ("retry/never_retries/palisade-with-attempts", "bare"),
     ("retry/budget/palisade", "bare"),
     ("retry/budget/tower-tps-budget", "bare"),
     ("timeout/ready/palisade", "bare"),
@@ -99,6 +100,9 @@ fn child(name: &str, calls: u64) {
             run(breaker, calls, ok)
         }
         "retry/never_retries/palisade" => run(RetryPolicy::new(3).layer().layer(Bare), calls, ok),
+        "retry/never_retries/palisade-with-attempts" => {
+            run(palisade::retry::Retry::new(Bare, Attempts(2)), calls, ok)
+        }
         "retry/never_retries/tower" => run(tower::retry::Retry::new(Attempts(2), Bare), calls, ok),
         "retry/never_retries/tower-with-palisade-policy" => run(
             tower::retry::Retry::new(RetryPolicy::new(3), Bare),

@@ -543,6 +543,8 @@ where
 }
 
 impl<Res, E, P: Predicate<Res, E>, D> super::FinalResult<Res, E> for RetryPolicy<P, D> {
+    const RETRY_INLINE: bool = false;
+
     /// A success is final unless the predicate may retry responses.
     #[inline(always)]
     fn is_final(&self, result: &Result<Res, E>) -> bool {

@@ -115,6 +115,12 @@ where
     note = "add `impl<Res, E> palisade::retry::FinalResult<Res, E> for {Self} {{}}` (every result goes to `Policy::retry`), or wrap a policy from another crate in `palisade::retry::AnyPolicy`"
 )]
 pub trait FinalResult<Res, E> {
+    /// Whether [`Retry`] runs the whole retry loop inline (the default): right for a policy whose
+    /// `retry` is small, which then costs what it costs in tower's `Retry`. A policy with a large
+    /// `retry` says `false`: every result it does not call [final](Self::is_final) is judged out
+    /// of line, which keeps the response future small for the results it does.
+    const RETRY_INLINE: bool = true;
+
     /// Whether `result` goes back to the caller as it is, whatever the state of the request;
     /// [`Retry`] then does not call [`Policy::retry`]. The default, `false`, asks the policy about
     /// every result.
@@ -217,6 +223,9 @@ where
     #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
+        if P::RETRY_INLINE {
+            return poll_inline(this.state, this.request, this.inner, this.policy, cx);
+        }
         let mut finished = None;
         // The first attempt, and a result the policy calls final, inline; anything else out of
         // line. The result never has its address taken on the inline path, so it stays in
@@ -242,6 +251,53 @@ where
         match finished {
             Some(result) => Poll::Ready(result),
             None => Poll::Pending,
+        }
+    }
+}
+
+/// The retry loop of a policy that asks for it inline ([`FinalResult::RETRY_INLINE`]): tower's
+/// own loop, with the policy's word on final results first.
+#[inline(always)]
+fn poll_inline<S, P, Request>(
+    mut state: Pin<&mut State<S::Future, P::Future>>,
+    request: &mut Option<Request>,
+    inner: &mut S,
+    policy: &mut P,
+    cx: &mut Context<'_>,
+) -> Poll<Result<S::Response, S::Error>>
+where
+    S: Service<Request>,
+    P: Policy<Request, S::Response, S::Error> + FinalResult<S::Response, S::Error>,
+{
+    loop {
+        match state.as_mut().project() {
+            StateProj::Called { future } => {
+                let mut result = ready!(future.poll(cx));
+                if policy.is_final(&result) {
+                    return Poll::Ready(result);
+                }
+                let Some(copy) = request.as_mut() else {
+                    return Poll::Ready(result);
+                };
+                match policy.retry(copy, &mut result) {
+                    Some(waiting) => state.set(State::Waiting { waiting }),
+                    None => return Poll::Ready(result),
+                }
+            }
+            StateProj::Waiting { waiting } => {
+                ready!(waiting.poll(cx));
+                state.set(State::Retrying);
+            }
+            StateProj::Retrying => {
+                ready!(inner.poll_ready(cx))?;
+                let attempt = request
+                    .take()
+                    .expect("retrying requires a copy of the request");
+                *request = policy.clone_request(&attempt);
+                state.set(State::Called {
+                    future: inner.call(attempt),
+                });
+            }
         }
     }
 }

@@ -216,6 +216,10 @@ impl<Req: Clone, Res, E> tower::retry::Policy<Req, Res, E> for Attempts {
     }
 }
 
+/// Asks `Attempts` about every result, as tower's `Retry` does (for palisade's `Retry` with a
+/// plain tower policy).
+impl<Res, E> palisade::retry::FinalResult<Res, E> for Attempts {}
+
 /// The preset exactly as the README builds it, retry budget included.
 pub fn readme_preset() -> Resilience {
     Resilience::new(
