@@ -558,6 +558,63 @@ async fn an_existing_consumer_takes_the_ack_wait_and_at_least_the_deliveries_con
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_in_flight_holds_for_durable_events_too() {
+    let broker = Broker::start();
+    let running = Arc::new(AtomicUsize::new(0));
+    let most = Arc::new(AtomicUsize::new(0));
+    let done = Arc::new(AtomicUsize::new(0));
+    let handler = |running: Arc<AtomicUsize>, most: Arc<AtomicUsize>, done: Arc<AtomicUsize>| {
+        move || {
+            let (running, most, done) = (running.clone(), most.clone(), done.clone());
+            async move {
+                let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+                most.fetch_max(now, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                running.fetch_sub(1, Ordering::SeqCst);
+                done.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+    };
+    // Two patterns: two durable consumers, each handing over one event at a time.
+    let router = Router::new()
+        .event(
+            "stock-counted",
+            handler(running.clone(), most.clone(), done.clone()),
+        )
+        .event(
+            "price-changed",
+            handler(running.clone(), most.clone(), done.clone()),
+        );
+    let server = NatsServer::new(options(&broker))
+        .durable_events(durable("LIMITED"))
+        .serve(Server::new(router).max_in_flight(1))
+        .await
+        .unwrap();
+    let client = Client::builder().build(
+        NatsTransport::new(options(&broker))
+            .durable_events()
+            .connect()
+            .await
+            .unwrap(),
+    );
+    for _ in 0..2 {
+        client.emit("stock-counted", &json!({})).await.unwrap();
+        client.emit("price-changed", &json!({})).await.unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while done.load(Ordering::SeqCst) < 4 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(done.load(Ordering::SeqCst), 4, "every event handled");
+    assert_eq!(
+        most.load(Ordering::SeqCst),
+        1,
+        "one event at a time, as configured"
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_that_exists_with_other_settings_is_updated_or_refused_clearly() {
     use palisade::rpc::transport::nats::Storage;
     let broker = Broker::start();

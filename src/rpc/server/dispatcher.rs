@@ -359,14 +359,21 @@ impl Dispatcher {
     /// Handles an event to completion in the calling task and reports whether every handler
     /// succeeded — for transports that acknowledge events (durable streams, queues with manual
     /// acks): acknowledge on `Ok`, redeliver or dead-letter on `Err`. Counts as in flight for
-    /// shutdown; fails with `Unavailable` once shutdown started or when the grace period ends
-    /// before the handlers do.
+    /// shutdown and for [`Server::max_in_flight`](super::Server::max_in_flight) (it waits for a
+    /// slot); fails with `Unavailable` once shutdown started or when the grace period ends before
+    /// the handlers do.
     pub async fn handle_event(&self, event: RpcRequest) -> Result<(), RpcError> {
         if self.is_draining() {
             return Err(RpcError::unavailable("the server is shutting down"));
         }
         let inner = &*self.inner;
         let _token = inner.tracker.token();
+        // `max_in_flight` counts events that are acknowledged after handling as it counts the
+        // rest: the transport's reader waits here for a slot.
+        let _permit = match &inner.permits {
+            Some(permits) => Arc::clone(permits).acquire_owned().await.ok(),
+            None => None,
+        };
         let _in_flight = inner.in_flight.enter();
         let handling =
             AssertUnwindSafe(inner.service.call(event.reporting_failures())).catch_unwind();
