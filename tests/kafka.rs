@@ -263,6 +263,61 @@ async fn a_poison_event_is_retried_then_dead_lettered_and_the_partition_goes_on(
     auditor.shutdown().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_too_large_for_its_headers_still_goes_out_and_names_the_record() {
+    use palisade::rpc::transport::kafka::DEAD_LETTER_VALUE_OMITTED;
+    let broker = Broker::start();
+    let options = support::kafka::options(&broker);
+    let router = Router::new().event("scans", || async {
+        Err::<(), _>(RpcError::invalid_argument("unreadable scan"))
+    });
+    // The server's producer takes records of up to 2 000 bytes: the failed record fits, and
+    // with the dead letter's headers it does not.
+    let server = KafkaServer::new(options.clone().max_message_bytes(2_000))
+        .events(KafkaEvents::new().max_deliveries(1))
+        .serve(Server::new(router))
+        .await
+        .unwrap();
+    let dead: Arc<Mutex<Vec<(Value, Headers)>>> = Arc::default();
+    let auditor = serve(
+        support::kafka::options(&broker).from_beginning(true),
+        Router::new().event("palisade.dead-letter.scans", {
+            let dead = Arc::clone(&dead);
+            move |headers: Headers, Payload(event): Payload<Value>| {
+                dead.lock().unwrap().push((event, headers));
+                async {}
+            }
+        }),
+    )
+    .await;
+    let scan = "x".repeat(1_800);
+    client(options)
+        .await
+        .emit(
+            "scans",
+            &KafkaRecord::new(json!({"scan": scan})).partition(1),
+        )
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(30), "the dead letter", || {
+        !dead.lock().unwrap().is_empty()
+    })
+    .await;
+    let (event, headers) = dead.lock().unwrap()[0].clone();
+    assert_eq!(event, Value::Null, "sent without the record's value");
+    assert_eq!(headers.get(DEAD_LETTER_VALUE_OMITTED), Some("true"));
+    assert_eq!(headers.get(DEAD_LETTER_PARTITION), Some("1"));
+    assert_eq!(headers.get(DEAD_LETTER_OFFSET), Some("0"));
+    assert!(
+        headers
+            .get(DEAD_LETTER_REASON)
+            .is_some_and(|reason| reason.contains("unreadable scan")),
+        "{headers:?}"
+    );
+    server.shutdown().await;
+    auditor.shutdown().await;
+}
+
 /// A server on a runtime of its own, which the test can kill as a crash would: its tasks are
 /// dropped wherever they are, handlers included.
 struct Instance {
@@ -300,6 +355,70 @@ impl Drop for Instance {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_still_failing_when_its_server_shuts_down_is_handled_after_the_restart() {
+    use std::sync::atomic::AtomicBool;
+    let broker = Broker::start();
+    // From the beginning: a group with nothing committed starts a restarted server there, so
+    // an event committed by mistake is the only way to miss it.
+    let options = support::kafka::options(&broker).from_beginning(true);
+    let attempts = Arc::new(AtomicU32::new(0));
+    let healthy = Arc::new(AtomicBool::new(false));
+    let handled = Arc::new(AtomicU32::new(0));
+    let router = Router::new().event("invoices", {
+        let (attempts, healthy, handled) = (
+            Arc::clone(&attempts),
+            Arc::clone(&healthy),
+            Arc::clone(&handled),
+        );
+        move || {
+            attempts.fetch_add(1, Ordering::SeqCst);
+            let outcome = if healthy.load(Ordering::SeqCst) {
+                handled.fetch_add(1, Ordering::SeqCst);
+                Ok(())
+            } else {
+                Err(RpcError::unavailable("ledger down"))
+            };
+            async move { outcome }
+        }
+    });
+    let events = || {
+        KafkaEvents::new()
+            .max_deliveries(5)
+            .backoff([Duration::from_secs(1)])
+    };
+    let first = KafkaServer::new(options.clone())
+        .events(events())
+        .serve(Server::new(router.clone()))
+        .await
+        .unwrap();
+    client(options.clone())
+        .await
+        .emit("invoices", &KafkaRecord::new(json!({"n": 1})).partition(0))
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(30), "the first failure", || {
+        attempts.load(Ordering::SeqCst) >= 1
+    })
+    .await;
+    // Shut down while the event waits for its next try: it is neither handled nor
+    // dead-lettered, so it must not be committed.
+    first.shutdown().await;
+    healthy.store(true, Ordering::SeqCst);
+    let second = KafkaServer::new(options)
+        .events(events())
+        .serve(Server::new(router))
+        .await
+        .unwrap();
+    eventually(
+        Duration::from_secs(30),
+        "the event, after the restart",
+        || handled.load(Ordering::SeqCst) == 1,
+    )
+    .await;
+    second.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -43,6 +43,11 @@
 //!   A failing event is retried with backoff and then published to a dead-letter topic with the
 //!   reason in its headers ([`KafkaEvents`]). A rebalance loses nothing: a partition's records
 //!   not yet handled are handled by its next owner (some of them twice, as at-least-once allows).
+//!   Neither does a shutdown: an event still failing then is not committed, and is delivered
+//!   again after the restart. A dead letter the broker does not take holds up its partition and
+//!   is tried again until it is published; one too large with its headers goes without the
+//!   record's value and headers ([`DEAD_LETTER_VALUE_OMITTED`]), naming the record by
+//!   [partition](DEAD_LETTER_PARTITION) and [offset](DEAD_LETTER_OFFSET).
 //! - **Ordering of events.** [`KafkaRecord`] sets a record's key: events with one key go to one
 //!   partition and are handled in order.
 //! - **Producers** are idempotent with `acks=all` by default, and every `emit` resolves once the
@@ -81,7 +86,9 @@ mod server;
 mod value;
 
 pub use self::client::{KafkaConnection, KafkaTransport};
-pub use self::server::{DEAD_LETTER_OFFSET, DEAD_LETTER_PARTITION, KafkaEvents, KafkaServer};
+pub use self::server::{
+    DEAD_LETTER_OFFSET, DEAD_LETTER_PARTITION, DEAD_LETTER_VALUE_OMITTED, KafkaEvents, KafkaServer,
+};
 
 /// Group consumers of dropped Kafka clients and servers whose close has not finished: each still
 /// holds a thread, its sockets and librdkafka's threads, until its broker answers (then the close

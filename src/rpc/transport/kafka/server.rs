@@ -30,6 +30,10 @@ use tokio::sync::mpsc;
 pub const DEAD_LETTER_PARTITION: &str = "palisade-original-partition";
 /// Header of a dead letter: the offset of the record that failed.
 pub const DEAD_LETTER_OFFSET: &str = "palisade-original-offset";
+/// Header of a dead letter too large to carry the failed record's value and headers: present
+/// (`"true"`) when they were left out. The record stays readable in its topic, at the partition
+/// and offset the dead letter names, for as long as the topic keeps it.
+pub const DEAD_LETTER_VALUE_OMITTED: &str = "palisade-value-omitted";
 
 /// Records of one partition waiting for their worker; beyond this the consumer waits.
 const PARTITION_QUEUE: usize = 256;
@@ -523,8 +527,9 @@ async fn work(
                             "the event could not be read with the server's codec: {error}"
                         ));
                         tracing::error!(topic = record.topic(), offset, %error, "unreadable event dead-lettered");
-                        dead_letter(&shared, &record, 1, &error).await;
-                        progress.finish(offset, &shared.consumer);
+                        if dead_letter(&shared, &record, 1, &error).await {
+                            progress.finish(offset, &shared.consumer);
+                        }
                         continue;
                     }
                 };
@@ -537,20 +542,24 @@ async fn work(
                     Kind::Event,
                     incoming.headers,
                 );
-                handle_event(&shared, event, &record).await;
-                progress.finish(offset, &shared.consumer);
+                // An event that is not settled stays in flight: nothing from its offset on is
+                // committed, and it is delivered again after a restart or a rebalance.
+                if handle_event(&shared, event, &record).await {
+                    progress.finish(offset, &shared.consumer);
+                }
             }
         }
     }
 }
 
-/// An event handled at least once: retried in place, then dead-lettered.
-async fn handle_event(shared: &Shared, event: RpcRequest, record: &OwnedMessage) {
+/// An event handled at least once: retried in place, then dead-lettered. Returns whether it is
+/// settled (handled, or dead-lettered); an event left unsettled must not be committed.
+async fn handle_event(shared: &Shared, event: RpcRequest, record: &OwnedMessage) -> bool {
     let events = &shared.events;
     let mut delivery = 1;
     let error = loop {
         match shared.dispatcher.handle_event(event.clone()).await {
-            Ok(()) => return,
+            Ok(()) => return true,
             Err(error) if delivery < events.max_deliveries && !shared.dispatcher.is_draining() => {
                 let delay = events.delay_before(delivery);
                 tracing::warn!(topic = record.topic(), offset = record.offset(), delivery, %error, retry_in = ?delay, "event handler failed; retrying");
@@ -560,16 +569,29 @@ async fn handle_event(shared: &Shared, event: RpcRequest, record: &OwnedMessage)
             Err(error) => break error,
         }
     };
-    if shared.dispatcher.is_draining() && delivery < events.max_deliveries {
-        // Shutting down mid-retry: not committed, so it is delivered again after the restart.
-        return;
+    if shared.dispatcher.is_draining() {
+        // Shutting down (the failure may be the shutdown's own: a handler cancelled at the end
+        // of the grace period): not committed, so it is delivered again after the restart.
+        tracing::info!(topic = record.topic(), offset = record.offset(), deliveries = delivery, %error, "event left for redelivery: the server is shutting down");
+        return false;
     }
     tracing::error!(topic = record.topic(), offset = record.offset(), deliveries = delivery, %error, "event failed for good; dead-lettered");
-    dead_letter(shared, record, delivery, &error).await;
+    dead_letter(shared, record, delivery, &error).await
 }
 
+/// Longest wait between two tries of a dead letter's publish.
+const DEAD_LETTER_RETRY_CAP: Duration = Duration::from_secs(30);
+
 /// Publishes `record` to its topic's dead-letter topic, with why and after how many deliveries.
-async fn dead_letter(shared: &Shared, record: &OwnedMessage, delivery: u32, error: &RpcError) {
+/// Tries again, holding up the partition, until the dead letter is published or the server shuts
+/// down; returns whether it was published (a record whose dead letter was not published must not
+/// be committed: it would be lost).
+async fn dead_letter(
+    shared: &Shared,
+    record: &OwnedMessage,
+    delivery: u32,
+    error: &RpcError,
+) -> bool {
     let dead_letters = shared.events.dead_letter_topic(record.topic());
     let reason = error.to_string();
     let deliveries = delivery.to_string();
@@ -597,12 +619,38 @@ async fn dead_letter(shared: &Shared, record: &OwnedMessage, delivery: u32, erro
         (DEAD_LETTER_PARTITION, partition.as_bytes()),
         (DEAD_LETTER_OFFSET, offset.as_bytes()),
     ];
-    if let Err(error) = shared
-        .producer
-        .send(&dead_letters, &outgoing, &headers)
-        .await
-    {
-        tracing::error!(%error, "cannot publish a dead letter; the event is skipped");
+    let mut wait = Duration::from_millis(100);
+    loop {
+        match shared
+            .producer
+            .send(&dead_letters, &outgoing, &headers)
+            .await
+        {
+            Ok(_) => return true,
+            // The failed record fitted its topic, but not with the dead letter's headers: say
+            // where the record is instead of carrying it.
+            Err(error)
+                if error.transport_kind()
+                    == Some(crate::rpc::TransportErrorKind::PayloadTooLarge)
+                    && outgoing.value.is_some() =>
+            {
+                tracing::warn!(%error, topic = record.topic(), offset = record.offset(), "dead letter too large; sent without the record's value and headers");
+                outgoing.value = None;
+                outgoing.headers = vec![(DEAD_LETTER_VALUE_OMITTED.to_owned(), b"true".to_vec())];
+            }
+            Err(error) if shared.dispatcher.is_draining() => {
+                tracing::error!(%error, topic = record.topic(), offset = record.offset(), "cannot publish a dead letter; the event is left for redelivery");
+                return false;
+            }
+            Err(error) => {
+                tracing::error!(%error, topic = record.topic(), offset = record.offset(), retry_in = ?wait, "cannot publish a dead letter; trying again");
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = shared.dispatcher.draining() => {}
+                }
+                wait = (wait * 2).min(DEAD_LETTER_RETRY_CAP);
+            }
+        }
     }
 }
 
