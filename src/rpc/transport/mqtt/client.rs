@@ -45,8 +45,12 @@ impl MqttTransport {
 
     /// Publishes events with QoS 1 instead of NestJS's QoS 0, for servers with
     /// [durable events](super::DurableEvents): the broker acknowledges each event and keeps it
-    /// for their persistent sessions while they are away (this client publishes it again after a
-    /// reconnection until the broker acknowledged it).
+    /// for their persistent sessions while they are away.
+    ///
+    /// `emit` resolves once the event is handed to the connection, before the broker
+    /// acknowledges it. An event not yet acknowledged when the connection drops is lost: this
+    /// client's session is clean, and rumqttc drops what it had not sent or had not had
+    /// acknowledged when it reconnects to a broker that kept no session.
     pub fn durable_events(mut self) -> Self {
         self.durable_events = true;
         self
