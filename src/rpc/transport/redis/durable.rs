@@ -4,7 +4,7 @@
 use super::server::incoming;
 use super::{RedisOptions, command_error};
 use crate::rpc::transport::{DEAD_LETTER_DELIVERIES, DEAD_LETTER_REASON, DEAD_LETTER_SUBJECT};
-use crate::rpc::{Dispatcher, Headers, RpcError};
+use crate::rpc::{Dispatcher, Headers, RpcError, TransportErrorKind};
 use bytes::Bytes;
 use redis::aio::MultiplexedConnection;
 use redis::{FromRedisValue, Value};
@@ -272,7 +272,7 @@ impl Reader {
         // page by page.
         let mut after = "0".to_owned();
         loop {
-            let own = self.read(&mut reader, &after, None).await?;
+            let own = self.read_within(&mut reader, &after, None).await?;
             let Some((last, _)) = own.last() else { break };
             after = last.clone();
             self.handle_all(&mut commands, own).await?;
@@ -340,10 +340,34 @@ impl Reader {
             // Entries a read cancelled here may already have been given to this consumer: they
             // stay pending, read again by a restart under this name or claimed by others.
             let fresh = tokio::select! {
-                fresh = self.read(&mut reader, ">", Some(block)) => fresh?,
+                fresh = self.read_within(&mut reader, ">", Some(block)) => fresh?,
                 _ = self.dispatcher.draining() => return Ok(()),
             };
             self.handle_all(&mut commands, fresh).await?;
+        }
+    }
+
+    /// [`read`](Self::read), given up after the block and the response timeout: the reading
+    /// connection has no timeout of its own (a blocking read would trip it), and a connection
+    /// that went silent (a broker host gone without a word, a failover behind an address) would
+    /// otherwise hold this route's reader for good.
+    async fn read_within(
+        &self,
+        reader: &mut MultiplexedConnection,
+        from: &str,
+        block: Option<Duration>,
+    ) -> Result<Vec<Entry>, RpcError> {
+        let within = block.unwrap_or_default() + self.options.response_timeout;
+        match tokio::time::timeout(within, self.read(reader, from, block)).await {
+            Ok(read) => read,
+            Err(_) => Err(RpcError::transport(
+                TransportErrorKind::ConnectionLost,
+                format!(
+                    "Redis did not answer a read of {:?} within {within:?}; the connection is \
+                     taken for lost",
+                    self.route
+                ),
+            )),
         }
     }
 

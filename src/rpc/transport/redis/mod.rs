@@ -93,7 +93,7 @@ use std::time::Duration;
 pub struct RedisOptions {
     url: String,
     connection_timeout: Duration,
-    response_timeout: Duration,
+    pub(crate) response_timeout: Duration,
     health_check: Duration,
     reconnect: (Duration, Duration),
     codec: SharedCodec,
@@ -136,7 +136,8 @@ impl RedisOptions {
     }
 
     /// How long Redis may take to answer a command (a `PUBLISH`, a `SUBSCRIBE`) before the
-    /// command fails (default 5 s).
+    /// command fails (default 5 s). A durable events reader's blocking read may take its block
+    /// (at most a second) and this long; after that its connection counts as lost.
     pub fn response_timeout(mut self, timeout: Duration) -> Self {
         self.response_timeout = timeout;
         self
