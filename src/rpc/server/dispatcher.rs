@@ -369,9 +369,16 @@ impl Dispatcher {
         let inner = &*self.inner;
         let _token = inner.tracker.token();
         // `max_in_flight` counts events that are acknowledged after handling as it counts the
-        // rest: the transport's reader waits here for a slot.
+        // rest: the caller waits here for a slot, and a shutdown meanwhile fails the event (to
+        // be delivered again) rather than run it in the grace period.
         let _permit = match &inner.permits {
-            Some(permits) => Arc::clone(permits).acquire_owned().await.ok(),
+            Some(permits) => tokio::select! {
+                biased;
+                _ = self.draining() => {
+                    return Err(RpcError::unavailable("the server is shutting down"));
+                }
+                permit = Arc::clone(permits).acquire_owned() => permit.ok(),
+            },
             None => None,
         };
         let _in_flight = inner.in_flight.enter();

@@ -101,6 +101,13 @@ impl Server {
 
     /// At most this many messages are handled at once; transports stop reading new ones until a
     /// slot frees (backpressure on the connection, not an error). Default: no limit.
+    ///
+    /// Events that are acknowledged after handling (durable events, RabbitMQ with
+    /// acknowledgements, Kafka) count too. RabbitMQ keeps taking deliveries up to its
+    /// `prefetch_count` while they wait for a slot. A broker's own timers run on meanwhile: an
+    /// event fetched but waiting longer than its ack wait (NATS) or claim time (Redis) is delivered
+    /// again, and counts a delivery. And a handler that calls its own server waits for a slot like
+    /// any message: with every slot taken by such handlers, the calls wait out their timeouts.
     pub fn max_in_flight(mut self, limit: usize) -> Self {
         self.max_in_flight = Some(limit.max(1));
         self

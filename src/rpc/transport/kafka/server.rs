@@ -44,6 +44,14 @@ const PARTITION_QUEUE: usize = 256;
 /// ([`DEAD_LETTER_REASON`], [`DEAD_LETTER_DELIVERIES`], [`DEAD_LETTER_SUBJECT`] — the
 /// original topic —, [`DEAD_LETTER_PARTITION`], [`DEAD_LETTER_OFFSET`]) and committed.
 ///
+/// A dead letter the broker refuses for a while (unreachable, no leader) is tried again, the
+/// partition waiting, until it is published. One too large is sent without the record's key,
+/// value and headers, with the reason cut short ([`DEAD_LETTER_VALUE_OMITTED`]); one refused for
+/// good even so is logged as an error and its record committed without it. An event still
+/// failing when the server shuts down, or whose partition moves away meanwhile, is not committed:
+/// it is delivered again (with a fresh count of deliveries) after the restart or to the
+/// partition's next owner.
+///
 /// Defaults: 3 deliveries, retried after 200 ms and 1 s, dead letters on
 /// `palisade.dead-letter.<topic>`.
 ///
@@ -527,7 +535,7 @@ async fn work(
                             "the event could not be read with the server's codec: {error}"
                         ));
                         tracing::error!(topic = record.topic(), offset, %error, "unreadable event dead-lettered");
-                        if dead_letter(&shared, &record, 1, &error).await {
+                        if dead_letter(&shared, &record, 1, &error, &revoked).await {
                             progress.finish(offset, &shared.consumer);
                         }
                         continue;
@@ -544,7 +552,7 @@ async fn work(
                 );
                 // An event that is not settled stays in flight: nothing from its offset on is
                 // committed, and it is delivered again after a restart or a rebalance.
-                if handle_event(&shared, event, &record).await {
+                if handle_event(&shared, event, &record, &revoked).await {
                     progress.finish(offset, &shared.consumer);
                 }
             }
@@ -554,7 +562,12 @@ async fn work(
 
 /// An event handled at least once: retried in place, then dead-lettered. Returns whether it is
 /// settled (handled, or dead-lettered); an event left unsettled must not be committed.
-async fn handle_event(shared: &Shared, event: RpcRequest, record: &OwnedMessage) -> bool {
+async fn handle_event(
+    shared: &Shared,
+    event: RpcRequest,
+    record: &OwnedMessage,
+    revoked: &AtomicBool,
+) -> bool {
     let events = &shared.events;
     let mut delivery = 1;
     let error = loop {
@@ -563,37 +576,45 @@ async fn handle_event(shared: &Shared, event: RpcRequest, record: &OwnedMessage)
             Err(error) if delivery < events.max_deliveries && !shared.dispatcher.is_draining() => {
                 let delay = events.delay_before(delivery);
                 tracing::warn!(topic = record.topic(), offset = record.offset(), delivery, %error, retry_in = ?delay, "event handler failed; retrying");
-                tokio::time::sleep(delay).await;
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = shared.dispatcher.draining() => {}
+                }
                 delivery += 1;
             }
             Err(error) => break error,
         }
     };
-    if shared.dispatcher.is_draining() {
+    if shared.dispatcher.is_draining() || revoked.load(Ordering::Acquire) {
         // Shutting down (the failure may be the shutdown's own: a handler cancelled at the end
-        // of the grace period): not committed, so it is delivered again after the restart.
+        // of the grace period), or the partition moved: not committed, so it is delivered again
+        // after the restart, or to the partition's next owner.
         tracing::info!(topic = record.topic(), offset = record.offset(), deliveries = delivery, %error, "event left for redelivery: the server is shutting down");
         return false;
     }
     tracing::error!(topic = record.topic(), offset = record.offset(), deliveries = delivery, %error, "event failed for good; dead-lettered");
-    dead_letter(shared, record, delivery, &error).await
+    dead_letter(shared, record, delivery, &error, revoked).await
 }
 
 /// Longest wait between two tries of a dead letter's publish.
 const DEAD_LETTER_RETRY_CAP: Duration = Duration::from_secs(30);
 
+/// Longest reason a dead letter that was too large carries.
+const SHORT_REASON: usize = 1024;
+
 /// Publishes `record` to its topic's dead-letter topic, with why and after how many deliveries.
-/// Tries again, holding up the partition, until the dead letter is published or the server shuts
-/// down; returns whether it was published (a record whose dead letter was not published must not
-/// be committed: it would be lost).
+/// A refusal that may pass (the broker unreachable) is tried again, holding up the partition,
+/// until the dead letter is published, the server shuts down or the partition moves. Returns
+/// whether the record may be committed: `false` leaves it to be delivered again.
 async fn dead_letter(
     shared: &Shared,
     record: &OwnedMessage,
     delivery: u32,
     error: &RpcError,
+    revoked: &AtomicBool,
 ) -> bool {
     let dead_letters = shared.events.dead_letter_topic(record.topic());
-    let reason = error.to_string();
+    let mut reason = error.to_string();
     let deliveries = delivery.to_string();
     let partition = record.partition().to_string();
     let offset = record.offset().to_string();
@@ -612,45 +633,63 @@ async fn dead_letter(
             }
         }
     }
-    let headers: [(&str, &[u8]); 5] = [
-        (DEAD_LETTER_REASON, reason.as_bytes()),
-        (DEAD_LETTER_DELIVERIES, deliveries.as_bytes()),
-        (DEAD_LETTER_SUBJECT, record.topic().as_bytes()),
-        (DEAD_LETTER_PARTITION, partition.as_bytes()),
-        (DEAD_LETTER_OFFSET, offset.as_bytes()),
-    ];
     let mut wait = Duration::from_millis(100);
     loop {
-        match shared
+        if shared.dispatcher.is_draining() || revoked.load(Ordering::Acquire) {
+            tracing::warn!(
+                topic = record.topic(),
+                offset = record.offset(),
+                "dead letter not published before shutdown or the partition moved; the event is left for redelivery"
+            );
+            return false;
+        }
+        let headers: [(&str, &[u8]); 5] = [
+            (DEAD_LETTER_REASON, reason.as_bytes()),
+            (DEAD_LETTER_DELIVERIES, deliveries.as_bytes()),
+            (DEAD_LETTER_SUBJECT, record.topic().as_bytes()),
+            (DEAD_LETTER_PARTITION, partition.as_bytes()),
+            (DEAD_LETTER_OFFSET, offset.as_bytes()),
+        ];
+        let error = match shared
             .producer
             .send(&dead_letters, &outgoing, &headers)
             .await
         {
             Ok(_) => return true,
+            Err(error) => error,
+        };
+        let too_large =
+            error.transport_kind() == Some(crate::rpc::TransportErrorKind::PayloadTooLarge);
+        let trimmed = outgoing.value.is_none()
+            && outgoing.key.is_none()
+            && outgoing.headers.len() <= 1
+            && reason.len() <= SHORT_REASON;
+        if too_large && !trimmed {
             // The failed record fitted its topic, but not with the dead letter's headers: say
             // where the record is instead of carrying it.
-            Err(error)
-                if error.transport_kind()
-                    == Some(crate::rpc::TransportErrorKind::PayloadTooLarge)
-                    && outgoing.value.is_some() =>
-            {
-                tracing::warn!(%error, topic = record.topic(), offset = record.offset(), "dead letter too large; sent without the record's value and headers");
-                outgoing.value = None;
-                outgoing.headers = vec![(DEAD_LETTER_VALUE_OMITTED.to_owned(), b"true".to_vec())];
-            }
-            Err(error) if shared.dispatcher.is_draining() => {
-                tracing::error!(%error, topic = record.topic(), offset = record.offset(), "cannot publish a dead letter; the event is left for redelivery");
-                return false;
-            }
-            Err(error) => {
-                tracing::error!(%error, topic = record.topic(), offset = record.offset(), retry_in = ?wait, "cannot publish a dead letter; trying again");
-                tokio::select! {
-                    _ = tokio::time::sleep(wait) => {}
-                    _ = shared.dispatcher.draining() => {}
+            tracing::warn!(%error, topic = record.topic(), offset = record.offset(), "dead letter too large; sent without the record's key, value and headers");
+            outgoing.value = None;
+            outgoing.key = None;
+            outgoing.headers = vec![(DEAD_LETTER_VALUE_OMITTED.to_owned(), b"true".to_vec())];
+            if reason.len() > SHORT_REASON {
+                let mut end = SHORT_REASON;
+                while !reason.is_char_boundary(end) {
+                    end -= 1;
                 }
-                wait = (wait * 2).min(DEAD_LETTER_RETRY_CAP);
+                reason.truncate(end);
             }
+            continue;
         }
+        if !crate::classify::FailureKind::is_transient(&error) {
+            tracing::error!(%error, topic = record.topic(), offset = record.offset(), %dead_letters, "the dead letter is refused for good; the event is committed without one");
+            return true;
+        }
+        tracing::error!(%error, topic = record.topic(), offset = record.offset(), retry_in = ?wait, "cannot publish a dead letter; trying again");
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = shared.dispatcher.draining() => {}
+        }
+        wait = (wait * 2).min(DEAD_LETTER_RETRY_CAP);
     }
 }
 

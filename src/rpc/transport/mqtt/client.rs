@@ -47,8 +47,8 @@ impl MqttTransport {
     /// [durable events](super::DurableEvents): the broker acknowledges each event and keeps it
     /// for their persistent sessions while they are away.
     ///
-    /// `emit` resolves once the event is handed to the connection, before the broker
-    /// acknowledges it. An event not yet acknowledged when the connection drops is lost: this
+    /// `emit` resolves once the event is queued for the connection, before it is written and
+    /// before the broker acknowledges it. An event not yet acknowledged when the connection drops is lost: this
     /// client's session is clean, and rumqttc drops what it had not sent or had not had
     /// acknowledged when it reconnects to a broker that kept no session.
     pub fn durable_events(mut self) -> Self {

@@ -357,7 +357,9 @@ impl Reader {
         from: &str,
         block: Option<Duration>,
     ) -> Result<Vec<Entry>, RpcError> {
-        let within = block.unwrap_or_default() + self.options.response_timeout;
+        let within = block
+            .unwrap_or_default()
+            .saturating_add(self.options.response_timeout);
         match tokio::time::timeout(within, self.read(reader, from, block)).await {
             Ok(read) => read,
             Err(_) => Err(RpcError::transport(
