@@ -235,20 +235,33 @@ fn durable(stream: &str) -> DurableEvents {
         .ack_wait(Duration::from_secs(5))
 }
 
-/// A server handling `router`'s events durably on `stream`, and a client emitting through
-/// JetStream.
-async fn serve_durably(broker: &Broker, stream: &str, router: Router) -> (ServerHandle, Client) {
-    let server = NatsServer::new(options(broker))
-        .durable_events(durable(stream))
+/// A server handling `router`'s events durably as `durable` says.
+async fn serve_with(
+    broker: &Broker,
+    durable: DurableEvents,
+    router: Router,
+) -> Result<ServerHandle, RpcError> {
+    NatsServer::new(options(broker))
+        .durable_events(durable)
         .serve(Server::new(router))
         .await
-        .unwrap();
+}
+
+/// A client emitting through JetStream.
+async fn durable_client(broker: &Broker) -> Client {
     let transport = NatsTransport::new(options(broker))
         .durable_events()
         .connect()
         .await
         .unwrap();
-    (server, Client::builder().build(transport))
+    Client::builder().build(transport)
+}
+
+/// A server handling `router`'s events durably on `stream`, and a client emitting through
+/// JetStream.
+async fn serve_durably(broker: &Broker, stream: &str, router: Router) -> (ServerHandle, Client) {
+    let server = serve_with(broker, durable(stream), router).await.unwrap();
+    (server, durable_client(broker).await)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -354,12 +367,7 @@ async fn an_event_that_always_fails_lands_on_the_dead_letter_subject() {
 #[tokio::test]
 async fn durable_emit_fails_clearly_when_no_stream_stores_the_subject() {
     let broker = Broker::start();
-    let transport = NatsTransport::new(options(&broker))
-        .durable_events()
-        .connect()
-        .await
-        .unwrap();
-    let client = Client::builder().build(transport);
+    let client = durable_client(&broker).await;
     let error = client.emit("nobody-stores-this", &1).await.unwrap_err();
     assert_eq!(error.code(), Code::Unavailable, "{error}");
 }
@@ -419,20 +427,13 @@ async fn more_deliveries_configured_for_an_existing_consumer_still_end_in_a_dead
         async { Err::<(), _>(RpcError::exception("ledger closed")) }
     });
     let serve = |deliveries: u32| {
+        let durable = DurableEvents::new("REFUNDS")
+            .max_deliveries(deliveries)
+            .backoff([Duration::from_millis(50)])
+            .ack_wait(Duration::from_secs(5));
         let router = router.clone();
-        let options = options(&broker);
-        async move {
-            NatsServer::new(options)
-                .durable_events(
-                    DurableEvents::new("REFUNDS")
-                        .max_deliveries(deliveries)
-                        .backoff([Duration::from_millis(50)])
-                        .ack_wait(Duration::from_secs(5)),
-                )
-                .serve(Server::new(router))
-                .await
-                .unwrap()
-        }
+        let broker = &broker;
+        async move { serve_with(broker, durable, router).await.unwrap() }
     };
     // The first deployment made the consumer with two deliveries.
     serve(2).await.shutdown().await;
@@ -442,13 +443,7 @@ async fn more_deliveries_configured_for_an_existing_consumer_still_end_in_a_dead
     // The next one asks for three. A consumer left at two would stop delivering after the
     // second failure, which the server NAKs for a third try: the event would be lost, unseen.
     let server = serve(3).await;
-    let client = Client::builder().build(
-        NatsTransport::new(options(&broker))
-            .durable_events()
-            .connect()
-            .await
-            .unwrap(),
-    );
+    let client = durable_client(&broker).await;
     client
         .emit("refund-issued", &json!({"amount": 5}))
         .await
@@ -468,16 +463,7 @@ async fn an_existing_consumer_takes_the_ack_wait_and_at_least_the_deliveries_con
     use async_nats::jetstream::consumer::{AckPolicy, FromConsumer, pull};
     let broker = Broker::start();
     let router = Router::new().event("audit", || async {});
-    let serve = |durable: DurableEvents| {
-        let router = router.clone();
-        let options = options(&broker);
-        async move {
-            NatsServer::new(options)
-                .durable_events(durable)
-                .serve(Server::new(router))
-                .await
-        }
-    };
+    let serve = |durable: DurableEvents| serve_with(&broker, durable, router.clone());
     serve(DurableEvents::new("AUDIT").ack_wait(Duration::from_secs(30)))
         .await
         .unwrap()
@@ -590,13 +576,7 @@ async fn max_in_flight_holds_for_durable_events_too() {
         .serve(Server::new(router).max_in_flight(1))
         .await
         .unwrap();
-    let client = Client::builder().build(
-        NatsTransport::new(options(&broker))
-            .durable_events()
-            .connect()
-            .await
-            .unwrap(),
-    );
+    let client = durable_client(&broker).await;
     for _ in 0..2 {
         client.emit("stock-counted", &json!({})).await.unwrap();
         client.emit("price-changed", &json!({})).await.unwrap();
@@ -619,16 +599,7 @@ async fn a_stream_that_exists_with_other_settings_is_updated_or_refused_clearly(
     use palisade::rpc::transport::nats::Storage;
     let broker = Broker::start();
     let router = Router::new().event("audit", || async {});
-    let serve = |durable: DurableEvents| {
-        let router = router.clone();
-        let options = options(&broker);
-        async move {
-            NatsServer::new(options)
-                .durable_events(durable)
-                .serve(Server::new(router))
-                .await
-        }
-    };
+    let serve = |durable: DurableEvents| serve_with(&broker, durable, router.clone());
     let first = serve(DurableEvents::new("AUDIT").storage(Storage::Memory))
         .await
         .unwrap();

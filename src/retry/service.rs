@@ -290,16 +290,30 @@ where
             }
             StateProj::Retrying => {
                 ready!(inner.poll_ready(cx))?;
-                let attempt = request
-                    .take()
-                    .expect("retrying requires a copy of the request");
-                *request = policy.clone_request(&attempt);
-                state.set(State::Called {
-                    future: inner.call(attempt),
-                });
+                start_attempt(state.as_mut(), request, inner, policy);
             }
         }
     }
+}
+
+/// Calls the inner service with the copy of the request, keeping a copy for the attempt after.
+#[inline(always)]
+fn start_attempt<S, P, Request>(
+    mut state: Pin<&mut State<S::Future, P::Future>>,
+    request: &mut Option<Request>,
+    inner: &mut S,
+    policy: &mut P,
+) where
+    S: Service<Request>,
+    P: Policy<Request, S::Response, S::Error>,
+{
+    let attempt = request
+        .take()
+        .expect("retrying requires a copy of the request");
+    *request = policy.clone_request(&attempt);
+    state.set(State::Called {
+        future: inner.call(attempt),
+    });
 }
 
 /// Judges a finished attempt (`finished` holds its result on entry, if there is one), waits,
@@ -346,13 +360,7 @@ fn retry_loop<S, P, Request>(
                         }
                         Poll::Ready(Ok(())) => {}
                     }
-                    let attempt = request
-                        .take()
-                        .expect("retrying requires a copy of the request");
-                    *request = policy.clone_request(&attempt);
-                    state.set(State::Called {
-                        future: inner.call(attempt),
-                    });
+                    start_attempt(state.as_mut(), request, inner, policy);
                     continue;
                 }
             },

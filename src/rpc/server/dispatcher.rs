@@ -298,10 +298,7 @@ impl Dispatcher {
             }
             return;
         }
-        let permit = match &self.inner.permits {
-            Some(permits) => Arc::clone(permits).acquire_owned().await.ok(),
-            None => None,
-        };
+        let permit = self.slot().await;
         // The target stays `palisade::rpc::server` whatever file this lives in: log filters name it.
         let span = if crate::rpc::spans_observed() {
             tracing::info_span!(
@@ -356,6 +353,15 @@ impl Dispatcher {
         }
     }
 
+    /// A slot of [`Server::max_in_flight`](super::Server::max_in_flight), once one is free
+    /// (`None` without a limit).
+    async fn slot(&self) -> Option<OwnedSemaphorePermit> {
+        match &self.inner.permits {
+            Some(permits) => Arc::clone(permits).acquire_owned().await.ok(),
+            None => None,
+        }
+    }
+
     /// Handles an event to completion in the calling task and reports whether every handler
     /// succeeded — for transports that acknowledge events (durable streams, queues with manual
     /// acks): acknowledge on `Ok`, redeliver or dead-letter on `Err`. Counts as in flight for
@@ -371,15 +377,12 @@ impl Dispatcher {
         // `max_in_flight` counts events that are acknowledged after handling as it counts the
         // rest: the caller waits here for a slot, and a shutdown meanwhile fails the event (to
         // be delivered again) rather than run it in the grace period.
-        let _permit = match &inner.permits {
-            Some(permits) => tokio::select! {
-                biased;
-                _ = self.draining() => {
-                    return Err(RpcError::unavailable("the server is shutting down"));
-                }
-                permit = Arc::clone(permits).acquire_owned() => permit.ok(),
-            },
-            None => None,
+        let _permit = tokio::select! {
+            biased;
+            permit = self.slot() => permit,
+            _ = self.draining() => {
+                return Err(RpcError::unavailable("the server is shutting down"));
+            }
         };
         let _in_flight = inner.in_flight.enter();
         let handling =
