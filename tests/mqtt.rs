@@ -23,6 +23,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use support::mqtt::Broker;
+use support::proxy::Proxy;
 use support::resources::{alive_tasks, open_sockets, settles_to};
 use tokio::time::{Instant, sleep};
 
@@ -569,6 +570,249 @@ async fn durable_events_survive(version: MqttVersion) {
         handled.lock().unwrap()
     );
     third.shutdown().await;
+}
+
+/// A durable server on `broker` handling `entry` events, and what it handled.
+async fn ledger(broker: &Broker, version: MqttVersion) -> (ServerHandle, Arc<Mutex<Vec<Value>>>) {
+    let handled: Arc<Mutex<Vec<Value>>> = Arc::default();
+    let seen = Arc::clone(&handled);
+    let server = durable_server(
+        broker,
+        version,
+        DurableEvents::new("ledger-1"),
+        Router::new().event("entry", move |Payload(entry): Payload<Value>| {
+            seen.lock().unwrap().push(entry);
+            async {}
+        }),
+    )
+    .await;
+    (server, handled)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_durable_emit_waits_for_the_broker_and_survives_a_lost_connection() {
+    durable_emit_survives_a_lost_connection(MqttVersion::V311).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_durable_emit_waits_for_the_broker_and_survives_a_lost_connection_over_mqtt5() {
+    durable_emit_survives_a_lost_connection(MqttVersion::V5).await;
+}
+
+async fn durable_emit_survives_a_lost_connection(version: MqttVersion) {
+    let _serial = SERIAL.lock().await;
+    let broker = Broker::start();
+    let (server, handled) = ledger(&broker, version).await;
+    // The emitter reaches the broker through a proxy that can hold its bytes, then cut its
+    // connection; the server's connection is direct.
+    let proxy = Proxy::start(broker.port()).await;
+    let emitter = Client::builder()
+        .timeout(Duration::from_secs(20))
+        .connect(
+            MqttTransport::new(
+                MqttOptions::new(format!("mqtt://127.0.0.1:{}", proxy.port()))
+                    .reconnect_backoff(Duration::from_millis(20), Duration::from_millis(300))
+                    .version(version),
+            )
+            .durable_events(),
+        )
+        .await
+        .unwrap();
+    emitter.emit("entry", &1).await.unwrap();
+    eventually("the first event", Duration::from_secs(5), || {
+        handled.lock().unwrap().len() == 1
+    })
+    .await;
+    proxy.stall();
+    let emits: Vec<_> = (2..=4)
+        .map(|n| {
+            let emitter = emitter.clone();
+            tokio::spawn(async move { emitter.emit("entry", &n).await })
+        })
+        .collect();
+    sleep(Duration::from_millis(300)).await;
+    assert!(
+        emits.iter().all(|emit| !emit.is_finished()),
+        "an emit resolved before the broker acknowledged its event"
+    );
+    assert_eq!(
+        handled.lock().unwrap().len(),
+        1,
+        "an event got through a stall"
+    );
+    // What the proxy held back is lost with the connection: the client publishes it again.
+    proxy.cut();
+    for emit in emits {
+        tokio::time::timeout(Duration::from_secs(10), emit)
+            .await
+            .expect("an emit still waits after the client reconnected")
+            .unwrap()
+            .unwrap();
+    }
+    eventually("every event handled", Duration::from_secs(10), || {
+        let handled = handled.lock().unwrap();
+        (1..=4).all(|n| handled.contains(&json!(n)))
+    })
+    .await;
+    server.shutdown().await;
+}
+
+/// More durable events than rumqttc's request queue holds (1024) while the connection is
+/// stalled: the later ones wait for room. When the connection drops, those still waiting fail
+/// with `NotConnected` (never sent); every event confirmed is handled, and no other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn durable_emits_beyond_the_request_queue_wait_for_room_and_none_is_lost() {
+    let _serial = SERIAL.lock().await;
+    let broker = Broker::start();
+    let (server, handled) = ledger(&broker, MqttVersion::V311).await;
+    let proxy = Proxy::start(broker.port()).await;
+    let emitter = Client::builder()
+        .timeout(Duration::from_secs(60))
+        .connect(
+            MqttTransport::new(
+                MqttOptions::new(format!("mqtt://127.0.0.1:{}", proxy.port()))
+                    .reconnect_backoff(Duration::from_millis(20), Duration::from_millis(300)),
+            )
+            .durable_events(),
+        )
+        .await
+        .unwrap();
+    emitter.emit("entry", &0).await.unwrap();
+    proxy.stall();
+    const EVENTS: u64 = 1500;
+    let emits: Vec<_> = (1..=EVENTS)
+        .map(|n| {
+            let emitter = emitter.clone();
+            tokio::spawn(async move { (n, emitter.emit("entry", &n).await) })
+        })
+        .collect();
+    sleep(Duration::from_millis(500)).await;
+    assert!(emits.iter().all(|emit| !emit.is_finished()));
+    proxy.cut();
+    let mut confirmed = BTreeSet::from([0]);
+    for emit in emits {
+        let (n, emitted) = tokio::time::timeout(Duration::from_secs(30), emit)
+            .await
+            .expect("an emit still waits after the client reconnected")
+            .unwrap();
+        match emitted {
+            Ok(()) => {
+                confirmed.insert(n);
+            }
+            Err(error) => assert_eq!(
+                error.transport_kind(),
+                Some(TransportErrorKind::NotConnected),
+                "{error}"
+            ),
+        }
+    }
+    assert!(confirmed.len() > 1024, "only {} confirmed", confirmed.len());
+    eventually(
+        "every confirmed event handled",
+        Duration::from_secs(20),
+        || handled.lock().unwrap().len() >= confirmed.len(),
+    )
+    .await;
+    sleep(Duration::from_millis(200)).await;
+    let handled: BTreeSet<u64> = handled
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|entry| entry.as_u64().unwrap())
+        .collect();
+    assert_eq!(handled, confirmed);
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_durable_event_the_broker_drops_the_connection_for_fails_and_the_rest_flows() {
+    let _serial = SERIAL.lock().await;
+    // mosquitto closes the connection of a client that sends a larger packet.
+    let broker = Broker::start_with("max_packet_size 2000\n");
+    let (server, handled) = ledger(&broker, MqttVersion::V311).await;
+    let emitter = Client::builder()
+        .timeout(Duration::from_secs(20))
+        .connect(MqttTransport::new(options(&broker)).durable_events())
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let error = emitter
+        .emit("entry", &"x".repeat(5000))
+        .await
+        .expect_err("an event the broker never took was confirmed");
+    assert_eq!(error.code(), Code::Unavailable, "{error}");
+    assert_eq!(
+        error.transport_kind(),
+        Some(TransportErrorKind::NotAcknowledged),
+        "{error}"
+    );
+    assert!(error.message().contains("lost 3 times"), "{error}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    // Given up: the connection carries the next events.
+    until_emitted(&emitter, &json!(7)).await;
+    eventually("the next event", Duration::from_secs(5), || {
+        handled.lock().unwrap().contains(&json!(7))
+    })
+    .await;
+    assert!(
+        !handled.lock().unwrap().iter().any(Value::is_string),
+        "the large event was handled"
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_durable_event_the_broker_refuses_fails_with_its_reason_over_mqtt5() {
+    let _serial = SERIAL.lock().await;
+    let acl = std::env::temp_dir().join(format!("palisade-acl-{}", std::process::id()));
+    std::fs::write(&acl, "topic readwrite entry\n").unwrap();
+    let broker = Broker::start_with(&format!("acl_file {}\n", acl.display()));
+    let (server, handled) = ledger(&broker, MqttVersion::V5).await;
+    let emitter = Client::builder()
+        .connect(MqttTransport::new(options(&broker).version(MqttVersion::V5)).durable_events())
+        .await
+        .unwrap();
+    let error = emitter
+        .emit("forbidden", &1)
+        .await
+        .expect_err("a refused event was confirmed");
+    assert_eq!(
+        error.transport_kind(),
+        Some(TransportErrorKind::Authorization),
+        "{error}"
+    );
+    assert!(error.message().contains("NotAuthorized"), "{error}");
+    // The connection stays up, and the next event is confirmed and handled.
+    emitter.emit("entry", &2).await.unwrap();
+    eventually("the allowed event", Duration::from_secs(5), || {
+        handled.lock().unwrap().contains(&json!(2))
+    })
+    .await;
+    server.shutdown().await;
+    let _ = std::fs::remove_file(&acl);
+}
+
+/// Emits until the client has reconnected and the broker acknowledged the event.
+async fn until_emitted(emitter: &Client, event: &Value) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match emitter.emit("entry", event).await {
+            Ok(()) => return,
+            Err(error) if Instant::now() < deadline => {
+                assert_eq!(
+                    error.transport_kind(),
+                    Some(TransportErrorKind::NotConnected),
+                    "{error}"
+                );
+                sleep(Duration::from_millis(20)).await;
+            }
+            Err(error) => panic!("the client never emitted again: {error}"),
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -19,6 +19,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use support::proxy::Proxy;
 use support::redis::Broker;
 use support::resources::{alive_tasks, open_sockets, settles_to};
 use tokio::time::{Instant, sleep};
@@ -289,89 +290,11 @@ async fn durable_server(
         .unwrap()
 }
 
-/// A TCP proxy on a free loopback port in front of a local port. [`stall`](Self::stall) freezes
-/// every connection made so far, as a broker host that vanished without a word would: nothing
-/// is forwarded either way and the sockets stay open. Later connections are forwarded.
-struct StallingProxy {
-    port: u16,
-    stall_below: Arc<std::sync::atomic::AtomicU64>,
-    next: Arc<std::sync::atomic::AtomicU64>,
-}
-
-impl StallingProxy {
-    async fn start(target: u16) -> StallingProxy {
-        use std::sync::atomic::AtomicU64;
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let (stall_below, next) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-        let proxy = StallingProxy {
-            port,
-            stall_below: Arc::clone(&stall_below),
-            next: Arc::clone(&next),
-        };
-        tokio::spawn(async move {
-            while let Ok((client, _)) = listener.accept().await {
-                let id = next.fetch_add(1, Ordering::SeqCst);
-                let Ok(upstream) = tokio::net::TcpStream::connect(("127.0.0.1", target)).await
-                else {
-                    continue;
-                };
-                let (client_read, client_write) = client.into_split();
-                let (upstream_read, upstream_write) = upstream.into_split();
-                tokio::spawn(Self::pump(
-                    client_read,
-                    upstream_write,
-                    id,
-                    Arc::clone(&stall_below),
-                ));
-                tokio::spawn(Self::pump(
-                    upstream_read,
-                    client_write,
-                    id,
-                    Arc::clone(&stall_below),
-                ));
-            }
-        });
-        proxy
-    }
-
-    async fn pump(
-        mut from: tokio::net::tcp::OwnedReadHalf,
-        mut to: tokio::net::tcp::OwnedWriteHalf,
-        id: u64,
-        stall_below: Arc<std::sync::atomic::AtomicU64>,
-    ) {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut buffer = [0u8; 8192];
-        while let Ok(read) = from.read(&mut buffer).await {
-            if read == 0 {
-                break;
-            }
-            if id < stall_below.load(Ordering::SeqCst) {
-                // Swallowed, and the sockets held open for good.
-                std::future::pending::<()>().await;
-            }
-            if to.write_all(&buffer[..read]).await.is_err() {
-                break;
-            }
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    fn stall(&self) {
-        self.stall_below
-            .store(self.next.load(Ordering::SeqCst), Ordering::SeqCst);
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_durable_reader_whose_connection_goes_silent_reconnects() {
     let _serial = SERIAL.lock().await;
     let broker = Broker::start();
-    let proxy = StallingProxy::start(broker.port()).await;
+    let proxy = Proxy::start(broker.port()).await;
     let handled: Arc<Mutex<Vec<u64>>> = Arc::default();
     let router = Router::new().event("shipment", {
         let handled = Arc::clone(&handled);
@@ -382,7 +305,7 @@ async fn a_durable_reader_whose_connection_goes_silent_reconnects() {
     });
     let has = |n: u64| handled.lock().unwrap().contains(&n);
     let server = RedisServer::new(
-        RedisOptions::new(proxy.url())
+        RedisOptions::new(format!("redis://127.0.0.1:{}", proxy.port()))
             .response_timeout(Duration::from_millis(500))
             .reconnect_backoff(Duration::from_millis(20), Duration::from_millis(300)),
     )

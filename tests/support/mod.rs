@@ -9,6 +9,7 @@ pub mod nats;
 pub mod nest_calls;
 pub mod nest_like;
 pub mod nestjs;
+pub mod proxy;
 #[cfg(feature = "rabbitmq")]
 pub mod rabbitmq;
 #[cfg(feature = "redis")]

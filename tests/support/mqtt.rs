@@ -34,6 +34,11 @@ pub struct Broker {
 impl Broker {
     /// Starts a broker on a free port (anonymous access, no persistence).
     pub fn start() -> Broker {
+        Broker::start_with("")
+    }
+
+    /// [`start`](Self::start) with more lines of configuration.
+    pub fn start_with(extra_config: &str) -> Broker {
         static NEXT: AtomicU32 = AtomicU32::new(0);
         let port = super::free_port();
         let config = std::env::temp_dir().join(format!(
@@ -44,7 +49,7 @@ impl Broker {
         std::fs::write(
             &config,
             format!(
-                "listener {port} 127.0.0.1\nallow_anonymous true\nmax_queued_messages 10000\nmax_inflight_messages 100\nset_tcp_nodelay true\n"
+                "listener {port} 127.0.0.1\nallow_anonymous true\nmax_queued_messages 10000\nmax_inflight_messages 100\nset_tcp_nodelay true\n{extra_config}"
             ),
         )
         .expect("write the mosquitto configuration");
@@ -60,6 +65,11 @@ impl Broker {
     /// `mqtt://127.0.0.1:<port>`.
     pub fn url(&self) -> String {
         format!("mqtt://127.0.0.1:{}", self.port)
+    }
+
+    /// The port it listens on (loopback).
+    pub fn port(&self) -> u16 {
+        self.port
     }
 
     /// The broker's process id, while it runs.

@@ -1,15 +1,15 @@
-use super::link::{Event, Events, Link, Message, Qos};
+use super::link::{Event, Events, Link, MAX_LOSSES, Message, Qos, Refusal};
 use super::{MqttOptions, check_topic, reply_topic, too_large};
 use crate::rpc::transport::{ClientTransport, Connect, ExplainSilence, ReplyReceiver};
 use crate::rpc::wire::{PendingRequests, SharedCodec};
 use crate::rpc::{RpcError, RpcRequest, TransportErrorKind};
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::fmt;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 /// The client side of the MQTT transport, before it is connected.
@@ -47,10 +47,13 @@ impl MqttTransport {
     /// [durable events](super::DurableEvents): the broker acknowledges each event and keeps it
     /// for their persistent sessions while they are away.
     ///
-    /// `emit` resolves once the event is queued for the connection, before it is written and
-    /// before the broker acknowledges it. An event not yet acknowledged when the connection drops is lost: this
-    /// client's session is clean, and rumqttc drops what it had not sent or had not had
-    /// acknowledged when it reconnects to a broker that kept no session.
+    /// `emit` resolves once the broker acknowledged the event (`PUBACK`). If the connection drops
+    /// first, the event is published again once the client has reconnected, so it may arrive
+    /// twice (at least once); `emit` waits on, within the client's timeout. It fails with
+    /// `Unavailable` (`NotAcknowledged`) if the broker refuses the event (an MQTT 5 reason code),
+    /// or if the connection was lost three times while the event waited: a broker that closes
+    /// the connection on a message would otherwise be sent it forever. A timeout or an error
+    /// leaves it unknown whether the event arrived.
     pub fn durable_events(mut self) -> Self {
         self.durable_events = true;
         self
@@ -94,6 +97,84 @@ struct Shared {
     durable_events: bool,
     /// Counts the connections to the broker: a restoration belongs to one.
     generation: AtomicU64,
+    /// Durable events waiting for the broker's acknowledgement.
+    confirmations: Mutex<Confirmations>,
+    /// Durable events waiting for room in rumqttc's request queue...
+    waiting_for_room: AtomicUsize,
+    /// ...woken when the event loop took a request from it.
+    room: Notify,
+}
+
+/// Resolves a durable event's `emit`.
+type Confirmation = oneshot::Sender<Result<(), RpcError>>;
+
+/// Durable events on their way to the broker, matched with its acknowledgements (`PUBACK`) by
+/// packet id. rumqttc gives a QoS 1 message its packet id only when it writes it, in the order of
+/// its request queue: an event is queued and its confirmation put in `queued` under one lock, and
+/// each `Published` takes the first one.
+#[derive(Default)]
+struct Confirmations {
+    /// Events in rumqttc's queue (or held over a lost connection, never sent), in queue order.
+    queued: VecDeque<Confirmation>,
+    /// Events written and not yet acknowledged, by packet id.
+    written: HashMap<u16, Confirmation>,
+    /// An event that took a packet id still in flight: written once that one is acknowledged.
+    collided: Option<(u16, Confirmation)>,
+}
+
+impl Confirmations {
+    fn written(&mut self, pkid: u16) {
+        let confirmation = match self.collided.take() {
+            Some((collided, confirmation)) if collided == pkid => Some(confirmation),
+            other => {
+                self.collided = other;
+                self.queued.pop_front()
+            }
+        };
+        match confirmation {
+            Some(confirmation) => {
+                self.written.insert(pkid, confirmation);
+            }
+            None => tracing::debug!(pkid, "an MQTT message written that no event waits for"),
+        }
+    }
+
+    fn collided(&mut self, pkid: u16) {
+        if let Some(confirmation) = self.queued.pop_front() {
+            self.collided = Some((pkid, confirmation));
+        }
+    }
+
+    fn settle(&mut self, pkid: u16, outcome: Result<(), RpcError>) {
+        if let Some(confirmation) = self.written.remove(&pkid) {
+            // The caller may have stopped waiting.
+            let _ = confirmation.send(outcome);
+        }
+    }
+
+    fn fail_all(&mut self, error: &RpcError) {
+        let collided = self.collided.take().map(|(_, confirmation)| confirmation);
+        let written = self.written.drain().map(|(_, confirmation)| confirmation);
+        for confirmation in self.queued.drain(..).chain(written).chain(collided) {
+            let _ = confirmation.send(Err(error.clone()));
+        }
+    }
+}
+
+/// Counts an event waiting for room in the request queue while it waits.
+struct WaitingForRoom<'a>(&'a AtomicUsize);
+
+impl<'a> WaitingForRoom<'a> {
+    fn new(count: &'a AtomicUsize) -> Self {
+        count.fetch_add(1, Ordering::SeqCst);
+        WaitingForRoom(count)
+    }
+}
+
+impl Drop for WaitingForRoom<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// Stops the event loop when the last clone of the connection is dropped.
@@ -130,6 +211,9 @@ impl MqttConnection {
             acks: tokio::sync::Mutex::new(acks),
             durable_events,
             generation: AtomicU64::new(0),
+            confirmations: Mutex::default(),
+            waiting_for_room: AtomicUsize::new(0),
+            room: Notify::new(),
         });
         let stop = CancellationToken::new();
         tokio::spawn(run(Arc::clone(&shared), events, acks_tx, stop.clone()));
@@ -291,6 +375,103 @@ impl Shared {
     }
 }
 
+impl Shared {
+    fn confirmations(&self) -> std::sync::MutexGuard<'_, Confirmations> {
+        self.confirmations.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Publishes a durable event (QoS 1) and waits for the broker's acknowledgement. If the
+    /// connection drops first, the event is published again on the next one.
+    async fn publish_durable(&self, topic: &str, payload: Bytes) -> Result<(), RpcError> {
+        if !self.options.fits(topic, payload.len()) {
+            return Err(too_large(
+                topic,
+                payload.len(),
+                self.options.max_packet_size,
+            ));
+        }
+        let (confirmation, confirmed) = oneshot::channel();
+        let mut confirmation = Some(confirmation);
+        loop {
+            self.check_connected()?;
+            let room = self.room.notified();
+            let mut room = std::pin::pin!(room);
+            room.as_mut().enable();
+            {
+                // Queued and registered under one lock, so that the order of `queued` is the
+                // order of rumqttc's queue.
+                let mut confirmations = self.confirmations();
+                if self
+                    .client
+                    .try_publish(topic, Qos::AtLeastOnce, payload.clone())
+                {
+                    confirmations.queued.extend(confirmation.take());
+                    break;
+                }
+            }
+            if self.pending.is_closed() {
+                return Err(self.dropped());
+            }
+            let _waiting = WaitingForRoom::new(&self.waiting_for_room);
+            room.await;
+        }
+        confirmed.await.unwrap_or_else(|_| Err(self.dropped()))
+    }
+
+    fn dropped(&self) -> RpcError {
+        RpcError::transport(
+            TransportErrorKind::ConnectionLost,
+            "the MQTT client was dropped",
+        )
+    }
+
+    /// What the event loop reported about durable events.
+    fn confirm(&self, event: &Event) {
+        match *event {
+            Event::Published {
+                pkid,
+                resent: false,
+            } => self.confirmations().written(pkid),
+            Event::Collided(pkid) => self.confirmations().collided(pkid),
+            Event::PubAck { pkid, ref refused } => {
+                let outcome = match refused {
+                    None => Ok(()),
+                    Some(refusal) => Err(refused_event(refusal)),
+                };
+                self.confirmations().settle(pkid, outcome)
+            }
+            Event::Abandoned(pkid) => self.confirmations().settle(
+                pkid,
+                Err(RpcError::transport(
+                    TransportErrorKind::NotAcknowledged,
+                    format!(
+                        "the MQTT broker at {} did not acknowledge the event: the connection was \
+                         lost {MAX_LOSSES} times while it waited (does the broker close the \
+                         connection on this message?)",
+                        self.options.address_text()
+                    ),
+                )),
+            ),
+            _ => {}
+        }
+        if self.waiting_for_room.load(Ordering::SeqCst) > 0 {
+            self.room.notify_waiters();
+        }
+    }
+}
+
+fn refused_event(refusal: &Refusal) -> RpcError {
+    let kind = if refusal.authorization {
+        TransportErrorKind::Authorization
+    } else {
+        TransportErrorKind::NotAcknowledged
+    };
+    RpcError::transport(
+        kind,
+        format!("the MQTT broker refused the event: {}", refusal.reason),
+    )
+}
+
 /// Polls the connection: delivers replies, passes subscription acknowledgements on, and on a lost
 /// connection fails what is pending and reconnects with backoff.
 async fn run(
@@ -319,8 +500,11 @@ async fn run(
                 let generation = shared.generation.fetch_add(1, Ordering::SeqCst) + 1;
                 tokio::spawn(Arc::clone(&shared).restore(generation));
             }
-            Ok(_) => {}
+            Ok(event) => shared.confirm(&event),
             Err(error) => {
+                // Events waiting for room fail now (they find the client not connected); the
+                // queued and written ones are published again on the next connection.
+                shared.room.notify_waiters();
                 // A restoration under way belongs to the connection just lost.
                 shared.generation.fetch_add(1, Ordering::SeqCst);
                 if shared.connected.swap(false, Ordering::SeqCst) {
@@ -343,10 +527,10 @@ async fn run(
     }
     shared.connected.store(false, Ordering::SeqCst);
     shared.client.try_disconnect();
-    shared.pending.close(&RpcError::transport(
-        TransportErrorKind::ConnectionLost,
-        "the MQTT client was dropped",
-    ));
+    let dropped = shared.dropped();
+    shared.pending.close(&dropped);
+    shared.confirmations().fail_all(&dropped);
+    shared.room.notify_waiters();
 }
 
 /// Why a request nobody answered is failed just before its deadline: MQTT cannot tell whether
@@ -428,13 +612,12 @@ impl ClientTransport for MqttConnection {
             shared.check_connected()?;
             let topic = event.pattern().route();
             check_topic(topic)?;
-            let qos = if shared.durable_events {
-                Qos::AtLeastOnce
-            } else {
-                Qos::AtMostOnce
-            };
             let payload = body(shared.options.shared_codec(), &event, None)?;
-            shared.publish(topic, qos, payload).await
+            if shared.durable_events {
+                shared.publish_durable(topic, payload).await
+            } else {
+                shared.publish(topic, Qos::AtMostOnce, payload).await
+            }
         })
     }
 }

@@ -283,7 +283,7 @@ impl MqttOptions {
                 }
                 let (client, mut events) = rumqttc::AsyncClient::new(options, 1024);
                 events.set_network_options(network);
-                Ok((Link::V4(client), Events::V4(Box::new(events))))
+                Ok((Link::V4(client), Events::v4(events)))
             }
             MqttVersion::V5 => {
                 let mut options = rumqttc::v5::MqttOptions::new(id, parsed.host, parsed.port);
@@ -304,7 +304,7 @@ impl MqttOptions {
                 }
                 options.set_network_options(network);
                 let (client, events) = rumqttc::v5::AsyncClient::new(options, 1024);
-                Ok((Link::V5(client), Events::V5(Box::new(events))))
+                Ok((Link::V5(client), Events::v5(events)))
             }
         }
     }
