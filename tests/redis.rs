@@ -489,6 +489,117 @@ async fn a_failing_durable_event_is_retried_with_backoff_and_a_poison_one_is_dea
     server.shutdown().await;
 }
 
+/// The entries of a stream, with their fields.
+async fn stream_entries(
+    connection: &mut redis::aio::MultiplexedConnection,
+    stream: &str,
+) -> Vec<(String, HashMap<String, String>)> {
+    let reply: redis::Value = redis::cmd("XRANGE")
+        .arg(stream)
+        .arg("-")
+        .arg("+")
+        .query_async(connection)
+        .await
+        .unwrap();
+    redis::FromRedisValue::from_redis_value(reply).unwrap()
+}
+
+/// An event whose handling never ends (it crashes or hangs its consumer; here the server shuts
+/// down with the handler still running, which leaves it pending as a crash would) is taken up
+/// by each start of the consumer: once more than `max_deliveries` deliveries have ended that
+/// way it is dead-lettered without running the handler again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_no_consumer_ever_finishes_is_dead_lettered_after_max_deliveries() {
+    never_finished_is_dead_lettered(false).await;
+}
+
+/// The same, with the last delivery claimed by another consumer (`XAUTOCLAIM`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_no_consumer_ever_finishes_is_dead_lettered_when_another_consumer_claims_it() {
+    never_finished_is_dead_lettered(true).await;
+}
+
+async fn never_finished_is_dead_lettered(claimed_at_last: bool) {
+    let _serial = SERIAL.lock().await;
+    let broker = Broker::start();
+    let consumer = |start: usize| {
+        let name = if claimed_at_last && start == 3 {
+            "billing-2"
+        } else {
+            "billing-1"
+        };
+        DurableEvents::new("billing")
+            .consumer(name)
+            .max_deliveries(2)
+            .claim_idle(Duration::from_millis(100))
+    };
+    let durable = || consumer(1);
+    let dead_letters = durable().dead_letter_stream("order");
+    let emitter = Client::builder()
+        .connect(RedisTransport::new(options(&broker)).durable_events())
+        .await
+        .unwrap();
+    emitter.emit("order", &"crasher").await.unwrap();
+    let redis = redis::Client::open(broker.url()).unwrap();
+    let mut connection = redis.get_multiplexed_async_connection().await.unwrap();
+    let runs = Arc::new(AtomicUsize::new(0));
+    for start in 1..=3 {
+        let counter = Arc::clone(&runs);
+        let server = durable_server(
+            &broker,
+            consumer(start),
+            Router::new().event("order", move |Payload(_): Payload<String>| {
+                counter.fetch_add(1, Ordering::SeqCst);
+                std::future::pending::<()>()
+            }),
+        )
+        .await;
+        if start < 3 {
+            eventually("the handler runs", Duration::from_secs(10), || {
+                runs.load(Ordering::SeqCst) == start
+            })
+            .await;
+        } else {
+            let started = Instant::now();
+            while stream_entries(&mut connection, &dead_letters)
+                .await
+                .is_empty()
+            {
+                assert!(
+                    started.elapsed() < Duration::from_secs(10),
+                    "not dead-lettered; the handler ran {} times",
+                    runs.load(Ordering::SeqCst)
+                );
+                sleep(Duration::from_millis(20)).await;
+            }
+        }
+        server.shutdown().await;
+    }
+    assert_eq!(runs.load(Ordering::SeqCst), 2, "the handler ran again");
+    let dead = stream_entries(&mut connection, &dead_letters).await;
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    let fields = &dead[0].1;
+    assert_eq!(
+        fields[BODY_FIELD],
+        r#"{"pattern":"order","data":"crasher"}"#
+    );
+    assert_eq!(fields[DEAD_LETTER_DELIVERIES], "3");
+    assert!(
+        fields[DEAD_LETTER_REASON].contains("without an outcome"),
+        "{fields:?}"
+    );
+    // Acknowledged: nothing pending in the group.
+    let pending: redis::Value = redis::cmd("XPENDING")
+        .arg("order")
+        .arg("billing")
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    let pending: (u64, redis::Value, redis::Value, redis::Value) =
+        redis::FromRedisValue::from_redis_value(pending).unwrap();
+    assert_eq!(pending.0, 0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_consumer_restarted_under_its_name_takes_up_its_unacknowledged_events_at_once() {
     let _serial = SERIAL.lock().await;

@@ -33,7 +33,11 @@ pub const BODY_FIELD: &str = "body";
 /// - after `max_deliveries` deliveries it is added to the dead-letter stream
 ///   `<dead letter prefix><route>` with fields saying why
 ///   ([`DEAD_LETTER_REASON`], [`DEAD_LETTER_DELIVERIES`], [`DEAD_LETTER_SUBJECT`]) next to its
-///   `body`, and acknowledged.
+///   `body`, and acknowledged. That includes deliveries that ended without an outcome: an entry
+///   taken up again (after a restart, or claimed) more than `max_deliveries` times is
+///   dead-lettered without running the handlers, so an event that crashes its consumer does
+///   not crash every consumer after it. A shutdown in the middle of a handler counts as one of
+///   them.
 ///
 /// Events of one route are handled one at a time, in stream order (a failed one waits for its
 /// retry while the next ones go ahead).
@@ -275,7 +279,7 @@ impl Reader {
             let own = self.read_within(&mut reader, &after, None).await?;
             let Some((last, _)) = own.last() else { break };
             after = last.clone();
-            self.handle_all(&mut commands, own).await?;
+            self.handle_all(&mut commands, own, true).await?;
         }
         let mut next_claim = Instant::now();
         loop {
@@ -300,7 +304,9 @@ impl Reader {
                     .query_async(&mut commands)
                     .await
                     .map_err(|error| command_error(&error, "cannot claim an event to retry"))?;
-                self.handle_all(&mut commands, entries(&claimed)).await?;
+                // Its count was checked when it failed.
+                self.handle_all(&mut commands, entries(&claimed), false)
+                    .await?;
             }
             if now >= next_claim {
                 next_claim = now + (self.durable.claim_idle / 2).max(Duration::from_millis(10));
@@ -323,7 +329,7 @@ impl Reader {
                         // Claimed now (maybe its own, idle too long): no separate retry.
                         self.retries.remove(id);
                     }
-                    self.handle_all(&mut commands, list).await?;
+                    self.handle_all(&mut commands, list, true).await?;
                 }
             }
             // Block until an entry arrives or the next retry or claim is due.
@@ -343,7 +349,7 @@ impl Reader {
                 fresh = self.read_within(&mut reader, ">", Some(block)) => fresh?,
                 _ = self.dispatcher.draining() => return Ok(()),
             };
-            self.handle_all(&mut commands, fresh).await?;
+            self.handle_all(&mut commands, fresh, false).await?;
         }
     }
 
@@ -410,19 +416,54 @@ impl Reader {
         Ok(list.map(|list| entries(&list)).unwrap_or_default())
     }
 
+    /// Handles `entries` in order. `delivered_before`: they may have been delivered before (read
+    /// from this consumer's history, or claimed from another), so their count of deliveries is
+    /// checked first.
     async fn handle_all(
         &mut self,
         commands: &mut MultiplexedConnection,
         entries: Vec<Entry>,
+        delivered_before: bool,
     ) -> Result<(), RpcError> {
         for (id, body) in entries {
             if self.dispatcher.is_draining() {
                 // Left unacknowledged: delivered again after a restart, or claimed.
                 return Ok(());
             }
+            if delivered_before && self.spent(commands, &id, body.as_ref()).await? {
+                continue;
+            }
             self.handle(commands, id, body).await?;
         }
         Ok(())
+    }
+
+    /// Dead-letters an entry delivered more than `max_deliveries` times, without handling it
+    /// again: its earlier deliveries ended without an outcome (the consumer that had it stopped,
+    /// crashed or lost Redis while handling it), and an entry that crashes its consumer would
+    /// otherwise be taken up, and crash the next one, for good.
+    async fn spent(
+        &self,
+        commands: &mut MultiplexedConnection,
+        id: &str,
+        body: Option<&Bytes>,
+    ) -> Result<bool, RpcError> {
+        let Some(body) = body else { return Ok(false) };
+        let deliveries = self.deliveries(commands, id).await?;
+        if deliveries <= u64::from(self.durable.max_deliveries) {
+            return Ok(false);
+        }
+        let error = RpcError::new(
+            crate::rpc::Code::ResourceExhausted,
+            format!(
+                "delivered {deliveries} times without an outcome (max_deliveries is {}): the \
+             consumers that had it stopped, crashed or lost Redis while handling it",
+                self.durable.max_deliveries
+            ),
+        );
+        self.dead_letter(commands, id, body, &error, deliveries)
+            .await?;
+        Ok(true)
     }
 
     async fn handle(
