@@ -435,8 +435,10 @@ async fn more_deliveries_configured_for_an_existing_consumer_still_end_in_a_dead
         let broker = &broker;
         async move { serve_with(broker, durable, router).await.unwrap() }
     };
-    // The first deployment made the consumer with two deliveries.
+    // The first deployment made the consumer; an earlier version of palisade made it with the
+    // deliveries configured, two.
     serve(2).await.shutdown().await;
+    limit_deliveries(&broker, "REFUNDS", 2).await;
     let watcher = async_nats::connect(broker.url()).await.unwrap();
     let mut dead_letters = watcher.subscribe("palisade.dead-letter.>").await.unwrap();
     watcher.flush().await.unwrap();
@@ -456,6 +458,96 @@ async fn more_deliveries_configured_for_an_existing_consumer_still_end_in_a_dead
     assert_eq!(headers.get(DEAD_LETTER_DELIVERIES).unwrap().as_str(), "3");
     assert_eq!(attempts.load(Ordering::SeqCst), 3);
     server.shutdown().await;
+}
+
+/// Sets the deliveries the only consumer of `stream` allows, by hand.
+async fn limit_deliveries(broker: &Broker, stream: &str, deliveries: i64) {
+    use async_nats::jetstream::consumer::{FromConsumer, pull};
+    let jetstream = async_nats::jetstream::new(async_nats::connect(broker.url()).await.unwrap());
+    let stream = jetstream.get_stream(stream).await.unwrap();
+    let names: Vec<String> = stream
+        .consumer_names()
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    let [name] = &names[..] else {
+        panic!("one consumer expected, found {names:?}");
+    };
+    let mut edited =
+        pull::Config::try_from_consumer_config(stream.consumer_info(name).await.unwrap().config)
+            .unwrap();
+    edited.max_deliver = deliveries;
+    stream.create_consumer(edited).await.unwrap();
+}
+
+/// An event whose handling never ends (it crashes or hangs its server; here the server shuts
+/// down with the handler still running) is delivered again to each start: once more than
+/// `max_deliveries` deliveries have ended that way it is dead-lettered without running the
+/// handler again, instead of being handled forever or, with a consumer that stops delivering at
+/// `max_deliveries`, left in the stream unseen. (JetStream's count is the one that decides, and
+/// it does not count every delivery to a server that was stopping: the number of starts it
+/// takes varies.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_no_server_ever_finishes_is_dead_lettered_after_max_deliveries() {
+    let broker = Broker::start();
+    let runs = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&runs);
+    let router = Router::new().event("invoice-raised", move || {
+        counter.fetch_add(1, Ordering::SeqCst);
+        std::future::pending::<()>()
+    });
+    let serve = || {
+        let durable = DurableEvents::new("INVOICES")
+            .max_deliveries(2)
+            .backoff([Duration::from_millis(100)])
+            .ack_wait(Duration::from_secs(5));
+        NatsServer::new(options(&broker))
+            .durable_events(durable)
+            .serve(Server::new(router.clone()).grace_period(Duration::from_millis(50)))
+    };
+    let watcher = async_nats::connect(broker.url()).await.unwrap();
+    let mut dead_letters = watcher.subscribe("palisade.dead-letter.>").await.unwrap();
+    watcher.flush().await.unwrap();
+    let client = durable_client(&broker).await;
+    let mut letter = None;
+    for start in 0..8 {
+        let ran = runs.load(Ordering::SeqCst);
+        let server = serve().await.unwrap();
+        if start == 0 {
+            client
+                .emit("invoice-raised", &json!({"invoice": 7}))
+                .await
+                .unwrap();
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while runs.load(Ordering::SeqCst) == ran && Instant::now() < deadline {
+            if let Ok(Some(arrived)) =
+                tokio::time::timeout(Duration::from_millis(10), dead_letters.next()).await
+            {
+                letter = Some(arrived);
+                break;
+            }
+        }
+        server.shutdown().await;
+        if letter.is_some() {
+            break;
+        }
+    }
+    let letter = letter.expect("never dead-lettered");
+    let runs = runs.load(Ordering::SeqCst);
+    assert!(runs >= 2, "dead-lettered after {runs} runs");
+    let headers = letter.headers.unwrap();
+    let deliveries: u64 = headers
+        .get(DEAD_LETTER_DELIVERIES)
+        .unwrap()
+        .as_str()
+        .parse()
+        .unwrap();
+    assert!(deliveries > 2, "{deliveries}");
+    let reason = headers.get(DEAD_LETTER_REASON).unwrap().as_str().to_owned();
+    assert!(reason.contains("without being settled"), "{reason}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -487,13 +579,17 @@ async fn an_existing_consumer_takes_the_ack_wait_and_at_least_the_deliveries_con
         "the consumer reads its pattern only"
     );
     assert_eq!(made.ack_wait, Duration::from_secs(30));
-    assert_eq!(made.max_deliver, 5, "the default deliveries");
+    assert_eq!(
+        made.max_deliver, -1,
+        "any number: the server settles every event"
+    );
     assert_eq!(made.ack_policy, AckPolicy::Explicit);
-    // An operator raises a limit by hand.
+    // An operator sets limits by hand.
     let mut edited =
         pull::Config::try_from_consumer_config(stream.consumer_info(name).await.unwrap().config)
             .unwrap();
     edited.max_ack_pending = 7;
+    edited.max_deliver = 8;
     stream.create_consumer(edited).await.unwrap();
 
     serve(
@@ -507,8 +603,12 @@ async fn an_existing_consumer_takes_the_ack_wait_and_at_least_the_deliveries_con
     .await;
     let config = stream.consumer_info(name).await.unwrap().config;
     assert_eq!(config.ack_wait, Duration::from_secs(2));
-    assert_eq!(config.max_deliver, 8);
+    assert_eq!(
+        config.max_deliver, -1,
+        "as many as configured leave no delivery to dead-letter an unsettled event"
+    );
     assert_eq!(config.max_ack_pending, 7, "the operator's limit stays");
+    limit_deliveries(&broker, "AUDIT", 8).await;
     // Fewer deliveries leave the consumer's count alone (the server dead-letters at its own), so
     // that instances still running with the higher one are not cut short.
     serve(

@@ -19,14 +19,20 @@ pub use crate::rpc::transport::{DEAD_LETTER_DELIVERIES, DEAD_LETTER_REASON, DEAD
 /// - when a handler fails the event is redelivered after a delay from the backoff list;
 /// - after `max_deliveries` failed deliveries it is published to `<dead letter prefix>.<pattern>`
 ///   with headers saying why ([`DEAD_LETTER_REASON`], [`DEAD_LETTER_DELIVERIES`],
-///   [`DEAD_LETTER_SUBJECT`]) and removed from the consumer.
+///   [`DEAD_LETTER_SUBJECT`]) and removed from the consumer;
+/// - deliveries that ended without an outcome count too: an event delivered more than
+///   `max_deliveries` times is dead-lettered without running the handlers, so an event that
+///   crashes its server does not crash every server after it. Deliveries are counted as
+///   JetStream counts them: an event received in a pull batch but not yet handled when a server
+///   stopped, or whose handler a shutdown cut short, was delivered too.
 ///
 /// Ordering is per pattern: one event at a time per consumer, in stream order.
 ///
 /// **Existing streams and consumers** are brought to this configuration at start: the stream
 /// gains the server's patterns and takes the configured replicas and limits; each consumer takes
-/// its pattern as its subject and the configured [`ack_wait`](Self::ack_wait), allows at least
-/// [`max_deliveries`](Self::max_deliveries), and keeps the rest (limits an operator set by hand,
+/// its pattern as its subject and the configured [`ack_wait`](Self::ack_wait), allows more
+/// than [`max_deliveries`](Self::max_deliveries) (a consumer this server makes allows any number:
+/// the server settles every event itself), and keeps the rest (limits an operator set by hand,
 /// metadata). What cannot change in place (a stream's
 /// storage or retention, a consumer's ack policy) fails the start with `FailedPrecondition`,
 /// saying what differs.
@@ -258,7 +264,11 @@ impl DurableEvents {
             filter_subject: route.to_owned(),
             ack_policy: jetstream::consumer::AckPolicy::Explicit,
             ack_wait: self.ack_wait,
-            max_deliver: i64::from(self.max_deliveries),
+            // Unlimited: this server settles every event itself, by acknowledging or
+            // dead-lettering it. With a limit, JetStream stops delivering an event whose last
+            // delivery ended without an outcome (a crash, a dead letter that could not be
+            // published), and it stays in the stream, neither handled nor dead-lettered.
+            max_deliver: -1,
             ..Default::default()
         }
     }
@@ -313,9 +323,11 @@ impl DurableEvents {
         self
     }
 
-    /// Deliveries before an event goes to the dead-letter subject. An existing consumer that
-    /// allows fewer is raised to this count at start; one that allows more keeps its count, and
-    /// this server still dead-letters at this one.
+    /// Deliveries before an event goes to the dead-letter subject. The consumer must deliver an
+    /// event once more than this, so that one whose last delivery ended without an outcome is
+    /// still dead-lettered: an existing consumer that allows no more is set to allow any number
+    /// at start; one that allows more keeps its count, and this server still dead-letters at
+    /// this one.
     ///
     /// # Panics
     /// If `deliveries` is zero.
@@ -653,7 +665,9 @@ fn reconcile_consumer(
         .get("max_deliver")
         .and_then(Value::as_i64)
         .unwrap_or(-1);
-    let enough_deliveries = allowed <= 0 || allowed >= deliveries;
+    // More than configured, so that an event whose last delivery ended without an outcome is
+    // delivered once more, and dead-lettered then.
+    let enough_deliveries = allowed <= 0 || allowed > deliveries;
     let same_wait = fields.get("ack_wait").and_then(Value::as_u64) == Some(ack_wait);
     if subject_matches && same_wait && enough_deliveries {
         return Ok(None);
@@ -661,7 +675,7 @@ fn reconcile_consumer(
     let mut updated = fields.clone();
     updated.insert("ack_wait".into(), ack_wait.into());
     if !enough_deliveries {
-        updated.insert("max_deliver".into(), deliveries.into());
+        updated.insert("max_deliver".into(), (-1).into());
     }
     if !subject_matches {
         updated.remove("filter_subjects");
@@ -758,6 +772,24 @@ async fn handle(
         .map(|info| info.delivered)
         .unwrap_or(1)
         .max(1) as u64;
+    if delivered > dead_letter_at {
+        // Its earlier deliveries ended without an outcome: the servers that had it stopped,
+        // crashed or lost NATS while handling it, or could not publish its dead letter. Handled
+        // again, an event that crashes its server would crash every server after it.
+        let error = RpcError::new(
+            crate::rpc::Code::ResourceExhausted,
+            format!(
+                "delivered {delivered} times without being settled (max_deliveries is \
+                 {dead_letter_at}): the servers that had it stopped, crashed or lost NATS while \
+                 handling it"
+            ),
+        );
+        let acked = dead_letter(message, route, client, config, delivered, &error).await;
+        if let Some(Err(error)) = acked {
+            tracing::warn!(%route, %error, "cannot acknowledge a dead-lettered event; it will be delivered again");
+        }
+        return;
+    }
     let parsed = request_from(
         &config.codec,
         route,
@@ -771,33 +803,52 @@ async fn handle(
         ))),
     };
     let acked = match outcome {
-        Ok(()) => message.ack().await,
+        Ok(()) => Some(message.ack().await),
+        // Shutdown, not the event: never dead-lettered for it. Delivered again after the delay
+        // (at once, it could go to this server's own pull requests, still open on the NATS
+        // server while it stops).
+        Err(_) if dispatcher.is_draining() => {
+            let delay = config.delay_before(delivered);
+            Some(message.ack_with(AckKind::Nak(Some(delay))).await)
+        }
         Err(error) if delivered >= dead_letter_at => {
-            let subject = dead_letter_subject(&config.dead_letter_prefix, route);
-            tracing::error!(%route, deliveries = delivered, %error, dead_letter = %subject, "event failed for good; dead-lettered");
-            let mut headers = async_nats::HeaderMap::new();
-            headers.insert(DEAD_LETTER_REASON, &*super::one_line(&error.to_string()));
-            headers.insert(DEAD_LETTER_DELIVERIES, delivered.to_string().as_str());
-            headers.insert(DEAD_LETTER_SUBJECT, &**route);
-            if let Err(error) = client
-                .publish_with_headers(subject, headers, message.payload.clone())
-                .await
-            {
-                // Leave it unacknowledged: it will be delivered again, and dead-lettered again.
-                tracing::error!(%error, "cannot publish the dead letter");
-                return;
-            }
-            message.ack_with(AckKind::Term).await
+            dead_letter(message, route, client, config, delivered, &error).await
         }
         Err(error) => {
             let delay = config.delay_before(delivered);
             tracing::warn!(%route, deliveries = delivered, %error, retry_in = ?delay, "event handler failed; it will be redelivered");
-            message.ack_with(AckKind::Nak(Some(delay))).await
+            Some(message.ack_with(AckKind::Nak(Some(delay))).await)
         }
     };
-    if let Err(error) = acked {
+    if let Some(Err(error)) = acked {
         tracing::warn!(%route, %error, "cannot acknowledge a durable event; it will be redelivered");
     }
+}
+
+/// Publishes `message` to its dead-letter subject and terminates it; `None` if the dead letter
+/// could not be published (it is left unacknowledged, and dead-lettered on its next delivery).
+async fn dead_letter(
+    message: &jetstream::Message,
+    route: &Arc<str>,
+    client: &async_nats::Client,
+    config: &DurableEvents,
+    delivered: u64,
+    error: &RpcError,
+) -> Option<Result<(), async_nats::Error>> {
+    let subject = dead_letter_subject(&config.dead_letter_prefix, route);
+    tracing::error!(%route, deliveries = delivered, %error, dead_letter = %subject, "event failed for good; dead-lettered");
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert(DEAD_LETTER_REASON, &*super::one_line(&error.to_string()));
+    headers.insert(DEAD_LETTER_DELIVERIES, delivered.to_string().as_str());
+    headers.insert(DEAD_LETTER_SUBJECT, &**route);
+    if let Err(error) = client
+        .publish_with_headers(subject, headers, message.payload.clone())
+        .await
+    {
+        tracing::error!(%error, "cannot publish the dead letter");
+        return None;
+    }
+    Some(message.ack_with(AckKind::Term).await)
 }
 
 /// Refuses a consumer prefix that makes no JetStream consumer name: a name goes into the
@@ -858,11 +909,15 @@ mod tests {
         let wait = Duration::from_secs(30);
         let raised = reconcile(&existing(2, THIRTY_SECONDS), &configured(5, wait))
             .unwrap()
-            .expect("two deliveries are raised to five");
-        assert_eq!(raised["max_deliver"], 5);
+            .expect("two deliveries are raised");
+        assert_eq!(raised["max_deliver"], -1, "to any number");
         assert_eq!(raised["ack_wait"], THIRTY_SECONDS);
+        let raised = reconcile(&existing(5, THIRTY_SECONDS), &configured(5, wait))
+            .unwrap()
+            .expect("as many leaves no delivery to dead-letter an unsettled event");
+        assert_eq!(raised["max_deliver"], -1);
         for (has, why) in [
-            (5, "as many"),
+            (6, "one more"),
             (9, "more"),
             (-1, "no limit"),
             (0, "no limit"),
@@ -873,7 +928,7 @@ mod tests {
                 "{why}: nothing to change"
             );
         }
-        let mut unset = existing(5, THIRTY_SECONDS);
+        let mut unset = existing(6, THIRTY_SECONDS);
         unset.as_object_mut().unwrap().remove("max_deliver");
         assert_eq!(reconcile(&unset, &configured(5, wait)).unwrap(), None);
     }
@@ -892,17 +947,17 @@ mod tests {
             "more deliveries, metadata, groups and limits stay"
         );
 
-        let mut moved = existing(5, THIRTY_SECONDS);
+        let mut moved = existing(9, THIRTY_SECONDS);
         moved["filter_subject"] = json!("other");
         let updated = reconcile(&moved, &configured(5, Duration::from_secs(30)))
             .unwrap()
             .expect("the subject changes");
-        expected = existing(5, THIRTY_SECONDS);
+        expected = existing(9, THIRTY_SECONDS);
         assert_eq!(updated, expected);
 
         // Servers from 2.10 may report the subject as a list: one that is the route matches, and
         // an update replaces any other list with the single subject (a server refuses both).
-        let mut listed = existing(5, THIRTY_SECONDS);
+        let mut listed = existing(9, THIRTY_SECONDS);
         listed.as_object_mut().unwrap().remove("filter_subject");
         listed["filter_subjects"] = json!(["audit"]);
         assert_eq!(

@@ -36,8 +36,9 @@ pub const BODY_FIELD: &str = "body";
 ///   `body`, and acknowledged. That includes deliveries that ended without an outcome: an entry
 ///   taken up again (after a restart, or claimed) more than `max_deliveries` times is
 ///   dead-lettered without running the handlers, so an event that crashes its consumer does
-///   not crash every consumer after it. A shutdown in the middle of a handler counts as one of
-///   them.
+///   not crash every consumer after it. Deliveries are counted as Redis counts them: an entry
+///   whose handler a shutdown cut short, or one read in a batch but not yet handled when the
+///   server stopped, was delivered too.
 ///
 /// Events of one route are handled one at a time, in stream order (a failed one waits for its
 /// retry while the next ones go ahead).
