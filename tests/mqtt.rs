@@ -572,6 +572,52 @@ async fn durable_events_survive(version: MqttVersion) {
     third.shutdown().await;
 }
 
+/// A durable session that ran without a shared group, started again in one, is not left with
+/// its plain subscription (which would bring that instance every event besides its share).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_durable_session_that_joins_a_shared_group_gets_only_its_share() {
+    let _serial = SERIAL.lock().await;
+    let broker = Broker::start();
+    let handled: Arc<Mutex<Vec<(&'static str, u32)>>> = Arc::default();
+    let instance = |name: &'static str, group: Option<&str>| {
+        let seen = Arc::clone(&handled);
+        let server = MqttServer::new(options(&broker)).durable_events(DurableEvents::new(name));
+        let server = match group {
+            Some(group) => server.shared_group(group),
+            None => server,
+        };
+        server.serve(Server::new(Router::new().event(
+            "entry",
+            move |Payload(n): Payload<u32>| {
+                seen.lock().unwrap().push((name, n));
+                async {}
+            },
+        )))
+    };
+    // The first deployment ran one instance, without a group.
+    instance("ledger-1", None).await.unwrap().shutdown().await;
+    let first = instance("ledger-1", Some("ledger")).await.unwrap();
+    let second = instance("ledger-2", Some("ledger")).await.unwrap();
+    let emitter = Client::builder()
+        .connect(MqttTransport::new(options(&broker)).durable_events())
+        .await
+        .unwrap();
+    for n in 0..20u32 {
+        emitter.emit("entry", &n).await.unwrap();
+    }
+    eventually("every event handled", Duration::from_secs(10), || {
+        handled.lock().unwrap().len() >= 20
+    })
+    .await;
+    sleep(Duration::from_millis(300)).await;
+    let handled = handled.lock().unwrap().clone();
+    let mut events: Vec<u32> = handled.iter().map(|(_, n)| *n).collect();
+    events.sort_unstable();
+    assert_eq!(events, (0..20).collect::<Vec<_>>(), "{handled:?}");
+    first.shutdown().await;
+    second.shutdown().await;
+}
+
 /// A durable server on `broker` handling `entry` events, and what it handled.
 async fn ledger(broker: &Broker, version: MqttVersion) -> (ServerHandle, Arc<Mutex<Vec<Value>>>) {
     let handled: Arc<Mutex<Vec<Value>>> = Arc::default();

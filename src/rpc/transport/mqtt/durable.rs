@@ -146,6 +146,15 @@ pub(super) async fn start(
             options.shared_codec().clone(),
         )));
     }
+    if group.is_some() {
+        // A persistent session keeps its subscriptions: one made before the group was set would
+        // still bring this instance every event, besides its share.
+        for topic in &topics {
+            if let Err(error) = client.try_unsubscribe(topic.to_string()) {
+                tracing::warn!(%topic, %error, "cannot drop the session's plain subscription");
+            }
+        }
+    }
     // Subscribed before `serve` returns: events published from then on reach the session.
     subscribe(&client, &filters);
     let acknowledged = async {

@@ -43,6 +43,12 @@ impl MqttServer {
     /// and a request is answered once). Replies still go to `<topic>/reply`, so NestJS clients
     /// are unaffected. The broker must offer shared subscriptions (MQTT 5 brokers do, and
     /// Mosquitto, EMQX and HiveMQ also to 3.1.1 clients); `serve` fails if it refuses them.
+    ///
+    /// With [durable events](Self::durable_events), the persistent session keeps what it
+    /// subscribed to before: a session that ran without a group has its plain subscriptions
+    /// dropped at start, but one that ran in another group stays a member of it (MQTT gives no
+    /// way to list a session's subscriptions). To change or drop a group, start the instances
+    /// with new session ids (after the old sessions have no events left).
     pub fn shared_group(mut self, group: impl Into<String>) -> Self {
         self.group = Some(group.into());
         self
