@@ -460,6 +460,188 @@ async fn more_deliveries_configured_for_an_existing_consumer_still_end_in_a_dead
     server.shutdown().await;
 }
 
+/// A router whose `payment-received` handler always fails.
+fn always_failing() -> Router {
+    Router::new().event("payment-received", || async {
+        Err::<(), _>(RpcError::exception("card declined"))
+    })
+}
+
+/// The messages a stream holds, once it holds `count` (within 10 s).
+async fn stored(
+    jetstream: &async_nats::jetstream::Context,
+    stream: &str,
+    count: u64,
+) -> Vec<async_nats::jetstream::message::StreamMessage> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Ok(mut found) = jetstream.get_stream(stream).await {
+            let held = found.info().await.unwrap().state.messages;
+            if held >= count {
+                let mut messages = Vec::new();
+                for sequence in 1..=held {
+                    if let Ok(message) = found.get_raw_message(sequence).await {
+                        messages.push(message);
+                    }
+                }
+                return messages;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{stream} never held {count} messages"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Nobody watches the dead-letter subject: the dead letter is kept all the same, in the
+/// dead-letter stream, with what it needs to be replayed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_nobody_watches_is_kept_in_a_stream() {
+    let broker = Broker::start();
+    let (server, client) = serve_durably(&broker, "PAYMENTS", always_failing()).await;
+    client
+        .emit("payment-received", &json!({"amount": 12}))
+        .await
+        .unwrap();
+    let jetstream = async_nats::jetstream::new(async_nats::connect(broker.url()).await.unwrap());
+    let letters = stored(&jetstream, "PAYMENTS_DEAD_LETTERS", 1).await;
+    assert_eq!(letters.len(), 1);
+    let letter = &letters[0];
+    assert_eq!(
+        letter.subject.as_str(),
+        "palisade.dead-letter.payment-received"
+    );
+    assert_eq!(
+        serde_json::from_slice::<Value>(&letter.payload).unwrap(),
+        json!({"pattern": "payment-received", "data": {"amount": 12}})
+    );
+    assert_eq!(
+        letter.headers.get(DEAD_LETTER_DELIVERIES).unwrap().as_str(),
+        "4"
+    );
+    assert!(
+        letter
+            .headers
+            .get(DEAD_LETTER_REASON)
+            .unwrap()
+            .as_str()
+            .contains("card declined")
+    );
+    server.shutdown().await;
+}
+
+/// A stream of the user's own that already keeps the dead-letter subjects keeps them; none is
+/// made beside it. With `dead_letter_stream(None)` none is made either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_go_to_a_stream_that_already_keeps_them_or_nowhere_if_asked() {
+    let broker = Broker::start();
+    let jetstream = async_nats::jetstream::new(async_nats::connect(broker.url()).await.unwrap());
+    jetstream
+        .create_stream(async_nats::jetstream::stream::Config {
+            name: "ALL_DEAD_LETTERS".into(),
+            subjects: vec!["palisade.dead-letter.>".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let (server, client) = serve_durably(&broker, "CARDS", always_failing()).await;
+    client.emit("payment-received", &1).await.unwrap();
+    assert_eq!(stored(&jetstream, "ALL_DEAD_LETTERS", 1).await.len(), 1);
+    assert!(jetstream.get_stream("CARDS_DEAD_LETTERS").await.is_err());
+    server.shutdown().await;
+
+    let unkept = serve_with(
+        &broker,
+        durable("CARDS")
+            .consumer_prefix("unkept")
+            .dead_letter_prefix("unkept")
+            .dead_letter_stream(None::<String>),
+        always_failing(),
+    )
+    .await
+    .unwrap();
+    let watcher = async_nats::connect(broker.url()).await.unwrap();
+    let mut dead_letters = watcher.subscribe("unkept.>").await.unwrap();
+    watcher.flush().await.unwrap();
+    client.emit("payment-received", &2).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(10), dead_letters.next())
+        .await
+        .expect("no dead letter published")
+        .unwrap();
+    assert!(jetstream.get_stream("CARDS_DEAD_LETTERS").await.is_err());
+    assert!(
+        jetstream
+            .stream_by_subject("unkept.payment-received")
+            .await
+            .is_err()
+    );
+    unkept.shutdown().await;
+}
+
+/// A dead letter the stream refuses (full, discarding new messages) is not lost: the event
+/// stays, and is dead-lettered again at its next delivery, once there is room.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_the_stream_refuses_is_dead_lettered_again_later() {
+    use async_nats::jetstream::stream::{Config, DiscardPolicy};
+    let broker = Broker::start();
+    let jetstream = async_nats::jetstream::new(async_nats::connect(broker.url()).await.unwrap());
+    let mut full = jetstream
+        .create_stream(Config {
+            name: "FULL".into(),
+            subjects: vec!["palisade.dead-letter.>".into()],
+            max_messages: 1,
+            discard: DiscardPolicy::New,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    jetstream
+        .publish("palisade.dead-letter.filler", "filler".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let server = serve_with(
+        &broker,
+        durable("REFUSED")
+            .max_deliveries(1)
+            .ack_wait(Duration::from_secs(1)),
+        always_failing(),
+    )
+    .await
+    .unwrap();
+    durable_client(&broker)
+        .await
+        .emit("payment-received", &3)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let held = stored(&jetstream, "FULL", 1).await;
+    assert_eq!(held[0].subject.as_str(), "palisade.dead-letter.filler");
+    full.purge().await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let letter = loop {
+        if let Ok(message) = full
+            .get_last_raw_message_by_subject("palisade.dead-letter.payment-received")
+            .await
+        {
+            break message;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the refused dead letter was lost"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(
+        serde_json::from_slice::<Value>(&letter.payload).unwrap(),
+        json!({"pattern": "payment-received", "data": 3})
+    );
+    server.shutdown().await;
+}
+
 /// Sets the deliveries the only consumer of `stream` allows, by hand.
 async fn limit_deliveries(broker: &Broker, stream: &str, deliveries: i64) {
     use async_nats::jetstream::consumer::{FromConsumer, pull};

@@ -19,7 +19,8 @@ pub use crate::rpc::transport::{DEAD_LETTER_DELIVERIES, DEAD_LETTER_REASON, DEAD
 /// - when a handler fails the event is redelivered after a delay from the backoff list;
 /// - after `max_deliveries` failed deliveries it is published to `<dead letter prefix>.<pattern>`
 ///   with headers saying why ([`DEAD_LETTER_REASON`], [`DEAD_LETTER_DELIVERIES`],
-///   [`DEAD_LETTER_SUBJECT`]) and removed from the consumer;
+///   [`DEAD_LETTER_SUBJECT`]), kept in a stream ([`dead_letter_stream`](Self::dead_letter_stream))
+///   and then removed from the consumer;
 /// - deliveries that ended without an outcome count too: an event delivered more than
 ///   `max_deliveries` times is dead-lettered without running the handlers, so an event that
 ///   crashes its server does not crash every server after it. Deliveries are counted as
@@ -59,6 +60,7 @@ pub use crate::rpc::transport::{DEAD_LETTER_DELIVERIES, DEAD_LETTER_REASON, DEAD
 /// | [`pull_batch`](Self::pull_batch) | 100 events |
 /// | [`consumer_prefix`](Self::consumer_prefix) | `palisade` |
 /// | [`dead_letter_prefix`](Self::dead_letter_prefix) | `palisade.dead-letter` |
+/// | [`dead_letter_stream`](Self::dead_letter_stream) | `<stream>_DEAD_LETTERS` |
 ///
 /// An event published with the header [`IDEMPOTENCY_KEY`](crate::rpc::transport::IDEMPOTENCY_KEY)
 /// is stored once per key within the duplicate window (the key becomes JetStream's
@@ -84,6 +86,8 @@ pub struct DurableEvents {
     backoff: Vec<Duration>,
     ack_wait: Duration,
     dead_letter_prefix: String,
+    /// `None`: the default name; `Some(None)`: dead letters are only published.
+    dead_letter_stream: Option<Option<String>>,
     replicas: usize,
     storage: Storage,
     retention: Retention,
@@ -142,7 +146,8 @@ impl Retention {
 impl DurableEvents {
     /// Events stored in the JetStream stream `stream` (created if missing, and extended to cover
     /// the server's event patterns). Defaults: 5 deliveries, redelivery after 1 s, 5 s, 30 s, a
-    /// 30 s ack wait, dead letters on `palisade.dead-letter.<pattern>`.
+    /// 30 s ack wait, dead letters on `palisade.dead-letter.<pattern>`, kept in the stream
+    /// `<stream>_DEAD_LETTERS`.
     pub fn new(stream: impl Into<String>) -> Self {
         DurableEvents {
             stream: stream.into(),
@@ -155,6 +160,7 @@ impl DurableEvents {
             ],
             ack_wait: Duration::from_secs(30),
             dead_letter_prefix: "palisade.dead-letter".into(),
+            dead_letter_stream: None,
             replicas: 1,
             storage: Storage::File,
             retention: Retention::Limits,
@@ -363,6 +369,29 @@ impl DurableEvents {
         self
     }
 
+    /// The JetStream stream that keeps dead letters (default `Some("<stream>_DEAD_LETTERS")`).
+    /// At start, each dead-letter subject that no stream captures yet is added to it (created
+    /// if missing, with the events stream's storage and replicas, limits retention); subjects
+    /// another stream already captures (one of your own over `palisade.dead-letter.>`, say)
+    /// stay there. A dead letter is published through JetStream, and its event is removed only
+    /// once the stream has stored it; if it cannot be stored, the event stays and is
+    /// dead-lettered again at its next delivery.
+    ///
+    /// `None` makes no stream: dead letters are published on core NATS only, and are lost
+    /// unless something subscribes to them.
+    pub fn dead_letter_stream(mut self, stream: Option<impl Into<String>>) -> Self {
+        self.dead_letter_stream = Some(stream.map(Into::into));
+        self
+    }
+
+    /// The name of the dead-letter stream, if dead letters are kept.
+    fn dead_letter_stream_name(&self) -> Option<String> {
+        match &self.dead_letter_stream {
+            None => Some(format!("{}_DEAD_LETTERS", self.stream)),
+            Some(name) => name.clone(),
+        }
+    }
+
     fn delay_before(&self, redelivery: u64) -> Duration {
         let index = usize::try_from(redelivery.saturating_sub(1)).unwrap_or(usize::MAX);
         self.backoff
@@ -460,22 +489,130 @@ pub(crate) async fn start(
     } else {
         warn_if_not_replicated(&config.stream, info.config.num_replicas, config.replicas);
     }
+    let keeps_dead_letters = keep_dead_letters(&context, &config, &routes).await?;
     let config = Arc::new(config);
     for route in routes {
         let name = consumer_name(&config.consumer_prefix, &route);
         let (consumer, dead_letter_at) =
             open_consumer(&context, &stream, &name, &route, &config).await?;
         tracing::debug!(%route, consumer = %name, "consuming durable events");
+        let dead_letters = DeadLetters {
+            client: client.clone(),
+            jetstream: keeps_dead_letters.then(|| context.clone()),
+        };
         dispatcher.spawn(consume(
             consumer,
             route.into(),
-            client.clone(),
+            dead_letters,
             dispatcher.clone(),
             Arc::clone(&config),
             dead_letter_at,
         ));
     }
     Ok(())
+}
+
+/// Makes sure a stream keeps the dead letters of `routes` (unless none is configured): each
+/// dead-letter subject no stream captures yet goes to the configured dead-letter stream.
+/// Whether dead letters are published through JetStream.
+async fn keep_dead_letters(
+    context: &jetstream::Context,
+    config: &DurableEvents,
+    routes: &[String],
+) -> Result<bool, RpcError> {
+    let Some(name) = config.dead_letter_stream_name() else {
+        return Ok(false);
+    };
+    let mut uncaptured = Vec::new();
+    for route in routes {
+        let subject = dead_letter_subject(&config.dead_letter_prefix, route);
+        match context.stream_by_subject(subject.clone()).await {
+            Ok(_) => {}
+            Err(error)
+                if error.kind() == jetstream::context::GetStreamByNameErrorKind::NotFound =>
+            {
+                uncaptured.push(subject)
+            }
+            Err(error) => {
+                return Err(jetstream_error(
+                    &format!("cannot find which stream keeps the dead letters on {subject:?}"),
+                    error,
+                ));
+            }
+        }
+    }
+    if uncaptured.is_empty() {
+        return Ok(true);
+    }
+    let wanted = stream::Config {
+        name: name.clone(),
+        subjects: uncaptured.clone(),
+        num_replicas: config.replicas,
+        storage: config.storage.jetstream(),
+        retention: stream::RetentionPolicy::Limits,
+        ..Default::default()
+    };
+    let mut stream = context
+        .get_or_create_stream(wanted)
+        .await
+        .map_err(|error| {
+            jetstream_error(
+                &format!("cannot create the dead-letter stream {name:?}"),
+                error,
+            )
+        })?;
+    let existing = stream
+        .info()
+        .await
+        .map_err(|error| jetstream_error("cannot read the dead-letter stream", error))?
+        .config
+        .clone();
+    let mut updated = existing.clone();
+    for subject in uncaptured {
+        if !updated.subjects.contains(&subject) {
+            updated.subjects.push(subject);
+        }
+    }
+    if updated.subjects != existing.subjects {
+        context.update_stream(updated).await.map_err(|error| {
+            jetstream_error(
+                &format!("cannot add the dead-letter subjects to the stream {name:?}"),
+                error,
+            )
+        })?;
+    }
+    Ok(true)
+}
+
+/// Where a server's dead letters go.
+struct DeadLetters {
+    client: async_nats::Client,
+    /// Set when a stream keeps them: published through JetStream and confirmed.
+    jetstream: Option<jetstream::Context>,
+}
+
+impl DeadLetters {
+    async fn publish(
+        &self,
+        subject: String,
+        headers: async_nats::HeaderMap,
+        payload: bytes::Bytes,
+    ) -> Result<(), String> {
+        match &self.jetstream {
+            Some(jetstream) => {
+                let ack = jetstream
+                    .publish_with_headers(subject, headers, payload)
+                    .await
+                    .map_err(|error| error.to_string())?;
+                ack.await.map(drop).map_err(|error| error.to_string())
+            }
+            None => self
+                .client
+                .publish_with_headers(subject, headers, payload)
+                .await
+                .map_err(|error| error.to_string()),
+        }
+    }
 }
 
 /// Opens the durable consumer `name` of `route`: creates it, or brings an existing one to the
@@ -700,7 +837,7 @@ fn warn_if_not_replicated(stream: &str, has: usize, configured: usize) {
 async fn consume(
     consumer: jetstream::consumer::Consumer<pull::Config>,
     route: Arc<str>,
-    client: async_nats::Client,
+    dead_letters: DeadLetters,
     dispatcher: Dispatcher,
     config: Arc<DurableEvents>,
     dead_letter_at: u64,
@@ -749,7 +886,7 @@ async fn consume(
             handle(
                 &message,
                 &route,
-                &client,
+                &dead_letters,
                 &dispatcher,
                 &config,
                 dead_letter_at,
@@ -762,7 +899,7 @@ async fn consume(
 async fn handle(
     message: &jetstream::Message,
     route: &Arc<str>,
-    client: &async_nats::Client,
+    dead_letters: &DeadLetters,
     dispatcher: &Dispatcher,
     config: &DurableEvents,
     dead_letter_at: u64,
@@ -784,7 +921,7 @@ async fn handle(
                  handling it"
             ),
         );
-        let acked = dead_letter(message, route, client, config, delivered, &error).await;
+        let acked = dead_letter(message, route, dead_letters, config, delivered, &error).await;
         if let Some(Err(error)) = acked {
             tracing::warn!(%route, %error, "cannot acknowledge a dead-lettered event; it will be delivered again");
         }
@@ -812,7 +949,7 @@ async fn handle(
             Some(message.ack_with(AckKind::Nak(Some(delay))).await)
         }
         Err(error) if delivered >= dead_letter_at => {
-            dead_letter(message, route, client, config, delivered, &error).await
+            dead_letter(message, route, dead_letters, config, delivered, &error).await
         }
         Err(error) => {
             let delay = config.delay_before(delivered);
@@ -830,7 +967,7 @@ async fn handle(
 async fn dead_letter(
     message: &jetstream::Message,
     route: &Arc<str>,
-    client: &async_nats::Client,
+    dead_letters: &DeadLetters,
     config: &DurableEvents,
     delivered: u64,
     error: &RpcError,
@@ -841,10 +978,11 @@ async fn dead_letter(
     headers.insert(DEAD_LETTER_REASON, &*super::one_line(&error.to_string()));
     headers.insert(DEAD_LETTER_DELIVERIES, delivered.to_string().as_str());
     headers.insert(DEAD_LETTER_SUBJECT, &**route);
-    if let Err(error) = client
-        .publish_with_headers(subject, headers, message.payload.clone())
+    if let Err(error) = dead_letters
+        .publish(subject, headers, message.payload.clone())
         .await
     {
+        // Left unacknowledged: delivered again, and dead-lettered then.
         tracing::error!(%error, "cannot publish the dead letter");
         return None;
     }
