@@ -587,7 +587,7 @@ async fn a_dead_letter_the_stream_refuses_is_dead_lettered_again_later() {
     use async_nats::jetstream::stream::{Config, DiscardPolicy};
     let broker = Broker::start();
     let jetstream = async_nats::jetstream::new(async_nats::connect(broker.url()).await.unwrap());
-    let mut full = jetstream
+    let full = jetstream
         .create_stream(Config {
             name: "FULL".into(),
             subjects: vec!["palisade.dead-letter.>".into()],
