@@ -26,7 +26,10 @@ use tokio::sync::mpsc;
 /// - after `max_deliveries` failed attempts it is published (QoS 1) to the dead-letter topic
 ///   `<dead letter prefix><topic>`, as a JSON object with the original message in `body` and
 ///   [`DEAD_LETTER_REASON`], [`DEAD_LETTER_DELIVERIES`] and [`DEAD_LETTER_SUBJECT`], then
-///   acknowledged.
+///   acknowledged. An MQTT broker keeps a message only for the sessions subscribed to its topic:
+///   to keep dead letters while nothing reads them, subscribe a persistent session (clean
+///   session off, QoS 1) to `<dead letter prefix>#` once, and read them through it; otherwise a
+///   dead letter nobody is subscribed to is dropped by the broker.
 ///
 /// Events of one topic are handled one at a time, in order. The session id must be stable across
 /// restarts of an instance and unique among running ones; with
