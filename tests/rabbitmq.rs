@@ -1337,6 +1337,86 @@ async fn the_delay_and_dead_letter_queues_are_as_durable_as_the_service_queue() 
     server.shutdown().await;
 }
 
+/// A server-named queue (`queue("")`) is one instance's, named anew at each start: its delay
+/// queues go with its connection, and its dead letters go to names derived from the exchange,
+/// the same at every start. Before, every start left a set of durable delay queues, a
+/// dead-letter exchange and a dead-letter queue behind, named after a queue that no longer
+/// existed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_named_queue_leaves_nothing_behind_and_dead_letters_under_stable_names() {
+    let url = machine_url();
+    let exchange = unique("broker-named");
+    let dead_letters = format!("{exchange}.dead-letter");
+    let _cleanup = Cleanup::new(&url)
+        .exchange(&exchange)
+        .exchange(&dead_letters)
+        .queue(&dead_letters);
+    let fanout = || {
+        RmqOptions::new([url.as_str()])
+            .queue("")
+            .queue_options(
+                QueueOptions::default()
+                    .durable(false)
+                    .exclusive(true)
+                    .auto_delete(true),
+            )
+            .exchange(&exchange)
+            .exchange_type(ExchangeType::Fanout)
+    };
+    let client = Client::builder().connect(fanout()).await.unwrap();
+    let (_raw, channel) = raw_channel(&url).await;
+    let mut queues_of_starts = Vec::new();
+    for start in 0..2 {
+        let server = RmqServer::new(fanout())
+            .event_retries(EventRetries::new().max_deliveries(1))
+            .serve(Server::new(Router::new().event("audit", || async {
+                Err::<(), _>(RpcError::exception("refused"))
+            })))
+            .await
+            .unwrap();
+        client.emit("audit", &start).await.unwrap();
+        let started = Instant::now();
+        let letter = loop {
+            let letters = drain(&channel, &dead_letters).await;
+            if let Some(letter) = letters.into_iter().next() {
+                break letter;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "no dead letter"
+            );
+            sleep(Duration::from_millis(20)).await;
+        };
+        let queue = header(&letter.properties, DEAD_LETTER_QUEUE).unwrap();
+        assert!(queue.starts_with("amq.gen-"), "{queue}");
+        queues_of_starts.push(queue);
+        server.shutdown().await;
+    }
+    assert_ne!(queues_of_starts[0], queues_of_starts[1]);
+    // Nothing named after the queues of those starts is left.
+    let (_raw, mut channel) = raw_channel(&url).await;
+    for queue in &queues_of_starts {
+        for left in [
+            format!("palisade.{queue}.retry.30000"),
+            format!("palisade.{queue}.dead-letter"),
+        ] {
+            let found = channel
+                .queue_declare(
+                    left.as_str().into(),
+                    QueueDeclareOptions {
+                        passive: true,
+                        ..Default::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await;
+            assert!(found.is_err(), "{left} was left behind");
+            // A failed passive declaration closes the channel.
+            channel = _raw.create_channel().await.unwrap();
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dead_letters_go_where_they_are_told_and_are_never_lost() {
     let url = machine_url();

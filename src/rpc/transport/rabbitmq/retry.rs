@@ -34,6 +34,13 @@ pub const DEAD_LETTER_QUEUE: &str = "palisade-original-queue";
 ///   bound to it keeps them (or bind your own with [`dead_letter_queue(None)`](Self::dead_letter_queue));
 /// - an event whose body is not JSON, or that no handler takes, is dead-lettered at once.
 ///
+/// A **server-named queue** (`queue("")`, NestJS's default) is one instance's alone, named anew
+/// at each start: its delay queues are exclusive (they go with the connection, as the waiting
+/// events of such a queue go with it), and its dead letters go to names that stay the same,
+/// derived from the exchange the queue is bound to: the exchange and queue
+/// `<exchange>.dead-letter` (`palisade.dead-letter` without an exchange), with the exchange's
+/// name as routing key.
+///
 /// Every publish is confirmed by the broker before the event is acknowledged, so an event is
 /// never lost between the two (it may be seen twice if the server dies in between: delivery is
 /// at least once). The delay and dead-letter queues are durable when the service's queue is.
@@ -150,24 +157,50 @@ impl EventRetries {
 pub(crate) struct Topology {
     /// The service's queue.
     pub(crate) queue: String,
-    /// Prefix of the derived names (names starting `amq.` are the broker's).
+    /// Prefix of the delay queues' names (names starting `amq.` are the broker's).
     base: String,
     pub(crate) dead_letter_exchange: String,
+    /// The routing key of dead letters, which binds the dead-letter queue.
+    dead_letter_key: String,
+    /// The default dead-letter queue.
+    dead_letter_queue: String,
+    /// The delay queues are the connection's (exclusive): a server-named queue is one instance's
+    /// alone and is named anew on each connection, so its delay queues would otherwise pile up on
+    /// the broker, one set per start, with nothing ever reading them.
+    exclusive_delays: bool,
 }
 
 impl Topology {
-    pub(crate) fn new(queue: &str, retries: &EventRetries) -> Self {
-        let base = if queue.starts_with("amq.") {
-            format!("palisade.{queue}")
-        } else {
-            queue.to_owned()
+    /// The topology of the service's queue `queue`. `server_named`: the queue was configured as
+    /// `''` and the broker named it; the dead letters then go to names derived from the exchange
+    /// it is bound to (`shared`, `palisade` without one), the same for every instance and start.
+    pub(crate) fn new(queue: &str, retries: &EventRetries, server_named: Option<&str>) -> Self {
+        let not_the_brokers = |name: &str| {
+            if name.starts_with("amq.") {
+                format!("palisade.{name}")
+            } else {
+                name.to_owned()
+            }
+        };
+        let base = not_the_brokers(queue);
+        let dead_letter_key = match server_named {
+            Some("") => "palisade".to_owned(),
+            Some(shared) => not_the_brokers(shared),
+            None => queue.to_owned(),
+        };
+        let dead_letter_base = match server_named {
+            Some(_) => dead_letter_key.clone(),
+            None => base.clone(),
         };
         Topology {
             queue: queue.to_owned(),
             dead_letter_exchange: retries
                 .dead_letter_exchange
                 .clone()
-                .unwrap_or_else(|| format!("{base}.dead-letter")),
+                .unwrap_or_else(|| format!("{dead_letter_base}.dead-letter")),
+            dead_letter_queue: format!("{dead_letter_base}.dead-letter"),
+            dead_letter_key,
+            exclusive_delays: server_named.is_some(),
             base,
         }
     }
@@ -187,6 +220,11 @@ impl Topology {
             durable,
             ..Default::default()
         };
+        let delay_options = QueueDeclareOptions {
+            durable: durable && !self.exclusive_delays,
+            exclusive: self.exclusive_delays,
+            ..Default::default()
+        };
         for delay in retries.delays_ms() {
             let name = self.retry_queue(delay);
             let arguments = field_table(
@@ -199,7 +237,7 @@ impl Topology {
                 .expect("an object"),
             );
             channel
-                .queue_declare(name.as_str().into(), queue_options, arguments)
+                .queue_declare(name.as_str().into(), delay_options, arguments)
                 .await
                 .map_err(|error| {
                     super::declare_error(
@@ -230,7 +268,7 @@ impl Topology {
             })?;
         let dead_letter_queue = match &retries.dead_letter_queue {
             Some(queue) => queue.clone(),
-            None => Some(format!("{}.dead-letter", self.base)),
+            None => Some(self.dead_letter_queue.clone()),
         };
         if let Some(name) = dead_letter_queue {
             channel
@@ -246,7 +284,7 @@ impl Topology {
                 .queue_bind(
                     name.as_str().into(),
                     self.dead_letter_exchange.as_str().into(),
-                    self.queue.as_str().into(),
+                    self.dead_letter_key.as_str().into(),
                     QueueBindOptions::default(),
                     FieldTable::default(),
                 )
@@ -382,7 +420,7 @@ pub(crate) async fn on_failure(
     match publish_confirmed(
         channel,
         &topology.dead_letter_exchange,
-        &topology.queue,
+        &topology.dead_letter_key,
         body,
         dead.clone(),
     )
@@ -444,13 +482,39 @@ mod tests {
 
     #[test]
     fn names_derive_from_the_queue() {
-        let topology = Topology::new("orders", &EventRetries::new());
+        let topology = Topology::new("orders", &EventRetries::new(), None);
         assert_eq!(topology.retry_queue(1000), "orders.retry.1000");
         assert_eq!(topology.dead_letter_exchange, "orders.dead-letter");
-        let generated = Topology::new("amq.gen-abc", &EventRetries::new());
-        assert_eq!(generated.retry_queue(5), "palisade.amq.gen-abc.retry.5");
-        let named = Topology::new("orders", &EventRetries::new().dead_letter_exchange("dlx"));
+        assert_eq!(topology.dead_letter_queue, "orders.dead-letter");
+        assert_eq!(topology.dead_letter_key, "orders");
+        assert!(!topology.exclusive_delays);
+        let amq = Topology::new("amq.orders", &EventRetries::new(), None);
+        assert_eq!(amq.retry_queue(5), "palisade.amq.orders.retry.5");
+        assert_eq!(amq.dead_letter_exchange, "palisade.amq.orders.dead-letter");
+        let named = Topology::new(
+            "orders",
+            &EventRetries::new().dead_letter_exchange("dlx"),
+            None,
+        );
         assert_eq!(named.dead_letter_exchange, "dlx");
+    }
+
+    #[test]
+    fn a_server_named_queue_dead_letters_under_stable_names() {
+        let bound = Topology::new("amq.gen-abc", &EventRetries::new(), Some("users"));
+        assert_eq!(bound.retry_queue(5), "palisade.amq.gen-abc.retry.5");
+        assert!(
+            bound.exclusive_delays,
+            "the delay queues go with the connection"
+        );
+        assert_eq!(bound.dead_letter_exchange, "users.dead-letter");
+        assert_eq!(bound.dead_letter_queue, "users.dead-letter");
+        assert_eq!(bound.dead_letter_key, "users");
+        let unbound = Topology::new("amq.gen-abc", &EventRetries::new(), Some(""));
+        assert_eq!(unbound.dead_letter_exchange, "palisade.dead-letter");
+        assert_eq!(unbound.dead_letter_key, "palisade");
+        let amq = Topology::new("amq.gen-abc", &EventRetries::new(), Some("amq.topic"));
+        assert_eq!(amq.dead_letter_exchange, "palisade.amq.topic.dead-letter");
     }
 
     #[test]

@@ -254,7 +254,11 @@ impl State {
                     })?;
             }
         }
-        let topology = Topology::new(&queue, &self.retries);
+        let server_named = options
+            .queue
+            .is_empty()
+            .then(|| options.exchange.as_deref().unwrap_or(""));
+        let topology = Topology::new(&queue, &self.retries, server_named);
         if !options.no_ack {
             topology
                 .declare(&consume, &self.retries, options.queue_options.is_durable())
