@@ -771,14 +771,100 @@ async fn durable_emits_beyond_the_request_queue_wait_for_room_and_none_is_lost()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn durable_emits_survive_repeated_cuts_with_slow_acknowledgements() {
+    durable_emits_survive_repeated_cuts(MqttVersion::V311).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn durable_emits_survive_repeated_cuts_with_slow_acknowledgements_over_mqtt5() {
+    durable_emits_survive_repeated_cuts(MqttVersion::V5).await;
+}
+
+/// A backlog of durable events over a slow link (acknowledgements arrive 60 ms late, with the
+/// broker's in-flight window small), cut four times while they are on their way: packet ids are
+/// reused across connections, collide, and the event loop takes its queue back at each cut.
+/// Every emit ends; every one confirmed was handled; the others fail saying the event was not
+/// sent (`NotConnected`) or that it was given up (`NotAcknowledged`).
+async fn durable_emits_survive_repeated_cuts(version: MqttVersion) {
+    let _serial = SERIAL.lock().await;
+    let broker = Broker::start_with("max_inflight_messages 20\n");
+    let (server, handled) = ledger(&broker, version).await;
+    let proxy = Proxy::start_with_delay(broker.port(), Duration::from_millis(60)).await;
+    let emitter = Client::builder()
+        .timeout(Duration::from_secs(60))
+        .connect(
+            MqttTransport::new(
+                MqttOptions::new(format!("mqtt://127.0.0.1:{}", proxy.port()))
+                    .reconnect_backoff(Duration::from_millis(20), Duration::from_millis(100))
+                    .version(version),
+            )
+            .durable_events(),
+        )
+        .await
+        .unwrap();
+    const EVENTS: u64 = 600;
+    let emits: Vec<_> = (1..=EVENTS)
+        .map(|n| {
+            let emitter = emitter.clone();
+            tokio::spawn(async move { (n, emitter.emit("entry", &n).await) })
+        })
+        .collect();
+    for pause in [60, 90, 80, 70] {
+        sleep(Duration::from_millis(pause)).await;
+        proxy.cut();
+    }
+    let mut confirmed = BTreeSet::new();
+    for emit in emits {
+        let (n, emitted) = tokio::time::timeout(Duration::from_secs(60), emit)
+            .await
+            .expect("an emit never ended")
+            .unwrap();
+        match emitted {
+            Ok(()) => {
+                confirmed.insert(n);
+            }
+            Err(error) => assert!(
+                matches!(
+                    error.transport_kind(),
+                    Some(TransportErrorKind::NotConnected | TransportErrorKind::NotAcknowledged)
+                ),
+                "{error}"
+            ),
+        }
+    }
+    assert!(!confirmed.is_empty());
+    eventually(
+        "every confirmed event handled",
+        Duration::from_secs(20),
+        || {
+            let handled = handled.lock().unwrap();
+            confirmed.iter().all(|n| handled.contains(&json!(n)))
+        },
+    )
+    .await;
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_durable_event_the_broker_drops_the_connection_for_fails_and_the_rest_flows() {
+    durable_event_over_the_broker_limit(MqttVersion::V311).await;
+}
+
+/// Over MQTT 5 the broker announces its limit, and rumqttc fails the connection itself when
+/// it cannot write the message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_durable_event_over_the_broker_limit_fails_and_the_rest_flows_over_mqtt5() {
+    durable_event_over_the_broker_limit(MqttVersion::V5).await;
+}
+
+async fn durable_event_over_the_broker_limit(version: MqttVersion) {
     let _serial = SERIAL.lock().await;
     // mosquitto closes the connection of a client that sends a larger packet.
     let broker = Broker::start_with("max_packet_size 2000\n");
-    let (server, handled) = ledger(&broker, MqttVersion::V311).await;
+    let (server, handled) = ledger(&broker, version).await;
     let emitter = Client::builder()
         .timeout(Duration::from_secs(20))
-        .connect(MqttTransport::new(options(&broker)).durable_events())
+        .connect(MqttTransport::new(options(&broker).version(version)).durable_events())
         .await
         .unwrap();
     let started = Instant::now();

@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 
@@ -36,6 +37,12 @@ impl Control {
 impl Proxy {
     /// Listens on a free loopback port and forwards each connection to `target` on loopback.
     pub async fn start(target: u16) -> Proxy {
+        Proxy::start_with_delay(target, Duration::ZERO).await
+    }
+
+    /// [`start`](Self::start), holding what the target sends back for `delay` before forwarding
+    /// it (a slow link, or a slow broker).
+    pub async fn start_with_delay(target: u16, delay: Duration) -> Proxy {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let control = Arc::new(Control {
@@ -59,12 +66,14 @@ impl Proxy {
                     upstream_write,
                     id,
                     Arc::clone(&accepting),
+                    Duration::ZERO,
                 ));
                 tokio::spawn(pump(
                     upstream_read,
                     client_write,
                     id,
                     Arc::clone(&accepting),
+                    delay,
                 ));
             }
         });
@@ -101,6 +110,7 @@ async fn pump(
     mut to: tokio::net::tcp::OwnedWriteHalf,
     id: u64,
     control: Arc<Control>,
+    delay: Duration,
 ) {
     let mut changed = control.changed.subscribe();
     let mut buffer = vec![0u8; 64 * 1024];
@@ -122,6 +132,9 @@ async fn pump(
             if changed.changed().await.is_err() {
                 return;
             }
+        }
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
         }
         if control.cut(id) || to.write_all(&buffer[..read]).await.is_err() {
             return;

@@ -1,4 +1,4 @@
-use super::link::{Event, Events, Link, MAX_LOSSES, Message, Qos, Refusal};
+use super::link::{Event, Events, Link, Message, Qos, Refusal};
 use super::{MqttOptions, check_topic, reply_topic, too_large};
 use crate::rpc::transport::{ClientTransport, Connect, ExplainSilence, ReplyReceiver};
 use crate::rpc::wire::{PendingRequests, SharedCodec};
@@ -51,9 +51,10 @@ impl MqttTransport {
     /// first, the event is published again once the client has reconnected, so it may arrive
     /// twice (at least once); `emit` waits on, within the client's timeout. It fails with
     /// `Unavailable` (`NotAcknowledged`) if the broker refuses the event (an MQTT 5 reason code),
-    /// or if the connection was lost three times while the event waited: a broker that closes
-    /// the connection on a message would otherwise be sent it forever. A timeout or an error
-    /// leaves it unknown whether the event arrived.
+    /// or if the connection was lost three times after the event was sent and before it was
+    /// acknowledged: a broker that closes the connection on a message would otherwise be sent it
+    /// forever. A timeout or an error leaves it unknown whether the event arrived, except
+    /// `NotConnected`: the client was not connected, and the event was not sent.
     pub fn durable_events(mut self) -> Self {
         self.durable_events = true;
         self
@@ -103,23 +104,46 @@ struct Shared {
     waiting_for_room: AtomicUsize,
     /// ...woken when the event loop took a request from it.
     room: Notify,
+    /// Woken when the connection is back (and when the event loop stops).
+    connection_back: Notify,
 }
 
-/// Resolves a durable event's `emit`.
-type Confirmation = oneshot::Sender<Result<(), RpcError>>;
+/// Lost connections after a durable event was sent without an acknowledgement, after which it is
+/// given up: a broker that closes the connection on a message would otherwise be sent it forever.
+const MAX_LOSSES: u32 = 3;
+
+/// What became of a durable event's publish.
+#[derive(Debug)]
+enum Confirmed {
+    /// The broker acknowledged it.
+    Acknowledged,
+    /// The broker refused it (MQTT 5).
+    Refused(RpcError),
+    /// The connection dropped before the acknowledgement. `written`: it went out (the broker may
+    /// have it); otherwise it never left rumqttc, which drops it when it reconnects.
+    Lost { written: bool },
+}
+
+/// Resolves one publish of a durable event.
+type Confirmation = oneshot::Sender<Confirmed>;
 
 /// Durable events on their way to the broker, matched with its acknowledgements (`PUBACK`) by
 /// packet id. rumqttc gives a QoS 1 message its packet id only when it writes it, in the order of
-/// its request queue: an event is queued and its confirmation put in `queued` under one lock, and
-/// each `Published` takes the first one.
+/// its request queue, and says nothing else about it: an event is queued and its confirmation put
+/// in `queued` under one lock, and each `Published` takes the first one. Nothing else goes
+/// through rumqttc's queue as QoS 1 on this connection, and rumqttc's own list of messages to
+/// send first (`pending`) is emptied at each connection of a clean session, so the two orders
+/// stay the same; a lost connection is accounted for in [`lost`](Self::lost).
 #[derive(Default)]
 struct Confirmations {
-    /// Events in rumqttc's queue (or held over a lost connection, never sent), in queue order.
+    /// Events in rumqttc's queue, in queue order.
     queued: VecDeque<Confirmation>,
     /// Events written and not yet acknowledged, by packet id.
     written: HashMap<u16, Confirmation>,
     /// An event that took a packet id still in flight: written once that one is acknowledged.
     collided: Option<(u16, Confirmation)>,
+    /// The event loop stopped: nothing is confirmed any more.
+    closed: bool,
 }
 
 impl Confirmations {
@@ -133,31 +157,55 @@ impl Confirmations {
         };
         match confirmation {
             Some(confirmation) => {
-                self.written.insert(pkid, confirmation);
+                if let Some(replaced) = self.written.insert(pkid, confirmation) {
+                    // Cannot happen while the orders agree; if it did, the event is sent again
+                    // rather than confirmed by another's acknowledgement.
+                    let _ = replaced.send(Confirmed::Lost { written: true });
+                }
             }
             None => tracing::debug!(pkid, "an MQTT message written that no event waits for"),
         }
     }
 
     fn collided(&mut self, pkid: u16) {
-        if let Some(confirmation) = self.queued.pop_front() {
-            self.collided = Some((pkid, confirmation));
+        if let Some(confirmation) = self.queued.pop_front()
+            && let Some((_, earlier)) = self.collided.replace((pkid, confirmation))
+        {
+            let _ = earlier.send(Confirmed::Lost { written: false });
         }
     }
 
-    fn settle(&mut self, pkid: u16, outcome: Result<(), RpcError>) {
+    fn settle(&mut self, pkid: u16, outcome: Confirmed) {
         if let Some(confirmation) = self.written.remove(&pkid) {
             // The caller may have stopped waiting.
             let _ = confirmation.send(outcome);
         }
     }
 
-    fn fail_all(&mut self, error: &RpcError) {
-        let collided = self.collided.take().map(|(_, confirmation)| confirmation);
-        let written = self.written.drain().map(|(_, confirmation)| confirmation);
-        for confirmation in self.queued.drain(..).chain(written).chain(collided) {
-            let _ = confirmation.send(Err(error.clone()));
+    /// The connection dropped, and rumqttc took back `unwritten` QoS 1 messages from the head of
+    /// its queue (it drops them when it reconnects). Those, the written ones and a collided one
+    /// are lost; the rest of `queued` was queued after rumqttc took its queue back and goes out
+    /// on the next connection, in order.
+    fn lost(&mut self, unwritten: usize) {
+        let unwritten = unwritten.min(self.queued.len());
+        for confirmation in self.queued.drain(..unwritten) {
+            let _ = confirmation.send(Confirmed::Lost { written: false });
         }
+        for (_, confirmation) in self.written.drain() {
+            let _ = confirmation.send(Confirmed::Lost { written: true });
+        }
+        if let Some((_, confirmation)) = self.collided.take() {
+            let _ = confirmation.send(Confirmed::Lost { written: false });
+        }
+    }
+
+    /// The event loop stopped: every confirmation is dropped (its `emit` fails) and none is taken
+    /// any more.
+    fn close(&mut self) {
+        self.closed = true;
+        self.queued.clear();
+        self.written.clear();
+        self.collided = None;
     }
 }
 
@@ -214,6 +262,7 @@ impl MqttConnection {
             confirmations: Mutex::default(),
             waiting_for_room: AtomicUsize::new(0),
             room: Notify::new(),
+            connection_back: Notify::new(),
         });
         let stop = CancellationToken::new();
         tokio::spawn(run(Arc::clone(&shared), events, acks_tx, stop.clone()));
@@ -342,6 +391,7 @@ impl Shared {
                 Ok(()) => {
                     if self.generation.load(Ordering::SeqCst) == generation {
                         self.connected.store(true, Ordering::SeqCst);
+                        self.connection_back.notify_waiters();
                         tracing::info!(broker = %self.options.address_text(), "reconnected to the MQTT broker");
                     }
                     return;
@@ -381,7 +431,7 @@ impl Shared {
     }
 
     /// Publishes a durable event (QoS 1) and waits for the broker's acknowledgement. If the
-    /// connection drops first, the event is published again on the next one.
+    /// connection drops first, the event is published again once the client has reconnected.
     async fn publish_durable(&self, topic: &str, payload: Bytes) -> Result<(), RpcError> {
         if !self.options.fits(topic, payload.len()) {
             return Err(too_large(
@@ -390,32 +440,87 @@ impl Shared {
                 self.options.max_packet_size,
             ));
         }
-        let (confirmation, confirmed) = oneshot::channel();
-        let mut confirmation = Some(confirmation);
+        // Not connected at first: fails at once, as every request does.
+        let mut confirmed = self.queue_durable(topic, &payload).await?;
+        let mut losses = 0;
         loop {
-            self.check_connected()?;
+            match confirmed.await {
+                Ok(Confirmed::Acknowledged) => return Ok(()),
+                Ok(Confirmed::Refused(error)) => return Err(error),
+                Ok(Confirmed::Lost { written }) => {
+                    if written {
+                        losses += 1;
+                        if losses >= MAX_LOSSES {
+                            return Err(self.abandoned());
+                        }
+                    }
+                }
+                Err(_) => return Err(self.dropped()),
+            }
+            // Published again on the next connection (the broker may already have it: at least
+            // once).
+            confirmed = loop {
+                self.until_connected().await?;
+                match self.queue_durable(topic, &payload).await {
+                    Err(error)
+                        if error.transport_kind() == Some(TransportErrorKind::NotConnected) =>
+                    {
+                        continue;
+                    }
+                    queued => break queued?,
+                }
+            };
+        }
+    }
+
+    /// Queues a durable event's publish in rumqttc's request queue (waiting for room) and
+    /// registers its confirmation.
+    async fn queue_durable(
+        &self,
+        topic: &str,
+        payload: &Bytes,
+    ) -> Result<oneshot::Receiver<Confirmed>, RpcError> {
+        loop {
             let room = self.room.notified();
             let mut room = std::pin::pin!(room);
             room.as_mut().enable();
+            // Counted before trying: a request the event loop takes after a failed try wakes us.
+            let _waiting = WaitingForRoom::new(&self.waiting_for_room);
             {
                 // Queued and registered under one lock, so that the order of `queued` is the
                 // order of rumqttc's queue.
                 let mut confirmations = self.confirmations();
+                if confirmations.closed {
+                    return Err(self.dropped());
+                }
+                self.check_connected()?;
                 if self
                     .client
                     .try_publish(topic, Qos::AtLeastOnce, payload.clone())
                 {
-                    confirmations.queued.extend(confirmation.take());
-                    break;
+                    let (confirmation, confirmed) = oneshot::channel();
+                    confirmations.queued.push_back(confirmation);
+                    return Ok(confirmed);
                 }
             }
-            if self.pending.is_closed() {
-                return Err(self.dropped());
-            }
-            let _waiting = WaitingForRoom::new(&self.waiting_for_room);
             room.await;
         }
-        confirmed.await.unwrap_or_else(|_| Err(self.dropped()))
+    }
+
+    /// Waits until the connection is back (its subscriptions restored).
+    async fn until_connected(&self) -> Result<(), RpcError> {
+        loop {
+            let back = self.connection_back.notified();
+            let mut back = std::pin::pin!(back);
+            back.as_mut().enable();
+            if self.confirmations().closed {
+                return Err(self.dropped());
+            }
+            if self.connected.load(Ordering::SeqCst) {
+                return Ok(());
+            }
+            back.await;
+        }
     }
 
     fn dropped(&self) -> RpcError {
@@ -425,37 +530,52 @@ impl Shared {
         )
     }
 
+    fn abandoned(&self) -> RpcError {
+        RpcError::transport(
+            TransportErrorKind::NotAcknowledged,
+            format!(
+                "the MQTT broker at {} did not acknowledge the event: the connection was lost \
+                 {MAX_LOSSES} times after it was sent (does the broker close the connection on \
+                 this message?)",
+                self.options.address_text()
+            ),
+        )
+    }
+
     /// What the event loop reported about durable events.
     fn confirm(&self, event: &Event) {
         match *event {
-            Event::Published {
-                pkid,
-                resent: false,
-            } => self.confirmations().written(pkid),
+            Event::Published(pkid) => self.confirmations().written(pkid),
             Event::Collided(pkid) => self.confirmations().collided(pkid),
             Event::PubAck { pkid, ref refused } => {
                 let outcome = match refused {
-                    None => Ok(()),
-                    Some(refusal) => Err(refused_event(refusal)),
+                    None => Confirmed::Acknowledged,
+                    Some(refusal) => Confirmed::Refused(refused_event(refusal)),
                 };
                 self.confirmations().settle(pkid, outcome)
             }
-            Event::Abandoned(pkid) => self.confirmations().settle(
-                pkid,
-                Err(RpcError::transport(
-                    TransportErrorKind::NotAcknowledged,
-                    format!(
-                        "the MQTT broker at {} did not acknowledge the event: the connection was \
-                         lost {MAX_LOSSES} times while it waited (does the broker close the \
-                         connection on this message?)",
-                        self.options.address_text()
-                    ),
-                )),
-            ),
             _ => {}
         }
         if self.waiting_for_room.load(Ordering::SeqCst) > 0 {
             self.room.notify_waiters();
+        }
+    }
+
+    /// Handles an event of the connection.
+    fn on_event(self: &Arc<Self>, event: Event, acks: &mpsc::UnboundedSender<Vec<bool>>) {
+        match event {
+            Event::Message(message) => {
+                deliver(&self.pending, self.options.shared_codec(), &message)
+            }
+            Event::SubAck(ack) => {
+                let _ = acks.send(ack);
+            }
+            Event::ConnAck => {
+                // Clean session: the broker forgot the subscriptions.
+                let generation = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
+                tokio::spawn(Arc::clone(self).restore(generation));
+            }
+            event => self.confirm(&event),
         }
     }
 }
@@ -481,6 +601,9 @@ async fn run(
     stop: CancellationToken,
 ) {
     let mut attempt = 0u32;
+    // A connection was up since the last loss: rumqttc took its request queue back when it
+    // failed (a failed attempt to connect does not).
+    let mut was_up = true;
     loop {
         let event = tokio::select! {
             biased;
@@ -488,28 +611,30 @@ async fn run(
             event = events.poll() => event,
         };
         match event {
-            Ok(Event::Message(message)) => {
-                deliver(&shared.pending, shared.options.shared_codec(), &message)
+            Ok(event) => {
+                if matches!(event, Event::ConnAck) {
+                    attempt = 0;
+                    was_up = true;
+                }
+                shared.on_event(event, &acks);
             }
-            Ok(Event::SubAck(ack)) => {
-                let _ = acks.send(ack);
-            }
-            Ok(Event::ConnAck) => {
-                attempt = 0;
-                // Clean session: the broker forgot the subscriptions.
-                let generation = shared.generation.fetch_add(1, Ordering::SeqCst) + 1;
-                tokio::spawn(Arc::clone(&shared).restore(generation));
-            }
-            Ok(event) => shared.confirm(&event),
             Err(error) => {
-                // Events waiting for room fail now (they find the client not connected); the
-                // queued and written ones are published again on the next connection.
-                shared.room.notify_waiters();
                 // A restoration under way belongs to the connection just lost.
                 shared.generation.fetch_add(1, Ordering::SeqCst);
                 if shared.connected.swap(false, Ordering::SeqCst) {
                     tracing::warn!(%error, broker = %shared.options.address_text(), "lost the connection to the MQTT broker; reconnecting");
                 }
+                if std::mem::take(&mut was_up) {
+                    // What rumqttc had not yet said about the lost connection first, then what
+                    // it lost with it.
+                    for event in events.take_buffered() {
+                        shared.on_event(event, &acks);
+                    }
+                    shared.confirmations().lost(events.unwritten_after_loss());
+                    events.drop_collision();
+                }
+                // Events waiting for room fail now (they find the client not connected).
+                shared.room.notify_waiters();
                 shared.pending.fail_all(&RpcError::transport(
                     TransportErrorKind::ConnectionLost,
                     format!(
@@ -527,10 +652,10 @@ async fn run(
     }
     shared.connected.store(false, Ordering::SeqCst);
     shared.client.try_disconnect();
-    let dropped = shared.dropped();
-    shared.pending.close(&dropped);
-    shared.confirmations().fail_all(&dropped);
+    shared.pending.close(&shared.dropped());
+    shared.confirmations().close();
     shared.room.notify_waiters();
+    shared.connection_back.notify_waiters();
 }
 
 /// Why a request nobody answered is failed just before its deadline: MQTT cannot tell whether

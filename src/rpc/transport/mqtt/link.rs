@@ -3,7 +3,6 @@
 
 use bytes::Bytes;
 use rumqttc::v5::mqttbytes::v5 as v5_packets;
-use std::collections::{HashMap, HashSet};
 
 /// The protocol version a connection speaks.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -48,36 +47,10 @@ pub(crate) enum Link {
 }
 
 /// The event loop of a connection: it must be polled for anything to happen.
-///
-/// It keeps what rumqttc would lose: QoS 1 messages not acknowledged when the connection
-/// drops. rumqttc moves them to its `pending` queue, and empties that queue when it reconnects to
-/// a broker that kept no session (every clean session); they are taken out before that and put
-/// back once the broker accepted the new connection, so they are published again (at least
-/// once). A message the broker took the connection down for would be published again forever:
-/// after [`MAX_LOSSES`] lost connections it is given up ([`Event::Abandoned`]).
-pub(crate) struct Events {
-    inner: Loop,
-    /// Packet ids of held messages already sent once: their next `Published` is a resend.
-    resending: HashSet<u16>,
-    /// For each packet id sent and not yet acknowledged, the connections lost meanwhile.
-    losses: HashMap<u16, u32>,
-    /// Packet ids given up, reported one per poll.
-    abandoned: Vec<u16>,
+pub(crate) enum Events {
+    V4(Box<rumqttc::EventLoop>),
+    V5(Box<rumqttc::v5::EventLoop>),
 }
-
-enum Loop {
-    V4 {
-        events: Box<rumqttc::EventLoop>,
-        held: Vec<rumqttc::Request>,
-    },
-    V5 {
-        events: Box<rumqttc::v5::EventLoop>,
-        held: Vec<rumqttc::v5::Request>,
-    },
-}
-
-/// Lost connections after which a QoS 1 message still not acknowledged is given up.
-pub(crate) const MAX_LOSSES: u32 = 3;
 
 /// A message received.
 pub(crate) enum Message {
@@ -111,12 +84,9 @@ pub(crate) enum Event {
     SubAck(Vec<bool>),
     /// The disconnect request went out.
     Disconnected,
-    /// A QoS 1 message was written with this packet id; `resent` if it was held over a lost
-    /// connection and already had the id.
-    Published {
-        pkid: u16,
-        resent: bool,
-    },
+    /// A QoS 1 message was written with this packet id (rumqttc numbers them as it writes them,
+    /// in the order of its request queue).
+    Published(u16),
     /// A QoS 1 message took a packet id still in flight: it is written (and reported
     /// `Published`) once that id is acknowledged.
     Collided(u16),
@@ -126,9 +96,6 @@ pub(crate) enum Event {
         pkid: u16,
         refused: Option<Refusal>,
     },
-    /// The QoS 1 message with this packet id was given up after [`MAX_LOSSES`] lost
-    /// connections.
-    Abandoned(u16),
     Other,
 }
 
@@ -157,198 +124,132 @@ impl std::fmt::Display for LinkError {
 
 impl Events {
     pub(crate) fn v4(events: rumqttc::EventLoop) -> Self {
-        Events::with(Loop::V4 {
-            events: Box::new(events),
-            held: Vec::new(),
-        })
+        Events::V4(Box::new(events))
     }
 
     pub(crate) fn v5(events: rumqttc::v5::EventLoop) -> Self {
-        Events::with(Loop::V5 {
-            events: Box::new(events),
-            held: Vec::new(),
-        })
-    }
-
-    fn with(inner: Loop) -> Self {
-        Events {
-            inner,
-            resending: HashSet::new(),
-            losses: HashMap::new(),
-            abandoned: Vec::new(),
-        }
+        Events::V5(Box::new(events))
     }
 
     pub(crate) async fn poll(&mut self) -> Result<Event, LinkError> {
-        if let Some(pkid) = self.abandoned.pop() {
-            return Ok(Event::Abandoned(pkid));
-        }
-        let polled = match &mut self.inner {
-            Loop::V4 { events, .. } => poll_v4(events).await,
-            Loop::V5 { events, .. } => poll_v5(events).await,
-        };
-        match &polled {
-            Err(_) => self.hold(),
-            Ok(Event::ConnAck) => self.release(),
-            Ok(Event::Published { pkid, resent }) if !*resent => {
-                if self.resending.remove(pkid) {
-                    return Ok(Event::Published {
-                        pkid: *pkid,
-                        resent: true,
-                    });
-                }
-            }
-            Ok(Event::PubAck { pkid, .. }) => {
-                self.losses.remove(pkid);
-            }
-            Ok(_) => {}
-        }
-        polled
-    }
-
-    /// After a lost connection: takes the QoS 1 messages out of rumqttc's `pending` queue,
-    /// giving up those sent on [`MAX_LOSSES`] lost connections.
-    fn hold(&mut self) {
-        match &mut self.inner {
-            Loop::V4 { events, held } => {
-                let pending = std::mem::take(&mut events.pending);
-                for request in pending {
-                    let pkid = match &request {
-                        rumqttc::Request::Publish(publish)
-                            if publish.qos != rumqttc::QoS::AtMostOnce =>
-                        {
-                            publish.pkid
-                        }
-                        _ => {
-                            events.pending.push_back(request);
-                            continue;
-                        }
-                    };
-                    if Self::keep(
-                        &mut self.losses,
-                        &mut self.resending,
-                        &mut self.abandoned,
-                        pkid,
-                    ) {
-                        held.push(request);
+        match self {
+            Events::V4(events) => events.poll().await.map(v4_event).map_err(v4_error),
+            Events::V5(events) => {
+                let event = events.poll().await.map(v5_event).map_err(v5_error)?;
+                if let Event::PubAck {
+                    pkid,
+                    refused: Some(_),
+                } = &event
+                {
+                    // rumqttc releases a message waiting for this packet id only when the
+                    // acknowledgement accepts it: send it now, or it would hold up every request.
+                    if events.state.collision.as_ref().map(|c| c.pkid) == Some(*pkid)
+                        && let Some(waiting) = events.state.collision.take()
+                    {
+                        events
+                            .pending
+                            .push_front(rumqttc::v5::Request::Publish(waiting));
                     }
                 }
-            }
-            Loop::V5 { events, held } => {
-                let pending = std::mem::take(&mut events.pending);
-                for request in pending {
-                    let pkid = match &request {
-                        rumqttc::v5::Request::Publish(publish)
-                            if publish.qos != rumqttc::v5::mqttbytes::QoS::AtMostOnce =>
-                        {
-                            publish.pkid
-                        }
-                        _ => {
-                            events.pending.push_back(request);
-                            continue;
-                        }
-                    };
-                    if Self::keep(
-                        &mut self.losses,
-                        &mut self.resending,
-                        &mut self.abandoned,
-                        pkid,
-                    ) {
-                        held.push(request);
-                    }
-                }
+                Ok(event)
             }
         }
     }
 
-    /// Whether a QoS 1 message with `pkid` (0: never sent) is published again.
-    fn keep(
-        losses: &mut HashMap<u16, u32>,
-        resending: &mut HashSet<u16>,
-        abandoned: &mut Vec<u16>,
-        pkid: u16,
-    ) -> bool {
-        if pkid == 0 {
-            return true;
-        }
-        let lost = losses.entry(pkid).or_insert(0);
-        *lost += 1;
-        if *lost >= MAX_LOSSES {
-            losses.remove(&pkid);
-            resending.remove(&pkid);
-            abandoned.push(pkid);
-            false
-        } else {
-            resending.insert(pkid);
-            true
+    /// After a lost connection: the events rumqttc had buffered and not yielded yet (it yields
+    /// them first on the next connection), taken now so that they are read as the lost
+    /// connection's.
+    pub(crate) fn take_buffered(&mut self) -> Vec<Event> {
+        match self {
+            Events::V4(events) => events.state.events.drain(..).map(v4_event).collect(),
+            Events::V5(events) => events.state.events.drain(..).map(v5_event).collect(),
         }
     }
 
-    /// Once the broker accepted a connection: the held messages go first.
-    fn release(&mut self) {
-        match &mut self.inner {
-            Loop::V4 { events, held } => {
-                for request in held.drain(..).rev() {
-                    events.pending.push_front(request);
-                }
-            }
-            Loop::V5 { events, held } => {
-                for request in held.drain(..).rev() {
-                    events.pending.push_front(request);
-                }
-            }
+    /// After a lost connection: the QoS 1 messages rumqttc took back from its request queue,
+    /// never written (no packet id yet). It drops them when it reconnects to a broker that kept
+    /// no session.
+    pub(crate) fn unwritten_after_loss(&self) -> usize {
+        match self {
+            Events::V4(events) => events
+                .pending
+                .iter()
+                .filter(|request| {
+                    matches!(request, rumqttc::Request::Publish(p)
+                        if p.qos != rumqttc::QoS::AtMostOnce && p.pkid == 0)
+                })
+                .count(),
+            Events::V5(events) => events
+                .pending
+                .iter()
+                .filter(|request| {
+                    matches!(request, rumqttc::v5::Request::Publish(p)
+                        if p.qos != rumqttc::v5::mqttbytes::QoS::AtMostOnce && p.pkid == 0)
+                })
+                .count(),
+        }
+    }
+
+    /// After a lost connection: drops the message rumqttc held back for a packet id still in
+    /// flight ([`Event::Collided`]). That id will never be acknowledged now, and rumqttc keeps
+    /// the message over reconnections, taking no request meanwhile.
+    pub(crate) fn drop_collision(&mut self) {
+        match self {
+            Events::V4(events) => events.state.collision = None,
+            Events::V5(events) => events.state.collision = None,
         }
     }
 }
 
-async fn poll_v4(events: &mut rumqttc::EventLoop) -> Result<Event, LinkError> {
-    use rumqttc::{ConnectReturnCode, ConnectionError, Event as E, Outgoing, Packet};
-    match events.poll().await {
-        Ok(E::Incoming(Packet::ConnAck(_))) => Ok(Event::ConnAck),
-        Ok(E::Incoming(Packet::Publish(publish))) => Ok(Event::Message(Message::V4(publish))),
-        Ok(E::Incoming(Packet::SubAck(ack))) => Ok(Event::SubAck(
+fn v4_event(event: rumqttc::Event) -> Event {
+    use rumqttc::{Event as E, Outgoing, Packet};
+    match event {
+        E::Incoming(Packet::ConnAck(_)) => Event::ConnAck,
+        E::Incoming(Packet::Publish(publish)) => Event::Message(Message::V4(publish)),
+        E::Incoming(Packet::SubAck(ack)) => Event::SubAck(
             ack.return_codes
                 .iter()
                 .map(|code| matches!(code, rumqttc::SubscribeReasonCode::Success(_)))
                 .collect(),
-        )),
-        Ok(E::Incoming(Packet::PubAck(ack))) => Ok(Event::PubAck {
+        ),
+        E::Incoming(Packet::PubAck(ack)) => Event::PubAck {
             pkid: ack.pkid,
             refused: None,
-        }),
-        Ok(E::Outgoing(Outgoing::Publish(pkid))) if pkid != 0 => Ok(Event::Published {
-            pkid,
-            resent: false,
-        }),
-        Ok(E::Outgoing(Outgoing::AwaitAck(pkid))) => Ok(Event::Collided(pkid)),
-        Ok(E::Outgoing(Outgoing::Disconnect)) => Ok(Event::Disconnected),
-        Ok(_) => Ok(Event::Other),
-        Err(error) => Err(LinkError {
-            authentication: matches!(
-                error,
-                ConnectionError::ConnectionRefused(
-                    ConnectReturnCode::BadUserNamePassword | ConnectReturnCode::NotAuthorized
-                )
-            ),
-            text: error.to_string(),
-        }),
+        },
+        E::Outgoing(Outgoing::Publish(pkid)) if pkid != 0 => Event::Published(pkid),
+        E::Outgoing(Outgoing::AwaitAck(pkid)) => Event::Collided(pkid),
+        E::Outgoing(Outgoing::Disconnect) => Event::Disconnected,
+        _ => Event::Other,
     }
 }
 
-async fn poll_v5(events: &mut rumqttc::v5::EventLoop) -> Result<Event, LinkError> {
+fn v4_error(error: rumqttc::ConnectionError) -> LinkError {
+    use rumqttc::{ConnectReturnCode, ConnectionError};
+    LinkError {
+        authentication: matches!(
+            error,
+            ConnectionError::ConnectionRefused(
+                ConnectReturnCode::BadUserNamePassword | ConnectReturnCode::NotAuthorized
+            )
+        ),
+        text: error.to_string(),
+    }
+}
+
+fn v5_event(event: rumqttc::v5::Event) -> Event {
     use rumqttc::Outgoing;
-    use rumqttc::v5::{ConnectionError, Event as E};
-    use v5_packets::{ConnectReturnCode, Packet, PubAckReason};
-    match events.poll().await {
-        Ok(E::Incoming(Packet::ConnAck(_))) => Ok(Event::ConnAck),
-        Ok(E::Incoming(Packet::Publish(publish))) => Ok(Event::Message(Message::V5(publish))),
-        Ok(E::Incoming(Packet::SubAck(ack))) => Ok(Event::SubAck(
+    use rumqttc::v5::Event as E;
+    use v5_packets::{Packet, PubAckReason};
+    match event {
+        E::Incoming(Packet::ConnAck(_)) => Event::ConnAck,
+        E::Incoming(Packet::Publish(publish)) => Event::Message(Message::V5(publish)),
+        E::Incoming(Packet::SubAck(ack)) => Event::SubAck(
             ack.return_codes
                 .iter()
                 .map(|code| matches!(code, v5_packets::SubscribeReasonCode::Success(_)))
                 .collect(),
-        )),
-        Ok(E::Incoming(Packet::PubAck(ack))) => Ok(Event::PubAck {
+        ),
+        E::Incoming(Packet::PubAck(ack)) => Event::PubAck {
             pkid: ack.pkid,
             refused: match ack.reason {
                 PubAckReason::Success | PubAckReason::NoMatchingSubscribers => None,
@@ -357,25 +258,27 @@ async fn poll_v5(events: &mut rumqttc::v5::EventLoop) -> Result<Event, LinkError
                     authorization: reason == PubAckReason::NotAuthorized,
                 }),
             },
-        }),
-        Ok(E::Outgoing(Outgoing::Publish(pkid))) if pkid != 0 => Ok(Event::Published {
-            pkid,
-            resent: false,
-        }),
-        Ok(E::Outgoing(Outgoing::AwaitAck(pkid))) => Ok(Event::Collided(pkid)),
-        Ok(E::Outgoing(Outgoing::Disconnect)) => Ok(Event::Disconnected),
-        Ok(_) => Ok(Event::Other),
-        Err(error) => Err(LinkError {
-            authentication: matches!(
-                error,
-                ConnectionError::ConnectionRefused(
-                    ConnectReturnCode::BadUserNamePassword
-                        | ConnectReturnCode::NotAuthorized
-                        | ConnectReturnCode::BadAuthenticationMethod
-                )
-            ),
-            text: error.to_string(),
-        }),
+        },
+        E::Outgoing(Outgoing::Publish(pkid)) if pkid != 0 => Event::Published(pkid),
+        E::Outgoing(Outgoing::AwaitAck(pkid)) => Event::Collided(pkid),
+        E::Outgoing(Outgoing::Disconnect) => Event::Disconnected,
+        _ => Event::Other,
+    }
+}
+
+fn v5_error(error: rumqttc::v5::ConnectionError) -> LinkError {
+    use rumqttc::v5::ConnectionError;
+    use v5_packets::ConnectReturnCode;
+    LinkError {
+        authentication: matches!(
+            error,
+            ConnectionError::ConnectionRefused(
+                ConnectReturnCode::BadUserNamePassword
+                    | ConnectReturnCode::NotAuthorized
+                    | ConnectReturnCode::BadAuthenticationMethod
+            )
+        ),
+        text: error.to_string(),
     }
 }
 
