@@ -169,7 +169,8 @@ impl MqttOptions {
         self
     }
 
-    /// The keep-alive interval (default 30 s): how soon a silent broker counts as lost.
+    /// The keep-alive interval (default 30 s): how soon a silent broker counts as lost. At least
+    /// 1 s, and 5 s over MQTT 5 (rumqttc's floor there).
     pub fn keep_alive(mut self, interval: Duration) -> Self {
         self.keep_alive = interval.max(Duration::from_secs(1));
         self
@@ -288,7 +289,8 @@ impl MqttOptions {
             MqttVersion::V5 => {
                 let mut options = rumqttc::v5::MqttOptions::new(id, parsed.host, parsed.port);
                 options
-                    .set_keep_alive(self.keep_alive)
+                    // rumqttc panics below 5 s over MQTT 5.
+                    .set_keep_alive(self.keep_alive.max(MQTT5_MIN_KEEP_ALIVE))
                     .set_clean_start(clean_session)
                     .set_manual_acks(manual_acks)
                     .set_connection_timeout(self.connection_timeout.as_secs().max(1))
@@ -404,6 +406,9 @@ pub(crate) fn reply_topic(topic: &str) -> String {
     format!("{topic}/reply")
 }
 
+/// The shortest keep-alive rumqttc accepts over MQTT 5.
+const MQTT5_MIN_KEEP_ALIVE: Duration = Duration::from_secs(5);
+
 /// The error for a packet too large to publish.
 pub(crate) fn too_large(topic: &str, size: usize, limit: usize) -> RpcError {
     RpcError::transport(
@@ -417,6 +422,25 @@ pub(crate) fn too_large(topic: &str, size: usize, limit: usize) -> RpcError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_short_keep_alive_is_raised_to_what_each_version_allows() {
+        for version in [MqttVersion::V311, MqttVersion::V5] {
+            for interval in [
+                Duration::ZERO,
+                Duration::from_secs(1),
+                Duration::from_secs(4),
+            ] {
+                let options = MqttOptions::new("mqtt://127.0.0.1:1")
+                    .version(version)
+                    .keep_alive(interval);
+                assert!(
+                    options.session(true, false).is_ok(),
+                    "{version:?} {interval:?}"
+                );
+            }
+        }
+    }
 
     #[test]
     fn urls() {
