@@ -770,6 +770,79 @@ async fn durable_emits_beyond_the_request_queue_wait_for_room_and_none_is_lost()
     server.shutdown().await;
 }
 
+/// More durable events than rumqttc's request queue holds, over a healthy but slow link: those
+/// that find the queue full wait for room, and every one is confirmed and handled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn durable_emits_beyond_the_request_queue_over_a_slow_link_all_go_out() {
+    let _serial = SERIAL.lock().await;
+    let broker = Broker::start();
+    let (server, handled) = ledger(&broker, MqttVersion::V311).await;
+    let proxy = Proxy::start_with_delay(broker.port(), Duration::from_millis(20)).await;
+    let emitter = Client::builder()
+        .timeout(Duration::from_secs(60))
+        .connect(
+            MqttTransport::new(MqttOptions::new(format!(
+                "mqtt://127.0.0.1:{}",
+                proxy.port()
+            )))
+            .durable_events(),
+        )
+        .await
+        .unwrap();
+    const EVENTS: u64 = 1500;
+    let emits: Vec<_> = (1..=EVENTS)
+        .map(|n| {
+            let emitter = emitter.clone();
+            tokio::spawn(async move { emitter.emit("entry", &n).await })
+        })
+        .collect();
+    for emit in emits {
+        tokio::time::timeout(Duration::from_secs(30), emit)
+            .await
+            .expect("an emit waiting for room was never woken")
+            .unwrap()
+            .unwrap();
+    }
+    eventually("every event handled", Duration::from_secs(20), || {
+        handled.lock().unwrap().len() >= EVENTS as usize
+    })
+    .await;
+    server.shutdown().await;
+}
+
+/// A durable emit while the client is not connected fails at once, saying the event was not sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_durable_emit_while_disconnected_fails_at_once_as_not_sent() {
+    let _serial = SERIAL.lock().await;
+    let mut broker = Broker::start();
+    let connection = MqttTransport::new(options(&broker))
+        .durable_events()
+        .connect()
+        .await
+        .unwrap();
+    let emitter = Client::builder().build(connection.clone());
+    emitter.emit("entry", &1).await.unwrap();
+    broker.stop();
+    eventually("the loss noticed", Duration::from_secs(5), || {
+        !connection.is_connected()
+    })
+    .await;
+    let started = Instant::now();
+    let error = emitter.emit("entry", &2).await.unwrap_err();
+    assert_eq!(
+        error.transport_kind(),
+        Some(TransportErrorKind::NotConnected),
+        "{error}"
+    );
+    assert!(started.elapsed() < Duration::from_millis(500));
+    broker.restart();
+    eventually("reconnected", Duration::from_secs(10), || {
+        connection.is_connected()
+    })
+    .await;
+    emitter.emit("entry", &3).await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn durable_emits_survive_repeated_cuts_with_slow_acknowledgements() {
     durable_emits_survive_repeated_cuts(MqttVersion::V311).await;

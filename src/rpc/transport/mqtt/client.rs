@@ -440,8 +440,7 @@ impl Shared {
                 self.options.max_packet_size,
             ));
         }
-        // Not connected at first: fails at once, as every request does.
-        let mut confirmed = self.queue_durable(topic, &payload).await?;
+        let mut confirmed = self.queue_durable(topic, &payload, false).await?;
         let mut losses = 0;
         loop {
             match confirmed.await {
@@ -459,67 +458,52 @@ impl Shared {
             }
             // Published again on the next connection (the broker may already have it: at least
             // once).
-            confirmed = loop {
-                self.until_connected().await?;
-                match self.queue_durable(topic, &payload).await {
-                    Err(error)
-                        if error.transport_kind() == Some(TransportErrorKind::NotConnected) =>
-                    {
-                        continue;
-                    }
-                    queued => break queued?,
-                }
-            };
+            confirmed = self.queue_durable(topic, &payload, true).await?;
         }
     }
 
     /// Queues a durable event's publish in rumqttc's request queue (waiting for room) and
-    /// registers its confirmation.
+    /// registers its confirmation. While the client is not connected a first publish fails at
+    /// once with `NotConnected`, as every request does, and a `resend` waits for the connection.
     async fn queue_durable(
         &self,
         topic: &str,
         payload: &Bytes,
+        resend: bool,
     ) -> Result<oneshot::Receiver<Confirmed>, RpcError> {
         loop {
             let room = self.room.notified();
             let mut room = std::pin::pin!(room);
             room.as_mut().enable();
+            let back = self.connection_back.notified();
+            let mut back = std::pin::pin!(back);
+            back.as_mut().enable();
             // Counted before trying: a request the event loop takes after a failed try wakes us.
             let _waiting = WaitingForRoom::new(&self.waiting_for_room);
-            {
+            let connected = {
                 // Queued and registered under one lock, so that the order of `queued` is the
                 // order of rumqttc's queue.
                 let mut confirmations = self.confirmations();
                 if confirmations.closed {
                     return Err(self.dropped());
                 }
-                self.check_connected()?;
-                if self
-                    .client
-                    .try_publish(topic, Qos::AtLeastOnce, payload.clone())
+                let connected = self.connected.load(Ordering::SeqCst);
+                if connected
+                    && self
+                        .client
+                        .try_publish(topic, Qos::AtLeastOnce, payload.clone())
                 {
                     let (confirmation, confirmed) = oneshot::channel();
                     confirmations.queued.push_back(confirmation);
                     return Ok(confirmed);
                 }
+                connected
+            };
+            match (connected, resend) {
+                (true, _) => room.await,
+                (false, true) => back.await,
+                (false, false) => return Err(self.not_connected()),
             }
-            room.await;
-        }
-    }
-
-    /// Waits until the connection is back (its subscriptions restored).
-    async fn until_connected(&self) -> Result<(), RpcError> {
-        loop {
-            let back = self.connection_back.notified();
-            let mut back = std::pin::pin!(back);
-            back.as_mut().enable();
-            if self.confirmations().closed {
-                return Err(self.dropped());
-            }
-            if self.connected.load(Ordering::SeqCst) {
-                return Ok(());
-            }
-            back.await;
         }
     }
 
@@ -755,5 +739,118 @@ impl fmt::Debug for MqttConnection {
             .field("connected", &shared.connected.load(Ordering::Relaxed))
             .field("pending", &shared.pending.len())
             .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn confirmations(count: usize) -> (Confirmations, Vec<oneshot::Receiver<Confirmed>>) {
+        let mut confirmations = Confirmations::default();
+        let receivers = (0..count)
+            .map(|_| {
+                let (confirmation, confirmed) = oneshot::channel();
+                confirmations.queued.push_back(confirmation);
+                confirmed
+            })
+            .collect();
+        (confirmations, receivers)
+    }
+
+    fn outcome(confirmed: &mut oneshot::Receiver<Confirmed>) -> String {
+        match confirmed.try_recv() {
+            Ok(outcome) => format!("{outcome:?}"),
+            Err(oneshot::error::TryRecvError::Empty) => "waiting".into(),
+            Err(oneshot::error::TryRecvError::Closed) => "dropped".into(),
+        }
+    }
+
+    #[test]
+    fn each_message_written_takes_the_first_confirmation_and_its_acknowledgement_settles_it() {
+        let (mut confirmations, mut confirmed) = confirmations(2);
+        confirmations.written(7);
+        confirmations.written(8);
+        confirmations.settle(8, Confirmed::Acknowledged);
+        assert_eq!(outcome(&mut confirmed[0]), "waiting");
+        assert_eq!(outcome(&mut confirmed[1]), "Acknowledged");
+        confirmations.settle(7, Confirmed::Acknowledged);
+        assert_eq!(outcome(&mut confirmed[0]), "Acknowledged");
+        // An acknowledgement nobody waits for, and a message written that nobody queued.
+        confirmations.settle(7, Confirmed::Acknowledged);
+        confirmations.written(9);
+        assert!(confirmations.written.is_empty());
+    }
+
+    #[test]
+    fn a_collided_message_keeps_its_confirmation_until_its_packet_id_is_written() {
+        let (mut confirmations, mut confirmed) = confirmations(3);
+        confirmations.written(1);
+        // The second message waits for packet id 1, still in flight.
+        confirmations.collided(1);
+        assert_eq!(confirmations.queued.len(), 1);
+        // Another id written meanwhile is not the collided message's.
+        confirmations.written(2);
+        confirmations.settle(1, Confirmed::Acknowledged);
+        assert_eq!(outcome(&mut confirmed[0]), "Acknowledged");
+        confirmations.written(1);
+        confirmations.settle(1, Confirmed::Acknowledged);
+        assert_eq!(outcome(&mut confirmed[1]), "Acknowledged");
+        confirmations.settle(2, Confirmed::Acknowledged);
+        assert_eq!(outcome(&mut confirmed[2]), "Acknowledged");
+    }
+
+    #[test]
+    fn a_replaced_confirmation_is_lost_not_confirmed_by_another_acknowledgement() {
+        let (mut confirmations, mut confirmed) = confirmations(4);
+        confirmations.written(5);
+        confirmations.written(5);
+        assert_eq!(outcome(&mut confirmed[0]), "Lost { written: true }");
+        confirmations.collided(6);
+        confirmations.collided(6);
+        assert_eq!(outcome(&mut confirmed[2]), "Lost { written: false }");
+        assert_eq!(outcome(&mut confirmed[3]), "waiting");
+    }
+
+    #[test]
+    fn a_lost_connection_loses_what_was_written_collided_or_taken_back_and_keeps_the_rest() {
+        let (mut confirmations, mut confirmed) = confirmations(5);
+        confirmations.written(1);
+        confirmations.collided(1);
+        // Two taken back by rumqttc; the last one was queued after and goes out next time.
+        confirmations.lost(2);
+        assert_eq!(outcome(&mut confirmed[0]), "Lost { written: true }");
+        assert_eq!(outcome(&mut confirmed[1]), "Lost { written: false }");
+        assert_eq!(outcome(&mut confirmed[2]), "Lost { written: false }");
+        assert_eq!(outcome(&mut confirmed[3]), "Lost { written: false }");
+        assert_eq!(outcome(&mut confirmed[4]), "waiting");
+        assert!(confirmations.written.is_empty() && confirmations.collided.is_none());
+        // More taken back than queued: all of them.
+        confirmations.lost(9);
+        assert_eq!(outcome(&mut confirmed[4]), "Lost { written: false }");
+        assert!(confirmations.queued.is_empty());
+    }
+
+    #[test]
+    fn closed_confirmations_drop_every_waiting_one() {
+        let (mut confirmations, mut confirmed) = confirmations(3);
+        confirmations.written(1);
+        confirmations.collided(1);
+        confirmations.close();
+        assert!(confirmations.closed);
+        for confirmed in &mut confirmed {
+            assert_eq!(outcome(confirmed), "dropped");
+        }
+    }
+
+    #[test]
+    fn an_event_waiting_for_room_is_counted_while_it_waits() {
+        let count = AtomicUsize::new(0);
+        {
+            let _first = WaitingForRoom::new(&count);
+            let _second = WaitingForRoom::new(&count);
+            assert_eq!(count.load(Ordering::SeqCst), 2);
+        }
+        assert_eq!(count.load(Ordering::SeqCst), 0);
     }
 }
