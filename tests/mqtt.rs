@@ -810,6 +810,44 @@ async fn durable_emits_beyond_the_request_queue_over_a_slow_link_all_go_out() {
     server.shutdown().await;
 }
 
+/// A broker restarted with a smaller receive maximum (MQTT 5): the client starts each connection
+/// from fresh packet ids. rumqttc carried its last id over and only wrapped at the new maximum,
+/// so ids climbed past it to 65 535 and overflowed inside the event loop, after which every
+/// emit waited for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn durable_emits_go_on_after_the_broker_lowers_its_receive_maximum() {
+    let _serial = SERIAL.lock().await;
+    let mut broker = Broker::start();
+    let connection = MqttTransport::new(options(&broker).version(MqttVersion::V5))
+        .durable_events()
+        .connect()
+        .await
+        .unwrap();
+    let emitter = Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build(connection.clone());
+    for n in 0..60u32 {
+        emitter.emit("entry", &n).await.unwrap();
+    }
+    broker.restart_with("max_inflight_messages 20\n");
+    eventually("reconnected", Duration::from_secs(10), || {
+        connection.is_connected()
+    })
+    .await;
+    // More than the packet ids there are.
+    for batch in 0..70u32 {
+        let emits: Vec<_> = (0..1000u32)
+            .map(|n| {
+                let emitter = emitter.clone();
+                tokio::spawn(async move { emitter.emit("entry", &(batch * 1000 + n)).await })
+            })
+            .collect();
+        for emit in emits {
+            emit.await.unwrap().unwrap();
+        }
+    }
+}
+
 /// A durable emit while the client is not connected fails at once, saying the event was not sent.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_durable_emit_while_disconnected_fails_at_once_as_not_sent() {

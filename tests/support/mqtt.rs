@@ -46,13 +46,8 @@ impl Broker {
             std::process::id(),
             NEXT.fetch_add(1, Ordering::Relaxed)
         ));
-        std::fs::write(
-            &config,
-            format!(
-                "listener {port} 127.0.0.1\nallow_anonymous true\nmax_queued_messages 10000\nmax_inflight_messages 100\nset_tcp_nodelay true\n{extra_config}"
-            ),
-        )
-        .expect("write the mosquitto configuration");
+        std::fs::write(&config, Broker::config_text(port, extra_config))
+            .expect("write the mosquitto configuration");
         let mut broker = Broker {
             child: None,
             port,
@@ -104,6 +99,19 @@ impl Broker {
             .status()
             .expect("run kill");
         assert!(status.success(), "kill {signal} {pid} failed");
+    }
+
+    /// Restarts it on the same port with `extra_config` instead of what it had.
+    pub fn restart_with(&mut self, extra_config: &str) {
+        std::fs::write(&self.config, Broker::config_text(self.port, extra_config))
+            .expect("write the mosquitto configuration");
+        self.restart();
+    }
+
+    fn config_text(port: u16, extra_config: &str) -> String {
+        format!(
+            "listener {port} 127.0.0.1\nallow_anonymous true\nmax_queued_messages 10000\nmax_inflight_messages 100\nset_tcp_nodelay true\n{extra_config}"
+        )
     }
 
     /// Starts it again on the same port (empty); returns once it accepts connections.

@@ -389,8 +389,17 @@ impl Shared {
             };
             match restored {
                 Ok(()) => {
-                    if self.generation.load(Ordering::SeqCst) == generation {
-                        self.connected.store(true, Ordering::SeqCst);
+                    let restored = {
+                        // A loss bumps the generation under this lock: checked and marked
+                        // connected in one step.
+                        let _lost = self.confirmations();
+                        let current = self.generation.load(Ordering::SeqCst) == generation;
+                        if current {
+                            self.connected.store(true, Ordering::SeqCst);
+                        }
+                        current
+                    };
+                    if restored {
                         self.connection_back.notify_waiters();
                         tracing::info!(broker = %self.options.address_text(), "reconnected to the MQTT broker");
                     }
@@ -584,6 +593,7 @@ async fn run(
     acks: mpsc::UnboundedSender<Vec<bool>>,
     stop: CancellationToken,
 ) {
+    let _stopped = EventLoopStopped(Arc::clone(&shared));
     let mut attempt = 0u32;
     // A connection was up since the last loss: rumqttc took its request queue back when it
     // failed (a failed attempt to connect does not).
@@ -603,9 +613,14 @@ async fn run(
                 shared.on_event(event, &acks);
             }
             Err(error) => {
-                // A restoration under way belongs to the connection just lost.
-                shared.generation.fetch_add(1, Ordering::SeqCst);
-                if shared.connected.swap(false, Ordering::SeqCst) {
+                let was_connected = {
+                    // Under the lock a restoration takes to say it is done: it belongs to the
+                    // connection just lost.
+                    let _restoring = shared.confirmations();
+                    shared.generation.fetch_add(1, Ordering::SeqCst);
+                    shared.connected.swap(false, Ordering::SeqCst)
+                };
+                if was_connected {
                     tracing::warn!(%error, broker = %shared.options.address_text(), "lost the connection to the MQTT broker; reconnecting");
                 }
                 if std::mem::take(&mut was_up) {
@@ -615,7 +630,7 @@ async fn run(
                         shared.on_event(event, &acks);
                     }
                     shared.confirmations().lost(events.unwritten_after_loss());
-                    events.drop_collision();
+                    events.reset_after_loss();
                 }
                 // Events waiting for room fail now (they find the client not connected).
                 shared.room.notify_waiters();
@@ -634,12 +649,22 @@ async fn run(
             }
         }
     }
-    shared.connected.store(false, Ordering::SeqCst);
     shared.client.try_disconnect();
-    shared.pending.close(&shared.dropped());
-    shared.confirmations().close();
-    shared.room.notify_waiters();
-    shared.connection_back.notify_waiters();
+}
+
+/// Ends what waits on the event loop when it stops, whether it returns or panics (a panic in
+/// rumqttc would otherwise leave every caller waiting for good).
+struct EventLoopStopped(Arc<Shared>);
+
+impl Drop for EventLoopStopped {
+    fn drop(&mut self) {
+        let shared = &self.0;
+        shared.connected.store(false, Ordering::SeqCst);
+        shared.pending.close(&shared.dropped());
+        shared.confirmations().close();
+        shared.room.notify_waiters();
+        shared.connection_back.notify_waiters();
+    }
 }
 
 /// Why a request nobody answered is failed just before its deadline: MQTT cannot tell whether

@@ -190,13 +190,32 @@ impl Events {
         }
     }
 
-    /// After a lost connection: drops the message rumqttc held back for a packet id still in
-    /// flight ([`Event::Collided`]). That id will never be acknowledged now, and rumqttc keeps
-    /// the message over reconnections, taking no request meanwhile.
-    pub(crate) fn drop_collision(&mut self) {
+    /// After a lost connection of a clean session, once [`take_buffered`](Self::take_buffered)
+    /// and [`unwritten_after_loss`](Self::unwritten_after_loss) were read: starts the next
+    /// connection from a fresh state, as the broker does. rumqttc would otherwise carry over its
+    /// packet ids (past a receive maximum that a broker lowered since, they overflow), a message
+    /// held back for a packet id that will never be acknowledged (it takes no request
+    /// meanwhile), and its `pending` list, which it would resend if a broker claimed to have
+    /// kept a session it was told not to keep.
+    pub(crate) fn reset_after_loss(&mut self) {
         match self {
-            Events::V4(events) => events.state.collision = None,
-            Events::V5(events) => events.state.collision = None,
+            Events::V4(events) => {
+                events.pending.clear();
+                events.state = rumqttc::MqttState::new(
+                    events.mqtt_options.inflight(),
+                    events.mqtt_options.manual_acks(),
+                );
+            }
+            Events::V5(events) => {
+                events.pending.clear();
+                events.state = rumqttc::v5::MqttState::new(
+                    events
+                        .options
+                        .get_outgoing_inflight_upper_limit()
+                        .unwrap_or(u16::MAX),
+                    events.options.manual_acks(),
+                );
+            }
         }
     }
 }
