@@ -848,6 +848,58 @@ async fn durable_emits_go_on_after_the_broker_lowers_its_receive_maximum() {
     }
 }
 
+/// One client sends requests (QoS 0) and durable events (QoS 1) at once: only the events'
+/// publishes are matched with acknowledgements, and both kinds get their answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_mixing_requests_and_durable_events_gets_every_answer() {
+    let _serial = SERIAL.lock().await;
+    let broker = Broker::start();
+    let (events_server, handled) = ledger(&broker, MqttVersion::V311).await;
+    let requests_server = MqttServer::new(options(&broker))
+        .serve(Server::new(
+            Router::new().message("echo", |Payload(v): Payload<u64>| async move { v }),
+        ))
+        .await
+        .unwrap();
+    let client = Client::builder()
+        .timeout(Duration::from_secs(20))
+        .connect(MqttTransport::new(options(&broker)).durable_events())
+        .await
+        .unwrap();
+    // The reply subscription made first, so that requests and events go out interleaved.
+    assert_eq!(client.send::<u64>("echo", &0).await.unwrap(), 0);
+    let calls: Vec<_> = (0..200u64)
+        .map(|n| {
+            let client = client.clone();
+            tokio::spawn(async move {
+                if n % 2 == 0 {
+                    assert_eq!(client.send::<u64>("echo", &n).await.unwrap(), n);
+                } else {
+                    client.emit("entry", &n).await.unwrap();
+                }
+            })
+        })
+        .collect();
+    for call in calls {
+        tokio::time::timeout(Duration::from_secs(20), call)
+            .await
+            .expect("a call never ended")
+            .unwrap();
+    }
+    eventually("every event handled", Duration::from_secs(10), || {
+        handled.lock().unwrap().len() >= 100
+    })
+    .await;
+    sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        handled.lock().unwrap().len(),
+        100,
+        "an event was sent twice over a healthy connection"
+    );
+    events_server.shutdown().await;
+    requests_server.shutdown().await;
+}
+
 /// A durable emit while the client is not connected fails at once, saying the event was not sent.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_durable_emit_while_disconnected_fails_at_once_as_not_sent() {
