@@ -900,6 +900,66 @@ async fn a_client_mixing_requests_and_durable_events_gets_every_answer() {
     requests_server.shutdown().await;
 }
 
+/// The connection dropped while a durable event waits for its acknowledgement and a request for
+/// its reply (their futures outlive it): both fail at once, neither waits for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_waits_when_the_connection_is_dropped_fails_at_once() {
+    use palisade::rpc::transport::ClientTransport;
+    use palisade::rpc::{Pattern, RawJson, RpcRequest};
+    let _serial = SERIAL.lock().await;
+    let broker = Broker::start();
+    let proxy = Proxy::start(broker.port()).await;
+    let connection = MqttTransport::new(MqttOptions::new(format!(
+        "mqtt://127.0.0.1:{}",
+        proxy.port()
+    )))
+    .durable_events()
+    .connect()
+    .await
+    .unwrap();
+    let payload = || RawJson::to_json(&7u64).unwrap();
+    // The reply subscription first (acknowledged), then nothing more gets through.
+    let warm = connection.request(RpcRequest::new(Pattern::from("echo"), payload()));
+    drop(tokio::time::timeout(Duration::from_millis(300), warm).await);
+    proxy.stall();
+    let emitted =
+        tokio::spawn(connection.emit(RpcRequest::event(Pattern::from("entry"), payload())));
+    let requested =
+        tokio::spawn(connection.request(RpcRequest::new(Pattern::from("echo"), payload())));
+    sleep(Duration::from_millis(200)).await;
+    assert!(
+        !emitted.is_finished(),
+        "the event was confirmed through a stall"
+    );
+    drop(connection);
+    let error = tokio::time::timeout(Duration::from_secs(5), emitted)
+        .await
+        .expect("the durable event still waits")
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(
+        error.transport_kind(),
+        Some(TransportErrorKind::ConnectionLost),
+        "{error}"
+    );
+    let replies = tokio::time::timeout(Duration::from_secs(5), requested)
+        .await
+        .expect("the request still waits")
+        .unwrap();
+    if let Ok(mut replies) = replies {
+        let reply = tokio::time::timeout(Duration::from_secs(5), replies.recv())
+            .await
+            .expect("the reply still waits");
+        assert!(
+            !matches!(
+                reply,
+                Some(palisade::rpc::transport::ReplyPacket::Value { .. })
+            ),
+            "answered through a stall"
+        );
+    }
+}
+
 /// A durable emit while the client is not connected fails at once, saying the event was not sent.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_durable_emit_while_disconnected_fails_at_once_as_not_sent() {
