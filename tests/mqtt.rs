@@ -548,7 +548,14 @@ async fn durable_events_survive(version: MqttVersion) {
     // Redeliveries still on their way (at least once: the broker may send an event again that
     // was in flight when the first consumer died) are handled and acknowledged too.
     sleep(Duration::from_millis(300)).await;
+    let stopping = Instant::now();
     back.shutdown().await;
+    // Its goodbye to the broker went out (the server waits for that, up to 5 s).
+    assert!(
+        stopping.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        stopping.elapsed()
+    );
     // Acknowledged: a third start of the session gets nothing again.
     let again = Arc::new(AtomicUsize::new(0));
     let counter = Arc::clone(&again);
@@ -852,10 +859,19 @@ async fn durable_emits_go_on_after_the_broker_lowers_its_receive_maximum() {
 /// publishes are matched with acknowledgements, and both kinds get their answers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_mixing_requests_and_durable_events_gets_every_answer() {
+    mixing_requests_and_durable_events(MqttVersion::V311).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_mixing_requests_and_durable_events_gets_every_answer_over_mqtt5() {
+    mixing_requests_and_durable_events(MqttVersion::V5).await;
+}
+
+async fn mixing_requests_and_durable_events(version: MqttVersion) {
     let _serial = SERIAL.lock().await;
     let broker = Broker::start();
-    let (events_server, handled) = ledger(&broker, MqttVersion::V311).await;
-    let requests_server = MqttServer::new(options(&broker))
+    let (events_server, handled) = ledger(&broker, version).await;
+    let requests_server = MqttServer::new(options(&broker).version(version))
         .serve(Server::new(
             Router::new().message("echo", |Payload(v): Payload<u64>| async move { v }),
         ))
@@ -863,7 +879,7 @@ async fn a_client_mixing_requests_and_durable_events_gets_every_answer() {
         .unwrap();
     let client = Client::builder()
         .timeout(Duration::from_secs(20))
-        .connect(MqttTransport::new(options(&broker)).durable_events())
+        .connect(MqttTransport::new(options(&broker).version(version)).durable_events())
         .await
         .unwrap();
     // The reply subscription made first, so that requests and events go out interleaved.
