@@ -499,8 +499,17 @@ async fn stored(
 /// dead-letter stream, with what it needs to be replayed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_letter_nobody_watches_is_kept_in_a_stream() {
+    use async_nats::jetstream::stream::{RetentionPolicy, StorageType};
+    use palisade::rpc::transport::nats::Storage;
     let broker = Broker::start();
-    let (server, client) = serve_durably(&broker, "PAYMENTS", always_failing()).await;
+    let server = serve_with(
+        &broker,
+        durable("PAYMENTS").storage(Storage::Memory),
+        always_failing(),
+    )
+    .await
+    .unwrap();
+    let client = durable_client(&broker).await;
     client
         .emit("payment-received", &json!({"amount": 12}))
         .await
@@ -529,6 +538,30 @@ async fn a_dead_letter_nobody_watches_is_kept_in_a_stream() {
             .as_str()
             .contains("card declined")
     );
+    // Kept as the events are, for as long as the stream's limits allow.
+    let mut kept = jetstream.get_stream("PAYMENTS_DEAD_LETTERS").await.unwrap();
+    let config = kept.info().await.unwrap().config.clone();
+    assert_eq!(config.storage, StorageType::Memory);
+    assert_eq!(config.retention, RetentionPolicy::Limits);
+    // Another service on the stream, with another pattern: its dead letters join the stream.
+    let refunds = serve_with(
+        &broker,
+        durable("PAYMENTS")
+            .storage(Storage::Memory)
+            .consumer_prefix("refunds"),
+        Router::new().event("refund-failed", || async {
+            Err::<(), _>(RpcError::exception("bank closed"))
+        }),
+    )
+    .await
+    .unwrap();
+    client.emit("refund-failed", &1).await.unwrap();
+    let letters = stored(&jetstream, "PAYMENTS_DEAD_LETTERS", 2).await;
+    assert_eq!(
+        letters[1].subject.as_str(),
+        "palisade.dead-letter.refund-failed"
+    );
+    refunds.shutdown().await;
     server.shutdown().await;
 }
 
