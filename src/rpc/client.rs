@@ -1056,6 +1056,14 @@ mod tests {
         let layered = Client::builder()
             .attempt_timeout(Duration::from_secs(1))
             .build(transport());
+        // `tracing` caches whether anyone wants a span: a test on another thread may register
+        // the client's span while no subscriber is set, just as this one is set, and cache a
+        // "never". Registered here, the cache is computed again with this subscriber.
+        for client in [&direct, &layered] {
+            client.send::<u32>("orders", &1).await.unwrap();
+        }
+        tracing::callsite::rebuild_interest_cache();
+        noted.lock().unwrap().clear();
         for client in [direct, layered] {
             assert_eq!(client.send::<u32>("orders", &1).await.unwrap(), 7);
         }
