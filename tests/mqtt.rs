@@ -625,6 +625,11 @@ async fn a_durable_session_that_joins_a_shared_group_gets_only_its_share() {
     second.shutdown().await;
 }
 
+/// Options reaching the broker through `proxy`.
+fn through(proxy: &Proxy) -> MqttOptions {
+    MqttOptions::new(format!("mqtt://127.0.0.1:{}", proxy.port()))
+}
+
 /// A durable server on `broker` handling `entry` events, and what it handled.
 async fn ledger(broker: &Broker, version: MqttVersion) -> (ServerHandle, Arc<Mutex<Vec<Value>>>) {
     let handled: Arc<Mutex<Vec<Value>>> = Arc::default();
@@ -663,7 +668,7 @@ async fn durable_emit_survives_a_lost_connection(version: MqttVersion) {
         .timeout(Duration::from_secs(20))
         .connect(
             MqttTransport::new(
-                MqttOptions::new(format!("mqtt://127.0.0.1:{}", proxy.port()))
+                through(&proxy)
                     .reconnect_backoff(Duration::from_millis(20), Duration::from_millis(300))
                     .version(version),
             )
@@ -723,7 +728,7 @@ async fn durable_emits_beyond_the_request_queue_wait_for_room_and_none_is_lost()
         .timeout(Duration::from_secs(60))
         .connect(
             MqttTransport::new(
-                MqttOptions::new(format!("mqtt://127.0.0.1:{}", proxy.port()))
+                through(&proxy)
                     .reconnect_backoff(Duration::from_millis(20), Duration::from_millis(300)),
             )
             .durable_events(),
@@ -787,13 +792,7 @@ async fn durable_emits_beyond_the_request_queue_over_a_slow_link_all_go_out() {
     let proxy = Proxy::start_with_delay(broker.port(), Duration::from_millis(20)).await;
     let emitter = Client::builder()
         .timeout(Duration::from_secs(60))
-        .connect(
-            MqttTransport::new(MqttOptions::new(format!(
-                "mqtt://127.0.0.1:{}",
-                proxy.port()
-            )))
-            .durable_events(),
-        )
+        .connect(MqttTransport::new(through(&proxy)).durable_events())
         .await
         .unwrap();
     const EVENTS: u64 = 1500;
@@ -925,14 +924,11 @@ async fn what_waits_when_the_connection_is_dropped_fails_at_once() {
     let _serial = SERIAL.lock().await;
     let broker = Broker::start();
     let proxy = Proxy::start(broker.port()).await;
-    let connection = MqttTransport::new(MqttOptions::new(format!(
-        "mqtt://127.0.0.1:{}",
-        proxy.port()
-    )))
-    .durable_events()
-    .connect()
-    .await
-    .unwrap();
+    let connection = MqttTransport::new(through(&proxy))
+        .durable_events()
+        .connect()
+        .await
+        .unwrap();
     let payload = || RawJson::to_json(&7u64).unwrap();
     // The reply subscription first (acknowledged), then nothing more gets through.
     let warm = connection.request(RpcRequest::new(Pattern::from("echo"), payload()));
@@ -1033,7 +1029,7 @@ async fn durable_emits_survive_repeated_cuts(version: MqttVersion) {
         .timeout(Duration::from_secs(60))
         .connect(
             MqttTransport::new(
-                MqttOptions::new(format!("mqtt://127.0.0.1:{}", proxy.port()))
+                through(&proxy)
                     .reconnect_backoff(Duration::from_millis(20), Duration::from_millis(100))
                     .version(version),
             )

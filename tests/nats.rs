@@ -675,11 +675,8 @@ async fn a_dead_letter_the_stream_refuses_is_dead_lettered_again_later() {
     server.shutdown().await;
 }
 
-/// Sets the deliveries the only consumer of `stream` allows, by hand.
-async fn limit_deliveries(broker: &Broker, stream: &str, deliveries: i64) {
-    use async_nats::jetstream::consumer::{FromConsumer, pull};
-    let jetstream = async_nats::jetstream::new(async_nats::connect(broker.url()).await.unwrap());
-    let stream = jetstream.get_stream(stream).await.unwrap();
+/// The name of the one consumer `stream` has.
+async fn only_consumer(stream: &async_nats::jetstream::stream::Stream) -> String {
     let names: Vec<String> = stream
         .consumer_names()
         .collect::<Vec<_>>()
@@ -690,6 +687,15 @@ async fn limit_deliveries(broker: &Broker, stream: &str, deliveries: i64) {
     let [name] = &names[..] else {
         panic!("one consumer expected, found {names:?}");
     };
+    name.clone()
+}
+
+/// Sets the deliveries the only consumer of `stream` allows, by hand.
+async fn limit_deliveries(broker: &Broker, stream: &str, deliveries: i64) {
+    use async_nats::jetstream::consumer::{FromConsumer, pull};
+    let jetstream = async_nats::jetstream::new(async_nats::connect(broker.url()).await.unwrap());
+    let stream = jetstream.get_stream(stream).await.unwrap();
+    let name = &only_consumer(&stream).await;
     let mut edited =
         pull::Config::try_from_consumer_config(stream.consumer_info(name).await.unwrap().config)
             .unwrap();
@@ -778,16 +784,7 @@ async fn an_existing_consumer_takes_the_ack_wait_and_at_least_the_deliveries_con
         .await;
     let jetstream = async_nats::jetstream::new(async_nats::connect(broker.url()).await.unwrap());
     let stream = jetstream.get_stream("AUDIT").await.unwrap();
-    let names: Vec<String> = stream
-        .consumer_names()
-        .collect::<Vec<_>>()
-        .await
-        .into_iter()
-        .map(Result::unwrap)
-        .collect();
-    let [name] = &names[..] else {
-        panic!("one consumer expected, found {names:?}");
-    };
+    let name = &only_consumer(&stream).await;
     let made = stream.consumer_info(name).await.unwrap().config;
     assert_eq!(
         made.filter_subject, "audit",

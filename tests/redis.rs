@@ -477,16 +477,25 @@ async fn a_failing_durable_event_is_retried_with_backoff_and_a_poison_one_is_dea
     assert_eq!(attempts["flaky"].len(), 2, "flaky retried once, then done");
     assert_eq!(attempts["fine"].len(), 1);
     // Everything is acknowledged: nothing pending in the group.
+    nothing_pending(&mut connection, "order", "billing").await;
+    server.shutdown().await;
+}
+
+/// Asserts that the group has acknowledged every entry of the stream.
+async fn nothing_pending(
+    connection: &mut redis::aio::MultiplexedConnection,
+    stream: &str,
+    group: &str,
+) {
     let pending: redis::Value = redis::cmd("XPENDING")
-        .arg("order")
-        .arg("billing")
-        .query_async(&mut connection)
+        .arg(stream)
+        .arg(group)
+        .query_async(connection)
         .await
         .unwrap();
     let summary: (u64, Option<String>, Option<String>, redis::Value) =
         redis::FromRedisValue::from_redis_value(pending).unwrap();
     assert_eq!(summary.0, 0, "entries left unacknowledged: {summary:?}");
-    server.shutdown().await;
 }
 
 /// The entries of a stream, with their fields.
@@ -589,15 +598,7 @@ async fn never_finished_is_dead_lettered(claimed_at_last: bool) {
         "{fields:?}"
     );
     // Acknowledged: nothing pending in the group.
-    let pending: redis::Value = redis::cmd("XPENDING")
-        .arg("order")
-        .arg("billing")
-        .query_async(&mut connection)
-        .await
-        .unwrap();
-    let pending: (u64, redis::Value, redis::Value, redis::Value) =
-        redis::FromRedisValue::from_redis_value(pending).unwrap();
-    assert_eq!(pending.0, 0);
+    nothing_pending(&mut connection, "order", "billing").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
