@@ -835,6 +835,13 @@ async fn durable_emits_go_on_after_the_broker_lowers_its_receive_maximum() {
     for n in 0..60u32 {
         emitter.emit("entry", &n).await.unwrap();
     }
+    // The loss is waited for before the restart: checked right after it, `is_connected` could
+    // still speak of the old connection, and the emits below would meet its loss.
+    broker.stop();
+    eventually("the loss noticed", Duration::from_secs(10), || {
+        !connection.is_connected()
+    })
+    .await;
     broker.restart_with("max_inflight_messages 20\n");
     eventually("reconnected", Duration::from_secs(10), || {
         connection.is_connected()
