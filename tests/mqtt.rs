@@ -1092,10 +1092,10 @@ async fn a_durable_event_the_broker_drops_the_connection_for_fails_and_the_rest_
     durable_event_over_the_broker_limit(MqttVersion::V311).await;
 }
 
-/// Over MQTT 5 the broker announces its limit, and rumqttc fails the connection itself when
-/// it cannot write the message.
+/// Over MQTT 5 the broker announces its limit: the event is refused before it is sent (rumqttc
+/// would fail the connection when it came to write it).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_durable_event_over_the_broker_limit_fails_and_the_rest_flows_over_mqtt5() {
+async fn a_durable_event_over_the_broker_limit_fails_at_once_and_the_rest_flows_over_mqtt5() {
     durable_event_over_the_broker_limit(MqttVersion::V5).await;
 }
 
@@ -1114,18 +1114,36 @@ async fn durable_event_over_the_broker_limit(version: MqttVersion) {
         .emit("entry", &"x".repeat(5000))
         .await
         .expect_err("an event the broker never took was confirmed");
-    assert_eq!(error.code(), Code::Unavailable, "{error}");
-    assert_eq!(
-        error.transport_kind(),
-        Some(TransportErrorKind::NotAcknowledged),
-        "{error}"
-    );
-    assert!(error.message().contains("lost 3 times"), "{error}");
-    assert!(
-        started.elapsed() < Duration::from_secs(10),
-        "{:?}",
-        started.elapsed()
-    );
+    if version == MqttVersion::V5 {
+        assert_eq!(error.code(), Code::InvalidArgument, "{error}");
+        assert_eq!(
+            error.transport_kind(),
+            Some(TransportErrorKind::PayloadTooLarge),
+            "{error}"
+        );
+        assert!(
+            error
+                .message()
+                .contains("maximum packet size of the MQTT broker")
+                && error.message().contains("(2000 bytes)"),
+            "{error}"
+        );
+        assert!(started.elapsed() < Duration::from_millis(500));
+    } else {
+        // MQTT 3.1.1 brokers do not say their limit: the connection is lost.
+        assert_eq!(error.code(), Code::Unavailable, "{error}");
+        assert_eq!(
+            error.transport_kind(),
+            Some(TransportErrorKind::NotAcknowledged),
+            "{error}"
+        );
+        assert!(error.message().contains("lost 3 times"), "{error}");
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{:?}",
+            started.elapsed()
+        );
+    }
     // Given up: the connection carries the next events.
     until_emitted(&emitter, &json!(7)).await;
     eventually("the next event", Duration::from_secs(5), || {
@@ -1342,5 +1360,169 @@ async fn a_silent_broker_is_noticed_by_the_keep_alive() {
         sleep(Duration::from_millis(50)).await;
     }
     support::until_echo_answers(&client, Duration::from_secs(10), Duration::from_millis(50)).await;
+    server.shutdown().await;
+}
+
+/// A poison event just under the broker's packet limit: its dead letter (the event wrapped with
+/// the reason) is over it. It goes out without the event, the reason saying why, instead of
+/// failing the session's connection at every attempt (and every other event with it). Over
+/// MQTT 5 the broker announces its limit; over MQTT 3.1.1 it is the server's `max_packet_size`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_over_the_packet_limit_goes_out_without_the_event() {
+    a_dead_letter_over_the_packet_limit(MqttVersion::V311).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_over_the_brokers_announced_limit_goes_out_without_the_event_over_mqtt5() {
+    a_dead_letter_over_the_packet_limit(MqttVersion::V5).await;
+}
+
+async fn a_dead_letter_over_the_packet_limit(version: MqttVersion) {
+    let _serial = SERIAL.lock().await;
+    let broker = Broker::start_with("max_packet_size 4000\n");
+    let durable = DurableEvents::new("billing-1")
+        .max_deliveries(1)
+        .backoff([Duration::from_millis(10)]);
+    let (watcher, mut watching) = rumqttc::AsyncClient::new(
+        rumqttc::MqttOptions::new("watcher", "127.0.0.1", broker.port()),
+        10,
+    );
+    watcher
+        .subscribe(
+            durable.dead_letter_topic("order"),
+            rumqttc::QoS::AtLeastOnce,
+        )
+        .await
+        .unwrap();
+    let (letters_tx, mut letters) = tokio::sync::mpsc::unbounded_channel();
+    let watching = tokio::spawn(async move {
+        while let Ok(event) = watching.poll().await {
+            if let rumqttc::Event::Incoming(rumqttc::Packet::Publish(publish)) = event {
+                let _ = letters_tx.send(publish.payload);
+            }
+        }
+    });
+    sleep(Duration::from_millis(200)).await;
+    let handled: Arc<Mutex<Vec<String>>> = Arc::default();
+    let seen = Arc::clone(&handled);
+    let seen_audit = Arc::clone(&handled);
+    let mut server_options = options(&broker).version(version);
+    if version == MqttVersion::V311 {
+        server_options = server_options.max_packet_size(4000);
+    }
+    let server = MqttServer::new(server_options)
+        .durable_events(durable)
+        .serve(
+            Server::new(
+                Router::new()
+                    .event("order", move |Payload(kind): Payload<String>| {
+                        let seen = Arc::clone(&seen);
+                        async move {
+                            if kind.starts_with("poison") {
+                                return Err(RpcError::exception("cannot bill this"));
+                            }
+                            seen.lock().unwrap().push(kind);
+                            Ok(())
+                        }
+                    })
+                    .event("audit", move |Payload(kind): Payload<String>| {
+                        let seen = Arc::clone(&seen_audit);
+                        async move {
+                            seen.lock().unwrap().push(format!("audit {kind}"));
+                            Ok::<_, RpcError>(())
+                        }
+                    }),
+            )
+            .grace_period(Duration::from_millis(50)),
+        )
+        .await
+        .unwrap();
+    let emitter = Client::builder()
+        .connect(MqttTransport::new(options(&broker).version(version)).durable_events())
+        .await
+        .unwrap();
+    // Small enough to be published, too large to be wrapped in a dead letter.
+    let poison = format!("poison{}", "x".repeat(3900));
+    emitter.emit("order", &poison).await.unwrap();
+    emitter.emit("order", &"fine").await.unwrap();
+    emitter.emit("audit", &"fine").await.unwrap();
+    let letter = tokio::time::timeout(Duration::from_secs(10), letters.recv())
+        .await
+        .expect("nothing dead-lettered")
+        .unwrap();
+    let letter: Value = serde_json::from_slice(&letter).unwrap();
+    assert_eq!(letter["body"], Value::Null, "{letter}");
+    assert_eq!(letter[DEAD_LETTER_DELIVERIES], 1);
+    assert_eq!(letter[DEAD_LETTER_SUBJECT], "order");
+    let reason = letter[DEAD_LETTER_REASON].as_str().unwrap();
+    assert!(
+        reason.contains("cannot bill this") && reason.contains("is left out of this dead letter"),
+        "{reason}"
+    );
+    eventually("the other events handled", Duration::from_secs(10), || {
+        handled.lock().unwrap().len() == 2
+    })
+    .await;
+    // The session is not held up by the letter.
+    emitter.emit("order", &"later").await.unwrap();
+    eventually("a later event handled", Duration::from_secs(5), || {
+        handled.lock().unwrap().len() == 3
+    })
+    .await;
+    server.shutdown().await;
+    watching.abort();
+}
+
+/// MQTT 5: a request, an event and a reply over the maximum packet size the broker announced
+/// fail at once with `PayloadTooLarge`, and the connections stay up: before, rumqttc failed the
+/// connection when it came to write the packet, and every request in flight on it with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_over_the_limit_the_broker_announced_fail_alone_over_mqtt5() {
+    let _serial = SERIAL.lock().await;
+    let broker = Broker::start_with("max_packet_size 2000\n");
+    let server = MqttServer::new(options(&broker).version(MqttVersion::V5))
+        .serve(Server::new(
+            Router::new()
+                .message("echo", |Payload(v): Payload<Value>| async move { v })
+                .message("slow", || async {
+                    sleep(Duration::from_millis(500)).await;
+                    "done"
+                })
+                .message("big", || async { "x".repeat(3000) }),
+        ))
+        .await
+        .unwrap();
+    let client = Client::builder()
+        .timeout(Duration::from_secs(10))
+        .connect(options(&broker).version(MqttVersion::V5))
+        .await
+        .unwrap();
+    support::until_echo_answers(&client, Duration::from_secs(10), Duration::from_millis(50)).await;
+    let slow = {
+        let client = client.clone();
+        tokio::spawn(async move { client.send::<String>("slow", &()).await })
+    };
+    sleep(Duration::from_millis(100)).await;
+    let started = Instant::now();
+    let large = "x".repeat(3000);
+    let request = client.send::<Value>("echo", &large).await.unwrap_err();
+    let event = client.emit("echo", &large).await.unwrap_err();
+    for error in [&request, &event] {
+        assert_eq!(
+            error.transport_kind(),
+            Some(TransportErrorKind::PayloadTooLarge),
+            "{error}"
+        );
+        assert!(error.message().contains("(2000 bytes)"), "{error}");
+    }
+    assert!(started.elapsed() < Duration::from_millis(300));
+    // The reply over the limit: an error in its place, at once.
+    let reply = client.send::<String>("big", &()).await.unwrap_err();
+    assert_eq!(reply.code(), Code::InvalidArgument, "{reply}");
+    assert!(reply.message().contains("larger than"), "{reply}");
+    assert!(started.elapsed() < Duration::from_secs(2));
+    // Nothing was lost on the way.
+    assert_eq!(slow.await.unwrap().unwrap(), "done");
+    assert!(client.send::<Value>("echo", &json!(1)).await.is_ok());
     server.shutdown().await;
 }

@@ -1,5 +1,5 @@
 use super::link::{Event, Events, Link, Message, Qos, Refusal};
-use super::{MqttOptions, check_topic, reply_topic, too_large};
+use super::{MqttOptions, check_topic, reply_topic};
 use crate::rpc::transport::{ClientTransport, Connect, ExplainSilence, ReplyReceiver};
 use crate::rpc::wire::{PendingRequests, SharedCodec};
 use crate::rpc::{RpcError, RpcRequest, TransportErrorKind};
@@ -415,13 +415,8 @@ impl Shared {
     }
 
     async fn publish(&self, topic: &str, qos: Qos, payload: Bytes) -> Result<(), RpcError> {
-        if !self.options.fits(topic, payload.len()) {
-            return Err(too_large(
-                topic,
-                payload.len(),
-                self.options.max_packet_size,
-            ));
-        }
+        self.options
+            .check_size(&self.client, topic, qos, payload.len())?;
         self.client
             .publish(topic, qos, payload)
             .await
@@ -442,13 +437,8 @@ impl Shared {
     /// Publishes a durable event (QoS 1) and waits for the broker's acknowledgement. If the
     /// connection drops first, the event is published again once the client has reconnected.
     async fn publish_durable(&self, topic: &str, payload: Bytes) -> Result<(), RpcError> {
-        if !self.options.fits(topic, payload.len()) {
-            return Err(too_large(
-                topic,
-                payload.len(),
-                self.options.max_packet_size,
-            ));
-        }
+        self.options
+            .check_size(&self.client, topic, Qos::AtLeastOnce, payload.len())?;
         let mut confirmed = self.queue_durable(topic, &payload, false).await?;
         let mut losses = 0;
         loop {

@@ -29,7 +29,11 @@ use tokio::sync::mpsc;
 ///   acknowledged. An MQTT broker keeps a message only for the sessions subscribed to its topic:
 ///   to keep dead letters while nothing reads them, subscribe a persistent session (clean
 ///   session off, QoS 1) to `<dead letter prefix>#` once, and read them through it; otherwise a
-///   dead letter nobody is subscribed to is dropped by the broker.
+///   dead letter nobody is subscribed to is dropped by the broker. A dead letter that the event
+///   would make larger than a packet may be ([`max_packet_size`](super::MqttOptions::max_packet_size),
+///   or the limit an MQTT 5 broker announced) goes out without it: `body` is `null` and the
+///   reason says so. Such a letter would otherwise fail the session's connection at every
+///   attempt, and every event with it.
 ///
 /// Events of one topic are handled one at a time, in order. The session id must be stable across
 /// restarts of an instance and unique among running ones; with
@@ -146,7 +150,7 @@ pub(super) async fn start(
             client.clone(),
             Arc::clone(&durable),
             dispatcher.clone(),
-            options.shared_codec().clone(),
+            options.clone(),
         )));
     }
     if group.is_some() {
@@ -297,13 +301,14 @@ async fn handle_topic(
     client: Link,
     durable: Arc<DurableEvents>,
     dispatcher: Dispatcher,
-    codec: crate::rpc::wire::SharedCodec,
+    options: MqttOptions,
 ) {
+    let codec = options.shared_codec();
     while let Some(message) = lane.recv().await {
         let mut attempt = 0u32;
         loop {
             attempt += 1;
-            let outcome = match incoming(&codec, message.payload().clone()) {
+            let outcome = match incoming(codec, message.payload().clone()) {
                 Some((payload, packet)) => {
                     let (request, _) = packet.into_request_on(&topic, &payload, Headers::new());
                     dispatcher.handle_event(request).await
@@ -323,7 +328,18 @@ async fn handle_topic(
             if attempt >= durable.max_deliveries {
                 let dead = durable.dead_letter_topic(&topic);
                 tracing::warn!(%topic, attempt, %error, dead_letters = %dead, "event dead-lettered");
-                let letter = dead_letter(message.payload(), &error, attempt, &topic);
+                let Some(letter) = letter_within_limits(
+                    &options,
+                    &client,
+                    &dead,
+                    message.payload(),
+                    &error,
+                    attempt,
+                    &topic,
+                ) else {
+                    tracing::error!(%topic, dead_letters = %dead, "not even a dead letter without the event fits in a packet: the event is dropped");
+                    break;
+                };
                 if let Err(error) = client.publish(&dead, Qos::AtLeastOnce, letter.into()).await {
                     tracing::error!(%error, "could not publish a dead letter; the event stays unacknowledged");
                     return;
@@ -344,22 +360,55 @@ async fn handle_topic(
     }
 }
 
-/// `{"body":<the message>,"palisade-dead-letter-reason":...,"palisade-deliveries":n,
-/// "palisade-original-subject":topic}`; `body` is the original JSON, or the text as a string.
-fn dead_letter(payload: &[u8], error: &RpcError, deliveries: u32, topic: &str) -> Vec<u8> {
-    let body: Box<RawValue> = std::str::from_utf8(payload)
-        .ok()
-        .and_then(|text| serde_json::from_str::<Box<RawValue>>(text).ok())
-        .unwrap_or_else(|| {
-            let text = String::from_utf8_lossy(payload);
-            serde_json::value::to_raw_value(&*text).expect("a string serialises")
-        });
-    let mut letter = serde_json::Map::new();
-    letter.insert(
-        "body".into(),
-        serde_json::from_str(body.get()).unwrap_or(serde_json::Value::Null),
+/// The dead letter of an event, or, when with the event it would be larger than a packet may be
+/// (the event itself may be just under the limit), the letter without it (`"body": null`, the
+/// reason saying why): a letter that does not fit would fail the session's connection at every
+/// attempt, and every event with it. `None` when not even that fits.
+fn letter_within_limits(
+    options: &MqttOptions,
+    client: &Link,
+    dead: &str,
+    payload: &[u8],
+    error: &RpcError,
+    deliveries: u32,
+    topic: &str,
+) -> Option<Vec<u8>> {
+    let letter = dead_letter(Some(payload), &error.to_string(), deliveries, topic);
+    let too_large = match options.check_size(client, dead, Qos::AtLeastOnce, letter.len()) {
+        Ok(()) => return Some(letter),
+        Err(too_large) => too_large,
+    };
+    tracing::error!(%topic, bytes = payload.len(), %too_large, "the dead letter goes out without the event, which would make it too large");
+    let reason = format!(
+        "{error}; the event ({} bytes) is left out of this dead letter, which it would make too \
+         large: {}",
+        payload.len(),
+        too_large.message()
     );
-    letter.insert(DEAD_LETTER_REASON.into(), error.to_string().into());
+    let letter = dead_letter(None, &reason, deliveries, topic);
+    options
+        .check_size(client, dead, Qos::AtLeastOnce, letter.len())
+        .is_ok()
+        .then_some(letter)
+}
+
+/// `{"body":<the message>,"palisade-dead-letter-reason":...,"palisade-deliveries":n,
+/// "palisade-original-subject":topic}`; `body` is the original JSON, or the text as a string
+/// (`null` without the message).
+fn dead_letter(payload: Option<&[u8]>, reason: &str, deliveries: u32, topic: &str) -> Vec<u8> {
+    let body = payload.map_or(serde_json::Value::Null, |payload| {
+        let body: Box<RawValue> = std::str::from_utf8(payload)
+            .ok()
+            .and_then(|text| serde_json::from_str::<Box<RawValue>>(text).ok())
+            .unwrap_or_else(|| {
+                let text = String::from_utf8_lossy(payload);
+                serde_json::value::to_raw_value(&*text).expect("a string serialises")
+            });
+        serde_json::from_str(body.get()).unwrap_or(serde_json::Value::Null)
+    });
+    let mut letter = serde_json::Map::new();
+    letter.insert("body".into(), body);
+    letter.insert(DEAD_LETTER_REASON.into(), reason.into());
     letter.insert(DEAD_LETTER_DELIVERIES.into(), deliveries.into());
     letter.insert(DEAD_LETTER_SUBJECT.into(), topic.into());
     serde_json::to_vec(&letter).expect("a JSON object serialises")

@@ -3,6 +3,8 @@
 
 use bytes::Bytes;
 use rumqttc::v5::mqttbytes::v5 as v5_packets;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 
 /// The protocol version a connection speaks.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -43,13 +45,49 @@ impl Qos {
 #[derive(Clone)]
 pub(crate) enum Link {
     V4(rumqttc::AsyncClient),
-    V5(rumqttc::v5::AsyncClient),
+    V5(rumqttc::v5::AsyncClient, BrokerLimit),
 }
 
 /// The event loop of a connection: it must be polled for anything to happen.
 pub(crate) enum Events {
     V4(Box<rumqttc::EventLoop>),
-    V5(Box<rumqttc::v5::EventLoop>),
+    V5(Box<rumqttc::v5::EventLoop>, BrokerLimit),
+}
+
+/// The largest packet the broker accepts, as an MQTT 5 broker announces it in each `CONNACK`
+/// (shared by a connection's [`Link`] and [`Events`]). rumqttc enforces it only when it writes
+/// the packet, by failing the whole connection: a larger message must be refused before it is
+/// queued. MQTT 3.1.1 brokers announce nothing (a larger packet makes them close the
+/// connection).
+#[derive(Clone, Default)]
+pub(crate) struct BrokerLimit(Arc<AtomicU32>);
+
+impl BrokerLimit {
+    /// The limit of the current connection, if the broker announced one.
+    fn get(&self) -> Option<u32> {
+        match self.0.load(Ordering::Relaxed) {
+            0 => None,
+            limit => Some(limit),
+        }
+    }
+
+    fn set(&self, limit: Option<u32>) {
+        self.0.store(limit.unwrap_or(0), Ordering::Relaxed);
+    }
+}
+
+/// The size of an MQTT 5 `PUBLISH` packet as palisade writes it (no properties).
+fn v5_publish_size(topic: &str, qos: Qos, payload: usize) -> usize {
+    let packet_id = if qos == Qos::AtMostOnce { 0 } else { 2 };
+    // Topic length prefix, topic, packet id, properties length (0), payload.
+    let remaining = (2 + topic.len() + packet_id + 1).saturating_add(payload);
+    let length_bytes: usize = match remaining {
+        0..=127 => 1,
+        128..=16_383 => 2,
+        16_384..=2_097_151 => 3,
+        _ => 4,
+    };
+    (1 + length_bytes).saturating_add(remaining)
 }
 
 /// A message received.
@@ -127,15 +165,19 @@ impl Events {
         Events::V4(Box::new(events))
     }
 
-    pub(crate) fn v5(events: rumqttc::v5::EventLoop) -> Self {
-        Events::V5(Box::new(events))
+    pub(crate) fn v5(events: rumqttc::v5::EventLoop, limit: BrokerLimit) -> Self {
+        Events::V5(Box::new(events), limit)
     }
 
     pub(crate) async fn poll(&mut self) -> Result<Event, LinkError> {
         match self {
             Events::V4(events) => events.poll().await.map(v4_event).map_err(v4_error),
-            Events::V5(events) => {
-                let event = events.poll().await.map(v5_event).map_err(v5_error)?;
+            Events::V5(events, limit) => {
+                let event = events.poll().await.map_err(v5_error)?;
+                if let rumqttc::v5::Event::Incoming(v5_packets::Packet::ConnAck(ack)) = &event {
+                    limit.set(ack.properties.as_ref().and_then(|p| p.max_packet_size));
+                }
+                let event = v5_event(event);
                 if let Event::PubAck {
                     pkid,
                     refused: Some(_),
@@ -162,7 +204,7 @@ impl Events {
     pub(crate) fn take_buffered(&mut self) -> Vec<Event> {
         match self {
             Events::V4(events) => events.state.events.drain(..).map(v4_event).collect(),
-            Events::V5(events) => events.state.events.drain(..).map(v5_event).collect(),
+            Events::V5(events, _) => events.state.events.drain(..).map(v5_event).collect(),
         }
     }
 
@@ -179,7 +221,7 @@ impl Events {
                         if p.qos != rumqttc::QoS::AtMostOnce && p.pkid == 0)
                 })
                 .count(),
-            Events::V5(events) => events
+            Events::V5(events, _) => events
                 .pending
                 .iter()
                 .filter(|request| {
@@ -206,7 +248,7 @@ impl Events {
                     events.mqtt_options.manual_acks(),
                 );
             }
-            Events::V5(events) => {
+            Events::V5(events, _) => {
                 events.pending.clear();
                 events.state = rumqttc::v5::MqttState::new(
                     events
@@ -319,7 +361,7 @@ impl Link {
                 )
                 .await
                 .map_err(|e| e.to_string()),
-            Link::V5(client) => client
+            Link::V5(client, _) => client
                 .subscribe_many(
                     filters
                         .into_iter()
@@ -347,7 +389,7 @@ impl Link {
                         .map(|f| rumqttc::SubscribeFilter::new(f.clone(), qos.v4())),
                 )
                 .map_err(|e| e.to_string()),
-            Link::V5(client) => client
+            Link::V5(client, _) => client
                 .try_subscribe_many(
                     filters
                         .iter()
@@ -360,7 +402,7 @@ impl Link {
     pub(crate) fn try_unsubscribe(&self, filter: String) -> Result<(), RequestError> {
         match self {
             Link::V4(client) => client.try_unsubscribe(filter).map_err(|e| e.to_string()),
-            Link::V5(client) => client.try_unsubscribe(filter).map_err(|e| e.to_string()),
+            Link::V5(client, _) => client.try_unsubscribe(filter).map_err(|e| e.to_string()),
         }
     }
 
@@ -375,10 +417,33 @@ impl Link {
                 .publish_bytes(topic, qos.v4(), false, payload)
                 .await
                 .map_err(|e| e.to_string()),
-            Link::V5(client) => client
+            Link::V5(client, _) => client
                 .publish_bytes(topic, qos.v5(), false, payload)
                 .await
                 .map_err(|e| e.to_string()),
+        }
+    }
+
+    /// `Err((packet size, limit))` when a message of `payload` bytes on `topic` would be larger
+    /// than the broker's announced maximum packet size (MQTT 5).
+    pub(crate) fn check_broker_limit(
+        &self,
+        topic: &str,
+        qos: Qos,
+        payload: usize,
+    ) -> Result<(), (usize, usize)> {
+        let Link::V5(_, limit) = self else {
+            return Ok(());
+        };
+        let Some(limit) = limit.get() else {
+            return Ok(());
+        };
+        let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+        let size = v5_publish_size(topic, qos, payload);
+        if size > limit {
+            Err((size, limit))
+        } else {
+            Ok(())
         }
     }
 
@@ -386,14 +451,14 @@ impl Link {
     pub(crate) fn try_publish(&self, topic: &str, qos: Qos, payload: Bytes) -> bool {
         match self {
             Link::V4(client) => client.try_publish(topic, qos.v4(), false, payload).is_ok(),
-            Link::V5(client) => client.try_publish(topic, qos.v5(), false, payload).is_ok(),
+            Link::V5(client, _) => client.try_publish(topic, qos.v5(), false, payload).is_ok(),
         }
     }
 
     pub(crate) fn try_disconnect(&self) {
         let _ = match self {
             Link::V4(client) => client.try_disconnect().map_err(|e| e.to_string()),
-            Link::V5(client) => client.try_disconnect().map_err(|e| e.to_string()),
+            Link::V5(client, _) => client.try_disconnect().map_err(|e| e.to_string()),
         };
     }
 
@@ -403,7 +468,7 @@ impl Link {
             (Link::V4(client), Message::V4(publish)) => {
                 client.ack(publish).await.map_err(|e| e.to_string())
             }
-            (Link::V5(client), Message::V5(publish)) => {
+            (Link::V5(client, _), Message::V5(publish)) => {
                 client.ack(publish).await.map_err(|e| e.to_string())
             }
             _ => Err("a message acknowledged on a connection of another protocol".into()),
@@ -416,10 +481,68 @@ impl Link {
             (Link::V4(client), Message::V4(publish)) => {
                 client.try_ack(publish).map_err(|e| e.to_string())
             }
-            (Link::V5(client), Message::V5(publish)) => {
+            (Link::V5(client, _), Message::V5(publish)) => {
                 client.try_ack(publish).map_err(|e| e.to_string())
             }
             _ => Ok(()),
         };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The size checked before publishing is the size rumqttc writes, across the remaining
+    /// length's prefix sizes (one to four bytes).
+    #[test]
+    fn a_publish_is_measured_as_rumqttc_writes_it() {
+        for payload in [
+            0, 100, 120, 121, 122, 16_000, 16_376, 16_377, 2_097_140, 2_097_150,
+        ] {
+            for (qos, theirs) in [
+                (Qos::AtMostOnce, rumqttc::v5::mqttbytes::QoS::AtMostOnce),
+                (Qos::AtLeastOnce, rumqttc::v5::mqttbytes::QoS::AtLeastOnce),
+            ] {
+                let mut publish =
+                    v5_packets::Publish::new("orders/eu", theirs, vec![0u8; payload], None);
+                publish.pkid = u16::from(qos == Qos::AtLeastOnce);
+                assert_eq!(
+                    v5_publish_size("orders/eu", qos, payload),
+                    publish.size(),
+                    "{payload} bytes, {qos:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn only_an_announced_limit_refuses_and_it_follows_each_connack() {
+        let limit = BrokerLimit::default();
+        let (client, _events) = rumqttc::v5::AsyncClient::new(
+            rumqttc::v5::MqttOptions::new("measure", "127.0.0.1", 1),
+            1,
+        );
+        let link = Link::V5(client, limit.clone());
+        assert_eq!(
+            link.check_broker_limit("t", Qos::AtLeastOnce, 1 << 30),
+            Ok(())
+        );
+        limit.set(Some(100));
+        let at_limit = 100 - v5_publish_size("t", Qos::AtLeastOnce, 0);
+        assert_eq!(
+            link.check_broker_limit("t", Qos::AtLeastOnce, at_limit),
+            Ok(())
+        );
+        assert_eq!(
+            link.check_broker_limit("t", Qos::AtLeastOnce, at_limit + 1),
+            Err((101, 100))
+        );
+        // A later connection's broker announced none.
+        limit.set(None);
+        assert_eq!(
+            link.check_broker_limit("t", Qos::AtLeastOnce, 1 << 30),
+            Ok(())
+        );
     }
 }

@@ -56,8 +56,10 @@
 //!   reconnect with backoff and restore their subscriptions. (A request published after a client
 //!   is back but before a server resubscribed meets silence: MQTT cannot tell.)
 //! - **Size limits** are checked before publishing: a message over
-//!   [`max_packet_size`](MqttOptions::max_packet_size) fails at once instead of breaking the
-//!   connection.
+//!   [`max_packet_size`](MqttOptions::max_packet_size), or over the maximum packet size an MQTT 5
+//!   broker announced, fails at once with `PayloadTooLarge` instead of breaking the connection.
+//!   MQTT 3.1.1 brokers do not say their limit and close the connection on a larger packet: set
+//!   `max_packet_size` to the broker's.
 //! - The deadline (`palisade-timeout-ms`) and your headers travel in the envelope's `"headers"`
 //!   field, which NestJS ignores.
 //! - [Durable events](DurableEvents) (opt-in): a persistent session with QoS 1, acknowledged after
@@ -177,7 +179,12 @@ impl MqttOptions {
     }
 
     /// The largest MQTT packet sent or accepted, in bytes (default 16 MiB). A message that would
-    /// not fit fails at once with `InvalidArgument`; the broker may have a lower limit of its own.
+    /// not fit fails at once with `InvalidArgument` (`PayloadTooLarge`).
+    ///
+    /// The broker may have a lower limit of its own. An MQTT 5 broker announces it when the
+    /// client connects, and palisade checks it too. An MQTT 3.1.1 broker does not, and it closes
+    /// the connection of a client that sends a larger packet (with everything in flight on it):
+    /// over MQTT 3.1.1, set this to the broker's limit.
     pub fn max_packet_size(mut self, bytes: usize) -> Self {
         self.max_packet_size = bytes;
         self
@@ -306,7 +313,8 @@ impl MqttOptions {
                 }
                 options.set_network_options(network);
                 let (client, events) = rumqttc::v5::AsyncClient::new(options, 1024);
-                Ok((Link::V5(client), Events::v5(events)))
+                let limit = link::BrokerLimit::default();
+                Ok((Link::V5(client, limit.clone()), Events::v5(events, limit)))
             }
         }
     }
@@ -351,6 +359,32 @@ impl MqttOptions {
     /// Whether a message with `payload` bytes on `topic` fits in a packet.
     pub(crate) fn fits(&self, topic: &str, payload: usize) -> bool {
         payload.saturating_add(topic.len()) <= self.max_packet_size
+    }
+
+    /// Refuses a message that would not fit: over [`max_packet_size`](Self::max_packet_size),
+    /// or over the maximum packet size the broker announced (MQTT 5), which rumqttc would only
+    /// find out by failing the connection with everything in flight on it.
+    pub(crate) fn check_size(
+        &self,
+        link: &Link,
+        topic: &str,
+        qos: link::Qos,
+        payload: usize,
+    ) -> Result<(), RpcError> {
+        if !self.fits(topic, payload) {
+            return Err(too_large(topic, payload, self.max_packet_size));
+        }
+        link.check_broker_limit(topic, qos, payload)
+            .map_err(|(size, limit)| {
+                RpcError::transport(
+                    TransportErrorKind::PayloadTooLarge,
+                    format!(
+                        "the message to {topic:?} ({size} bytes as a packet) is larger than the \
+                         maximum packet size of the MQTT broker at {} ({limit} bytes)",
+                        self.address_text()
+                    ),
+                )
+            })
     }
 }
 

@@ -369,6 +369,12 @@ impl ReplySink for MqttSink {
                 limit: self.limit,
             });
         }
+        if let Err((size, limit)) =
+            self.client
+                .check_broker_limit(&self.topic, Qos::AtMostOnce, body.len())
+        {
+            return Err(SendError::TooLarge { size, limit });
+        }
         self.done = packet.is_last();
         // Boxed: rumqttc's publish is a large future, and the handling future of every message,
         // which holds this one, would otherwise be too large for the allocator's per-thread
