@@ -1128,7 +1128,11 @@ async fn durable_event_over_the_broker_limit(version: MqttVersion) {
                 && error.message().contains("(2000 bytes)"),
             "{error}"
         );
-        assert!(started.elapsed() < Duration::from_millis(500));
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            started.elapsed()
+        );
     } else {
         // MQTT 3.1.1 brokers do not say their limit: the connection is lost.
         assert_eq!(error.code(), Code::Unavailable, "{error}");
@@ -1394,6 +1398,14 @@ async fn a_dead_letter_over_the_packet_limit(version: MqttVersion) {
         )
         .await
         .unwrap();
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while !matches!(
+            watching.poll().await.unwrap(),
+            rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_))
+        ) {}
+    })
+    .await
+    .expect("the watcher subscribed");
     let (letters_tx, mut letters) = tokio::sync::mpsc::unbounded_channel();
     let watching = tokio::spawn(async move {
         while let Ok(event) = watching.poll().await {
@@ -1402,7 +1414,6 @@ async fn a_dead_letter_over_the_packet_limit(version: MqttVersion) {
             }
         }
     });
-    sleep(Duration::from_millis(200)).await;
     let handled: Arc<Mutex<Vec<String>>> = Arc::default();
     let seen = Arc::clone(&handled);
     let seen_audit = Arc::clone(&handled);
@@ -1420,6 +1431,10 @@ async fn a_dead_letter_over_the_packet_limit(version: MqttVersion) {
                         async move {
                             if kind.starts_with("poison") {
                                 return Err(RpcError::exception("cannot bill this"));
+                            }
+                            if kind == "verbose" {
+                                let text = format!("verbose failure: {}", "y".repeat(5000));
+                                return Err(RpcError::exception(text));
                             }
                             seen.lock().unwrap().push(kind);
                             Ok(())
@@ -1444,6 +1459,8 @@ async fn a_dead_letter_over_the_packet_limit(version: MqttVersion) {
     // Small enough to be published, too large to be wrapped in a dead letter.
     let poison = format!("poison{}", "x".repeat(3900));
     emitter.emit("order", &poison).await.unwrap();
+    // A small event whose handler's error is too long for a dead letter.
+    emitter.emit("order", &"verbose").await.unwrap();
     emitter.emit("order", &"fine").await.unwrap();
     emitter.emit("audit", &"fine").await.unwrap();
     let letter = tokio::time::timeout(Duration::from_secs(10), letters.recv())
@@ -1457,6 +1474,22 @@ async fn a_dead_letter_over_the_packet_limit(version: MqttVersion) {
     let reason = letter[DEAD_LETTER_REASON].as_str().unwrap();
     assert!(
         reason.contains("cannot bill this") && reason.contains("is left out of this dead letter"),
+        "{reason}"
+    );
+    // The event kept, the error shortened.
+    let letter = tokio::time::timeout(Duration::from_secs(10), letters.recv())
+        .await
+        .expect("the second dead letter")
+        .unwrap();
+    assert!(letter.len() <= 4000, "{} bytes", letter.len());
+    let letter: Value = serde_json::from_slice(&letter).unwrap();
+    assert_eq!(
+        letter["body"],
+        json!({"pattern": "order", "data": "verbose"})
+    );
+    let reason = letter[DEAD_LETTER_REASON].as_str().unwrap();
+    assert!(
+        reason.contains("verbose failure: yyy") && reason.len() < 4000,
         "{reason}"
     );
     eventually("the other events handled", Duration::from_secs(10), || {
@@ -1515,12 +1548,15 @@ async fn messages_over_the_limit_the_broker_announced_fail_alone_over_mqtt5() {
         );
         assert!(error.message().contains("(2000 bytes)"), "{error}");
     }
-    assert!(started.elapsed() < Duration::from_millis(300));
-    // The reply over the limit: an error in its place, at once.
+    // The reply over the limit: an error in its place, without waiting for the deadline.
     let reply = client.send::<String>("big", &()).await.unwrap_err();
     assert_eq!(reply.code(), Code::InvalidArgument, "{reply}");
     assert!(reply.message().contains("larger than"), "{reply}");
-    assert!(started.elapsed() < Duration::from_secs(2));
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
     // Nothing was lost on the way.
     assert_eq!(slow.await.unwrap().unwrap(), "done");
     assert!(client.send::<Value>("echo", &json!(1)).await.is_ok());

@@ -487,6 +487,16 @@ impl Shared {
                     return Err(self.dropped());
                 }
                 let connected = self.connected.load(Ordering::SeqCst);
+                if connected {
+                    // Checked on the connection it goes out on: a broker that came back may
+                    // announce a lower limit.
+                    self.options.check_size(
+                        &self.client,
+                        topic,
+                        Qos::AtLeastOnce,
+                        payload.len(),
+                    )?;
+                }
                 if connected
                     && self
                         .client

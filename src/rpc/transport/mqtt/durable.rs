@@ -360,10 +360,12 @@ async fn handle_topic(
     }
 }
 
-/// The dead letter of an event, or, when with the event it would be larger than a packet may be
-/// (the event itself may be just under the limit), the letter without it (`"body": null`, the
-/// reason saying why): a letter that does not fit would fail the session's connection at every
-/// attempt, and every event with it. `None` when not even that fits.
+/// The dead letter of an event, made to fit in a packet: a letter that does not fit would fail
+/// the session's connection at every attempt, and every event with it. The handler's error is
+/// shortened first (a long one may be what makes the letter too large); if the event itself
+/// leaves no room (it may be just under the limit), the letter goes without it (`"body": null`),
+/// the reason saying why. `None` only when not even a letter with neither fits (a dead-letter
+/// topic near the limit).
 fn letter_within_limits(
     options: &MqttOptions,
     client: &Link,
@@ -373,23 +375,52 @@ fn letter_within_limits(
     deliveries: u32,
     topic: &str,
 ) -> Option<Vec<u8>> {
-    let letter = dead_letter(Some(payload), &error.to_string(), deliveries, topic);
-    let too_large = match options.check_size(client, dead, Qos::AtLeastOnce, letter.len()) {
-        Ok(()) => return Some(letter),
+    let fits = |letter: &[u8]| {
+        options
+            .check_size(client, dead, Qos::AtLeastOnce, letter.len())
+            .map_err(|too_large| too_large.message().to_owned())
+    };
+    let with_event = |reason: &str| dead_letter(Some(payload), reason, deliveries, topic);
+    let too_large = match fits(&with_event(&error.to_string())) {
+        Ok(()) => return Some(with_event(&error.to_string())),
         Err(too_large) => too_large,
     };
-    tracing::error!(%topic, bytes = payload.len(), %too_large, "the dead letter goes out without the event, which would make it too large");
+    if let Some(letter) = shortened(error.to_string(), |reason| {
+        let letter = with_event(reason);
+        fits(&letter).is_ok().then_some(letter)
+    }) {
+        tracing::warn!(%topic, %error, "the handler's error is shortened in the dead letter, which it would make too large");
+        return Some(letter);
+    }
+    tracing::error!(%topic, bytes = payload.len(), %too_large, %error, "the dead letter goes out without the event, which would make it too large");
+    // The explanation first: what may have to be cut is the handler's error, at its end.
     let reason = format!(
-        "{error}; the event ({} bytes) is left out of this dead letter, which it would make too \
-         large: {}",
+        "the event ({} bytes) is left out of this dead letter, which it would make too large \
+         ({too_large}); the handler failed with: {error}",
         payload.len(),
-        too_large.message()
     );
-    let letter = dead_letter(None, &reason, deliveries, topic);
-    options
-        .check_size(client, dead, Qos::AtLeastOnce, letter.len())
-        .is_ok()
-        .then_some(letter)
+    shortened(reason, |reason| {
+        let letter = dead_letter(None, reason, deliveries, topic);
+        fits(&letter).is_ok().then_some(letter)
+    })
+}
+
+/// The first letter `make` accepts with `reason` cut to half its length, again and again (at
+/// character boundaries), down to nothing.
+fn shortened(mut reason: String, make: impl Fn(&str) -> Option<Vec<u8>>) -> Option<Vec<u8>> {
+    loop {
+        if let Some(letter) = make(&reason) {
+            return Some(letter);
+        }
+        if reason.is_empty() {
+            return None;
+        }
+        let mut keep = reason.len() / 2;
+        while !reason.is_char_boundary(keep) {
+            keep -= 1;
+        }
+        reason.truncate(keep);
+    }
 }
 
 /// `{"body":<the message>,"palisade-dead-letter-reason":...,"palisade-deliveries":n,

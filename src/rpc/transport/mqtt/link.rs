@@ -76,11 +76,12 @@ impl BrokerLimit {
     }
 }
 
-/// The size of an MQTT 5 `PUBLISH` packet as palisade writes it (no properties).
-fn v5_publish_size(topic: &str, qos: Qos, payload: usize) -> usize {
+/// The size of a `PUBLISH` packet as rumqttc writes palisade's (no MQTT 5 properties).
+fn publish_size(v5: bool, topic: &str, qos: Qos, payload: usize) -> usize {
     let packet_id = if qos == Qos::AtMostOnce { 0 } else { 2 };
-    // Topic length prefix, topic, packet id, properties length (0), payload.
-    let remaining = (2 + topic.len() + packet_id + 1).saturating_add(payload);
+    // MQTT 5 has the properties' length (0) after the packet id.
+    let properties = usize::from(v5);
+    let remaining = (2 + topic.len() + packet_id + properties).saturating_add(payload);
     let length_bytes: usize = match remaining {
         0..=127 => 1,
         128..=16_383 => 2,
@@ -88,6 +89,17 @@ fn v5_publish_size(topic: &str, qos: Qos, payload: usize) -> usize {
         _ => 4,
     };
     (1 + length_bytes).saturating_add(remaining)
+}
+
+/// A packet over a limit.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct Oversize {
+    /// The packet's size, in bytes.
+    pub(crate) size: usize,
+    /// The limit it is over.
+    pub(crate) limit: usize,
+    /// The limit is the one the broker announced (else the client's own).
+    pub(crate) broker: bool,
 }
 
 /// A message received.
@@ -424,27 +436,37 @@ impl Link {
         }
     }
 
-    /// `Err((packet size, limit))` when a message of `payload` bytes on `topic` would be larger
-    /// than the broker's announced maximum packet size (MQTT 5).
-    pub(crate) fn check_broker_limit(
+    /// Whether a message of `payload` bytes on `topic` fits in a packet: measured as rumqttc
+    /// writes it, against `own_limit` and against the maximum packet size the broker announced
+    /// (MQTT 5).
+    pub(crate) fn check_size(
         &self,
+        own_limit: usize,
         topic: &str,
         qos: Qos,
         payload: usize,
-    ) -> Result<(), (usize, usize)> {
-        let Link::V5(_, limit) = self else {
-            return Ok(());
-        };
-        let Some(limit) = limit.get() else {
-            return Ok(());
-        };
-        let limit = usize::try_from(limit).unwrap_or(usize::MAX);
-        let size = v5_publish_size(topic, qos, payload);
-        if size > limit {
-            Err((size, limit))
-        } else {
-            Ok(())
+    ) -> Result<(), Oversize> {
+        let size = publish_size(matches!(self, Link::V5(..)), topic, qos, payload);
+        if size > own_limit {
+            return Err(Oversize {
+                size,
+                limit: own_limit,
+                broker: false,
+            });
         }
+        if let Link::V5(_, announced) = self
+            && let Some(limit) = announced.get()
+        {
+            let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+            if size > limit {
+                return Err(Oversize {
+                    size,
+                    limit,
+                    broker: true,
+                });
+            }
+        }
+        Ok(())
     }
 
     /// Queues a publish without waiting: `false` if the queue is full or the event loop gone.
@@ -493,55 +515,83 @@ impl Link {
 mod tests {
     use super::*;
 
-    /// The size checked before publishing is the size rumqttc writes, across the remaining
-    /// length's prefix sizes (one to four bytes).
+    /// The size checked before publishing is the size rumqttc writes, on both sides of each
+    /// step of the remaining length's prefix (one to four bytes), for both versions and both
+    /// qualities of service.
     #[test]
     fn a_publish_is_measured_as_rumqttc_writes_it() {
-        for payload in [
-            0, 100, 120, 121, 122, 16_000, 16_376, 16_377, 2_097_140, 2_097_150,
-        ] {
-            for (qos, theirs) in [
-                (Qos::AtMostOnce, rumqttc::v5::mqttbytes::QoS::AtMostOnce),
-                (Qos::AtLeastOnce, rumqttc::v5::mqttbytes::QoS::AtLeastOnce),
-            ] {
-                let mut publish =
-                    v5_packets::Publish::new("orders/eu", theirs, vec![0u8; payload], None);
-                publish.pkid = u16::from(qos == Qos::AtLeastOnce);
-                assert_eq!(
-                    v5_publish_size("orders/eu", qos, payload),
-                    publish.size(),
-                    "{payload} bytes, {qos:?}"
-                );
+        let topic = "orders/eu";
+        for v5 in [false, true] {
+            for qos in [Qos::AtMostOnce, Qos::AtLeastOnce] {
+                let overhead = publish_size(v5, topic, qos, 0) - 2;
+                let mut payloads = vec![0];
+                for step in [127, 16_383, 2_097_151] {
+                    payloads.extend([step - overhead, step - overhead + 1]);
+                }
+                for payload in payloads {
+                    let theirs = if v5 {
+                        let qos = match qos {
+                            Qos::AtMostOnce => rumqttc::v5::mqttbytes::QoS::AtMostOnce,
+                            Qos::AtLeastOnce => rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+                        };
+                        let mut publish =
+                            v5_packets::Publish::new(topic, qos, vec![0u8; payload], None);
+                        publish.pkid = u16::from(qos != rumqttc::v5::mqttbytes::QoS::AtMostOnce);
+                        publish.size()
+                    } else {
+                        let mut publish =
+                            rumqttc::Publish::new(topic, qos.v4(), vec![0u8; payload]);
+                        publish.pkid = u16::from(qos == Qos::AtLeastOnce);
+                        publish.size()
+                    };
+                    assert_eq!(
+                        publish_size(v5, topic, qos, payload),
+                        theirs,
+                        "{payload} bytes, {qos:?}, MQTT 5: {v5}"
+                    );
+                }
             }
         }
     }
 
     #[test]
-    fn only_an_announced_limit_refuses_and_it_follows_each_connack() {
-        let limit = BrokerLimit::default();
+    fn the_announced_limit_follows_each_connack_and_the_own_limit_always_holds() {
+        let announced = BrokerLimit::default();
         let (client, _events) = rumqttc::v5::AsyncClient::new(
             rumqttc::v5::MqttOptions::new("measure", "127.0.0.1", 1),
             1,
         );
-        let link = Link::V5(client, limit.clone());
+        let link = Link::V5(client, announced.clone());
+        let empty = publish_size(true, "t", Qos::AtLeastOnce, 0);
         assert_eq!(
-            link.check_broker_limit("t", Qos::AtLeastOnce, 1 << 30),
-            Ok(())
-        );
-        limit.set(Some(100));
-        let at_limit = 100 - v5_publish_size("t", Qos::AtLeastOnce, 0);
-        assert_eq!(
-            link.check_broker_limit("t", Qos::AtLeastOnce, at_limit),
+            link.check_size(usize::MAX, "t", Qos::AtLeastOnce, 1 << 30),
             Ok(())
         );
         assert_eq!(
-            link.check_broker_limit("t", Qos::AtLeastOnce, at_limit + 1),
-            Err((101, 100))
+            link.check_size(100, "t", Qos::AtLeastOnce, 101 - empty),
+            Err(Oversize {
+                size: 101,
+                limit: 100,
+                broker: false
+            })
+        );
+        announced.set(Some(100));
+        assert_eq!(
+            link.check_size(usize::MAX, "t", Qos::AtLeastOnce, 100 - empty),
+            Ok(())
+        );
+        assert_eq!(
+            link.check_size(usize::MAX, "t", Qos::AtLeastOnce, 101 - empty),
+            Err(Oversize {
+                size: 101,
+                limit: 100,
+                broker: true
+            })
         );
         // A later connection's broker announced none.
-        limit.set(None);
+        announced.set(None);
         assert_eq!(
-            link.check_broker_limit("t", Qos::AtLeastOnce, 1 << 30),
+            link.check_size(usize::MAX, "t", Qos::AtLeastOnce, 1 << 30),
             Ok(())
         );
     }

@@ -356,14 +356,10 @@ impl MqttOptions {
         )
     }
 
-    /// Whether a message with `payload` bytes on `topic` fits in a packet.
-    pub(crate) fn fits(&self, topic: &str, payload: usize) -> bool {
-        payload.saturating_add(topic.len()) <= self.max_packet_size
-    }
-
-    /// Refuses a message that would not fit: over [`max_packet_size`](Self::max_packet_size),
-    /// or over the maximum packet size the broker announced (MQTT 5), which rumqttc would only
-    /// find out by failing the connection with everything in flight on it.
+    /// Refuses a message that would not fit: measured as rumqttc writes it, over
+    /// [`max_packet_size`](Self::max_packet_size), or over the maximum packet size the broker
+    /// announced (MQTT 5), which rumqttc would only find out by failing the connection with
+    /// everything in flight on it.
     pub(crate) fn check_size(
         &self,
         link: &Link,
@@ -371,17 +367,22 @@ impl MqttOptions {
         qos: link::Qos,
         payload: usize,
     ) -> Result<(), RpcError> {
-        if !self.fits(topic, payload) {
-            return Err(too_large(topic, payload, self.max_packet_size));
-        }
-        link.check_broker_limit(topic, qos, payload)
-            .map_err(|(size, limit)| {
+        link.check_size(self.max_packet_size, topic, qos, payload)
+            .map_err(|oversize| {
+                let whose = if oversize.broker {
+                    format!(
+                        "the maximum packet size of the MQTT broker at {}",
+                        self.address_text()
+                    )
+                } else {
+                    "the MQTT packet limit".to_owned()
+                };
                 RpcError::transport(
                     TransportErrorKind::PayloadTooLarge,
                     format!(
-                        "the message to {topic:?} ({size} bytes as a packet) is larger than the \
-                         maximum packet size of the MQTT broker at {} ({limit} bytes)",
-                        self.address_text()
+                        "the message to {topic:?} ({} bytes as a packet) is larger than {whose} \
+                         ({} bytes)",
+                        oversize.size, oversize.limit
                     ),
                 )
             })
@@ -442,16 +443,6 @@ pub(crate) fn reply_topic(topic: &str) -> String {
 
 /// The shortest keep-alive rumqttc accepts over MQTT 5.
 const MQTT5_MIN_KEEP_ALIVE: Duration = Duration::from_secs(5);
-
-/// The error for a packet too large to publish.
-pub(crate) fn too_large(topic: &str, size: usize, limit: usize) -> RpcError {
-    RpcError::transport(
-        TransportErrorKind::PayloadTooLarge,
-        format!(
-            "the message to {topic:?} ({size} bytes) is larger than the MQTT packet limit ({limit} bytes)"
-        ),
-    )
-}
 
 #[cfg(test)]
 mod tests {

@@ -361,19 +361,15 @@ impl ReplySink for MqttSink {
                     "cannot encode the reply: {error}"
                 )))
             })?;
-        let size = body.len() + self.topic.len();
-        if size > self.limit {
+        if let Err(oversize) =
+            self.client
+                .check_size(self.limit, &self.topic, Qos::AtMostOnce, body.len())
+        {
             // The caller still waits: the error packet that replaces this one goes there.
             return Err(SendError::TooLarge {
-                size,
-                limit: self.limit,
+                size: oversize.size,
+                limit: oversize.limit,
             });
-        }
-        if let Err((size, limit)) =
-            self.client
-                .check_broker_limit(&self.topic, Qos::AtMostOnce, body.len())
-        {
-            return Err(SendError::TooLarge { size, limit });
         }
         self.done = packet.is_last();
         // Boxed: rumqttc's publish is a large future, and the handling future of every message,
