@@ -1562,3 +1562,247 @@ async fn messages_over_the_limit_the_broker_announced_fail_alone_over_mqtt5() {
     assert!(client.send::<Value>("echo", &json!(1)).await.is_ok());
     server.shutdown().await;
 }
+
+/// A watcher subscribed (QoS 1, acknowledged) to `topic`: what is published there comes out of
+/// the receiver.
+async fn watch(
+    broker: &Broker,
+    topic: String,
+) -> (
+    tokio::task::JoinHandle<()>,
+    tokio::sync::mpsc::UnboundedReceiver<bytes::Bytes>,
+) {
+    let (watcher, mut watching) = rumqttc::AsyncClient::new(
+        rumqttc::MqttOptions::new("watcher", "127.0.0.1", broker.port()),
+        10,
+    );
+    watcher
+        .subscribe(topic, rumqttc::QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while !matches!(
+            watching.poll().await.unwrap(),
+            rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_))
+        ) {}
+    })
+    .await
+    .expect("the watcher subscribed");
+    let (letters_tx, letters) = tokio::sync::mpsc::unbounded_channel();
+    let watching = tokio::spawn(async move {
+        let _watcher = watcher;
+        while let Ok(event) = watching.poll().await {
+            if let rumqttc::Event::Incoming(rumqttc::Packet::Publish(publish)) = event {
+                let _ = letters_tx.send(publish.payload);
+            }
+        }
+    });
+    (watching, letters)
+}
+
+/// MQTT 3.1.1 with no `max_packet_size` set: the broker's limit is unknown, and it closes the
+/// connection on a dead letter over it. The persistent session sent the letter again at every
+/// reconnection, so the durable server stopped handling everything. Now, after three lost
+/// connections, the letter goes out without the event, and everything else flows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_that_makes_the_broker_close_the_connection_goes_out_without_the_event() {
+    let _serial = SERIAL.lock().await;
+    let broker = Broker::start_with("max_packet_size 4000\n");
+    let durable = DurableEvents::new("billing-1")
+        .max_deliveries(1)
+        .backoff([Duration::from_millis(10)]);
+    let (watching, mut letters) = watch(&broker, durable.dead_letter_topic("order")).await;
+    let handled: Arc<Mutex<Vec<String>>> = Arc::default();
+    let seen = Arc::clone(&handled);
+    let server = durable_server(
+        &broker,
+        MqttVersion::V311,
+        durable,
+        Router::new().event("order", move |Payload(kind): Payload<String>| {
+            let seen = Arc::clone(&seen);
+            async move {
+                if kind.starts_with("poison") {
+                    return Err(RpcError::exception("cannot bill this"));
+                }
+                seen.lock().unwrap().push(kind);
+                Ok(())
+            }
+        }),
+    )
+    .await;
+    let emitter = Client::builder()
+        .connect(MqttTransport::new(options(&broker)).durable_events())
+        .await
+        .unwrap();
+    let poison = format!("poison{}", "x".repeat(3900));
+    emitter.emit("order", &poison).await.unwrap();
+    emitter.emit("order", &"fine").await.unwrap();
+    let letter = tokio::time::timeout(Duration::from_secs(20), letters.recv())
+        .await
+        .expect("nothing dead-lettered")
+        .unwrap();
+    let letter: Value = serde_json::from_slice(&letter).unwrap();
+    assert_eq!(letter["body"], Value::Null, "{letter}");
+    let reason = letter[DEAD_LETTER_REASON].as_str().unwrap();
+    assert!(
+        reason.contains("lost 3 times") && reason.contains("cannot bill this"),
+        "{reason}"
+    );
+    eventually("the next event", Duration::from_secs(10), || {
+        handled.lock().unwrap().len() == 1
+    })
+    .await;
+    emitter.emit("order", &"later").await.unwrap();
+    eventually("a later event", Duration::from_secs(10), || {
+        handled.lock().unwrap().len() == 2
+    })
+    .await;
+    server.shutdown().await;
+    watching.abort();
+}
+
+/// An MQTT 5 broker refuses the dead letter (not authorised to publish there): the event was
+/// acknowledged all the same, and lost. Now it stays unacknowledged while the letter is
+/// refused: a server started later on the same session receives it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_whose_dead_letter_the_broker_refuses_is_kept_over_mqtt5() {
+    let _serial = SERIAL.lock().await;
+    let acl = std::env::temp_dir().join(format!("palisade-acl-dead-{}", std::process::id()));
+    std::fs::write(&acl, "topic readwrite order\n").unwrap();
+    let broker = Broker::start_with(&format!("acl_file {}\n", acl.display()));
+    let attempts = Arc::new(AtomicUsize::new(0));
+    let tries = Arc::clone(&attempts);
+    let failing = durable_server(
+        &broker,
+        MqttVersion::V5,
+        DurableEvents::new("billing-1")
+            .max_deliveries(1)
+            .backoff([Duration::from_millis(50)]),
+        Router::new().event("order", move |Payload(_): Payload<String>| {
+            tries.fetch_add(1, Ordering::SeqCst);
+            async { Err::<(), _>(RpcError::exception("cannot bill this")) }
+        }),
+    )
+    .await;
+    let emitter = Client::builder()
+        .connect(MqttTransport::new(options(&broker).version(MqttVersion::V5)).durable_events())
+        .await
+        .unwrap();
+    emitter.emit("order", &"poison").await.unwrap();
+    eventually("the event handled", Duration::from_secs(5), || {
+        attempts.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    // Its letter refused, sent again and refused again meanwhile.
+    sleep(Duration::from_millis(300)).await;
+    failing.shutdown().await;
+    let handled: Arc<Mutex<Vec<String>>> = Arc::default();
+    let seen = Arc::clone(&handled);
+    let fixed = durable_server(
+        &broker,
+        MqttVersion::V5,
+        DurableEvents::new("billing-1"),
+        Router::new().event("order", move |Payload(kind): Payload<String>| {
+            let seen = Arc::clone(&seen);
+            async move {
+                seen.lock().unwrap().push(kind);
+                Ok::<_, RpcError>(())
+            }
+        }),
+    )
+    .await;
+    eventually("the event delivered again", Duration::from_secs(10), || {
+        handled.lock().unwrap().as_slice() == ["poison"]
+    })
+    .await;
+    fixed.shutdown().await;
+    let _ = std::fs::remove_file(&acl);
+}
+
+/// The connection drops after a dead letter went out and before the broker acknowledged it:
+/// the letter is sent again on the next connection, with the event, and the event is
+/// acknowledged once the broker has the letter (a server started later on the same session
+/// does not get it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_cut_off_before_its_acknowledgement_is_sent_again_and_then_the_event_acknowledged()
+ {
+    let _serial = SERIAL.lock().await;
+    let broker = Broker::start();
+    let durable = DurableEvents::new("billing-1").max_deliveries(1);
+    let (watching, mut letters) = watch(&broker, durable.dead_letter_topic("order")).await;
+    // What the broker sends the server arrives 300 ms late: the letter's acknowledgement too.
+    let proxy = Proxy::start_with_delay(broker.port(), Duration::from_millis(300)).await;
+    let attempts = Arc::new(AtomicUsize::new(0));
+    let tries = Arc::clone(&attempts);
+    let failing = MqttServer::new(
+        through(&proxy).reconnect_backoff(Duration::from_millis(20), Duration::from_millis(100)),
+    )
+    .durable_events(durable)
+    .serve(
+        Server::new(
+            Router::new().event("order", move |Payload(_): Payload<String>| {
+                tries.fetch_add(1, Ordering::SeqCst);
+                async { Err::<(), _>(RpcError::exception("cannot bill this")) }
+            }),
+        )
+        .grace_period(Duration::from_millis(50)),
+    )
+    .await
+    .unwrap();
+    let emitter = Client::builder()
+        .connect(MqttTransport::new(options(&broker)).durable_events())
+        .await
+        .unwrap();
+    emitter.emit("order", &"poison").await.unwrap();
+    eventually("the event handled", Duration::from_secs(5), || {
+        attempts.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    // The letter is written at once; its acknowledgement is on its way.
+    sleep(Duration::from_millis(100)).await;
+    proxy.cut();
+    let mut received = Vec::new();
+    let first = tokio::time::timeout(Duration::from_secs(10), letters.recv())
+        .await
+        .expect("nothing dead-lettered")
+        .unwrap();
+    received.push(first);
+    // The copy sent again, if the broker had the first one.
+    if let Ok(Some(again)) = tokio::time::timeout(Duration::from_secs(2), letters.recv()).await {
+        received.push(again);
+    }
+    for letter in &received {
+        let letter: Value = serde_json::from_slice(letter).unwrap();
+        assert_eq!(letter["body"]["data"], "poison", "{letter}");
+    }
+    // The acknowledgement of the letter sent again comes through the slow link; the event's
+    // own goes out then (a shutdown before would leave it unacknowledged, to be handled again).
+    sleep(Duration::from_millis(1500)).await;
+    // The broker sent the event again on the new connection, unacknowledged as it was: that
+    // copy is the one in hand, not another event to handle.
+    assert_eq!(attempts.load(Ordering::SeqCst), 1, "handled again");
+    failing.shutdown().await;
+    let handled: Arc<Mutex<Vec<String>>> = Arc::default();
+    let seen = Arc::clone(&handled);
+    let later = durable_server(
+        &broker,
+        MqttVersion::V311,
+        DurableEvents::new("billing-1"),
+        Router::new().event("order", move |Payload(kind): Payload<String>| {
+            let seen = Arc::clone(&seen);
+            async move {
+                seen.lock().unwrap().push(kind);
+                Ok::<_, RpcError>(())
+            }
+        }),
+    )
+    .await;
+    emitter.emit("order", &"next").await.unwrap();
+    eventually("the next event", Duration::from_secs(10), || {
+        !handled.lock().unwrap().is_empty()
+    })
+    .await;
+    assert_eq!(handled.lock().unwrap().as_slice(), ["next"]);
+    later.shutdown().await;
+    watching.abort();
+}

@@ -6,11 +6,13 @@ use super::link::{Event, Events, Link, Message, Qos};
 use super::server::incoming;
 use crate::rpc::transport::{DEAD_LETTER_DELIVERIES, DEAD_LETTER_REASON, DEAD_LETTER_SUBJECT};
 use crate::rpc::{Dispatcher, Headers, RpcError, TransportErrorKind};
+use bytes::Bytes;
 use serde_json::value::RawValue;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 /// Durable events over MQTT — beyond NestJS, for events that must not be lost:
 ///
@@ -25,8 +27,12 @@ use tokio::sync::mpsc;
 /// - when a handler fails the event is handled again after a delay from the backoff list;
 /// - after `max_deliveries` failed attempts it is published (QoS 1) to the dead-letter topic
 ///   `<dead letter prefix><topic>`, as a JSON object with the original message in `body` and
-///   [`DEAD_LETTER_REASON`], [`DEAD_LETTER_DELIVERIES`] and [`DEAD_LETTER_SUBJECT`], then
-///   acknowledged. An MQTT broker keeps a message only for the sessions subscribed to its topic:
+///   [`DEAD_LETTER_REASON`], [`DEAD_LETTER_DELIVERIES`] and [`DEAD_LETTER_SUBJECT`], and
+///   acknowledged once the broker acknowledged the letter. A letter cut off by a lost connection
+///   is sent again; one an MQTT 5 broker refuses (not authorised) is sent again after the last
+///   backoff delay, the event unacknowledged meanwhile (an error is logged each time); one sent
+///   on three connections that were all lost before its acknowledgement (a broker closing the
+///   connection on it) is sent without the event. An MQTT broker keeps a message only for the sessions subscribed to its topic:
 ///   to keep dead letters while nothing reads them, subscribe a persistent session (clean
 ///   session off, QoS 1) to `<dead letter prefix>#` once, and read them through it; otherwise a
 ///   dead letter nobody is subscribed to is dropped by the broker. A dead letter that the event
@@ -138,20 +144,20 @@ pub(super) async fn start(
             None => topic.to_string(),
         })
         .collect();
-    let durable = Arc::new(durable);
+    let session = Session {
+        client: client.clone(),
+        durable: Arc::new(durable),
+        letters: Arc::default(),
+        in_hand: InHand::default(),
+        dispatcher: dispatcher.clone(),
+        options: options.clone(),
+    };
     let mut lanes = HashMap::new();
     let mut handling = Vec::new();
     for topic in &topics {
         let (tx, rx) = mpsc::unbounded_channel();
         lanes.insert(topic.to_string(), tx);
-        handling.push(dispatcher.spawn(handle_topic(
-            rx,
-            Arc::clone(topic),
-            client.clone(),
-            Arc::clone(&durable),
-            dispatcher.clone(),
-            options.clone(),
-        )));
+        handling.push(dispatcher.spawn(handle_topic(rx, Arc::clone(topic), session.clone())));
     }
     if group.is_some() {
         // A persistent session keeps its subscriptions: one made before the group was set would
@@ -168,7 +174,7 @@ pub(super) async fn start(
         loop {
             match events.poll().await {
                 // The session's stored events may come before the acknowledgement.
-                Ok(Event::Message(message)) => forward(&lanes, &client, message),
+                Ok(Event::Message(message)) => forward(&lanes, &session.in_hand, &client, message),
                 Ok(Event::SubAck(ack)) => {
                     return if ack.iter().any(|accepted| !accepted) {
                         Err(RpcError::transport(
@@ -195,15 +201,7 @@ pub(super) async fn start(
             ));
         }
     }
-    dispatcher.spawn(run(
-        events,
-        client,
-        filters,
-        lanes,
-        handling,
-        options,
-        dispatcher.clone(),
-    ));
+    dispatcher.spawn(run(events, filters, lanes, handling, session));
     Ok(())
 }
 
@@ -211,13 +209,46 @@ fn subscribe(client: &Link, filters: &[String]) {
     super::server::subscribe_soon(client, filters, Qos::AtLeastOnce);
 }
 
+/// The packet ids of the events in the lanes, from their delivery to their acknowledgement (or
+/// until they are left unacknowledged).
+///
+/// A broker sends an unacknowledged event again, under the same packet id, when the session
+/// reconnects. The lane that holds it acknowledges that id once: a second copy handled would be
+/// acknowledged a second time, when the broker may have given the id to another event since.
+#[derive(Clone, Default)]
+struct InHand(Arc<std::sync::Mutex<HashSet<u16>>>);
+
+impl InHand {
+    fn ids(&self) -> std::sync::MutexGuard<'_, HashSet<u16>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// `false` if an event with this packet id is in hand already (a QoS 0 event has none).
+    fn take(&self, message: &Message) -> bool {
+        message.pkid() == 0 || self.ids().insert(message.pkid())
+    }
+
+    /// The event is acknowledged, or left unacknowledged for the next connection.
+    fn release(&self, message: &Message) {
+        self.ids().remove(&message.pkid());
+    }
+}
+
 /// Hands an event to its topic's lane.
 fn forward(
     lanes: &HashMap<String, mpsc::UnboundedSender<Message>>,
+    in_hand: &InHand,
     client: &Link,
     message: Message,
 ) {
     match lanes.get(message.topic()) {
+        Some(_) if !in_hand.take(&message) => {
+            tracing::debug!(
+                topic = message.topic(),
+                pkid = message.pkid(),
+                "an event sent again while its first copy is in hand ignored"
+            );
+        }
         Some(lane) => {
             let _ = lane.send(message);
         }
@@ -233,15 +264,33 @@ fn forward(
     }
 }
 
+/// What the session's event loop and its lanes share.
+#[derive(Clone)]
+struct Session {
+    client: Link,
+    durable: Arc<DurableEvents>,
+    letters: Arc<DeadLetters>,
+    in_hand: InHand,
+    dispatcher: Dispatcher,
+    options: MqttOptions,
+}
+
 async fn run(
     mut events: Events,
-    client: Link,
     filters: Vec<String>,
     lanes: HashMap<String, mpsc::UnboundedSender<Message>>,
     handling: Vec<tokio::task::JoinHandle<()>>,
-    options: MqttOptions,
-    dispatcher: Dispatcher,
+    session: Session,
 ) {
+    let Session {
+        client,
+        letters,
+        in_hand,
+        dispatcher,
+        options,
+        ..
+    } = session;
+    let _closed = LettersClosed(Arc::clone(&letters));
     let mut draining = std::pin::pin!(dispatcher.draining());
     let mut attempt = 0u32;
     loop {
@@ -251,18 +300,26 @@ async fn run(
             _ = &mut draining => break,
         };
         match event {
-            Ok(Event::Message(message)) => forward(&lanes, &client, message),
+            Ok(Event::Message(message)) => forward(&lanes, &in_hand, &client, message),
             Ok(Event::ConnAck) => {
                 attempt = 0;
                 // Subscribed again at every connection: a session the broker lost (restarted
                 // without persistence) has no subscriptions.
                 subscribe(&client, &filters);
             }
-            Ok(_) => {}
+            Ok(event) => letters.confirm(&event),
             Err(error) => {
                 if attempt == 0 {
                     tracing::warn!(%error, "durable events lost the MQTT connection; reconnecting");
                 }
+                // What rumqttc had not yet said about the lost connection first.
+                for event in events.take_buffered() {
+                    match event {
+                        Event::Message(message) => forward(&lanes, &in_hand, &client, message),
+                        event => letters.confirm(&event),
+                    }
+                }
+                letters.lost(&mut events);
                 tokio::select! {
                     _ = tokio::time::sleep(options.backoff(attempt)) => {}
                     _ = &mut draining => break,
@@ -280,7 +337,10 @@ async fn run(
     loop {
         tokio::select! {
             _ = &mut handled => break,
-            event = events.poll() => if event.is_err() { return },
+            event = events.poll() => match event {
+                Ok(event) => letters.confirm(&event),
+                Err(_) => return,
+            },
         }
     }
     client.try_disconnect();
@@ -298,13 +358,19 @@ async fn run(
 async fn handle_topic(
     mut lane: mpsc::UnboundedReceiver<Message>,
     topic: Arc<str>,
-    client: Link,
-    durable: Arc<DurableEvents>,
-    dispatcher: Dispatcher,
-    options: MqttOptions,
+    session: Session,
 ) {
+    let Session {
+        client,
+        durable,
+        letters,
+        in_hand,
+        dispatcher,
+        options,
+    } = session;
     let codec = options.shared_codec();
-    while let Some(message) = lane.recv().await {
+    'events: while let Some(message) = lane.recv().await {
+        let _in_hand = Released(&in_hand, &message);
         let mut attempt = 0u32;
         loop {
             attempt += 1;
@@ -326,25 +392,27 @@ async fn handle_topic(
                 return;
             }
             if attempt >= durable.max_deliveries {
-                let dead = durable.dead_letter_topic(&topic);
-                tracing::warn!(%topic, attempt, %error, dead_letters = %dead, "event dead-lettered");
-                let Some(letter) = letter_within_limits(
-                    &options,
-                    &client,
-                    &dead,
-                    message.payload(),
-                    &error,
-                    attempt,
-                    &topic,
-                ) else {
-                    tracing::error!(%topic, dead_letters = %dead, "not even a dead letter without the event fits in a packet: the event is dropped");
-                    break;
+                let letter = Letter {
+                    options: &options,
+                    client: &client,
+                    dead: durable.dead_letter_topic(&topic),
+                    payload: message.payload(),
+                    error: &error,
+                    deliveries: attempt,
+                    topic: &topic,
                 };
-                if let Err(error) = client.publish(&dead, Qos::AtLeastOnce, letter.into()).await {
-                    tracing::error!(%error, "could not publish a dead letter; the event stays unacknowledged");
-                    return;
+                tracing::warn!(%topic, attempt, %error, dead_letters = %letter.dead, "event dead-lettered");
+                let mut draining = std::pin::pin!(dispatcher.draining());
+                let sent = tokio::select! {
+                    sent = letter.send(&letters, &durable) => sent,
+                    // Left unacknowledged for the session's next connection.
+                    _ = &mut draining => return,
+                };
+                match sent {
+                    LetterSent::Kept => break,
+                    LetterSent::NotKept => continue 'events,
+                    LetterSent::Stopped => return,
                 }
-                break;
             }
             let delay = durable.delay_before(attempt);
             tracing::debug!(%topic, attempt, ?delay, %error, "event failed; retrying");
@@ -360,49 +428,255 @@ async fn handle_topic(
     }
 }
 
-/// The dead letter of an event, made to fit in a packet: a letter that does not fit would fail
-/// the session's connection at every attempt, and every event with it. The handler's error is
-/// shortened first (a long one may be what makes the letter too large); if the event itself
-/// leaves no room (it may be just under the limit), the letter goes without it (`"body": null`),
-/// the reason saying why. `None` only when not even a letter with neither fits (a dead-letter
-/// topic near the limit).
-fn letter_within_limits(
-    options: &MqttOptions,
-    client: &Link,
-    dead: &str,
-    payload: &[u8],
-    error: &RpcError,
-    deliveries: u32,
-    topic: &str,
-) -> Option<Vec<u8>> {
-    let fits = |letter: &[u8]| {
-        options
-            .check_size(client, dead, Qos::AtLeastOnce, letter.len())
-            .map_err(|too_large| too_large.message().to_owned())
-    };
-    let with_event = |reason: &str| dead_letter(Some(payload), reason, deliveries, topic);
-    let too_large = match fits(&with_event(&error.to_string())) {
-        Ok(()) => return Some(with_event(&error.to_string())),
-        Err(too_large) => too_large,
-    };
-    if let Some(letter) = shortened(error.to_string(), |reason| {
-        let letter = with_event(reason);
-        fits(&letter).is_ok().then_some(letter)
-    }) {
-        tracing::warn!(%topic, %error, "the handler's error is shortened in the dead letter, which it would make too large");
-        return Some(letter);
+/// Releases an event's packet id when its lane is done with it, whichever way.
+struct Released<'a>(&'a InHand, &'a Message);
+
+impl Drop for Released<'_> {
+    fn drop(&mut self) {
+        self.0.release(self.1);
     }
-    tracing::error!(%topic, bytes = payload.len(), %too_large, %error, "the dead letter goes out without the event, which would make it too large");
-    // The explanation first: what may have to be cut is the handler's error, at its end.
-    let reason = format!(
-        "the event ({} bytes) is left out of this dead letter, which it would make too large \
-         ({too_large}); the handler failed with: {error}",
-        payload.len(),
-    );
-    shortened(reason, |reason| {
-        let letter = dead_letter(None, reason, deliveries, topic);
-        fits(&letter).is_ok().then_some(letter)
-    })
+}
+
+/// Connections lost after a dead letter was written, before the broker acknowledged it, after
+/// which it is sent without its event (if with the event it made the broker close the
+/// connection: an MQTT 3.1.1 broker does not say its packet limit), then given up.
+const MAX_LETTER_LOSSES: u32 = 3;
+
+/// The dead letter of an event, and where it goes.
+struct Letter<'a> {
+    options: &'a MqttOptions,
+    client: &'a Link,
+    dead: String,
+    payload: &'a Bytes,
+    error: &'a RpcError,
+    deliveries: u32,
+    topic: &'a str,
+}
+
+/// What became of a dead letter.
+enum LetterSent {
+    /// The broker acknowledged it (or none can be made: the event is dropped, with an error
+    /// logged): the event is acknowledged.
+    Kept,
+    /// Given up: the event stays unacknowledged, and the broker delivers it again at the
+    /// session's next connection.
+    NotKept,
+    /// The session's event loop ended.
+    Stopped,
+}
+
+impl Letter<'_> {
+    /// Publishes the letter (QoS 1) and waits for the broker's acknowledgement, so that the event
+    /// is acknowledged only once its letter is kept: sent again after a lost connection,
+    /// without the event after [`MAX_LETTER_LOSSES`] losses, again after a delay when an MQTT 5
+    /// broker refuses it.
+    async fn send(&self, letters: &DeadLetters, durable: &DurableEvents) -> LetterSent {
+        let Some(mut body) = self.within_limits() else {
+            tracing::error!(topic = self.topic, dead_letters = %self.dead, "not even a dead letter without the event fits in a packet: the event is dropped");
+            return LetterSent::Kept;
+        };
+        let mut losses = 0;
+        let mut without_event = false;
+        loop {
+            match letters
+                .send(self.client, &self.dead, Bytes::from(body.clone()))
+                .await
+            {
+                None => return LetterSent::Stopped,
+                Some(Sent::Accepted) => return LetterSent::Kept,
+                Some(Sent::Refused(reason)) => {
+                    let delay = durable.delay_before(u32::MAX);
+                    tracing::error!(topic = self.topic, dead_letters = %self.dead, %reason, ?delay, "the MQTT broker refused the dead letter; the event stays unacknowledged, and the letter is sent again after a delay");
+                    tokio::time::sleep(delay).await;
+                }
+                Some(Sent::Lost { written }) => {
+                    losses += u32::from(written);
+                    if losses < MAX_LETTER_LOSSES {
+                        continue;
+                    }
+                    if without_event {
+                        tracing::error!(topic = self.topic, dead_letters = %self.dead, "the connection was lost every time the dead letter was sent, even without the event: given up, the event stays unacknowledged");
+                        return LetterSent::NotKept;
+                    }
+                    tracing::error!(topic = self.topic, dead_letters = %self.dead, bytes = self.payload.len(), "the connection was lost every time the dead letter was sent: it goes out without the event (is it over the broker's packet limit?)");
+                    let reason = format!(
+                        "the event ({} bytes) is left out of this dead letter: the connection to \
+                         the broker was lost {MAX_LETTER_LOSSES} times after it was sent with it \
+                         (over the broker's packet limit?); the handler failed with: {}",
+                        self.payload.len(),
+                        self.error
+                    );
+                    let Some(smaller) = self.fitting(None, reason) else {
+                        return LetterSent::NotKept;
+                    };
+                    body = smaller;
+                    without_event = true;
+                    losses = 0;
+                }
+            }
+        }
+    }
+
+    /// The letter, made to fit in a packet: a letter that does not fit would fail the
+    /// session's connection at every attempt, and every event with it. The handler's error is
+    /// shortened first (a long one may be what makes the letter too large); if the event itself
+    /// leaves no room (it may be just under the limit), the letter goes without it
+    /// (`"body": null`), the reason saying why. `None` only when not even a letter with neither
+    /// fits (a dead-letter topic near the limit).
+    fn within_limits(&self) -> Option<Vec<u8>> {
+        let full = dead_letter(
+            Some(self.payload),
+            &self.error.to_string(),
+            self.deliveries,
+            self.topic,
+        );
+        let too_large = match self.fits(&full) {
+            Ok(()) => return Some(full),
+            Err(too_large) => too_large,
+        };
+        if let Some(letter) = self.fitting(Some(self.payload), self.error.to_string()) {
+            tracing::warn!(topic = self.topic, error = %self.error, "the handler's error is shortened in the dead letter, which it would make too large");
+            return Some(letter);
+        }
+        tracing::error!(topic = self.topic, bytes = self.payload.len(), %too_large, error = %self.error, "the dead letter goes out without the event, which would make it too large");
+        // The explanation first: what may have to be cut is the handler's error, at its end.
+        let reason = format!(
+            "the event ({} bytes) is left out of this dead letter, which it would make too large \
+             ({too_large}); the handler failed with: {}",
+            self.payload.len(),
+            self.error
+        );
+        self.fitting(None, reason)
+    }
+
+    fn fits(&self, letter: &[u8]) -> Result<(), String> {
+        self.options
+            .check_size(self.client, &self.dead, Qos::AtLeastOnce, letter.len())
+            .map_err(|too_large| too_large.message().to_owned())
+    }
+
+    /// The letter with `payload` and `reason`, the reason shortened until the letter fits.
+    fn fitting(&self, payload: Option<&[u8]>, reason: String) -> Option<Vec<u8>> {
+        shortened(reason, |reason| {
+            let letter = dead_letter(payload, reason, self.deliveries, self.topic);
+            self.fits(&letter).is_ok().then_some(letter)
+        })
+    }
+}
+
+/// The session's dead letters in flight: one at a time, so that the packet id rumqttc gives
+/// the next QoS 1 message it writes, and the acknowledgement of that id, are the letter's (the
+/// session publishes nothing else with QoS 1).
+#[derive(Default)]
+struct DeadLetters {
+    sending: tokio::sync::Mutex<()>,
+    outstanding: std::sync::Mutex<Option<Outstanding>>,
+    /// The event loop ended: nothing would settle a letter.
+    closed: AtomicBool,
+}
+
+struct Outstanding {
+    /// Its packet id, once written.
+    pkid: Option<u16>,
+    settle: oneshot::Sender<Sent>,
+}
+
+/// What the broker did with a dead letter.
+enum Sent {
+    Accepted,
+    /// An MQTT 5 broker's reason code.
+    Refused(String),
+    /// The connection was lost first; `written` if the letter had gone out on it.
+    Lost {
+        written: bool,
+    },
+}
+
+impl DeadLetters {
+    fn outstanding(&self) -> std::sync::MutexGuard<'_, Option<Outstanding>> {
+        self.outstanding.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Queues `letter` and waits for what becomes of it; `None` once the event loop ended.
+    async fn send(&self, client: &Link, topic: &str, letter: Bytes) -> Option<Sent> {
+        let _one_at_a_time = self.sending.lock().await;
+        let settled = loop {
+            {
+                // Queued and registered under the lock a lost connection takes: the letter is
+                // either in what rumqttc kept from the lost connection, or goes out on the next.
+                let mut outstanding = self.outstanding();
+                if self.closed.load(Ordering::SeqCst) {
+                    return None;
+                }
+                if client.try_publish(topic, Qos::AtLeastOnce, letter.clone()) {
+                    let (settle, settled) = oneshot::channel();
+                    *outstanding = Some(Outstanding { pkid: None, settle });
+                    break settled;
+                }
+            }
+            // rumqttc's request queue is full (dead letters are rare: no wake-up for them).
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        settled.await.ok()
+    }
+
+    /// What the event loop reported: the letter written, or acknowledged.
+    fn confirm(&self, event: &Event) {
+        let mut outstanding = self.outstanding();
+        match (event, outstanding.as_mut()) {
+            (Event::Published(pkid), Some(letter)) if letter.pkid.is_none() => {
+                letter.pkid = Some(*pkid);
+            }
+            (Event::PubAck { pkid, refused }, Some(letter)) if letter.pkid == Some(*pkid) => {
+                let sent = match refused {
+                    None => Sent::Accepted,
+                    Some(refusal) => Sent::Refused(refusal.reason.clone()),
+                };
+                if let Some(letter) = outstanding.take() {
+                    let _ = letter.settle.send(sent);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// The connection was lost: rumqttc would send the letter again on the next one, and again
+    /// at each loss, even if the letter is what makes the broker close it. The letter is taken
+    /// back from rumqttc, and its sender decides.
+    fn lost(&self, events: &mut Events) {
+        let mut outstanding = self.outstanding();
+        let taken = events.take_unacknowledged_after_loss();
+        let Some(letter) = outstanding.take() else {
+            return;
+        };
+        match taken {
+            Some(written) => {
+                let _ = letter.settle.send(Sent::Lost {
+                    written: written || letter.pkid.is_some(),
+                });
+            }
+            // Queued after rumqttc took its queue back: it goes out on the next connection.
+            None if letter.pkid.is_none() => *outstanding = Some(letter),
+            None => {
+                let _ = letter.settle.send(Sent::Lost { written: true });
+            }
+        }
+    }
+
+    fn close(&self) {
+        let mut outstanding = self.outstanding();
+        self.closed.store(true, Ordering::SeqCst);
+        outstanding.take();
+    }
+}
+
+/// Ends what waits for a dead letter when the event loop stops, whether it returns or panics.
+struct LettersClosed(Arc<DeadLetters>);
+
+impl Drop for LettersClosed {
+    fn drop(&mut self) {
+        self.0.close();
+    }
 }
 
 /// The first letter `make` accepts with `reason` cut to half its length, again and again (at

@@ -123,6 +123,14 @@ impl Message {
             Message::V5(publish) => &publish.payload,
         }
     }
+
+    /// Its packet id (0 for QoS 0).
+    pub(crate) fn pkid(&self) -> u16 {
+        match self {
+            Message::V4(publish) => publish.pkid,
+            Message::V5(publish) => publish.pkid,
+        }
+    }
 }
 
 /// What the event loop yielded that the transport cares about.
@@ -217,6 +225,43 @@ impl Events {
         match self {
             Events::V4(events) => events.state.events.drain(..).map(v4_event).collect(),
             Events::V5(events, _) => events.state.events.drain(..).map(v5_event).collect(),
+        }
+    }
+
+    /// After a lost connection of a persistent session: takes the QoS 1 messages rumqttc kept
+    /// to send again on the next connection (those written, from its in-flight state, and
+    /// those it took back from its request queue), so that the caller decides whether they go
+    /// out again. `None` if there were none, else whether any had been written.
+    pub(crate) fn take_unacknowledged_after_loss(&mut self) -> Option<bool> {
+        fn take<R>(
+            pending: &mut std::collections::VecDeque<R>,
+            written: impl Fn(&R) -> Option<bool>,
+        ) -> Option<bool> {
+            let mut taken = None;
+            pending.retain(|request| match written(request) {
+                Some(written) => {
+                    taken = Some(taken.unwrap_or(false) || written);
+                    false
+                }
+                None => true,
+            });
+            taken
+        }
+        match self {
+            Events::V4(events) => take(&mut events.pending, |request| match request {
+                rumqttc::Request::Publish(p) if p.qos != rumqttc::QoS::AtMostOnce => {
+                    Some(p.pkid != 0)
+                }
+                _ => None,
+            }),
+            Events::V5(events, _) => take(&mut events.pending, |request| match request {
+                rumqttc::v5::Request::Publish(p)
+                    if p.qos != rumqttc::v5::mqttbytes::QoS::AtMostOnce =>
+                {
+                    Some(p.pkid != 0)
+                }
+                _ => None,
+            }),
         }
     }
 
