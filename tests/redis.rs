@@ -854,3 +854,57 @@ async fn a_silent_redis_is_noticed_by_the_health_check() {
     support::until_echo_answers(&client, Duration::from_secs(10), Duration::from_millis(50)).await;
     server.shutdown().await;
 }
+
+/// `Duration::MAX` means "never" in the timing options: a health check never due, events never
+/// claimed from another consumer, a retry never due. Each overflowed the clock and panicked a
+/// task: the client's supervisor (no reply was ever delivered), and the durable reader (its
+/// route stopped with no error anywhere).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timing_options_of_duration_max_mean_never() {
+    let _serial = SERIAL.lock().await;
+    let broker = Broker::start();
+    let never = || options(&broker).health_check(Duration::MAX);
+    let handled: Arc<Mutex<Vec<String>>> = Arc::default();
+    let seen = Arc::clone(&handled);
+    let server = RedisServer::new(never())
+        .durable_events(
+            DurableEvents::new("billing")
+                .claim_idle(Duration::MAX)
+                .max_deliveries(5)
+                .backoff([Duration::MAX]),
+        )
+        .serve(Server::new(
+            Router::new()
+                .message("echo", |Payload(v): Payload<u64>| async move { v })
+                .event("order", move |Payload(kind): Payload<String>| {
+                    let seen = Arc::clone(&seen);
+                    async move {
+                        seen.lock().unwrap().push(kind.clone());
+                        if kind == "flaky" {
+                            return Err(RpcError::unavailable("database restarting"));
+                        }
+                        Ok(())
+                    }
+                }),
+        ))
+        .await
+        .unwrap();
+    let client = Client::builder()
+        .timeout(Duration::from_secs(5))
+        .connect(RedisTransport::new(never()).durable_events())
+        .await
+        .unwrap();
+    assert_eq!(client.send::<u64>("echo", &7).await.unwrap(), 7);
+    // The flaky event waits for a retry that is never due; the next one is handled.
+    client.emit("order", &"flaky").await.unwrap();
+    client.emit("order", &"fine").await.unwrap();
+    eventually("the next event", Duration::from_secs(5), || {
+        handled.lock().unwrap().iter().any(|kind| kind == "fine")
+    })
+    .await;
+    sleep(Duration::from_millis(300)).await;
+    assert_eq!(client.send::<u64>("echo", &8).await.unwrap(), 8);
+    let handled = handled.lock().unwrap().clone();
+    assert_eq!(handled, ["flaky", "fine"]);
+    server.shutdown().await;
+}

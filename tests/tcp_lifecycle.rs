@@ -507,3 +507,43 @@ async fn a_finished_reply_waiting_on_a_peer_that_does_not_read_outlives_the_dead
     }
     server.shutdown().await;
 }
+
+/// `Duration::MAX` in every timeout means "never": the deadline of a frame saturates instead of
+/// overflowing the clock (which panicked the connection's reader: the server dropped every
+/// connection at its first frame, and the client's requests waited out their timeouts).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timeouts_of_duration_max_mean_never() {
+    let never = || {
+        TcpOptions::new()
+            .frame_timeout(Duration::MAX)
+            .write_timeout(Duration::MAX)
+            .idle_timeout(Some(Duration::MAX))
+    };
+    let (server, addr) = serve(
+        never(),
+        Router::new().message(
+            "len",
+            |Payload(text): Payload<String>| async move { text.len() },
+        ),
+    )
+    .await;
+    let client = Client::builder()
+        .timeout(Duration::from_secs(10))
+        .connect(TcpTransport::with_options(addr.as_str(), never()))
+        .await
+        .unwrap();
+    // Large frames, many at once: they arrive in pieces, each piece starting a frame's clock.
+    let calls: Vec<_> = (0..20)
+        .map(|n| {
+            let client = client.clone();
+            tokio::spawn(async move {
+                let text = "x".repeat(200_000 + n);
+                client.send::<usize>("len", &text).await
+            })
+        })
+        .collect();
+    for (n, call) in calls.into_iter().enumerate() {
+        assert_eq!(call.await.unwrap().unwrap(), 200_000 + n);
+    }
+    server.shutdown().await;
+}

@@ -4,7 +4,13 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 /// Thirty years: what "no deadline in sight" saturates to (tokio's own far future).
-const FAR_FUTURE: Duration = Duration::from_secs(86_400 * 365 * 30);
+pub(crate) const FAR_FUTURE: Duration = Duration::from_secs(86_400 * 365 * 30);
+
+/// `after` past `now`, saturating like [`Deadline::after`]: a timeout of `Duration::MAX` (never)
+/// must not overflow the clock.
+pub(crate) fn later(now: Instant, after: Duration) -> Instant {
+    Deadline::after_from(now, after).instant()
+}
 
 /// The instant by which a request must be answered; it travels with the request.
 ///

@@ -158,4 +158,4 @@ where
     }
 }
 
-pub(crate) use self::deadline::now;
+pub(crate) use self::deadline::{FAR_FUTURE, later, now};

@@ -310,12 +310,16 @@ impl Reader {
                     .await?;
             }
             if now >= next_claim {
-                next_claim = now + (self.durable.claim_idle / 2).max(Duration::from_millis(10));
+                next_claim = crate::timeout::later(
+                    now,
+                    (self.durable.claim_idle / 2).max(Duration::from_millis(10)),
+                );
                 let claimed: Value = redis::cmd("XAUTOCLAIM")
                     .arg(&*self.route)
                     .arg(&self.durable.group)
                     .arg(&self.consumer)
-                    .arg(u64::try_from(self.durable.claim_idle.as_millis()).unwrap_or(u64::MAX))
+                    // Redis reads the idle time as a signed 64-bit count.
+                    .arg(i64::try_from(self.durable.claim_idle.as_millis()).unwrap_or(i64::MAX))
                     .arg("0-0")
                     .arg("COUNT")
                     .arg(self.durable.batch)
@@ -500,7 +504,8 @@ impl Reader {
                 } else {
                     let delay = self.durable.delay_before(deliveries);
                     tracing::debug!(route = %self.route, %id, deliveries, ?delay, %error, "event failed; retrying");
-                    self.retries.insert(id, Instant::now() + delay);
+                    self.retries
+                        .insert(id, crate::timeout::later(Instant::now(), delay));
                     Ok(())
                 }
             }

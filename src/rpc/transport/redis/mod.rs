@@ -148,7 +148,8 @@ impl RedisOptions {
     /// in flight fail and the connection is replaced — so that a Redis or network gone silent
     /// without closing the connection is noticed.
     pub fn health_check(mut self, interval: Duration) -> Self {
-        self.health_check = interval.max(Duration::from_millis(10));
+        // `Duration::MAX` is never: a tokio interval would overflow the clock adding it.
+        self.health_check = interval.clamp(Duration::from_millis(10), crate::timeout::FAR_FUTURE);
         self
     }
 

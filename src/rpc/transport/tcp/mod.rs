@@ -66,6 +66,7 @@ pub use self::codec::{FrameError, JsonFrameCodec};
 pub use self::server::TcpServer;
 
 use crate::rpc::wire::{Codec, SharedCodec};
+use crate::timeout::later;
 use bytes::{BufMut, Bytes, BytesMut};
 use std::sync::Arc;
 use std::time::Duration;
@@ -379,7 +380,7 @@ impl FrameReader {
             if let Some(json) = self.codec.decode(&mut self.buffer)? {
                 // The next frame, if any of it is here already, is on the clock from now.
                 self.frame_deadline =
-                    (!self.buffer.is_empty()).then(|| Instant::now() + self.frame_timeout);
+                    (!self.buffer.is_empty()).then(|| later(Instant::now(), self.frame_timeout));
                 let budget = self.budget.as_mut().and_then(|budget| {
                     let permits = budget.take(json.len());
                     budget.keep(self.buffer.len());
@@ -441,7 +442,7 @@ impl FrameReader {
                 Ok(_) => {
                     // The first bytes of a frame start its clock.
                     self.frame_deadline
-                        .get_or_insert_with(|| Instant::now() + self.frame_timeout);
+                        .get_or_insert_with(|| later(Instant::now(), self.frame_timeout));
                 }
                 Err(error) => return Err(error.into()),
             }
