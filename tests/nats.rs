@@ -1321,3 +1321,39 @@ async fn the_futures_of_a_request_and_an_event_fit_the_allocators_small_sizes() 
     let size = std::mem::size_of_val(&*emitted);
     assert!(size <= 1024, "an event: {size} bytes");
 }
+
+/// A dropped client closes its connection: its reply reader held the inbox subscription, which
+/// holds async-nats's connection open, so every client ever dropped kept its socket, its
+/// connection's task (pinging, reconnecting) and its reader.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropped_clients_close_their_connections() {
+    let broker = Broker::start();
+    let server = NatsServer::new(options(&broker))
+        .serve(Server::new(
+            Router::new().message("ping", |Payload(n): Payload<u64>| async move { n }),
+        ))
+        .await
+        .unwrap();
+    let tasks = alive_tasks();
+    for n in 0..10u64 {
+        let client = Client::builder()
+            .timeout(Duration::from_secs(5))
+            .connect(options(&broker))
+            .await
+            .unwrap();
+        assert_eq!(client.send::<u64>("ping", &n).await.unwrap(), n);
+        // A request in flight when the client goes: its caller gets an answer (here: none).
+        let late = {
+            let client = client.clone();
+            tokio::spawn(async move { client.send::<u64>("ping", &n).await })
+        };
+        drop(client);
+        let _ = late.await.unwrap();
+    }
+    let tasks_after = settles_to(alive_tasks, tasks).await;
+    assert!(
+        tasks_after <= tasks,
+        "tasks leaked: {tasks} before, {tasks_after} after 10 dropped clients"
+    );
+    server.shutdown().await;
+}

@@ -85,6 +85,15 @@ struct Inner {
     codec: SharedCodec,
     /// The deadline travels as a NATS header rather than in the body.
     deadline_header: bool,
+    /// Ends the reply reader when the last clone goes: its subscription would otherwise keep
+    /// async-nats's connection open (and its task, and the socket) for good.
+    stop: tokio_util::sync::CancellationToken,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
 }
 
 /// A connected NATS client transport: requests with a reply subject on one multiplexed inbox,
@@ -132,14 +141,25 @@ impl NatsConnection {
         let reader_pending = Arc::clone(&pending);
         let codec = options.shared_codec().clone();
         let reader_codec = codec.clone();
+        let stop = tokio_util::sync::CancellationToken::new();
+        let stopped = stop.clone();
         tokio::spawn(async move {
-            while let Some(message) = replies.next().await {
-                deliver(&reader_pending, &reader_codec, message);
+            loop {
+                tokio::select! {
+                    message = replies.next() => match message {
+                        Some(message) => deliver(&reader_pending, &reader_codec, message),
+                        None => break,
+                    },
+                    _ = stopped.cancelled() => break,
+                }
             }
-            // The subscription ended (the client was dropped): nobody answers what is pending.
+            // Dropped here, the subscription ends on the server, and with the client's last
+            // handle async-nats closes the connection.
+            drop(replies);
+            // Nobody answers what is pending.
             reader_pending.close(&RpcError::transport(
                 TransportErrorKind::ConnectionLost,
-                "the reply subscription ended",
+                "the client was dropped, or its reply subscription ended",
             ));
         });
         let jetstream =
@@ -153,6 +173,7 @@ impl NatsConnection {
                 jetstream,
                 codec,
                 deadline_header: options.deadline_header,
+                stop,
             }),
         })
     }
