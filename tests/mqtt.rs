@@ -1806,3 +1806,145 @@ async fn a_dead_letter_cut_off_before_its_acknowledgement_is_sent_again_and_then
     later.shutdown().await;
     watching.abort();
 }
+
+/// The event is acknowledged only once its dead letter is: a server stopped after the letter
+/// went out, before the broker's acknowledgement came back, leaves the event with the session,
+/// and a server started later gets it again (before, the event's acknowledgement followed the
+/// letter at once, and a letter lost on the way took the event with it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_is_acknowledged_only_once_its_dead_letter_is() {
+    let _serial = SERIAL.lock().await;
+    let broker = Broker::start();
+    // What the broker sends the server arrives a second late: the letter's acknowledgement too.
+    let proxy = Proxy::start_with_delay(broker.port(), Duration::from_secs(1)).await;
+    let attempts = Arc::new(AtomicUsize::new(0));
+    let tries = Arc::clone(&attempts);
+    let failing = MqttServer::new(through(&proxy))
+        .durable_events(DurableEvents::new("billing-1").max_deliveries(1))
+        .serve(
+            Server::new(
+                Router::new().event("order", move |Payload(_): Payload<String>| {
+                    tries.fetch_add(1, Ordering::SeqCst);
+                    async { Err::<(), _>(RpcError::exception("cannot bill this")) }
+                }),
+            )
+            .grace_period(Duration::from_millis(50)),
+        )
+        .await
+        .unwrap();
+    let emitter = Client::builder()
+        .connect(MqttTransport::new(options(&broker)).durable_events())
+        .await
+        .unwrap();
+    emitter.emit("order", &"poison").await.unwrap();
+    eventually("the event handled", Duration::from_secs(5), || {
+        attempts.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    sleep(Duration::from_millis(200)).await;
+    failing.shutdown().await;
+    let handled: Arc<Mutex<Vec<String>>> = Arc::default();
+    let seen = Arc::clone(&handled);
+    let later = durable_server(
+        &broker,
+        MqttVersion::V311,
+        DurableEvents::new("billing-1"),
+        Router::new().event("order", move |Payload(kind): Payload<String>| {
+            let seen = Arc::clone(&seen);
+            async move {
+                seen.lock().unwrap().push(kind);
+                Ok::<_, RpcError>(())
+            }
+        }),
+    )
+    .await;
+    eventually("the event delivered again", Duration::from_secs(10), || {
+        handled.lock().unwrap().as_slice() == ["poison"]
+    })
+    .await;
+    later.shutdown().await;
+}
+
+/// The broker restarts without keeping the session (no persistence) while an event waits for
+/// its retry: it numbers its deliveries afresh, and the first event of the new session takes
+/// the packet id of the one in hand. It is a new event, handled; the old one, of a session the
+/// broker forgot, is not acknowledged (the ack would be the new event's).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_session_numbering_afresh_does_not_hide_its_events_behind_the_old_ones() {
+    let _serial = SERIAL.lock().await;
+    let mut broker = Broker::start();
+    let handled: Arc<Mutex<Vec<String>>> = Arc::default();
+    let seen = Arc::clone(&handled);
+    let seen_audit = Arc::clone(&handled);
+    let server = durable_server(
+        &broker,
+        MqttVersion::V311,
+        DurableEvents::new("billing-1")
+            .max_deliveries(5)
+            .backoff([Duration::from_secs(10)]),
+        Router::new()
+            .event("order", move |Payload(kind): Payload<String>| {
+                let seen = Arc::clone(&seen);
+                async move {
+                    let first = {
+                        let mut seen = seen.lock().unwrap();
+                        seen.push(kind.clone());
+                        seen.iter().filter(|k| **k == kind).count() == 1
+                    };
+                    if kind == "flaky" && first {
+                        return Err(RpcError::unavailable("database restarting"));
+                    }
+                    Ok(())
+                }
+            })
+            .event("audit", move |Payload(kind): Payload<String>| {
+                let seen = Arc::clone(&seen_audit);
+                async move {
+                    seen.lock().unwrap().push(kind);
+                    Ok::<_, RpcError>(())
+                }
+            }),
+    )
+    .await;
+    let emitter = Client::builder()
+        .connect(MqttTransport::new(options(&broker)).durable_events())
+        .await
+        .unwrap();
+    emitter.emit("order", &"flaky").await.unwrap();
+    eventually("the first attempt", Duration::from_secs(5), || {
+        !handled.lock().unwrap().is_empty()
+    })
+    .await;
+    // Waiting for its retry, 10 s away, in the lane of its topic.
+    broker.restart();
+    // The emitter is back; the server, which reconnects as fast, has subscribed again a second
+    // later (the broker would drop an event published before).
+    until_emitted_to(&emitter, "nobody", &json!(0)).await;
+    sleep(Duration::from_secs(1)).await;
+    // Another topic's event, the new session's first delivery: its packet id is the old one's.
+    emitter.emit("audit", &"new").await.unwrap();
+    eventually("the new session's event", Duration::from_secs(5), || {
+        handled.lock().unwrap().iter().any(|kind| kind == "new")
+    })
+    .await;
+    server.shutdown().await;
+}
+
+/// Emits `event` to `topic` until the client has reconnected and the broker acknowledged it.
+async fn until_emitted_to(emitter: &Client, topic: &str, event: &Value) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match emitter.emit(topic, event).await {
+            Ok(()) => return,
+            Err(error) if Instant::now() < deadline => {
+                assert_eq!(
+                    error.transport_kind(),
+                    Some(TransportErrorKind::NotConnected),
+                    "{error}"
+                );
+                sleep(Duration::from_millis(20)).await;
+            }
+            Err(error) => panic!("the client never emitted again: {error}"),
+        }
+    }
+}

@@ -563,7 +563,7 @@ impl Shared {
             Event::SubAck(ack) => {
                 let _ = acks.send(ack);
             }
-            Event::ConnAck => {
+            Event::ConnAck { .. } => {
                 // Clean session: the broker forgot the subscriptions.
                 let generation = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
                 tokio::spawn(Arc::clone(self).restore(generation));
@@ -606,7 +606,7 @@ async fn run(
         };
         match event {
             Ok(event) => {
-                if matches!(event, Event::ConnAck) {
+                if matches!(event, Event::ConnAck { .. }) {
                     attempt = 0;
                     was_up = true;
                 }

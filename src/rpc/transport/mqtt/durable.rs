@@ -8,9 +8,9 @@ use crate::rpc::transport::{DEAD_LETTER_DELIVERIES, DEAD_LETTER_REASON, DEAD_LET
 use crate::rpc::{Dispatcher, Headers, RpcError, TransportErrorKind};
 use bytes::Bytes;
 use serde_json::value::RawValue;
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 
@@ -30,9 +30,10 @@ use tokio::sync::{mpsc, oneshot};
 ///   [`DEAD_LETTER_REASON`], [`DEAD_LETTER_DELIVERIES`] and [`DEAD_LETTER_SUBJECT`], and
 ///   acknowledged once the broker acknowledged the letter. A letter cut off by a lost connection
 ///   is sent again; one an MQTT 5 broker refuses (not authorised) is sent again after the last
-///   backoff delay, the event unacknowledged meanwhile (an error is logged each time); one sent
-///   on three connections that were all lost before its acknowledgement (a broker closing the
-///   connection on it) is sent without the event. An MQTT broker keeps a message only for the sessions subscribed to its topic:
+///   backoff delay, the event unacknowledged meanwhile (an error is logged each time). Over
+///   MQTT 3.1.1, whose brokers do not say their packet limit, a letter after which the
+///   connection was lost at once three times (a broker closing it on the letter) is sent
+///   without the event. An MQTT broker keeps a message only for the sessions subscribed to its topic:
 ///   to keep dead letters while nothing reads them, subscribe a persistent session (clean
 ///   session off, QoS 1) to `<dead letter prefix>#` once, and read them through it; otherwise a
 ///   dead letter nobody is subscribed to is dropped by the broker. A dead letter that the event
@@ -170,6 +171,8 @@ pub(super) async fn start(
     }
     // Subscribed before `serve` returns: events published from then on reach the session.
     subscribe(&client, &filters);
+    // From here on the lanes may send dead letters: a start that fails ends their wait.
+    let closed = LettersClosed(Arc::clone(&session.letters));
     let acknowledged = async {
         loop {
             match events.poll().await {
@@ -187,7 +190,8 @@ pub(super) async fn start(
                         Ok(())
                     };
                 }
-                Ok(_) => {}
+                // A letter of an event that failed meanwhile.
+                Ok(event) => session.letters.confirm(&event),
                 Err(error) => return Err(options.connect_error(&error)),
             }
         }
@@ -201,7 +205,7 @@ pub(super) async fn start(
             ));
         }
     }
-    dispatcher.spawn(run(events, filters, lanes, handling, session));
+    dispatcher.spawn(run(events, filters, lanes, handling, session, closed));
     Ok(())
 }
 
@@ -210,48 +214,95 @@ fn subscribe(client: &Link, filters: &[String]) {
 }
 
 /// The packet ids of the events in the lanes, from their delivery to their acknowledgement (or
-/// until they are left unacknowledged).
+/// until they are left unacknowledged), and the session they belong to.
 ///
 /// A broker sends an unacknowledged event again, under the same packet id, when the session
 /// reconnects. The lane that holds it acknowledges that id once: a second copy handled would be
 /// acknowledged a second time, when the broker may have given the id to another event since.
+/// A broker that kept no session (restarted without persistence, or the session expired)
+/// numbers its deliveries afresh: an event of the earlier session is not acknowledged (the
+/// broker forgot it; the ack would be another event's), and its id says nothing of a new one.
 #[derive(Clone, Default)]
-struct InHand(Arc<std::sync::Mutex<HashSet<u16>>>);
+struct InHand {
+    ids: Arc<std::sync::Mutex<HashMap<u16, u64>>>,
+    session: Arc<AtomicU64>,
+}
+
+/// The session an event came in, numbered from the start of the server.
+type SessionNumber = u64;
 
 impl InHand {
-    fn ids(&self) -> std::sync::MutexGuard<'_, HashSet<u16>> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    fn ids(&self) -> std::sync::MutexGuard<'_, HashMap<u16, SessionNumber>> {
+        self.ids.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// `false` if an event with this packet id is in hand already (a QoS 0 event has none).
-    fn take(&self, message: &Message) -> bool {
-        message.pkid() == 0 || self.ids().insert(message.pkid())
+    /// The broker kept no session.
+    fn new_session(&self) {
+        let mut ids = self.ids();
+        self.session.fetch_add(1, Ordering::SeqCst);
+        ids.clear();
     }
 
-    /// The event is acknowledged, or left unacknowledged for the next connection.
-    fn release(&self, message: &Message) {
-        self.ids().remove(&message.pkid());
+    /// The session of a message to handle, or `None` if a copy of it is in hand already (a
+    /// QoS 0 event has no packet id).
+    fn take(&self, message: &Message) -> Option<SessionNumber> {
+        let mut ids = self.ids();
+        let session = self.session.load(Ordering::SeqCst);
+        if message.pkid() == 0 {
+            return Some(session);
+        }
+        match ids.insert(message.pkid(), session) {
+            Some(held) if held == session => None,
+            _ => Some(session),
+        }
+    }
+
+    /// The event is acknowledged: queued (`false` if the request queue is full), unless it
+    /// belongs to an earlier session; its id released.
+    fn acknowledge(&self, client: &Link, message: &Message, session: SessionNumber) -> bool {
+        let mut ids = self.ids();
+        if ids.get(&message.pkid()) == Some(&session) {
+            ids.remove(&message.pkid());
+        }
+        if self.session.load(Ordering::SeqCst) != session {
+            tracing::debug!(
+                topic = message.topic(),
+                "an event of a session the broker did not keep is not acknowledged"
+            );
+            return true;
+        }
+        // Queued under the lock a new session takes: this session's ack never goes out as the
+        // next one's.
+        client.try_ack(message)
+    }
+
+    /// The event is left unacknowledged (given up, or a shutdown): its id released.
+    fn release(&self, message: &Message, session: SessionNumber) {
+        let mut ids = self.ids();
+        if ids.get(&message.pkid()) == Some(&session) {
+            ids.remove(&message.pkid());
+        }
     }
 }
 
 /// Hands an event to its topic's lane.
 fn forward(
-    lanes: &HashMap<String, mpsc::UnboundedSender<Message>>,
+    lanes: &HashMap<String, mpsc::UnboundedSender<(Message, SessionNumber)>>,
     in_hand: &InHand,
     client: &Link,
     message: Message,
 ) {
     match lanes.get(message.topic()) {
-        Some(_) if !in_hand.take(&message) => {
-            tracing::debug!(
+        Some(lane) => match in_hand.take(&message) {
+            Some(session) => {
+                let _ = lane.send((message, session));
+            }
+            None => tracing::debug!(
                 topic = message.topic(),
                 pkid = message.pkid(),
                 "an event sent again while its first copy is in hand ignored"
-            );
-        }
-        Some(lane) => {
-            let _ = lane.send(message);
-        }
+            ),
+        },
         None => {
             // Not ours (a subscription of an earlier version of the service): acknowledged, or
             // the broker would deliver it again at every connection.
@@ -259,7 +310,7 @@ fn forward(
                 topic = message.topic(),
                 "durable event on an unknown topic acknowledged"
             );
-            client.try_ack(&message);
+            let _ = client.try_ack(&message);
         }
     }
 }
@@ -278,9 +329,10 @@ struct Session {
 async fn run(
     mut events: Events,
     filters: Vec<String>,
-    lanes: HashMap<String, mpsc::UnboundedSender<Message>>,
+    lanes: HashMap<String, mpsc::UnboundedSender<(Message, SessionNumber)>>,
     handling: Vec<tokio::task::JoinHandle<()>>,
     session: Session,
+    _closed: LettersClosed,
 ) {
     let Session {
         client,
@@ -290,7 +342,6 @@ async fn run(
         options,
         ..
     } = session;
-    let _closed = LettersClosed(Arc::clone(&letters));
     let mut draining = std::pin::pin!(dispatcher.draining());
     let mut attempt = 0u32;
     loop {
@@ -301,8 +352,11 @@ async fn run(
         };
         match event {
             Ok(Event::Message(message)) => forward(&lanes, &in_hand, &client, message),
-            Ok(Event::ConnAck) => {
+            Ok(Event::ConnAck { session_present }) => {
                 attempt = 0;
+                if !session_present {
+                    in_hand.new_session();
+                }
                 // Subscribed again at every connection: a session the broker lost (restarted
                 // without persistence) has no subscriptions.
                 subscribe(&client, &filters);
@@ -356,7 +410,7 @@ async fn run(
 }
 
 async fn handle_topic(
-    mut lane: mpsc::UnboundedReceiver<Message>,
+    mut lane: mpsc::UnboundedReceiver<(Message, SessionNumber)>,
     topic: Arc<str>,
     session: Session,
 ) {
@@ -369,8 +423,13 @@ async fn handle_topic(
         options,
     } = session;
     let codec = options.shared_codec();
-    'events: while let Some(message) = lane.recv().await {
-        let _in_hand = Released(&in_hand, &message);
+    'events: while let Some((message, session)) = lane.recv().await {
+        let mut in_hand = InHandUntilDone {
+            in_hand: &in_hand,
+            message: &message,
+            session,
+            done: false,
+        };
         let mut attempt = 0u32;
         loop {
             attempt += 1;
@@ -422,25 +481,49 @@ async fn handle_topic(
                 _ = &mut draining => return,
             }
         }
-        if let Err(error) = client.ack(&message).await {
-            tracing::warn!(%error, %topic, "could not acknowledge an event; the broker delivers it again");
+        if !in_hand.acknowledge(&client) {
+            // The request queue is full: waited for, outside the lock.
+            if let Err(error) = client.ack(&message).await {
+                tracing::warn!(%error, %topic, "could not acknowledge an event; the broker delivers it again");
+            }
         }
     }
 }
 
-/// Releases an event's packet id when its lane is done with it, whichever way.
-struct Released<'a>(&'a InHand, &'a Message);
+/// An event's packet id in hand until its lane is done with it, whichever way: acknowledged,
+/// or left unacknowledged (given up, or a shutdown).
+struct InHandUntilDone<'a> {
+    in_hand: &'a InHand,
+    message: &'a Message,
+    session: SessionNumber,
+    done: bool,
+}
 
-impl Drop for Released<'_> {
-    fn drop(&mut self) {
-        self.0.release(self.1);
+impl InHandUntilDone<'_> {
+    /// Queues the event's acknowledgement (not for an event of an earlier session); `false` if
+    /// the request queue was full.
+    fn acknowledge(&mut self, client: &Link) -> bool {
+        self.done = true;
+        self.in_hand.acknowledge(client, self.message, self.session)
     }
 }
 
-/// Connections lost after a dead letter was written, before the broker acknowledged it, after
-/// which it is sent without its event (if with the event it made the broker close the
+impl Drop for InHandUntilDone<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            self.in_hand.release(self.message, self.session);
+        }
+    }
+}
+
+/// Connections lost just after a dead letter was written, before the broker acknowledged it,
+/// after which it is sent without its event (if with the event it made the broker close the
 /// connection: an MQTT 3.1.1 broker does not say its packet limit), then given up.
 const MAX_LETTER_LOSSES: u32 = 3;
+
+/// A loss this soon after the letter was written counts toward [`MAX_LETTER_LOSSES`] (a broker
+/// closes the connection on a packet over its limit as soon as it reads it).
+const LOST_AT_ONCE: Duration = Duration::from_secs(2);
 
 /// The dead letter of an event, and where it goes.
 struct Letter<'a> {
@@ -489,8 +572,10 @@ impl Letter<'_> {
                     tracing::error!(topic = self.topic, dead_letters = %self.dead, %reason, ?delay, "the MQTT broker refused the dead letter; the event stays unacknowledged, and the letter is sent again after a delay");
                     tokio::time::sleep(delay).await;
                 }
-                Some(Sent::Lost { written }) => {
-                    losses += u32::from(written);
+                Some(Sent::Lost { at_once }) => {
+                    // Over MQTT 5 the broker's packet limit is known, and checked: a loss says
+                    // nothing of the letter, which is only sent again.
+                    losses += u32::from(at_once && !self.client.is_v5());
                     if losses < MAX_LETTER_LOSSES {
                         continue;
                     }
@@ -576,8 +661,8 @@ struct DeadLetters {
 }
 
 struct Outstanding {
-    /// Its packet id, once written.
-    pkid: Option<u16>,
+    /// Its packet id, once written, and when.
+    written: Option<(u16, std::time::Instant)>,
     settle: oneshot::Sender<Sent>,
 }
 
@@ -586,9 +671,10 @@ enum Sent {
     Accepted,
     /// An MQTT 5 broker's reason code.
     Refused(String),
-    /// The connection was lost first; `written` if the letter had gone out on it.
+    /// The connection was lost first; `at_once` if that came just after the letter was
+    /// written (as when the broker closes the connection on it).
     Lost {
-        written: bool,
+        at_once: bool,
     },
 }
 
@@ -610,7 +696,10 @@ impl DeadLetters {
                 }
                 if client.try_publish(topic, Qos::AtLeastOnce, letter.clone()) {
                     let (settle, settled) = oneshot::channel();
-                    *outstanding = Some(Outstanding { pkid: None, settle });
+                    *outstanding = Some(Outstanding {
+                        written: None,
+                        settle,
+                    });
                     break settled;
                 }
             }
@@ -624,10 +713,12 @@ impl DeadLetters {
     fn confirm(&self, event: &Event) {
         let mut outstanding = self.outstanding();
         match (event, outstanding.as_mut()) {
-            (Event::Published(pkid), Some(letter)) if letter.pkid.is_none() => {
-                letter.pkid = Some(*pkid);
+            (Event::Published(pkid), Some(letter)) if letter.written.is_none() => {
+                letter.written = Some((*pkid, std::time::Instant::now()));
             }
-            (Event::PubAck { pkid, refused }, Some(letter)) if letter.pkid == Some(*pkid) => {
+            (Event::PubAck { pkid, refused }, Some(letter))
+                if letter.written.is_some_and(|(written, _)| written == *pkid) =>
+            {
                 let sent = match refused {
                     None => Sent::Accepted,
                     Some(refusal) => Sent::Refused(refusal.reason.clone()),
@@ -649,16 +740,14 @@ impl DeadLetters {
         let Some(letter) = outstanding.take() else {
             return;
         };
-        match taken {
-            Some(written) => {
-                let _ = letter.settle.send(Sent::Lost {
-                    written: written || letter.pkid.is_some(),
-                });
-            }
+        let at_once = letter
+            .written
+            .is_some_and(|(_, at)| at.elapsed() < LOST_AT_ONCE);
+        match (taken, letter.written) {
             // Queued after rumqttc took its queue back: it goes out on the next connection.
-            None if letter.pkid.is_none() => *outstanding = Some(letter),
-            None => {
-                let _ = letter.settle.send(Sent::Lost { written: true });
+            (None, None) => *outstanding = Some(letter),
+            _ => {
+                let _ = letter.settle.send(Sent::Lost { at_once });
             }
         }
     }

@@ -135,8 +135,10 @@ impl Message {
 
 /// What the event loop yielded that the transport cares about.
 pub(crate) enum Event {
-    /// The broker accepted the connection.
-    ConnAck,
+    /// The broker accepted the connection; `session_present` if it kept the session.
+    ConnAck {
+        session_present: bool,
+    },
     Message(Message),
     /// A subscription's acknowledgement: whether each filter was accepted.
     SubAck(Vec<bool>),
@@ -322,7 +324,9 @@ impl Events {
 fn v4_event(event: rumqttc::Event) -> Event {
     use rumqttc::{Event as E, Outgoing, Packet};
     match event {
-        E::Incoming(Packet::ConnAck(_)) => Event::ConnAck,
+        E::Incoming(Packet::ConnAck(ack)) => Event::ConnAck {
+            session_present: ack.session_present,
+        },
         E::Incoming(Packet::Publish(publish)) => Event::Message(Message::V4(publish)),
         E::Incoming(Packet::SubAck(ack)) => Event::SubAck(
             ack.return_codes
@@ -359,7 +363,9 @@ fn v5_event(event: rumqttc::v5::Event) -> Event {
     use rumqttc::v5::Event as E;
     use v5_packets::{Packet, PubAckReason};
     match event {
-        E::Incoming(Packet::ConnAck(_)) => Event::ConnAck,
+        E::Incoming(Packet::ConnAck(ack)) => Event::ConnAck {
+            session_present: ack.session_present,
+        },
         E::Incoming(Packet::Publish(publish)) => Event::Message(Message::V5(publish)),
         E::Incoming(Packet::SubAck(ack)) => Event::SubAck(
             ack.return_codes
@@ -543,16 +549,18 @@ impl Link {
     }
 
     /// [`ack`](Self::ack) without waiting (for the task that polls the event loop).
-    pub(crate) fn try_ack(&self, message: &Message) {
-        let _ = match (self, message) {
-            (Link::V4(client), Message::V4(publish)) => {
-                client.try_ack(publish).map_err(|e| e.to_string())
-            }
-            (Link::V5(client, _), Message::V5(publish)) => {
-                client.try_ack(publish).map_err(|e| e.to_string())
-            }
-            _ => Ok(()),
-        };
+    /// `false` if the request queue is full or the event loop gone.
+    pub(crate) fn try_ack(&self, message: &Message) -> bool {
+        match (self, message) {
+            (Link::V4(client), Message::V4(publish)) => client.try_ack(publish).is_ok(),
+            (Link::V5(client, _), Message::V5(publish)) => client.try_ack(publish).is_ok(),
+            _ => false,
+        }
+    }
+
+    /// Whether the connection speaks MQTT 5.
+    pub(crate) fn is_v5(&self) -> bool {
+        matches!(self, Link::V5(..))
     }
 }
 

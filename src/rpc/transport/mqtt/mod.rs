@@ -324,7 +324,7 @@ impl MqttOptions {
         let waiting = async {
             loop {
                 match events.poll().await {
-                    Ok(Event::ConnAck) => return Ok(()),
+                    Ok(Event::ConnAck { .. }) => return Ok(()),
                     Ok(_) => {}
                     Err(error) => return Err(self.connect_error(&error)),
                 }

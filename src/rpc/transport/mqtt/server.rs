@@ -221,7 +221,7 @@ impl Reader {
                         }
                     }
                 }
-                Ok(Event::ConnAck) => {
+                Ok(Event::ConnAck { .. }) => {
                     if attempt > 0 {
                         tracing::info!("server reconnected to the MQTT broker");
                     }
