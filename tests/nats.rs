@@ -1357,3 +1357,44 @@ async fn dropped_clients_close_their_connections() {
     );
     server.shutdown().await;
 }
+
+/// `ack_wait` is how long an event waits after its server stopped answering for it, not how
+/// long it may take: the events of a pull batch wait their turn, and a handler may run longer
+/// than `ack_wait`, without being delivered again (the server tells JetStream it is still at
+/// work on them). Before, the tail of each batch, and the slow event, went past `ack_wait` and
+/// ran twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_waiting_in_a_batch_or_handled_slowly_are_not_delivered_again() {
+    let broker = Broker::start();
+    let runs: Arc<std::sync::Mutex<Vec<u64>>> = Arc::default();
+    let seen = Arc::clone(&runs);
+    let router = Router::new().event("order-created", move |Payload(n): Payload<u64>| {
+        seen.lock().unwrap().push(n);
+        async move {
+            // Event 0 alone takes longer than the wait; the others add up to more than it.
+            let took = if n == 0 { 2500 } else { 150 };
+            tokio::time::sleep(Duration::from_millis(took)).await;
+            Ok::<_, RpcError>(())
+        }
+    });
+    let server = serve_with(
+        &broker,
+        durable("SLOW").ack_wait(Duration::from_secs(1)),
+        router,
+    )
+    .await
+    .unwrap();
+    let client = durable_client(&broker).await;
+    for n in 0..20u64 {
+        client.emit("order-created", &n).await.unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while runs.lock().unwrap().len() < 20 {
+        assert!(Instant::now() < deadline, "{:?}", runs.lock().unwrap());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Time for copies to show up, had any been delivered again.
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    assert_eq!(*runs.lock().unwrap(), (0..20).collect::<Vec<_>>());
+    server.shutdown().await;
+}

@@ -4,6 +4,7 @@ use super::server::request_from;
 use crate::rpc::{Dispatcher, RpcError};
 use async_nats::jetstream::{self, AckKind, consumer::pull, stream};
 use futures_util::StreamExt;
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -349,9 +350,12 @@ impl DurableEvents {
         self
     }
 
-    /// How long a handler may run before its event is delivered again. An existing consumer is
-    /// updated to this wait at start, and the update reaches the instances of a rolling
-    /// deployment still running with another wait: a shorter one redelivers their slow events.
+    /// How long an event waits, after the server that had it stopped answering for it (crashed,
+    /// or cut off from NATS), before it is delivered again. While a server handles an event, or
+    /// holds it pulled ahead of its turn, it reports it in progress every `ack_wait / 2`: a
+    /// handler may take longer than this. An existing consumer is updated to this wait at
+    /// start, and the update reaches the instances of a rolling deployment still running with
+    /// another wait.
     ///
     /// # Panics
     /// If `wait` is zero (JetStream would take its own default of 30 s).
@@ -852,7 +856,7 @@ async fn consume(
                 .stream()
                 .max_messages_per_batch(config.pull_batch)
                 .heartbeat(config.heartbeat)
-                .expires(config.pull_expiry.max(config.heartbeat * 2))
+                .expires(config.pull_expiry.max(config.heartbeat.saturating_mul(2)))
                 .messages() => match messages {
                 Ok(messages) => messages,
                 Err(error) => {
@@ -862,37 +866,100 @@ async fn consume(
                 }
             },
         };
+        // Events pulled ahead of their turn. JetStream's `ack_wait` runs from delivery, for
+        // these too: the stream is read while an event is handled, and every `ack_wait / 2` the
+        // event at work and those waiting are reported in progress, so that none is delivered
+        // again while this server has it (`ack_wait` is then how long an event waits after its
+        // server stopped answering for it).
+        let mut waiting: VecDeque<jetstream::Message> = VecDeque::new();
+        let mut pull_again = false;
+        // Read on while an event is handled: async-nats pulls more as its buffer is read, and
+        // what JetStream delivered but nobody read would not be reported in progress. Bounded by
+        // the consumer's `max_ack_pending` (1000 unless set otherwise), and by this.
+        let read_ahead = config.pull_batch.max(MAX_READ_AHEAD);
+        // One clock for the whole pull: events wait through many handlings.
+        let every = (config.ack_wait / 2).max(Duration::from_millis(10));
+        let mut progress = tokio::time::interval_at(
+            crate::timeout::later(tokio::time::Instant::now(), every),
+            every,
+        );
+        progress.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             if dispatcher.is_draining() {
                 return;
             }
-            // The message first: polling the wait for shutdown takes the token's lock.
-            let message = tokio::select! {
-                biased;
-                message = messages.next() => message,
-                _ = &mut draining => return,
-            };
-            let message = match message {
-                Some(Ok(message)) => message,
-                Some(Err(error)) => {
-                    // A missed heartbeat: the node serving the pull died. Pull again (the client
-                    // has failed over by then, or will have).
-                    tracing::debug!(%route, %error, "durable event stream interrupted; pulling again");
+            let message = match waiting.pop_front() {
+                Some(message) => message,
+                None if pull_again => {
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     continue 'reconnect;
                 }
-                None => continue 'reconnect,
+                None => {
+                    // The message first: polling the wait for shutdown takes the token's lock.
+                    let message = tokio::select! {
+                        biased;
+                        message = messages.next() => message,
+                        _ = &mut draining => return,
+                    };
+                    match next_message(message, &route) {
+                        Ok(message) => message,
+                        Err(()) => {
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                            continue 'reconnect;
+                        }
+                    }
+                }
             };
-            handle(
+            let handling = handle(
                 &message,
                 &route,
                 &dead_letters,
                 &dispatcher,
                 &config,
                 dead_letter_at,
-            )
-            .await;
+            );
+            let mut handling = std::pin::pin!(handling);
+            loop {
+                tokio::select! {
+                    biased;
+                    () = &mut handling => break,
+                    next = messages.next(), if !pull_again && waiting.len() < read_ahead => {
+                        match next_message(next, &route) {
+                            Ok(next) => waiting.push_back(next),
+                            // Pulled again once what was pulled is handled.
+                            Err(()) => pull_again = true,
+                        }
+                    }
+                    _ = progress.tick() => {
+                        for message in std::iter::once(&message).chain(&waiting) {
+                            if let Err(error) = message.ack_with(AckKind::Progress).await {
+                                tracing::debug!(%route, %error, "cannot report a durable event in progress");
+                            }
+                        }
+                    }
+                }
+            }
         }
+    }
+}
+
+/// Events read ahead of their turn, at most (JetStream's default `max_ack_pending`).
+const MAX_READ_AHEAD: usize = 1000;
+
+/// A message of the pull stream, or `Err` when the stream must be pulled again (a missed
+/// heartbeat: the node serving the pull died; or the stream ended).
+fn next_message(
+    message: Option<Result<jetstream::Message, pull::MessagesError>>,
+    route: &str,
+) -> Result<jetstream::Message, ()> {
+    match message {
+        Some(Ok(message)) => Ok(message),
+        Some(Err(error)) => {
+            // The client has failed over by then, or will have.
+            tracing::debug!(%route, %error, "durable event stream interrupted; pulling again");
+            Err(())
+        }
+        None => Err(()),
     }
 }
 
