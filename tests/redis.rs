@@ -908,3 +908,66 @@ async fn timing_options_of_duration_max_mean_never() {
     assert_eq!(handled, ["flaky", "fine"]);
     server.shutdown().await;
 }
+
+/// A single responder busy to its limit (`max_in_flight`) keeps renewing its lease: the
+/// renewals ran in its read loop, which waits for a free slot before it reads on, so a busy
+/// responder let its lease expire, a standby took over, and both answered the requests that
+/// followed (each handled twice).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_single_responder_keeps_its_lease_and_each_request_is_handled_once() {
+    let _serial = SERIAL.lock().await;
+    let broker = Broker::start();
+    let ttl = Duration::from_millis(300);
+    let runs: Arc<Mutex<Vec<(&'static str, u32)>>> = Arc::default();
+    let router = |name: &'static str| {
+        let runs = Arc::clone(&runs);
+        Router::new()
+            .message("whoami", move || async move { name })
+            .message("slow", move |Payload(n): Payload<u32>| {
+                runs.lock().unwrap().push((name, n));
+                async move {
+                    sleep(Duration::from_millis(400)).await;
+                    n
+                }
+            })
+    };
+    let a = RedisServer::new(options(&broker))
+        .single_responder("users", ttl)
+        .serve(Server::new(router("a")).max_in_flight(1))
+        .await
+        .unwrap();
+    let client = Client::builder()
+        .timeout(Duration::from_secs(30))
+        .connect(options(&broker))
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while client.send::<String>("whoami", &()).await.ok().as_deref() != Some("a") {
+        assert!(Instant::now() < deadline, "a never took the lease");
+        sleep(Duration::from_millis(50)).await;
+    }
+    let b = RedisServer::new(options(&broker))
+        .single_responder("users", ttl)
+        .serve(Server::new(router("b")).max_in_flight(1))
+        .await
+        .unwrap();
+    // Requests keep coming while "a" is busy: more than it handles in the lease's time.
+    let mut calls = Vec::new();
+    for n in 0..10u32 {
+        let client = client.clone();
+        calls.push(tokio::spawn(
+            async move { client.send::<u32>("slow", &n).await },
+        ));
+        sleep(Duration::from_millis(150)).await;
+    }
+    for (n, call) in calls.into_iter().enumerate() {
+        assert_eq!(call.await.unwrap().unwrap(), n as u32);
+    }
+    sleep(Duration::from_millis(500)).await;
+    let runs = runs.lock().unwrap().clone();
+    let mut handled: Vec<u32> = runs.iter().map(|(_, n)| *n).collect();
+    handled.sort_unstable();
+    assert_eq!(handled, (0..10).collect::<Vec<_>>(), "{runs:?}");
+    a.shutdown().await;
+    b.shutdown().await;
+}

@@ -1,10 +1,11 @@
 //! One responder per service among several instances: a lease key in Redis (see
 //! [`RedisServer::single_responder`](super::RedisServer::single_responder)).
 
-use super::command_error;
 use super::server::{Serving, SingleResponder, Stopped};
+use super::{RedisOptions, command_error};
 use crate::rpc::{RpcError, TransportErrorKind};
 use redis::aio::MultiplexedConnection;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Extends the lease if this instance still holds it: 1 if so, 0 if another does (or nobody).
@@ -23,10 +24,10 @@ struct Lease {
 impl Lease {
     async fn connection(
         &mut self,
-        serving: &Serving,
+        options: &RedisOptions,
     ) -> Result<&mut MultiplexedConnection, RpcError> {
         if self.commands.is_none() {
-            self.commands = Some(serving.options.commands().await?);
+            self.commands = Some(options.commands().await?);
         }
         Ok(self.commands.as_mut().expect("just connected"))
     }
@@ -35,9 +36,9 @@ impl Lease {
         u64::try_from(self.spec.ttl.as_millis()).unwrap_or(u64::MAX)
     }
 
-    async fn acquire(&mut self, serving: &Serving) -> Result<bool, RpcError> {
+    async fn acquire(&mut self, options: &RedisOptions) -> Result<bool, RpcError> {
         let (key, me, ttl) = (self.spec.key.clone(), self.me.clone(), self.ttl_ms());
-        let connection = self.connection(serving).await?;
+        let connection = self.connection(options).await?;
         let set: Option<String> = redis::cmd("SET")
             .arg(&key)
             .arg(&me)
@@ -50,9 +51,9 @@ impl Lease {
         Ok(set.is_some())
     }
 
-    async fn script(&mut self, serving: &Serving, script: &str) -> Result<bool, RpcError> {
+    async fn script(&mut self, options: &RedisOptions, script: &str) -> Result<bool, RpcError> {
         let (key, me, ttl) = (self.spec.key.clone(), self.me.clone(), self.ttl_ms());
-        let connection = self.connection(serving).await?;
+        let connection = self.connection(options).await?;
         let kept: i64 = redis::cmd("EVAL")
             .arg(script)
             .arg(1)
@@ -72,16 +73,16 @@ impl Lease {
 pub(super) async fn run(serving: Serving, spec: SingleResponder) {
     let me = format!("{:016x}", crate::rng::mix(crate::rng::SharedRng::entropy()));
     let period = spec.ttl / 3;
-    let lease = tokio::sync::Mutex::new(Lease {
+    let lease = Arc::new(tokio::sync::Mutex::new(Lease {
         spec,
         me,
         commands: None,
-    });
+    }));
     let mut draining = std::pin::pin!(serving.dispatcher.draining());
     loop {
         let acquired = {
             let mut lease = lease.lock().await;
-            match lease.acquire(&serving).await {
+            match lease.acquire(&serving.options).await {
                 Ok(acquired) => acquired,
                 Err(error) => {
                     tracing::debug!(%error, "could not try the responder lease");
@@ -97,41 +98,32 @@ pub(super) async fn run(serving: Serving, spec: SingleResponder) {
             }
         }
         tracing::info!("took the responder lease: answering requests");
-        let renewals = async {
-            loop {
-                tokio::time::sleep(period).await;
-                let mut lease = lease.lock().await;
-                // A renewal that has not succeeded by the next period is given up: the lease
-                // must not expire (and another instance take over) while this one still serves.
-                let renewed = tokio::time::timeout(period, lease.script(&serving, RENEW))
-                    .await
-                    .unwrap_or_else(|_| {
-                        Err(RpcError::transport(
-                            TransportErrorKind::ConnectionLost,
-                            "Redis did not answer in time",
-                        ))
-                    });
-                match renewed {
-                    Ok(true) => {}
-                    Ok(false) => {
-                        tracing::warn!("another instance holds the responder lease: standing by");
-                        return;
-                    }
-                    Err(error) => {
-                        tracing::warn!(%error, "could not renew the responder lease: standing by");
-                        lease.commands = None;
-                        return;
-                    }
-                }
-            }
-        };
-        match serving.serve_until(None, renewals).await {
+        // Renewed on a task of its own: the serving loop waits for the dispatcher (a slot under
+        // `max_in_flight`, a handler run inline) and would renew late, letting the lease expire
+        // and a standby answer too while this instance still does.
+        let (lost, lost_signal) = tokio::sync::oneshot::channel::<()>();
+        let renewing = AbortOnDrop(tokio::spawn(renew(
+            Arc::clone(&lease),
+            serving.options.clone(),
+            period,
+            lost,
+        )));
+        let stopped = serving
+            .serve_until(None, async {
+                // Lost, or the renewing task ended in a panic.
+                let _ = lost_signal.await;
+            })
+            .await;
+        drop(renewing);
+        match stopped {
             Stopped::Draining => {
                 // Hand over at once rather than after the lease's time to live.
                 let mut lease = lease.lock().await;
-                let released =
-                    tokio::time::timeout(Duration::from_secs(1), lease.script(&serving, RELEASE))
-                        .await;
+                let released = tokio::time::timeout(
+                    Duration::from_secs(1),
+                    lease.script(&serving.options, RELEASE),
+                )
+                .await;
                 if !matches!(released, Ok(Ok(_))) {
                     tracing::debug!("could not release the responder lease; it expires by itself");
                 }
@@ -139,5 +131,51 @@ pub(super) async fn run(serving: Serving, spec: SingleResponder) {
             }
             Stopped::Told => {}
         }
+    }
+}
+
+/// Renews the lease every `period` until a renewal fails or finds another holder; then says so
+/// on `lost`.
+async fn renew(
+    lease: Arc<tokio::sync::Mutex<Lease>>,
+    options: RedisOptions,
+    period: Duration,
+    lost: tokio::sync::oneshot::Sender<()>,
+) {
+    loop {
+        tokio::time::sleep(period).await;
+        let mut lease = lease.lock().await;
+        // A renewal that has not succeeded by the next period is given up: the lease must not
+        // expire (and another instance take over) while this one still serves.
+        let renewed = tokio::time::timeout(period, lease.script(&options, RENEW))
+            .await
+            .unwrap_or_else(|_| {
+                Err(RpcError::transport(
+                    TransportErrorKind::ConnectionLost,
+                    "Redis did not answer in time",
+                ))
+            });
+        match renewed {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::warn!("another instance holds the responder lease: standing by");
+                break;
+            }
+            Err(error) => {
+                tracing::warn!(%error, "could not renew the responder lease: standing by");
+                lease.commands = None;
+                break;
+            }
+        }
+    }
+    let _ = lost.send(());
+}
+
+/// Stops the renewals when serving stops, however it stops.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
