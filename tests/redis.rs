@@ -971,3 +971,70 @@ async fn a_busy_single_responder_keeps_its_lease_and_each_request_is_handled_onc
     a.shutdown().await;
     b.shutdown().await;
 }
+
+/// The reply channels of routes no longer called are unsubscribed once idle (never while a
+/// request on them waits), and subscribed again when called again: before, every route ever
+/// called kept its `<route>.reply` subscription for the life of the client, so a process
+/// calling patterns that carry ids gathered subscriptions, memory and other clients' replies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reply_channels_of_routes_no_longer_called_are_dropped() {
+    let _serial = SERIAL.lock().await;
+    let broker = Broker::start();
+    let server = RedisServer::new(options(&broker))
+        .serve(Server::new(
+            Router::new()
+                .message("echo", |Payload(n): Payload<u64>| async move { n })
+                .message("slow", || async {
+                    sleep(Duration::from_millis(800)).await;
+                    "done"
+                }),
+        ))
+        .await
+        .unwrap();
+    let client = Client::builder()
+        .timeout(Duration::from_secs(10))
+        .connect(options(&broker).reply_idle(Duration::from_millis(200)))
+        .await
+        .unwrap();
+    let redis = redis::Client::open(broker.url()).unwrap();
+    let mut commands = redis.get_multiplexed_async_connection().await.unwrap();
+    let mut reply_channels = async || -> Vec<String> {
+        let mut channels: Vec<String> = redis::cmd("PUBSUB")
+            .arg("CHANNELS")
+            .arg("*.reply")
+            .query_async(&mut commands)
+            .await
+            .unwrap();
+        channels.sort();
+        channels
+    };
+    // Routes carrying ids: nobody serves them, each is called once.
+    for n in 0..50 {
+        let error = client
+            .send::<u64>(format!("user.{n}").as_str(), &n)
+            .await
+            .unwrap_err();
+        assert_eq!(error.code(), Code::Unavailable, "{error}");
+    }
+    assert_eq!(client.send::<u64>("echo", &1).await.unwrap(), 1);
+    assert_eq!(reply_channels().await.len(), 51);
+    // A request waiting longer than the idle time keeps its channel.
+    let slow = {
+        let client = client.clone();
+        tokio::spawn(async move { client.send::<String>("slow", &()).await })
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while reply_channels().await != ["slow.reply"] {
+        assert!(
+            Instant::now() < deadline,
+            "idle channels kept: {:?}",
+            reply_channels().await
+        );
+        sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(slow.await.unwrap().unwrap(), "done");
+    // Called again: subscribed again, answered.
+    assert_eq!(client.send::<u64>("echo", &2).await.unwrap(), 2);
+    assert!(reply_channels().await.contains(&"echo.reply".to_owned()));
+    server.shutdown().await;
+}

@@ -203,6 +203,19 @@ impl PendingRequests {
             .map(|waiting| Arc::clone(&waiting.route))
     }
 
+    /// The routes of the requests waiting for replies (one pass over the map: for occasional
+    /// housekeeping, such as dropping the reply subscriptions of routes nobody waits on).
+    pub fn waiting_routes(&self) -> std::collections::HashSet<Arc<str>> {
+        let mut routes = std::collections::HashSet::new();
+        for shard in &self.shards {
+            let shard = shard
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            routes.extend(shard.values().map(|waiting| Arc::clone(&waiting.route)));
+        }
+        routes
+    }
+
     /// Answers every waiting request with `error` (keeps taking new ones).
     pub fn fail_all(&self, error: &RpcError) -> usize {
         let mut failed = 0;

@@ -7,10 +7,11 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use futures_util::future::BoxFuture;
 use redis::aio::{PubSubSink, PubSubStream};
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 /// The client side of the Redis transport, before it is connected.
@@ -81,10 +82,11 @@ struct Shared {
     /// subscriptions are restored: a request registered while it is set is either answered or
     /// failed by the loss.
     connected: AtomicBool,
-    /// The routes whose reply channels are subscribed to: kept for the connection's life,
-    /// restored on reconnection. Keyed by route, so that a request finds its reply channel
-    /// subscribed without naming it.
-    routes: Mutex<HashSet<Arc<str>>>,
+    /// The routes whose reply channels are subscribed to, and when each was last asked for:
+    /// restored on reconnection, unsubscribed once idle for `reply_idle` with no request waiting
+    /// on them. Keyed by route, so that a request finds its reply channel subscribed without
+    /// naming it.
+    routes: Mutex<HashMap<Arc<str>, Instant>>,
     /// The command half of the current subscriber connection; `None` while reconnecting.
     /// Subscribing a new reply channel holds this lock, and so does restoring the subscriptions
     /// on a new connection, so that none is missed.
@@ -121,7 +123,7 @@ impl RedisConnection {
             options: options.clone(),
             pending: PendingRequests::new(),
             connected: AtomicBool::new(false),
-            routes: Mutex::new(HashSet::new()),
+            routes: Mutex::new(HashMap::new()),
             link: tokio::sync::Mutex::new(None),
             publisher: Publisher::new(options.clone()),
             durable_events,
@@ -157,7 +159,7 @@ impl Shared {
             .routes
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .iter()
+            .keys()
             .map(|route| reply_channel(route))
             .collect();
         let names: Vec<&str> = channels.iter().map(String::as_str).collect();
@@ -193,13 +195,20 @@ impl Shared {
         }
     }
 
-    /// Subscribes the reply channel of `route` once; later requests find it subscribed.
+    fn routes(&self) -> std::sync::MutexGuard<'_, HashMap<Arc<str>, Instant>> {
+        self.routes.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Subscribes the reply channel of `route` once; later requests find it subscribed. Marks
+    /// the route in use (before the request is registered: a route used this recently is not
+    /// unsubscribed).
     async fn ensure_subscribed(&self, route: &Arc<str>) -> Result<(), RpcError> {
-        let subscribed = || {
-            self.routes
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .contains(route)
+        let subscribed = || match self.routes().get_mut(route) {
+            Some(used) => {
+                *used = Instant::now();
+                true
+            }
+            None => false,
         };
         if subscribed() {
             return Ok(());
@@ -220,16 +229,60 @@ impl Shared {
         self.options
             .subscribe(subscriber, &[reply_channel(route).as_str()])
             .await?;
-        self.routes
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(Arc::clone(route));
+        self.routes().insert(Arc::clone(route), Instant::now());
         Ok(())
+    }
+
+    /// Unsubscribes the reply channels of the routes idle for `reply_idle`, but not of those a
+    /// request waits on. Under the link's lock, as subscribing is: a request that finds its
+    /// route gone subscribes it again after this.
+    async fn drop_idle_routes(&self) {
+        let mut link = self.link.lock().await;
+        let Some(subscriber) = link.as_mut() else {
+            return;
+        };
+        let waited_on = self.pending.waiting_routes();
+        let idle: Vec<Arc<str>> = {
+            let mut routes = self.routes();
+            let now = Instant::now();
+            let idle: Vec<Arc<str>> = routes
+                .iter()
+                .filter(|(route, used)| {
+                    now.saturating_duration_since(**used) >= self.options.reply_idle
+                        && !waited_on.contains(*route)
+                })
+                .map(|(route, _)| Arc::clone(route))
+                .collect();
+            for route in &idle {
+                routes.remove(route);
+            }
+            idle
+        };
+        if idle.is_empty() {
+            return;
+        }
+        let channels: Vec<String> = idle.iter().map(|route| reply_channel(route)).collect();
+        let names: Vec<&str> = channels.iter().map(String::as_str).collect();
+        let unsubscribed = tokio::time::timeout(
+            self.options.response_timeout,
+            subscriber.unsubscribe(&names),
+        )
+        .await;
+        if !matches!(unsubscribed, Ok(Ok(()))) {
+            // The connection is in trouble: the next one subscribes only the routes kept.
+            tracing::debug!(
+                routes = idle.len(),
+                "could not unsubscribe idle reply channels"
+            );
+        }
     }
 }
 
 /// Reads replies; on a lost connection fails what is pending and reconnects with backoff.
 async fn supervise(shared: Arc<Shared>, mut replies: PubSubStream, stop: CancellationToken) {
+    let sweep = shared.options.reply_sweep();
+    let mut sweeps = tokio::time::interval_at(tokio::time::Instant::now() + sweep, sweep);
+    sweeps.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let mut health = shared.options.health_timer();
         loop {
@@ -239,6 +292,7 @@ async fn supervise(shared: Arc<Shared>, mut replies: PubSubStream, stop: Cancell
                     Some(message) => deliver(&shared.pending, shared.options.shared_codec(), &message),
                     None => break,
                 },
+                _ = sweeps.tick() => shared.drop_idle_routes().await,
                 _ = health.tick() => {
                     let sink = shared.link.lock().await.clone();
                     if let Some(mut sink) = sink

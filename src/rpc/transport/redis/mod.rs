@@ -96,6 +96,7 @@ pub struct RedisOptions {
     pub(crate) response_timeout: Duration,
     health_check: Duration,
     reconnect: (Duration, Duration),
+    reply_idle: Duration,
     codec: SharedCodec,
 }
 
@@ -110,8 +111,27 @@ impl RedisOptions {
             response_timeout: Duration::from_secs(5),
             health_check: Duration::from_secs(5),
             reconnect: (Duration::from_millis(100), Duration::from_secs(5)),
+            reply_idle: Duration::from_secs(300),
             codec: SharedCodec::default(),
         }
+    }
+
+    /// Client: how long the reply channel of a route (`<route>.reply`) stays subscribed after
+    /// its last request ended (default 5 minutes). A client subscribes a route's reply channel
+    /// at its first request and keeps it while the route is in use, which saves a `SUBSCRIBE`
+    /// round trip per request; one left idle this long is unsubscribed (never while a request
+    /// on it waits), so that a process calling ever new routes (patterns carrying ids) does not
+    /// gather subscriptions, memory and other clients' replies without end. The next request to
+    /// the route subscribes again.
+    pub fn reply_idle(mut self, idle: Duration) -> Self {
+        self.reply_idle = idle.clamp(Duration::from_millis(10), crate::timeout::FAR_FUTURE);
+        self
+    }
+
+    /// How often idle reply channels are looked for: a tenth of [`reply_idle`](Self::reply_idle),
+    /// between 10 ms and a minute.
+    pub(crate) fn reply_sweep(&self) -> Duration {
+        (self.reply_idle / 10).clamp(Duration::from_millis(10), Duration::from_secs(60))
     }
 
     /// How message bodies are written and read: NestJS's JSON packets
@@ -282,6 +302,7 @@ impl fmt::Debug for RedisOptions {
             .field("response_timeout", &self.response_timeout)
             .field("health_check", &self.health_check)
             .field("reconnect", &self.reconnect)
+            .field("reply_idle", &self.reply_idle)
             .finish()
     }
 }
