@@ -1348,7 +1348,8 @@ async fn dropped_clients_close_their_connections() {
             tokio::spawn(async move { client.send::<u64>("ping", &n).await })
         };
         drop(client);
-        let _ = late.await.unwrap();
+        // The clone keeps the connection while it waits.
+        assert_eq!(late.await.unwrap().unwrap(), n);
     }
     let tasks_after = settles_to(alive_tasks, tasks).await;
     assert!(
@@ -1372,14 +1373,14 @@ async fn events_waiting_in_a_batch_or_handled_slowly_are_not_delivered_again() {
         seen.lock().unwrap().push(n);
         async move {
             // Event 0 alone takes longer than the wait; the others add up to more than it.
-            let took = if n == 0 { 2500 } else { 150 };
+            let took = if n == 0 { 3000 } else { 150 };
             tokio::time::sleep(Duration::from_millis(took)).await;
             Ok::<_, RpcError>(())
         }
     });
     let server = serve_with(
         &broker,
-        durable("SLOW").ack_wait(Duration::from_secs(1)),
+        durable("SLOW").ack_wait(Duration::from_secs(2)),
         router,
     )
     .await
@@ -1394,7 +1395,95 @@ async fn events_waiting_in_a_batch_or_handled_slowly_are_not_delivered_again() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // Time for copies to show up, had any been delivered again.
-    tokio::time::sleep(Duration::from_millis(2000)).await;
+    tokio::time::sleep(Duration::from_millis(3000)).await;
     assert_eq!(*runs.lock().unwrap(), (0..20).collect::<Vec<_>>());
+    server.shutdown().await;
+}
+
+/// At shutdown the events a server pulled ahead go back to the stream at once (after the first
+/// backoff delay) for another server, instead of waiting out `ack_wait` (30 s here) unseen.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_pulled_ahead_go_back_at_shutdown() {
+    let broker = Broker::start();
+    let handled: Arc<std::sync::Mutex<Vec<(&'static str, u64)>>> = Arc::default();
+    let router = |name: &'static str| {
+        let handled = Arc::clone(&handled);
+        Router::new().event("order-created", move |Payload(n): Payload<u64>| {
+            handled.lock().unwrap().push((name, n));
+            async move {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                Ok::<_, RpcError>(())
+            }
+        })
+    };
+    let first = NatsServer::new(options(&broker))
+        .durable_events(durable("HANDOVER").ack_wait(Duration::from_secs(30)))
+        .serve(Server::new(router("first")).grace_period(Duration::from_secs(2)))
+        .await
+        .unwrap();
+    let client = durable_client(&broker).await;
+    for n in 0..10u64 {
+        client.emit("order-created", &n).await.unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while handled.lock().unwrap().is_empty() {
+        assert!(Instant::now() < deadline, "nothing handled");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The rest were pulled while the first one ran.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    first.shutdown().await;
+    let second = serve_with(
+        &broker,
+        durable("HANDOVER").ack_wait(Duration::from_secs(30)),
+        router("second"),
+    )
+    .await
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut done: Vec<u64> = handled.lock().unwrap().iter().map(|(_, n)| *n).collect();
+        done.sort_unstable();
+        done.dedup();
+        if done == (0..10).collect::<Vec<_>>() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "events left with the stopped server: {:?}",
+            handled.lock().unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    second.shutdown().await;
+}
+
+/// `Duration::MAX` in the durable timing options means "as long as can be": it reached
+/// JetStream as a negative count of nanoseconds (no heartbeat at all), or overflowed doubling.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn durable_timing_options_of_duration_max_still_deliver() {
+    let broker = Broker::start();
+    let handled = Arc::new(AtomicUsize::new(0));
+    let seen = Arc::clone(&handled);
+    let server = serve_with(
+        &broker,
+        durable("FOREVER")
+            .heartbeat(Duration::MAX)
+            .pull_expiry(Duration::MAX)
+            .ack_wait(Duration::MAX),
+        Router::new().event("order-created", move |Payload(_): Payload<u64>| {
+            seen.fetch_add(1, Ordering::SeqCst);
+            async {}
+        }),
+    )
+    .await
+    .unwrap();
+    let client = durable_client(&broker).await;
+    client.emit("order-created", &1).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while handled.load(Ordering::SeqCst) == 0 {
+        assert!(Instant::now() < deadline, "the event was never handled");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     server.shutdown().await;
 }

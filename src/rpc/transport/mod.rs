@@ -371,6 +371,26 @@ pub fn error_json(error: &RpcError) -> RawJson {
     error.err_json()
 }
 
+/// A reconnection delay: `initial` doubling per attempt up to `max`, with ±20% jitter (so that
+/// clients cut off together do not come back together). Saturates: `Duration::MAX` is "as
+/// long as can be", not an overflow.
+#[cfg_attr(
+    not(any(feature = "mqtt", feature = "rabbitmq", feature = "redis")),
+    allow(dead_code)
+)]
+pub(crate) fn reconnect_delay(
+    (initial, max): (std::time::Duration, std::time::Duration),
+    attempt: u32,
+) -> std::time::Duration {
+    let base = initial.saturating_mul(1 << attempt.min(20)).min(max);
+    let random =
+        crate::rng::mix(crate::rng::SharedRng::entropy() ^ u64::from(attempt).rotate_left(17));
+    let factor = 0.8 + 0.4 * crate::rng::unit_interval(random);
+    std::time::Duration::try_from_secs_f64(base.as_secs_f64() * factor)
+        .unwrap_or(max)
+        .min(max)
+}
+
 /// The README's examples, compiled and run as doctests. They use every transport, so they live
 /// here, where transport features are named (the core names none).
 #[cfg(all(
@@ -382,3 +402,36 @@ pub fn error_json(error: &RpcError) -> RawJson {
 ))]
 #[doc = include_str!("../../../README.md")]
 pub struct ReadmeDoctests;
+
+#[cfg(test)]
+mod tests {
+    use super::reconnect_delay;
+    use std::time::Duration;
+
+    #[test]
+    fn reconnect_delays_double_with_jitter_up_to_the_cap() {
+        let limits = (Duration::from_millis(100), Duration::from_secs(2));
+        for attempt in 0..4 {
+            let delay = reconnect_delay(limits, attempt).as_secs_f64() * 1000.0;
+            let base = 100.0 * f64::from(1u32 << attempt);
+            assert!(
+                delay >= base * 0.8 - 1e-6 && delay <= base * 1.2 + 1e-6,
+                "{delay}"
+            );
+        }
+        assert!(reconnect_delay(limits, u32::MAX) <= Duration::from_secs(2));
+    }
+
+    /// `Duration::MAX` is "as long as can be": jitter above it saturates instead of panicking.
+    #[test]
+    fn a_delay_of_duration_max_saturates() {
+        for attempt in [0, 1, 25, u32::MAX] {
+            assert!(
+                reconnect_delay((Duration::MAX, Duration::MAX), attempt)
+                    > Duration::from_secs(1 << 40)
+            );
+            let capped = reconnect_delay((Duration::from_secs(1), Duration::MAX), attempt);
+            assert!(capped <= Duration::from_secs(1 << 21), "{capped:?}");
+        }
+    }
+}

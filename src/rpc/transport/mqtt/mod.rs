@@ -210,12 +210,7 @@ impl MqttOptions {
     }
 
     pub(crate) fn backoff(&self, attempt: u32) -> Duration {
-        let (initial, max) = self.reconnect;
-        let base = initial.saturating_mul(1 << attempt.min(20)).min(max);
-        let random =
-            crate::rng::mix(crate::rng::SharedRng::entropy() ^ u64::from(attempt).rotate_left(17));
-        let factor = 0.8 + 0.4 * crate::rng::unit_interval(random);
-        base.mul_f64(factor).min(max)
+        super::reconnect_delay(self.reconnect, attempt)
     }
 
     /// `host:port`, for messages.
@@ -330,7 +325,12 @@ impl MqttOptions {
                 }
             }
         };
-        match tokio::time::timeout(self.connection_timeout + Duration::from_secs(1), waiting).await
+        match tokio::time::timeout(
+            self.connection_timeout
+                .saturating_add(Duration::from_secs(1)),
+            waiting,
+        )
+        .await
         {
             Ok(result) => result,
             Err(_) => Err(RpcError::transport(

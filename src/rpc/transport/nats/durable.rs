@@ -226,14 +226,15 @@ impl DurableEvents {
     /// The idle heartbeat of each consumer's pull requests (default 500 ms): two missed
     /// heartbeats (a dead node) and the consumer pulls again, from a node that is alive.
     pub fn heartbeat(mut self, heartbeat: Duration) -> Self {
-        self.heartbeat = heartbeat;
+        // JetStream takes nanoseconds as a signed 64-bit count: `Duration::MAX` would wrap.
+        self.heartbeat = heartbeat.min(crate::timeout::FAR_FUTURE);
         self
     }
 
     /// How long one pull request waits for events before it is renewed (default 5 s; at least
     /// twice the [heartbeat](Self::heartbeat)).
     pub fn pull_expiry(mut self, expiry: Duration) -> Self {
-        self.pull_expiry = expiry;
+        self.pull_expiry = expiry.min(crate::timeout::FAR_FUTURE);
         self
     }
 
@@ -361,7 +362,7 @@ impl DurableEvents {
     /// If `wait` is zero (JetStream would take its own default of 30 s).
     pub fn ack_wait(mut self, wait: Duration) -> Self {
         assert!(!wait.is_zero(), "ack_wait must be more than zero");
-        self.ack_wait = wait;
+        self.ack_wait = wait.min(crate::timeout::FAR_FUTURE);
         self
     }
 
@@ -867,18 +868,22 @@ async fn consume(
             },
         };
         // Events pulled ahead of their turn. JetStream's `ack_wait` runs from delivery, for
-        // these too: the stream is read while an event is handled, and every `ack_wait / 2` the
-        // event at work and those waiting are reported in progress, so that none is delivered
-        // again while this server has it (`ack_wait` is then how long an event waits after its
-        // server stopped answering for it).
+        // these too: the stream is read while an event is handled (up to `pull_batch` ahead,
+        // about what async-nats pulled ahead before), and every half `ack_wait` the event at work
+        // and those waiting are reported in progress, so that none is delivered again while this
+        // server has it (`ack_wait` is then how long an event waits after its server stopped
+        // answering for it).
         let mut waiting: VecDeque<jetstream::Message> = VecDeque::new();
         let mut pull_again = false;
-        // Read on while an event is handled: async-nats pulls more as its buffer is read, and
-        // what JetStream delivered but nobody read would not be reported in progress. Bounded by
-        // the consumer's `max_ack_pending` (1000 unless set otherwise), and by this.
-        let read_ahead = config.pull_batch.max(MAX_READ_AHEAD);
+        // The consumer's own wait: another instance (a rolling deployment) may have changed it.
+        let ack_wait = match consumer.get_info().await {
+            Ok(info) if !info.config.ack_wait.is_zero() => {
+                info.config.ack_wait.min(config.ack_wait)
+            }
+            _ => config.ack_wait,
+        };
         // One clock for the whole pull: events wait through many handlings.
-        let every = (config.ack_wait / 2).max(Duration::from_millis(10));
+        let every = (ack_wait / 2).max(Duration::from_millis(1));
         let mut progress = tokio::time::interval_at(
             crate::timeout::later(tokio::time::Instant::now(), every),
             every,
@@ -886,6 +891,7 @@ async fn consume(
         progress.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             if dispatcher.is_draining() {
+                give_back(&waiting, &route, &config).await;
                 return;
             }
             let message = match waiting.pop_front() {
@@ -919,23 +925,43 @@ async fn consume(
                 dead_letter_at,
             );
             let mut handling = std::pin::pin!(handling);
+            // Reports go out beside the handler, not in its way (a full command queue while
+            // NATS is away would hold them up), one round at a time, each within a period.
+            let mut reporting: Option<futures_util::future::BoxFuture<'static, ()>> = None;
             loop {
                 tokio::select! {
                     biased;
                     () = &mut handling => break,
-                    next = messages.next(), if !pull_again && waiting.len() < read_ahead => {
+                    next = messages.next(),
+                        if !pull_again
+                            && waiting.len() < config.pull_batch
+                            && !dispatcher.is_draining() =>
+                    {
                         match next_message(next, &route) {
                             Ok(next) => waiting.push_back(next),
                             // Pulled again once what was pulled is handled.
                             Err(()) => pull_again = true,
                         }
                     }
-                    _ = progress.tick() => {
-                        for message in std::iter::once(&message).chain(&waiting) {
-                            if let Err(error) = message.ack_with(AckKind::Progress).await {
-                                tracing::debug!(%route, %error, "cannot report a durable event in progress");
+                    () = async { reporting.as_mut().expect("guarded").await }, if reporting.is_some() => {
+                        reporting = None;
+                    }
+                    _ = progress.tick(), if reporting.is_none() => {
+                        let at_work: Vec<jetstream::Message> =
+                            std::iter::once(&message).chain(&waiting).cloned().collect();
+                        let route = Arc::clone(&route);
+                        reporting = Some(Box::pin(async move {
+                            let reported = tokio::time::timeout(every, async {
+                                for message in &at_work {
+                                    message.ack_with(AckKind::Progress).await?;
+                                }
+                                Ok::<(), async_nats::Error>(())
+                            })
+                            .await;
+                            if !matches!(reported, Ok(Ok(()))) {
+                                tracing::debug!(%route, "could not report the durable events at work in progress");
                             }
-                        }
+                        }));
                     }
                 }
             }
@@ -943,8 +969,17 @@ async fn consume(
     }
 }
 
-/// Events read ahead of their turn, at most (JetStream's default `max_ack_pending`).
-const MAX_READ_AHEAD: usize = 1000;
+/// At shutdown, the events pulled ahead go back to the stream for another server (after the
+/// first backoff delay: at once, they could go to this server's own pull requests, still open
+/// on the NATS server while it stops).
+async fn give_back(waiting: &VecDeque<jetstream::Message>, route: &str, config: &DurableEvents) {
+    let delay = config.delay_before(1);
+    for message in waiting {
+        if let Err(error) = message.ack_with(AckKind::Nak(Some(delay))).await {
+            tracing::debug!(%route, %error, "could not give a pulled event back; it comes back after ack_wait");
+        }
+    }
+}
 
 /// A message of the pull stream, or `Err` when the stream must be pulled again (a missed
 /// heartbeat: the node serving the pull died; or the stream ended).

@@ -498,13 +498,7 @@ impl RmqOptions {
     }
 
     fn backoff(&self, attempt: u32) -> Duration {
-        let (initial, max) = self.reconnect;
-        let base = initial.saturating_mul(1 << attempt.min(20)).min(max);
-        let random =
-            crate::rng::mix(crate::rng::SharedRng::entropy() ^ u64::from(attempt).rotate_left(17));
-        // ±20%.
-        let factor = 0.8 + 0.4 * crate::rng::unit_interval(random);
-        base.mul_f64(factor).min(max)
+        super::reconnect_delay(self.reconnect, attempt)
     }
 
     fn urls_text(&self) -> String {

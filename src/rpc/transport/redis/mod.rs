@@ -199,7 +199,7 @@ impl RedisOptions {
     }
 
     pub(crate) fn backoff(&self, attempt: u32) -> Duration {
-        backoff(self.reconnect, attempt)
+        super::reconnect_delay(self.reconnect, attempt)
     }
 
     /// The URL without its password, for messages.
@@ -321,16 +321,6 @@ fn redact(url: &str) -> String {
     }
 }
 
-/// `initial` doubling per attempt up to `max`, with ±20% jitter (so that clients cut off together
-/// do not come back together).
-pub(crate) fn backoff((initial, max): (Duration, Duration), attempt: u32) -> Duration {
-    let base = initial.saturating_mul(1 << attempt.min(20)).min(max);
-    let random =
-        crate::rng::mix(crate::rng::SharedRng::entropy() ^ u64::from(attempt).rotate_left(17));
-    let factor = 0.8 + 0.4 * crate::rng::unit_interval(random);
-    base.mul_f64(factor).min(max)
-}
-
 /// A failed Redis command as an [`RpcError`] that keeps what kind of failure it was.
 pub(crate) fn command_error(error: &redis::RedisError, what: &str) -> RpcError {
     let kind = if error.is_io_error()
@@ -368,20 +358,6 @@ mod tests {
         assert_eq!(redact("redis://token@host"), "redis://***@host");
         let debug = format!("{:?}", RedisOptions::new("redis://u:secret@h"));
         assert!(!debug.contains("secret"), "{debug}");
-    }
-
-    #[test]
-    fn reconnect_delays_double_with_jitter_up_to_the_cap() {
-        let limits = (Duration::from_millis(100), Duration::from_secs(2));
-        for attempt in 0..4 {
-            let delay = backoff(limits, attempt).as_secs_f64() * 1000.0;
-            let base = 100.0 * f64::from(1u32 << attempt);
-            assert!(
-                delay >= base * 0.8 - 1e-6 && delay <= base * 1.2 + 1e-6,
-                "{delay}"
-            );
-        }
-        assert!(backoff(limits, u32::MAX) <= Duration::from_secs(2));
     }
 
     #[test]
