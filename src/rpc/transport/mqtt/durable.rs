@@ -251,9 +251,10 @@ impl InHand {
         if message.pkid() == 0 {
             return Some(session);
         }
+        // Ids of an earlier session were forgotten with it: one held is this session's.
         match ids.insert(message.pkid(), session) {
-            Some(held) if held == session => None,
-            _ => Some(session),
+            Some(_) => None,
+            None => Some(session),
         }
     }
 
@@ -806,4 +807,119 @@ fn dead_letter(payload: Option<&[u8]>, reason: &str, deliveries: u32, topic: &st
     letter.insert(DEAD_LETTER_DELIVERIES.into(), deliveries.into());
     letter.insert(DEAD_LETTER_SUBJECT.into(), topic.into());
     serde_json::to_vec(&letter).expect("a JSON object serialises")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A link whose request queue holds one request, and its (unconnected) event loop.
+    fn link() -> (Link, rumqttc::EventLoop) {
+        let (client, events) =
+            rumqttc::AsyncClient::new(rumqttc::MqttOptions::new("in-hand", "127.0.0.1", 1), 1);
+        (Link::V4(client), events)
+    }
+
+    fn event(pkid: u16) -> Message {
+        let mut publish = rumqttc::Publish::new("order", rumqttc::QoS::AtLeastOnce, b"{}".to_vec());
+        publish.pkid = pkid;
+        Message::V4(publish)
+    }
+
+    /// Whether a request (an acknowledgement) was queued since the last look: the queue holds
+    /// one, so a probe finds it full. Empties the queue.
+    fn queued(client: &Link, events: &mut rumqttc::EventLoop) -> bool {
+        let full = !client.try_publish("probe", Qos::AtMostOnce, Bytes::new());
+        events.clean();
+        events.pending.clear();
+        full
+    }
+
+    #[test]
+    fn a_copy_of_an_event_in_hand_is_ignored_until_it_is_done_with() {
+        let (client, mut events) = link();
+        let in_hand = InHand::default();
+        let first = event(7);
+        let session = in_hand.take(&first).expect("a new event");
+        assert_eq!(in_hand.take(&event(7)), None, "a copy");
+        // QoS 0 events have no packet id: never copies.
+        assert!(in_hand.take(&event(0)).is_some());
+        assert!(in_hand.take(&event(0)).is_some());
+        assert!(in_hand.acknowledge(&client, &first, session));
+        assert!(queued(&client, &mut events), "acknowledged");
+        assert!(
+            in_hand.take(&event(7)).is_some(),
+            "released by its acknowledgement"
+        );
+        // Left unacknowledged: released, not acknowledged.
+        in_hand.release(&event(7), session);
+        assert!(!queued(&client, &mut events));
+        assert!(in_hand.take(&event(7)).is_some(), "released");
+    }
+
+    #[test]
+    fn a_new_session_forgets_the_old_ids_and_their_acknowledgements() {
+        let (client, mut events) = link();
+        let in_hand = InHand::default();
+        let old = event(1);
+        let old_session = in_hand.take(&old).unwrap();
+        in_hand.new_session();
+        // The new session's first event takes the same id: a new event.
+        let new = event(1);
+        let new_session = in_hand.take(&new).expect("a new session's event");
+        assert_ne!(new_session, old_session);
+        // The old event's lane finishes: no ack (it would be the new event's), and the new
+        // event stays in hand.
+        assert!(in_hand.acknowledge(&client, &old, old_session));
+        assert!(
+            !queued(&client, &mut events),
+            "an old session's event acknowledged"
+        );
+        assert_eq!(
+            in_hand.take(&event(1)),
+            None,
+            "the new event is still in hand"
+        );
+        in_hand.release(&old, old_session);
+        assert_eq!(
+            in_hand.take(&event(1)),
+            None,
+            "the new event is still in hand"
+        );
+        assert!(in_hand.acknowledge(&client, &new, new_session));
+        assert!(queued(&client, &mut events));
+    }
+
+    #[test]
+    fn a_lane_done_with_an_event_releases_it_once_whichever_way() {
+        let (client, mut events) = link();
+        let in_hand = InHand::default();
+        let message = event(3);
+        let session = in_hand.take(&message).unwrap();
+        {
+            let _done = InHandUntilDone {
+                in_hand: &in_hand,
+                message: &message,
+                session,
+                done: false,
+            };
+            // Given up, or a shutdown: dropped without an acknowledgement.
+        }
+        assert!(!queued(&client, &mut events));
+        let session = in_hand.take(&event(3)).expect("released");
+        let mut done = InHandUntilDone {
+            in_hand: &in_hand,
+            message: &message,
+            session,
+            done: false,
+        };
+        assert!(done.acknowledge(&client));
+        drop(done);
+        assert!(queued(&client, &mut events), "acknowledged");
+        // Dropped after its acknowledgement: nothing more (a second copy is no longer in hand,
+        // and the id is not released twice into another event's hands).
+        let next = in_hand.take(&event(3)).expect("released");
+        assert!(!queued(&client, &mut events));
+        in_hand.release(&event(3), next);
+    }
 }
