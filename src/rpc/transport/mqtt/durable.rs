@@ -922,4 +922,121 @@ mod tests {
         assert!(!queued(&client, &mut events));
         in_hand.release(&event(3), next);
     }
+
+    /// A letter sent on a link of its own (queue of ten), and the task awaiting its outcome.
+    fn sending(
+        letters: &Arc<DeadLetters>,
+    ) -> (
+        Link,
+        rumqttc::EventLoop,
+        tokio::task::JoinHandle<Option<Sent>>,
+    ) {
+        let (client, events) =
+            rumqttc::AsyncClient::new(rumqttc::MqttOptions::new("letters", "127.0.0.1", 1), 10);
+        let client = Link::V4(client);
+        let sent = {
+            let (letters, client) = (Arc::clone(letters), client.clone());
+            tokio::spawn(async move {
+                letters
+                    .send(
+                        &client,
+                        "palisade/dead-letter/order",
+                        Bytes::from_static(b"{}"),
+                    )
+                    .await
+            })
+        };
+        (client, events, sent)
+    }
+
+    async fn settled(sent: tokio::task::JoinHandle<Option<Sent>>) -> Option<Sent> {
+        tokio::time::timeout(Duration::from_secs(5), sent)
+            .await
+            .expect("the letter's sender was never told")
+            .unwrap()
+    }
+
+    async fn registered(letters: &DeadLetters) {
+        while letters.outstanding().is_none() {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_letter_is_settled_by_the_acknowledgement_of_its_own_packet_id() {
+        let letters = Arc::new(DeadLetters::default());
+        let (_client, _events, sent) = sending(&letters);
+        registered(&letters).await;
+        letters.confirm(&Event::PubAck {
+            pkid: 5,
+            refused: None,
+        });
+        letters.confirm(&Event::Published(5));
+        // Another id's acknowledgement, and a second write, change nothing.
+        letters.confirm(&Event::PubAck {
+            pkid: 6,
+            refused: None,
+        });
+        letters.confirm(&Event::Published(6));
+        assert!(!sent.is_finished());
+        letters.confirm(&Event::PubAck {
+            pkid: 5,
+            refused: None,
+        });
+        assert!(matches!(settled(sent).await, Some(Sent::Accepted)));
+        assert!(letters.outstanding().is_none());
+    }
+
+    #[tokio::test]
+    async fn a_refused_letter_says_why() {
+        let letters = Arc::new(DeadLetters::default());
+        let (_client, _events, sent) = sending(&letters);
+        registered(&letters).await;
+        letters.confirm(&Event::Published(9));
+        letters.confirm(&Event::PubAck {
+            pkid: 9,
+            refused: Some(super::super::link::Refusal {
+                reason: "NotAuthorized".into(),
+                authorization: true,
+            }),
+        });
+        assert!(
+            matches!(settled(sent).await, Some(Sent::Refused(reason)) if reason == "NotAuthorized")
+        );
+    }
+
+    #[tokio::test]
+    async fn a_lost_letter_is_taken_back_from_rumqttc_and_its_sender_told() {
+        // Written, then lost at once: taken out of what rumqttc would send again.
+        let letters = Arc::new(DeadLetters::default());
+        let (_client, events, sent) = sending(&letters);
+        registered(&letters).await;
+        letters.confirm(&Event::Published(3));
+        let mut events = Events::v4(events);
+        if let Events::V4(events) = &mut events {
+            // As rumqttc's `clean` leaves it at a loss: the letter back in `pending`.
+            events.clean();
+            if let Some(rumqttc::Request::Publish(letter)) = events.pending.front_mut() {
+                letter.pkid = 3;
+            }
+        }
+        letters.lost(&mut events);
+        assert!(matches!(
+            settled(sent).await,
+            Some(Sent::Lost { at_once: true })
+        ));
+        assert_eq!(events.take_unacknowledged_after_loss(), None, "taken back");
+        // Queued after rumqttc took its queue back (nothing in `pending`): it goes out on the
+        // next connection, still awaited.
+        let (_client, _queued, sent) = sending(&letters);
+        registered(&letters).await;
+        letters.lost(&mut events);
+        assert!(!sent.is_finished());
+        assert!(letters.outstanding().is_some());
+        // The event loop ends: the sender is told.
+        letters.close();
+        assert!(settled(sent).await.is_none());
+        let (_client, _events, sent) = sending(&letters);
+        assert!(settled(sent).await.is_none(), "closed: nothing is sent");
+    }
 }
