@@ -648,4 +648,69 @@ mod tests {
             Ok(())
         );
     }
+
+    /// What rumqttc kept to send again after a loss: the QoS 1 publishes are taken (whether any
+    /// had been written is said), everything else stays.
+    #[test]
+    fn the_qos_1_messages_kept_after_a_loss_are_taken_back_and_nothing_else() {
+        let (_client, events) =
+            rumqttc::AsyncClient::new(rumqttc::MqttOptions::new("taken", "127.0.0.1", 1), 1);
+        let mut events = Events::v4(events);
+        let publish = |qos, pkid| {
+            let mut publish = rumqttc::Publish::new("t", qos, vec![1u8]);
+            publish.pkid = pkid;
+            rumqttc::Request::Publish(publish)
+        };
+        let Events::V4(inner) = &mut events else {
+            unreachable!()
+        };
+        inner.pending.extend([
+            publish(rumqttc::QoS::AtMostOnce, 0),
+            publish(rumqttc::QoS::AtLeastOnce, 0),
+            rumqttc::Request::PubAck(rumqttc::PubAck::new(4)),
+        ]);
+        assert_eq!(
+            events.take_unacknowledged_after_loss(),
+            Some(false),
+            "never written"
+        );
+        let Events::V4(inner) = &mut events else {
+            unreachable!()
+        };
+        assert_eq!(inner.pending.len(), 2, "the QoS 0 publish and the ack stay");
+        inner.pending.extend([
+            publish(rumqttc::QoS::AtLeastOnce, 3),
+            publish(rumqttc::QoS::AtLeastOnce, 0),
+        ]);
+        assert_eq!(
+            events.take_unacknowledged_after_loss(),
+            Some(true),
+            "one was written"
+        );
+        assert_eq!(events.take_unacknowledged_after_loss(), None, "none left");
+
+        let (_client, events) = rumqttc::v5::AsyncClient::new(
+            rumqttc::v5::MqttOptions::new("taken", "127.0.0.1", 1),
+            1,
+        );
+        let mut events = Events::v5(events, BrokerLimit::default());
+        let publish = |qos, pkid| {
+            let mut publish = v5_packets::Publish::new("t", qos, vec![1u8], None);
+            publish.pkid = pkid;
+            rumqttc::v5::Request::Publish(publish)
+        };
+        let Events::V5(inner, _) = &mut events else {
+            unreachable!()
+        };
+        inner.pending.extend([
+            publish(rumqttc::v5::mqttbytes::QoS::AtMostOnce, 0),
+            publish(rumqttc::v5::mqttbytes::QoS::AtLeastOnce, 7),
+        ]);
+        assert_eq!(events.take_unacknowledged_after_loss(), Some(true));
+        let Events::V5(inner, _) = &mut events else {
+            unreachable!()
+        };
+        assert_eq!(inner.pending.len(), 1, "the QoS 0 publish stays");
+        assert_eq!(events.take_unacknowledged_after_loss(), None);
+    }
 }
