@@ -985,7 +985,7 @@ async fn reply_channels_of_routes_no_longer_called_are_dropped() {
             Router::new()
                 .message("echo", |Payload(n): Payload<u64>| async move { n })
                 .message("slow", || async {
-                    sleep(Duration::from_millis(800)).await;
+                    sleep(Duration::from_millis(2500)).await;
                     "done"
                 }),
         ))
@@ -993,7 +993,7 @@ async fn reply_channels_of_routes_no_longer_called_are_dropped() {
         .unwrap();
     let client = Client::builder()
         .timeout(Duration::from_secs(10))
-        .connect(options(&broker).reply_idle(Duration::from_millis(200)))
+        .connect(options(&broker).reply_idle(Duration::from_secs(1)))
         .await
         .unwrap();
     let redis = redis::Client::open(broker.url()).unwrap();
@@ -1017,6 +1017,8 @@ async fn reply_channels_of_routes_no_longer_called_are_dropped() {
         assert_eq!(error.code(), Code::Unavailable, "{error}");
     }
     assert_eq!(client.send::<u64>("echo", &1).await.unwrap(), 1);
+    // Not idle yet (the sweeps run every tenth of the idle time).
+    sleep(Duration::from_millis(400)).await;
     assert_eq!(reply_channels().await.len(), 51);
     // A request waiting longer than the idle time keeps its channel.
     let slow = {
