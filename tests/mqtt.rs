@@ -1194,21 +1194,7 @@ async fn a_durable_event_the_broker_refuses_fails_with_its_reason_over_mqtt5() {
 
 /// Emits until the client has reconnected and the broker acknowledged the event.
 async fn until_emitted(emitter: &Client, event: &Value) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        match emitter.emit("entry", event).await {
-            Ok(()) => return,
-            Err(error) if Instant::now() < deadline => {
-                assert_eq!(
-                    error.transport_kind(),
-                    Some(TransportErrorKind::NotConnected),
-                    "{error}"
-                );
-                sleep(Duration::from_millis(20)).await;
-            }
-            Err(error) => panic!("the client never emitted again: {error}"),
-        }
-    }
+    until_emitted_to(emitter, "entry", event).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1219,23 +1205,7 @@ async fn a_failing_durable_event_is_retried_with_backoff_and_a_poison_one_is_dea
         .max_deliveries(3)
         .backoff([Duration::from_millis(100), Duration::from_millis(200)]);
     let dead_letters = durable.dead_letter_topic("order");
-    // A watcher on the dead-letter topic.
-    let port: u16 = broker.url().rsplit(':').next().unwrap().parse().unwrap();
-    let (watcher, mut watching) =
-        rumqttc::AsyncClient::new(rumqttc::MqttOptions::new("watcher", "127.0.0.1", port), 10);
-    watcher
-        .subscribe(&dead_letters, rumqttc::QoS::AtLeastOnce)
-        .await
-        .unwrap();
-    let (letters_tx, mut letters) = tokio::sync::mpsc::unbounded_channel();
-    let watching = tokio::spawn(async move {
-        while let Ok(event) = watching.poll().await {
-            if let rumqttc::Event::Incoming(rumqttc::Packet::Publish(publish)) = event {
-                let _ = letters_tx.send(publish.payload);
-            }
-        }
-    });
-    sleep(Duration::from_millis(200)).await;
+    let (watching, mut letters) = watch(&broker, dead_letters).await;
     let attempts: Arc<Mutex<HashMap<String, Vec<Instant>>>> = Arc::default();
     let seen = Arc::clone(&attempts);
     let server = durable_server(
@@ -1387,33 +1357,7 @@ async fn a_dead_letter_over_the_packet_limit(version: MqttVersion) {
     let durable = DurableEvents::new("billing-1")
         .max_deliveries(1)
         .backoff([Duration::from_millis(10)]);
-    let (watcher, mut watching) = rumqttc::AsyncClient::new(
-        rumqttc::MqttOptions::new("watcher", "127.0.0.1", broker.port()),
-        10,
-    );
-    watcher
-        .subscribe(
-            durable.dead_letter_topic("order"),
-            rumqttc::QoS::AtLeastOnce,
-        )
-        .await
-        .unwrap();
-    tokio::time::timeout(Duration::from_secs(10), async {
-        while !matches!(
-            watching.poll().await.unwrap(),
-            rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_))
-        ) {}
-    })
-    .await
-    .expect("the watcher subscribed");
-    let (letters_tx, mut letters) = tokio::sync::mpsc::unbounded_channel();
-    let watching = tokio::spawn(async move {
-        while let Ok(event) = watching.poll().await {
-            if let rumqttc::Event::Incoming(rumqttc::Packet::Publish(publish)) = event {
-                let _ = letters_tx.send(publish.payload);
-            }
-        }
-    });
+    let (watching, mut letters) = watch(&broker, durable.dead_letter_topic("order")).await;
     let handled: Arc<Mutex<Vec<String>>> = Arc::default();
     let seen = Arc::clone(&handled);
     let seen_audit = Arc::clone(&handled);
@@ -1670,18 +1614,14 @@ async fn an_event_whose_dead_letter_the_broker_refuses_is_kept_over_mqtt5() {
     let acl = std::env::temp_dir().join(format!("palisade-acl-dead-{}", std::process::id()));
     std::fs::write(&acl, "topic readwrite order\n").unwrap();
     let broker = Broker::start_with(&format!("acl_file {}\n", acl.display()));
-    let attempts = Arc::new(AtomicUsize::new(0));
-    let tries = Arc::clone(&attempts);
+    let (failing_router, attempts) = failing_orders();
     let failing = durable_server(
         &broker,
         MqttVersion::V5,
         DurableEvents::new("billing-1")
             .max_deliveries(1)
             .backoff([Duration::from_millis(50)]),
-        Router::new().event("order", move |Payload(_): Payload<String>| {
-            tries.fetch_add(1, Ordering::SeqCst);
-            async { Err::<(), _>(RpcError::exception("cannot bill this")) }
-        }),
+        failing_router,
     )
     .await;
     let emitter = Client::builder()
@@ -1696,21 +1636,7 @@ async fn an_event_whose_dead_letter_the_broker_refuses_is_kept_over_mqtt5() {
     // Its letter refused, sent again and refused again meanwhile.
     sleep(Duration::from_millis(300)).await;
     failing.shutdown().await;
-    let handled: Arc<Mutex<Vec<String>>> = Arc::default();
-    let seen = Arc::clone(&handled);
-    let fixed = durable_server(
-        &broker,
-        MqttVersion::V5,
-        DurableEvents::new("billing-1"),
-        Router::new().event("order", move |Payload(kind): Payload<String>| {
-            let seen = Arc::clone(&seen);
-            async move {
-                seen.lock().unwrap().push(kind);
-                Ok::<_, RpcError>(())
-            }
-        }),
-    )
-    .await;
+    let (fixed, handled) = recording_orders(&broker, MqttVersion::V5).await;
     eventually("the event delivered again", Duration::from_secs(10), || {
         handled.lock().unwrap().as_slice() == ["poison"]
     })
@@ -1732,21 +1658,12 @@ async fn a_dead_letter_cut_off_before_its_acknowledgement_is_sent_again_and_then
     let (watching, mut letters) = watch(&broker, durable.dead_letter_topic("order")).await;
     // What the broker sends the server arrives 300 ms late: the letter's acknowledgement too.
     let proxy = Proxy::start_with_delay(broker.port(), Duration::from_millis(300)).await;
-    let attempts = Arc::new(AtomicUsize::new(0));
-    let tries = Arc::clone(&attempts);
+    let (failing_router, attempts) = failing_orders();
     let failing = MqttServer::new(
         through(&proxy).reconnect_backoff(Duration::from_millis(20), Duration::from_millis(100)),
     )
     .durable_events(durable)
-    .serve(
-        Server::new(
-            Router::new().event("order", move |Payload(_): Payload<String>| {
-                tries.fetch_add(1, Ordering::SeqCst);
-                async { Err::<(), _>(RpcError::exception("cannot bill this")) }
-            }),
-        )
-        .grace_period(Duration::from_millis(50)),
-    )
+    .serve(Server::new(failing_router).grace_period(Duration::from_millis(50)))
     .await
     .unwrap();
     let emitter = Client::builder()
@@ -1782,21 +1699,7 @@ async fn a_dead_letter_cut_off_before_its_acknowledgement_is_sent_again_and_then
     // copy is the one in hand, not another event to handle.
     assert_eq!(attempts.load(Ordering::SeqCst), 1, "handled again");
     failing.shutdown().await;
-    let handled: Arc<Mutex<Vec<String>>> = Arc::default();
-    let seen = Arc::clone(&handled);
-    let later = durable_server(
-        &broker,
-        MqttVersion::V311,
-        DurableEvents::new("billing-1"),
-        Router::new().event("order", move |Payload(kind): Payload<String>| {
-            let seen = Arc::clone(&seen);
-            async move {
-                seen.lock().unwrap().push(kind);
-                Ok::<_, RpcError>(())
-            }
-        }),
-    )
-    .await;
+    let (later, handled) = recording_orders(&broker, MqttVersion::V311).await;
     emitter.emit("order", &"next").await.unwrap();
     eventually("the next event", Duration::from_secs(10), || {
         !handled.lock().unwrap().is_empty()
@@ -1817,19 +1720,10 @@ async fn an_event_is_acknowledged_only_once_its_dead_letter_is() {
     let broker = Broker::start();
     // What the broker sends the server arrives a second late: the letter's acknowledgement too.
     let proxy = Proxy::start_with_delay(broker.port(), Duration::from_secs(1)).await;
-    let attempts = Arc::new(AtomicUsize::new(0));
-    let tries = Arc::clone(&attempts);
+    let (failing_router, attempts) = failing_orders();
     let failing = MqttServer::new(through(&proxy))
         .durable_events(DurableEvents::new("billing-1").max_deliveries(1))
-        .serve(
-            Server::new(
-                Router::new().event("order", move |Payload(_): Payload<String>| {
-                    tries.fetch_add(1, Ordering::SeqCst);
-                    async { Err::<(), _>(RpcError::exception("cannot bill this")) }
-                }),
-            )
-            .grace_period(Duration::from_millis(50)),
-        )
+        .serve(Server::new(failing_router).grace_period(Duration::from_millis(50)))
         .await
         .unwrap();
     let emitter = Client::builder()
@@ -1843,21 +1737,7 @@ async fn an_event_is_acknowledged_only_once_its_dead_letter_is() {
     .await;
     sleep(Duration::from_millis(200)).await;
     failing.shutdown().await;
-    let handled: Arc<Mutex<Vec<String>>> = Arc::default();
-    let seen = Arc::clone(&handled);
-    let later = durable_server(
-        &broker,
-        MqttVersion::V311,
-        DurableEvents::new("billing-1"),
-        Router::new().event("order", move |Payload(kind): Payload<String>| {
-            let seen = Arc::clone(&seen);
-            async move {
-                seen.lock().unwrap().push(kind);
-                Ok::<_, RpcError>(())
-            }
-        }),
-    )
-    .await;
+    let (later, handled) = recording_orders(&broker, MqttVersion::V311).await;
     eventually("the event delivered again", Duration::from_secs(10), || {
         handled.lock().unwrap().as_slice() == ["poison"]
     })
@@ -1947,4 +1827,39 @@ async fn until_emitted_to(emitter: &Client, topic: &str, event: &Value) {
             Err(error) => panic!("the client never emitted again: {error}"),
         }
     }
+}
+
+/// A router whose `order` events always fail, and how many times one was handled.
+fn failing_orders() -> (Router, Arc<AtomicUsize>) {
+    let attempts = Arc::new(AtomicUsize::new(0));
+    let tries = Arc::clone(&attempts);
+    let router = Router::new().event("order", move |Payload(_): Payload<String>| {
+        tries.fetch_add(1, Ordering::SeqCst);
+        async { Err::<(), _>(RpcError::exception("cannot bill this")) }
+    });
+    (router, attempts)
+}
+
+/// A durable server on session `billing-1` (the one the failing servers used) recording the
+/// `order` events it handles.
+async fn recording_orders(
+    broker: &Broker,
+    version: MqttVersion,
+) -> (ServerHandle, Arc<Mutex<Vec<String>>>) {
+    let handled: Arc<Mutex<Vec<String>>> = Arc::default();
+    let seen = Arc::clone(&handled);
+    let server = durable_server(
+        broker,
+        version,
+        DurableEvents::new("billing-1"),
+        Router::new().event("order", move |Payload(kind): Payload<String>| {
+            let seen = Arc::clone(&seen);
+            async move {
+                seen.lock().unwrap().push(kind);
+                Ok::<_, RpcError>(())
+            }
+        }),
+    )
+    .await;
+    (server, handled)
 }

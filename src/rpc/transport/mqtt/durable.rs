@@ -262,9 +262,7 @@ impl InHand {
     /// belongs to an earlier session; its id released.
     fn acknowledge(&self, client: &Link, message: &Message, session: SessionNumber) -> bool {
         let mut ids = self.ids();
-        if ids.get(&message.pkid()) == Some(&session) {
-            ids.remove(&message.pkid());
-        }
+        forget(&mut ids, message, session);
         if self.session.load(Ordering::SeqCst) != session {
             tracing::debug!(
                 topic = message.topic(),
@@ -279,10 +277,15 @@ impl InHand {
 
     /// The event is left unacknowledged (given up, or a shutdown): its id released.
     fn release(&self, message: &Message, session: SessionNumber) {
-        let mut ids = self.ids();
-        if ids.get(&message.pkid()) == Some(&session) {
-            ids.remove(&message.pkid());
-        }
+        forget(&mut self.ids(), message, session);
+    }
+}
+
+/// Forgets the id of `message`, if it is still held for `session` (a new session may have
+/// given it to another event since).
+fn forget(ids: &mut HashMap<u16, SessionNumber>, message: &Message, session: SessionNumber) {
+    if ids.get(&message.pkid()) == Some(&session) {
+        ids.remove(&message.pkid());
     }
 }
 
@@ -425,12 +428,7 @@ async fn handle_topic(
     } = session;
     let codec = options.shared_codec();
     'events: while let Some((message, session)) = lane.recv().await {
-        let mut in_hand = InHandUntilDone {
-            in_hand: &in_hand,
-            message: &message,
-            session,
-            done: false,
-        };
+        let mut in_hand = InHandUntilDone::new(&in_hand, &message, session);
         let mut attempt = 0u32;
         loop {
             attempt += 1;
@@ -500,7 +498,16 @@ struct InHandUntilDone<'a> {
     done: bool,
 }
 
-impl InHandUntilDone<'_> {
+impl<'a> InHandUntilDone<'a> {
+    fn new(in_hand: &'a InHand, message: &'a Message, session: SessionNumber) -> Self {
+        InHandUntilDone {
+            in_hand,
+            message,
+            session,
+            done: false,
+        }
+    }
+
     /// Queues the event's acknowledgement (not for an event of an earlier session); `false` if
     /// the request queue was full.
     fn acknowledge(&mut self, client: &Link) -> bool {
@@ -897,22 +904,12 @@ mod tests {
         let message = event(3);
         let session = in_hand.take(&message).unwrap();
         {
-            let _done = InHandUntilDone {
-                in_hand: &in_hand,
-                message: &message,
-                session,
-                done: false,
-            };
+            let _done = InHandUntilDone::new(&in_hand, &message, session);
             // Given up, or a shutdown: dropped without an acknowledgement.
         }
         assert!(!queued(&client, &mut events));
         let session = in_hand.take(&event(3)).expect("released");
-        let mut done = InHandUntilDone {
-            in_hand: &in_hand,
-            message: &message,
-            session,
-            done: false,
-        };
+        let mut done = InHandUntilDone::new(&in_hand, &message, session);
         assert!(done.acknowledge(&client));
         drop(done);
         assert!(queued(&client, &mut events), "acknowledged");
