@@ -169,6 +169,182 @@ async fn partitions_are_handled_concurrently_and_the_records_of_each_in_order() 
     }
 }
 
+/// Records beyond a partition's queue (256): the records each handler saw, as `(key, seq)`.
+type Seen = Arc<Mutex<Vec<(String, u64)>>>;
+
+/// Emits `count` records `{"key": key, "seq": 0..count}` to `partition` of `orders`, in order.
+async fn emit_sequence(client: &Client, key: &str, partition: i32, count: u64) {
+    for seq in 0..count {
+        client
+            .emit(
+                "orders",
+                &KafkaRecord::new(json!({"key": key, "seq": seq})).partition(partition),
+            )
+            .await
+            .unwrap();
+    }
+}
+
+/// The `seq`s of `key`'s records in the order they were handled.
+fn sequence_of(seen: &Seen, key: &str) -> Vec<u64> {
+    seen.lock()
+        .unwrap()
+        .iter()
+        .filter(|(k, _)| k == key)
+        .map(|(_, seq)| *seq)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_far_behind_is_paused_and_the_others_go_on_then_it_resumes_in_order() {
+    let broker = Broker::start();
+    let options = support::kafka::options(&broker);
+    let seen: Seen = Arc::default();
+    let other_partition_ran = Arc::new(tokio::sync::Notify::new());
+    let blocked_for = Arc::new(Mutex::new(None));
+    let router = Router::new().event("orders", {
+        let (seen, other, blocked_for) = (
+            Arc::clone(&seen),
+            Arc::clone(&other_partition_ran),
+            Arc::clone(&blocked_for),
+        );
+        move |Payload(event): Payload<Value>| {
+            let (seen, other, blocked_for) = (
+                Arc::clone(&seen),
+                Arc::clone(&other),
+                Arc::clone(&blocked_for),
+            );
+            async move {
+                let key = event["key"].as_str().unwrap().to_owned();
+                if key == "blocker" {
+                    // Holds partition 0, its queue filling up behind it, until a record of
+                    // partition 1 read after all of them was handled.
+                    let started = Instant::now();
+                    let woke =
+                        tokio::time::timeout(Duration::from_secs(20), other.notified()).await;
+                    *blocked_for.lock().unwrap() = Some((woke.is_ok(), started.elapsed()));
+                } else if key == "other" {
+                    other.notify_one();
+                }
+                seen.lock()
+                    .unwrap()
+                    .push((key, event["seq"].as_u64().unwrap()));
+            }
+        }
+    });
+    let server = serve(options.clone(), router).await;
+    let client = client(options).await;
+
+    emit_sequence(&client, "blocker", 0, 1).await;
+    // More than the queue holds, so that a consumer loop waiting for room would never read on.
+    const BEHIND: u64 = 700;
+    emit_sequence(&client, "behind", 0, BEHIND).await;
+    emit_sequence(&client, "other", 1, 1).await;
+    eventually(Duration::from_secs(60), "every record", || {
+        seen.lock().unwrap().len() == 2 + BEHIND as usize
+    })
+    .await;
+    server.shutdown().await;
+
+    let (woke, waited) = blocked_for.lock().unwrap().unwrap();
+    assert!(
+        woke,
+        "partition 1 waited for partition 0's queue ({waited:?})"
+    );
+    // Held while the partition was paused, then fetched again from after them: each record once,
+    // in order.
+    assert_eq!(
+        sequence_of(&seen, "behind"),
+        (0..BEHIND).collect::<Vec<_>>()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_partition_that_moves_away_and_comes_back_is_read_again() {
+    let broker = Broker::start();
+    let options = support::kafka::options(&broker);
+    let (release, released) = tokio::sync::watch::channel(false);
+    let blockers_started = Arc::new(AtomicU32::new(0));
+    let seen_by_a: Seen = Arc::default();
+    let router_a = Router::new().event("orders", {
+        let (seen, started) = (Arc::clone(&seen_by_a), Arc::clone(&blockers_started));
+        move |Payload(event): Payload<Value>| {
+            let (seen, started, mut released) =
+                (Arc::clone(&seen), Arc::clone(&started), released.clone());
+            async move {
+                let key = event["key"].as_str().unwrap().to_owned();
+                if key == "blocker" {
+                    started.fetch_add(1, Ordering::SeqCst);
+                    let _ =
+                        tokio::time::timeout(Duration::from_secs(60), released.wait_for(|r| *r))
+                            .await;
+                }
+                seen.lock()
+                    .unwrap()
+                    .push((key, event["seq"].as_u64().unwrap()));
+            }
+        }
+    });
+    let a = serve(options.clone(), router_a).await;
+    let client = client(options.clone()).await;
+    emit_sequence(&client, "blocker", 0, 1).await;
+    emit_sequence(&client, "blocker", 1, 1).await;
+    eventually(Duration::from_secs(20), "both partitions blocked", || {
+        blockers_started.load(Ordering::SeqCst) == 2
+    })
+    .await;
+    // Both partitions' queues overflow: server A pauses both.
+    const BEHIND: u64 = 400;
+    emit_sequence(&client, "behind-0", 0, BEHIND).await;
+    emit_sequence(&client, "behind-1", 1, BEHIND).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    // Server B joins the group and takes one of the two partitions, with the records A held.
+    let seen_by_b: Seen = Arc::default();
+    let router_b = Router::new().event("orders", {
+        let seen = Arc::clone(&seen_by_b);
+        move |Payload(event): Payload<Value>| {
+            let seen = Arc::clone(&seen);
+            async move {
+                let key = event["key"].as_str().unwrap().to_owned();
+                seen.lock()
+                    .unwrap()
+                    .push((key, event["seq"].as_u64().unwrap()));
+            }
+        }
+    });
+    let b = serve(options.clone(), router_b).await;
+    eventually(
+        Duration::from_secs(30),
+        "server B through one partition",
+        || {
+            [
+                sequence_of(&seen_by_b, "behind-0"),
+                sequence_of(&seen_by_b, "behind-1"),
+            ]
+            .iter()
+            .any(|sequence| sequence.len() == BEHIND as usize)
+        },
+    )
+    .await;
+    // Server B leaves: the partition goes back to A, which paused it before it moved.
+    b.shutdown().await;
+    release.send_replace(true);
+
+    emit_sequence(&client, "after-0", 0, 1).await;
+    emit_sequence(&client, "after-1", 1, 1).await;
+    eventually(
+        Duration::from_secs(30),
+        "server A reading both partitions again",
+        || {
+            sequence_of(&seen_by_a, "after-0").len() == 1
+                && sequence_of(&seen_by_a, "after-1").len() == 1
+        },
+    )
+    .await;
+    a.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_poison_event_is_retried_then_dead_lettered_and_the_partition_goes_on() {
     let broker = Broker::start();

@@ -14,13 +14,18 @@ use crate::rpc::{
     Dispatcher, Headers, Kind, Pattern, RawJson, ReplySink, RpcError, RpcRequest, SendError,
     Server, ServerHandle,
 };
+use futures_util::StreamExt as _;
+use futures_util::stream::FuturesUnordered;
 use rdkafka::client::ClientContext;
-use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
+};
 use rdkafka::message::{Headers as _, Message, OwnedMessage};
 use rdkafka::{Offset, TopicPartitionList};
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -265,6 +270,10 @@ impl ServerContext {
     /// Starts partitions this group never committed an offset for at their end (or beginning) as
     /// it is now: a record produced once `serve` returned is never skipped, whatever the fetcher
     /// would have resolved `auto.offset.reset` to later.
+    ///
+    /// The start is committed for the group, too: a partition that moves to another server before
+    /// this one finished a record of it would otherwise start there at *its* end, skipping every
+    /// record this one had not finished.
     fn start_new_partitions(&self, consumer: &BaseConsumer<Self>, partitions: &TopicPartitionList) {
         let committed = match consumer.committed_offsets(partitions.clone(), self.timeout) {
             Ok(committed) => committed,
@@ -273,6 +282,7 @@ impl ServerContext {
                 return;
             }
         };
+        let mut starts = TopicPartitionList::new();
         for element in committed.elements() {
             if element.offset() != Offset::Invalid {
                 continue;
@@ -281,16 +291,28 @@ impl ServerContext {
             match consumer.fetch_watermarks(topic, partition, self.timeout) {
                 Ok((low, high)) => {
                     let start = if self.from_beginning { low } else { high };
-                    if let Err(error) =
-                        consumer.seek(topic, partition, Offset::Offset(start), self.timeout)
-                    {
-                        tracing::debug!(topic, partition, %error, "cannot seek a new partition");
+                    match consumer.seek(topic, partition, Offset::Offset(start), self.timeout) {
+                        Ok(()) => {
+                            if let Err(error) =
+                                starts.add_partition_offset(topic, partition, Offset::Offset(start))
+                            {
+                                tracing::debug!(topic, partition, %error, "cannot note a partition's start");
+                            }
+                        }
+                        Err(error) => {
+                            tracing::debug!(topic, partition, %error, "cannot seek a new partition")
+                        }
                     }
                 }
                 Err(error) => {
                     tracing::debug!(topic, partition, %error, "cannot read a partition's offsets")
                 }
             }
+        }
+        if starts.count() > 0
+            && let Err(error) = consumer.commit(&starts, CommitMode::Sync)
+        {
+            tracing::debug!(%error, "cannot commit the new partitions' starts");
         }
     }
 }
@@ -325,6 +347,11 @@ impl ConsumerContext for ServerContext {
                     );
                 }
                 self.start_new_partitions(consumer, partitions);
+                // A partition this server paused (its worker behind) and then lost stays paused
+                // in librdkafka: one assigned again starts afresh, with a worker of its own.
+                if let Err(error) = consumer.resume(partitions) {
+                    tracing::warn!(%error, "cannot resume the assigned partitions");
+                }
                 self.joined.notify_waiters();
             }
             Rebalance::Revoke(_) => {}
@@ -350,11 +377,158 @@ struct Shared {
 struct Worker {
     records: mpsc::Sender<OwnedMessage>,
     revoked: Arc<AtomicBool>,
+    /// Records read while the worker's queue was full, in order. The partition is paused while
+    /// any wait here, so that the consumer goes on reading the other partitions.
+    held: VecDeque<OwnedMessage>,
+}
+
+/// Free places a paused partition's queue needs before the partition is resumed. Resuming at the
+/// first free place would pause it again at once, fetching its records afresh each time.
+const RESUME_WITH_ROOM: usize = PARTITION_QUEUE / 2;
+
+type PartitionKey = (String, i32);
+
+/// Resolves once a paused partition's queue has room for [`RESUME_WITH_ROOM`] records, or its
+/// worker is gone; gives back the partition and the queue it waited on.
+type Room = Pin<Box<dyn Future<Output = (PartitionKey, mpsc::Sender<OwnedMessage>)> + Send>>;
+
+fn room_in(key: PartitionKey, records: mpsc::Sender<OwnedMessage>) -> Room {
+    Box::pin(async move {
+        // The permits are given back at once: only the consumer loop sends, so the room stays.
+        let _ = records.reserve_many(RESUME_WITH_ROOM).await;
+        (key, records)
+    })
+}
+
+/// The consumer loop's workers, and the partitions it paused because their queue was full.
+struct Workers {
+    shared: Arc<Shared>,
+    revocations: Arc<Revocations>,
+    by_partition: HashMap<PartitionKey, Worker>,
+    /// One wait per paused partition, for room in its queue.
+    paused: FuturesUnordered<Room>,
+}
+
+impl Workers {
+    /// Hands `message` to its partition's worker, starting one if the partition has none (or a
+    /// revoked one). A full queue pauses the partition rather than the consumer: one slow
+    /// partition must not hold up the others, nor keep the consumer from polling for so long
+    /// (`max.poll.interval.ms`) that the group drops it.
+    async fn deliver(&mut self, message: OwnedMessage) {
+        let key = (message.topic().to_owned(), message.partition());
+        let live = self
+            .by_partition
+            .get(&key)
+            .is_some_and(|worker| !worker.revoked.load(Ordering::Acquire));
+        if !live {
+            let revoked = Arc::new(AtomicBool::new(false));
+            self.revocations
+                .flags()
+                .insert(key.clone(), Arc::clone(&revoked));
+            let (records, queue) = mpsc::channel(PARTITION_QUEUE);
+            self.shared.dispatcher.spawn(work(
+                Arc::clone(&self.shared),
+                key.0.clone(),
+                key.1,
+                queue,
+                Arc::clone(&revoked),
+            ));
+            self.by_partition.insert(
+                key.clone(),
+                Worker {
+                    records,
+                    revoked,
+                    held: VecDeque::new(),
+                },
+            );
+        }
+        let worker = self
+            .by_partition
+            .get_mut(&key)
+            .expect("a worker was just found or started");
+        if !worker.held.is_empty() {
+            // Read before the pause took effect: after the records it follows.
+            worker.held.push_back(message);
+            return;
+        }
+        match worker.records.try_send(message) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                self.by_partition.remove(&key);
+            }
+            Err(mpsc::error::TrySendError::Full(message)) => {
+                if let Err(error) = self.shared.consumer.pause(&partition_list(&key)) {
+                    // Backpressure on the whole consumer, as a last resort.
+                    tracing::warn!(topic = %key.0, partition = key.1, %error, "cannot pause a partition; waiting for its worker");
+                    if worker.records.send(message).await.is_err() {
+                        self.by_partition.remove(&key);
+                    }
+                    return;
+                }
+                tracing::debug!(topic = %key.0, partition = key.1, "partition paused: its worker is behind");
+                worker.held.push_back(message);
+                self.paused.push(room_in(key, worker.records.clone()));
+            }
+        }
+    }
+
+    /// Hands a paused partition's held records to its worker, which made room, and resumes the
+    /// partition; fetching goes on after the last record held.
+    fn room_made(&mut self, key: PartitionKey, records: &mpsc::Sender<OwnedMessage>) {
+        let Some(worker) = self.by_partition.get_mut(&key) else {
+            return;
+        };
+        if !worker.records.same_channel(records) || worker.revoked.load(Ordering::Acquire) {
+            // A worker since replaced, or revoked: the partition's next assignment resumes it.
+            return;
+        }
+        while let Some(record) = worker.held.pop_front() {
+            match worker.records.try_send(record) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(record)) => {
+                    worker.held.push_front(record);
+                    self.paused.push(room_in(key, worker.records.clone()));
+                    return;
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => {
+                    self.by_partition.remove(&key);
+                    return;
+                }
+            }
+        }
+        match self.shared.consumer.resume(&partition_list(&key)) {
+            Ok(()) => {
+                tracing::debug!(topic = %key.0, partition = key.1, "partition resumed");
+            }
+            Err(error) => {
+                tracing::warn!(topic = %key.0, partition = key.1, %error, "cannot resume a partition");
+            }
+        }
+    }
+
+    /// Forgets revoked workers, with the records they held: those go to the partition's next
+    /// owner, from the last committed offset.
+    fn drop_revoked(&mut self) {
+        self.by_partition
+            .retain(|_, worker| !worker.revoked.load(Ordering::Acquire));
+    }
+}
+
+/// `key`'s partition, for pausing or resuming it.
+fn partition_list(key: &PartitionKey) -> TopicPartitionList {
+    let mut list = TopicPartitionList::new();
+    list.add_partition(&key.0, key.1);
+    list
 }
 
 /// Reads records and hands each to its partition's worker, until shutdown.
 async fn consume(shared: Arc<Shared>, revocations: Arc<Revocations>) {
-    let mut workers: HashMap<(String, i32), Worker> = HashMap::new();
+    let mut workers = Workers {
+        shared: Arc::clone(&shared),
+        revocations,
+        by_partition: HashMap::new(),
+        paused: FuturesUnordered::new(),
+    };
     let mut draining = std::pin::pin!(shared.dispatcher.draining());
     let mut topics_checked: Option<tokio::time::Instant> = None;
     loop {
@@ -363,8 +537,12 @@ async fn consume(shared: Arc<Shared>, revocations: Arc<Revocations>) {
         }
         let received = tokio::select! {
             biased;
-            received = shared.consumer.recv() => received,
             _ = &mut draining => break,
+            Some((key, records)) = workers.paused.next(), if !workers.paused.is_empty() => {
+                workers.room_made(key, &records);
+                continue;
+            }
+            received = shared.consumer.recv() => received,
         };
         let message = match received {
             Ok(message) => message.detach(),
@@ -388,34 +566,12 @@ async fn consume(shared: Arc<Shared>, revocations: Arc<Revocations>) {
                 continue;
             }
         };
-        let key = (message.topic().to_owned(), message.partition());
-        let live = workers
-            .get(&key)
-            .is_some_and(|worker| !worker.revoked.load(Ordering::Acquire));
-        if !live {
-            let revoked = Arc::new(AtomicBool::new(false));
-            revocations
-                .flags()
-                .insert(key.clone(), Arc::clone(&revoked));
-            let (records, queue) = mpsc::channel(PARTITION_QUEUE);
-            shared.dispatcher.spawn(work(
-                Arc::clone(&shared),
-                key.0.clone(),
-                key.1,
-                queue,
-                Arc::clone(&revoked),
-            ));
-            workers.insert(key.clone(), Worker { records, revoked });
-        }
-        let worker = &workers[&key];
-        // A full queue holds the consumer back: backpressure, not loss.
-        if worker.records.send(message).await.is_err() {
-            workers.remove(&key);
-        }
-        workers.retain(|_, worker| !worker.revoked.load(Ordering::Acquire));
+        workers.deliver(message).await;
+        workers.drop_revoked();
     }
-    // Workers finish what they took; records not yet taken are handled again by the next owner.
-    for worker in workers.values() {
+    // Workers finish what they took; records not yet taken (or held) are handled again by the
+    // next owner.
+    for worker in workers.by_partition.values() {
         worker.revoked.store(true, Ordering::Release);
     }
 }
