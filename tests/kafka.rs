@@ -346,6 +346,60 @@ async fn a_paused_partition_that_moves_away_and_comes_back_is_read_again() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partitions_first_record_still_in_hand_when_it_moves_is_handled_by_its_next_owner() {
+    let broker = Broker::start();
+    let options = support::kafka::options(&broker);
+    let (release, released) = tokio::sync::watch::channel(false);
+    let started = Arc::new(AtomicU32::new(0));
+    let router_a = Router::new().event("orders", {
+        let started = Arc::clone(&started);
+        move |Payload(_): Payload<Value>| {
+            let (started, mut released) = (Arc::clone(&started), released.clone());
+            async move {
+                started.fetch_add(1, Ordering::SeqCst);
+                let _ =
+                    tokio::time::timeout(Duration::from_secs(60), released.wait_for(|r| *r)).await;
+            }
+        }
+    });
+    let a = serve(options.clone(), router_a).await;
+    let client = client(options.clone()).await;
+    // The first records ever of both partitions: the group has committed no offset for them.
+    emit_sequence(&client, "first-0", 0, 1).await;
+    emit_sequence(&client, "first-1", 1, 1).await;
+    eventually(Duration::from_secs(20), "server A at both records", || {
+        started.load(Ordering::SeqCst) == 2
+    })
+    .await;
+
+    let seen_by_b: Seen = Arc::default();
+    let router_b = Router::new().event("orders", {
+        let seen = Arc::clone(&seen_by_b);
+        move |Payload(event): Payload<Value>| {
+            let seen = Arc::clone(&seen);
+            async move {
+                let key = event["key"].as_str().unwrap().to_owned();
+                seen.lock()
+                    .unwrap()
+                    .push((key, event["seq"].as_u64().unwrap()));
+            }
+        }
+    });
+    // B takes one partition from A, which has not finished its record: B must start before it,
+    // not at the partition's end.
+    let b = serve(options.clone(), router_b).await;
+    eventually(
+        Duration::from_secs(30),
+        "server B at the record A had not finished",
+        || !seen_by_b.lock().unwrap().is_empty(),
+    )
+    .await;
+    release.send_replace(true);
+    b.shutdown().await;
+    a.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_poison_event_is_retried_then_dead_lettered_and_the_partition_goes_on() {
     let broker = Broker::start();
     let options = support::kafka::options(&broker);
