@@ -481,6 +481,71 @@ async fn a_failing_durable_event_is_retried_with_backoff_and_a_poison_one_is_dea
     server.shutdown().await;
 }
 
+/// The reader's connections break while a failed event waits out its retry delay: the new
+/// session takes up the consumer's history, but that event keeps its delay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_durable_event_keeps_its_retry_delay_when_the_reader_reconnects() {
+    let _serial = SERIAL.lock().await;
+    let broker = Broker::start();
+    let attempts: Arc<Mutex<Vec<Instant>>> = Arc::default();
+    let seen = Arc::clone(&attempts);
+    const DELAY: Duration = Duration::from_secs(3);
+    let server = durable_server(
+        &broker,
+        DurableEvents::new("billing").backoff([DELAY]),
+        Router::new().event("order", move |Payload(_): Payload<u32>| {
+            let seen = Arc::clone(&seen);
+            async move {
+                let tries = {
+                    let mut seen = seen.lock().unwrap();
+                    seen.push(Instant::now());
+                    seen.len()
+                };
+                if tries == 1 {
+                    Err(RpcError::unavailable("database restarting"))
+                } else {
+                    Ok(())
+                }
+            }
+        }),
+    )
+    .await;
+    let emitter = Client::builder()
+        .connect(RedisTransport::new(options(&broker)).durable_events())
+        .await
+        .unwrap();
+    emitter.emit("order", &1u32).await.unwrap();
+    eventually("the first delivery", Duration::from_secs(10), || {
+        !attempts.lock().unwrap().is_empty()
+    })
+    .await;
+    let redis = redis::Client::open(broker.url()).unwrap();
+    let mut admin = redis.get_multiplexed_async_connection().await.unwrap();
+    let killed: u64 = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("TYPE")
+        .arg("normal")
+        .arg("SKIPME")
+        .arg("yes")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    assert!(killed >= 2, "{killed}");
+    eventually("the retry", Duration::from_secs(10), || {
+        attempts.lock().unwrap().len() == 2
+    })
+    .await;
+    let attempts = attempts.lock().unwrap().clone();
+    assert!(
+        attempts[1] - attempts[0] >= DELAY - Duration::from_millis(100),
+        "retried after {:?}, not after its delay",
+        attempts[1] - attempts[0]
+    );
+    sleep(Duration::from_millis(300)).await;
+    nothing_pending(&mut admin, "order", "billing").await;
+    server.shutdown().await;
+}
+
 /// Asserts that the group has acknowledged every entry of the stream.
 async fn nothing_pending(
     connection: &mut redis::aio::MultiplexedConnection,

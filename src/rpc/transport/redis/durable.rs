@@ -280,6 +280,12 @@ impl Reader {
             let own = self.read_within(&mut reader, &after, None).await?;
             let Some((last, _)) = own.last() else { break };
             after = last.clone();
+            // An event waiting out its retry delay when the last session failed keeps its delay:
+            // the retry takes it up when due.
+            let own = own
+                .into_iter()
+                .filter(|(id, _)| !self.retries.contains_key(id))
+                .collect();
             self.handle_all(&mut commands, own, true).await?;
         }
         let mut next_claim = Instant::now();
