@@ -99,19 +99,57 @@ impl Replies {
 
     /// Notes that request `n` waits for replies on `topic`/`partition`; forgets entries of
     /// requests that no longer wait, so the map stays as small as what is in flight.
-    fn wait_on(&self, topic: &str, partition: i32, n: u64) {
-        let mut waiting = self.waiting();
-        let total: usize = waiting.values().map(HashSet::len).sum();
-        if total > 2 * self.pending.len() + 1024 {
-            for requests in waiting.values_mut() {
-                requests.retain(|n| self.pending.route_of(*n).is_some());
+    ///
+    /// Returns whether the partition is still this client's. It may have been revoked since it
+    /// was picked, before `n` was noted: then nobody would fail `n` when its replies went to
+    /// another client, and `n` must pick again. (The revocation takes the partition from
+    /// `assigned` before it fails what `waiting` holds, and this notes `n` in `waiting` before it
+    /// looks at `assigned`: either the revocation fails `n`, or this sees the partition gone.)
+    fn wait_on(&self, topic: &str, partition: i32, n: u64) -> bool {
+        {
+            let mut waiting = self.waiting();
+            let total: usize = waiting.values().map(HashSet::len).sum();
+            if total > 2 * self.pending.len() + 1024 {
+                for requests in waiting.values_mut() {
+                    requests.retain(|n| self.pending.route_of(*n).is_some());
+                }
+                waiting.retain(|_, requests| !requests.is_empty());
             }
-            waiting.retain(|_, requests| !requests.is_empty());
+            waiting
+                .entry((topic.to_owned(), partition))
+                .or_default()
+                .insert(n);
         }
-        waiting
-            .entry((topic.to_owned(), partition))
-            .or_default()
-            .insert(n);
+        let still_ours = self
+            .assigned()
+            .get(topic)
+            .is_some_and(|set| set.contains(&partition));
+        if !still_ours
+            && let Some(requests) = self.waiting().get_mut(&(topic.to_owned(), partition))
+        {
+            requests.remove(&n);
+        }
+        still_ours
+    }
+
+    /// `topic`/`partition` moved to another client: the requests whose replies come there fail.
+    fn revoke(&self, topic: &str, partition: i32) {
+        if let Some(set) = self.assigned().get_mut(topic) {
+            set.remove(&partition);
+        }
+        let moved = self
+            .waiting()
+            .remove(&(topic.to_owned(), partition))
+            .unwrap_or_default();
+        let error = RpcError::transport(
+            TransportErrorKind::ConnectionLost,
+            format!(
+                "the reply partition {topic}/{partition} moved to another client before the reply came"
+            ),
+        );
+        for n in moved {
+            self.pending.fail(n, &error);
+        }
     }
 }
 
@@ -177,23 +215,7 @@ impl ConsumerContext for ReplyContext {
             Rebalance::Revoke(partitions) => {
                 for element in partitions.elements() {
                     let (topic, partition) = (element.topic(), element.partition());
-                    if let Some(set) = self.replies.assigned().get_mut(topic) {
-                        set.remove(&partition);
-                    }
-                    let moved = self
-                        .replies
-                        .waiting()
-                        .remove(&(topic.to_owned(), partition))
-                        .unwrap_or_default();
-                    let error = RpcError::transport(
-                        TransportErrorKind::ConnectionLost,
-                        format!(
-                            "the reply partition {topic}/{partition} moved to another client before the reply came"
-                        ),
-                    );
-                    for n in moved {
-                        self.replies.pending.fail(n, &error);
-                    }
+                    self.replies.revoke(topic, partition);
                     tracing::debug!(topic, partition, "reply partition revoked");
                 }
                 self.replies.changed.notify_waiters();
@@ -458,12 +480,18 @@ impl ClientTransport for KafkaConnection {
         Box::pin(async move {
             let topic = topic_of(request.pattern().route())?.to_owned();
             let reply_topic = reply_topic(&topic);
-            let partition = connection.reply_partition(&reply_topic).await?;
             let inner = &*connection.inner;
-            let registered = inner.replies.pending.register(request.pattern())?;
-            inner
-                .replies
-                .wait_on(&reply_topic, partition, registered.number());
+            let (partition, registered) = loop {
+                let partition = connection.reply_partition(&reply_topic).await?;
+                let registered = inner.replies.pending.register(request.pattern())?;
+                if inner
+                    .replies
+                    .wait_on(&reply_topic, partition, registered.number())
+                {
+                    break (partition, registered);
+                }
+                // Revoked meanwhile: dropping `registered` forgets it.
+            };
             let id = registered.id();
             let partition_text = partition.to_string();
             let mut headers: Vec<(&str, &[u8])> = vec![
@@ -504,5 +532,60 @@ impl fmt::Debug for KafkaConnection {
             .field("options", &self.inner.options)
             .field("pending", &self.inner.replies.pending.len())
             .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rpc::Pattern;
+    use crate::rpc::transport::ReplyPacket;
+
+    fn replies(assigned: &[(&str, i32)]) -> Replies {
+        let mut map: HashMap<String, BTreeSet<i32>> = HashMap::new();
+        for (topic, partition) in assigned {
+            map.entry((*topic).to_owned())
+                .or_default()
+                .insert(*partition);
+        }
+        Replies {
+            assigned: Mutex::new(map),
+            changed: Notify::new(),
+            pending: PendingRequests::new(),
+            waiting: Mutex::new(HashMap::new()),
+            fetch_timeout: Duration::from_secs(1),
+            codec: SharedCodec::default(),
+        }
+    }
+
+    #[test]
+    fn a_request_noted_on_its_partition_fails_when_the_partition_is_revoked() {
+        let replies = replies(&[("tag.reply", 0)]);
+        let registered = replies.pending.register(&Pattern::from("tag")).unwrap();
+        assert!(replies.wait_on("tag.reply", 0, registered.number()));
+        let mut receiver = registered.into_replies();
+        replies.revoke("tag.reply", 0);
+        let failed = futures_util::FutureExt::now_or_never(receiver.recv());
+        assert!(
+            matches!(failed, Some(Some(ReplyPacket::Failed(_)))),
+            "the request was not failed: {failed:?}"
+        );
+    }
+
+    #[test]
+    fn a_partition_revoked_between_its_pick_and_the_note_is_not_kept() {
+        let replies = replies(&[("tag.reply", 0), ("tag.reply", 1)]);
+        let picked = replies.partition("tag.reply").unwrap();
+        replies.revoke("tag.reply", picked);
+        let registered = replies.pending.register(&Pattern::from("tag")).unwrap();
+        assert!(
+            !replies.wait_on("tag.reply", picked, registered.number()),
+            "a request noted on a partition revoked before it would wait out its deadline"
+        );
+        assert!(
+            replies.waiting().values().all(HashSet::is_empty),
+            "the request stays noted"
+        );
+        assert_eq!(replies.partition("tag.reply"), Some(1));
     }
 }
