@@ -84,6 +84,11 @@ fn read_packet(packet: ReplyPacket) -> Result<(Option<RawJson>, bool), RpcError>
 #[derive(Clone)]
 struct TransportService {
     transport: Arc<dyn ClientTransport>,
+    /// Whether this bounds each request by its deadline. Needed when no attempt timeout does:
+    /// a deadline enforced only above the breaker and retry cancels them when it passes, and a
+    /// cancelled call counts for nothing, so a breaker in front of a service that hangs would
+    /// never open.
+    enforce_deadline: bool,
 }
 
 impl Service<RpcRequest> for TransportService {
@@ -96,9 +101,8 @@ impl Service<RpcRequest> for TransportService {
     }
 
     fn call(&mut self, request: RpcRequest) -> Self::Future {
-        // The layers above enforce the deadline; a transport that explains silence does so just
-        // before it.
-        TransportFuture::new(&*self.transport, request, false)
+        // A transport that explains silence does so just before the deadline.
+        TransportFuture::new(&*self.transport, request, self.enforce_deadline)
     }
 }
 
@@ -828,7 +832,10 @@ where
                 self.attempt_timeout
                     .map(|timeout| TimeoutLayer::new(timeout).honor_deadline()),
             )
-            .service(TransportService { transport });
+            .service(TransportService {
+                transport,
+                enforce_deadline: self.attempt_timeout.is_none(),
+            });
         Client {
             stack: Stack::Layered(BoxCloneSyncService::new(stack)),
             timeout: self.timeout,
@@ -1068,6 +1075,29 @@ mod tests {
             assert_eq!(client.send::<u32>("orders", &1).await.unwrap(), 7);
         }
         assert_eq!(*noted.lock().unwrap(), [Some("rpc.client"); 2]);
+    }
+
+    /// Without an attempt timeout, the deadline is what ends a call to a service that hangs: the
+    /// breaker must see it as a failure, not as a call cancelled from above.
+    #[tokio::test(start_paused = true)]
+    async fn a_breaker_without_an_attempt_timeout_opens_on_requests_that_meet_their_deadline() {
+        use crate::circuit_breaker::{CircuitBreakerConfig, CircuitState};
+        for hang in [false, true] {
+            let client = Client::builder()
+                .timeout(Duration::from_millis(100))
+                .circuit_breaker(CircuitBreakerConfig::new("hung").max_failures(2))
+                .build(silent(hang, None));
+            for _ in 0..2 {
+                let error = client.send::<u32>("orders", &1).await.unwrap_err();
+                assert_eq!(error.code(), Code::DeadlineExceeded, "{error}");
+            }
+            let breaker = client.circuit_breaker().unwrap();
+            assert_eq!(breaker.state(), CircuitState::Open, "hang: {hang}");
+            let started = Instant::now();
+            let error = client.send::<u32>("orders", &1).await.unwrap_err();
+            assert_eq!(started.elapsed(), Duration::ZERO, "{error}");
+            assert_eq!(error.code(), Code::Unavailable, "{error}");
+        }
     }
 
     #[tokio::test(start_paused = true)]
