@@ -242,3 +242,52 @@ async fn a_payload_that_does_not_decode_never_reaches_the_handler() {
     assert!(error.message().contains("field `[1]`"), "{error}");
     assert_eq!(calls.load(Ordering::SeqCst), 0);
 }
+
+/// An order whose validation assumes an item (and panics without one).
+#[derive(serde::Deserialize)]
+struct Order {
+    items: Vec<u32>,
+}
+
+impl palisade::rpc::Validate for Order {
+    fn validate(&self) -> Result<(), palisade::rpc::ValidationErrors> {
+        let mut errors = palisade::rpc::ValidationErrors::new();
+        errors.check(self.items[0] > 0, "items[0]", "must be positive");
+        errors.into_result()
+    }
+}
+
+/// A panic in an event's extractor (here a validator) happens while the handler's future is
+/// made, before it runs. For a transport that acknowledges events it must be a failed event
+/// (retried, then dead-lettered), not a panic unwinding into the transport's consumer task.
+#[tokio::test]
+async fn a_panic_while_an_acknowledged_event_is_extracted_is_a_failure_of_the_event() {
+    use palisade::rpc::{Pattern, RawJson, RpcRequest, Valid};
+    let handled = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&handled);
+    let dispatcher = Server::new(Router::new().event(
+        "order",
+        move |Valid(Payload(_)): Valid<Payload<Order>>| {
+            counter.fetch_add(1, Ordering::SeqCst);
+            async {}
+        },
+    ))
+    .into_dispatcher("probe");
+    let event = |order: serde_json::Value| {
+        RpcRequest::event(Pattern::from("order"), RawJson::to_json(&order).unwrap())
+    };
+    let reader = dispatcher.clone();
+    let poison = tokio::spawn(async move {
+        reader
+            .handle_event(event(serde_json::json!({"items": []})))
+            .await
+    })
+    .await
+    .expect("the panic unwound into the transport's task");
+    assert_eq!(poison.unwrap_err().code(), Code::Internal);
+    dispatcher
+        .handle_event(event(serde_json::json!({"items": [1]})))
+        .await
+        .unwrap();
+    assert_eq!(handled.load(Ordering::SeqCst), 1);
+}

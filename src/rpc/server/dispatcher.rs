@@ -385,8 +385,11 @@ impl Dispatcher {
             }
         };
         let _in_flight = inner.in_flight.enter();
+        // A panic while the handler's future is made (an extractor, a validator, a layer's
+        // `call`) is caught as well as one while it runs: it must not unwind into the
+        // transport's consumer task, which reads every event of its route.
         let handling =
-            AssertUnwindSafe(inner.service.call(event.reporting_failures())).catch_unwind();
+            AssertUnwindSafe(inner.call_service(event.reporting_failures())).catch_unwind();
         tokio::select! {
             biased;
             _ = inner.abort.cancelled() => Err(RpcError::unavailable("the server shut down before the handler finished")),
