@@ -291,3 +291,33 @@ async fn a_panic_while_an_acknowledged_event_is_extracted_is_a_failure_of_the_ev
         .unwrap();
     assert_eq!(handled.load(Ordering::SeqCst), 1);
 }
+
+/// A caller holds a streamed reply and stops reading it: once the grace period is over, the
+/// handler is cancelled and its last error finds the stream full. Shutdown must still end.
+#[tokio::test(start_paused = true)]
+async fn shutdown_ends_while_a_caller_holds_a_full_stream_it_no_longer_reads() {
+    use futures_util::StreamExt;
+    use palisade::rpc::Streaming;
+    let transport = MemoryTransport::new();
+    let server = Server::new(Router::new().message("feed", || async { Streaming::iter(0u64..) }))
+        .grace_period(Duration::from_millis(100))
+        .serve(&transport)
+        .await
+        .unwrap();
+    let client = Client::builder()
+        .no_timeout()
+        .connect(transport)
+        .await
+        .unwrap();
+    let mut stream = client.send_stream::<u64>("feed", &()).await.unwrap();
+    assert_eq!(stream.next().await.unwrap().unwrap(), 0);
+    tokio::time::sleep(10 * MS).await;
+    let started = tokio::time::Instant::now();
+    let report = tokio::time::timeout(Duration::from_secs(3600), server.shutdown())
+        .await
+        .expect("shutdown waits for a caller that does not read");
+    assert_eq!(started.elapsed(), 100 * MS);
+    assert!(!report.drained);
+    assert_eq!(report.cancelled, 1);
+    drop(stream);
+}

@@ -569,6 +569,22 @@ fn handler_panicked(panic: &(dyn std::any::Any + Send)) -> RpcError {
     RpcError::internal()
 }
 
+/// Sends `error` as the answer of a request stopped before it answered, unless the server shuts
+/// down while the caller has no room for it.
+async fn last_word<K: ReplySink>(
+    sink: &mut Tracked<K>,
+    error: &RpcError,
+    abort: &CancellationToken,
+) {
+    tokio::select! {
+        biased;
+        _ = sink.send(ReplyPacket::Error(error_json(error))) => {}
+        _ = abort.cancelled() => {
+            tracing::debug!("the caller has no room for the handler's last error; given up at shutdown");
+        }
+    }
+}
+
 /// The error that stops a handler still running: its caller's deadline passed (unless the
 /// handler had finished by the time this was first polled, its reply on its way), or the server
 /// shut down past its grace period.
@@ -674,10 +690,13 @@ impl Inner {
                 .await
             };
             // Stopped by the deadline or by shutdown before answering: every request gets an answer.
+            // One the caller has no room for (a stream it holds but stops reading) is given up
+            // once the server shuts down, which would otherwise wait for it forever.
             if let (Err(error), Some(sink)) = (&outcome, sink.as_mut())
                 && !sink.answered
             {
-                let _ = sink.send(ReplyPacket::Error(error_json(error))).await;
+                // Boxed: rare, and this future is boxed for every message.
+                Box::pin(last_word(sink, error, &self.abort)).await;
             }
             #[cfg(feature = "metrics")]
             if let Some(started) = started {
