@@ -321,3 +321,43 @@ async fn shutdown_ends_while_a_caller_holds_a_full_stream_it_no_longer_reads() {
     assert_eq!(report.cancelled, 1);
     drop(stream);
 }
+
+/// With `max_in_flight`, a request waiting for a slot when shutdown starts is refused
+/// (`Unavailable`, so its caller may try another instance), not run after shutdown reported
+/// everything drained.
+#[tokio::test(start_paused = true)]
+async fn a_request_waiting_for_a_slot_at_shutdown_is_refused_not_run_after_it() {
+    let started: Arc<std::sync::Mutex<Vec<String>>> = Arc::default();
+    let noted = Arc::clone(&started);
+    let transport = MemoryTransport::new();
+    let server = Server::new(Router::new().message(
+        "work",
+        move |Payload(name): Payload<String>| {
+            noted.lock().unwrap().push(name.clone());
+            async move {
+                tokio::time::sleep(200 * MS).await;
+                name
+            }
+        },
+    ))
+    .max_in_flight(1)
+    .serve(&transport)
+    .await
+    .unwrap();
+    let client = Client::builder().connect(transport).await.unwrap();
+    let send = |name: &'static str| {
+        let client = client.clone();
+        tokio::spawn(async move { client.send::<String>("work", &name).await })
+    };
+    let first = send("first");
+    tokio::time::sleep(50 * MS).await;
+    let queued = send("queued");
+    tokio::time::sleep(50 * MS).await;
+    let report = server.shutdown().await;
+    assert!(report.drained, "{report:?}");
+    assert_eq!(first.await.unwrap().unwrap(), "first");
+    let refused = queued.await.unwrap().unwrap_err();
+    assert_eq!(refused.code(), Code::Unavailable, "{refused}");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(*started.lock().unwrap(), ["first"]);
+}

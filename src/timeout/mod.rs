@@ -158,4 +158,6 @@ where
     }
 }
 
-pub(crate) use self::deadline::{FAR_FUTURE, later, now};
+#[cfg(any(feature = "nats", feature = "redis"))]
+pub(crate) use self::deadline::FAR_FUTURE;
+pub(crate) use self::deadline::{later, now};

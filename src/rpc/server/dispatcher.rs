@@ -287,18 +287,29 @@ impl Dispatcher {
         first_poll: FirstPoll,
     ) {
         if self.is_draining() {
-            match sink {
-                Some(mut sink) => {
-                    let error = RpcError::unavailable("the server is shutting down");
-                    let _ = sink.send(ReplyPacket::Error(error_json(&error))).await;
-                }
-                None => {
-                    tracing::warn!(pattern = %request.pattern(), "event dropped: the server is shutting down")
-                }
-            }
+            refuse_at_shutdown(request, sink).await;
             return;
         }
-        let permit = self.slot().await;
+        // A request waiting for a slot counts for shutdown, which otherwise could report
+        // everything drained and then see it run; shutdown meanwhile refuses it, as it refuses a
+        // request that comes once it started (the caller may try another instance).
+        let token = self
+            .inner
+            .permits
+            .as_ref()
+            .map(|_| self.inner.tracker.token());
+        let permit = match token {
+            None => None,
+            Some(_) => tokio::select! {
+                biased;
+                permit = self.slot() => permit,
+                _ = self.draining() => {
+                    refuse_at_shutdown(request, sink).await;
+                    return;
+                }
+            },
+        };
+        drop(token);
         // The target stays `palisade::rpc::server` whatever file this lives in: log filters name it.
         let span = if crate::rpc::spans_observed() {
             tracing::info_span!(
@@ -567,6 +578,19 @@ async fn respond<K: ReplySink>(
 fn handler_panicked(panic: &(dyn std::any::Any + Send)) -> RpcError {
     tracing::error!(panic = %panic_message(panic), "handler panicked; replying \"Internal server error\"");
     RpcError::internal()
+}
+
+/// Answers a request the server will not run because it is shutting down (an event is dropped).
+async fn refuse_at_shutdown<K: ReplySink>(request: RpcRequest, sink: Option<K>) {
+    match sink {
+        Some(mut sink) => {
+            let error = RpcError::unavailable("the server is shutting down");
+            let _ = sink.send(ReplyPacket::Error(error_json(&error))).await;
+        }
+        None => {
+            tracing::warn!(pattern = %request.pattern(), "event dropped: the server is shutting down")
+        }
+    }
 }
 
 /// Sends `error` as the answer of a request stopped before it answered, unless the server shuts
