@@ -39,8 +39,8 @@ use std::fmt;
 use std::future::Future;
 use std::ops::RangeInclusive;
 use std::pin::Pin;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::time::Sleep;
@@ -75,6 +75,15 @@ struct State {
     hang_rate: AtomicU64,
     latency_nanos: AtomicU64,
     latency_rate: AtomicU64,
+    scripts: RwLock<Scripts>,
+    /// The [`FaultHandle`]s sharing this state. They steer the layer they came from: unlike a
+    /// clone of the layer, one does not make scripting the layer copy its state.
+    handles: AtomicUsize,
+}
+
+/// The calls scripted to fail or hang.
+#[derive(Clone, Default)]
+struct Scripts {
     failing_calls: Vec<RangeInclusive<u64>>,
     hanging_calls: Vec<RangeInclusive<u64>>,
 }
@@ -112,12 +121,16 @@ impl State {
         let delay = (!latency.is_zero() && self.draw(call, 0) < load_rate(&self.latency_rate))
             .then_some(latency);
         let scripted = |ranges: &[RangeInclusive<u64>]| ranges.iter().any(|r| r.contains(&call));
-        let plan = if scripted(&self.hanging_calls)
-            || self.draw(call, 1) < load_rate(&self.hang_rate)
-        {
+        let (hang, fail) = {
+            let scripts = self.scripts.read().unwrap_or_else(|p| p.into_inner());
+            (
+                scripted(&scripts.hanging_calls),
+                scripted(&scripts.failing_calls),
+            )
+        };
+        let plan = if hang || self.draw(call, 1) < load_rate(&self.hang_rate) {
             Plan::Hang
-        } else if scripted(&self.failing_calls) || self.draw(call, 2) < load_rate(&self.error_rate)
-        {
+        } else if fail || self.draw(call, 2) < load_rate(&self.error_rate) {
             Plan::Fail
         } else {
             Plan::Pass
@@ -131,7 +144,9 @@ impl State {
 /// Rates ([`error_rate`](Self::error_rate), [`hang_rate`](Self::hang_rate),
 /// [`latency`](Self::latency)) are live settings shared with clones and [`FaultHandle`]s.
 /// Scripting calls ([`fail_calls`](Self::fail_calls), [`hang_calls`](Self::hang_calls)) on a
-/// layer that has clones gives it its own copy.
+/// layer that has clones (or wrapped a service already) gives it its own copy: its own script
+/// and call counter, starting from the rates as they are. Handles taken from the layer still
+/// steer it after it is scripted.
 #[derive(Clone)]
 #[must_use = "a layer does nothing until it wraps a service"]
 pub struct FaultLayer {
@@ -149,18 +164,28 @@ impl FaultLayer {
                 hang_rate: AtomicU64::new(0f64.to_bits()),
                 latency_nanos: AtomicU64::new(0),
                 latency_rate: AtomicU64::new(0f64.to_bits()),
-                failing_calls: Vec::new(),
-                hanging_calls: Vec::new(),
+                scripts: RwLock::new(Scripts::default()),
+                handles: AtomicUsize::new(0),
             }),
         }
     }
 
-    /// The state to configure: this layer's own, copied first if clones or handles share it
-    /// (scripting the calls of a clone gives the clone its own script and call counter; the
-    /// original is unchanged). Rates are shared live settings and are not copied.
-    fn state_mut(&mut self) -> &mut State {
-        if Arc::get_mut(&mut self.state).is_none() {
+    /// Edits this layer's script, copying the state first if another layer or a service shares
+    /// it (scripting a clone gives the clone its own script and call counter; the original is
+    /// unchanged). Handles do not count: they follow the layer.
+    fn script(&mut self, edit: impl FnOnce(&mut Scripts)) {
+        // Over-counts while a handle is being made or dropped (its `Arc` is counted before and
+        // after its entry in `handles`): then the state is copied, which is always safe.
+        let shared = Arc::strong_count(&self.state)
+            .saturating_sub(self.state.handles.load(Ordering::Acquire))
+            > 1;
+        if shared {
             let state = &*self.state;
+            let scripts = state
+                .scripts
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone();
             self.state = Arc::new(State {
                 seed: state.seed,
                 calls: AtomicU64::new(0),
@@ -168,11 +193,17 @@ impl FaultLayer {
                 hang_rate: AtomicU64::new(state.hang_rate.load(Ordering::Relaxed)),
                 latency_nanos: AtomicU64::new(state.latency_nanos.load(Ordering::Relaxed)),
                 latency_rate: AtomicU64::new(state.latency_rate.load(Ordering::Relaxed)),
-                failing_calls: state.failing_calls.clone(),
-                hanging_calls: state.hanging_calls.clone(),
+                scripts: RwLock::new(scripts),
+                handles: AtomicUsize::new(0),
             });
         }
-        Arc::get_mut(&mut self.state).expect("just made unique")
+        edit(
+            &mut self
+                .state
+                .scripts
+                .write()
+                .unwrap_or_else(|p| p.into_inner()),
+        );
     }
 
     /// Fails each call with probability `rate`.
@@ -186,7 +217,7 @@ impl FaultLayer {
 
     /// Fails the calls numbered in `calls` (the first call is 1), e.g. `10..=20`.
     pub fn fail_calls(mut self, calls: RangeInclusive<u64>) -> Self {
-        self.state_mut().failing_calls.push(calls);
+        self.script(|scripts| scripts.failing_calls.push(calls));
         self
     }
 
@@ -201,7 +232,7 @@ impl FaultLayer {
 
     /// Never answers the calls numbered in `calls`.
     pub fn hang_calls(mut self, calls: RangeInclusive<u64>) -> Self {
-        self.state_mut().hanging_calls.push(calls);
+        self.script(|scripts| scripts.hanging_calls.push(calls));
         self
     }
 
@@ -217,9 +248,7 @@ impl FaultLayer {
 
     /// A handle to change the rates while traffic flows.
     pub fn handle(&self) -> FaultHandle {
-        FaultHandle {
-            state: Arc::clone(&self.state),
-        }
+        FaultHandle::of(Arc::clone(&self.state))
     }
 }
 
@@ -241,12 +270,29 @@ impl<S> Layer<S> for FaultLayer {
 }
 
 /// Turns fault rates up and down at run time.
-#[derive(Clone)]
 pub struct FaultHandle {
     state: Arc<State>,
 }
 
+impl Clone for FaultHandle {
+    fn clone(&self) -> Self {
+        FaultHandle::of(Arc::clone(&self.state))
+    }
+}
+
+impl Drop for FaultHandle {
+    fn drop(&mut self) {
+        self.state.handles.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 impl FaultHandle {
+    /// A handle on `state`, counted in it (after the `Arc` was: see [`FaultLayer::script`]).
+    fn of(state: Arc<State>) -> Self {
+        state.handles.fetch_add(1, Ordering::AcqRel);
+        FaultHandle { state }
+    }
+
     /// Sets the error rate.
     ///
     /// # Panics

@@ -163,6 +163,11 @@ async fn scripting_a_clone_gives_it_its_own_script() {
     let clone = original.clone().fail_calls(2..=2);
     assert_eq!(pattern(original, 3).await, [false, true, true]);
     assert_eq!(pattern(clone, 3).await, [false, false, true]);
+    // A handle made and dropped does not hide a clone.
+    let original = FaultLayer::seeded(1);
+    drop(original.handle());
+    let _clone = original.clone().fail_calls(1..=1);
+    assert_eq!(pattern(original, 2).await, [true, true]);
 }
 
 mod fallback {
@@ -249,4 +254,28 @@ mod fallback {
             Ok("stale")
         );
     }
+}
+
+/// A handle taken before the layer is scripted (builder calls take the layer by value) still
+/// steers it and counts its calls.
+#[tokio::test(start_paused = true)]
+async fn a_handle_taken_before_scripting_still_steers_the_layer() {
+    let layer = FaultLayer::seeded(1);
+    let handle = layer.handle();
+    let layer = layer.fail_calls(1..=1).hang_calls(1000..=1000);
+    let mut service = layer.layer(echo());
+    assert!(service.ready().await.unwrap().call(1).await.is_err());
+    assert!(service.ready().await.unwrap().call(2).await.is_ok());
+    handle.set_error_rate(1.0);
+    assert!(service.ready().await.unwrap().call(3).await.is_err());
+    assert_eq!(handle.calls(), 3);
+    // Once nothing but handles shares the layer's state (a clone of the handle made and dropped
+    // included), scripting it again keeps the handles on it.
+    drop(service);
+    drop(handle.clone());
+    let layer = layer.fail_calls(10..=10);
+    handle.set_error_rate(0.0);
+    let mut service = layer.layer(echo());
+    assert!(service.ready().await.unwrap().call(4).await.is_ok());
+    assert_eq!(handle.calls(), 4);
 }
