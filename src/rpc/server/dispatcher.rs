@@ -286,30 +286,26 @@ impl Dispatcher {
         sink: Option<K>,
         first_poll: FirstPoll,
     ) {
+        // A request waiting for a slot counts for shutdown (which otherwise could report
+        // everything drained and then see it run), until it is tracked itself. Shutdown refuses
+        // it once it has its slot, as it refuses a request that comes once it started: the
+        // caller may try another instance. (Checked after the wait rather than raced with it:
+        // this future is held for every message, and a select would double its size.)
+        let mut _waiting = None;
+        let mut permit = None;
+        if !self.is_draining() {
+            _waiting = self
+                .inner
+                .permits
+                .as_ref()
+                .map(|_| self.inner.tracker.token());
+            permit = self.slot().await;
+        }
         if self.is_draining() {
-            refuse_at_shutdown(request, sink).await;
+            // Boxed: rare, and this future is held for every message.
+            Box::pin(refuse_at_shutdown(request, sink)).await;
             return;
         }
-        // A request waiting for a slot counts for shutdown, which otherwise could report
-        // everything drained and then see it run; shutdown meanwhile refuses it, as it refuses a
-        // request that comes once it started (the caller may try another instance).
-        let token = self
-            .inner
-            .permits
-            .as_ref()
-            .map(|_| self.inner.tracker.token());
-        let permit = match token {
-            None => None,
-            Some(_) => tokio::select! {
-                biased;
-                permit = self.slot() => permit,
-                _ = self.draining() => {
-                    refuse_at_shutdown(request, sink).await;
-                    return;
-                }
-            },
-        };
-        drop(token);
         // The target stays `palisade::rpc::server` whatever file this lives in: log filters name it.
         let span = if crate::rpc::spans_observed() {
             tracing::info_span!(
