@@ -361,3 +361,59 @@ async fn a_request_waiting_for_a_slot_at_shutdown_is_refused_not_run_after_it() 
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(*started.lock().unwrap(), ["first"]);
 }
+
+/// A stream's handler state, dropped when the server stops the stream.
+struct Subscription(Arc<std::sync::atomic::AtomicBool>);
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+}
+
+/// A subscription-like stream (one value, then quiet for good) whose caller drops it: the server
+/// stops the stream then, not at a next value that never comes (its task, its state and its
+/// `max_in_flight` slot would be held for good).
+#[tokio::test(start_paused = true)]
+async fn a_quiet_stream_whose_caller_went_away_is_stopped() {
+    use futures_util::StreamExt;
+    use palisade::rpc::Streaming;
+    let dropped = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = Arc::clone(&dropped);
+    let transport = MemoryTransport::new();
+    let server = Server::new(Router::new().message("watch", move || {
+        let subscription = Subscription(Arc::clone(&flag));
+        async move {
+            let values = futures_util::stream::once(async { Ok::<_, RpcError>(1u32) })
+                .chain(futures_util::stream::pending())
+                .map(move |value| {
+                    let _held = &subscription;
+                    value
+                });
+            Streaming(values)
+        }
+    }))
+    .max_in_flight(1)
+    .serve(&transport)
+    .await
+    .unwrap();
+    let client = Client::builder()
+        .no_timeout()
+        .connect(transport)
+        .await
+        .unwrap();
+    for round in 0..2 {
+        let mut stream = client.send_stream::<u32>("watch", &()).await.unwrap();
+        assert_eq!(stream.next().await.unwrap().unwrap(), 1);
+        assert_eq!(server.in_flight(), 1);
+        drop(stream);
+        tokio::time::sleep(MS).await;
+        assert!(
+            dropped.swap(false, Ordering::SeqCst),
+            "round {round}: still running"
+        );
+        assert_eq!(server.in_flight(), 0);
+    }
+    let report = server.shutdown().await;
+    assert_eq!(report.cancelled, 0);
+}

@@ -131,6 +131,48 @@ async fn dropping_the_client_closes_its_connection_on_both_sides() {
     server.shutdown().await;
 }
 
+/// A client subscribed to a stream that goes quiet (one value, then nothing for good) is dropped:
+/// the server stops the stream and closes its side of the connection, rather than hold the
+/// handler, its slot and the socket until a value that never comes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quiet_stream_of_a_client_that_went_away_releases_its_handler_and_socket() {
+    use futures_util::StreamExt;
+    use palisade::rpc::{RpcError, Streaming};
+    let router = Router::new().message("watch", || async {
+        Streaming(
+            futures_util::stream::once(async { Ok::<_, RpcError>(1u32) })
+                .chain(futures_util::stream::pending()),
+        )
+    });
+    let (server, addr) = serve(TcpOptions::new(), router).await;
+    sleep(Duration::from_millis(50)).await;
+    let (fds, tasks) = (open_fds(), alive_tasks());
+    for _ in 0..5 {
+        let client = Client::builder()
+            .no_timeout()
+            .connect(TcpTransport::new(addr.as_str()))
+            .await
+            .unwrap();
+        let mut stream = client.send_stream::<u32>("watch", &()).await.unwrap();
+        assert_eq!(stream.next().await.unwrap().unwrap(), 1);
+        drop(stream);
+        drop(client);
+    }
+    assert!(
+        settles_to(open_fds, fds).await <= fds,
+        "clients gone from quiet streams left {} descriptors open (from {fds})",
+        open_fds()
+    );
+    assert!(
+        settles_to(alive_tasks, tasks).await <= tasks,
+        "clients gone from quiet streams left {} tasks alive (from {tasks})",
+        alive_tasks()
+    );
+    assert_eq!(server.in_flight(), 0);
+    let report = server.shutdown().await;
+    assert_eq!(report.cancelled, 0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_event_emitted_just_before_the_client_is_dropped_is_delivered() {
     let (seen_tx, mut seen) = tokio::sync::mpsc::unbounded_channel();

@@ -87,6 +87,14 @@ pub trait ReplySink: Send + 'static {
     fn ends_streams_on_their_last_value(&self) -> bool {
         false
     }
+
+    /// Resolves once the caller can take no more replies (it dropped its stream, its connection
+    /// closed), for a handler that waits for its next value: the dispatcher stops a streamed
+    /// reply there, rather than learn it at the stream's next value, which may never come. A
+    /// transport that cannot tell keeps the default, which never resolves.
+    fn caller_gone(&mut self) -> impl Future<Output = ()> + Send {
+        std::future::pending()
+    }
 }
 
 /// Runs messages through a server's service on behalf of a transport: the transport-facing half of
@@ -815,10 +823,17 @@ async fn send_stream<K: ReplySink>(
     // The stream is the handler's code too: a panic in it ends the stream with "Internal server
     // error" rather than unwinding into the transport's task (which reads the messages of a whole
     // route or connection) or leaving the caller waiting.
-    let mut stream = AssertUnwindSafe(stream)
-        .catch_unwind()
-        .map(|item| item.unwrap_or_else(|panic| Err(handler_panicked(&*panic))));
-    let mut next = stream.next().await;
+    // Boxed again, as a stream of its own: a named type for `next_value`, whose future would not
+    // be `Send` otherwise (the closure's type is not general over the panic's lifetime).
+    let mut stream: futures_util::stream::BoxStream<
+        'static,
+        Result<crate::rpc::RawJson, RpcError>,
+    > = Box::pin(
+        AssertUnwindSafe(stream)
+            .catch_unwind()
+            .map(|item| item.unwrap_or_else(|panic| Err(handler_panicked(&*panic)))),
+    );
+    let mut next = next_value(&mut stream, sink).await?;
     while let Some(item) = next {
         match item {
             // A failed send (the caller is gone, ...) stops the stream.
@@ -835,7 +850,7 @@ async fn send_stream<K: ReplySink>(
                 next = match following {
                     Some(None) => return Ok(()),
                     Some(item) => item,
-                    None => stream.next().await,
+                    None => next_value(&mut stream, sink).await?,
                 };
             }
             Err(error) => {
@@ -845,6 +860,23 @@ async fn send_stream<K: ReplySink>(
         }
     }
     sink.send(ReplyPacket::Complete).await
+}
+
+/// The stream's next item, unless its caller goes away first (a stream may wait for its next
+/// value for good; its caller's going is the only end it gets then).
+async fn next_value<K: ReplySink>(
+    stream: &mut futures_util::stream::BoxStream<'static, Result<crate::rpc::RawJson, RpcError>>,
+    sink: &mut Tracked<K>,
+) -> Result<Option<Result<crate::rpc::RawJson, RpcError>>, RpcError> {
+    tokio::select! {
+        biased;
+        item = stream.next() => Ok(item),
+        () = sink.inner.caller_gone() => {
+            sink.answered = true;
+            tracing::debug!("the caller of a streamed reply went away; the stream is stopped");
+            Err(RpcError::new(Code::Cancelled, "the caller went away"))
+        }
+    }
 }
 
 /// Sends a handler's reply (or error) as NestJS packets.

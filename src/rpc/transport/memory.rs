@@ -120,6 +120,10 @@ impl ReplySink for MemorySink {
             Err(SendError::CallerGone)
         }
     }
+
+    async fn caller_gone(&mut self) {
+        self.0.closed().await;
+    }
 }
 
 impl ServerTransport for MemoryTransport {

@@ -160,6 +160,18 @@ impl ReplySender {
         }
     }
 
+    /// Resolves once the caller dropped its [`ReplyReceiver`] (or, for a stream, the rest of
+    /// it): what a [`ReplySink::caller_gone`](crate::rpc::ReplySink::caller_gone) of a transport
+    /// that hands replies over in memory waits for.
+    pub async fn closed(&mut self) {
+        match (&mut self.first, &self.rest) {
+            (Some(first), _) => first.closed().await,
+            (None, Some(RestSender::Bounded(rest))) => rest.closed().await,
+            (None, Some(RestSender::Unbounded(rest))) => rest.closed().await,
+            (None, None) => std::future::pending().await,
+        }
+    }
+
     /// Sends a packet without waiting; `false` if the caller is gone, or a bounded stream is full.
     pub fn try_send(&mut self, packet: ReplyPacket) -> bool {
         if let Some(first) = self.first.take() {

@@ -25,6 +25,8 @@ struct Outbox {
     wake_writer: Notify,
     /// Wakes senders waiting for room in the queue, or for the outbox to close.
     room: Notify,
+    /// Wakes those waiting for the peer to be gone ([`FrameSender::peer_gone`]).
+    gone: Notify,
 }
 
 #[derive(Default)]
@@ -39,6 +41,9 @@ struct State {
     /// A last frame is queued: the writer writes what is queued, then closes the connection;
     /// sends fail from now on.
     closing: bool,
+    /// The peer closed its side: it sends no more requests, and is taken to read no more
+    /// replies a handler has yet to produce.
+    peer_closed: bool,
 }
 
 /// The connection is closed; the frame was not sent.
@@ -117,6 +122,7 @@ impl Outbox {
         let _ = socket2::SockRef::from(self.socket.as_ref()).shutdown(std::net::Shutdown::Both);
         self.wake_writer.notify_one();
         self.room.notify_waiters();
+        self.gone.notify_waiters();
     }
 
     fn close_with(&self, frame: &[u8]) {
@@ -130,6 +136,7 @@ impl Outbox {
         }
         self.wake_writer.notify_one();
         self.room.notify_waiters();
+        self.gone.notify_waiters();
     }
 
     fn finish(&self) {
@@ -174,6 +181,30 @@ impl FrameSender {
         self.guard.0.close_with(frame);
     }
 
+    /// The peer closed its side of the connection (the reader met its end): what waits in
+    /// [`peer_gone`](Self::peer_gone) stops waiting. Replies already produced still go out.
+    pub(crate) fn peer_closed(&self) {
+        self.guard.0.state().peer_closed = true;
+        self.guard.0.gone.notify_waiters();
+    }
+
+    /// Resolves once the peer closed its side or the connection is closed: a handler that has
+    /// yet to produce a reply (a stream waiting for its next value) need not go on.
+    pub(crate) async fn peer_gone(&self) {
+        let outbox = &*self.guard.0;
+        loop {
+            let mut gone = std::pin::pin!(outbox.gone.notified());
+            gone.as_mut().enable();
+            {
+                let state = outbox.state();
+                if state.peer_closed || state.closed || state.closing {
+                    return;
+                }
+            }
+            gone.await;
+        }
+    }
+
     /// A handle that can close the connection without keeping it open.
     pub(crate) fn closer(&self) -> Closer {
         Closer(Arc::downgrade(&self.guard.0))
@@ -204,6 +235,7 @@ pub(crate) fn outbox(socket: OwnedWriteHalf) -> (FrameSender, FrameWriter) {
         state: Mutex::new(State::default()),
         wake_writer: Notify::new(),
         room: Notify::new(),
+        gone: Notify::new(),
     });
     let sender = FrameSender {
         guard: Arc::new(SenderGuard(Arc::clone(&outbox))),

@@ -147,6 +147,10 @@ impl ReplySink for TcpSink {
             .await
             .map_err(|_| SendError::CallerGone)
     }
+
+    async fn caller_gone(&mut self) {
+        self.frames.peer_gone().await;
+    }
 }
 
 struct Connection {
@@ -206,7 +210,12 @@ impl Connection {
             };
             let frame = match next {
                 Ok(Read::Frame(frame)) => frame,
-                Ok(Read::Closed) => break End::Quiet,
+                Ok(Read::Closed) => {
+                    // A streamed reply waiting for its next value stops: the peer is gone (or
+                    // closed its side, and reads what was produced before, no more).
+                    frames.peer_closed();
+                    break End::Quiet;
+                }
                 Ok(Read::Idle) => {
                     // Idle only if nothing is in flight either; otherwise keep waiting.
                     if slots.available_permits() == options.max_in_flight_per_connection {
