@@ -260,7 +260,7 @@ async fn a_partition_far_behind_is_paused_and_the_others_go_on_then_it_resumes_i
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_paused_partition_that_moves_away_and_comes_back_is_read_again() {
+async fn a_paused_partition_that_moves_away_and_comes_back_is_read_again_and_its_commit_kept() {
     let broker = Broker::start();
     let options = support::kafka::options(&broker);
     let (release, released) = tokio::sync::watch::channel(false);
@@ -327,22 +327,75 @@ async fn a_paused_partition_that_moves_away_and_comes_back_is_read_again() {
         },
     )
     .await;
-    // Server B leaves: the partition goes back to A, which paused it before it moved.
+    let moved: i32 = if sequence_of(&seen_by_b, "behind-0").len() == BEHIND as usize {
+        0
+    } else {
+        1
+    };
+    let kept = 1 - moved;
+    // Server B leaves: the partition goes back to A, which paused it before it moved, and whose
+    // revoked worker there still holds its blocker.
     b.shutdown().await;
-    release.send_replace(true);
-
-    emit_sequence(&client, "after-0", 0, 1).await;
-    emit_sequence(&client, "after-1", 1, 1).await;
+    emit_sequence(&client, &format!("after-{moved}"), moved, 1).await;
     eventually(
         Duration::from_secs(30),
-        "server A reading both partitions again",
+        "server A reading the partition that came back",
+        || sequence_of(&seen_by_a, &format!("after-{moved}")).len() == 1,
+    )
+    .await;
+    // The revoked worker finishes its record only now, after the partition's new worker went
+    // further: it must not set the partition's commit back.
+    release.send_replace(true);
+    emit_sequence(&client, &format!("after-{kept}"), kept, 1).await;
+    eventually(
+        Duration::from_secs(30),
+        "server A through the partition it kept",
+        || sequence_of(&seen_by_a, &format!("after-{kept}")).len() == 1,
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    a.shutdown().await;
+
+    // Server C starts where the group's commits say: it gets what comes now, and nothing again.
+    let seen_by_c: Seen = Arc::default();
+    let router_c = Router::new().event("orders", {
+        let seen = Arc::clone(&seen_by_c);
+        move |Payload(event): Payload<Value>| {
+            let seen = Arc::clone(&seen);
+            async move {
+                let key = event["key"].as_str().unwrap().to_owned();
+                seen.lock()
+                    .unwrap()
+                    .push((key, event["seq"].as_u64().unwrap()));
+            }
+        }
+    });
+    let c = serve(options.clone(), router_c).await;
+    emit_sequence(&client, "last-0", 0, 1).await;
+    emit_sequence(&client, "last-1", 1, 1).await;
+    eventually(
+        Duration::from_secs(30),
+        "server C at the new records",
         || {
-            sequence_of(&seen_by_a, "after-0").len() == 1
-                && sequence_of(&seen_by_a, "after-1").len() == 1
+            sequence_of(&seen_by_c, "last-0").len() == 1
+                && sequence_of(&seen_by_c, "last-1").len() == 1
         },
     )
     .await;
-    a.shutdown().await;
+    c.shutdown().await;
+    let again: Vec<String> = seen_by_c
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(key, _)| key.clone())
+        .filter(|key| !key.starts_with("last-"))
+        .collect();
+    assert!(
+        again.is_empty(),
+        "{} records handled again after a restart, from {:?}",
+        again.len(),
+        again.first()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

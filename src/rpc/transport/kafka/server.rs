@@ -247,12 +247,23 @@ impl ServerTransport for KafkaServer {
 /// their workers, which stop taking records.
 #[derive(Default)]
 struct Revocations {
-    flags: Mutex<HashMap<(String, i32), Arc<AtomicBool>>>,
+    partitions: Mutex<Partitions>,
+}
+
+/// What the rebalance callbacks and the consumer loop share about this server's partitions.
+#[derive(Default)]
+struct Partitions {
+    /// The revocation flag of each partition's current worker.
+    flags: HashMap<PartitionKey, Arc<AtomicBool>>,
+    /// Partitions the consumer loop paused (their worker behind). librdkafka keeps an
+    /// application's pause across a revocation and a later assignment, so a paused partition
+    /// that is revoked is resumed then.
+    paused: HashSet<PartitionKey>,
 }
 
 impl Revocations {
-    fn flags(&self) -> std::sync::MutexGuard<'_, HashMap<(String, i32), Arc<AtomicBool>>> {
-        self.flags
+    fn partitions(&self) -> std::sync::MutexGuard<'_, Partitions> {
+        self.partitions
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
@@ -284,24 +295,29 @@ impl ServerContext {
         };
         let mut starts = TopicPartitionList::new();
         for element in committed.elements() {
+            let (topic, partition) = (element.topic(), element.partition());
+            if let Err(error) = element.error() {
+                // Not known to be new: left to the fetcher, which reads the committed offset.
+                tracing::debug!(topic, partition, %error, "cannot read a partition's committed offset");
+                continue;
+            }
             if element.offset() != Offset::Invalid {
                 continue;
             }
-            let (topic, partition) = (element.topic(), element.partition());
             match consumer.fetch_watermarks(topic, partition, self.timeout) {
                 Ok((low, high)) => {
                     let start = if self.from_beginning { low } else { high };
-                    match consumer.seek(topic, partition, Offset::Offset(start), self.timeout) {
-                        Ok(()) => {
-                            if let Err(error) =
-                                starts.add_partition_offset(topic, partition, Offset::Offset(start))
-                            {
-                                tracing::debug!(topic, partition, %error, "cannot note a partition's start");
-                            }
-                        }
-                        Err(error) => {
-                            tracing::debug!(topic, partition, %error, "cannot seek a new partition")
-                        }
+                    if let Err(error) =
+                        consumer.seek(topic, partition, Offset::Offset(start), self.timeout)
+                    {
+                        // The fetcher resolves `auto.offset.reset` then, at or after `start`:
+                        // committing `start` still keeps the next owner from skipping more.
+                        tracing::debug!(topic, partition, %error, "cannot seek a new partition");
+                    }
+                    if let Err(error) =
+                        starts.add_partition_offset(topic, partition, Offset::Offset(start))
+                    {
+                        tracing::debug!(topic, partition, %error, "cannot note a partition's start");
                     }
                 }
                 Err(error) => {
@@ -309,10 +325,17 @@ impl ServerContext {
                 }
             }
         }
-        if starts.count() > 0
-            && let Err(error) = consumer.commit(&starts, CommitMode::Sync)
-        {
-            tracing::debug!(%error, "cannot commit the new partitions' starts");
+        if starts.count() == 0 {
+            return;
+        }
+        // Stored as well as committed: if the commit fails (a rebalance under way, the
+        // coordinator moving), the next auto-commit, or the one librdkafka makes when the
+        // partition is revoked, carries the start.
+        if let Err(error) = consumer.store_offsets(&starts) {
+            tracing::debug!(%error, "cannot store the new partitions' starts");
+        }
+        if let Err(error) = consumer.commit(&starts, CommitMode::Sync) {
+            tracing::warn!(%error, "cannot commit the new partitions' starts; stored for the next commit");
         }
     }
 }
@@ -320,16 +343,26 @@ impl ServerContext {
 impl ClientContext for ServerContext {}
 
 impl ConsumerContext for ServerContext {
-    fn pre_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Revoke(partitions) => {
-                let mut flags = self.revoked.flags();
+                let mut ours = self.revoked.partitions();
+                let mut paused = TopicPartitionList::new();
                 for element in partitions.elements() {
                     let key = (element.topic().to_owned(), element.partition());
-                    if let Some(flag) = flags.remove(&key) {
+                    if let Some(flag) = ours.flags.remove(&key) {
                         flag.store(true, Ordering::Release);
                     }
+                    if ours.paused.remove(&key) {
+                        paused.add_partition(&key.0, key.1);
+                    }
                     tracing::debug!(topic = %key.0, partition = key.1, "partition revoked");
+                }
+                drop(ours);
+                // Resumed while still assigned, before librdkafka stops its fetcher: assigned
+                // again later (here or elsewhere in this process), it must not stay paused.
+                if paused.count() > 0 {
+                    resume(consumer, &paused);
                 }
             }
             Rebalance::Assign(_) | Rebalance::Error(_) => {}
@@ -347,11 +380,6 @@ impl ConsumerContext for ServerContext {
                     );
                 }
                 self.start_new_partitions(consumer, partitions);
-                // A partition this server paused (its worker behind) and then lost stays paused
-                // in librdkafka: one assigned again starts afresh, with a worker of its own.
-                if let Err(error) = consumer.resume(partitions) {
-                    tracing::warn!(%error, "cannot resume the assigned partitions");
-                }
                 self.joined.notify_waiters();
             }
             Rebalance::Revoke(_) => {}
@@ -423,7 +451,8 @@ impl Workers {
         if !live {
             let revoked = Arc::new(AtomicBool::new(false));
             self.revocations
-                .flags()
+                .partitions()
+                .flags
                 .insert(key.clone(), Arc::clone(&revoked));
             let (records, queue) = mpsc::channel(PARTITION_QUEUE);
             self.shared.dispatcher.spawn(work(
@@ -432,6 +461,7 @@ impl Workers {
                 key.1,
                 queue,
                 Arc::clone(&revoked),
+                Arc::clone(&self.revocations),
             ));
             self.by_partition.insert(
                 key.clone(),
@@ -457,7 +487,13 @@ impl Workers {
                 self.by_partition.remove(&key);
             }
             Err(mpsc::error::TrySendError::Full(message)) => {
-                if let Err(error) = self.shared.consumer.pause(&partition_list(&key)) {
+                // Noted for the revocation, which resumes it. (The rebalance callbacks run in
+                // this loop's `recv`: none runs between the pause and the note.)
+                let paused = pause(&**self.shared.consumer, &partition_list(&key));
+                if paused.is_ok() {
+                    self.revocations.partitions().paused.insert(key.clone());
+                }
+                if let Err(error) = paused {
                     // Backpressure on the whole consumer, as a last resort.
                     tracing::warn!(topic = %key.0, partition = key.1, %error, "cannot pause a partition; waiting for its worker");
                     if worker.records.send(message).await.is_err() {
@@ -479,7 +515,7 @@ impl Workers {
             return;
         };
         if !worker.records.same_channel(records) || worker.revoked.load(Ordering::Acquire) {
-            // A worker since replaced, or revoked: the partition's next assignment resumes it.
+            // A worker since replaced, or revoked (the revocation resumed the partition).
             return;
         }
         while let Some(record) = worker.held.pop_front() {
@@ -491,18 +527,15 @@ impl Workers {
                     return;
                 }
                 Err(mpsc::error::TrySendError::Closed(_)) => {
+                    // The worker ended on its own: a new one takes the partition's next record.
                     self.by_partition.remove(&key);
-                    return;
+                    break;
                 }
             }
         }
-        match self.shared.consumer.resume(&partition_list(&key)) {
-            Ok(()) => {
-                tracing::debug!(topic = %key.0, partition = key.1, "partition resumed");
-            }
-            Err(error) => {
-                tracing::warn!(topic = %key.0, partition = key.1, %error, "cannot resume a partition");
-            }
+        let was_paused = self.revocations.partitions().paused.remove(&key);
+        if was_paused {
+            resume(&**self.shared.consumer, &partition_list(&key));
         }
     }
 
@@ -512,6 +545,43 @@ impl Workers {
         self.by_partition
             .retain(|_, worker| !worker.revoked.load(Ordering::Acquire));
     }
+}
+
+/// Pauses `partitions`; librdkafka reports a failure per partition, in the list.
+fn pause<C: Consumer<ServerContext>>(
+    consumer: &C,
+    partitions: &TopicPartitionList,
+) -> Result<(), String> {
+    consumer
+        .pause(partitions)
+        .map_err(|error| error.to_string())?;
+    per_partition(partitions)
+}
+
+/// Resumes `partitions`, logging a failure.
+fn resume<C: Consumer<ServerContext>>(consumer: &C, partitions: &TopicPartitionList) {
+    let resumed = consumer
+        .resume(partitions)
+        .map_err(|error| error.to_string())
+        .and_then(|()| per_partition(partitions));
+    match resumed {
+        Ok(()) => tracing::debug!(?partitions, "partitions resumed"),
+        Err(error) => tracing::warn!(%error, ?partitions, "cannot resume partitions"),
+    }
+}
+
+/// The first failure librdkafka noted on a partition of `partitions`.
+fn per_partition(partitions: &TopicPartitionList) -> Result<(), String> {
+    for element in partitions.elements() {
+        if let Err(error) = element.error() {
+            return Err(format!(
+                "{}/{}: {error}",
+                element.topic(),
+                element.partition()
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// `key`'s partition, for pausing or resuming it.
@@ -582,6 +652,9 @@ struct Progress {
     topic: String,
     partition: i32,
     state: Mutex<ProgressState>,
+    /// The worker's revocation flag: once set, its offsets are the next owner's business.
+    revoked: Arc<AtomicBool>,
+    revocations: Arc<Revocations>,
 }
 
 #[derive(Default)]
@@ -608,9 +681,15 @@ impl Progress {
         let done_below = state.in_flight.first().copied().unwrap_or(state.next);
         if done_below > state.stored {
             state.stored = done_below;
+            // Checked under the lock the revocation sets the flag under. A revoked worker's
+            // store would succeed if the partition came back to this server meanwhile, and set
+            // its commit back behind what the new worker did: those records would come again.
+            let _ours = self.revocations.partitions();
+            if self.revoked.load(Ordering::Acquire) {
+                return;
+            }
             // `store_offset` stores "offset + 1": the record before `done_below`.
             if let Err(error) = consumer.store_offset(&self.topic, self.partition, done_below - 1) {
-                // The partition was revoked meanwhile: its next owner handles the rest.
                 tracing::debug!(topic = %self.topic, partition = self.partition, %error, "offset not stored");
             }
         }
@@ -624,12 +703,15 @@ async fn work(
     partition: i32,
     mut records: mpsc::Receiver<OwnedMessage>,
     revoked: Arc<AtomicBool>,
+    revocations: Arc<Revocations>,
 ) {
     let route: Arc<str> = Arc::from(topic.as_str());
     let progress = Arc::new(Progress {
         topic,
         partition,
         state: Mutex::new(ProgressState::default()),
+        revoked: Arc::clone(&revoked),
+        revocations,
     });
     while let Some(record) = records.recv().await {
         if revoked.load(Ordering::Acquire) || shared.dispatcher.is_draining() {
