@@ -145,8 +145,9 @@ impl State {
 /// [`latency`](Self::latency)) are live settings shared with clones and [`FaultHandle`]s.
 /// Scripting calls ([`fail_calls`](Self::fail_calls), [`hang_calls`](Self::hang_calls)) on a
 /// layer that has clones (or wrapped a service already) gives it its own copy: its own script
-/// and call counter, starting from the rates as they are. Handles taken from the layer still
-/// steer it after it is scripted.
+/// and call counter, starting from the rates as they are; handles taken before stay with the
+/// original. Handles alone do not make a copy: a handle taken from a layer nothing else shares
+/// still steers it after it is scripted.
 #[derive(Clone)]
 #[must_use = "a layer does nothing until it wraps a service"]
 pub struct FaultLayer {

@@ -173,6 +173,39 @@ async fn a_quiet_stream_of_a_client_that_went_away_releases_its_handler_and_sock
     assert_eq!(report.cancelled, 0);
 }
 
+/// A peer that closes its side right after a streamed request (a one-shot client) gets what the
+/// stream produced by then and an error saying why it stopped, then the connection closes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_closes_its_side_gets_the_stream_so_far_and_why_it_stopped() {
+    use futures_util::StreamExt;
+    use palisade::rpc::{RpcError, Streaming};
+    let router = Router::new().message("ticks", || async {
+        Streaming(futures_util::stream::iter(0u32..3).then(|n| async move {
+            if n > 0 {
+                sleep(Duration::from_millis(30)).await;
+            }
+            Ok::<_, RpcError>(n)
+        }))
+    });
+    let (server, addr) = serve(TcpOptions::new(), router).await;
+    let mut socket = TcpStream::connect(&addr).await.unwrap();
+    let request = r#"{"pattern":"ticks","data":null,"id":"1"}"#;
+    socket
+        .write_all(format!("{}#{request}", request.len()).as_bytes())
+        .await
+        .unwrap();
+    socket.shutdown().await.unwrap();
+    let mut received = String::new();
+    timeout(Duration::from_secs(5), socket.read_to_string(&mut received))
+        .await
+        .expect("the connection stays open")
+        .unwrap();
+    assert!(received.contains(r#""response":0"#), "{received}");
+    assert!(received.contains("closed its side"), "{received}");
+    assert!(received.contains(r#""isDisposed":true"#), "{received}");
+    server.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_event_emitted_just_before_the_client_is_dropped_is_delivered() {
     let (seen_tx, mut seen) = tokio::sync::mpsc::unbounded_channel();

@@ -301,13 +301,18 @@ impl Dispatcher {
         // this future is held for every message, and a select would double its size.)
         let mut _waiting = None;
         let mut permit = None;
-        if !self.is_draining() {
-            _waiting = self
-                .inner
-                .permits
-                .as_ref()
-                .map(|_| self.inner.tracker.token());
-            permit = self.slot().await;
+        if let Some(permits) = &self.inner.permits
+            && !self.is_draining()
+        {
+            permit = match Arc::clone(permits).try_acquire_owned() {
+                Ok(permit) => Some(permit),
+                // Only a request that has to wait takes a token: the tracker's count is shared
+                // by every message.
+                Err(_) => {
+                    _waiting = Some(self.inner.tracker.token());
+                    self.slot().await
+                }
+            };
         }
         if self.is_draining() {
             // Boxed: rare, and this future is held for every message.
@@ -872,9 +877,13 @@ async fn next_value<K: ReplySink>(
         biased;
         item = stream.next() => Ok(item),
         () = sink.inner.caller_gone() => {
-            sink.answered = true;
             tracing::debug!("the caller of a streamed reply went away; the stream is stopped");
-            Err(RpcError::new(Code::Cancelled, "the caller went away"))
+            // Not marked answered: the error goes out as the stream's end, which a caller that
+            // only closed its side of a connection still reads (one that is gone does not).
+            Err(RpcError::new(
+                Code::Cancelled,
+                "the caller closed its side; the streamed reply was stopped",
+            ))
         }
     }
 }
