@@ -358,6 +358,10 @@ async fn a_request_waiting_for_a_slot_at_shutdown_is_refused_not_run_after_it() 
     assert_eq!(first.await.unwrap().unwrap(), "first");
     let refused = queued.await.unwrap().unwrap_err();
     assert_eq!(refused.code(), Code::Unavailable, "{refused}");
+    assert!(
+        refused.message().contains("shutting down"),
+        "refused without saying why: {refused}"
+    );
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(*started.lock().unwrap(), ["first"]);
 }
