@@ -206,6 +206,46 @@ async fn a_peer_that_closes_its_side_gets_the_stream_so_far_and_why_it_stopped()
     server.shutdown().await;
 }
 
+/// A peer that breaks the protocol is disconnected: a quiet stream it had asked for stops with
+/// the connection, rather than hold its handler until a next value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quiet_stream_stops_when_its_connection_is_closed_for_bad_data() {
+    use futures_util::StreamExt;
+    use palisade::rpc::{RpcError, Streaming};
+    let router = Router::new().message("watch", || async {
+        Streaming(
+            futures_util::stream::once(async { Ok::<_, RpcError>(1u32) })
+                .chain(futures_util::stream::pending()),
+        )
+    });
+    let (server, addr) = serve(TcpOptions::new(), router).await;
+    let mut socket = TcpStream::connect(&addr).await.unwrap();
+    let request = r#"{"pattern":"watch","data":null,"id":"1"}"#;
+    socket
+        .write_all(format!("{}#{request}", request.len()).as_bytes())
+        .await
+        .unwrap();
+    let mut first = [0u8; 256];
+    let read = socket.read(&mut first).await.unwrap();
+    assert!(
+        String::from_utf8_lossy(&first[..read]).contains(r#""response":1"#),
+        "{}",
+        String::from_utf8_lossy(&first[..read])
+    );
+    assert_eq!(server.in_flight(), 1);
+    socket.write_all(b"not a frame#").await.unwrap();
+    closed_within(&mut socket, Duration::from_secs(5)).await;
+    let stopped = Instant::now();
+    while server.in_flight() > 0 {
+        assert!(
+            stopped.elapsed() < Duration::from_secs(5),
+            "the stream outlived its connection"
+        );
+        sleep(Duration::from_millis(10)).await;
+    }
+    server.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_event_emitted_just_before_the_client_is_dropped_is_delivered() {
     let (seen_tx, mut seen) = tokio::sync::mpsc::unbounded_channel();

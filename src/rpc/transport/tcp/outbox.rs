@@ -267,6 +267,7 @@ impl FrameWriter {
                     let _ = socket2::SockRef::from(outbox.socket.as_ref())
                         .shutdown(std::net::Shutdown::Both);
                     outbox.room.notify_waiters();
+                    outbox.gone.notify_waiters();
                     return Ok(());
                 } else if state.finished {
                     drop(state);
