@@ -573,6 +573,27 @@ mod tests {
     }
 
     #[test]
+    fn requests_no_longer_waiting_are_forgotten_once_they_outnumber_those_waiting_enough() {
+        let replies = replies(&[("tag.reply", 0)]);
+        let register = || replies.pending.register(&Pattern::from("tag")).unwrap();
+        let live: Vec<_> = (0..3).map(|_| register()).collect();
+        for request in &live {
+            assert!(replies.wait_on("tag.reply", 0, request.number()));
+        }
+        for _ in 0..1100 {
+            let gone = register();
+            assert!(replies.wait_on("tag.reply", 0, gone.number()));
+        }
+        // Forgotten once more than 2 × 4 + 1024 are noted (4 waiting: the 3, and the one being
+        // noted): at the 1031st request gone, which leaves the 3 and that one; then 69 more.
+        let noted: Vec<u64> = replies.waiting().values().flatten().copied().collect();
+        assert_eq!(noted.len(), 3 + 1 + 69, "{} noted", noted.len());
+        for request in &live {
+            assert!(noted.contains(&request.number()));
+        }
+    }
+
+    #[test]
     fn a_partition_revoked_between_its_pick_and_the_note_is_not_kept() {
         let replies = replies(&[("tag.reply", 0), ("tag.reply", 1)]);
         let picked = replies.partition("tag.reply").unwrap();
