@@ -479,6 +479,17 @@ impl Workers {
         if !worker.held.is_empty() {
             // Read before the pause took effect: after the records it follows.
             worker.held.push_back(message);
+            if worker.held.len() > PARTITION_QUEUE {
+                // The pause did not take (librdkafka goes on delivering the partition): wait
+                // for the worker, as a last resort, rather than hold records without bound.
+                tracing::warn!(topic = %key.0, partition = key.1, "a paused partition's records keep coming; waiting for its worker");
+                while let Some(record) = worker.held.pop_front() {
+                    if worker.records.send(record).await.is_err() {
+                        self.by_partition.remove(&key);
+                        return;
+                    }
+                }
+            }
             return;
         }
         match worker.records.try_send(message) {
