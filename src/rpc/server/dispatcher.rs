@@ -294,17 +294,19 @@ impl Dispatcher {
         sink: Option<K>,
         first_poll: FirstPoll,
     ) {
+        if self.is_draining() {
+            // Boxed: rare, and this future is held for every message.
+            Box::pin(refuse_at_shutdown(request, sink)).await;
+            return;
+        }
         // A request waiting for a slot counts for shutdown (which otherwise could report
-        // everything drained and then see it run), until it is tracked itself. Shutdown refuses
-        // it once it has its slot, as it refuses a request that comes once it started: the
-        // caller may try another instance. (Checked after the wait rather than raced with it:
-        // this future is held for every message, and a select would double its size.)
+        // everything drained and then see it run), until it is tracked itself. Like a request
+        // already running, it is handled within the grace period: a transport that took it from
+        // a broker (RabbitMQ's prefetch) has handed it to this server alone.
         let mut _waiting = None;
-        let mut permit = None;
-        if let Some(permits) = &self.inner.permits
-            && !self.is_draining()
-        {
-            permit = match Arc::clone(permits).try_acquire_owned() {
+        let permit = match &self.inner.permits {
+            None => None,
+            Some(permits) => match Arc::clone(permits).try_acquire_owned() {
                 Ok(permit) => Some(permit),
                 // Only a request that has to wait takes a token: the tracker's count is shared
                 // by every message.
@@ -312,13 +314,8 @@ impl Dispatcher {
                     _waiting = Some(self.inner.tracker.token());
                     self.slot().await
                 }
-            };
-        }
-        if self.is_draining() {
-            // Boxed: rare, and this future is held for every message.
-            Box::pin(refuse_at_shutdown(request, sink)).await;
-            return;
-        }
+            },
+        };
         // The target stays `palisade::rpc::server` whatever file this lives in: log filters name it.
         let span = if crate::rpc::spans_observed() {
             tracing::info_span!(
