@@ -599,17 +599,24 @@ async fn refuse_at_shutdown<K: ReplySink>(request: RpcRequest, sink: Option<K>) 
     }
 }
 
-/// Sends `error` as the answer of a request stopped before it answered, unless the server shuts
-/// down while the caller has no room for it.
+/// Sends `error` as the answer of a request stopped before it answered. Once the server shut
+/// down, the send gets one more grace period: a transport's send may take a while (a publish
+/// the broker confirms), but one that waits for a caller with no room for it (a stream held but
+/// no longer read) would keep shutdown waiting for good.
 async fn last_word<K: ReplySink>(
     sink: &mut Tracked<K>,
     error: &RpcError,
     abort: &CancellationToken,
+    grace_period: Duration,
 ) {
+    let given_up = async {
+        abort.cancelled().await;
+        tokio::time::sleep(grace_period).await;
+    };
     tokio::select! {
         biased;
         _ = sink.send(ReplyPacket::Error(error_json(error))) => {}
-        _ = abort.cancelled() => {
+        () = given_up => {
             tracing::debug!("the caller has no room for the handler's last error; given up at shutdown");
         }
     }
@@ -726,7 +733,7 @@ impl Inner {
                 && !sink.answered
             {
                 // Boxed: rare, and this future is boxed for every message.
-                Box::pin(last_word(sink, error, &self.abort)).await;
+                Box::pin(last_word(sink, error, &self.abort, self.grace_period)).await;
             }
             #[cfg(feature = "metrics")]
             if let Some(started) = started {
