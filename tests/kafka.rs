@@ -185,6 +185,20 @@ async fn emit_sequence(client: &Client, key: &str, partition: i32, count: u64) {
     }
 }
 
+/// A server's router that records each `orders` event it handles in `seen`.
+fn recording(seen: &Seen) -> Router {
+    let seen = Arc::clone(seen);
+    Router::new().event("orders", move |Payload(event): Payload<Value>| {
+        let seen = Arc::clone(&seen);
+        async move {
+            let key = event["key"].as_str().unwrap().to_owned();
+            seen.lock()
+                .unwrap()
+                .push((key, event["seq"].as_u64().unwrap()));
+        }
+    })
+}
+
 /// The `seq`s of `key`'s records in the order they were handled.
 fn sequence_of(seen: &Seen, key: &str) -> Vec<u64> {
     seen.lock()
@@ -301,18 +315,7 @@ async fn a_paused_partition_that_moves_away_and_comes_back_is_read_again_and_its
 
     // Server B joins the group and takes one of the two partitions, with the records A held.
     let seen_by_b: Seen = Arc::default();
-    let router_b = Router::new().event("orders", {
-        let seen = Arc::clone(&seen_by_b);
-        move |Payload(event): Payload<Value>| {
-            let seen = Arc::clone(&seen);
-            async move {
-                let key = event["key"].as_str().unwrap().to_owned();
-                seen.lock()
-                    .unwrap()
-                    .push((key, event["seq"].as_u64().unwrap()));
-            }
-        }
-    });
+    let router_b = recording(&seen_by_b);
     let b = serve(options.clone(), router_b).await;
     eventually(
         Duration::from_secs(30),
@@ -358,18 +361,7 @@ async fn a_paused_partition_that_moves_away_and_comes_back_is_read_again_and_its
 
     // Server C starts where the group's commits say: it gets what comes now, and nothing again.
     let seen_by_c: Seen = Arc::default();
-    let router_c = Router::new().event("orders", {
-        let seen = Arc::clone(&seen_by_c);
-        move |Payload(event): Payload<Value>| {
-            let seen = Arc::clone(&seen);
-            async move {
-                let key = event["key"].as_str().unwrap().to_owned();
-                seen.lock()
-                    .unwrap()
-                    .push((key, event["seq"].as_u64().unwrap()));
-            }
-        }
-    });
+    let router_c = recording(&seen_by_c);
     let c = serve(options.clone(), router_c).await;
     emit_sequence(&client, "last-0", 0, 1).await;
     emit_sequence(&client, "last-1", 1, 1).await;
@@ -426,18 +418,7 @@ async fn a_partitions_first_record_still_in_hand_when_it_moves_is_handled_by_its
     .await;
 
     let seen_by_b: Seen = Arc::default();
-    let router_b = Router::new().event("orders", {
-        let seen = Arc::clone(&seen_by_b);
-        move |Payload(event): Payload<Value>| {
-            let seen = Arc::clone(&seen);
-            async move {
-                let key = event["key"].as_str().unwrap().to_owned();
-                seen.lock()
-                    .unwrap()
-                    .push((key, event["seq"].as_u64().unwrap()));
-            }
-        }
-    });
+    let router_b = recording(&seen_by_b);
     // B takes one partition from A, which has not finished its record: B must start before it,
     // not at the partition's end.
     let b = serve(options.clone(), router_b).await;

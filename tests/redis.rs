@@ -521,15 +521,7 @@ async fn a_failed_durable_event_keeps_its_retry_delay_when_the_reader_reconnects
     .await;
     let redis = redis::Client::open(broker.url()).unwrap();
     let mut admin = redis.get_multiplexed_async_connection().await.unwrap();
-    let killed: u64 = redis::cmd("CLIENT")
-        .arg("KILL")
-        .arg("TYPE")
-        .arg("normal")
-        .arg("SKIPME")
-        .arg("yes")
-        .query_async(&mut admin)
-        .await
-        .unwrap();
+    let killed = kill_normal_clients(&mut admin).await;
     assert!(killed >= 2, "{killed}");
     eventually("the retry", Duration::from_secs(10), || {
         attempts.lock().unwrap().len() == 2
@@ -544,6 +536,19 @@ async fn a_failed_durable_event_keeps_its_retry_delay_when_the_reader_reconnects
     sleep(Duration::from_millis(300)).await;
     nothing_pending(&mut admin, "order", "billing").await;
     server.shutdown().await;
+}
+
+/// Has Redis kill every "normal" client connection but `admin`'s own: how many it killed.
+async fn kill_normal_clients(admin: &mut redis::aio::MultiplexedConnection) -> u64 {
+    redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("TYPE")
+        .arg("normal")
+        .arg("SKIPME")
+        .arg("yes")
+        .query_async(admin)
+        .await
+        .unwrap()
 }
 
 /// Asserts that the group has acknowledged every entry of the stream.
@@ -737,15 +742,7 @@ async fn publishing_connections_killed_alone_are_reopened() {
     assert_eq!(client.send::<u64>("echo", &1).await.unwrap(), 1);
     let redis = redis::Client::open(broker.url()).unwrap();
     let mut admin = redis.get_multiplexed_async_connection().await.unwrap();
-    let killed: u64 = redis::cmd("CLIENT")
-        .arg("KILL")
-        .arg("TYPE")
-        .arg("normal")
-        .arg("SKIPME")
-        .arg("yes")
-        .query_async(&mut admin)
-        .await
-        .unwrap();
+    let killed = kill_normal_clients(&mut admin).await;
     assert!(killed >= 2, "{killed}");
     // The client's publisher fails once (Unavailable), is reopened, then the server's reply
     // publisher (its caller times out once at most), then everything answers again.
