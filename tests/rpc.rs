@@ -373,6 +373,53 @@ async fn a_request_waiting_for_a_slot_at_shutdown_is_handled_before_it_ends() {
     assert_eq!(queued.await.unwrap().unwrap(), "queued");
 }
 
+/// A caller that starts a request, parks it waiting for a `max_in_flight` slot and then never
+/// polls it again (a future held in a struct, a `select!` that went the other way) does not keep
+/// shutdown waiting past its grace period: such a request has not started, so once running
+/// handlers are cancelled there is nothing of it to wait for. Shutdown used to wait for it for
+/// good.
+#[tokio::test(start_paused = true)]
+async fn a_request_parked_for_a_slot_and_never_polled_again_does_not_hold_shutdown() {
+    let handled = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&handled);
+    let transport = MemoryTransport::new();
+    let server = Server::new(Router::new().message("hang", move || {
+        counter.fetch_add(1, Ordering::SeqCst);
+        std::future::pending::<()>()
+    }))
+    .max_in_flight(1)
+    .grace_period(100 * MS)
+    .serve(&transport)
+    .await
+    .unwrap();
+    let client = Client::builder()
+        .no_timeout()
+        .connect(transport)
+        .await
+        .unwrap();
+    let running = tokio::spawn({
+        let client = client.clone();
+        async move { client.send::<()>("hang", &()).await }
+    });
+    tokio::time::sleep(MS).await;
+    let mut parked = Box::pin(client.send::<()>("hang", &()));
+    assert!(futures_util::poll!(parked.as_mut()).is_pending());
+    assert_eq!(server.in_flight(), 1);
+    let started = tokio::time::Instant::now();
+    let report = tokio::time::timeout(Duration::from_secs(60), server.shutdown())
+        .await
+        .expect("shutdown waited for a request that was never polled again");
+    assert_eq!(started.elapsed(), 100 * MS);
+    assert!(!report.drained);
+    assert_eq!(report.cancelled, 1);
+    let error = running.await.unwrap().unwrap_err();
+    assert_eq!(error.code(), Code::Unavailable, "{error}");
+    // Polled at last, the parked request is refused; its handler never ran.
+    let error = parked.await.unwrap_err();
+    assert_eq!(error.code(), Code::Unavailable, "{error}");
+    assert_eq!(handled.load(Ordering::SeqCst), 1);
+}
+
 /// A stream's handler state, dropped when the server stops the stream.
 struct Subscription(Arc<std::sync::atomic::AtomicBool>);
 

@@ -116,6 +116,9 @@ struct Inner {
     service: Target,
     routes: Option<Routes>,
     tracker: TaskTracker,
+    /// Requests waiting for a [`Server::max_in_flight`](super::Server::max_in_flight) slot (no
+    /// tasks, only tokens): draining waits for them, the end of shutdown does not.
+    waiting: TaskTracker,
     /// Cancelled when shutdown starts: no new messages are taken.
     draining: CancellationToken,
     /// The same, as a flag read per message (a token's `is_cancelled` takes a lock).
@@ -192,6 +195,7 @@ impl Dispatcher {
                 routes: server.take_routes(),
                 service: server.service,
                 tracker: TaskTracker::new(),
+                waiting: TaskTracker::new(),
                 draining: CancellationToken::new(),
                 draining_flag: AtomicBool::new(false),
                 abort: CancellationToken::new(),
@@ -299,10 +303,12 @@ impl Dispatcher {
             Box::pin(refuse_at_shutdown(request, sink)).await;
             return;
         }
-        // A request waiting for a slot counts for shutdown (which otherwise could report
+        // A request waiting for a slot counts for draining (which otherwise could report
         // everything drained and then see it run), until it is tracked itself. Like a request
         // already running, it is handled within the grace period: a transport that took it from
-        // a broker (RabbitMQ's prefetch) has handed it to this server alone.
+        // a broker (RabbitMQ's prefetch) has handed it to this server alone. Past the grace
+        // period it is refused, and shutdown no longer waits for it: it has not started, and a
+        // caller may hold it without ever polling it again.
         let mut _waiting = None;
         let permit = match &self.inner.permits {
             None => None,
@@ -311,8 +317,25 @@ impl Dispatcher {
                 // Only a request that has to wait takes a token: the tracker's count is shared
                 // by every message.
                 Err(_) => {
-                    _waiting = Some(self.inner.tracker.token());
-                    self.slot().await
+                    _waiting = Some(self.inner.waiting.token());
+                    let abort = &self.inner.abort;
+                    // Boxed: only a request that has to wait gets here, and this future is held
+                    // for every message.
+                    let slot = Box::pin(async move {
+                        tokio::select! {
+                            biased;
+                            () = abort.cancelled() => None,
+                            permit = Arc::clone(permits).acquire_owned() => Some(permit.ok()),
+                        }
+                    })
+                    .await;
+                    match slot {
+                        Some(permit) => permit,
+                        None => {
+                            Box::pin(refuse_at_shutdown(request, sink)).await;
+                            return;
+                        }
+                    }
                 }
             },
         };
@@ -459,6 +482,7 @@ impl Dispatcher {
         inner.draining_flag.store(true, Ordering::Release);
         inner.draining.cancel();
         inner.tracker.close();
+        inner.waiting.close();
     }
 
     /// Starts shutdown: stop taking messages, drain for the grace period, then cancel.
@@ -466,9 +490,13 @@ impl Dispatcher {
         let inner = &*self.inner;
         self.begin_draining();
         let started = Instant::now();
-        let drained = tokio::time::timeout(inner.grace_period, inner.tracker.wait())
-            .await
-            .is_ok();
+        // Waiters first: one that gets its slot is tracked before it stops waiting.
+        let drained = tokio::time::timeout(inner.grace_period, async {
+            inner.waiting.wait().await;
+            inner.tracker.wait().await;
+        })
+        .await
+        .is_ok();
         let mut cancelled = 0;
         if !drained {
             cancelled = inner.in_flight.get();
