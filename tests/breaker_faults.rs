@@ -170,14 +170,73 @@ async fn inner_poll_ready_errors_count_as_failures() {
     let polls = inner.polls.load(Ordering::SeqCst);
     assert!(open_error(call(&mut service, false).await.unwrap_err()).retry_after() > Some(MS));
     assert_eq!(inner.polls.load(Ordering::SeqCst), polls);
-    // When a trial is due the inner service is polled again; its error reaches the caller.
+    // When a trial is due the inner service is polled again; its error reaches the caller, and
+    // it is a failed trial: the circuit opens for another period, as a failed trial call would
+    // open it. (It used to stay open with its period over, so every caller after it polled the
+    // dead transport again and none was turned away.)
+    let mut changes = service.handle().subscribe();
     advance(10 * SEC).await;
     let error = service.ready().await.err().expect("poll_ready fails");
     assert!(error.downcast_ref::<std::io::Error>().is_some());
     assert_eq!(service.handle().state(), CircuitState::Open);
+    assert_eq!(service.handle().metrics().failures, 4);
+    for (from, to) in [
+        (CircuitState::Open, CircuitState::HalfOpen),
+        (CircuitState::HalfOpen, CircuitState::Open),
+    ] {
+        let change = changes.try_recv().expect("a state change");
+        assert_eq!((change.from, change.to), (from, to));
+    }
+    assert!(changes.try_recv().is_none());
+    let polls = inner.polls.load(Ordering::SeqCst);
+    for _ in 0..10 {
+        let rejected = open_error(call(&mut service, false).await.unwrap_err());
+        assert_eq!(rejected.retry_after(), Some(10 * SEC));
+    }
+    assert_eq!(inner.polls.load(Ordering::SeqCst), polls);
     inner.set(Readiness::Ready);
+    advance(10 * SEC).await;
     assert_eq!(call(&mut service, false).await.unwrap(), "ok");
     assert_eq!(service.handle().state(), CircuitState::Closed);
+}
+
+/// Half-open with every trial slot taken, a caller is turned away at once, as in `Open`: it
+/// used to queue behind the inner service (not ready while the trial holds it: a
+/// `ConcurrencyLimit(1)`, a full `Buffer`) only to be rejected once it got ready.
+#[tokio::test(start_paused = true)]
+async fn half_open_with_every_trial_slot_taken_turns_callers_away_without_polling() {
+    let (mut service, inner) = guarded(
+        CircuitBreakerConfig::new("busy")
+            .max_failures(1)
+            .reset_timeout(10 * SEC)
+            .trial_timeout(10 * SEC),
+    );
+    let handle = service.handle();
+    assert!(call(&mut service, true).await.is_err());
+    advance(10 * SEC).await;
+    let mut other = service.clone();
+    let trial = service.ready().await.unwrap().call(false);
+    assert_eq!(handle.state(), CircuitState::HalfOpen);
+    inner.set(Readiness::Pending);
+    advance(2 * SEC).await;
+    let polls = inner.polls.load(Ordering::SeqCst);
+    let ready = timeout(60 * SEC, other.ready()).await;
+    assert!(ready.is_ok(), "ready() waited for the inner service");
+    let rejected = open_error(other.call(false).await.unwrap_err());
+    assert_eq!(rejected.state(), CircuitState::HalfOpen);
+    // The trial's slot is taken back after the trial timeout.
+    assert_eq!(rejected.retry_after(), Some(8 * SEC));
+    assert_eq!(inner.polls.load(Ordering::SeqCst), polls);
+    assert_eq!(inner.calls.load(Ordering::SeqCst), 2);
+    // Once the trial timeout has passed, a caller polls the inner service again to take the
+    // hung trial's slot.
+    advance(8 * SEC).await;
+    assert!(timeout(SEC, other.ready()).await.is_err());
+    // A slot that frees (the trial's future dropped, no verdict) lets the next caller poll.
+    inner.set(Readiness::Ready);
+    drop(trial);
+    assert_eq!(call(&mut other, false).await.unwrap(), "ok");
+    assert_eq!(handle.state(), CircuitState::Closed);
 }
 
 #[tokio::test(start_paused = true)]
@@ -483,12 +542,13 @@ async fn a_failed_poll_ready_in_half_open_is_a_failed_trial() {
     let (mut service, inner) = guarded(
         CircuitBreakerConfig::new("half")
             .max_failures(1)
-            .reset_timeout(10 * SEC),
+            .reset_timeout(10 * SEC)
+            .half_open_max_calls(2),
     );
     let handle = service.handle();
     assert!(call(&mut service, true).await.is_err());
     advance(10 * SEC).await;
-    // A trial in flight on one clone puts the breaker in half-open...
+    // A trial in flight on one clone puts the breaker in half-open, a second slot free...
     let mut other = service.clone();
     let (tx, _rx) = oneshot::channel::<()>();
     let trial = service.ready().await.unwrap().call(false);

@@ -44,6 +44,12 @@ impl CircuitBreakerHandle {
         self.breaker.slot.state()
     }
 
+    /// Whether the circuit is open with its open period over, so that the next call is let
+    /// through as a trial (for health checks: such a breaker no longer turns calls away).
+    pub(crate) fn trial_due(&self) -> bool {
+        self.breaker.slot.trial_due(self.breaker.epoch)
+    }
+
     /// A snapshot of the counters.
     pub fn metrics(&self) -> Metrics {
         self.breaker.slot.metrics()

@@ -67,23 +67,30 @@
 //!   a trial that hangs longer than the trial timeout loses its slot to a new trial.
 //! - Results of calls admitted before a transition never move the new state.
 //! - Manual controls ([`CircuitBreakerHandle`]) that change nothing emit nothing: `force_open` on a
-//!   forced-open breaker, `force_closed` on a forced-closed one, and `reset` on a closed one keep
-//!   the generation and send no event (a `reset` of a closed breaker still forgets its recorded
-//!   failures, and results of calls admitted before it no longer count).
+//!   forced-open breaker, `force_closed` on a forced-closed one, and `reset` on a closed one send
+//!   no event, and the first two keep calls in flight valid. A `reset` of a closed breaker with
+//!   recorded failures still forgets them, and results of calls admitted before it then no
+//!   longer count.
 //! - What counts as a failure is the [classifier](crate::classify::Classify)'s call (default: every
 //!   `Err`).
 //!
 //! # Readiness
 //!
-//! While the breaker is forced open, or open with no trial due yet, `poll_ready` answers for it
-//! (ready) without polling the inner service, and `call` rejects. If the open period ends between
-//! that `poll_ready` and `call`, the call is still rejected, with a `retry_after` of zero: the
-//! inner service was never made ready, so it cannot be called; the next `poll_ready` polls it.
+//! While the breaker is forced open, open with no trial due yet, or half-open with every trial
+//! slot taken (by trials younger than the trial timeout), `poll_ready` answers for it (ready)
+//! without polling the inner service, and `call` rejects: callers never queue behind an inner
+//! service that is not ready (a full `Buffer`, a `ConcurrencyLimit` the trial holds, a
+//! reconnecting client) only to be rejected once it is. If the breaker becomes willing to admit
+//! between that `poll_ready` and `call`, the call is still rejected, with a `retry_after` of
+//! zero: the inner service was never made ready, so it cannot be called; the next `poll_ready`
+//! polls it.
 //!
 //! An error from the inner service's `poll_ready` (a transport that reports connect failures
 //! there) is returned to the caller and classified like a call's result: in `Closed`, a
 //! [`Failure`](crate::classify::Outcome::Failure) counts toward the trip rules, so a breaker
-//! around a dead transport opens; in `HalfOpen` it is a failed trial and re-opens the circuit.
+//! around a dead transport opens; in `HalfOpen`, or in `Open` once a trial is due (the inner
+//! service is polled again only then), it is a failed trial and opens the circuit for another
+//! period, so the callers after it fail fast again.
 //! This is what Resilience4j does with an exception thrown before the call: the dependency is
 //! unreachable, and that is what a breaker exists to notice.
 //!
@@ -345,7 +352,8 @@ where
     type Future = ResponseFuture<S::Future, C>;
 
     /// Ready at once, without polling the inner service, while the breaker turns calls away
-    /// (forced open, or open with no trial due): callers then get [`CircuitOpen`] from `call`
+    /// (forced open, open with no trial due, or half-open with every trial slot taken): callers
+    /// then get [`CircuitOpen`] from `call`
     /// instead of queueing behind an inner service that is not ready (a full `Buffer`, a
     /// reconnecting client). Otherwise polls the inner service; an error from it is classified
     /// like a call's result (see the [module docs](self#readiness)).

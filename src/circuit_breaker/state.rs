@@ -347,7 +347,9 @@ impl Slot {
     }
 
     /// Whether `poll_ready` should answer for the breaker without polling the inner service: the
-    /// circuit is forced open, or open with no trial due yet. One atomic load when closed.
+    /// circuit is forced open, open with no trial due yet, or half-open with every trial slot
+    /// taken by a trial younger than the trial timeout (the call would be rejected anyway). One
+    /// atomic load when closed.
     #[inline(always)]
     pub(crate) fn turns_away(&self, epoch: Instant) -> bool {
         let word = self.word.load(Ordering::Acquire);
@@ -360,6 +362,7 @@ impl Slot {
         match word & STATE_MASK {
             FORCED_OPEN => true,
             OPEN => nanos_since(epoch, Instant::now()) < self.open_until.load(Ordering::Acquire),
+            HALF_OPEN => self.lock().trial_slots_taken(Instant::now()).is_some(),
             _ => false,
         }
     }
@@ -379,6 +382,10 @@ impl Slot {
                 let until = self.open_until.load(Ordering::Acquire);
                 let elapsed = nanos_since(epoch, Instant::now());
                 Rejection::after(CircuitState::Open, until.saturating_sub(elapsed))
+            }
+            HALF_OPEN => {
+                let retry_after = self.lock().trial_slots_taken(Instant::now());
+                Rejection::after(CircuitState::HalfOpen, retry_after.map_or(0, nanos))
             }
             _ => Rejection::after(CircuitState::Open, 0),
         }
@@ -506,9 +513,11 @@ impl Slot {
     }
 
     /// The inner service's `poll_ready` failed and the classifier counts it as a failure: in
-    /// `Closed` it counts toward the trip rules like a failed call; in `HalfOpen` it is a failed
-    /// trial and re-opens the circuit. (In `Open` and the forced states no call could have been
-    /// admitted, so it is not recorded.)
+    /// `Closed` it counts toward the trip rules like a failed call; in `HalfOpen`, or in `Open`
+    /// once a trial is due (the inner service is polled only then), it is a failed trial and
+    /// opens the circuit for another period — left open with its period over, the breaker would
+    /// send every later caller to the dead inner service. (In `Open` before a trial is due, and
+    /// in the forced states, no call could have been admitted, so it is not recorded.)
     #[cold]
     pub(crate) fn record_ready_failure(&self) {
         let now = Instant::now();
@@ -517,6 +526,18 @@ impl Slot {
             CircuitState::Closed => machine.record_closed_failure(self, now, false),
             CircuitState::HalfOpen => {
                 machine.failures += 1;
+                machine.transition(self, CircuitState::Open, TransitionReason::TrialFailed, now);
+            }
+            CircuitState::Open
+                if nanos_since(machine.epoch, now) >= self.open_until.load(Ordering::Relaxed) =>
+            {
+                machine.failures += 1;
+                machine.transition(
+                    self,
+                    CircuitState::HalfOpen,
+                    TransitionReason::ResetTimeoutElapsed,
+                    now,
+                );
                 machine.transition(self, CircuitState::Open, TransitionReason::TrialFailed, now);
             }
             _ => {}
@@ -616,6 +637,13 @@ impl Slot {
         }
     }
 
+    /// Whether the circuit is open and its open period is over: the next call is admitted as a
+    /// trial (the state turns `HalfOpen` then).
+    pub(crate) fn trial_due(&self, epoch: Instant) -> bool {
+        self.word.load(Ordering::Acquire) & STATE_MASK == OPEN
+            && nanos_since(epoch, Instant::now()) >= self.open_until.load(Ordering::Acquire)
+    }
+
     /// The current state (as of the last transition: `Open` turns `HalfOpen` on the first call
     /// after the reset timeout, not by a timer).
     pub(crate) fn state(&self) -> CircuitState {
@@ -647,6 +675,20 @@ impl Slot {
 }
 
 impl Machine {
+    /// In `HalfOpen` with every trial slot taken by a trial younger than the trial timeout: how
+    /// long until the oldest trial's slot can be taken back. `None` when a trial could be
+    /// admitted now (or the breaker is not half-open).
+    fn trial_slots_taken(&self, now: Instant) -> Option<Duration> {
+        let oldest = self.trials.first()?;
+        if self.state != CircuitState::HalfOpen
+            || self.trials.len() < self.config.half_open_max_calls as usize
+        {
+            return None;
+        }
+        let held = now.saturating_duration_since(oldest.admitted);
+        (held < self.config.trial_timeout).then(|| self.config.trial_timeout - held)
+    }
+
     /// Records a failure of the current closed generation and trips if any rule fires.
     fn record_closed_failure(&mut self, slot: &Slot, now: Instant, slow: bool) {
         self.failures += 1;
@@ -820,6 +862,35 @@ mod tests {
         drop(receiver);
         slot.force(CircuitState::Closed, TransitionReason::Reset);
         assert!(!slot.has_channel());
+        slot.retire();
+    }
+
+    /// A failed `poll_ready` seen while the open period runs (one that began before another
+    /// caller's failed trial re-opened the circuit) neither counts nor restarts the period.
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_poll_ready_within_the_open_period_records_nothing() {
+        let config = CircuitBreakerConfig::new("racing")
+            .max_failures(1)
+            .reset_timeout(Duration::from_secs(10));
+        let slot = Slot::claim(config, Instant::now());
+        slot.record_ready_failure();
+        assert_eq!(slot.state(), CircuitState::Open);
+        let until = slot.open_until.load(Ordering::Relaxed);
+        tokio::time::advance(Duration::from_secs(9)).await;
+        slot.record_ready_failure();
+        assert_eq!(slot.open_until.load(Ordering::Relaxed), until);
+        let metrics = slot.metrics();
+        assert_eq!((metrics.failures, metrics.transitions), (1, 1));
+        // Once the period is over it is a failed trial: a new period from now.
+        tokio::time::advance(Duration::from_secs(1)).await;
+        slot.record_ready_failure();
+        assert_eq!(slot.state(), CircuitState::Open);
+        assert_eq!(
+            slot.open_until.load(Ordering::Relaxed),
+            until + nanos(Duration::from_secs(10))
+        );
+        let metrics = slot.metrics();
+        assert_eq!((metrics.failures, metrics.transitions), (2, 3));
         slot.retire();
     }
 
