@@ -70,7 +70,10 @@ impl Health {
     }
 
     /// Down while the breaker is open or forced open (the dependency it guards is failing, or
-    /// someone took it out); up when closed or half-open. Named after the breaker.
+    /// someone took it out); up when closed or half-open, and when open with its open period
+    /// over (its next call is a trial; its state stays `"open"` until that call, and a readiness
+    /// probe that keeps traffic away while it is down would otherwise keep it down for good).
+    /// Named after the breaker.
     pub fn breaker(self, handle: CircuitBreakerHandle) -> Self {
         let name = handle.name().to_owned();
         self.with(name, Check::Breaker(handle))
@@ -138,7 +141,14 @@ impl Check {
         match self {
             Check::Breaker(handle) => {
                 let state = handle.state();
-                let up = !matches!(state, CircuitState::Open | CircuitState::ForcedOpen);
+                // An open breaker whose open period is over lets the next call through as a
+                // trial; it turns half-open only then. Reported down, it would stay down for good
+                // behind a readiness probe that keeps traffic away while it is down.
+                let up = match state {
+                    CircuitState::ForcedOpen => false,
+                    CircuitState::Open => handle.trial_due(),
+                    _ => true,
+                };
                 (up, Detail::State(state.to_string()))
             }
             Check::Custom(check) => match check() {

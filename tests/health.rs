@@ -105,3 +105,46 @@ async fn usable_as_a_tower_service() {
     let report = health.oneshot("GET /health").await.unwrap();
     assert_eq!(report.http_status(), 503);
 }
+
+/// A tripped breaker is down while it turns calls away, and up once its reset timeout has passed
+/// and it would let a trial through: its state turns half-open only at the next call, and a
+/// readiness probe that keeps traffic away while the breaker is down would otherwise keep it
+/// down for good (it was still down an hour after a 30 s reset timeout).
+#[tokio::test(start_paused = true)]
+async fn an_open_breaker_is_up_again_once_a_trial_is_due() {
+    use std::time::Duration;
+    use tower::{Layer, Service};
+    let layer = CircuitBreakerLayer::new(
+        CircuitBreakerConfig::new("payments")
+            .max_failures(1)
+            .reset_timeout(Duration::from_secs(30)),
+    );
+    let handle = layer.handle();
+    let health = Health::new().breaker(handle.clone());
+    let mut service = layer.layer(tower::service_fn(|fail: bool| async move {
+        if fail {
+            Err(tower::BoxError::from("down"))
+        } else {
+            Ok(())
+        }
+    }));
+    assert!(service.ready().await.unwrap().call(true).await.is_err());
+    let report = health.report();
+    assert!(!report.is_up());
+    assert_eq!(report.to_json()["error"]["payments"]["state"], "open");
+    tokio::time::advance(Duration::from_secs(30) - Duration::from_millis(1)).await;
+    assert!(!health.report().is_up());
+    tokio::time::advance(Duration::from_millis(1)).await;
+    let report = health.report();
+    assert!(report.is_up());
+    assert_eq!(report.to_json()["info"]["payments"]["state"], "open");
+    // The trial fails: down again for another period.
+    assert!(service.ready().await.unwrap().call(true).await.is_err());
+    assert!(!health.report().is_up());
+    tokio::time::advance(Duration::from_secs(30)).await;
+    assert!(service.ready().await.unwrap().call(false).await.is_ok());
+    assert_eq!(
+        health.report().to_json()["info"]["payments"]["state"],
+        "closed"
+    );
+}
