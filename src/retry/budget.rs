@@ -16,6 +16,8 @@ const INDEX_BITS: u32 = 24;
 const UNIT_BITS: u32 = 64 - INDEX_BITS;
 const INDEX_MASK: u64 = (1 << INDEX_BITS) - 1;
 const UNIT_MASK: u64 = (1 << UNIT_BITS) - 1;
+/// The units a slot holds at most (and at least, negated): its signed `UNIT_BITS`-bit range.
+const SLOT_UNITS_MAX: i64 = (1 << (UNIT_BITS - 1)) - 1;
 
 fn pack(index: u64, units: i64) -> u64 {
     (index & INDEX_MASK) << UNIT_BITS | (units as u64 & UNIT_MASK)
@@ -46,7 +48,11 @@ impl Window {
         let slot = &self.slots[(index % SLOTS) as usize];
         let mut word = slot.load(Ordering::Relaxed);
         loop {
-            let new = pack(index, current_units(word, index).saturating_add(units));
+            // Clamped to what the slot can hold: a sum beyond it would wrap to a negative
+            // balance (at ratio 1000, after about 550 000 requests in one slot of one stripe),
+            // and the budget would then refuse every retry.
+            let sum = current_units(word, index).saturating_add(units);
+            let new = pack(index, sum.clamp(-SLOT_UNITS_MAX, SLOT_UNITS_MAX));
             match slot.compare_exchange_weak(word, new, Ordering::AcqRel, Ordering::Relaxed) {
                 Ok(_) => return,
                 Err(actual) => word = actual,
@@ -160,9 +166,9 @@ impl RetryBudget {
         );
         let ttl = ttl.clamp(Duration::from_secs(1), Duration::from_secs(60));
         let slot_nanos = (ttl.as_nanos() / u128::from(SLOTS)) as u64;
-        let reserve = i64::from(min_per_sec)
-            .saturating_mul(ttl.as_secs() as i64)
-            .saturating_mul(UNITS_PER_RETRY);
+        // `UNITS_PER_RETRY` is 1000: `min_per_sec` retries per second are that many units per
+        // millisecond of the window (whole seconds only would give a 1.9 s window 1 s's worth).
+        let reserve = i64::from(min_per_sec).saturating_mul(ttl.as_millis() as i64);
         static IDS: AtomicU64 = AtomicU64::new(0);
         RetryBudget {
             id: IDS.fetch_add(1, Ordering::Relaxed),
@@ -233,7 +239,13 @@ impl RetryBudget {
             if balance < UNITS_PER_RETRY {
                 return false;
             }
-            let new = pack(index, current_units(current_word, index) - UNITS_PER_RETRY);
+            // A slot that cannot record one more withdrawal (over 500 million in it) refuses it
+            // rather than wrap.
+            let units = current_units(current_word, index) - UNITS_PER_RETRY;
+            if units < -SLOT_UNITS_MAX {
+                return false;
+            }
+            let new = pack(index, units);
             // Every withdrawal at this instant lands on `current`, so a concurrent one makes this
             // exchange fail and the balance is checked again: the budget is never overdrawn.
             // (Deposits racing with it only add to the balance.)
@@ -283,6 +295,40 @@ mod tests {
         for units in [0i64, 1, -1, 1000, -1000, (1 << 38), -(1 << 38)] {
             assert_eq!(unpack(pack(12345, units)), (12345, units));
         }
+    }
+
+    /// A slot's sum is clamped to what it can hold: at ratio 1000, 600 000 requests in one slot
+    /// of one stripe wrapped it to a negative balance, and every retry was refused.
+    #[tokio::test(start_paused = true)]
+    async fn a_slot_full_of_deposits_saturates_instead_of_wrapping() {
+        let budget = RetryBudget::new(Duration::from_secs(60), 0, 1000.0);
+        for _ in 0..600_000 {
+            budget.deposit();
+        }
+        assert_eq!(
+            budget.remaining(),
+            (SLOT_UNITS_MAX / UNITS_PER_RETRY) as u64
+        );
+        assert!(budget.withdraw());
+        // Withdrawals saturate the same way: a slot at its floor refuses.
+        let slot =
+            &budget.withdrawals.slots[(budget.current_index(Instant::now()) % SLOTS) as usize];
+        let index = budget.current_index(Instant::now());
+        slot.store(pack(index, -SLOT_UNITS_MAX + 1), Ordering::Relaxed);
+        assert!(!budget.withdraw());
+        slot.store(
+            pack(index, -SLOT_UNITS_MAX + UNITS_PER_RETRY),
+            Ordering::Relaxed,
+        );
+        assert!(budget.withdraw());
+        assert_eq!(unpack(slot.load(Ordering::Relaxed)).1, -SLOT_UNITS_MAX);
+    }
+
+    /// `min_per_sec` counts for the window's whole length, not its whole seconds only.
+    #[tokio::test(start_paused = true)]
+    async fn the_reserve_counts_a_windows_fraction_of_a_second() {
+        let budget = RetryBudget::new(Duration::from_millis(1900), 10, 0.0);
+        assert_eq!(budget.remaining(), 19);
     }
 
     #[tokio::test(start_paused = true)]
