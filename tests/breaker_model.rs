@@ -19,6 +19,8 @@ use proptest::prelude::*;
 use proptest_state_machine::{ReferenceStateMachine, StateMachineTest, prop_state_machine};
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use tokio::sync::oneshot;
 use tower::{BoxError, Layer, Service, ServiceExt};
@@ -126,6 +128,10 @@ enum Observed {
         state: CircuitState,
         retry_after: Option<Duration>,
     },
+    /// `ready()` answered without polling the inner service.
+    TurnedAway,
+    /// `ready()` polled the inner service and got its error.
+    ReadyFailed,
 }
 
 #[derive(Clone, Debug)]
@@ -165,6 +171,8 @@ enum Op {
     ForceOpen,
     ForceClosed,
     Reset,
+    /// `ready()` while the inner service's `poll_ready` fails (a dead transport).
+    ReadyFails,
 }
 
 impl Model {
@@ -240,6 +248,62 @@ impl Model {
                 .is_some_and(|(_, threshold)| slows as f64 / calls as f64 >= threshold)
     }
 
+    /// Records a failure in `Closed`; whether a rule trips.
+    fn closed_failure(&mut self, slow: bool) -> bool {
+        self.recorded_failures += 1;
+        let mut trip = false;
+        if let Some((max_failures, ttl)) = self.params.within {
+            let now = self.now;
+            self.failures.retain(|at| now - *at < ttl);
+            self.failures.push(now);
+            trip |= self.failures.len() >= max_failures as usize;
+        }
+        if let Some(threshold) = self.params.consecutive {
+            self.streak += 1;
+            trip |= self.streak >= threshold;
+        }
+        trip |= self.record_rate(true, slow);
+        trip
+    }
+
+    /// `ready()` with an inner service whose `poll_ready` fails: the breaker answers without
+    /// polling it while it turns calls away; otherwise the error counts as a failed call in
+    /// `Closed`, and as a failed trial in `HalfOpen` or in `Open` with a trial due.
+    fn ready_fails(&mut self) {
+        let limit = self.params.half_open_max_calls as usize;
+        let turned_away = match self.state {
+            CircuitState::ForcedOpen => true,
+            CircuitState::Open => self.now < self.open_until,
+            CircuitState::HalfOpen => {
+                self.trials.len() >= limit
+                    && self.now - self.trials[0].1 < self.params.trial_timeout
+            }
+            CircuitState::Closed | CircuitState::ForcedClosed => false,
+        };
+        if turned_away {
+            self.last = Observed::TurnedAway;
+            return;
+        }
+        self.last = Observed::ReadyFailed;
+        match self.state {
+            CircuitState::Closed => {
+                if self.closed_failure(false) {
+                    self.transition(CircuitState::Open);
+                }
+            }
+            CircuitState::HalfOpen => {
+                self.recorded_failures += 1;
+                self.transition(CircuitState::Open);
+            }
+            CircuitState::Open => {
+                self.recorded_failures += 1;
+                self.transition(CircuitState::HalfOpen);
+                self.transition(CircuitState::Open);
+            }
+            CircuitState::ForcedOpen | CircuitState::ForcedClosed => {}
+        }
+    }
+
     fn reject(&mut self, state: CircuitState, retry_after: Option<Duration>) -> Option<Permit> {
         self.rejections += 1;
         self.last = Observed::Rejected { state, retry_after };
@@ -301,22 +365,7 @@ impl Model {
                         self.streak = 0;
                         self.record_rate(false, slow)
                     }
-                    Outcome::Failure => {
-                        self.recorded_failures += 1;
-                        let mut trip = false;
-                        if let Some((max_failures, ttl)) = self.params.within {
-                            let now = self.now;
-                            self.failures.retain(|at| now - *at < ttl);
-                            self.failures.push(now);
-                            trip |= self.failures.len() >= max_failures as usize;
-                        }
-                        if let Some(threshold) = self.params.consecutive {
-                            self.streak += 1;
-                            trip |= self.streak >= threshold;
-                        }
-                        trip |= self.record_rate(true, slow);
-                        trip
-                    }
+                    Outcome::Failure => self.closed_failure(slow),
                     Outcome::Ignored => false,
                 };
                 if trip {
@@ -468,6 +517,7 @@ impl ReferenceStateMachine for BreakerModel {
             (1, Just(Op::ForceOpen).boxed()),
             (1, Just(Op::ForceClosed).boxed()),
             (1, Just(Op::Reset).boxed()),
+            (2, Just(Op::ReadyFails).boxed()),
         ];
         if pending > 0 {
             choices.push((
@@ -515,19 +565,53 @@ impl ReferenceStateMachine for BreakerModel {
             Op::ForceOpen => state.control(CircuitState::ForcedOpen),
             Op::ForceClosed => state.control(CircuitState::ForcedClosed),
             Op::Reset => state.control(CircuitState::Closed),
+            Op::ReadyFails => state.ready_fails(),
         }
         state
     }
 }
 
 type Reply = Result<&'static str, BoxError>;
-type Inner = tower::util::BoxService<oneshot::Receiver<Outcome>, &'static str, BoxError>;
 type Pending = Pin<Box<dyn Future<Output = Reply>>>;
+
+/// The guarded service: a call answers with the outcome sent for it; `poll_ready` fails once
+/// while `fail_ready` is set, and clears it (so the test sees whether it was polled).
+struct Inner {
+    fail_ready: Arc<AtomicBool>,
+}
+
+impl Service<oneshot::Receiver<Outcome>> for Inner {
+    type Response = &'static str;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Reply> + Send>>;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), BoxError>> {
+        std::task::Poll::Ready(if self.fail_ready.swap(false, Ordering::SeqCst) {
+            Err("not ready".into())
+        } else {
+            Ok(())
+        })
+    }
+
+    fn call(&mut self, outcome: oneshot::Receiver<Outcome>) -> Self::Future {
+        Box::pin(async move {
+            match outcome.await {
+                Ok(Outcome::Success) => Ok("ok"),
+                Ok(Outcome::Ignored) => Err("ignored".into()),
+                Ok(Outcome::Failure) | Err(_) => Err("failed".into()),
+            }
+        })
+    }
+}
 
 struct Sut {
     runtime: tokio::runtime::Runtime,
     service: CircuitBreaker<Inner, fn(&Reply) -> Outcome>,
     pending: Vec<(oneshot::Sender<Outcome>, Pending)>,
+    ready_fails: Arc<AtomicBool>,
 }
 
 fn classify(result: &Reply) -> Outcome {
@@ -587,16 +671,11 @@ impl StateMachineTest for BreakerTest {
             .start_paused(true)
             .build()
             .unwrap();
+        let ready_fails = Arc::new(AtomicBool::new(false));
         let service = runtime.block_on(async {
-            let inner: Inner = tower::util::BoxService::new(tower::service_fn(
-                |rx: oneshot::Receiver<Outcome>| async move {
-                    match rx.await {
-                        Ok(Outcome::Success) => Ok("ok"),
-                        Ok(Outcome::Ignored) => Err("ignored".into()),
-                        Ok(Outcome::Failure) | Err(_) => Err("failed".into()),
-                    }
-                },
-            ));
+            let inner = Inner {
+                fail_ready: Arc::clone(&ready_fails),
+            };
             CircuitBreakerLayer::new(model.params.config())
                 .with_classifier(classify as fn(&Reply) -> Outcome)
                 .layer(inner)
@@ -605,6 +684,7 @@ impl StateMachineTest for BreakerTest {
             runtime,
             service,
             pending: Vec::new(),
+            ready_fails,
         }
     }
 
@@ -627,6 +707,19 @@ impl StateMachineTest for BreakerTest {
             Op::ForceOpen => sut.service.handle().force_open(),
             Op::ForceClosed => sut.service.handle().force_closed(),
             Op::Reset => sut.service.handle().reset(),
+            Op::ReadyFails => {
+                sut.ready_fails.store(true, Ordering::SeqCst);
+                let ready = sut.runtime.block_on(sut.service.ready()).map(|_| ());
+                let polled = !sut.ready_fails.swap(false, Ordering::SeqCst);
+                match (&model.last, ready) {
+                    (Observed::TurnedAway, Ok(())) => assert!(!polled, "polled the inner service"),
+                    (Observed::ReadyFailed, Err(error)) => {
+                        assert!(polled);
+                        assert_eq!(error.to_string(), "not ready");
+                    }
+                    (expected, ready) => panic!("breaker {ready:?}, model {expected:?}"),
+                }
+            }
         }
         sut
     }
