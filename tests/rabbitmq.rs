@@ -1253,6 +1253,44 @@ async fn the_size_limit_is_inclusive_both_ways() {
     server.shutdown().await;
 }
 
+/// Times beyond the longest time to live RabbitMQ takes (3650 days), `Duration::MAX` included,
+/// are capped: a client with `timeout(Duration::MAX)` sent it as the request's expiration, which
+/// the broker refused (every request failed, and closed the channel under the others), and a
+/// server with a `Duration::MAX` redelivery delay could not declare its delay queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn times_beyond_the_brokers_longest_time_to_live_are_capped() {
+    let url = machine_url();
+    let queue = unique("longest-ttl");
+    let _cleanup = Cleanup::new(&url).service_queue(&queue, &[315_360_000_000]);
+    let server = RmqServer::new(options(&url, &queue))
+        .event_retries(
+            EventRetries::new()
+                .max_deliveries(2)
+                .backoff([Duration::MAX]),
+        )
+        .serve(Server::new(
+            Router::new()
+                .event("noted", || async {})
+                .message("echo", |Payload(n): Payload<u32>| async move { n }),
+        ))
+        .await
+        .unwrap();
+    let client = Client::builder()
+        .timeout(Duration::MAX)
+        .connect(options(&url, &queue))
+        .await
+        .unwrap();
+    let sent = futures_util::future::join_all((0..20u32).map(|n| {
+        let client = client.clone();
+        async move { client.send::<u32>("echo", &n).await }
+    }))
+    .await;
+    for (n, reply) in sent.into_iter().enumerate() {
+        assert_eq!(reply.unwrap(), n as u32);
+    }
+    server.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_delay_and_dead_letter_queues_are_as_durable_as_the_service_queue() {
     let url = machine_url();

@@ -471,8 +471,10 @@ impl ClientTransport for RmqConnection {
                 .with_correlation_id(id.as_str().into())
                 .with_reply_to(shared.options.reply_queue.as_str().into());
             if let Some(deadline) = request.deadline() {
-                // The broker drops the request once nobody waits for its reply.
-                let millis = deadline.remaining().as_millis().max(1);
+                // The broker drops the request once nobody waits for its reply. A deadline beyond
+                // the longest expiration the broker takes (a `Duration::MAX` timeout) is capped:
+                // refused, it would fail the request and close the channel under every other.
+                let millis = deadline.remaining().min(super::MAX_TTL).as_millis().max(1);
                 properties = properties.with_expiration(millis.to_string().into());
             }
             shared

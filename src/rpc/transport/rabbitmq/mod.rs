@@ -108,6 +108,10 @@ use serde_json::Value;
 use std::fmt;
 use std::time::Duration;
 
+/// The longest time to live RabbitMQ takes, for a message's `expiration` as for a queue's
+/// `x-message-ttl`: 3650 days. A longer one is refused (`PRECONDITION_FAILED`, a channel error).
+pub(crate) const MAX_TTL: Duration = Duration::from_millis(315_360_000_000);
+
 /// RabbitMQ's direct reply-to pseudo-queue: replies come straight to the requesting channel.
 pub const DIRECT_REPLY_TO: &str = "amq.rabbitmq.reply-to";
 
@@ -455,7 +459,9 @@ impl RmqOptions {
     }
 
     /// The heartbeat interval asked of the broker (default 5 s, as NestJS): a silent peer is
-    /// declared dead after two missed beats. A `heartbeat` in the URL's query wins.
+    /// declared dead after two missed beats. Whole seconds from 1 s to 65 535 s: zero (which
+    /// AMQP reads as "no heartbeats") is taken as 1 s, since a connection without heartbeats
+    /// would never notice a broker that went silent. A `heartbeat` in the URL's query wins.
     pub fn heartbeat(mut self, interval: Duration) -> Self {
         self.heartbeat = interval;
         self
@@ -526,7 +532,8 @@ impl RmqOptions {
                 uri.query.heartbeat = Some(self.heartbeat.as_secs().clamp(1, 65_535) as u16);
             }
             if uri.query.connection_timeout.is_none() {
-                uri.query.connection_timeout = Some(self.connection_timeout.as_millis() as u64);
+                uri.query.connection_timeout =
+                    Some(u64::try_from(self.connection_timeout.as_millis()).unwrap_or(u64::MAX));
             }
             // lapin 4.12 leaves two tasks behind for every attempt whose TCP connection is
             // refused (its internal RPC task keeps itself alive): reconnecting to a broker that is

@@ -102,7 +102,8 @@ impl EventRetries {
     }
 
     /// Delays before the 1st, 2nd, ... redelivery of a failed event (the last repeats; empty
-    /// means 1 s). Each distinct delay is a delay queue; delays are whole milliseconds, at least 1.
+    /// means 1 s). Each distinct delay is a delay queue; delays are whole milliseconds, at least 1
+    /// and at most 3650 days (the longest time to live RabbitMQ takes; a longer one is capped).
     pub fn backoff(mut self, delays: impl IntoIterator<Item = Duration>) -> Self {
         self.backoff = delays.into_iter().collect();
         self
@@ -132,7 +133,7 @@ impl EventRetries {
             .or(self.backoff.last())
             .copied()
             .unwrap_or(Duration::from_secs(1))
-            .max(Duration::from_millis(1))
+            .clamp(Duration::from_millis(1), super::MAX_TTL)
     }
 
     /// The delays that can be used, in milliseconds, each once: one per redelivery, and the
@@ -478,6 +479,14 @@ mod tests {
         assert_eq!(empty.delay_before(1), Duration::from_secs(1));
         let zero = EventRetries::new().backoff([Duration::ZERO]);
         assert_eq!(zero.delay_before(1), Duration::from_millis(1));
+        // Capped at the longest time to live the broker takes: `Duration::MAX` used to be sent
+        // as a float, and the server could not declare its delay queue.
+        let long = EventRetries::new().backoff([Duration::MAX]);
+        assert_eq!(
+            long.delay_before(1),
+            crate::rpc::transport::rabbitmq::MAX_TTL
+        );
+        assert_eq!(long.delays_ms(), [315_360_000_000]);
     }
 
     #[test]
