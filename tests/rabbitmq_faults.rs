@@ -244,3 +244,109 @@ async fn a_message_over_the_brokers_limit_is_an_error_and_the_channel_recovers()
     assert_eq!(careful.send::<usize>("echo", &"fine").await.unwrap(), 4);
     server.shutdown().await;
 }
+
+/// A message the broker refuses for its size closes the channel, and every other message in
+/// flight on it fails with the same error; only the refused one is "too large". The others used
+/// to be told they were too large too (`InvalidArgument`, never retried: 59 of 100 small requests
+/// beside one big one), and a stream beside a refused reply broke off with another reply's
+/// "too large". Now a small request is at worst `Unavailable` (worth retrying), a reply is sent
+/// again on a fresh channel, and both sides learn the broker's limit from the refusal, so a
+/// second big message is refused before it closes anything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_refused_for_its_size_fails_only_itself() {
+    use futures_util::StreamExt;
+    use palisade::rpc::{RpcError, Streaming};
+    let shared = shared_broker();
+    let broker = shared.broker.lock().await;
+    let queue = unique("refused-alone");
+    let router = Router::new()
+        .message("echo", |Payload(v): Payload<String>| async move { v.len() })
+        .message("big", |Payload(n): Payload<usize>| async move {
+            sleep(Duration::from_millis(150)).await;
+            "x".repeat(n)
+        })
+        .message("count", |Payload(n): Payload<u32>| async move {
+            Streaming(futures_util::stream::iter(1..=n).then(|i| async move {
+                sleep(Duration::from_millis(5)).await;
+                Ok::<_, RpcError>(i)
+            }))
+        });
+    let server = RmqServer::new(options(&broker, &queue))
+        .serve(Server::new(router))
+        .await
+        .unwrap();
+    let client = Client::builder()
+        .timeout(Duration::from_secs(15))
+        .connect(options(&broker, &queue))
+        .await
+        .unwrap();
+    assert_eq!(client.send::<usize>("echo", &"abc").await.unwrap(), 3);
+
+    // The server's side: a stream goes on whole beside a reply the broker refuses.
+    let stream = tokio::spawn({
+        let client = client.clone();
+        async move {
+            let values = client.send_stream::<u32>("count", &100).await?;
+            Ok::<_, RpcError>(values.collect::<Vec<_>>().await)
+        }
+    });
+    let error = client
+        .send::<String>("big", &(8 * BROKER_LIMIT))
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), Code::InvalidArgument, "{error}");
+    let values: Vec<u32> = stream
+        .await
+        .unwrap()
+        .unwrap()
+        .into_iter()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(values, (1..=100).collect::<Vec<_>>());
+    // Learned: the next big reply is refused by the server itself, and says the broker's limit.
+    let error = client
+        .send::<String>("big", &(2 * BROKER_LIMIT))
+        .await
+        .unwrap_err();
+    assert!(
+        error.message().contains(&BROKER_LIMIT.to_string()),
+        "{error}"
+    );
+
+    // The client's side: small requests beside a big one are never "too large".
+    let big = "y".repeat(4 * BROKER_LIMIT);
+    let smalls = |count: u32| {
+        futures_util::future::join_all((0..count).map(|n| {
+            let client = client.clone();
+            async move {
+                sleep(Duration::from_micros(100 * u64::from(n))).await;
+                client.send::<usize>("echo", &"small").await
+            }
+        }))
+    };
+    let (refused, beside) = tokio::join!(client.send::<usize>("echo", &big), smalls(100));
+    let refused = refused.unwrap_err();
+    assert_eq!(
+        refused.transport_kind(),
+        Some(TransportErrorKind::PayloadTooLarge),
+        "{refused}"
+    );
+    for outcome in &beside {
+        if let Err(error) = outcome {
+            assert_eq!(error.code(), Code::Unavailable, "{error}");
+        }
+    }
+    // Learned: a second big request is refused before it is sent, and closes nothing.
+    support::until_echo_answers_len(&client).await;
+    let (refused, beside) = tokio::join!(client.send::<usize>("echo", &big), smalls(100));
+    let refused = refused.unwrap_err();
+    assert!(refused.message().contains("it was not sent"), "{refused}");
+    assert!(
+        refused.message().contains(&BROKER_LIMIT.to_string()),
+        "{refused}"
+    );
+    for outcome in beside {
+        assert_eq!(outcome.unwrap(), 5);
+    }
+    server.shutdown().await;
+}

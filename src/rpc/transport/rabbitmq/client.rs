@@ -1,4 +1,7 @@
-use super::{RmqOptions, describe, publish_error, routing_key_of, short_string, to_amqp_headers};
+use super::{
+    RmqOptions, SizeLimit, describe, is_too_large, publish_error, routing_key_of, short_string,
+    to_amqp_headers,
+};
 use crate::rpc::transport::{ClientTransport, Connect, ReplyPacket, ReplyReceiver};
 use crate::rpc::wire::{PendingRequests, SharedCodec};
 use crate::rpc::{Headers, Kind, RpcError, RpcRequest, TransportErrorKind};
@@ -81,6 +84,7 @@ struct Shared {
     link: Mutex<Option<Arc<Link>>>,
     /// Cancelled when the last handle is dropped: the supervisor closes the connection.
     closed: CancellationToken,
+    limit: SizeLimit,
 }
 
 /// Cancels the supervisor when the last [`RmqConnection`] clone goes.
@@ -112,6 +116,7 @@ impl RmqConnection {
         let connection = Arc::new(options.open_connection("client").await?);
         let (link, replies) = open(&options, connection).await?;
         let shared = Arc::new(Shared {
+            limit: SizeLimit::new(options.max_message_size),
             options,
             pending: PendingRequests::new(),
             link: Mutex::new(Some(Arc::new(link))),
@@ -199,14 +204,19 @@ impl Shared {
         properties: BasicProperties,
         what: impl Fn() -> String,
     ) -> Result<(), RpcError> {
-        if body.len() > self.options.max_message_size {
+        let limit = self.limit.get();
+        if body.len() > limit {
             return Err(RpcError::transport(
                 TransportErrorKind::PayloadTooLarge,
                 format!(
-                    "{} is {} bytes, more than the {} bytes RabbitMQ takes here (RmqOptions::max_message_size); it was not sent",
+                    "{} is {} bytes, more than the {limit} bytes RabbitMQ takes here ({}); it was not sent",
                     what(),
                     body.len(),
-                    self.options.max_message_size
+                    if limit < self.options.max_message_size {
+                        "the broker's max_message_size, from an earlier refusal"
+                    } else {
+                        "RmqOptions::max_message_size"
+                    }
                 ),
             ));
         }
@@ -223,7 +233,9 @@ impl Shared {
                 properties,
             )
             .await
-            .map_err(|error| publish_error(&format!("cannot publish {}", what()), &error))?;
+            .map_err(|error| {
+                self.publish_failed(&format!("cannot publish {}", what()), &error, body)
+            })?;
         match confirm.await {
             Ok(Confirmation::Ack(None)) => Ok(()),
             Ok(Confirmation::Ack(Some(returned))) => Err(RpcError::transport(
@@ -246,11 +258,27 @@ impl Shared {
                 format!("RabbitMQ did not take {} (negative confirmation)", what()),
             )),
             Ok(Confirmation::NotRequested) => Ok(()),
-            Err(error) => Err(publish_error(
+            Err(error) => Err(self.publish_failed(
                 &format!("RabbitMQ did not confirm {}", what()),
                 &error,
+                body,
             )),
         }
+    }
+
+    /// The error of a publish of `body` that failed. A size refusal of another message closed
+    /// the channel under this one: the connection is lost for it (worth retrying), not too large.
+    fn publish_failed(&self, what: &str, error: &lapin::Error, body: &[u8]) -> RpcError {
+        if is_too_large(error) && !self.limit.refused(error, body.len()) {
+            return RpcError::transport(
+                TransportErrorKind::ConnectionLost,
+                format!(
+                    "{what}: the broker closed the channel, refusing another message for its size ({})",
+                    describe(error)
+                ),
+            );
+        }
+        publish_error(what, error)
     }
 }
 

@@ -78,7 +78,11 @@
 //!   `expiration`, so a request whose caller gave up expires in the queue instead of being
 //!   handled; other headers (and a W3C `traceparent`) travel as AMQP headers.
 //! - A message over [`max_message_size`](RmqOptions::max_message_size) is refused before it is
-//!   sent (`InvalidArgument`); a reply over it becomes an error reply saying so.
+//!   sent (`InvalidArgument`); a reply over it becomes an error reply saying so. A message the
+//!   broker refuses for its size (its own limit is lower) is the only one told it is too large:
+//!   the refusal closes the channel, and requests in flight on it fail as `Unavailable` (worth
+//!   retrying) while replies are sent again on a fresh channel. Each side then holds messages to
+//!   the broker's limit, named in its refusal.
 //!
 //! TLS (`amqps://`) needs one of `lapin`'s TLS features: add `lapin` with, say, `features =
 //! ["rustls"]` to your own dependencies and Cargo turns it on for palisade's connection too.
@@ -483,7 +487,8 @@ impl RmqOptions {
     /// The largest message body sent, in bytes (default 16 MiB, RabbitMQ 4's default
     /// `max_message_size`; RabbitMQ 3 allows 128 MiB). Set it to the broker's limit: a larger
     /// message is refused here (`InvalidArgument`, never retried) instead of by the broker, which
-    /// closes the channel — and with it every request waiting for replies on it.
+    /// closes the channel — and with it every request waiting for replies on it. After such a
+    /// refusal the client and server hold messages to the limit the broker named.
     pub fn max_message_size(mut self, bytes: usize) -> Self {
         self.max_message_size = bytes;
         self
@@ -807,6 +812,57 @@ fn soft_error(error: &lapin::Error) -> Option<lapin::protocol::AMQPSoftError> {
         },
         _ => None,
     }
+}
+
+/// The largest message body the broker takes, as far as this side knows: the configured
+/// [`max_message_size`](RmqOptions::max_message_size), lowered to the broker's own limit once
+/// the broker refused a message for its size. Such a refusal closes the channel, and with it
+/// every other message in flight on it: a body over the learned limit is refused here instead.
+#[derive(Debug)]
+pub(crate) struct SizeLimit {
+    configured: usize,
+    /// The limit the broker named in a refusal (`usize::MAX` until one came).
+    broker: std::sync::atomic::AtomicUsize,
+}
+
+impl SizeLimit {
+    pub(crate) fn new(configured: usize) -> Self {
+        SizeLimit {
+            configured,
+            broker: std::sync::atomic::AtomicUsize::new(usize::MAX),
+        }
+    }
+
+    /// The largest body to send.
+    pub(crate) fn get(&self) -> usize {
+        self.configured
+            .min(self.broker.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
+    /// Whether `error` is the broker refusing this message, of `size` bytes, for its size —
+    /// rather than another message's refusal, which closed the channel under this one (the
+    /// broker names the size it refused: "message size N is larger than configured max size
+    /// M"; a refusal that names none is taken as this message's). Learns the broker's limit
+    /// from any refusal.
+    pub(crate) fn refused(&self, error: &lapin::Error, size: usize) -> bool {
+        if !is_too_large(error) {
+            return false;
+        }
+        let text = describe(error);
+        if let Some(limit) = number_after(&text, "max size ") {
+            self.broker
+                .fetch_min(limit, std::sync::atomic::Ordering::Relaxed);
+        }
+        number_after(&text, "message size ").is_none_or(|refused| refused == size)
+    }
+}
+
+/// The number right after the first `prefix` in `text`.
+fn number_after(text: &str, prefix: &str) -> Option<usize> {
+    let (_, rest) = text.split_once(prefix)?;
+    rest.split(|c: char| !c.is_ascii_digit())
+        .next()
+        .and_then(|digits| digits.parse().ok())
 }
 
 /// Whether the broker refused a message for its size (RabbitMQ's `max_message_size`).
@@ -1189,6 +1245,43 @@ mod tests {
             "{shown}"
         );
         assert_eq!(options.urls_text(), "amqp://app:***@rabbit/%2f, amqp://b");
+    }
+
+    #[test]
+    fn a_size_refusal_is_this_messages_only_when_it_names_this_size() {
+        use lapin::protocol::{AMQPError, AMQPErrorKind, AMQPSoftError};
+        let refusal = |text: &str| -> lapin::Error {
+            lapin::ErrorKind::ProtocolError(AMQPError::new(
+                AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED),
+                text.into(),
+            ))
+            .into()
+        };
+        let limit = SizeLimit::new(16 << 20);
+        assert_eq!(limit.get(), 16 << 20);
+        let named = refusal(
+            "PRECONDITION_FAILED - message size 2097152 is larger than configured max size 1048576",
+        );
+        assert!(!limit.refused(&named, 15));
+        assert_eq!(limit.get(), 1_048_576);
+        assert!(limit.refused(&named, 2_097_152));
+        // A lower limit is learned; a higher one never raises it.
+        let lower =
+            refusal("PRECONDITION_FAILED - message size 9 is larger than configured max size 8");
+        assert!(limit.refused(&lower, 9));
+        assert_eq!(limit.get(), 8);
+        assert!(!limit.refused(&named, 15));
+        assert_eq!(limit.get(), 8);
+        // A refusal that names no size is taken as this message's.
+        let unnamed = refusal("PRECONDITION_FAILED - message size too large");
+        assert!(SizeLimit::new(100).refused(&unnamed, 1));
+        // Anything else is no size refusal.
+        let other = refusal("PRECONDITION_FAILED - inequivalent arg 'durable'");
+        let untouched = SizeLimit::new(100);
+        assert!(!untouched.refused(&other, 1));
+        assert_eq!(untouched.get(), 100);
+        assert_eq!(number_after("max size 12, more", "max size "), Some(12));
+        assert_eq!(number_after("max size none", "max size "), None);
     }
 
     #[test]

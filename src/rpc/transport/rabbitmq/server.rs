@@ -1,11 +1,11 @@
 use super::retry::{self, EventRetries, Failed, FailedEvent, Topology};
 use super::{
-    ExchangeType, RmqOptions, describe, from_amqp_headers, is_wildcard, short_string,
+    ExchangeType, RmqOptions, SizeLimit, describe, from_amqp_headers, is_wildcard, short_string,
     wildcard_matches,
 };
 use crate::rpc::json::encoded;
 use crate::rpc::transport::{ReplyPacket, ServerTransport};
-use crate::rpc::wire::{SharedCodec, encode_reply};
+use crate::rpc::wire::encode_reply;
 use crate::rpc::{
     Dispatcher, Kind, NO_HANDLER_MESSAGE, Pattern, RawJson, ReplySink, Routes, RpcError,
     RpcRequest, SendError, Server, ServerHandle, TransportErrorKind,
@@ -78,6 +78,7 @@ impl RmqServer {
             }
         }
         let state = Arc::new(State {
+            limit: SizeLimit::new(self.options.max_message_size),
             options: self.options,
             retries: self.retries,
             dispatcher: dispatcher.clone(),
@@ -143,6 +144,7 @@ struct State {
     routes: Option<Routes>,
     /// Handlers with wildcard patterns, in route order (the wildcards mode only).
     wildcards: Vec<Arc<str>>,
+    limit: SizeLimit,
 }
 
 /// A channel opened when first needed and again after it closed.
@@ -486,8 +488,7 @@ async fn handle(state: &Arc<State>, link: &Arc<Link>, delivery: lapin::message::
                     reply_to,
                     correlation_id: properties.correlation_id().clone(),
                     id: RawJson::null(),
-                    max: state.options.max_message_size,
-                    codec: state.options.codec.clone(),
+                    state: Arc::clone(state),
                     acker: None,
                     redelivered,
                 };
@@ -538,8 +539,7 @@ async fn handle(state: &Arc<State>, link: &Arc<Link>, delivery: lapin::message::
                 reply_to,
                 correlation_id: properties.correlation_id().clone(),
                 id,
-                max: state.options.max_message_size,
-                codec: state.options.codec.clone(),
+                state: Arc::clone(state),
                 acker: acks.then_some(acker),
                 redelivered,
             };
@@ -656,8 +656,8 @@ struct RmqSink {
     reply_to: ShortString,
     correlation_id: Option<ShortString>,
     id: RawJson,
-    max: usize,
-    codec: SharedCodec,
+    /// The server's options and size limit.
+    state: Arc<State>,
     /// Taken when the request is settled.
     acker: Option<Acker>,
     redelivered: bool,
@@ -665,15 +665,16 @@ struct RmqSink {
 
 impl RmqSink {
     fn body(&self, packet: &ReplyPacket) -> Bytes {
-        if !self.codec.is_json() {
+        let codec = &self.state.options.codec;
+        if !codec.is_json() {
             let id = matches!(packet, ReplyPacket::NoHandler).then_some(&self.id);
-            return match self.codec.reply_body(packet, id) {
+            return match codec.reply_body(packet, id) {
                 Ok(body) => body,
                 Err(error) => {
                     let failure =
                         RpcError::internal_with(format!("cannot encode the reply: {error}"));
                     let packet = ReplyPacket::Failed(failure);
-                    self.codec.reply_body(&packet, None).unwrap_or_default()
+                    codec.reply_body(&packet, None).unwrap_or_default()
                 }
             };
         }
@@ -699,53 +700,62 @@ impl ReplySink for RmqSink {
         let body = self.body(&packet);
         // Values are held to the limit; the error saying one did not fit must go out whatever
         // the limit (the broker's own still applies).
-        if matches!(packet, ReplyPacket::Value { .. }) && body.len() > self.max {
+        let limit = &self.state.limit;
+        if matches!(packet, ReplyPacket::Value { .. }) && body.len() > limit.get() {
             return Err(SendError::TooLarge {
                 size: body.len(),
-                limit: self.max,
+                limit: limit.get(),
             });
         }
         let mut properties = BasicProperties::default();
         if let Some(correlation_id) = &self.correlation_id {
             properties = properties.with_correlation_id(correlation_id.clone());
         }
-        let published = async {
-            let channel = self.link.replies.get().await?;
-            channel
-                .basic_publish(
-                    ShortString::default(),
-                    self.reply_to.clone(),
-                    // Not mandatory: RabbitMQ 3 returns messages to a direct reply-to as
-                    // unroutable even as it delivers them.
-                    BasicPublishOptions::default(),
-                    &body,
-                    properties,
-                )
-                .await?
-                .await
-        }
-        .await;
-        let failure = match published {
-            // (Not mandatory: nothing comes back for a reply-to nobody consumes any more.)
-            Ok(Confirmation::Ack(_) | Confirmation::NotRequested) => {
-                if packet.is_last() {
-                    self.settle(Settle::Ack).await;
+        let mut closed_under_it = false;
+        let failure = loop {
+            let published = async {
+                let channel = self.link.replies.get().await?;
+                channel
+                    .basic_publish(
+                        ShortString::default(),
+                        self.reply_to.clone(),
+                        // Not mandatory: RabbitMQ 3 returns messages to a direct reply-to as
+                        // unroutable even as it delivers them.
+                        BasicPublishOptions::default(),
+                        &body,
+                        properties.clone(),
+                    )
+                    .await?
+                    .await
+            }
+            .await;
+            break match published {
+                // (Not mandatory: nothing comes back for a reply-to nobody consumes any more.)
+                Ok(Confirmation::Ack(_) | Confirmation::NotRequested) => {
+                    if packet.is_last() {
+                        self.settle(Settle::Ack).await;
+                    }
+                    return Ok(());
                 }
-                return Ok(());
-            }
-            Ok(Confirmation::Nack(_)) => {
-                "the broker refused the reply (negative confirmation)".to_owned()
-            }
-            Err(error) if super::is_too_large(&error) => {
-                // The broker's limit is below ours: the caller still waits for the error packet
-                // that replaces this one.
-                let limit = broker_limit(&describe(&error)).unwrap_or(self.max);
-                return Err(SendError::TooLarge {
-                    size: body.len(),
-                    limit,
-                });
-            }
-            Err(error) => describe(&error),
+                Ok(Confirmation::Nack(_)) => {
+                    "the broker refused the reply (negative confirmation)".to_owned()
+                }
+                Err(error) if limit.refused(&error, body.len()) => {
+                    // The broker's limit is below ours: the caller still waits for the error
+                    // packet that replaces this one.
+                    return Err(SendError::TooLarge {
+                        size: body.len(),
+                        limit: limit.get(),
+                    });
+                }
+                // Another reply's refusal closed the shared channel under this one: once more,
+                // on a fresh channel. (Requeued, the request would run again from the start.)
+                Err(error) if super::is_too_large(&error) && !closed_under_it => {
+                    closed_under_it = true;
+                    continue;
+                }
+                Err(error) => describe(&error),
+            };
         };
         // Not answered: let another instance (or this one, once reconnected) answer it — once; a
         // request whose reply failed before gives up here.
@@ -770,15 +780,6 @@ impl RmqSink {
     }
 }
 
-/// The limit in RabbitMQ's "message size N is larger than configured max size M".
-fn broker_limit(message: &str) -> Option<usize> {
-    message
-        .rsplit("max size ")
-        .next()
-        .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
-        .and_then(|digits| digits.parse().ok())
-}
-
 impl Drop for RmqSink {
     fn drop(&mut self) {
         // Unsettled (the handler's task ended without a last reply): hand it back.
@@ -787,21 +788,5 @@ impl Drop for RmqSink {
         {
             runtime.spawn(async move { settle(&acker, Settle::Requeue).await });
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_broker_limit_is_read_from_its_error() {
-        assert_eq!(
-            broker_limit(
-                "PRECONDITION_FAILED - message size 2097152 is larger than configured max size 1048576"
-            ),
-            Some(1_048_576)
-        );
-        assert_eq!(broker_limit("PRECONDITION_FAILED - something else"), None);
     }
 }
