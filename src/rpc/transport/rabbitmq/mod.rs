@@ -76,7 +76,10 @@
 //!   reconnecting, new requests fail fast ([`NotConnected`]).
 //! - The deadline travels as the `palisade-timeout-ms` header and as the message's AMQP
 //!   `expiration`, so a request whose caller gave up expires in the queue instead of being
-//!   handled; other headers (and a W3C `traceparent`) travel as AMQP headers.
+//!   handled; other headers (and a W3C `traceparent`) travel as AMQP headers. The header is the
+//!   time left when the request was published: the server counts it from delivery, so a request
+//!   that waited in the queue for part of its budget is handled with the whole budget again
+//!   (hosts' clocks need not agree).
 //! - A message over [`max_message_size`](RmqOptions::max_message_size) is refused before it is
 //!   sent (`InvalidArgument`); a reply over it becomes an error reply saying so. A message the
 //!   broker refuses for its size (its own limit is lower) is the only one told it is too large:
