@@ -210,7 +210,7 @@ fn check_share(what: &str, share: f64) {
 ///
 /// let config = CircuitBreakerConfig::new("search")
 ///     .failure_rate(0.5, Duration::from_secs(30), 20)   // half of ≥ 20 calls within 30 s...
-///     .slow_calls(Duration::from_secs(2), 0.8);          // ...or 80% of them slower than 2 s
+///     .slow_calls(Duration::from_secs(2), 0.8);          // ...or 80% of them taking 2 s or more
 /// assert_eq!(config.rules().len(), 1);
 /// let config = config.consecutive_failures(10);          // ...or 10 failures in a row
 /// assert_eq!(config.rules()[0], TripRule::ConsecutiveFailures { threshold: 10 }); // listed first
@@ -329,7 +329,7 @@ impl CircuitBreakerConfig {
         self
     }
 
-    /// Also open when the share of calls slower than `duration` reaches `threshold`, over the
+    /// Also open when the share of calls taking `duration` or longer reaches `threshold`, over the
     /// window of [`failure_rate`](Self::failure_rate) (60 s and at least 10 calls if that is not
     /// set; a failure-rate threshold is then not set either, and only slow calls count). In
     /// half-open, a slow trial is a failure.
