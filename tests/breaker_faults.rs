@@ -570,16 +570,19 @@ async fn a_breaker_that_reopens_between_poll_ready_and_call_rejects_with_the_new
     let (mut service, _) = guarded(
         CircuitBreakerConfig::new("reopen")
             .max_failures(1)
-            .reset_timeout(10 * SEC),
+            .reset_timeout(10 * SEC)
+            .trial_timeout(2 * SEC),
     );
     assert!(call(&mut service, true).await.is_err());
     advance(10 * SEC).await;
-    // One clone finds a trial due and makes its inner service ready...
+    // One clone finds a trial due, takes its slot and makes its inner service ready...
     let mut waiting = service.clone();
     waiting.ready().await.unwrap();
-    // ...meanwhile another clone's trial fails and the circuit opens again...
+    // ...but does not call within the trial timeout: another clone takes the slot back, its
+    // trial fails and the circuit opens again...
     advance(3 * SEC).await;
     assert!(call(&mut service, true).await.is_err());
+    assert_eq!(service.handle().metrics().failures, 2);
     advance(2 * SEC).await;
     // ...so the first clone's call is rejected with the new open period's wait.
     let rejected = open_error(waiting.call(false).await.unwrap_err());
@@ -606,4 +609,63 @@ async fn a_call_from_before_several_resets_never_counts() {
         CircuitState::Closed,
         "the stale failure counted"
     );
+}
+
+/// With a trial due while the inner service is not ready (a `ConcurrencyLimit` still held by
+/// calls admitted before the breaker opened, a full `Buffer`), one caller waits for it to become
+/// the trial; the others are turned away at once, as in half-open with every slot taken, instead
+/// of queueing behind it only to be rejected once it is ready.
+#[tokio::test(start_paused = true)]
+async fn with_a_trial_due_one_caller_waits_for_the_inner_service_and_the_rest_are_turned_away() {
+    let (mut first, inner) = guarded(
+        CircuitBreakerConfig::new("due")
+            .max_failures(1)
+            .reset_timeout(10 * SEC)
+            .trial_timeout(30 * SEC),
+    );
+    let handle = first.handle();
+    let mut second = first.clone();
+    assert!(call(&mut first, true).await.is_err());
+    inner.set(Readiness::Pending);
+    advance(10 * SEC).await;
+    // The first caller holds the trial's slot while it waits for the inner service.
+    assert!(timeout(SEC, first.ready()).await.is_err());
+    assert_eq!(handle.state(), CircuitState::HalfOpen);
+    let polls = inner.polls.load(Ordering::SeqCst);
+    assert!(timeout(Duration::ZERO, second.ready()).await.is_ok());
+    let rejected = open_error(second.call(false).await.unwrap_err());
+    assert_eq!(rejected.state(), CircuitState::HalfOpen);
+    assert_eq!(rejected.retry_after(), Some(29 * SEC));
+    assert_eq!(inner.polls.load(Ordering::SeqCst), polls);
+    // Ready at last, the first caller's call is the trial.
+    inner.set(Readiness::Ready);
+    assert_eq!(call(&mut first, false).await.unwrap(), "ok");
+    assert_eq!(handle.state(), CircuitState::Closed);
+    assert_eq!(handle.metrics().calls, 2);
+}
+
+/// A service that took the trial's slot and is dropped without calling gives the slot back at
+/// once: the next caller is the trial, not turned away until the trial timeout.
+#[tokio::test(start_paused = true)]
+async fn a_trial_slot_taken_by_a_dropped_service_is_given_back() {
+    let (mut service, inner) = guarded(
+        CircuitBreakerConfig::new("dropped")
+            .max_failures(1)
+            .reset_timeout(10 * SEC)
+            .trial_timeout(30 * SEC),
+    );
+    assert!(call(&mut service, true).await.is_err());
+    inner.set(Readiness::Pending);
+    advance(10 * SEC).await;
+    let mut gone = service.clone();
+    assert!(timeout(SEC, gone.ready()).await.is_err());
+    // Held: another caller is turned away...
+    let mut other = service.clone();
+    other.ready().await.unwrap();
+    assert!(open_error(other.call(false).await.unwrap_err()).state() == CircuitState::HalfOpen);
+    // ...until the holder goes.
+    drop(gone);
+    inner.set(Readiness::Ready);
+    assert_eq!(call(&mut service, false).await.unwrap(), "ok");
+    assert_eq!(service.handle().state(), CircuitState::Closed);
 }

@@ -132,6 +132,8 @@ enum Observed {
     TurnedAway,
     /// `ready()` polled the inner service and got its error.
     ReadyFailed,
+    /// `ready()` polled the inner service, which was not ready.
+    Polled,
 }
 
 #[derive(Clone, Debug)]
@@ -154,6 +156,8 @@ struct Model {
     rejections: u64,
     recorded_failures: u64,
     transitions: u64,
+    /// The trial slot (generation, ticket) the service took in `poll_ready` for its next call.
+    reserved: Option<(u64, u64)>,
     last: Observed,
 }
 
@@ -173,6 +177,9 @@ enum Op {
     Reset,
     /// `ready()` while the inner service's `poll_ready` fails (a dead transport).
     ReadyFails,
+    /// `ready()` polled once while the inner service is not ready (a saturated
+    /// `ConcurrencyLimit`); the service keeps any trial slot it took.
+    ReadyPending,
 }
 
 impl Model {
@@ -266,25 +273,65 @@ impl Model {
         trip
     }
 
+    /// Whether the service's reserved trial slot is still its own.
+    fn holds_reservation(&self) -> bool {
+        self.reserved.is_some_and(|(generation, ticket)| {
+            self.state == CircuitState::HalfOpen
+                && generation == self.generation
+                && self.trials.iter().any(|(t, _)| *t == ticket)
+        })
+    }
+
+    /// Takes a half-open trial slot, reclaiming a hung trial's; `false` if none is free.
+    fn take_trial_slot(&mut self) -> Option<u64> {
+        let limit = self.params.half_open_max_calls as usize;
+        if self.trials.len() >= limit && self.now - self.trials[0].1 >= self.params.trial_timeout {
+            self.trials.remove(0);
+        }
+        if self.trials.len() >= limit {
+            return None;
+        }
+        let ticket = self.next_ticket;
+        self.next_ticket += 1;
+        self.trials.push((ticket, self.now));
+        Some(ticket)
+    }
+
+    /// `poll_ready` up to the inner service: whether it polls the inner service (else it answers
+    /// ready itself, and `call` rejects). A caller let through to a trial takes its slot here.
+    fn poll_ready(&mut self) -> bool {
+        match self.state {
+            CircuitState::Closed | CircuitState::ForcedClosed => true,
+            CircuitState::ForcedOpen => false,
+            CircuitState::Open if self.now < self.open_until => false,
+            CircuitState::Open | CircuitState::HalfOpen => {
+                if self.state == CircuitState::Open {
+                    self.transition(CircuitState::HalfOpen);
+                }
+                if self.holds_reservation() {
+                    return true;
+                }
+                match self.take_trial_slot() {
+                    Some(ticket) => {
+                        self.reserved = Some((self.generation, ticket));
+                        true
+                    }
+                    None => false,
+                }
+            }
+        }
+    }
+
     /// `ready()` with an inner service whose `poll_ready` fails: the breaker answers without
     /// polling it while it turns calls away; otherwise the error counts as a failed call in
-    /// `Closed`, and as a failed trial in `HalfOpen` or in `Open` with a trial due.
+    /// `Closed`, and as a failed trial in `HalfOpen` (a trial due in `Open` took its slot first).
     fn ready_fails(&mut self) {
-        let limit = self.params.half_open_max_calls as usize;
-        let turned_away = match self.state {
-            CircuitState::ForcedOpen => true,
-            CircuitState::Open => self.now < self.open_until,
-            CircuitState::HalfOpen => {
-                self.trials.len() >= limit
-                    && self.now - self.trials[0].1 < self.params.trial_timeout
-            }
-            CircuitState::Closed | CircuitState::ForcedClosed => false,
-        };
-        if turned_away {
+        if !self.poll_ready() {
             self.last = Observed::TurnedAway;
             return;
         }
         self.last = Observed::ReadyFailed;
+        self.reserved = None;
         match self.state {
             CircuitState::Closed => {
                 if self.closed_failure(false) {
@@ -295,13 +342,17 @@ impl Model {
                 self.recorded_failures += 1;
                 self.transition(CircuitState::Open);
             }
-            CircuitState::Open => {
-                self.recorded_failures += 1;
-                self.transition(CircuitState::HalfOpen);
-                self.transition(CircuitState::Open);
-            }
-            CircuitState::ForcedOpen | CircuitState::ForcedClosed => {}
+            _ => {}
         }
+    }
+
+    /// `ready()` polled once with an inner service that is not ready.
+    fn ready_pending(&mut self) {
+        self.last = if self.poll_ready() {
+            Observed::Polled
+        } else {
+            Observed::TurnedAway
+        };
     }
 
     fn reject(&mut self, state: CircuitState, retry_after: Option<Duration>) -> Option<Permit> {
@@ -310,47 +361,53 @@ impl Model {
         None
     }
 
+    /// `ready()` (the inner service is ready) then `call`.
     fn admit(&mut self) -> Option<Permit> {
+        if !self.poll_ready() {
+            return match self.state {
+                CircuitState::ForcedOpen => self.reject(CircuitState::ForcedOpen, None),
+                CircuitState::Open => {
+                    let wait = self.open_until - self.now;
+                    self.reject(CircuitState::Open, Some(wait))
+                }
+                _ => {
+                    let wait = self.trials[0].1 + self.params.trial_timeout - self.now;
+                    self.reject(CircuitState::HalfOpen, Some(wait))
+                }
+            };
+        }
         match self.state {
             CircuitState::Closed => {
                 self.calls += 1;
                 self.last = Observed::Admitted;
-                return Some(Permit::Closed {
+                Some(Permit::Closed {
                     generation: self.generation,
                     started: self.now,
-                });
+                })
             }
             CircuitState::ForcedClosed => {
+                self.reserved = None;
                 self.calls += 1;
                 self.last = Observed::Admitted;
-                return Some(Permit::Untracked);
+                Some(Permit::Untracked)
             }
-            CircuitState::ForcedOpen => return self.reject(CircuitState::ForcedOpen, None),
-            CircuitState::Open if self.now < self.open_until => {
-                let wait = self.open_until - self.now;
-                return self.reject(CircuitState::Open, Some(wait));
+            CircuitState::HalfOpen => {
+                // `poll_ready` left this service holding a trial slot.
+                let held = self.holds_reservation();
+                let (generation, ticket) = self.reserved.take().expect("a reserved slot");
+                assert!(held, "poll_ready let a call through without a slot");
+                self.calls += 1;
+                self.last = Observed::Admitted;
+                Some(Permit::Trial {
+                    generation,
+                    ticket,
+                    started: self.now,
+                })
             }
-            CircuitState::Open => self.transition(CircuitState::HalfOpen),
-            CircuitState::HalfOpen => {}
+            CircuitState::Open | CircuitState::ForcedOpen => {
+                unreachable!("poll_ready polls the inner service only when a call can follow")
+            }
         }
-        let limit = self.params.half_open_max_calls as usize;
-        if self.trials.len() >= limit && self.now - self.trials[0].1 >= self.params.trial_timeout {
-            self.trials.remove(0);
-        }
-        if self.trials.len() < limit {
-            let ticket = self.next_ticket;
-            self.next_ticket += 1;
-            self.trials.push((ticket, self.now));
-            self.calls += 1;
-            self.last = Observed::Admitted;
-            return Some(Permit::Trial {
-                generation: self.generation,
-                ticket,
-                started: self.now,
-            });
-        }
-        let wait = self.trials[0].1 + self.params.trial_timeout - self.now;
-        self.reject(CircuitState::HalfOpen, Some(wait))
     }
 
     fn complete(&mut self, permit: Permit, outcome: Outcome) {
@@ -491,6 +548,7 @@ impl ReferenceStateMachine for BreakerModel {
                         rejections: 0,
                         recorded_failures: 0,
                         transitions: 0,
+                        reserved: None,
                         last: Observed::Nothing,
                     }
                 },
@@ -518,6 +576,7 @@ impl ReferenceStateMachine for BreakerModel {
             (1, Just(Op::ForceClosed).boxed()),
             (1, Just(Op::Reset).boxed()),
             (2, Just(Op::ReadyFails).boxed()),
+            (2, Just(Op::ReadyPending).boxed()),
         ];
         if pending > 0 {
             choices.push((
@@ -566,6 +625,7 @@ impl ReferenceStateMachine for BreakerModel {
             Op::ForceClosed => state.control(CircuitState::ForcedClosed),
             Op::Reset => state.control(CircuitState::Closed),
             Op::ReadyFails => state.ready_fails(),
+            Op::ReadyPending => state.ready_pending(),
         }
         state
     }
@@ -575,9 +635,11 @@ type Reply = Result<&'static str, BoxError>;
 type Pending = Pin<Box<dyn Future<Output = Reply>>>;
 
 /// The guarded service: a call answers with the outcome sent for it; `poll_ready` fails once
-/// while `fail_ready` is set, and clears it (so the test sees whether it was polled).
+/// while `fail_ready` is set, or is not ready once while `pend_ready` is, and clears the flag (so
+/// the test sees whether it was polled).
 struct Inner {
     fail_ready: Arc<AtomicBool>,
+    pend_ready: Arc<AtomicBool>,
 }
 
 impl Service<oneshot::Receiver<Outcome>> for Inner {
@@ -589,6 +651,9 @@ impl Service<oneshot::Receiver<Outcome>> for Inner {
         &mut self,
         _: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Result<(), BoxError>> {
+        if self.pend_ready.swap(false, Ordering::SeqCst) {
+            return std::task::Poll::Pending;
+        }
         std::task::Poll::Ready(if self.fail_ready.swap(false, Ordering::SeqCst) {
             Err("not ready".into())
         } else {
@@ -612,6 +677,7 @@ struct Sut {
     service: CircuitBreaker<Inner, fn(&Reply) -> Outcome>,
     pending: Vec<(oneshot::Sender<Outcome>, Pending)>,
     ready_fails: Arc<AtomicBool>,
+    ready_pends: Arc<AtomicBool>,
 }
 
 fn classify(result: &Reply) -> Outcome {
@@ -672,9 +738,11 @@ impl StateMachineTest for BreakerTest {
             .build()
             .unwrap();
         let ready_fails = Arc::new(AtomicBool::new(false));
+        let ready_pends = Arc::new(AtomicBool::new(false));
         let service = runtime.block_on(async {
             let inner = Inner {
                 fail_ready: Arc::clone(&ready_fails),
+                pend_ready: Arc::clone(&ready_pends),
             };
             CircuitBreakerLayer::new(model.params.config())
                 .with_classifier(classify as fn(&Reply) -> Outcome)
@@ -685,6 +753,7 @@ impl StateMachineTest for BreakerTest {
             service,
             pending: Vec::new(),
             ready_fails,
+            ready_pends,
         }
     }
 
@@ -717,6 +786,21 @@ impl StateMachineTest for BreakerTest {
                         assert!(polled);
                         assert_eq!(error.to_string(), "not ready");
                     }
+                    (expected, ready) => panic!("breaker {ready:?}, model {expected:?}"),
+                }
+            }
+            Op::ReadyPending => {
+                sut.ready_pends.store(true, Ordering::SeqCst);
+                let service = &mut sut.service;
+                let ready = sut.runtime.block_on(async {
+                    futures_util::poll!(std::pin::pin!(service.ready())).map(|ready| ready.is_ok())
+                });
+                let polled = !sut.ready_pends.swap(false, Ordering::SeqCst);
+                match (&model.last, ready) {
+                    (Observed::TurnedAway, std::task::Poll::Ready(true)) => {
+                        assert!(!polled, "polled the inner service")
+                    }
+                    (Observed::Polled, std::task::Poll::Pending) => assert!(polled),
                     (expected, ready) => panic!("breaker {ready:?}, model {expected:?}"),
                 }
             }

@@ -148,7 +148,7 @@ pub use self::registry::CircuitBreakerRegistry;
 pub use self::state::Metrics;
 
 use self::future::Tracker;
-use self::state::{Rejection, Slot, SuccessAction};
+use self::state::{Permit, Readiness, Rejection, Slot, SuccessAction};
 use crate::classify::{Classify, ErrorsAreFailures};
 use std::fmt;
 use std::sync::Arc;
@@ -268,6 +268,9 @@ impl Drop for Breaker {
 /// Created by [`CircuitBreakerLayer`]. Clones share the breaker.
 pub struct CircuitBreaker<S, C = ErrorsAreFailures> {
     inner: S,
+    /// The half-open trial slot this service took in `poll_ready` for its next call. Before
+    /// `breaker`: dropped first, it is released while the breaker's slot is still this breaker's.
+    reserved: Reserved,
     breaker: Arc<Breaker>,
     // Copied out of `breaker` so the hot path does not chase the `Arc`.
     slot: &'static Slot,
@@ -284,6 +287,7 @@ impl<S, C> CircuitBreaker<S, C> {
     pub(crate) fn new(inner: S, breaker: Arc<Breaker>, classifier: C) -> Self {
         CircuitBreaker {
             inner,
+            reserved: Reserved(None),
             slot: breaker.slot,
             epoch: breaker.epoch,
             action: breaker.action,
@@ -319,6 +323,8 @@ impl<S: Clone, C: Clone> Clone for CircuitBreaker<S, C> {
     fn clone(&self) -> Self {
         CircuitBreaker {
             inner: self.inner.clone(),
+            // The trial slot is the original's, for its own call.
+            reserved: Reserved(None),
             breaker: Arc::clone(&self.breaker),
             slot: self.slot,
             epoch: self.epoch,
@@ -359,7 +365,7 @@ where
     /// like a call's result (see the [module docs](self#readiness)).
     #[inline(always)]
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        if self.slot.turns_away(self.epoch) {
+        if self.slot.is_not_closed() && self.turned_away() {
             self.inner_ready = false;
             return Poll::Ready(Ok(()));
         }
@@ -398,14 +404,45 @@ where
 }
 
 impl<S, C> CircuitBreaker<S, C> {
+    /// Whether `poll_ready`, with the circuit not plainly closed, answers without polling the
+    /// inner service. A caller let through to a trial takes the trial's slot first and holds it
+    /// while the inner service gets ready; the others are turned away meanwhile.
+    #[cold]
+    #[inline(never)]
+    fn turned_away(&mut self) -> bool {
+        let held = self
+            .reserved
+            .0
+            .map(|(_, generation, ticket)| (generation, ticket));
+        match self.slot.ready_not_closed(self.epoch, held) {
+            Readiness::Poll => false,
+            Readiness::Reserved { generation, ticket } => {
+                // A slot held before is stale (this one was not taken otherwise): its release
+                // changes nothing.
+                self.reserved = Reserved(Some((self.slot, generation, ticket)));
+                false
+            }
+            Readiness::TurnAway => true,
+        }
+    }
+
     /// Admission when the breaker is not plainly closed, or the inner service was not made ready.
     #[inline]
-    fn admit_slow(&self, ready: bool, word: u64) -> Result<Tracker, Rejection> {
-        if ready {
-            admit_not_closed(self.slot, word, self.epoch, self.action, self.times_calls)
-        } else {
-            Err(self.slot.reject_unready(self.epoch))
+    fn admit_slow(&mut self, ready: bool, word: u64) -> Result<Tracker, Rejection> {
+        if !ready {
+            return Err(self.slot.reject_unready(self.epoch));
         }
+        if let Some((slot, generation, ticket)) = self.reserved.0.take()
+            && slot.use_reserved(generation, ticket)
+        {
+            return Ok(Tracker::new(
+                slot,
+                Permit::Trial { generation, ticket },
+                self.action,
+                self.times_calls,
+            ));
+        }
+        admit_not_closed(self.slot, word, self.epoch, self.action, self.times_calls)
     }
 
     /// The name a rejection carries. Out of line, and returning only the name (in registers),
@@ -418,15 +455,30 @@ impl<S, C> CircuitBreaker<S, C> {
 
     #[cold]
     #[inline(never)]
-    fn ready_failed<T, E>(&self, error: E) -> Result<(), E>
+    fn ready_failed<T, E>(&mut self, error: E) -> Result<(), E>
     where
         C: Classify<T, E>,
     {
         let result = Err(error);
         if self.classifier.classify(&result) == crate::classify::Outcome::Failure {
+            // A failed trial: the slot it held goes with the circuit's new state.
+            self.reserved.0 = None;
             self.slot.record_ready_failure();
         }
         result.map(|_: T| ())
+    }
+}
+
+/// A half-open trial slot taken by `poll_ready` for the next call: the breaker's slot, the
+/// generation and the ticket. Dropped unused (the service dropped, or a new slot taken), it is
+/// given back, so that a service that never calls does not hold the trial until its timeout.
+struct Reserved(Option<(&'static Slot, u64, u64)>);
+
+impl Drop for Reserved {
+    fn drop(&mut self) {
+        if let Some((slot, generation, ticket)) = self.0.take() {
+            slot.release_trial(generation, ticket);
+        }
     }
 }
 

@@ -157,6 +157,17 @@ impl Rejection {
     }
 }
 
+/// What `poll_ready` does outside the plainly closed state ([`Slot::ready_not_closed`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Readiness {
+    /// Poll the inner service (closed, forced closed, or the service holds a trial slot).
+    Poll,
+    /// A trial slot is now the service's: poll the inner service, and call with it.
+    Reserved { generation: u64, ticket: u64 },
+    /// Answer ready without polling the inner service; `call` rejects.
+    TurnAway,
+}
+
 /// The right to make one call, and to report its result.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Permit {
@@ -346,25 +357,79 @@ impl Slot {
         }
     }
 
-    /// Whether `poll_ready` should answer for the breaker without polling the inner service: the
-    /// circuit is forced open, open with no trial due yet, or half-open with every trial slot
-    /// taken by a trial younger than the trial timeout (the call would be rejected anyway). One
-    /// atomic load when closed.
+    /// Whether the circuit is anything but plainly closed. One atomic load.
     #[inline(always)]
-    pub(crate) fn turns_away(&self, epoch: Instant) -> bool {
-        let word = self.word.load(Ordering::Acquire);
-        word & STATE_MASK != CLOSED && self.turns_away_not_closed(word, epoch)
+    pub(crate) fn is_not_closed(&self) -> bool {
+        self.word.load(Ordering::Acquire) & STATE_MASK != CLOSED
     }
 
+    /// What `poll_ready` does when the circuit is not plainly closed, for a service that holds
+    /// the trial slot `held` (if any). A trial's slot is taken here, before the inner service is
+    /// polled, so that while the trial waits for the inner service to be ready (a
+    /// `ConcurrencyLimit` still held by calls admitted before the circuit opened, a full
+    /// `Buffer`) the other callers are turned away instead of queueing behind it.
     #[cold]
     #[inline(never)]
-    fn turns_away_not_closed(&self, word: u64, epoch: Instant) -> bool {
+    pub(crate) fn ready_not_closed(&self, epoch: Instant, held: Option<(u64, u64)>) -> Readiness {
+        let now = Instant::now();
+        let word = self.word.load(Ordering::Acquire);
         match word & STATE_MASK {
-            FORCED_OPEN => true,
-            OPEN => nanos_since(epoch, Instant::now()) < self.open_until.load(Ordering::Acquire),
-            HALF_OPEN => self.lock().trial_slots_taken(Instant::now()).is_some(),
-            _ => false,
+            FORCED_OPEN => return Readiness::TurnAway,
+            FORCED_CLOSED | CLOSED => return Readiness::Poll,
+            OPEN if nanos_since(epoch, now) < self.open_until.load(Ordering::Acquire) => {
+                return Readiness::TurnAway;
+            }
+            _ => {}
         }
+        let mut machine = self.lock();
+        let machine = &mut *machine;
+        match machine.state {
+            CircuitState::ForcedOpen => return Readiness::TurnAway,
+            CircuitState::Closed | CircuitState::ForcedClosed => return Readiness::Poll,
+            CircuitState::Open => {
+                let until = self.open_until.load(Ordering::Relaxed);
+                if nanos_since(machine.epoch, now) < until {
+                    return Readiness::TurnAway;
+                }
+                machine.transition(
+                    self,
+                    CircuitState::HalfOpen,
+                    TransitionReason::ResetTimeoutElapsed,
+                    now,
+                );
+            }
+            CircuitState::HalfOpen => {
+                if let Some((generation, ticket)) = held
+                    && machine.generation == generation
+                    && machine.trials.iter().any(|trial| trial.ticket == ticket)
+                {
+                    return Readiness::Poll;
+                }
+            }
+        }
+        match machine.admit_trial(now) {
+            Ok(ticket) => Readiness::Reserved {
+                generation: machine.generation,
+                ticket,
+            },
+            Err(_) => Readiness::TurnAway,
+        }
+    }
+
+    /// Turns the trial slot `ticket`, taken by `poll_ready`, into the call's permit; `false` if
+    /// the slot is no longer this generation's (the circuit moved on, or a hung trial's slot was
+    /// taken back).
+    #[cold]
+    #[inline(never)]
+    pub(crate) fn use_reserved(&self, generation: u64, ticket: u64) -> bool {
+        let machine = self.lock();
+        let held = machine.state == CircuitState::HalfOpen
+            && machine.generation == generation
+            && machine.trials.iter().any(|trial| trial.ticket == ticket);
+        if held {
+            self.calls.increment();
+        }
+        held
     }
 
     /// Rejects a call for which `poll_ready` did not poll the inner service (it answered for an
@@ -468,37 +533,19 @@ impl Slot {
             CircuitState::HalfOpen => {}
         }
 
-        // Half-open: admit a trial if a slot is free, reclaiming one held by a hung trial.
-        let trial_timeout = machine.config.trial_timeout;
-        let limit = machine.config.half_open_max_calls as usize;
-        if machine.trials.len() >= limit
-            && let Some(oldest) = machine.trials.first().copied()
-            && now.saturating_duration_since(oldest.admitted) >= trial_timeout
-        {
-            machine.trials.remove(0);
-            tracing::warn!(
-                breaker = %machine.config.name,
-                hung_for = ?now.saturating_duration_since(oldest.admitted),
-                "half-open trial call did not finish within the trial timeout; admitting another"
-            );
+        match machine.admit_trial(now) {
+            Ok(ticket) => {
+                self.calls.increment();
+                Ok(Permit::Trial {
+                    generation: machine.generation,
+                    ticket,
+                })
+            }
+            Err(retry_after) => {
+                self.rejections.increment();
+                Err(Rejection::after(CircuitState::HalfOpen, nanos(retry_after)))
+            }
         }
-        if machine.trials.len() < limit {
-            let ticket = machine.next_ticket;
-            machine.next_ticket += 1;
-            machine.trials.push(Trial {
-                ticket,
-                admitted: now,
-            });
-            self.calls.increment();
-            return Ok(Permit::Trial {
-                generation: machine.generation,
-                ticket,
-            });
-        }
-        let held = now.saturating_duration_since(machine.trials[0].admitted);
-        let retry_after = trial_timeout.saturating_sub(held);
-        self.rejections.increment();
-        Err(Rejection::after(CircuitState::HalfOpen, nanos(retry_after)))
     }
 
     /// A call admitted in `Closed` failed.
@@ -675,6 +722,35 @@ impl Slot {
 }
 
 impl Machine {
+    /// In `HalfOpen`: takes a trial slot if one is free, reclaiming one held by a hung trial;
+    /// its ticket, or how long until the oldest trial's slot can be taken back.
+    fn admit_trial(&mut self, now: Instant) -> Result<u64, Duration> {
+        let trial_timeout = self.config.trial_timeout;
+        let limit = self.config.half_open_max_calls as usize;
+        if self.trials.len() >= limit
+            && let Some(oldest) = self.trials.first().copied()
+            && now.saturating_duration_since(oldest.admitted) >= trial_timeout
+        {
+            self.trials.remove(0);
+            tracing::warn!(
+                breaker = %self.config.name,
+                hung_for = ?now.saturating_duration_since(oldest.admitted),
+                "half-open trial call did not finish within the trial timeout; admitting another"
+            );
+        }
+        if self.trials.len() < limit {
+            let ticket = self.next_ticket;
+            self.next_ticket += 1;
+            self.trials.push(Trial {
+                ticket,
+                admitted: now,
+            });
+            return Ok(ticket);
+        }
+        let held = now.saturating_duration_since(self.trials[0].admitted);
+        Err(trial_timeout.saturating_sub(held))
+    }
+
     /// In `HalfOpen` with every trial slot taken by a trial younger than the trial timeout: how
     /// long until the oldest trial's slot can be taken back. `None` when a trial could be
     /// admitted now (or the breaker is not half-open).
