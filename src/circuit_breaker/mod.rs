@@ -475,7 +475,18 @@ impl<S, C> CircuitBreaker<S, C> {
 struct Reserved(Option<(&'static Slot, u64, u64)>);
 
 impl Drop for Reserved {
+    #[inline(always)]
     fn drop(&mut self) {
+        if self.0.is_some() {
+            self.release();
+        }
+    }
+}
+
+impl Reserved {
+    #[cold]
+    #[inline(never)]
+    fn release(&mut self) {
         if let Some((slot, generation, ticket)) = self.0.take() {
             slot.release_trial(generation, ticket);
         }
