@@ -38,8 +38,8 @@ impl CircuitBreakerHandle {
         &self.breaker.name
     }
 
-    /// The current state. `Open` becomes `HalfOpen` when the first call after the reset timeout
-    /// arrives, not by a timer.
+    /// The current state. `Open` becomes `HalfOpen` when the first caller after the reset
+    /// timeout asks for readiness (`poll_ready`), not by a timer.
     pub fn state(&self) -> CircuitState {
         self.breaker.slot.state()
     }

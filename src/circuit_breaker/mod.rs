@@ -57,8 +57,9 @@
 //!   poisons a `Buffer` or a balancer; and while no trial is due, `poll_ready` is ready at once
 //!   *without polling the inner service*, so callers fail fast even when the inner service is
 //!   not ready (see [Readiness](#readiness)).
-//! - **Open → Half-open** lazily: the first call at or after `opened_at + reset_timeout` is admitted
-//!   as a trial; no timer task runs.
+//! - **Open → Half-open** lazily: the first caller at or after `opened_at + reset_timeout` is
+//!   admitted as a trial — its `poll_ready` takes the trial's slot, its `call` is the trial; no
+//!   timer task runs.
 //! - **Half-open** admits at most [`half_open_max_calls`](CircuitBreakerConfig::half_open_max_calls)
 //!   trials at once. A failed trial re-opens the circuit (for longer, with
 //!   [`open_backoff`](CircuitBreakerConfig::open_backoff)); [`success_threshold`](CircuitBreakerConfig::success_threshold)
@@ -84,6 +85,13 @@
 //! between that `poll_ready` and `call`, the call is still rejected, with a `retry_after` of
 //! zero: the inner service was never made ready, so it cannot be called; the next `poll_ready`
 //! polls it.
+//!
+//! A caller let through to a trial takes the trial's slot in `poll_ready`, before it polls the
+//! inner service, and holds it while the inner service gets ready (as `ConcurrencyLimit` holds
+//! its permit): the other callers are turned away meanwhile, rather than all waiting for an
+//! inner service that only one of them may call. The slot goes back when the service is dropped
+//! without calling (a clone does not share it); one held past the trial timeout can be taken
+//! by another caller, as a hung trial's can.
 //!
 //! An error from the inner service's `poll_ready` (a transport that reports connect failures
 //! there) is returned to the caller and classified like a call's result: in `Closed`, a

@@ -691,8 +691,8 @@ impl Slot {
             && nanos_since(epoch, Instant::now()) >= self.open_until.load(Ordering::Acquire)
     }
 
-    /// The current state (as of the last transition: `Open` turns `HalfOpen` on the first call
-    /// after the reset timeout, not by a timer).
+    /// The current state (as of the last transition: `Open` turns `HalfOpen` at the first
+    /// `poll_ready` after the reset timeout, not by a timer).
     pub(crate) fn state(&self) -> CircuitState {
         state_of(self.word.load(Ordering::Acquire))
     }
