@@ -140,13 +140,13 @@ impl Check {
     fn run(&self) -> (bool, Detail) {
         match self {
             Check::Breaker(handle) => {
-                let state = handle.state();
+                let (state, trial_due) = handle.state_and_trial_due();
                 // An open breaker whose open period is over lets the next call through as a
                 // trial; it turns half-open only then. Reported down, it would stay down for good
                 // behind a readiness probe that keeps traffic away while it is down.
                 let up = match state {
                     CircuitState::ForcedOpen => false,
-                    CircuitState::Open => handle.trial_due(),
+                    CircuitState::Open => trial_due,
                     _ => true,
                 };
                 (up, Detail::State(state.to_string()))

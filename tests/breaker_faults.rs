@@ -228,13 +228,13 @@ async fn half_open_with_every_trial_slot_taken_turns_callers_away_without_pollin
     assert_eq!(rejected.retry_after(), Some(8 * SEC));
     assert_eq!(inner.polls.load(Ordering::SeqCst), polls);
     assert_eq!(inner.calls.load(Ordering::SeqCst), 2);
-    // Once the trial timeout has passed, a caller polls the inner service again to take the
-    // hung trial's slot.
+    // Once the trial timeout has passed, a caller takes the hung trial's slot and polls the
+    // inner service again; the hung trial's end, late, changes nothing.
     advance(8 * SEC).await;
     assert!(timeout(SEC, other.ready()).await.is_err());
-    // A slot that frees (the trial's future dropped, no verdict) lets the next caller poll.
-    inner.set(Readiness::Ready);
     drop(trial);
+    assert_eq!(handle.state(), CircuitState::HalfOpen);
+    inner.set(Readiness::Ready);
     assert_eq!(call(&mut other, false).await.unwrap(), "ok");
     assert_eq!(handle.state(), CircuitState::Closed);
 }
@@ -668,4 +668,32 @@ async fn a_trial_slot_taken_by_a_dropped_service_is_given_back() {
     inner.set(Readiness::Ready);
     assert_eq!(call(&mut service, false).await.unwrap(), "ok");
     assert_eq!(service.handle().state(), CircuitState::Closed);
+}
+
+/// The trial timeout bounds the trial call, not the wait for the inner service before it: a
+/// caller that held the trial's slot for most of the timeout while the inner service got ready
+/// keeps its slot for the whole timeout once it calls.
+#[tokio::test(start_paused = true)]
+async fn a_trial_timeout_counts_from_the_call_not_from_the_wait_before_it() {
+    let (mut first, inner) = guarded(
+        CircuitBreakerConfig::new("waited")
+            .max_failures(1)
+            .reset_timeout(10 * SEC)
+            .trial_timeout(5 * SEC),
+    );
+    let mut other = first.clone();
+    assert!(call(&mut first, true).await.is_err());
+    inner.set(Readiness::Pending);
+    advance(10 * SEC).await;
+    assert!(timeout(4 * SEC, first.ready()).await.is_err());
+    inner.set(Readiness::Ready);
+    first.ready().await.unwrap();
+    let trial = first.call(false);
+    advance(2 * SEC).await;
+    other.ready().await.unwrap();
+    let rejected = open_error(other.call(false).await.unwrap_err());
+    assert_eq!(rejected.state(), CircuitState::HalfOpen);
+    assert_eq!(rejected.retry_after(), Some(3 * SEC));
+    assert_eq!(trial.await.unwrap(), "ok");
+    assert_eq!(first.handle().state(), CircuitState::Closed);
 }

@@ -392,10 +392,13 @@ impl Model {
                 Some(Permit::Untracked)
             }
             CircuitState::HalfOpen => {
-                // `poll_ready` left this service holding a trial slot.
+                // `poll_ready` left this service holding a trial slot; the trial's time starts
+                // at the call.
                 let held = self.holds_reservation();
                 let (generation, ticket) = self.reserved.take().expect("a reserved slot");
                 assert!(held, "poll_ready let a call through without a slot");
+                self.trials.retain(|(t, _)| *t != ticket);
+                self.trials.push((ticket, self.now));
                 self.calls += 1;
                 self.last = Observed::Admitted;
                 Some(Permit::Trial {

@@ -1253,15 +1253,16 @@ async fn the_size_limit_is_inclusive_both_ways() {
     server.shutdown().await;
 }
 
-/// Times beyond the longest time to live RabbitMQ takes (3650 days), `Duration::MAX` included,
-/// are capped: a client with `timeout(Duration::MAX)` sent it as the request's expiration, which
-/// the broker refused (every request failed, and closed the channel under the others), and a
-/// server with a `Duration::MAX` redelivery delay could not declare its delay queue.
+/// Times beyond the longest time to live every RabbitMQ takes (2³² − 1 ms), `Duration::MAX`
+/// included, are capped: a client with `timeout(Duration::MAX)` sent it as the request's
+/// expiration, which the broker refused (every request failed, and closed the channel under the
+/// others), and a server with a `Duration::MAX` redelivery delay could not declare its delay
+/// queue.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn times_beyond_the_brokers_longest_time_to_live_are_capped() {
     let url = machine_url();
     let queue = unique("longest-ttl");
-    let _cleanup = Cleanup::new(&url).service_queue(&queue, &[315_360_000_000]);
+    let _cleanup = Cleanup::new(&url).service_queue(&queue, &[4_294_967_295]);
     let server = RmqServer::new(options(&url, &queue))
         .event_retries(
             EventRetries::new()

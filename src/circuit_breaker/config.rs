@@ -425,7 +425,8 @@ impl CircuitBreakerConfig {
 
     /// How long a trial call may run before its slot is given to a new trial (default 30 s). A
     /// hung trial therefore never wedges the breaker in half-open; its late result is
-    /// disregarded.
+    /// disregarded. It counts from the call; a slot taken in `poll_ready` and held this long
+    /// without a call (the inner service never got ready) is given to a new trial too.
     ///
     /// Its own setting, not tied to the reset timeout: a short (even zero) reset timeout must
     /// not make every running trial count as hung, which would let any number of trials through.

@@ -44,10 +44,10 @@ impl CircuitBreakerHandle {
         self.breaker.slot.state()
     }
 
-    /// Whether the circuit is open with its open period over, so that the next call is let
-    /// through as a trial (for health checks: such a breaker no longer turns calls away).
-    pub(crate) fn trial_due(&self) -> bool {
-        self.breaker.slot.trial_due(self.breaker.epoch)
+    /// The state, and whether it is open with its open period over, so that the next caller is
+    /// let through to a trial (for health checks: such a breaker no longer turns calls away).
+    pub(crate) fn state_and_trial_due(&self) -> (CircuitState, bool) {
+        self.breaker.slot.state_and_trial_due(self.breaker.epoch)
     }
 
     /// A snapshot of the counters.

@@ -91,7 +91,9 @@
 //! its permit): the other callers are turned away meanwhile, rather than all waiting for an
 //! inner service that only one of them may call. The slot goes back when the service is dropped
 //! without calling (a clone does not share it); one held past the trial timeout can be taken
-//! by another caller, as a hung trial's can.
+//! by another caller, as a hung trial's can. The trial timeout itself counts from the call. A
+//! service that asks for readiness before it has a request (`call_all`, a ready cache) holds the
+//! slot meanwhile, as it would hold a `ConcurrencyLimit`'s permit.
 //!
 //! An error from the inner service's `poll_ready` (a transport that reports connect failures
 //! there) is returned to the caller and classified like a call's result: in `Closed`, a

@@ -371,15 +371,18 @@ impl Slot {
     #[cold]
     #[inline(never)]
     pub(crate) fn ready_not_closed(&self, epoch: Instant, held: Option<(u64, u64)>) -> Readiness {
-        let now = Instant::now();
         let word = self.word.load(Ordering::Acquire);
         match word & STATE_MASK {
             FORCED_OPEN => return Readiness::TurnAway,
             FORCED_CLOSED | CLOSED => return Readiness::Poll,
-            OPEN if nanos_since(epoch, now) < self.open_until.load(Ordering::Acquire) => {
-                return Readiness::TurnAway;
-            }
             _ => {}
+        }
+        // Read only here: forced closed, every `poll_ready` comes this way.
+        let now = Instant::now();
+        if word & STATE_MASK == OPEN
+            && nanos_since(epoch, now) < self.open_until.load(Ordering::Acquire)
+        {
+            return Readiness::TurnAway;
         }
         let mut machine = self.lock();
         let machine = &mut *machine;
@@ -418,18 +421,31 @@ impl Slot {
 
     /// Turns the trial slot `ticket`, taken by `poll_ready`, into the call's permit; `false` if
     /// the slot is no longer this generation's (the circuit moved on, or a hung trial's slot was
-    /// taken back).
+    /// taken back). The trial's time starts now: the trial timeout bounds the call, not the wait
+    /// for the inner service before it.
     #[cold]
     #[inline(never)]
     pub(crate) fn use_reserved(&self, generation: u64, ticket: u64) -> bool {
-        let machine = self.lock();
-        let held = machine.state == CircuitState::HalfOpen
-            && machine.generation == generation
-            && machine.trials.iter().any(|trial| trial.ticket == ticket);
-        if held {
-            self.calls.increment();
+        let now = Instant::now();
+        let mut machine = self.lock();
+        if machine.state != CircuitState::HalfOpen || machine.generation != generation {
+            return false;
         }
-        held
+        let Some(position) = machine
+            .trials
+            .iter()
+            .position(|trial| trial.ticket == ticket)
+        else {
+            return false;
+        };
+        // Last, with its new time: the trials stay oldest first, as reclaiming expects.
+        machine.trials.remove(position);
+        machine.trials.push(Trial {
+            ticket,
+            admitted: now,
+        });
+        self.calls.increment();
+        true
     }
 
     /// Rejects a call for which `poll_ready` did not poll the inner service (it answered for an
@@ -684,11 +700,13 @@ impl Slot {
         }
     }
 
-    /// Whether the circuit is open and its open period is over: the next call is admitted as a
-    /// trial (the state turns `HalfOpen` then).
-    pub(crate) fn trial_due(&self, epoch: Instant) -> bool {
-        self.word.load(Ordering::Acquire) & STATE_MASK == OPEN
-            && nanos_since(epoch, Instant::now()) >= self.open_until.load(Ordering::Acquire)
+    /// The current state, and whether it is `Open` with its open period over (the next caller
+    /// is let through to a trial; the state turns `HalfOpen` then), from one reading of it.
+    pub(crate) fn state_and_trial_due(&self, epoch: Instant) -> (CircuitState, bool) {
+        let word = self.word.load(Ordering::Acquire);
+        let due = word & STATE_MASK == OPEN
+            && nanos_since(epoch, Instant::now()) >= self.open_until.load(Ordering::Acquire);
+        (state_of(word), due)
     }
 
     /// The current state (as of the last transition: `Open` turns `HalfOpen` at the first

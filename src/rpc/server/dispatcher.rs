@@ -490,10 +490,17 @@ impl Dispatcher {
         let inner = &*self.inner;
         self.begin_draining();
         let started = Instant::now();
-        // Waiters first: one that gets its slot is tracked before it stops waiting.
+        // Waiters first: one that gets its slot is tracked before it stops waiting. And again
+        // while a waiter came late (past the draining check just before it began, its token
+        // taken once the waiters looked done).
         let drained = tokio::time::timeout(inner.grace_period, async {
-            inner.waiting.wait().await;
-            inner.tracker.wait().await;
+            loop {
+                inner.waiting.wait().await;
+                inner.tracker.wait().await;
+                if inner.waiting.is_empty() {
+                    break;
+                }
+            }
         })
         .await
         .is_ok();

@@ -84,7 +84,8 @@
 //!   sent (`InvalidArgument`); a reply over it becomes an error reply saying so. A message the
 //!   broker refuses for its size (its own limit is lower) is the only one told it is too large:
 //!   the refusal closes the channel, and requests in flight on it fail as `Unavailable` (worth
-//!   retrying) while replies are sent again on a fresh channel. Each side then holds messages to
+//!   retrying, though one published just before the refused message may have been delivered)
+//!   while replies are sent again on a fresh channel. Each side then holds messages to
 //!   the broker's limit, named in its refusal.
 //!
 //! TLS (`amqps://`) needs one of `lapin`'s TLS features: add `lapin` with, say, `features =
@@ -115,9 +116,11 @@ use serde_json::Value;
 use std::fmt;
 use std::time::Duration;
 
-/// The longest time to live RabbitMQ takes, for a message's `expiration` as for a queue's
-/// `x-message-ttl`: 3650 days. A longer one is refused (`PRECONDITION_FAILED`, a channel error).
-pub(crate) const MAX_TTL: Duration = Duration::from_millis(315_360_000_000);
+/// The longest time to live palisade gives RabbitMQ, for a message's `expiration` as for a
+/// queue's `x-message-ttl`: 2³² − 1 ms (about 49.7 days), the most every RabbitMQ version takes
+/// (older ones stop there, newer ones at 3650 days). A longer one is refused
+/// (`PRECONDITION_FAILED`, a channel error).
+pub(crate) const MAX_TTL: Duration = Duration::from_millis(4_294_967_295);
 
 /// RabbitMQ's direct reply-to pseudo-queue: replies come straight to the requesting channel.
 pub const DIRECT_REPLY_TO: &str = "amq.rabbitmq.reply-to";

@@ -103,7 +103,8 @@ impl EventRetries {
 
     /// Delays before the 1st, 2nd, ... redelivery of a failed event (the last repeats; empty
     /// means 1 s). Each distinct delay is a delay queue; delays are whole milliseconds, at least 1
-    /// and at most 3650 days (the longest time to live RabbitMQ takes; a longer one is capped).
+    /// and at most about 49.7 days (2³² − 1 ms, the longest time to live every RabbitMQ version
+    /// takes; a longer one is capped).
     pub fn backoff(mut self, delays: impl IntoIterator<Item = Duration>) -> Self {
         self.backoff = delays.into_iter().collect();
         self
@@ -486,7 +487,7 @@ mod tests {
             long.delay_before(1),
             crate::rpc::transport::rabbitmq::MAX_TTL
         );
-        assert_eq!(long.delays_ms(), [315_360_000_000]);
+        assert_eq!(long.delays_ms(), [4_294_967_295]);
     }
 
     #[test]

@@ -749,8 +749,18 @@ impl ReplySink for RmqSink {
                     });
                 }
                 // Another reply's refusal closed the shared channel under this one: once more,
-                // on a fresh channel. (Requeued, the request would run again from the start.)
+                // on a fresh channel — unless it is over the limit that refusal taught, when it
+                // would only close the fresh channel too. (Requeued, the request would run again
+                // from the start. One published before the refused reply may have gone out all
+                // the same, its confirm lost in the close: a value may then come twice, rather
+                // than a whole stream again.)
                 Err(error) if super::is_too_large(&error) && !closed_under_it => {
+                    if matches!(packet, ReplyPacket::Value { .. }) && body.len() > limit.get() {
+                        return Err(SendError::TooLarge {
+                            size: body.len(),
+                            limit: limit.get(),
+                        });
+                    }
                     closed_under_it = true;
                     continue;
                 }
