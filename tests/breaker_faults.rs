@@ -697,3 +697,65 @@ async fn a_trial_timeout_counts_from_the_call_not_from_the_wait_before_it() {
     assert_eq!(trial.await.unwrap(), "ok");
     assert_eq!(first.handle().state(), CircuitState::Closed);
 }
+
+/// A caller turned away in half-open whose call comes after a trial slot freed is told to come
+/// back at once (its inner service was never made ready, so it cannot be called now).
+#[tokio::test(start_paused = true)]
+async fn a_caller_turned_away_in_half_open_comes_back_at_once_when_a_slot_freed() {
+    let (mut service, _) = guarded(
+        CircuitBreakerConfig::new("freed")
+            .max_failures(1)
+            .reset_timeout(10 * SEC)
+            .half_open_max_calls(2)
+            .trial_timeout(30 * SEC),
+    );
+    let mut turned_away = service.clone();
+    let mut second = service.clone();
+    assert!(call(&mut service, true).await.is_err());
+    advance(10 * SEC).await;
+    let first_trial = service.ready().await.unwrap().call(false);
+    advance(SEC).await;
+    let second_trial = second.ready().await.unwrap().call(false);
+    turned_away.ready().await.unwrap();
+    drop(first_trial);
+    let rejected = open_error(turned_away.call(false).await.unwrap_err());
+    assert_eq!(rejected.state(), CircuitState::HalfOpen);
+    assert_eq!(rejected.retry_after(), Some(Duration::ZERO));
+    // Turned away with both slots taken, it is told when the oldest one can be taken back.
+    let third_trial = service.ready().await.unwrap().call(false);
+    turned_away.ready().await.unwrap();
+    let rejected = open_error(turned_away.call(false).await.unwrap_err());
+    assert_eq!(rejected.retry_after(), Some(30 * SEC));
+    drop((second_trial, third_trial));
+}
+
+/// A trial slot taken in one half-open period is no use in a later one: the call it was taken
+/// for is admitted only if a slot of the new period is free.
+#[tokio::test(start_paused = true)]
+async fn a_slot_taken_in_an_earlier_half_open_period_is_no_use_in_a_later_one() {
+    let (mut service, _) = guarded(
+        CircuitBreakerConfig::new("stale")
+            .max_failures(1)
+            .reset_timeout(10 * SEC)
+            .trial_timeout(2 * SEC),
+    );
+    let handle = service.handle();
+    let mut stale = service.clone();
+    let mut holder = service.clone();
+    assert!(call(&mut service, true).await.is_err());
+    advance(10 * SEC).await;
+    stale.ready().await.unwrap();
+    // The stale caller's slot is taken back, the trial fails, the circuit opens again...
+    advance(3 * SEC).await;
+    assert!(call(&mut service, true).await.is_err());
+    // ...and in the next half-open period another caller holds the only slot.
+    advance(10 * SEC).await;
+    let held = holder.ready().await.unwrap().call(false);
+    assert_eq!(handle.state(), CircuitState::HalfOpen);
+    let calls = handle.metrics().calls;
+    let rejected = open_error(stale.call(false).await.unwrap_err());
+    assert_eq!(rejected.state(), CircuitState::HalfOpen);
+    assert_eq!(handle.metrics().calls, calls);
+    assert_eq!(held.await.unwrap(), "ok");
+    assert_eq!(handle.state(), CircuitState::Closed);
+}
