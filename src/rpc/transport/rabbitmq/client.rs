@@ -1,6 +1,6 @@
 use super::{
-    RmqOptions, SizeLimit, describe, is_too_large, publish_error, routing_key_of, short_string,
-    to_amqp_headers,
+    RmqOptions, SizeLimit, describe, is_too_large, publish_error, publish_in_order, routing_key_of,
+    short_string, to_amqp_headers,
 };
 use crate::rpc::transport::{ClientTransport, Connect, ReplyPacket, ReplyReceiver};
 use crate::rpc::wire::{PendingRequests, SharedCodec};
@@ -75,6 +75,8 @@ impl Connect for RmqOptions {
 struct Link {
     connection: Arc<Connection>,
     channel: Channel,
+    /// Publishes on `channel` take their confirm's tag in order ([`publish_in_order`]).
+    order: std::sync::Mutex<()>,
 }
 
 struct Shared {
@@ -220,9 +222,9 @@ impl Shared {
                 ),
             ));
         }
-        let confirm = link
-            .channel
-            .basic_publish(
+        let confirm = publish_in_order(
+            &link.order,
+            link.channel.basic_publish(
                 exchange.clone(),
                 routing_key.clone(),
                 BasicPublishOptions {
@@ -231,11 +233,12 @@ impl Shared {
                 },
                 body,
                 properties,
-            )
-            .await
-            .map_err(|error| {
-                self.publish_failed(&format!("cannot publish {}", what()), &error, body)
-            })?;
+            ),
+        )
+        .await
+        .map_err(|error| {
+            self.publish_failed(&format!("cannot publish {}", what()), &error, body)
+        })?;
         match confirm.await {
             Ok(Confirmation::Ack(None)) => Ok(()),
             Ok(Confirmation::Ack(Some(returned))) => Err(RpcError::transport(
@@ -345,6 +348,7 @@ async fn open(
         Link {
             connection,
             channel,
+            order: std::sync::Mutex::new(()),
         },
         replies,
     ))

@@ -820,6 +820,31 @@ fn soft_error(error: &lapin::Error) -> Option<lapin::protocol::AMQPSoftError> {
     }
 }
 
+/// Publishes with `publish` (a `basic_publish` on a channel in confirm mode) so that the
+/// delivery tag lapin numbers its confirm with is the one the broker gives the message. lapin
+/// takes the tag and queues the message's frames in two steps, both in the first poll of
+/// `basic_publish`: two tasks publishing on one channel at once could queue their frames in the
+/// other order than their tags, and each would get the other's confirm — a message the broker
+/// refused reported as confirmed (its caller waiting out its deadline), the refusal given to
+/// its neighbour. That first poll is taken under `order`, one per channel.
+pub(crate) async fn publish_in_order<F: std::future::Future>(
+    order: &std::sync::Mutex<()>,
+    publish: F,
+) -> F::Output {
+    let mut publish = std::pin::pin!(publish);
+    let mut first = true;
+    std::future::poll_fn(|cx| {
+        if std::mem::take(&mut first) {
+            let _order = order
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            return publish.as_mut().poll(cx);
+        }
+        publish.as_mut().poll(cx)
+    })
+    .await
+}
+
 /// The largest message body the broker takes, as far as this side knows: the configured
 /// [`max_message_size`](RmqOptions::max_message_size), lowered to the broker's own limit once
 /// the broker refused a message for its size. Such a refusal closes the channel, and with it

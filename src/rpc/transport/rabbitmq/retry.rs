@@ -340,9 +340,10 @@ fn with_headers(
     properties.clone().with_headers(headers)
 }
 
-/// Publishes on a confirm channel, mandatory; `Ok(true)` when the broker routed and stored it.
+/// Publishes on a confirm channel (with the lock that orders its publishes), mandatory;
+/// `Ok(true)` when the broker routed and stored it.
 async fn publish_confirmed(
-    channel: &Channel,
+    (channel, order): (&Channel, &std::sync::Mutex<()>),
     exchange: &str,
     routing_key: &str,
     body: &[u8],
@@ -350,8 +351,9 @@ async fn publish_confirmed(
 ) -> Result<bool, String> {
     let exchange = ShortString::try_new(exchange).map_err(|error| error.to_string())?;
     let routing_key = ShortString::try_new(routing_key).map_err(|error| error.to_string())?;
-    let confirm = channel
-        .basic_publish(
+    let confirm = super::publish_in_order(
+        order,
+        channel.basic_publish(
             exchange,
             routing_key,
             BasicPublishOptions {
@@ -360,9 +362,10 @@ async fn publish_confirmed(
             },
             body,
             properties,
-        )
-        .await
-        .map_err(|error| describe(&error))?;
+        ),
+    )
+    .await
+    .map_err(|error| describe(&error))?;
     match confirm.await {
         Ok(Confirmation::Ack(None) | Confirmation::NotRequested) => Ok(true),
         Ok(Confirmation::Ack(Some(_))) => Ok(false),
@@ -375,7 +378,7 @@ async fn publish_confirmed(
 /// dead-letter exchange. `deliveries` counts the delivery that just failed; `None` dead-letters
 /// at once.
 pub(crate) async fn on_failure(
-    channel: &Channel,
+    channel: (&Channel, &std::sync::Mutex<()>),
     topology: &Topology,
     retries: &EventRetries,
     event: FailedEvent<'_>,

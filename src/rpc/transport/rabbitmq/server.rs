@@ -153,6 +153,8 @@ struct LazyChannel {
     confirm: bool,
     channel: Mutex<Option<Channel>>,
     opening: tokio::sync::Mutex<()>,
+    /// Publishes take their confirm's tag in order ([`publish_in_order`](super::publish_in_order)).
+    order: Mutex<()>,
 }
 
 impl LazyChannel {
@@ -162,6 +164,7 @@ impl LazyChannel {
             confirm,
             channel: Mutex::new(None),
             opening: tokio::sync::Mutex::new(()),
+            order: Mutex::new(()),
         }
     }
 
@@ -607,7 +610,10 @@ async fn handle(state: &Arc<State>, link: &Arc<Link>, delivery: lapin::message::
 /// Sends a failed event on (delay queue or dead-letter exchange) and settles it.
 async fn dead_letter(state: &State, link: &Link, acker: &Acker, event: FailedEvent<'_>) {
     let outcome = match link.confirms.get().await {
-        Ok(channel) => retry::on_failure(&channel, &link.topology, &state.retries, event).await,
+        Ok(channel) => {
+            let channel = (&channel, &link.confirms.order);
+            retry::on_failure(channel, &link.topology, &state.retries, event).await
+        }
         Err(error) => {
             tracing::error!(error = %describe(&error), "cannot open a channel to retry or dead-letter an event");
             Failed::Kept
@@ -715,8 +721,9 @@ impl ReplySink for RmqSink {
         let failure = loop {
             let published = async {
                 let channel = self.link.replies.get().await?;
-                channel
-                    .basic_publish(
+                super::publish_in_order(
+                    &self.link.replies.order,
+                    channel.basic_publish(
                         ShortString::default(),
                         self.reply_to.clone(),
                         // Not mandatory: RabbitMQ 3 returns messages to a direct reply-to as
@@ -724,9 +731,10 @@ impl ReplySink for RmqSink {
                         BasicPublishOptions::default(),
                         &body,
                         properties.clone(),
-                    )
-                    .await?
-                    .await
+                    ),
+                )
+                .await?
+                .await
             }
             .await;
             break match published {
