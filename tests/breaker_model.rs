@@ -332,17 +332,16 @@ impl Model {
         }
         self.last = Observed::ReadyFailed;
         self.reserved = None;
-        match self.state {
-            CircuitState::Closed => {
-                if self.closed_failure(false) {
-                    self.transition(CircuitState::Open);
-                }
-            }
+        let opens = match self.state {
+            CircuitState::Closed => self.closed_failure(false),
             CircuitState::HalfOpen => {
                 self.recorded_failures += 1;
-                self.transition(CircuitState::Open);
+                true
             }
-            _ => {}
+            _ => false,
+        };
+        if opens {
+            self.transition(CircuitState::Open);
         }
     }
 
