@@ -369,9 +369,8 @@ where
 
     /// Ready at once, without polling the inner service, while the breaker turns calls away
     /// (forced open, open with no trial due, or half-open with every trial slot taken): callers
-    /// then get [`CircuitOpen`] from `call`
-    /// instead of queueing behind an inner service that is not ready (a full `Buffer`, a
-    /// reconnecting client). Otherwise polls the inner service; an error from it is classified
+    /// then get [`CircuitOpen`] from `call` instead of queueing behind an inner service that is
+    /// not ready (a full `Buffer`, a reconnecting client). Otherwise polls the inner service; an error from it is classified
     /// like a call's result (see the [module docs](self#readiness)).
     #[inline(always)]
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {

@@ -390,22 +390,14 @@ impl Slot {
             CircuitState::ForcedOpen => return Readiness::TurnAway,
             CircuitState::Closed | CircuitState::ForcedClosed => return Readiness::Poll,
             CircuitState::Open => {
-                let until = self.open_until.load(Ordering::Relaxed);
-                if nanos_since(machine.epoch, now) < until {
+                if !machine.half_open_if_due(self, now) {
                     return Readiness::TurnAway;
                 }
-                machine.transition(
-                    self,
-                    CircuitState::HalfOpen,
-                    TransitionReason::ResetTimeoutElapsed,
-                    now,
-                );
             }
             CircuitState::HalfOpen => {
-                if let Some((generation, ticket)) = held
-                    && machine.generation == generation
-                    && machine.trials.iter().any(|trial| trial.ticket == ticket)
-                {
+                if held.is_some_and(|(generation, ticket)| {
+                    machine.trial_position(generation, ticket).is_some()
+                }) {
                     return Readiness::Poll;
                 }
             }
@@ -428,14 +420,7 @@ impl Slot {
     pub(crate) fn use_reserved(&self, generation: u64, ticket: u64) -> bool {
         let now = Instant::now();
         let mut machine = self.lock();
-        if machine.state != CircuitState::HalfOpen || machine.generation != generation {
-            return false;
-        }
-        let Some(position) = machine
-            .trials
-            .iter()
-            .position(|trial| trial.ticket == ticket)
-        else {
+        let Some(position) = machine.trial_position(generation, ticket) else {
             return false;
         };
         // Last, with its new time: the trials stay oldest first, as reclaiming expects.
@@ -585,25 +570,18 @@ impl Slot {
     pub(crate) fn record_ready_failure(&self) {
         let now = Instant::now();
         let mut machine = self.lock();
-        match machine.state {
-            CircuitState::Closed => machine.record_closed_failure(self, now, false),
-            CircuitState::HalfOpen => {
-                machine.failures += 1;
-                machine.transition(self, CircuitState::Open, TransitionReason::TrialFailed, now);
+        let failed_trial = match machine.state {
+            CircuitState::Closed => {
+                machine.record_closed_failure(self, now, false);
+                false
             }
-            CircuitState::Open
-                if nanos_since(machine.epoch, now) >= self.open_until.load(Ordering::Relaxed) =>
-            {
-                machine.failures += 1;
-                machine.transition(
-                    self,
-                    CircuitState::HalfOpen,
-                    TransitionReason::ResetTimeoutElapsed,
-                    now,
-                );
-                machine.transition(self, CircuitState::Open, TransitionReason::TrialFailed, now);
-            }
-            _ => {}
+            CircuitState::HalfOpen => true,
+            CircuitState::Open => machine.half_open_if_due(self, now),
+            CircuitState::ForcedOpen | CircuitState::ForcedClosed => false,
+        };
+        if failed_trial {
+            machine.failures += 1;
+            machine.transition(self, CircuitState::Open, TransitionReason::TrialFailed, now);
         }
     }
 
@@ -740,6 +718,29 @@ impl Slot {
 }
 
 impl Machine {
+    /// In `Open`: moves to `HalfOpen` if the open period is over; whether it did.
+    fn half_open_if_due(&mut self, slot: &Slot, now: Instant) -> bool {
+        if nanos_since(self.epoch, now) < slot.open_until.load(Ordering::Relaxed) {
+            return false;
+        }
+        self.transition(
+            slot,
+            CircuitState::HalfOpen,
+            TransitionReason::ResetTimeoutElapsed,
+            now,
+        );
+        true
+    }
+
+    /// Where the trial slot `ticket` of `generation` stands among the trials, if it is still
+    /// held (the circuit is still in that half-open period, and the slot was not taken back).
+    fn trial_position(&self, generation: u64, ticket: u64) -> Option<usize> {
+        if self.state != CircuitState::HalfOpen || self.generation != generation {
+            return None;
+        }
+        self.trials.iter().position(|trial| trial.ticket == ticket)
+    }
+
     /// In `HalfOpen`: takes a trial slot if one is free, reclaiming one held by a hung trial;
     /// its ticket, or how long until the oldest trial's slot can be taken back.
     fn admit_trial(&mut self, now: Instant) -> Result<u64, Duration> {

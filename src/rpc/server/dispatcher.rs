@@ -318,14 +318,13 @@ impl Dispatcher {
                 // by every message.
                 Err(_) => {
                     _waiting = Some(self.inner.waiting.token());
-                    let abort = &self.inner.abort;
                     // Boxed: only a request that has to wait gets here, and this future is held
                     // for every message.
-                    let slot = Box::pin(async move {
+                    let slot = Box::pin(async {
                         tokio::select! {
                             biased;
-                            () = abort.cancelled() => None,
-                            permit = Arc::clone(permits).acquire_owned() => Some(permit.ok()),
+                            () = self.inner.abort.cancelled() => None,
+                            permit = self.slot() => Some(permit),
                         }
                     })
                     .await;

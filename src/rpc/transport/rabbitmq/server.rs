@@ -704,15 +704,17 @@ impl RmqSink {
 impl ReplySink for RmqSink {
     async fn send(&mut self, packet: ReplyPacket) -> Result<(), SendError> {
         let body = self.body(&packet);
+        let limit = &self.state.limit;
         // Values are held to the limit; the error saying one did not fit must go out whatever
         // the limit (the broker's own still applies).
-        let limit = &self.state.limit;
-        if matches!(packet, ReplyPacket::Value { .. }) && body.len() > limit.get() {
-            return Err(SendError::TooLarge {
+        let held_to_limit = || match packet {
+            ReplyPacket::Value { .. } if body.len() > limit.get() => Err(SendError::TooLarge {
                 size: body.len(),
                 limit: limit.get(),
-            });
-        }
+            }),
+            _ => Ok(()),
+        };
+        held_to_limit()?;
         let mut properties = BasicProperties::default();
         if let Some(correlation_id) = &self.correlation_id {
             properties = properties.with_correlation_id(correlation_id.clone());
@@ -763,12 +765,7 @@ impl ReplySink for RmqSink {
                 // the same, its confirm lost in the close: a value may then come twice, rather
                 // than a whole stream again.)
                 Err(error) if super::is_too_large(&error) && !closed_under_it => {
-                    if matches!(packet, ReplyPacket::Value { .. }) && body.len() > limit.get() {
-                        return Err(SendError::TooLarge {
-                            size: body.len(),
-                            limit: limit.get(),
-                        });
-                    }
+                    held_to_limit()?;
                     closed_under_it = true;
                     continue;
                 }
