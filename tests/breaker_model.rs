@@ -10,6 +10,11 @@
 //! window, consecutive failures, and a failure rate with or without slow calls (ten buckets of
 //! `window / 10`; judged after every completed call). Calls left in flight finish after clock
 //! advances, so slow calls happen.
+//!
+//! Two clones of the service share the breaker, as tower's `Retry`, a `Buffer`'s workers or a
+//! router's per-request clones do: each has its own readiness and may hold a half-open trial slot
+//! taken in its `poll_ready`, and either may be dropped and replaced by a new clone, which gives
+//! such a slot back.
 
 use palisade::circuit_breaker::{
     CircuitBreaker, CircuitBreakerConfig, CircuitBreakerLayer, CircuitOpen, CircuitState,
@@ -26,6 +31,8 @@ use tokio::sync::oneshot;
 use tower::{BoxError, Layer, Service, ServiceExt};
 
 const MS: Duration = Duration::from_millis(1);
+/// Clones of the guarded service.
+const SERVICES: usize = 2;
 
 #[derive(Clone, Copy, Debug)]
 struct Rate {
@@ -156,17 +163,17 @@ struct Model {
     rejections: u64,
     recorded_failures: u64,
     transitions: u64,
-    /// The trial slot (generation, ticket) the service took in `poll_ready` for its next call.
-    reserved: Option<(u64, u64)>,
+    /// The trial slot (generation, ticket) each clone took in `poll_ready` for its next call.
+    reserved: [Option<(u64, u64)>; SERVICES],
     last: Observed,
 }
 
 #[derive(Clone, Debug)]
 enum Op {
-    /// A call that finishes at once with this outcome.
-    Call(Outcome),
-    /// A call left in flight.
-    Start,
+    /// A call through this clone that finishes at once with this outcome.
+    Call(usize, Outcome),
+    /// A call through this clone left in flight.
+    Start(usize),
     /// Finish the in-flight call at this index.
     Finish(usize, Outcome),
     /// Drop the in-flight call at this index.
@@ -175,11 +182,14 @@ enum Op {
     ForceOpen,
     ForceClosed,
     Reset,
-    /// `ready()` while the inner service's `poll_ready` fails (a dead transport).
-    ReadyFails,
-    /// `ready()` polled once while the inner service is not ready (a saturated
-    /// `ConcurrencyLimit`); the service keeps any trial slot it took.
-    ReadyPending,
+    /// `ready()` on this clone while the inner service's `poll_ready` fails (a dead transport).
+    ReadyFails(usize),
+    /// `ready()` on this clone polled once while the inner service is not ready (a saturated
+    /// `ConcurrencyLimit`); the clone keeps any trial slot it took.
+    ReadyPending(usize),
+    /// Drops this clone (giving back a trial slot it holds) and puts a new clone of the other in
+    /// its place.
+    Replace(usize),
 }
 
 impl Model {
@@ -273,9 +283,9 @@ impl Model {
         trip
     }
 
-    /// Whether the service's reserved trial slot is still its own.
-    fn holds_reservation(&self) -> bool {
-        self.reserved.is_some_and(|(generation, ticket)| {
+    /// Whether the clone's reserved trial slot is still its own.
+    fn holds_reservation(&self, service: usize) -> bool {
+        self.reserved[service].is_some_and(|(generation, ticket)| {
             self.state == CircuitState::HalfOpen
                 && generation == self.generation
                 && self.trials.iter().any(|(t, _)| *t == ticket)
@@ -299,7 +309,7 @@ impl Model {
 
     /// `poll_ready` up to the inner service: whether it polls the inner service (else it answers
     /// ready itself, and `call` rejects). A caller let through to a trial takes its slot here.
-    fn poll_ready(&mut self) -> bool {
+    fn poll_ready(&mut self, service: usize) -> bool {
         match self.state {
             CircuitState::Closed | CircuitState::ForcedClosed => true,
             CircuitState::ForcedOpen => false,
@@ -308,12 +318,12 @@ impl Model {
                 if self.state == CircuitState::Open {
                     self.transition(CircuitState::HalfOpen);
                 }
-                if self.holds_reservation() {
+                if self.holds_reservation(service) {
                     return true;
                 }
                 match self.take_trial_slot() {
                     Some(ticket) => {
-                        self.reserved = Some((self.generation, ticket));
+                        self.reserved[service] = Some((self.generation, ticket));
                         true
                     }
                     None => false,
@@ -325,13 +335,13 @@ impl Model {
     /// `ready()` with an inner service whose `poll_ready` fails: the breaker answers without
     /// polling it while it turns calls away; otherwise the error counts as a failed call in
     /// `Closed`, and as a failed trial in `HalfOpen` (a trial due in `Open` took its slot first).
-    fn ready_fails(&mut self) {
-        if !self.poll_ready() {
+    fn ready_fails(&mut self, service: usize) {
+        if !self.poll_ready(service) {
             self.last = Observed::TurnedAway;
             return;
         }
         self.last = Observed::ReadyFailed;
-        self.reserved = None;
+        self.reserved[service] = None;
         let opens = match self.state {
             CircuitState::Closed => self.closed_failure(false),
             CircuitState::HalfOpen => {
@@ -346,8 +356,8 @@ impl Model {
     }
 
     /// `ready()` polled once with an inner service that is not ready.
-    fn ready_pending(&mut self) {
-        self.last = if self.poll_ready() {
+    fn ready_pending(&mut self, service: usize) {
+        self.last = if self.poll_ready(service) {
             Observed::Polled
         } else {
             Observed::TurnedAway
@@ -361,8 +371,8 @@ impl Model {
     }
 
     /// `ready()` (the inner service is ready) then `call`.
-    fn admit(&mut self) -> Option<Permit> {
-        if !self.poll_ready() {
+    fn admit(&mut self, service: usize) -> Option<Permit> {
+        if !self.poll_ready(service) {
             return match self.state {
                 CircuitState::ForcedOpen => self.reject(CircuitState::ForcedOpen, None),
                 CircuitState::Open => {
@@ -385,7 +395,7 @@ impl Model {
                 })
             }
             CircuitState::ForcedClosed => {
-                self.reserved = None;
+                self.reserved[service] = None;
                 self.calls += 1;
                 self.last = Observed::Admitted;
                 Some(Permit::Untracked)
@@ -393,8 +403,8 @@ impl Model {
             CircuitState::HalfOpen => {
                 // `poll_ready` left this service holding a trial slot; the trial's time starts
                 // at the call.
-                let held = self.holds_reservation();
-                let (generation, ticket) = self.reserved.take().expect("a reserved slot");
+                let held = self.holds_reservation(service);
+                let (generation, ticket) = self.reserved[service].take().expect("a reserved slot");
                 assert!(held, "poll_ready let a call through without a slot");
                 self.trials.retain(|(t, _)| *t != ticket);
                 self.trials.push((ticket, self.now));
@@ -461,6 +471,15 @@ impl Model {
             }
             _ => {}
         }
+    }
+
+    /// Drops a clone: a trial slot it still holds goes back, without a verdict.
+    fn replace(&mut self, service: usize) {
+        if self.holds_reservation(service) {
+            let (_, ticket) = self.reserved[service].expect("held");
+            self.trials.retain(|(t, _)| *t != ticket);
+        }
+        self.reserved[service] = None;
     }
 
     fn cancel(&mut self, permit: Permit) {
@@ -550,7 +569,7 @@ impl ReferenceStateMachine for BreakerModel {
                         rejections: 0,
                         recorded_failures: 0,
                         transitions: 0,
-                        reserved: None,
+                        reserved: [None; SERVICES],
                         last: Observed::Nothing,
                     }
                 },
@@ -561,8 +580,13 @@ impl ReferenceStateMachine for BreakerModel {
     fn transitions(state: &Model) -> BoxedStrategy<Op> {
         let pending = state.pending.len();
         let mut choices: Vec<(u32, BoxedStrategy<Op>)> = vec![
-            (8, outcome().prop_map(Op::Call).boxed()),
-            (4, Just(Op::Start).boxed()),
+            (
+                8,
+                (0..SERVICES, outcome())
+                    .prop_map(|(s, o)| Op::Call(s, o))
+                    .boxed(),
+            ),
+            (4, (0..SERVICES).prop_map(Op::Start).boxed()),
             // Durations are multiples of 500 ms, so quarter-second steps land exactly on the
             // boundaries (a failure exactly `ttl` old, a wait of exactly `retry_after`); 1 ms
             // nudges probe just either side of them.
@@ -577,8 +601,9 @@ impl ReferenceStateMachine for BreakerModel {
             (1, Just(Op::ForceOpen).boxed()),
             (1, Just(Op::ForceClosed).boxed()),
             (1, Just(Op::Reset).boxed()),
-            (2, Just(Op::ReadyFails).boxed()),
-            (2, Just(Op::ReadyPending).boxed()),
+            (2, (0..SERVICES).prop_map(Op::ReadyFails).boxed()),
+            (2, (0..SERVICES).prop_map(Op::ReadyPending).boxed()),
+            (1, (0..SERVICES).prop_map(Op::Replace).boxed()),
         ];
         if pending > 0 {
             choices.push((
@@ -602,13 +627,13 @@ impl ReferenceStateMachine for BreakerModel {
     fn apply(mut state: Model, op: &Op) -> Model {
         state.last = Observed::Nothing;
         match op {
-            Op::Call(outcome) => {
-                if let Some(permit) = state.admit() {
+            Op::Call(service, outcome) => {
+                if let Some(permit) = state.admit(*service) {
                     state.complete(permit, *outcome);
                 }
             }
-            Op::Start => {
-                if let Some(permit) = state.admit() {
+            Op::Start(service) => {
+                if let Some(permit) = state.admit(*service) {
                     state.pending.push(permit);
                 } else {
                     // A rejected call leaves nothing in flight; the SUT mirrors this.
@@ -626,8 +651,9 @@ impl ReferenceStateMachine for BreakerModel {
             Op::ForceOpen => state.control(CircuitState::ForcedOpen),
             Op::ForceClosed => state.control(CircuitState::ForcedClosed),
             Op::Reset => state.control(CircuitState::Closed),
-            Op::ReadyFails => state.ready_fails(),
-            Op::ReadyPending => state.ready_pending(),
+            Op::ReadyFails(service) => state.ready_fails(*service),
+            Op::ReadyPending(service) => state.ready_pending(*service),
+            Op::Replace(service) => state.replace(*service),
         }
         state
     }
@@ -638,7 +664,8 @@ type Pending = Pin<Box<dyn Future<Output = Reply>>>;
 
 /// The guarded service: a call answers with the outcome sent for it; `poll_ready` fails once
 /// while `fail_ready` is set, or is not ready once while `pend_ready` is, and clears the flag (so
-/// the test sees whether it was polled).
+/// the test sees whether it was polled). Clones share the flags.
+#[derive(Clone)]
 struct Inner {
     fail_ready: Arc<AtomicBool>,
     pend_ready: Arc<AtomicBool>,
@@ -676,7 +703,7 @@ impl Service<oneshot::Receiver<Outcome>> for Inner {
 
 struct Sut {
     runtime: tokio::runtime::Runtime,
-    service: CircuitBreaker<Inner, fn(&Reply) -> Outcome>,
+    services: Vec<CircuitBreaker<Inner, fn(&Reply) -> Outcome>>,
     pending: Vec<(oneshot::Sender<Outcome>, Pending)>,
     ready_fails: Arc<AtomicBool>,
     ready_pends: Arc<AtomicBool>,
@@ -692,12 +719,16 @@ fn classify(result: &Reply) -> Outcome {
 
 impl Sut {
     /// Calls the breaker; `Ok` holds the in-flight call if admitted, `Err` the rejection.
-    fn start(&mut self) -> Result<(oneshot::Sender<Outcome>, Pending), CircuitOpen> {
+    fn start(
+        &mut self,
+        service: usize,
+    ) -> Result<(oneshot::Sender<Outcome>, Pending), CircuitOpen> {
         let (tx, rx) = oneshot::channel();
-        self.runtime.block_on(self.service.ready()).unwrap();
+        let service = &mut self.services[service];
+        self.runtime.block_on(service.ready()).unwrap();
         // Inside the runtime's context, so the breaker reads the paused clock.
         let _context = self.runtime.enter();
-        let future = self.service.call(rx);
+        let future = service.call(rx);
         let mut future: Pending = Box::pin(future);
         // Poll once: a rejection resolves at once; an admitted call waits for its outcome.
         match self
@@ -741,7 +772,7 @@ impl StateMachineTest for BreakerTest {
             .unwrap();
         let ready_fails = Arc::new(AtomicBool::new(false));
         let ready_pends = Arc::new(AtomicBool::new(false));
-        let service = runtime.block_on(async {
+        let first = runtime.block_on(async {
             let inner = Inner {
                 fail_ready: Arc::clone(&ready_fails),
                 pend_ready: Arc::clone(&ready_pends),
@@ -750,9 +781,10 @@ impl StateMachineTest for BreakerTest {
                 .with_classifier(classify as fn(&Reply) -> Outcome)
                 .layer(inner)
         });
+        let second = first.clone();
         Sut {
             runtime,
-            service,
+            services: vec![first, second],
             pending: Vec::new(),
             ready_fails,
             ready_pends,
@@ -761,12 +793,12 @@ impl StateMachineTest for BreakerTest {
 
     fn apply(mut sut: Sut, model: &Model, op: Op) -> Sut {
         match op {
-            Op::Call(outcome) => {
-                let observed = sut.start().map(|call| sut.finish(call, outcome));
+            Op::Call(service, outcome) => {
+                let observed = sut.start(service).map(|call| sut.finish(call, outcome));
                 sut.observe(observed, &model.last);
             }
-            Op::Start => {
-                let observed = sut.start().map(|call| sut.pending.push(call));
+            Op::Start(service) => {
+                let observed = sut.start(service).map(|call| sut.pending.push(call));
                 sut.observe(observed, &model.last);
             }
             Op::Finish(i, outcome) => {
@@ -775,12 +807,15 @@ impl StateMachineTest for BreakerTest {
             }
             Op::Cancel(i) => drop(sut.pending.remove(i)),
             Op::Advance(d) => sut.runtime.block_on(tokio::time::advance(d)),
-            Op::ForceOpen => sut.service.handle().force_open(),
-            Op::ForceClosed => sut.service.handle().force_closed(),
-            Op::Reset => sut.service.handle().reset(),
-            Op::ReadyFails => {
+            Op::ForceOpen => sut.services[0].handle().force_open(),
+            Op::ForceClosed => sut.services[1].handle().force_closed(),
+            Op::Reset => sut.services[0].handle().reset(),
+            Op::ReadyFails(service) => {
                 sut.ready_fails.store(true, Ordering::SeqCst);
-                let ready = sut.runtime.block_on(sut.service.ready()).map(|_| ());
+                let ready = sut
+                    .runtime
+                    .block_on(sut.services[service].ready())
+                    .map(|_| ());
                 let polled = !sut.ready_fails.swap(false, Ordering::SeqCst);
                 match (&model.last, ready) {
                     (Observed::TurnedAway, Ok(())) => assert!(!polled, "polled the inner service"),
@@ -791,9 +826,9 @@ impl StateMachineTest for BreakerTest {
                     (expected, ready) => panic!("breaker {ready:?}, model {expected:?}"),
                 }
             }
-            Op::ReadyPending => {
+            Op::ReadyPending(service) => {
                 sut.ready_pends.store(true, Ordering::SeqCst);
-                let service = &mut sut.service;
+                let service = &mut sut.services[service];
                 let ready = sut.runtime.block_on(async {
                     futures_util::poll!(std::pin::pin!(service.ready())).map(|ready| ready.is_ok())
                 });
@@ -806,12 +841,18 @@ impl StateMachineTest for BreakerTest {
                     (expected, ready) => panic!("breaker {ready:?}, model {expected:?}"),
                 }
             }
+            Op::Replace(service) => {
+                let other = sut.services[1 - service].clone();
+                // The old clone is dropped here, inside the runtime (its slot goes back).
+                let _context = sut.runtime.enter();
+                sut.services[service] = other;
+            }
         }
         sut
     }
 
     fn check_invariants(sut: &Sut, model: &Model) {
-        let handle = sut.service.handle();
+        let handle = sut.services[0].handle();
         assert_eq!(handle.state(), model.state, "state");
         let metrics = handle.metrics();
         assert_eq!(
