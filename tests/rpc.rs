@@ -475,3 +475,130 @@ async fn a_quiet_stream_whose_caller_went_away_is_stopped() {
     let report = server.shutdown().await;
     assert_eq!(report.cancelled, 0);
 }
+
+/// An event with several handlers runs every one of them, whatever one of them does: a panic
+/// while it runs, a panic while its future is made (in an extractor), or an error. For an
+/// acknowledged event the first failure is the event's.
+#[tokio::test]
+async fn a_panicking_event_handler_does_not_stop_the_handlers_after_it() {
+    use palisade::rpc::{Pattern, RawJson, RpcRequest, Valid};
+    let ran = Arc::new(AtomicUsize::new(0));
+    let last = Arc::clone(&ran);
+    let dispatcher = Server::new(
+        Router::new()
+            .event("order", || async {
+                if true {
+                    panic!("the first handler blew up");
+                }
+            })
+            .event("order", |Valid(Payload(_)): Valid<Payload<Order>>| async {})
+            .event("order", || async {
+                Err::<(), _>(RpcError::unavailable("down"))
+            })
+            .event("order", move || {
+                last.fetch_add(1, Ordering::SeqCst);
+                async {}
+            }),
+    )
+    .into_dispatcher("probe");
+    let event = RpcRequest::event(
+        Pattern::from("order"),
+        RawJson::to_json(&serde_json::json!({"items": []})).unwrap(),
+    );
+    let outcome = dispatcher.handle_event(event).await;
+    assert_eq!(outcome.unwrap_err().code(), Code::Internal);
+    assert_eq!(ran.load(Ordering::SeqCst), 1, "the last handler never ran");
+
+    // The same over a transport, for an event nobody acknowledges.
+    let transport = MemoryTransport::new();
+    let last = Arc::clone(&ran);
+    let server = Server::new(
+        Router::new()
+            .event("order", || async {
+                if true {
+                    panic!("the first handler blew up");
+                }
+            })
+            .event("order", move || {
+                last.fetch_add(1, Ordering::SeqCst);
+                async {}
+            }),
+    )
+    .serve(&transport)
+    .await
+    .unwrap();
+    let client = Client::builder().connect(transport).await.unwrap();
+    client.emit("order", &()).await.unwrap();
+    server.shutdown().await;
+    assert_eq!(ran.load(Ordering::SeqCst), 2, "the last handler never ran");
+}
+
+/// An event handler may answer with a stream: its work happens as it is polled (NestJS
+/// subscribes to an Observable an event handler returns), so it is run to its end, and for an
+/// acknowledged event an error in it is the event's failure, not a success. With one handler,
+/// with several, and from a service that is not a router.
+#[tokio::test]
+async fn an_event_handlers_stream_is_run_to_its_end_and_its_error_fails_the_event() {
+    use futures_util::StreamExt;
+    use palisade::rpc::{Pattern, RawJson, Reply, RpcRequest, Streaming};
+    let polled = Arc::new(AtomicUsize::new(0));
+    let counting = |polled: &Arc<AtomicUsize>| {
+        let polled = Arc::clone(polled);
+        move || {
+            let polled = Arc::clone(&polled);
+            async move {
+                Streaming::from_stream(futures_util::stream::iter(0..3).map(move |n| {
+                    polled.fetch_add(1, Ordering::SeqCst);
+                    n
+                }))
+            }
+        }
+    };
+    let failing = || async { Streaming::try_iter([Ok(1), Err(RpcError::unavailable("db down"))]) };
+    let event = |pattern: &str| RpcRequest::event(Pattern::from(pattern), RawJson::null());
+
+    let one = Server::new(
+        Router::new()
+            .event("counted", counting(&polled))
+            .event("failing", failing),
+    )
+    .into_dispatcher("probe");
+    one.handle_event(event("counted")).await.unwrap();
+    assert_eq!(polled.load(Ordering::SeqCst), 3);
+    let error = one.handle_event(event("failing")).await.unwrap_err();
+    assert_eq!(error.code(), Code::Unavailable);
+
+    let several = Server::new(
+        Router::new()
+            .event("both", failing)
+            .event("both", counting(&polled)),
+    )
+    .into_dispatcher("probe");
+    let error = several.handle_event(event("both")).await.unwrap_err();
+    assert_eq!(error.code(), Code::Unavailable);
+    assert_eq!(polled.load(Ordering::SeqCst), 6);
+
+    let service = tower::service_fn(|_: RpcRequest| async {
+        Ok::<_, RpcError>(Reply::Stream(
+            futures_util::stream::iter([
+                Ok(RawJson::null()),
+                Err(RpcError::unavailable("db down")),
+            ])
+            .boxed(),
+        ))
+    });
+    let bare = Server::new(service).into_dispatcher("probe");
+    let error = bare.handle_event(event("any")).await.unwrap_err();
+    assert_eq!(error.code(), Code::Unavailable);
+
+    // Over a transport, for events nobody acknowledges.
+    let transport = MemoryTransport::new();
+    let server = Server::new(Router::new().event("counted", counting(&polled)))
+        .serve(&transport)
+        .await
+        .unwrap();
+    let client = Client::builder().connect(transport).await.unwrap();
+    client.emit("counted", &()).await.unwrap();
+    server.shutdown().await;
+    assert_eq!(polled.load(Ordering::SeqCst), 9);
+}

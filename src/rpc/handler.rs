@@ -51,6 +51,41 @@ impl Reply {
     }
 }
 
+impl Reply {
+    /// Runs the reply to its end, its values going nowhere: what an event's reply is for. A
+    /// stream's work happens as it is polled (NestJS subscribes to an Observable an event
+    /// handler returns), and its first error, or a panic in it, is the handler's failure.
+    pub(crate) async fn run_to_end(self) -> Result<(), RpcError> {
+        let Reply::Stream(values) = self else {
+            return Ok(());
+        };
+        let mut values = std::panic::AssertUnwindSafe(values).catch_unwind();
+        while let Some(item) = values.next().await {
+            match item {
+                Ok(Ok(_)) => {}
+                Ok(Err(error)) => return Err(error),
+                Err(panic) => return Err(handler_panicked(&*panic)),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The text of a panic's payload, for logs.
+pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a non-string panic payload".to_owned())
+}
+
+/// Logs a handler's panic; the error its caller gets.
+pub(crate) fn handler_panicked(panic: &(dyn std::any::Any + Send)) -> RpcError {
+    tracing::error!(panic = %panic_message(panic), "handler panicked; replying \"Internal server error\"");
+    RpcError::internal()
+}
+
 impl fmt::Debug for Reply {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {

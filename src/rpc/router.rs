@@ -1,6 +1,7 @@
 use super::handler::{Handler, Reply, Route};
 use super::key_hash::KeyMap;
 use super::{Kind, Pattern, RpcError, RpcRequest};
+use futures_util::FutureExt;
 use futures_util::future::BoxFuture;
 use std::any::Any;
 use std::fmt;
@@ -465,7 +466,7 @@ impl Router {
                 Box::pin(async move {
                     let mut first_failure = None;
                     for handler in handlers {
-                        if let Err(error) = handler.handle(request.clone()).await {
+                        if let Err(error) = run_event_handler(handler, request.clone()).await {
                             tracing::error!(pattern = %request.pattern(), %error, "event handler failed");
                             first_failure.get_or_insert(error);
                         }
@@ -497,12 +498,27 @@ fn one_event_handler(
         Endpoint::NeedsState(make) => make(&()).handle(event),
     };
     Box::pin(async move {
-        let failure = handling.await.err();
+        let failure = match handling.await {
+            Ok(reply) => reply.run_to_end().await.err(),
+            Err(error) => Some(error),
+        };
         if let Some(error) = &failure {
             tracing::error!(%pattern, %error, "event handler failed");
         }
         event_outcome(failure, reports_failures)
     })
+}
+
+/// Runs one of an event's several handlers to its end (a stream it returns, too): its failure is
+/// its error, the first error of its stream, or its panic, which must not stop the handlers
+/// after it.
+async fn run_event_handler(handler: Route, event: RpcRequest) -> Result<(), RpcError> {
+    // Made inside the guarded future, so that a panic while it is made is caught as well.
+    let run = async move { handler.handle(event).await?.run_to_end().await };
+    std::panic::AssertUnwindSafe(run)
+        .catch_unwind()
+        .await
+        .unwrap_or_else(|panic| Err(super::handler::handler_panicked(&*panic)))
 }
 
 /// What an event's handling answers once its handlers ran: nothing, or its first failure when the

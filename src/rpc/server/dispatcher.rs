@@ -3,7 +3,7 @@
 use super::{Routes, Server, Target};
 use crate::counter::StripedCounter;
 use crate::rpc::error::NO_HANDLER_MESSAGE;
-use crate::rpc::handler::Reply;
+use crate::rpc::handler::{Reply, handler_panicked, panic_message};
 use crate::rpc::request::TRACEPARENT_HEADER;
 use crate::rpc::transport::{ReplyPacket, error_json};
 use crate::rpc::{Code, Kind, RpcError, RpcRequest, TransportErrorKind};
@@ -429,16 +429,20 @@ impl Dispatcher {
         // transport's consumer task, which reads every event of its route.
         let handling =
             AssertUnwindSafe(inner.call_service(event.reporting_failures())).catch_unwind();
-        tokio::select! {
-            biased;
-            _ = inner.abort.cancelled() => Err(RpcError::unavailable("the server shut down before the handler finished")),
-            outcome = handling => match outcome {
-                Ok(result) => result.map(drop),
+        let handling = async move {
+            match handling.await {
+                // A stream's work happens as it is polled; its first error is the event's.
+                Ok(result) => result?.run_to_end().await,
                 Err(panic) => {
                     tracing::error!(panic = %panic_message(&*panic), "event handler panicked");
                     Err(RpcError::internal())
                 }
-            },
+            }
+        };
+        tokio::select! {
+            biased;
+            _ = inner.abort.cancelled() => Err(RpcError::unavailable("the server shut down before the handler finished")),
+            outcome = handling => outcome,
         }
     }
 
@@ -583,14 +587,6 @@ impl fmt::Debug for Dispatcher {
     }
 }
 
-fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
-    panic
-        .downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| panic.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "a non-string panic payload".to_owned())
-}
-
 /// Runs the handler's future and sends its reply. Sets `finished` once the handler has produced
 /// everything it will (a stream has not), so that the deadline need not watch the reply's send.
 async fn respond<K: ReplySink>(
@@ -608,16 +604,11 @@ async fn respond<K: ReplySink>(
         finished.store(true, Ordering::Relaxed);
     }
     match (reply, sink) {
-        (Ok(_), None) => Ok(()),
+        // An event: nobody to answer, but a stream's work happens as it is polled.
+        (Ok(reply), None) => reply.run_to_end().await,
         (Err(error), None) => Err(error),
         (reply, Some(sink)) => send_replies(reply, sink).await,
     }
-}
-
-/// Logs a handler's panic; the error its caller gets.
-fn handler_panicked(panic: &(dyn std::any::Any + Send)) -> RpcError {
-    tracing::error!(panic = %panic_message(panic), "handler panicked; replying \"Internal server error\"");
-    RpcError::internal()
 }
 
 /// Answers a request the server will not run because it is shutting down (an event is dropped).
