@@ -204,3 +204,34 @@ async fn connections_beyond_the_limit_are_closed_and_existing_ones_served() {
     still_served(&fresh).await;
     server.shutdown().await;
 }
+
+/// A pattern nested 50 000 deep is valid JSON: NestJS reads it and routes it to
+/// `[MAX_DEPTH_REACHED]` below depth 5, so it answers "no matching message handler". It once
+/// overflowed the reading worker's stack and aborted the whole server process.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pattern_nested_thousands_deep_is_answered_and_the_server_stays_up() {
+    let (server, addr) = start(TcpOptions::new()).await;
+    let client = good_client(&addr).await;
+    let depth = 50_000;
+    let json = format!(
+        r#"{{"pattern":{}1{},"data":1,"id":"deep"}}"#,
+        "[".repeat(depth),
+        "]".repeat(depth)
+    );
+    let mut peer = TcpStream::connect(&addr).await.unwrap();
+    peer.write_all(format!("{}#{json}", json.len()).as_bytes())
+        .await
+        .unwrap();
+    let mut reply = vec![0u8; 4096];
+    let read = timeout(Duration::from_secs(10), peer.read(&mut reply))
+        .await
+        .expect("no reply within 10 s")
+        .unwrap();
+    let reply = String::from_utf8_lossy(&reply[..read]);
+    assert!(
+        reply.contains("no matching message handler") && reply.contains(r#""id":"deep""#),
+        "{reply}"
+    );
+    still_served(&client).await;
+    server.shutdown().await;
+}

@@ -246,10 +246,10 @@ pub(crate) fn incoming_route(raw: &RawJson) -> Option<String> {
             return Some(inner.to_owned());
         }
     }
-    let value = Js::parse(raw.as_str()).unwrap_or(Js::Null);
+    let value = Js::parse(raw.as_str(), 0).unwrap_or(Js::Null);
     let parsed = match value {
         // A string pattern is parsed as it is: `"1e400"` routes as `Infinity`.
-        Js::String(text) => match Js::parse(&text) {
+        Js::String(text) => match Js::parse(&text, 0) {
             Ok(parsed) => parsed,
             Err(_) => return Some(text),
         },
@@ -259,7 +259,7 @@ pub(crate) fn incoming_route(raw: &RawJson) -> Option<String> {
     };
     match parsed {
         Js::String(text) => Some(text),
-        Js::Number(_) | Js::Object(_) | Js::Array(_) => {
+        Js::Number(_) | Js::Object(_) | Js::Array(_) | Js::TooDeep => {
             let mut route = String::new();
             write_route(&parsed, 0, &mut route);
             Some(route)
@@ -272,6 +272,10 @@ pub(crate) fn incoming_route(raw: &RawJson) -> Option<String> {
 /// `Number("…")` does, whatever `serde_json`'s float parsing), and object keys in the order they
 /// were read (a repeated key keeps its first place and its last value), whatever `serde_json`'s
 /// map order.
+///
+/// Objects and arrays nested deeper than a route shows are not read: a pattern nested thousands
+/// deep (which `JSON.parse` reads, and NestJS routes to `[MAX_DEPTH_REACHED]`) must cost neither
+/// a stack frame per level nor a pass over the text per level.
 #[derive(Debug, PartialEq)]
 enum Js {
     Null,
@@ -280,18 +284,23 @@ enum Js {
     String(String),
     Array(Vec<Js>),
     Object(Vec<(String, Js)>),
+    /// An object or array deeper than [`MAX_DEPTH`], which routes as `[MAX_DEPTH_REACHED]`.
+    TooDeep,
 }
 
 impl Js {
-    fn parse(text: &str) -> Result<Js, serde_json::Error> {
+    /// Reads `text`, a value found at `depth` (0 for the pattern itself). Deeper than a route
+    /// shows, an object or array is not read: its text was checked as JSON with its parent's.
+    fn parse(text: &str, depth: usize) -> Result<Js, serde_json::Error> {
         use serde_json::value::RawValue;
         let trimmed = text.trim();
         match trimmed.as_bytes().first() {
+            Some(b'{' | b'[') if depth > MAX_DEPTH => Ok(Js::TooDeep),
             Some(b'{') => {
                 let entries: RawEntries<'_> = serde_json::from_str(trimmed)?;
                 let mut object: Vec<(String, Js)> = Vec::with_capacity(entries.0.len());
                 for (key, raw) in entries.0 {
-                    let value = Js::parse(raw.get())?;
+                    let value = Js::parse(raw.get(), depth + 1)?;
                     match object.iter_mut().find(|(k, _)| *k == key) {
                         Some((_, slot)) => *slot = value,
                         None => object.push((key, value)),
@@ -303,7 +312,7 @@ impl Js {
                 let items: Vec<&RawValue> = serde_json::from_str(trimmed)?;
                 items
                     .into_iter()
-                    .map(|raw| Js::parse(raw.get()))
+                    .map(|raw| Js::parse(raw.get(), depth + 1))
                     .collect::<Result<_, _>>()
                     .map(Js::Array)
             }
@@ -336,16 +345,23 @@ impl Js {
         }
     }
 
-    fn from_value(value: &Value) -> Js {
+    /// `value`, found at `depth`, as [`parse`](Self::parse) would read its text.
+    fn from_value(value: &Value, depth: usize) -> Js {
         match value {
             Value::Null => Js::Null,
             Value::Bool(b) => Js::Bool(*b),
             Value::Number(n) => Js::Number(n.as_f64().unwrap_or(0.0)),
             Value::String(text) => Js::String(text.clone()),
-            Value::Array(items) => Js::Array(items.iter().map(Js::from_value).collect()),
+            Value::Array(_) | Value::Object(_) if depth > MAX_DEPTH => Js::TooDeep,
+            Value::Array(items) => Js::Array(
+                items
+                    .iter()
+                    .map(|item| Js::from_value(item, depth + 1))
+                    .collect(),
+            ),
             Value::Object(map) => Js::Object(
                 map.iter()
-                    .map(|(key, value)| (key.clone(), Js::from_value(value)))
+                    .map(|(key, value)| (key.clone(), Js::from_value(value, depth + 1)))
                     .collect(),
             ),
         }
@@ -395,7 +411,7 @@ fn plain_string_route(raw: &RawJson) -> Option<&str> {
 /// NestJS's `transformPatternToRoute`.
 pub(crate) fn route_of(value: &Value) -> String {
     let mut route = String::new();
-    write_route(&Js::from_value(value), 0, &mut route);
+    write_route(&Js::from_value(value, 0), 0, &mut route);
     route
 }
 
@@ -405,6 +421,8 @@ fn write_route(value: &Js, depth: usize, out: &mut String) {
         Js::Number(n) => out.push_str(&js_number(*n)),
         Js::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
         Js::Null => out.push_str("null"),
+        // Made only deeper than `MAX_DEPTH`.
+        Js::TooDeep => out.push_str("[MAX_DEPTH_REACHED]"),
         Js::Object(_) | Js::Array(_) if depth > MAX_DEPTH => out.push_str("[MAX_DEPTH_REACHED]"),
         Js::Object(entries) => write_entries(js_key_order(entries), depth, out),
         Js::Array(items) => write_entries(
@@ -552,6 +570,50 @@ pub(crate) fn js_number(x: f64) -> String {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    /// `[[[…1…]]]` nested `depth` deep.
+    fn nested(depth: usize) -> String {
+        format!("{}1{}", "[".repeat(depth), "]".repeat(depth))
+    }
+
+    /// As NestJS routes it: six levels of objects, then `[MAX_DEPTH_REACHED]`. On a thread with
+    /// a tokio worker's stack (2 MiB); a parse that recursed once per level overflowed it.
+    #[test]
+    fn a_pattern_nested_thousands_deep_routes_as_nestjs_routes_it() {
+        let six_levels = r#"{"0":{"0":{"0":{"0":{"0":{"0":[MAX_DEPTH_REACHED]}}}}}}"#;
+        let routes = std::thread::Builder::new()
+            .stack_size(2 * 1024 * 1024)
+            .spawn(|| {
+                let deep = RawJson::from_text(nested(100_000)).unwrap();
+                // The same pattern sent as a string, which NestJS parses first.
+                let as_string = RawJson::to_json(&nested(100_000)).unwrap();
+                let just_over = RawJson::from_text(nested(7)).unwrap();
+                [deep, as_string, just_over].map(|raw| incoming_route(&raw))
+            })
+            .unwrap()
+            .join()
+            .unwrap();
+        assert_eq!(routes[0].as_deref(), Some(six_levels));
+        assert_eq!(routes[1].as_deref(), Some(six_levels));
+        assert_eq!(routes[2].as_deref(), Some(six_levels));
+        // Six levels fit.
+        let six = RawJson::from_text(nested(6)).unwrap();
+        assert_eq!(
+            incoming_route(&six).as_deref(),
+            Some(r#"{"0":{"0":{"0":{"0":{"0":{"0":1}}}}}}"#)
+        );
+        // A pattern built from a deep value routes the same way as one received.
+        let value: Value = serde_json::from_str(&nested(100)).unwrap();
+        assert_eq!(route_of(&value), six_levels);
+        // Malformed deep inside is still malformed.
+        let broken = format!("{}1}}{}", "[".repeat(50), "]".repeat(49));
+        assert_eq!(
+            RawJson::from_text(broken)
+                .ok()
+                .map(|raw| incoming_route(&raw)),
+            None
+        );
+    }
 
     #[test]
     fn a_thread_reuses_the_patterns_it_made_last_from_strings() {
