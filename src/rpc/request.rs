@@ -42,7 +42,8 @@ impl Headers {
             .map(|(_, v)| v.as_str())
     }
 
-    /// Sets `key` (replacing a value it had).
+    /// Sets `key` (replacing a value it had). Linear in the number of headers: to set many at
+    /// once, [`extend`](Extend::extend) or [`collect`](FromIterator) them.
     pub fn insert(&mut self, key: impl Into<Cow<'static, str>>, value: impl Into<String>) {
         let key = key.into();
         let value = value.into();
@@ -81,6 +82,71 @@ impl Headers {
     }
 }
 
+/// Up to this many headers, keys are found by a linear search; beyond it, by an index.
+const LINEAR_HEADERS: usize = 16;
+
+impl Headers {
+    /// Sets (`Some`) or removes (`None`) each key in turn, as [`insert`](Self::insert) and
+    /// [`remove`](Self::remove) would, in time linear in their number: beyond a few headers an
+    /// index of the keys replaces the searches, so that a message carrying thousands of headers
+    /// is not read in quadratic time.
+    pub(crate) fn apply<I>(&mut self, changes: I)
+    where
+        I: IntoIterator<Item = (Cow<'static, str>, Option<String>)>,
+    {
+        let mut changes = changes.into_iter().peekable();
+        while self.0.len() < LINEAR_HEADERS {
+            match changes.next() {
+                Some((key, Some(value))) => self.insert(key, value),
+                Some((key, None)) => {
+                    self.remove(&key);
+                }
+                None => return,
+            }
+        }
+        if changes.peek().is_none() {
+            return;
+        }
+        // Removed entries leave a hole, so that the index's positions stay true.
+        let mut slots: Vec<_> = std::mem::take(&mut self.0).into_iter().map(Some).collect();
+        let mut index: HashMap<String, usize> = slots
+            .iter()
+            .enumerate()
+            .filter_map(|(position, slot)| Some((slot.as_ref()?.0.to_ascii_lowercase(), position)))
+            .collect();
+        for (key, value) in changes {
+            let folded = key.to_ascii_lowercase();
+            match (index.get(&folded).copied(), value) {
+                (Some(position), Some(value)) => {
+                    if let Some(entry) = &mut slots[position] {
+                        entry.1 = value;
+                    }
+                }
+                (Some(position), None) => {
+                    index.remove(&folded);
+                    slots[position] = None;
+                }
+                (None, Some(value)) => {
+                    index.insert(folded, slots.len());
+                    slots.push(Some((key, value)));
+                }
+                (None, None) => {}
+            }
+        }
+        self.0 = slots.into_iter().flatten().collect();
+    }
+}
+
+impl<K: Into<Cow<'static, str>>, V: Into<String>> Extend<(K, V)> for Headers {
+    /// Sets each key in turn, as [`insert`](Self::insert) would, in time linear in their number.
+    fn extend<I: IntoIterator<Item = (K, V)>>(&mut self, iter: I) {
+        self.apply(
+            iter.into_iter()
+                .map(|(key, value)| (key.into(), Some(value.into()))),
+        );
+    }
+}
+
 impl fmt::Debug for Headers {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_map().entries(self.iter()).finish()
@@ -90,9 +156,7 @@ impl fmt::Debug for Headers {
 impl<K: Into<Cow<'static, str>>, V: Into<String>> FromIterator<(K, V)> for Headers {
     fn from_iter<I: IntoIterator<Item = (K, V)>>(iter: I) -> Self {
         let mut headers = Headers::new();
-        for (k, v) in iter {
-            headers.insert(k, v);
-        }
+        headers.extend(iter);
         headers
     }
 }
@@ -344,5 +408,77 @@ impl HasDeadline for RpcRequest {
 
     fn set_deadline(&mut self, deadline: Deadline) {
         self.deadline = Some(deadline);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// What `insert` and `remove` leave, one change at a time.
+    fn one_at_a_time(changes: &[(String, Option<String>)]) -> Headers {
+        let mut headers = Headers::new();
+        for (key, value) in changes {
+            match value {
+                Some(value) => headers.insert(key.clone(), value.clone()),
+                None => {
+                    headers.remove(key);
+                }
+            }
+        }
+        headers
+    }
+
+    proptest! {
+        /// Applied together (linear searches, then an index past `LINEAR_HEADERS`), changes
+        /// leave what they leave one at a time: same keys, first spelling, last value, order.
+        #[test]
+        fn applying_changes_together_agrees_with_one_at_a_time(
+            changes in prop::collection::vec(
+                ("[a-cA-C]{1,3}", prop::option::weighted(0.8, "[0-9]")),
+                0..120,
+            ),
+            start in 0usize..30,
+        ) {
+            let start = start.min(changes.len());
+            let mut together = one_at_a_time(&changes[..start]);
+            together.apply(
+                changes[start..]
+                    .iter()
+                    .map(|(key, value)| (Cow::Owned(key.clone()), value.clone())),
+            );
+            prop_assert_eq!(together, one_at_a_time(&changes));
+            let sets: Vec<_> = changes.iter().filter_map(|(k, v)| Some((k.clone(), v.clone()?))).collect();
+            let collected: Headers = sets.iter().cloned().collect();
+            let expected = one_at_a_time(
+                &sets.into_iter().map(|(k, v)| (k, Some(v))).collect::<Vec<_>>(),
+            );
+            prop_assert_eq!(collected, expected);
+        }
+    }
+
+    /// 200 000 distinct headers (a frame of 2.6 MB, well under the TCP transport's default
+    /// limit) are read in linear time; one search of the earlier ones per header took minutes.
+    #[test]
+    fn a_packet_with_many_headers_is_read_in_linear_time() {
+        let count = 200_000;
+        let mut json = String::from(r#"{"pattern":"p","data":1,"id":"a","headers":{"#);
+        for i in 0..count {
+            if i > 0 {
+                json.push(',');
+            }
+            json.push_str(&format!(r#""h{i}":"v""#));
+        }
+        json.push_str(r#","H7":"last"}}"#);
+        let started = std::time::Instant::now();
+        let packet = crate::rpc::wire::decode_incoming(&bytes::Bytes::from(json)).unwrap();
+        assert_eq!(packet.headers.len(), count);
+        assert_eq!(packet.headers.get("h7"), Some("last"));
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "{count} headers took {:?}",
+            started.elapsed()
+        );
     }
 }

@@ -345,19 +345,20 @@ impl<'de> Deserialize<'de> for WireHeaders {
 
             fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<WireHeaders, M::Error> {
                 let mut wire = WireHeaders::default();
+                // Each header sets its key, or drops it (a value that is not a string), in turn;
+                // the last occurrence wins. Gathered first, to be applied in linear time.
+                let mut changes = Vec::new();
                 while let Some(key) = map.next_key::<HeaderKey>()? {
                     match key {
                         // As any header: the last occurrence wins, a value that is not a number
                         // of milliseconds drops it.
                         HeaderKey::Timeout => wire.timeout_ms = map.next_value::<Millis>()?.0,
-                        HeaderKey::Other(key) => match map.next_value::<HeaderValue>()?.0 {
-                            Some(value) => wire.headers.insert(key, value),
-                            None => {
-                                wire.headers.remove(&key);
-                            }
-                        },
+                        HeaderKey::Other(key) => {
+                            changes.push((key.into(), map.next_value::<HeaderValue>()?.0))
+                        }
                     }
                 }
+                wire.headers.apply(changes);
                 Ok(wire)
             }
         }

@@ -953,7 +953,7 @@ struct Incoming {
 
 impl Incoming {
     fn of(record: &OwnedMessage, codec: &SharedCodec) -> Incoming {
-        let mut headers = Headers::new();
+        let mut others = Vec::new();
         let (mut correlation, mut reply_topic, mut reply_partition, mut string) =
             (None, None, None, false);
         if let Some(record_headers) = record.headers() {
@@ -966,11 +966,12 @@ impl Incoming {
                     (REPLY_TOPIC, Some(text)) => reply_topic = Some(text),
                     (REPLY_PARTITION, Some(text)) => reply_partition = text.trim().parse().ok(),
                     (TYPE_HEADER, Some(text)) => string = text == "string",
-                    (key, Some(text)) => headers.insert(key.to_owned(), text),
+                    (key, Some(text)) => others.push((key.to_owned(), text)),
                     (_, None) => {}
                 }
             }
         }
+        let headers: Headers = others.into_iter().collect();
         Incoming {
             data: received(codec, record.payload(), string),
             headers,

@@ -188,9 +188,10 @@ impl Shared {
             BasicProperties::default().with_delivery_mode(if persistent { 2 } else { 1 });
         let wire = request.wire_headers();
         let mut headers: Headers = options.headers.clone();
-        for (key, value) in wire.iter() {
-            headers.insert(key.to_owned(), value);
-        }
+        headers.extend(
+            wire.iter()
+                .map(|(key, value)| (key.to_owned(), value.to_owned())),
+        );
         if let Some(table) = to_amqp_headers(headers.iter())? {
             properties = properties.with_headers(table);
         }

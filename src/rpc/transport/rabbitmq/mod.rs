@@ -775,10 +775,10 @@ fn to_amqp_headers<'a>(
 /// AMQP headers as palisade headers: strings as they are, numbers and booleans as text; other
 /// values (tables, arrays, bytes) are left out.
 fn from_amqp_headers(table: Option<&FieldTable>) -> Headers {
-    let mut headers = Headers::new();
     let Some(table) = table else {
-        return headers;
+        return Headers::new();
     };
+    let mut headers = Vec::new();
     for (key, value) in table.inner() {
         let text = match value {
             AMQPValue::LongString(s) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
@@ -796,9 +796,9 @@ fn from_amqp_headers(table: Option<&FieldTable>) -> Headers {
             AMQPValue::Double(n) => n.to_string(),
             _ => continue,
         };
-        headers.insert(key.as_str().to_owned(), text);
+        headers.push((key.as_str().to_owned(), text));
     }
-    headers
+    headers.into_iter().collect()
 }
 
 /// The text of an AMQP error, for messages.

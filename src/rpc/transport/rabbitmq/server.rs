@@ -515,9 +515,11 @@ async fn handle(state: &Arc<State>, link: &Arc<Link>, delivery: lapin::message::
             return;
         }
     };
-    for (key, value) in from_amqp_headers(properties.headers().as_ref()).iter() {
-        packet.headers.insert(key.to_owned(), value);
-    }
+    packet.headers.extend(
+        from_amqp_headers(properties.headers().as_ref())
+            .iter()
+            .map(|(key, value)| (key.to_owned(), value.to_owned())),
+    );
     let raw = packet.pattern.take().unwrap_or_else(RawJson::null);
     let mut pattern = Pattern::received(raw.clone());
     if !state.wildcards.is_empty()
