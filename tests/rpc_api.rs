@@ -511,8 +511,8 @@ mod layers {
 mod pipeline {
     use super::*;
     use palisade::rpc::{
-        ExceptionFilterLayer, GuardLayer, Handler, InterceptorLayer, Next, Reply, RpcRequest,
-        Valid, Validate, ValidationErrors,
+        ExceptionFilterLayer, GuardLayer, Handler, InterceptorLayer, Next, RawJson, Reply,
+        RpcRequest, Valid, Validate, ValidationErrors,
     };
     use serde::Deserialize;
     use serde_json::{Value, json};
@@ -596,6 +596,27 @@ mod pipeline {
         assert_eq!(client.send::<i64>("seen-by", &()).await.unwrap(), 42);
         // An error from the mapping replaces the value.
         let error = client.send::<Value>("text", &()).await.unwrap_err();
+        assert_eq!(error.code(), Code::Internal);
+    }
+
+    /// A reply nested deeper than a `serde_json::Value` holds (valid JSON, 130 deep) cannot be
+    /// mapped: the caller gets an error, not the reply mapped from `null`.
+    #[tokio::test]
+    async fn a_reply_too_deep_to_map_is_an_error_not_null() {
+        let router = Router::new()
+            .message("deep", || async {
+                Reply::Value(
+                    RawJson::from_text(format!("{}7{}", "[".repeat(130), "]".repeat(130))).unwrap(),
+                )
+            })
+            .route_layer(InterceptorLayer::new(
+                |request: RpcRequest, next: Next| async move {
+                    let reply = next.run(request).await?;
+                    Ok::<_, RpcError>(reply.map_values(|value| Ok(json!({ "data": value }))))
+                },
+            ));
+        let (client, _server) = serve(router).await;
+        let error = client.send::<Value>("deep", &()).await.unwrap_err();
         assert_eq!(error.code(), Code::Internal);
     }
 

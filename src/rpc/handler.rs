@@ -29,13 +29,19 @@ pub enum Reply {
 impl Reply {
     /// The reply with `map` applied to each of its values (the one value, or every value of a
     /// stream) — what an [interceptor](super::InterceptorLayer) uses to reshape replies. An
-    /// `Err` from `map` replaces the value (and ends a stream).
+    /// `Err` from `map` replaces the value (and ends a stream), and so does an `Internal` error
+    /// for a value a [`serde_json::Value`] cannot hold (nested more than 128 deep), which `map`
+    /// never sees.
     pub fn map_values<F>(self, mut map: F) -> Reply
     where
         F: FnMut(serde_json::Value) -> Result<serde_json::Value, RpcError> + Send + 'static,
     {
-        let mut apply =
-            move |value: RawJson| map(value.to_value()).and_then(|value| serialize(&value));
+        let mut apply = move |value: RawJson| {
+            let value = value.try_to_value().map_err(|error| {
+                RpcError::internal_with(format_args!("a reply value could not be mapped: {error}"))
+            })?;
+            map(value).and_then(|value| serialize(&value))
+        };
         match self {
             Reply::Value(value) => match apply(value) {
                 Ok(value) => Reply::Value(value),

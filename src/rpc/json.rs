@@ -123,9 +123,26 @@ impl RawJson {
         })
     }
 
-    /// Parses into a [`serde_json::Value`].
+    /// Parses into a [`serde_json::Value`]; `Null` for a value `serde_json` cannot hold (one
+    /// nested more than 128 deep, which is valid JSON): see [`try_to_value`](Self::try_to_value)
+    /// to tell the two apart.
     pub fn to_value(&self) -> serde_json::Value {
-        serde_json::from_slice(&self.0).unwrap_or(serde_json::Value::Null)
+        self.try_to_value().unwrap_or(serde_json::Value::Null)
+    }
+
+    /// Parses into a [`serde_json::Value`], or fails for a value `serde_json` cannot hold (one
+    /// nested more than 128 deep).
+    ///
+    /// ```
+    /// use palisade::rpc::RawJson;
+    ///
+    /// let shallow = RawJson::from_text("[[1]]").unwrap();
+    /// assert_eq!(shallow.try_to_value().unwrap(), serde_json::json!([[1]]));
+    /// let deep = RawJson::from_text(format!("{}{}", "[".repeat(200), "]".repeat(200))).unwrap();
+    /// assert!(deep.try_to_value().is_err());
+    /// ```
+    pub fn try_to_value(&self) -> Result<serde_json::Value, serde_json::Error> {
+        serde_json::from_slice(&self.0)
     }
 
     /// The JSON text.
