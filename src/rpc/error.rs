@@ -346,7 +346,7 @@ impl RpcError {
             self.0.code.as_str()
         );
         if let Some(after) = self.0.retry_after {
-            text.push_str(&format!(r#","retryAfterMs":{}"#, after.as_millis() as u64));
+            text.push_str(&format!(r#","retryAfterMs":{}"#, wire_millis(after)));
         }
         text.push('}');
         RawJson::from_trusted(text.into())
@@ -377,10 +377,11 @@ impl RpcError {
         RpcError::new(Code::DeadlineExceeded, message)
     }
 
-    /// Adds a retry-after hint (sent on the wire as `retryAfterMs`).
+    /// Adds a retry-after hint (sent on the wire as `retryAfterMs`, in whole milliseconds; a hint
+    /// longer than `u64::MAX` milliseconds is sent as that).
     pub fn with_retry_after(mut self, after: Duration) -> Self {
         self.0.retry_after = Some(after);
-        let millis = after.as_millis() as u64;
+        let millis = wire_millis(after);
         if let Some(Value::Object(map)) = &mut self.0.err {
             let had = map.insert("retryAfterMs".into(), json!(millis)).is_some();
             // Appended to the known text when new; otherwise the text is written out afresh.
@@ -481,7 +482,7 @@ impl RpcError {
         map.insert("message".into(), json!(self.0.message));
         map.insert("code".into(), json!(self.0.code.as_str()));
         if let Some(after) = self.0.retry_after {
-            map.insert("retryAfterMs".into(), json!(after.as_millis() as u64));
+            map.insert("retryAfterMs".into(), json!(wire_millis(after)));
         }
         Value::Object(map)
     }
@@ -641,6 +642,12 @@ impl FailureKind for RpcError {
     }
 }
 
+/// A retry-after hint as the wire's `retryAfterMs`: whole milliseconds, saturating (a hint of
+/// centuries must not wrap round to "at once").
+fn wire_millis(after: Duration) -> u64 {
+    u64::try_from(after.as_millis()).unwrap_or(u64::MAX)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -673,6 +680,28 @@ mod tests {
             (Code::Unavailable, Some(Duration::from_millis(1500)))
         );
         assert!(back.is_transient());
+    }
+
+    /// A hint of 2^62 s is more milliseconds than a `u64` holds: it is sent as the longest wait
+    /// the wire can say, in each of the three places that write it, not wrapped round to 0.
+    #[test]
+    fn a_retry_after_longer_than_the_wire_holds_saturates() {
+        let hint = Duration::from_secs(1 << 62);
+        let busy = RpcError::unavailable("busy").with_retry_after(hint);
+        assert_eq!(busy.err()["retryAfterMs"], json!(u64::MAX));
+        assert!(
+            busy.err_json()
+                .as_str()
+                .contains(&format!(r#""retryAfterMs":{}"#, u64::MAX)),
+            "{}",
+            busy.err_json()
+        );
+        let with_err = RpcError::exception_object(json!({"message": "m"})).with_retry_after(hint);
+        assert_eq!(with_err.err()["retryAfterMs"], json!(u64::MAX));
+        assert_eq!(
+            RpcError::from_wire(&busy.err()).retry_after(),
+            Some(Duration::from_millis(u64::MAX))
+        );
     }
 
     #[test]
