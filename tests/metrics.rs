@@ -91,3 +91,56 @@ fn calls_are_counted_and_timed_per_pattern_and_status_on_both_sides() {
     assert_eq!(get("rpc.client.requests", "noted", "OK"), Some(1));
     assert_eq!(seen.len(), 12, "{seen:?}");
 }
+
+/// Callers naming patterns no handler is registered for are counted under `rpc.method`
+/// `_OTHER` on the server (OpenTelemetry's rule): 200 made-up patterns make one series, not
+/// 200, in a process that runs for months. Routes with handlers keep their name, events too.
+#[test]
+fn unknown_patterns_are_counted_as_other_in_one_series() {
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    metrics::with_local_recorder(&recorder, || {
+        runtime.block_on(async {
+            let transport = MemoryTransport::new();
+            let router = Router::new()
+                .message("known", || async { 1 })
+                .event("noted", || async {});
+            let server = Server::new(router).serve(&transport).await.unwrap();
+            let client = Client::builder().connect(transport).await.unwrap();
+            for n in 0..200 {
+                client
+                    .send::<()>(format!("probe-{n}"), &())
+                    .await
+                    .unwrap_err();
+            }
+            client.emit("unheard", &1).await.unwrap();
+            client.send::<i64>("known", &()).await.unwrap();
+            client.emit("noted", &1).await.unwrap();
+            server.shutdown().await;
+        })
+    });
+    let seen = snapshot(&snapshotter);
+    let server_methods: std::collections::BTreeSet<_> = seen
+        .keys()
+        .filter(|(name, ..)| name == "rpc.server.requests")
+        .map(|(_, method, _)| method.as_str())
+        .collect();
+    assert_eq!(
+        server_methods,
+        ["_OTHER", "known", "noted"].into_iter().collect()
+    );
+    let get = |method: &str, status: &str| {
+        seen.get(&(
+            "rpc.server.requests".to_owned(),
+            method.to_owned(),
+            status.to_owned(),
+        ))
+        .copied()
+    };
+    assert_eq!(get("_OTHER", "UNIMPLEMENTED"), Some(200));
+    assert_eq!(get("_OTHER", "OK"), Some(1), "the unheard event");
+}

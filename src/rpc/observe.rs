@@ -12,15 +12,22 @@
 //! (`request` or `event`), `rpc.response.status_code` (`OK`, or the error's
 //! [`Code`](crate::rpc::Code) name), and on the server `rpc.transport` (the dispatcher's
 //! transport name).
+//!
+//! On the server, a message to a route no handler is registered for is counted with
+//! `rpc.method` `_OTHER`, as OpenTelemetry's conventions ask: callers naming ever new patterns
+//! must not add a series each to a process that runs for months. A server whose service is not
+//! a router counts every route as it is, unless the service
+//! [declares its routes](crate::rpc::Server::with_routes).
 
 use crate::rpc::{Kind, RpcError};
 use metrics::{Key, Label, Level, Metadata, SharedString};
 use std::sync::Arc;
 use std::time::Duration;
 
-/// Records one handled message.
+/// Records one handled message; `method` is its route, `None` for one no handler is registered
+/// for (`_OTHER`).
 pub(crate) fn record(
-    route: &Arc<str>,
+    method: Option<&Arc<str>>,
     transport: &'static str,
     kind: Kind,
     outcome: &Result<(), RpcError>,
@@ -35,9 +42,12 @@ pub(crate) fn record(
         _ => "request",
     };
     // Static strings and the route's shared bytes: no allocation but the key's label list.
+    let method = method.map_or(SharedString::const_str("_OTHER"), |route| {
+        SharedString::from(Arc::clone(route))
+    });
     let labels = vec![
         Label::from_static_parts("rpc.system", "nestjs"),
-        Label::new("rpc.method", SharedString::from(Arc::clone(route))),
+        Label::new("rpc.method", method),
         Label::from_static_parts("rpc.transport", transport),
         Label::from_static_parts("rpc.message.kind", kind),
         Label::from_static_parts("rpc.response.status_code", status),

@@ -677,6 +677,18 @@ async fn stop_when(
 impl Inner {
     /// The handler's future for `request`. A panic while it is made (in a layer's `call`, say)
     /// is a panic of the handler: the caller gets "Internal server error".
+    /// The `rpc.method` a message is counted under: its route, or `None` (`_OTHER`) for a route
+    /// no handler is registered for, so that callers naming ever new patterns do not add a
+    /// metric series each. A server whose routes are not known counts every route.
+    #[cfg(feature = "metrics")]
+    fn metric_method(&self, route: &Arc<str>) -> Option<Arc<str>> {
+        let known = self.routes.as_ref().is_none_or(|routes| {
+            routes.messages().binary_search(route).is_ok()
+                || routes.events().binary_search(route).is_ok()
+        });
+        known.then(|| Arc::clone(route))
+    }
+
     fn call_service(&self, request: RpcRequest) -> BoxFuture<'static, Result<Reply, RpcError>> {
         match std::panic::catch_unwind(AssertUnwindSafe(|| self.service.call(request))) {
             Ok(call) => call,
@@ -704,7 +716,7 @@ impl Inner {
         let deadline = request.deadline();
         let kind = request.kind();
         #[cfg(feature = "metrics")]
-        let route = Arc::clone(request.pattern().route_arc());
+        let method = self.metric_method(request.pattern().route_arc());
         let call = if span.is_disabled() {
             self.call_service(request)
         } else {
@@ -763,7 +775,7 @@ impl Inner {
             #[cfg(feature = "metrics")]
             if let Some(started) = started {
                 crate::rpc::observe::record(
-                    &route,
+                    method.as_ref(),
                     self.transport,
                     kind,
                     &outcome,
