@@ -879,11 +879,21 @@ mod debug_handler {
     #[debug_handler]
     async fn nothing() {}
 
+    /// A reply naming `impl Trait`, as `Streaming`'s docs write one (it may not appear in a
+    /// bound, where the other replies are checked).
+    #[debug_handler]
+    async fn count(
+        Payload(n): Payload<u32>,
+    ) -> Streaming<impl Stream<Item = Result<u32, RpcError>>> {
+        Streaming::iter(1..=n)
+    }
+
     #[tokio::test]
     async fn a_checked_handler_is_the_same_handler() {
         let router = Router::new()
             .message("echo", echo)
             .message("nothing", nothing)
+            .message("count", count)
             .merge(
                 Router::stateful()
                     .message("greet", greet)
@@ -899,6 +909,14 @@ mod debug_handler {
             client.send::<Option<()>>("nothing", &()).await.unwrap(),
             None
         );
+        let counted: Vec<u32> = client
+            .send_stream::<u32>("count", &3)
+            .await
+            .unwrap()
+            .map(Result::unwrap)
+            .collect()
+            .await;
+        assert_eq!(counted, [1, 2, 3]);
     }
 
     /// Each mistake is reported where it stands, with the trait's hint (the expected compiler

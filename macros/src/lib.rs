@@ -121,16 +121,33 @@ fn checks(function: &ItemFn, settings: &Settings) -> TokenStream2 {
         ReturnType::Default => quote!(()),
         ReturnType::Type(_, ty) => quote!(#ty),
     };
-    let reply_check = quote_spanned! {output_span=>
-        fn __palisade_reply()
-        where
-            #output: ::palisade::rpc::IntoReply,
-        {
-        }
-    };
     let parameters: Vec<_> = (0..argument_types.len())
         .map(|i| format_ident!("argument_{}", i))
         .collect();
+    // `impl Trait` may not appear in a bound: such a reply (`Streaming<impl Stream<..>>`, as
+    // `Streaming`'s docs write it) is checked through the future's output instead.
+    let reply_check = if names_impl_trait(output.clone()) {
+        quote_spanned! {output_span=>
+            #[allow(clippy::too_many_arguments)]
+            fn __palisade_reply(#(#parameters: #argument_types),*) {
+                fn must_reply<F, R>(_: F)
+                where
+                    F: ::core::future::Future<Output = R>,
+                    R: ::palisade::rpc::IntoReply,
+                {
+                }
+                must_reply(#name(#(#parameters),*));
+            }
+        }
+    } else {
+        quote_spanned! {output_span=>
+            fn __palisade_reply()
+            where
+                #output: ::palisade::rpc::IntoReply,
+            {
+            }
+        }
+    };
     let send_check = quote_spanned! {future_span(function)=>
         #[allow(clippy::too_many_arguments)]
         fn __palisade_future_is_send(#(#parameters: #argument_types),*) {
@@ -151,4 +168,13 @@ fn checks(function: &ItemFn, settings: &Settings) -> TokenStream2 {
 /// Where a future that is not `Send` is reported: the signature, since the cause is in the body.
 fn future_span(function: &ItemFn) -> Span {
     function.sig.ident.span()
+}
+
+/// Whether a type names `impl Trait` anywhere in it.
+fn names_impl_trait(tokens: TokenStream2) -> bool {
+    tokens.into_iter().any(|token| match token {
+        proc_macro2::TokenTree::Ident(ident) => ident == "impl",
+        proc_macro2::TokenTree::Group(group) => names_impl_trait(group.stream()),
+        _ => false,
+    })
 }
