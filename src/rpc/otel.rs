@@ -53,11 +53,18 @@ fn parse_traceparent(value: &str, state: &str) -> Option<SpanContext> {
     let mut parts = value.trim().split('-');
     let (version, trace, span, flags) =
         (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    // Lowercase hex only (W3C's HEXDIGLC): a header that is not valid starts a new trace.
+    let lower_hex = |field: &str| {
+        field
+            .bytes()
+            .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    };
     if version.len() != 2
         || version == "ff"
         || trace.len() != 32
         || span.len() != 16
         || flags.len() != 2
+        || ![version, trace, span, flags].into_iter().all(lower_hex)
     {
         return None;
     }
@@ -104,6 +111,12 @@ mod tests {
             "00-4bf92f3577b34da6a3ce929d0e0e473-00f067aa0ba902b7-01",
             "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
             "00-xyz92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            // Uppercase hex, or a version that is not hex, is not a traceparent.
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00F067AA0BA902B7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-0A",
+            "0g-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "zz-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
         ] {
             assert!(parse_traceparent(bad, "").is_none(), "{bad:?}");
         }
