@@ -383,9 +383,12 @@ pub fn error_json(error: &RpcError) -> RawJson {
     error.err_json()
 }
 
+/// The shortest delay between reconnection attempts, whatever is configured.
+const MIN_RECONNECT_DELAY: std::time::Duration = std::time::Duration::from_millis(1);
+
 /// A reconnection delay: `initial` doubling per attempt up to `max`, with ±20% jitter (so that
-/// clients cut off together do not come back together). Saturates: `Duration::MAX` is "as
-/// long as can be", not an overflow.
+/// clients cut off together do not come back together), and never under 1 ms. Saturates:
+/// `Duration::MAX` is "as long as can be", not an overflow.
 #[cfg_attr(
     not(any(feature = "mqtt", feature = "rabbitmq", feature = "redis")),
     allow(dead_code)
@@ -394,6 +397,11 @@ pub(crate) fn reconnect_delay(
     (initial, max): (std::time::Duration, std::time::Duration),
     attempt: u32,
 ) -> std::time::Duration {
+    // A broker that refuses at once must not be retried in a busy loop.
+    let (initial, max) = (
+        initial.max(MIN_RECONNECT_DELAY),
+        max.max(MIN_RECONNECT_DELAY),
+    );
     let base = initial.saturating_mul(1 << attempt.min(20)).min(max);
     let random =
         crate::rng::mix(crate::rng::SharedRng::entropy() ^ u64::from(attempt).rotate_left(17));
@@ -432,6 +440,18 @@ mod tests {
             );
         }
         assert!(reconnect_delay(limits, u32::MAX) <= Duration::from_secs(2));
+    }
+
+    /// A zero backoff would retry a broker that refuses at once in a busy loop: the delay is
+    /// 1 ms at least, and still doubles from there.
+    #[test]
+    fn a_zero_backoff_still_waits_and_doubles() {
+        let zero = (Duration::ZERO, Duration::ZERO);
+        for attempt in [0, 1, 5, u32::MAX] {
+            assert!(reconnect_delay(zero, attempt) >= Duration::from_micros(800));
+        }
+        let from_zero = (Duration::ZERO, Duration::from_secs(1));
+        assert!(reconnect_delay(from_zero, 3) >= Duration::from_micros(6400));
     }
 
     /// `Duration::MAX` is "as long as can be": jitter above it saturates instead of panicking.

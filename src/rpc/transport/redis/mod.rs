@@ -192,7 +192,8 @@ impl RedisOptions {
     }
 
     /// Delays between reconnection attempts: `initial`, doubling (with ±20% jitter) up to `max`
-    /// (default 100 ms to 5 s).
+    /// (default 100 ms to 5 s). A delay under 1 ms is taken as 1 ms, so that a broker refusing
+    /// at once is not retried in a busy loop.
     pub fn reconnect_backoff(mut self, initial: Duration, max: Duration) -> Self {
         self.reconnect = (initial, max.max(initial));
         self
