@@ -70,6 +70,18 @@ impl Broker {
         self.signal("-CONT");
     }
 
+    /// Lets a [paused](Self::pause) broker go on after `delay`, from a thread of its own (while
+    /// the test waits on the broker).
+    pub fn resume_after(&self, delay: Duration) -> std::thread::JoinHandle<()> {
+        let pid = self.child.as_ref().expect("the broker is running").id();
+        std::thread::spawn(move || {
+            std::thread::sleep(delay);
+            let _ = Command::new("kill")
+                .args(["-CONT", &pid.to_string()])
+                .status();
+        })
+    }
+
     fn signal(&self, signal: &str) {
         let child = self.child.as_ref().expect("the broker is running");
         let status = Command::new("kill")

@@ -1,6 +1,6 @@
 use super::closing::GroupConsumer;
 use super::value::{
-    CORRELATION_ID, NEST_ERR, NEST_IS_DISPOSED, Outgoing, REPLY_PARTITION, REPLY_TOPIC,
+    CORRELATION_ID, NEST_ERR, NEST_IS_DISPOSED, NULL_TYPE, Outgoing, REPLY_PARTITION, REPLY_TOPIC,
     TYPE_HEADER, outgoing, received, received_err,
 };
 use super::{KafkaOptions, Producer, Topics, kafka_error, topic_of};
@@ -235,6 +235,8 @@ struct Inner {
     subscribed: tokio::sync::Mutex<BTreeSet<String>>,
     /// When the reply topics were last created again.
     recreated: tokio::sync::Mutex<Option<tokio::time::Instant>>,
+    /// The request and event topics made sure of (created if missing), with topic creation on.
+    destinations: Mutex<HashSet<String>>,
     /// Dropped with the connection: stops the reply reader.
     _stop: oneshot::Sender<()>,
 }
@@ -287,6 +289,7 @@ impl KafkaConnection {
                 replies,
                 subscribed: tokio::sync::Mutex::new(BTreeSet::new()),
                 recreated: tokio::sync::Mutex::new(None),
+                destinations: Mutex::new(HashSet::new()),
                 _stop: stop,
             }),
         };
@@ -305,6 +308,19 @@ impl KafkaConnection {
     /// Requests whose replies arrived after their callers stopped waiting.
     pub fn late_replies(&self) -> u64 {
         self.inner.replies.pending.late_replies()
+    }
+
+    /// Creates `topic`, a request or event topic, if it is missing, the first time it is sent to
+    /// (with the options' partitions and replication, as the server's topics are). With topic
+    /// creation off it is left to the broker, which may create it as it is first produced to.
+    async fn ensure_destination(&self, topic: &str) -> Result<(), RpcError> {
+        let inner = &*self.inner;
+        if !inner.topics.creates() || lock(&inner.destinations).contains(topic) {
+            return Ok(());
+        }
+        inner.topics.ensure(&[topic.to_owned()]).await?;
+        lock(&inner.destinations).insert(topic.to_owned());
+        Ok(())
     }
 
     /// Subscribes to these reply topics (creating them if need be) in one change of the
@@ -449,12 +465,14 @@ fn deliver(pending: &PendingRequests, codec: &SharedCodec, message: &BorrowedMes
             Err(error) => unreadable(error),
         }
     } else {
-        let string = header(message, TYPE_HEADER).flatten() == Some(b"string".as_slice());
+        let value_type = header(message, TYPE_HEADER).flatten();
+        let string = value_type == Some(b"string".as_slice());
         let disposed = header(message, NEST_IS_DISPOSED).is_some();
         match (message.payload(), disposed) {
             // NestJS's completion record: the end of the stream (a NestJS client turns it into one
-            // more `null`; palisade does not invent a value).
-            (None, true) => ReplyPacket::Complete,
+            // more `null`; palisade does not invent a value), unless a palisade server says it is
+            // a last value of `null`.
+            (None, true) if value_type != Some(NULL_TYPE) => ReplyPacket::Complete,
             (value, last) => match received(codec, value, string) {
                 Ok(response) => ReplyPacket::Value { response, last },
                 Err(error) => unreadable(error),
@@ -462,6 +480,13 @@ fn deliver(pending: &PendingRequests, codec: &SharedCodec, message: &BorrowedMes
         }
     };
     pending.deliver(n, packet);
+}
+
+/// Locks `mutex`, whose data stays whole whatever panicked while it was held.
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// The record for a request or event, with the options' codec.
@@ -502,6 +527,7 @@ impl ClientTransport for KafkaConnection {
             let wire_headers = request.wire_headers();
             headers.extend(wire_headers.iter().map(|(k, v)| (k, v.as_bytes())));
             let record = encode(&inner.options, &request)?;
+            connection.ensure_destination(&topic).await?;
             inner.producer.send(&topic, &record, &headers).await?;
             Ok(registered.into_replies())
         })
@@ -517,6 +543,7 @@ impl ClientTransport for KafkaConnection {
                 .map(|(k, v)| (k, v.as_bytes()))
                 .collect();
             let record = encode(&connection.inner.options, &event)?;
+            connection.ensure_destination(&topic).await?;
             connection
                 .inner
                 .producer

@@ -51,7 +51,13 @@
 //! - **Ordering of events.** [`KafkaRecord`] sets a record's key: events with one key go to one
 //!   partition and are handled in order.
 //! - **Producers** are idempotent with `acks=all` by default, and every `emit` resolves once the
-//!   broker stored the event.
+//!   broker stored the event. One the broker does not acknowledge within the
+//!   [delivery timeout](KafkaOptions::delivery_timeout) fails with `Unavailable`
+//!   ([`NotAcknowledged`](crate::rpc::TransportErrorKind::NotAcknowledged)) and is not sent again:
+//!   a broker that was only slow may still store it, so a retry of it may store it twice. A
+//!   server's last reply to a request is the exception: it is sent once more on a fresh producer
+//!   (the caller would otherwise wait out its deadline), and a copy reaches the caller as a late
+//!   reply, which is dropped.
 //! - **Request/reply.** The client reads its reply topics in the group `<group>-client`, so each
 //!   client instance reads partitions no other one reads, and names the lowest of them in
 //!   `kafka_replyPartition`. When a partition is assigned it starts reading at the partition's end
@@ -255,22 +261,26 @@ impl KafkaOptions {
         self
     }
 
-    /// The longest a fetch waits for data.
+    /// The longest a fetch waits for data. At most 5 minutes, librdkafka's limit: a longer one is
+    /// that.
     pub fn fetch_wait(mut self, wait: Duration) -> Self {
-        self.fetch_wait = wait;
+        self.fetch_wait = wait.min(MAX_FETCH_WAIT);
         self
     }
 
     /// A consumer that sends no heartbeat for this long leaves its group (its partitions move).
-    /// Real Kafka brokers accept 6 s or more by default.
+    /// Real Kafka brokers accept 6 s to 30 minutes by default (`group.min.session.timeout.ms`,
+    /// `group.max.session.timeout.ms`). At most an hour, librdkafka's limit: a longer one is
+    /// that.
     pub fn session_timeout(mut self, timeout: Duration) -> Self {
-        self.session_timeout = timeout;
+        self.session_timeout = timeout.min(MAX_SESSION_TIMEOUT);
         self
     }
 
-    /// How often handled records' offsets are committed.
+    /// How often handled records' offsets are committed. At most a day, librdkafka's limit: a
+    /// longer one is that.
     pub fn commit_interval(mut self, interval: Duration) -> Self {
-        self.commit_interval = interval;
+        self.commit_interval = interval.min(MAX_COMMIT_INTERVAL);
         self
     }
 
@@ -355,6 +365,12 @@ impl KafkaOptions {
                 "heartbeat.interval.ms",
                 millis((session / 3).max(Duration::from_millis(10))),
             )
+            // librdkafka refuses a poll interval shorter than the session timeout; its default
+            // is 5 minutes.
+            .set(
+                "max.poll.interval.ms",
+                millis(session.max(Duration::from_secs(300))),
+            )
             .set("fetch.wait.max.ms", millis(self.fetch_wait))
             .set("partition.assignment.strategy", "cooperative-sticky")
             .set("topic.metadata.refresh.interval.ms", "5000")
@@ -388,6 +404,11 @@ impl fmt::Debug for KafkaOptions {
 
 /// The longest time librdkafka takes (milliseconds in an `i32`).
 const MAX_LIBRDKAFKA_TIMEOUT: Duration = Duration::from_millis(i32::MAX as u64);
+/// librdkafka's ranges for `fetch.wait.max.ms`, `session.timeout.ms` and
+/// `auto.commit.interval.ms`: a value outside them fails the client's creation.
+const MAX_FETCH_WAIT: Duration = Duration::from_secs(300);
+const MAX_SESSION_TIMEOUT: Duration = Duration::from_secs(3600);
+const MAX_COMMIT_INTERVAL: Duration = Duration::from_secs(86_400);
 
 fn millis(duration: Duration) -> String {
     duration.as_millis().clamp(1, i32::MAX as u128).to_string()
@@ -471,6 +492,14 @@ pub(crate) fn topic_of(route: &str) -> Result<&str, RpcError> {
 /// A Kafka error as an `RpcError` of the right kind.
 pub(crate) fn kafka_error(error: &KafkaError, what: &str) -> RpcError {
     use RDKafkaErrorCode as Code;
+    // librdkafka refused its configuration (an `extra` setting it does not know, a value out of
+    // its range): no retry changes that.
+    if matches!(
+        error,
+        KafkaError::ClientCreation(_) | KafkaError::ClientConfig(..)
+    ) {
+        return RpcError::invalid_argument(format!("{what}: {error}"));
+    }
     let code = match error {
         KafkaError::AdminOp(code) => Some(*code),
         other => other.rdkafka_error_code(),
@@ -527,6 +556,11 @@ impl Topics {
             admin,
             options: options.clone(),
         })
+    }
+
+    /// Whether topics are created (topic creation is on).
+    pub(crate) fn creates(&self) -> bool {
+        self.admin.is_some()
     }
 
     /// Creates those of `topics` that do not exist yet (those that do are left as they are). With
@@ -632,9 +666,14 @@ impl Drop for Watch<'_> {
         let Some(delivery) = self.delivery.take() else {
             return;
         };
+        // A future dropped outside a runtime (kept past it, or polled by another executor) has
+        // nothing to watch with: the producer is judged by the next record that times out.
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
         let (current, generation) = (Arc::clone(&self.producer.current), self.generation);
         let (options, role) = (self.producer.options.clone(), self.producer.role);
-        tokio::spawn(async move {
+        runtime.spawn(async move {
             if let Ok(Err((error, _))) = delivery.await {
                 let _ = Producer::judge_in(&current, &options, role, &error, generation);
             }
@@ -727,11 +766,26 @@ impl Producer {
         }
     }
 
-    /// Produces `record` to `topic` and waits for the broker's acknowledgement.
-    ///
-    /// A record the producer gave up on (timed out: the broker may have lost the producer's state)
-    /// is sent once more with a fresh producer.
+    /// Produces `record` to `topic` and waits for the broker's acknowledgement, up to the
+    /// delivery timeout. A record the producer gave up on fails (the producer is replaced for
+    /// the records after it): the broker may still have stored it, if it was only slow, so it is
+    /// not sent again here, where a copy would be a second event or a second request.
     pub(crate) async fn send(
+        &self,
+        topic: &str,
+        record: &value::Outgoing,
+        headers: &[(&str, &[u8])],
+    ) -> Result<(), RpcError> {
+        self.send_once(topic, record, headers)
+            .await
+            .map_err(|(error, _)| error)
+    }
+
+    /// [`send`](Self::send) for a request's last reply: one the producer gave up on (timed out:
+    /// the broker may have lost the producer's state) is sent once more with a fresh producer,
+    /// since its caller would otherwise wait out its deadline. A copy of it, should the first
+    /// have been stored after all, reaches the caller as a late reply, which is dropped.
+    pub(crate) async fn send_last_reply(
         &self,
         topic: &str,
         record: &value::Outgoing,

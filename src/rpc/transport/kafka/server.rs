@@ -1,6 +1,6 @@
 use super::closing::GroupConsumer;
 use super::value::{
-    CORRELATION_ID, NEST_ERR, NEST_IS_DISPOSED, Outgoing, REPLY_PARTITION, REPLY_TOPIC,
+    CORRELATION_ID, NEST_ERR, NEST_IS_DISPOSED, NULL_TYPE, Outgoing, REPLY_PARTITION, REPLY_TOPIC,
     TYPE_HEADER, err_header, received, reply_value,
 };
 use super::{KafkaOptions, Producer, Topics, kafka_error, topic_of};
@@ -650,11 +650,9 @@ async fn consume(shared: Arc<Shared>, revocations: Arc<Revocations>) {
         workers.deliver(message).await;
         workers.drop_revoked();
     }
-    // Workers finish what they took; records not yet taken (or held) are handled again by the
-    // next owner.
-    for worker in workers.by_partition.values() {
-        worker.revoked.store(true, Ordering::Release);
-    }
+    // Workers finish what they took, and store its offsets for the commit the consumer makes as
+    // it closes, after the drain: what was handled during the grace period is not handled again
+    // by the next server. Records not yet taken (or held) are left to the next owner.
 }
 
 /// The progress of a partition: which records are done, so that only offsets below every record
@@ -1057,8 +1055,20 @@ impl ReplySink for KafkaSink {
         }
         if last {
             headers.push((NEST_IS_DISPOSED, &[0]));
+            // A last value of `null` is a record without a value, which is also what the
+            // completion record is: palisade's clients are told it is a value (NestJS's ignore
+            // the header, and read a completion record as one more `null` anyway).
+            if matches!(packet, ReplyPacket::Value { .. }) && outgoing.value.is_none() {
+                headers.push((TYPE_HEADER, NULL_TYPE));
+            }
         }
-        let sent = self.producer.send(&self.topic, &outgoing, &headers).await;
+        let sent = if last {
+            self.producer
+                .send_last_reply(&self.topic, &outgoing, &headers)
+                .await
+        } else {
+            self.producer.send(&self.topic, &outgoing, &headers).await
+        };
         if last {
             self.done.take();
         }

@@ -180,6 +180,10 @@ mod tests {
 /// a string as the string `"123"`; NestJS ignores it.
 pub(crate) const TYPE_HEADER: &str = "palisade-type";
 
+/// [`TYPE_HEADER`]'s value on a request's last reply when that is `null`: a record without a
+/// value, which a completion record is too.
+pub(crate) const NULL_TYPE: &[u8] = b"null";
+
 /// A record to produce for `data`: NestJS's message shape (`{key, value, headers, partition}`,
 /// see `KafkaRecord`) taken apart, the value encoded as NestJS encodes it.
 #[derive(Debug, Default, PartialEq)]
