@@ -312,13 +312,20 @@ impl KafkaConnection {
 
     /// Creates `topic`, a request or event topic, if it is missing, the first time it is sent to
     /// (with the options' partitions and replication, as the server's topics are). With topic
-    /// creation off it is left to the broker, which may create it as it is first produced to.
+    /// creation off, or credentials that may not create topics, it is left to the broker, which
+    /// may create it as it is first produced to.
     async fn ensure_destination(&self, topic: &str) -> Result<(), RpcError> {
         let inner = &*self.inner;
         if !inner.topics.creates() || lock(&inner.destinations).contains(topic) {
             return Ok(());
         }
-        inner.topics.ensure(&[topic.to_owned()]).await?;
+        match inner.topics.ensure(&[topic.to_owned()]).await {
+            Ok(()) => {}
+            Err(error) if error.transport_kind() == Some(TransportErrorKind::Authorization) => {
+                tracing::debug!(%error, topic, "may not create the topic; left to the broker");
+            }
+            Err(error) => return Err(error),
+        }
         lock(&inner.destinations).insert(topic.to_owned());
         Ok(())
     }
