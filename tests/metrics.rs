@@ -144,3 +144,51 @@ fn unknown_patterns_are_counted_as_other_in_one_series() {
     assert_eq!(get("_OTHER", "UNIMPLEMENTED"), Some(200));
     assert_eq!(get("_OTHER", "OK"), Some(1), "the unheard event");
 }
+
+/// A failed event is counted with its error's code, as a failed request is (it was counted `OK`:
+/// the router swallowed the failure, which only a durable event reported).
+#[test]
+fn a_failed_event_is_counted_with_its_code() {
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    metrics::with_local_recorder(&recorder, || {
+        runtime.block_on(async {
+            let transport = MemoryTransport::new();
+            let router = Router::new()
+                .event("flaky", |Payload(fail): Payload<bool>| async move {
+                    if fail {
+                        Err(RpcError::unavailable("the database is down"))
+                    } else {
+                        Ok(())
+                    }
+                })
+                .event("both", || async {})
+                .event("both", || async {
+                    Err::<(), _>(RpcError::not_found("gone"))
+                });
+            let server = Server::new(router).serve(&transport).await.unwrap();
+            let client = Client::builder().connect(transport).await.unwrap();
+            client.emit("flaky", &true).await.unwrap();
+            client.emit("flaky", &false).await.unwrap();
+            client.emit("both", &()).await.unwrap();
+            server.shutdown().await;
+        })
+    });
+    let seen = snapshot(&snapshotter);
+    let get = |method: &str, status: &str| {
+        seen.get(&(
+            "rpc.server.requests".to_owned(),
+            method.to_owned(),
+            status.to_owned(),
+        ))
+        .copied()
+    };
+    assert_eq!(get("flaky", "UNAVAILABLE"), Some(1), "{seen:?}");
+    assert_eq!(get("flaky", "OK"), Some(1), "{seen:?}");
+    assert_eq!(get("both", "NOT_FOUND"), Some(1), "{seen:?}");
+    assert_eq!(get("both", "OK"), None, "{seen:?}");
+}

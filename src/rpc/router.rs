@@ -464,14 +464,18 @@ impl Router {
                     several => several.iter().map(ready).collect(),
                 };
                 Box::pin(async move {
+                    let reports_failures = request.reports_failures();
                     let mut first_failure = None;
                     for handler in handlers {
                         if let Err(error) = run_event_handler(handler, request.clone()).await {
-                            tracing::error!(pattern = %request.pattern(), %error, "event handler failed");
+                            // The one reported is logged by whoever it is reported to.
+                            if first_failure.is_some() || !reports_failures {
+                                tracing::error!(pattern = %request.pattern(), %error, "event handler failed");
+                            }
                             first_failure.get_or_insert(error);
                         }
                     }
-                    event_outcome(first_failure, request.reports_failures())
+                    event_outcome(first_failure, reports_failures)
                 })
             }
         }
@@ -502,7 +506,10 @@ fn one_event_handler(
             Ok(reply) => reply.run_to_end().await.err(),
             Err(error) => Some(error),
         };
-        if let Some(error) = &failure {
+        // A failure reported is logged by whoever it is reported to.
+        if let Some(error) = &failure
+            && !reports_failures
+        {
             tracing::error!(%pattern, %error, "event handler failed");
         }
         event_outcome(failure, reports_failures)

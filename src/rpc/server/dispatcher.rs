@@ -715,6 +715,13 @@ impl Inner {
     ) -> impl Future<Output = ()> + Send + 'static {
         let deadline = request.deadline();
         let kind = request.kind();
+        // A failed event is the dispatcher's to see, as a failed request is: counted in the
+        // metrics and the span's outcome, and logged. Nothing is sent back either way.
+        let request = if kind == Kind::Event {
+            request.reporting_failures()
+        } else {
+            request
+        };
         #[cfg(feature = "metrics")]
         let method = self.metric_method(request.pattern().route_arc());
         let call = if span.is_disabled() {
