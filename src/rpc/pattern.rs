@@ -345,23 +345,17 @@ impl Js {
         }
     }
 
-    /// `value`, found at `depth`, as [`parse`](Self::parse) would read its text.
-    fn from_value(value: &Value, depth: usize) -> Js {
+    /// A `Value` made in this process (as deep as `serde_json` lets it be read, 128).
+    fn from_value(value: &Value) -> Js {
         match value {
             Value::Null => Js::Null,
             Value::Bool(b) => Js::Bool(*b),
             Value::Number(n) => Js::Number(n.as_f64().unwrap_or(0.0)),
             Value::String(text) => Js::String(text.clone()),
-            Value::Array(_) | Value::Object(_) if depth > MAX_DEPTH => Js::TooDeep,
-            Value::Array(items) => Js::Array(
-                items
-                    .iter()
-                    .map(|item| Js::from_value(item, depth + 1))
-                    .collect(),
-            ),
+            Value::Array(items) => Js::Array(items.iter().map(Js::from_value).collect()),
             Value::Object(map) => Js::Object(
                 map.iter()
-                    .map(|(key, value)| (key.clone(), Js::from_value(value, depth + 1)))
+                    .map(|(key, value)| (key.clone(), Js::from_value(value)))
                     .collect(),
             ),
         }
@@ -411,7 +405,7 @@ fn plain_string_route(raw: &RawJson) -> Option<&str> {
 /// NestJS's `transformPatternToRoute`.
 pub(crate) fn route_of(value: &Value) -> String {
     let mut route = String::new();
-    write_route(&Js::from_value(value, 0), 0, &mut route);
+    write_route(&Js::from_value(value), 0, &mut route);
     route
 }
 
@@ -588,7 +582,13 @@ mod tests {
                 // The same pattern sent as a string, which NestJS parses first.
                 let as_string = RawJson::to_json(&nested(100_000)).unwrap();
                 let just_over = RawJson::from_text(nested(7)).unwrap();
-                [deep, as_string, just_over].map(|raw| incoming_route(&raw))
+                let objects = RawJson::from_text(format!(
+                    "{}1{}",
+                    r#"{"a":"#.repeat(100_000),
+                    "}".repeat(100_000)
+                ))
+                .unwrap();
+                [deep, as_string, just_over, objects].map(|raw| incoming_route(&raw))
             })
             .unwrap()
             .join()
@@ -596,6 +596,10 @@ mod tests {
         assert_eq!(routes[0].as_deref(), Some(six_levels));
         assert_eq!(routes[1].as_deref(), Some(six_levels));
         assert_eq!(routes[2].as_deref(), Some(six_levels));
+        assert_eq!(
+            routes[3].as_deref(),
+            Some(r#"{"a":{"a":{"a":{"a":{"a":{"a":[MAX_DEPTH_REACHED]}}}}}}"#)
+        );
         // Six levels fit.
         let six = RawJson::from_text(nested(6)).unwrap();
         assert_eq!(
