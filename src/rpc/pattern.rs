@@ -259,7 +259,7 @@ pub(crate) fn incoming_route(raw: &RawJson) -> Option<String> {
     };
     match parsed {
         Js::String(text) => Some(text),
-        Js::Number(_) | Js::Object(_) | Js::Array(_) | Js::TooDeep => {
+        Js::Number(_) | Js::Object(_) | Js::Array(_) | Js::TooDeep | Js::TooManyKeys => {
             let mut route = String::new();
             write_route(&parsed, 0, &mut route);
             Some(route)
@@ -286,6 +286,9 @@ enum Js {
     Object(Vec<(String, Js)>),
     /// An object or array deeper than [`MAX_DEPTH`], which routes as `[MAX_DEPTH_REACHED]`.
     TooDeep,
+    /// An object with more than [`MAX_KEYS`] keys (an array with more items), which routes as
+    /// `[TOO_MANY_KEYS]`.
+    TooManyKeys,
 }
 
 impl Js {
@@ -298,11 +301,15 @@ impl Js {
             Some(b'{' | b'[') if depth > MAX_DEPTH => Ok(Js::TooDeep),
             Some(b'{') => {
                 let entries: RawEntries<'_> = serde_json::from_str(trimmed)?;
-                let mut object: Vec<(String, Js)> = Vec::with_capacity(entries.0.len());
+                // At most `MAX_KEYS` distinct keys are kept, each found by a short search: an
+                // object with more routes as `[TOO_MANY_KEYS]`, whatever its values.
+                let mut object: Vec<(String, Js)> =
+                    Vec::with_capacity(entries.0.len().min(MAX_KEYS));
                 for (key, raw) in entries.0 {
                     let value = Js::parse(raw.get(), depth + 1)?;
-                    match object.iter_mut().find(|(k, _)| *k == key) {
-                        Some((_, slot)) => *slot = value,
+                    match object.iter().position(|(k, _)| *k == key) {
+                        Some(found) => object[found].1 = value,
+                        None if object.len() == MAX_KEYS => return Ok(Js::TooManyKeys),
                         None => object.push((key, value)),
                     }
                 }
@@ -310,6 +317,9 @@ impl Js {
             }
             Some(b'[') => {
                 let items: Vec<&RawValue> = serde_json::from_str(trimmed)?;
+                if items.len() > MAX_KEYS {
+                    return Ok(Js::TooManyKeys);
+                }
                 items
                     .into_iter()
                     .map(|raw| Js::parse(raw.get(), depth + 1))
@@ -417,6 +427,7 @@ fn write_route(value: &Js, depth: usize, out: &mut String) {
         Js::Null => out.push_str("null"),
         // Made only deeper than `MAX_DEPTH`.
         Js::TooDeep => out.push_str("[MAX_DEPTH_REACHED]"),
+        Js::TooManyKeys => out.push_str("[TOO_MANY_KEYS]"),
         Js::Object(_) | Js::Array(_) if depth > MAX_DEPTH => out.push_str("[MAX_DEPTH_REACHED]"),
         Js::Object(entries) => write_entries(js_key_order(entries), depth, out),
         Js::Array(items) => write_entries(
@@ -609,13 +620,53 @@ mod tests {
         // A pattern built from a deep value routes the same way as one received.
         let value: Value = serde_json::from_str(&nested(100)).unwrap();
         assert_eq!(route_of(&value), six_levels);
-        // Malformed deep inside is still malformed.
+        // A string pattern whose text is malformed deep inside is no JSON: it routes as itself,
+        // as `JSON.parse` throwing leaves it.
         let broken = format!("{}1}}{}", "[".repeat(50), "]".repeat(49));
+        let as_string = RawJson::to_json(&broken).unwrap();
+        assert_eq!(incoming_route(&as_string), Some(broken));
+    }
+
+    /// An object pattern with 200 000 keys (a 2.6 MB frame) routes as `[TOO_MANY_KEYS]`, as
+    /// NestJS routes any object with more than 20, in linear time: looking for each key among
+    /// those before it took 14 s for 40 000. An array with more than 20 items, the same.
+    #[test]
+    fn a_pattern_with_many_keys_routes_in_linear_time() {
+        let count = 200_000;
+        let keys: Vec<String> = (0..count).map(|i| format!(r#""k{i}":{i}"#)).collect();
+        let wide = RawJson::from_text(format!("{{{}}}", keys.join(","))).unwrap();
+        let long = RawJson::from_text(format!(
+            "[{}]",
+            (0..count)
+                .map(|i| i.to_string())
+                .collect::<Vec<_>>()
+                .join(",")
+        ))
+        .unwrap();
+        let started = std::time::Instant::now();
+        assert_eq!(incoming_route(&wide).as_deref(), Some("[TOO_MANY_KEYS]"));
+        assert_eq!(incoming_route(&long).as_deref(), Some("[TOO_MANY_KEYS]"));
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(20),
+            "{:?}",
+            started.elapsed()
+        );
+        // Twenty keys, each repeated: twenty keys, the last values.
+        let repeated: Vec<String> = (0..count)
+            .map(|i| format!(r#""k{}":{i}"#, i % 20))
+            .collect();
+        let twenty = RawJson::from_text(format!("{{{}}}", repeated.join(","))).unwrap();
+        let route = incoming_route(&twenty).unwrap();
+        assert!(
+            route.starts_with(r#"{"k0":199980,"k1":199981,"k10":199990"#),
+            "{route}"
+        );
+        // Twenty-one keys are too many, inside another object as well.
+        let keys: Vec<String> = (0..21).map(|i| format!(r#""k{i}":{i}"#)).collect();
+        let inner = RawJson::from_text(format!(r#"{{"a":{{{}}}}}"#, keys.join(","))).unwrap();
         assert_eq!(
-            RawJson::from_text(broken)
-                .ok()
-                .map(|raw| incoming_route(&raw)),
-            None
+            incoming_route(&inner).as_deref(),
+            Some(r#"{"a":[TOO_MANY_KEYS]}"#)
         );
     }
 

@@ -83,7 +83,7 @@ impl Headers {
 }
 
 /// Up to this many headers, keys are found by a linear search; beyond it, by an index.
-const LINEAR_HEADERS: usize = 16;
+pub(crate) const LINEAR_HEADERS: usize = 16;
 
 impl Headers {
     /// Sets (`Some`) or removes (`None`) each key in turn, as [`insert`](Self::insert) and
@@ -475,6 +475,30 @@ mod tests {
         let packet = crate::rpc::wire::decode_incoming(&bytes::Bytes::from(json)).unwrap();
         assert_eq!(packet.headers.len(), count);
         assert_eq!(packet.headers.get("h7"), Some("last"));
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "{count} headers took {:?}",
+            started.elapsed()
+        );
+    }
+
+    /// A channel transport's own headers (NATS's) merged into those a packet carries: linear too.
+    #[test]
+    fn a_transports_many_headers_merge_into_a_packets_in_linear_time() {
+        let count = 200_000;
+        let frame =
+            bytes::Bytes::from_static(br#"{"pattern":"p","data":1,"headers":{"h7":"body"}}"#);
+        let packet = crate::rpc::wire::decode_incoming(&frame).unwrap();
+        let transport: Headers = (0..count).map(|i| (format!("h{i}"), "v")).collect();
+        let started = std::time::Instant::now();
+        let route: std::sync::Arc<str> = "p".into();
+        let (request, _) = packet.into_request_on(&route, &frame, transport);
+        assert_eq!(request.headers().len(), count);
+        assert_eq!(
+            request.headers().get("h7"),
+            Some("v"),
+            "the transport's win"
+        );
         assert!(
             started.elapsed() < Duration::from_secs(20),
             "{count} headers took {:?}",

@@ -3,6 +3,7 @@
 
 use super::scan::{self, Fields, Key};
 use crate::rpc::error::NO_HANDLER_MESSAGE;
+use crate::rpc::request::LINEAR_HEADERS;
 use crate::rpc::transport::ReplyPacket;
 use crate::rpc::{Headers, Kind, Pattern, RawJson, RpcRequest, TIMEOUT_HEADER};
 use bytes::{BufMut, Bytes};
@@ -346,19 +347,25 @@ impl<'de> Deserialize<'de> for WireHeaders {
             fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<WireHeaders, M::Error> {
                 let mut wire = WireHeaders::default();
                 // Each header sets its key, or drops it (a value that is not a string), in turn;
-                // the last occurrence wins. Gathered first, to be applied in linear time.
-                let mut changes = Vec::new();
+                // the last occurrence wins. Past a few, they are gathered, to be applied in
+                // linear time.
+                let mut more = Vec::new();
                 while let Some(key) = map.next_key::<HeaderKey>()? {
                     match key {
                         // As any header: the last occurrence wins, a value that is not a number
                         // of milliseconds drops it.
                         HeaderKey::Timeout => wire.timeout_ms = map.next_value::<Millis>()?.0,
                         HeaderKey::Other(key) => {
-                            changes.push((key.into(), map.next_value::<HeaderValue>()?.0))
+                            let value = map.next_value::<HeaderValue>()?.0;
+                            if more.is_empty() && wire.headers.len() < LINEAR_HEADERS {
+                                wire.headers.apply([(key.into(), value)]);
+                            } else {
+                                more.push((key.into(), value));
+                            }
                         }
                     }
                 }
-                wire.headers.apply(changes);
+                wire.headers.apply(more);
                 Ok(wire)
             }
         }
@@ -580,9 +587,11 @@ impl IncomingPacket {
             headers
         } else {
             let mut all = self.headers;
-            for (key, value) in headers.iter() {
-                all.insert(key.to_owned(), value);
-            }
+            all.extend(
+                headers
+                    .iter()
+                    .map(|(key, value)| (key.to_owned(), value.to_owned())),
+            );
             all
         };
         // A deadline among the transport's headers wins too.

@@ -951,11 +951,12 @@ struct Incoming {
 
 impl Incoming {
     fn of(record: &OwnedMessage, codec: &SharedCodec) -> Incoming {
-        let mut others = Vec::new();
+        let mut headers = Headers::new();
         let (mut correlation, mut reply_topic, mut reply_partition, mut string) =
             (None, None, None, false);
         if let Some(record_headers) = record.headers() {
-            for header in record_headers.iter() {
+            // NestJS's own headers are taken out; the others are the request's.
+            headers.extend(record_headers.iter().filter_map(|header| {
                 let text = header
                     .value
                     .map(|value| String::from_utf8_lossy(value).into_owned());
@@ -964,12 +965,12 @@ impl Incoming {
                     (REPLY_TOPIC, Some(text)) => reply_topic = Some(text),
                     (REPLY_PARTITION, Some(text)) => reply_partition = text.trim().parse().ok(),
                     (TYPE_HEADER, Some(text)) => string = text == "string",
-                    (key, Some(text)) => others.push((key.to_owned(), text)),
+                    (key, Some(text)) => return Some((key.to_owned(), text)),
                     (_, None) => {}
                 }
-            }
+                None
+            }));
         }
-        let headers: Headers = others.into_iter().collect();
         Incoming {
             data: received(codec, record.payload(), string),
             headers,

@@ -779,8 +779,7 @@ fn from_amqp_headers(table: Option<&FieldTable>) -> Headers {
     let Some(table) = table else {
         return Headers::new();
     };
-    let mut headers = Vec::new();
-    for (key, value) in table.inner() {
+    let headers = table.inner().iter().filter_map(|(key, value)| {
         let text = match value {
             AMQPValue::LongString(s) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
             AMQPValue::ShortString(s) => s.as_str().to_owned(),
@@ -795,11 +794,11 @@ fn from_amqp_headers(table: Option<&FieldTable>) -> Headers {
             AMQPValue::Timestamp(n) => n.to_string(),
             AMQPValue::Float(n) => n.to_string(),
             AMQPValue::Double(n) => n.to_string(),
-            _ => continue,
+            _ => return None,
         };
-        headers.push((key.as_str().to_owned(), text));
-    }
-    headers.into_iter().collect()
+        Some((key.as_str().to_owned(), text))
+    });
+    headers.collect()
 }
 
 /// The text of an AMQP error, for messages.
