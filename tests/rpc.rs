@@ -602,3 +602,33 @@ async fn an_event_handlers_stream_is_run_to_its_end_and_its_error_fails_the_even
     server.shutdown().await;
     assert_eq!(polled.load(Ordering::SeqCst), 9);
 }
+
+/// The handlers of an event run together, started in registration order, as NestJS forks them:
+/// one whose stream goes on for good holds up none of the others.
+#[tokio::test(start_paused = true)]
+async fn an_event_handler_whose_stream_never_ends_holds_up_none_of_the_others() {
+    use palisade::rpc::{Pattern, RawJson, RpcRequest, Streaming};
+    let order = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let (first, second) = (Arc::clone(&order), Arc::clone(&order));
+    let dispatcher = Server::new(
+        Router::new()
+            .event("tick", move || {
+                first.lock().unwrap().push("endless");
+                async { Streaming::from_stream(futures_util::stream::pending::<u32>()) }
+            })
+            .event("tick", move || {
+                second.lock().unwrap().push("after it");
+                async {}
+            }),
+    )
+    .into_dispatcher("probe");
+    let event = RpcRequest::event(Pattern::from("tick"), RawJson::null());
+    let handling = tokio::spawn(async move { dispatcher.handle_event(event).await });
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    assert_eq!(*order.lock().unwrap(), ["endless", "after it"]);
+    assert!(
+        !handling.is_finished(),
+        "the event ended with a stream still going"
+    );
+    handling.abort();
+}

@@ -30,8 +30,8 @@ impl Reply {
     /// The reply with `map` applied to each of its values (the one value, or every value of a
     /// stream) — what an [interceptor](super::InterceptorLayer) uses to reshape replies. An
     /// `Err` from `map` replaces the value (and ends a stream), and so does an `Internal` error
-    /// for a value a [`serde_json::Value`] cannot hold (nested more than 128 deep), which `map`
-    /// never sees.
+    /// for a value a [`serde_json::Value`] cannot hold (nested more than 128 deep, or holding a
+    /// number beyond a double's range, such as `1e400`), which `map` never sees.
     pub fn map_values<F>(self, mut map: F) -> Reply
     where
         F: FnMut(serde_json::Value) -> Result<serde_json::Value, RpcError> + Send + 'static,

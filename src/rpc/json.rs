@@ -124,14 +124,14 @@ impl RawJson {
     }
 
     /// Parses into a [`serde_json::Value`]; `Null` for a value `serde_json` cannot hold (one
-    /// nested more than 128 deep, which is valid JSON): see [`try_to_value`](Self::try_to_value)
-    /// to tell the two apart.
+    /// nested more than 128 deep, or holding a number beyond a double's range such as `1e400`,
+    /// both valid JSON): see [`try_to_value`](Self::try_to_value) to tell the two apart.
     pub fn to_value(&self) -> serde_json::Value {
         self.try_to_value().unwrap_or(serde_json::Value::Null)
     }
 
     /// Parses into a [`serde_json::Value`], or fails for a value `serde_json` cannot hold (one
-    /// nested more than 128 deep).
+    /// nested more than 128 deep, or holding a number beyond a double's range such as `1e400`).
     ///
     /// ```
     /// use palisade::rpc::RawJson;

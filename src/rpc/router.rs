@@ -170,8 +170,11 @@ impl Service<RpcRequest> for Unmatched {
 /// Semantics follow NestJS: a request for a pattern with no handler is answered with NestJS's
 /// "There is no matching message handler defined in the remote service."; an event with no
 /// handler is logged and dropped; registering a second message handler for a pattern replaces
-/// the first; every event handler for a pattern runs, in registration order, and the failure of
-/// one does not stop the others.
+/// the first; every event handler for a pattern runs — started in registration order and run
+/// together, as NestJS forks them — and the failure of one (an error, a panic) does not stop the
+/// others. A stream an event handler answers with is run to its end (its work happens as it is
+/// polled); the event is done when every handler is, and its failure is the first handler's, in
+/// registration order, that failed.
 ///
 /// `S` is the state handlers still need: a router is built as a `Router<S>` when its handlers
 /// take [`State`](super::State), and [`with_state`](Self::with_state) turns it into a `Router`
@@ -465,15 +468,21 @@ impl Router {
                 };
                 Box::pin(async move {
                     let reports_failures = request.reports_failures();
+                    // Started in registration order and run together, as NestJS forks them: one
+                    // that waits long (a stream that goes on) holds up none of the others.
+                    let outcomes = futures_util::future::join_all(
+                        handlers
+                            .into_iter()
+                            .map(|handler| run_event_handler(handler, request.clone())),
+                    )
+                    .await;
                     let mut first_failure = None;
-                    for handler in handlers {
-                        if let Err(error) = run_event_handler(handler, request.clone()).await {
-                            // The one reported is logged by whoever it is reported to.
-                            if first_failure.is_some() || !reports_failures {
-                                tracing::error!(pattern = %request.pattern(), %error, "event handler failed");
-                            }
-                            first_failure.get_or_insert(error);
+                    for error in outcomes.into_iter().filter_map(Result::err) {
+                        // The one reported is logged by whoever it is reported to.
+                        if first_failure.is_some() || !reports_failures {
+                            tracing::error!(pattern = %request.pattern(), %error, "event handler failed");
                         }
+                        first_failure.get_or_insert(error);
                     }
                     event_outcome(first_failure, reports_failures)
                 })

@@ -675,8 +675,6 @@ async fn stop_when(
 }
 
 impl Inner {
-    /// The handler's future for `request`. A panic while it is made (in a layer's `call`, say)
-    /// is a panic of the handler: the caller gets "Internal server error".
     /// The `rpc.method` a message is counted under: its route, or `None` (`_OTHER`) for a route
     /// no handler is registered for, so that callers naming ever new patterns do not add a
     /// metric series each. A server whose routes are not known counts every route.
@@ -689,6 +687,8 @@ impl Inner {
         known.then(|| Arc::clone(route))
     }
 
+    /// The handler's future for `request`. A panic while it is made (in a layer's `call`, say)
+    /// is a panic of the handler: the caller gets "Internal server error".
     fn call_service(&self, request: RpcRequest) -> BoxFuture<'static, Result<Reply, RpcError>> {
         match std::panic::catch_unwind(AssertUnwindSafe(|| self.service.call(request))) {
             Ok(call) => call,
