@@ -57,7 +57,8 @@
 //!   a broker that was only slow may still store it, so a retry of it may store it twice. A
 //!   server's last reply to a request is the exception: it is sent once more on a fresh producer
 //!   (the caller would otherwise wait out its deadline), and a copy reaches the caller as a late
-//!   reply, which is dropped.
+//!   reply, which is dropped. A record a broken producer refused before queueing it went nowhere,
+//!   and is sent once more on a fresh producer.
 //! - **Request/reply.** The client reads its reply topics in the group `<group>-client`, so each
 //!   client instance reads partitions no other one reads, and names the lowest of them in
 //!   `kafka_replyPartition`. When a partition is assigned it starts reading at the partition's end
@@ -681,6 +682,35 @@ impl Drop for Watch<'_> {
     }
 }
 
+/// Whether a failed send replaced the producer, and whether the record was queued first (and so
+/// may have reached the broker).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Replaced {
+    No,
+    /// Refused before it was queued: it went nowhere.
+    BeforeQueueing,
+    /// Given up on after it was queued: a broker that was only slow may store it yet.
+    AfterQueueing,
+}
+
+impl Replaced {
+    fn before_queueing(replaced: bool) -> Self {
+        if replaced {
+            Replaced::BeforeQueueing
+        } else {
+            Replaced::No
+        }
+    }
+
+    fn after_queueing(replaced: bool) -> Self {
+        if replaced {
+            Replaced::AfterQueueing
+        } else {
+            Replaced::No
+        }
+    }
+}
+
 /// A producer, replaced when librdkafka gives up on it: after a broker lost the producer's state,
 /// an idempotent producer can retry its epoch forever, and every later record times out.
 pub(crate) struct Producer {
@@ -769,16 +799,24 @@ impl Producer {
     /// Produces `record` to `topic` and waits for the broker's acknowledgement, up to the
     /// delivery timeout. A record the producer gave up on fails (the producer is replaced for
     /// the records after it): the broker may still have stored it, if it was only slow, so it is
-    /// not sent again here, where a copy would be a second event or a second request.
+    /// not sent again here, where a copy would be a second event or a second request. One a
+    /// producer in a fatal state refused before queueing it went nowhere: it is sent once more,
+    /// with a fresh producer.
     pub(crate) async fn send(
         &self,
         topic: &str,
         record: &value::Outgoing,
         headers: &[(&str, &[u8])],
     ) -> Result<(), RpcError> {
-        self.send_once(topic, record, headers)
-            .await
-            .map_err(|(error, _)| error)
+        match self.send_once(topic, record, headers).await {
+            Err((error, Replaced::BeforeQueueing)) => {
+                tracing::debug!(%error, "sending once more with a new producer");
+                self.send_once(topic, record, headers)
+                    .await
+                    .map_err(|(error, _)| error)
+            }
+            other => other.map_err(|(error, _)| error),
+        }
     }
 
     /// [`send`](Self::send) for a request's last reply: one the producer gave up on (timed out:
@@ -792,7 +830,7 @@ impl Producer {
         headers: &[(&str, &[u8])],
     ) -> Result<(), RpcError> {
         match self.send_once(topic, record, headers).await {
-            Err((error, true)) => {
+            Err((error, Replaced::BeforeQueueing | Replaced::AfterQueueing)) => {
                 tracing::debug!(%error, "sending once more with a new producer");
                 self.send_once(topic, record, headers)
                     .await
@@ -802,13 +840,13 @@ impl Producer {
         }
     }
 
-    /// Sends `record` once; on failure, whether the producer was replaced for it.
+    /// Sends `record` once; on failure, whether the producer was replaced for it, and when.
     async fn send_once(
         &self,
         topic: &str,
         record: &value::Outgoing,
         headers: &[(&str, &[u8])],
-    ) -> Result<(), (RpcError, bool)> {
+    ) -> Result<(), (RpcError, Replaced)> {
         use rdkafka::message::{Header, OwnedHeaders};
         use rdkafka::producer::FutureRecord;
         let mut owned = OwnedHeaders::new_with_capacity(record.headers.len() + headers.len());
@@ -847,7 +885,7 @@ impl Producer {
                     tokio::time::sleep(Duration::from_millis(5)).await;
                 }
                 Err((error, _)) => {
-                    let replaced = self.judge(&error, generation);
+                    let replaced = Replaced::before_queueing(self.judge(&error, generation));
                     let error =
                         kafka_error(&error, &format!("cannot produce to the topic {topic:?}"));
                     return Err((error, replaced));
@@ -867,7 +905,7 @@ impl Producer {
         match delivered {
             Ok(Ok(_)) => Ok(()),
             Ok(Err((error, _))) => {
-                let replaced = self.judge(&error, generation);
+                let replaced = Replaced::after_queueing(self.judge(&error, generation));
                 let error = kafka_error(&error, &format!("cannot produce to the topic {topic:?}"));
                 Err((error, replaced))
             }
@@ -878,7 +916,7 @@ impl Producer {
                         "the Kafka producer was closed before {topic:?} acknowledged the record"
                     ),
                 ),
-                false,
+                Replaced::No,
             )),
         }
     }
