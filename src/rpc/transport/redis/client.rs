@@ -294,6 +294,7 @@ async fn supervise(shared: Arc<Shared>, mut replies: PubSubStream, stop: Cancell
                 },
                 _ = sweeps.tick() => shared.drop_idle_routes().await,
                 _ = health.tick() => {
+                    shared.publisher.keep_alive();
                     let sink = shared.link.lock().await.clone();
                     if let Some(mut sink) = sink
                         && !shared.options.healthy(&mut sink).await

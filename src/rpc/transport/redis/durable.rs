@@ -229,6 +229,36 @@ fn entries(value: &Value) -> Vec<Entry> {
         .collect()
 }
 
+/// Claims an entry (`ARGV[3]`) for a consumer (`ARGV[2]`) of a group (`ARGV[1]`) only if it is
+/// pending for that consumer; `ARGV[4]` is `JUSTID` or empty. Nil when it is not.
+const CLAIM_OWN: &str = "local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1) \
+    if #p == 0 or p[1][2] ~= ARGV[2] then return false end \
+    if ARGV[4] == 'JUSTID' then \
+        return redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[3], 'JUSTID') \
+    end \
+    return redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[3])";
+
+/// `work`, unless shutdown starts first (`None`).
+async fn unless_draining<T>(
+    dispatcher: &Dispatcher,
+    work: impl Future<Output = Result<T, RpcError>>,
+) -> Result<Option<T>, RpcError> {
+    tokio::select! {
+        biased;
+        _ = dispatcher.draining() => Ok(None),
+        result = work => result.map(Some),
+    }
+}
+
+/// What a [`CLAIM_OWN`] answered: the ids or entries claimed (none when the entry was not the
+/// consumer's).
+fn entries_of_claim(claimed: &Value) -> &[Value] {
+    match claimed {
+        Value::Array(items) => items,
+        _ => &[],
+    }
+}
+
 struct Reader {
     options: RedisOptions,
     durable: Arc<DurableEvents>,
@@ -266,18 +296,35 @@ impl Reader {
         }
     }
 
-    /// Reads and handles entries until Redis fails.
+    /// Reads and handles entries until Redis fails, or shutdown starts. The steps that only wait
+    /// on Redis (connecting, reading, claiming) give way to shutdown: a Redis gone silent would
+    /// hold it up for their timeouts. A handler that runs, and its acknowledgement, do not.
     async fn session(&mut self) -> Result<(), RpcError> {
-        let mut commands = self.options.commands().await?;
+        let dispatcher = self.dispatcher.clone();
+        let Some(mut commands) = unless_draining(&dispatcher, self.options.commands()).await?
+        else {
+            return Ok(());
+        };
         // Blocking reads have a connection of their own: Redis answers a connection's commands in
         // order, so an acknowledgement would wait behind the block.
-        let mut reader = self.options.commands_with_timeout(None).await?;
-        create_group(&mut commands, &self.route, &self.durable.group).await?;
+        let Some(mut reader) =
+            unless_draining(&dispatcher, self.options.commands_with_timeout(None)).await?
+        else {
+            return Ok(());
+        };
+        let created = create_group(&mut commands, &self.route, &self.durable.group);
+        if unless_draining(&dispatcher, created).await?.is_none() {
+            return Ok(());
+        }
         // First what this consumer was given and never acknowledged (a restart under its name),
         // page by page.
         let mut after = "0".to_owned();
         loop {
-            let own = self.read_within(&mut reader, &after, None).await?;
+            let read_at = Instant::now();
+            let read = self.read_within(&mut reader, &after, None);
+            let Some(own) = unless_draining(&dispatcher, read).await? else {
+                return Ok(());
+            };
             let Some((last, _)) = own.last() else { break };
             after = last.clone();
             // An event waiting out its retry delay when the last session failed keeps its delay:
@@ -286,7 +333,7 @@ impl Reader {
                 .into_iter()
                 .filter(|(id, _)| !self.retries.contains_key(id))
                 .collect();
-            self.handle_all(&mut commands, own, true).await?;
+            self.handle_all(&mut commands, own, true, read_at).await?;
         }
         let mut next_claim = Instant::now();
         loop {
@@ -302,17 +349,15 @@ impl Reader {
                 .collect();
             for id in due {
                 self.retries.remove(&id);
-                let claimed: Value = redis::cmd("XCLAIM")
-                    .arg(&*self.route)
-                    .arg(&self.durable.group)
-                    .arg(&self.consumer)
-                    .arg(0)
-                    .arg(&id)
-                    .query_async(&mut commands)
-                    .await
-                    .map_err(|error| command_error(&error, "cannot claim an event to retry"))?;
+                // Taken again only if it is still this consumer's: another may have claimed it
+                // while it waited (a delay longer than `claim_idle`), and be handling it.
+                let read_at = Instant::now();
+                let claim = self.claim_own(&mut commands, &id, false);
+                let Some(claimed) = unless_draining(&dispatcher, claim).await? else {
+                    return Ok(());
+                };
                 // Its count was checked when it failed.
-                self.handle_all(&mut commands, entries(&claimed), false)
+                self.handle_all(&mut commands, entries(&claimed), false, read_at)
                     .await?;
             }
             if now >= next_claim {
@@ -320,7 +365,9 @@ impl Reader {
                     now,
                     (self.durable.claim_idle / 2).max(Duration::from_millis(10)),
                 );
-                let claimed: Value = redis::cmd("XAUTOCLAIM")
+                let read_at = Instant::now();
+                let mut autoclaim = redis::cmd("XAUTOCLAIM");
+                autoclaim
                     .arg(&*self.route)
                     .arg(&self.durable.group)
                     .arg(&self.consumer)
@@ -328,10 +375,16 @@ impl Reader {
                     .arg(i64::try_from(self.durable.claim_idle.as_millis()).unwrap_or(i64::MAX))
                     .arg("0-0")
                     .arg("COUNT")
-                    .arg(self.durable.batch)
-                    .query_async(&mut commands)
-                    .await
-                    .map_err(|error| command_error(&error, "cannot claim idle events"))?;
+                    .arg(self.durable.batch);
+                let claim = async {
+                    autoclaim
+                        .query_async::<Value>(&mut commands)
+                        .await
+                        .map_err(|error| command_error(&error, "cannot claim idle events"))
+                };
+                let Some(claimed) = unless_draining(&dispatcher, claim).await? else {
+                    return Ok(());
+                };
                 if let Value::Array(parts) = &claimed
                     && let Some(list) = parts.get(1)
                 {
@@ -340,7 +393,7 @@ impl Reader {
                         // Claimed now (maybe its own, idle too long): no separate retry.
                         self.retries.remove(id);
                     }
-                    self.handle_all(&mut commands, list, true).await?;
+                    self.handle_all(&mut commands, list, true, read_at).await?;
                 }
             }
             // Block until an entry arrives or the next retry or claim is due.
@@ -356,11 +409,13 @@ impl Reader {
                 .clamp(Duration::from_millis(1), Duration::from_secs(1));
             // Entries a read cancelled here may already have been given to this consumer: they
             // stay pending, read again by a restart under this name or claimed by others.
-            let fresh = tokio::select! {
-                fresh = self.read_within(&mut reader, ">", Some(block)) => fresh?,
-                _ = self.dispatcher.draining() => return Ok(()),
+            let read_at = Instant::now();
+            let read = self.read_within(&mut reader, ">", Some(block));
+            let Some(fresh) = unless_draining(&dispatcher, read).await? else {
+                return Ok(());
             };
-            self.handle_all(&mut commands, fresh, false).await?;
+            self.handle_all(&mut commands, fresh, false, read_at)
+                .await?;
         }
     }
 
@@ -429,17 +484,30 @@ impl Reader {
 
     /// Handles `entries` in order. `delivered_before`: they may have been delivered before (read
     /// from this consumer's history, or claimed from another), so their count of deliveries is
-    /// checked first.
+    /// checked first. `read_at`: when the command that gave them was sent.
+    ///
+    /// Redis counts an entry's idle time from its delivery, and entries waiting their turn here
+    /// grow idle too: once half of `claim_idle` has passed since the read, each is taken up only
+    /// if it is still this consumer's, and its idle time is reset then. Otherwise another
+    /// consumer's `XAUTOCLAIM` took the last ones of a batch while they waited, and both handled
+    /// them.
     async fn handle_all(
         &mut self,
         commands: &mut MultiplexedConnection,
         entries: Vec<Entry>,
         delivered_before: bool,
+        read_at: Instant,
     ) -> Result<(), RpcError> {
         for (id, body) in entries {
             if self.dispatcher.is_draining() {
                 // Left unacknowledged: delivered again after a restart, or claimed.
                 return Ok(());
+            }
+            if read_at.elapsed() >= self.durable.claim_idle / 2
+                && entries_of_claim(&self.claim_own(commands, &id, true).await?).is_empty()
+            {
+                tracing::debug!(route = %self.route, %id, "claimed by another consumer while it waited");
+                continue;
             }
             if delivered_before && self.spent(commands, &id, body.as_ref()).await? {
                 continue;
@@ -447,6 +515,28 @@ impl Reader {
             self.handle(commands, id, body).await?;
         }
         Ok(())
+    }
+
+    /// Claims `id` for this consumer, resetting its idle time, only if it is still this
+    /// consumer's: its entry (or with `just_id`, its id, and its count of deliveries left
+    /// alone), or nothing.
+    async fn claim_own(
+        &self,
+        commands: &mut MultiplexedConnection,
+        id: &str,
+        just_id: bool,
+    ) -> Result<Value, RpcError> {
+        redis::cmd("EVAL")
+            .arg(CLAIM_OWN)
+            .arg(1)
+            .arg(&*self.route)
+            .arg(&self.durable.group)
+            .arg(&self.consumer)
+            .arg(id)
+            .arg(if just_id { "JUSTID" } else { "" })
+            .query_async(commands)
+            .await
+            .map_err(|error| command_error(&error, "cannot claim an event of this consumer"))
     }
 
     /// Dead-letters an entry delivered more than `max_deliveries` times, without handling it

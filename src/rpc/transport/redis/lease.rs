@@ -36,6 +36,9 @@ impl Lease {
         u64::try_from(self.spec.ttl.as_millis()).unwrap_or(u64::MAX)
     }
 
+    /// Takes the lease if it is free, or takes it back if it is still this instance's (after a
+    /// renewal that failed on a broken connection: nobody else can hold it until it expires, so
+    /// waiting for that would leave the service without a responder).
     async fn acquire(&mut self, options: &RedisOptions) -> Result<bool, RpcError> {
         let (key, me, ttl) = (self.spec.key.clone(), self.me.clone(), self.ttl_ms());
         let connection = self.connection(options).await?;
@@ -48,7 +51,10 @@ impl Lease {
             .query_async(connection)
             .await
             .map_err(|error| command_error(&error, "cannot take the responder lease"))?;
-        Ok(set.is_some())
+        if set.is_some() {
+            return Ok(true);
+        }
+        self.script(options, RENEW).await
     }
 
     async fn script(&mut self, options: &RedisOptions, script: &str) -> Result<bool, RpcError> {

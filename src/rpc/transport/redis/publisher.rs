@@ -9,11 +9,15 @@ use std::sync::{Arc, Mutex};
 /// The connection `PUBLISH` and `XADD` go through. It is replaced when the subscriber reconnects;
 /// when a command finds it broken on its own (the subscriber connection still up), it is opened
 /// again in the background, with backoff, so that publishing does not fail until the next loss
-/// of the subscriber.
+/// of the subscriber. It is PINGed at every health check, as the subscriber is: Redis's
+/// `timeout` closes idle clients (subscribers are exempt), and a connection closed while idle
+/// failed the next request and lost the next reply, after every quiet spell.
 pub(super) struct Publisher {
     options: RedisOptions,
     slot: Mutex<Option<MultiplexedConnection>>,
     repairing: AtomicBool,
+    /// A keep-alive PING is under way.
+    pinging: AtomicBool,
 }
 
 impl Publisher {
@@ -22,7 +26,35 @@ impl Publisher {
             options,
             slot: Mutex::new(None),
             repairing: AtomicBool::new(false),
+            pinging: AtomicBool::new(false),
         })
+    }
+
+    /// PINGs the connection from a task of its own (one at a time), so that Redis's `timeout`
+    /// does not close it while idle; one that does not answer in time is opened again.
+    pub(super) fn keep_alive(self: &Arc<Self>) {
+        let Ok(mut connection) = self.get() else {
+            // Being opened again, or not connected.
+            return;
+        };
+        if self.pinging.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let publisher = Arc::clone(self);
+        tokio::spawn(async move {
+            let pinged = tokio::time::timeout(
+                publisher.options.response_timeout,
+                redis::cmd("PING").query_async::<redis::Value>(&mut connection),
+            )
+            .await;
+            publisher.pinging.store(false, Ordering::Release);
+            if !matches!(pinged, Ok(Ok(_))) {
+                tracing::debug!(
+                    "the Redis publishing connection did not answer a PING; reopening it"
+                );
+                publisher.repair();
+            }
+        });
     }
 
     /// Makes `connection` the current one (`None`: not connected).

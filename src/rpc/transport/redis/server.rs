@@ -234,12 +234,19 @@ impl Serving {
                     biased;
                     message = messages.stream.next() => Some(message),
                     _ = health.tick() => {
-                        if self.options.healthy(&mut messages.sink).await {
-                            continue;
+                        self.publisher.keep_alive();
+                        // A Redis gone silent must not hold up shutdown for the PING's timeout.
+                        tokio::select! {
+                            healthy = self.options.healthy(&mut messages.sink) => {
+                                if healthy {
+                                    continue;
+                                }
+                                tracing::warn!("Redis did not answer the server's PING in time");
+                                // As if the connection had closed: reconnect.
+                                Some(None)
+                            }
+                            _ = &mut draining => None,
                         }
-                        tracing::warn!("Redis did not answer the server's PING in time");
-                        // As if the connection had closed: reconnect.
-                        Some(None)
                     }
                     _ = &mut draining => None,
                     _ = &mut stop => {
