@@ -21,7 +21,9 @@ pub use crate::rpc::transport::{DEAD_LETTER_DELIVERIES, DEAD_LETTER_REASON, DEAD
 /// - after `max_deliveries` failed deliveries it is published to `<dead letter prefix>.<pattern>`
 ///   with headers saying why ([`DEAD_LETTER_REASON`], [`DEAD_LETTER_DELIVERIES`],
 ///   [`DEAD_LETTER_SUBJECT`]), kept in a stream ([`dead_letter_stream`](Self::dead_letter_stream))
-///   and then removed from the consumer;
+///   and then removed from the consumer. A letter is made to fit the server's `max_payload`: the
+///   reason is shortened first, and an event that leaves no room goes without its body, the
+///   reason saying so (a letter that does not fit is refused every time);
 /// - deliveries that ended without an outcome count too: an event delivered more than
 ///   `max_deliveries` times is dead-lettered without running the handlers, so an event that
 ///   crashes its server does not crash every server after it. Deliveries are counted as
@@ -345,9 +347,14 @@ impl DurableEvents {
         self
     }
 
-    /// Delays before the 1st, 2nd, ... redelivery of a failed event (the last repeats).
+    /// Delays before the 1st, 2nd, ... redelivery of a failed event (the last repeats). A delay
+    /// over ten years (`Duration::MAX`, say) is taken as ten years: JetStream reads a delay as
+    /// signed 64-bit nanoseconds, and drops one that does not fit, redelivering at once.
     pub fn backoff(mut self, delays: impl IntoIterator<Item = Duration>) -> Self {
-        self.backoff = delays.into_iter().collect();
+        self.backoff = delays
+            .into_iter()
+            .map(|delay| delay.min(crate::timeout::FAR_FUTURE))
+            .collect();
         self
     }
 
@@ -862,8 +869,10 @@ async fn consume(
                 Ok(messages) => messages,
                 Err(error) => {
                     tracing::warn!(%route, %error, "cannot pull durable events; retrying");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                    continue 'reconnect;
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => continue 'reconnect,
+                        _ = &mut draining => return,
+                    }
                 }
             },
         };
@@ -876,7 +885,13 @@ async fn consume(
         let mut waiting: VecDeque<jetstream::Message> = VecDeque::new();
         let mut pull_again = false;
         // The consumer's own wait: another instance (a rolling deployment) may have changed it.
-        let ack_wait = match consumer.get_info().await {
+        // A NATS gone silent must not hold up shutdown for this question's timeout.
+        let info = tokio::select! {
+            biased;
+            _ = &mut draining => return,
+            info = consumer.get_info() => info,
+        };
+        let ack_wait = match info {
             Ok(info) if !info.config.ack_wait.is_zero() => {
                 info.config.ack_wait.min(config.ack_wait)
             }
@@ -1076,19 +1091,85 @@ async fn dead_letter(
 ) -> Option<Result<(), async_nats::Error>> {
     let subject = dead_letter_subject(&config.dead_letter_prefix, route);
     tracing::error!(%route, deliveries = delivered, %error, dead_letter = %subject, "event failed for good; dead-lettered");
-    let mut headers = async_nats::HeaderMap::new();
-    headers.insert(DEAD_LETTER_REASON, &*super::one_line(&error.to_string()));
-    headers.insert(DEAD_LETTER_DELIVERIES, delivered.to_string().as_str());
-    headers.insert(DEAD_LETTER_SUBJECT, &**route);
-    if let Err(error) = dead_letters
-        .publish(subject, headers, message.payload.clone())
-        .await
-    {
+    let max_payload = dead_letters.client.server_info().max_payload;
+    let reason = super::one_line(&error.to_string()).into_owned();
+    let Some((headers, payload)) =
+        letter_within(max_payload, &message.payload, reason, delivered, route)
+    else {
+        tracing::error!(%route, max_payload, "not even a dead letter without the event fits in a message: the event is dropped");
+        return Some(message.ack_with(AckKind::Term).await);
+    };
+    if let Err(error) = dead_letters.publish(subject, headers, payload).await {
         // Left unacknowledged: delivered again, and dead-lettered then.
         tracing::error!(%error, "cannot publish the dead letter");
         return None;
     }
     Some(message.ack_with(AckKind::Term).await)
+}
+
+/// The dead letter's headers and payload, made to fit in a message of `max_payload` bytes
+/// (headers count): a letter that does not fit is refused every time, and its event would be
+/// delivered again every `ack_wait`, for good. The handler's error is shortened first; if the
+/// event leaves no room (it may be just under the limit), the letter goes without it, the
+/// reason saying why. `None` when not even that fits.
+fn letter_within(
+    max_payload: usize,
+    payload: &bytes::Bytes,
+    reason: String,
+    delivered: u64,
+    route: &str,
+) -> Option<(async_nats::HeaderMap, bytes::Bytes)> {
+    let deliveries = delivered.to_string();
+    // NATS's header block: `NATS/1.0\r\n`, a `name: value\r\n` line each, and `\r\n`.
+    let size = |reason: &str, payload: usize| {
+        12 + [
+            (DEAD_LETTER_REASON, reason),
+            (DEAD_LETTER_DELIVERIES, deliveries.as_str()),
+            (DEAD_LETTER_SUBJECT, route),
+        ]
+        .iter()
+        .map(|(name, value)| name.len() + value.len() + 4)
+        .sum::<usize>()
+            + payload
+    };
+    let letter = |reason: &str, payload: bytes::Bytes| {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(DEAD_LETTER_REASON, reason);
+        headers.insert(DEAD_LETTER_DELIVERIES, deliveries.as_str());
+        headers.insert(DEAD_LETTER_SUBJECT, route);
+        (headers, payload)
+    };
+    if let Some(reason) = shortened(reason.clone(), |reason| {
+        size(reason, payload.len()) <= max_payload
+    }) {
+        return Some(letter(&reason, payload.clone()));
+    }
+    tracing::error!(%route, bytes = payload.len(), max_payload, "the dead letter goes out without the event, which would make it too large");
+    let without = format!(
+        "the event ({} bytes) is left out of this dead letter, which it would make larger than the \
+         server's max_payload ({max_payload} bytes); the handler failed with: {reason}",
+        payload.len()
+    );
+    let reason = shortened(without, |reason| size(reason, 0) <= max_payload)?;
+    Some(letter(&reason, bytes::Bytes::new()))
+}
+
+/// `reason`, halved (at a character boundary) until `fits` says it fits; `None` if not even
+/// an empty one does.
+fn shortened(mut reason: String, fits: impl Fn(&str) -> bool) -> Option<String> {
+    loop {
+        if fits(&reason) {
+            return Some(reason);
+        }
+        if reason.is_empty() {
+            return None;
+        }
+        let mut keep = reason.len() / 2;
+        while !reason.is_char_boundary(keep) {
+            keep -= 1;
+        }
+        reason.truncate(keep);
+    }
 }
 
 /// Refuses a consumer prefix that makes no JetStream consumer name: a name goes into the
