@@ -268,3 +268,109 @@ async fn a_lone_responder_answers_again_soon_after_one_failed_renewal() {
         );
     }
 }
+
+/// Redis keeps a stream whole, in memory: with `trim_acknowledged`, what every group is done
+/// with is deleted (here two groups, one of them behind), and a consumer that stops with
+/// nothing pending leaves its group. Five restarts under random names left five consumers, and
+/// all 500 events stayed in the stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_events_are_trimmed_and_stopped_consumers_leave_their_group() {
+    let _serial = SERIAL.lock().await;
+    let broker = Broker::start();
+    let emitter = Client::builder()
+        .connect(RedisTransport::new(options(&broker)).durable_events())
+        .await
+        .unwrap();
+    let redis = redis::Client::open(broker.url()).unwrap();
+    let mut admin = redis.get_multiplexed_async_connection().await.unwrap();
+    // A second service's group, which has read nothing yet: it keeps every event.
+    let _: redis::Value = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg("ledger")
+        .arg("reporting")
+        .arg("0")
+        .arg("MKSTREAM")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let handled = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let serve = |trim: bool| {
+        let seen = Arc::clone(&handled);
+        RedisServer::new(options(&broker))
+            .durable_events(
+                DurableEvents::new("audit")
+                    .claim_idle(Duration::from_millis(200))
+                    .trim_acknowledged(trim),
+            )
+            .serve(Server::new(Router::new().event(
+                "ledger",
+                move |Payload(_): Payload<u32>| {
+                    seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    async {}
+                },
+            )))
+    };
+    let length = |admin: &mut redis::aio::MultiplexedConnection| {
+        let mut admin = admin.clone();
+        async move {
+            redis::cmd("XLEN")
+                .arg("ledger")
+                .query_async::<u64>(&mut admin)
+                .await
+                .unwrap()
+        }
+    };
+    for restart in 0..5 {
+        let server = serve(true).await.unwrap();
+        for n in 0..100u32 {
+            emitter.emit("ledger", &n).await.unwrap();
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while handled.load(std::sync::atomic::Ordering::SeqCst) < (restart + 1) * 100 {
+            assert!(Instant::now() < deadline);
+            sleep(Duration::from_millis(10)).await;
+        }
+        sleep(Duration::from_millis(300)).await;
+        server.shutdown().await;
+    }
+    let consumers: Vec<redis::Value> = redis::cmd("XINFO")
+        .arg("CONSUMERS")
+        .arg("ledger")
+        .arg("audit")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    assert!(consumers.is_empty(), "{} consumers left", consumers.len());
+    // The reporting group read nothing: every event stays for it.
+    assert_eq!(length(&mut admin).await, 500);
+    let _: redis::Value = redis::cmd("XGROUP")
+        .arg("DESTROY")
+        .arg("ledger")
+        .arg("reporting")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    // With only the audit group left, what it acknowledged goes (all but its last delivery).
+    let server = serve(true).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while length(&mut admin).await > 1 {
+        assert!(
+            Instant::now() < deadline,
+            "{} entries",
+            length(&mut admin).await
+        );
+        sleep(Duration::from_millis(50)).await;
+    }
+    server.shutdown().await;
+    // Without the setting, nothing is deleted.
+    for n in 0..10u32 {
+        emitter.emit("ledger", &n).await.unwrap();
+    }
+    let server = serve(false).await.unwrap();
+    while handled.load(std::sync::atomic::Ordering::SeqCst) < 510 {
+        sleep(Duration::from_millis(10)).await;
+    }
+    sleep(Duration::from_millis(500)).await;
+    server.shutdown().await;
+    assert_eq!(length(&mut admin).await, 11);
+}

@@ -43,6 +43,13 @@ pub const BODY_FIELD: &str = "body";
 /// Events of one route are handled one at a time, in stream order (a failed one waits for its
 /// retry while the next ones go ahead).
 ///
+/// Redis keeps a stream whole, in memory, until something trims it: with
+/// [`trim_acknowledged`](Self::trim_acknowledged) a server deletes the entries every consumer
+/// group of the stream is done with; otherwise trim the streams yourself (`XTRIM`), and the
+/// dead-letter streams too. A consumer that stops with nothing pending leaves its group
+/// (`XGROUP DELCONSUMER`): a server under a random name each start would otherwise leave one
+/// behind per start.
+///
 /// Durable event routes are read from streams only: events that NestJS clients (or palisade
 /// clients without [`durable_events`](super::RedisTransport::durable_events)) `PUBLISH` on the
 /// channel do not reach them. Request patterns are served over pub/sub as usual.
@@ -67,6 +74,7 @@ pub struct DurableEvents {
     claim_idle: Duration,
     dead_letter_prefix: String,
     batch: usize,
+    trim_acknowledged: bool,
 }
 
 impl DurableEvents {
@@ -86,7 +94,18 @@ impl DurableEvents {
             claim_idle: Duration::from_secs(60),
             dead_letter_prefix: "palisade:dead-letter:".into(),
             batch: 16,
+            trim_acknowledged: false,
         }
+    }
+
+    /// Deletes, every half [`claim_idle`](Self::claim_idle), the entries of each event stream
+    /// that every consumer group of the stream is done with: older than the oldest entry still
+    /// pending in a group, and than the last one delivered to a group with none pending (off by
+    /// default: Redis then keeps every event ever added, in memory). A service whose group does
+    /// not exist yet gets only the events still in the stream when it starts.
+    pub fn trim_acknowledged(mut self, trim: bool) -> Self {
+        self.trim_acknowledged = trim;
+        self
     }
 
     /// The consumer's name in the group. A server restarted under the same name takes up the
@@ -238,6 +257,33 @@ const CLAIM_OWN: &str = "local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV
     end \
     return redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[3])";
 
+/// Deletes the entries of `KEYS[1]` every consumer group is done with: those older than the
+/// oldest entry still pending in a group, and than the last one delivered to a group with none
+/// pending. (Lua reads the ids' milliseconds exactly: they are under 2^53.)
+const TRIM_DONE: &str = "local groups = redis.call('XINFO', 'GROUPS', KEYS[1]) \
+    local low_ms, low_seq = nil, nil \
+    for _, group in ipairs(groups) do \
+        local name, pending, last \
+        for i = 1, #group, 2 do \
+            if group[i] == 'name' then name = group[i + 1] \
+            elseif group[i] == 'pending' then pending = group[i + 1] \
+            elseif group[i] == 'last-delivered-id' then last = group[i + 1] end \
+        end \
+        local bound = last \
+        if pending > 0 then bound = redis.call('XPENDING', KEYS[1], name)[2] end \
+        local ms, seq = string.match(bound, '(%d+)-(%d+)') \
+        ms, seq = tonumber(ms), tonumber(seq) \
+        if low_ms == nil or ms < low_ms or (ms == low_ms and seq < low_seq) then \
+            low_ms, low_seq = ms, seq \
+        end \
+    end \
+    if low_ms == nil then return 0 end \
+    return redis.call('XTRIM', KEYS[1], 'MINID', string.format('%.0f-%.0f', low_ms, low_seq))";
+
+/// Deletes consumer `ARGV[2]` of group `ARGV[1]` if nothing is pending for it; -1 if something is.
+const LEAVE_IF_DONE: &str = "if #redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2]) == 0 then \
+    return redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2]) end return -1";
+
 /// `work`, unless shutdown starts first (`None`).
 async fn unless_draining<T>(
     dispatcher: &Dispatcher,
@@ -279,6 +325,7 @@ impl Reader {
             let started = Instant::now();
             let result = self.session().await;
             if self.dispatcher.is_draining() {
+                self.leave().await;
                 return;
             }
             if started.elapsed() > Duration::from_secs(10) {
@@ -293,6 +340,27 @@ impl Reader {
                 _ = &mut draining => return,
             }
             attempt = attempt.saturating_add(1);
+        }
+    }
+
+    /// Leaves the group if nothing is pending for this consumer (a restart under its name would
+    /// take up what is); bounded, since Redis may be gone.
+    async fn leave(&self) {
+        let left = tokio::time::timeout(Duration::from_secs(1), async {
+            let mut commands = self.options.commands().await?;
+            redis::cmd("EVAL")
+                .arg(LEAVE_IF_DONE)
+                .arg(1)
+                .arg(&*self.route)
+                .arg(&self.durable.group)
+                .arg(&self.consumer)
+                .query_async::<Value>(&mut commands)
+                .await
+                .map_err(|error| command_error(&error, "cannot leave the consumer group"))
+        })
+        .await;
+        if !matches!(left, Ok(Ok(_))) {
+            tracing::debug!(route = %self.route, consumer = %self.consumer, "did not leave the consumer group");
         }
     }
 
@@ -365,6 +433,25 @@ impl Reader {
                     now,
                     (self.durable.claim_idle / 2).max(Duration::from_millis(10)),
                 );
+                if self.durable.trim_acknowledged {
+                    let trim = async {
+                        redis::cmd("EVAL")
+                            .arg(TRIM_DONE)
+                            .arg(1)
+                            .arg(&*self.route)
+                            .query_async::<Value>(&mut commands)
+                            .await
+                            .map_err(|error| command_error(&error, "cannot trim the stream"))
+                    };
+                    match unless_draining(&dispatcher, trim).await {
+                        Ok(Some(_)) => {}
+                        Ok(None) => return Ok(()),
+                        // An old Redis (XTRIM MINID came in 6.2), say: the events go on.
+                        Err(error) => {
+                            tracing::debug!(route = %self.route, %error, "could not trim the stream")
+                        }
+                    }
+                }
                 let read_at = Instant::now();
                 let mut autoclaim = redis::cmd("XAUTOCLAIM");
                 autoclaim
