@@ -701,9 +701,12 @@ impl Service<oneshot::Receiver<Outcome>> for Inner {
     }
 }
 
+/// The guarded service, one clone of it.
+type Guarded = CircuitBreaker<Inner, fn(&Reply) -> Outcome>;
+
 struct Sut {
     runtime: tokio::runtime::Runtime,
-    services: Vec<CircuitBreaker<Inner, fn(&Reply) -> Outcome>>,
+    services: Vec<Guarded>,
     pending: Vec<(oneshot::Sender<Outcome>, Pending)>,
     ready_fails: Arc<AtomicBool>,
     ready_pends: Arc<AtomicBool>,

@@ -266,11 +266,10 @@ fn a_pending_emit_dropped_outside_the_runtime_does_not_panic() {
     runtime.block_on(client.emit("dropped", &1)).unwrap();
     broker.pause();
     let payload = json!(2);
-    let pending = runtime.block_on(async {
-        let mut emit = Box::pin(client.emit("dropped", &payload));
-        let waited = tokio::time::timeout(Duration::from_millis(500), &mut emit).await;
+    let mut pending = Box::pin(client.emit("dropped", &payload));
+    runtime.block_on(async {
+        let waited = tokio::time::timeout(Duration::from_millis(500), &mut pending).await;
         assert!(waited.is_err(), "the emit finished against a frozen broker");
-        emit
     });
     let dropped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || drop(pending)));
     broker.resume();
@@ -288,7 +287,8 @@ fn a_pending_emit_dropped_outside_the_runtime_does_not_panic() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn settings_past_librdkafkas_ranges_are_capped_and_refused_settings_are_invalid() {
     let broker = Broker::start();
-    let cases: [(&str, fn(KafkaOptions) -> KafkaOptions); 4] = [
+    type Setting = fn(KafkaOptions) -> KafkaOptions;
+    let cases: [(&str, Setting); 4] = [
         ("session_timeout", |o| o.session_timeout(Duration::MAX)),
         ("fetch_wait", |o| o.fetch_wait(Duration::MAX)),
         ("commit_interval", |o| o.commit_interval(Duration::MAX)),
