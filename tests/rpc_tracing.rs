@@ -167,3 +167,32 @@ fn a_request_that_carries_a_trace_context_keeps_it() {
         .expect("a traceparent for a request without one");
     assert!(added.starts_with("00-") && added != CALLERS, "{added}");
 }
+
+/// A failed event is logged once, by the dispatcher it is reported to, with its error: not a
+/// second time by the router. With several handlers, the failures after the first (which the
+/// dispatcher reports) are logged by the router.
+#[test]
+fn a_failed_event_is_logged_once() {
+    let log = log_of(FmtSpan::NONE, async {
+        let transport = MemoryTransport::new();
+        let router = Router::new()
+            .event("alone", || async {
+                Err::<(), _>(RpcError::unavailable("the only one failed"))
+            })
+            .event("pair", || async {
+                Err::<(), _>(RpcError::unavailable("the first failed"))
+            })
+            .event("pair", || async {
+                Err::<(), _>(RpcError::unavailable("the second failed"))
+            });
+        let server = transport.serve_now(Server::new(router));
+        let client = Client::builder().connect(transport).await.unwrap();
+        client.emit("alone", &()).await.unwrap();
+        client.emit("pair", &()).await.unwrap();
+        server.shutdown().await;
+    });
+    let count = |text: &str| log.lines().filter(|line| line.contains(text)).count();
+    assert_eq!(count("the only one failed"), 1, "{log}");
+    assert_eq!(count("the first failed"), 1, "{log}");
+    assert_eq!(count("the second failed"), 1, "{log}");
+}

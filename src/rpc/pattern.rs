@@ -661,6 +661,13 @@ mod tests {
             route.starts_with(r#"{"k0":199980,"k1":199981,"k10":199990"#),
             "{route}"
         );
+        // Twenty items are not too many; twenty-one are.
+        let items = |n: usize| {
+            let items: Vec<String> = (0..n).map(|i| i.to_string()).collect();
+            incoming_route(&RawJson::from_text(format!("[{}]", items.join(","))).unwrap())
+        };
+        assert!(items(20).unwrap().starts_with(r#"{"0":0,"1":1,"10":10"#));
+        assert_eq!(items(21).as_deref(), Some("[TOO_MANY_KEYS]"));
         // Twenty-one keys are too many, inside another object as well.
         let keys: Vec<String> = (0..21).map(|i| format!(r#""k{i}":{i}"#)).collect();
         let inner = RawJson::from_text(format!(r#"{{"a":{{{}}}}}"#, keys.join(","))).unwrap();
