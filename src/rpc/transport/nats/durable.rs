@@ -1198,6 +1198,75 @@ mod tests {
     use super::*;
     use serde_json::{Value, json};
 
+    /// The size NATS counts for `headers` and `payload` against `max_payload`.
+    fn letter_size(headers: &async_nats::HeaderMap, payload: &bytes::Bytes) -> usize {
+        let lines: usize = headers
+            .iter()
+            .map(|(name, values)| {
+                let name: &str = name.as_ref();
+                values
+                    .iter()
+                    .map(|value| name.len() + value.as_str().len() + 4)
+                    .sum::<usize>()
+            })
+            .sum();
+        12 + lines + payload.len()
+    }
+
+    /// A dead letter fits `max_payload` (headers count): whole when it does, with the reason
+    /// shortened (at a character boundary) when that is enough, without the event when not,
+    /// and not at all when not even its headers fit.
+    #[test]
+    fn a_dead_letter_is_made_to_fit_max_payload() {
+        let payload = bytes::Bytes::from(vec![b'x'; 1000]);
+        let reason = "é".repeat(300);
+        let whole = 12
+            + (DEAD_LETTER_REASON.len() + reason.len() + 4)
+            + (DEAD_LETTER_DELIVERIES.len() + 1 + 4)
+            + (DEAD_LETTER_SUBJECT.len() + "orders".len() + 4)
+            + payload.len();
+        let letter = |max| letter_within(max, &payload, reason.clone(), 3, "orders");
+        let said = |headers: &async_nats::HeaderMap, name: &str| {
+            headers.get(name).map(|value| value.as_str().to_owned())
+        };
+
+        let (headers, body) = letter(whole).unwrap();
+        assert_eq!(letter_size(&headers, &body), whole);
+        assert_eq!(
+            said(&headers, DEAD_LETTER_REASON).as_deref(),
+            Some(&*reason)
+        );
+        assert_eq!(said(&headers, DEAD_LETTER_DELIVERIES).as_deref(), Some("3"));
+        assert_eq!(
+            said(&headers, DEAD_LETTER_SUBJECT).as_deref(),
+            Some("orders")
+        );
+        assert_eq!(body, payload);
+
+        let (headers, body) = letter(whole - 1).unwrap();
+        let shortened = said(&headers, DEAD_LETTER_REASON).unwrap();
+        assert!(shortened.len() < reason.len() && reason.starts_with(&shortened));
+        assert!(letter_size(&headers, &body) < whole);
+        assert_eq!(body, payload);
+
+        let (headers, body) = letter(400).unwrap();
+        assert!(body.is_empty());
+        assert!(letter_size(&headers, &body) <= 400);
+        let without = said(&headers, DEAD_LETTER_REASON).unwrap();
+        assert!(
+            without.starts_with("the event (1000 bytes) is left out"),
+            "{without}"
+        );
+        let (headers, _) = letter(1000).unwrap();
+        assert!(
+            said(&headers, DEAD_LETTER_REASON)
+                .unwrap()
+                .ends_with(&*reason)
+        );
+
+        assert!(letter(50).is_none());
+    }
+
     const THIRTY_SECONDS: u64 = 30_000_000_000;
 
     /// A consumer as `CONSUMER.INFO` reports it, with fields async-nats does not know.
