@@ -170,3 +170,58 @@ async fn a_durable_server_stops_promptly_while_nats_is_paused() {
         "shutdown took {took:?} ({report:?})"
     );
 }
+
+/// Events a stopping server gives back (pulled ahead, or cut short by its grace period) come
+/// back soon whatever the backoff: with `backoff([Duration::MAX])` they waited it out — thirty
+/// years — although none of them had failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_given_back_at_shutdown_come_back_soon_whatever_the_backoff() {
+    let broker = Broker::start();
+    let handled = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let serve = |instance: u32| {
+        let handled = Arc::clone(&handled);
+        let router = Router::new().event("payment-received", move |Payload(n): Payload<u32>| {
+            let handled = Arc::clone(&handled);
+            async move {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                handled.lock().unwrap().push((instance, n));
+            }
+        });
+        NatsServer::new(NatsOptions::new([broker.url()]))
+            .durable_events(
+                DurableEvents::new("PAYMENTS")
+                    .backoff([Duration::MAX])
+                    .pull_expiry(Duration::from_secs(1)),
+            )
+            .serve(Server::new(router).grace_period(Duration::from_millis(100)))
+    };
+    let first = serve(1).await.unwrap();
+    let transport = NatsTransport::new(NatsOptions::new([broker.url()]))
+        .durable_events()
+        .connect()
+        .await
+        .unwrap();
+    let client = Client::builder().build(transport);
+    for n in 0..5u32 {
+        client.emit("payment-received", &n).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    first.shutdown().await;
+    let second = serve(2).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let mut seen: Vec<u32> = handled.lock().unwrap().iter().map(|(_, n)| *n).collect();
+        seen.sort_unstable();
+        seen.dedup();
+        if seen == [0, 1, 2, 3, 4] {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not every event came back: {:?}",
+            handled.lock().unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    second.shutdown().await;
+}

@@ -348,8 +348,10 @@ impl DurableEvents {
     }
 
     /// Delays before the 1st, 2nd, ... redelivery of a failed event (the last repeats). A delay
-    /// over ten years (`Duration::MAX`, say) is taken as ten years: JetStream reads a delay as
-    /// signed 64-bit nanoseconds, and drops one that does not fit, redelivering at once.
+    /// over thirty years (`Duration::MAX`, say) is taken as thirty years: JetStream reads a delay
+    /// as signed 64-bit nanoseconds, and drops one that does not fit, redelivering at once.
+    /// Events a stopping server gives back wait no longer than its open pull requests last
+    /// ([`pull_expiry`](Self::pull_expiry)), whatever the backoff.
     pub fn backoff(mut self, delays: impl IntoIterator<Item = Duration>) -> Self {
         self.backoff = delays
             .into_iter()
@@ -402,6 +404,18 @@ impl DurableEvents {
             None => Some(format!("{}_DEAD_LETTERS", self.stream)),
             Some(name) => name.clone(),
         }
+    }
+
+    /// The delay before an event this server gives back as it stops (pulled ahead, or cut short)
+    /// is delivered again: the failed event's delay, but no longer than the server's open pull
+    /// requests last (at once, it could go to one of them; after a long backoff, events that
+    /// never failed would wait it out at every deploy).
+    fn handback_delay(&self, redelivery: u64) -> Duration {
+        let pulls_last = self
+            .pull_expiry
+            .max(self.heartbeat.saturating_mul(2))
+            .saturating_add(Duration::from_millis(100));
+        self.delay_before(redelivery).min(pulls_last)
     }
 
     fn delay_before(&self, redelivery: u64) -> Duration {
@@ -988,7 +1002,7 @@ async fn consume(
 /// first backoff delay: at once, they could go to this server's own pull requests, still open
 /// on the NATS server while it stops).
 async fn give_back(waiting: &VecDeque<jetstream::Message>, route: &str, config: &DurableEvents) {
-    let delay = config.delay_before(1);
+    let delay = config.handback_delay(1);
     for message in waiting {
         if let Err(error) = message.ack_with(AckKind::Nak(Some(delay))).await {
             tracing::debug!(%route, %error, "could not give a pulled event back; it comes back after ack_wait");
@@ -1062,7 +1076,7 @@ async fn handle(
         // (at once, it could go to this server's own pull requests, still open on the NATS
         // server while it stops).
         Err(_) if dispatcher.is_draining() => {
-            let delay = config.delay_before(delivered);
+            let delay = config.handback_delay(delivered);
             Some(message.ack_with(AckKind::Nak(Some(delay))).await)
         }
         Err(error) if delivered >= dead_letter_at => {
@@ -1093,9 +1107,16 @@ async fn dead_letter(
     tracing::error!(%route, deliveries = delivered, %error, dead_letter = %subject, "event failed for good; dead-lettered");
     let max_payload = dead_letters.client.server_info().max_payload;
     let reason = super::one_line(&error.to_string()).into_owned();
-    let Some((headers, payload)) =
-        letter_within(max_payload, &message.payload, reason, delivered, route)
-    else {
+    // Names the event in a letter that goes without it (the events stream may still hold it).
+    let sequence = message.info().ok().map(|info| info.stream_sequence);
+    let Some((headers, payload)) = letter_within(
+        max_payload,
+        &message.payload,
+        reason,
+        delivered,
+        route,
+        sequence,
+    ) else {
         tracing::error!(%route, max_payload, "not even a dead letter without the event fits in a message: the event is dropped");
         return Some(message.ack_with(AckKind::Term).await);
     };
@@ -1118,6 +1139,7 @@ fn letter_within(
     reason: String,
     delivered: u64,
     route: &str,
+    sequence: Option<u64>,
 ) -> Option<(async_nats::HeaderMap, bytes::Bytes)> {
     let deliveries = delivered.to_string();
     // NATS's header block: `NATS/1.0\r\n`, a `name: value\r\n` line each, and `\r\n`.
@@ -1145,9 +1167,12 @@ fn letter_within(
         return Some(letter(&reason, payload.clone()));
     }
     tracing::error!(%route, bytes = payload.len(), max_payload, "the dead letter goes out without the event, which would make it too large");
+    let at = sequence.map_or(String::new(), |sequence| {
+        format!(", stream sequence {sequence}")
+    });
     let without = format!(
-        "the event ({} bytes) is left out of this dead letter, which it would make larger than the \
-         server's max_payload ({max_payload} bytes); the handler failed with: {reason}",
+        "the event ({} bytes{at}) is left out of this dead letter, which it would make larger than \
+         the server's max_payload ({max_payload} bytes); the handler failed with: {reason}",
         payload.len()
     );
     let reason = shortened(without, |reason| size(reason, 0) <= max_payload)?;
@@ -1225,7 +1250,7 @@ mod tests {
             + (DEAD_LETTER_DELIVERIES.len() + 1 + 4)
             + (DEAD_LETTER_SUBJECT.len() + "orders".len() + 4)
             + payload.len();
-        let letter = |max| letter_within(max, &payload, reason.clone(), 3, "orders");
+        let letter = |max| letter_within(max, &payload, reason.clone(), 3, "orders", Some(7));
         let said = |headers: &async_nats::HeaderMap, name: &str| {
             headers.get(name).map(|value| value.as_str().to_owned())
         };
@@ -1254,7 +1279,7 @@ mod tests {
         assert!(letter_size(&headers, &body) <= 400);
         let without = said(&headers, DEAD_LETTER_REASON).unwrap();
         assert!(
-            without.starts_with("the event (1000 bytes) is left out"),
+            without.starts_with("the event (1000 bytes, stream sequence 7) is left out"),
             "{without}"
         );
         let (headers, _) = letter(1000).unwrap();
