@@ -249,19 +249,30 @@ fn entries(value: &Value) -> Vec<Entry> {
 }
 
 /// Claims an entry (`ARGV[3]`) for a consumer (`ARGV[2]`) of a group (`ARGV[1]`) only if it is
-/// pending for that consumer; `ARGV[4]` is `JUSTID` or empty. Nil when it is not.
+/// pending for that consumer; `ARGV[4]` is `JUSTID` or empty. Nil when it is not; with `JUSTID`,
+/// 1 when it is (whatever `XCLAIM` says: an entry deleted from the stream meanwhile claims
+/// nothing, and its body is already in hand); without, the entries claimed.
 const CLAIM_OWN: &str = "local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1) \
     if #p == 0 or p[1][2] ~= ARGV[2] then return false end \
     if ARGV[4] == 'JUSTID' then \
-        return redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[3], 'JUSTID') \
+        redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[3], 'JUSTID') \
+        return 1 \
     end \
     return redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[3])";
 
 /// Deletes the entries of `KEYS[1]` every consumer group is done with: those older than the
 /// oldest entry still pending in a group, and than the last one delivered to a group with none
-/// pending. (Lua reads the ids' milliseconds exactly: they are under 2^53.)
-const TRIM_DONE: &str = "local groups = redis.call('XINFO', 'GROUPS', KEYS[1]) \
-    local low_ms, low_seq = nil, nil \
+/// pending. Ids are compared as the decimal numbers they are (shorter is smaller, then by
+/// text), never as Lua's doubles, which round past 2^53.
+const TRIM_DONE: &str = "local function below(a, b) \
+        for i = 1, 2 do \
+            if #a[i] ~= #b[i] then return #a[i] < #b[i] end \
+            if a[i] ~= b[i] then return a[i] < b[i] end \
+        end \
+        return false \
+    end \
+    local groups = redis.call('XINFO', 'GROUPS', KEYS[1]) \
+    local low, low_id = nil, nil \
     for _, group in ipairs(groups) do \
         local name, pending, last \
         for i = 1, #group, 2 do \
@@ -271,14 +282,12 @@ const TRIM_DONE: &str = "local groups = redis.call('XINFO', 'GROUPS', KEYS[1]) \
         end \
         local bound = last \
         if pending > 0 then bound = redis.call('XPENDING', KEYS[1], name)[2] end \
-        local ms, seq = string.match(bound, '(%d+)-(%d+)') \
-        ms, seq = tonumber(ms), tonumber(seq) \
-        if low_ms == nil or ms < low_ms or (ms == low_ms and seq < low_seq) then \
-            low_ms, low_seq = ms, seq \
-        end \
+        local ms, seq = string.match(bound, '^(%d+)-(%d+)$') \
+        if ms == nil then return 0 end \
+        if low == nil or below({ms, seq}, low) then low, low_id = {ms, seq}, bound end \
     end \
-    if low_ms == nil then return 0 end \
-    return redis.call('XTRIM', KEYS[1], 'MINID', string.format('%.0f-%.0f', low_ms, low_seq))";
+    if low == nil then return 0 end \
+    return redis.call('XTRIM', KEYS[1], 'MINID', low_id)";
 
 /// Deletes consumer `ARGV[2]` of group `ARGV[1]` if nothing is pending for it; -1 if something is.
 const LEAVE_IF_DONE: &str = "if #redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2]) == 0 then \
@@ -293,15 +302,6 @@ async fn unless_draining<T>(
         biased;
         _ = dispatcher.draining() => Ok(None),
         result = work => result.map(Some),
-    }
-}
-
-/// What a [`CLAIM_OWN`] answered: the ids or entries claimed (none when the entry was not the
-/// consumer's).
-fn entries_of_claim(claimed: &Value) -> &[Value] {
-    match claimed {
-        Value::Array(items) => items,
-        _ => &[],
     }
 }
 
@@ -337,7 +337,10 @@ impl Reader {
             }
             tokio::select! {
                 _ = tokio::time::sleep(self.options.backoff(attempt)) => {}
-                _ = &mut draining => return,
+                _ = &mut draining => {
+                    self.leave().await;
+                    return;
+                }
             }
             attempt = attempt.saturating_add(1);
         }
@@ -496,11 +499,12 @@ impl Reader {
                 .clamp(Duration::from_millis(1), Duration::from_secs(1));
             // Entries a read cancelled here may already have been given to this consumer: they
             // stay pending, read again by a restart under this name or claimed by others.
-            let read_at = Instant::now();
             let read = self.read_within(&mut reader, ">", Some(block));
             let Some(fresh) = unless_draining(&dispatcher, read).await? else {
                 return Ok(());
             };
+            // A blocking read returns as its entries are delivered: their idle time starts now.
+            let read_at = Instant::now();
             self.handle_all(&mut commands, fresh, false, read_at)
                 .await?;
         }
@@ -591,7 +595,7 @@ impl Reader {
                 return Ok(());
             }
             if read_at.elapsed() >= self.durable.claim_idle / 2
-                && entries_of_claim(&self.claim_own(commands, &id, true).await?).is_empty()
+                && self.claim_own(commands, &id, true).await? == Value::Nil
             {
                 tracing::debug!(route = %self.route, %id, "claimed by another consumer while it waited");
                 continue;
@@ -676,7 +680,7 @@ impl Reader {
             ))),
         };
         match outcome {
-            Ok(()) => self.ack(commands, &id).await,
+            Ok(()) => self.ack_surely(commands, &id).await,
             // Shutdown, not the event: left pending for the next delivery.
             Err(_) if self.dispatcher.is_draining() => Ok(()),
             Err(error) => {
@@ -692,6 +696,24 @@ impl Reader {
                     Ok(())
                 }
             }
+        }
+    }
+
+    /// Acknowledges a handled event, once more on a fresh connection if the first attempt finds
+    /// the connection closed (Redis's `timeout` closes one left idle through a quiet spell):
+    /// `XACK` may be repeated, and an event handled but not acknowledged is handled again.
+    async fn ack_surely(
+        &self,
+        commands: &mut MultiplexedConnection,
+        id: &str,
+    ) -> Result<(), RpcError> {
+        match self.ack(commands, id).await {
+            Err(error) if error.transport_kind() == Some(TransportErrorKind::ConnectionLost) => {
+                tracing::debug!(route = %self.route, %error, "acknowledging once more on a fresh connection");
+                *commands = self.options.commands().await?;
+                self.ack(commands, id).await
+            }
+            other => other,
         }
     }
 

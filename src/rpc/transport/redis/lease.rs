@@ -152,15 +152,28 @@ async fn renew(
         tokio::time::sleep(period).await;
         let mut lease = lease.lock().await;
         // A renewal that has not succeeded by the next period is given up: the lease must not
-        // expire (and another instance take over) while this one still serves.
-        let renewed = tokio::time::timeout(period, lease.script(&options, RENEW))
-            .await
-            .unwrap_or_else(|_| {
-                Err(RpcError::transport(
-                    TransportErrorKind::ConnectionLost,
-                    "Redis did not answer in time",
-                ))
-            });
+        // expire (and another instance take over) while this one still serves. One that finds
+        // its connection closed (Redis's `timeout` closes one idle between renewals) is made
+        // once more on a fresh connection: the renewal may be repeated.
+        let renewed = tokio::time::timeout(period, async {
+            match lease.script(&options, RENEW).await {
+                Err(error)
+                    if error.transport_kind() == Some(TransportErrorKind::ConnectionLost) =>
+                {
+                    tracing::debug!(%error, "renewing the responder lease once more on a fresh connection");
+                    lease.commands = None;
+                    lease.script(&options, RENEW).await
+                }
+                other => other,
+            }
+        })
+        .await
+        .unwrap_or_else(|_| {
+            Err(RpcError::transport(
+                TransportErrorKind::ConnectionLost,
+                "Redis did not answer in time",
+            ))
+        });
         match renewed {
             Ok(true) => {}
             Ok(false) => {

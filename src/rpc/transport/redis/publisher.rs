@@ -3,7 +3,7 @@
 use super::{RedisOptions, command_error};
 use crate::rpc::{RpcError, TransportErrorKind};
 use redis::aio::MultiplexedConnection;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// The connection `PUBLISH` and `XADD` go through. It is replaced when the subscriber reconnects;
@@ -18,6 +18,8 @@ pub(super) struct Publisher {
     repairing: AtomicBool,
     /// A keep-alive PING is under way.
     pinging: AtomicBool,
+    /// Counts the connections set: a PING that failed on one since replaced repairs nothing.
+    generation: AtomicU64,
 }
 
 impl Publisher {
@@ -27,12 +29,15 @@ impl Publisher {
             slot: Mutex::new(None),
             repairing: AtomicBool::new(false),
             pinging: AtomicBool::new(false),
+            generation: AtomicU64::new(0),
         })
     }
 
     /// PINGs the connection from a task of its own (one at a time), so that Redis's `timeout`
     /// does not close it while idle; one that does not answer in time is opened again.
     pub(super) fn keep_alive(self: &Arc<Self>) {
+        // Read first: a connection set after it is newer, and its PING's failure repairs nothing.
+        let pinged_generation = self.generation.load(Ordering::Acquire);
         let Ok(mut connection) = self.get() else {
             // Being opened again, or not connected.
             return;
@@ -48,7 +53,9 @@ impl Publisher {
             )
             .await;
             publisher.pinging.store(false, Ordering::Release);
-            if !matches!(pinged, Ok(Ok(_))) {
+            if !matches!(pinged, Ok(Ok(_)))
+                && publisher.generation.load(Ordering::Acquire) == pinged_generation
+            {
                 tracing::debug!(
                     "the Redis publishing connection did not answer a PING; reopening it"
                 );
@@ -59,7 +66,9 @@ impl Publisher {
 
     /// Makes `connection` the current one (`None`: not connected).
     pub(super) fn set(&self, connection: Option<MultiplexedConnection>) {
-        *self.slot.lock().unwrap_or_else(|p| p.into_inner()) = connection;
+        let mut slot = self.slot.lock().unwrap_or_else(|p| p.into_inner());
+        *slot = connection;
+        self.generation.fetch_add(1, Ordering::AcqRel);
     }
 
     fn get(&self) -> Result<MultiplexedConnection, RpcError> {
