@@ -383,6 +383,26 @@ pub fn error_json(error: &RpcError) -> RawJson {
     error.err_json()
 }
 
+/// `reason`, halved (at a character boundary) until `fits` says the dead letter carrying it
+/// fits; `None` if not even an empty one does. A dead letter over a broker's limit is refused
+/// every time, and its event would come back for good.
+#[cfg_attr(not(any(feature = "mqtt", feature = "nats")), allow(dead_code))]
+pub(crate) fn shortened(mut reason: String, fits: impl Fn(&str) -> bool) -> Option<String> {
+    loop {
+        if fits(&reason) {
+            return Some(reason);
+        }
+        if reason.is_empty() {
+            return None;
+        }
+        let mut keep = reason.len() / 2;
+        while !reason.is_char_boundary(keep) {
+            keep -= 1;
+        }
+        reason.truncate(keep);
+    }
+}
+
 /// The shortest delay between reconnection attempts, whatever is configured.
 const MIN_RECONNECT_DELAY: std::time::Duration = std::time::Duration::from_millis(1);
 

@@ -808,15 +808,10 @@ impl Producer {
         record: &value::Outgoing,
         headers: &[(&str, &[u8])],
     ) -> Result<(), RpcError> {
-        match self.send_once(topic, record, headers).await {
-            Err((error, Replaced::BeforeQueueing)) => {
-                tracing::debug!(%error, "sending once more with a new producer");
-                self.send_once(topic, record, headers)
-                    .await
-                    .map_err(|(error, _)| error)
-            }
-            other => other.map_err(|(error, _)| error),
-        }
+        self.send_resending(topic, record, headers, |replaced| {
+            replaced == Replaced::BeforeQueueing
+        })
+        .await
     }
 
     /// [`send`](Self::send) for a request's last reply: one the producer gave up on (timed out:
@@ -829,8 +824,21 @@ impl Producer {
         record: &value::Outgoing,
         headers: &[(&str, &[u8])],
     ) -> Result<(), RpcError> {
+        self.send_resending(topic, record, headers, |replaced| replaced != Replaced::No)
+            .await
+    }
+
+    /// Sends `record`, once more with the fresh producer when the first send replaced the
+    /// producer in a way `resend` takes.
+    async fn send_resending(
+        &self,
+        topic: &str,
+        record: &value::Outgoing,
+        headers: &[(&str, &[u8])],
+        resend: impl Fn(Replaced) -> bool,
+    ) -> Result<(), RpcError> {
         match self.send_once(topic, record, headers).await {
-            Err((error, Replaced::BeforeQueueing | Replaced::AfterQueueing)) => {
+            Err((error, replaced)) if resend(replaced) => {
                 tracing::debug!(%error, "sending once more with a new producer");
                 self.send_once(topic, record, headers)
                     .await

@@ -4,7 +4,9 @@
 use super::MqttOptions;
 use super::link::{Event, Events, Link, Message, Qos};
 use super::server::incoming;
-use crate::rpc::transport::{DEAD_LETTER_DELIVERIES, DEAD_LETTER_REASON, DEAD_LETTER_SUBJECT};
+use crate::rpc::transport::{
+    DEAD_LETTER_DELIVERIES, DEAD_LETTER_REASON, DEAD_LETTER_SUBJECT, shortened,
+};
 use crate::rpc::{Dispatcher, Headers, RpcError, TransportErrorKind};
 use bytes::Bytes;
 use serde_json::value::RawValue;
@@ -650,10 +652,9 @@ impl Letter<'_> {
 
     /// The letter with `payload` and `reason`, the reason shortened until the letter fits.
     fn fitting(&self, payload: Option<&[u8]>, reason: String) -> Option<Vec<u8>> {
-        shortened(reason, |reason| {
-            let letter = dead_letter(payload, reason, self.deliveries, self.topic);
-            self.fits(&letter).is_ok().then_some(letter)
-        })
+        let letter = |reason: &str| dead_letter(payload, reason, self.deliveries, self.topic);
+        let reason = shortened(reason, |reason| self.fits(&letter(reason)).is_ok())?;
+        Some(letter(&reason))
     }
 }
 
@@ -773,24 +774,6 @@ struct LettersClosed(Arc<DeadLetters>);
 impl Drop for LettersClosed {
     fn drop(&mut self) {
         self.0.close();
-    }
-}
-
-/// The first letter `make` accepts with `reason` cut to half its length, again and again (at
-/// character boundaries), down to nothing.
-fn shortened(mut reason: String, make: impl Fn(&str) -> Option<Vec<u8>>) -> Option<Vec<u8>> {
-    loop {
-        if let Some(letter) = make(&reason) {
-            return Some(letter);
-        }
-        if reason.is_empty() {
-            return None;
-        }
-        let mut keep = reason.len() / 2;
-        while !reason.is_char_boundary(keep) {
-            keep -= 1;
-        }
-        reason.truncate(keep);
     }
 }
 

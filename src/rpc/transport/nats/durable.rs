@@ -1,6 +1,7 @@
 //! Durable events on JetStream: at-least-once delivery, redelivery with backoff, dead letters.
 
 use super::server::request_from;
+use crate::rpc::transport::shortened;
 use crate::rpc::{Dispatcher, RpcError};
 use async_nats::jetstream::{self, AckKind, consumer::pull, stream};
 use futures_util::StreamExt;
@@ -1177,24 +1178,6 @@ fn letter_within(
     );
     let reason = shortened(without, |reason| size(reason, 0) <= max_payload)?;
     Some(letter(&reason, bytes::Bytes::new()))
-}
-
-/// `reason`, halved (at a character boundary) until `fits` says it fits; `None` if not even
-/// an empty one does.
-fn shortened(mut reason: String, fits: impl Fn(&str) -> bool) -> Option<String> {
-    loop {
-        if fits(&reason) {
-            return Some(reason);
-        }
-        if reason.is_empty() {
-            return None;
-        }
-        let mut keep = reason.len() / 2;
-        while !reason.is_char_boundary(keep) {
-            keep -= 1;
-        }
-        reason.truncate(keep);
-    }
 }
 
 /// Refuses a consumer prefix that makes no JetStream consumer name: a name goes into the
